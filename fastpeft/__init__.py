@@ -1,0 +1,48 @@
+"""fastpeft: fast, PEFT-compatible LoRA / IA3 fine-tuning for Hugging Face models.
+
+>>> import torch.nn as nn, fastpeft
+>>> net = nn.Sequential(nn.Linear(8, 8))
+>>> net = fastpeft.patch(net, fastpeft.LoraConfig(r=2, target_modules=["0"]))
+>>> fastpeft.get_nb_trainable_parameters(net)
+(32, 104)
+"""
+from .adapter_io import load_adapter, save_adapter
+from .adapters import (
+    active_adapter,
+    add_adapter,
+    delete_adapter,
+    disable_adapter,
+    get_nb_trainable_parameters,
+    merge,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    unmerge,
+)
+from .config import IA3Config, LoraConfig
+from .nn import IA3Linear, LoraLinear, ModulesToSave
+from .patch import patch, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "IA3Config",
+    "patch",
+    "unpatch",
+    "save_adapter",
+    "load_adapter",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "get_nb_trainable_parameters",
+    "active_adapter",
+    "LoraLinear",
+    "IA3Linear",
+    "ModulesToSave",
+]

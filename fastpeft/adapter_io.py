@@ -1,0 +1,235 @@
+"""Adapters on disk in PEFT's layout: adapter_config.json + adapter_model.safetensors.
+
+Keys are ``base_model.model.<module path>.lora_A.weight`` etc. with the adapter name removed (PEFT's
+convention); the "default" adapter sits at the root of the folder and others in ``<dir>/<adapter_name>/``.
+Writes are atomic (temporary file + rename). Loading reads safetensors only, unless allow_pickle=True.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import AdapterConfig, LoraConfig, to_fastpeft_config
+from .nn import IA3Linear, LoraLinear, ModulesToSave
+from .nn import base as B
+from .patch import adapter_layers, get_state, is_peft_model, patch, root_model, unpatch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+
+def _prefix(model: nn.Module) -> str:
+    # Inside a PeftModel module paths already start with base_model.model.
+    return "" if is_peft_model(model) else PEFT_PREFIX
+
+
+def _wrappers_to_save(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Our ModulesToSave and PEFT's ModulesToSaveWrapper (in a converted PeftModel)."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, ModulesToSave) or type(m).__name__ == "ModulesToSaveWrapper"
+    ]
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.Tensor]:
+    """The tensors PEFT would save for ``adapter_name``, under PEFT's key names."""
+    state = get_state(model)
+    cfg = state.configs[adapter_name]
+    prefix = _prefix(model)
+    out: Dict[str, torch.Tensor] = {}
+    for path, layer in adapter_layers(model):
+        if isinstance(layer, LoraLinear) and adapter_name in layer.adapter_names:
+            out[f"{prefix}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            out[f"{prefix}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            if isinstance(cfg, LoraConfig) and cfg.bias == "lora_only":
+                bias = B.base_bias(layer.base_layer)
+                if bias is not None:
+                    out[f"{prefix}{path}.base_layer.bias"] = bias
+        elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
+            out[f"{prefix}{path}.ia3_l"] = layer.ia3_l[adapter_name]
+    wrappers = _wrappers_to_save(model)
+    for path, wrapper in wrappers:
+        if adapter_name in wrapper.modules_to_save:
+            for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
+                out[f"{prefix}{path}.{key}"] = tensor
+    if isinstance(cfg, LoraConfig) and cfg.bias == "all":
+        inside = tuple(p + "." for p, _ in wrappers)
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and not name.startswith(inside) and ".lora_" not in name:
+                out[f"{prefix}{name}"] = param
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _config_dict(model: nn.Module, cfg: AdapterConfig) -> Dict[str, Any]:
+    data = cfg.to_dict()
+    data["inference_mode"] = True
+    if data.get("base_model_name_or_path") is None:
+        name = getattr(getattr(root_model(model), "config", None), "_name_or_path", None)
+        data["base_model_name_or_path"] = name or None
+    return data
+
+
+def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[str] = None) -> None:
+    """Write adapters in PEFT's layout (all adapters when adapter_name is None).
+
+    >>> # fastpeft.save_adapter(model, "out/");  peft.PeftModel.from_pretrained(base, "out/")
+    """
+    from safetensors.torch import save_file
+
+    state = get_state(model)
+    names = list(state.configs) if adapter_name is None else [adapter_name]
+    for name in names:
+        if name not in state.configs:
+            raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
+    for name in names:
+        folder = save_directory if name == "default" else os.path.join(save_directory, name)
+        os.makedirs(folder, exist_ok=True)
+        tensors = adapter_state_dict(model, name)
+        _atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        text = json.dumps(_config_dict(model, state.configs[name]), indent=2, sort_keys=True)
+
+        def write_json(tmp: str, text: str = text) -> None:
+            with open(tmp, "w") as fh:
+                fh.write(text)
+
+        _atomic_write(os.path.join(folder, CONFIG_NAME), write_json)
+
+
+def _adapter_folder(path: str, adapter_name: str) -> str:
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return path
+    nested = os.path.join(path, adapter_name)
+    if os.path.isfile(os.path.join(nested, CONFIG_NAME)):
+        return nested
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r} (nor in {nested!r})")
+
+
+def read_adapter(path: str, adapter_name: str = "default", allow_pickle: bool = False):
+    """(config, tensors) of a saved adapter, validated for format but not yet against a model."""
+    folder = _adapter_folder(path, adapter_name)
+    config_path = os.path.join(folder, CONFIG_NAME)
+    try:
+        with open(config_path) as fh:
+            raw = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} must hold a JSON object")
+    cfg = to_fastpeft_config(raw)
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    pickled = os.path.join(folder, PICKLE_WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(weights)
+        except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
+            raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
+    elif os.path.isfile(pickled):
+        if not allow_pickle:
+            raise ValueError(
+                f"{folder} has only {PICKLE_WEIGHTS_NAME} (a pickle, which can run code when loaded); "
+                "pass allow_pickle=True if you trust it"
+            )
+        tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!r}")
+    return cfg, tensors
+
+
+def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Tensor]):
+    """Map every saved key to its parameter and check shapes; raises before anything is written."""
+    prefix = _prefix(model)
+    params = dict(model.named_parameters())
+    params.update({n: b for n, b in model.named_buffers()})
+    wrappers = [p for p, _ in _wrappers_to_save(model)]
+    plan, expected = [], set()
+    for path, layer in adapter_layers(model):
+        if isinstance(layer, LoraLinear) and adapter_name in layer.adapter_names:
+            expected.update({f"{path}.lora_A.{adapter_name}.weight", f"{path}.lora_B.{adapter_name}.weight"})
+        elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
+            expected.add(f"{path}.ia3_l.{adapter_name}")
+    local_prefix = PEFT_PREFIX if prefix == "" else ""
+    for key, tensor in tensors.items():
+        local = local_prefix + (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
+        if ".lora_magnitude_vector" in local:
+            raise ValueError(f"{key}: DoRA adapters are not supported by fastpeft yet")
+        if local.endswith((".lora_A.weight", ".lora_B.weight")):
+            target = f"{local[: -len('.weight')]}.{adapter_name}.weight"
+        elif local.endswith(".ia3_l"):
+            target = f"{local}.{adapter_name}"
+        else:
+            owner = next((w for w in wrappers if local.startswith(w + ".")), None)
+            target = local if owner is None else f"{owner}.modules_to_save.{adapter_name}.{local[len(owner) + 1:]}"
+        if target not in params:
+            raise ValueError(f"adapter key {key!r} has no matching parameter in the model (looked for {target!r})")
+        param = params[target]
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"adapter key {key!r} has shape {tuple(tensor.shape)} but the model's {target!r} has shape "
+                f"{tuple(param.shape)}"
+            )
+        if not (tensor.is_floating_point()):
+            raise ValueError(f"adapter key {key!r} has dtype {tensor.dtype}; expected a floating-point tensor")
+        plan.append((param, tensor))
+        expected.discard(target)
+    if expected:
+        missing = sorted(expected)
+        raise ValueError(f"the adapter file lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    return plan
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+) -> nn.Module:
+    """Load a PEFT-format adapter (saved by fastpeft or PEFT) into ``model``; patches it if needed.
+
+    ``is_trainable=False`` freezes the adapter (inference). Tensors may be fp32, bf16 or fp16; adapter
+    parameters stay fp32. On any error the model is left exactly as it was.
+
+    >>> # model = fastpeft.load_adapter(model, "out/", is_trainable=True)
+    """
+    cfg, tensors = read_adapter(path, adapter_name, allow_pickle=allow_pickle)
+    cfg.inference_mode = not is_trainable
+    state = get_state(model, required=False)
+    fresh = state is None
+    patch(model, cfg, adapter_name=adapter_name)
+    try:
+        plan = _plan_load(model, adapter_name, tensors)
+    except BaseException:
+        if fresh:
+            unpatch(model)
+        else:
+            from .adapters import delete_adapter
+
+            delete_adapter(model, adapter_name)
+        raise
+    with torch.no_grad():
+        for param, tensor in plan:
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+    return model

@@ -1,0 +1,173 @@
+"""LoraLinear: a drop-in for a frozen linear layer with one or more LoRA adapters.
+
+Its attribute names mirror PEFT's ``lora.Linear`` (``base_layer``, ``lora_A[name]``, ``lora_B[name]``,
+``lora_dropout[name]``), so state-dict keys are PEFT's and PEFT tooling that reads them keeps working.
+The module only chooses a path and holds parameters; the math lives in ``fastpeft.ops.lora``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Union
+
+import torch
+import torch.nn as nn
+
+from ..ops import lora as lora_ops
+from . import base as B
+
+
+class LoraLinear(nn.Module):
+    """Frozen base layer + LoRA adapters.
+
+    >>> layer = LoraLinear(nn.Linear(16, 8), "default", r=4, lora_alpha=8)
+    >>> layer(torch.randn(2, 3, 16)).shape
+    torch.Size([2, 3, 8])
+    """
+
+    adapter_kind = "lora"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: Union[bool, str] = True,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        if not B.supported_base(base_layer):
+            raise TypeError(
+                f"LoraLinear cannot wrap {type(base_layer).__name__}; supported: {B.SUPPORTED_BASE_TYPES}"
+            )
+        self.base_layer = base_layer
+        self.in_features, self.out_features = B.base_features(base_layer)
+        self.fan_in_fan_out = B.is_conv1d(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: Dict[str, int] = {}
+        self.lora_alpha: Dict[str, float] = {}
+        self.scaling: Dict[str, float] = {}
+        self.active_adapter = adapter_name
+        self.disable_adapters = False
+        self.merged_adapters: List[str] = []
+        self.backend = B.resolve_backend()
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+
+    # -- adapters -------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, use_rslora=False):
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
+        device = self._param_device()
+        # Adapter parameters live in fp32 whatever the base dtype (as PEFT); compute casts to the input dtype.
+        lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_B.weight)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(lora_A.weight, std=1.0 / r)
+            nn.init.zeros_(lora_B.weight)
+        # init_lora_weights=False keeps nn.Linear's random init for both (non-zero delta, useful for tests).
+        self.lora_A[adapter_name] = lora_A
+        self.lora_B[adapter_name] = lora_B
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            del table[adapter_name]
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.lora_A.keys())
+
+    def adapter_parameters(self, adapter_name: str):
+        return [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
+
+    def _param_device(self):
+        weight = getattr(self.base_layer, "weight", None)
+        return weight.device if weight is not None and weight.device.type != "meta" else None
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self.active_adapter
+        if self.disable_adapters or self.merged_adapters or name not in self.lora_A:
+            return B.base_forward(self.base_layer, x)
+        lora_A = self.lora_A[name].weight
+        lora_B = self.lora_B[name].weight
+        scaling = self.scaling[name]
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        if B.wants_triton(self.backend, x):
+            fused = getattr(lora_ops, "lora_linear", None)
+            if fused is not None and not B.is_linear4bit(self.base_layer):
+                seed = int(torch.randint(0, 2**31 - 1, ()).item()) if p > 0 else None
+                weight = B.dense_weight(self.base_layer)
+                return fused(x, weight, B.base_bias(self.base_layer), lora_A, lora_B, scaling, p, seed)
+            B.warn_once(
+                f"lora-fallback-{B.is_linear4bit(self.base_layer)}",
+                "fastpeft: no Triton LoRA kernel for this base layer yet "
+                f"({type(self.base_layer).__name__}); using the reference path",
+            )
+        result = B.base_forward(self.base_layer, x)
+        # PEFT's order: base(x) + lora_B(lora_A(dropout(x))) * scaling; dropout uses torch's RNG like PEFT.
+        return result + lora_ops.lora_delta_reference(dropout(x), lora_A, lora_B, scaling)
+
+    # -- merge ----------------------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scaling·B·A as [out, in] in fp32."""
+        a = self.lora_A[adapter_name].weight.float()
+        b = self.lora_B[adapter_name].weight.float()
+        return (b @ a) * self.scaling[adapter_name]
+
+    def _merge_target(self) -> torch.Tensor:
+        if B.is_linear4bit(self.base_layer):
+            raise NotImplementedError(
+                "merge() on a 4-bit base would re-quantize the weight (lossy); use fastpeft.merge_and_unload(), "
+                "which dequantizes and merges into a dense layer"
+            )
+        return self.base_layer.weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        name = self.active_adapter
+        if self.merged_adapters or name not in self.lora_A:
+            return
+        weight = self._merge_target()
+        delta = self.delta_weight(name)
+        weight.add_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self._merge_target()
+            delta = self.delta_weight(name)
+            weight.sub_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
+
+    @torch.no_grad()
+    def merged_dense(self, dtype: torch.dtype) -> nn.Linear:
+        """A plain nn.Linear (on the weight's device) holding base + active adapter (for merge_and_unload)."""
+        weight = B.dense_weight(self.base_layer).to(torch.float32)
+        name = self.active_adapter
+        if name in self.lora_A and not self.merged_adapters:
+            weight = weight + self.delta_weight(name).to(weight.device)
+        bias = B.base_bias(self.base_layer)
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+        out.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            out.bias.copy_(bias.to(dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"
