@@ -72,7 +72,9 @@ IA3_DEFAULT_FEEDFORWARD: Dict[str, List[str]] = {
 }
 
 # Fields of a PEFT config that only describe the run, never the numerics: carried as metadata.
-_METADATA_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
+_METADATA_FIELDS = {
+    "peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+}
 
 TargetSpec = Optional[Union[str, List[str]]]
 
