@@ -1,0 +1,437 @@
+"""LoRA on a frozen linear base.
+
+Shapes (the contract every implementation in this file follows):
+    x       [..., K]   activations, any strides, fp32 / fp16 / bf16; compute runs in x.dtype
+    weight  [N, K]     frozen base weight (a transposed view for Conv1D is fine)
+    bias    [N] | None
+    lora_A  [r, K]     adapter parameter (fp32 by default; cast to x.dtype for compute)
+    lora_B  [N, r]
+    scaling float      alpha / r (rsLoRA: alpha / sqrt(r))
+
+    Y = x·Wᵀ + bias + scaling · ((D ⊙ x)·Aᵀ)·Bᵀ
+
+D is the inverted-dropout mask (0 or 1/(1-p)), applied to the LoRA input only, as PEFT does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_delta_reference(
+    h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The LoRA term scaling·(h·Aᵀ)·Bᵀ in h.dtype, in PEFT's order of operations (h is the dropped-out input)."""
+    return F.linear(F.linear(h, lora_A.to(h.dtype)), lora_B.to(h.dtype)) * scaling
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Pure-PyTorch LoRA linear: the oracle the kernels are tested against.
+
+    dropout_mask, when given, has x's shape and holds 0 or 1/(1-p) (already scaled).
+
+    >>> x = torch.randn(2, 5, 16); w = torch.randn(8, 16); a = torch.randn(4, 16); b = torch.randn(8, 4)
+    >>> lora_linear_reference(x, w, None, a, b, 2.0).shape
+    torch.Size([2, 5, 8])
+    """
+    out = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    h = x if dropout_mask is None else x * dropout_mask.to(x.dtype)
+    return out + lora_delta_reference(h, lora_A, lora_B, scaling)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused kernels (Triton). Shapes as in the module docstring; M = prod(x.shape[:-1]).
+#   forward : S = (D⊙X)·Aᵀ                       _lora_s_kernel (one pass over X, mask on the fly)
+#             Y = X·Wᵀ + b + s·S·Bᵀ              Triton GEMM with the LoRA K-steps in its epilogue,
+#                                                 or cuBLAS addmm + addmm_ (see _use_triton_gemm)
+#   backward: dS = s·dY·B, dB = s·dYᵀ·S           _lora_ds_db_kernel (one pass over dY)
+#             dA = dSᵀ·(D⊙X)                      _lora_da_kernel (one pass over X, mask regenerated)
+#             dX = dY·W + D⊙(dS·A)                Triton GEMM epilogue, or cuBLAS + _lora_dx_epi_kernel
+# Saved for backward: x (the caller's tensor object), S [M, r], the seed; parameters by reference.
+# --------------------------------------------------------------------------------------------------
+import os as _os
+
+import triton
+import triton.language as tl
+
+from ._common import (
+    as_2d,
+    ceil_div,
+    dot_ieee,
+    dropout_keep_torch,
+    dropout_threshold,
+    interpreting,
+    keep_tile,
+    next_pow2_16,
+    num_sms,
+    triton_ok,
+)
+from ._gemm import gemm_epi
+
+
+@triton.jit
+def _lora_s_kernel(
+    X, A, S, seed, thr, keep_scale, M, K, R,
+    sxm, sxk, sar, sak, ssm, ssr,
+    DROPOUT: tl.constexpr, FAST4: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    # Bound: bytes. Reads X once (M·K·elem) and A (r·K·4, L2-resident); writes S (M·r·elem).
+    # FLOPs 2·M·K·r are ~r/elem FLOP/byte = 8 FLOP/B at r=16: far under the tensor-core ridge.
+    DT = X.dtype.element_ty
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < M
+    rr = tl.arange(0, BR)
+    rrmask = rr < R
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + rk) < K
+        x = tl.load(X + rows[:, None] * sxm + (k0 + rk)[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if DROPOUT:
+            keep = keep_tile(seed, rows, k0, K, thr, BM, BK, FAST4)
+            x = tl.where(keep, x * keep_scale, 0.0).to(DT)  # keep_scale already rounded to x.dtype
+        a = tl.load(A + rr[:, None] * sar + (k0 + rk)[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(DT)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(a), acc)
+    tl.store(S + rows[:, None] * ssm + rr[None, :] * ssr, acc.to(DT), mask=rmask[:, None] & rrmask[None, :])
+
+
+@triton.jit
+def _lora_ds_db_kernel(
+    DY, B, S, DS, DB, scaling, M, N, R, n_per_split,
+    sym, syn, sbn, sbr, ssm, ssr, sdsm, sdsr, sdbn, sdbr,
+    DS_ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    # Bound: bytes. Reads dY once (M·N·elem); S, B tiny. fp32 atomics: (M/BM)·N·r for dB and
+    # (#N-splits)·M·r for dS -- a few % of the dY bytes at BM=128. FLOPs 4·M·N·r: memory-bound.
+    DT = DY.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < M
+    rr = tl.arange(0, BR)
+    rrmask = rr < R
+    rn = tl.arange(0, BN)
+    s_t = tl.load(S + rows[:, None] * ssm + rr[None, :] * ssr, mask=rmask[:, None] & rrmask[None, :], other=0.0).to(DT)
+    ds = tl.zeros((BM, BR), dtype=tl.float32)
+    n_begin = pid_s * n_per_split
+    n_end = tl.minimum(n_begin + n_per_split, N)
+    for n0 in range(n_begin, n_end, BN):
+        cols = (n0 + rn).to(tl.int64)
+        nmask = cols < n_end
+        dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=rmask[:, None] & nmask[None, :], other=0.0)
+        b = tl.load(B + cols[:, None] * sbn + rr[None, :] * sbr, mask=nmask[:, None] & rrmask[None, :], other=0.0).to(DT)
+        if IEEE:
+            ds = tl.dot(dy, b, ds, input_precision="ieee")
+            db = tl.dot(tl.trans(dy), s_t, input_precision="ieee")
+        else:
+            ds = tl.dot(dy, b, ds)
+            db = tl.dot(tl.trans(dy), s_t)
+        tl.atomic_add(DB + cols[:, None] * sdbn + rr[None, :] * sdbr, db * scaling, mask=nmask[:, None] & rrmask[None, :])
+    ds_ptr = DS + rows[:, None] * sdsm + rr[None, :] * sdsr
+    if DS_ATOMIC:
+        tl.atomic_add(ds_ptr, ds * scaling, mask=rmask[:, None] & rrmask[None, :])
+    else:
+        tl.store(ds_ptr, ds * scaling, mask=rmask[:, None] & rrmask[None, :])
+
+
+@triton.jit
+def _lora_da_kernel(
+    X, DS, DA, seed, thr, keep_scale, M, K, R, m_per_split,
+    sxm, sxk, sdsm, sdsr, sdar, sdak,
+    DROPOUT: tl.constexpr, FAST4: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    # Bound: bytes. Reads X once (M·K·elem) with the dropout mask regenerated; dS (M·r·4) per K-column
+    # block (L2-resident); writes dA (r·K fp32; (#M-splits)·r·K atomics). FLOPs 2·M·K·r.
+    DT = X.dtype.element_ty
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+    kmask = cols < K
+    rr = tl.arange(0, BR)
+    rrmask = rr < R
+    rm = tl.arange(0, BM)
+    acc = tl.zeros((BR, BK), dtype=tl.float32)
+    m_begin = pid_s * m_per_split
+    m_end = tl.minimum(m_begin + m_per_split, M)
+    for m0 in range(m_begin, m_end, BM):
+        rows = (m0 + rm).to(tl.int64)
+        rmask = rows < m_end
+        x = tl.load(X + rows[:, None] * sxm + cols[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if DROPOUT:
+            keep = keep_tile(seed, rows, pid_k * BK, K, thr, BM, BK, FAST4)
+            x = tl.where(keep, x * keep_scale, 0.0).to(DT)  # keep_scale already rounded to x.dtype
+        ds = tl.load(DS + rows[:, None] * sdsm + rr[None, :] * sdsr, mask=rmask[:, None] & rrmask[None, :], other=0.0).to(DT)
+        if IEEE:
+            acc = tl.dot(tl.trans(ds), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(ds), x, acc)
+    da_ptr = DA + rr[:, None] * sdar + cols[None, :] * sdak
+    if ATOMIC:
+        tl.atomic_add(da_ptr, acc, mask=rrmask[:, None] & kmask[None, :])
+    else:
+        tl.store(da_ptr, acc, mask=rrmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _lora_dx_epi_kernel(
+    DX, DS, A, seed, thr, keep_scale, M, K, R,
+    sxm, sxk, sdsm, sdsr, sar, sak,
+    DROPOUT: tl.constexpr, FAST4: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    # Bound: bytes. Reads and writes dX once (2·M·K·elem): the price of not fusing D⊙(dS·A) into the
+    # cuBLAS dX GEMM (the Triton-GEMM path fuses it and skips this kernel).
+    DT = DX.dtype.element_ty
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)
+    rmask = rows < M
+    kmask = cols < K
+    rr = tl.arange(0, BR)
+    rrmask = rr < R
+    ds = tl.load(DS + rows[:, None] * sdsm + rr[None, :] * sdsr, mask=rmask[:, None] & rrmask[None, :], other=0.0).to(DT)
+    a = tl.load(A + rr[:, None] * sar + cols[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(DT)
+    if IEEE:
+        t = tl.dot(ds, a, input_precision="ieee")
+    else:
+        t = tl.dot(ds, a)
+    if DROPOUT:
+        keep = keep_tile(seed, rows, tl.program_id(1) * BK, K, thr, BM, BK, FAST4)
+        t = tl.where(keep, t * keep_scale, 0.0)
+    ptr = DX + rows[:, None] * sxm + cols[None, :] * sxk
+    m2 = rmask[:, None] & kmask[None, :]
+    dx = tl.load(ptr, mask=m2, other=0.0).to(tl.float32)
+    tl.store(ptr, (dx + t).to(DT), mask=m2)
+
+
+# ---------------------------------------------------------------- launchers
+def _small_blocks(R: int, dtype: torch.dtype):
+    BR = next_pow2_16(R)
+    if interpreting():
+        return 16, 32, BR
+    # keep register tiles bounded for large ranks
+    if BR <= 32:
+        return 64, 128, BR
+    if BR <= 64:
+        return 64, 64, BR
+    return 32, 32, BR
+
+
+def _dropout_args(p: float, seed, dtype=torch.float32):
+    """(on, seed, integer threshold, keep scale 1/(1-p) rounded to dtype as the reference's mask.to(x.dtype))."""
+    if p > 0.0:
+        if seed is None:
+            raise ValueError("lora_linear: dropout_p > 0 needs a seed")
+        ks = float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).to(dtype).item())
+        return True, int(seed), dropout_threshold(p), ks
+    return False, 0, 0, 1.0
+
+
+def lora_s(x2: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed=None) -> torch.Tensor:
+    """S = (D⊙X)·Aᵀ [M, r] in x.dtype (fp32 accumulation); X 2-D with any strides."""
+    M, K = x2.shape
+    R = lora_A.shape[0]
+    do, sd, thr, ks = _dropout_args(p, seed, x2.dtype)
+    S = torch.empty((M, R), device=x2.device, dtype=x2.dtype)
+    BM, BK, BR = _small_blocks(R, x2.dtype)
+    BM = 16 if interpreting() else (32 if M <= 2048 else 64)
+    _lora_s_kernel[(ceil_div(M, BM),)](
+        x2, lora_A, S, sd, thr, ks, M, K, R,
+        x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), S.stride(0), S.stride(1),
+        DROPOUT=do, FAST4=(K % 4 == 0), IEEE=dot_ieee(x2.dtype), BM=BM, BK=BK, BR=BR,
+        num_warps=4,
+    )
+    return S
+
+
+def lora_ds_db(dy2: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: float):
+    """dS = s·dY·B (fp32 [M, r]) and dB = s·dYᵀ·S (fp32 [N, r]) in one pass over dY."""
+    M, N = dy2.shape
+    R = lora_B.shape[1]
+    BR = next_pow2_16(R)
+    if interpreting():
+        BM, BN = 16, 32
+    else:
+        BM = 128 if M >= 2048 else 64 if M >= 256 else 16
+        BN = 64 if BR <= 32 else 32
+    n_m = ceil_div(M, BM)
+    target = 2 * num_sms(dy2.device)
+    splits = max(1, min(ceil_div(N, BN), ceil_div(target, n_m)))
+    n_per = ceil_div(ceil_div(N, splits), BN) * BN
+    splits = ceil_div(N, n_per)
+    dB = torch.zeros((N, R), device=dy2.device, dtype=torch.float32)
+    dS = (torch.zeros if splits > 1 else torch.empty)((M, R), device=dy2.device, dtype=torch.float32)
+    _lora_ds_db_kernel[(n_m, splits)](
+        dy2, lora_B, S, dS, dB, float(scaling), M, N, R, n_per,
+        dy2.stride(0), dy2.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
+        dS.stride(0), dS.stride(1), dB.stride(0), dB.stride(1),
+        DS_ATOMIC=splits > 1, IEEE=dot_ieee(dy2.dtype), BM=BM, BN=BN, BR=BR,
+        num_warps=8 if BM >= 128 else 4,
+    )
+    return dS, dB
+
+
+def lora_da(x2: torch.Tensor, dS: torch.Tensor, p: float = 0.0, seed=None) -> torch.Tensor:
+    """dA = dSᵀ·(D⊙X) (fp32 [r, K]) in one pass over X, the mask regenerated from the seed."""
+    M, K = x2.shape
+    R = dS.shape[1]
+    do, sd, thr, ks = _dropout_args(p, seed, x2.dtype)
+    BR = next_pow2_16(R)
+    if interpreting():
+        BM, BK = 16, 32
+    else:
+        BM, BK = (64, 128) if BR <= 32 else (64, 64) if BR <= 64 else (32, 32)
+    n_k = ceil_div(K, BK)
+    target = 2 * num_sms(x2.device)
+    splits = max(1, min(ceil_div(M, BM), ceil_div(target, n_k)))
+    m_per = ceil_div(ceil_div(M, splits), BM) * BM
+    splits = ceil_div(M, m_per)
+    dA = (torch.zeros if splits > 1 else torch.empty)((R, K), device=x2.device, dtype=torch.float32)
+    _lora_da_kernel[(n_k, splits)](
+        x2, dS, dA, sd, thr, ks, M, K, R, m_per,
+        x2.stride(0), x2.stride(1), dS.stride(0), dS.stride(1), dA.stride(0), dA.stride(1),
+        DROPOUT=do, FAST4=(K % 4 == 0), ATOMIC=splits > 1, IEEE=dot_ieee(x2.dtype), BM=BM, BK=BK, BR=BR,
+        num_warps=4,
+    )
+    return dA
+
+
+def lora_dx_epilogue(dx2: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed=None) -> torch.Tensor:
+    """In place: dX += D⊙(dS·A)."""
+    M, K = dx2.shape
+    R = lora_A.shape[0]
+    do, sd, thr, ks = _dropout_args(p, seed, dx2.dtype)
+    BR = next_pow2_16(R)
+    BM, BK = (16, 32) if interpreting() else (64, 128) if BR <= 32 else (32, 64)
+    _lora_dx_epi_kernel[(ceil_div(M, BM), ceil_div(K, BK))](
+        dx2, dS, lora_A, sd, thr, ks, M, K, R,
+        dx2.stride(0), dx2.stride(1), dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
+        DROPOUT=do, FAST4=(K % 4 == 0), IEEE=dot_ieee(dx2.dtype), BM=BM, BK=BK, BR=BR, num_warps=4,
+    )
+    return dx2
+
+
+# ---------------------------------------------------------------- dispatch
+# FASTPEFT_LORA_GEMM = "auto" | "triton" | "cublas": who runs the base GEMMs (forward, dX).
+#   triton: one Triton GEMM with the LoRA term (and the dropout mask in dX) in its epilogue.
+#   cublas: cuBLAS base GEMM + addmm_ (forward) / _lora_dx_epi_kernel (dX): one extra M·N (M·K) read+write.
+def _gemm_mode() -> str:
+    return _os.environ.get("FASTPEFT_LORA_GEMM", "auto")
+
+
+def _use_triton_gemm(M: int, N: int, K: int) -> bool:
+    mode = _gemm_mode()
+    if mode == "triton":
+        return True
+    if mode == "cublas":
+        return False
+    if interpreting():
+        return M % 2 == 1  # exercise both paths under the interpreter
+    return M >= 1024  # measured: see benchmarks/NOTES.md
+
+
+def _param_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        K = x.shape[-1]
+        N = weight.shape[0]
+        dt = x.dtype
+        x2 = as_2d(x)
+        M = x2.shape[0]
+        w = _param_dtype(weight, dt)
+        b = None if bias is None else _param_dtype(bias, dt)
+        S = lora_s(x2, lora_A, dropout_p, seed)
+        if _use_triton_gemm(M, N, K):
+            y2 = gemm_epi(x2, w.t(), bias=b, lora=(S, lora_B.t(), scaling))
+        else:
+            y2 = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
+            y2.addmm_(S, (lora_B.t() * scaling).to(dt))
+        ctx.save_for_backward(x, S, weight, lora_A, lora_B)
+        ctx.scaling = float(scaling)
+        ctx.dropout_p = float(dropout_p)
+        ctx.seed = seed
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y2.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, S, weight, lora_A, lora_B = ctx.saved_tensors
+        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
+        K = x.shape[-1]
+        N = weight.shape[0]
+        dt = x.dtype
+        dy2 = as_2d(dy).to(dt)
+        x2 = as_2d(x)
+        M = x2.shape[0]
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        dS, dB = lora_ds_db(dy2, lora_B, S, s)
+        dA = lora_da(x2, dS, p, seed) if need_A else None
+        dx = dw = db = None
+        if need_x:
+            w = _param_dtype(weight, dt)
+            if _use_triton_gemm(M, K, N):
+                dx2 = gemm_epi(dy2, w, lora=(dS, lora_A, 1.0), dropout=(p, seed) if p > 0 else None)
+            else:
+                dx2 = lora_dx_epilogue(torch.mm(dy2, w), dS, lora_A, p, seed)
+            dx = dx2.view(x.shape)
+        if need_w:
+            dw = torch.mm(dy2.t(), x2).to(weight.dtype)
+        if need_b:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return (
+            dx, dw, db,
+            None if dA is None else dA.to(lora_A.dtype),
+            dB.to(lora_B.dtype) if need_B else None,
+            None, None, None,
+        )
+
+
+def lora_dropout_mask(shape, p: float, seed: int, device, dtype=torch.float32) -> torch.Tensor:
+    """The exact dropout mask the kernels regenerate (0 or 1/(1-p)), materialised with x's shape.
+
+    Element index = flat row-major index over the 2-D [M, K] view (see fastpeft.ops._common).
+    """
+    shape = tuple(shape)
+    K = shape[-1]
+    M = 1
+    for d in shape[:-1]:
+        M *= d
+    if p <= 0.0:
+        return torch.ones(shape, device=device, dtype=dtype)
+    keep = dropout_keep_torch(M, K, p, seed, device)
+    return (keep.to(torch.float32) * (1.0 / (1.0 - p))).to(dtype).reshape(shape)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, seed=None) -> torch.Tensor:
+    """Y = x·Wᵀ + bias + scaling·((D⊙x)·Aᵀ)·Bᵀ, differentiable, with the fused kernels.
+
+    dropout_p > 0 needs a seed (drawn by the caller from torch's CPU RNG per forward); the mask is
+    regenerated inside the kernels and never stored. On a device Triton cannot run on (CPU without
+    TRITON_INTERPRET=1) this falls back to the reference with the same mask.
+    """
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("lora_linear: dropout_p > 0 needs a seed")
+    if not triton_ok(x):
+        mask = lora_dropout_mask(x.shape, dropout_p, seed, x.device, x.dtype) if dropout_p > 0 else None
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, mask)
+    return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
