@@ -1,0 +1,208 @@
+"""IA3 on a frozen linear base.
+
+Shapes:
+    x       [..., K]; weight [N, K]; bias [N] | None
+    ia3_l   output scaling: [N, 1] (or [N]);  feedforward (input) scaling: [1, K] (or [K])
+
+    output scaling:       Y = (x·Wᵀ + bias) ⊙ l        (PEFT scales the bias too)
+    feedforward scaling:  Y = (x ⊙ l)·Wᵀ + bias
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def ia3_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_l: torch.Tensor,
+    feedforward: bool,
+) -> torch.Tensor:
+    """Pure-PyTorch IA3 linear in x.dtype: the oracle the kernels are tested against.
+
+    >>> x = torch.randn(3, 16); w = torch.randn(8, 16)
+    >>> ia3_linear_reference(x, w, None, torch.ones(8, 1), feedforward=False).shape
+    torch.Size([3, 8])
+    """
+    l = ia3_l.reshape(-1).to(x.dtype)
+    w = weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    if feedforward:
+        return F.linear(x * l, w, b)
+    return F.linear(x, w, b) * l
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused kernels (Triton).
+# output scaling (feedforward=False):
+#   fwd  Y = (X·Wᵀ + b) ⊙ l          Triton GEMM, l in the epilogue; also writes Yb = X·Wᵀ + b (kept for dl,
+#                                     the same M×N activation PEFT keeps) | cuBLAS addmm + one scaling pass
+#   bwd  dX = (dY ⊙ l)·W               Triton GEMM, l in the prologue | _ia3_colreduce_kernel writes dY⊙l, then cuBLAS
+#        dl = Σ_m Yb ⊙ dY, db = l ⊙ Σ_m dY   _ia3_colreduce_kernel (one pass over dY and Yb)
+# feedforward (input) scaling:
+#   fwd  Y = (X ⊙ l)·Wᵀ + b            Triton GEMM, l in the prologue | x⊙l then cuBLAS
+#   bwd  G = dY·W; dX = G ⊙ l; dl = Σ_m X ⊙ G    Triton GEMM with both in the epilogue (reads X tiles there)
+#                                     | cuBLAS then _ia3_colreduce_kernel in place on G
+# --------------------------------------------------------------------------------------------------
+import os as _os
+
+import triton
+import triton.language as tl
+
+from ._common import as_2d, ceil_div, interpreting, num_sms, triton_ok
+from ._gemm import gemm_epi
+
+
+@triton.jit
+def _ia3_colreduce_kernel(
+    A, Bm, L, OUT, RED, SUM, M, N, m_per_split,
+    sam, san, sbm, sbn, som, son,
+    WRITE_OUT: tl.constexpr, NEED_SUM: tl.constexpr, ATOMIC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    # Bound: bytes. Reads A and Bm once (2·M·N·elem), writes OUT = A⊙l (M·N·elem) when asked;
+    # column sums RED[n] += Σ_m A⊙Bm and SUM[n] += Σ_m A in fp32 ((#M-splits)·N atomics).
+    DT = A.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    nmask = cols < N
+    l = tl.load(L + cols, mask=nmask, other=0.0).to(DT)
+    red = tl.zeros((BN,), dtype=tl.float32)
+    tot = tl.zeros((BN,), dtype=tl.float32)
+    rm = tl.arange(0, BM)
+    m_begin = pid_s * m_per_split
+    m_end = tl.minimum(m_begin + m_per_split, M)
+    for m0 in range(m_begin, m_end, BM):
+        rows = (m0 + rm).to(tl.int64)
+        msk = (rows < m_end)[:, None] & nmask[None, :]
+        a = tl.load(A + rows[:, None] * sam + cols[None, :] * san, mask=msk, other=0.0)
+        b = tl.load(Bm + rows[:, None] * sbm + cols[None, :] * sbn, mask=msk, other=0.0)
+        red += tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=0)
+        if NEED_SUM:
+            tot += tl.sum(a.to(tl.float32), axis=0)
+        if WRITE_OUT:
+            tl.store(OUT + rows[:, None] * som + cols[None, :] * son, (a * l[None, :]).to(DT), mask=msk)
+    if ATOMIC:
+        tl.atomic_add(RED + cols, red, mask=nmask)
+        if NEED_SUM:
+            tl.atomic_add(SUM + cols, tot, mask=nmask)
+    else:
+        tl.store(RED + cols, red, mask=nmask)
+        if NEED_SUM:
+            tl.store(SUM + cols, tot, mask=nmask)
+
+
+def ia3_colreduce(a, b, l, out=None, need_sum=False):
+    """(red, sum): red[n] = Σ_m a⊙b, sum[n] = Σ_m a (fp32); writes out = a ⊙ l when out is given."""
+    M, N = a.shape
+    BM, BN = (16, 32) if interpreting() else (32, 128)
+    n_n = ceil_div(N, BN)
+    splits = max(1, min(ceil_div(M, BM), ceil_div(4 * num_sms(a.device), n_n)))
+    m_per = ceil_div(ceil_div(M, splits), BM) * BM
+    splits = ceil_div(M, m_per)
+    alloc = torch.zeros if splits > 1 else torch.empty
+    red = alloc((N,), device=a.device, dtype=torch.float32)
+    tot = alloc((N,), device=a.device, dtype=torch.float32) if need_sum else red
+    o = out if out is not None else a
+    _ia3_colreduce_kernel[(n_n, splits)](
+        a, b, l, o, red, tot, M, N, m_per,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), o.stride(0), o.stride(1),
+        WRITE_OUT=out is not None, NEED_SUM=need_sum, ATOMIC=splits > 1, BM=BM, BN=BN, num_warps=4,
+    )
+    return red, (tot if need_sum else None)
+
+
+def _use_triton_gemm(M: int) -> bool:
+    mode = _os.environ.get("FASTPEFT_IA3_GEMM", "auto")
+    if mode in ("triton", "cublas"):
+        return mode == "triton"
+    if interpreting():
+        return M % 2 == 1  # exercise both paths under the interpreter
+    return M >= 1024  # measured: see benchmarks/NOTES.md
+
+
+class _IA3LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, ia3_l, feedforward):
+        dt = x.dtype
+        N = weight.shape[0]
+        x2 = as_2d(x)
+        M = x2.shape[0]
+        w = weight if weight.dtype == dt else weight.to(dt)
+        b = None if bias is None else bias.to(dt)
+        l = ia3_l.reshape(-1)
+        tri = _use_triton_gemm(M)
+        if feedforward:
+            if tri:
+                y2 = gemm_epi(x2, w.t(), bias=b, pro_scale=l)
+            else:
+                xl = x2 * l.to(dt)
+                y2 = torch.addmm(b, xl, w.t()) if b is not None else torch.mm(xl, w.t())
+            ctx.save_for_backward(x, weight, ia3_l)
+        else:
+            if tri:
+                y2, yb = gemm_epi(x2, w.t(), bias=b, col_scale=l, store_base=True)
+            else:
+                yb = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
+                y2 = yb * l.to(dt)
+            ctx.save_for_backward(yb, weight, ia3_l)
+        ctx.feedforward = feedforward
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y2.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved, weight, ia3_l = ctx.saved_tensors
+        need_x, need_w, need_b, need_l = ctx.needs_input_grad[:4]
+        dy2 = as_2d(dy)
+        dt = dy2.dtype
+        M = dy2.shape[0]
+        w = weight if weight.dtype == dt else weight.to(dt)
+        l = ia3_l.reshape(-1)
+        tri = _use_triton_gemm(M)
+        dx = dw = db = dl = None
+        if ctx.feedforward:
+            x2 = as_2d(saved)
+            if tri:
+                dl = torch.zeros(l.shape[0], device=dy2.device, dtype=torch.float32)
+                dx2 = gemm_epi(dy2, w, col_scale=l, epi_reduce=(x2, dl))
+            else:
+                dx2 = torch.mm(dy2, w)
+                dl, _ = ia3_colreduce(dx2, x2, l, out=dx2)  # dl from G, then G ← G⊙l in place
+            dx = dx2.view(ctx.x_shape) if need_x else None
+            if need_w:
+                dw = torch.mm(dy2.t(), x2 * l.to(dt)).to(weight.dtype)
+            if need_b:
+                db = dy2.sum(0).to(ctx.bias_dtype)
+        else:
+            yb = saved
+            if tri:
+                dl, tot = ia3_colreduce(dy2, yb, l, need_sum=need_b)
+                if need_x:
+                    dx = gemm_epi(dy2, w, pro_scale=l).view(ctx.x_shape)
+            else:
+                dyl = torch.empty_like(dy2) if (need_x or need_w) else None
+                dl, tot = ia3_colreduce(dy2, yb, l, out=dyl, need_sum=need_b)
+                if need_x:
+                    dx = torch.mm(dyl, w).view(ctx.x_shape)
+            if need_w:
+                raise NotImplementedError("ia3_linear: gradient for an output-scaled trainable base weight")
+            if need_b:
+                db = (tot * l.float()).to(ctx.bias_dtype)
+        return dx, dw, db, (dl.reshape(ia3_l.shape).to(ia3_l.dtype) if need_l else None), None
+
+
+def ia3_linear(x, weight, bias, ia3_l, feedforward: bool) -> torch.Tensor:
+    """IA3 linear with the scaling fused into the GEMM prologue / epilogue; differentiable.
+
+    Falls back to the reference on devices Triton cannot run on (CPU without TRITON_INTERPRET=1).
+    """
+    if not triton_ok(x):
+        return ia3_linear_reference(x, weight, bias, ia3_l, feedforward)
+    return _IA3LinearFn.apply(x, weight, bias, ia3_l, bool(feedforward))
