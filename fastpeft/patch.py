@@ -179,7 +179,11 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> List[Tuple[str, nn.Mod
     found = [(n, m) for n, m in candidates if _is_target(cfg, n, targets)]
     if not found:
         if isinstance(targets, str):
-            raise ValueError(f"target_modules regex {targets!r} matched no module of the model")
+            examples = [n for n, m in candidates if B.supported_base(_underlying(m))][:3]
+            raise ValueError(
+                f"target_modules regex {targets!r} matched no module of the model; a str is re.fullmatch-ed "
+                f"against full module names, e.g. {examples}"
+            )
         hints = []
         for t in targets:
             close = _close_names(t, candidates)
