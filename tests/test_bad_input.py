@@ -379,3 +379,13 @@ def test_failed_load_on_patched_model_is_atomic(tmp_path, model):
     assert_same_snapshot(before, state_snapshot(model))
     state = fp_patch.get_state(model)
     assert list(state.configs) == ["default"] and state.active == "default"
+
+
+def test_ia3_feedforward_disagreement_on_add_adapter_is_atomic(model):
+    fastpeft.patch(model, fastpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    before = state_snapshot(model)
+    with pytest.raises(ValueError) as err:
+        fastpeft.add_adapter(model, "b", fastpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=[]))
+    assert "down_proj" in str(err.value) and "feedforward" in str(err.value)
+    assert_same_snapshot(before, state_snapshot(model))
+    assert all("b" not in m.adapter_names for _, m in fp_patch.adapter_layers(model))
