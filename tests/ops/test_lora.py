@@ -1,0 +1,198 @@
+"""Fused LoRA kernels vs the pure-PyTorch reference (CPU: Triton interpreter, fp32/fp16; GPU: bf16/fp16)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastpeft.ops.lora import (
+    lora_da,
+    lora_dropout_mask,
+    lora_ds_db,
+    lora_linear,
+    lora_linear_reference,
+    lora_s,
+)
+
+from _ops_testutil import DEVICE, env_var, make_weight, make_x, rel_err
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _run_and_check(dtype, B, T, K, N, r, layout, w_t, has_bias, p, seed, scaling=1.7, device=DEVICE, tol=None):
+    x = make_x((B, T), K, dtype, layout, device).requires_grad_()
+    w = make_weight(N, K, dtype, w_t, device)
+    bias = (torch.randn(N, dtype=dtype, device=device) * 0.5).requires_grad_() if has_bias else None
+    A = (torch.randn(r, K, device=device) / K**0.5).requires_grad_()  # fp32 adapter params
+    Bw = (torch.randn(N, r, device=device) / r**0.5).requires_grad_()
+
+    y = lora_linear(x, w, bias, A, Bw, scaling, p, seed)
+    assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    # reference in float64 with the very mask the kernels regenerate
+    mask = lora_dropout_mask(x.shape, p, seed, device, torch.float64) if p > 0 else None
+    xr = x.detach().double().requires_grad_()
+    Ar = A.detach().double().requires_grad_()
+    Br = Bw.detach().double().requires_grad_()
+    br = bias.detach().double().requires_grad_() if has_bias else None
+    yr = lora_linear_reference(xr, w.double(), br, Ar, Br, scaling, mask)
+    yr.backward(g.double())
+
+    tol = tol or TOL[dtype]
+    assert rel_err(y, yr) < tol
+    assert rel_err(x.grad, xr.grad) < tol
+    assert A.grad.dtype == torch.float32 and Bw.grad.dtype == torch.float32
+    assert rel_err(A.grad, Ar.grad) < tol
+    assert rel_err(Bw.grad, Br.grad) < tol
+    if has_bias:
+        assert bias.grad.dtype == dtype and rel_err(bias.grad, br.grad) < tol
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    B=st.integers(1, 3), T=st.integers(1, 13),
+    K=st.integers(3, 72), N=st.integers(3, 72), r=st.integers(1, 20),
+    layout=st.sampled_from(["contig", "strided_k", "transposed_bt", "2d"]),
+    w_t=st.booleans(), has_bias=st.booleans(),
+    p=st.sampled_from([0.0, 0.0, 0.1, 0.5]),
+    seed=st.integers(0, 2**62),
+    gemm=st.sampled_from(["triton", "cublas"]),
+)
+def test_lora_linear_matches_reference(dtype, B, T, K, N, r, layout, w_t, has_bias, p, seed, gemm):
+    with env_var("FASTPEFT_LORA_GEMM", gemm):
+        _run_and_check(dtype, B, T, K, N, r, layout, w_t, has_bias, p, seed)
+
+
+@pytest.mark.parametrize("K", [64, 67])  # K % 4 == 0 takes the one-Philox-per-4-columns path; 67 the per-element one
+def test_kernel_mask_is_lora_dropout_mask(K):
+    """S = (D⊙X)·Aᵀ with one-hot rows of A reads D⊙X back exactly: the in-kernel mask is lora_dropout_mask."""
+    M, p, seed = 37, 0.3, 987654321123
+    x = torch.randn(M, K, device=DEVICE) + 3.0  # nonzero everywhere, so a dropped element shows as 0
+    cols = torch.randperm(K, device=DEVICE)[:16]
+    A = torch.zeros(16, K, device=DEVICE)
+    A[torch.arange(16), cols] = 1.0
+    S = lora_s(x, A, p, seed)
+    D = lora_dropout_mask((M, K), p, seed, DEVICE)
+    torch.testing.assert_close(S, (D * x)[:, cols], rtol=0, atol=0)
+    assert (S == 0).any() and (S != 0).any()
+
+
+def test_dropout_mask_statistics_and_seeds():
+    M, K, p = 300, 257, 0.2
+    D = lora_dropout_mask((M, K), p, 1234, DEVICE)
+    vals = torch.unique(D)
+    assert torch.allclose(vals, torch.tensor([0.0, 1.0 / (1 - p)], device=DEVICE))
+    n = M * K
+    keep = (D != 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep - (1 - p)) < 4 * sigma
+    assert torch.equal(D, lora_dropout_mask((M, K), p, 1234, DEVICE))
+    other = lora_dropout_mask((M, K), p, 1235, DEVICE)
+    assert not torch.equal(D, other)
+    # agreement of two independent masks ≈ p² + (1-p)², far from 1
+    agree = ((D != 0) == (other != 0)).double().mean().item()
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 0.02
+    # 3-D shape: the flat row-major index over the [M, K] view
+    D3 = lora_dropout_mask((3, 100, K), p, 1234, DEVICE)
+    assert torch.equal(D3.reshape(300, K), D)
+
+
+def test_dropout_changes_output_and_is_reproducible():
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    w = make_weight(24, 40, torch.float32, False)
+    A = torch.randn(8, 40, device=DEVICE)
+    Bw = torch.randn(24, 8, device=DEVICE)
+    y0 = lora_linear(x, w, None, A, Bw, 2.0, 0.0)
+    y1 = lora_linear(x, w, None, A, Bw, 2.0, 0.5, 77)
+    y1b = lora_linear(x, w, None, A, Bw, 2.0, 0.5, 77)
+    y2 = lora_linear(x, w, None, A, Bw, 2.0, 0.5, 78)
+    assert torch.equal(y1, y1b)
+    assert not torch.allclose(y0, y1) and not torch.allclose(y1, y2)
+    with pytest.raises(ValueError):
+        lora_linear(x, w, None, A, Bw, 2.0, 0.5, None)
+
+
+def test_small_kernels_directly():
+    """dS, dB, dA launchers against torch (atomics and split paths)."""
+    M, N, K, r, s = 70, 90, 50, 6, 0.75
+    dy = torch.randn(M, N, device=DEVICE)
+    S = torch.randn(M, r, device=DEVICE)
+    Bw = torch.randn(N, r, device=DEVICE)
+    dS, dB = lora_ds_db(dy, Bw, S, s)
+    torch.testing.assert_close(dS, s * dy.double().mm(Bw.double()).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dB, s * dy.double().t().mm(S.double()).float(), rtol=1e-5, atol=1e-5)
+    x = torch.randn(M, K, device=DEVICE)
+    dA = lora_da(x, dS)
+    torch.testing.assert_close(dA, dS.double().t().mm(x.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_saved_tensors_share_x_and_stay_small():
+    """What the Function saves: x itself (one storage for q/k/v), S [M, r] per call, and the parameters."""
+    B, T, K, r = 2, 11, 40, 4
+    x = torch.randn(B, T, K, device=DEVICE, requires_grad=True)
+    h = x * 1.0  # a non-leaf activation, like the output of a norm layer
+    params = []
+    layers = []
+    for N in (40, 16, 16):  # q, k, v
+        w = make_weight(N, K, torch.float32, False)
+        A = torch.randn(r, K, device=DEVICE, requires_grad=True)
+        Bw = torch.randn(N, r, device=DEVICE, requires_grad=True)
+        layers.append((w, A, Bw))
+        params += [w, A, Bw]
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = [lora_linear(h, w, None, A, Bw, 2.0, 0.1, 5 + i) for i, (w, A, Bw) in enumerate(layers)]
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    acts = [t for t in packed if t.untyped_storage().data_ptr() not in param_ptrs]
+    big = [t for t in acts if t.numel() >= B * T * K]
+    assert len(big) == 3 and all(t is h for t in big)  # x saved by reference, no copies
+    assert len({t.untyped_storage().data_ptr() for t in big}) == 1
+    small = [t for t in acts if t.numel() < B * T * K]
+    assert len(small) == 3 and all(tuple(t.shape) == (B * T, r) for t in small)  # S per call
+    total_act_bytes = h.untyped_storage().nbytes() + sum(t.untyped_storage().nbytes() for t in small)
+    assert total_act_bytes <= (B * T * K + 3 * B * T * r) * 4
+    sum(o.sum() for o in outs).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------------------------------------------------ GPU
+LLAMA8B = [  # (K, N) of q, k/v, o, gate/up, down
+    (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("KN", LLAMA8B)
+@pytest.mark.parametrize("p", [0.0, 0.05])
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_gpu_llama_shapes(monkeypatch, dtype, KN, p, gemm):
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", gemm)
+    K, N = KN
+    torch.manual_seed(K + N)
+    # M = 4096 as 2 x 2048; bf16/fp16 kernel vs float64 reference on the same rounded inputs
+    _run_and_check(dtype, 2, 2048, K, N, 16, "contig", False, False, p, 1234567, scaling=2.0, device="cuda",
+                   tol=TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_odd_shapes(dtype):
+    for (B, T, K, N, r, layout, w_t, bias, p) in [
+        (1, 16, 4096, 1024, 16, "contig", False, True, 0.05),
+        (3, 333, 1000, 777, 8, "transposed_bt", True, True, 0.1),
+        (2, 129, 515, 2049, 64, "strided_k", False, False, 0.0),
+    ]:
+        for gemm in ("triton", "cublas"):
+            with env_var("FASTPEFT_LORA_GEMM", gemm):
+                _run_and_check(dtype, B, T, K, N, r, layout, w_t, bias, p, 42, device="cuda",
+                               tol=TOL[dtype] if dtype != torch.float32 else 1e-4)
