@@ -221,9 +221,10 @@ class LoraConfig(_ConfigBase):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         for key, rank in (self.rank_pattern or {}).items():
-            if not isinstance(rank, int) or rank <= 0:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
-        if not (0.0 <= float(self.lora_dropout) < 1.0):
+        dropout_ok = isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
+        if not dropout_ok or not (0.0 <= float(self.lora_dropout) < 1.0):
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be one of 'none', 'all', 'lora_only', got {self.bias!r}")

@@ -184,6 +184,14 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> List[Tuple[str, nn.Mod
                 f"target_modules regex {targets!r} matched no module of the model; a str is re.fullmatch-ed "
                 f"against full module names, e.g. {examples}"
             )
+        if not targets:
+            raise ValueError("target_modules is empty; give module names (e.g. ['q_proj', 'v_proj']), a regex or 'all-linear'")
+        if any(_matches_list(n, targets) for n, _ in candidates):
+            raise ValueError(
+                f"target_modules {targets} name modules of the model, but layers_to_transform="
+                f"{getattr(cfg, 'layers_to_transform', None)!r} / layers_pattern={getattr(cfg, 'layers_pattern', None)!r}"
+                f" / exclude_modules={cfg.exclude_modules!r} / modules_to_save={cfg.modules_to_save!r} leave none of them"
+            )
         hints = []
         for t in targets:
             close = _close_names(t, candidates)
@@ -452,6 +460,10 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _finish(model: nn.Module, state: PatchState) -> None:
+    if state.from_peft:
+        from .adapter_io import unroute_peft_save_pretrained
+
+        unroute_peft_save_pretrained(model)
     for param, value in state.requires_grad.values():
         param.requires_grad_(value)
     if state.hook is not None:
@@ -520,4 +532,7 @@ def _convert_peft_model(model: nn.Module) -> nn.Module:
         raise
     _record_requires_grad(state, model)
     model.__dict__[STATE_ATTR] = state
+    from .adapter_io import route_peft_save_pretrained
+
+    route_peft_save_pretrained(model)  # PEFT's save_pretrained only sees PEFT's layers
     return model

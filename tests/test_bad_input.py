@@ -1,6 +1,7 @@
 """Bad input gets a clear error (what is wrong + what is allowed), and a failure leaves the model untouched."""
 import json
 import os
+import re
 
 import peft
 import pytest
@@ -66,6 +67,20 @@ def test_targets_matching_nothing(model):
     assert "'foo'" in msg and "'bar_baz'" in msg and "matched no module" in msg
 
 
+def test_empty_target_list(model):
+    with pytest.raises(ValueError, match=r"target_modules is empty; give module names .*'all-linear'"):
+        fastpeft.patch(model, _lora(target_modules=[]))
+
+
+def test_targets_filtered_away_by_layers_to_transform(model):
+    before = state_snapshot(model)
+    with pytest.raises(ValueError) as err:
+        fastpeft.patch(model, _lora(target_modules=["q_proj"], layers_to_transform=[5]))
+    msg = str(err.value)
+    assert "['q_proj'] name modules of the model" in msg and "layers_to_transform=[5]" in msg and "leave none" in msg
+    assert_same_snapshot(before, state_snapshot(model))
+
+
 # -- config values -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("r", [0, -1, 2.5, "8", True])
 def test_bad_rank(r):
@@ -73,7 +88,7 @@ def test_bad_rank(r):
         fastpeft.LoraConfig(r=r)
 
 
-@pytest.mark.parametrize("rank", [0, -3])
+@pytest.mark.parametrize("rank", [0, -3, 1.5, True])
 def test_bad_rank_pattern(rank):
     with pytest.raises(ValueError) as err:
         fastpeft.LoraConfig(r=4, rank_pattern={"down_proj": rank})
@@ -81,9 +96,9 @@ def test_bad_rank_pattern(rank):
     assert repr(rank) in str(err.value)
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, "0.1", None])
 def test_bad_dropout(p):
-    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\), got " + repr(p)):
+    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\), got " + re.escape(repr(p))):
         fastpeft.LoraConfig(lora_dropout=p)
 
 
