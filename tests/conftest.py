@@ -82,6 +82,16 @@ def assert_same_snapshot(before, after):
         assert torch.equal(value, value2), name
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with the reason, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bf16 tl.dot is wrong under the Triton interpreter)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
@@ -90,3 +100,35 @@ def arch(request):
 @pytest.fixture
 def clone_model():
     return copy.deepcopy
+
+
+def nf4_tiny_model(arch: str = "llama", double_quant: bool = True, seed: int = 0, blocksize: int = 64):
+    """``tiny_model(arch, seed)`` with every nn.Linear but the output head swapped for a bitsandbytes NF4
+    ``Linear4bit`` (fp32 compute), quantized from the fp32 weights on CPU — a tiny QLoRA base.
+
+    ``model.is_loaded_in_4bit`` is set, as transformers does for bnb-quantized models, so PEFT dispatches
+    its own 4-bit LoRA layer. The dense weight each layer stands for is ``dequantize_4bit(weight, quant_state)``.
+    """
+    import bitsandbytes as bnb
+
+    model = tiny_model(arch, seed)
+    head = model.get_output_embeddings()
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
+    for name, lin in targets:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.float32, compress_statistics=double_quant, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant, blocksize=blocksize)
+        if lin.bias is not None:
+            q.bias = torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=lin.bias.requires_grad)
+        q = q.to("cpu")  # bnb 0.50 quantizes a Params4bit when it is moved to a device (CPU included)
+        # On CPUs with AVX512-BF16, bnb's Linear4bit.forward in eval/no-grad mode repacks the weight *in place*
+        # into a CPU-only layout (bf16 absmax, no double quant, needs out_features % 32 == 0, bf16 compute:
+        # ~3e-3 relative off dequantize+F.linear). Keep bnb on its portable dequantize+matmul path so results
+        # don't depend on the test machine's CPU and stay exact in fp32.
+        q.support_avx512bf16_for_cpu = False
+        assert q.weight.bnb_quantized and q.weight.quant_state is not None, name
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    model.is_loaded_in_4bit = True
+    return model.eval()
