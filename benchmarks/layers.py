@@ -1,0 +1,239 @@
+"""Layer benchmarks: one Llama-3-8B projection, frozen dense base vs PEFT vs fastpeft (LoRA r=16, IA3).
+
+    PYTHONPATH=. python benchmarks/layers.py --out results.json     (GPU: full shapes; CPU: tiny shapes)
+
+Each row: method, projection, M, fwd ms and fwd+bwd ms (median of triton.testing.do_bench on CUDA, with
+L2 flushed between calls; wall clock on CPU), ratio vs the dense base, and the floor (FLOPs and bytes over
+the ceilings measured in the same run). Also imported by benchmarks/test_layers.py (pytest-benchmark).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import time
+
+import torch
+
+# Llama-3-8B projections (in=K, out=N); k/v, q/o and gate/up share shapes and are timed once each.
+LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
+TINY = {"q/o": (64, 64), "k/v": (64, 16), "gate/up": (64, 176), "down": (176, 64)}
+RANK = 16
+ALPHA = 32
+
+
+@contextlib.contextmanager
+def env(name, value):
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _seed():
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
+    """Returns (module-like callable, list of trainable params). All adapters random (never zeros)."""
+    base = torch.nn.Linear(K, N, bias=False).to(device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    if method == "dense":
+        return base, []
+    if method.startswith("peft_lora"):
+        import peft
+        from peft.tuners.lora import Linear as PLinear
+
+        p = 0.05 if method.endswith("p05") else 0.0
+        m = PLinear(base, "default", config=peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p),
+                    r=RANK, lora_alpha=ALPHA, lora_dropout=p)
+        m.lora_A["default"].float()  # get_peft_model's default autocast_adapter_dtype keeps adapters fp32
+        m.lora_B["default"].float()
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.02)
+        m.base_layer.weight.requires_grad_(False)
+        m.train()
+        return m, [m.lora_A["default"].weight, m.lora_B["default"].weight]
+    if method == "peft_ia3":
+        import peft
+        from peft.tuners.ia3 import Linear as PIA3
+
+        cfg = peft.IA3Config(target_modules=["x"], feedforward_modules=["x"] if feedforward else [])
+        m = PIA3(base, "default", config=cfg, fan_in_fan_out=False, is_feedforward=feedforward)
+        m.ia3_l["default"].data = (torch.rand_like(m.ia3_l["default"].float()) + 0.5)
+        m.base_layer.weight.requires_grad_(False)
+        return m, [m.ia3_l["default"]]
+    if method.startswith("fastpeft_lora"):
+        from fastpeft.ops.lora import lora_linear
+
+        p = 0.05 if "p05" in method else 0.0
+        mode = "triton" if method.endswith("triton") else "cublas" if method.endswith("cublas") else None
+        A = (torch.randn(RANK, K, device=device) / K**0.5).requires_grad_()
+        B = (torch.randn(N, RANK, device=device) * 0.02).requires_grad_()
+        w = base.weight
+
+        def f(x):
+            with env("FASTPEFT_LORA_GEMM", mode):
+                return lora_linear(x, w, None, A, B, ALPHA / RANK, p, _seed() if p > 0 else None)
+
+        return f, [A, B]
+    if method.startswith("fastpeft_ia3"):
+        from fastpeft.ops.ia3 import ia3_linear
+
+        mode = "triton" if method.endswith("triton") else "cublas" if method.endswith("cublas") else None
+        l = (torch.rand((1, K) if feedforward else (N, 1), device=device) + 0.5).requires_grad_()
+        w = base.weight
+
+        def f(x):
+            with env("FASTPEFT_IA3_GEMM", mode):
+                return ia3_linear(x, w, None, l, feedforward)
+
+        return f, [l]
+    raise ValueError(method)
+
+
+METHODS = [
+    "dense",
+    "peft_lora", "peft_lora_p05",
+    "fastpeft_lora", "fastpeft_lora_triton", "fastpeft_lora_cublas",
+    "fastpeft_lora_p05", "fastpeft_lora_p05_triton", "fastpeft_lora_p05_cublas",
+    "peft_ia3", "fastpeft_ia3", "fastpeft_ia3_triton", "fastpeft_ia3_cublas",
+]
+
+
+def make_step(fn, x, g, bwd: bool):
+    if not bwd:
+        def step():
+            with torch.no_grad():
+                fn(x)
+        return step
+
+    def step():
+        y = fn(x)
+        y.backward(g)
+    return step
+
+
+def timeit(step, device) -> float:
+    if device == "cuda":
+        import triton
+
+        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+    step()
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(ts)[1]
+
+
+def ceilings(device):
+    """Measured bf16 GEMM TFLOP/s (8192³) and device copy GB/s (read + write)."""
+    if device != "cuda":
+        return {"gemm_tflops": None, "copy_gbps": None}
+    import triton
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    src = torch.randn(256 * 2**20, device=device, dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms_c = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
+    return {"gemm_tflops": 2 * 8192**3 / ms / 1e9, "copy_gbps": 2 * src.numel() * 4 / ms_c / 1e6}
+
+
+def floor_ms(M, K, N, bwd, ceil):
+    """Frozen base: fwd = one GEMM, fwd+bwd = two (Y and dX). Adapter terms are < 1% of either count."""
+    if ceil["gemm_tflops"] is None:
+        return None
+    e = 2
+    flops = 2 * M * N * K * (2 if bwd else 1)
+    byts = (M * K + K * N + M * N) * e * (2 if bwd else 1)
+    return max(flops / (ceil["gemm_tflops"] * 1e9), byts / (ceil["copy_gbps"] * 1e6))
+
+
+def run(shapes=None, Ms=None, methods=None, dtype=torch.bfloat16, device=None, log=print):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        shapes = shapes or TINY
+        Ms = Ms or [16]
+        dtype = torch.float32
+    shapes = shapes or LLAMA8B
+    Ms = Ms or [4096, 16]
+    methods = methods or METHODS
+    ceil = ceilings(device)
+    log(f"ceilings: {ceil}")
+    rows = []
+    for M in Ms:
+        for name, (K, N) in shapes.items():
+            ff = name == "down"
+            dense = {}
+            for method in methods:
+                torch.manual_seed(0)
+                try:
+                    fn, _params = build(method, K, N, dtype, device, ff)
+                except ImportError as e:  # peft missing
+                    log(f"skip {method}: {e}")
+                    continue
+                x = torch.randn(M, K, device=device, dtype=dtype)
+                xg = x.clone().requires_grad_()
+                g = torch.randn(M, N, device=device, dtype=dtype)
+                row = {"proj": name, "K": K, "N": N, "M": M, "method": method, "feedforward": ff}
+                for bwd in (False, True):
+                    key = "fwdbwd" if bwd else "fwd"
+                    ms = timeit(make_step(fn, xg if bwd else x, g, bwd), device)
+                    row[f"{key}_ms"] = ms
+                    if method == "dense":
+                        dense[key] = ms
+                    row[f"{key}_x_dense"] = ms / dense[key] if key in dense else None
+                    fl = floor_ms(M, K, N, bwd, ceil)
+                    row[f"{key}_floor_ms"] = fl
+                    row[f"{key}_x_floor"] = ms / fl if fl else None
+                rows.append(row)
+                log(f"M={M:5d} {name:8s} {method:26s} fwd {row['fwd_ms']:.4f} ms ({row['fwd_x_dense']:.3f}x)"
+                    f"  fwd+bwd {row['fwdbwd_ms']:.4f} ms ({row['fwdbwd_x_dense']:.3f}x)")
+                del fn
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "dtype": str(dtype),
+        "rank": RANK,
+        "ceilings": ceil,
+        "rows": rows,
+    }
+    return info
+
+
+def table(info) -> str:
+    out = ["| M | proj | method | fwd ms | ×dense | fwd+bwd ms | ×dense | ×floor (fwd+bwd) |", "|---|---|---|---|---|---|---|---|"]
+    for r in info["rows"]:
+        xf = f"{r['fwdbwd_x_floor']:.2f}" if r["fwdbwd_x_floor"] else "-"
+        out.append(f"| {r['M']} | {r['proj']} | {r['method']} | {r['fwd_ms']:.4f} | {r['fwd_x_dense']:.3f} | "
+                   f"{r['fwdbwd_ms']:.4f} | {r['fwdbwd_x_dense']:.3f} | {xf} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--M", type=int, nargs="*", default=None)
+    ap.add_argument("--methods", nargs="*", default=None)
+    a = ap.parse_args()
+    info = run(Ms=a.M, methods=a.methods)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(info, f, indent=1)
+    print(table(info))
