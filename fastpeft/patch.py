@@ -302,7 +302,9 @@ def _apply_trainable(model: nn.Module, state: PatchState, txn: Optional[_Transac
                     keep.add(id(param))
     if train and isinstance(cfg, LoraConfig) and cfg.bias != "none":
         if cfg.bias == "all":
-            keep.update(id(p) for n, p in model.named_parameters() if n.endswith("bias"))
+            # modules_to_save wrappers decide for themselves: original frozen, only the active copy trains
+            wrapped = {id(p) for _, m in adapter_layers(model) if isinstance(m, ModulesToSave) for p in m.parameters()}
+            keep.update(id(p) for n, p in model.named_parameters() if n.endswith("bias") and id(p) not in wrapped)
         else:
             for _, layer in adapter_layers(model):
                 if isinstance(layer, LoraLinear) and state.active in layer.adapter_names:

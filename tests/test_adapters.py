@@ -271,7 +271,8 @@ def test_print_trainable_parameters_matches_peft(arch, kind, extra, capsys):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
-def test_bias_trainable_sets_match_peft(arch, bias):
+@pytest.mark.parametrize("to_save", [None, "ffn"])
+def test_bias_trainable_sets_match_peft(arch, bias, to_save):
     base = tiny_model(arch)
     if arch == "llama":  # give llama some biases
         import transformers
@@ -283,17 +284,19 @@ def test_bias_trainable_sets_match_peft(arch, bias):
         torch.manual_seed(0)
         base = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     targets = ["q_proj", "v_proj"] if arch == "llama" else ["c_attn"]
-    cfg = peft.LoraConfig(r=4, target_modules=targets, bias=bias)
+    # a modules_to_save module with a bias: its frozen original must stay frozen even with bias="all"
+    save = None if to_save is None else (["o_proj"] if arch == "llama" else ["mlp.c_fc"])
+    cfg = peft.LoraConfig(r=4, target_modules=targets, bias=bias, modules_to_save=save)
     peft_model = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg))
     ours = fastpeft.patch(copy.deepcopy(base), copy.deepcopy(cfg))
     names = trainable_names(ours)
     assert names == peft_names(peft_model)
     biases = {n for n in names if n.endswith("bias")}
     if bias == "all":
-        every = {n for n, _ in ours.named_parameters() if n.endswith("bias")}
+        every = {n for n, _ in ours.named_parameters() if n.endswith("bias") and ".original_module." not in n}
         assert biases == every and any(".base_layer." not in n for n in biases)
     else:
-        assert biases and all(".base_layer.bias" in n for n in biases)
+        assert biases and all(".base_layer.bias" in n or ".modules_to_save.default." in n for n in biases)
     assert fastpeft.get_nb_trainable_parameters(ours) == peft_model.get_nb_trainable_parameters()
 
 
