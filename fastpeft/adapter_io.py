@@ -6,9 +6,11 @@ Writes are atomic (temporary file + rename). Loading reads safetensors only, unl
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-import tempfile
+import stat
+import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -17,7 +19,7 @@ import torch.nn as nn
 from .config import AdapterConfig, LoraConfig, to_fastpeft_config
 from .nn import IA3Linear, LoraLinear, ModulesToSave
 from .nn import base as B
-from .patch import adapter_layers, get_state, is_peft_model, patch, root_model, unpatch
+from .patch import _set_submodule, adapter_layers, get_state, is_peft_model, patch, root_model, unpatch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,24 +63,61 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
                 out[f"{prefix}{path}.{key}"] = tensor
     if isinstance(cfg, LoraConfig) and cfg.bias == "all":
-        inside = tuple(p + "." for p, _ in wrappers)
-        for name, param in model.named_parameters():
-            if name.endswith("bias") and not name.startswith(inside) and ".lora_" not in name:
-                out[f"{prefix}{name}"] = param
+        # PEFT's rule: every state-dict entry named "bias" except other adapters' — so a wrapped module's bias is
+        # also saved as "<path>.original_module.bias" and "<path>.modules_to_save.bias" (adapter name removed).
+        own = f".modules_to_save.{adapter_name}."
+        others = [f".modules_to_save.{n}." for n in state.configs if n != adapter_name]
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if (name == "bias" or name.endswith(".bias")) and not any(o in name for o in others):
+                out[f"{prefix}{name.replace(own, '.modules_to_save.')}"] = tensor
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
+def _remove_quietly(path: str) -> None:
     try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _stage(path: str, write) -> str:
+    """``write`` a temporary file next to ``path`` and return its name; on failure nothing is left behind.
+
+    The file gets the mode open(path, "w") would give it (0o666 minus the umask): mkstemp and safetensors'
+    save_file both create 0o600 files, which would make saved adapters unreadable to other users.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(tmp)
+        os.chmod(tmp, mode)  # save_file replaces the file with its own (0o600) one
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = _stage(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
+
+
+def _makedirs(folder: str, created: List[str]) -> None:
+    """os.makedirs that records the folders it made (deepest last), so a failed save can remove them."""
+    missing = []
+    current = os.path.abspath(folder)
+    while not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    for path in reversed(missing):
+        os.makedirs(path, exist_ok=True)
+        created.append(path)
 
 
 def _config_dict(model: nn.Module, cfg: AdapterConfig) -> Dict[str, Any]:
@@ -102,24 +141,84 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[s
     for name in names:
         if name not in state.configs:
             raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
-    for name in names:
-        folder = save_directory if name == "default" else os.path.join(save_directory, name)
-        os.makedirs(folder, exist_ok=True)
-        tensors = adapter_state_dict(model, name)
-        _atomic_write(os.path.join(folder, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = json.dumps(_config_dict(model, state.configs[name]), indent=2, sort_keys=True)
+    # Every file of every adapter is written to a temporary name first and renamed into place only once all of
+    # them are complete: a failure while writing leaves an existing adapter folder exactly as it was.
+    staged: List[Tuple[str, str]] = []
+    created: List[str] = []
+    try:
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            _makedirs(folder, created)
+            tensors = adapter_state_dict(model, name)
+            weights = os.path.join(folder, WEIGHTS_NAME)
+            staged.append((_stage(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})), weights))
+            text = json.dumps(_config_dict(model, state.configs[name]), indent=2, sort_keys=True)
 
-        def write_json(tmp: str, text: str = text) -> None:
-            with open(tmp, "w") as fh:
-                fh.write(text)
+            def write_json(tmp: str, text: str = text) -> None:
+                with open(tmp, "w") as fh:
+                    fh.write(text)
 
-        _atomic_write(os.path.join(folder, CONFIG_NAME), write_json)
+            config = os.path.join(folder, CONFIG_NAME)
+            staged.append((_stage(config, write_json), config))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            _remove_quietly(tmp)
+        for folder in reversed(created):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        raise
+
+
+# -- PEFT's own save_pretrained on a converted PeftModel ---------------------------------------------------
+_SAVE_HOOK = "save_pretrained"
+
+
+def _peft_save_pretrained(model: nn.Module, *args, **kwargs):
+    """PeftModel.save_pretrained with PEFT's layers swapped back in for the call.
+
+    PEFT finds what to save by visiting its own tuner layers, so on a converted model it would write an
+    adapter file without any LoRA / IA3 tensors. PEFT's layers hold the very same Parameter objects as ours
+    (conversion shares them), so saving through them writes the current values.
+    """
+    method = type(model).save_pretrained
+    state = get_state(model, required=False)
+    if state is None or not state.from_peft:
+        model.__dict__.pop(_SAVE_HOOK, None)
+        return method(model, *args, **kwargs)
+    ours = {name: model.get_submodule(name) for name in state.originals}
+    try:
+        for name, original in state.originals.items():
+            _set_submodule(model, name, original)
+        return method(model, *args, **kwargs)
+    finally:
+        for name, layer in ours.items():
+            _set_submodule(model, name, layer)
+
+
+def route_peft_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` (a converted PeftModel) save through PEFT's layers; see above."""
+    hook = functools.partial(_peft_save_pretrained, model)
+    hook.fastpeft_hook = True
+    model.__dict__[_SAVE_HOOK] = hook
+
+
+def unroute_peft_save_pretrained(model: nn.Module) -> None:
+    if getattr(model.__dict__.get(_SAVE_HOOK), "fastpeft_hook", False):
+        del model.__dict__[_SAVE_HOOK]
 
 
 def _adapter_folder(path: str, adapter_name: str) -> str:
+    # save_adapter / PEFT's save_pretrained put a non-default adapter in <dir>/<name>/ next to "default" at the
+    # root, so for such a name the sub-folder wins over the root.
+    nested = os.path.join(path, adapter_name)
+    if adapter_name != "default" and os.path.isfile(os.path.join(nested, CONFIG_NAME)):
+        return nested
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return path
-    nested = os.path.join(path, adapter_name)
     if os.path.isfile(os.path.join(nested, CONFIG_NAME)):
         return nested
     raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r} (nor in {nested!r})")
@@ -181,7 +280,12 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             target = f"{local}.{adapter_name}"
         else:
             owner = next((w for w in wrappers if local.startswith(w + ".")), None)
-            target = local if owner is None else f"{owner}.modules_to_save.{adapter_name}.{local[len(owner) + 1:]}"
+            rest = None if owner is None else local[len(owner) + 1:]
+            if owner is None or rest.startswith("original_module."):
+                target = local  # PEFT's bias="all" also saves "<wrapper>.original_module.bias"; it loads as named
+            else:
+                rest = rest[len("modules_to_save."):] if rest.startswith("modules_to_save.") else rest
+                target = f"{owner}.modules_to_save.{adapter_name}.{rest}"
         if target not in params:
             raise ValueError(f"adapter key {key!r} has no matching parameter in the model (looked for {target!r})")
         param = params[target]

@@ -78,7 +78,26 @@ def dequantize_linear4bit(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     weight = module.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return _dequantize_cpu_packed(weight.data, weight.quant_state)
     return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def _dequantize_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
+    """Dequantize a weight that bnb repacked in place for its CPU inference kernel.
+
+    bnb 0.50's ``Linear4bit.forward`` on an AVX512-BF16 CPU, in eval mode without grad, rewrites the weight
+    once: nibbles regrouped in tiles of 32 output rows (low nibbles = first 32 of each 64-entry group) and
+    absmax stored as bf16 [in/blocksize, out], double quant folded in. ``dequantize_4bit`` no longer reads
+    that layout correctly (it returns garbage silently), so unpack it here without touching the module.
+    """
+    n, k = state.shape
+    groups = packed.view(torch.uint8).reshape(-1, 32)
+    idx = torch.cat([groups & 0xF, groups >> 4], dim=-1)  # [N/32 * K/2, 64]
+    idx = idx.reshape(n // 32, k // 2, 32, 2).transpose(1, 2).reshape(n, k)
+    absmax = state.absmax.float().t().repeat_interleave(state.blocksize, dim=1)  # [N, K]
+    weight = state.code.to(device=absmax.device, dtype=torch.float32)[idx.long()] * absmax
+    return weight.to(getattr(state, "original_dtype", torch.float32))
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
