@@ -1,0 +1,401 @@
+"""bitsandbytes 4-bit weights (NF4 / FP4): dequantize bnb's own packed bytes + QuantState, and quantize to
+the same bytes bnb writes.
+
+Format (DESIGN.md §3; every fact below was checked against bitsandbytes 0.50.2 on CPU):
+    weight [N, K] (any shape) flattened row-major into n elements; element 2j -> high nibble of byte j,
+    element 2j+1 -> low nibble; odd n pads one zero value. Bytes are stored as uint8 [ceil(n/2), 1], or the
+    same bytes viewed as another ``quant_storage`` dtype (e.g. bf16 [ceil(n/2)/2, 1] for FSDP).
+    value = code[q] * absmax[i // blocksize]           (fp32 product, then one rounding to the output dtype)
+    double quant (compress_statistics=True): absmax is uint8 codes into the 256-entry signed dynamic code:
+        absmax[b] = code2[qa[b]] * absmax2[b // blocksize2] + offset     (fp32, product rounded, then sum)
+
+Quantization (bnb's rules, reproduced here; not its code):
+    * input -> fp32; blocks of ``blocksize`` flat elements; absmax[b] = max |x| over the block.
+    * full blocks:  s = x * fl(1 / max(absmax, 1e-38)); the stored absmax keeps its true value (0 stays 0).
+      tail block (n % blocksize != 0): a = max(max |x|, 1e-38); s = x / a; the stored absmax is that clamped a.
+    * s is clamped to [-1, 1] and mapped to the nearest code by the fp32 midpoints of the *sorted* code, a value
+      exactly on a midpoint going to the lower code (FP4's two zeros: 0 -> nibble 0, (0, mid] -> nibble 8).
+    * double quant: offset = mean(absmax) (fp32 torch mean on the tensor's device); c = absmax - offset is
+      blockwise quantized in blocks of 256 with the dynamic code: absmax2 = max |c| per block (no clamp),
+      y = c * fl(1 / absmax2), then the code index. bnb's CPU library does that last step through a 65536-entry
+      table: g = trunc(fl(fl(fl(y + 1) * 32767.5) + 0.5)), index = nearest code to g / 32767.5 - 1, and a NaN y
+      (an all-equal absmax sub-block, absmax2 = 0) gives index 0. This is *not* the exactly-nearest code
+      (it can be one or two codes off near 0). ``nested_rounding="bnb-cpu"`` reproduces it bit for bit;
+      ``"nearest"`` is the exactly-nearest code (what bnb's CUDA kernel aims for — to be verified on a GPU).
+
+Two dequantize implementations: ``nf4_dequantize_reference`` (vectorized PyTorch, any device) and
+``nf4_dequantize_triton`` (one memory pass). ``nf4_dequantize`` picks one. Nothing here imports bitsandbytes
+except ``quantize_nf4`` (to return a real ``QuantState`` when it is installed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpeft.ops._common import triton_ok
+
+__all__ = [
+    "NF4_CODE",
+    "FP4_CODE",
+    "code_for",
+    "dynamic_code",
+    "NF4QuantState",
+    "dequantize_absmax",
+    "nf4_dequantize",
+    "nf4_dequantize_reference",
+    "nf4_dequantize_triton",
+    "quantize_nf4",
+]
+
+# The 16 NF4 values (index 0..15), exactly the fp32 values bitsandbytes dequantizes with.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# bnb's FP4 (e2m1-like, bias chosen by bnb) values, read off dequantize_4bit of every nibble with absmax 1:
+# index 0..7 positive magnitudes, 8..15 the same with the sign bit; both zeros are +0.0.
+FP4_CODE = (
+    0.0, 1.0 / 192.0, 2.0 / 3.0, 1.0, 1.0 / 3.0, 0.5, 1.0 / 6.0, 0.25,
+    0.0, -1.0 / 192.0, -2.0 / 3.0, -1.0, -1.0 / 3.0, -0.5, -1.0 / 6.0, -0.25,
+)
+_CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+_NESTED_BLOCKSIZE = 256
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def code_for(quant_type: str, device=None) -> torch.Tensor:
+    """The 16-entry fp32 code of ``quant_type`` ("nf4" | "fp4")."""
+    if quant_type not in _CODES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return torch.tensor(_CODES[quant_type], dtype=torch.float32, device=device)
+
+
+def dynamic_code(device=None) -> torch.Tensor:
+    """The signed 8-bit dynamic code (256 sorted fp32 values) bnb uses for the nested absmax.
+
+    Level i = 0..6 splits [0.1, 1] (fp32 linspace) into 2**i equal parts; the part midpoints scaled by
+    10**(i - 6), both signs, plus 0 and 1: 2 * 127 + 2 = 256 values, sorted ascending.
+    """
+    parts = []
+    for level in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**level + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scaled = mids * (10.0 ** (level - 6))
+        parts += [scaled, -scaled]
+    parts.append(torch.tensor([0.0, 1.0], dtype=torch.float32))
+    code = torch.cat(parts).sort().values
+    assert code.numel() == 256
+    return code.to(device) if device is not None else code
+
+
+@dataclasses.dataclass
+class NF4QuantState:
+    """Field-for-field stand-in for ``bitsandbytes.functional.QuantState`` (used when bnb is not installed)."""
+
+    absmax: torch.Tensor
+    shape: Optional[torch.Size] = None
+    code: Optional[torch.Tensor] = None
+    blocksize: Optional[int] = None
+    quant_type: Optional[str] = None
+    dtype: Optional[torch.dtype] = None
+    offset: Optional[torch.Tensor] = None
+    state2: Optional["NF4QuantState"] = None
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a QuantState
+# ----------------------------------------------------------------------------------------------------------
+
+def _numel(shape) -> int:
+    return int(math.prod(tuple(shape)))
+
+
+def _packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed tensor as a flat uint8 tensor (reinterpreting a quant_storage dtype such as bf16)."""
+    p = packed.contiguous()
+    if p.dtype != torch.uint8:
+        p = p.reshape(-1).view(torch.uint8)
+    return p.reshape(-1)
+
+
+def _state_code(qs: Any) -> torch.Tensor:
+    code = getattr(qs, "code", None)
+    if code is None or code.numel() != 16:
+        code = code_for(qs.quant_type)
+    return code.to(torch.float32)
+
+
+def _check_state(packed: torch.Tensor, qs: Any) -> tuple[int, int]:
+    if getattr(qs, "shape", None) is None or getattr(qs, "blocksize", None) is None:
+        raise ValueError("quant_state needs .shape and .blocksize")
+    qt = getattr(qs, "quant_type", None)
+    if qt not in _CODES:
+        raise ValueError(f"quant_state.quant_type must be 'nf4' or 'fp4', got {qt!r}")
+    n = _numel(qs.shape)
+    bs = int(qs.blocksize)
+    if bs <= 0 or bs % 2:
+        raise ValueError(f"blocksize must be a positive even number, got {bs}")
+    nbytes = packed.numel() * packed.element_size()
+    if nbytes < (n + 1) // 2:
+        raise ValueError(f"packed holds {nbytes} bytes, shape {tuple(qs.shape)} needs {(n + 1) // 2}")
+    nblocks = -(-n // bs)
+    if qs.absmax.numel() < nblocks:
+        raise ValueError(f"absmax has {qs.absmax.numel()} entries, {nblocks} blocks of {bs} need more")
+    return n, bs
+
+
+def dequantize_absmax(quant_state: Any) -> torch.Tensor:
+    """fp32 per-block absmax, undoing double quantization when the state has a ``state2``."""
+    st2 = getattr(quant_state, "state2", None)
+    absmax = quant_state.absmax
+    if st2 is None:
+        return absmax.float()
+    q = absmax.reshape(-1).long()
+    bs2 = int(st2.blocksize)
+    a2 = st2.absmax.float().reshape(-1)
+    scale = a2.repeat_interleave(bs2)[: q.numel()] if a2.numel() * bs2 >= q.numel() else None
+    if scale is None:
+        raise ValueError("state2.absmax too short for the nested codes")
+    prod = st2.code.float()[q] * scale  # rounded to fp32 first ...
+    offset = quant_state.offset if quant_state.offset is not None else 0.0
+    return prod + offset  # ... then the offset is added (bnb does the same two roundings)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dequantize: reference
+# ----------------------------------------------------------------------------------------------------------
+
+def nf4_dequantize_reference(packed: torch.Tensor, quant_state: Any, out_dtype: Optional[torch.dtype] = None
+                             ) -> torch.Tensor:
+    """Pure-PyTorch dequantization of bnb 4-bit bytes (NF4 or FP4) to ``out_dtype`` (default: the state's dtype)."""
+    n, bs = _check_state(packed, quant_state)
+    out_dtype = out_dtype or quant_state.dtype or torch.float32
+    device = packed.device
+    b = _packed_bytes(packed)[: (n + 1) // 2]
+    q = torch.stack((b >> 4, b & 15), dim=-1).reshape(-1)[:n].long()
+    vals = _state_code(quant_state).to(device)[q]
+    nblocks = -(-n // bs)
+    absmax = dequantize_absmax(quant_state).to(device).reshape(-1)[:nblocks]
+    pad = nblocks * bs - n
+    if pad:
+        vals = torch.nn.functional.pad(vals, (0, pad))
+    out = (vals.view(nblocks, bs) * absmax.view(nblocks, 1)).view(-1)[:n]
+    return out.to(out_dtype).reshape(quant_state.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dequantize: Triton
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dequant_4bit_kernel(
+    packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, out_ptr,
+    offset, n_bytes, n_elem,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    # Bytes floor (what one pass must move): n/2 packed bytes + 4*ceil(n/blocksize) absmax bytes read
+    # (double quant: ceil(n/blocksize) uint8 codes + 4*ceil(n/blocksize/256) bytes), n * itemsize(out) written
+    # (n*2 for bf16). Each program reads BYTES contiguous packed bytes (16-byte vector loads per thread for
+    # BYTES >= 16 * threads) and writes 2*BYTES contiguous outputs; the absmax / code gathers hit L1/L2.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BYTES + tl.arange(0, BYTES)
+    in_bytes = offs < n_bytes
+    byte = tl.load(packed_ptr + offs, mask=in_bytes, other=0).to(tl.int32)
+    blk = (offs * 2) // BLOCKSIZE  # an even blocksize keeps both nibbles of a byte in one block
+    if NESTED:
+        qa = tl.load(absmax_ptr + blk, mask=in_bytes, other=0).to(tl.int32)
+        a2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=in_bytes, other=0.0)
+        absmax = tl.load(code2_ptr + qa) * a2 + offset  # fp fusion is off at launch: product rounded, then sum
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=in_bytes, other=0.0)
+    hi = tl.load(code_ptr + (byte >> 4)) * absmax
+    lo = tl.load(code_ptr + (byte & 15)) * absmax
+    vals = tl.interleave(hi, lo)  # element 2j = high nibble, 2j+1 = low nibble
+    eoffs = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    if OUT_BF16:
+        # fp32 -> bf16 round-to-nearest-even in integer ops (out_ptr is the int16 view of the bf16 output):
+        # the same bits as torch's .to(bfloat16) on every backend (the interpreter's own cast truncates).
+        bits = vals.to(tl.uint32, bitcast=True)
+        rne = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rne = tl.where(vals != vals, 0x7FC0, rne)  # NaN stays a quiet NaN
+        tl.store(out_ptr + eoffs, rne.to(tl.int16), mask=eoffs < n_elem)
+    else:
+        tl.store(out_ptr + eoffs, vals.to(out_ptr.dtype.element_ty), mask=eoffs < n_elem)
+
+
+def nf4_dequantize_triton(packed: torch.Tensor, quant_state: Any, out_dtype: Optional[torch.dtype] = None,
+                          bytes_per_program: int = 1024) -> torch.Tensor:
+    """One-pass Triton dequantization (CUDA, or any device under TRITON_INTERPRET=1)."""
+    if not triton_ok(packed):
+        raise RuntimeError("nf4_dequantize_triton needs a CUDA tensor (or TRITON_INTERPRET=1)")
+    n, bs = _check_state(packed, quant_state)
+    out_dtype = out_dtype or quant_state.dtype or torch.float32
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"out_dtype must be fp32/fp16/bf16, got {out_dtype}")
+    device = packed.device
+    b = _packed_bytes(packed)
+    n_bytes = (n + 1) // 2
+    out = torch.empty(quant_state.shape, dtype=out_dtype, device=device)
+    if n == 0:
+        return out
+    code = _state_code(quant_state).to(device).contiguous()
+    st2 = getattr(quant_state, "state2", None)
+    if st2 is not None:
+        absmax = quant_state.absmax.reshape(-1).to(device).contiguous()
+        code2 = st2.code.to(device=device, dtype=torch.float32).contiguous()
+        absmax2 = st2.absmax.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
+        offset = float(quant_state.offset) if quant_state.offset is not None else 0.0
+        bs2 = int(st2.blocksize)
+    else:
+        absmax = quant_state.absmax.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
+        code2, absmax2, offset, bs2 = code, absmax, 0.0, 1
+    BYTES = max(16, min(int(bytes_per_program), triton.next_power_of_2(n_bytes)))
+    grid = (triton.cdiv(n_bytes, BYTES),)
+    out_bf16 = out_dtype == torch.bfloat16
+    launch = dict(BLOCKSIZE=bs, BLOCKSIZE2=bs2, NESTED=st2 is not None, BYTES=BYTES, OUT_BF16=out_bf16,
+                  num_warps=4)
+    if device.type == "cuda":
+        launch["enable_fp_fusion"] = False  # keep code2*absmax2 + offset as two roundings, like bnb
+    dst = out.view(torch.int16) if out_bf16 else out
+    _dequant_4bit_kernel[grid](b, absmax, code, code2, absmax2, dst, offset, n_bytes, n, **launch)
+    return out
+
+
+def nf4_dequantize(packed: torch.Tensor, quant_state: Any, out_dtype: Optional[torch.dtype] = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """Dequantize bnb 4-bit bytes + QuantState to a dense ``[*quant_state.shape]`` tensor.
+
+    backend: "auto" (Triton on CUDA tensors, the PyTorch reference elsewhere), "triton" (CUDA, or CPU under
+    TRITON_INTERPRET=1) or "reference". All give the same bits.
+    """
+    if backend == "auto":
+        backend = "triton" if packed.is_cuda else "reference"
+    if backend == "triton":
+        return nf4_dequantize_triton(packed, quant_state, out_dtype)
+    if backend == "reference":
+        return nf4_dequantize_reference(packed, quant_state, out_dtype)
+    raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantize
+# ----------------------------------------------------------------------------------------------------------
+
+def _nearest_sorted(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index into ``code`` of the nearest entry by fp32 midpoints of the sorted code; on a midpoint: the lower."""
+    order = torch.sort(code, stable=True).indices
+    srt = code[order]
+    mids = (srt[:-1] + srt[1:]) / 2
+    pos = torch.bucketize(values, mids, right=False)
+    return order[pos]
+
+
+def _scale_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bnb's 4-bit block scaling of flat fp32 x: (scaled values in [-1, 1], stored fp32 absmax)."""
+    n = x.numel()
+    full = n - n % blocksize
+    xf = x[:full].view(-1, blocksize)
+    absmax = xf.abs().amax(dim=1)
+    scaled = (xf * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).reshape(-1)
+    if full < n:
+        a = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, a.reshape(1)])
+        scaled = torch.cat([scaled, x[full:] / a])
+    return scaled.clamp(-1.0, 1.0), absmax
+
+
+@functools.lru_cache(maxsize=8)
+def _bnb_cpu_table(device: torch.device) -> torch.Tensor:
+    """bnb's CPU lookup table: cell g (0..65535) -> index of the dynamic code nearest to g / 32767.5 - 1."""
+    code = dynamic_code()
+    cells = torch.arange(65536, dtype=torch.float32) / 32767.5 - 1.0
+    idx = torch.cat([(c.unsqueeze(1) - code.unsqueeze(0)).abs().argmin(dim=1) for c in cells.split(8192)])
+    return idx.to(torch.uint8).to(device)
+
+
+def _quantize_dynamic(c: torch.Tensor, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise (256) 8-bit dynamic quantization of flat fp32 c: (uint8 codes, fp32 absmax2)."""
+    n = c.numel()
+    nb = -(-n // _NESTED_BLOCKSIZE)
+    padded = torch.nn.functional.pad(c, (0, nb * _NESTED_BLOCKSIZE - n)).view(nb, _NESTED_BLOCKSIZE)
+    absmax2 = padded.abs().amax(dim=1)  # zero padding never raises a block's max |c|
+    y = (padded * (1.0 / absmax2).unsqueeze(1)).reshape(-1)[:n]  # absmax2 = 0 -> 0 * inf = NaN
+    if rounding == "bnb-cpu":
+        g = torch.floor((y + 1.0) * 32767.5 + 0.5)  # three separately rounded fp32 ops, as bnb's CPU kernel
+        g = torch.nan_to_num(g, nan=0.0).clamp(0, 65535).long()
+        q = _bnb_cpu_table(c.device)[g]
+    elif rounding == "nearest":
+        q = _nearest_sorted(torch.nan_to_num(y, nan=-1.0).clamp(-1.0, 1.0), dynamic_code(c.device)).to(torch.uint8)
+    else:
+        raise ValueError(f"nested_rounding must be 'auto', 'bnb-cpu' or 'nearest', got {rounding!r}")
+    return q, absmax2
+
+
+def _make_state(**fields):
+    try:
+        from bitsandbytes.functional import QuantState  # noqa: PLC0415
+    except Exception:  # bitsandbytes missing or broken: same field names, our dataclass
+        return NF4QuantState(**fields)
+    return QuantState(**fields)
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, compress_statistics: bool = True,
+                 quant_type: str = "nf4", quant_storage: torch.dtype = torch.uint8,
+                 nested_rounding: str = "auto"):
+    """Quantize ``weight`` to bnb's 4-bit format: ``(packed, quant_state)`` with the bytes bnb's
+    ``quantize_4bit`` writes (packed uint8 ``[ceil(n/2), 1]`` or viewed as ``quant_storage``; absmax; nested
+    codes, offset and state2 when ``compress_statistics``).
+
+    nested_rounding picks how the nested absmax codes are rounded: "bnb-cpu" (bnb's CPU table, bit-exact with
+    bitsandbytes on CPU), "nearest" (exactly nearest code) or "auto" ("bnb-cpu" on CPU tensors, "nearest"
+    elsewhere). The 4-bit codes, absmax, offset and absmax2 do not depend on it.
+    Returns a real ``bitsandbytes.functional.QuantState`` when bitsandbytes imports, else ``NF4QuantState``.
+    """
+    if quant_type not in _CODES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if blocksize not in _BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {_BLOCKSIZES}, got {blocksize}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"weight must be fp32/fp16/bf16, got {weight.dtype}")
+    if nested_rounding == "auto":
+        nested_rounding = "bnb-cpu" if weight.device.type == "cpu" else "nearest"
+    device = weight.device
+    x = weight.detach().reshape(-1).to(torch.float32)
+    n = x.numel()
+    if n == 0:
+        raise ValueError("cannot quantize an empty tensor")
+    scaled, absmax = _scale_blocks(x, blocksize)
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))  # the pad nibble is the code of 0.0
+    code = code_for(quant_type, device)
+    q = _nearest_sorted(scaled, code).to(torch.uint8)
+    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    if quant_storage != torch.uint8:
+        itemsize = torch.empty((), dtype=quant_storage).element_size()
+        if packed.numel() % itemsize:
+            raise ValueError(f"{packed.numel()} packed bytes cannot be viewed as {quant_storage} "
+                             f"({itemsize} bytes per element)")
+        packed = packed.reshape(-1).view(quant_storage).unsqueeze(1)
+    fields = dict(shape=weight.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=weight.dtype)
+    if compress_statistics:
+        offset = absmax.mean()
+        qabsmax, absmax2 = _quantize_dynamic(absmax - offset, nested_rounding)
+        state2 = _make_state(absmax=absmax2, code=dynamic_code(device), blocksize=_NESTED_BLOCKSIZE,
+                             dtype=torch.float32)
+        state = _make_state(absmax=qabsmax, offset=offset, state2=state2, **fields)
+    else:
+        state = _make_state(absmax=absmax, **fields)
+    return packed, state
