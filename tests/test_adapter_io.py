@@ -434,6 +434,7 @@ def test_patch_peft_model_in_place(case, tmp_path):
     assert rel_err(_logits(reloaded, ids), want) <= FP32_TOL
 
     fastpeft.unpatch(peft_model)
+    assert "save_pretrained" not in peft_model.__dict__  # PEFT's own method again
     assert {n: type(m) for n, m in peft_model.named_modules()} == peft_types
     assert not any(isinstance(m, kinds) for m in peft_model.modules())
     assert rel_err(_logits(peft_model, ids), want) <= FP32_TOL
