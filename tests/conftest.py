@@ -86,7 +86,7 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped, with the reason, where there is no CUDA device."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (bf16 tl.dot is wrong under the Triton interpreter)")
+    skip = pytest.mark.skip(reason="needs a CUDA device (GPU-only check: bf16 kernels, large shapes, bitsandbytes CUDA)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
