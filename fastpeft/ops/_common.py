@@ -11,6 +11,7 @@ The mask is never stored by the training path: each kernel that reads X or write
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -109,11 +110,23 @@ def as_2d(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
+@functools.lru_cache(maxsize=64)
+def keep_scale_rounded(p: float, dtype: torch.dtype) -> float:
+    """1/(1-p) rounded to dtype, as the reference's mask.to(x.dtype) (cached: no per-call tensor work)."""
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).to(dtype).item())
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
 def num_sms(device) -> int:
-    if isinstance(device, torch.device) and device.type == "cuda" or (isinstance(device, str) and device.startswith("cuda")):
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    return _num_sms_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -123,7 +123,9 @@ def _use_triton_gemm(M: int) -> bool:
         return mode == "triton"
     if interpreting():
         return M % 2 == 1  # exercise both paths under the interpreter
-    return M >= 1024  # measured: see benchmarks/NOTES.md
+    # H100 run 1 (benchmarks/NOTES.md): Triton GEMM with l in the epilogue 0.29 ms vs cuBLAS + scaling
+    # pass 0.23 ms at 4096x4096x4096: cuBLAS composition by default.
+    return False
 
 
 class _IA3LinearFn(torch.autograd.Function):
@@ -137,8 +139,12 @@ class _IA3LinearFn(torch.autograd.Function):
         b = None if bias is None else bias.to(dt)
         l = ia3_l.reshape(-1)
         tri = _use_triton_gemm(M)
+        ctx.triton_gemm = tri  # one decision per call, reused by backward
         if feedforward:
-            if tri:
+            # measured on H100: a prologue-scaled Triton GEMM ran 2x slower than x⊙l + cuBLAS
+            # (the scaled operand goes through registers and loses the async pipeline), so only
+            # FASTPEFT_IA3_GEMM=triton takes it
+            if tri and _os.environ.get("FASTPEFT_IA3_GEMM") == "triton":
                 y2 = gemm_epi(x2, w.t(), bias=b, pro_scale=l)
             else:
                 xl = x2 * l.to(dt)
@@ -165,7 +171,7 @@ class _IA3LinearFn(torch.autograd.Function):
         M = dy2.shape[0]
         w = weight if weight.dtype == dt else weight.to(dt)
         l = ia3_l.reshape(-1)
-        tri = _use_triton_gemm(M)
+        tri = ctx.triton_gemm
         dx = dw = db = dl = None
         if ctx.feedforward:
             x2 = as_2d(saved)

@@ -71,6 +71,7 @@ from ._common import (
     dropout_keep_torch,
     dropout_threshold,
     interpreting,
+    keep_scale_rounded,
     keep_tile,
     next_pow2_16,
     num_sms,
@@ -237,8 +238,7 @@ def _dropout_args(p: float, seed, dtype=torch.float32):
     if p > 0.0:
         if seed is None:
             raise ValueError("lora_linear: dropout_p > 0 needs a seed")
-        ks = float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).to(dtype).item())
-        return True, int(seed), dropout_threshold(p), ks
+        return True, int(seed), dropout_threshold(p), keep_scale_rounded(p, dtype)
     return False, 0, 0, 1.0
 
 
@@ -342,7 +342,10 @@ def _use_triton_gemm(M: int, N: int, K: int) -> bool:
         return False
     if interpreting():
         return M % 2 == 1  # exercise both paths under the interpreter
-    return M >= 1024  # measured: see benchmarks/NOTES.md
+    # H100 run 1 (benchmarks/NOTES.md): the Triton GEMM forward ran 0.28 ms vs 0.24 ms for cuBLAS +
+    # S pass + addmm_ at q_proj M=4096, so the cuBLAS composition is the default until the Triton GEMM
+    # (no TMA yet) reaches cuBLAS speed.
+    return False
 
 
 def _param_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -360,11 +363,12 @@ class _LoraLinearFn(torch.autograd.Function):
         w = _param_dtype(weight, dt)
         b = None if bias is None else _param_dtype(bias, dt)
         S = lora_s(x2, lora_A, dropout_p, seed)
-        if _use_triton_gemm(M, N, K):
+        ctx.triton_gemm = _use_triton_gemm(M, N, K)  # one decision per call, reused by backward
+        if ctx.triton_gemm:
             y2 = gemm_epi(x2, w.t(), bias=b, lora=(S, lora_B.t(), scaling))
         else:
             y2 = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
-            y2.addmm_(S, (lora_B.t() * scaling).to(dt))
+            y2.addmm_(S, _param_dtype(lora_B, dt).t(), alpha=scaling)
         ctx.save_for_backward(x, S, weight, lora_A, lora_B)
         ctx.scaling = float(scaling)
         ctx.dropout_p = float(dropout_p)
@@ -389,7 +393,7 @@ class _LoraLinearFn(torch.autograd.Function):
         dx = dw = db = None
         if need_x:
             w = _param_dtype(weight, dt)
-            if _use_triton_gemm(M, K, N):
+            if ctx.triton_gemm:
                 dx2 = gemm_epi(dy2, w, lora=(dS, lora_A, 1.0), dropout=(p, seed) if p > 0 else None)
             else:
                 dx2 = lora_dx_epilogue(torch.mm(dy2, w), dS, lora_A, p, seed)

@@ -170,9 +170,11 @@ LLAMA8B = [  # (K, N) of q, k/v, o, gate/up, down
 ]
 
 
+GPU_CASES = [(torch.bfloat16, kn) for kn in LLAMA8B] + [(torch.float16, (4096, 4096))]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("KN", LLAMA8B)
+@pytest.mark.parametrize("dtype,KN", GPU_CASES)
 @pytest.mark.parametrize("p", [0.0, 0.05])
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 def test_gpu_llama_shapes(monkeypatch, dtype, KN, p, gemm):
