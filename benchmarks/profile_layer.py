@@ -2,10 +2,15 @@
 
     PYTHONPATH=. python benchmarks/profile_layer.py      (CUDA only)
 """
-import torch
+import os
+import sys
+
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+
+import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
 
-import layers
+import layers  # noqa: E402
 
 
 def main():
