@@ -13,7 +13,11 @@ FP32_TOL = 1e-5
 
 def _peft_and_ours(base, peft_cfg, backend, monkeypatch):
     peft_model = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(peft_cfg))
-    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    # "triton-gemm": the kernels with the Triton GEMM (LoRA / IA3 term in its epilogue) instead of cuBLAS.
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton" if backend.startswith("triton") else backend)
+    gemm = "triton" if backend == "triton-gemm" else "auto"
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", gemm)
+    monkeypatch.setenv("FASTPEFT_IA3_GEMM", gemm)
     ours = fastpeft.patch(copy.deepcopy(base), copy.deepcopy(peft_cfg))
     # Copy PEFT's (random) adapter weights into ours: parameter names match after dropping the wrapper prefix.
     theirs = {n[len("base_model.model."):]: p for n, p in peft_model.named_parameters()}
@@ -44,7 +48,7 @@ def _compare(peft_model, ours, ids, train=True):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "triton-gemm"])
 def test_lora_all_linear_matches_peft(arch, backend, monkeypatch):
     base = tiny_model(arch)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
@@ -61,7 +65,7 @@ def test_lora_default_targets_rslora_bias_match_peft(arch, monkeypatch):
     _compare(peft_model, ours, random_ids(seed=5))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "triton-gemm"])
 def test_lora_patterns_layers_and_modules_to_save_match_peft(backend, monkeypatch):
     base = tiny_model("llama", seed=4)
     cfg = peft.LoraConfig(
@@ -79,7 +83,7 @@ def test_lora_patterns_layers_and_modules_to_save_match_peft(backend, monkeypatc
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "triton-gemm"])
 def test_ia3_matches_peft(arch, backend, monkeypatch):
     base = tiny_model(arch, seed=7)
     if arch == "phi3":

@@ -121,8 +121,6 @@ def _use_triton_gemm(M: int) -> bool:
     mode = _os.environ.get("FASTPEFT_IA3_GEMM", "auto")
     if mode in ("triton", "cublas"):
         return mode == "triton"
-    if interpreting():
-        return M % 2 == 1  # exercise both paths under the interpreter
     # H100 run 1 (benchmarks/NOTES.md): Triton GEMM with l in the epilogue 0.29 ms vs cuBLAS + scaling
     # pass 0.23 ms at 4096x4096x4096: cuBLAS composition by default.
     return False

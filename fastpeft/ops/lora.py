@@ -340,8 +340,6 @@ def _use_triton_gemm(M: int, N: int, K: int) -> bool:
         return True
     if mode == "cublas":
         return False
-    if interpreting():
-        return M % 2 == 1  # exercise both paths under the interpreter
     # H100 run 1 (benchmarks/NOTES.md): the Triton GEMM forward ran 0.28 ms vs 0.24 ms for cuBLAS +
     # S pass + addmm_ at q_proj M=4096, so the cuBLAS composition is the default until the Triton GEMM
     # (no TMA yet) reaches cuBLAS speed.
