@@ -126,35 +126,77 @@ def _use_triton_gemm(M: int) -> bool:
     return False
 
 
+def ia3_forward_2d(x2, weight, bias, ia3_l, feedforward: bool, triton_gemm: bool):
+    """Forward on a 2-D x [M, K]: returns (Y [M, N], saved) where saved is what backward needs besides the
+    parameters: x2 itself for feedforward scaling, Yb = x·Wᵀ + b for output scaling. No autograd here."""
+    dt = x2.dtype
+    w = weight if weight.dtype == dt else weight.to(dt)
+    b = None if bias is None else bias.to(dt)
+    l = ia3_l.reshape(-1)
+    if feedforward:
+        # measured on H100: a prologue-scaled Triton GEMM ran 2x slower than x⊙l + cuBLAS
+        # (the scaled operand goes through registers and loses the async pipeline), so only
+        # FASTPEFT_IA3_GEMM=triton takes it
+        if triton_gemm and _os.environ.get("FASTPEFT_IA3_GEMM") == "triton":
+            y2 = gemm_epi(x2, w.t(), bias=b, pro_scale=l)
+        else:
+            xl = x2 * l.to(dt)
+            y2 = torch.addmm(b, xl, w.t()) if b is not None else torch.mm(xl, w.t())
+        return y2, x2
+    if triton_gemm:
+        y2, yb = gemm_epi(x2, w.t(), bias=b, col_scale=l, store_base=True)
+    else:
+        yb = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
+        y2 = yb * l.to(dt)
+    return y2, yb
+
+
+def ia3_backward_2d(dy2, saved, weight, ia3_l, feedforward: bool, triton_gemm: bool,
+                    need_x: bool = True, need_w: bool = False, need_b: bool = False):
+    """Backward on 2-D tensors: returns (dX | None, dW | None, db (fp32) | None, dl (fp32 [len(l)]))."""
+    dt = dy2.dtype
+    w = weight if weight.dtype == dt else weight.to(dt)
+    l = ia3_l.reshape(-1)
+    dx = dw = db = None
+    if feedforward:
+        x2 = saved
+        if triton_gemm:
+            dl = torch.zeros(l.shape[0], device=dy2.device, dtype=torch.float32)
+            dx = gemm_epi(dy2, w, col_scale=l, epi_reduce=(x2, dl))
+        else:
+            dx = torch.mm(dy2, w)
+            dl, _ = ia3_colreduce(dx, x2, l, out=dx)  # dl from G, then G ← G⊙l in place
+        if need_w:
+            dw = torch.mm(dy2.t(), x2 * l.to(dt))
+        if need_b:
+            db = dy2.sum(0, dtype=torch.float32)
+        return (dx if need_x else None), dw, db, dl
+    yb = saved
+    if need_w:
+        raise NotImplementedError("ia3_linear: gradient for an output-scaled trainable base weight")
+    if triton_gemm:
+        dl, tot = ia3_colreduce(dy2, yb, l, need_sum=need_b)
+        if need_x:
+            dx = gemm_epi(dy2, w, pro_scale=l)
+    else:
+        dyl = torch.empty_like(dy2) if need_x else None
+        dl, tot = ia3_colreduce(dy2, yb, l, out=dyl, need_sum=need_b)
+        if need_x:
+            dx = torch.mm(dyl, w)
+    if need_b:
+        db = tot * l.float()
+    return dx, dw, db, dl
+
+
 class _IA3LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, ia3_l, feedforward):
-        dt = x.dtype
         N = weight.shape[0]
         x2 = as_2d(x)
-        M = x2.shape[0]
-        w = weight if weight.dtype == dt else weight.to(dt)
-        b = None if bias is None else bias.to(dt)
-        l = ia3_l.reshape(-1)
-        tri = _use_triton_gemm(M)
-        ctx.triton_gemm = tri  # one decision per call, reused by backward
-        if feedforward:
-            # measured on H100: a prologue-scaled Triton GEMM ran 2x slower than x⊙l + cuBLAS
-            # (the scaled operand goes through registers and loses the async pipeline), so only
-            # FASTPEFT_IA3_GEMM=triton takes it
-            if tri and _os.environ.get("FASTPEFT_IA3_GEMM") == "triton":
-                y2 = gemm_epi(x2, w.t(), bias=b, pro_scale=l)
-            else:
-                xl = x2 * l.to(dt)
-                y2 = torch.addmm(b, xl, w.t()) if b is not None else torch.mm(xl, w.t())
-            ctx.save_for_backward(x, weight, ia3_l)
-        else:
-            if tri:
-                y2, yb = gemm_epi(x2, w.t(), bias=b, col_scale=l, store_base=True)
-            else:
-                yb = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
-                y2 = yb * l.to(dt)
-            ctx.save_for_backward(yb, weight, ia3_l)
+        ctx.triton_gemm = _use_triton_gemm(x2.shape[0])  # one decision per call, reused by backward
+        y2, saved = ia3_forward_2d(x2, weight, bias, ia3_l, feedforward, ctx.triton_gemm)
+        # feedforward: save the caller's x object (shared with sibling layers), not the 2-D view
+        ctx.save_for_backward(x if feedforward else saved, weight, ia3_l)
         ctx.feedforward = feedforward
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -165,41 +207,17 @@ class _IA3LinearFn(torch.autograd.Function):
         saved, weight, ia3_l = ctx.saved_tensors
         need_x, need_w, need_b, need_l = ctx.needs_input_grad[:4]
         dy2 = as_2d(dy)
-        dt = dy2.dtype
-        M = dy2.shape[0]
-        w = weight if weight.dtype == dt else weight.to(dt)
-        l = ia3_l.reshape(-1)
-        tri = ctx.triton_gemm
-        dx = dw = db = dl = None
         if ctx.feedforward:
-            x2 = as_2d(saved)
-            if tri:
-                dl = torch.zeros(l.shape[0], device=dy2.device, dtype=torch.float32)
-                dx2 = gemm_epi(dy2, w, col_scale=l, epi_reduce=(x2, dl))
-            else:
-                dx2 = torch.mm(dy2, w)
-                dl, _ = ia3_colreduce(dx2, x2, l, out=dx2)  # dl from G, then G ← G⊙l in place
-            dx = dx2.view(ctx.x_shape) if need_x else None
-            if need_w:
-                dw = torch.mm(dy2.t(), x2 * l.to(dt)).to(weight.dtype)
-            if need_b:
-                db = dy2.sum(0).to(ctx.bias_dtype)
-        else:
-            yb = saved
-            if tri:
-                dl, tot = ia3_colreduce(dy2, yb, l, need_sum=need_b)
-                if need_x:
-                    dx = gemm_epi(dy2, w, pro_scale=l).view(ctx.x_shape)
-            else:
-                dyl = torch.empty_like(dy2) if (need_x or need_w) else None
-                dl, tot = ia3_colreduce(dy2, yb, l, out=dyl, need_sum=need_b)
-                if need_x:
-                    dx = torch.mm(dyl, w).view(ctx.x_shape)
-            if need_w:
-                raise NotImplementedError("ia3_linear: gradient for an output-scaled trainable base weight")
-            if need_b:
-                db = (tot * l.float()).to(ctx.bias_dtype)
-        return dx, dw, db, (dl.reshape(ia3_l.shape).to(ia3_l.dtype) if need_l else None), None
+            saved = as_2d(saved)
+        dx, dw, db, dl = ia3_backward_2d(dy2, saved, weight, ia3_l, ctx.feedforward, ctx.triton_gemm,
+                                         need_x, need_w, need_b)
+        return (
+            None if dx is None else dx.view(ctx.x_shape),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(ctx.bias_dtype),
+            dl.reshape(ia3_l.shape).to(ia3_l.dtype) if need_l else None,
+            None,
+        )
 
 
 def ia3_linear(x, weight, bias, ia3_l, feedforward: bool) -> torch.Tensor:

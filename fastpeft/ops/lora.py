@@ -350,60 +350,74 @@ def _param_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def lora_forward_2d(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed, triton_gemm: bool):
+    """Forward on a 2-D x [M, K]: returns (Y [M, N] in x.dtype, S [M, r] in x.dtype).
+
+    The building block of the autograd Function (and of any custom-op registration): no autograd here.
+    """
+    dt = x2.dtype
+    w = _param_dtype(weight, dt)
+    b = None if bias is None else _param_dtype(bias, dt)
+    S = lora_s(x2, lora_A, dropout_p, seed)
+    if triton_gemm:
+        y2 = gemm_epi(x2, w.t(), bias=b, lora=(S, lora_B.t(), scaling))
+    else:
+        y2 = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
+        y2.addmm_(S, _param_dtype(lora_B, dt).t(), alpha=scaling)
+    return y2, S
+
+
+def lora_backward_2d(dy2, x2, S, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed,
+                     triton_gemm: bool, need_x: bool = True, need_w: bool = False, need_b: bool = False,
+                     need_A: bool = True, need_B: bool = True):
+    """Backward on 2-D tensors: returns (dX [M, K] | None, dW | None, db (fp32 [N]) | None,
+    dA (fp32 [r, K]) | None, dB (fp32 [N, r]) | None). dy2 must already be in x2.dtype."""
+    dt = x2.dtype
+    dS, dB = lora_ds_db(dy2, lora_B, S, scaling)
+    dA = lora_da(x2, dS, dropout_p, seed) if need_A else None
+    dx2 = dw = db = None
+    if need_x:
+        w = _param_dtype(weight, dt)
+        if triton_gemm:
+            dx2 = gemm_epi(dy2, w, lora=(dS, lora_A, 1.0), dropout=(dropout_p, seed) if dropout_p > 0 else None)
+        else:
+            dx2 = lora_dx_epilogue(torch.mm(dy2, w), dS, lora_A, dropout_p, seed)
+    if need_w:
+        dw = torch.mm(dy2.t(), x2)
+    if need_b:
+        db = dy2.sum(0, dtype=torch.float32)
+    return dx2, dw, db, dA, (dB if need_B else None)
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        K = x.shape[-1]
         N = weight.shape[0]
-        dt = x.dtype
         x2 = as_2d(x)
-        M = x2.shape[0]
-        w = _param_dtype(weight, dt)
-        b = None if bias is None else _param_dtype(bias, dt)
-        S = lora_s(x2, lora_A, dropout_p, seed)
-        ctx.triton_gemm = _use_triton_gemm(M, N, K)  # one decision per call, reused by backward
-        if ctx.triton_gemm:
-            y2 = gemm_epi(x2, w.t(), bias=b, lora=(S, lora_B.t(), scaling))
-        else:
-            y2 = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
-            y2.addmm_(S, _param_dtype(lora_B, dt).t(), alpha=scaling)
+        ctx.triton_gemm = _use_triton_gemm(x2.shape[0], N, x.shape[-1])  # one decision per call, reused by backward
+        y2, S = lora_forward_2d(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, ctx.triton_gemm)
         ctx.save_for_backward(x, S, weight, lora_A, lora_B)
         ctx.scaling = float(scaling)
         ctx.dropout_p = float(dropout_p)
         ctx.seed = seed
-        ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y2.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
         x, S, weight, lora_A, lora_B = ctx.saved_tensors
-        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
-        K = x.shape[-1]
-        N = weight.shape[0]
-        dt = x.dtype
-        dy2 = as_2d(dy).to(dt)
-        x2 = as_2d(x)
-        M = x2.shape[0]
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        dS, dB = lora_ds_db(dy2, lora_B, S, s)
-        dA = lora_da(x2, dS, p, seed) if need_A else None
-        dx = dw = db = None
-        if need_x:
-            w = _param_dtype(weight, dt)
-            if ctx.triton_gemm:
-                dx2 = gemm_epi(dy2, w, lora=(dS, lora_A, 1.0), dropout=(p, seed) if p > 0 else None)
-            else:
-                dx2 = lora_dx_epilogue(torch.mm(dy2, w), dS, lora_A, p, seed)
-            dx = dx2.view(x.shape)
-        if need_w:
-            dw = torch.mm(dy2.t(), x2).to(weight.dtype)
-        if need_b:
-            db = dy2.sum(0).to(ctx.bias_dtype)
+        dy2 = as_2d(dy).to(x.dtype)
+        dx2, dw, db, dA, dB = lora_backward_2d(
+            dy2, as_2d(x), S, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.triton_gemm,
+            need_x, need_w, need_b, need_A, need_B,
+        )
         return (
-            dx, dw, db,
+            None if dx2 is None else dx2.view(x.shape),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(ctx.bias_dtype),
             None if dA is None else dA.to(lora_A.dtype),
-            dB.to(lora_B.dtype) if need_B else None,
+            None if dB is None else dB.to(lora_B.dtype),
             None, None, None,
         )
 
