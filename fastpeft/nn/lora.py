@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..ops import lora as lora_ops
 from . import base as B
+from ._rng import dropout_seed
 
 
 class LoraLinear(nn.Module):
@@ -110,7 +111,7 @@ class LoraLinear(nn.Module):
         if B.wants_triton(self.backend, x):
             fused = getattr(lora_ops, "lora_linear", None)
             if fused is not None and not B.is_linear4bit(self.base_layer):
-                seed = int(torch.randint(0, 2**31 - 1, ()).item()) if p > 0 else None
+                seed = dropout_seed() if p > 0 else None  # torch CPU RNG + rank: see nn/_rng.py
                 weight = B.dense_weight(self.base_layer)
                 return fused(x, weight, B.base_bias(self.base_layer), lora_A, lora_B, scaling, p, seed)
             B.warn_once(
