@@ -1,51 +1,133 @@
-"""Device time vs wall time of one layer fwd+bwd (torch.profiler): separates kernel cost from host overhead.
+"""Where one layer's fwd+bwd time goes: kernels (GPU time) vs the host (Python, launches, autograd).
 
-    PYTHONPATH=. python benchmarks/profile_layer.py      (CUDA only)
+    PYTHONPATH=. python benchmarks/profile_layer.py [--M 4096 16] [--proj q/o k/v] [--methods ...] [--out f.json]
+
+Per (projection, M, method), four numbers, all in ms per fwd+bwd:
+  graph   : replay of a CUDA graph of the step -- the GPU work alone, launch gaps removed
+  b2b     : back-to-back steps timed with events, no sync in between -- what a training loop sees when the
+            host is the bottleneck (b2b >> graph means host-bound)
+  host    : host time to enqueue one step (perf_counter around step(), GPU kept busy so nothing waits)
+  kernels : sum of kernel times from torch.profiler, with the top kernels listed
+CUDA only.
 """
+import argparse
+import json
 import os
 import sys
+import time
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import layers  # noqa: E402
 
 
+def graph_ms(step, n=20):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(n):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / n
+
+
+def b2b_ms(step, n=30):
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(n):
+        step()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / n
+
+
+def host_ms(step, n=30):
+    big = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ts = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        for _ in range(4):  # ~5 ms of queued GPU work, so the host never waits on the device
+            big @ big
+        t0 = time.perf_counter()
+        step()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def kernels(step, n=10):
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.key_averages():
+        if e.device_time_total > 0 and e.device_type.name == "CUDA":
+            rows[e.key[:70]] = rows.get(e.key[:70], 0.0) + e.device_time_total / n / 1e3
+    return sum(rows.values()), sorted(rows.items(), key=lambda kv: -kv[1])[:8]
+
+
 def main():
-    dev = "cuda"
-    for proj in ("q/o", "k/v"):
-        K, N = layers.LLAMA8B[proj]
-        for method in ("dense", "peft_lora", "fastpeft_lora", "fastpeft_lora_p05", "fastpeft_ia3"):
-            torch.manual_seed(0)
-            fn, _ = layers.build(method, K, N, torch.bfloat16, dev, False)
-            x = torch.randn(4096, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
-            g = torch.randn(4096, N, device=dev, dtype=torch.bfloat16)
-            step = layers.make_step(fn, x, g, True)
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-            n = 20
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(n):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--M", type=int, nargs="*", default=[4096, 16])
+    ap.add_argument("--proj", nargs="*", default=list(layers.LLAMA8B))
+    ap.add_argument("--methods", nargs="*",
+                    default=["dense", "peft_lora", "fastpeft_lora", "fastpeft_lora_p05", "peft_ia3", "fastpeft_ia3"])
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    # a fixed dropout seed: the per-call CPU draw + .item() in layers._seed would forbid graph capture
+    layers._seed = lambda: 1234
+    out = []
+    for M in a.M:
+        for proj in a.proj:
+            K, N = layers.LLAMA8B[proj]
+            ff = proj == "down"
+            for method in a.methods:
+                torch.manual_seed(0)
+                fn, _ = layers.build(method, K, N, torch.bfloat16, "cuda", ff)
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+                step = layers.make_step(fn, x, g, True)
+                for _ in range(5):
                     step()
-                torch.cuda.synchronize()
-            rows = {}
-            for e in prof.key_averages():
-                if e.device_time_total > 0:
-                    rows[e.key[:60]] = e.device_time_total / n / 1e3
-            tot = sum(rows.values())
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(n):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            wall = start.elapsed_time(end) / n
-            print(f"{proj:4s} {method:18s} device {tot:.4f} ms  back-to-back {wall:.4f} ms")
-            for k, v in sorted(rows.items(), key=lambda kv: -kv[1])[:8]:
-                print(f"      {v:.4f} ms  {k}")
+                row = {"M": M, "proj": proj, "method": method}
+                try:
+                    row["graph_ms"] = graph_ms(step)
+                except Exception as e:  # capture can fail for code that syncs; say so
+                    row["graph_ms"] = None
+                    row["graph_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                row["b2b_ms"] = b2b_ms(step)
+                row["host_ms"] = host_ms(step)
+                row["kernel_ms"], top = kernels(step)
+                row["top"] = top
+                out.append(row)
+                gm = f"{row['graph_ms']:.4f}" if row["graph_ms"] is not None else "  fail"
+                print(f"M={M:5d} {proj:7s} {method:20s} graph {gm}  b2b {row['b2b_ms']:.4f}  host {row['host_ms']:.4f}"
+                      f"  kernels {row['kernel_ms']:.4f}", flush=True)
+                for k, v in top:
+                    print(f"        {v:.4f}  {k}")
+                del fn, step
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": __import__("triton").__version__, "rows": out}, f, indent=1)
 
 
 if __name__ == "__main__":

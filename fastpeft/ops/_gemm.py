@@ -19,13 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ceil_div, dot_ieee, dropout_threshold, interpreting, keep_scale_rounded, keep_tile, next_pow2_16
+from ._common import ceil_div, dot_ieee, dropout_threshold, interpreting, keep_scale_rounded, keep_tile, mask_fast, next_pow2_16
 
 
 @triton.jit
 def _gemm_epi_kernel(
     P, Q, C, BIAS, L, RM, PS, CS, E, RED, CB,
-    M, N, K, R, lora_scale, seed, thr, keep_scale,
+    M, N, K, R, lora_scale, seed, thr, keep_scale, M_BUCKET,
     spm, spk, sqk, sqn, scm, scn, slm, slr, srr, srn, sem, sen,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, LORA_DROPOUT: tl.constexpr, FAST4: tl.constexpr,
     PRO_SCALE: tl.constexpr, COL_SCALE: tl.constexpr, EPI_REDUCE: tl.constexpr, STORE_BASE: tl.constexpr,
@@ -109,10 +109,15 @@ def _configs():
 
 _gemm_tuned = triton.autotune(
     configs=_configs(),
-    key=["M", "N", "K", "HAS_LORA", "LORA_DROPOUT", "PRO_SCALE", "COL_SCALE", "EPI_REDUCE", "STORE_BASE"],
+    key=["M_BUCKET", "N", "K", "HAS_LORA", "LORA_DROPOUT", "PRO_SCALE", "COL_SCALE", "EPI_REDUCE", "STORE_BASE"],
     reset_to_zero=["RED"],
     restore_value=[],
 )(_gemm_epi_kernel)
+
+
+def _m_bucket(M: int) -> int:
+    """Autotune key for M: the next power of two, so a new sequence length does not re-run the autotuner."""
+    return triton.next_power_of_2(max(16, int(M)))
 
 
 def gemm_epi(
@@ -149,12 +154,12 @@ def gemm_epi(
         p, q, c, bias if bias is not None else dummy, L, Rm,
         pro_scale if pro_scale is not None else dummy, col_scale if col_scale is not None else dummy,
         E, RED, cb,
-        M, N, K, R, float(lscale), int(seed), int(thr), float(kscale),
+        M, N, K, R, float(lscale), int(seed), int(thr), float(kscale), _m_bucket(M),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), c.stride(0), c.stride(1),
         L.stride(0), L.stride(1), Rm.stride(0), Rm.stride(1), E.stride(0), E.stride(1),
     )
     flags = dict(
-        HAS_BIAS=bias is not None, HAS_LORA=lora is not None, LORA_DROPOUT=has_do, FAST4=(N % 4 == 0),
+        HAS_BIAS=bias is not None, HAS_LORA=lora is not None, LORA_DROPOUT=has_do, FAST4=mask_fast(N),
         PRO_SCALE=pro_scale is not None, COL_SCALE=col_scale is not None, EPI_REDUCE=epi_reduce is not None,
         STORE_BASE=store_base, IEEE=dot_ieee(dt), BR=next_pow2_16(R),
     )

@@ -50,14 +50,19 @@ def lora_linear_reference(
 
 
 # --------------------------------------------------------------------------------------------------
-# Fused kernels (Triton). Shapes as in the module docstring; M = prod(x.shape[:-1]).
-#   forward : S = (D⊙X)·Aᵀ                       _lora_s_kernel (one pass over X, mask on the fly)
-#             Y = X·Wᵀ + b + s·S·Bᵀ              Triton GEMM with the LoRA K-steps in its epilogue,
-#                                                 or cuBLAS addmm + addmm_ (see _use_triton_gemm)
-#   backward: dS = s·dY·B, dB = s·dYᵀ·S           _lora_ds_db_kernel (one pass over dY)
-#             dA = dSᵀ·(D⊙X)                      _lora_da_kernel (one pass over X, mask regenerated)
-#             dX = dY·W + D⊙(dS·A)                Triton GEMM epilogue, or cuBLAS + _lora_dx_epi_kernel
-# Saved for backward: x (the caller's tensor object), S [M, r], the seed; parameters by reference.
+# Fused kernels (Triton). Shapes as in the module docstring; M = prod(x.shape[:-1]); s = scaling.
+#   forward : P = (D⊙X)·Aᵀ split over K            _lora_s_kernel (one pass over X, mask on the fly; fp32 partials)
+#             S' = s·ΣP ; Z = S'·Bᵀ + b             _lora_expand_kernel (ordered sum: deterministic; writes Z only)
+#             Y = Z + X·Wᵀ                          cuBLAS addmm_ with beta=1: Z is read in the GEMM epilogue,
+#                                                   overlapped with the math (no separate pass over Y)
+#   backward: dS = s·dY·B, dB = dYᵀ·S'              _lora_ds_db_kernel (one pass over dY)
+#             dA = dSᵀ·(D⊙X), Z2 = D⊙(dS·A)         _lora_da_dx_kernel (one pass over X, mask regenerated once
+#                                                   for both; writes Z2)
+#             dX = Z2 + dY·W                        cuBLAS addmm_ with beta=1
+#   FASTPEFT_LORA_GEMM=triton instead runs one Triton GEMM with the LoRA term in its epilogue (no Z / Z2).
+# Saved for backward: x (the caller's tensor object), S' [M, r] fp32, the seed; parameters by reference.
+# Under torch.use_deterministic_algorithms(True) the backward composes cuBLAS calls instead of the fp32-atomic
+# kernels (same math, bitwise reproducible, slower, and it materialises the dropout mask once).
 # --------------------------------------------------------------------------------------------------
 import os as _os
 
@@ -73,6 +78,7 @@ from ._common import (
     interpreting,
     keep_scale_rounded,
     keep_tile,
+    mask_fast,
     next_pow2_16,
     num_sms,
     triton_ok,
@@ -82,22 +88,27 @@ from ._gemm import gemm_epi
 
 @triton.jit
 def _lora_s_kernel(
-    X, A, S, seed, thr, keep_scale, M, K, R,
-    sxm, sxk, sar, sak, ssm, ssr,
+    X, A, P, seed, thr, keep_scale, M, K, R, k_per_split,
+    sxm, sxk, sar, sak, sps, spm, spr,
     DROPOUT: tl.constexpr, FAST4: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
-    # Bound: bytes. Reads X once (M·K·elem) and A (r·K·4, L2-resident); writes S (M·r·elem).
-    # FLOPs 2·M·K·r are ~r/elem FLOP/byte = 8 FLOP/B at r=16: far under the tensor-core ridge.
+    # Bound: bytes. Reads X once (M·K·elem); A (r·K·4) is re-read from L2 by each of the M/BM row blocks;
+    # writes fp32 partials (#K-splits·M·r·4, a few % of X). FLOPs 2·M·K·r: ~8 FLOP/B, far under the ridge.
+    # Split over K as well as M so that small M still fills the GPU.
     DT = X.dtype.element_ty
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rmask = rows < M
     rr = tl.arange(0, BR)
     rrmask = rr < R
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kmask = (k0 + rk) < K
+    k_begin = pid_s * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k0 in range(k_begin, k_end, BK):
+        kmask = (k0 + rk) < k_end
         x = tl.load(X + rows[:, None] * sxm + (k0 + rk)[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
         if DROPOUT:
             keep = keep_tile(seed, rows, k0, K, thr, BM, BK, FAST4)
@@ -107,7 +118,47 @@ def _lora_s_kernel(
             acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(a), acc)
-    tl.store(S + rows[:, None] * ssm + rr[None, :] * ssr, acc.to(DT), mask=rmask[:, None] & rrmask[None, :])
+    tl.store(P + pid_s * sps + rows[:, None] * spm + rr[None, :] * spr, acc, mask=rmask[:, None] & rrmask[None, :])
+
+
+@triton.jit
+def _lora_expand_kernel(
+    P, B, BIAS, Z, S, scaling, M, N, R, SPLITS, n_per_split,
+    sps, spm, spr, sbn, sbr, szm, szn, ssm, ssr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    # Bound: bytes. Writes Z = S'·Bᵀ + b once (M·N·elem); reads the S partials (#splits·M·r·4) once per
+    # N-split and B (N·r·4, L2-resident). FLOPs 2·M·N·r: ~r FLOP/B, under the ridge.
+    DT = Z.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < M
+    rr = tl.arange(0, BR)
+    rrmask = rr < R
+    smask = rmask[:, None] & rrmask[None, :]
+    s_acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for i in range(0, SPLITS):  # fixed order: the forward is deterministic
+        s_acc += tl.load(P + i * sps + rows[:, None] * spm + rr[None, :] * spr, mask=smask, other=0.0)
+    s_acc = s_acc * scaling
+    if pid_n == 0:
+        tl.store(S + rows[:, None] * ssm + rr[None, :] * ssr, s_acc, mask=smask)
+    s_t = s_acc.to(DT)
+    rn = tl.arange(0, BN)
+    n_begin = pid_n * n_per_split
+    n_end = tl.minimum(n_begin + n_per_split, N)
+    for n0 in range(n_begin, n_end, BN):
+        cols = (n0 + rn).to(tl.int64)
+        nmask = cols < n_end
+        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0).to(DT)
+        if IEEE:
+            z = tl.dot(s_t, b, input_precision="ieee")
+        else:
+            z = tl.dot(s_t, b)
+        if HAS_BIAS:
+            z += tl.load(BIAS + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Z + rows[:, None] * szm + cols[None, :] * szn, z.to(DT), mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -117,8 +168,9 @@ def _lora_ds_db_kernel(
     DS_ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
-    # Bound: bytes. Reads dY once (M·N·elem); S, B tiny. fp32 atomics: (M/BM)·N·r for dB and
+    # Bound: bytes. Reads dY once (M·N·elem); S', B tiny. fp32 atomics: (M/BM)·N·r for dB and
     # (#N-splits)·M·r for dS -- a few % of the dY bytes at BM=128. FLOPs 4·M·N·r: memory-bound.
+    # dS = s·dY·B ; dB = dYᵀ·S' (S' already carries s).
     DT = DY.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -142,7 +194,7 @@ def _lora_ds_db_kernel(
         else:
             ds = tl.dot(dy, b, ds)
             db = tl.dot(tl.trans(dy), s_t)
-        tl.atomic_add(DB + cols[:, None] * sdbn + rr[None, :] * sdbr, db * scaling, mask=nmask[:, None] & rrmask[None, :])
+        tl.atomic_add(DB + cols[:, None] * sdbn + rr[None, :] * sdbr, db, mask=nmask[:, None] & rrmask[None, :])
     ds_ptr = DS + rows[:, None] * sdsm + rr[None, :] * sdsr
     if DS_ATOMIC:
         tl.atomic_add(ds_ptr, ds * scaling, mask=rmask[:, None] & rrmask[None, :])
@@ -151,14 +203,16 @@ def _lora_ds_db_kernel(
 
 
 @triton.jit
-def _lora_da_kernel(
-    X, DS, DA, seed, thr, keep_scale, M, K, R, m_per_split,
-    sxm, sxk, sdsm, sdsr, sdar, sdak,
-    DROPOUT: tl.constexpr, FAST4: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+def _lora_da_dx_kernel(
+    X, DS, A, DA, Z2, seed, thr, keep_scale, M, K, R, m_per_split,
+    sxm, sxk, sdsm, sdsr, sar, sak, sdar, sdak, szm, szk,
+    DROPOUT: tl.constexpr, FAST4: tl.constexpr, NEED_DA: tl.constexpr, NEED_DX: tl.constexpr,
+    ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
-    # Bound: bytes. Reads X once (M·K·elem) with the dropout mask regenerated; dS (M·r·4) per K-column
-    # block (L2-resident); writes dA (r·K fp32; (#M-splits)·r·K atomics). FLOPs 2·M·K·r.
+    # Bound: bytes. Reads X once (M·K·elem, for dA) and writes Z2 = D⊙(dS·A) once (M·K·elem, for dX; cuBLAS
+    # then adds dY·W into it with beta=1, reading it in its epilogue); the mask is regenerated once for both.
+    # dS (M·r·4) and A (r·K·4) come from L2; dA: (#M-splits)·r·K fp32 atomics. FLOPs 4·M·K·r.
     DT = X.dtype.element_ty
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -167,72 +221,43 @@ def _lora_da_kernel(
     rr = tl.arange(0, BR)
     rrmask = rr < R
     rm = tl.arange(0, BM)
+    if NEED_DX:
+        a = tl.load(A + rr[:, None] * sar + cols[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(DT)
     acc = tl.zeros((BR, BK), dtype=tl.float32)
     m_begin = pid_s * m_per_split
     m_end = tl.minimum(m_begin + m_per_split, M)
     for m0 in range(m_begin, m_end, BM):
         rows = (m0 + rm).to(tl.int64)
         rmask = rows < m_end
-        x = tl.load(X + rows[:, None] * sxm + cols[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        m2 = rmask[:, None] & kmask[None, :]
+        ds = tl.load(DS + rows[:, None] * sdsm + rr[None, :] * sdsr, mask=rmask[:, None] & rrmask[None, :], other=0.0).to(DT)
         if DROPOUT:
             keep = keep_tile(seed, rows, pid_k * BK, K, thr, BM, BK, FAST4)
-            x = tl.where(keep, x * keep_scale, 0.0).to(DT)  # keep_scale already rounded to x.dtype
-        ds = tl.load(DS + rows[:, None] * sdsm + rr[None, :] * sdsr, mask=rmask[:, None] & rrmask[None, :], other=0.0).to(DT)
-        if IEEE:
-            acc = tl.dot(tl.trans(ds), x, acc, input_precision="ieee")
+        if NEED_DA:
+            x = tl.load(X + rows[:, None] * sxm + cols[None, :] * sxk, mask=m2, other=0.0)
+            if DROPOUT:
+                x = tl.where(keep, x * keep_scale, 0.0).to(DT)  # keep_scale already rounded to x.dtype
+            if IEEE:
+                acc = tl.dot(tl.trans(ds), x, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(ds), x, acc)
+        if NEED_DX:
+            if IEEE:
+                t = tl.dot(ds, a, input_precision="ieee")
+            else:
+                t = tl.dot(ds, a)
+            if DROPOUT:
+                t = tl.where(keep, t * keep_scale, 0.0)
+            tl.store(Z2 + rows[:, None] * szm + cols[None, :] * szk, t.to(DT), mask=m2)
+    if NEED_DA:
+        da_ptr = DA + rr[:, None] * sdar + cols[None, :] * sdak
+        if ATOMIC:
+            tl.atomic_add(da_ptr, acc, mask=rrmask[:, None] & kmask[None, :])
         else:
-            acc = tl.dot(tl.trans(ds), x, acc)
-    da_ptr = DA + rr[:, None] * sdar + cols[None, :] * sdak
-    if ATOMIC:
-        tl.atomic_add(da_ptr, acc, mask=rrmask[:, None] & kmask[None, :])
-    else:
-        tl.store(da_ptr, acc, mask=rrmask[:, None] & kmask[None, :])
-
-
-@triton.jit
-def _lora_dx_epi_kernel(
-    DX, DS, A, seed, thr, keep_scale, M, K, R,
-    sxm, sxk, sdsm, sdsr, sar, sak,
-    DROPOUT: tl.constexpr, FAST4: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-):
-    # Bound: bytes. Reads and writes dX once (2·M·K·elem): the price of not fusing D⊙(dS·A) into the
-    # cuBLAS dX GEMM (the Triton-GEMM path fuses it and skips this kernel).
-    DT = DX.dtype.element_ty
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)
-    rmask = rows < M
-    kmask = cols < K
-    rr = tl.arange(0, BR)
-    rrmask = rr < R
-    ds = tl.load(DS + rows[:, None] * sdsm + rr[None, :] * sdsr, mask=rmask[:, None] & rrmask[None, :], other=0.0).to(DT)
-    a = tl.load(A + rr[:, None] * sar + cols[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(DT)
-    if IEEE:
-        t = tl.dot(ds, a, input_precision="ieee")
-    else:
-        t = tl.dot(ds, a)
-    if DROPOUT:
-        keep = keep_tile(seed, rows, tl.program_id(1) * BK, K, thr, BM, BK, FAST4)
-        t = tl.where(keep, t * keep_scale, 0.0)
-    ptr = DX + rows[:, None] * sxm + cols[None, :] * sxk
-    m2 = rmask[:, None] & kmask[None, :]
-    dx = tl.load(ptr, mask=m2, other=0.0).to(tl.float32)
-    tl.store(ptr, (dx + t).to(DT), mask=m2)
+            tl.store(da_ptr, acc, mask=rrmask[:, None] & kmask[None, :])
 
 
 # ---------------------------------------------------------------- launchers
-def _small_blocks(R: int, dtype: torch.dtype):
-    BR = next_pow2_16(R)
-    if interpreting():
-        return 16, 32, BR
-    # keep register tiles bounded for large ranks
-    if BR <= 32:
-        return 64, 128, BR
-    if BR <= 64:
-        return 64, 64, BR
-    return 32, 32, BR
-
-
 def _dropout_args(p: float, seed, dtype=torch.float32):
     """(on, seed, integer threshold, keep scale 1/(1-p) rounded to dtype as the reference's mask.to(x.dtype))."""
     if p > 0.0:
@@ -242,25 +267,70 @@ def _dropout_args(p: float, seed, dtype=torch.float32):
     return False, 0, 0, 1.0
 
 
-def lora_s(x2: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed=None) -> torch.Tensor:
-    """S = (D⊙X)·Aᵀ [M, r] in x.dtype (fp32 accumulation); X 2-D with any strides."""
+def _splits(work_items: int, per_program_min: int, device) -> int:
+    """How many programs to split a loop over, so that the grid holds ~2 programs per SM."""
+    return max(1, min(per_program_min, ceil_div(2 * num_sms(device), max(1, work_items))))
+
+
+def lora_s_partials(x2: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed=None) -> torch.Tensor:
+    """fp32 partial sums [splits, M, r] of (D⊙X)·Aᵀ over K-slices; X 2-D with any strides."""
     M, K = x2.shape
     R = lora_A.shape[0]
     do, sd, thr, ks = _dropout_args(p, seed, x2.dtype)
-    S = torch.empty((M, R), device=x2.device, dtype=x2.dtype)
-    BM, BK, BR = _small_blocks(R, x2.dtype)
-    BM = 16 if interpreting() else (32 if M <= 2048 else 64)
-    _lora_s_kernel[(ceil_div(M, BM),)](
-        x2, lora_A, S, sd, thr, ks, M, K, R,
-        x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), S.stride(0), S.stride(1),
-        DROPOUT=do, FAST4=(K % 4 == 0), IEEE=dot_ieee(x2.dtype), BM=BM, BK=BK, BR=BR,
-        num_warps=4,
+    BR = next_pow2_16(R)
+    if interpreting():
+        BM, BK = 16, 32
+    else:
+        BM = 64 if M >= 64 else 16
+        BK = 128 if BR <= 32 else 64 if BR <= 64 else 32
+    n_m = ceil_div(M, BM)
+    splits = _splits(n_m, ceil_div(K, BK), x2.device)
+    k_per = ceil_div(ceil_div(K, splits), BK) * BK
+    splits = ceil_div(K, k_per)
+    P = torch.empty((splits, M, R), device=x2.device, dtype=torch.float32)
+    _lora_s_kernel[(n_m, splits)](
+        x2, lora_A, P, sd, thr, ks, M, K, R, k_per,
+        x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), P.stride(0), P.stride(1), P.stride(2),
+        DROPOUT=do, FAST4=mask_fast(K), IEEE=dot_ieee(x2.dtype), BM=BM, BK=BK, BR=BR,
+        num_warps=4, num_stages=4,
     )
-    return S
+    return P
+
+
+def lora_s(x2: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed=None, scaling: float = 1.0) -> torch.Tensor:
+    """S' = scaling·(D⊙X)·Aᵀ as fp32 [M, r] (fp32 accumulation); X 2-D with any strides."""
+    P = lora_s_partials(x2, lora_A, p, seed)
+    S = P[0] if P.shape[0] == 1 else P.sum(0)
+    return S * scaling if scaling != 1.0 else S
+
+
+def lora_expand(P: torch.Tensor, lora_B: torch.Tensor, bias, scaling: float, dtype: torch.dtype):
+    """(Z, S'): S' = scaling·ΣP (fp32 [M, r]) and Z = S'·Bᵀ + bias in dtype [M, N], in one launch."""
+    _, M, R = P.shape
+    N = lora_B.shape[0]
+    BR = next_pow2_16(R)
+    if interpreting():
+        BM, BN = 16, 32
+    else:
+        BM = 64 if M >= 64 else 16
+        BN = 128 if BR <= 32 else 64
+    n_m = ceil_div(M, BM)
+    n_splits = _splits(n_m, ceil_div(N, BN), P.device)
+    n_per = ceil_div(ceil_div(N, n_splits), BN) * BN
+    n_splits = ceil_div(N, n_per)
+    Z = torch.empty((M, N), device=P.device, dtype=dtype)
+    S = torch.empty((M, R), device=P.device, dtype=torch.float32)
+    _lora_expand_kernel[(n_m, n_splits)](
+        P, lora_B, bias if bias is not None else Z, Z, S, float(scaling), M, N, R, P.shape[0], n_per,
+        P.stride(0), P.stride(1), P.stride(2), lora_B.stride(0), lora_B.stride(1),
+        Z.stride(0), Z.stride(1), S.stride(0), S.stride(1),
+        HAS_BIAS=bias is not None, IEEE=dot_ieee(dtype), BM=BM, BN=BN, BR=BR, num_warps=4,
+    )
+    return Z, S
 
 
 def lora_ds_db(dy2: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: float):
-    """dS = s·dY·B (fp32 [M, r]) and dB = s·dYᵀ·S (fp32 [N, r]) in one pass over dY."""
+    """dS = s·dY·B (fp32 [M, r]) and dB = dYᵀ·S' (fp32 [N, r]; S' = s·S already scaled) in one pass over dY."""
     M, N = dy2.shape
     R = lora_B.shape[1]
     BR = next_pow2_16(R)
@@ -270,12 +340,13 @@ def lora_ds_db(dy2: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling
         BM = 128 if M >= 2048 else 64 if M >= 256 else 16
         BN = 64 if BR <= 32 else 32
     n_m = ceil_div(M, BM)
-    target = 2 * num_sms(dy2.device)
-    splits = max(1, min(ceil_div(N, BN), ceil_div(target, n_m)))
+    splits = _splits(n_m, ceil_div(N, BN), dy2.device)
     n_per = ceil_div(ceil_div(N, splits), BN) * BN
     splits = ceil_div(N, n_per)
-    dB = torch.zeros((N, R), device=dy2.device, dtype=torch.float32)
-    dS = (torch.zeros if splits > 1 else torch.empty)((M, R), device=dy2.device, dtype=torch.float32)
+    # one zero-fill for both atomic targets
+    buf = torch.zeros(N * R + (M * R if splits > 1 else 0), device=dy2.device, dtype=torch.float32)
+    dB = buf[: N * R].view(N, R)
+    dS = buf[N * R:].view(M, R) if splits > 1 else torch.empty((M, R), device=dy2.device, dtype=torch.float32)
     _lora_ds_db_kernel[(n_m, splits)](
         dy2, lora_B, S, dS, dB, float(scaling), M, N, R, n_per,
         dy2.stride(0), dy2.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
@@ -286,8 +357,10 @@ def lora_ds_db(dy2: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling
     return dS, dB
 
 
-def lora_da(x2: torch.Tensor, dS: torch.Tensor, p: float = 0.0, seed=None) -> torch.Tensor:
-    """dA = dSᵀ·(D⊙X) (fp32 [r, K]) in one pass over X, the mask regenerated from the seed."""
+def lora_da_dx(x2: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed=None,
+               need_dA: bool = True, need_dx: bool = True):
+    """(dA, Z2): dA = dSᵀ·(D⊙X) (fp32 [r, K]) and Z2 = D⊙(dS·A) (x.dtype [M, K]) in one pass over X,
+    the mask regenerated once from the seed. Either output may be skipped (None)."""
     M, K = x2.shape
     R = dS.shape[1]
     do, sd, thr, ks = _dropout_args(p, seed, x2.dtype)
@@ -295,35 +368,29 @@ def lora_da(x2: torch.Tensor, dS: torch.Tensor, p: float = 0.0, seed=None) -> to
     if interpreting():
         BM, BK = 16, 32
     else:
-        BM, BK = (64, 128) if BR <= 32 else (64, 64) if BR <= 64 else (32, 32)
+        BM, BK = (32, 128) if BR <= 32 else (32, 64) if BR <= 64 else (16, 32)
     n_k = ceil_div(K, BK)
-    target = 2 * num_sms(x2.device)
-    splits = max(1, min(ceil_div(M, BM), ceil_div(target, n_k)))
+    splits = _splits(n_k, ceil_div(M, BM), x2.device)
     m_per = ceil_div(ceil_div(M, splits), BM) * BM
     splits = ceil_div(M, m_per)
-    dA = (torch.zeros if splits > 1 else torch.empty)((R, K), device=x2.device, dtype=torch.float32)
-    _lora_da_kernel[(n_k, splits)](
-        x2, dS, dA, sd, thr, ks, M, K, R, m_per,
-        x2.stride(0), x2.stride(1), dS.stride(0), dS.stride(1), dA.stride(0), dA.stride(1),
-        DROPOUT=do, FAST4=(K % 4 == 0), ATOMIC=splits > 1, IEEE=dot_ieee(x2.dtype), BM=BM, BK=BK, BR=BR,
-        num_warps=4,
+    atomic = need_dA and splits > 1
+    dA = (torch.zeros if atomic else torch.empty)((R, K), device=x2.device, dtype=torch.float32) if need_dA else None
+    Z2 = torch.empty((M, K), device=x2.device, dtype=x2.dtype) if need_dx else None
+    dummy = dS
+    _lora_da_dx_kernel[(n_k, splits)](
+        x2, dS, lora_A, dA if need_dA else dummy, Z2 if need_dx else dummy, sd, thr, ks, M, K, R, m_per,
+        x2.stride(0), x2.stride(1), dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
+        dA.stride(0) if need_dA else 0, dA.stride(1) if need_dA else 0,
+        Z2.stride(0) if need_dx else 0, Z2.stride(1) if need_dx else 0,
+        DROPOUT=do, FAST4=mask_fast(K), NEED_DA=need_dA, NEED_DX=need_dx, ATOMIC=atomic,
+        IEEE=dot_ieee(x2.dtype), BM=BM, BK=BK, BR=BR, num_warps=4, num_stages=3,
     )
-    return dA
+    return dA, Z2
 
 
-def lora_dx_epilogue(dx2: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed=None) -> torch.Tensor:
-    """In place: dX += D⊙(dS·A)."""
-    M, K = dx2.shape
-    R = lora_A.shape[0]
-    do, sd, thr, ks = _dropout_args(p, seed, dx2.dtype)
-    BR = next_pow2_16(R)
-    BM, BK = (16, 32) if interpreting() else (64, 128) if BR <= 32 else (32, 64)
-    _lora_dx_epi_kernel[(ceil_div(M, BM), ceil_div(K, BK))](
-        dx2, dS, lora_A, sd, thr, ks, M, K, R,
-        dx2.stride(0), dx2.stride(1), dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
-        DROPOUT=do, FAST4=(K % 4 == 0), IEEE=dot_ieee(dx2.dtype), BM=BM, BK=BK, BR=BR, num_warps=4,
-    )
-    return dx2
+def lora_da(x2: torch.Tensor, dS: torch.Tensor, p: float = 0.0, seed=None) -> torch.Tensor:
+    """dA = dSᵀ·(D⊙X) (fp32 [r, K]) in one pass over X, the mask regenerated from the seed."""
+    return lora_da_dx(x2, dS, dS.new_empty((dS.shape[1], 0)), p, seed, need_dA=True, need_dx=False)[0]
 
 
 # ---------------------------------------------------------------- dispatch
@@ -351,41 +418,60 @@ def _param_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lora_forward_2d(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed, triton_gemm: bool):
-    """Forward on a 2-D x [M, K]: returns (Y [M, N] in x.dtype, S [M, r] in x.dtype).
+    """Forward on a 2-D x [M, K]: returns (Y [M, N] in x.dtype, S' = scaling·(D⊙x)·Aᵀ as fp32 [M, r]).
 
     The building block of the autograd Function (and of any custom-op registration): no autograd here.
     """
     dt = x2.dtype
     w = _param_dtype(weight, dt)
     b = None if bias is None else _param_dtype(bias, dt)
-    S = lora_s(x2, lora_A, dropout_p, seed)
     if triton_gemm:
-        y2 = gemm_epi(x2, w.t(), bias=b, lora=(S, lora_B.t(), scaling))
-    else:
-        y2 = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
-        y2.addmm_(S, _param_dtype(lora_B, dt).t(), alpha=scaling)
+        S = lora_s(x2, lora_A, dropout_p, seed, scaling)
+        return gemm_epi(x2, w.t(), bias=b, lora=(S, lora_B.t(), 1.0)), S
+    P = lora_s_partials(x2, lora_A, dropout_p, seed)
+    y2, S = lora_expand(P, lora_B, b, scaling, dt)  # y2 = S'·Bᵀ + b ...
+    y2.addmm_(x2, w.t())  # ... + X·Wᵀ: cuBLAS reads y2 as C (beta=1) in its epilogue
     return y2, S
+
+
+def _deterministic_backward(dy2, x2, S, lora_A, lora_B, scaling, dropout_p, seed, need_A, need_x):
+    """The backward's adapter terms from cuBLAS calls only (no atomics): bitwise reproducible."""
+    dt = x2.dtype
+    dS = torch.mm(dy2, _param_dtype(lora_B, dt)).float() * scaling
+    dB = torch.mm(dy2.t(), S.to(dt)).float()
+    mask = lora_dropout_mask(x2.shape, dropout_p, seed, x2.device, dt) if dropout_p > 0 else None
+    dA = torch.mm(dS.to(dt).t(), x2 if mask is None else x2 * mask).float() if need_A else None
+    Z2 = None
+    if need_x:
+        Z2 = torch.mm(dS.to(dt), _param_dtype(lora_A, dt))
+        if mask is not None:
+            Z2.mul_(mask)
+    return dS, dB, dA, Z2
 
 
 def lora_backward_2d(dy2, x2, S, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed,
                      triton_gemm: bool, need_x: bool = True, need_w: bool = False, need_b: bool = False,
                      need_A: bool = True, need_B: bool = True):
     """Backward on 2-D tensors: returns (dX [M, K] | None, dW | None, db (fp32 [N]) | None,
-    dA (fp32 [r, K]) | None, dB (fp32 [N, r]) | None). dy2 must already be in x2.dtype."""
+    dA (fp32 [r, K]) | None, dB (fp32 [N, r]) | None). dy2 must already be in x2.dtype; S is forward's S'."""
     dt = x2.dtype
-    dS, dB = lora_ds_db(dy2, lora_B, S, scaling)
-    dA = lora_da(x2, dS, dropout_p, seed) if need_A else None
-    dx2 = dw = db = None
-    if need_x:
-        w = _param_dtype(weight, dt)
-        if triton_gemm:
+    w = _param_dtype(weight, dt) if need_x else None
+    if torch.are_deterministic_algorithms_enabled():
+        dS, dB, dA, Z2 = _deterministic_backward(dy2, x2, S, lora_A, lora_B, scaling, dropout_p, seed, need_A, need_x)
+        dx2 = Z2.addmm_(dy2, w) if need_x else None
+    elif triton_gemm:
+        dS, dB = lora_ds_db(dy2, lora_B, S, scaling)
+        dA = lora_da(x2, dS, dropout_p, seed) if need_A else None
+        dx2 = None
+        if need_x:
             dx2 = gemm_epi(dy2, w, lora=(dS, lora_A, 1.0), dropout=(dropout_p, seed) if dropout_p > 0 else None)
-        else:
-            dx2 = lora_dx_epilogue(torch.mm(dy2, w), dS, lora_A, dropout_p, seed)
-    if need_w:
-        dw = torch.mm(dy2.t(), x2)
-    if need_b:
-        db = dy2.sum(0, dtype=torch.float32)
+    else:
+        dS, dB = lora_ds_db(dy2, lora_B, S, scaling)
+        dA, Z2 = (lora_da_dx(x2, dS, lora_A, dropout_p, seed, need_dA=need_A, need_dx=need_x)
+                  if (need_A or need_x) else (None, None))
+        dx2 = Z2.addmm_(dy2, w) if need_x else None  # Z2 + dY·W, Z2 read by cuBLAS as C (beta=1)
+    dw = torch.mm(dy2.t(), x2) if need_w else None
+    db = dy2.sum(0, dtype=torch.float32) if need_b else None
     return dx2, dw, db, dA, (dB if need_B else None)
 
 

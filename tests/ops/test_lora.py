@@ -7,12 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastpeft.ops.lora import (
-    lora_da,
+    lora_da_dx,
     lora_dropout_mask,
     lora_ds_db,
+    lora_expand,
     lora_linear,
     lora_linear_reference,
     lora_s,
+    lora_s_partials,
 )
 
 from _ops_testutil import DEVICE, env_var, make_weight, make_x, rel_err
@@ -67,7 +69,7 @@ def test_lora_linear_matches_reference(dtype, B, T, K, N, r, layout, w_t, has_bi
         _run_and_check(dtype, B, T, K, N, r, layout, w_t, has_bias, p, seed)
 
 
-@pytest.mark.parametrize("K", [64, 67])  # K % 4 == 0 takes the one-Philox-per-4-columns path; 67 the per-element one
+@pytest.mark.parametrize("K", [64, 67, 68])  # K % 8 == 0 takes the one-Philox-per-8-columns path; 67, 68 the per-element one
 def test_kernel_mask_is_lora_dropout_mask(K):
     """S = (D⊙X)·Aᵀ with one-hot rows of A reads D⊙X back exactly: the in-kernel mask is lora_dropout_mask."""
     M, p, seed = 37, 0.3, 987654321123
@@ -116,18 +118,59 @@ def test_dropout_changes_output_and_is_reproducible():
         lora_linear(x, w, None, A, Bw, 2.0, 0.5, None)
 
 
-def test_small_kernels_directly():
-    """dS, dB, dA launchers against torch (atomics and split paths)."""
-    M, N, K, r, s = 70, 90, 50, 6, 0.75
-    dy = torch.randn(M, N, device=DEVICE)
-    S = torch.randn(M, r, device=DEVICE)
-    Bw = torch.randn(N, r, device=DEVICE)
-    dS, dB = lora_ds_db(dy, Bw, S, s)
-    torch.testing.assert_close(dS, s * dy.double().mm(Bw.double()).float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dB, s * dy.double().t().mm(S.double()).float(), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_small_kernels_directly(p):
+    """S partials + expand, dS/dB, dA/Z2 launchers against float64 torch (split and atomic paths)."""
+    M, N, K, r, s, seed = 70, 90, 52, 6, 0.75, 31337
     x = torch.randn(M, K, device=DEVICE)
-    dA = lora_da(x, dS)
-    torch.testing.assert_close(dA, dS.double().t().mm(x.double()).float(), rtol=1e-5, atol=1e-5)
+    A = torch.randn(r, K, device=DEVICE)
+    Bw = torch.randn(N, r, device=DEVICE)
+    bias = torch.randn(N, device=DEVICE)
+    D = lora_dropout_mask((M, K), p, seed, DEVICE, torch.float64) if p > 0 else torch.ones(M, K, dtype=torch.float64, device=DEVICE)
+    xd = x.double() * D
+    S_ref = s * xd.mm(A.double().t())
+    P = lora_s_partials(x, A, p, seed)
+    Z, S = lora_expand(P, Bw, bias, s, torch.float32)
+    torch.testing.assert_close(S.double(), S_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(Z.double(), S_ref.mm(Bw.double().t()) + bias.double(), rtol=1e-5, atol=1e-5)
+    dy = torch.randn(M, N, device=DEVICE)
+    dS, dB = lora_ds_db(dy, Bw, S, s)
+    torch.testing.assert_close(dS.double(), s * dy.double().mm(Bw.double()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dB.double(), dy.double().t().mm(S.double()), rtol=1e-5, atol=1e-5)
+    dA, Z2 = lora_da_dx(x, dS, A, p, seed)
+    torch.testing.assert_close(dA.double(), dS.double().t().mm(xd), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(Z2.double(), dS.double().mm(A.double()) * D, rtol=1e-5, atol=1e-5)
+    dA_only, none = lora_da_dx(x, dS, A, p, seed, need_dx=False)
+    assert none is None and torch.equal(dA_only, dA) or torch.allclose(dA_only, dA, rtol=1e-6, atol=1e-6)
+    none, Z2_only = lora_da_dx(x, dS, A, p, seed, need_dA=False)
+    assert none is None and torch.equal(Z2_only, Z2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_deterministic_mode_matches_kernels_and_repeats(p):
+    """torch.use_deterministic_algorithms(True): the atomic-free backward gives the same grads, bitwise twice."""
+    x = torch.randn(3, 17, 40, device=DEVICE, requires_grad=True)
+    w = make_weight(24, 40, torch.float32, False)
+    A = torch.randn(8, 40, device=DEVICE, requires_grad=True)
+    Bw = torch.randn(24, 8, device=DEVICE, requires_grad=True)
+    g = torch.randn(3, 17, 24, device=DEVICE)
+
+    def grads():
+        for t in (x, A, Bw):
+            t.grad = None
+        lora_linear(x, w, None, A, Bw, 1.5, p, 99).backward(g)
+        return [t.grad.clone() for t in (x, A, Bw)]
+
+    fast = grads()
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det1, det2 = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for a, b, c in zip(fast, det1, det2):
+        assert torch.equal(b, c)
+        assert rel_err(b, a) < 1e-5
 
 
 def test_saved_tensors_share_x_and_stay_small():
