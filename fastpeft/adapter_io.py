@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, LoraConfig, to_fastpeft_config
+from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .nn import IA3Linear, LoraLinear, ModulesToSave
 from .nn import base as B
 from .patch import _set_submodule, adapter_layers, get_state, is_peft_model, patch, root_model, unpatch
@@ -70,7 +71,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
         for name, tensor in model.state_dict(keep_vars=True).items():
             if (name == "bias" or name.endswith(".bias")) and not any(o in name for o in others):
                 out[f"{prefix}{name.replace(own, '.modules_to_save.')}"] = tensor
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+    # FSDP2 / DTensor parameters: gather the whole value (a collective; every rank runs this in save_adapter)
+    return {k: full_tensor(v.detach()).to("cpu").contiguous().clone() for k, v in out.items()}
 
 
 def _remove_quietly(path: str) -> None:
@@ -132,15 +134,34 @@ def _config_dict(model: nn.Module, cfg: AdapterConfig) -> Dict[str, Any]:
 def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[str] = None) -> None:
     """Write adapters in PEFT's layout (all adapters when adapter_name is None).
 
+    Sharded models (FSDP2 / DTensor parameters): call it on every rank; the adapter is gathered to every
+    rank, rank 0 writes, and all ranks return once the files are in place. Unsharded models (one process,
+    DDP): whoever calls it writes, so under DDP call it on rank 0 only (or on all ranks: the writes are
+    atomic and identical).
+
     >>> # fastpeft.save_adapter(model, "out/");  peft.PeftModel.from_pretrained(base, "out/")
     """
-    from safetensors.torch import save_file
-
     state = get_state(model)
     names = list(state.configs) if adapter_name is None else [adapter_name]
     for name in names:
         if name not in state.configs:
             raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
+    sharded = any(is_sharded(p) for p in model.parameters())
+    tensors = {name: adapter_state_dict(model, name) for name in names}  # collective when sharded
+    if sharded:
+        try:
+            if rank() == 0:
+                _write_adapters(model, save_directory, names, tensors)
+        finally:
+            barrier()  # the other ranks return only once rank 0's files are in place (or it failed)
+        return
+    _write_adapters(model, save_directory, names, tensors)
+
+
+def _write_adapters(model: nn.Module, save_directory: str, names: List[str], all_tensors) -> None:
+    from safetensors.torch import save_file
+
+    state = get_state(model)
     # Every file of every adapter is written to a temporary name first and renamed into place only once all of
     # them are complete: a failure while writing leaves an existing adapter folder exactly as it was.
     staged: List[Tuple[str, str]] = []
@@ -149,7 +170,7 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[s
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             _makedirs(folder, created)
-            tensors = adapter_state_dict(model, name)
+            tensors = all_tensors[name]
             weights = os.path.join(folder, WEIGHTS_NAME)
             staged.append((_stage(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})), weights))
             text = json.dumps(_config_dict(model, state.configs[name]), indent=2, sort_keys=True)
@@ -321,6 +342,8 @@ def load_adapter(
     cfg, tensors = read_adapter(path, adapter_name, allow_pickle=allow_pickle)
     cfg.inference_mode = not is_trainable
     state = get_state(model, required=False)
+    if state is not None and adapter_name in state.configs:
+        return _load_into_existing(model, cfg, adapter_name, tensors, is_trainable)
     fresh = state is None
     patch(model, cfg, adapter_name=adapter_name)
     try:
@@ -333,7 +356,43 @@ def load_adapter(
 
             delete_adapter(model, adapter_name)
         raise
+    _copy_plan(plan)
+    return model
+
+
+def _copy_plan(plan) -> None:
     with torch.no_grad():
         for param, tensor in plan:
-            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+            # a sharded (FSDP2) parameter takes the shard this rank owns, cut from the full tensor every rank read
+            param.copy_(shard_like(param, tensor.to(dtype=param.dtype)).to(device=param.device))
+
+
+def _comparable(cfg: AdapterConfig) -> Dict[str, Any]:
+    data = cfg.to_dict()
+    for key in ("inference_mode", "base_model_name_or_path", "revision"):
+        data.pop(key, None)
+    return data
+
+
+def _load_into_existing(model: nn.Module, cfg: AdapterConfig, adapter_name: str, tensors, is_trainable: bool):
+    """Values of a saved adapter into an adapter the model already holds (same config): the way to load into a
+    model that was patched and then sharded with FSDP2 (its parameters are DTensors, which patch() cannot build).
+    Trainability follows ``is_trainable`` as for a fresh load."""
+    state = get_state(model)
+    have = _comparable(state.configs[adapter_name])
+    want = _comparable(cfg)
+    if have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        raise ValueError(
+            f"adapter {adapter_name!r} already exists with another config (differs in {diff}); load under another "
+            f"adapter_name, or fastpeft.delete_adapter(model, {adapter_name!r}) first"
+        )
+    plan = _plan_load(model, adapter_name, tensors)
+    _copy_plan(plan)
+    if state.trainable.get(adapter_name) != is_trainable:
+        state.configs[adapter_name].inference_mode = not is_trainable
+        state.trainable[adapter_name] = is_trainable
+        from .patch import _apply_trainable
+
+        _apply_trainable(model, state)
     return model
