@@ -1,0 +1,182 @@
+"""Smoke tests for `python -m fastpeft.bench` (the whole-step benchmark) on tiny shapes.
+
+The CPU run exercises the same code as the GPU run (build, NF4 swap, PEFT / fastpeft setup, timing, profiler
+breakdown, tables, plots), so a typo in it fails here rather than on the device.
+"""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import transformers
+
+from fastpeft import bench
+
+CUDA = torch.cuda.is_available()
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One full tiny run: every method, PEFT and fastpeft, one profiled method (bench.main, as the CLI)."""
+    out = tmp_path_factory.mktemp("bench")
+    args = ["--model", "tiny", "--steps", "2", "--warmup", "1", "--out-dir", str(out), "--no-progress",
+            "--profile", "lora,qlora"]
+    if not _has_matplotlib():
+        args.append("--no-plots")
+    threads = torch.get_num_threads()
+    rc = bench.main(args)
+    assert torch.get_num_threads() == threads  # the CPU run's one-thread setting is undone
+    files = sorted(os.listdir(out))
+    stem = f"step_{json.load(open(out / [f for f in files if f.endswith('.json')][0]))['date']}"
+    with open(out / f"{stem}.json") as f:
+        info = json.load(f)
+    with open(out / f"{stem}.md") as f:
+        md = f.read()
+    return {"rc": rc, "out": out, "files": files, "stem": stem, "info": info, "md": md}
+
+
+def test_one_row_per_method_and_implementation(smoke):
+    assert smoke["rc"] == 0
+    rows = smoke["info"]["rows"]
+    got = [(r["method"], r["impl"]) for r in rows]
+    want = [(s.method, s.impl) for s in bench.make_plan(["tiny"], bench.METHODS)]
+    assert got == want
+    for r in rows:
+        assert r["status"] in ("ok", "skipped"), r  # tiny shapes: nothing may fail or run out of memory
+        if r["status"] == "skipped":
+            assert r["reason"], r  # never silently
+            assert r["method"] == "lora_liger" or not CUDA, r
+
+
+def test_numbers_are_sane(smoke):
+    rows = [r for r in smoke["info"]["rows"] if r["status"] == "ok"]
+    assert {r["method"] for r in rows} >= {"full_ft", "lora", "lora_dropout", "ia3", "qlora", "qlora_dropout"}
+    for r in rows:
+        assert r["tokens"] == 2 * 64
+        assert len(r["step_s_all"]) == 2 and all(t > 0 for t in r["step_s_all"])
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_s"])
+        assert 10 < r["tokens_per_s"] < 1e8
+        # random init over a 512-token vocabulary: cross entropy starts near ln(512)
+        assert abs(r["loss_first"] - math.log(512)) < 0.5 and math.isfinite(r["loss_last"])
+        assert r["peak_gib"] is None or 0 < r["peak_gib"] < 64
+        assert r["trainable_params"] > 0
+        assert r["flops_per_step"] > 0
+    by = {(r["method"], r["impl"]): r for r in rows}
+    # the same adapters on both sides: same trainable parameter counts
+    for method in ("lora", "lora_dropout", "ia3", "qlora"):
+        assert by[(method, "peft")]["trainable_params"] == by[(method, "fastpeft")]["trainable_params"], method
+    assert by[("full_ft", "torch")]["trainable_params"] > 3 * by[("lora", "peft")]["trainable_params"]
+    # same weights, same batch, adapters start as a no-op (B = 0, l = 1): same first loss on both sides
+    for method in ("lora", "ia3", "qlora"):
+        assert by[(method, "peft")]["loss_first"] == pytest.approx(by[(method, "fastpeft")]["loss_first"], rel=2e-2)
+
+
+def test_profile_breakdown(smoke):
+    profiled = [r for r in smoke["info"]["rows"] if "profile" in r]
+    assert {(r["method"], r["impl"]) for r in profiled} == {(m, i) for m in ("lora", "qlora") for i in ("peft", "fastpeft")}
+    for r in profiled:
+        p = r["profile"]
+        assert "error" not in p, p
+        assert set(p["ms"]) == set(bench.BUCKETS) | {"other (unattributed)"}
+        assert p["ms"]["linear"] > 0 and p["ms"]["attention"] > 0
+        assert sum(p["ms"].values()) == pytest.approx(p["busy_ms"], rel=1e-6)
+        assert p["top"] and p["top"][0]["ms"] > 0
+    peft_q = next(r for r in profiled if r["method"] == "qlora" and r["impl"] == "peft")
+    assert peft_q["profile"]["ms"]["nf4 dequant"] > 0  # bnb dequantizes the 4-bit weights every step
+
+
+def test_markdown_and_plots(smoke):
+    md = smoke["md"]
+    assert "## Peak memory" in md and "## Speed" in md and "## Where one step's time goes" in md
+    assert "| model | Full FT | LoRA r=16 | QLoRA r=16 | IA3 |" in md
+    assert "tiny Llama (2 layers)" in md and "PEFT " in md and "→ fastpeft" in md
+    for label in ("LoRA r=16", "LoRA r=16, dropout 0.05", "QLoRA r=16", "QLoRA r=16, dropout 0.05", "IA3"):
+        assert f"| {label} |" in md, label
+    assert "smoke test" in md  # a CPU run says what it is
+    if not CUDA:
+        assert "liger" in md.lower()  # skipped rows name their reason
+    pngs = [f for f in smoke["files"] if f.endswith(".png")]
+    if _has_matplotlib():
+        assert sorted(pngs) == [f"{smoke['stem']}_memory.png", f"{smoke['stem']}_tokens.png"]
+        for f in pngs:
+            with open(smoke["out"] / f, "rb") as fh:
+                assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert pngs == []
+    assert len(smoke["files"]) <= 8 and not any(os.path.isdir(smoke["out"] / f) for f in smoke["files"])
+
+
+def test_report_merges_runs(smoke, tmp_path):
+    src = str(smoke["out"] / f"{smoke['stem']}.json")
+    info = bench.report([src, src], str(tmp_path), plots=False, log=lambda s: None)
+    assert len(info["rows"]) == 2 * len(smoke["info"]["rows"])
+    assert (tmp_path / f"{smoke['stem']}.md").read_text().count("| tiny Llama (2 layers) |") >= 1
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"pip install -e '\.\[bench\]'.*--no-plots"):
+        bench.main(["--model", "tiny", "--methods", "ia3", "--out-dir", str(tmp_path), "--no-progress"])
+
+
+def test_bad_arguments_say_what_is_allowed(tmp_path):
+    with pytest.raises(SystemExit, match="unknown method.*lora"):
+        bench.main(["--model", "tiny", "--methods", "lora,dora", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown --profile"):
+        bench.main(["--model", "tiny", "--profile", "xyz", "--out-dir", str(tmp_path)])
+    if not CUDA:
+        with pytest.raises(SystemExit, match="needs a CUDA GPU.*--model tiny"):
+            bench.main(["--model", "8b", "--out-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("model", ["1b", "8b", "tiny"])
+def test_parameter_accounting_matches_transformers(model):
+    """The FLOP / memory model counts the same parameters as the real model (built on meta: no memory)."""
+    with torch.device("meta"):
+        m = transformers.LlamaForCausalLM(bench.llama_config(model))
+    assert bench.total_params(model) == sum(p.numel() for p in m.parameters())
+    lin = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    lp = bench.linear_params(model)
+    assert lp["decoder"] + lp["head"] == lin
+
+
+def test_flops_and_full_ft_estimate():
+    for model in ("1b", "8b"):
+        batch, seq = bench.SEQ[model]
+        tokens = batch * seq
+        n = sum(bench.linear_params(model).values())
+        lora, full = bench.step_flops(model, "lora"), bench.step_flops(model, "full_ft")
+        # frozen base: ~6·N·T (forward, recompute, input grad) vs full FT ~8·N·T, plus attention
+        assert 6 * n * tokens < lora < 6.6 * n * tokens
+        assert 1.25 < full / lora < 1.34
+    # Full FT 8B: 8 B/param of states alone is ~60 GiB; the logits and activations add several GiB
+    est = bench.full_ft_estimate_bytes("8b") / bench.GiB
+    assert 62 < est < 75
+
+
+def test_classify_buckets():
+    assert bench.classify(["aten::mm", "aten::linear"]) == "linear"
+    assert bench.classify(["cudaLaunchKernel", "_LoraLinearFnBackward", "autograd::engine::evaluate_function: x"]) == "linear"
+    assert bench.classify(["bitsandbytes::dequantize_4bit", "MatMul4Bit"]) == "nf4 dequant"
+    assert bench.classify(["aten::_log_softmax", "aten::log_softmax", "bench::loss"]) == "loss"
+    assert bench.classify(["aten::_to_copy", "aten::to", "bench::loss"]) == "loss"
+    assert bench.classify(["aten::_scaled_dot_product_flash_attention"]) == "attention"
+    assert bench.classify(["aten::_fused_adamw_", "Optimizer.step#AdamW.step"]) == "optimizer"
+    assert bench.classify(["aten::mul", "aten::rsqrt"]) == "norm+elementwise"
+
+
+def test_device_slug_and_outputs_stem():
+    assert bench.device_slug("cpu") == "cpu"
+    assert bench.output_stem(["1b", "8b"], "2026-01-02") == "step_2026-01-02"
+    assert bench.output_stem(["8b"], "2026-01-02") == "step_2026-01-02_8b"
+    assert bench.output_stem(["tiny"], "2026-01-02") == "step_2026-01-02"
