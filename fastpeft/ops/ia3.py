@@ -97,6 +97,42 @@ def _ia3_colreduce_kernel(
             tl.store(SUM + cols, tot, mask=nmask)
 
 
+@triton.jit
+def _scale_cols_kernel(A, L, OUT, M, N, m_per_split, sam, san, som, son, BM: tl.constexpr, BN: tl.constexpr):
+    # Bound: bytes. Reads A once and writes OUT = A ⊙ l[None, :] once (2·M·N·elem); l is loaded once per program.
+    # (torch's broadcast multiply by an [N] vector took the generic, non-vectorised elementwise path on H100:
+    # 0.17 ms for 4096x14336 bf16, ~2x this kernel's byte floor.)
+    DT = OUT.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    nmask = cols < N
+    l = tl.load(L + cols, mask=nmask, other=0.0).to(DT)
+    rm = tl.arange(0, BM)
+    m_begin = pid_s * m_per_split
+    m_end = tl.minimum(m_begin + m_per_split, M)
+    for m0 in range(m_begin, m_end, BM):
+        rows = (m0 + rm).to(tl.int64)
+        msk = (rows < m_end)[:, None] & nmask[None, :]
+        a = tl.load(A + rows[:, None] * sam + cols[None, :] * san, mask=msk, other=0.0)
+        tl.store(OUT + rows[:, None] * som + cols[None, :] * son, (a * l[None, :]).to(DT), mask=msk)
+
+
+def scale_cols(a: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """a ⊙ l[None, :] for a 2-D a [M, N] (any strides) and l [N] (any float dtype; cast to a.dtype as PEFT does)."""
+    M, N = a.shape
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    BM, BN = (16, 32) if interpreting() else (32, 256)
+    n_n = ceil_div(N, BN)
+    splits = max(1, min(ceil_div(M, BM), ceil_div(4 * num_sms(a.device), n_n)))
+    m_per = ceil_div(ceil_div(M, splits), BM) * BM
+    splits = ceil_div(M, m_per)
+    _scale_cols_kernel[(n_n, splits)](
+        a, l, out, M, N, m_per, a.stride(0), a.stride(1), out.stride(0), out.stride(1), BM=BM, BN=BN, num_warps=4,
+    )
+    return out
+
+
 def ia3_colreduce(a, b, l, out=None, need_sum=False):
     """(red, sum): red[n] = Σ_m a⊙b, sum[n] = Σ_m a (fp32); writes out = a ⊙ l when out is given."""
     M, N = a.shape
@@ -140,14 +176,14 @@ def ia3_forward_2d(x2, weight, bias, ia3_l, feedforward: bool, triton_gemm: bool
         if triton_gemm and _os.environ.get("FASTPEFT_IA3_GEMM") == "triton":
             y2 = gemm_epi(x2, w.t(), bias=b, pro_scale=l)
         else:
-            xl = x2 * l.to(dt)
+            xl = scale_cols(x2, l)
             y2 = torch.addmm(b, xl, w.t()) if b is not None else torch.mm(xl, w.t())
         return y2, x2
     if triton_gemm:
         y2, yb = gemm_epi(x2, w.t(), bias=b, col_scale=l, store_base=True)
     else:
         yb = torch.addmm(b, x2, w.t()) if b is not None else torch.mm(x2, w.t())
-        y2 = yb * l.to(dt)
+        y2 = scale_cols(yb, l)
     return y2, yb
 
 
@@ -167,7 +203,7 @@ def ia3_backward_2d(dy2, saved, weight, ia3_l, feedforward: bool, triton_gemm: b
             dx = torch.mm(dy2, w)
             dl, _ = ia3_colreduce(dx, x2, l, out=dx)  # dl from G, then G ← G⊙l in place
         if need_w:
-            dw = torch.mm(dy2.t(), x2 * l.to(dt))
+            dw = torch.mm(dy2.t(), scale_cols(x2, l))
         if need_b:
             db = dy2.sum(0, dtype=torch.float32)
         return (dx if need_x else None), dw, db, dl
