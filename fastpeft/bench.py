@@ -97,6 +97,7 @@ PRIOR_STEP_S = {
     "tiny": {m: 0.05 for m in METHODS},
 }
 PRIOR_BUILD_S = {"8b": 6.0, "1b": 3.0, "tiny": 0.5}
+PRIOR_PROFILE_S = {"8b": 25.0, "1b": 12.0, "tiny": 1.0}  # one profiled step + parsing ~10^5 profiler events
 
 
 # -- environment -----------------------------------------------------------------------------------------
@@ -650,7 +651,7 @@ def make_plan(models: List[str], methods: List[str]) -> List[Spec]:
 def predict_s(spec: Spec, steps: int, warmup: int, profile: bool) -> float:
     step = PRIOR_STEP_S[spec.model][spec.method]
     build = PRIOR_BUILD_S[spec.model] * (1.5 if spec.method.startswith("qlora") else 1.0)
-    return build + (steps + warmup + (2 if profile else 0)) * step
+    return build + (steps + warmup) * step + (PRIOR_PROFILE_S[spec.model] if profile else 0.0)
 
 
 def output_stem(models: List[str], date: str) -> str:
@@ -688,7 +689,9 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
     if info["gemm_tflops"]:
         log(f"bf16 GEMM 8192^3: {info['gemm_tflops']:.0f} TFLOP/s (the MFU denominator)")
     plan = make_plan(models, methods)
-    predicted = [predict_s(s, steps, warmup, s.method in profile_methods) for s in plan]
+    profile_model = models[-1]  # the largest model of the run (models are ordered small to large)
+    profiled = [s.method in profile_methods and s.model == profile_model for s in plan]
+    predicted = [predict_s(s, steps, warmup, prof) for s, prof in zip(plan, profiled)]
     log(f"plan: {len(plan)} configurations, about {sum(predicted):.0f} s by the H100 priors"
         + (f" (budget {budget_s:.0f} s)" if budget_s else ""))
     bar = _progress(len(plan), progress)
@@ -703,8 +706,8 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
             row.update(status="skipped", reason=f"time budget: {elapsed:.0f} s elapsed + ~{scale * predicted[k]:.0f} s "
                                                 f"predicted > --budget-s {budget_s:.0f}")
         else:
-            row = run_config(spec, device, dtype, steps, warmup, info["gemm_tflops"],
-                             profile=spec.method in profile_methods, backend=backend, log=bar.write)
+            row = run_config(spec, device, dtype, steps, warmup, info["gemm_tflops"], profile=profiled[k],
+                             backend=backend, log=bar.write)
             if row.get("wall_s") and row["status"] != "skipped":
                 done_pred += predicted[k]
                 done_real += row["wall_s"]
@@ -1039,8 +1042,9 @@ def parse_args(argv=None):
     ap.add_argument("--liger", dest="liger", action="store_true", default=None,
                     help="add the Liger rows (default: when liger_kernel is installed)")
     ap.add_argument("--no-liger", dest="liger", action="store_false")
-    ap.add_argument("--profile", nargs="?", const="lora,qlora,ia3", default="",
-                    help="profile one extra step of these methods (default when given: lora,qlora,ia3)")
+    ap.add_argument("--profile", nargs="?", const="lora,qlora", default="",
+                    help="profile one extra step of these methods on the run's largest model, both sides "
+                         "(default when given: lora,qlora)")
     ap.add_argument("--quick", action="store_true", help="fewer steps, no dropout variants")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip (and say so) configurations that would end past this many seconds")
