@@ -45,11 +45,14 @@ def fold_rank(draw: int, rank: int) -> int:
 
 
 def dropout_seed() -> int:
-    """A fresh dropout seed for one LoRA layer forward (see the module docstring for the guarantees).
+    """A fresh dropout seed for one LoRA layer forward (see the module docstring for the guarantees): an int,
+    or under torch.compile the 0-dim tensor of ``dropout_seed_tensor``.
 
     >>> _ = torch.manual_seed(0); a = dropout_seed(); _ = torch.manual_seed(0); a == dropout_seed()
     True
     """
+    if torch.compiler.is_compiling():
+        return dropout_seed_tensor()  # .item() would break the graph; the custom op reads the tensor
     draw = int(torch.randint(0, SEED_MODULUS, (), dtype=torch.int64).item())
     return fold_rank(draw, current_rank())
 

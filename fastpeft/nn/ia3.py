@@ -10,6 +10,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from ..ops import custom_ops
 from ..ops import ia3 as ia3_ops
 from . import base as B
 
@@ -64,7 +65,7 @@ class IA3Linear(nn.Module):
             return B.base_forward(self.base_layer, x)
         ia3_l = self.ia3_l[name]
         if B.wants_triton(self.backend, x):
-            fused = getattr(ia3_ops, "ia3_linear", None)
+            fused = custom_ops.ia3_linear  # autograd.Function in eager, torch.library op under torch.compile
             if fused is not None and not B.is_linear4bit(self.base_layer):
                 weight = B.dense_weight(self.base_layer)
                 return fused(x, weight, B.base_bias(self.base_layer), ia3_l, self.is_feedforward)

@@ -12,6 +12,7 @@ from typing import Dict, List, Union
 import torch
 import torch.nn as nn
 
+from ..ops import custom_ops
 from ..ops import lora as lora_ops
 from . import base as B
 from ._rng import dropout_seed
@@ -109,7 +110,7 @@ class LoraLinear(nn.Module):
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
         if B.wants_triton(self.backend, x):
-            fused = getattr(lora_ops, "lora_linear", None)
+            fused = custom_ops.lora_linear  # autograd.Function in eager, torch.library op under torch.compile
             if fused is not None and not B.is_linear4bit(self.base_layer):
                 seed = dropout_seed() if p > 0 else None  # torch CPU RNG + rank: see nn/_rng.py
                 weight = B.dense_weight(self.base_layer)
