@@ -22,6 +22,7 @@ from .adapters import (
 from .config import IA3Config, LoraConfig
 from .nn import IA3Linear, LoraLinear, ModulesToSave
 from .patch import patch, unpatch
+from .quantize import NF4Linear, quantize_nf4
 
 __version__ = "0.1.0"
 
@@ -45,4 +46,6 @@ __all__ = [
     "LoraLinear",
     "IA3Linear",
     "ModulesToSave",
+    "quantize_nf4",
+    "NF4Linear",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Tuple
 
+import torch
 import torch.nn as nn
 
 from .nn import IA3Linear, LoraLinear, ModulesToSave
@@ -100,8 +101,9 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapter and return the plain transformers model (no fastpeft modules left).
 
-    Dense bases are merged in place (same module types); 4-bit bases are dequantized and merged on the
-    weight's device into an nn.Linear of the layer's compute dtype. modules_to_save keep the trained copy.
+    Dense bases are merged in place (same module types); 4-bit bases are dequantized (fastpeft's kernel, on the
+    weight's device) and merged into an nn.Linear of the weight's original dtype (the QuantState's dtype).
+    modules_to_save keep the trained copy.
     """
     state = get_state(model)
     for name, layer in adapter_layers(model):
@@ -109,8 +111,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             active = layer.modules_to_save[layer.active_adapter] if layer.active_adapter in layer.adapter_names else None
             replacement = active if active is not None else layer.original_module
         elif B.is_linear4bit(layer.base_layer):
-            quant_state = layer.base_layer.weight.quant_state
-            dtype = getattr(layer.base_layer, "compute_dtype", None) or quant_state.dtype
+            # fastpeft's dequant (Triton on the weight's GPU, bit-exact with bnb), merged in fp32, stored in the
+            # dtype the weight had before quantization (bf16 for a bf16 model, whatever the compute dtype)
+            quant_state = B.quant_state_of(layer.base_layer)
+            dtype = quant_state.dtype or getattr(layer.base_layer, "compute_dtype", None) or torch.float32
             replacement = layer.merged_dense(dtype)
         else:
             layer.merge()

@@ -120,8 +120,25 @@ def clone_model():
     return copy.deepcopy
 
 
+def tiny_model_for_nf4(arch: str = "llama", seed: int = 0, dtype=torch.float32):
+    """``tiny_model`` with hidden 128 / intermediate 256: every in_features a multiple of the 4-bit blocksizes
+    64 and 128. bitsandbytes 0.50's CPU ``dequantize_4bit`` mis-scales 2-D weights whose in_features is a
+    multiple of 16 but not of the blocksize (e.g. 48 with blocksize 64; see tests/ops/test_nf4.py), so PEFT +
+    bnb on CPU would compute with other weights than the format (and bnb's CUDA kernel) says."""
+    cfg = tiny_config(arch)
+    if arch == "gpt2":
+        cfg.n_embd = 128
+    else:
+        cfg.hidden_size, cfg.intermediate_size = 128, 256
+        if getattr(cfg, "head_dim", None) is not None:
+            cfg.head_dim = 32
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return model.to(dtype).eval()
+
+
 def nf4_tiny_model(arch: str = "llama", double_quant: bool = True, seed: int = 0, blocksize: int = 64):
-    """``tiny_model(arch, seed)`` with every nn.Linear but the output head swapped for a bitsandbytes NF4
+    """``tiny_model_for_nf4(arch, seed)`` with every nn.Linear but the output head swapped for a bitsandbytes NF4
     ``Linear4bit`` (fp32 compute), quantized from the fp32 weights on CPU — a tiny QLoRA base.
 
     ``model.is_loaded_in_4bit`` is set, as transformers does for bnb-quantized models, so PEFT dispatches
@@ -129,7 +146,7 @@ def nf4_tiny_model(arch: str = "llama", double_quant: bool = True, seed: int = 0
     """
     import bitsandbytes as bnb
 
-    model = tiny_model(arch, seed)
+    model = tiny_model_for_nf4(arch, seed)
     head = model.get_output_embeddings()
     targets = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
     for name, lin in targets:

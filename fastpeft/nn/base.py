@@ -55,7 +55,26 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear4bit(module: nn.Module) -> bool:
+    """bitsandbytes ``Linear4bit`` (NF4 / FP4) or fastpeft's bnb-free ``NF4Linear`` (fastpeft.quantize)."""
+    if getattr(module, "is_fastpeft_nf4", False):
+        return True
     return type(module).__name__ == "Linear4bit" and hasattr(getattr(module, "weight", None), "quant_state")
+
+
+def quant_state_of(module: nn.Module):
+    return getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
+
+
+def nf4_parts(module: nn.Module):
+    """(packed bytes, QuantState) of a 4-bit base in bnb's standard layout, or None when bnb has repacked the
+    weight in place for its CPU inference kernel (only the reference path reads that layout)."""
+    qs = quant_state_of(module)
+    if qs is None:
+        raise ValueError(f"{type(module).__name__} has no quant_state: the weight was never quantized "
+                         "(move the model to a device, or load it with BitsAndBytesConfig)")
+    if getattr(qs, "packing_format_for_cpu", False):
+        return None
+    return module.weight.data, qs
 
 
 def supported_base(module: nn.Module) -> bool:
@@ -74,13 +93,14 @@ def base_features(module: nn.Module) -> Tuple[int, int]:
 
 
 def dequantize_linear4bit(module: nn.Module) -> torch.Tensor:
-    """The [out, in] weight of a bitsandbytes Linear4bit, dequantized (reference path)."""
-    import bitsandbytes.functional as bnbf
+    """The [out, in] weight of a 4-bit base in the state's dtype, dequantized by fastpeft (bit-exact with
+    bitsandbytes' ``dequantize_4bit``; Triton on CUDA, PyTorch elsewhere; bitsandbytes not needed)."""
+    from ..ops.nf4 import nf4_dequantize
 
-    weight = module.weight
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
-        return _dequantize_cpu_packed(weight.data, weight.quant_state)
-    return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    parts = nf4_parts(module)
+    if parts is None:
+        return _dequantize_cpu_packed(module.weight.data, quant_state_of(module))
+    return nf4_dequantize(*parts)
 
 
 def _dequantize_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
@@ -115,7 +135,8 @@ def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
 
 
 def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Frozen base output. Linear4bit: dequantize, then matmul in the layer's compute dtype (reference path)."""
+    """Frozen base output. Linear4bit: dequantize (to the state's dtype, then the compute dtype, as bnb), then
+    matmul in the layer's compute dtype (reference path)."""
     if is_linear4bit(module):
         cd = compute_dtype(module, x)
         w = dequantize_linear4bit(module).to(cd)

@@ -65,6 +65,14 @@ class IA3Linear(nn.Module):
             return B.base_forward(self.base_layer, x)
         ia3_l = self.ia3_l[name]
         if B.wants_triton(self.backend, x):
+            if B.is_linear4bit(self.base_layer) and B.nf4_parts(self.base_layer) is not None:
+                from ..ops.nf4_lora import nf4_ia3_linear
+
+                packed, quant_state = B.nf4_parts(self.base_layer)
+                cd = B.compute_dtype(self.base_layer, x)
+                y = nf4_ia3_linear(x.to(cd), packed, quant_state, B.base_bias(self.base_layer), ia3_l,
+                                   self.is_feedforward)
+                return y.to(x.dtype)
             fused = custom_ops.ia3_linear  # autograd.Function in eager, torch.library op under torch.compile
             if fused is not None and not B.is_linear4bit(self.base_layer):
                 weight = B.dense_weight(self.base_layer)

@@ -110,6 +110,8 @@ class LoraLinear(nn.Module):
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
         if B.wants_triton(self.backend, x):
+            if B.is_linear4bit(self.base_layer) and B.nf4_parts(self.base_layer) is not None:
+                return self._forward_nf4(x, lora_A, lora_B, scaling, p)
             fused = custom_ops.lora_linear  # autograd.Function in eager, torch.library op under torch.compile
             if fused is not None and not B.is_linear4bit(self.base_layer):
                 seed = dropout_seed() if p > 0 else None  # torch CPU RNG + rank: see nn/_rng.py
@@ -123,6 +125,16 @@ class LoraLinear(nn.Module):
         result = B.base_forward(self.base_layer, x)
         # PEFT's order: base(x) + lora_B(lora_A(dropout(x))) * scaling; dropout uses torch's RNG like PEFT.
         return result + lora_ops.lora_delta_reference(dropout(x), lora_A, lora_B, scaling)
+
+    def _forward_nf4(self, x, lora_A, lora_B, scaling, p):
+        """QLoRA kernels (fastpeft.ops.nf4_lora): compute in the layer's compute dtype, as bnb's Linear4bit."""
+        from ..ops.nf4_lora import nf4_lora_linear
+
+        packed, quant_state = B.nf4_parts(self.base_layer)
+        cd = B.compute_dtype(self.base_layer, x)
+        seed = dropout_seed() if p > 0 else None  # the same draw as the dense kernels (nn/_rng.py)
+        y = nf4_lora_linear(x.to(cd), packed, quant_state, B.base_bias(self.base_layer), lora_A, lora_B, scaling, p, seed)
+        return y.to(x.dtype)
 
     # -- merge ----------------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
