@@ -180,3 +180,48 @@ def test_device_slug_and_outputs_stem():
     assert bench.output_stem(["1b", "8b"], "2026-01-02") == "step_2026-01-02"
     assert bench.output_stem(["8b"], "2026-01-02") == "step_2026-01-02_8b"
     assert bench.output_stem(["tiny"], "2026-01-02") == "step_2026-01-02"
+
+
+def test_full_ft_past_gpu_memory_is_recorded_as_oom_without_trying(monkeypatch):
+    monkeypatch.setattr(bench, "gpu_memory_bytes", lambda device: 40 * bench.GiB)
+    row = bench.run_config(bench.Spec("8b", "full_ft", "torch"), "cuda", torch.bfloat16, 1, 0, None)
+    assert row["status"] == "oom" and "estimated" in row["reason"] and "not tried" in row["reason"]
+    assert row["estimate_gib"] > 40
+
+
+def _gpu_like_info():
+    """Rows as a GPU run writes them (MFU, OOM, error), to check the report formatting without a GPU."""
+    rows = []
+    for model, base in (("1b", 20000.0), ("8b", 5000.0)):
+        for spec in bench.make_plan([model], bench.METHODS):
+            row = bench.new_row(spec)
+            if spec.method == "full_ft" and model == "8b":
+                row.update(status="oom", reason="OOM (estimated 90.0 GiB > 79.1 GiB): not tried", estimate_gib=90.0)
+            elif spec.method == "lora_liger" and spec.impl == "fastpeft":
+                row.update(status="error", reason="RuntimeError: boom")
+            else:
+                speed = base * (2.5 if spec.impl == "fastpeft" else 1.0)
+                row.update(status="ok", tokens=4096, step_s=4096 / speed, step_s_all=[4096 / speed] * 3,
+                           tokens_per_s=speed, peak_gib=20.0 * (0.7 if spec.impl == "fastpeft" else 1.0),
+                           peak_kind="allocated", loss_first=11.9, loss_last=11.8, flops_per_step=1e14, mfu=0.41)
+            rows.append(row)
+    return {"schema": bench.SCHEMA, "date": "2026-01-02", "device": "NVIDIA H100 80GB HBM3", "device_slug": "h100",
+            "versions": bench.versions(), "gemm_tflops": 750.0, "notes": [], "rows": rows,
+            "settings": {"dtype": "bfloat16", "rank": 16, "lora_alpha": 32, "steps": 5, "warmup": 2,
+                         "gradient_checkpointing": "non-reentrant", "optimizer": "torch AdamW (fused)",
+                         "fastpeft_backend": "auto"}}
+
+
+def test_gpu_report_formatting(tmp_path):
+    info = _gpu_like_info()
+    md = bench.markdown(info)
+    assert "| Llama-3.1-8B | OOM (est. 90 GiB, not tried) |" in md
+    assert "| Llama-3.2-1B | 20.0 GiB | PEFT 20.0 GiB → fastpeft 14.0 GiB (0.70×) |" in md
+    assert "| Llama-3.2-1B | LoRA r=16 | 20,000 | 50,000 | 2.50× | 41.0% | 41.0% |" in md
+    assert "speed ≥2× met; memory ≤0.75× met; 2.50× Full FT" in md
+    assert "speed ≥3× missed" in md  # QLoRA at 2.5×
+    assert "MFU = model FLOPs per step" in md and "750 TFLOP/s" in md
+    assert "- 8b LoRA r=16 + Liger [fastpeft]: error: RuntimeError: boom" in md
+    if _has_matplotlib():
+        files = bench.write_plots(info, str(tmp_path / "x"))
+        assert [os.path.basename(f) for f in files] == ["x_tokens.png", "x_memory.png"]
