@@ -995,7 +995,10 @@ def write_plots(info, stem: str) -> List[str]:
                 ax.axhline(full[key], color="#d62728", linestyle="--", linewidth=1, label="Full FT")
             ax.set_xticks(x)
             ax.set_xticklabels(labels, fontsize=8)
-            ax.set_title(f"{MODELS[model]['name']}, batch {SEQ[model][0]}×{SEQ[model][1]}")
+            title = f"{MODELS[model]['name']}, batch {SEQ[model][0]}×{SEQ[model][1]}"
+            if full is not None and full["status"] != "ok":
+                title += f" (Full FT: {_status(full)})"
+            ax.set_title(title, fontsize=10)
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=8)
         fig.suptitle(f"{info['device']} — {info['date']}", fontsize=10)
