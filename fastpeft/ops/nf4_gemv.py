@@ -1,0 +1,149 @@
+"""Decode path (M <= 16 tokens, no autograd): NF4 / FP4 GEMV fused with the LoRA shrink / expand.
+
+    y = x·dequant(W)ᵀ + bias + scaling·(x·Aᵀ)·Bᵀ        x [M, K] with M <= 16
+
+Two implementations, same contract:
+  * CUDA C++ (``csrc/nf4_gemv.cu``), built on first use with ninja through ``torch.utils.cpp_extension.load``
+    and cached under ``~/.cache/fastpeft/csrc/`` (``FASTPEFT_CSRC_CACHE`` overrides). Needs nvcc (CUDA
+    toolkit; ``CUDA_HOME``) and ninja; ``load_extension()`` raises a RuntimeError that names what is missing.
+    Bound: the weight stream, N·K/2 bytes + absmax (target >= 70% of HBM bandwidth at M=1).
+  * Triton fallback: ``ops.lora``'s shrink / expand kernels + the fused in-kernel-dequant GEMM of
+    ``ops.nf4_lora`` (used when the extension cannot be built, for shapes it does not take, or with
+    ``FASTPEFT_CSRC=0``).
+``nf4_lora_gemv`` picks one; the first failure to build warns once and the Triton path is used from then on.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from typing import Any, Optional
+
+import torch
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+_SOURCES = ["nf4_gemv.cu"]
+_EXT: Any = None
+_EXT_ERROR: Optional[BaseException] = None
+MAX_M = 16
+
+
+def _source_paths():
+    return [os.path.join(_CSRC, s) for s in _SOURCES]
+
+
+def toolchain_problem() -> Optional[str]:
+    """None when the CUDA extension can be built here, else a sentence naming what is missing."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA support"
+    missing = [p for p in _source_paths() if not os.path.exists(p)]
+    if missing:
+        return f"CUDA sources not found: {missing} (install fastpeft from a source checkout)"
+    from torch.utils import cpp_extension  # noqa: PLC0415
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return (f"nvcc not found (CUDA_HOME={cuda_home!r}): install the CUDA toolkit matching torch's CUDA "
+                f"{torch.version.cuda} and set CUDA_HOME")
+    return None
+
+
+def _build_dir() -> str:
+    h = hashlib.sha256()
+    for p in _source_paths():
+        with open(p, "rb") as f:
+            h.update(f.read())
+    tag = f"torch{torch.__version__}-cu{torch.version.cuda}-{h.hexdigest()[:12]}".replace("+", "_")
+    root = os.environ.get("FASTPEFT_CSRC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastpeft", "csrc"))
+    path = os.path.join(root, tag)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def load_extension(verbose: bool = False):
+    """Build (first call; cached on disk) and import the CUDA decode extension. Raises RuntimeError naming
+    the missing piece (device, nvcc, ninja) or carrying the compiler's error."""
+    global _EXT, _EXT_ERROR
+    if _EXT is not None:
+        return _EXT
+    problem = toolchain_problem()
+    if problem is not None:
+        raise RuntimeError(f"fastpeft csrc (NF4 decode GEMV) cannot be built: {problem}. The Triton path is used "
+                           "instead; set FASTPEFT_CSRC=0 to skip this attempt.")
+    from torch.utils import cpp_extension  # noqa: PLC0415
+
+    build = _build_dir()
+    try:
+        _EXT = cpp_extension.load(name="fastpeft_nf4_gemv_" + os.path.basename(build).rsplit("-", 1)[-1],
+                                  sources=_source_paths(), build_directory=build,
+                                  extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
+    except Exception as exc:  # compiler / linker errors: keep the message, say where the build lives
+        raise RuntimeError(f"fastpeft csrc (NF4 decode GEMV) failed to build in {build}: {exc}") from exc
+    return _EXT
+
+
+def _cuda_ok(x2, quant_state, ks) -> bool:
+    return (x2.is_cuda and x2.shape[0] <= MAX_M and x2.shape[1] % 32 == 0 and ks["bs"] % 32 == 0
+            and x2.stride(1) == 1 and x2.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+
+def nf4_lora_gemv_cuda(x2, packed, quant_state, bias, lora_A, lora_B, scaling: float):
+    """The CUDA kernel (raises if the extension cannot be built or the shape is not supported)."""
+    from .nf4 import kernel_state  # noqa: PLC0415
+
+    ext = load_extension()
+    ks = kernel_state(quant_state, x2.device)
+    if not _cuda_ok(x2, quant_state, ks):
+        raise ValueError("nf4_lora_gemv_cuda takes CUDA x [M <= 16, K % 32 == 0] with unit column stride and "
+                         "blocksize % 32 == 0")
+    b = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    N = int(quant_state.shape[0])
+    A = None if lora_A is None else lora_A.float().contiguous()
+    Bm = None if lora_B is None else lora_B.float().contiguous()
+    bias = None if bias is None else bias.to(x2.dtype).contiguous()
+    return ext.nf4_gemv_lora(x2, b, ks["absmax"], ks["code"], ks["code2"], ks["absmax2"], ks["offset"],
+                             ks["nested"], ks["bs"], ks["bs2"], N, bias, A, Bm, float(scaling))
+
+
+def nf4_lora_gemv_triton(x2, packed, quant_state, bias, lora_A, lora_B, scaling: float):
+    """Triton path: Z = s·(x·Aᵀ)·Bᵀ + bias (ops.lora kernels), then y = Z + x·dequant(W)ᵀ (fused GEMM)."""
+    from . import lora as lora_ops  # noqa: PLC0415
+    from .nf4_lora import nf4_matmul  # noqa: PLC0415
+
+    b = None if bias is None else bias.to(x2.dtype)
+    if lora_A is None:
+        return nf4_matmul(x2, packed, quant_state, c_in=None if b is None else b.expand(x2.shape[0], -1))
+    P = lora_ops.lora_s_partials(x2, lora_A, 0.0, None)
+    Z, _ = lora_ops.lora_expand(P, lora_B, b, scaling, x2.dtype)
+    return nf4_matmul(x2, packed, quant_state, c_in=Z)
+
+
+_failed = False  # the extension failed to build once: Triton from then on (no rebuild attempt per token)
+
+
+def nf4_lora_gemv(x2, packed, quant_state, bias, lora_A, lora_B, scaling: float, backend: str = "auto"):
+    """Decode forward (no autograd) for x2 [M <= 16, K]: CUDA kernel when it builds, else Triton.
+
+    backend: "auto" | "cuda" | "triton". FASTPEFT_CSRC=0 makes "auto" skip the CUDA extension.
+    """
+    global _failed
+    if backend not in ("auto", "cuda", "triton"):
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'triton', got {backend!r}")
+    if backend == "cuda":
+        return nf4_lora_gemv_cuda(x2, packed, quant_state, bias, lora_A, lora_B, scaling)
+    if backend == "auto" and not _failed and os.environ.get("FASTPEFT_CSRC", "1") != "0" and x2.is_cuda:
+        from .nf4 import kernel_state  # noqa: PLC0415
+
+        if _cuda_ok(x2, quant_state, kernel_state(quant_state, x2.device)):
+            try:
+                return nf4_lora_gemv_cuda(x2, packed, quant_state, bias, lora_A, lora_B, scaling)
+            except RuntimeError as exc:
+                _failed = True
+                warnings.warn(f"{exc} -- using the Triton decode path", stacklevel=2)
+    return nf4_lora_gemv_triton(x2, packed, quant_state, bias, lora_A, lora_B, scaling)

@@ -1,0 +1,246 @@
+"""fastpeft.ops.nf4_lora / nf4_gemv: QLoRA kernels against the pure-PyTorch reference.
+
+CPU: Triton under TRITON_INTERPRET=1 in fp32 / fp16 (both paths: dequant-into-buffer + dense composition, and
+the fused in-kernel-dequant GEMM), the decode path's Triton fallback, clear toolchain errors.
+GPU (marker ``gpu``): bf16 at Llama shapes, the CUDA decode GEMV, dequant bit-exact with bnb's CUDA kernel.
+"""
+import os
+
+import pytest
+import torch
+
+from fastpeft.ops import lora as lora_ops
+from fastpeft.ops import nf4, nf4_gemv, nf4_lora
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not (INTERP or CUDA), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if CUDA else "cpu"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _weight(N, K, bs=64, dq=True, qt="nf4", seed=0, device=DEV, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(N, K, generator=g) * 0.05).to(dtype).to(device)
+    return nf4.quantize_nf4(w, blocksize=bs, compress_statistics=dq, quant_type=qt)
+
+
+def _tol(dtype):
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def _run(fn, x, params, dy):
+    y = fn(x)
+    grads = torch.autograd.grad(y, [x] + params, dy)
+    return y.detach(), grads
+
+
+CASES = [  # M, N, K, blocksize, double quant, quant type, dropout
+    (5, 24, 70, 64, True, "nf4", 0.0),
+    (33, 40, 128, 32, False, "nf4", 0.3),
+    (7, 17, 256, 128, True, "fp4", 0.1),
+    (1, 48, 96, 256, True, "nf4", 0.0),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["buffer", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:3])) + f"-bs{c[3]}-{c[5]}-p{c[6]}")
+def test_lora_matches_reference(case, dtype, path, monkeypatch):
+    M, N, K, bs, dq, qt, p = case
+    monkeypatch.setenv("FASTPEFT_NF4_GEMM", path)
+    packed, qs = _weight(N, K, bs, dq, qt, seed=M + N)
+    g = torch.Generator().manual_seed(K)
+    # 3-D, non-contiguous input (a column slice)
+    x_full = torch.randn(2, M, K + 3, generator=g).to(dtype).to(DEV)
+    x = x_full[..., 1:K + 1].requires_grad_()
+    A = (torch.randn(4, K, generator=g) * 0.1).to(DEV).requires_grad_()
+    B = (torch.randn(N, 4, generator=g) * 0.1).to(DEV).requires_grad_()
+    bias = torch.randn(N, generator=g).to(dtype).to(DEV).requires_grad_()
+    seed = 1234 if p > 0 else None
+    dy = torch.randn(2, M, N, generator=g).to(dtype).to(DEV)
+    y, grads = _run(lambda x_: nf4_lora.nf4_lora_linear(x_, packed, qs, bias, A, B, 2.0, p, seed), x, [A, B, bias], dy)
+    mask = lora_ops.lora_dropout_mask(x.shape, p, seed, DEV, dtype) if p > 0 else None
+    want, wgrads = _run(lambda x_: nf4_lora.nf4_lora_linear_reference(x_, packed, qs, bias, A, B, 2.0, mask),
+                        x, [A, B, bias], dy)
+    expect_path = "buffer" if (path == "buffer" or K % 2) else "fused"
+    assert nf4_lora.nf4_path(2 * M, qs, dtype, DEV) == expect_path
+    tol = _tol(dtype)
+    assert rel(y, want) <= tol
+    for name, a, b in zip(["dx", "dA", "dB", "dbias"], grads, wgrads):
+        assert a.abs().sum() > 0, name
+        assert rel(a, b) <= tol, name
+
+
+@needs_triton
+@pytest.mark.parametrize("nn_layout", [False, True])
+@pytest.mark.parametrize("split", [1, 3])
+def test_nf4_matmul_layouts_and_split(nn_layout, split):
+    N, K = 40, 192
+    packed, qs = _weight(N, K, 64, True, seed=3)
+    w = nf4.nf4_dequantize_reference(packed, qs, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    M = 9
+    p2 = torch.randn(M, N if nn_layout else K, generator=g).to(DEV)
+    c_in = torch.randn(M, K if nn_layout else N, generator=g).to(DEV)
+    got = nf4_lora.nf4_matmul(p2, packed, qs, nn_layout=nn_layout, c_in=c_in, split=split)
+    want = c_in + (p2 @ w if nn_layout else p2 @ w.t())
+    assert rel(got, want) <= 1e-5
+    with pytest.raises(ValueError, match="columns"):
+        nf4_lora.nf4_matmul(p2[:, :-1], packed, qs, nn_layout=nn_layout)
+
+
+@needs_triton
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ia3_matches_reference(feedforward, dtype):
+    N, K, M = 36, 130, 11
+    packed, qs = _weight(N, K, 64, True, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, M, K, generator=g).to(dtype).to(DEV).requires_grad_()
+    l = (1 + 0.3 * torch.randn((1, K) if feedforward else (N, 1), generator=g)).to(DEV).requires_grad_()
+    bias = torch.randn(N, generator=g).to(dtype).to(DEV).requires_grad_()
+    dy = torch.randn(2, M, N, generator=g).to(dtype).to(DEV)
+    y, grads = _run(lambda x_: nf4_lora.nf4_ia3_linear(x_, packed, qs, bias, l, feedforward), x, [l, bias], dy)
+    want, wgrads = _run(lambda x_: nf4_lora.nf4_ia3_linear_reference(x_, packed, qs, bias, l, feedforward),
+                        x, [l, bias], dy)
+    assert rel(y, want) <= _tol(dtype)
+    for a, b in zip(grads, wgrads):
+        assert a.abs().sum() > 0 and rel(a, b) <= _tol(dtype)
+
+
+@needs_triton
+def test_dequant_lut_variants_and_buffer_reuse():
+    packed, qs = _weight(24, 200, 128, True, seed=9)
+    want = nf4.nf4_dequantize_reference(packed, qs, torch.float16)
+    assert torch.equal(nf4.nf4_dequantize_triton(packed, qs, torch.float16, lut="load"), want)
+    assert torch.equal(nf4.nf4_dequantize_triton(packed, qs, torch.float16, lut="select"), want)
+    w1 = nf4_lora.dequantize_to(packed, qs, torch.float16)
+    packed2, qs2 = _weight(8, 64, 64, False, seed=10)
+    w2 = nf4_lora.dequantize_to(packed2, qs2, torch.float16)
+    assert w1.data_ptr() == w2.data_ptr()  # one shared buffer: the second weight overwrote the first
+    assert torch.equal(w2, nf4.nf4_dequantize_reference(packed2, qs2, torch.float16))
+    with pytest.raises(ValueError, match="out must be"):
+        nf4.nf4_dequantize_triton(packed, qs, torch.float16, out=torch.empty(10, dtype=torch.float16, device=DEV))
+    # state dtype bf16, compute fp32: two roundings (bf16 first), as bnb
+    pb, qb = _weight(8, 64, 64, True, seed=11, dtype=torch.bfloat16)
+    assert torch.equal(nf4_lora.dequantize_to(pb, qb, torch.float32),
+                       nf4.nf4_dequantize_reference(pb, qb, torch.bfloat16).float())
+
+
+def test_dispatch_rules(monkeypatch):
+    _, qs = _weight(16, 64, device="cpu")
+    _, qs_odd = _weight(16, 65, device="cpu")
+    monkeypatch.setenv("FASTPEFT_NF4_GEMM", "auto")
+    assert nf4_lora.nf4_path(1, qs, torch.float32, "cpu") == "fused"
+    assert nf4_lora.nf4_path(4096, qs, torch.float32, "cpu") == "buffer"
+    assert nf4_lora.nf4_path(1, qs_odd, torch.float32, "cpu") == "buffer"  # odd K: rows do not start on a byte
+    monkeypatch.setenv("FASTPEFT_NF4_FUSED_MAX_M", "64")
+    assert nf4_lora.nf4_path(64, qs, torch.float32, "cpu") == "fused"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert nf4_lora.nf4_path(1, qs, torch.float32, "cpu") == "buffer"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("FASTPEFT_NF4_GEMM", "cublas")
+    with pytest.raises(ValueError, match="FASTPEFT_NF4_GEMM"):
+        nf4_lora.nf4_path(1, qs, torch.float32, "cpu")
+
+
+def test_reference_on_plain_cpu_and_seed_required():
+    packed, qs = _weight(8, 32, device="cpu")
+    x = torch.randn(3, 32)
+    A, B = torch.randn(2, 32), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="seed"):
+        nf4_lora.nf4_lora_linear(x, packed, qs, None, A, B, 1.0, 0.1, None)
+    w = nf4.nf4_dequantize_reference(packed, qs, torch.float32)
+    assert rel(nf4_lora.nf4_lora_linear_reference(x, packed, qs, None, A, B, 1.0), x @ w.t() + (x @ A.t()) @ B.t()) < 1e-6
+
+
+# -- decode path ------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_gemv_triton_fallback_matches_reference(M):
+    N, K = 48, 128
+    packed, qs = _weight(N, K, 64, True, seed=M)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(DEV)
+    A, B = torch.randn(4, K, generator=g).to(DEV) * 0.1, torch.randn(N, 4, generator=g).to(DEV) * 0.1
+    bias = torch.randn(N, generator=g).to(DEV)
+    want = nf4_lora.nf4_lora_linear_reference(x, packed, qs, bias, A, B, 1.5)
+    got = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 1.5, backend="triton")
+    assert rel(got, want) <= 1e-5
+    no_lora = nf4_gemv.nf4_lora_gemv_triton(x, packed, qs, bias, None, None, 0.0)
+    assert rel(no_lora, x @ nf4.nf4_dequantize_reference(packed, qs).t() + bias) <= 1e-5
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error on machines without a CUDA toolchain / device")
+def test_csrc_missing_toolchain_error_is_clear():
+    problem = nf4_gemv.toolchain_problem()
+    assert problem is not None and ("CUDA" in problem or "nvcc" in problem or "ninja" in problem)
+    with pytest.raises(RuntimeError, match="cannot be built") as info:
+        nf4_gemv.load_extension()
+    assert problem in str(info.value) and "Triton" in str(info.value)
+    with pytest.raises(ValueError, match="backend"):
+        nf4_gemv.nf4_lora_gemv(torch.randn(1, 32), *_weight(8, 32, device="cpu"), None, None, None, 1.0, backend="x")
+
+
+# -- GPU ---------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 64, 1000])
+@pytest.mark.parametrize("path", ["buffer", "fused"])
+def test_gpu_bf16_lora_paths(M, path, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_NF4_GEMM", path)
+    N, K = 1024, 4096
+    packed, qs = _weight(N, K, 64, True, seed=1, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16).cuda().requires_grad_()
+    A = (torch.randn(16, K, generator=g) * 0.02).cuda().requires_grad_()
+    B = (torch.randn(N, 16, generator=g) * 0.02).cuda().requires_grad_()
+    dy = torch.randn(M, N, generator=g).to(torch.bfloat16).cuda()
+    y, grads = _run(lambda x_: nf4_lora.nf4_lora_linear(x_, packed, qs, None, A, B, 2.0, 0.05, 77), x, [A, B], dy)
+    mask = lora_ops.lora_dropout_mask(x.shape, 0.05, 77, "cuda", torch.bfloat16)
+    xs = x.detach().float().requires_grad_()
+    want, wgrads = _run(lambda x_: nf4_lora.nf4_lora_linear_reference(x_, packed, qs, None, A, B, 2.0, mask.float()),
+                        xs, [A, B], dy.float())
+    assert rel(y, want) <= 2e-2
+    for a, b in zip(grads, wgrads):
+        assert rel(a, b) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decode_cuda_and_triton(M, dtype):
+    N, K = 4096, 4096
+    packed, qs = _weight(N, K, 64, True, seed=M, dtype=dtype)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(dtype).cuda()
+    A, B = (torch.randn(16, K, generator=g) * 0.02).cuda(), (torch.randn(N, 16, generator=g) * 0.02).cuda()
+    bias = torch.randn(N, generator=g).to(dtype).cuda()
+    want = nf4_lora.nf4_lora_linear_reference(x.float(), packed, qs, bias.float(), A, B, 2.0)
+    tri = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 2.0, backend="triton")
+    assert rel(tri, want) <= 1e-2
+    problem = nf4_gemv.toolchain_problem()
+    if problem is not None:
+        pytest.skip(f"CUDA extension not buildable here: {problem}")
+    cu = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 2.0, backend="cuda")
+    assert cu.dtype == dtype and rel(cu, want) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_model_decode_uses_gemv_and_matches():
+    """no-grad M <= 16 forward through nf4_lora_linear = the decode path; equals the training path's forward."""
+    N, K = 512, 1024
+    packed, qs = _weight(N, K, 64, True, seed=4, dtype=torch.bfloat16)
+    x = torch.randn(1, 3, K, device="cuda", dtype=torch.bfloat16)
+    A, B = torch.randn(8, K, device="cuda") * 0.02, torch.randn(N, 8, device="cuda") * 0.02
+    with torch.no_grad():
+        dec = nf4_lora.nf4_lora_linear(x, packed, qs, None, A, B, 2.0)
+    train = nf4_lora.nf4_lora_linear(x, packed, qs, None, A.requires_grad_(), B, 2.0)
+    assert dec.shape == train.shape and rel(dec, train.detach()) <= 1e-2
