@@ -1017,7 +1017,12 @@ def report(json_paths: List[str], out_dir: Optional[str], plots: bool, log=print
         with open(p) as f:
             infos.append(json.load(f))
     info = dict(infos[0])
-    info["rows"] = [r for i in infos for r in i["rows"]]
+    merged: Dict[tuple, Dict[str, Any]] = {}
+    for row in (r for i in infos for r in i["rows"]):  # a later run's row replaces an earlier one, unless it
+        key = (row["model"], row["method"], row["impl"])  # did not run and the earlier one did
+        if key not in merged or row["status"] == "ok" or merged[key]["status"] != "ok":
+            merged[key] = row
+    info["rows"] = list(merged.values())
     for i in infos[1:]:
         if i["device"] != info["device"]:
             info.setdefault("notes", []).append(f"rows from another device too: {i['device']} ({i['date']})")
