@@ -232,3 +232,10 @@ def test_gpu_report_formatting(tmp_path):
     if _has_matplotlib():
         files = bench.write_plots(info, str(tmp_path / "x"))
         assert [os.path.basename(f) for f in files] == ["x_tokens.png", "x_memory.png"]
+
+
+@pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA GeForce RTX 4090", "geforce-rtx-4090")])
+def test_gpu_slug(monkeypatch, name, slug):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert bench.device_slug("cuda") == slug
