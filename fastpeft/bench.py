@@ -155,8 +155,8 @@ def device_slug(device: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100'; other GPUs: lower-case alphanumerics; 'cpu' without a GPU."""
     if device != "cuda":
         return "cpu"
-    name = torch.cuda.get_device_name().lower()
-    m = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", name.replace("nvidia", ""))
+    name = torch.cuda.get_device_name().lower().replace("nvidia", "")
+    m = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", name)
     return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
