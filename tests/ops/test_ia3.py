@@ -38,7 +38,7 @@ def _run_and_check(dtype, B, T, K, N, layout, w_t, has_bias, feedforward, l_flat
         assert rel_err(bias.grad, br.grad) < tol
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50 if DEVICE == "cpu" else 16, deadline=None)  # GPU: each new shape compiles kernels
 @given(
     dtype=st.sampled_from([torch.float32, torch.float16]),
     B=st.integers(1, 3), T=st.integers(1, 13),
@@ -48,7 +48,7 @@ def _run_and_check(dtype, B, T, K, N, layout, w_t, has_bias, feedforward, l_flat
     gemm=st.sampled_from(["triton", "cublas"]),
 )
 def test_ia3_linear_matches_reference(dtype, B, T, K, N, layout, w_t, has_bias, feedforward, l_flat, gemm):
-    with env_var("FASTPEFT_IA3_GEMM", gemm):
+    with env_var("FASTPEFT_IA3_GEMM", gemm), env_var("FASTPEFT_AUTOTUNE", "0"):
         _run_and_check(dtype, B, T, K, N, layout, w_t, has_bias, feedforward, l_flat)
 
 

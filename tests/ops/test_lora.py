@@ -53,7 +53,7 @@ def _run_and_check(dtype, B, T, K, N, r, layout, w_t, has_bias, p, seed, scaling
         assert bias.grad.dtype == dtype and rel_err(bias.grad, br.grad) < tol
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60 if DEVICE == "cpu" else 20, deadline=None)  # GPU: each new shape compiles kernels
 @given(
     dtype=st.sampled_from([torch.float32, torch.float16]),
     B=st.integers(1, 3), T=st.integers(1, 13),
@@ -65,7 +65,7 @@ def _run_and_check(dtype, B, T, K, N, r, layout, w_t, has_bias, p, seed, scaling
     gemm=st.sampled_from(["triton", "cublas"]),
 )
 def test_lora_linear_matches_reference(dtype, B, T, K, N, r, layout, w_t, has_bias, p, seed, gemm):
-    with env_var("FASTPEFT_LORA_GEMM", gemm):
+    with env_var("FASTPEFT_LORA_GEMM", gemm), env_var("FASTPEFT_AUTOTUNE", "0"):
         _run_and_check(dtype, B, T, K, N, r, layout, w_t, has_bias, p, seed)
 
 
