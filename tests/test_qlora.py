@@ -2,6 +2,7 @@
 backends (reference; triton = the QLoRA kernels, interpreted on CPU), gradient checkpointing without
 prepare_model_for_kbit_training, merge_and_unload through fastpeft's dequant, and quantize_nf4(model)."""
 import copy
+import os
 import warnings
 
 import pytest
@@ -16,6 +17,9 @@ from fastpeft.nn import base as B  # noqa: E402
 
 FP32_TOL = 1e-5
 PREFIX = "base_model.model."
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the tiny models live on the CPU: the triton backend runs there only under the interpreter
+cpu_triton = pytest.mark.skipif(not INTERP, reason="CPU models + triton backend need TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +45,7 @@ def _pair(cfg, base, backend, monkeypatch, noise_seed=3):
     with torch.no_grad():
         for _, p in ours.named_parameters():
             if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))  # larger noise: ill-conditioned in fp32
+                p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.device))  # larger: ill-conditioned in fp32
     theirs = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg))
     mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     with torch.no_grad():
@@ -75,7 +79,8 @@ def _assert_parity(theirs, ours, ids):
 LORA = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)  # noqa: E731
 
 
-@pytest.mark.parametrize("backend,path", [("reference", None), ("triton", "buffer"), ("triton", "fused")])
+@pytest.mark.parametrize("backend,path", [("reference", None), pytest.param("triton", "buffer", marks=cpu_triton),
+                                          pytest.param("triton", "fused", marks=cpu_triton)])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "nodq"])
 def test_qlora_lora_matches_peft_bnb(backend, path, double_quant, monkeypatch):
     if path is not None:
@@ -88,6 +93,7 @@ def test_qlora_lora_matches_peft_bnb(backend, path, double_quant, monkeypatch):
         _assert_parity(theirs, ours, random_ids(seed=4))
 
 
+@cpu_triton
 def test_qlora_bias_trains_like_peft(monkeypatch):
     """bias='all' on a 4-bit model with biases (qwen2 q/k/v): bias grads through the kernels."""
     base = nf4_tiny_model("qwen2")
@@ -98,7 +104,7 @@ def test_qlora_bias_trains_like_peft(monkeypatch):
     assert any(n.endswith("q_proj.base_layer.bias") for n, p in ours.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=cpu_triton)])
 def test_qlora_ia3_matches_peft_bnb(backend, monkeypatch):
     cfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                          init_ia3_weights=False)
@@ -108,7 +114,7 @@ def test_qlora_ia3_matches_peft_bnb(backend, monkeypatch):
 
 # -- gradient checkpointing and input grads without prepare_model_for_kbit_training ---------------------------
 @pytest.mark.parametrize("reentrant", [True, False])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=cpu_triton)])
 def test_qlora_gradient_checkpointing_without_kbit_prep(reentrant, backend, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     base = nf4_tiny_model("llama")
@@ -177,6 +183,7 @@ def test_qlora_merge_and_unload_without_bnb_dequant(monkeypatch):
 
 
 # -- quantize_nf4(model) --------------------------------------------------------------------------------------
+@cpu_triton
 def test_quantize_model_matches_bnb_and_peft(monkeypatch):
     """fastpeft.quantize_nf4(model) writes bnb Linear4bit layers byte-identical to bnb's own quantization;
     PEFT dispatches its 4-bit LoRA layer on them and fastpeft matches PEFT."""
@@ -216,6 +223,7 @@ def test_quantize_model_options_and_errors():
         fastpeft.quantize_nf4(m)
 
 
+@cpu_triton
 def test_quantize_model_without_bitsandbytes(monkeypatch):
     """backend='fastpeft' (what quantize_nf4 uses when bitsandbytes does not import): fastpeft's NF4Linear,
     same bytes, forward = dequant + matmul, and patch() / LoRA kernels / merge work on it."""
@@ -244,3 +252,38 @@ def test_quantize_model_without_bitsandbytes(monkeypatch):
                                compute_dtype=torch.float32).state_dict()
     m2.load_state_dict(sd)
     assert torch.equal(m2.model.layers[0].self_attn.q_proj.weight, sd["model.layers.0.self_attn.q_proj.weight"])
+
+
+# -- GPU: bf16 whole model, bnb's CUDA quantization, PEFT + bnb vs fastpeft kernels -------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0])
+def test_gpu_qlora_bf16_matches_peft_bnb(dropout, monkeypatch):
+    from conftest import tiny_config  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    cfg = tiny_config("llama")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = 256, 512, 4, 2
+    torch.manual_seed(0)
+    dense = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as d:
+        dense.save_pretrained(d)
+        base = transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=qcfg, dtype=torch.bfloat16,
+                                                                 device_map={"": 0})
+    ids = random_ids(seed=3).cuda()
+    theirs, ours = _pair(peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout,
+                                         init_lora_weights=False), base, "triton", monkeypatch)
+    for m in (theirs, ours):
+        m.train()
+    out_p = theirs(input_ids=ids, labels=ids)
+    out_o = ours(input_ids=ids, labels=ids)
+    assert rel_err(out_o.logits.float(), out_p.logits.float()) <= 2e-2
+    out_p.loss.backward()
+    out_o.loss.backward()
+    want = {_strip(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, want[n]) <= 5e-2, n

@@ -1,0 +1,276 @@
+"""QLoRA / NF4 benchmarks: dequant bandwidth, layer fwd+bwd (dense bf16 vs PEFT+bnb vs fastpeft), the
+buffer-vs-fused crossover in M, and decode (M = 1, 16) against the weight-bandwidth floor.
+
+    PYTHONPATH=. python benchmarks/nf4.py --out nf4.json        (CUDA: Llama-3-8B shapes; CPU: tiny shapes)
+
+Times: median of triton.testing.do_bench on CUDA (L2 flushed between calls), wall clock on CPU. Every
+section records the floor it is measured against (bytes / measured copy bandwidth). Sections that need
+bitsandbytes' CUDA library or PEFT are skipped (with the reason in the JSON) when those are missing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
+TINY = {"q/o": (64, 64), "k/v": (64, 32), "gate/up": (64, 128), "down": (128, 64)}
+RANK, ALPHA = 16, 32
+
+
+def bench(fn, cuda: bool) -> float:
+    """Median ms."""
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+    fn()
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[1] * 1e3
+
+
+def copy_bandwidth(device, cuda) -> float:
+    n = (256 << 20) if cuda else (4 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), cuda)
+    return 2 * n / (ms * 1e-3) / 1e9  # GB/s (read + write)
+
+
+def _quant(N, K, device, dtype, bs=64, dq=True):
+    from fastpeft.ops.nf4 import quantize_nf4
+
+    w = (torch.randn(N, K, device=device) * 0.02).to(dtype)
+    return w, *quantize_nf4(w, blocksize=bs, compress_statistics=dq)
+
+
+def dequant_section(shapes, device, cuda, bw, rows):
+    from fastpeft.ops import nf4
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    for name, (K, N) in shapes.items():
+        if name in ("k/v", "down"):
+            continue
+        _, packed, qs = _quant(N, K, device, dtype)
+        n = N * K
+        nbytes = n // 2 + qs.absmax.numel() + 4 * qs.state2.absmax.numel() + n * torch.finfo(dtype).bits // 8
+        floor_ms = nbytes / (bw * 1e9) * 1e3
+        out = torch.empty(n, dtype=dtype, device=device)
+        variants = [("select", 4096, 4), ("select", 8192, 8), ("select", 2048, 4), ("load", 4096, 4)]
+        if not cuda:
+            variants = variants[:1]
+        for lut, bpp, nw in variants:
+            ms = bench(lambda: nf4.nf4_dequantize_triton(packed, qs, dtype, out=out, lut=lut, bytes_per_program=bpp,
+                                                         num_warps=nw), cuda)
+            rows.append(dict(section="dequant", shape=name, N=N, K=K, impl=f"fastpeft lut={lut} bytes={bpp} warps={nw}",
+                             ms=ms, GBps=nbytes / (ms * 1e-3) / 1e9, floor_ms=floor_ms, frac_of_copy_bw=floor_ms / ms))
+        if cuda:
+            try:
+                import bitsandbytes.functional as bnbf
+
+                pb, sb = bnbf.quantize_4bit(torch.randn(N, K, device=device, dtype=dtype) * 0.02, blocksize=64,
+                                            compress_statistics=True, quant_type="nf4")
+                ms = bench(lambda: bnbf.dequantize_4bit(pb, sb), cuda)
+                rows.append(dict(section="dequant", shape=name, N=N, K=K, impl="bitsandbytes", ms=ms,
+                                 GBps=nbytes / (ms * 1e-3) / 1e9, floor_ms=floor_ms, frac_of_copy_bw=floor_ms / ms))
+            except Exception as exc:  # noqa: BLE001
+                rows.append(dict(section="dequant", shape=name, impl="bitsandbytes", skipped=repr(exc)))
+
+
+def _bnb_layer(K, N, device, dtype):
+    import bitsandbytes as bnb
+
+    lin = torch.nn.Linear(K, N, bias=False, dtype=dtype)
+    lin.weight.data.normal_(0, 0.02)
+    q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True, blocksize=64)
+    q = q.to(device)
+    if hasattr(q, "support_avx512bf16_for_cpu"):
+        q.support_avx512bf16_for_cpu = False
+    return lin.to(device), q
+
+
+def _layer(method, K, N, device, dtype, p):
+    """(callable module, params) for method in dense | peft_qlora | fastpeft_qlora."""
+    lin, q = _bnb_layer(K, N, device, dtype)
+    lin.weight.requires_grad_(False)
+    if method == "dense":
+        return lin
+    if method == "peft_qlora":
+        import peft
+        from peft.tuners.lora.bnb import Linear4bit as PLinear4bit
+
+        m = PLinear4bit(q, "default", config=peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p), r=RANK,
+                        lora_alpha=ALPHA, lora_dropout=p, init_lora_weights=False)
+        m.train()
+        return m
+    import fastpeft
+
+    os.environ["FASTPEFT_BACKEND"] = "auto" if device.type == "cuda" else "triton"
+    m = fastpeft.LoraLinear(q, "default", r=RANK, lora_alpha=ALPHA, lora_dropout=p, init_lora_weights=False)
+    m.train()
+    return m
+
+
+def layer_section(shapes, device, cuda, rows, Ms, methods, paths=("auto",)):
+    dtype = torch.bfloat16 if cuda else torch.float32
+    for name, (K, N) in shapes.items():
+        for M in Ms:
+            for method, p in methods:
+                for path in (paths if method == "fastpeft_qlora" else ("-",)):
+                    try:
+                        os.environ["FASTPEFT_NF4_GEMM"] = path if path != "-" else "auto"
+                        m = _layer(method, K, N, device, dtype, p)
+                        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+                        dy = torch.randn(M, N, device=device, dtype=dtype)
+
+                        def fwd_bwd():
+                            y = m(x)
+                            y.backward(dy)
+
+                        def fwd():
+                            with torch.no_grad():
+                                m(x)
+
+                        t_fb = bench(fwd_bwd, cuda)
+                        t_f = bench(fwd, cuda)
+                        rows.append(dict(section="layer", shape=name, K=K, N=N, M=M, method=method, dropout=p,
+                                         path=path, fwd_bwd_ms=t_fb, fwd_nograd_ms=t_f))
+                    except Exception as exc:  # noqa: BLE001
+                        rows.append(dict(section="layer", shape=name, M=M, method=method, dropout=p, path=path,
+                                         skipped=repr(exc)[:400]))
+                    finally:
+                        os.environ.pop("FASTPEFT_NF4_GEMM", None)
+    # ratios against the dense base of the same shape / M
+    base = {(r["shape"], r["M"]): r["fwd_bwd_ms"] for r in rows if r.get("section") == "layer"
+            and r.get("method") == "dense" and "fwd_bwd_ms" in r}
+    for r in rows:
+        if r.get("section") == "layer" and "fwd_bwd_ms" in r and (r["shape"], r["M"]) in base:
+            r["ratio_vs_dense"] = r["fwd_bwd_ms"] / base[(r["shape"], r["M"])]
+
+
+def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 16)):
+    from fastpeft.ops import nf4_gemv, nf4_lora
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    problem = nf4_gemv.toolchain_problem() if cuda else "no CUDA"
+    build_s = None
+    if cuda and problem is None:
+        t = time.perf_counter()
+        try:
+            nf4_gemv.load_extension()
+            build_s = time.perf_counter() - t
+        except Exception as exc:  # noqa: BLE001
+            problem = repr(exc)[:600]
+    rows.append(dict(section="decode_build", toolchain_problem=problem, build_or_load_s=build_s))
+    for name, (K, N) in shapes.items():
+        _, packed, qs = _quant(N, K, device, dtype)
+        A = torch.randn(RANK, K, device=device) * 0.02
+        B = torch.randn(N, RANK, device=device) * 0.02
+        wbytes = N * K // 2 + qs.absmax.numel() + 4 * qs.state2.absmax.numel()
+        floor_ms = wbytes / (bw * 1e9) * 1e3
+        for M in Ms:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            impls = {"fastpeft triton gemv": lambda: nf4_gemv.nf4_lora_gemv(x, packed, qs, None, A, B, 2.0, backend="triton")}
+            if cuda and problem is None:
+                impls["fastpeft cuda gemv"] = lambda: nf4_gemv.nf4_lora_gemv(x, packed, qs, None, A, B, 2.0, backend="cuda")
+
+            def buffer_path():
+                w = nf4_lora.dequantize_to(packed, qs, dtype)
+                return torch.addmm(((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, w.t())
+
+            impls["fastpeft dequant-buffer + cuBLAS"] = buffer_path
+            if cuda:
+                try:
+                    _, q = _bnb_layer(K, N, device, dtype)
+                    import peft
+                    from peft.tuners.lora.bnb import Linear4bit as PLinear4bit
+
+                    pm = PLinear4bit(q, "default", config=peft.LoraConfig(r=RANK, lora_alpha=ALPHA), r=RANK,
+                                     lora_alpha=ALPHA, init_lora_weights=False).eval()
+                    impls["PEFT+bnb"] = lambda: pm(x)
+                    impls["bnb base only"] = lambda: q(x)
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(dict(section="decode", shape=name, impl="PEFT+bnb", skipped=repr(exc)[:300]))
+            for impl, fn in impls.items():
+                try:
+                    with torch.no_grad():
+                        ms = bench(fn, cuda)
+                    rows.append(dict(section="decode", shape=name, K=K, N=N, M=M, impl=impl, us=ms * 1e3,
+                                     floor_us=floor_ms * 1e3, frac_of_copy_bw=floor_ms / ms,
+                                     weight_GBps=wbytes / (ms * 1e-3) / 1e9))
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(dict(section="decode", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
+
+
+def env_info(device):
+    import triton
+
+    info = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), device=str(device))
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    for mod in ("bitsandbytes", "peft", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as exc:  # noqa: BLE001
+            info[mod] = f"unavailable: {exc!r}"[:200]
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sections", default="dequant,layer,crossover,decode")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    shapes = LLAMA8B if cuda else TINY
+    rows: list = []
+    out = dict(env=env_info(device), rows=rows)
+    bw = copy_bandwidth(device, cuda)
+    out["copy_GBps"] = bw
+    sections = args.sections.split(",")
+    steps = {
+        "dequant": lambda: dequant_section(shapes, device, cuda, bw, rows),
+        "layer": lambda: layer_section(shapes, device, cuda, rows, [4096 if cuda else 64],
+                                       [("dense", 0.0), ("peft_qlora", 0.0), ("fastpeft_qlora", 0.0),
+                                        ("peft_qlora", 0.05), ("fastpeft_qlora", 0.05)]),
+        "crossover": lambda: layer_section({k: shapes[k] for k in ("q/o", "gate/up")}, device, cuda, rows,
+                                           [1, 16, 64, 256] if cuda else [1, 16], [("fastpeft_qlora", 0.0)],
+                                           paths=("buffer", "fused")),
+        "decode": lambda: decode_section(shapes, device, cuda, bw, rows),
+    }
+    for s in sections:
+        t = time.perf_counter()
+        try:
+            steps[s]()
+        except Exception:  # noqa: BLE001
+            rows.append(dict(section=s, error=traceback.format_exc()[-1500:]))
+        print(f"[nf4 bench] {s}: {time.perf_counter() - t:.1f}s", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+    for r in rows:
+        print(json.dumps(r))
+    return out
+
+
+if __name__ == "__main__":
+    main()
