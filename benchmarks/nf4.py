@@ -237,7 +237,7 @@ def env_info(device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sections", default="dequant,layer,crossover,decode")
+    ap.add_argument("--sections", default="dequant,decode,layer,crossover")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -249,13 +249,13 @@ def main(argv=None):
     sections = args.sections.split(",")
     steps = {
         "dequant": lambda: dequant_section(shapes, device, cuda, bw, rows),
+        "decode": lambda: decode_section(shapes, device, cuda, bw, rows),
         "layer": lambda: layer_section(shapes, device, cuda, rows, [4096 if cuda else 64],
                                        [("dense", 0.0), ("peft_qlora", 0.0), ("fastpeft_qlora", 0.0),
                                         ("peft_qlora", 0.05), ("fastpeft_qlora", 0.05)]),
         "crossover": lambda: layer_section({k: shapes[k] for k in ("q/o", "gate/up")}, device, cuda, rows,
                                            [1, 16, 64, 256] if cuda else [1, 16], [("fastpeft_qlora", 0.0)],
                                            paths=("buffer", "fused")),
-        "decode": lambda: decode_section(shapes, device, cuda, bw, rows),
     }
     for s in sections:
         t = time.perf_counter()
