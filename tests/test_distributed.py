@@ -179,11 +179,13 @@ def _nf4_gather_watch(model, world):
 
 
 def _fsdp_nf4(rank, world, tmp):
-    for kind in ("lora", "ia3"):
-        ref = _build(kind, "reference", nf4=True)
+    # reference path (dequantize + matmul) and the QLoRA kernels (interpreted on CPU) on a few layers
+    for kind, backend, targets in (("lora", "reference", None), ("ia3", "reference", None),
+                                   ("lora", "triton", ["q_proj", "down_proj"])):
+        ref = _build(kind, backend, targets, nf4=True)
         model = _fsdp_wrap(copy.deepcopy(ref), world)
         seen = _nf4_gather_watch(model, world)
-        _train_and_compare(model, ref, rank, world, f"FSDP2 NF4 {kind}")
+        _train_and_compare(model, ref, rank, world, f"FSDP2 NF4 {kind}/{backend}")
         assert set(seen) == {0, 1}
 
 

@@ -58,7 +58,11 @@ def is_linear4bit(module: nn.Module) -> bool:
     """bitsandbytes ``Linear4bit`` (NF4 / FP4) or fastpeft's bnb-free ``NF4Linear`` (fastpeft.quantize)."""
     if getattr(module, "is_fastpeft_nf4", False):
         return True
-    return type(module).__name__ == "Linear4bit" and hasattr(getattr(module, "weight", None), "quant_state")
+    # FSDP2 replaces the Params4bit by a plain / DTensor parameter without .quant_state: then the state sits on the
+    # layer (bnb's recovery slot, filled by fastpeft.distributed.prepare_fsdp2 and transformers' 4-bit loader)
+    return type(module).__name__ == "Linear4bit" and (
+        hasattr(getattr(module, "weight", None), "quant_state") or getattr(module, "quant_state", None) is not None
+    )
 
 
 def quant_state_of(module: nn.Module):
