@@ -168,10 +168,12 @@ def gemm_epi(
         bm, bn, bk = 32, 32, 32
         grid = (ceil_div(M, bm) * ceil_div(N, bn),)
         _gemm_epi_kernel[grid](*args, **flags, BM=bm, BN=bn, BK=bk, GROUP_M=4)
-    elif os.environ.get("FASTPEFT_AUTOTUNE", "1") == "0":
+    elif os.environ.get("FASTPEFT_AUTOTUNE", "1") == "0" or flags["IEEE"]:
+        # fp32 (IEEE dot, no tensor cores) also takes this: the big tensor-core tiles of the autotune list
+        # spill when the dot runs on CUDA cores and took minutes to compile on H100
         # one fixed configuration, no benchmarking: for tests that sweep many odd shapes (each new shape
         # would otherwise compile and time every configuration) -- numerics are the same for every config
-        bm, bn, bk = 64, 128, 64
+        bm, bn, bk = (64, 64, 32) if flags["IEEE"] else (64, 128, 64)
         grid = (ceil_div(M, bm) * ceil_div(N, bn),)
         _gemm_epi_kernel[grid](*args, **flags, BM=bm, BN=bn, BK=bk, GROUP_M=8, num_stages=3, num_warps=4)
     else:
