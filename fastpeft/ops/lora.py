@@ -162,6 +162,53 @@ def _lora_expand_kernel(
 
 
 @triton.jit
+def _lora_fwd_rows_kernel(
+    X, A, B, BIAS, Z, S, seed, thr, keep_scale, scaling, M, K, N, R,
+    sxm, sxk, sar, sak, sbn, sbr, szm, szn, ssm, ssr,
+    DROPOUT: tl.constexpr, FAST4: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    # The whole LoRA forward term in ONE launch: each program owns BM rows, reduces S' = s·(D⊙X)·Aᵀ over all
+    # of K, then writes Z = S'·Bᵀ + b for those rows over all of N. Bound: bytes -- X read once (M·K·elem),
+    # Z written once (M·N·elem); A and B are re-read from L2 by each of the M/BM programs. One launch instead
+    # of two (K-split partials + expand) because the layer is host-bound on slow hosts; the K-split pair is
+    # kept for the Triton-GEMM path.
+    DT = Z.dtype.element_ty
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < M
+    rr = tl.arange(0, BR)
+    rrmask = rr < R
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + rk) < K
+        x = tl.load(X + rows[:, None] * sxm + (k0 + rk)[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if DROPOUT:
+            keep = keep_tile(seed, rows, k0, K, thr, BM, BK, FAST4)
+            x = tl.where(keep, x * keep_scale, 0.0).to(DT)
+        a = tl.load(A + rr[:, None] * sar + (k0 + rk)[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(DT)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(a), acc)
+    acc = acc * scaling
+    tl.store(S + rows[:, None] * ssm + rr[None, :] * ssr, acc, mask=rmask[:, None] & rrmask[None, :])
+    s_t = acc.to(DT)
+    rn = tl.arange(0, BN)
+    for n0 in range(0, N, BN):
+        cols = (n0 + rn).to(tl.int64)
+        nmask = cols < N
+        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0).to(DT)
+        if IEEE:
+            z = tl.dot(s_t, b, input_precision="ieee")
+        else:
+            z = tl.dot(s_t, b)
+        if HAS_BIAS:
+            z += tl.load(BIAS + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Z + rows[:, None] * szm + cols[None, :] * szn, z.to(DT), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
 def _lora_ds_db_kernel(
     DY, B, S, DS, DB, scaling, M, N, R, n_per_split,
     sym, syn, sbn, sbr, ssm, ssr, sdsm, sdsr, sdbn, sdbr,
@@ -329,8 +376,37 @@ def lora_expand(P: torch.Tensor, lora_B: torch.Tensor, bias, scaling: float, dty
     return Z, S
 
 
-def lora_ds_db(dy2: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: float):
-    """dS = s·dY·B (fp32 [M, r]) and dB = dYᵀ·S' (fp32 [N, r]; S' = s·S already scaled) in one pass over dY."""
+def lora_fwd_rows(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias, scaling: float,
+                  p: float = 0.0, seed=None):
+    """(Z, S') in one launch: S' = scaling·(D⊙X)·Aᵀ (fp32 [M, r]) and Z = S'·Bᵀ + bias (x.dtype [M, N])."""
+    M, K = x2.shape
+    R = lora_A.shape[0]
+    N = lora_B.shape[0]
+    do, sd, thr, ks = _dropout_args(p, seed, x2.dtype)
+    BR = next_pow2_16(R)
+    if interpreting():
+        BM, BK, BN = 16, 32, 32
+    else:
+        BM = 16
+        BK = 128 if BR <= 32 else 64 if BR <= 64 else 32
+        BN = 128 if BR <= 32 else 64
+    Z = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    S = torch.empty((M, R), device=x2.device, dtype=torch.float32)
+    _lora_fwd_rows_kernel[(ceil_div(M, BM),)](
+        x2, lora_A, lora_B, bias if bias is not None else Z, Z, S, sd, thr, ks, float(scaling), M, K, N, R,
+        x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        Z.stride(0), Z.stride(1), S.stride(0), S.stride(1),
+        DROPOUT=do, FAST4=mask_fast(K), HAS_BIAS=bias is not None, IEEE=dot_ieee(x2.dtype),
+        BM=BM, BK=BK, BN=BN, BR=BR, num_warps=4, num_stages=3,
+    )
+    return Z, S
+
+
+def lora_ds_db(dy2: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: float, extra_zeros: int = 0):
+    """dS = s·dY·B (fp32 [M, r]) and dB = dYᵀ·S' (fp32 [N, r]; S' = s·S already scaled) in one pass over dY.
+
+    extra_zeros > 0: also returns a zero-filled fp32 vector of that length, carved from the same zero-fill
+    (one memset per backward instead of two: the dA atomics target)."""
     M, N = dy2.shape
     R = lora_B.shape[1]
     BR = next_pow2_16(R)
@@ -344,9 +420,10 @@ def lora_ds_db(dy2: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling
     n_per = ceil_div(ceil_div(N, splits), BN) * BN
     splits = ceil_div(N, n_per)
     # one zero-fill for both atomic targets
-    buf = torch.zeros(N * R + (M * R if splits > 1 else 0), device=dy2.device, dtype=torch.float32)
+    n_ds = M * R if splits > 1 else 0
+    buf = torch.zeros(N * R + n_ds + extra_zeros, device=dy2.device, dtype=torch.float32)
     dB = buf[: N * R].view(N, R)
-    dS = buf[N * R:].view(M, R) if splits > 1 else torch.empty((M, R), device=dy2.device, dtype=torch.float32)
+    dS = buf[N * R: N * R + n_ds].view(M, R) if splits > 1 else torch.empty((M, R), device=dy2.device, dtype=torch.float32)
     _lora_ds_db_kernel[(n_m, splits)](
         dy2, lora_B, S, dS, dB, float(scaling), M, N, R, n_per,
         dy2.stride(0), dy2.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
@@ -354,13 +431,16 @@ def lora_ds_db(dy2: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling
         DS_ATOMIC=splits > 1, IEEE=dot_ieee(dy2.dtype), BM=BM, BN=BN, BR=BR,
         num_warps=8 if BM >= 128 else 4,
     )
+    if extra_zeros:
+        return dS, dB, buf[N * R + n_ds:]
     return dS, dB
 
 
 def lora_da_dx(x2: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed=None,
-               need_dA: bool = True, need_dx: bool = True):
+               need_dA: bool = True, need_dx: bool = True, zeros=None):
     """(dA, Z2): dA = dSᵀ·(D⊙X) (fp32 [r, K]) and Z2 = D⊙(dS·A) (x.dtype [M, K]) in one pass over X,
-    the mask regenerated once from the seed. Either output may be skipped (None)."""
+    the mask regenerated once from the seed. Either output may be skipped (None). `zeros`: an optional
+    zero-filled fp32 vector of r·K elements to accumulate dA into (see lora_ds_db's extra_zeros)."""
     M, K = x2.shape
     R = dS.shape[1]
     do, sd, thr, ks = _dropout_args(p, seed, x2.dtype)
@@ -374,7 +454,12 @@ def lora_da_dx(x2: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor, p: floa
     m_per = ceil_div(ceil_div(M, splits), BM) * BM
     splits = ceil_div(M, m_per)
     atomic = need_dA and splits > 1
-    dA = (torch.zeros if atomic else torch.empty)((R, K), device=x2.device, dtype=torch.float32) if need_dA else None
+    if not need_dA:
+        dA = None
+    elif zeros is not None:
+        dA = zeros.view(R, K)
+    else:
+        dA = (torch.zeros if atomic else torch.empty)((R, K), device=x2.device, dtype=torch.float32)
     Z2 = torch.empty((M, K), device=x2.device, dtype=x2.dtype) if need_dx else None
     dummy = dS
     _lora_da_dx_kernel[(n_k, splits)](
@@ -428,8 +513,10 @@ def lora_forward_2d(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p:
     if triton_gemm:
         S = lora_s(x2, lora_A, dropout_p, seed, scaling)
         return gemm_epi(x2, w.t(), bias=b, lora=(S, lora_B.t(), 1.0)), S
-    P = lora_s_partials(x2, lora_A, dropout_p, seed)
-    y2, S = lora_expand(P, lora_B, b, scaling, dt)  # y2 = S'·Bᵀ + b ...
+    if _os.environ.get("FASTPEFT_LORA_FWD", "rows") == "split":
+        y2, S = lora_expand(lora_s_partials(x2, lora_A, dropout_p, seed), lora_B, b, scaling, dt)
+    else:  # one launch (default): fewer host cycles per layer, see _lora_fwd_rows_kernel
+        y2, S = lora_fwd_rows(x2, lora_A, lora_B, b, scaling, dropout_p, seed)  # y2 = S'·Bᵀ + b ...
     y2.addmm_(x2, w.t())  # ... + X·Wᵀ: cuBLAS reads y2 as C (beta=1) in its epilogue
     return y2, S
 
@@ -466,8 +553,10 @@ def lora_backward_2d(dy2, x2, S, weight, lora_A, lora_B, scaling: float, dropout
         if need_x:
             dx2 = gemm_epi(dy2, w, lora=(dS, lora_A, 1.0), dropout=(dropout_p, seed) if dropout_p > 0 else None)
     else:
-        dS, dB = lora_ds_db(dy2, lora_B, S, scaling)
-        dA, Z2 = (lora_da_dx(x2, dS, lora_A, dropout_p, seed, need_dA=need_A, need_dx=need_x)
+        rk = lora_A.shape[0] * x2.shape[1] if need_A else 0
+        dS, dB, *zeros = lora_ds_db(dy2, lora_B, S, scaling, extra_zeros=rk)
+        dA, Z2 = (lora_da_dx(x2, dS, lora_A, dropout_p, seed, need_dA=need_A, need_dx=need_x,
+                             zeros=zeros[0] if zeros else None)
                   if (need_A or need_x) else (None, None))
         dx2 = Z2.addmm_(dy2, w) if need_x else None  # Z2 + dY·W, Z2 read by cuBLAS as C (beta=1)
     dw = torch.mm(dy2.t(), x2) if need_w else None

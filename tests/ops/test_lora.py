@@ -11,6 +11,7 @@ from fastpeft.ops.lora import (
     lora_dropout_mask,
     lora_ds_db,
     lora_expand,
+    lora_fwd_rows,
     lora_linear,
     lora_linear_reference,
     lora_s,
@@ -133,6 +134,9 @@ def test_small_kernels_directly(p):
     Z, S = lora_expand(P, Bw, bias, s, torch.float32)
     torch.testing.assert_close(S.double(), S_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(Z.double(), S_ref.mm(Bw.double().t()) + bias.double(), rtol=1e-5, atol=1e-5)
+    Z1, S1 = lora_fwd_rows(x, A, Bw, bias, s, p, seed)  # the one-launch forward: same numbers
+    torch.testing.assert_close(S1, S, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(Z1, Z, rtol=1e-6, atol=1e-6)
     dy = torch.randn(M, N, device=DEVICE)
     dS, dB = lora_ds_db(dy, Bw, S, s)
     torch.testing.assert_close(dS.double(), s * dy.double().mm(Bw.double()), rtol=1e-5, atol=1e-5)
