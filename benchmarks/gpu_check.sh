@@ -5,7 +5,7 @@
 set -u
 export PYTHONUNBUFFERED=1
 (nvidia-smi -L; which nvcc; python3 -c "import torch, triton, torch.utils.cpp_extension as c; print('torch', torch.__version__, 'triton', triton.__version__, 'CUDA_HOME', c.CUDA_HOME, 'ninja', c.is_ninja_available())") > "$OUT/toolchain.txt" 2>&1
-timeout "${T_TESTS:-300}" python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs --timeout 150 --durations=15 > "$OUT/gpu_tests.txt" 2>&1
+timeout "${T_TESTS:-300}" python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs -n 8 --timeout 240 --durations=15 > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests rc=$?" >> "$OUT/gpu_tests.txt"
 tail -25 "$OUT/gpu_tests.txt"
 timeout "${T_NF4:-150}" python3 benchmarks/nf4.py --out "$OUT/nf4_h100.json" > "$OUT/nf4_bench.log" 2>&1
