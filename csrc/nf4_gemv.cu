@@ -10,7 +10,8 @@
 // The 16 code values live in shared memory (16 distinct banks: no conflicts), fp32 accumulation, warp-shuffle
 // reduction, the LoRA expand in the epilogue (lanes over r).
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,20 +21,32 @@ namespace {
 constexpr int kMaxM = 16;
 constexpr int kWarps = 8;
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
+// Primary template: a compile error (not an undefined symbol) for any other type.
+template <typename T> __device__ __forceinline__ float to_f(T v) {
+  static_assert(sizeof(T) == 0, "nf4_gemv: only float, at::Half and at::BFloat16 are supported");
+  return 0.f;
+}
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_f<at::Half>(at::Half v) { return __half2float(*reinterpret_cast<__half*>(&v)); }
 template <> __device__ __forceinline__ float to_f<at::BFloat16>(at::BFloat16 v) {
   return __bfloat162float(*reinterpret_cast<__nv_bfloat16*>(&v));
 }
 // Round an fp32 weight to the compute dtype (the dense path dequantizes to that dtype before the GEMM).
-template <typename T> __device__ __forceinline__ float round_w(float v);
+// Primary template: a compile error (not an undefined symbol) for any other type.
+template <typename T> __device__ __forceinline__ float round_w(float v) {
+  static_assert(sizeof(T) == 0, "nf4_gemv: only float, at::Half and at::BFloat16 are supported");
+  return 0.f;
+}
 template <> __device__ __forceinline__ float round_w<float>(float v) { return v; }
 template <> __device__ __forceinline__ float round_w<at::Half>(float v) { return __half2float(__float2half_rn(v)); }
 template <> __device__ __forceinline__ float round_w<at::BFloat16>(float v) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
-template <typename T> __device__ __forceinline__ T from_f(float v);
+// Primary template: a compile error (not an undefined symbol) for any other type.
+template <typename T> __device__ __forceinline__ T from_f(float v) {
+  static_assert(sizeof(T) == 0, "nf4_gemv: only float, at::Half and at::BFloat16 are supported");
+  return {};
+}
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ at::Half from_f<at::Half>(float v) { return at::Half(v); }
 template <> __device__ __forceinline__ at::BFloat16 from_f<at::BFloat16>(float v) { return at::BFloat16(v); }
@@ -145,50 +158,77 @@ __global__ void lora_shrink_kernel(const T* __restrict__ x, int64_t sxm, const f
   }
 }
 
+template <typename scalar_t>
+void launch_gemv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& absmax,
+                 const torch::Tensor& code, const torch::Tensor& code2, const torch::Tensor& absmax2, double offset,
+                 bool nested, int64_t bs, int64_t bs2, int64_t N, const std::optional<torch::Tensor>& bias,
+                 const std::optional<torch::Tensor>& A, const std::optional<torch::Tensor>& B, torch::Tensor& S,
+                 int R, double scaling, torch::Tensor& y, cudaStream_t stream) {
+  const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
+  if (R > 0) {
+    lora_shrink_kernel<scalar_t><<<R, 256, 0, stream>>>(x.data_ptr<scalar_t>(), x.stride(0), A->data_ptr<float>(),
+                                                        S.data_ptr<float>(), M, K, R);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const scalar_t* bptr = (bias.has_value() && bias->defined()) ? bias->data_ptr<scalar_t>() : nullptr;
+  const int blocks = static_cast<int>((N + kWarps - 1) / kWarps);
+  gemv_lora_kernel<scalar_t><<<blocks, kWarps * 32, 0, stream>>>(
+      x.data_ptr<scalar_t>(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
+      code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested, static_cast<int>(bs),
+      static_cast<int>(bs2), bptr, R > 0 ? S.data_ptr<float>() : nullptr, R > 0 ? B->data_ptr<float>() : nullptr,
+      static_cast<float>(scaling), R, y.data_ptr<scalar_t>(), M, static_cast<int>(N), K);
+}
+
 }  // namespace
 
 // y = x·dequant(W)ᵀ + bias + scaling·(x·Aᵀ)·Bᵀ;  A, B fp32 contiguous (or undefined for no LoRA).
 torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, torch::Tensor code,
                             torch::Tensor code2, torch::Tensor absmax2, double offset, bool nested, int64_t bs,
-                            int64_t bs2, int64_t N, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> A,
-                            c10::optional<torch::Tensor> B, double scaling) {
+                            int64_t bs2, int64_t N, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> A,
+                            std::optional<torch::Tensor> B, double scaling) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "nf4_gemv: x must be a CUDA [M, K] tensor, rows contiguous");
   const int M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= kMaxM, "nf4_gemv: M must be in 1..16, got ", M);
   TORCH_CHECK(K % 32 == 0, "nf4_gemv: in_features must be a multiple of 32, got ", K);
   TORCH_CHECK(bs % 32 == 0, "nf4_gemv: blocksize must be a multiple of 32, got ", bs);
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous(), "nf4_gemv: packed must be contiguous uint8");
+  TORCH_CHECK(packed.scalar_type() == at::ScalarType::Byte && packed.is_contiguous(), "nf4_gemv: packed must be contiguous uint8");
   TORCH_CHECK(packed.numel() >= N * K / 2, "nf4_gemv: packed too short");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0, "nf4_gemv: packed must be 16-byte aligned");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   auto y = torch::empty({M, N}, x.options());
   torch::Tensor S;
   int R = 0;
   if (A.has_value() && A->defined()) {
     R = A->size(0);
-    TORCH_CHECK(A->dtype() == torch::kFloat32 && A->is_contiguous() && A->size(1) == K, "nf4_gemv: A must be fp32 [r, K]");
-    TORCH_CHECK(B.has_value() && B->dtype() == torch::kFloat32 && B->is_contiguous() && B->size(0) == N && B->size(1) == R,
+    TORCH_CHECK(A->scalar_type() == at::ScalarType::Float && A->is_contiguous() && A->size(1) == K, "nf4_gemv: A must be fp32 [r, K]");
+    TORCH_CHECK(B.has_value() && B->scalar_type() == at::ScalarType::Float && B->is_contiguous() && B->size(0) == N && B->size(1) == R,
                 "nf4_gemv: B must be fp32 [N, r]");
     S = torch::empty({M, R}, x.options().dtype(torch::kFloat32));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "nf4_gemv", [&] {
-    if (R > 0) {
-      lora_shrink_kernel<scalar_t><<<R, 256, 0, stream>>>(x.data_ptr<scalar_t>(), x.stride(0), A->data_ptr<float>(),
-                                                          S.data_ptr<float>(), M, K, R);
-    }
-    const scalar_t* bptr = nullptr;
-    if (bias.has_value() && bias->defined()) {
-      TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N, "nf4_gemv: bias must be [N] in x's dtype");
-      bptr = bias->data_ptr<scalar_t>();
-    }
-    const int blocks = (N + kWarps - 1) / kWarps;
-    gemv_lora_kernel<scalar_t><<<blocks, kWarps * 32, 0, stream>>>(
-        x.data_ptr<scalar_t>(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
-        code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested, bs, bs2, bptr,
-        R > 0 ? S.data_ptr<float>() : nullptr, R > 0 ? B->data_ptr<float>() : nullptr, static_cast<float>(scaling),
-        R, y.data_ptr<scalar_t>(), M, N, K);
-  });
+  const at::ScalarType st = x.scalar_type();
+  TORCH_CHECK(st == at::ScalarType::Float || st == at::ScalarType::Half || st == at::ScalarType::BFloat16,
+              "nf4_gemv: x must be float32, float16 or bfloat16, got ", st);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == st && bias->numel() == N && bias->is_contiguous(),
+                "nf4_gemv: bias must be a contiguous CUDA [N] tensor in x's dtype");
+  }
+  // Only the three compute dtypes are instantiated (AT_DISPATCH_FLOATING_TYPES would also instantiate double,
+  // for which to_f / round_w / from_f have no definition).
+  switch (st) {
+    case at::ScalarType::Float:
+      launch_gemv<float>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R,
+                         scaling, y, stream);
+      break;
+    case at::ScalarType::Half:
+      launch_gemv<at::Half>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R,
+                            scaling, y, stream);
+      break;
+    default:
+      launch_gemv<at::BFloat16>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S,
+                                R, scaling, y, stream);
+      break;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }

@@ -78,14 +78,38 @@ def load_extension(verbose: bool = False):
                            "instead; set FASTPEFT_CSRC=0 to skip this attempt.")
     from torch.utils import cpp_extension  # noqa: PLC0415
 
+    if _EXT_ERROR is not None:  # one build attempt per process: a failed build is not retried per call
+        raise _EXT_ERROR
     build = _build_dir()
     try:
         _EXT = cpp_extension.load(name="fastpeft_nf4_gemv_" + os.path.basename(build).rsplit("-", 1)[-1],
                                   sources=_source_paths(), build_directory=build,
                                   extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
-    except Exception as exc:  # compiler / linker errors: keep the message, say where the build lives
-        raise RuntimeError(f"fastpeft csrc (NF4 decode GEMV) failed to build in {build}: {exc}") from exc
+    except Exception as exc:  # compiler / linker errors: keep the useful part, say where the build lives
+        _EXT_ERROR = RuntimeError(f"fastpeft csrc (NF4 decode GEMV) failed to build in {build}:\n"
+                                  f"{_compiler_message(exc)}")
+        raise _EXT_ERROR from exc
     return _EXT
+
+
+def _compiler_message(exc: BaseException, tail_chars: int = 6000) -> str:
+    """The build error for a human: lines that say "error" first, then the END of the compiler output (nvcc /
+    ninja print the failing command first and the diagnostic last, so a head-truncated message loses it)."""
+    parts = []
+    e: Optional[BaseException] = exc
+    while e is not None and len(parts) < 4:  # torch wraps ninja's CalledProcessError (which holds the output)
+        out = getattr(e, "output", None) or getattr(e, "stdout", None)
+        if isinstance(out, bytes):
+            out = out.decode(errors="replace")
+        parts.append(str(out) if out else str(e))
+        e = e.__cause__ or e.__context__
+    text = max(parts, key=len) if parts else str(exc)
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    errors = [ln.strip() for ln in text.splitlines()
+              if "error" in ln.lower() and not ln.lstrip().startswith(("/", "File ", "Traceback"))][:12]
+    tail = text if len(text) <= tail_chars else f"[... {len(text) - tail_chars} chars cut ...]\n{text[-tail_chars:]}"
+    head = f"{first}\n" + ("error lines:\n  " + "\n  ".join(errors) + "\n" if errors else "")
+    return f"{head}--- end of the compiler output ---\n{tail}"
 
 
 def _cuda_ok(x2, quant_state, ks) -> bool:
