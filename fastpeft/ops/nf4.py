@@ -20,8 +20,15 @@ Quantization (bnb's rules, reproduced here; not its code):
       y = c * fl(1 / absmax2), then the code index. bnb's CPU library does that last step through a 65536-entry
       table: g = trunc(fl(fl(fl(y + 1) * 32767.5) + 0.5)), index = nearest code to g / 32767.5 - 1, and a NaN y
       (an all-equal absmax sub-block, absmax2 = 0) gives index 0. This is *not* the exactly-nearest code
-      (it can be one or two codes off near 0). ``nested_rounding="bnb-cpu"`` reproduces it bit for bit;
-      ``"nearest"`` is the exactly-nearest code (what bnb's CUDA kernel aims for — to be verified on a GPU).
+      (it can be one or two codes off near 0). ``nested_rounding="bnb-cpu"`` reproduces it bit for bit.
+      bnb's CUDA kernel (kQuantizeBlockwise + dQuantize, built with --use_fast_math) instead computes
+      y = c * rcp(absmax2) with the *approximate* hardware reciprocal (``1.0f / x`` under fast math is
+      ``rcp.approx.ftz.f32``, up to 1 ulp off the IEEE quotient), then a 7-step binary search over the sorted
+      code (pivots 127 +- 64 +- ... +- 1) and a final midpoint test ``(a + b) * 0.5f`` against the two
+      neighbours the search bracketed: the nearest code, except that a value exactly on a midpoint goes to
+      the even index, and a NaN y (absmax2 = 0) gives index 0. ``"bnb-cuda"`` reproduces that (the
+      reciprocal through the same PTX instruction from a Triton kernel); ``"nearest"`` is the exactly-nearest
+      code of the IEEE y (ties to the lower code).
 
 Two dequantize implementations: ``nf4_dequantize_reference`` (vectorized PyTorch, any device) and
 ``nf4_dequantize_triton`` (one memory pass). ``nf4_dequantize`` picks one. Nothing here imports bitsandbytes
@@ -467,12 +474,67 @@ def _bnb_cpu_table(device: torch.device) -> torch.Tensor:
     return idx.to(torch.uint8).to(device)
 
 
+@triton.jit
+def _rcp_approx_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    # 1/x exactly as nvcc --use_fast_math compiles ``1.0f / x`` (bnb's kQuantizeBlockwise): the MUFU
+    # approximation, flush-to-zero. Tiny (one value per 256 absmax): no bandwidth concern.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=1.0)
+    r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                  pack=1)
+    tl.store(out_ptr + offs, r, mask=mask)
+
+
+def rcp_approx(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``rcp.approx.ftz.f32`` of a CUDA (NVIDIA) tensor: bnb's CUDA ``1.0f / absmax`` under fast math."""
+    if not x.is_cuda or torch.version.hip is not None or interpreting():
+        raise RuntimeError("rcp_approx needs an NVIDIA CUDA tensor (the PTX instruction has no CPU equivalent)")
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        _rcp_approx_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024, num_warps=4)
+    return out
+
+
+def dquantize_bnb_cuda(y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """bnb's CUDA ``dQuantize<0>`` (non-stochastic) of fp32 y against a sorted 256-entry code, vectorized:
+    7 binary-search steps from pivot 127, then the midpoint test against the bracketing neighbours (a value
+    on a midpoint keeps the search's final, even pivot; NaN ends at index 0). Returns int64 indices."""
+    code = code.to(device=y.device, dtype=torch.float32)
+    y = y.to(torch.float32)
+    pivot = torch.full_like(y, 127, dtype=torch.long)
+    upper_p = torch.full_like(pivot, 255)
+    lower_p = torch.zeros_like(pivot)
+    lower = torch.full_like(y, -1.0)
+    upper = torch.full_like(y, 1.0)
+    val = code[pivot]
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        gt = y > val
+        lower_p = torch.where(gt, pivot, lower_p)
+        lower = torch.where(gt, val, lower)
+        upper_p = torch.where(gt, upper_p, pivot)
+        upper = torch.where(gt, upper, val)
+        pivot = torch.where(gt, pivot + step, pivot - step)
+        val = code[pivot]
+    upper = torch.where(upper_p == 255, code[255], upper)
+    lower = torch.where(lower_p == 0, code[0], lower)
+    gt = y > val
+    take_upper = y > (upper + val) * 0.5
+    take_lower = y < (lower + val) * 0.5
+    return torch.where(gt, torch.where(take_upper, upper_p, pivot), torch.where(take_lower, lower_p, pivot))
+
+
 def _quantize_dynamic(c: torch.Tensor, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise (256) 8-bit dynamic quantization of flat fp32 c: (uint8 codes, fp32 absmax2)."""
     n = c.numel()
     nb = -(-n // _NESTED_BLOCKSIZE)
     padded = torch.nn.functional.pad(c, (0, nb * _NESTED_BLOCKSIZE - n)).view(nb, _NESTED_BLOCKSIZE)
     absmax2 = padded.abs().amax(dim=1)  # zero padding never raises a block's max |c|
+    if rounding == "bnb-cuda":
+        inv = rcp_approx(absmax2)  # bnb CUDA: approximate reciprocal (fast math), then one fp32 product
+        y = (padded * inv.unsqueeze(1)).reshape(-1)[:n]  # absmax2 = 0 -> 0 * inf = NaN -> index 0
+        return dquantize_bnb_cuda(y, dynamic_code(c.device)).to(torch.uint8), absmax2
     y = (padded * (1.0 / absmax2).unsqueeze(1)).reshape(-1)[:n]  # absmax2 = 0 -> 0 * inf = NaN
     if rounding == "bnb-cpu":
         g = torch.floor((y + 1.0) * 32767.5 + 0.5)  # three separately rounded fp32 ops, as bnb's CPU kernel
@@ -481,7 +543,7 @@ def _quantize_dynamic(c: torch.Tensor, rounding: str) -> tuple[torch.Tensor, tor
     elif rounding == "nearest":
         q = _nearest_sorted(torch.nan_to_num(y, nan=-1.0).clamp(-1.0, 1.0), dynamic_code(c.device)).to(torch.uint8)
     else:
-        raise ValueError(f"nested_rounding must be 'auto', 'bnb-cpu' or 'nearest', got {rounding!r}")
+        raise ValueError(f"nested_rounding must be 'auto', 'bnb-cpu', 'bnb-cuda' or 'nearest', got {rounding!r}")
     return q, absmax2
 
 
@@ -501,8 +563,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, compress_statistics:
     codes, offset and state2 when ``compress_statistics``).
 
     nested_rounding picks how the nested absmax codes are rounded: "bnb-cpu" (bnb's CPU table, bit-exact with
-    bitsandbytes on CPU), "nearest" (exactly nearest code) or "auto" ("bnb-cpu" on CPU tensors, "nearest"
-    elsewhere). The 4-bit codes, absmax, offset and absmax2 do not depend on it.
+    bitsandbytes on CPU), "bnb-cuda" (bnb's CUDA kernel: approximate reciprocal + binary search; NVIDIA GPUs
+    only), "nearest" (exactly nearest code) or "auto" ("bnb-cpu" on CPU tensors, "bnb-cuda" on NVIDIA CUDA
+    tensors, "nearest" elsewhere). The 4-bit codes, absmax, offset and absmax2 do not depend on it.
     Returns a real ``bitsandbytes.functional.QuantState`` when bitsandbytes imports, else ``NF4QuantState``.
     """
     if quant_type not in _CODES:
@@ -512,7 +575,14 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, compress_statistics:
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"weight must be fp32/fp16/bf16, got {weight.dtype}")
     if nested_rounding == "auto":
-        nested_rounding = "bnb-cpu" if weight.device.type == "cpu" else "nearest"
+        if weight.device.type == "cpu":
+            nested_rounding = "bnb-cpu"
+        elif weight.is_cuda and torch.version.hip is None and not interpreting():
+            nested_rounding = "bnb-cuda"
+        else:
+            nested_rounding = "nearest"
+    if nested_rounding not in ("bnb-cpu", "bnb-cuda", "nearest"):
+        raise ValueError(f"nested_rounding must be 'auto', 'bnb-cpu', 'bnb-cuda' or 'nearest', got {nested_rounding!r}")
     device = weight.device
     x = weight.detach().reshape(-1).to(torch.float32)
     n = x.numel()

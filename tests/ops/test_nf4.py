@@ -189,6 +189,28 @@ def test_nearest_nested_rounding():
     assert torch.all(err_near <= err_cpu)
 
 
+def test_bnb_cuda_search_is_nearest_with_even_ties():
+    """The vectorized copy of bnb's CUDA dQuantize: exactly nearest code off the midpoints, the even index of
+    the two on a midpoint, index 0 for NaN, the ends for -1 / 1 (runs on CPU: the search is plain torch)."""
+    code = nf4.dynamic_code()
+    g = torch.Generator().manual_seed(5)
+    y = torch.cat([torch.rand(20000, generator=g) * 2 - 1,  # uniform
+                   (torch.rand(20000, generator=g) * 2 - 1) * 10.0 ** -torch.randint(0, 7, (20000,), generator=g),
+                   code, torch.tensor([-1.0, 1.0, 0.0])])
+    q = nf4.dquantize_bnb_cuda(y, code)
+    dist = (code[q] - y).abs()
+    assert torch.all(dist <= (code.unsqueeze(0) - y.unsqueeze(1)).abs().amin(1))  # always a nearest code
+    assert torch.equal(q[-3:], torch.tensor([0, 255, 127])) and code[127] == 0
+    mids = (code[:-1] + code[1:]) * 0.5
+    on = nf4.dquantize_bnb_cuda(mids, code)
+    lo = torch.arange(255)
+    exact = (mids != code[:-1]) & (mids != code[1:])
+    assert torch.equal(on[exact], torch.where(lo % 2 == 0, lo, lo + 1)[exact])  # ties -> even index
+    assert int(nf4.dquantize_bnb_cuda(torch.tensor([float("nan")]), code)) == 0
+    with pytest.raises(ValueError, match="nested_rounding"):
+        nf4.quantize_nf4(torch.randn(8, 64), nested_rounding="bnb")
+
+
 def test_ours_accepted_by_bnb_and_dataclass_fallback():
     w = _rand((24, 200), torch.bfloat16, 31)
     p, s = nf4.quantize_nf4(w, blocksize=128)
@@ -260,10 +282,13 @@ def test_gpu_triton_matches_bnb_cuda(blocksize, dq, qt):
 @pytest.mark.gpu
 @pytest.mark.parametrize("blocksize", [64, 128])
 def test_gpu_quantize_matches_bnb_cuda(blocksize):
-    """On CUDA bnb quantizes with its CUDA kernel; to be confirmed there: 4-bit bytes and absmax, and the
-    nested codes under nested_rounding="nearest" (the "auto" choice on CUDA)."""
+    """On CUDA bnb quantizes with its CUDA kernel: 4-bit bytes and absmax, and the nested codes under
+    nested_rounding="bnb-cuda" (the "auto" choice on CUDA: fast-math reciprocal + bnb's binary search)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    a = torch.rand(4096, device="cuda") * 0.1 + 1e-3
+    r = nf4.rcp_approx(a)  # the approximate reciprocal: within 1 ulp of the IEEE one
+    assert torch.all((r - 1.0 / a).abs() <= torch.finfo(torch.float32).eps * (1.0 / a))
     for dtype in DTYPES:
         w = _rand((1024, 4096), dtype, blocksize, 0.02, device="cuda")
         p, s = bnb_F.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
