@@ -101,22 +101,28 @@ class LoraLinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # Hot path: plain dict lookups (self._modules) instead of nn.Module.__getattr__, each base-layer test
+        # once -- eager training is host-bound on slow hosts (benchmarks/host_overhead.py).
         name = self.active_adapter
-        if self.disable_adapters or self.merged_adapters or name not in self.lora_A:
-            return B.base_forward(self.base_layer, x)
-        lora_A = self.lora_A[name].weight
-        lora_B = self.lora_B[name].weight
+        mods = self._modules
+        base = mods["base_layer"]
+        a_mods = mods["lora_A"]._modules
+        if self.disable_adapters or self.merged_adapters or name not in a_mods:
+            return B.base_forward(base, x)
+        lora_A = a_mods[name].weight
+        lora_B = mods["lora_B"]._modules[name].weight
         scaling = self.scaling[name]
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        dropout = mods["lora_dropout"]._modules[name]
+        p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
         if B.wants_triton(self.backend, x):
-            if B.is_linear4bit(self.base_layer) and B.nf4_parts(self.base_layer) is not None:
+            four_bit = B.is_linear4bit(base)
+            if four_bit and B.nf4_parts(base) is not None:
                 return self._forward_nf4(x, lora_A, lora_B, scaling, p)
             fused = custom_ops.lora_linear  # autograd.Function in eager, torch.library op under torch.compile
-            if fused is not None and not B.is_linear4bit(self.base_layer):
+            if fused is not None and not four_bit:
                 seed = dropout_seed() if p > 0 else None  # torch CPU RNG + rank: see nn/_rng.py
-                weight = B.dense_weight(self.base_layer)
-                return fused(x, weight, B.base_bias(self.base_layer), lora_A, lora_B, scaling, p, seed)
+                weight = base.weight.t() if B.is_conv1d(base) else base.weight
+                return fused(x, weight, getattr(base, "bias", None), lora_A, lora_B, scaling, p, seed)
             B.warn_once(
                 f"lora-fallback-{B.is_linear4bit(self.base_layer)}",
                 "fastpeft: no Triton LoRA kernel for this base layer yet "

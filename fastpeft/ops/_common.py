@@ -31,8 +31,13 @@ _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 
 
+# Triton decides interpreter-or-compiler when a kernel is decorated (module import), so the answer is fixed
+# for the process from then on; reading it once also keeps os.environ out of every launch (host time).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def triton_ok(t: torch.Tensor) -> bool:
@@ -141,7 +146,8 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def num_sms(device) -> int:
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if device.type != "cuda":
         return 4
     return _num_sms_cuda(device.index if device.index is not None else torch.cuda.current_device())

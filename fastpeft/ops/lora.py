@@ -64,6 +64,7 @@ def lora_linear_reference(
 # Under torch.use_deterministic_algorithms(True) the backward composes cuBLAS calls instead of the fp32-atomic
 # kernels (same math, bitwise reproducible, slower, and it materialises the dropout mask once).
 # --------------------------------------------------------------------------------------------------
+import functools
 import os as _os
 
 import triton
@@ -319,6 +320,45 @@ def _splits(work_items: int, per_program_min: int, device) -> int:
     return max(1, min(per_program_min, ceil_div(2 * num_sms(device), max(1, work_items))))
 
 
+# Launch plans, cached per shape: the layers are host-bound on slow hosts (benchmarks/host_overhead.py), so
+# block sizes and split counts are computed once per (shape, rank, device) rather than on every call.
+@functools.lru_cache(maxsize=1024)
+def _ds_db_plan(M: int, N: int, R: int, sms: int):
+    BR = next_pow2_16(R)
+    if interpreting():
+        BM, BN = 16, 32
+    else:
+        BM = 128 if M >= 2048 else 64 if M >= 256 else 16
+        BN = 64 if BR <= 32 else 32
+    n_m = ceil_div(M, BM)
+    splits = max(1, min(ceil_div(N, BN), ceil_div(2 * sms, n_m)))
+    n_per = ceil_div(ceil_div(N, splits), BN) * BN
+    splits = ceil_div(N, n_per)
+    return BM, BN, BR, n_m, splits, n_per, (8 if BM >= 128 else 4)
+
+
+@functools.lru_cache(maxsize=1024)
+def _da_dx_plan(M: int, K: int, R: int, sms: int):
+    BR = next_pow2_16(R)
+    if interpreting():
+        BM, BK = 16, 32
+    else:
+        BM, BK = (32, 128) if BR <= 32 else (32, 64) if BR <= 64 else (16, 32)
+    n_k = ceil_div(K, BK)
+    splits = max(1, min(ceil_div(M, BM), ceil_div(2 * sms, n_k)))
+    m_per = ceil_div(ceil_div(M, splits), BM) * BM
+    splits = ceil_div(M, m_per)
+    return BM, BK, BR, n_k, splits, m_per
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_rows_plan(R: int):
+    BR = next_pow2_16(R)
+    if interpreting():
+        return 16, 32, 32, BR
+    return 16, (128 if BR <= 32 else 64 if BR <= 64 else 32), (128 if BR <= 32 else 64), BR
+
+
 def lora_s_partials(x2: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed=None) -> torch.Tensor:
     """fp32 partial sums [splits, M, r] of (D⊙X)·Aᵀ over K-slices; X 2-D with any strides."""
     M, K = x2.shape
@@ -382,21 +422,15 @@ def lora_fwd_rows(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     M, K = x2.shape
     R = lora_A.shape[0]
     N = lora_B.shape[0]
-    do, sd, thr, ks = _dropout_args(p, seed, x2.dtype)
-    BR = next_pow2_16(R)
-    if interpreting():
-        BM, BK, BN = 16, 32, 32
-    else:
-        BM = 16
-        BK = 128 if BR <= 32 else 64 if BR <= 64 else 32
-        BN = 128 if BR <= 32 else 64
+    do, sd, thr, ks = _dropout_args(p, seed, x2.dtype) if p > 0.0 else (False, 0, 0, 1.0)
+    BM, BK, BN, BR = _fwd_rows_plan(R)
     Z = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     S = torch.empty((M, R), device=x2.device, dtype=torch.float32)
+    sx, sa, sb = x2.stride(), lora_A.stride(), lora_B.stride()
     _lora_fwd_rows_kernel[(ceil_div(M, BM),)](
         x2, lora_A, lora_B, bias if bias is not None else Z, Z, S, sd, thr, ks, float(scaling), M, K, N, R,
-        x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        Z.stride(0), Z.stride(1), S.stride(0), S.stride(1),
-        DROPOUT=do, FAST4=mask_fast(K), HAS_BIAS=bias is not None, IEEE=dot_ieee(x2.dtype),
+        sx[0], sx[1], sa[0], sa[1], sb[0], sb[1], N, 1, R, 1,
+        DROPOUT=do, FAST4=K % 8 == 0, HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32,
         BM=BM, BK=BK, BN=BN, BR=BR, num_warps=4, num_stages=3,
     )
     return Z, S
@@ -409,27 +443,16 @@ def lora_ds_db(dy2: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling
     (one memset per backward instead of two: the dA atomics target)."""
     M, N = dy2.shape
     R = lora_B.shape[1]
-    BR = next_pow2_16(R)
-    if interpreting():
-        BM, BN = 16, 32
-    else:
-        BM = 128 if M >= 2048 else 64 if M >= 256 else 16
-        BN = 64 if BR <= 32 else 32
-    n_m = ceil_div(M, BM)
-    splits = _splits(n_m, ceil_div(N, BN), dy2.device)
-    n_per = ceil_div(ceil_div(N, splits), BN) * BN
-    splits = ceil_div(N, n_per)
-    # one zero-fill for both atomic targets
+    BM, BN, BR, n_m, splits, n_per, warps = _ds_db_plan(M, N, R, num_sms(dy2.device))
     n_ds = M * R if splits > 1 else 0
     buf = torch.zeros(N * R + n_ds + extra_zeros, device=dy2.device, dtype=torch.float32)
     dB = buf[: N * R].view(N, R)
     dS = buf[N * R: N * R + n_ds].view(M, R) if splits > 1 else torch.empty((M, R), device=dy2.device, dtype=torch.float32)
+    sy, sb, ss = dy2.stride(), lora_B.stride(), S.stride()
     _lora_ds_db_kernel[(n_m, splits)](
         dy2, lora_B, S, dS, dB, float(scaling), M, N, R, n_per,
-        dy2.stride(0), dy2.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
-        dS.stride(0), dS.stride(1), dB.stride(0), dB.stride(1),
-        DS_ATOMIC=splits > 1, IEEE=dot_ieee(dy2.dtype), BM=BM, BN=BN, BR=BR,
-        num_warps=8 if BM >= 128 else 4,
+        sy[0], sy[1], sb[0], sb[1], ss[0], ss[1], R, 1, R, 1,
+        DS_ATOMIC=splits > 1, IEEE=dy2.dtype == torch.float32, BM=BM, BN=BN, BR=BR, num_warps=warps,
     )
     if extra_zeros:
         return dS, dB, buf[N * R + n_ds:]
@@ -443,16 +466,8 @@ def lora_da_dx(x2: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor, p: floa
     zero-filled fp32 vector of r·K elements to accumulate dA into (see lora_ds_db's extra_zeros)."""
     M, K = x2.shape
     R = dS.shape[1]
-    do, sd, thr, ks = _dropout_args(p, seed, x2.dtype)
-    BR = next_pow2_16(R)
-    if interpreting():
-        BM, BK = 16, 32
-    else:
-        BM, BK = (32, 128) if BR <= 32 else (32, 64) if BR <= 64 else (16, 32)
-    n_k = ceil_div(K, BK)
-    splits = _splits(n_k, ceil_div(M, BM), x2.device)
-    m_per = ceil_div(ceil_div(M, splits), BM) * BM
-    splits = ceil_div(M, m_per)
+    do, sd, thr, ks = _dropout_args(p, seed, x2.dtype) if p > 0.0 else (False, 0, 0, 1.0)
+    BM, BK, BR, n_k, splits, m_per = _da_dx_plan(M, K, R, num_sms(x2.device))
     atomic = need_dA and splits > 1
     if not need_dA:
         dA = None
@@ -461,14 +476,12 @@ def lora_da_dx(x2: torch.Tensor, dS: torch.Tensor, lora_A: torch.Tensor, p: floa
     else:
         dA = (torch.zeros if atomic else torch.empty)((R, K), device=x2.device, dtype=torch.float32)
     Z2 = torch.empty((M, K), device=x2.device, dtype=x2.dtype) if need_dx else None
-    dummy = dS
+    sx, sd_, sa = x2.stride(), dS.stride(), lora_A.stride()
     _lora_da_dx_kernel[(n_k, splits)](
-        x2, dS, lora_A, dA if need_dA else dummy, Z2 if need_dx else dummy, sd, thr, ks, M, K, R, m_per,
-        x2.stride(0), x2.stride(1), dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
-        dA.stride(0) if need_dA else 0, dA.stride(1) if need_dA else 0,
-        Z2.stride(0) if need_dx else 0, Z2.stride(1) if need_dx else 0,
-        DROPOUT=do, FAST4=mask_fast(K), NEED_DA=need_dA, NEED_DX=need_dx, ATOMIC=atomic,
-        IEEE=dot_ieee(x2.dtype), BM=BM, BK=BK, BR=BR, num_warps=4, num_stages=3,
+        x2, dS, lora_A, dA if need_dA else dS, Z2 if need_dx else dS, sd, thr, ks, M, K, R, m_per,
+        sx[0], sx[1], sd_[0], sd_[1], sa[0], sa[1], K, 1, K, 1,
+        DROPOUT=do, FAST4=K % 8 == 0, NEED_DA=need_dA, NEED_DX=need_dx, ATOMIC=atomic,
+        IEEE=x2.dtype == torch.float32, BM=BM, BK=BK, BR=BR, num_warps=4, num_stages=3,
     )
     return dA, Z2
 
@@ -582,17 +595,19 @@ class _LoraLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, S, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        dy2 = as_2d(dy).to(x.dtype)
+        dy2 = as_2d(dy)
+        if dy2.dtype != x.dtype:
+            dy2 = dy2.to(x.dtype)
         dx2, dw, db, dA, dB = lora_backward_2d(
             dy2, as_2d(x), S, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.triton_gemm,
             need_x, need_w, need_b, need_A, need_B,
         )
         return (
             None if dx2 is None else dx2.view(x.shape),
-            None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(ctx.bias_dtype),
-            None if dA is None else dA.to(lora_A.dtype),
-            None if dB is None else dB.to(lora_B.dtype),
+            None if dw is None else _param_dtype(dw, weight.dtype),
+            None if db is None else _param_dtype(db, ctx.bias_dtype),
+            None if dA is None else _param_dtype(dA, lora_A.dtype),
+            None if dB is None else _param_dtype(dB, lora_B.dtype),
             None, None, None,
         )
 

@@ -135,8 +135,8 @@ def test_small_kernels_directly(p):
     torch.testing.assert_close(S.double(), S_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(Z.double(), S_ref.mm(Bw.double().t()) + bias.double(), rtol=1e-5, atol=1e-5)
     Z1, S1 = lora_fwd_rows(x, A, Bw, bias, s, p, seed)  # the one-launch forward: same numbers
-    torch.testing.assert_close(S1, S, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(Z1, Z, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(S1, S, rtol=1e-5, atol=1e-5)  # other summation order over K
+    torch.testing.assert_close(Z1, Z, rtol=1e-5, atol=1e-5)
     dy = torch.randn(M, N, device=DEVICE)
     dS, dB = lora_ds_db(dy, Bw, S, s)
     torch.testing.assert_close(dS.double(), s * dy.double().mm(Bw.double()), rtol=1e-5, atol=1e-5)
@@ -145,7 +145,8 @@ def test_small_kernels_directly(p):
     torch.testing.assert_close(dA.double(), dS.double().t().mm(xd), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(Z2.double(), dS.double().mm(A.double()) * D, rtol=1e-5, atol=1e-5)
     dA_only, none = lora_da_dx(x, dS, A, p, seed, need_dx=False)
-    assert none is None and torch.equal(dA_only, dA) or torch.allclose(dA_only, dA, rtol=1e-6, atol=1e-6)
+    assert none is None
+    torch.testing.assert_close(dA_only, dA, rtol=1e-5, atol=1e-5)  # atomics: summation order may differ
     none, Z2_only = lora_da_dx(x, dS, A, p, seed, need_dA=False)
     assert none is None and torch.equal(Z2_only, Z2)
 
