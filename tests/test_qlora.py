@@ -255,10 +255,48 @@ def test_quantize_model_without_bitsandbytes(monkeypatch):
 
 
 # -- GPU: bf16 whole model, bnb's CUDA quantization, PEFT + bnb vs fastpeft kernels -------------------------
+def _fp32_twin(dense, base, theirs, cfg, device):
+    """The same model and adapters in fp32: a dense fp32 copy whose 4-bit layers hold bnb's dequantized weights
+    (the exact bf16 values both bf16 paths multiply with), under PEFT with ``theirs``' adapter weights.
+    Both bf16 runs are measured against it (fastpeft computes the LoRA term in bf16, PEFT in fp32)."""
+    ref_base = copy.deepcopy(dense).float().to(device)
+    mods = dict(ref_base.named_modules())
+    n_q = 0
+    for name, m in base.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)  # bnb's own bf16 weight
+            assert mods[name].weight.shape == w.shape, name
+            mods[name].weight.data = w.float().to(device)
+            n_q += 1
+    assert n_q > 0
+    ref = peft.get_peft_model(ref_base, copy.deepcopy(cfg))
+    src = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
+    dst = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    assert src.keys() == dst.keys() and len(src) > 0
+    with torch.no_grad():
+        for n, p in dst.items():
+            p.copy_(src[n].float())
+    return ref
+
+
+def _logits_and_grads(model, ids):
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {_strip(n): p.grad.detach().float() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach().float(), grads
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout", [0.0])
 def test_gpu_qlora_bf16_matches_peft_bnb(dropout, monkeypatch):
+    """bf16 QLoRA on bnb's CUDA 4-bit base. fastpeft computes the LoRA term in bf16, PEFT in fp32 (README,
+    Limits), so the two bf16 runs differ by more than either differs from the truth: both are compared with
+    an fp32 twin (same dequantized weights and adapters, fp32 activations), fastpeft's error must stay within
+    bf16 tolerance and within ~2x PEFT's own; the direct fastpeft-vs-PEFT gap is a looser sanity bound."""
     from conftest import tiny_config  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
     import transformers  # noqa: PLC0415
 
     cfg = tiny_config("llama")
@@ -267,23 +305,30 @@ def test_gpu_qlora_bf16_matches_peft_bnb(dropout, monkeypatch):
     dense = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
     qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                            bnb_4bit_compute_dtype=torch.bfloat16)
-    import tempfile  # noqa: PLC0415
-
     with tempfile.TemporaryDirectory() as d:
         dense.save_pretrained(d)
         base = transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=qcfg, dtype=torch.bfloat16,
                                                                  device_map={"": 0})
     ids = random_ids(seed=3).cuda()
-    theirs, ours = _pair(peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout,
-                                         init_lora_weights=False), base, "triton", monkeypatch)
-    for m in (theirs, ours):
-        m.train()
-    out_p = theirs(input_ids=ids, labels=ids)
-    out_o = ours(input_ids=ids, labels=ids)
-    assert rel_err(out_o.logits.float(), out_p.logits.float()) <= 2e-2
-    out_p.loss.backward()
-    out_o.loss.backward()
-    want = {_strip(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            assert rel_err(p.grad, want[n]) <= 5e-2, n
+    lcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout,
+                           init_lora_weights=False)
+    theirs, ours = _pair(lcfg, base, "triton", monkeypatch)
+    ref = _fp32_twin(dense, base, theirs, lcfg, "cuda")
+    logits_r, grads_r = _logits_and_grads(ref, ids)
+    logits_p, grads_p = _logits_and_grads(theirs, ids)
+    logits_o, grads_o = _logits_and_grads(ours, ids)
+    err_p, err_o = rel_err(logits_p, logits_r), rel_err(logits_o, logits_r)
+    report = [f"logits rel err vs fp32: fastpeft {err_o:.4g}, PEFT {err_p:.4g}, fastpeft vs PEFT "
+              f"{rel_err(logits_o, logits_p):.4g}"]
+    bad = []  # every check is evaluated (one GPU run shows all the numbers), then one assert
+    if not (err_o <= 1e-2 and err_o <= 2.0 * err_p):
+        bad.append("logits: fastpeft error > 1e-2 or > 2x PEFT's")
+    if not rel_err(logits_o, logits_p) <= 5e-2:  # sanity: the two bf16 runs are close to each other
+        bad.append("logits: fastpeft vs PEFT > 5e-2")
+    assert grads_o.keys() == grads_p.keys() == grads_r.keys() and len(grads_o) > 0
+    for n in grads_o:
+        g_p, g_o, g_op = rel_err(grads_p[n], grads_r[n]), rel_err(grads_o[n], grads_r[n]), rel_err(grads_o[n], grads_p[n])
+        report.append(f"{n}: grad rel err vs fp32 fastpeft {g_o:.4g}, PEFT {g_p:.4g}, fastpeft vs PEFT {g_op:.4g}")
+        if not (g_o <= max(2.0 * g_p, 1e-2) and g_op <= 1e-1):
+            bad.append(n)
+    assert not bad, "\n".join(["failed: " + ", ".join(bad)] + report)
