@@ -69,7 +69,7 @@ def lora_bwd(dy2: Tensor, x2: Tensor, S: Tensor, weight: Tensor, lora_A: Tensor,
              need_A: bool, need_B: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, dw, db, dA, dB = _lora.lora_backward_2d(dy2.to(x2.dtype), x2, S, weight, lora_A, lora_B, scaling, dropout_p,
                                                 _seed_value(seed), triton_gemm, need_x, need_w, need_b, need_A,
-                                                need_B)
+                                                need_B, separate_outputs=True)  # custom-op returns may not alias
     f32 = torch.float32
     return (_or_empty(dx, x2), _or_empty(dw, x2), _or_empty(db, x2.new_empty(_EMPTY, dtype=f32)),
             _or_empty(dA, x2.new_empty(_EMPTY, dtype=f32)), _or_empty(dB, x2.new_empty(_EMPTY, dtype=f32)))

@@ -551,9 +551,12 @@ def _deterministic_backward(dy2, x2, S, lora_A, lora_B, scaling, dropout_p, seed
 
 def lora_backward_2d(dy2, x2, S, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed,
                      triton_gemm: bool, need_x: bool = True, need_w: bool = False, need_b: bool = False,
-                     need_A: bool = True, need_B: bool = True):
+                     need_A: bool = True, need_B: bool = True, separate_outputs: bool = False):
     """Backward on 2-D tensors: returns (dX [M, K] | None, dW | None, db (fp32 [N]) | None,
-    dA (fp32 [r, K]) | None, dB (fp32 [N, r]) | None). dy2 must already be in x2.dtype; S is forward's S'."""
+    dA (fp32 [r, K]) | None, dB (fp32 [N, r]) | None). dy2 must already be in x2.dtype; S is forward's S'.
+
+    dA and dB may share one zero-filled storage (one memset); separate_outputs=True gives each its own
+    (torch.library custom ops may not return aliasing tensors)."""
     dt = x2.dtype
     w = _param_dtype(weight, dt) if need_x else None
     if torch.are_deterministic_algorithms_enabled():
@@ -566,7 +569,7 @@ def lora_backward_2d(dy2, x2, S, weight, lora_A, lora_B, scaling: float, dropout
         if need_x:
             dx2 = gemm_epi(dy2, w, lora=(dS, lora_A, 1.0), dropout=(dropout_p, seed) if dropout_p > 0 else None)
     else:
-        rk = lora_A.shape[0] * x2.shape[1] if need_A else 0
+        rk = lora_A.shape[0] * x2.shape[1] if (need_A and not separate_outputs) else 0
         dS, dB, *zeros = lora_ds_db(dy2, lora_B, S, scaling, extra_zeros=rk)
         dA, Z2 = (lora_da_dx(x2, dS, lora_A, dropout_p, seed, need_dA=need_A, need_dx=need_x,
                              zeros=zeros[0] if zeros else None)
