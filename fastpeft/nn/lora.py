@@ -130,7 +130,7 @@ class LoraLinear(nn.Module):
             )
         result = B.base_forward(self.base_layer, x)
         # PEFT's order: base(x) + lora_B(lora_A(dropout(x))) * scaling; dropout uses torch's RNG like PEFT.
-        return result + lora_ops.lora_delta_reference(dropout(x), lora_A, lora_B, scaling)
+        return (result + lora_ops.lora_delta_reference(dropout(x), lora_A, lora_B, scaling)).to(result.dtype)
 
     def _forward_nf4(self, x, lora_A, lora_B, scaling, p):
         """QLoRA kernels (fastpeft.ops.nf4_lora): compute in the layer's compute dtype, as bnb's Linear4bit."""

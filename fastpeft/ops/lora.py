@@ -23,7 +23,12 @@ import torch.nn.functional as F
 def lora_delta_reference(
     h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """The LoRA term scaling·(h·Aᵀ)·Bᵀ in h.dtype, in PEFT's order of operations (h is the dropped-out input)."""
+    """The LoRA term scaling·(h·Aᵀ)·Bᵀ in PEFT's order of operations (h is the dropped-out input).
+
+    As PEFT: the input is cast to the adapter's dtype, so fp32 adapters on a bf16 / fp16 model give an fp32
+    term (the caller adds it to the base output and casts back, as PEFT does)."""
+    if h.dtype != lora_A.dtype and h.dtype in (torch.float16, torch.bfloat16) and lora_A.dtype == torch.float32:
+        h = h.to(lora_A.dtype)
     return F.linear(F.linear(h, lora_A.to(h.dtype)), lora_B.to(h.dtype)) * scaling
 
 
@@ -46,7 +51,7 @@ def lora_linear_reference(
     """
     out = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     h = x if dropout_mask is None else x * dropout_mask.to(x.dtype)
-    return out + lora_delta_reference(h, lora_A, lora_B, scaling)
+    return (out + lora_delta_reference(h, lora_A, lora_B, scaling)).to(out.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,6 +66,10 @@ def lora_linear_reference(
 #             dX = Z2 + dY·W                        cuBLAS addmm_ with beta=1
 #   FASTPEFT_LORA_GEMM=triton instead runs one Triton GEMM with the LoRA term in its epilogue (no Z / Z2).
 # Saved for backward: x (the caller's tensor object), S' [M, r] fp32, the seed; parameters by reference.
+# Precision: the adapter operands (A, B, S', dS) stay fp32 and the activation tiles are widened, so the small
+# products run with fp32 operands -- TF32 on NVIDIA tensor cores for bf16/fp16 activations (10-bit mantissa:
+# ~8x closer to PEFT's fp32 LoRA term than bf16 operands, measured on GPU), full fp32 for fp32 activations.
+# These kernels are memory-bound, so the wider operands cost registers, not time.
 # Under torch.use_deterministic_algorithms(True) the backward composes cuBLAS calls instead of the fp32-atomic
 # kernels (same math, bitwise reproducible, slower, and it materialises the dropout mask once).
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +123,8 @@ def _lora_s_kernel(
         if DROPOUT:
             keep = keep_tile(seed, rows, k0, K, thr, BM, BK, FAST4)
             x = tl.where(keep, x * keep_scale, 0.0).to(DT)  # keep_scale already rounded to x.dtype
-        a = tl.load(A + rr[:, None] * sar + (k0 + rk)[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(DT)
+        x = x.to(tl.float32)
+        a = tl.load(A + rr[:, None] * sar + (k0 + rk)[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
         else:
@@ -145,14 +155,14 @@ def _lora_expand_kernel(
     s_acc = s_acc * scaling
     if pid_n == 0:
         tl.store(S + rows[:, None] * ssm + rr[None, :] * ssr, s_acc, mask=smask)
-    s_t = s_acc.to(DT)
+    s_t = s_acc
     rn = tl.arange(0, BN)
     n_begin = pid_n * n_per_split
     n_end = tl.minimum(n_begin + n_per_split, N)
     for n0 in range(n_begin, n_end, BN):
         cols = (n0 + rn).to(tl.int64)
         nmask = cols < n_end
-        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0).to(DT)
+        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0)
         if IEEE:
             z = tl.dot(s_t, b, input_precision="ieee")
         else:
@@ -187,19 +197,20 @@ def _lora_fwd_rows_kernel(
         if DROPOUT:
             keep = keep_tile(seed, rows, k0, K, thr, BM, BK, FAST4)
             x = tl.where(keep, x * keep_scale, 0.0).to(DT)
-        a = tl.load(A + rr[:, None] * sar + (k0 + rk)[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(DT)
+        x = x.to(tl.float32)
+        a = tl.load(A + rr[:, None] * sar + (k0 + rk)[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(a), acc)
     acc = acc * scaling
     tl.store(S + rows[:, None] * ssm + rr[None, :] * ssr, acc, mask=rmask[:, None] & rrmask[None, :])
-    s_t = acc.to(DT)
+    s_t = acc
     rn = tl.arange(0, BN)
     for n0 in range(0, N, BN):
         cols = (n0 + rn).to(tl.int64)
         nmask = cols < N
-        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0).to(DT)
+        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0)
         if IEEE:
             z = tl.dot(s_t, b, input_precision="ieee")
         else:
@@ -227,15 +238,15 @@ def _lora_ds_db_kernel(
     rr = tl.arange(0, BR)
     rrmask = rr < R
     rn = tl.arange(0, BN)
-    s_t = tl.load(S + rows[:, None] * ssm + rr[None, :] * ssr, mask=rmask[:, None] & rrmask[None, :], other=0.0).to(DT)
+    s_t = tl.load(S + rows[:, None] * ssm + rr[None, :] * ssr, mask=rmask[:, None] & rrmask[None, :], other=0.0)
     ds = tl.zeros((BM, BR), dtype=tl.float32)
     n_begin = pid_s * n_per_split
     n_end = tl.minimum(n_begin + n_per_split, N)
     for n0 in range(n_begin, n_end, BN):
         cols = (n0 + rn).to(tl.int64)
         nmask = cols < n_end
-        dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=rmask[:, None] & nmask[None, :], other=0.0)
-        b = tl.load(B + cols[:, None] * sbn + rr[None, :] * sbr, mask=nmask[:, None] & rrmask[None, :], other=0.0).to(DT)
+        dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=rmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        b = tl.load(B + cols[:, None] * sbn + rr[None, :] * sbr, mask=nmask[:, None] & rrmask[None, :], other=0.0)
         if IEEE:
             ds = tl.dot(dy, b, ds, input_precision="ieee")
             db = tl.dot(tl.trans(dy), s_t, input_precision="ieee")
@@ -270,7 +281,7 @@ def _lora_da_dx_kernel(
     rrmask = rr < R
     rm = tl.arange(0, BM)
     if NEED_DX:
-        a = tl.load(A + rr[:, None] * sar + cols[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(DT)
+        a = tl.load(A + rr[:, None] * sar + cols[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0)
     acc = tl.zeros((BR, BK), dtype=tl.float32)
     m_begin = pid_s * m_per_split
     m_end = tl.minimum(m_begin + m_per_split, M)
@@ -278,13 +289,14 @@ def _lora_da_dx_kernel(
         rows = (m0 + rm).to(tl.int64)
         rmask = rows < m_end
         m2 = rmask[:, None] & kmask[None, :]
-        ds = tl.load(DS + rows[:, None] * sdsm + rr[None, :] * sdsr, mask=rmask[:, None] & rrmask[None, :], other=0.0).to(DT)
+        ds = tl.load(DS + rows[:, None] * sdsm + rr[None, :] * sdsr, mask=rmask[:, None] & rrmask[None, :], other=0.0)
         if DROPOUT:
             keep = keep_tile(seed, rows, pid_k * BK, K, thr, BM, BK, FAST4)
         if NEED_DA:
             x = tl.load(X + rows[:, None] * sxm + cols[None, :] * sxk, mask=m2, other=0.0)
             if DROPOUT:
                 x = tl.where(keep, x * keep_scale, 0.0).to(DT)  # keep_scale already rounded to x.dtype
+            x = x.to(tl.float32)
             if IEEE:
                 acc = tl.dot(tl.trans(ds), x, acc, input_precision="ieee")
             else:
