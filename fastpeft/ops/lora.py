@@ -239,20 +239,30 @@ def _lora_ds_db_kernel(
     rrmask = rr < R
     rn = tl.arange(0, BN)
     s_t = tl.load(S + rows[:, None] * ssm + rr[None, :] * ssr, mask=rmask[:, None] & rrmask[None, :], other=0.0)
+    # dY stays in its 16-bit dtype (exact) and the fp32 operands S' and B are split into hi + lo 16-bit parts:
+    # two 16-bit MMAs per product keep ~16 mantissa bits of S' and B (PEFT computes this term in fp32) at
+    # 16-bit MMA speed (TF32 operands here ran 2-3x slower on H100: the transposed fp32 dY tile).
+    s_hi = s_t.to(DT)
+    s_lo = (s_t - s_hi.to(tl.float32)).to(DT)
     ds = tl.zeros((BM, BR), dtype=tl.float32)
     n_begin = pid_s * n_per_split
     n_end = tl.minimum(n_begin + n_per_split, N)
     for n0 in range(n_begin, n_end, BN):
         cols = (n0 + rn).to(tl.int64)
         nmask = cols < n_end
-        dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=rmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=rmask[:, None] & nmask[None, :], other=0.0)
         b = tl.load(B + cols[:, None] * sbn + rr[None, :] * sbr, mask=nmask[:, None] & rrmask[None, :], other=0.0)
         if IEEE:
             ds = tl.dot(dy, b, ds, input_precision="ieee")
             db = tl.dot(tl.trans(dy), s_t, input_precision="ieee")
         else:
-            ds = tl.dot(dy, b, ds)
-            db = tl.dot(tl.trans(dy), s_t)
+            b_hi = b.to(DT)
+            b_lo = (b - b_hi.to(tl.float32)).to(DT)
+            ds = tl.dot(dy, b_hi, ds)
+            ds = tl.dot(dy, b_lo, ds)
+            dyt = tl.trans(dy)
+            db = tl.dot(dyt, s_hi)
+            db = tl.dot(dyt, s_lo, db)
         tl.atomic_add(DB + cols[:, None] * sdbn + rr[None, :] * sdbr, db, mask=nmask[:, None] & rrmask[None, :])
     ds_ptr = DS + rows[:, None] * sdsm + rr[None, :] * sdsr
     if DS_ATOMIC:
