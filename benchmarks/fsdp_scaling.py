@@ -1,14 +1,23 @@
 """FSDP2 scaling benchmark: fastpeft vs PEFT, LoRA / QLoRA, Llama shapes, in one torchrun launch.
 
-    # 1 GPU first: its JSON is the baseline (scaling efficiency 1.0 by definition)
-    torchrun --nproc-per-node 1 benchmarks/fsdp_scaling.py --model 8b --out one_gpu.json
-    # N GPUs: efficiency = (tokens/s per GPU at N) / (tokens/s per GPU at 1), per (method, impl)
-    torchrun --nproc-per-node 2 benchmarks/fsdp_scaling.py --model 8b --baseline one_gpu.json --out two_gpu.json
+    # 1 GPU first: its JSON is the baseline (scaling efficiency 1.0 by definition; it still runs FSDP2, on a
+    # 1-rank mesh, so the two runs differ only in the number of GPUs)
+    torchrun --standalone --nproc-per-node 1 benchmarks/fsdp_scaling.py --model 8b --out 8b_x1.json
+    # N GPUs: efficiency = (mean tokens/s per GPU at N) / (tokens/s per GPU at 1), per (method, impl)
+    torchrun --standalone --nproc-per-node 2 benchmarks/fsdp_scaling.py --model 8b --baseline 8b_x1.json \
+        --out 8b_x2.json
+    # 70B QLoRA (fewer steps: a step is ~10x an 8B step)
+    torchrun --standalone --nproc-per-node 1 benchmarks/fsdp_scaling.py --model 70b --methods qlora \
+        --steps 3 --warmup 1 --out 70b_x1.json
+    torchrun --standalone --nproc-per-node 2 benchmarks/fsdp_scaling.py --model 70b --methods qlora \
+        --steps 3 --warmup 1 --baseline 70b_x1.json --out 70b_x2.json
     # CPU smoke test (gloo, tiny 2-layer Llama, fp32, fastpeft reference backend): tests/test_fsdp_scaling.py
-    FASTPEFT_BACKEND=reference torchrun --nproc-per-node 2 benchmarks/fsdp_scaling.py --model tiny --steps 2
+    FASTPEFT_BACKEND=reference torchrun --standalone --nproc-per-node 2 benchmarks/fsdp_scaling.py --model tiny \
+        --steps 2
 
-Each rank trains on its own ``--batch-per-gpu`` x ``--seq`` slice of a global random batch (weak scaling:
-the per-GPU work stays fixed as GPUs are added). One configuration = (method, impl): the model is built,
+Each rank trains on its own random ``--batch-per-gpu`` x ``--seq`` batches (seeded by rank: weak scaling, the
+per-GPU work stays fixed as GPUs are added; rank 0 sees the same tokens at any world size). One
+configuration = (method, impl): the model is built,
 patched (``fastpeft.patch`` | ``peft.get_peft_model``; r=16, alpha=32, all linear layers but the head,
 dropout 0), sharded with FSDP2 (``fully_shard`` per decoder layer, then the root; on CUDA
 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: the fp32 adapters are all-gathered as bf16,
@@ -27,19 +36,19 @@ How the model is built without ever holding the full bf16 model on one device:
   ``fully_shard``, then ``to_empty(device)`` allocates only this rank's shards; each parameter is then
   generated whole on the device (one tensor at a time: at most 128256 x 8192 fp32 = 4.2 GB for the 70B
   embedding) and only this rank's shard kept (``fastpeft.distributed.shard_like``). Build peak per GPU
-  ~ bf16 params / world + one full fp32 parameter. 70B LoRA: 141 GB of bf16 weights -> needs >= 2 H200
-  (>= 4 for comfortable activations); on 1 GPU it is reported as OOM.
+  ~ bf16 params / world + one full fp32 parameter (+ its shard copy). 70B LoRA: 70.6e9 params = 131 GiB of
+  bf16 weights -> OOM expected on one 139 GiB H200 (recorded as "oom"); ~66 GiB of weights per GPU on 2.
 * QLoRA (NF4 base): the model is created on the meta device; decoder layers are materialized one at a time
   on the device in bf16, filled, and quantized at once to NF4 + double quant (``fastpeft.quantize_nf4``,
-  bitsandbytes ``Linear4bit`` modules with the bytes bnb writes) -- the bf16 copy of that layer is freed
-  before the next one is built. The whole NF4 model (70B: ~35 GiB packed + ~4 GiB absmax/statistics;
-  embeddings and head stay bf16, 2 x 2.1 GB) then sits on every GPU until ``fully_shard`` cuts it, after
-  ``patch`` / ``get_peft_model``. Build peak per GPU ~ full NF4 model + one bf16 layer (70B: ~45 GiB;
-  PEFT side a little more: ``prepare_model_for_kbit_training`` upcasts embeddings and head to fp32, +4 GB).
-  So 70B QLoRA fits an 80 GB H100 or an H200 even at --nproc-per-node 1 (training peak after sharding at 1
-  GPU: ~40 GiB of weights + activations). Sharding the NF4 bytes *before* materializing them (each rank
-  quantizing only its rows) would cut the build peak to 1/world; not done: bnb's packed layout is one flat
-  [N*K/2, 1] tensor whose FSDP row shards do not line up with weight rows in general.
+  bitsandbytes ``Linear4bit`` modules holding the bytes bnb writes) -- that layer's bf16 weights are freed
+  before the next layer is built. The whole NF4 model then sits on every GPU until ``fully_shard`` cuts it,
+  after ``patch`` / ``get_peft_model``. 70B: 68.5e9 decoder-linear params -> 31.9 GiB packed + 1.0 GiB
+  absmax (uint8, double quant), embeddings + head bf16 3.9 GiB, one bf16 layer 1.6 GiB + quantization
+  temporaries: build peak ~ 38-40 GiB per GPU whatever the world size (PEFT side +3.9 GiB:
+  ``prepare_model_for_kbit_training`` upcasts embeddings and head to fp32). So 70B QLoRA also fits one
+  80 GB H100 or one H200 at --nproc-per-node 1. Sharding the NF4 bytes *before* materializing them (each
+  rank quantizing only its rows) would cut the build peak to ~1/world; not done: bnb's packed weight is one
+  flat [N*K/2, 1] tensor, and its FSDP dim-0 shards need not line up with the 64-value quantization blocks.
 
 Reported per (method, impl), per rank: tokens/s (local tokens / median step time over --steps after
 --warmup), step times, peak memory (CUDA ``max_memory_allocated`` since the reset after building and
@@ -51,9 +60,11 @@ Then the mean tokens/s per GPU, the total, the max peak, the global loss of step
 (e.g. OOM while building) is recorded with its status and the run goes on; a failure on only some ranks
 can leave the others waiting in a collective until --timeout-min (NCCL's watchdog then ends the job).
 
-Not run on GPUs yet (no multi-GPU machine this session): the tiny model on CPU with gloo (2 processes) is
-the only tested path. Untested: NCCL, the MixedPrecisionPolicy on CUDA, bnb's CUDA kernels under FSDP2 for
-PEFT's QLoRA side, the 8B / 70B memory numbers above (estimates from shapes), fused vs foreach AdamW.
+Not run on GPUs yet (no multi-GPU machine this session): the tiny model on CPU with gloo (1 and 2
+processes, fp32, no MixedPrecisionPolicy) is the only tested path. Untested: NCCL; the MixedPrecisionPolicy
+on CUDA; the meta-device build + ``to_empty`` + sharded init on CUDA; fastpeft's GPU kernels and bnb's CUDA
+kernels (PEFT's QLoRA side) under FSDP2; every 8B / 70B number above (estimates from shapes, not
+measurements); how long a 70B build and step take (keep one command inside the device's 10 minutes).
 """
 from __future__ import annotations
 
