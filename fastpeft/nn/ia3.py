@@ -59,6 +59,16 @@ class IA3Linear(nn.Module):
     def adapter_parameters(self, adapter_name: str):
         return [self.ia3_l[adapter_name]]
 
+    @torch.compiler.disable  # see LoraLinear._forward_nf4: no custom op yet, dynamo runs this eagerly
+    def _forward_nf4(self, x, ia3_l):
+        """QLoRA-style IA3 kernels (fastpeft.ops.nf4_lora) in the layer's compute dtype, as bnb's Linear4bit."""
+        from ..ops.nf4_lora import nf4_ia3_linear
+
+        packed, quant_state = B.nf4_parts(self.base_layer)
+        cd = B.compute_dtype(self.base_layer, x)
+        y = nf4_ia3_linear(x.to(cd), packed, quant_state, B.base_bias(self.base_layer), ia3_l, self.is_feedforward)
+        return y.to(x.dtype)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self.active_adapter
         if self.disable_adapters or self.merged_adapters or name not in self.ia3_l:
@@ -66,13 +76,7 @@ class IA3Linear(nn.Module):
         ia3_l = self.ia3_l[name]
         if B.wants_triton(self.backend, x):
             if B.is_linear4bit(self.base_layer) and B.nf4_parts(self.base_layer) is not None:
-                from ..ops.nf4_lora import nf4_ia3_linear
-
-                packed, quant_state = B.nf4_parts(self.base_layer)
-                cd = B.compute_dtype(self.base_layer, x)
-                y = nf4_ia3_linear(x.to(cd), packed, quant_state, B.base_bias(self.base_layer), ia3_l,
-                                   self.is_feedforward)
-                return y.to(x.dtype)
+                return self._forward_nf4(x, ia3_l)
             fused = custom_ops.ia3_linear  # autograd.Function in eager, torch.library op under torch.compile
             if fused is not None and not B.is_linear4bit(self.base_layer):
                 weight = B.dense_weight(self.base_layer)

@@ -132,6 +132,9 @@ class LoraLinear(nn.Module):
         # PEFT's order: base(x) + lora_B(lora_A(dropout(x))) * scaling; dropout uses torch's RNG like PEFT.
         return (result + lora_ops.lora_delta_reference(dropout(x), lora_A, lora_B, scaling)).to(result.dtype)
 
+    # The NF4 kernels are not torch.library custom ops yet, and dynamo tracing into bitsandbytes' Params4bit
+    # recursed without end (torch 2.13): under torch.compile this runs eagerly, one graph break per 4-bit layer.
+    @torch.compiler.disable
     def _forward_nf4(self, x, lora_A, lora_B, scaling, p):
         """QLoRA kernels (fastpeft.ops.nf4_lora): compute in the layer's compute dtype, as bnb's Linear4bit."""
         from ..ops.nf4_lora import nf4_lora_linear
