@@ -97,26 +97,14 @@ from ._gemm import gemm_epi
 
 
 @triton.jit
-def _lora_s_kernel(
-    X, A, P, seed, thr, keep_scale, M, K, R, k_per_split,
-    sxm, sxk, sar, sak, sps, spm, spr,
-    DROPOUT: tl.constexpr, FAST4: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-):
-    # Bound: bytes. Reads X once (M·K·elem); A (r·K·4) is re-read from L2 by each of the M/BM row blocks;
-    # writes fp32 partials (#K-splits·M·r·4, a few % of X). FLOPs 2·M·K·r: ~8 FLOP/B, far under the ridge.
-    # Split over K as well as M so that small M still fills the GPU.
+def _s_rows(X, A, seed, thr, keep_scale, rows, rmask, rr, rrmask, k_begin, k_end, K, sxm, sxk, sar, sak,
+            DROPOUT: tl.constexpr, FAST4: tl.constexpr, IEEE: tl.constexpr,
+            BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """fp32 [BM, BR] = (D⊙X)[rows, k_begin:k_end]·A[:, k_begin:k_end]ᵀ: one pass over those X columns, the
+    mask applied on the fly (rounded in x.dtype, as the reference), products with fp32 operands."""
     DT = X.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    rmask = rows < M
-    rr = tl.arange(0, BR)
-    rrmask = rr < R
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
-    k_begin = pid_s * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
     for k0 in range(k_begin, k_end, BK):
         kmask = (k0 + rk) < k_end
         x = tl.load(X + rows[:, None] * sxm + (k0 + rk)[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -129,6 +117,47 @@ def _lora_s_kernel(
             acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(a), acc)
+    return acc
+
+
+@triton.jit
+def _z_rows(B, BIAS, Z, s_t, rows, rmask, rr, rrmask, n_begin, n_end, sbn, sbr, szm, szn,
+            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr):
+    """Z[rows, n_begin:n_end] = s_t·B[n_begin:n_end]ᵀ (+ bias), s_t fp32 [BM, BR]; stored in Z's dtype."""
+    rn = tl.arange(0, BN)
+    for n0 in range(n_begin, n_end, BN):
+        cols = (n0 + rn).to(tl.int64)
+        nmask = cols < n_end
+        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0)
+        if IEEE:
+            z = tl.dot(s_t, b, input_precision="ieee")
+        else:
+            z = tl.dot(s_t, b)
+        if HAS_BIAS:
+            z += tl.load(BIAS + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Z + rows[:, None] * szm + cols[None, :] * szn, z.to(Z.dtype.element_ty),
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _lora_s_kernel(
+    X, A, P, seed, thr, keep_scale, M, K, R, k_per_split,
+    sxm, sxk, sar, sak, sps, spm, spr,
+    DROPOUT: tl.constexpr, FAST4: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    # Bound: bytes. Reads X once (M·K·elem); A (r·K·4) is re-read from L2 by each of the M/BM row blocks;
+    # writes fp32 partials (#K-splits·M·r·4, a few % of X). FLOPs 2·M·K·r: ~8 FLOP/B, far under the ridge.
+    # Split over K as well as M so that small M still fills the GPU.
+    pid_s = tl.program_id(1)
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < M
+    rr = tl.arange(0, BR)
+    rrmask = rr < R
+    k_begin = pid_s * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    acc = _s_rows(X, A, seed, thr, keep_scale, rows, rmask, rr, rrmask, k_begin, k_end, K, sxm, sxk, sar, sak,
+                  DROPOUT, FAST4, IEEE, BM, BK, BR)
     tl.store(P + pid_s * sps + rows[:, None] * spm + rr[None, :] * spr, acc, mask=rmask[:, None] & rrmask[None, :])
 
 
@@ -141,10 +170,8 @@ def _lora_expand_kernel(
 ):
     # Bound: bytes. Writes Z = S'·Bᵀ + b once (M·N·elem); reads the S partials (#splits·M·r·4) once per
     # N-split and B (N·r·4, L2-resident). FLOPs 2·M·N·r: ~r FLOP/B, under the ridge.
-    DT = Z.dtype.element_ty
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     rmask = rows < M
     rr = tl.arange(0, BR)
     rrmask = rr < R
@@ -155,21 +182,9 @@ def _lora_expand_kernel(
     s_acc = s_acc * scaling
     if pid_n == 0:
         tl.store(S + rows[:, None] * ssm + rr[None, :] * ssr, s_acc, mask=smask)
-    s_t = s_acc
-    rn = tl.arange(0, BN)
     n_begin = pid_n * n_per_split
-    n_end = tl.minimum(n_begin + n_per_split, N)
-    for n0 in range(n_begin, n_end, BN):
-        cols = (n0 + rn).to(tl.int64)
-        nmask = cols < n_end
-        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0)
-        if IEEE:
-            z = tl.dot(s_t, b, input_precision="ieee")
-        else:
-            z = tl.dot(s_t, b)
-        if HAS_BIAS:
-            z += tl.load(BIAS + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Z + rows[:, None] * szm + cols[None, :] * szn, z.to(DT), mask=rmask[:, None] & nmask[None, :])
+    _z_rows(B, BIAS, Z, s_acc, rows, rmask, rr, rrmask, n_begin, tl.minimum(n_begin + n_per_split, N),
+            sbn, sbr, szm, szn, HAS_BIAS, IEEE, BN)
 
 
 @triton.jit
@@ -183,41 +198,15 @@ def _lora_fwd_rows_kernel(
     # of K, then writes Z = S'·Bᵀ + b for those rows over all of N. Bound: bytes -- X read once (M·K·elem),
     # Z written once (M·N·elem); A and B are re-read from L2 by each of the M/BM programs. One launch instead
     # of two (K-split partials + expand) because the layer is host-bound on slow hosts; the K-split pair is
-    # kept for the Triton-GEMM path.
-    DT = Z.dtype.element_ty
+    # kept for the Triton-GEMM and fused-NF4 paths.
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     rmask = rows < M
     rr = tl.arange(0, BR)
     rrmask = rr < R
-    rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kmask = (k0 + rk) < K
-        x = tl.load(X + rows[:, None] * sxm + (k0 + rk)[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        if DROPOUT:
-            keep = keep_tile(seed, rows, k0, K, thr, BM, BK, FAST4)
-            x = tl.where(keep, x * keep_scale, 0.0).to(DT)
-        x = x.to(tl.float32)
-        a = tl.load(A + rr[:, None] * sar + (k0 + rk)[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(a), acc)
-    acc = acc * scaling
+    acc = _s_rows(X, A, seed, thr, keep_scale, rows, rmask, rr, rrmask, 0, K, K, sxm, sxk, sar, sak,
+                  DROPOUT, FAST4, IEEE, BM, BK, BR) * scaling
     tl.store(S + rows[:, None] * ssm + rr[None, :] * ssr, acc, mask=rmask[:, None] & rrmask[None, :])
-    s_t = acc
-    rn = tl.arange(0, BN)
-    for n0 in range(0, N, BN):
-        cols = (n0 + rn).to(tl.int64)
-        nmask = cols < N
-        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0)
-        if IEEE:
-            z = tl.dot(s_t, b, input_precision="ieee")
-        else:
-            z = tl.dot(s_t, b)
-        if HAS_BIAS:
-            z += tl.load(BIAS + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Z + rows[:, None] * szm + cols[None, :] * szn, z.to(DT), mask=rmask[:, None] & nmask[None, :])
+    _z_rows(B, BIAS, Z, acc, rows, rmask, rr, rrmask, 0, N, sbn, sbr, szm, szn, HAS_BIAS, IEEE, BN)
 
 
 @triton.jit
