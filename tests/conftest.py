@@ -167,3 +167,15 @@ def nf4_tiny_model(arch: str = "llama", double_quant: bool = True, seed: int = 0
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
     model.is_loaded_in_4bit = True
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def eager_bnb():
+    """bitsandbytes torch.compiles parts of its CPU 4-bit path; eager gives the same bits and saves minutes of CPU
+    compiles. Modules that use bnb on CPU opt in with ``pytestmark = pytest.mark.usefixtures("eager_bnb")``."""
+    import torch._dynamo
+
+    old = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = old

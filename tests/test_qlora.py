@@ -22,15 +22,7 @@ INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 cpu_triton = pytest.mark.skipif(not INTERP, reason="CPU models + triton backend need TRITON_INTERPRET=1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _eager_bnb():
-    """bnb torch.compiles parts of its CPU path; eager gives the same numbers and saves CPU compile time."""
-    import torch._dynamo
-
-    old = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = old
+pytestmark = pytest.mark.usefixtures("eager_bnb")  # tests/conftest.py
 
 
 def _strip(name):

@@ -25,15 +25,7 @@ needs_triton = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()),
                                   reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _eager_bnb():
-    """bnb torch.compiles its generic 4-bit path; eager gives the same bits here and saves ~1 min of CPU compiles."""
-    import torch._dynamo
-
-    old = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = old
+pytestmark = pytest.mark.usefixtures("eager_bnb")  # tests/conftest.py
 
 
 def _rand(shape, dtype, seed, scale=1.0, device="cpu"):
