@@ -59,7 +59,6 @@ class IA3Linear(nn.Module):
     def adapter_parameters(self, adapter_name: str):
         return [self.ia3_l[adapter_name]]
 
-    @torch.compiler.disable  # see LoraLinear._forward_nf4: no custom op yet, dynamo runs this eagerly
     def _forward_nf4(self, x, ia3_l):
         """QLoRA-style IA3 kernels (fastpeft.ops.nf4_lora) in the layer's compute dtype, as bnb's Linear4bit."""
         from ..ops.nf4_lora import nf4_ia3_linear
@@ -76,6 +75,8 @@ class IA3Linear(nn.Module):
         ia3_l = self.ia3_l[name]
         if B.wants_triton(self.backend, x):
             if B.is_linear4bit(self.base_layer) and B.nf4_parts(self.base_layer) is not None:
+                if torch.compiler.is_compiling():  # run eagerly under compile (see LoraLinear._forward_nf4)
+                    return _forward_nf4_eager(self, x, ia3_l)
                 return self._forward_nf4(x, ia3_l)
             fused = custom_ops.ia3_linear  # autograd.Function in eager, torch.library op under torch.compile
             if fused is not None and not B.is_linear4bit(self.base_layer):
@@ -144,3 +145,6 @@ class IA3Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}, feedforward={self.is_feedforward}, adapters={self.adapter_names}"
+
+
+_forward_nf4_eager = torch.compiler.disable(IA3Linear._forward_nf4)

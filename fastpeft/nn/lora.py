@@ -117,6 +117,8 @@ class LoraLinear(nn.Module):
         if B.wants_triton(self.backend, x):
             four_bit = B.is_linear4bit(base)
             if four_bit and B.nf4_parts(base) is not None:
+                if torch.compiler.is_compiling():  # run eagerly under compile (see _forward_nf4)
+                    return _forward_nf4_eager(self, x, lora_A, lora_B, scaling, p)
                 return self._forward_nf4(x, lora_A, lora_B, scaling, p)
             fused = custom_ops.lora_linear  # autograd.Function in eager, torch.library op under torch.compile
             if fused is not None and not four_bit:
@@ -133,8 +135,8 @@ class LoraLinear(nn.Module):
         return (result + lora_ops.lora_delta_reference(dropout(x), lora_A, lora_B, scaling)).to(result.dtype)
 
     # The NF4 kernels are not torch.library custom ops yet, and dynamo tracing into bitsandbytes' Params4bit
-    # recursed without end (torch 2.13): under torch.compile this runs eagerly, one graph break per 4-bit layer.
-    @torch.compiler.disable
+    # recursed without end (torch 2.13): under torch.compile this runs eagerly (_forward_nf4_eager), one graph
+    # break per 4-bit layer. Eager calls skip the disable wrapper (host time on the hot path).
     def _forward_nf4(self, x, lora_A, lora_B, scaling, p):
         """QLoRA kernels (fastpeft.ops.nf4_lora): compute in the layer's compute dtype, as bnb's Linear4bit."""
         from ..ops.nf4_lora import nf4_lora_linear
@@ -194,3 +196,6 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"
+
+
+_forward_nf4_eager = torch.compiler.disable(LoraLinear._forward_nf4)
