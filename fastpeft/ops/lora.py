@@ -112,7 +112,7 @@ def _s_rows(X, A, seed, thr, keep_scale, rows, rmask, rr, rrmask, k_begin, k_end
             keep = keep_tile(seed, rows, k0, K, thr, BM, BK, FAST4)
             x = tl.where(keep, x * keep_scale, 0.0).to(DT)  # keep_scale already rounded to x.dtype
         x = x.to(tl.float32)
-        a = tl.load(A + rr[:, None] * sar + (k0 + rk)[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(A + rr[:, None] * sar + (k0 + rk)[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         if IEEE:
             acc = tl.dot(x, tl.trans(a), acc, input_precision="ieee")
         else:
@@ -128,7 +128,7 @@ def _z_rows(B, BIAS, Z, s_t, rows, rmask, rr, rrmask, n_begin, n_end, sbn, sbr, 
     for n0 in range(n_begin, n_end, BN):
         cols = (n0 + rn).to(tl.int64)
         nmask = cols < n_end
-        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0)
+        b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
         if IEEE:
             z = tl.dot(s_t, b, input_precision="ieee")
         else:
@@ -240,7 +240,7 @@ def _lora_ds_db_kernel(
         cols = (n0 + rn).to(tl.int64)
         nmask = cols < n_end
         dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=rmask[:, None] & nmask[None, :], other=0.0)
-        b = tl.load(B + cols[:, None] * sbn + rr[None, :] * sbr, mask=nmask[:, None] & rrmask[None, :], other=0.0)
+        b = tl.load(B + cols[:, None] * sbn + rr[None, :] * sbr, mask=nmask[:, None] & rrmask[None, :], other=0.0).to(tl.float32)
         if IEEE:
             ds = tl.dot(dy, b, ds, input_precision="ieee")
             db = tl.dot(tl.trans(dy), s_t, input_precision="ieee")
@@ -280,7 +280,7 @@ def _lora_da_dx_kernel(
     rrmask = rr < R
     rm = tl.arange(0, BM)
     if NEED_DX:
-        a = tl.load(A + rr[:, None] * sar + cols[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(A + rr[:, None] * sar + cols[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
     acc = tl.zeros((BR, BK), dtype=tl.float32)
     m_begin = pid_s * m_per_split
     m_end = tl.minimum(m_begin + m_per_split, M)

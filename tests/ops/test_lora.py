@@ -220,6 +220,29 @@ def test_saved_tensors_share_x_and_stay_small():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_low_precision_adapters(adapter_dtype, p):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=bf16) hands the layer 16-bit lora_A / lora_B (the fp32 masters
+    stay sharded): the kernels upcast them on load, and the gradients come back in the adapters' dtype."""
+    M, K, N, r = 37, 72, 53, 8
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    w = make_weight(N, K, torch.float16, False)
+    A = (torch.randn(r, K, device=DEVICE) * 0.1).to(adapter_dtype).requires_grad_()
+    Bw = (torch.randn(N, r, device=DEVICE) * 0.1).to(adapter_dtype).requires_grad_()
+    y = lora_linear(x, w, None, A, Bw, 2.0, p, 11 if p else None)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr = x.detach().clone().requires_grad_()
+    Ar = A.detach().float().requires_grad_()
+    Br = Bw.detach().float().requires_grad_()
+    mask = lora_dropout_mask(x.shape, p, 11, x.device, x.dtype) if p else None
+    lora_linear_reference(xr, w, None, Ar, Br, 2.0, mask).backward(dy)
+    assert A.grad.dtype == adapter_dtype and Bw.grad.dtype == adapter_dtype
+    assert rel_err(x.grad, xr.grad) < 2e-3
+    assert rel_err(A.grad, Ar.grad) < 1e-2 and rel_err(Bw.grad, Br.grad) < 1e-2
+
+
 # ------------------------------------------------------------------------------------------ GPU
 LLAMA8B = [  # (K, N) of q, k/v, o, gate/up, down
     (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096),
