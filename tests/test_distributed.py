@@ -120,14 +120,14 @@ def _ddp(rank, world, tmp):
 
 
 # ------------------------------------------------------------------------------------------ FSDP2
-def _fsdp_wrap(model, world):
+def _fsdp_wrap(model, world, quant_storage="auto"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from fastpeft.distributed import prepare_fsdp2
 
     mesh = init_device_mesh("cpu", (world,))
-    prepare_fsdp2(model)
+    prepare_fsdp2(model, quant_storage=quant_storage)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -147,7 +147,7 @@ def _fsdp(rank, world, tmp):
     _fsdp_save_load(rank, world, tmp)
 
 
-def _nf4_gather_watch(model, world):
+def _nf4_gather_watch(model, world, storage=torch.uint8):
     """Hooks asserting that, whenever an adapted 4-bit layer runs (forward or backward), the only 4-bit
     weights held unsharded are those of its own decoder layer."""
     from fastpeft.distributed import is_sharded
@@ -173,18 +173,22 @@ def _nf4_gather_watch(model, world):
             m.register_full_backward_pre_hook(check)
     # between steps, every 4-bit weight is sharded: each rank holds half of the packed bytes
     for m in owner:
-        assert is_sharded(m.weight) and m.weight.dtype == torch.uint8
+        assert is_sharded(m.weight) and m.weight.dtype == storage
         assert m.weight.to_local().numel() * world == m.weight.numel()
     return seen
 
 
 def _fsdp_nf4(rank, world, tmp):
     # reference path (dequantize + matmul) and the QLoRA kernels (interpreted on CPU) on a few layers
-    for kind, backend, targets in (("lora", "reference", None), ("ia3", "reference", None),
-                                   ("lora", "triton", ["q_proj", "down_proj"])):
+    # storage bf16: the bytes viewed as bf16, as prepare_fsdp2 does on torch < 2.13 (FSDP2 there cannot hold
+    # an integer parameter); same gradients, and the bytes survive sharding + gathering unchanged
+    for kind, backend, targets, storage in (("lora", "reference", None, torch.uint8),
+                                            ("ia3", "reference", None, torch.uint8),
+                                            ("lora", "triton", ["q_proj", "down_proj"], torch.uint8),
+                                            ("lora", "triton", ["q_proj", "down_proj"], torch.bfloat16)):
         ref = _build(kind, backend, targets, nf4=True)
-        model = _fsdp_wrap(copy.deepcopy(ref), world)
-        seen = _nf4_gather_watch(model, world)
+        model = _fsdp_wrap(copy.deepcopy(ref), world, quant_storage=storage)
+        seen = _nf4_gather_watch(model, world, storage)
         _train_and_compare(model, ref, rank, world, f"FSDP2 NF4 {kind}/{backend}")
         assert set(seen) == {0, 1}
 
@@ -245,3 +249,25 @@ SCENARIOS = {"ddp": _ddp, "fsdp2": _fsdp}  # one spawn each: starting 2 processe
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_process_gloo(tmp_path, scenario):
     _spawn(tmp_path, scenario)
+
+
+def test_prepare_fsdp2_storage_views_keep_bytes_and_outputs():
+    """prepare_fsdp2's quant_storage re-views the packed bytes (no copy of values): the model computes the same,
+    and a storage FSDP2 cannot use safely is refused with the allowed values."""
+    from fastpeft.distributed import prepare_fsdp2
+
+    model = fastpeft.patch(nf4_tiny_model("llama", seed=2), _cfg("lora", ["q_proj", "down_proj"]))
+    ids = random_ids(batch=2, seq=5, seed=1)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    q = model.model.layers[0].self_attn.q_proj.base_layer
+    raw = q.weight.data.reshape(-1).view(torch.uint8).clone()
+    prepare_fsdp2(model, quant_storage=torch.bfloat16)
+    assert q.weight.dtype == torch.bfloat16 and type(q.weight).__name__ == "Params4bit"
+    assert torch.equal(q.weight.data.reshape(-1).view(torch.uint8), raw)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    prepare_fsdp2(model, quant_storage=torch.uint8)  # and back
+    assert q.weight.dtype == torch.uint8 and torch.equal(q.weight.data.reshape(-1), raw)
+    with pytest.raises(ValueError, match="quant_storage must be"):
+        prepare_fsdp2(model, quant_storage=torch.int32)
