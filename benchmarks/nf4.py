@@ -128,7 +128,9 @@ def _layer(method, K, N, device, dtype, p):
     return m
 
 
-def layer_section(shapes, device, cuda, rows, Ms, methods, paths=("auto",)):
+def layer_section(shapes, device, cuda, rows, Ms, methods, paths=("auto",), log=None):
+    """fwd+bwd and no-grad forward per (shape, M, method, path); with ``log`` each row is also printed as it
+    lands (a run cut by its time limit keeps what it measured)."""
     dtype = torch.bfloat16 if cuda else torch.float32
     for name, (K, N) in shapes.items():
         for M in Ms:
@@ -152,6 +154,8 @@ def layer_section(shapes, device, cuda, rows, Ms, methods, paths=("auto",)):
                         t_f = bench(fwd, cuda)
                         rows.append(dict(section="layer", shape=name, K=K, N=N, M=M, method=method, dropout=p,
                                          path=path, fwd_bwd_ms=t_fb, fwd_nograd_ms=t_f))
+                        if log:
+                            print(json.dumps(rows[-1]), flush=True)
                     except Exception as exc:  # noqa: BLE001
                         rows.append(dict(section="layer", shape=name, M=M, method=method, dropout=p, path=path,
                                          skipped=repr(exc)[:400]))
@@ -165,7 +169,7 @@ def layer_section(shapes, device, cuda, rows, Ms, methods, paths=("auto",)):
             r["ratio_vs_dense"] = r["fwd_bwd_ms"] / base[(r["shape"], r["M"])]
 
 
-def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 16)):
+def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
     from fastpeft.ops import nf4_gemv, nf4_lora
 
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -187,7 +191,11 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 16)):
         floor_ms = wbytes / (bw * 1e9) * 1e3
         for M in Ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
-            impls = {"fastpeft triton gemv": lambda: nf4_gemv.nf4_lora_gemv(x, packed, qs, None, A, B, 2.0, backend="triton")}
+            impls = {
+                "fastpeft triton mm": lambda: nf4_gemv.nf4_lora_gemv_triton(x, packed, qs, None, A, B, 2.0, kind="mm"),
+                "fastpeft triton gemv": lambda: nf4_gemv.nf4_lora_gemv_triton(x, packed, qs, None, A, B, 2.0,
+                                                                              kind="gemv"),
+            }
             if cuda and problem is None:
                 impls["fastpeft cuda gemv"] = lambda: nf4_gemv.nf4_lora_gemv(x, packed, qs, None, A, B, 2.0, backend="cuda")
 
@@ -253,9 +261,10 @@ def main(argv=None):
         "layer": lambda: layer_section(shapes, device, cuda, rows, [4096 if cuda else 64],
                                        [("dense", 0.0), ("peft_qlora", 0.0), ("fastpeft_qlora", 0.0),
                                         ("peft_qlora", 0.05), ("fastpeft_qlora", 0.05)]),
-        "crossover": lambda: layer_section({k: shapes[k] for k in ("q/o", "gate/up")}, device, cuda, rows,
-                                           [1, 16, 64, 256] if cuda else [1, 16], [("fastpeft_qlora", 0.0)],
-                                           paths=("buffer", "fused")),
+        "crossover": lambda: layer_section({k: shapes[k] for k in ("q/o", "gate/up", "down")}, device, cuda, rows,
+                                           [1, 8, 16, 32, 64, 128, 256, 512] if cuda else [1, 16],
+                                           [("fastpeft_qlora", 0.0)], paths=("buffer", "fused"),
+                                           log=args.out),
     }
     for s in sections:
         t = time.perf_counter()
