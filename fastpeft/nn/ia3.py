@@ -68,6 +68,15 @@ class IA3Linear(nn.Module):
         y = nf4_ia3_linear(x.to(cd), packed, quant_state, B.base_bias(self.base_layer), ia3_l, self.is_feedforward)
         return y.to(x.dtype)
 
+    def _forward_nf4_compiled(self, x, ia3_l):
+        """_forward_nf4 through the fastpeft::nf4_ia3_fwd custom op, for torch.compile (no graph break; see
+        LoraLinear._forward_nf4_compiled for how the 4-bit state is read while tracing)."""
+        packed, quant_state = B.nf4_parts(self.base_layer)
+        cd = B.compute_dtype(self.base_layer, x)
+        y = custom_ops.nf4_ia3_linear(x.to(cd), packed, quant_state, B.base_bias(self.base_layer), ia3_l,
+                                      self.is_feedforward)
+        return y.to(x.dtype)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self.active_adapter
         if self.disable_adapters or self.merged_adapters or name not in self.ia3_l:
@@ -75,8 +84,8 @@ class IA3Linear(nn.Module):
         ia3_l = self.ia3_l[name]
         if B.wants_triton(self.backend, x):
             if B.is_linear4bit(self.base_layer) and B.nf4_parts(self.base_layer) is not None:
-                if torch.compiler.is_compiling():  # run eagerly under compile (see LoraLinear._forward_nf4)
-                    return _forward_nf4_eager(self, x, ia3_l)
+                if torch.compiler.is_compiling():  # torch.library op: no graph break
+                    return self._forward_nf4_compiled(x, ia3_l)
                 return self._forward_nf4(x, ia3_l)
             fused = custom_ops.ia3_linear  # autograd.Function in eager, torch.library op under torch.compile
             if fused is not None and not B.is_linear4bit(self.base_layer):
@@ -146,5 +155,3 @@ class IA3Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"backend={self.backend}, feedforward={self.is_feedforward}, adapters={self.adapter_names}"
 
-
-_forward_nf4_eager = torch.compiler.disable(IA3Linear._forward_nf4)

@@ -117,8 +117,8 @@ class LoraLinear(nn.Module):
         if B.wants_triton(self.backend, x):
             four_bit = B.is_linear4bit(base)
             if four_bit and B.nf4_parts(base) is not None:
-                if torch.compiler.is_compiling():  # run eagerly under compile (see _forward_nf4)
-                    return _forward_nf4_eager(self, x, lora_A, lora_B, scaling, p)
+                if torch.compiler.is_compiling():  # torch.library op: no graph break (see _forward_nf4_compiled)
+                    return self._forward_nf4_compiled(x, lora_A, lora_B, scaling, p)
                 return self._forward_nf4(x, lora_A, lora_B, scaling, p)
             fused = custom_ops.lora_linear  # autograd.Function in eager, torch.library op under torch.compile
             if fused is not None and not four_bit:
@@ -134,9 +134,6 @@ class LoraLinear(nn.Module):
         # PEFT's order: base(x) + lora_B(lora_A(dropout(x))) * scaling; dropout uses torch's RNG like PEFT.
         return (result + lora_ops.lora_delta_reference(dropout(x), lora_A, lora_B, scaling)).to(result.dtype)
 
-    # The NF4 kernels are not torch.library custom ops yet, and dynamo tracing into bitsandbytes' Params4bit
-    # recursed without end (torch 2.13): under torch.compile this runs eagerly (_forward_nf4_eager), one graph
-    # break per 4-bit layer. Eager calls skip the disable wrapper (host time on the hot path).
     def _forward_nf4(self, x, lora_A, lora_B, scaling, p):
         """QLoRA kernels (fastpeft.ops.nf4_lora): compute in the layer's compute dtype, as bnb's Linear4bit."""
         from ..ops.nf4_lora import nf4_lora_linear
@@ -145,6 +142,23 @@ class LoraLinear(nn.Module):
         cd = B.compute_dtype(self.base_layer, x)
         seed = dropout_seed() if p > 0 else None  # the same draw as the dense kernels (nn/_rng.py)
         y = nf4_lora_linear(x.to(cd), packed, quant_state, B.base_bias(self.base_layer), lora_A, lora_B, scaling, p, seed)
+        return y.to(x.dtype)
+
+    # Under torch.compile: the same computation through the fastpeft::nf4_lora_fwd custom op, traced by dynamo
+    # (one graph node per layer, no graph break). Dynamo only reads attributes here -- the Params4bit's .data and
+    # .quant_state, the state's tensors -- and never runs an op on the Params4bit itself; the scalars that need
+    # the state's data (offset, code id) are trace-time constants (custom_ops._nf4_constants). (Tracing
+    # _forward_nf4 itself graph-breaks in kernel_state on float(offset), and under torch 2.13 dynamo then
+    # recursed without end through Params4bit.__torch_function__: why this was torch.compiler.disable'd.)
+    # No per-module cache of the kernel tensors: it would need a freshness check (data_ptr / device) that
+    # dynamo cannot trace without a break either, while attribute reads are guarded by dynamo itself.
+    # Separate from _forward_nf4 so eager calls pay no extra dispatch.
+    def _forward_nf4_compiled(self, x, lora_A, lora_B, scaling, p):
+        packed, quant_state = B.nf4_parts(self.base_layer)
+        cd = B.compute_dtype(self.base_layer, x)
+        seed = dropout_seed() if p > 0 else None  # a 0-dim tensor under compile (nn/_rng.py): no .item()
+        y = custom_ops.nf4_lora_linear(x.to(cd), packed, quant_state, B.base_bias(self.base_layer), lora_A, lora_B,
+                                       scaling, p, seed)
         return y.to(x.dtype)
 
     # -- merge ----------------------------------------------------------------------------------------
@@ -197,5 +211,3 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"
 
-
-_forward_nf4_eager = torch.compiler.disable(LoraLinear._forward_nf4)

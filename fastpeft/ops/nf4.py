@@ -368,6 +368,35 @@ def kernel_state(quant_state: Any, device) -> dict:
     return ks
 
 
+def kernel_quant_state(absmax: torch.Tensor, code: torch.Tensor, code2: torch.Tensor, absmax2: torch.Tensor,
+                       offset: float, blocksize: int, blocksize2: int, nested: bool, qt: int, quant_type: str,
+                       shape, dtype: torch.dtype) -> NF4QuantState:
+    """A light QuantState rebuilt from ``kernel_state``'s tensors and scalars, its kernel_state cache pre-filled.
+
+    For code that receives the state as plain tensors + numbers (the torch.library ops of
+    ``fastpeft.ops.custom_ops``, whose schemas cannot carry a QuantState): ``kernel_state(result, device)``
+    returns the given tensors as they are -- no ``.to(device)``, no ``float(offset)`` sync, no code comparison.
+    The tensors must already be what kernel_state would make: on the kernels' device, contiguous, flat absmax
+    (fp32, or the uint8 codes when ``nested``), fp32 code / code2 / absmax2 (non-nested: code2 = code,
+    absmax2 = absmax, blocksize2 = 1). ``qt`` is ``quant_type_id``'s answer for the original state.
+
+    >>> packed, qs = quantize_nf4(torch.randn(8, 64))
+    >>> ks = kernel_state(qs, "cpu")
+    >>> light = kernel_quant_state(ks["absmax"], ks["code"], ks["code2"], ks["absmax2"], ks["offset"], ks["bs"],
+    ...                            ks["bs2"], ks["nested"], ks["qt"], qs.quant_type, qs.shape, qs.dtype)
+    >>> kernel_state(light, "cpu")["absmax"] is ks["absmax"]
+    True
+    """
+    state2 = NF4QuantState(absmax=absmax2, code=code2, blocksize=blocksize2, dtype=torch.float32) if nested else None
+    shape = torch.Size(shape)
+    qs = NF4QuantState(absmax=absmax, shape=shape, code=code, blocksize=blocksize, quant_type=quant_type,
+                       dtype=dtype, offset=offset if nested else None, state2=state2)
+    qs._fastpeft_kstate = dict(key=(str(absmax.device), id(absmax)), code=code, absmax=absmax, code2=code2,
+                               absmax2=absmax2, offset=float(offset), bs=int(blocksize), bs2=int(blocksize2),
+                               nested=bool(nested), qt=int(qt), n=_numel(shape))
+    return qs
+
+
 def _pow2(v: int) -> bool:
     return v > 0 and (v & (v - 1)) == 0
 

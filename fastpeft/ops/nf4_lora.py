@@ -108,14 +108,25 @@ def dequantize_to(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype, re
 @triton.jit
 def _w_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset, rn, kb, nmask, kbmask, K,
             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, QT: tl.constexpr,
-            ROW_ABSMAX: tl.constexpr):
-    """fp32 W[rn, 2*kb : 2*kb + 2] tile as [len(rn), 2*len(kb)] (K even: a row starts on a byte)."""
+            GROUPS: tl.constexpr):
+    """fp32 W[rn, 2*kb : 2*kb + 2] tile as [len(rn), 2*len(kb)] (K even: a row starts on a byte).
+
+    GROUPS > 0: the tile's K range starts on a 4-bit block boundary and spans GROUPS whole blocks (or lies in
+    one, GROUPS = 1): one absmax per (row, block), broadcast over the block's weights -- the per-element
+    lookup (GROUPS = 0, any layout) costs up to three gathers per weight and made this kernel ALU-bound."""
     byte_off = rn[:, None] * (K // 2) + kb[None, :]
     m = nmask[:, None] & kbmask[None, :]
     byte = tl.load(packed_ptr + byte_off, mask=m, other=0).to(tl.int32)
-    if ROW_ABSMAX:  # the tile's K-range lies inside one 4-bit block of each row
+    if GROUPS == 1:
         blk = (rn * K + tl.min(kb, axis=0) * 2) // BLOCKSIZE
         a = block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk, nmask, NESTED, BLOCKSIZE2)[:, None]
+    elif GROUPS > 1:
+        blk = (rn * K + tl.min(kb, axis=0) * 2) // BLOCKSIZE
+        g = tl.arange(0, GROUPS)
+        a_g = block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, blk[:, None] + g[None, :],
+                           nmask[:, None] & (g[None, :] >= 0), NESTED, BLOCKSIZE2)  # [rows, GROUPS]
+        a = tl.reshape(tl.broadcast_to(a_g[:, :, None], (a_g.shape[0], GROUPS, BLOCKSIZE // 2)),
+                       (a_g.shape[0], GROUPS * (BLOCKSIZE // 2)))
     else:
         a = block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, (byte_off * 2) // BLOCKSIZE, m, NESTED,
                          BLOCKSIZE2)
@@ -131,7 +142,7 @@ def _nf4_mm_kernel(
     spm, spi, scm, scj, sim, sij,
     NN: tl.constexpr, SPLIT: tl.constexpr, HAS_CIN: tl.constexpr, IEEE: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, QT: tl.constexpr,
-    ROW_ABSMAX: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr,
+    GROUPS: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr,
 ):
     # NN=False (forward):  C[M, N] = CIN + P[M, K]·dequant(W)ᵀ
     # NN=True  (dX):       C[M, K] = CIN + P[M, N]·dequant(W)
@@ -159,11 +170,11 @@ def _nf4_mm_kernel(
         if NN:  # W rows = reduction (n), W byte-columns = output (k)
             kb = (pid_j * (BJ // 2) + tl.arange(0, BJ // 2)).to(tl.int64)
             w = _w_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset, ri, kb, imask,
-                        kb < K // 2, K, BLOCKSIZE, BLOCKSIZE2, NESTED, QT, ROW_ABSMAX).to(DT)
+                        kb < K // 2, K, BLOCKSIZE, BLOCKSIZE2, NESTED, QT, GROUPS).to(DT)
         else:  # W rows = output (n), W byte-columns = reduction (k)
             kb = (i0 // 2 + tl.arange(0, BI // 2)).to(tl.int64)
             w = tl.trans(_w_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset, rj, kb, jmask,
-                                 kb < i_end // 2, K, BLOCKSIZE, BLOCKSIZE2, NESTED, QT, ROW_ABSMAX).to(DT))
+                                 kb < i_end // 2, K, BLOCKSIZE, BLOCKSIZE2, NESTED, QT, GROUPS).to(DT))
         if IEEE:
             acc = tl.dot(p, w, acc, input_precision="ieee")
         else:
@@ -188,6 +199,16 @@ def _fused_blocks(M: int, I: int, J: int, device):
     target = 2 * num_sms(device)
     split = max(1, min(ceil_div(I, BI), ceil_div(target, tiles)))
     return BM, BJ, BI, split
+
+
+def _absmax_groups(K: int, bs: int, extent: int) -> int:
+    """How many 4-bit blocks a W tile of ``extent`` weights along K spans when tiles start on block
+    boundaries (1: inside one block; 0: not aligned -- the kernel then looks absmax up per element)."""
+    if K % bs:
+        return 0
+    if bs % extent == 0:
+        return 1
+    return extent // bs if extent % bs == 0 else 0
 
 
 def nf4_matmul(p2: torch.Tensor, packed: torch.Tensor, quant_state: Any, nn_layout: bool = False,
@@ -218,7 +239,7 @@ def nf4_matmul(p2: torch.Tensor, packed: torch.Tensor, quant_state: Any, nn_layo
         c = torch.empty((M, J), device=p2.device, dtype=dt)
     cin = c_in if c_in is not None else c
     bs = ks["bs"]
-    row_absmax = K % bs == 0 and bs % BI == 0 and bs % BJ == 0
+    groups = _absmax_groups(K, bs, BJ if nn_layout else BI)
     fp = {"enable_fp_fusion": False} if p2.is_cuda else {}
     b = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed
     _nf4_mm_kernel[(ceil_div(M, BM), ceil_div(J, BJ), split)](
@@ -226,7 +247,7 @@ def nf4_matmul(p2: torch.Tensor, packed: torch.Tensor, quant_state: Any, nn_layo
         ks["offset"], M, N, K, i_per,
         p2.stride(0), p2.stride(1), c.stride(0), c.stride(1), cin.stride(0), cin.stride(1),
         NN=nn_layout, SPLIT=split > 1, HAS_CIN=c_in is not None, IEEE=dot_ieee(dt),
-        BLOCKSIZE=bs, BLOCKSIZE2=ks["bs2"], NESTED=ks["nested"], QT=ks["qt"], ROW_ABSMAX=row_absmax,
+        BLOCKSIZE=bs, BLOCKSIZE2=ks["bs2"], NESTED=ks["nested"], QT=ks["qt"], GROUPS=groups,
         BM=BM, BJ=BJ, BI=BI, num_warps=4, **fp,
     )
     if split > 1:
@@ -289,55 +310,80 @@ def _dense_triton_gemm(M, N, K) -> bool:
     return bool(pick(M, N, K)) if pick is not None else False
 
 
+def nf4_lora_plan(M: int, quant_state: Any, dtype: torch.dtype, device) -> tuple:
+    """(path, triton_gemm): the per-call GEMM choices of the QLoRA forward, which its backward reuses.
+    A function of (M, the weight's shape / dtype, dtype, device, env), so a backward can also recompute it."""
+    path = nf4_path(M, quant_state, dtype, device)
+    if path == "fused":
+        return path, False
+    return path, _dense_triton_gemm(M, int(quant_state.shape[0]), int(quant_state.shape[-1]))
+
+
+def nf4_lora_forward_2d(x2, packed, quant_state, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed,
+                        plan: Optional[tuple] = None):
+    """QLoRA forward on a 2-D x [M, K], no autograd: (Y [M, N] in x2.dtype, S' = s·(D⊙x)·Aᵀ fp32 [M, r]).
+
+    plan: ``nf4_lora_plan``'s (path, triton_gemm) for this call (computed when None). The building block of
+    ``_NF4LoraFn`` and of the ``fastpeft::nf4_lora_fwd`` custom op: both give these numbers.
+    """
+    path, triton_gemm = plan if plan is not None else nf4_lora_plan(x2.shape[0], quant_state, x2.dtype, x2.device)
+    if path == "fused":
+        # Z = s·(D⊙X)·Aᵀ·Bᵀ + bias from ops.lora's kernels, then Y = Z + X·dequant(W)ᵀ in one fused GEMM
+        b = None if bias is None else bias.to(x2.dtype)
+        P = lora_ops.lora_s_partials(x2, lora_A, dropout_p, seed)
+        Z, S = lora_ops.lora_expand(P, lora_B, b, scaling, x2.dtype)  # S = S' (fp32, scaled)
+        return nf4_matmul(x2, packed, quant_state, c_in=Z), S
+    w = dequantize_to(packed, quant_state, x2.dtype)
+    return lora_ops.lora_forward_2d(x2, w, bias, lora_A, lora_B, scaling, dropout_p, seed, triton_gemm)
+
+
+def nf4_lora_backward_2d(dy2, x2, S, packed, quant_state, lora_A, lora_B, scaling: float, dropout_p: float, seed,
+                         plan: tuple, need_x: bool = True, need_b: bool = False, need_A: bool = True,
+                         need_B: bool = True, separate_outputs: bool = False):
+    """QLoRA backward on 2-D tensors, no autograd: (dX [M, K] | None, db fp32 [N] | None, dA fp32 [r, K] | None,
+    dB fp32 [N, r] | None). dy2 in x2.dtype; S and plan as the forward gave / used them.
+    separate_outputs: dA and dB never share a storage (torch.library ops may not return aliasing tensors)."""
+    path, triton_gemm = plan
+    if path == "fused":
+        # dS, dB; then dA and Z2 = D⊙(dS·A) in one pass over X (ops.lora); then dX = Z2 + dY·dequant(W)
+        dS, dB = lora_ops.lora_ds_db(dy2, lora_B, S, scaling)
+        dA, Z2 = (lora_ops.lora_da_dx(x2, dS, lora_A, dropout_p, seed, need_dA=need_A, need_dx=need_x)
+                  if (need_A or need_x) else (None, None))
+        dx2 = nf4_matmul(dy2, packed, quant_state, nn_layout=True, c_in=Z2) if need_x else None
+        db = dy2.sum(0, dtype=torch.float32) if need_b else None
+    else:
+        w = dequantize_to(packed, quant_state, x2.dtype) if need_x else None
+        dx2, _, db, dA, dB = lora_ops.lora_backward_2d(
+            dy2, x2, S, w, lora_A, lora_B, scaling, dropout_p, seed, triton_gemm,
+            need_x, False, need_b, need_A, need_B, separate_outputs=separate_outputs)
+    return dx2, db, dA, (dB if need_B else None)
+
+
 class _NF4LoraFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        N = int(quant_state.shape[0])
         x2 = as_2d(x)
-        M = x2.shape[0]
-        path = nf4_path(M, quant_state, x.dtype, x.device)
-        if path == "fused":
-            # Z = s·(D⊙X)·Aᵀ·Bᵀ + bias from ops.lora's kernels, then Y = Z + X·dequant(W)ᵀ in one fused GEMM
-            b = None if bias is None else bias.to(x.dtype)
-            P = lora_ops.lora_s_partials(x2, lora_A, dropout_p, seed)
-            Z, S = lora_ops.lora_expand(P, lora_B, b, scaling, x.dtype)  # S = S' (fp32, scaled)
-            y2 = nf4_matmul(x2, packed, quant_state, c_in=Z)
-            ctx.triton_gemm = False
-        else:
-            ctx.triton_gemm = _dense_triton_gemm(M, N, x.shape[-1])
-            w = dequantize_to(packed, quant_state, x.dtype)
-            y2, S = lora_ops.lora_forward_2d(x2, w, bias, lora_A, lora_B, scaling, dropout_p, seed, ctx.triton_gemm)
-        ctx.path = path
+        ctx.plan = plan = nf4_lora_plan(x2.shape[0], quant_state, x.dtype, x.device)
+        y2, S = nf4_lora_forward_2d(x2, packed, quant_state, bias, lora_A, lora_B, scaling, dropout_p, seed, plan)
         ctx.save_for_backward(x, S, lora_A, lora_B)
         ctx.packed, ctx.quant_state = packed, quant_state  # frozen module state, not activations
         ctx.scaling, ctx.dropout_p, ctx.seed = float(scaling), float(dropout_p), seed
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y2.view(*x.shape[:-1], N)
+        return y2.view(*x.shape[:-1], int(quant_state.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):
         x, S, lora_A, lora_B = ctx.saved_tensors
         need_x, _, _, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        x2 = as_2d(x)
-        dy2 = as_2d(dy).to(x.dtype)
-        if ctx.path == "fused":
-            # dS, dB; then dA and Z2 = D⊙(dS·A) in one pass over X (ops.lora); then dX = Z2 + dY·dequant(W)
-            dS, dB = lora_ops.lora_ds_db(dy2, lora_B, S, ctx.scaling)
-            dA, Z2 = (lora_ops.lora_da_dx(x2, dS, lora_A, ctx.dropout_p, ctx.seed, need_dA=need_A, need_dx=need_x)
-                      if (need_A or need_x) else (None, None))
-            dx2 = nf4_matmul(dy2, ctx.packed, ctx.quant_state, nn_layout=True, c_in=Z2) if need_x else None
-            db = dy2.sum(0, dtype=torch.float32) if need_b else None
-        else:
-            w = dequantize_to(ctx.packed, ctx.quant_state, x.dtype) if need_x else None
-            dx2, _, db, dA, dB = lora_ops.lora_backward_2d(
-                dy2, x2, S, w, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.triton_gemm,
-                need_x, False, need_b, need_A, need_B)
+        dx2, db, dA, dB = nf4_lora_backward_2d(
+            as_2d(dy).to(x.dtype), as_2d(x), S, ctx.packed, ctx.quant_state, lora_A, lora_B, ctx.scaling,
+            ctx.dropout_p, ctx.seed, ctx.plan, need_x, need_b, need_A, need_B)
         return (
             None if dx2 is None else dx2.view(x.shape),
             None, None,
             None if db is None else db.to(ctx.bias_dtype),
             None if dA is None else dA.to(lora_A.dtype),
-            None if (dB is None or not need_B) else dB.to(lora_B.dtype),
+            None if dB is None else dB.to(lora_B.dtype),
             None, None, None,
         )
 
@@ -384,29 +430,41 @@ def nf4_ia3_linear_reference(x, packed, quant_state, bias, ia3_l, feedforward: b
     return ia3_ops.ia3_linear_reference(x, w, bias, ia3_l, feedforward)
 
 
+def nf4_ia3_forward_2d(x2, packed, quant_state, bias, ia3_l, feedforward: bool):
+    """IA3 forward on a 4-bit base, 2-D x [M, K], no autograd: (Y [M, N], saved) with saved as
+    ``ops.ia3.ia3_forward_2d`` gives it (x2 for feedforward scaling, Yb = x·Wᵀ + b for output scaling).
+    The building block of ``_NF4IA3Fn`` and of the ``fastpeft::nf4_ia3_fwd`` custom op."""
+    w = dequantize_to(packed, quant_state, x2.dtype)
+    return ia3_ops.ia3_forward_2d(x2, w, bias, ia3_l, feedforward, False)
+
+
+def nf4_ia3_backward_2d(dy2, saved, packed, quant_state, ia3_l, feedforward: bool, need_x: bool = True,
+                        need_b: bool = False):
+    """IA3 backward on a 4-bit base, 2-D tensors (saved: the forward's, 2-D), no autograd:
+    (dX | None, db fp32 [N] | None, dl fp32 [len(l)]). Feedforward computes in saved's (x's) dtype."""
+    if feedforward:
+        dy2 = dy2.to(saved.dtype)
+    w = dequantize_to(packed, quant_state, dy2.dtype)  # feedforward needs G = dY·W for dl anyway
+    dx, _, db, dl = ia3_ops.ia3_backward_2d(dy2, saved, w, ia3_l, feedforward, False, need_x, False, need_b)
+    return dx, db, dl
+
+
 class _NF4IA3Fn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, quant_state, bias, ia3_l, feedforward):
-        N = int(quant_state.shape[0])
-        x2 = as_2d(x)
-        w = dequantize_to(packed, quant_state, x.dtype)
-        y2, saved = ia3_ops.ia3_forward_2d(x2, w, bias, ia3_l, feedforward, False)
+        y2, saved = nf4_ia3_forward_2d(as_2d(x), packed, quant_state, bias, ia3_l, feedforward)
         ctx.save_for_backward(x if feedforward else saved, ia3_l)
         ctx.packed, ctx.quant_state = packed, quant_state
         ctx.feedforward, ctx.x_shape = feedforward, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y2.view(*x.shape[:-1], N)
+        return y2.view(*x.shape[:-1], int(quant_state.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):
         saved, ia3_l = ctx.saved_tensors
         need_x, _, _, need_b, need_l = ctx.needs_input_grad[:5]
-        dy2 = as_2d(dy)
-        if ctx.feedforward:
-            saved = as_2d(saved)
-            dy2 = dy2.to(saved.dtype)
-        w = dequantize_to(ctx.packed, ctx.quant_state, dy2.dtype)  # feedforward needs G = dY·W for dl anyway
-        dx, _, db, dl = ia3_ops.ia3_backward_2d(dy2, saved, w, ia3_l, ctx.feedforward, False, need_x, False, need_b)
+        dx, db, dl = nf4_ia3_backward_2d(as_2d(dy), as_2d(saved) if ctx.feedforward else saved, ctx.packed,
+                                         ctx.quant_state, ia3_l, ctx.feedforward, need_x, need_b)
         return (
             None if dx is None else dx.view(ctx.x_shape),
             None, None,
