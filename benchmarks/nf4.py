@@ -44,6 +44,38 @@ def bench(fn, cuda: bool) -> float:
     return sorted(ts)[1] * 1e3
 
 
+def graph_ms(calls, reps=20) -> float:
+    """GPU time per call, ms: ``calls`` (a list of zero-argument callables, each on its OWN copy of the weights,
+    together larger than L2) are captured into one CUDA graph and replayed, so each call finds its weights in
+    HBM, not in L2, and host time (launch overhead, Python) is excluded. Decode and small-M layers are
+    host-bound in eager mode on the device's CPU; this is the time a CUDA-graphed or compiled caller sees."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / (reps * len(calls))
+
+
+def _copies(nbytes: int, cold_bytes: int = 160 << 20) -> int:
+    """Weight copies needed so that one graph replay streams ``cold_bytes`` (> 3x the H100's 50 MB L2)."""
+    return max(2, -(-cold_bytes // max(1, nbytes)))
+
+
 def copy_bandwidth(device, cuda) -> float:
     n = (256 << 20) if cuda else (4 << 20)
     a = torch.empty(n, dtype=torch.uint8, device=device)
@@ -227,6 +259,119 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
                     rows.append(dict(section="decode", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
 
 
+def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16)):
+    """Decode (no grad, M <= 16) GPU time per layer call against the weight-byte floor, CUDA-graph timed with
+    cold L2 (graph_ms). Impls: CUDA MMA GEMV, both Triton fallbacks, dequant-buffer + cuBLAS, bnb base only,
+    PEFT+bnb."""
+    from fastpeft.ops import nf4_gemv, nf4_lora
+
+    dtype = torch.bfloat16
+    problem = nf4_gemv.toolchain_problem()
+    t = time.perf_counter()
+    try:
+        nf4_gemv.load_extension()
+    except Exception as exc:  # noqa: BLE001
+        problem = repr(exc)[:600]
+    rows.append(dict(section="decode_graph_build", toolchain_problem=problem, build_or_load_s=time.perf_counter() - t))
+    for name, (K, N) in shapes.items():
+        wbytes = N * K // 2 + N * K // 64 + 4 * (N * K // (64 * 256))  # packed + uint8 absmax + nested fp32
+        lora_bytes = 4 * RANK * (K + N)
+        floor_us = wbytes / (bw * 1e9) * 1e6
+        n_copies = _copies(wbytes)
+        weights = [_quant(N, K, device, dtype)[1:] for _ in range(n_copies)]
+        A = torch.randn(RANK, K, device=device) * 0.02
+        B = torch.randn(N, RANK, device=device) * 0.02
+        bnb_layers = []
+        try:
+            import peft
+            from peft.tuners.lora.bnb import Linear4bit as PLinear4bit
+
+            for _ in range(n_copies):
+                _, q = _bnb_layer(K, N, device, dtype)
+                pm = PLinear4bit(q, "default", config=peft.LoraConfig(r=RANK, lora_alpha=ALPHA), r=RANK,
+                                 lora_alpha=ALPHA, init_lora_weights=False).eval()
+                bnb_layers.append((q, pm))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(dict(section="decode_graph", shape=name, impl="bnb", skipped=repr(exc)[:300]))
+        for M in Ms:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            impls = {
+                "fastpeft cuda mma gemv": lambda pk, qs: nf4_gemv.nf4_lora_gemv(x, pk, qs, None, A, B, 2.0,
+                                                                                backend="cuda"),
+                "fastpeft cuda mma gemv, base only": lambda pk, qs: nf4_gemv.nf4_lora_gemv(
+                    x, pk, qs, None, None, None, 0.0, backend="cuda"),
+                "fastpeft triton gemv": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, qs, None, A, B, 2.0,
+                                                                                     kind="gemv"),
+                "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, qs, None, A, B, 2.0,
+                                                                                   kind="mm"),
+                "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
+                    ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, qs, dtype).t()),
+            }
+            for impl, fn in impls.items():
+                try:
+                    with torch.no_grad():
+                        us = graph_ms([(lambda pk=pk, qs=qs: fn(pk, qs)) for pk, qs in weights]) * 1e3
+                    rows.append(dict(section="decode_graph", shape=name, K=K, N=N, M=M, impl=impl, us=us,
+                                     floor_us=floor_us, frac_of_copy_bw=floor_us / us, copies=n_copies,
+                                     lora_bytes=lora_bytes))
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(dict(section="decode_graph", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
+                print(json.dumps(rows[-1]), flush=True)
+            for impl, pick in (("bnb base only", 0), ("PEFT+bnb", 1)):
+                if not bnb_layers:
+                    break
+                try:
+                    with torch.no_grad():
+                        us = graph_ms([(lambda m=layer[pick]: m(x)) for layer in bnb_layers]) * 1e3
+                    rows.append(dict(section="decode_graph", shape=name, K=K, N=N, M=M, impl=impl, us=us,
+                                     floor_us=floor_us, frac_of_copy_bw=floor_us / us, copies=n_copies))
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(dict(section="decode_graph", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
+                print(json.dumps(rows[-1]), flush=True)
+        del weights, bnb_layers
+        torch.cuda.empty_cache()
+
+
+def crossover_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16, 32, 64, 128, 256, 512)):
+    """Training fwd+bwd GPU time per layer (CUDA graph, cold L2) for the two NF4 paths -- "fused" (in-kernel
+    dequant GEMM) vs "buffer" (dequant into the shared buffer + cuBLAS) -- and the dense bf16 base, per M:
+    the measurement behind ``fastpeft.ops.nf4_lora.FUSED_MAX_M``."""
+    import fastpeft
+
+    dtype = torch.bfloat16
+    os.environ["FASTPEFT_BACKEND"] = "auto"
+    for name, (K, N) in shapes.items():
+        wbytes = N * K // 2 + N * K // 64
+        n_copies = _copies(wbytes)
+        layers = []
+        for _ in range(n_copies):
+            lin, q = _bnb_layer(K, N, device, dtype)
+            m = fastpeft.LoraLinear(q, "default", r=RANK, lora_alpha=ALPHA, init_lora_weights=False).train()
+            layers.append((lin.requires_grad_(False), m))
+        for M in Ms:
+            x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(M, N, device=device, dtype=dtype)
+            floor_us = 2 * wbytes / (bw * 1e9) * 1e6  # forward + dX each stream the 4-bit weight once
+            for path in ("dense", "buffer", "fused"):
+                os.environ["FASTPEFT_NF4_GEMM"] = "auto" if path == "dense" else path
+                try:
+                    def step(mod):
+                        mod(x).backward(dy)
+
+                    us = graph_ms([(lambda mod=(lin if path == "dense" else m): step(mod))
+                                   for lin, m in layers]) * 1e3
+                    rows.append(dict(section="crossover_graph", shape=name, K=K, N=N, M=M, path=path,
+                                     fwd_bwd_us=us, nf4_floor_us=floor_us, copies=n_copies))
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(dict(section="crossover_graph", shape=name, M=M, path=path,
+                                     skipped=repr(exc)[:400]))
+                finally:
+                    os.environ.pop("FASTPEFT_NF4_GEMM", None)
+                print(json.dumps(rows[-1]), flush=True)
+        del layers
+        torch.cuda.empty_cache()
+
+
 def env_info(device):
     import triton
 
@@ -245,7 +390,8 @@ def env_info(device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sections", default="dequant,decode,layer,crossover")
+    ap.add_argument("--sections", default="dequant,decode,layer,crossover",
+                    help="comma-separated; CUDA only: decode_graph, crossover_graph (GPU time, cold L2)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -266,6 +412,8 @@ def main(argv=None):
                                            [("fastpeft_qlora", 0.0)], paths=("buffer", "fused"),
                                            log=args.out),
     }
+    steps["decode_graph"] = lambda: decode_graph_section(shapes, device, bw, rows)
+    steps["crossover_graph"] = lambda: crossover_graph_section(shapes, device, bw, rows)
     for s in sections:
         t = time.perf_counter()
         try:

@@ -1,14 +1,27 @@
 // NF4 / FP4 GEMV with the LoRA shrink / expand, for decode (M <= 16 tokens), bitsandbytes' 4-bit format.
 //
-//   S[m, j] = sum_k x[m, k] * A[j, k]                                  (nf4_lora_shrink: fp32 [M, r])
-//   y[m, n] = sum_k x[m, k] * w[n, k] + bias[n] + scaling * sum_j S[m, j] * B[n, j]   (nf4_gemv_lora)
+//   S[m, j] = sum_k x[m, k] * A[j, k]                                  (lora_shrink_kernel: fp32 [M, r])
+//   y[m, n] = sum_k x[m, k] * w[n, k] + bias[n] + scaling * sum_j S[m, j] * B[n, j]     (nf4_mma_gemv_kernel)
 //   w[n, k] = round_to_x_dtype(code[q] * absmax[(n*K + k) / blocksize])  (the value the dequantized weight holds)
 //
-// Bound: bytes. The weight stream is N*K/2 packed bytes + absmax; x (M*K elements) stays in L1/L2, S, A, B
-// are tiny. One warp per output row n: each lane reads 16 packed bytes (32 weights, one 4-bit block since
-// blocksize >= 32 and K % 32 == 0) per step with one 128-bit load, so a warp streams 512 contiguous bytes.
-// The 16 code values live in shared memory (16 distinct banks: no conflicts), fp32 accumulation, warp-shuffle
-// reduction, the LoRA expand in the epilogue (lanes over r).
+// Bound: bytes. The weight stream is N*K/2 packed bytes + absmax (x, S, A, B are small), so the kernel is built
+// to keep HBM busy: M <= 16 rows of x fit one m16n8k16 tensor-core tile, so the FLOPs cost nothing and the
+// per-weight work is the dequantization alone (a 16-entry LUT read from shared memory -- 16 distinct banks,
+// never a conflict --, one multiply by the block's absmax, one paired rounding to bf16/fp16).
+//
+// Work split: a block owns 16 output rows (two n8 tiles) and its 8 warps split K in 128-weight segments
+// (warp w takes segments w, w+8, ...; partial sums meet in shared memory at the end). In a segment, lane
+// (g = lane/4, t = lane%4) loads 16 packed bytes = weights k0+32t .. k0+32t+31 of rows g and 8+g (one uint4
+// each: the 4 lanes of a row read 64 contiguous bytes). The k order inside an mma is free as long as A and B
+// agree: mma k-slots (2t, 2t+1 | 2t+8, 2t+9) of k-step u (0..7) hold weights 32t+4u+(0,1 | 2,3), i.e. packed
+// byte 2u | 2u+1 of the lane's 16 bytes (element 2i = the high nibble of byte i, as bnb packs), and the A
+// fragment takes x[m, k0+32t+4u .. +3] (two 32-bit words of the lane's 32 contiguous x values, read from
+// L1/L2 when the segment is computed: x is tiny and shared by every block).
+// Latency: HBM needs ~3 TB/s x ~1.5 us ~ 4.5 MB in flight, ~34 KB per SM. Each warp keeps the next TWO
+// segments' weight bytes in flight (3-stage register pipeline, 2 x 1 KB per warp, 16+ warps per SM), and the
+// nested-absmax lookup (code2[q], a dependent read) comes from shared memory, not L2.
+// LoRA: the shrink S = x·Aᵀ runs first as a split-K kernel writing fp32 partials [splits, M, r] (no atomics,
+// no memset); each block of the main kernel sums them into shared memory for its epilogue y += s·S·Bᵀ.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,37 +32,47 @@
 namespace {
 
 constexpr int kMaxM = 16;
-constexpr int kWarps = 8;
+constexpr int kWarps = 8;   // warps per block (split K)
+constexpr int kRows = 16;   // output rows per block: two m16n8k16 n-tiles
+constexpr int kSeg = 128;   // weights per row per warp step (4 lanes x 32)
 
-// Primary template: a compile error (not an undefined symbol) for any other type.
-template <typename T> __device__ __forceinline__ float to_f(T v) {
-  static_assert(sizeof(T) == 0, "nf4_gemv: only float, at::Half and at::BFloat16 are supported");
-  return 0.f;
-}
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<at::Half>(at::Half v) { return __half2float(*reinterpret_cast<__half*>(&v)); }
-template <> __device__ __forceinline__ float to_f<at::BFloat16>(at::BFloat16 v) {
-  return __bfloat162float(*reinterpret_cast<__nv_bfloat16*>(&v));
-}
-// Round an fp32 weight to the compute dtype (the dense path dequantizes to that dtype before the GEMM).
-// Primary template: a compile error (not an undefined symbol) for any other type.
-template <typename T> __device__ __forceinline__ float round_w(float v) {
-  static_assert(sizeof(T) == 0, "nf4_gemv: only float, at::Half and at::BFloat16 are supported");
-  return 0.f;
-}
-template <> __device__ __forceinline__ float round_w<float>(float v) { return v; }
-template <> __device__ __forceinline__ float round_w<at::Half>(float v) { return __half2float(__float2half_rn(v)); }
-template <> __device__ __forceinline__ float round_w<at::BFloat16>(float v) {
-  return __bfloat162float(__float2bfloat16_rn(v));
-}
-// Primary template: a compile error (not an undefined symbol) for any other type.
-template <typename T> __device__ __forceinline__ T from_f(float v) {
-  static_assert(sizeof(T) == 0, "nf4_gemv: only float, at::Half and at::BFloat16 are supported");
-  return {};
-}
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ at::Half from_f<at::Half>(float v) { return at::Half(v); }
-template <> __device__ __forceinline__ at::BFloat16 from_f<at::BFloat16>(float v) { return at::BFloat16(v); }
+// Per compute dtype: to fp32, pack two fp32 into one 32-bit register (round to nearest even; low half =
+// first element), and the tensor-core MMA. Only bf16 and fp16 are instantiated (fp32 x takes the Triton path).
+template <typename T> struct Dt;
+template <> struct Dt<at::BFloat16> {
+  using raw = __nv_bfloat16;
+  static __device__ __forceinline__ float to_f(const at::BFloat16 v) { return static_cast<float>(v); }
+  static __device__ __forceinline__ at::BFloat16 from_f(float v) { return at::BFloat16(v); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&p);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Dt<at::Half> {
+  using raw = __half;
+  static __device__ __forceinline__ float to_f(const at::Half v) { return static_cast<float>(v); }
+  static __device__ __forceinline__ at::Half from_f(float v) { return at::Half(v); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 p = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&p);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -57,126 +80,226 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float block_absmax(const void* absmax, const float* code2, const float* absmax2,
-                                              float offset, int64_t blk, bool nested, int bs2) {
-  if (nested) {
-    const uint8_t q = reinterpret_cast<const uint8_t*>(absmax)[blk];
-    return __fadd_rn(__fmul_rn(code2[q], absmax2[blk / bs2]), offset);  // two roundings, like bnb
-  }
-  return reinterpret_cast<const float*>(absmax)[blk];
-}
+constexpr int kShrinkThreads = 128;
+constexpr int kShrinkChunk = kShrinkThreads * 8;  // K values per shrink block (8 per thread: one 16-byte x load)
+
+// One segment's weight-side loads for one lane: 16 packed bytes of each of its two rows, their raw absmax
+// entries (uint8 code when nested, else fp32 bits) and, when nested, the second-level absmax.
+struct Stage {
+  uint4 w[2];
+  uint32_t amax[2];
+  float amax2[2];
+};
 
 template <typename T>
-__global__ void gemv_lora_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restrict__ packed,
-                                 const void* __restrict__ absmax, const float* __restrict__ code,
-                                 const float* __restrict__ code2, const float* __restrict__ absmax2, float offset,
-                                 bool nested, int bs, int bs2, const T* __restrict__ bias,
-                                 const float* __restrict__ S, const float* __restrict__ B, float scaling, int R,
-                                 T* __restrict__ y, int M, int N, int K) {
+__global__ void __launch_bounds__(kWarps * 32)
+nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restrict__ packed,
+                    const void* __restrict__ absmax, const float* __restrict__ code, const float* __restrict__ code2,
+                    const float* __restrict__ absmax2, float offset, bool nested, int log2_bs, int log2_bs2,
+                    const T* __restrict__ bias, const float* __restrict__ P, int splits,
+                    const float* __restrict__ B, float scaling, int R, T* __restrict__ y, int M, int N, int K) {
   __shared__ float lut[16];
+  __shared__ float lut2[256];
+  __shared__ float partial[kWarps][kMaxM][kRows];
+  __shared__ float s_lora[kMaxM * 32];  // S [M, R] (R <= 32 here; larger ranks read P directly)
   if (threadIdx.x < 16) lut[threadIdx.x] = code[threadIdx.x];
+  if (nested) lut2[threadIdx.x] = code2[threadIdx.x];  // blockDim == 256 == the nested code's size
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (n >= N) return;
-  float acc[kMaxM];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t row[2] = {n0 + g, n0 + 8 + g};
+  const bool row_ok[2] = {row[0] < N, row[1] < N};
+  const bool m_lo = g < M, m_hi = g + 8 < M;
+  const int64_t row_bytes = K >> 1;
+  const uint8_t* absmax_u8 = reinterpret_cast<const uint8_t*>(absmax);
+  const uint32_t* absmax_u32 = reinterpret_cast<const uint32_t*>(absmax);
+  const int nseg = (K + kSeg - 1) / kSeg;
+
+  auto load = [&](int s, Stage& st) {
+    const int k = s * kSeg + 32 * t;  // K % 32 == 0: the lane's 32 weights are all in or all out
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.f;
-  const int64_t row_bytes = K / 2;
-  const uint4* wrow = reinterpret_cast<const uint4*>(packed + n * row_bytes);
-  const int chunks = K / 32;  // 16 bytes = 32 weights per chunk
-  for (int c = lane; c < chunks; c += 32) {
-    const uint4 v = wrow[c];
-    const int64_t k0 = static_cast<int64_t>(c) * 32;
-    const float a = block_absmax(absmax, code2, absmax2, offset, (n * K + k0) / bs, nested, bs2);
-    float w[32];
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const uint32_t byte = (words[i] >> (8 * b)) & 0xffu;  // little endian: byte b of the word
-        w[i * 8 + b * 2] = round_w<T>(__fmul_rn(lut[byte >> 4], a));
-        w[i * 8 + b * 2 + 1] = round_w<T>(__fmul_rn(lut[byte & 15u], a));
+    for (int j = 0; j < 2; ++j) {
+      if (s < nseg && k < K && row_ok[j]) {
+        st.w[j] = __ldg(reinterpret_cast<const uint4*>(packed + row[j] * row_bytes + (k >> 1)));
+        const int64_t blk = (row[j] * K + k) >> log2_bs;
+        if (nested) {
+          st.amax[j] = __ldg(absmax_u8 + blk);
+          st.amax2[j] = __ldg(absmax2 + (blk >> log2_bs2));
+        } else {
+          st.amax[j] = __ldg(absmax_u32 + blk);
+          st.amax2[j] = 0.f;
+        }
+      } else {  // zero bytes and a zero scale: this lane adds nothing
+        st.w[j] = make_uint4(0u, 0u, 0u, 0u);
+        st.amax[j] = 0u;
+        st.amax2[j] = 0.f;
       }
     }
+  };
+
+  float c[2][4];
 #pragma unroll
-    for (int m = 0; m < kMaxM; ++m) {
-      if (m < M) {
-        const T* xr = x + m * sxm + k0;
-        float s = 0.f;
+  for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int j = 0; j < 32; ++j) s = fmaf(to_f<T>(xr[j]), w[j], s);
-        acc[m] += s;
+    for (int i = 0; i < 4; ++i) c[j][i] = 0.f;
+
+  Stage cur, nxt, nxt2;
+  load(warp, cur);
+  load(warp + kWarps, nxt);
+  for (int s = warp; s < nseg; s += kWarps) {
+    load(s + 2 * kWarps, nxt2);  // two segments ahead stay in flight while this one is computed
+    const int k = s * kSeg + 32 * t;
+    if (k < K) {
+      // x rows g and g+8, this lane's 32 values (zeros for rows >= M)
+      uint4 xl[4], xh[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) xl[i] = xh[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (m_lo) {
+        const uint4* p = reinterpret_cast<const uint4*>(x + g * sxm + k);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xl[i] = __ldg(p + i);
       }
+      if (m_hi) {
+        const uint4* p = reinterpret_cast<const uint4*>(x + (g + 8) * sxm + k);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xh[i] = __ldg(p + i);
+      }
+      const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
+      const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float a = nested ? __fadd_rn(__fmul_rn(lut2[cur.amax[j]], cur.amax2[j]), offset)  // as bnb: 2 roundings
+                               : __uint_as_float(cur.amax[j]);
+        const uint32_t words[4] = {cur.w[j].x, cur.w[j].y, cur.w[j].z, cur.w[j].w};
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const uint32_t word = words[u >> 1];
+          const uint32_t b_even = (word >> (16 * (u & 1))) & 0xffu;     // byte 2u
+          const uint32_t b_odd = (word >> (16 * (u & 1) + 8)) & 0xffu;  // byte 2u + 1
+          const uint32_t b0 = Dt<T>::pack(__fmul_rn(lut[b_even >> 4], a), __fmul_rn(lut[b_even & 15u], a));
+          const uint32_t b1 = Dt<T>::pack(__fmul_rn(lut[b_odd >> 4], a), __fmul_rn(lut[b_odd & 15u], a));
+          Dt<T>::mma(c[j], xlw[2 * u], xhw[2 * u], xlw[2 * u + 1], xhw[2 * u + 1], b0, b1);
+        }
+      }
+    }
+    cur = nxt;
+    nxt = nxt2;
+  }
+
+  // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1), c[j][2..3] = (m = g + 8, same n)
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    partial[warp][g][8 * j + 2 * t] = c[j][0];
+    partial[warp][g][8 * j + 2 * t + 1] = c[j][1];
+    partial[warp][g + 8][8 * j + 2 * t] = c[j][2];
+    partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
+  }
+  const bool lora_smem = P != nullptr && R <= 32;
+  if (lora_smem) {  // S[m, j] = sum of the shrink's split-K partials
+    for (int i = threadIdx.x; i < M * R; i += blockDim.x) {
+      float acc = 0.f;
+      for (int sp = 0; sp < splits; ++sp) acc += P[static_cast<int64_t>(sp) * M * R + i];
+      s_lora[i] = acc;
     }
   }
+  __syncthreads();
+  // one output per thread: kWarps * 32 == kMaxM * kRows
+  const int m = threadIdx.x / kRows, nl = threadIdx.x % kRows;
+  const int64_t n = n0 + nl;
+  if (m < M && n < N) {
+    float out = 0.f;
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) {
-    if (m < M) {
-      float total = warp_sum(acc[m]);
+    for (int w = 0; w < kWarps; ++w) out += partial[w][m][nl];
+    if (P != nullptr) {
       float lora = 0.f;
-      if (S != nullptr) {
-        for (int j = lane; j < R; j += 32) lora += S[m * R + j] * B[n * R + j];
-        lora = warp_sum(lora);
+      for (int j = 0; j < R; ++j) {
+        float sj;
+        if (lora_smem) {
+          sj = s_lora[m * R + j];
+        } else {
+          sj = 0.f;
+          for (int sp = 0; sp < splits; ++sp) sj += P[(static_cast<int64_t>(sp) * M + m) * R + j];
+        }
+        lora = fmaf(sj, B[n * R + j], lora);
       }
-      if (lane == 0) {
-        float out = total + scaling * lora;
-        if (bias != nullptr) out += to_f<T>(bias[n]);
-        y[m * static_cast<int64_t>(N) + n] = from_f<T>(out);
-      }
+      out = fmaf(scaling, lora, out);
     }
+    if (bias != nullptr) out += Dt<T>::to_f(bias[n]);
+    y[m * static_cast<int64_t>(N) + n] = Dt<T>::from_f(out);
   }
 }
 
 template <typename T>
-__global__ void lora_shrink_kernel(const T* __restrict__ x, int64_t sxm, const float* __restrict__ A,
-                                   float* __restrict__ S, int M, int K, int R) {
-  // one block per rank row j: S[:, j] = x · A[j, :]
-  const int j = blockIdx.x;
-  __shared__ float part[kMaxM][32];
-  float acc[kMaxM];
-#pragma unroll
-  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.f;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    const float a = A[static_cast<int64_t>(j) * K + k];
-#pragma unroll
-    for (int m = 0; m < kMaxM; ++m)
-      if (m < M) acc[m] = fmaf(to_f<T>(x[m * sxm + k]), a, acc[m]);
+__global__ void __launch_bounds__(kShrinkThreads)
+lora_shrink_kernel(const T* __restrict__ x, int64_t sxm, const float* __restrict__ A, float* __restrict__ P,
+                   int M, int K, int R) {
+  // block (j, sp): P[sp, m, j] = sum over this block's K chunk of x[m, k] * A[j, k]. One round of 16-byte
+  // loads per thread (8 values of A and of each x row), so the shrink costs one memory latency, not K / 256
+  // dependent rounds. Bytes: A (r*K fp32) + x from L2.
+  const int j = blockIdx.x, sp = blockIdx.y;
+  const int k = sp * kShrinkChunk + threadIdx.x * 8;
+  __shared__ float part[kMaxM][kShrinkThreads / 32];
+  float a[8];
+  const bool ok = k < K;  // K % 8 == 0
+  if (ok) {
+    const float4* ap = reinterpret_cast<const float4*>(A + static_cast<int64_t>(j) * K + k);
+    const float4 a0 = __ldg(ap), a1 = __ldg(ap + 1);
+    a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w; a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int m = 0; m < kMaxM; ++m) {
-    const float v = warp_sum(acc[m]);
-    if (lane == 0) part[m][warp] = v;
+    if (m < M) {  // M is uniform across the block: no divergence
+      float acc = 0.f;
+      if (ok) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + m * sxm + k));
+        const T* xv = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc = fmaf(Dt<T>::to_f(xv[i]), a[i], acc);
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) part[m][warp] = acc;
+    }
   }
   __syncthreads();
   if (threadIdx.x < M) {
     float s = 0.f;
-    for (int w = 0; w < blockDim.x / 32; ++w) s += part[threadIdx.x][w];
-    S[threadIdx.x * R + j] = s;
+#pragma unroll
+    for (int w = 0; w < kShrinkThreads / 32; ++w) s += part[threadIdx.x][w];
+    P[(static_cast<int64_t>(sp) * M + threadIdx.x) * R + j] = s;
   }
 }
 
+int log2_exact(int64_t v, const char* what) {
+  TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, "nf4_gemv: ", what, " must be a power of two, got ", v);
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
 template <typename scalar_t>
-void launch_gemv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& absmax,
-                 const torch::Tensor& code, const torch::Tensor& code2, const torch::Tensor& absmax2, double offset,
-                 bool nested, int64_t bs, int64_t bs2, int64_t N, const std::optional<torch::Tensor>& bias,
-                 const std::optional<torch::Tensor>& A, const std::optional<torch::Tensor>& B, torch::Tensor& S,
-                 int R, double scaling, torch::Tensor& y, cudaStream_t stream) {
+void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& absmax,
+            const torch::Tensor& code, const torch::Tensor& code2, const torch::Tensor& absmax2, double offset,
+            bool nested, int64_t bs, int64_t bs2, int64_t N, const std::optional<torch::Tensor>& bias,
+            const std::optional<torch::Tensor>& A, const std::optional<torch::Tensor>& B, torch::Tensor& S, int R,
+            double scaling, torch::Tensor& y, cudaStream_t stream) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
+  const int splits = (K + kShrinkChunk - 1) / kShrinkChunk;
   if (R > 0) {
-    lora_shrink_kernel<scalar_t><<<R, 256, 0, stream>>>(x.data_ptr<scalar_t>(), x.stride(0), A->data_ptr<float>(),
-                                                        S.data_ptr<float>(), M, K, R);
+    lora_shrink_kernel<scalar_t><<<dim3(R, splits), kShrinkThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), A->data_ptr<float>(), S.data_ptr<float>(), M, K, R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const scalar_t* bptr = (bias.has_value() && bias->defined()) ? bias->data_ptr<scalar_t>() : nullptr;
-  const int blocks = static_cast<int>((N + kWarps - 1) / kWarps);
-  gemv_lora_kernel<scalar_t><<<blocks, kWarps * 32, 0, stream>>>(
+  const int blocks = static_cast<int>((N + kRows - 1) / kRows);
+  nf4_mma_gemv_kernel<scalar_t><<<blocks, kWarps * 32, 0, stream>>>(
       x.data_ptr<scalar_t>(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
-      code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested, static_cast<int>(bs),
-      static_cast<int>(bs2), bptr, R > 0 ? S.data_ptr<float>() : nullptr, R > 0 ? B->data_ptr<float>() : nullptr,
+      code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested,
+      log2_exact(bs, "blocksize"), nested ? log2_exact(bs2, "nested blocksize") : 0, bptr,
+      R > 0 ? S.data_ptr<float>() : nullptr, splits, R > 0 ? B->data_ptr<float>() : nullptr,
       static_cast<float>(scaling), R, y.data_ptr<scalar_t>(), M, static_cast<int>(N), K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -190,10 +313,16 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
   const int M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= kMaxM, "nf4_gemv: M must be in 1..16, got ", M);
   TORCH_CHECK(K % 32 == 0, "nf4_gemv: in_features must be a multiple of 32, got ", K);
+  TORCH_CHECK(x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "nf4_gemv: x rows must start on 16-byte boundaries (row stride % 8 == 0, aligned data)");
   TORCH_CHECK(bs % 32 == 0, "nf4_gemv: blocksize must be a multiple of 32, got ", bs);
+  TORCH_CHECK(!nested || (code2.numel() == 256 && absmax.scalar_type() == at::ScalarType::Byte),
+              "nf4_gemv: nested absmax needs uint8 codes and a 256-entry code2");
   TORCH_CHECK(packed.scalar_type() == at::ScalarType::Byte && packed.is_contiguous(), "nf4_gemv: packed must be contiguous uint8");
   TORCH_CHECK(packed.numel() >= N * K / 2, "nf4_gemv: packed too short");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0, "nf4_gemv: packed must be 16-byte aligned");
+  TORCH_CHECK(absmax.scalar_type() == (nested ? at::ScalarType::Byte : at::ScalarType::Float),
+              "nf4_gemv: absmax must be uint8 codes (nested) or fp32");
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   auto y = torch::empty({M, N}, x.options());
@@ -204,35 +333,25 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
     TORCH_CHECK(A->scalar_type() == at::ScalarType::Float && A->is_contiguous() && A->size(1) == K, "nf4_gemv: A must be fp32 [r, K]");
     TORCH_CHECK(B.has_value() && B->scalar_type() == at::ScalarType::Float && B->is_contiguous() && B->size(0) == N && B->size(1) == R,
                 "nf4_gemv: B must be fp32 [N, r]");
-    S = torch::empty({M, R}, x.options().dtype(torch::kFloat32));
+    S = torch::empty({(K + kShrinkChunk - 1) / kShrinkChunk, M, R}, x.options().dtype(torch::kFloat32));  // partials
   }
   const at::ScalarType st = x.scalar_type();
-  TORCH_CHECK(st == at::ScalarType::Float || st == at::ScalarType::Half || st == at::ScalarType::BFloat16,
-              "nf4_gemv: x must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(st == at::ScalarType::Half || st == at::ScalarType::BFloat16,
+              "nf4_gemv: x must be float16 or bfloat16 (fp32 takes the Triton path), got ", st);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == st && bias->numel() == N && bias->is_contiguous(),
                 "nf4_gemv: bias must be a contiguous CUDA [N] tensor in x's dtype");
   }
-  // Only the three compute dtypes are instantiated (AT_DISPATCH_FLOATING_TYPES would also instantiate double,
-  // for which to_f / round_w / from_f have no definition).
-  switch (st) {
-    case at::ScalarType::Float:
-      launch_gemv<float>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R,
+  if (st == at::ScalarType::Half) {
+    launch<at::Half>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R, scaling, y,
+                     stream);
+  } else {
+    launch<at::BFloat16>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R,
                          scaling, y, stream);
-      break;
-    case at::ScalarType::Half:
-      launch_gemv<at::Half>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R,
-                            scaling, y, stream);
-      break;
-    default:
-      launch_gemv<at::BFloat16>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S,
-                                R, scaling, y, stream);
-      break;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("nf4_gemv_lora", &nf4_gemv_lora, "NF4/FP4 GEMV + LoRA shrink/expand (decode, M <= 16)");
+  m.def("nf4_gemv_lora", &nf4_gemv_lora, "NF4/FP4 GEMV + LoRA shrink/expand (decode, M <= 16; tensor-core MMA)");
 }

@@ -6,7 +6,8 @@ Two implementations, same contract:
   * CUDA C++ (``csrc/nf4_gemv.cu``), built on first use with ninja through ``torch.utils.cpp_extension.load``
     and cached under ``~/.cache/fastpeft/csrc/`` (``FASTPEFT_CSRC_CACHE`` overrides). Needs nvcc (CUDA
     toolkit; ``CUDA_HOME``) and ninja; ``load_extension()`` raises a RuntimeError that names what is missing.
-    Bound: the weight stream, N·K/2 bytes + absmax (target >= 70% of HBM bandwidth at M=1).
+    Bound: the weight stream, N·K/2 bytes + absmax (target >= 70% of HBM bandwidth at M=1). The M <= 16 rows
+    fill one tensor-core tile (mma m16n8k16), so M = 1 and M = 16 cost about the same. fp16 / bf16 x only.
   * Triton fallback: ``ops.lora``'s shrink / expand kernels + the fused in-kernel-dequant GEMM of
     ``ops.nf4_lora`` (used when the extension cannot be built, for shapes it does not take, or with
     ``FASTPEFT_CSRC=0``).
@@ -117,8 +118,11 @@ def _compiler_message(exc: BaseException, tail_chars: int = 6000) -> str:
 
 
 def _cuda_ok(x2, quant_state, ks) -> bool:
-    return (x2.is_cuda and x2.shape[0] <= MAX_M and x2.shape[1] % 32 == 0 and ks["bs"] % 32 == 0
-            and x2.stride(1) == 1 and x2.dtype in (torch.float32, torch.float16, torch.bfloat16))
+    """Shapes / dtypes the CUDA kernel takes (the rest go to Triton): 16-bit x [M <= 16, K % 16 == 0] with unit
+    column stride, power-of-two blocksize >= 32 (every bnb blocksize is one)."""
+    bs = ks["bs"]
+    return (x2.is_cuda and x2.shape[0] <= MAX_M and x2.shape[1] % 32 == 0 and bs >= 32 and bs & (bs - 1) == 0
+            and x2.stride(1) == 1 and x2.dtype in (torch.float16, torch.bfloat16))
 
 
 def nf4_lora_gemv_cuda(x2, packed, quant_state, bias, lora_A, lora_B, scaling: float):
@@ -128,9 +132,13 @@ def nf4_lora_gemv_cuda(x2, packed, quant_state, bias, lora_A, lora_B, scaling: f
     ext = load_extension()
     ks = kernel_state(quant_state, x2.device)
     if not _cuda_ok(x2, quant_state, ks):
-        raise ValueError("nf4_lora_gemv_cuda takes CUDA x [M <= 16, K % 32 == 0] with unit column stride and "
-                         "blocksize % 32 == 0")
+        raise ValueError("nf4_lora_gemv_cuda takes CUDA float16 / bfloat16 x [M <= 16, K % 32 == 0] with unit "
+                         "column stride and a power-of-two blocksize")
+    if x2.stride(0) % 8 or x2.data_ptr() % 16:  # the kernel reads x rows with 16-byte loads
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     b = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    if b.data_ptr() % 16:  # 16-byte loads of the packed weight (bnb / torch allocations always satisfy this)
+        b = b.clone()
     N = int(quant_state.shape[0])
     A = None if lora_A is None else lora_A.float().contiguous()
     Bm = None if lora_B is None else lora_B.float().contiguous()

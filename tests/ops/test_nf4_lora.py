@@ -96,6 +96,28 @@ def test_nf4_matmul_layouts_and_split(nn_layout, split):
 
 
 @needs_triton
+@pytest.mark.parametrize("bs,tiles", [(32, (16, 32, 128, 1)), (64, (16, 64, 128, 2)), (64, (16, 32, 32, 1)),
+                                      (128, (16, 64, 64, 1))])
+@pytest.mark.parametrize("nn_layout", [False, True])
+@pytest.mark.parametrize("dq", [True, False])
+def test_nf4_matmul_absmax_groups(bs, tiles, nn_layout, dq, monkeypatch):
+    """Tiles spanning several 4-bit blocks (one absmax per row and block, broadcast), inside one block, and
+    K not a multiple of the blocksize (per-element lookup), with masked row / column tails."""
+    monkeypatch.setattr(nf4_lora, "_fused_blocks", lambda M, I, J, device: tiles)
+    for N, K in ((40, 4 * bs + 2 * bs), (37, 3 * bs + 16)):
+        packed, qs = _weight(N, K, bs, dq, seed=K)
+        w = nf4.nf4_dequantize_reference(packed, qs, torch.float32)
+        g = torch.Generator().manual_seed(N)
+        p2 = torch.randn(5, N if nn_layout else K, generator=g).to(DEV)
+        got = nf4_lora.nf4_matmul(p2, packed, qs, nn_layout=nn_layout)
+        assert rel(got, p2 @ w if nn_layout else p2 @ w.t()) <= 1e-5, (N, K)
+    BM, BJ, BI, _ = tiles
+    extent = BJ if nn_layout else BI
+    assert nf4_lora._absmax_groups(6 * bs, bs, extent) == (1 if bs % extent == 0 else extent // bs)
+    assert nf4_lora._absmax_groups(3 * bs + 16, bs, extent) == 0
+
+
+@needs_triton
 @pytest.mark.parametrize("feedforward", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_ia3_matches_reference(feedforward, dtype):
@@ -253,6 +275,35 @@ def test_gpu_decode_cuda_and_triton(M, dtype):
         pytest.skip(f"CUDA extension not buildable here: {problem}")
     cu = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 2.0, backend="cuda")
     assert cu.dtype == dtype and rel(cu, want) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 3, 9, 16])
+@pytest.mark.parametrize("N,K,bs,dq", [(1000 + 3, 4096 + 32, 64, True), (77, 1056, 32, False), (256, 2048, 256, True),
+                                       (33, 4096, 4096, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
+    """The tensor-core decode kernel against fp32 math on the weight rounded to x's dtype (what the kernel and
+    the dense path compute with): N not a multiple of 16, K with a partial last 64-segment, every blocksize
+    class, plain and nested absmax, a strided x, bias and LoRA. Tight bar: only fp32 summation order differs."""
+    problem = nf4_gemv.toolchain_problem()
+    if problem is not None:
+        pytest.skip(f"CUDA extension not buildable here: {problem}")
+    packed, qs = _weight(N, K, bs, dq, seed=N + M, dtype=dtype)
+    g = torch.Generator().manual_seed(K + M)
+    xbig = torch.randn(M, K + 24, generator=g).to(dtype).cuda()
+    x = xbig[:, 8:8 + K]  # row stride K + 24 (% 8 == 0), start 16-byte aligned
+    A, B = (torch.randn(8, K, generator=g) * 0.05).cuda(), (torch.randn(N, 8, generator=g) * 0.05).cuda()
+    bias = torch.randn(N, generator=g).to(dtype).cuda()
+    w = nf4_lora.nf4_weight_reference(packed, qs, dtype).float()
+    want = x.float() @ w.t() + bias.float() + 1.5 * ((x.float() @ A.t()) @ B.t())
+    got = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 1.5, backend="cuda")
+    assert got.dtype == dtype and got.shape == (M, N)
+    assert rel(got, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+    err = (got.float() - want).abs() / want.abs().clamp_min(1.0)
+    assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)  # every element, not only on average
+    plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, qs, None, None, None, 0.0, backend="cuda")
+    assert rel(plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
 
 
 @pytest.mark.gpu
