@@ -261,26 +261,30 @@ def nf4_matmul(p2: torch.Tensor, packed: torch.Tensor, quant_state: Any, nn_layo
 # Dispatch: buffer + cuBLAS vs in-kernel dequant, per M (from measurements, benchmarks/results/h100/nf4_*.json)
 # ----------------------------------------------------------------------------------------------------------
 
-# Largest M for which the fused in-kernel-dequant GEMM is used (per GPU name substring; "" = default).
-FUSED_MAX_M = {"": 16}
+# Largest M for which the fused in-kernel-dequant GEMM is used, by weight size: (min N*K, max M), first match.
+# Measured on an H100 (benchmarks/results/h100/nf4_crossover_graph_2026-11-24.json: fwd+bwd GPU time, CUDA
+# graph, cold L2; Llama-3-8B shapes): fused wins up to M=64 on gate/up / down (58.7M weights; at M=64 267 vs
+# 316 us, 295 vs 318), up to M=32 on q/o (16.8M; 99 vs 109 us, then 121 vs 114 at 64) and up to M=16 on k/v
+# (4.2M; 54 vs 57 us, then 61 vs 57 at 32). Other GPUs use the same table until measured.
+FUSED_MAX_M = ((32 << 20, 64), (8 << 20, 32), (0, 16))
 
 
-def _fused_max_m(device) -> int:
+def _fused_max_m(device, numel: int) -> int:
     env = os.environ.get("FASTPEFT_NF4_FUSED_MAX_M")
     if env is not None:
         return int(env)
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else ""
-    for key, value in FUSED_MAX_M.items():
-        if key and key in name:
-            return value
-    return FUSED_MAX_M[""]
+    for min_numel, max_m in FUSED_MAX_M:
+        if numel >= min_numel:
+            return max_m
+    return 0
 
 
 def nf4_path(M: int, quant_state: Any, dtype: torch.dtype, device) -> str:
     """"fused" (in-kernel dequant GEMM) or "buffer" (dequant into the shared buffer + cuBLAS).
 
-    FASTPEFT_NF4_GEMM = auto | fused | buffer overrides; auto uses "fused" for M <= FUSED_MAX_M (env
-    FASTPEFT_NF4_FUSED_MAX_M) when the weight allows it (even K, state dtype fp32 or the compute dtype).
+    FASTPEFT_NF4_GEMM = auto | fused | buffer overrides; auto uses "fused" for M up to the FUSED_MAX_M entry
+    of this weight's size (16 / 32 / 64; env FASTPEFT_NF4_FUSED_MAX_M overrides) when the weight allows it (even
+    K, state dtype fp32 or the compute dtype).
     """
     mode = os.environ.get("FASTPEFT_NF4_GEMM", "auto")
     if mode not in ("auto", "fused", "buffer"):
@@ -292,7 +296,8 @@ def nf4_path(M: int, quant_state: Any, dtype: torch.dtype, device) -> str:
         return "buffer"  # (the fused kernel's split-K uses atomics: not bitwise reproducible)
     if mode == "fused":
         return "fused"
-    return "fused" if M <= _fused_max_m(device) else "buffer"
+    numel = int(quant_state.shape[0]) * K
+    return "fused" if M <= _fused_max_m(device, numel) else "buffer"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ the fused in-kernel-dequant GEMM), the decode path's Triton fallback, clear tool
 GPU (marker ``gpu``): bf16 at Llama shapes, the CUDA decode GEMV, dequant bit-exact with bnb's CUDA kernel.
 """
 import os
+import types
 
 import pytest
 import torch
@@ -162,6 +163,13 @@ def test_dispatch_rules(monkeypatch):
     assert nf4_lora.nf4_path(1, qs, torch.float32, "cpu") == "fused"
     assert nf4_lora.nf4_path(4096, qs, torch.float32, "cpu") == "buffer"
     assert nf4_lora.nf4_path(1, qs_odd, torch.float32, "cpu") == "buffer"  # odd K: rows do not start on a byte
+    # the measured crossover grows with the weight: 16 for small, 32 for q/o-sized, 64 for MLP-sized weights
+    assert nf4_lora.nf4_path(16, qs, torch.float32, "cpu") == "fused"
+    assert nf4_lora.nf4_path(17, qs, torch.float32, "cpu") == "buffer"
+    qo = types.SimpleNamespace(shape=torch.Size([4096, 4096]), dtype=torch.float32)
+    mlp = types.SimpleNamespace(shape=torch.Size([14336, 4096]), dtype=torch.float32)
+    assert [nf4_lora.nf4_path(m, qo, torch.bfloat16, "cpu") for m in (32, 33)] == ["fused", "buffer"]
+    assert [nf4_lora.nf4_path(m, mlp, torch.bfloat16, "cpu") for m in (64, 65)] == ["fused", "buffer"]
     monkeypatch.setenv("FASTPEFT_NF4_FUSED_MAX_M", "64")
     assert nf4_lora.nf4_path(64, qs, torch.float32, "cpu") == "fused"
     torch.use_deterministic_algorithms(True)
