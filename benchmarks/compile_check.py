@@ -3,6 +3,7 @@
     python benchmarks/compile_check.py                       # GPU: bf16, Llama-3.2-1B-like shape (4 layers)
     python benchmarks/compile_check.py --tiny --backend aot_eager   # CPU smoke run (FASTPEFT_BACKEND=triton,
                                                                     # TRITON_INTERPRET=1 set automatically)
+    python benchmarks/compile_check.py --qlora               # the same on an NF4 (bnb Linear4bit) base
     python benchmarks/compile_check.py --host-overhead       # host time per call: custom op vs autograd.Function
 
 Prints one JSON object (and writes it with --out): per-step losses eager / compiled, their max relative
@@ -46,6 +47,8 @@ def build(args, device, dtype):
                                        attn_implementation="sdpa")
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype)
+    if args.qlora:  # NF4 + double quant base (bitsandbytes Linear4bit modules), as a QLoRA user loads it
+        fastpeft.quantize_nf4(model, blocksize=64, double_quant=True, compute_dtype=dtype, module_type="bnb")
     model = fastpeft.patch(model, fastpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
                                                       target_modules="all-linear", init_lora_weights=False))
     return model, cfg
@@ -103,6 +106,7 @@ def compile_check(args):
         "shape": {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size, "layers": cfg.num_hidden_layers,
                   "batch": args.batch, "seq": args.seq},
         "backend": args.backend,
+        "qlora": bool(args.qlora),
         "fastpeft_backend": layer.backend,
         "dropout": args.dropout,
         "eager_losses": eager_losses,
@@ -172,6 +176,7 @@ def host_overhead(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="2-layer 48-wide Llama (CPU smoke run)")
+    ap.add_argument("--qlora", action="store_true", help="4-bit NF4 base (QLoRA custom ops)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=1024)

@@ -71,6 +71,18 @@ def graph_ms(calls, reps=20) -> float:
     return e0.elapsed_time(e1) / (reps * len(calls))
 
 
+def _with_env(key, value, fn):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def _copies(nbytes: int, cold_bytes: int = 160 << 20) -> int:
     """Weight copies needed so that one graph replay streams ``cold_bytes`` (> 3x the H100's 50 MB L2)."""
     return max(2, -(-cold_bytes // max(1, nbytes)))
@@ -307,6 +319,10 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16)):
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
                     ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, qs, dtype).t()),
             }
+            for variant in (1, 2, 3):  # the CUDA kernel's other launch shapes (GEMV_VARIANT: the default)
+                impls[f"fastpeft cuda mma gemv, variant {variant}"] = (
+                    lambda pk, qs, v=variant: _with_env("FASTPEFT_NF4_GEMV_VARIANT", str(v), lambda: nf4_gemv.nf4_lora_gemv(
+                        x, pk, qs, None, A, B, 2.0, backend="cuda")))
             for impl, fn in impls.items():
                 try:
                     with torch.no_grad():

@@ -32,7 +32,6 @@
 namespace {
 
 constexpr int kMaxM = 16;
-constexpr int kWarps = 8;   // warps per block (split K)
 constexpr int kRows = 16;   // output rows per block: two m16n8k16 n-tiles
 constexpr int kSeg = 128;   // weights per row per warp step (4 lanes x 32)
 
@@ -91,19 +90,21 @@ struct Stage {
   float amax2[2];
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kWarps * 32)
+template <typename T, int WARPS, int DEPTH>
+__global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restrict__ packed,
                     const void* __restrict__ absmax, const float* __restrict__ code, const float* __restrict__ code2,
                     const float* __restrict__ absmax2, float offset, bool nested, int log2_bs, int log2_bs2,
                     const T* __restrict__ bias, const float* __restrict__ P, int splits,
                     const float* __restrict__ B, float scaling, int R, T* __restrict__ y, int M, int N, int K) {
+  // WARPS warps split K; each keeps DEPTH segments' weight bytes in flight (DEPTH + 1 register stages).
   __shared__ float lut[16];
   __shared__ float lut2[256];
-  __shared__ float partial[kWarps][kMaxM][kRows];
+  __shared__ float partial[WARPS][kMaxM][kRows];
   __shared__ float s_lora[kMaxM * 32];  // S [M, R] (R <= 32 here; larger ranks read P directly)
   if (threadIdx.x < 16) lut[threadIdx.x] = code[threadIdx.x];
-  if (nested) lut2[threadIdx.x] = code2[threadIdx.x];  // blockDim == 256 == the nested code's size
+  if (nested)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut2[i] = code2[i];
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -144,47 +145,55 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
 #pragma unroll
     for (int i = 0; i < 4; ++i) c[j][i] = 0.f;
 
-  Stage cur, nxt, nxt2;
-  load(warp, cur);
-  load(warp + kWarps, nxt);
-  for (int s = warp; s < nseg; s += kWarps) {
-    load(s + 2 * kWarps, nxt2);  // two segments ahead stay in flight while this one is computed
+  auto compute = [&](int s, const Stage& cur) {
     const int k = s * kSeg + 32 * t;
-    if (k < K) {
-      // x rows g and g+8, this lane's 32 values (zeros for rows >= M)
-      uint4 xl[4], xh[4];
+    if (k >= K) return;
+    // x rows g and g+8, this lane's 32 values (zeros for rows >= M); L1 / L2 hits
+    uint4 xl[4], xh[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) xl[i] = xh[i] = make_uint4(0u, 0u, 0u, 0u);
-      if (m_lo) {
-        const uint4* p = reinterpret_cast<const uint4*>(x + g * sxm + k);
+    for (int i = 0; i < 4; ++i) xl[i] = xh[i] = make_uint4(0u, 0u, 0u, 0u);
+    if (m_lo) {
+      const uint4* p = reinterpret_cast<const uint4*>(x + g * sxm + k);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) xl[i] = __ldg(p + i);
-      }
-      if (m_hi) {
-        const uint4* p = reinterpret_cast<const uint4*>(x + (g + 8) * sxm + k);
+      for (int i = 0; i < 4; ++i) xl[i] = __ldg(p + i);
+    }
+    if (m_hi) {
+      const uint4* p = reinterpret_cast<const uint4*>(x + (g + 8) * sxm + k);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) xh[i] = __ldg(p + i);
-      }
-      const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
-      const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);
+      for (int i = 0; i < 4; ++i) xh[i] = __ldg(p + i);
+    }
+    const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
+    const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const float a = nested ? __fadd_rn(__fmul_rn(lut2[cur.amax[j]], cur.amax2[j]), offset)  // as bnb: 2 roundings
-                               : __uint_as_float(cur.amax[j]);
-        const uint32_t words[4] = {cur.w[j].x, cur.w[j].y, cur.w[j].z, cur.w[j].w};
+    for (int j = 0; j < 2; ++j) {
+      const float a = nested ? __fadd_rn(__fmul_rn(lut2[cur.amax[j]], cur.amax2[j]), offset)  // as bnb: 2 roundings
+                             : __uint_as_float(cur.amax[j]);
+      const uint32_t words[4] = {cur.w[j].x, cur.w[j].y, cur.w[j].z, cur.w[j].w};
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const uint32_t word = words[u >> 1];
-          const uint32_t b_even = (word >> (16 * (u & 1))) & 0xffu;     // byte 2u
-          const uint32_t b_odd = (word >> (16 * (u & 1) + 8)) & 0xffu;  // byte 2u + 1
-          const uint32_t b0 = Dt<T>::pack(__fmul_rn(lut[b_even >> 4], a), __fmul_rn(lut[b_even & 15u], a));
-          const uint32_t b1 = Dt<T>::pack(__fmul_rn(lut[b_odd >> 4], a), __fmul_rn(lut[b_odd & 15u], a));
-          Dt<T>::mma(c[j], xlw[2 * u], xhw[2 * u], xlw[2 * u + 1], xhw[2 * u + 1], b0, b1);
-        }
+      for (int u = 0; u < 8; ++u) {
+        const uint32_t word = words[u >> 1];
+        const uint32_t b_even = (word >> (16 * (u & 1))) & 0xffu;     // byte 2u
+        const uint32_t b_odd = (word >> (16 * (u & 1) + 8)) & 0xffu;  // byte 2u + 1
+        const uint32_t b0 = Dt<T>::pack(__fmul_rn(lut[b_even >> 4], a), __fmul_rn(lut[b_even & 15u], a));
+        const uint32_t b1 = Dt<T>::pack(__fmul_rn(lut[b_odd >> 4], a), __fmul_rn(lut[b_odd & 15u], a));
+        Dt<T>::mma(c[j], xlw[2 * u], xhw[2 * u], xlw[2 * u + 1], xhw[2 * u + 1], b0, b1);
       }
     }
-    cur = nxt;
-    nxt = nxt2;
+  };
+
+  // Register ring: stage d holds segment s0 + d*WARPS. Before computing it, its slot is refilled with the
+  // segment DEPTH*WARPS further on, so DEPTH segments stay in flight (the unrolled d keeps indices static).
+  Stage st[DEPTH];
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d) load(warp + d * WARPS, st[d]);
+  for (int s0 = warp; s0 < nseg; s0 += DEPTH * WARPS) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int s = s0 + d * WARPS;
+      const Stage cur = st[d];
+      load(s + DEPTH * WARPS, st[d]);
+      if (s < nseg) compute(s, cur);
+    }
   }
 
   // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1), c[j][2..3] = (m = g + 8, same n)
@@ -204,13 +213,13 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     }
   }
   __syncthreads();
-  // one output per thread: kWarps * 32 == kMaxM * kRows
-  const int m = threadIdx.x / kRows, nl = threadIdx.x % kRows;
-  const int64_t n = n0 + nl;
-  if (m < M && n < N) {
+  for (int o = threadIdx.x; o < kMaxM * kRows; o += blockDim.x) {
+    const int m = o / kRows, nl = o % kRows;
+    const int64_t n = n0 + nl;
+    if (m >= M || n >= N) continue;
     float out = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) out += partial[w][m][nl];
+    for (int w = 0; w < WARPS; ++w) out += partial[w][m][nl];
     if (P != nullptr) {
       float lora = 0.f;
       for (int j = 0; j < R; ++j) {
@@ -283,7 +292,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
             const torch::Tensor& code, const torch::Tensor& code2, const torch::Tensor& absmax2, double offset,
             bool nested, int64_t bs, int64_t bs2, int64_t N, const std::optional<torch::Tensor>& bias,
             const std::optional<torch::Tensor>& A, const std::optional<torch::Tensor>& B, torch::Tensor& S, int R,
-            double scaling, torch::Tensor& y, cudaStream_t stream) {
+            double scaling, torch::Tensor& y, int variant, cudaStream_t stream) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
   const int splits = (K + kShrinkChunk - 1) / kShrinkChunk;
   if (R > 0) {
@@ -293,12 +302,22 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
   }
   const scalar_t* bptr = (bias.has_value() && bias->defined()) ? bias->data_ptr<scalar_t>() : nullptr;
   const int blocks = static_cast<int>((N + kRows - 1) / kRows);
-  nf4_mma_gemv_kernel<scalar_t><<<blocks, kWarps * 32, 0, stream>>>(
-      x.data_ptr<scalar_t>(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
-      code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested,
-      log2_exact(bs, "blocksize"), nested ? log2_exact(bs2, "nested blocksize") : 0, bptr,
-      R > 0 ? S.data_ptr<float>() : nullptr, splits, R > 0 ? B->data_ptr<float>() : nullptr,
-      static_cast<float>(scaling), R, y.data_ptr<scalar_t>(), M, static_cast<int>(N), K);
+  const int l2bs = log2_exact(bs, "blocksize"), l2bs2 = nested ? log2_exact(bs2, "nested blocksize") : 0;
+  const float* P = R > 0 ? S.data_ptr<float>() : nullptr;
+  const float* Bp = R > 0 ? B->data_ptr<float>() : nullptr;
+#define FASTPEFT_GEMV_LAUNCH(WARPS, DEPTH)                                                                      \
+  nf4_mma_gemv_kernel<scalar_t, WARPS, DEPTH><<<blocks, (WARPS) * 32, 0, stream>>>(                             \
+      x.data_ptr<scalar_t>(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(), \
+      code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested, l2bs, l2bs2, bptr, P, \
+      splits, Bp, static_cast<float>(scaling), R, y.data_ptr<scalar_t>(), M, static_cast<int>(N), K)
+  // (warps splitting K, segments in flight per warp): measured in benchmarks/nf4.py (decode_graph)
+  switch (variant) {
+    case 1: FASTPEFT_GEMV_LAUNCH(8, 3); break;
+    case 2: FASTPEFT_GEMV_LAUNCH(4, 3); break;
+    case 3: FASTPEFT_GEMV_LAUNCH(4, 4); break;
+    default: FASTPEFT_GEMV_LAUNCH(8, 2); break;
+  }
+#undef FASTPEFT_GEMV_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -308,7 +327,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
 torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, torch::Tensor code,
                             torch::Tensor code2, torch::Tensor absmax2, double offset, bool nested, int64_t bs,
                             int64_t bs2, int64_t N, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> A,
-                            std::optional<torch::Tensor> B, double scaling) {
+                            std::optional<torch::Tensor> B, double scaling, int64_t variant) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "nf4_gemv: x must be a CUDA [M, K] tensor, rows contiguous");
   const int M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= kMaxM, "nf4_gemv: M must be in 1..16, got ", M);
@@ -344,10 +363,10 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
   }
   if (st == at::ScalarType::Half) {
     launch<at::Half>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R, scaling, y,
-                     stream);
+                     static_cast<int>(variant), stream);
   } else {
     launch<at::BFloat16>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R,
-                         scaling, y, stream);
+                         scaling, y, static_cast<int>(variant), stream);
   }
   return y;
 }

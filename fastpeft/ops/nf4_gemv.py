@@ -144,7 +144,19 @@ def nf4_lora_gemv_cuda(x2, packed, quant_state, bias, lora_A, lora_B, scaling: f
     Bm = None if lora_B is None else lora_B.float().contiguous()
     bias = None if bias is None else bias.to(x2.dtype).contiguous()
     return ext.nf4_gemv_lora(x2, b, ks["absmax"], ks["code"], ks["code2"], ks["absmax2"], ks["offset"],
-                             ks["nested"], ks["bs"], ks["bs2"], N, bias, A, Bm, float(scaling))
+                             ks["nested"], ks["bs"], ks["bs2"], N, bias, A, Bm, float(scaling), _variant())
+
+
+# Launch shape of the CUDA kernel: (warps splitting K, 128-weight segments in flight per warp) = 0: (8, 2),
+# 1: (8, 3), 2: (4, 3), 3: (4, 4). FASTPEFT_NF4_GEMV_VARIANT overrides (benchmarks/nf4.py times them all).
+GEMV_VARIANT = 0
+
+
+def _variant() -> int:
+    v = int(os.environ.get("FASTPEFT_NF4_GEMV_VARIANT", GEMV_VARIANT))
+    if v not in (0, 1, 2, 3):
+        raise ValueError(f"FASTPEFT_NF4_GEMV_VARIANT must be 0, 1, 2 or 3, got {v}")
+    return v
 
 
 @triton.jit
