@@ -81,6 +81,22 @@ def nf4_parts(module: nn.Module):
     return module.weight.data, qs
 
 
+def warm_nf4_state(module: nn.Module) -> None:
+    """Fill the kernel-side cache of a quantized 4-bit base's QuantState (``ops.nf4.kernel_state``) now, in
+    eager code: under torch.compile the NF4 custom ops read its scalars as constants (ops/custom_ops.py). A
+    no-op for other bases and for a 4-bit layer whose weight is not quantized yet."""
+    if not is_linear4bit(module):
+        return
+    state = quant_state_of(module)
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        return
+    from ..ops.nf4 import kernel_state  # noqa: PLC0415
+
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        kernel_state(state, weight.device)
+
+
 def supported_base(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear4bit(module)
 

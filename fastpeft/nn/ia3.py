@@ -39,6 +39,13 @@ class IA3Linear(nn.Module):
         self.merged_adapters: List[str] = []
         self.backend = B.resolve_backend()
         self.update_layer(adapter_name, init_ia3_weights)
+        B.warm_nf4_state(self.base_layer)  # 4-bit base: kernel constants ready before any torch.compile trace
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() can (re)quantize or move a 4-bit base: refresh the constants the compiled path reads
+        out = super()._apply(fn, *args, **kwargs)
+        B.warm_nf4_state(self.base_layer)
+        return out
 
     def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
         if adapter_name in self.ia3_l:

@@ -57,6 +57,13 @@ class LoraLinear(nn.Module):
         self.merged_adapters: List[str] = []
         self.backend = B.resolve_backend()
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        B.warm_nf4_state(self.base_layer)  # 4-bit base: kernel constants ready before any torch.compile trace
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() can (re)quantize or move a 4-bit base: refresh the constants the compiled path reads
+        out = super()._apply(fn, *args, **kwargs)
+        B.warm_nf4_state(self.base_layer)
+        return out
 
     # -- adapters -------------------------------------------------------------------------------------
     def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, use_rslora=False):

@@ -384,17 +384,26 @@ def ia3_linear(x, weight, bias, ia3_l, feedforward: bool) -> Tensor:
 #     inputs (guarded on their metadata), and the .to(device) / fp32 / flatten of kernel_state are traced ops
 #     (no-ops on an already-prepared state), so the graph always reads the state's current tensors;
 #   * its scalars need data (offset is a 0-dim tensor, the select-tree id compares the code with bnb's)
-#     -- a .item() / .cpu() while tracing would break the graph. _nf4_constants runs once at trace time on
-#     the real state (assume_constant_result: dynamo guards on the state object's identity) and the graph
-#     holds plain Python numbers. A new QuantState (re-quantization, fastpeft's NF4Linear after .to())
-#     recompiles; bnb's in-place QuantState.to(device) changes the tensors' devices, which also recompiles.
-@torch._dynamo.assume_constant_result
+#     -- a .item() / .cpu() while tracing would break the graph. They come from kernel_state's cache on the
+#     state (``_fastpeft_kstate``: plain Python numbers that dynamo reads as constants and guards on). The
+#     drop-ins fill that cache eagerly when they are built and after every ``.to()`` (nn.base.warm_nf4_state),
+#     so a traced forward finds it. If it is missing (a state replaced after that), it is filled once by a
+#     compile-disabled call: one graph break in the first trace, none after the recompile that follows.
+#     (torch 2.13's assume_constant_result accepted the QuantState as an argument; 2.11 refuses it.)
+
+
+@torch.compiler.disable
+def _nf4_kernel_state_eager(quant_state, device) -> dict:
+    return _nf4.kernel_state(quant_state, device)
+
+
 def _nf4_constants(quant_state, device) -> tuple:
-    ks = _nf4.kernel_state(quant_state, device)
+    ks = getattr(quant_state, "_fastpeft_kstate", None)
+    if ks is None:
+        ks = _nf4_kernel_state_eager(quant_state, device)
     N, K = (int(d) for d in quant_state.shape)
     sd = getattr(quant_state, "dtype", None) or torch.float32
-    return (float(ks["offset"]), int(ks["bs"]), int(ks["bs2"]), bool(ks["nested"]), int(ks["qt"]),
-            str(quant_state.quant_type), N, K, sd)
+    return (ks["offset"], ks["bs"], ks["bs2"], ks["nested"], ks["qt"], str(quant_state.quant_type), N, K, sd)
 
 
 def _nf4_kernel_args(packed: Tensor, quant_state, device) -> tuple:
