@@ -146,18 +146,21 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     for (int i = 0; i < 4; ++i) c[j][i] = 0.f;
 
   auto compute = [&](int s, const Stage& cur) {
+    // Every lane of the warp must reach the mma.sync below (.aligned: a lane that skips it hangs the warp), so
+    // lanes past K (the last, partial segment) run it on zeros: their bytes and scale were loaded as 0 and
+    // their x stays 0.
     const int k = s * kSeg + 32 * t;
-    if (k >= K) return;
+    const bool k_ok = k < K;
     // x rows g and g+8, this lane's 32 values (zeros for rows >= M); L1 / L2 hits
     uint4 xl[4], xh[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) xl[i] = xh[i] = make_uint4(0u, 0u, 0u, 0u);
-    if (m_lo) {
+    if (m_lo && k_ok) {
       const uint4* p = reinterpret_cast<const uint4*>(x + g * sxm + k);
 #pragma unroll
       for (int i = 0; i < 4; ++i) xl[i] = __ldg(p + i);
     }
-    if (m_hi) {
+    if (m_hi && k_ok) {
       const uint4* p = reinterpret_cast<const uint4*>(x + (g + 8) * sxm + k);
 #pragma unroll
       for (int i = 0; i < 4; ++i) xh[i] = __ldg(p + i);
