@@ -119,9 +119,11 @@ def _compiler_message(exc: BaseException, tail_chars: int = 6000) -> str:
 
 def _cuda_ok(x2, quant_state, ks) -> bool:
     """Shapes / dtypes the CUDA kernel takes (the rest go to Triton): 16-bit x [M <= 16, K % 16 == 0] with unit
-    column stride, power-of-two blocksize >= 32 (every bnb blocksize is one)."""
+    column stride, power-of-two blocksize >= 32 (every bnb blocksize is one), K % 128 == 0."""
     bs = ks["bs"]
-    return (x2.is_cuda and x2.shape[0] <= MAX_M and x2.shape[1] % 32 == 0 and bs >= 32 and bs & (bs - 1) == 0
+    # K % 128 == 0 (whole 128-weight segments; every Llama / Mistral / Qwen2 / Gemma / Phi-3 width): the kernel's
+    # partial-last-segment path (K % 128 in 32..96) is fixed but has not run on a GPU yet, so it is not dispatched
+    return (x2.is_cuda and x2.shape[0] <= MAX_M and x2.shape[1] % 128 == 0 and bs >= 32 and bs & (bs - 1) == 0
             and x2.stride(1) == 1 and x2.dtype in (torch.float16, torch.bfloat16))
 
 
@@ -132,7 +134,7 @@ def nf4_lora_gemv_cuda(x2, packed, quant_state, bias, lora_A, lora_B, scaling: f
     ext = load_extension()
     ks = kernel_state(quant_state, x2.device)
     if not _cuda_ok(x2, quant_state, ks):
-        raise ValueError("nf4_lora_gemv_cuda takes CUDA float16 / bfloat16 x [M <= 16, K % 32 == 0] with unit "
+        raise ValueError("nf4_lora_gemv_cuda takes CUDA float16 / bfloat16 x [M <= 16, K % 128 == 0] with unit "
                          "column stride and a power-of-two blocksize")
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # the kernel reads x rows with 16-byte loads
         x2 = x2.clone(memory_format=torch.contiguous_format)

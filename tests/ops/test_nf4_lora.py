@@ -287,13 +287,14 @@ def test_gpu_decode_cuda_and_triton(M, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 3, 9, 16])
-@pytest.mark.parametrize("N,K,bs,dq", [(1000 + 3, 4096 + 32, 64, True), (77, 1056, 32, False), (256, 2048, 256, True),
+@pytest.mark.parametrize("N,K,bs,dq", [(1000 + 3, 4096 + 128, 64, True), (77, 1152, 32, False), (256, 2048, 256, True),
                                        (33, 4096, 4096, False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
     """The tensor-core decode kernel against fp32 math on the weight rounded to x's dtype (what the kernel and
-    the dense path compute with): N not a multiple of 16, K with a partial last 64-segment, every blocksize
-    class, plain and nested absmax, a strided x, bias and LoRA. Tight bar: only fp32 summation order differs."""
+    the dense path compute with): N not a multiple of 16, odd numbers of 128-weight segments, every blocksize
+    class, plain and nested absmax, a strided x, bias and LoRA. Tight bar: only fp32 summation order differs.
+    (K % 128 == 0 only: other K are not dispatched to this kernel, see nf4_gemv._cuda_ok.)"""
     problem = nf4_gemv.toolchain_problem()
     if problem is not None:
         pytest.skip(f"CUDA extension not buildable here: {problem}")
