@@ -171,6 +171,27 @@ def test_compiled_nf4_model_trains_like_eager_without_graph_breaks(kind, double_
     assert len(backend.graphs) == 1  # ... in one graph: no graph break (the old path broke once per layer)
 
 
+def test_compiled_nf4_without_warm_constants_still_matches(monkeypatch):
+    """A QuantState whose kernel constants were never filled (e.g. replaced after patch, bypassing .to()): that
+    call runs outside the graph (one break, which fills them), no endless recursion into bnb's Params4bit, and
+    eager's numbers; the layers fill them themselves when built (nn.base.warm_nf4_state)."""
+    eager = _nf4_model("lora", monkeypatch)
+    states = [m.base_layer.weight.quant_state for m in eager.modules() if isinstance(m, fastpeft.LoraLinear)]
+    assert states and all(getattr(qs, "_fastpeft_kstate", None) is not None for qs in states)  # warmed at build
+    compiled = copy.deepcopy(eager)
+    for m in compiled.modules():
+        if isinstance(m, fastpeft.LoraLinear):
+            del m.base_layer.weight.quant_state._fastpeft_kstate
+    ids = random_ids(batch=2, seq=7, seed=4)
+    expected = _train(eager, ids)
+    compiled.forward = torch.compile(compiled.forward, backend="aot_eager")
+    got = _train(compiled, ids)
+    for a, b in zip(got, expected):
+        assert rel_err(a, b) <= 1e-6
+    assert all(getattr(m.base_layer.weight.quant_state, "_fastpeft_kstate", None) is not None
+               for m in compiled.modules() if isinstance(m, fastpeft.LoraLinear))
+
+
 def test_nf4_custom_ops_fakes_match_real():
     """The NF4 ops' fake impls give the real outputs' shapes / dtypes and their autograd formulas run under
     AOTAutograd (opcheck), on a non-nested and a nested state, with bias / dropout / each IA3 mode / each

@@ -97,6 +97,13 @@ def warm_nf4_state(module: nn.Module) -> None:
         kernel_state(state, weight.device)
 
 
+def nf4_constants_ready(module: nn.Module) -> bool:
+    """Whether warm_nf4_state's cache is on the base's QuantState (plain attribute reads: safe while dynamo
+    traces)."""
+    state = quant_state_of(module)
+    return state is not None and getattr(state, "_fastpeft_kstate", None) is not None
+
+
 def supported_base(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear4bit(module)
 

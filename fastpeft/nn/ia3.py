@@ -92,6 +92,8 @@ class IA3Linear(nn.Module):
         if B.wants_triton(self.backend, x):
             if B.is_linear4bit(self.base_layer) and B.nf4_parts(self.base_layer) is not None:
                 if torch.compiler.is_compiling():  # torch.library op: no graph break
+                    if not B.nf4_constants_ready(self.base_layer):  # see LoraLinear.forward
+                        return _forward_nf4_eager(self, x, ia3_l)
                     return self._forward_nf4_compiled(x, ia3_l)
                 return self._forward_nf4(x, ia3_l)
             fused = custom_ops.ia3_linear  # autograd.Function in eager, torch.library op under torch.compile
@@ -162,3 +164,5 @@ class IA3Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"backend={self.backend}, feedforward={self.is_feedforward}, adapters={self.adapter_names}"
 
+
+_forward_nf4_eager = torch.compiler.disable(IA3Linear._forward_nf4)  # see nn/lora.py

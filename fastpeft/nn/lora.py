@@ -125,6 +125,8 @@ class LoraLinear(nn.Module):
             four_bit = B.is_linear4bit(base)
             if four_bit and B.nf4_parts(base) is not None:
                 if torch.compiler.is_compiling():  # torch.library op: no graph break (see _forward_nf4_compiled)
+                    if not B.nf4_constants_ready(base):  # state replaced since build / .to(): run this call
+                        return _forward_nf4_eager(self, x, lora_A, lora_B, scaling, p)  # eagerly (fills it)
                     return self._forward_nf4_compiled(x, lora_A, lora_B, scaling, p)
                 return self._forward_nf4(x, lora_A, lora_B, scaling, p)
             fused = custom_ops.lora_linear  # autograd.Function in eager, torch.library op under torch.compile
@@ -218,3 +220,8 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"
 
+
+# One graph break, taken only when the state's kernel constants are missing (the next call recompiles into the
+# custom-op path). A break *inside* the traced NF4 path sends dynamo into bnb's Params4bit, which recursed
+# without end (torch 2.13): the whole call is kept out of tracing instead.
+_forward_nf4_eager = torch.compiler.disable(LoraLinear._forward_nf4)

@@ -386,21 +386,18 @@ def ia3_linear(x, weight, bias, ia3_l, feedforward: bool) -> Tensor:
 #   * its scalars need data (offset is a 0-dim tensor, the select-tree id compares the code with bnb's)
 #     -- a .item() / .cpu() while tracing would break the graph. They come from kernel_state's cache on the
 #     state (``_fastpeft_kstate``: plain Python numbers that dynamo reads as constants and guards on). The
-#     drop-ins fill that cache eagerly when they are built and after every ``.to()`` (nn.base.warm_nf4_state),
-#     so a traced forward finds it. If it is missing (a state replaced after that), it is filled once by a
-#     compile-disabled call: one graph break in the first trace, none after the recompile that follows.
+#     drop-ins fill that cache eagerly when they are built and after every ``.to()`` (nn.base.warm_nf4_state)
+#     and, if it is missing anyway, run that one call outside the graph (which fills it) instead of coming here.
 #     (torch 2.13's assume_constant_result accepted the QuantState as an argument; 2.11 refuses it.)
-
-
-@torch.compiler.disable
-def _nf4_kernel_state_eager(quant_state, device) -> dict:
-    return _nf4.kernel_state(quant_state, device)
 
 
 def _nf4_constants(quant_state, device) -> tuple:
     ks = getattr(quant_state, "_fastpeft_kstate", None)
+    if ks is None and not _compiling():
+        ks = _nf4.kernel_state(quant_state, device)  # eager caller: fill it here
     if ks is None:
-        ks = _nf4_kernel_state_eager(quant_state, device)
+        raise RuntimeError("fastpeft: this 4-bit layer's kernel constants are not prepared (its QuantState was "
+                           "replaced after the layer was built); run one eager forward or model.to(device) first")
     N, K = (int(d) for d in quant_state.shape)
     sd = getattr(quant_state, "dtype", None) or torch.float32
     return (ks["offset"], ks["bs"], ks["bs2"], ks["nested"], ks["qt"], str(quant_state.quant_type), N, K, sd)
