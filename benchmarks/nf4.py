@@ -23,6 +23,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import graph_ms  # noqa: E402  (CUDA-graph GPU time; see its docstring)
 
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 TINY = {"q/o": (64, 64), "k/v": (64, 32), "gate/up": (64, 128), "down": (128, 64)}
@@ -42,33 +44,6 @@ def bench(fn, cuda: bool) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return sorted(ts)[1] * 1e3
-
-
-def graph_ms(calls, reps=20) -> float:
-    """GPU time per call, ms: ``calls`` (a list of zero-argument callables, each on its OWN copy of the weights,
-    together larger than L2) are captured into one CUDA graph and replayed, so each call finds its weights in
-    HBM, not in L2, and host time (launch overhead, Python) is excluded. Decode and small-M layers are
-    host-bound in eager mode on the device's CPU; this is the time a CUDA-graphed or compiled caller sees."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / (reps * len(calls))
 
 
 def _with_env(key, value, fn):
