@@ -6,7 +6,8 @@ set -u
 export PYTHONUNBUFFERED=1
 (nvidia-smi -L; which nvcc; python3 -c "import torch, triton, torch.utils.cpp_extension as c; print('torch', torch.__version__, 'triton', triton.__version__, 'CUDA_HOME', c.CUDA_HOME, 'ninja', c.is_ninja_available())") > "$OUT/toolchain.txt" 2>&1
 # Build the CUDA decode extension once before the tests (~90 s): xdist workers would otherwise queue on its build
-# lock, and a build killed by a time limit leaves a stale lock in ~/.cache/fastpeft/csrc that hangs later runs.
+# lock, and a build killed by a time limit leaves torch's lock file behind in ~/.cache/fastpeft/csrc (later builds
+# then wait on it), hence the clean start.
 rm -rf "${FASTPEFT_CSRC_CACHE:-$HOME/.cache/fastpeft/csrc}"
 timeout "${T_BUILD:-240}" python3 -c "from fastpeft.ops import nf4_gemv; nf4_gemv.load_extension()" > "$OUT/csrc_build.txt" 2>&1
 echo "csrc build rc=$?" >> "$OUT/csrc_build.txt"
