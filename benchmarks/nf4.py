@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import graph_ms  # noqa: E402  (CUDA-graph GPU time; see its docstring)
+import layers  # noqa: E402
 
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 TINY = {"q/o": (64, 64), "k/v": (64, 32), "gate/up": (64, 128), "down": (128, 64)}
@@ -32,18 +33,8 @@ RANK, ALPHA = 16, 32
 
 
 def bench(fn, cuda: bool) -> float:
-    """Median ms."""
-    if cuda:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
-    fn()
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[1] * 1e3
+    """Median ms (eager, host included): layers.timeit (triton do_bench on CUDA, wall clock on CPU)."""
+    return layers.timeit(fn, "cuda" if cuda else "cpu")
 
 
 def _with_env(key, value, fn):
