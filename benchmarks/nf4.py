@@ -37,18 +37,6 @@ def bench(fn, cuda: bool) -> float:
     return layers.timeit(fn, "cuda" if cuda else "cpu")
 
 
-def _with_env(key, value, fn):
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        return fn()
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
 def _copies(nbytes: int, cold_bytes: int = 160 << 20) -> int:
     """Weight copies needed so that one graph replay streams ``cold_bytes`` (> 3x the H100's 50 MB L2)."""
     return max(2, -(-cold_bytes // max(1, nbytes)))
@@ -202,9 +190,7 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
         for M in Ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
             impls = {
-                "fastpeft triton mm": lambda: nf4_gemv.nf4_lora_gemv_triton(x, packed, qs, None, A, B, 2.0, kind="mm"),
-                "fastpeft triton gemv": lambda: nf4_gemv.nf4_lora_gemv_triton(x, packed, qs, None, A, B, 2.0,
-                                                                              kind="gemv"),
+                "fastpeft triton mm": lambda: nf4_gemv.nf4_lora_gemv_triton(x, packed, qs, None, A, B, 2.0),
             }
             if cuda and problem is None:
                 impls["fastpeft cuda gemv"] = lambda: nf4_gemv.nf4_lora_gemv(x, packed, qs, None, A, B, 2.0, backend="cuda")
@@ -239,7 +225,7 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
 
 def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16)):
     """Decode (no grad, M <= 16) GPU time per layer call against the weight-byte floor, CUDA-graph timed with
-    cold L2 (graph_ms). Impls: CUDA MMA GEMV, both Triton fallbacks, dequant-buffer + cuBLAS, bnb base only,
+    cold L2 (graph_ms). Impls: CUDA MMA GEMV (with / without LoRA), the Triton fallback, dequant-buffer + cuBLAS, bnb base only,
     PEFT+bnb."""
     from fastpeft.ops import nf4_gemv, nf4_lora
 
@@ -278,17 +264,10 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16)):
                                                                                 backend="cuda"),
                 "fastpeft cuda mma gemv, base only": lambda pk, qs: nf4_gemv.nf4_lora_gemv(
                     x, pk, qs, None, None, None, 0.0, backend="cuda"),
-                "fastpeft triton gemv": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, qs, None, A, B, 2.0,
-                                                                                     kind="gemv"),
-                "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, qs, None, A, B, 2.0,
-                                                                                   kind="mm"),
+                "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, qs, None, A, B, 2.0),
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
                     ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, qs, dtype).t()),
             }
-            for variant in (1, 2, 3):  # the CUDA kernel's other launch shapes (GEMV_VARIANT: the default)
-                impls[f"fastpeft cuda mma gemv, variant {variant}"] = (
-                    lambda pk, qs, v=variant: _with_env("FASTPEFT_NF4_GEMV_VARIANT", str(v), lambda: nf4_gemv.nf4_lora_gemv(
-                        x, pk, qs, None, A, B, 2.0, backend="cuda")))
             for impl, fn in impls.items():
                 try:
                     with torch.no_grad():

@@ -295,7 +295,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
             const torch::Tensor& code, const torch::Tensor& code2, const torch::Tensor& absmax2, double offset,
             bool nested, int64_t bs, int64_t bs2, int64_t N, const std::optional<torch::Tensor>& bias,
             const std::optional<torch::Tensor>& A, const std::optional<torch::Tensor>& B, torch::Tensor& S, int R,
-            double scaling, torch::Tensor& y, int variant, cudaStream_t stream) {
+            double scaling, torch::Tensor& y, cudaStream_t stream) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
   const int splits = (K + kShrinkChunk - 1) / kShrinkChunk;
   if (R > 0) {
@@ -308,19 +308,13 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
   const int l2bs = log2_exact(bs, "blocksize"), l2bs2 = nested ? log2_exact(bs2, "nested blocksize") : 0;
   const float* P = R > 0 ? S.data_ptr<float>() : nullptr;
   const float* Bp = R > 0 ? B->data_ptr<float>() : nullptr;
-#define FASTPEFT_GEMV_LAUNCH(WARPS, DEPTH)                                                                      \
-  nf4_mma_gemv_kernel<scalar_t, WARPS, DEPTH><<<blocks, (WARPS) * 32, 0, stream>>>(                             \
-      x.data_ptr<scalar_t>(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(), \
-      code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested, l2bs, l2bs2, bptr, P, \
-      splits, Bp, static_cast<float>(scaling), R, y.data_ptr<scalar_t>(), M, static_cast<int>(N), K)
-  // (warps splitting K, segments in flight per warp): measured in benchmarks/nf4.py (decode_graph)
-  switch (variant) {
-    case 1: FASTPEFT_GEMV_LAUNCH(8, 3); break;
-    case 2: FASTPEFT_GEMV_LAUNCH(4, 3); break;
-    case 3: FASTPEFT_GEMV_LAUNCH(4, 4); break;
-    default: FASTPEFT_GEMV_LAUNCH(8, 2); break;
-  }
-#undef FASTPEFT_GEMV_LAUNCH
+  // 8 warps splitting K, 2 segments in flight per warp: (4, 3), (4, 4) and (8, 3) measured no faster on an H100
+  // (benchmarks/results/h100/nf4_decode_graph_variants_2026-11-24.json), so only this shape is compiled.
+  constexpr int kWarps = 8, kDepth = 2;
+  nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth><<<blocks, kWarps * 32, 0, stream>>>(
+      x.data_ptr<scalar_t>(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
+      code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested, l2bs, l2bs2, bptr, P,
+      splits, Bp, static_cast<float>(scaling), R, y.data_ptr<scalar_t>(), M, static_cast<int>(N), K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -330,7 +324,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
 torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, torch::Tensor code,
                             torch::Tensor code2, torch::Tensor absmax2, double offset, bool nested, int64_t bs,
                             int64_t bs2, int64_t N, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> A,
-                            std::optional<torch::Tensor> B, double scaling, int64_t variant) {
+                            std::optional<torch::Tensor> B, double scaling) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "nf4_gemv: x must be a CUDA [M, K] tensor, rows contiguous");
   const int M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= kMaxM, "nf4_gemv: M must be in 1..16, got ", M);
@@ -366,10 +360,10 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
   }
   if (st == at::ScalarType::Half) {
     launch<at::Half>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R, scaling, y,
-                     static_cast<int>(variant), stream);
+                     stream);
   } else {
     launch<at::BFloat16>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R,
-                         scaling, y, static_cast<int>(variant), stream);
+                         scaling, y, stream);
   }
   return y;
 }

@@ -146,130 +146,22 @@ def nf4_lora_gemv_cuda(x2, packed, quant_state, bias, lora_A, lora_B, scaling: f
     Bm = None if lora_B is None else lora_B.float().contiguous()
     bias = None if bias is None else bias.to(x2.dtype).contiguous()
     return ext.nf4_gemv_lora(x2, b, ks["absmax"], ks["code"], ks["code2"], ks["absmax2"], ks["offset"],
-                             ks["nested"], ks["bs"], ks["bs2"], N, bias, A, Bm, float(scaling), _variant())
+                             ks["nested"], ks["bs"], ks["bs2"], N, bias, A, Bm, float(scaling))
 
 
-# Launch shape of the CUDA kernel: (warps splitting K, 128-weight segments in flight per warp) = 0: (8, 2),
-# 1: (8, 3), 2: (4, 3), 3: (4, 4). FASTPEFT_NF4_GEMV_VARIANT overrides (benchmarks/nf4.py times them all).
-GEMV_VARIANT = 0
-
-
-def _variant() -> int:
-    v = int(os.environ.get("FASTPEFT_NF4_GEMV_VARIANT", GEMV_VARIANT))
-    if v not in (0, 1, 2, 3):
-        raise ValueError(f"FASTPEFT_NF4_GEMV_VARIANT must be 0, 1, 2 or 3, got {v}")
-    return v
-
-
-@triton.jit
-def _nf4_gemv_kernel(
-    X, packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, C, CIN,
-    offset, M, N, K, kb_per_split, sxm, sxk, scm, scn, sim, sin_,
-    SPLIT: tl.constexpr, HAS_CIN: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-    NESTED: tl.constexpr, QT: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr,
-):
-    # C[M, N] = CIN + X[M, K]·dequant(W)ᵀ for M <= 16, without tl.dot: each program owns BN output rows and a
-    # K range (split-K, fp32 atomics), streams [BN, BKH] packed bytes (BKH contiguous bytes per row: 16-byte
-    # vector loads), dequantizes in registers (weights rounded to X's dtype, as the dense path's buffer) and
-    # reduces X[MB, 2·BKH] · W[BN, 2·BKH] by broadcast-multiply + sum. Bound: bytes, N·K/2 + absmax; X and
-    # CIN are M·(K+N) elements.
-    DT = X.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
-    rm = tl.arange(0, MB)
-    nmask = rn < N
-    mmask = rm < M
-    kb_begin = pid_s * kb_per_split
-    kb_end = tl.minimum(kb_begin + kb_per_split, K // 2)
-    acc = tl.zeros((MB, BN), dtype=tl.float32)
-    for kb0 in range(kb_begin, kb_end, BKH):
-        kb = (kb0 + tl.arange(0, BKH)).to(tl.int64)
-        kmask = kb < kb_end
-        wmask = nmask[:, None] & kmask[None, :]
-        byte = tl.load(packed_ptr + rn[:, None] * (K // 2) + kb[None, :], mask=wmask, other=0).to(tl.int32)
-        a = block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, (rn[:, None] * K + kb[None, :] * 2) // BLOCKSIZE,
-                         wmask, NESTED, BLOCKSIZE2)
-        w_hi = (code_value(byte >> 4, code_ptr, QT) * a).to(DT).to(tl.float32)  # element 2·kb
-        w_lo = (code_value(byte & 15, code_ptr, QT) * a).to(DT).to(tl.float32)  # element 2·kb + 1
-        xmask = mmask[:, None] & kmask[None, :]
-        xk = X + rm[:, None] * sxm + (2 * kb)[None, :] * sxk
-        x_hi = tl.load(xk, mask=xmask, other=0.0).to(tl.float32)
-        x_lo = tl.load(xk + sxk, mask=xmask, other=0.0).to(tl.float32)
-        acc += tl.sum(x_hi[:, None, :] * w_hi[None, :, :] + x_lo[:, None, :] * w_lo[None, :, :], axis=2)
-    cmask = mmask[:, None] & nmask[None, :]
-    c_ptr = C + rm[:, None] * scm + rn[None, :] * scn
-    if SPLIT:
-        tl.atomic_add(c_ptr, acc, mask=cmask)
-    else:
-        if HAS_CIN:
-            acc += tl.load(CIN + rm[:, None] * sim + rn[None, :] * sin_, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=cmask)
-
-
-def nf4_gemv_triton(x2: torch.Tensor, packed: torch.Tensor, quant_state: Any,
-                    c_in: Optional[torch.Tensor] = None, split: Optional[int] = None) -> torch.Tensor:
-    """c_in + x2·dequant(W)ᵀ for x2 [M <= 16, K] (K even) in x2's dtype: the Triton decode GEMV (no tl.dot)."""
-    from ._common import ceil_div, interpreting, num_sms  # noqa: PLC0415
-    from .nf4 import kernel_state  # noqa: PLC0415
-
-    N, K = (int(d) for d in quant_state.shape)
-    M = x2.shape[0]
-    if M > MAX_M or K % 2 or x2.shape[1] != K:
-        raise ValueError(f"nf4_gemv_triton takes x [M <= {MAX_M}, K = {K} (even)], got {tuple(x2.shape)}")
-    if c_in is not None and tuple(c_in.shape) != (M, N):
-        raise ValueError(f"nf4_gemv_triton: c_in must be [{M}, {N}], got {tuple(c_in.shape)}")
-    ks = kernel_state(quant_state, x2.device)
-    MB = triton.next_power_of_2(M)
-    BN = 16
-    BKH = 16 if interpreting() else max(16, 4096 // (MB * BN))  # MB·BN·BKH = 4096 products per step
-    tiles = ceil_div(N, BN)
-    if split is None:
-        split = 1 if interpreting() else max(1, min(ceil_div(K // 2, BKH), ceil_div(4 * num_sms(x2.device), tiles)))
-    kb_per = ceil_div(ceil_div(K // 2, split), BKH) * BKH
-    split = ceil_div(K // 2, kb_per)
-    c = (torch.zeros((M, N), device=x2.device, dtype=torch.float32) if split > 1
-         else torch.empty((M, N), device=x2.device, dtype=x2.dtype))
-    cin = c_in if c_in is not None else c
-    b = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
-    fp = {"enable_fp_fusion": False} if x2.is_cuda else {}  # nested absmax: product rounded, then + offset
-    _nf4_gemv_kernel[(tiles, split)](
-        x2, b, ks["absmax"], ks["code"], ks["code2"], ks["absmax2"], c, cin, ks["offset"], M, N, K, kb_per,
-        x2.stride(0), x2.stride(1), c.stride(0), c.stride(1), cin.stride(0), cin.stride(1),
-        SPLIT=split > 1, HAS_CIN=c_in is not None, BLOCKSIZE=ks["bs"], BLOCKSIZE2=ks["bs2"], NESTED=ks["nested"],
-        QT=ks["qt"], MB=MB, BN=BN, BKH=BKH, num_warps=4, **fp)
-    if split > 1:
-        if c_in is not None:
-            c += c_in
-        return c.to(x2.dtype)
-    return c
-
-
-def _triton_base(kind: Optional[str] = None):
-    kind = kind or os.environ.get("FASTPEFT_NF4_GEMV_TRITON", "mm")
-    if kind not in ("mm", "gemv"):
-        raise ValueError(f"FASTPEFT_NF4_GEMV_TRITON must be 'mm' or 'gemv', got {kind!r}")
-    if kind == "gemv":
-        return nf4_gemv_triton
+def nf4_lora_gemv_triton(x2, packed, quant_state, bias, lora_A, lora_B, scaling: float):
+    """Triton path: Z = s·(x·Aᵀ)·Bᵀ + bias (ops.lora kernels), then y = Z + x·dequant(W)ᵀ through ops.nf4_lora's
+    fused in-kernel-dequant GEMM (tl.dot on M padded to 16). (A no-tl.dot Triton GEMV was measured slower at
+    every shape and M <= 16 on an H100 -- nf4_decode_graph_mma-v2_2026-11-24.json -- and removed.)"""
+    from . import lora as lora_ops  # noqa: PLC0415
     from .nf4_lora import nf4_matmul  # noqa: PLC0415
 
-    return lambda x2, packed, qs, c_in=None: nf4_matmul(x2, packed, qs, c_in=c_in)
-
-
-def nf4_lora_gemv_triton(x2, packed, quant_state, bias, lora_A, lora_B, scaling: float, kind: Optional[str] = None):
-    """Triton path: Z = s·(x·Aᵀ)·Bᵀ + bias (ops.lora kernels), then y = Z + x·dequant(W)ᵀ.
-
-    kind (default: env FASTPEFT_NF4_GEMV_TRITON, "mm"): "mm" = ops.nf4_lora's fused in-kernel-dequant GEMM
-    (tl.dot on M padded to 16), "gemv" = ``nf4_gemv_triton`` (no tl.dot; pending GPU measurement)."""
-    from . import lora as lora_ops  # noqa: PLC0415
-
-    base = _triton_base(kind)
     b = None if bias is None else bias.to(x2.dtype)
     if lora_A is None:
-        return base(x2, packed, quant_state, c_in=None if b is None else b.expand(x2.shape[0], -1))
+        return nf4_matmul(x2, packed, quant_state, c_in=None if b is None else b.expand(x2.shape[0], -1))
     P = lora_ops.lora_s_partials(x2, lora_A, 0.0, None)
     Z, _ = lora_ops.lora_expand(P, lora_B, b, scaling, x2.dtype)
-    return base(x2, packed, quant_state, c_in=Z)
+    return nf4_matmul(x2, packed, quant_state, c_in=Z)
 
 
 _failed = False  # the extension failed to build once: Triton from then on (no rebuild attempt per token)

@@ -209,26 +209,6 @@ def test_gemv_triton_fallback_matches_reference(M):
     assert rel(no_lora, x @ nf4.nf4_dequantize_reference(packed, qs).t() + bias) <= 1e-5
 
 
-@needs_triton
-@pytest.mark.parametrize("M,split,dtype", [(1, None, torch.float32), (5, 3, torch.float32), (16, 2, torch.float16)])
-def test_gemv_triton_kernel_matches_reference(M, split, dtype):
-    """The no-tl.dot decode GEMV (kind="gemv"): odd N (masks), split-K atomics, non-contiguous x, fp16."""
-    N, K = 40, 192
-    packed, qs = _weight(N, K, 64, True, seed=M)
-    g = torch.Generator().manual_seed(M)
-    x = torch.randn(K, M, generator=g).to(dtype).to(DEV).t()  # column stride 1 is not required
-    cin = torch.randn(M, N, generator=g).to(dtype).to(DEV)
-    w = nf4.nf4_dequantize_reference(packed, qs, dtype).float()
-    got = nf4_gemv.nf4_gemv_triton(x, packed, qs, c_in=cin, split=split)
-    assert got.dtype == dtype and rel(got, x.float() @ w.t() + cin.float()) <= (1e-5 if dtype == torch.float32 else 2e-3)
-    A, B = torch.randn(4, K, generator=g).to(DEV) * 0.1, torch.randn(N, 4, generator=g).to(DEV) * 0.1
-    xc = x.float().contiguous()
-    want = nf4_lora.nf4_lora_linear_reference(xc, packed, qs, None, A, B, 1.5)
-    assert rel(nf4_gemv.nf4_lora_gemv_triton(xc, packed, qs, None, A, B, 1.5, kind="gemv"), want) <= 1e-5
-    with pytest.raises(ValueError, match="FASTPEFT_NF4_GEMV_TRITON"):
-        nf4_gemv.nf4_lora_gemv_triton(xc, packed, qs, None, A, B, 1.5, kind="x")
-
-
 @pytest.mark.skipif(CUDA, reason="checks the error on machines without a CUDA toolchain / device")
 def test_csrc_missing_toolchain_error_is_clear():
     problem = nf4_gemv.toolchain_problem()
@@ -276,8 +256,6 @@ def test_gpu_decode_cuda_and_triton(M, dtype):
     want = nf4_lora.nf4_lora_linear_reference(x.float(), packed, qs, bias.float(), A, B, 2.0)
     tri = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 2.0, backend="triton")
     assert rel(tri, want) <= 1e-2
-    tri_gemv = nf4_gemv.nf4_lora_gemv_triton(x, packed, qs, bias, A, B, 2.0, kind="gemv")
-    assert tri_gemv.dtype == dtype and rel(tri_gemv, want) <= 1e-2
     problem = nf4_gemv.toolchain_problem()
     if problem is not None:
         pytest.skip(f"CUDA extension not buildable here: {problem}")
@@ -306,16 +284,11 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
     bias = torch.randn(N, generator=g).to(dtype).cuda()
     w = nf4_lora.nf4_weight_reference(packed, qs, dtype).float()
     want = x.float() @ w.t() + bias.float() + 1.5 * ((x.float() @ A.t()) @ B.t())
-    for variant in ("0", "1", "2", "3"):  # every launch shape (warps splitting K, segments in flight)
-        os.environ["FASTPEFT_NF4_GEMV_VARIANT"] = variant
-        try:
-            got = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 1.5, backend="cuda")
-        finally:
-            os.environ.pop("FASTPEFT_NF4_GEMV_VARIANT", None)
-        assert got.dtype == dtype and got.shape == (M, N)
-        assert rel(got, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3), variant
-        err = (got.float() - want).abs() / want.abs().clamp_min(1.0)
-        assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3), variant  # every element
+    got = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 1.5, backend="cuda")
+    assert got.dtype == dtype and got.shape == (M, N)
+    assert rel(got, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+    err = (got.float() - want).abs() / want.abs().clamp_min(1.0)
+    assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)  # every element, not only on average
     plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, qs, None, None, None, 0.0, backend="cuda")
     assert rel(plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
 
