@@ -13,6 +13,9 @@ import torch
 import transformers
 
 import fastpeft
+from _quiet import silence_third_party_noise
+
+silence_third_party_noise()  # third-party FutureWarnings / log lines, not fastpeft's (examples/_quiet.py)
 
 
 def main() -> int:

@@ -33,6 +33,9 @@ import transformers
 
 import fastpeft
 import fastpeft.distributed
+from _quiet import silence_third_party_noise
+
+silence_third_party_noise()  # third-party FutureWarnings / log lines, not fastpeft's (examples/_quiet.py)
 
 
 class CountingTokens(torch.utils.data.Dataset):

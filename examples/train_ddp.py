@@ -14,6 +14,9 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastpeft
+from _quiet import silence_third_party_noise
+
+silence_third_party_noise()  # third-party FutureWarnings / log lines, not fastpeft's (examples/_quiet.py)
 
 
 def main():

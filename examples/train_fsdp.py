@@ -17,6 +17,9 @@ from torch.distributed.fsdp import fully_shard
 
 import fastpeft
 from fastpeft.distributed import prepare_fsdp2
+from _quiet import silence_third_party_noise
+
+silence_third_party_noise()  # third-party FutureWarnings / log lines, not fastpeft's (examples/_quiet.py)
 
 
 def tiny_llama(hidden, layers, qlora, device):

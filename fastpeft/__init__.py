@@ -6,6 +6,7 @@
 >>> fastpeft.get_nb_trainable_parameters(net)
 (32, 104)
 """
+from . import settings
 from .adapter_io import load_adapter, save_adapter
 from .adapters import (
     active_adapter,
@@ -20,13 +21,14 @@ from .adapters import (
     unmerge,
 )
 from .config import IA3Config, LoraConfig
-from .nn import IA3Linear, LoraLinear, ModulesToSave
+from .nn import IA3Linear, LoraLinear, LoraVariant, ModulesToSave
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "settings",
     "LoraConfig",
     "IA3Config",
     "patch",
@@ -44,6 +46,7 @@ __all__ = [
     "get_nb_trainable_parameters",
     "active_adapter",
     "LoraLinear",
+    "LoraVariant",
     "IA3Linear",
     "ModulesToSave",
     "quantize_nf4",

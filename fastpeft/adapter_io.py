@@ -6,7 +6,6 @@ Writes are atomic (temporary file + rename). Loading reads safetensors only, unl
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import stat
@@ -15,12 +14,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
+from .adapters import delete_adapter
 from .config import AdapterConfig, LoraConfig, to_fastpeft_config
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
+from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
 from .nn import IA3Linear, LoraLinear, ModulesToSave
-from .nn import base as B
-from .patch import _set_submodule, adapter_layers, get_state, is_peft_model, patch, root_model, unpatch
+from .nn import bases
+from .patch import patch, unpatch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,7 +55,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             out[f"{prefix}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             out[f"{prefix}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
             if isinstance(cfg, LoraConfig) and cfg.bias == "lora_only":
-                bias = B.base_bias(layer.base_layer)
+                bias = bases.base_bias(layer.base_layer)
                 if bias is not None:
                     out[f"{prefix}{path}.base_layer.bias"] = bias
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
@@ -159,8 +161,6 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[s
 
 
 def _write_adapters(model: nn.Module, save_directory: str, names: List[str], all_tensors) -> None:
-    from safetensors.torch import save_file
-
     state = get_state(model)
     # Every file of every adapter is written to a temporary name first and renamed into place only once all of
     # them are complete: a failure while writing leaves an existing adapter folder exactly as it was.
@@ -194,44 +194,6 @@ def _write_adapters(model: nn.Module, save_directory: str, names: List[str], all
         raise
 
 
-# -- PEFT's own save_pretrained on a converted PeftModel ---------------------------------------------------
-_SAVE_HOOK = "save_pretrained"
-
-
-def _peft_save_pretrained(model: nn.Module, *args, **kwargs):
-    """PeftModel.save_pretrained with PEFT's layers swapped back in for the call.
-
-    PEFT finds what to save by visiting its own tuner layers, so on a converted model it would write an
-    adapter file without any LoRA / IA3 tensors. PEFT's layers hold the very same Parameter objects as ours
-    (conversion shares them), so saving through them writes the current values.
-    """
-    method = type(model).save_pretrained
-    state = get_state(model, required=False)
-    if state is None or not state.from_peft:
-        model.__dict__.pop(_SAVE_HOOK, None)
-        return method(model, *args, **kwargs)
-    ours = {name: model.get_submodule(name) for name in state.originals}
-    try:
-        for name, original in state.originals.items():
-            _set_submodule(model, name, original)
-        return method(model, *args, **kwargs)
-    finally:
-        for name, layer in ours.items():
-            _set_submodule(model, name, layer)
-
-
-def route_peft_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (a converted PeftModel) save through PEFT's layers; see above."""
-    hook = functools.partial(_peft_save_pretrained, model)
-    hook.fastpeft_hook = True
-    model.__dict__[_SAVE_HOOK] = hook
-
-
-def unroute_peft_save_pretrained(model: nn.Module) -> None:
-    if getattr(model.__dict__.get(_SAVE_HOOK), "fastpeft_hook", False):
-        del model.__dict__[_SAVE_HOOK]
-
-
 def _adapter_folder(path: str, adapter_name: str) -> str:
     # save_adapter / PEFT's save_pretrained put a non-default adapter in <dir>/<name>/ next to "default" at the
     # root, so for such a name the sub-folder wins over the root.
@@ -260,8 +222,6 @@ def read_adapter(path: str, adapter_name: str = "default", allow_pickle: bool = 
     weights = os.path.join(folder, WEIGHTS_NAME)
     pickled = os.path.join(folder, PICKLE_WEIGHTS_NAME)
     if os.path.isfile(weights):
-        from safetensors.torch import load_file
-
         try:
             tensors = load_file(weights)
         except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
@@ -352,8 +312,6 @@ def load_adapter(
         if fresh:
             unpatch(model)
         else:
-            from .adapters import delete_adapter
-
             delete_adapter(model, adapter_name)
         raise
     _copy_plan(plan)
@@ -392,7 +350,5 @@ def _load_into_existing(model: nn.Module, cfg: AdapterConfig, adapter_name: str,
     if state.trainable.get(adapter_name) != is_trainable:
         state.configs[adapter_name].inference_mode = not is_trainable
         state.trainable[adapter_name] = is_trainable
-        from .patch import _apply_trainable
-
-        _apply_trainable(model, state)
+        apply_trainable(model, state)
     return model

@@ -7,9 +7,10 @@ from typing import Any, Iterator, Tuple
 import torch
 import torch.nn as nn
 
-from .nn import IA3Linear, LoraLinear, ModulesToSave
-from .nn import base as B
-from .patch import _apply_trainable, _finish, _set_active, _set_submodule, adapter_layers, get_state, patch, root_model
+from .model_state import adapter_layers, apply_trainable, get_state, root_model, set_active, set_submodule
+from .nn import AdapterLayer, ModulesToSave
+from .nn import bases
+from .patch import finish, patch
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: Any) -> nn.Module:
@@ -29,8 +30,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     if any(m.merged_adapters for _, m in adapter_layers(model)):
         raise ValueError("unmerge the merged adapter before switching adapters (fastpeft.unmerge(model))")
     state.active = adapter_name
-    _set_active(model, adapter_name)
-    _apply_trainable(model, state)
+    set_active(model, adapter_name)
+    apply_trainable(model, state)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -51,13 +52,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.delete_adapter(adapter_name)
             if not layer.adapter_names:
                 original = state.originals.pop(name)
-                _set_submodule(model, name, original)
+                set_submodule(model, name, original)
     del state.configs[adapter_name]
     del state.trainable[adapter_name]
     if state.active == adapter_name:
         state.active = next(iter(state.configs))
-    _set_active(model, state.active)
-    _apply_trainable(model, state)
+    set_active(model, state.active)
+    apply_trainable(model, state)
 
 
 @contextlib.contextmanager
@@ -83,8 +84,8 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
 def merge(model: nn.Module) -> None:
     """Add the active adapter into the base weights (dense bases; 4-bit: use merge_and_unload)."""
     get_state(model)
-    layers = [m for _, m in adapter_layers(model) if isinstance(m, (LoraLinear, IA3Linear))]
-    bad = [m for m in layers if B.is_linear4bit(m.base_layer)]
+    layers = [m for _, m in adapter_layers(model) if isinstance(m, AdapterLayer)]
+    bad = [m for m in layers if bases.is_linear4bit(m.base_layer)]
     if bad:
         bad[0].merge()  # raises the explanatory NotImplementedError before anything changes
     for m in layers:
@@ -110,18 +111,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if isinstance(layer, ModulesToSave):
             active = layer.modules_to_save[layer.active_adapter] if layer.active_adapter in layer.adapter_names else None
             replacement = active if active is not None else layer.original_module
-        elif B.is_linear4bit(layer.base_layer):
+        elif bases.is_linear4bit(layer.base_layer):
             # fastpeft's dequant (Triton on the weight's GPU, bit-exact with bnb), merged in fp32, stored in the
             # dtype the weight had before quantization (bf16 for a bf16 model, whatever the compute dtype)
-            quant_state = B.quant_state_of(layer.base_layer)
+            quant_state = bases.quant_state_of(layer.base_layer)
             dtype = quant_state.dtype or getattr(layer.base_layer, "compute_dtype", None) or torch.float32
             replacement = layer.merged_dense(dtype)
         else:
             layer.merge()
             replacement = layer.base_layer
             layer.merged_adapters = []
-        _set_submodule(model, name, replacement)
-    _finish(model, state)
+        set_submodule(model, name, replacement)
+    finish(model, state)
     return root_model(model)
 
 

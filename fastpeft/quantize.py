@@ -1,6 +1,6 @@
 """Quantize a model's linear layers to bitsandbytes' NF4 / FP4 format without bitsandbytes' CUDA library.
 
-``quantize_nf4(model)`` writes exactly the bytes bnb's ``quantize_4bit`` writes (``fastpeft.ops.nf4``: packed
+``quantize_nf4(model)`` writes exactly the bytes bnb's ``quantize_4bit`` writes (``fastpeft/ops/nf4_quantize.py``: packed
 nibbles, absmax, double-quant nested absmax / offset), on the weight's own device with PyTorch ops, and puts
 them in one of two module types:
 
@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops.nf4 import _BLOCKSIZES, _CODES, NF4QuantState, code_for, dynamic_code, nf4_dequantize, quantize_nf4 as _quantize
+from .nn import bases
+from .ops.nf4_format import _CODES, BLOCKSIZES, NF4QuantState, code_for, dynamic_code
+from .ops.nf4_quantize import quantize_nf4 as _quantize
 
 __all__ = ["quantize_nf4", "NF4Linear"]
 
@@ -89,7 +91,7 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype or x.dtype
-        w = nf4_dequantize(self.weight, self.quant_state)
+        w = bases.dequantize_linear4bit(self)
         b = None if self.bias is None else self.bias.to(cd)
         return F.linear(x.to(cd), w.to(cd), b).to(x.dtype)
 
@@ -155,8 +157,8 @@ def quantize_nf4(model: nn.Module, blocksize: int = 64, double_quant: bool = Tru
     """
     if quant_type not in _CODES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    if blocksize not in _BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {_BLOCKSIZES}, got {blocksize}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     if module_type == "auto":
         module_type = "bnb" if _bnb_importable() else "fastpeft"
     if module_type not in ("bnb", "fastpeft"):
@@ -164,9 +166,7 @@ def quantize_nf4(model: nn.Module, blocksize: int = 64, double_quant: bool = Tru
     if module_type == "bnb" and not _bnb_importable():
         raise ImportError("quantize_nf4(module_type='bnb') needs bitsandbytes (pip install bitsandbytes); "
                           "module_type='fastpeft' works without it")
-    from .nn import base as B  # noqa: PLC0415
-
-    if any(B.is_linear4bit(m) for m in model.modules()):
+    if any(bases.is_linear4bit(m) for m in model.modules()):
         raise ValueError("this model already holds 4-bit layers; quantize_nf4 expects a dense model")
     skip = list(skip_modules or [])
     get_out = getattr(model, "get_output_embeddings", None)

@@ -1,8 +1,14 @@
-"""Thin drop-in modules: they hold adapter parameters and choose a path; the math lives in fastpeft.ops."""
+"""Thin drop-in modules: they hold adapter parameters and choose a path; the math lives in fastpeft.ops.
+
+    bases.py            the frozen base layers (Linear, Conv1D, bnb Linear4bit) and how to read them
+    layer.py            AdapterLayer: bookkeeping, the forward decision and the merge tail, shared by
+    lora.py, ia3.py     LoraLinear (+ LoraVariant, the seam for DoRA-like variants) and IA3Linear
+    modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
+    _rng.py             the LoRA dropout seed
+"""
 from .ia3 import IA3Linear
-from .lora import LoraLinear
+from .layer import AdapterLayer
+from .lora import LoraLinear, LoraVariant
 from .modules_to_save import ModulesToSave
 
-ADAPTER_LAYERS = (LoraLinear, IA3Linear)
-
-__all__ = ["LoraLinear", "IA3Linear", "ModulesToSave", "ADAPTER_LAYERS"]
+__all__ = ["AdapterLayer", "LoraLinear", "LoraVariant", "IA3Linear", "ModulesToSave"]

@@ -1,4 +1,22 @@
-"""Math of the adapter methods: pure-PyTorch references (the oracle and the CPU path) and Triton kernels.
+"""Math of the adapter methods. The bottom layer: nothing here imports fastpeft.nn or the model-level modules.
 
-Nothing here imports fastpeft.nn or fastpeft.patch: ops are the bottom layer.
+PyTorch only (work everywhere):
+    dropout.py       the LoRA dropout mask, defined once (the kernels regenerate exactly this mask)
+    reference.py     pure-PyTorch LoRA / IA3 / 4-bit references: the oracle and the CPU path
+    nf4_format.py    bitsandbytes' 4-bit format: codes, QuantState stand-in, reference dequantization, KernelState
+    nf4_quantize.py  quantization to bnb's bytes (its "bnb-cuda" nested rounding uses one Triton kernel)
+Triton (``ops/kernels/``, imported only where Triton imports; ``HAS_TRITON`` says whether it does):
+    kernels/common.py       launch helpers and the in-kernel dropout mask
+    kernels/lora.py, ia3.py the fused LoRA / IA3 layers (autograd Functions over Triton + cuBLAS)
+    kernels/nf4_dequant.py  one-pass dequantization, the code / absmax device helpers
+    kernels/nf4_matmul.py   the small-M GEMM that dequantizes weight tiles in registers
+    kernels/nf4_gemv.py     decode (M <= 16, no grad): CUDA C++ GEMV (csrc/) or Triton
+    kernels/nf4_lora.py     LoRA / IA3 on 4-bit bases (training)
+    kernels/custom_ops.py   the layers as torch.library ops (torch.compile)
 """
+try:
+    import triton  # noqa: F401  (the kernels need it; the reference path does not)
+
+    HAS_TRITON = True
+except ImportError:  # e.g. macOS / Windows, where pyproject does not install it
+    HAS_TRITON = False

@@ -1,17 +1,21 @@
-"""fastpeft.ops.nf4_lora / nf4_gemv: QLoRA kernels against the pure-PyTorch reference.
+"""fastpeft/ops/kernels/nf4_lora.py, nf4_matmul.py, nf4_gemv.py: QLoRA kernels against the pure-PyTorch reference.
 
 CPU: Triton under TRITON_INTERPRET=1 in fp32 / fp16 (both paths: dequant-into-buffer + dense composition, and
 the fused in-kernel-dequant GEMM), the decode path's Triton fallback, clear toolchain errors.
 GPU (marker ``gpu``): bf16 at Llama shapes, the CUDA decode GEMV, dequant bit-exact with bnb's CUDA kernel.
 """
+import dataclasses
 import os
-import types
 
 import pytest
 import torch
 
-from fastpeft.ops import lora as lora_ops
-from fastpeft.ops import nf4, nf4_gemv, nf4_lora
+from fastpeft.ops import reference
+from fastpeft.ops.dropout import lora_dropout_mask
+from fastpeft.ops.kernels import nf4_dequant, nf4_gemv, nf4_lora, nf4_matmul
+from fastpeft.ops.nf4_format import kernel_state, nf4_dequantize_reference
+from fastpeft.ops.nf4_quantize import quantize_nf4
+from helpers import set_settings
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CUDA = torch.cuda.is_available()
@@ -27,7 +31,12 @@ def rel(a, b):
 def _weight(N, K, bs=64, dq=True, qt="nf4", seed=0, device=DEV, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(N, K, generator=g) * 0.05).to(dtype).to(device)
-    return nf4.quantize_nf4(w, blocksize=bs, compress_statistics=dq, quant_type=qt)
+    return quantize_nf4(w, blocksize=bs, compress_statistics=dq, quant_type=qt)
+
+
+def _ks(quant_state):
+    """The kernels take the typed KernelState of a QuantState (ops/nf4_format.py)."""
+    return kernel_state(quant_state, quant_state.absmax.device)
 
 
 def _tol(dtype):
@@ -54,7 +63,7 @@ CASES = [  # M, N, K, blocksize, double quant, quant type, dropout
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:3])) + f"-bs{c[3]}-{c[5]}-p{c[6]}")
 def test_lora_matches_reference(case, dtype, path, monkeypatch):
     M, N, K, bs, dq, qt, p = case
-    monkeypatch.setenv("FASTPEFT_NF4_GEMM", path)
+    set_settings(monkeypatch, nf4_gemm=path)
     packed, qs = _weight(N, K, bs, dq, qt, seed=M + N)
     g = torch.Generator().manual_seed(K)
     # 3-D, non-contiguous input (a column slice)
@@ -66,11 +75,11 @@ def test_lora_matches_reference(case, dtype, path, monkeypatch):
     seed = 1234 if p > 0 else None
     dy = torch.randn(2, M, N, generator=g).to(dtype).to(DEV)
     y, grads = _run(lambda x_: nf4_lora.nf4_lora_linear(x_, packed, qs, bias, A, B, 2.0, p, seed), x, [A, B, bias], dy)
-    mask = lora_ops.lora_dropout_mask(x.shape, p, seed, DEV, dtype) if p > 0 else None
-    want, wgrads = _run(lambda x_: nf4_lora.nf4_lora_linear_reference(x_, packed, qs, bias, A, B, 2.0, mask),
+    mask = lora_dropout_mask(x.shape, p, seed, DEV, dtype) if p > 0 else None
+    want, wgrads = _run(lambda x_: reference.nf4_lora_linear_reference(x_, packed, qs, bias, A, B, 2.0, mask),
                         x, [A, B, bias], dy)
     expect_path = "buffer" if (path == "buffer" or K % 2) else "fused"
-    assert nf4_lora.nf4_path(2 * M, qs, dtype, DEV) == expect_path
+    assert nf4_lora.nf4_path(2 * M, _ks(qs), dtype) == expect_path
     tol = _tol(dtype)
     assert rel(y, want) <= tol
     for name, a, b in zip(["dx", "dA", "dB", "dbias"], grads, wgrads):
@@ -84,16 +93,16 @@ def test_lora_matches_reference(case, dtype, path, monkeypatch):
 def test_nf4_matmul_layouts_and_split(nn_layout, split):
     N, K = 40, 192
     packed, qs = _weight(N, K, 64, True, seed=3)
-    w = nf4.nf4_dequantize_reference(packed, qs, torch.float32)
+    w = nf4_dequantize_reference(packed, qs, torch.float32)
     g = torch.Generator().manual_seed(5)
     M = 9
     p2 = torch.randn(M, N if nn_layout else K, generator=g).to(DEV)
     c_in = torch.randn(M, K if nn_layout else N, generator=g).to(DEV)
-    got = nf4_lora.nf4_matmul(p2, packed, qs, nn_layout=nn_layout, c_in=c_in, split=split)
+    got = nf4_matmul.nf4_matmul(p2, packed, _ks(qs), nn_layout=nn_layout, c_in=c_in, split=split)
     want = c_in + (p2 @ w if nn_layout else p2 @ w.t())
     assert rel(got, want) <= 1e-5
     with pytest.raises(ValueError, match="columns"):
-        nf4_lora.nf4_matmul(p2[:, :-1], packed, qs, nn_layout=nn_layout)
+        nf4_matmul.nf4_matmul(p2[:, :-1], packed, _ks(qs), nn_layout=nn_layout)
 
 
 @needs_triton
@@ -104,18 +113,18 @@ def test_nf4_matmul_layouts_and_split(nn_layout, split):
 def test_nf4_matmul_absmax_groups(bs, tiles, nn_layout, dq, monkeypatch):
     """Tiles spanning several 4-bit blocks (one absmax per row and block, broadcast), inside one block, and
     K not a multiple of the blocksize (per-element lookup), with masked row / column tails."""
-    monkeypatch.setattr(nf4_lora, "_fused_blocks", lambda M, I, J, device: tiles)
+    monkeypatch.setattr(nf4_matmul, "_fused_blocks", lambda M, I, J, device: tiles)
     for N, K in ((40, 4 * bs + 2 * bs), (37, 3 * bs + 16)):
         packed, qs = _weight(N, K, bs, dq, seed=K)
-        w = nf4.nf4_dequantize_reference(packed, qs, torch.float32)
+        w = nf4_dequantize_reference(packed, qs, torch.float32)
         g = torch.Generator().manual_seed(N)
         p2 = torch.randn(5, N if nn_layout else K, generator=g).to(DEV)
-        got = nf4_lora.nf4_matmul(p2, packed, qs, nn_layout=nn_layout)
+        got = nf4_matmul.nf4_matmul(p2, packed, _ks(qs), nn_layout=nn_layout)
         assert rel(got, p2 @ w if nn_layout else p2 @ w.t()) <= 1e-5, (N, K)
     BM, BJ, BI, _ = tiles
     extent = BJ if nn_layout else BI
-    assert nf4_lora._absmax_groups(6 * bs, bs, extent) == (1 if bs % extent == 0 else extent // bs)
-    assert nf4_lora._absmax_groups(3 * bs + 16, bs, extent) == 0
+    assert nf4_matmul._absmax_groups(6 * bs, bs, extent) == (1 if bs % extent == 0 else extent // bs)
+    assert nf4_matmul._absmax_groups(3 * bs + 16, bs, extent) == 0
 
 
 @needs_triton
@@ -130,7 +139,7 @@ def test_ia3_matches_reference(feedforward, dtype):
     bias = torch.randn(N, generator=g).to(dtype).to(DEV).requires_grad_()
     dy = torch.randn(2, M, N, generator=g).to(dtype).to(DEV)
     y, grads = _run(lambda x_: nf4_lora.nf4_ia3_linear(x_, packed, qs, bias, l, feedforward), x, [l, bias], dy)
-    want, wgrads = _run(lambda x_: nf4_lora.nf4_ia3_linear_reference(x_, packed, qs, bias, l, feedforward),
+    want, wgrads = _run(lambda x_: reference.nf4_ia3_linear_reference(x_, packed, qs, bias, l, feedforward),
                         x, [l, bias], dy)
     assert rel(y, want) <= _tol(dtype)
     for a, b in zip(grads, wgrads):
@@ -140,46 +149,45 @@ def test_ia3_matches_reference(feedforward, dtype):
 @needs_triton
 def test_dequant_lut_variants_and_buffer_reuse():
     packed, qs = _weight(24, 200, 128, True, seed=9)
-    want = nf4.nf4_dequantize_reference(packed, qs, torch.float16)
-    assert torch.equal(nf4.nf4_dequantize_triton(packed, qs, torch.float16, lut="load"), want)
-    assert torch.equal(nf4.nf4_dequantize_triton(packed, qs, torch.float16, lut="select"), want)
-    w1 = nf4_lora.dequantize_to(packed, qs, torch.float16)
+    want = nf4_dequantize_reference(packed, qs, torch.float16)
+    assert torch.equal(nf4_dequant.nf4_dequantize_triton(packed, qs, torch.float16, lut="load"), want)
+    assert torch.equal(nf4_dequant.nf4_dequantize_triton(packed, qs, torch.float16, lut="select"), want)
+    w1 = nf4_lora.dequantize_to(packed, _ks(qs), torch.float16)
     packed2, qs2 = _weight(8, 64, 64, False, seed=10)
-    w2 = nf4_lora.dequantize_to(packed2, qs2, torch.float16)
+    w2 = nf4_lora.dequantize_to(packed2, _ks(qs2), torch.float16)
     assert w1.data_ptr() == w2.data_ptr()  # one shared buffer: the second weight overwrote the first
-    assert torch.equal(w2, nf4.nf4_dequantize_reference(packed2, qs2, torch.float16))
+    assert torch.equal(w2, nf4_dequantize_reference(packed2, qs2, torch.float16))
     with pytest.raises(ValueError, match="out must be"):
-        nf4.nf4_dequantize_triton(packed, qs, torch.float16, out=torch.empty(10, dtype=torch.float16, device=DEV))
+        nf4_dequant.nf4_dequantize_triton(packed, qs, torch.float16, out=torch.empty(10, dtype=torch.float16, device=DEV))
     # state dtype bf16, compute fp32: two roundings (bf16 first), as bnb
     pb, qb = _weight(8, 64, 64, True, seed=11, dtype=torch.bfloat16)
-    assert torch.equal(nf4_lora.dequantize_to(pb, qb, torch.float32),
-                       nf4.nf4_dequantize_reference(pb, qb, torch.bfloat16).float())
+    assert torch.equal(nf4_lora.dequantize_to(pb, _ks(qb), torch.float32),
+                       nf4_dequantize_reference(pb, qb, torch.bfloat16).float())
 
 
 def test_dispatch_rules(monkeypatch):
     _, qs = _weight(16, 64, device="cpu")
     _, qs_odd = _weight(16, 65, device="cpu")
-    monkeypatch.setenv("FASTPEFT_NF4_GEMM", "auto")
-    assert nf4_lora.nf4_path(1, qs, torch.float32, "cpu") == "fused"
-    assert nf4_lora.nf4_path(4096, qs, torch.float32, "cpu") == "buffer"
-    assert nf4_lora.nf4_path(1, qs_odd, torch.float32, "cpu") == "buffer"  # odd K: rows do not start on a byte
+    set_settings(monkeypatch, nf4_gemm="auto")
+    assert nf4_lora.nf4_path(1, _ks(qs), torch.float32) == "fused"
+    assert nf4_lora.nf4_path(4096, _ks(qs), torch.float32) == "buffer"
+    assert nf4_lora.nf4_path(1, _ks(qs_odd), torch.float32) == "buffer"  # odd K: rows do not start on a byte
     # the measured crossover grows with the weight: 16 for small, 32 for q/o-sized, 64 for MLP-sized weights
-    assert nf4_lora.nf4_path(16, qs, torch.float32, "cpu") == "fused"
-    assert nf4_lora.nf4_path(17, qs, torch.float32, "cpu") == "buffer"
-    qo = types.SimpleNamespace(shape=torch.Size([4096, 4096]), dtype=torch.float32)
-    mlp = types.SimpleNamespace(shape=torch.Size([14336, 4096]), dtype=torch.float32)
-    assert [nf4_lora.nf4_path(m, qo, torch.bfloat16, "cpu") for m in (32, 33)] == ["fused", "buffer"]
-    assert [nf4_lora.nf4_path(m, mlp, torch.bfloat16, "cpu") for m in (64, 65)] == ["fused", "buffer"]
-    monkeypatch.setenv("FASTPEFT_NF4_FUSED_MAX_M", "64")
-    assert nf4_lora.nf4_path(64, qs, torch.float32, "cpu") == "fused"
+    assert nf4_lora.nf4_path(16, _ks(qs), torch.float32) == "fused"
+    assert nf4_lora.nf4_path(17, _ks(qs), torch.float32) == "buffer"
+    qo = dataclasses.replace(_ks(qs), shape=(4096, 4096))  # the dispatch reads only the shape and dtypes
+    mlp = dataclasses.replace(_ks(qs), shape=(14336, 4096))
+    assert [nf4_lora.nf4_path(m, qo, torch.bfloat16) for m in (32, 33)] == ["fused", "buffer"]
+    assert [nf4_lora.nf4_path(m, mlp, torch.bfloat16) for m in (64, 65)] == ["fused", "buffer"]
+    set_settings(monkeypatch, nf4_fused_max_m=64)
+    assert nf4_lora.nf4_path(64, _ks(qs), torch.float32) == "fused"
     torch.use_deterministic_algorithms(True)
     try:
-        assert nf4_lora.nf4_path(1, qs, torch.float32, "cpu") == "buffer"
+        assert nf4_lora.nf4_path(1, _ks(qs), torch.float32) == "buffer"
     finally:
         torch.use_deterministic_algorithms(False)
-    monkeypatch.setenv("FASTPEFT_NF4_GEMM", "cublas")
-    with pytest.raises(ValueError, match="FASTPEFT_NF4_GEMM"):
-        nf4_lora.nf4_path(1, qs, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="FASTPEFT_NF4_GEMM"):  # validated where settings change
+        set_settings(monkeypatch, nf4_gemm="cublas")
 
 
 def test_reference_on_plain_cpu_and_seed_required():
@@ -188,8 +196,8 @@ def test_reference_on_plain_cpu_and_seed_required():
     A, B = torch.randn(2, 32), torch.randn(8, 2)
     with pytest.raises(ValueError, match="seed"):
         nf4_lora.nf4_lora_linear(x, packed, qs, None, A, B, 1.0, 0.1, None)
-    w = nf4.nf4_dequantize_reference(packed, qs, torch.float32)
-    assert rel(nf4_lora.nf4_lora_linear_reference(x, packed, qs, None, A, B, 1.0), x @ w.t() + (x @ A.t()) @ B.t()) < 1e-6
+    w = nf4_dequantize_reference(packed, qs, torch.float32)
+    assert rel(reference.nf4_lora_linear_reference(x, packed, qs, None, A, B, 1.0), x @ w.t() + (x @ A.t()) @ B.t()) < 1e-6
 
 
 # -- decode path ------------------------------------------------------------------------------------------------
@@ -202,11 +210,11 @@ def test_gemv_triton_fallback_matches_reference(M):
     x = torch.randn(M, K, generator=g).to(DEV)
     A, B = torch.randn(4, K, generator=g).to(DEV) * 0.1, torch.randn(N, 4, generator=g).to(DEV) * 0.1
     bias = torch.randn(N, generator=g).to(DEV)
-    want = nf4_lora.nf4_lora_linear_reference(x, packed, qs, bias, A, B, 1.5)
-    got = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 1.5, backend="triton")
+    want = reference.nf4_lora_linear_reference(x, packed, qs, bias, A, B, 1.5)
+    got = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="triton")
     assert rel(got, want) <= 1e-5
-    no_lora = nf4_gemv.nf4_lora_gemv_triton(x, packed, qs, bias, None, None, 0.0)
-    assert rel(no_lora, x @ nf4.nf4_dequantize_reference(packed, qs).t() + bias) <= 1e-5
+    no_lora = nf4_gemv.nf4_lora_gemv_triton(x, packed, _ks(qs), bias, None, None, 0.0)
+    assert rel(no_lora, x @ nf4_dequantize_reference(packed, qs).t() + bias) <= 1e-5
 
 
 @pytest.mark.skipif(CUDA, reason="checks the error on machines without a CUDA toolchain / device")
@@ -225,7 +233,7 @@ def test_csrc_missing_toolchain_error_is_clear():
 @pytest.mark.parametrize("M", [1, 16, 64, 1000])
 @pytest.mark.parametrize("path", ["buffer", "fused"])
 def test_gpu_bf16_lora_paths(M, path, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_NF4_GEMM", path)
+    set_settings(monkeypatch, nf4_gemm=path)
     N, K = 1024, 4096
     packed, qs = _weight(N, K, 64, True, seed=1, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(2)
@@ -234,9 +242,9 @@ def test_gpu_bf16_lora_paths(M, path, monkeypatch):
     B = (torch.randn(N, 16, generator=g) * 0.02).cuda().requires_grad_()
     dy = torch.randn(M, N, generator=g).to(torch.bfloat16).cuda()
     y, grads = _run(lambda x_: nf4_lora.nf4_lora_linear(x_, packed, qs, None, A, B, 2.0, 0.05, 77), x, [A, B], dy)
-    mask = lora_ops.lora_dropout_mask(x.shape, 0.05, 77, "cuda", torch.bfloat16)
+    mask = lora_dropout_mask(x.shape, 0.05, 77, "cuda", torch.bfloat16)
     xs = x.detach().float().requires_grad_()
-    want, wgrads = _run(lambda x_: nf4_lora.nf4_lora_linear_reference(x_, packed, qs, None, A, B, 2.0, mask.float()),
+    want, wgrads = _run(lambda x_: reference.nf4_lora_linear_reference(x_, packed, qs, None, A, B, 2.0, mask.float()),
                         xs, [A, B], dy.float())
     assert rel(y, want) <= 2e-2
     for a, b in zip(grads, wgrads):
@@ -253,13 +261,13 @@ def test_gpu_decode_cuda_and_triton(M, dtype):
     x = torch.randn(M, K, generator=g).to(dtype).cuda()
     A, B = (torch.randn(16, K, generator=g) * 0.02).cuda(), (torch.randn(N, 16, generator=g) * 0.02).cuda()
     bias = torch.randn(N, generator=g).to(dtype).cuda()
-    want = nf4_lora.nf4_lora_linear_reference(x.float(), packed, qs, bias.float(), A, B, 2.0)
-    tri = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 2.0, backend="triton")
+    want = reference.nf4_lora_linear_reference(x.float(), packed, qs, bias.float(), A, B, 2.0)
+    tri = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 2.0, backend="triton")
     assert rel(tri, want) <= 1e-2
     problem = nf4_gemv.toolchain_problem()
     if problem is not None:
         pytest.skip(f"CUDA extension not buildable here: {problem}")
-    cu = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 2.0, backend="cuda")
+    cu = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 2.0, backend="cuda")
     assert cu.dtype == dtype and rel(cu, want) <= 1e-2
 
 
@@ -282,14 +290,14 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
     x = xbig[:, 8:8 + K]  # row stride K + 24 (% 8 == 0), start 16-byte aligned
     A, B = (torch.randn(8, K, generator=g) * 0.05).cuda(), (torch.randn(N, 8, generator=g) * 0.05).cuda()
     bias = torch.randn(N, generator=g).to(dtype).cuda()
-    w = nf4_lora.nf4_weight_reference(packed, qs, dtype).float()
+    w = reference.nf4_weight_reference(packed, qs, dtype).float()
     want = x.float() @ w.t() + bias.float() + 1.5 * ((x.float() @ A.t()) @ B.t())
-    got = nf4_gemv.nf4_lora_gemv(x, packed, qs, bias, A, B, 1.5, backend="cuda")
+    got = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda")
     assert got.dtype == dtype and got.shape == (M, N)
     assert rel(got, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
     err = (got.float() - want).abs() / want.abs().clamp_min(1.0)
     assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)  # every element, not only on average
-    plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, qs, None, None, None, 0.0, backend="cuda")
+    plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0, backend="cuda")
     assert rel(plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
 
 

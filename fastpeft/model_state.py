@@ -1,0 +1,139 @@
+"""What fastpeft keeps on a patched model, and the small operations every model-level module shares.
+
+``PatchState`` lives in ``model.__dict__`` (never in the state dict). ``Transaction`` is the undo log that makes
+``patch`` / ``load_adapter`` atomic. Nothing here swaps modules by itself except through a Transaction or
+``set_submodule``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import AdapterConfig, LoraConfig
+from .nn import IA3Linear, LoraLinear, ModulesToSave
+from .nn import bases
+
+ADAPTER_TYPES = (LoraLinear, IA3Linear, ModulesToSave)
+STATE_ATTR = "_fastpeft_state"
+
+
+@dataclass
+class PatchState:
+    """Per-model bookkeeping, kept as a plain attribute (never in the state dict)."""
+
+    peft_type: str
+    configs: Dict[str, AdapterConfig] = field(default_factory=dict)
+    trainable: Dict[str, bool] = field(default_factory=dict)
+    active: str = "default"
+    requires_grad: Dict[int, Tuple[torch.nn.Parameter, bool]] = field(default_factory=dict)
+    originals: Dict[str, nn.Module] = field(default_factory=dict)  # path -> module to put back on unpatch
+    hooks: List[Any] = field(default_factory=list)  # forward hooks patch() installed (removed by unpatch)
+    from_peft: bool = False
+
+
+def get_state(model: nn.Module, required: bool = True) -> Optional[PatchState]:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None and required:
+        raise ValueError("this model is not patched by fastpeft; call fastpeft.patch(model, config) first")
+    return state
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return any(c.__name__ == "PeftModel" for c in type(model).__mro__)
+
+
+def is_peft_tuner_layer(module: nn.Module) -> bool:
+    return any(c.__name__ == "BaseTunerLayer" for c in type(module).__mro__) or type(module).__name__ == (
+        "ModulesToSaveWrapper"
+    )
+
+
+def root_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel, or the model itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def adapter_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
+
+
+def underlying(module: nn.Module) -> nn.Module:
+    """The base layer inside one of our drop-ins, or the module itself."""
+    return module.base_layer if isinstance(module, (LoraLinear, IA3Linear)) else module
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+class Transaction:
+    """Undo log for a patch / load: swapped modules, added adapters and changed requires_grad flags."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.swaps: List[Tuple[str, nn.Module]] = []
+        self.added: List[Tuple[nn.Module, str]] = []
+        self.flags: List[Tuple[torch.nn.Parameter, bool]] = []
+
+    def swap(self, name: str, new: nn.Module) -> None:
+        old = self.model.get_submodule(name)
+        if old is new:
+            return
+        set_submodule(self.model, name, new)
+        self.swaps.append((name, old))
+
+    def set_requires_grad(self, param: torch.nn.Parameter, value: bool) -> None:
+        self.flags.append((param, param.requires_grad))
+        param.requires_grad_(value)
+
+    def rollback(self) -> None:
+        for param, value in reversed(self.flags):
+            param.requires_grad_(value)
+        for layer, adapter_name in reversed(self.added):
+            if adapter_name in layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+        for name, old in reversed(self.swaps):
+            set_submodule(self.model, name, old)
+
+
+def record_requires_grad(state: PatchState, model: nn.Module) -> None:
+    for param in model.parameters():
+        state.requires_grad.setdefault(id(param), (param, param.requires_grad))
+
+
+def apply_trainable(model: nn.Module, state: PatchState, txn: Optional[Transaction] = None) -> None:
+    """Only the active adapter (and the biases its config asks for) trains; everything else is frozen."""
+    set_flag = txn.set_requires_grad if txn is not None else (lambda p, v: p.requires_grad_(v))
+    cfg = state.configs[state.active]
+    train = state.trainable[state.active]
+    keep = set()
+    for _, layer in adapter_layers(model):
+        for name in layer.adapter_names:
+            for param in layer.adapter_parameters(name):
+                if name == state.active and train:
+                    keep.add(id(param))
+    if train and isinstance(cfg, LoraConfig) and cfg.bias != "none":
+        if cfg.bias == "all":
+            # modules_to_save wrappers decide for themselves: original frozen, only the active copy trains
+            wrapped = {id(p) for _, m in adapter_layers(model) if isinstance(m, ModulesToSave) for p in m.parameters()}
+            keep.update(id(p) for n, p in model.named_parameters() if n.endswith("bias") and id(p) not in wrapped)
+        else:
+            for _, layer in adapter_layers(model):
+                if isinstance(layer, LoraLinear) and state.active in layer.adapter_names:
+                    bias = bases.base_bias(layer.base_layer)
+                    if bias is not None:
+                        keep.add(id(bias))
+    for param in model.parameters():
+        want = id(param) in keep
+        if param.requires_grad != want:
+            set_flag(param, want)
+
+
+def set_active(model: nn.Module, adapter_name: str) -> None:
+    for _, layer in adapter_layers(model):
+        layer.active_adapter = adapter_name

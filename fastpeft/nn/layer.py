@@ -1,0 +1,175 @@
+"""AdapterLayer: what every adapted-layer drop-in shares (LoRA and IA3 build on it).
+
+It holds the bookkeeping once (the base layer, features, the active / merged / disabled adapter state, the
+backend chosen when it was built), refreshes the 4-bit kernel constants after ``.to()``, makes the forward
+decision, and owns the merge tail. Subclasses say what their adapter parameters are and implement one method
+per path:
+
+    path            when                                                             subclass method
+    "reference"     no kernels wanted / possible (CPU, FASTPEFT_BACKEND=reference,   _forward_reference(x, name)
+                    no Triton, bf16 in Triton's interpreter, bnb's CPU-packed 4-bit)
+    "dense"         kernels on a Linear / Conv1D base                                _forward_dense(x, name)
+    "nf4"           kernels on a 4-bit base (eager, or under torch.compile)          _forward_nf4(x, name, compiled)
+    outside graph   4-bit under torch.compile when the QuantState's kernel constants _forward_nf4(x, name, False)
+                    are missing: that one call runs eagerly (fills them)            via _nf4_outside_graph
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import settings
+from ..ops import HAS_TRITON
+from . import bases
+
+_warned: set = set()
+# class -> torch.compiler.disable(cls._forward_nf4_eager): the single compile-disabled 4-bit fallback. Made when
+# the first 4-bit layer of a class is built (torch.compiler.disable imports torch._dynamo: ~0.8 s, not at import).
+_OUTSIDE_GRAPH: Dict[type, object] = {}
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+class AdapterLayer(nn.Module):
+    """Base of the adapted-layer drop-ins (``LoraLinear``, ``IA3Linear``): a frozen base layer + adapters.
+
+    Subclasses define ``adapter_kind``, ``adapter_names``, ``adapter_parameters(name)``, ``delete_adapter``, the
+    ``_forward_*`` methods of the module docstring, and the merge hooks ``_merge_into_base(name)``,
+    ``_unmerge_from_base(name)`` and ``_merged_weight(name, weight, bias)``.
+    """
+
+    adapter_kind = ""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        if not bases.supported_base(base_layer):
+            raise TypeError(f"{type(self).__name__} cannot wrap {type(base_layer).__name__}; supported: "
+                            f"{bases.SUPPORTED_BASE_TYPES}")
+        backend = settings.get().backend
+        if backend == "triton" and not HAS_TRITON:
+            raise ValueError("FASTPEFT_BACKEND=triton but Triton is not installed (pip install triton, on Linux); "
+                             "use FASTPEFT_BACKEND=auto or reference")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = bases.base_features(base_layer)
+        self.fan_in_fan_out = bases.is_conv1d(base_layer)
+        self.active_adapter = adapter_name
+        self.disable_adapters = False
+        self.merged_adapters: List[str] = []
+        self.backend = backend
+        if bases.is_linear4bit(base_layer):
+            if type(self) not in _OUTSIDE_GRAPH:
+                _OUTSIDE_GRAPH[type(self)] = torch.compiler.disable(type(self)._forward_nf4_eager)
+            bases.warm_nf4_state(base_layer)  # kernel constants ready before any torch.compile trace
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() can (re)quantize or move a 4-bit base: refresh the constants the compiled path reads
+        out = super()._apply(fn, *args, **kwargs)
+        bases.warm_nf4_state(self.base_layer)
+        return out
+
+    # -- what subclasses provide -------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> List[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def adapter_parameters(self, adapter_name: str):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delete_adapter(self, adapter_name: str) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _param_device(self) -> Optional[torch.device]:
+        """Where new adapter parameters go: the base weight's device, the meta device included (as PEFT)."""
+        weight = getattr(self.base_layer, "weight", None)
+        return weight.device if weight is not None else None
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def _kernels_wanted(self, x: torch.Tensor) -> bool:
+        backend = self.backend
+        if backend == "reference" or not HAS_TRITON:
+            return False
+        if backend == "auto":
+            return x.is_cuda
+        if not x.is_cuda and settings.get().triton_interpret and x.dtype == torch.bfloat16:
+            warn_once("bf16-interpreter", "fastpeft: bfloat16 in Triton's interpreter (TRITON_INTERPRET=1) would give "
+                      "wrong numbers (its bf16 arithmetic is broken); these layers use the PyTorch reference "
+                      "path instead. Use float16 / float32 to run the kernels in the interpreter.")
+            return False
+        return True
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self.active_adapter
+        base = self._modules["base_layer"]  # plain dict lookup: the hot path is host-bound on slow hosts
+        if self.disable_adapters or self.merged_adapters or not self._has_adapter(name):
+            return bases.base_forward(base, x)
+        if not self._kernels_wanted(x):
+            return self._forward_reference(x, name)
+        if not bases.is_linear4bit(base):
+            return self._forward_dense(x, name)
+        if bases.nf4_parts(base) is None:
+            warn_once(f"cpu-packed-{self.adapter_kind}", "fastpeft: bitsandbytes repacked this 4-bit weight for its "
+                      "CPU inference kernel; the kernels cannot read that layout, so these layers use the "
+                      "PyTorch reference path")
+            return self._forward_reference(x, name)
+        if torch.compiler.is_compiling():
+            if not bases.nf4_constants_ready(base):  # state replaced since build / .to(): this call runs eagerly
+                return _OUTSIDE_GRAPH[type(self)](self, x, name)
+            return self._forward_nf4(x, name, True)
+        return self._forward_nf4(x, name, False)
+
+    def _forward_nf4_eager(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        # Kept out of tracing as a whole (_OUTSIDE_GRAPH): a graph break *inside* the traced 4-bit path sends dynamo
+        # into bnb's Params4bit, which recursed without end (torch 2.13).
+        return self._forward_nf4(x, name, False)
+
+    def _has_adapter(self, name: str) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- merge ----------------------------------------------------------------------------------------
+    def _check_mergeable(self) -> None:
+        if bases.is_linear4bit(self.base_layer):
+            raise NotImplementedError(
+                "merge() on a 4-bit base would re-quantize the weight (lossy); use fastpeft.merge_and_unload(), "
+                "which dequantizes and merges into a dense layer"
+            )
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapter into the base weight (dense bases; 4-bit raises)."""
+        name = self.active_adapter
+        if self.merged_adapters or not self._has_adapter(name):
+            return
+        self._check_mergeable()
+        self._merge_into_base(name)
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take merged adapters out of the base weight again (up to floating-point rounding)."""
+        while self.merged_adapters:
+            self._unmerge_from_base(self.merged_adapters.pop())
+
+    @torch.no_grad()
+    def merged_dense(self, dtype: torch.dtype) -> nn.Linear:
+        """A plain nn.Linear (on the weight's device) holding base + active adapter (for merge_and_unload)."""
+        weight = bases.dense_weight(self.base_layer).to(torch.float32)
+        bias = bases.base_bias(self.base_layer)
+        bias = None if bias is None else bias.to(torch.float32)
+        name = self.active_adapter
+        if self._has_adapter(name) and not self.merged_adapters:
+            weight, bias = self._merged_weight(name, weight, bias)
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+        out.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            out.bias.copy_(bias.to(dtype))
+        return out
+
+    def _base_weight_for_merge(self) -> torch.Tensor:
+        return self.base_layer.weight

@@ -1,0 +1,184 @@
+"""Decode path (M <= 16 tokens, no autograd): NF4 / FP4 GEMV fused with the LoRA shrink / expand.
+
+    y = x·dequant(W)ᵀ + bias + scaling·(x·Aᵀ)·Bᵀ        x [M, K] with M <= 16
+
+Two implementations, same contract:
+  * CUDA C++ (``csrc/nf4_gemv.cu``), built on first use with ninja through ``torch.utils.cpp_extension.load``
+    and cached under ``~/.cache/fastpeft/csrc/`` (``FASTPEFT_CSRC_CACHE`` overrides). Needs nvcc (CUDA
+    toolkit; ``CUDA_HOME``) and ninja; ``load_extension()`` raises a RuntimeError that names what is missing.
+    Bound: the weight stream, N·K/2 bytes + absmax (target >= 70% of HBM bandwidth at M=1). The M <= 16 rows
+    fill one tensor-core tile (mma m16n8k16), so M = 1 and M = 16 cost about the same. fp16 / bf16 x only.
+  * Triton fallback: ``kernels/lora.py``'s shrink / expand kernels + the in-kernel-dequant GEMM of
+    ``kernels/nf4_matmul.py`` (used when the extension cannot be built, for shapes it does not take, or with
+    ``FASTPEFT_CSRC=0``).
+``nf4_lora_gemv`` picks one; the first failure to build warns once and the Triton path is used from then on.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from ... import settings
+from ..nf4_format import KernelState
+from .lora import lora_expand, lora_s_partials
+from .nf4_matmul import nf4_matmul
+
+# the repository's csrc/ (fastpeft/ops/kernels/ -> three levels up)
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+                     "csrc")
+_SOURCES = ["nf4_gemv.cu"]
+_EXT: Any = None
+_EXT_ERROR: Optional[BaseException] = None
+MAX_M = 16
+
+
+def _source_paths():
+    return [os.path.join(_CSRC, s) for s in _SOURCES]
+
+
+def toolchain_problem() -> Optional[str]:
+    """None when the CUDA extension can be built here, else a sentence naming what is missing."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA support"
+    missing = [p for p in _source_paths() if not os.path.exists(p)]
+    if missing:
+        return f"CUDA sources not found: {missing} (install fastpeft from a source checkout)"
+    from torch.utils import cpp_extension  # imports setuptools (~0.3 s): only once the extension is wanted
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return (f"nvcc not found (CUDA_HOME={cuda_home!r}): install the CUDA toolkit matching torch's CUDA "
+                f"{torch.version.cuda} and set CUDA_HOME")
+    return None
+
+
+def _build_dir() -> str:
+    h = hashlib.sha256()
+    for p in _source_paths():
+        with open(p, "rb") as f:
+            h.update(f.read())
+    tag = f"torch{torch.__version__}-cu{torch.version.cuda}-{h.hexdigest()[:12]}".replace("+", "_")
+    path = os.path.join(settings.get().csrc_cache, tag)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def load_extension(verbose: bool = False):
+    """Build (first call; cached on disk) and import the CUDA decode extension. Raises RuntimeError naming
+    the missing piece (device, nvcc, ninja) or carrying the compiler's error."""
+    global _EXT, _EXT_ERROR
+    if _EXT is not None:
+        return _EXT
+    problem = toolchain_problem()
+    if problem is not None:
+        raise RuntimeError(f"fastpeft csrc (NF4 decode GEMV) cannot be built: {problem}. The Triton path is used "
+                           "instead; set FASTPEFT_CSRC=0 to skip this attempt.")
+    from torch.utils import cpp_extension  # see toolchain_problem
+
+    if _EXT_ERROR is not None:  # one build attempt per process: a failed build is not retried per call
+        raise _EXT_ERROR
+    build = _build_dir()
+    try:
+        _EXT = cpp_extension.load(name="fastpeft_nf4_gemv_" + os.path.basename(build).rsplit("-", 1)[-1],
+                                  sources=_source_paths(), build_directory=build,
+                                  extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
+    except Exception as exc:  # compiler / linker errors: keep the useful part, say where the build lives
+        _EXT_ERROR = RuntimeError(f"fastpeft csrc (NF4 decode GEMV) failed to build in {build}:\n"
+                                  f"{_compiler_message(exc)}")
+        raise _EXT_ERROR from exc
+    return _EXT
+
+
+def _compiler_message(exc: BaseException, tail_chars: int = 6000) -> str:
+    """The build error for a human: lines that say "error" first, then the END of the compiler output (nvcc /
+    ninja print the failing command first and the diagnostic last, so a head-truncated message loses it)."""
+    parts = []
+    e: Optional[BaseException] = exc
+    while e is not None and len(parts) < 4:  # torch wraps ninja's CalledProcessError (which holds the output)
+        out = getattr(e, "output", None) or getattr(e, "stdout", None)
+        if isinstance(out, bytes):
+            out = out.decode(errors="replace")
+        parts.append(str(out) if out else str(e))
+        e = e.__cause__ or e.__context__
+    text = max(parts, key=len) if parts else str(exc)
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    errors = [ln.strip() for ln in text.splitlines()
+              if "error" in ln.lower() and not ln.lstrip().startswith(("/", "File ", "Traceback"))][:12]
+    tail = text if len(text) <= tail_chars else f"[... {len(text) - tail_chars} chars cut ...]\n{text[-tail_chars:]}"
+    head = f"{first}\n" + ("error lines:\n  " + "\n  ".join(errors) + "\n" if errors else "")
+    return f"{head}--- end of the compiler output ---\n{tail}"
+
+
+def _cuda_ok(x2, ks: KernelState) -> bool:
+    """Shapes / dtypes the CUDA kernel takes (the rest go to Triton): 16-bit x [M <= 16, K % 16 == 0] with unit
+    column stride, power-of-two blocksize >= 32 (every bnb blocksize is one), K % 128 == 0."""
+    bs = ks.blocksize
+    # K % 128 == 0 (whole 128-weight segments; every Llama / Mistral / Qwen2 / Gemma / Phi-3 width): the kernel's
+    # partial-last-segment path (K % 128 in 32..96) is fixed but has not run on a GPU yet, so it is not dispatched
+    return (x2.is_cuda and x2.shape[0] <= MAX_M and x2.shape[1] % 128 == 0 and bs >= 32 and bs & (bs - 1) == 0
+            and x2.stride(1) == 1 and x2.dtype in (torch.float16, torch.bfloat16))
+
+
+def nf4_lora_gemv_cuda(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float):
+    """The CUDA kernel (raises if the extension cannot be built or the shape is not supported)."""
+    ext = load_extension()
+    if not _cuda_ok(x2, ks):
+        raise ValueError("nf4_lora_gemv_cuda takes CUDA float16 / bfloat16 x [M <= 16, K % 128 == 0] with unit "
+                         "column stride and a power-of-two blocksize")
+    if x2.stride(0) % 8 or x2.data_ptr() % 16:  # the kernel reads x rows with 16-byte loads
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    b = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    if b.data_ptr() % 16:  # 16-byte loads of the packed weight (bnb / torch allocations always satisfy this)
+        b = b.clone()
+    N = ks.shape[0]
+    A = None if lora_A is None else lora_A.float().contiguous()
+    Bm = None if lora_B is None else lora_B.float().contiguous()
+    bias = None if bias is None else bias.to(x2.dtype).contiguous()
+    return ext.nf4_gemv_lora(x2, b, ks.absmax, ks.code, ks.code2, ks.absmax2, ks.offset,
+                             ks.nested, ks.blocksize, ks.blocksize2, N, bias, A, Bm, float(scaling))
+
+
+def nf4_lora_gemv_triton(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float):
+    """Triton path: Z = s·(x·Aᵀ)·Bᵀ + bias (kernels/lora.py), then y = Z + x·dequant(W)ᵀ through the
+    in-kernel-dequant GEMM (kernels/nf4_matmul.py; tl.dot on M padded to 16). (A no-tl.dot Triton GEMV was
+    measured slower at every shape and M <= 16 on an H100 -- nf4_decode_graph_mma-v2_2026-11-24.json -- and
+    removed.)"""
+    b = None if bias is None else bias.to(x2.dtype)
+    if lora_A is None:
+        return nf4_matmul(x2, packed, ks, c_in=None if b is None else b.expand(x2.shape[0], -1))
+    P = lora_s_partials(x2, lora_A, 0.0, None)
+    Z, _ = lora_expand(P, lora_B, b, scaling, x2.dtype)
+    return nf4_matmul(x2, packed, ks, c_in=Z)
+
+
+_failed = False  # the extension failed to build once: Triton from then on (no rebuild attempt per token)
+
+
+def nf4_lora_gemv(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float, backend: str = "auto"):
+    """Decode forward (no autograd) for x2 [M <= 16, K]: CUDA kernel when it builds, else Triton.
+
+    backend: "auto" | "cuda" | "triton". FASTPEFT_CSRC=0 makes "auto" skip the CUDA extension. lora_A /
+    lora_B None: the base GEMV alone.
+    """
+    global _failed
+    if backend not in ("auto", "cuda", "triton"):
+        raise ValueError(f"backend must be 'auto', 'cuda' or 'triton', got {backend!r}")
+    if backend == "cuda":
+        return nf4_lora_gemv_cuda(x2, packed, ks, bias, lora_A, lora_B, scaling)
+    if backend == "auto" and not _failed and settings.get().csrc and x2.is_cuda and _cuda_ok(x2, ks):
+        try:
+            return nf4_lora_gemv_cuda(x2, packed, ks, bias, lora_A, lora_B, scaling)
+        except RuntimeError as exc:
+            _failed = True
+            warnings.warn(f"{exc} -- using the Triton decode path", stacklevel=2)
+    return nf4_lora_gemv_triton(x2, packed, ks, bias, lora_A, lora_B, scaling)

@@ -1,0 +1,172 @@
+"""LoraLinear / IA3Linear modules against the ops references, on every base type, and backend choice."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from fastpeft import settings
+from fastpeft.nn import IA3Linear, LoraLinear
+from fastpeft.nn import bases as B
+from fastpeft.nn import layer as layer_module
+from fastpeft.ops.reference import ia3_linear_reference, lora_linear_reference
+from helpers import rel_err, set_settings
+
+
+def _random_lora(layer: LoraLinear):
+    with torch.no_grad():
+        for p in layer.lora_B.parameters():
+            p.normal_()
+
+
+def _conv1d(in_f, out_f):
+    conv = Conv1D(out_f, in_f)
+    with torch.no_grad():
+        conv.weight.normal_(std=0.1)
+        conv.bias.normal_()
+    return conv
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_lora_linear_reference_path_matches_op(kind, monkeypatch):
+    set_settings(monkeypatch, backend="reference")
+    in_f, out_f = 37, 29
+    base = nn.Linear(in_f, out_f) if kind == "linear" else _conv1d(in_f, out_f)
+    layer = LoraLinear(base, "default", r=5, lora_alpha=7)
+    _random_lora(layer)
+    x = torch.randn(3, 7, in_f)
+    w = base.weight if kind == "linear" else base.weight.t()
+    want = lora_linear_reference(x, w, base.bias, layer.lora_A["default"].weight, layer.lora_B["default"].weight, 7 / 5)
+    got = layer(x)
+    assert got.shape == (3, 7, out_f)
+    assert rel_err(got, want) <= 1e-6
+    assert rel_err(got, base(x)) > 1e-3  # the adapter really contributes
+
+
+def test_lora_adapter_params_are_fp32_and_grads_flow_with_bf16_input(monkeypatch):
+    set_settings(monkeypatch, backend="reference")
+    base = nn.Linear(24, 16).to(torch.bfloat16)
+    layer = LoraLinear(base, "default", r=4, lora_alpha=8)
+    _random_lora(layer)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16  # compute runs in the input's dtype
+    y.float().square().sum().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_ia3_linear_reference_path_matches_op(kind, feedforward, monkeypatch):
+    set_settings(monkeypatch, backend="reference")
+    in_f, out_f = 31, 23
+    base = nn.Linear(in_f, out_f) if kind == "linear" else _conv1d(in_f, out_f)
+    layer = IA3Linear(base, "default", is_feedforward=feedforward, init_ia3_weights=False)
+    x = torch.randn(2, 9, in_f)
+    w = base.weight if kind == "linear" else base.weight.t()
+    want = ia3_linear_reference(x, w, base.bias, layer.ia3_l["default"], feedforward)
+    assert rel_err(layer(x), want) <= 1e-6
+    assert layer.ia3_l["default"].shape == ((1, in_f) if feedforward else (out_f, 1))
+
+
+def test_backend_setting_is_validated(monkeypatch):
+    with pytest.raises(ValueError, match="auto, triton, reference"):
+        set_settings(monkeypatch, backend="cuda-please")
+
+
+def test_backend_is_resolved_once_per_layer(monkeypatch):
+    set_settings(monkeypatch, backend="reference")
+    layer = LoraLinear(nn.Linear(4, 4), "default", r=2, lora_alpha=2)
+    set_settings(monkeypatch, backend="triton")
+    assert layer.backend == "reference"
+    assert layer._kernels_wanted(torch.randn(1, 4)) is False
+    auto = LoraLinear(nn.Linear(4, 4), "default", r=2, lora_alpha=2)
+    auto.backend = "auto"
+    assert auto._kernels_wanted(torch.randn(1, 4)) is False  # auto never picks Triton for CPU tensors
+    set_settings(monkeypatch, backend="triton")
+    assert LoraLinear(nn.Linear(4, 4), "default", r=2, lora_alpha=2)._kernels_wanted(torch.randn(1, 4)) is True
+
+
+def test_triton_backend_on_4bit_base_runs_qlora_kernels(monkeypatch):
+    """A 4-bit base under the triton backend runs the QLoRA kernels (ops/kernels/nf4_lora.py): no fallback warning."""
+    bnb = pytest.importorskip("bitsandbytes")
+    set_settings(monkeypatch, backend="triton")
+    layer_module._warned.clear()
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    q = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    packed = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q.weight = packed._quantize("cpu")  # quantizes on CPU (bitsandbytes >= 0.45)
+    q.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    assert B.is_linear4bit(q) and q.weight.quant_state is not None
+    layer = LoraLinear(q, "default", r=4, lora_alpha=4)
+    _random_lora(layer)
+    x = torch.randn(3, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = layer(x)
+        y2 = layer(x)
+    msgs = [str(w.message) for w in caught if "fastpeft" in str(w.message)]
+    assert msgs == []
+    w = B.dequantize_linear4bit(q)
+    want = lora_linear_reference(x, w, q.bias, layer.lora_A["default"].weight, layer.lora_B["default"].weight, 1.0)
+    assert rel_err(y1, want) <= 1e-6 and torch.equal(y1, y2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not settings.get().triton_interpret,
+                    reason="CPU tensors in Triton's interpreter only")
+@pytest.mark.parametrize("kind", ["lora_dropout", "ia3_output", "ia3_feedforward"])
+def test_bf16_in_the_interpreter_falls_back_to_the_reference_with_a_warning(kind, monkeypatch):
+    """bf16 arithmetic is wrong in Triton's interpreter (it gave NaN logits for IA3 and LoRA with dropout, without
+    a word): the layer says so once and computes on the reference path, with the reference's numbers."""
+    def build(backend):
+        set_settings(monkeypatch, backend=backend)
+        torch.manual_seed(0)
+        base = nn.Linear(40, 24).to(torch.bfloat16)
+        if kind == "lora_dropout":
+            layer = LoraLinear(base, "default", r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False)
+        else:
+            layer = IA3Linear(base, "default", is_feedforward=kind == "ia3_feedforward", init_ia3_weights=False)
+        return layer.train()
+
+    x = torch.randn(3, 5, 40, dtype=torch.bfloat16)
+    layer_module._warned.clear()
+    kernels, reference = build("triton"), build("reference")
+    with pytest.warns(UserWarning, match="bfloat16 in Triton's interpreter"):
+        torch.manual_seed(1)
+        got = kernels(x)
+    torch.manual_seed(1)
+    want = reference(x)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not settings.get().triton_interpret,
+                    reason="CPU tensors in Triton's interpreter only")
+def test_bf16_kernels_refuse_to_run_in_the_interpreter():
+    from fastpeft.ops.kernels.ia3 import ia3_linear
+    from fastpeft.ops.kernels.lora import lora_linear
+
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 cannot run in Triton's interpreter"):
+        lora_linear(x, w, None, torch.randn(2, 16), torch.randn(8, 2), 1.0, 0.1, 3)
+    with pytest.raises(ValueError, match="bfloat16 cannot run in Triton's interpreter"):
+        ia3_linear(x, w, None, torch.ones(8, 1), False)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_adapters_follow_the_base_weight_onto_the_meta_device(kind):
+    """A base built on the meta device (deferred init) gets its adapters on meta too, as PEFT makes them."""
+    with torch.device("meta"):
+        base = nn.Linear(16, 8)
+    if kind == "lora":
+        layer = LoraLinear(base, "default", r=4, lora_alpha=8)
+        layer.update_layer("second", 2, 2)
+    else:
+        layer = IA3Linear(base, "default", is_feedforward=False)
+        layer.update_layer("second")
+    assert {p.device.type for p in layer.parameters()} == {"meta"}
