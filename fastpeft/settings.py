@@ -2,11 +2,11 @@
 
 | variable | values | default | what it changes |
 | --- | --- | --- | --- |
-| ``FASTPEFT_BACKEND`` | ``auto`` · ``triton`` · ``reference`` | ``auto`` | ``auto``: Triton kernels on CUDA tensors, the pure-PyTorch reference elsewhere; ``triton``: the kernels also on CPU tensors when ``TRITON_INTERPRET=1`` (bf16 there falls back to the reference with a warning: the interpreter's bf16 ``tl.dot`` is wrong); ``reference``: never the kernels. Each adapter layer takes the value current when it is built. |
+| ``FASTPEFT_BACKEND`` | ``auto`` · ``cpp`` · ``triton`` · ``reference`` | ``auto`` | ``auto``: on CUDA tensors the C++ operators (``csrc/``, built on first use) or, where they cannot be built, the Triton kernels; the pure-PyTorch reference on other devices. ``cpp``: the C++ operators on any device (their CPU build is what CI tests). ``triton``: the Triton kernels, also on CPU tensors when ``TRITON_INTERPRET=1`` (bf16 there falls back to the reference with a warning: the interpreter's bf16 arithmetic is wrong). ``reference``: never the kernels. 4-bit bases run the Triton QLoRA kernels under ``auto`` / ``cpp`` / ``triton``. Each adapter layer takes the value current when it is built. |
 | ``FASTPEFT_NF4_GEMM`` | ``auto`` · ``fused`` · ``buffer`` | ``auto`` | 4-bit bases: in-kernel-dequant GEMM (``fused``), dequantize into a shared buffer + cuBLAS (``buffer``), or by M and weight size (``auto``; ``docs/qlora.md``). ``buffer`` also turns off the decode GEMV. |
 | ``FASTPEFT_NF4_FUSED_MAX_M`` | an integer ≥ 0 | unset | overrides the largest M that ``auto`` sends to the fused GEMM (unset: the measured table in ``ops/kernels/nf4_lora.py``). |
-| ``FASTPEFT_CSRC`` | ``1`` · ``0`` | ``1`` | ``0``: never build or use the CUDA C++ extension (``csrc/``); the Triton paths run instead. |
-| ``FASTPEFT_CSRC_CACHE`` | a directory | ``~/.cache/fastpeft/csrc`` | where the CUDA extension is built and cached. |
+| ``FASTPEFT_CSRC`` | ``1`` · ``0`` | ``1`` | ``0``: never build or use the C++ / CUDA extensions (``csrc/``); the Triton paths run instead (``FASTPEFT_BACKEND=cpp`` then raises). |
+| ``FASTPEFT_CSRC_CACHE`` | a directory | ``~/.cache/fastpeft/csrc`` | where the C++ / CUDA extensions are built and cached. |
 
 ``TRITON_INTERPRET`` is Triton's own variable (``1``: kernels run in Triton's interpreter, also on CPU
 tensors); it is read here too, once, because Triton itself decides when the kernels are defined.
@@ -31,7 +31,7 @@ from typing import Iterator, Mapping, Optional
 
 __all__ = ["Settings", "get", "override", "reload", "from_environ"]
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "cpp", "triton", "reference")
 NF4_GEMMS = ("auto", "fused", "buffer")
 
 

@@ -57,6 +57,13 @@ def dropout_seed() -> int:
     return fold_rank(draw, current_rank())
 
 
+def dropout_draw() -> torch.Tensor:
+    """The raw draw of ``dropout_seed`` as a 0-dim int64 CPU tensor, for the C++ operators (ops/cpp_ops.py), which
+    fold the rank in themselves: the same generator call, so the same masks as the Triton path. A tensor (no
+    ``.item()``), so torch.compile neither breaks nor specializes a graph on it."""
+    return torch.randint(0, SEED_MODULUS, (), dtype=torch.int64)
+
+
 def dropout_seed_tensor() -> torch.Tensor:
     """The same draw as ``dropout_seed`` as a 0-dim int64 CPU tensor, for torch.compile: no ``.item()`` (which
     would break the graph); the custom op reads the value. Under a compiled graph the draw comes from the

@@ -10,7 +10,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from ..ops import HAS_TRITON
+from ..ops import HAS_TRITON, cpp_ops
 from . import bases
 from .layer import AdapterLayer
 
@@ -62,10 +62,10 @@ class IA3Linear(AdapterLayer):
             return bases.base_forward(self.base_layer, x * scale)
         return bases.base_forward(self.base_layer, x) * scale
 
-    def _forward_dense(self, x, name):
+    def _forward_dense(self, x, name, cpp):
         base = self.base_layer
-        return custom_ops.ia3_linear(x, bases.dense_weight(base), bases.base_bias(base), self.ia3_l[name],
-                                     self.is_feedforward)
+        ia3 = cpp_ops.ia3_linear if cpp else custom_ops.ia3_linear
+        return ia3(x, bases.dense_weight(base), bases.base_bias(base), self.ia3_l[name], self.is_feedforward)
 
     def _forward_nf4(self, x, name, compiled):
         """IA3 kernels on a 4-bit base, in the layer's compute dtype as bnb's Linear4bit (under torch.compile:

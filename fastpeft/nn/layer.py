@@ -6,10 +6,11 @@ decision, and owns the merge tail. Subclasses say what their adapter parameters 
 per path:
 
     path            when                                                             subclass method
-    "reference"     no kernels wanted / possible (CPU, FASTPEFT_BACKEND=reference,   _forward_reference(x, name)
+    "reference"     no kernels wanted / possible (CPU under auto, backend reference, _forward_reference(x, name)
                     no Triton, bf16 in Triton's interpreter, bnb's CPU-packed 4-bit)
-    "dense"         kernels on a Linear / Conv1D base                                _forward_dense(x, name)
-    "nf4"           kernels on a 4-bit base (eager, or under torch.compile)          _forward_nf4(x, name, compiled)
+    dense           kernels on a Linear / Conv1D base: the C++ operators (auto on    _forward_dense(x, name, cpp)
+                    CUDA when they build, backend cpp) or the Triton kernels
+    "nf4"           Triton kernels on a 4-bit base (eager, or under torch.compile)   _forward_nf4(x, name, compiled)
     outside graph   4-bit under torch.compile when the QuantState's kernel constants _forward_nf4(x, name, False)
                     are missing: that one call runs eagerly (fills them)            via _nf4_outside_graph
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import settings
-from ..ops import HAS_TRITON
+from ..ops import HAS_TRITON, cpp_ops
 from . import bases
 
 _warned: set = set()
@@ -56,6 +57,10 @@ class AdapterLayer(nn.Module):
         if backend == "triton" and not HAS_TRITON:
             raise ValueError("FASTPEFT_BACKEND=triton but Triton is not installed (pip install triton, on Linux); "
                              "use FASTPEFT_BACKEND=auto or reference")
+        if backend == "cpp" and not cpp_ops.available():
+            raise ValueError(f"FASTPEFT_BACKEND=cpp but fastpeft's C++ operators cannot be built here: "
+                             f"{cpp_ops.EXTENSION.toolchain_problem() or 'see the warning above'}; use "
+                             "FASTPEFT_BACKEND=auto, triton or reference")
         self.base_layer = base_layer
         self.in_features, self.out_features = bases.base_features(base_layer)
         self.fan_in_fan_out = bases.is_conv1d(base_layer)
@@ -91,12 +96,24 @@ class AdapterLayer(nn.Module):
         return weight.device if weight is not None else None
 
     # -- forward ------------------------------------------------------------------------------------------
-    def _kernels_wanted(self, x: torch.Tensor) -> bool:
+    def _dense_path(self, x: torch.Tensor) -> str:
+        """"cpp" (the C++ operators), "triton" (the Triton kernels) or "reference" for a Linear / Conv1D base."""
         backend = self.backend
-        if backend == "reference" or not HAS_TRITON:
-            return False
+        if backend == "reference":
+            return "reference"
+        if backend == "cpp":
+            return "cpp"
         if backend == "auto":
-            return x.is_cuda
+            if not x.is_cuda:
+                return "reference"
+            if cpp_ops.available():  # the first call may build the extension (cached on disk afterwards)
+                return "cpp"
+            return "triton" if HAS_TRITON else "reference"
+        return "triton" if self._triton_can_run(x) else "reference"
+
+    def _triton_can_run(self, x: torch.Tensor) -> bool:
+        if not HAS_TRITON:
+            return False
         if not x.is_cuda and settings.get().triton_interpret and x.dtype == torch.bfloat16:
             warn_once("bf16-interpreter", "fastpeft: bfloat16 in Triton's interpreter (TRITON_INTERPRET=1) would give "
                       "wrong numbers (its bf16 arithmetic is broken); these layers use the PyTorch reference "
@@ -109,10 +126,14 @@ class AdapterLayer(nn.Module):
         base = self._modules["base_layer"]  # plain dict lookup: the hot path is host-bound on slow hosts
         if self.disable_adapters or self.merged_adapters or not self._has_adapter(name):
             return bases.base_forward(base, x)
-        if not self._kernels_wanted(x):
-            return self._forward_reference(x, name)
         if not bases.is_linear4bit(base):
-            return self._forward_dense(x, name)
+            path = self._dense_path(x)
+            if path == "reference":
+                return self._forward_reference(x, name)
+            return self._forward_dense(x, name, path == "cpp")
+        # 4-bit bases: the Triton QLoRA kernels (under auto on CUDA tensors, cpp, triton)
+        if self.backend == "reference" or (self.backend == "auto" and not x.is_cuda) or not self._triton_can_run(x):
+            return self._forward_reference(x, name)
         if bases.nf4_parts(base) is None:
             warn_once(f"cpu-packed-{self.adapter_kind}", "fastpeft: bitsandbytes repacked this 4-bit weight for its "
                       "CPU inference kernel; the kernels cannot read that layout, so these layers use the "

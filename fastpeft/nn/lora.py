@@ -14,10 +14,10 @@ from typing import Dict, List, Union
 import torch
 import torch.nn as nn
 
-from ..ops import HAS_TRITON
+from ..ops import HAS_TRITON, cpp_ops
 from ..ops.reference import lora_delta_reference
 from . import bases
-from ._rng import dropout_seed
+from ._rng import current_rank, dropout_draw, dropout_seed
 from .layer import AdapterLayer
 
 if HAS_TRITON:
@@ -41,13 +41,19 @@ class LoraVariant:
         delta = lora_delta_reference(layer.lora_dropout[name](x), lora_A, lora_B, layer.scaling[name])
         return (result + delta).to(result.dtype)
 
-    def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float) -> torch.Tensor:
-        """The fused kernels (autograd Function in eager, custom op under torch.compile)."""
+    def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
+        """The C++ operator (``cpp``: one dispatcher call, C++ autograd) or the Triton kernels (autograd Function in
+        eager, custom op under torch.compile). Both draw the dropout seed from torch's CPU RNG (nn/_rng.py)."""
         base = layer.base_layer
-        seed = dropout_seed() if p > 0 else None  # torch CPU RNG + rank: see nn/_rng.py
         weight = base.weight.t() if layer.fan_in_fan_out else base.weight
-        return custom_ops.lora_linear(x, weight, getattr(base, "bias", None), layer.lora_A[name].weight,
-                                      layer.lora_B[name].weight, layer.scaling[name], p, seed)
+        lora_A, lora_B, bias = layer.lora_A[name].weight, layer.lora_B[name].weight, getattr(base, "bias", None)
+        if cpp:
+            if p > 0:
+                return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name], p, dropout_draw(),
+                                           current_rank())
+            return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name])
+        seed = dropout_seed() if p > 0 else None
+        return custom_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name], p, seed)
 
     def forward_nf4(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, compiled: bool) -> torch.Tensor:
         """QLoRA kernels, in the layer's compute dtype as bnb's Linear4bit. Under torch.compile the same call
@@ -164,8 +170,8 @@ class LoraLinear(AdapterLayer):
     def _forward_reference(self, x, name):
         return self.lora_variant[name].forward_reference(self, name, x)
 
-    def _forward_dense(self, x, name):
-        return self.lora_variant[name].forward_dense(self, name, x, self._dropout_p(name))
+    def _forward_dense(self, x, name, cpp):
+        return self.lora_variant[name].forward_dense(self, name, x, self._dropout_p(name), cpp)
 
     def _forward_nf4(self, x, name, compiled):
         return self.lora_variant[name].forward_nf4(self, name, x, self._dropout_p(name), compiled)

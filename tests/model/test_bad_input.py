@@ -196,7 +196,7 @@ def test_bad_backend_env():
     import subprocess
     import sys
 
-    for var, value, allowed in (("FASTPEFT_BACKEND", "cuda-magic", "auto, triton, reference"),
+    for var, value, allowed in (("FASTPEFT_BACKEND", "cuda-magic", "auto, cpp, triton, reference"),
                                 ("FASTPEFT_NF4_GEMM", "cublas", "auto, fused, buffer"),
                                 ("FASTPEFT_CSRC", "yes", "1 or 0"),
                                 ("FASTPEFT_NF4_FUSED_MAX_M", "lots", "integer")):

@@ -44,7 +44,7 @@ def _compare(peft_model, ours, ids, train=True):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_lora_all_linear_matches_peft(arch, backend, monkeypatch):
     base = tiny_model(arch)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
@@ -61,7 +61,7 @@ def test_lora_default_targets_rslora_bias_match_peft(arch, monkeypatch):
     _compare(peft_model, ours, random_ids(seed=5))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_lora_patterns_layers_and_modules_to_save_match_peft(backend, monkeypatch):
     base = tiny_model("llama", seed=4)
     cfg = peft.LoraConfig(
@@ -79,7 +79,7 @@ def test_lora_patterns_layers_and_modules_to_save_match_peft(backend, monkeypatc
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_ia3_matches_peft(arch, backend, monkeypatch):
     base = tiny_model(arch, seed=7)
     if arch == "phi3":

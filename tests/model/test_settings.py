@@ -17,7 +17,7 @@ def test_from_environ_parses_and_validates():
         "reference", "fused", 48, False, "/tmp/c", True)
     assert settings.from_environ({}) == settings.Settings()  # unset -> defaults
     assert settings.from_environ({"FASTPEFT_BACKEND": ""}).backend == "auto"  # empty = unset
-    for env, allowed in (({"FASTPEFT_BACKEND": "cuda"}, "auto, triton, reference"),
+    for env, allowed in (({"FASTPEFT_BACKEND": "cuda"}, "auto, cpp, triton, reference"),
                          ({"FASTPEFT_NF4_GEMM": "cublas"}, "auto, fused, buffer"),
                          ({"FASTPEFT_CSRC": "true"}, "1 or 0"),
                          ({"FASTPEFT_NF4_FUSED_MAX_M": "-1"}, ">= 0"),

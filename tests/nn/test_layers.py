@@ -10,6 +10,7 @@ from fastpeft import settings
 from fastpeft.nn import IA3Linear, LoraLinear
 from fastpeft.nn import bases as B
 from fastpeft.nn import layer as layer_module
+from fastpeft.ops import cpp_ops
 from fastpeft.ops.reference import ia3_linear_reference, lora_linear_reference
 from helpers import rel_err, set_settings
 
@@ -73,7 +74,7 @@ def test_ia3_linear_reference_path_matches_op(kind, feedforward, monkeypatch):
 
 
 def test_backend_setting_is_validated(monkeypatch):
-    with pytest.raises(ValueError, match="auto, triton, reference"):
+    with pytest.raises(ValueError, match="auto, cpp, triton, reference"):
         set_settings(monkeypatch, backend="cuda-please")
 
 
@@ -82,12 +83,43 @@ def test_backend_is_resolved_once_per_layer(monkeypatch):
     layer = LoraLinear(nn.Linear(4, 4), "default", r=2, lora_alpha=2)
     set_settings(monkeypatch, backend="triton")
     assert layer.backend == "reference"
-    assert layer._kernels_wanted(torch.randn(1, 4)) is False
+    assert layer._dense_path(torch.randn(1, 4)) == "reference"
     auto = LoraLinear(nn.Linear(4, 4), "default", r=2, lora_alpha=2)
     auto.backend = "auto"
-    assert auto._kernels_wanted(torch.randn(1, 4)) is False  # auto never picks Triton for CPU tensors
-    set_settings(monkeypatch, backend="triton")
-    assert LoraLinear(nn.Linear(4, 4), "default", r=2, lora_alpha=2)._kernels_wanted(torch.randn(1, 4)) is True
+    assert auto._dense_path(torch.randn(1, 4)) == "reference"  # auto never picks kernels for CPU tensors
+    assert LoraLinear(nn.Linear(4, 4), "default", r=2, lora_alpha=2)._dense_path(torch.randn(1, 4)) == "triton"
+    set_settings(monkeypatch, backend="cpp")
+    if cpp_ops.available():
+        assert LoraLinear(nn.Linear(4, 4), "default", r=2, lora_alpha=2)._dense_path(torch.randn(1, 4)) == "cpp"
+
+
+def test_cpp_backend_layers_match_the_reference(monkeypatch):
+    """backend "cpp": the layers run the C++ operators (their CPU build here) with the reference's numbers."""
+    if not cpp_ops.available():
+        pytest.skip("the C++ extension cannot be built here")
+    torch.manual_seed(0)
+    base = nn.Linear(37, 29)
+    set_settings(monkeypatch, backend="reference")
+    ref_lora = LoraLinear(base, "default", r=5, lora_alpha=7, init_lora_weights=False)
+    ref_ia3 = IA3Linear(base, "default", is_feedforward=True, init_ia3_weights=False)
+    set_settings(monkeypatch, backend="cpp")
+    cpp_lora = LoraLinear(base, "default", r=5, lora_alpha=7)
+    cpp_ia3 = IA3Linear(base, "default", is_feedforward=True)
+    cpp_lora.load_state_dict(ref_lora.state_dict())
+    cpp_ia3.load_state_dict(ref_ia3.state_dict())
+    calls = []
+    real = cpp_ops.lora_linear
+    monkeypatch.setattr(cpp_ops, "lora_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 7, 37)
+    for ref, cpp in ((ref_lora, cpp_lora), (ref_ia3, cpp_ia3)):
+        want, got = ref(x), cpp(x)
+        assert rel_err(got, want) <= 1e-6
+        want.square().sum().backward()
+        got.square().sum().backward()
+        for (n, p_ref), (_, p_cpp) in zip(ref.named_parameters(), cpp.named_parameters()):
+            if p_ref.requires_grad and p_ref.grad is not None:
+                assert rel_err(p_cpp.grad, p_ref.grad) <= 1e-5, n
+    assert calls  # the LoRA layer really went through the C++ operator
 
 
 def test_triton_backend_on_4bit_base_runs_qlora_kernels(monkeypatch):

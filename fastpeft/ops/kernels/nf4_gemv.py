@@ -12,111 +12,34 @@ Two implementations, same contract:
     ``kernels/nf4_matmul.py`` (used when the extension cannot be built, for shapes it does not take, or with
     ``FASTPEFT_CSRC=0``).
 ``nf4_lora_gemv`` picks one; the first failure to build warns once and the Triton path is used from then on.
+Building: ``ops/csrc.py``.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import warnings
-from typing import Any, Optional
 
 import torch
 
 from ... import settings
+from ..csrc import Extension
 from ..nf4_format import KernelState
 from .lora import lora_expand, lora_s_partials
 from .nf4_matmul import nf4_matmul
 
-# the repository's csrc/ (fastpeft/ops/kernels/ -> three levels up)
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
-                     "csrc")
-_SOURCES = ["nf4_gemv.cu"]
-_EXT: Any = None
-_EXT_ERROR: Optional[BaseException] = None
 MAX_M = 16
+EXTENSION = Extension("fastpeft_nf4_gemv", "NF4 decode GEMV", cuda_sources=["nf4_gemv.cu"], python_module=True,
+                      cuda_required=True)
 
 
-def _source_paths():
-    return [os.path.join(_CSRC, s) for s in _SOURCES]
-
-
-def toolchain_problem() -> Optional[str]:
-    """None when the CUDA extension can be built here, else a sentence naming what is missing."""
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    if torch.version.cuda is None:
-        return "this torch build has no CUDA support"
-    missing = [p for p in _source_paths() if not os.path.exists(p)]
-    if missing:
-        return f"CUDA sources not found: {missing} (install fastpeft from a source checkout)"
-    from torch.utils import cpp_extension  # imports setuptools (~0.3 s): only once the extension is wanted
-
-    if not cpp_extension.is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
-    cuda_home = cpp_extension.CUDA_HOME
-    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
-    if not nvcc or not os.path.exists(nvcc):
-        return (f"nvcc not found (CUDA_HOME={cuda_home!r}): install the CUDA toolkit matching torch's CUDA "
-                f"{torch.version.cuda} and set CUDA_HOME")
-    return None
-
-
-def _build_dir() -> str:
-    h = hashlib.sha256()
-    for p in _source_paths():
-        with open(p, "rb") as f:
-            h.update(f.read())
-    tag = f"torch{torch.__version__}-cu{torch.version.cuda}-{h.hexdigest()[:12]}".replace("+", "_")
-    path = os.path.join(settings.get().csrc_cache, tag)
-    os.makedirs(path, exist_ok=True)
-    return path
+def toolchain_problem():
+    """None when the CUDA decode extension can be built here, else a sentence naming what is missing."""
+    return EXTENSION.toolchain_problem()
 
 
 def load_extension(verbose: bool = False):
     """Build (first call; cached on disk) and import the CUDA decode extension. Raises RuntimeError naming
     the missing piece (device, nvcc, ninja) or carrying the compiler's error."""
-    global _EXT, _EXT_ERROR
-    if _EXT is not None:
-        return _EXT
-    problem = toolchain_problem()
-    if problem is not None:
-        raise RuntimeError(f"fastpeft csrc (NF4 decode GEMV) cannot be built: {problem}. The Triton path is used "
-                           "instead; set FASTPEFT_CSRC=0 to skip this attempt.")
-    from torch.utils import cpp_extension  # see toolchain_problem
-
-    if _EXT_ERROR is not None:  # one build attempt per process: a failed build is not retried per call
-        raise _EXT_ERROR
-    build = _build_dir()
-    try:
-        _EXT = cpp_extension.load(name="fastpeft_nf4_gemv_" + os.path.basename(build).rsplit("-", 1)[-1],
-                                  sources=_source_paths(), build_directory=build,
-                                  extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
-    except Exception as exc:  # compiler / linker errors: keep the useful part, say where the build lives
-        _EXT_ERROR = RuntimeError(f"fastpeft csrc (NF4 decode GEMV) failed to build in {build}:\n"
-                                  f"{_compiler_message(exc)}")
-        raise _EXT_ERROR from exc
-    return _EXT
-
-
-def _compiler_message(exc: BaseException, tail_chars: int = 6000) -> str:
-    """The build error for a human: lines that say "error" first, then the END of the compiler output (nvcc /
-    ninja print the failing command first and the diagnostic last, so a head-truncated message loses it)."""
-    parts = []
-    e: Optional[BaseException] = exc
-    while e is not None and len(parts) < 4:  # torch wraps ninja's CalledProcessError (which holds the output)
-        out = getattr(e, "output", None) or getattr(e, "stdout", None)
-        if isinstance(out, bytes):
-            out = out.decode(errors="replace")
-        parts.append(str(out) if out else str(e))
-        e = e.__cause__ or e.__context__
-    text = max(parts, key=len) if parts else str(exc)
-    first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-    errors = [ln.strip() for ln in text.splitlines()
-              if "error" in ln.lower() and not ln.lstrip().startswith(("/", "File ", "Traceback"))][:12]
-    tail = text if len(text) <= tail_chars else f"[... {len(text) - tail_chars} chars cut ...]\n{text[-tail_chars:]}"
-    head = f"{first}\n" + ("error lines:\n  " + "\n  ".join(errors) + "\n" if errors else "")
-    return f"{head}--- end of the compiler output ---\n{tail}"
+    return EXTENSION.load(verbose)
 
 
 def _cuda_ok(x2, ks: KernelState) -> bool:

@@ -1,0 +1,413 @@
+// fastpeft's adapted layers as C++ operators: one dispatcher call per layer and direction, the backward run by
+// autograd without Python. Schemas (namespace fastpeft_ops; Python: fastpeft/ops/cpp_ops.py):
+//
+//   lora_linear(x, weight, bias?, lora_A, lora_B, scaling, dropout_p, seed?, rank) -> y        (autograd)
+//   lora_fwd(x2, weight, bias?, lora_A, lora_B, scaling, dropout_p, seed?, rank) -> (y2, S)
+//   lora_bwd(dy2, x2, S, weight, lora_A, lora_B, scaling, dropout_p, seed?, rank, need_x, need_A, need_B)
+//            -> (dx2, dA, dB)
+//   ia3_linear(x, weight, bias?, ia3_l, feedforward) -> y                                        (autograd)
+//   ia3_fwd(x2, weight, bias?, ia3_l, feedforward) -> (y2, saved)
+//   ia3_bwd(dy2, saved, weight, ia3_l, feedforward, need_x, need_b) -> (dx2, db, dl)
+//
+// LoRA math (fastpeft/ops/reference.py is the oracle; D = the dropout mask of adapter_common.h, s = scaling):
+//   forward   S = s·(D⊙X)·Aᵀ (fp32 [M, r], saved);  Y = X·Wᵀ + b + S·Bᵀ
+//   backward  dS = s·dY·B;  dB = dYᵀ·S;  dA = dSᵀ·(D⊙X);  dX = dY·W + D⊙(dS·A)
+// lora_linear's autograd saves x (the caller's tensor: one storage for q/k/v), S and the seed; the parameters
+// by reference. The dropout mask is never stored: the kernels regenerate it.
+// The seed: a 0-dim int64 CPU tensor holding the raw draw from torch's CPU generator (None when p == 0), folded
+// with `rank` here exactly as fastpeft/nn/_rng.py folds it. A tensor, not an int, so torch.compile does not
+// specialize a graph on every new draw.
+//
+// Kernels: CPU here (ATen in fp32: the path CI tests), CUDA in adapter_cuda.cu, Meta (shapes) here for
+// torch.compile. lora_linear / ia3_linear are Autograd kernels calling the *_fwd / *_bwd ops through the
+// dispatcher, so torch.compile traces them into two graph nodes per layer and direction.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "adapter_common.h"
+
+namespace fastpeft {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+int64_t seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) {
+  if (p <= 0.0) return 0;
+  TORCH_CHECK(seed.has_value() && seed->defined(), "fastpeft lora: dropout_p > 0 needs a seed tensor");
+  TORCH_CHECK(seed->numel() == 1 && !seed->is_cuda(), "fastpeft lora: the seed must be a 0-dim CPU integer tensor");
+  return fold_rank(seed->item<int64_t>(), rank);
+}
+
+uint32_t dropout_threshold(double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fastpeft lora: dropout p must be in [0, 1), got ", p);
+  return static_cast<uint32_t>(std::ceil(p * 65536.0));
+}
+
+// 1/(1-p) rounded to fp32, then to the activation dtype: the value the reference's mask.to(x.dtype) holds
+float keep_scale(double p, at::ScalarType dt) {
+  const float k32 = static_cast<float>(1.0 / (1.0 - p));
+  if (dt == at::kBFloat16) return static_cast<float>(c10::BFloat16(k32));
+  if (dt == at::kHalf) return static_cast<float>(c10::Half(k32));
+  return k32;
+}
+
+// The dropout mask as a dense [M, K] float tensor (0 or keep_scale) on the CPU.
+Tensor dropout_mask_cpu(int64_t M, int64_t K, double p, int64_t seed, at::ScalarType dt) {
+  Tensor mask = at::empty({M, K}, at::TensorOptions().dtype(at::kFloat));
+  float* out = mask.data_ptr<float>();
+  const uint32_t thr = dropout_threshold(p);
+  const float ks = keep_scale(p, dt);
+  const int64_t n = M * K;
+  for (int64_t chunk = 0; chunk * 8 < n; ++chunk) {
+    const uint32_t bits = keep_bits8(static_cast<uint64_t>(chunk), static_cast<uint64_t>(seed), thr);
+    for (int e = 0; e < 8 && chunk * 8 + e < n; ++e) out[chunk * 8 + e] = ((bits >> e) & 1u) ? ks : 0.0f;
+  }
+  return mask;
+}
+
+Tensor as_2d(const Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
+
+void check_lora_args(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
+                     const Tensor& B) {
+  TORCH_CHECK(x2.dim() == 2, "fastpeft lora: x must be 2-D here, got ", x2.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x2.size(1), "fastpeft lora: weight ", weight.sizes(),
+              " does not take inputs of size ", x2.size(1));
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == x2.size(1), "fastpeft lora: lora_A ", A.sizes(), " does not match in_features ",
+              x2.size(1));
+  TORCH_CHECK(B.dim() == 2 && B.size(0) == weight.size(0) && B.size(1) == A.size(0), "fastpeft lora: lora_B ",
+              B.sizes(), " does not match out_features ", weight.size(0), " and rank ", A.size(0));
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || bias->numel() == weight.size(0),
+              "fastpeft lora: bias must have out_features elements");
+  const auto dt = x2.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "fastpeft lora: x must be float32, float16 or bfloat16, got ", dt);
+}
+
+// ------------------------------------------------------------------------------------------------ CPU
+// fp32 math on the CPU (the path CI tests): the same formulas as the CUDA kernels, in a different summation order.
+std::tuple<Tensor, Tensor> lora_fwd_cpu(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                        const Tensor& A, const Tensor& B, double scaling, double p,
+                                        const c10::optional<Tensor>& seed, int64_t rank) {
+  check_lora_args(x2, weight, bias, A, B);
+  const auto dt = x2.scalar_type();
+  Tensor xd = x2;
+  if (p > 0.0) xd = (x2.to(at::kFloat) * dropout_mask_cpu(x2.size(0), x2.size(1), p, seed_value(seed, p, rank), dt)).to(dt);
+  Tensor S = at::mm(xd.to(at::kFloat), A.to(at::kFloat).t()).mul_(scaling);
+  Tensor base = bias.has_value() && bias->defined() ? at::addmm(bias->to(dt), x2, weight.to(dt).t())
+                                                    : at::mm(x2, weight.to(dt).t());
+  Tensor y = base.to(at::kFloat).addmm_(S, B.to(at::kFloat).t()).to(dt);
+  return {y, S};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_bwd_cpu(const Tensor& dy2, const Tensor& x2, const Tensor& S,
+                                                const Tensor& weight, const Tensor& A, const Tensor& B, double scaling,
+                                                double p, const c10::optional<Tensor>& seed, int64_t rank, bool need_x,
+                                                bool need_A, bool need_B) {
+  const auto dt = x2.scalar_type();
+  Tensor dyf = dy2.to(at::kFloat);
+  Tensor dS = at::mm(dyf, B.to(at::kFloat)).mul_(scaling);
+  Tensor mask;
+  if (p > 0.0 && (need_A || need_x)) mask = dropout_mask_cpu(x2.size(0), x2.size(1), p, seed_value(seed, p, rank), dt);
+  Tensor dx, dA, dB;
+  if (need_B) dB = at::mm(dyf.t(), S);
+  if (need_A) {
+    Tensor xd = mask.defined() ? (x2.to(at::kFloat) * mask).to(dt) : x2;
+    dA = at::mm(dS.t(), xd.to(at::kFloat));
+  }
+  if (need_x) {
+    Tensor z2 = at::mm(dS, A.to(at::kFloat)).to(dt).to(at::kFloat);  // rounded to x.dtype, as the CUDA path
+    if (mask.defined()) z2 = z2.mul_(mask).to(dt).to(at::kFloat);
+    dx = z2.addmm_(dy2.to(dt).to(at::kFloat), weight.to(dt).to(at::kFloat)).to(dt);
+  }
+  return {dx.defined() ? dx : at::empty({0}, x2.options()), dA.defined() ? dA : at::empty({0}, S.options()),
+          dB.defined() ? dB : at::empty({0}, S.options())};
+}
+
+Tensor scale_cols_cpu(const Tensor& a, const Tensor& l) {
+  const auto dt = a.scalar_type();
+  return (a.to(at::kFloat) * l.reshape({1, -1}).to(dt).to(at::kFloat)).to(dt);
+}
+
+std::tuple<Tensor, Tensor> ia3_fwd_cpu(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                       const Tensor& l, bool feedforward) {
+  const auto dt = x2.scalar_type();
+  Tensor w = weight.to(dt);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (feedforward) {
+    Tensor xl = scale_cols_cpu(x2, l);
+    Tensor y = has_bias ? at::addmm(bias->to(dt), xl, w.t()) : at::mm(xl, w.t());
+    return {y, at::empty({0}, x2.options())};
+  }
+  Tensor yb = has_bias ? at::addmm(bias->to(dt), x2, w.t()) : at::mm(x2, w.t());
+  return {scale_cols_cpu(yb, l), yb};
+}
+
+std::tuple<Tensor, Tensor, Tensor> ia3_bwd_cpu(const Tensor& dy2, const Tensor& saved, const Tensor& weight,
+                                               const Tensor& l, bool feedforward, bool need_x, bool need_b) {
+  const auto dt = feedforward ? saved.scalar_type() : dy2.scalar_type();
+  Tensor dy = dy2.to(dt);
+  Tensor w = weight.to(dt);
+  Tensor lf = l.reshape({-1}).to(dt).to(at::kFloat);
+  Tensor dx, db, dl;
+  if (feedforward) {
+    Tensor g = at::mm(dy, w);  // dY·W in x's dtype
+    dl = (g.to(at::kFloat) * saved.to(at::kFloat)).sum(0);
+    if (need_x) dx = (g.to(at::kFloat) * lf).to(dt);
+    if (need_b) db = dy.to(at::kFloat).sum(0);
+  } else {
+    dl = (dy.to(at::kFloat) * saved.to(at::kFloat)).sum(0);
+    if (need_x) dx = at::mm((dy.to(at::kFloat) * lf).to(dt), w);
+    if (need_b) db = dy.to(at::kFloat).sum(0) * lf;
+  }
+  return {dx.defined() ? dx : at::empty({0}, dy.options()),
+          db.defined() ? db : at::empty({0}, dy.options().dtype(at::kFloat)), dl};
+}
+
+// ------------------------------------------------------------------------------------------------ Meta
+std::tuple<Tensor, Tensor> lora_fwd_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&,
+                                         const Tensor& A, const Tensor&, double, double, const c10::optional<Tensor>&,
+                                         int64_t) {
+  return {at::empty({x2.size(0), weight.size(0)}, x2.options()),
+          at::empty({x2.size(0), A.size(0)}, x2.options().dtype(at::kFloat))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_bwd_meta(const Tensor&, const Tensor& x2, const Tensor& S, const Tensor& weight,
+                                                 const Tensor& A, const Tensor&, double, double,
+                                                 const c10::optional<Tensor>&, int64_t, bool need_x, bool need_A,
+                                                 bool need_B) {
+  auto f32 = S.options().dtype(at::kFloat);
+  return {need_x ? at::empty_like(x2, at::MemoryFormat::Contiguous) : at::empty({0}, x2.options()),
+          need_A ? at::empty({A.size(0), x2.size(1)}, f32) : at::empty({0}, f32),
+          need_B ? at::empty({weight.size(0), A.size(0)}, f32) : at::empty({0}, f32)};
+}
+
+std::tuple<Tensor, Tensor> ia3_fwd_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&,
+                                        const Tensor&, bool feedforward) {
+  auto y = at::empty({x2.size(0), weight.size(0)}, x2.options());
+  return {y, feedforward ? at::empty({0}, x2.options()) : at::empty({x2.size(0), weight.size(0)}, x2.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor> ia3_bwd_meta(const Tensor& dy2, const Tensor& saved, const Tensor& weight,
+                                                const Tensor& l, bool feedforward, bool need_x, bool need_b) {
+  const auto dt = feedforward ? saved.scalar_type() : dy2.scalar_type();
+  auto f32 = dy2.options().dtype(at::kFloat);
+  return {need_x ? at::empty({dy2.size(0), weight.size(1)}, dy2.options().dtype(dt)) : at::empty({0}, dy2.options()),
+          need_b ? at::empty({dy2.size(1)}, f32) : at::empty({0}, f32), at::empty({l.numel()}, f32)};
+}
+
+// ------------------------------------------------------------------------------------------------ autograd
+std::tuple<Tensor, Tensor> call_lora_fwd(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                         const Tensor& A, const Tensor& B, double s, double p,
+                                         const c10::optional<Tensor>& seed, int64_t rank) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::lora_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                                         const Tensor&, const Tensor&, double, double,
+                                                         const c10::optional<Tensor>&, int64_t)>();
+  return op.call(x2, weight, bias, A, B, s, p, seed, rank);
+}
+
+std::tuple<Tensor, Tensor, Tensor> call_lora_bwd(const Tensor& dy2, const Tensor& x2, const Tensor& S,
+                                                 const Tensor& weight, const Tensor& A, const Tensor& B, double s,
+                                                 double p, const c10::optional<Tensor>& seed, int64_t rank,
+                                                 bool need_x, bool need_A, bool need_B) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::lora_bwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           double, double, const c10::optional<Tensor>&, int64_t, bool, bool, bool)>();
+  return op.call(dy2, x2, S, weight, A, B, s, p, seed, rank, need_x, need_A, need_B);
+}
+
+std::tuple<Tensor, Tensor> call_ia3_fwd(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                        const Tensor& l, bool feedforward) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::ia3_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                                         const Tensor&, bool)>();
+  return op.call(x2, weight, bias, l, feedforward);
+}
+
+std::tuple<Tensor, Tensor, Tensor> call_ia3_bwd(const Tensor& dy2, const Tensor& saved, const Tensor& weight,
+                                                const Tensor& l, bool feedforward, bool need_x, bool need_b) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::ia3_bwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                 const Tensor&, bool, bool, bool)>();
+  return op.call(dy2, saved, weight, l, feedforward, need_x, need_b);
+}
+
+c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
+
+// Chain rule (s = scaling, D = dropout mask, S = s·(D⊙X)·Aᵀ saved by the forward):
+//   dL/dX = dY·W + D⊙(s·dY·B·A)    dL/dA = (s·dY·B)ᵀ·(D⊙X)    dL/dB = dYᵀ·S    dL/db = Σ_rows dY    dL/dW = dYᵀ·X
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+ public:
+  // Optional tensors stay c10::optional here: autograd then treats an absent bias / seed as "not an input"
+  // (a plain undefined Tensor argument would count as one).
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                        const Tensor& A, const Tensor& B, double scaling, double p, const c10::optional<Tensor>& seed,
+                        int64_t rank) {
+    Tensor x2 = as_2d(x);
+    auto [y2, S] = call_lora_fwd(x2, weight, bias, A, B, scaling, p, seed, rank);
+    ctx->save_for_backward({x, S, weight, A, B, seed.value_or(Tensor())});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["rank"] = rank;
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["has_bias"] = has_bias;
+    if (has_bias) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(weight.size(0));
+    return y2.view(shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &S = saved[1], &weight = saved[2], &A = saved[3], &B = saved[4], &seed = saved[5];
+    // needs_input_grad counts the tensor inputs actually given: without a bias, lora_A is input 2
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t a_idx = has_bias ? 3 : 2;
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_b = has_bias && ctx->needs_input_grad(2), need_A = ctx->needs_input_grad(a_idx),
+               need_B = ctx->needs_input_grad(a_idx + 1);
+    Tensor x2 = as_2d(x);
+    Tensor dy2 = as_2d(grads[0]).to(x.scalar_type());
+    Tensor dx, dw, db, dA, dB;
+    if (need_x || need_A || need_B) {
+      auto r = call_lora_bwd(dy2, x2, S, weight, A, B, ctx->saved_data["scaling"].toDouble(),
+                             ctx->saved_data["p"].toDouble(), opt(seed), ctx->saved_data["rank"].toInt(), need_x,
+                             need_A, need_B);
+      if (need_x) dx = std::get<0>(r).view(x.sizes());
+      if (need_A) dA = std::get<1>(r).to(A.scalar_type());
+      if (need_B) dB = std::get<2>(r).to(B.scalar_type());
+    }
+    if (need_w) dw = at::mm(dy2.t(), x2).to(weight.scalar_type());
+    if (need_b) {
+      const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+      db = dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
+    }
+    return {dx, dw, db, dA, dB, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// Chain rule (l the IA3 vector; output scaling saves Yb = X·Wᵀ + b, feedforward saves X):
+//   output       Y = Yb⊙l:        dL/dl = Σ_rows Yb⊙dY   dL/dX = (dY⊙l)·W   dL/db = l⊙Σ_rows dY
+//   feedforward  Y = (X⊙l)·Wᵀ+b:  dL/dl = Σ_rows X⊙(dY·W)   dL/dX = (dY·W)⊙l   dL/db = Σ_rows dY
+class IA3LinearFunction : public torch::autograd::Function<IA3LinearFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                        const Tensor& l, bool feedforward) {
+    auto [y2, saved] = call_ia3_fwd(as_2d(x), weight, bias, l, feedforward);
+    ctx->save_for_backward({feedforward ? x : saved, weight, l});  // feedforward: the caller's x itself
+    ctx->saved_data["feedforward"] = feedforward;
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["has_bias"] = has_bias;
+    if (has_bias) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(weight.size(0));
+    return y2.view(shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const bool feedforward = ctx->saved_data["feedforward"].toBool();
+    const Tensor &kept = saved[0], &weight = saved[1], &l = saved[2];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();  // (see LoraLinearFunction::backward)
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_b = has_bias && ctx->needs_input_grad(2), need_l = ctx->needs_input_grad(has_bias ? 3 : 2);
+    Tensor saved2 = as_2d(kept);
+    Tensor dy2 = as_2d(grads[0]);
+    auto r = call_ia3_bwd(dy2, saved2, weight, l, feedforward, need_x, need_b);
+    Tensor dx, dw, db, dl;
+    if (need_x) {
+      std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end() - 1);
+      shape.push_back(weight.size(1));
+      dx = std::get<0>(r).view(shape);
+    }
+    if (need_b) db = std::get<1>(r).to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+    if (need_l) dl = std::get<2>(r).reshape(l.sizes()).to(l.scalar_type());
+    if (need_w) {  // a trainable base weight (rare): plain ATen. Output scaling saved Yb, not X: no dW from it.
+      TORCH_CHECK(feedforward, "ia3_linear: gradient for an output-scaled trainable base weight is not implemented");
+      const auto dt = saved2.scalar_type();
+      dw = at::mm(dy2.to(dt).t(), scale_cols_cpu(saved2, l)).to(weight.scalar_type());
+    }
+    return {dx, dw, db, dl, Tensor()};
+  }
+};
+
+Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                            const Tensor& A, const Tensor& B, double scaling, double p,
+                            const c10::optional<Tensor>& seed, int64_t rank) {
+  return LoraLinearFunction::apply(x, weight, bias, A, B, scaling, p, seed, rank);
+}
+
+Tensor lora_linear_plain(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
+                         const Tensor& B, double scaling, double p, const c10::optional<Tensor>& seed, int64_t rank) {
+  auto [y2, S] = call_lora_fwd(as_2d(x), weight, bias, A, B, scaling, p, seed, rank);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(weight.size(0));
+  return y2.view(shape);
+}
+
+Tensor ia3_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& l,
+                           bool feedforward) {
+  return IA3LinearFunction::apply(x, weight, bias, l, feedforward);
+}
+
+Tensor ia3_linear_plain(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& l,
+                        bool feedforward) {
+  auto [y2, saved] = call_ia3_fwd(as_2d(x), weight, bias, l, feedforward);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(weight.size(0));
+  return y2.view(shape);
+}
+
+}  // namespace
+
+// Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
+int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
+uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
+float lora_keep_scale(double p, at::ScalarType dt) { return keep_scale(p, dt); }
+
+}  // namespace fastpeft
+
+TORCH_LIBRARY(fastpeft_ops, m) {
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+        "float dropout_p, Tensor? seed, int rank) -> Tensor");
+  m.def("lora_fwd(Tensor x2, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+        "float dropout_p, Tensor? seed, int rank) -> (Tensor, Tensor)");
+  m.def("lora_bwd(Tensor dy2, Tensor x2, Tensor S, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
+        "float dropout_p, Tensor? seed, int rank, bool need_x, bool need_A, bool need_B) -> (Tensor, Tensor, Tensor)");
+  m.def("ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> Tensor");
+  m.def("ia3_fwd(Tensor x2, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> (Tensor, Tensor)");
+  m.def("ia3_bwd(Tensor dy2, Tensor saved, Tensor weight, Tensor ia3_l, bool feedforward, bool need_x, "
+        "bool need_b) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {
+  m.impl("lora_linear", &fastpeft::lora_linear_autograd);
+  m.impl("ia3_linear", &fastpeft::ia3_linear_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeExplicitAutograd, m) {
+  m.impl("lora_linear", &fastpeft::lora_linear_plain);
+  m.impl("ia3_linear", &fastpeft::ia3_linear_plain);
+}
+
+TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
+  m.impl("lora_fwd", &fastpeft::lora_fwd_cpu);
+  m.impl("lora_bwd", &fastpeft::lora_bwd_cpu);
+  m.impl("ia3_fwd", &fastpeft::ia3_fwd_cpu);
+  m.impl("ia3_bwd", &fastpeft::ia3_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastpeft_ops, Meta, m) {
+  m.impl("lora_fwd", &fastpeft::lora_fwd_meta);
+  m.impl("lora_bwd", &fastpeft::lora_bwd_meta);
+  m.impl("ia3_fwd", &fastpeft::ia3_fwd_meta);
+  m.impl("ia3_bwd", &fastpeft::ia3_bwd_meta);
+}

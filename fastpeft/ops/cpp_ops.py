@@ -1,0 +1,61 @@
+"""The adapted layers as C++ operators (``csrc/adapter_ops.cpp``, CUDA kernels in ``csrc/adapter_cuda.cu``).
+
+Why C++: an eager layer in Python (module call, autograd.Function, Triton's launch binder, a Python backward)
+cost ~0.9 ms of host time per fwd+bwd on the benchmark machine, 5.6× a plain Linear. Here the layer is one
+dispatcher call forward (``torch.ops.fastpeft_ops.lora_linear``) whose backward autograd runs in C++, and whose
+GPU work is cuBLAS GEMMs plus small elementwise kernels (the math and precision: the header of
+csrc/adapter_cuda.cu). Under torch.compile the same op traces into ``fastpeft_ops::lora_fwd`` / ``lora_bwd``
+graph nodes (their Meta kernels give the shapes): no graph break, no Python inside.
+
+The extension is built on first use (``ops/csrc.py``; about a minute, cached on disk). Where it cannot be built
+(no compiler / ninja / nvcc, ``FASTPEFT_CSRC=0``) ``available()`` is False, says why once, and the layers keep
+their Triton path. PyTorch only: no Triton here.
+
+>>> import torch
+>>> from fastpeft.ops import cpp_ops
+>>> if cpp_ops.available():   # builds the CPU (or CUDA) extension the first time
+...     y = cpp_ops.lora_linear(torch.randn(2, 3, 16), torch.randn(8, 16), None, torch.randn(4, 16),
+...                             torch.randn(8, 4), 2.0)
+...     assert y.shape == (2, 3, 8)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .csrc import Extension
+
+__all__ = ["available", "lora_linear", "ia3_linear", "EXTENSION"]
+
+EXTENSION = Extension("fastpeft_ops", "LoRA / IA3 operators", cpu_sources=["adapter_ops.cpp"],
+                      cuda_sources=["adapter_cuda.cu"], headers=["adapter_common.h"])
+
+
+_OPS: dict = {}  # the OpOverloads, resolved once (a torch.ops attribute chain per call costs host time)
+
+
+def available() -> bool:
+    """Whether ``torch.ops.fastpeft_ops`` is loaded (tries to build it once; warns once if it cannot)."""
+    if _OPS:
+        return True
+    if not EXTENSION.available():
+        return False
+    _OPS["lora"] = torch.ops.fastpeft_ops.lora_linear.default
+    _OPS["ia3"] = torch.ops.fastpeft_ops.ia3_linear.default
+    return True
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+                dropout_p: float = 0.0, seed: Optional[Tensor] = None, rank: int = 0) -> Tensor:
+    """Y = x·Wᵀ + bias + scaling·((D⊙x)·Aᵀ)·Bᵀ, differentiable (C++ autograd). ``seed``: the raw dropout draw as a
+    0-dim int64 CPU tensor (``nn/_rng.py: dropout_draw``), required when dropout_p > 0; ``rank`` is folded in
+    as fastpeft/nn/_rng.py folds it. Call ``available()`` first."""
+    return _OPS["lora"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, rank)
+
+
+def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Tensor, feedforward: bool) -> Tensor:
+    """IA3: output scaling Y = (x·Wᵀ + bias)⊙l, feedforward Y = (x⊙l)·Wᵀ + bias; differentiable (C++ autograd).
+    Call ``available()`` first."""
+    return _OPS["ia3"](x, weight, bias, ia3_l, feedforward)

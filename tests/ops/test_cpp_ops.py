@@ -1,0 +1,222 @@
+"""fastpeft/ops/cpp_ops.py + csrc/adapter_ops.cpp: the C++ LoRA / IA3 operators against the pure-PyTorch
+reference (CPU here: the build CI makes; the CUDA kernels run in the gpu-marked tests), the dropout mask, the
+autograd wiring, schemas / fake kernels (opcheck) and torch.compile without graph breaks."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastpeft.nn import _rng
+from fastpeft.ops import cpp_ops
+from fastpeft.ops.dropout import lora_dropout_mask
+from fastpeft.ops.reference import ia3_linear_reference, lora_linear_reference
+from helpers import DEVICE, make_weight, make_x, rel_err
+
+pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="the C++ extension cannot be built here")
+
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _masked_reference_inputs(x, p, seed, rank, dtype):
+    """The reference's dropout mask for the op's (seed, rank), folded into a float64 mask that reproduces D⊙x as
+    x.dtype holds it (see tests/ops/test_lora_kernels.py for why the rounding is folded in)."""
+    if p == 0:
+        return None
+    folded = _rng.fold_rank(int(seed), rank)
+    xd = x.detach().double()
+    h = (x.detach() * lora_dropout_mask(x.shape, p, folded, x.device, dtype)).double()
+    base = lora_dropout_mask(x.shape, p, folded, x.device, torch.float64)
+    return torch.where(xd != 0, h / torch.where(xd != 0, xd, torch.ones_like(xd)), base)
+
+
+def _check_lora(dtype, B, T, K, N, r, layout, w_t, has_bias, p, draw, rank=0, scaling=1.7, device=DEVICE, tol=None):
+    x = make_x((B, T), K, dtype, layout, device).requires_grad_()
+    w = make_weight(N, K, dtype, w_t, device)
+    bias = (torch.randn(N, dtype=dtype, device=device) * 0.5).requires_grad_() if has_bias else None
+    A = (torch.randn(r, K, device=device) / K**0.5).requires_grad_()
+    Bw = (torch.randn(N, r, device=device) / r**0.5).requires_grad_()
+    seed = torch.tensor(draw, dtype=torch.int64) if p > 0 else None
+    y = cpp_ops.lora_linear(x, w, bias, A, Bw, scaling, p, seed, rank)
+    assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype
+    g = torch.randn_like(y)
+    y.backward(g)
+    mask = _masked_reference_inputs(x, p, draw, rank, dtype)
+    xr, Ar, Br = (t.detach().double().requires_grad_() for t in (x, A, Bw))
+    br = bias.detach().double().requires_grad_() if has_bias else None
+    lora_linear_reference(xr, w.double(), br, Ar, Br, scaling, mask).backward(g.double())
+    tol = tol or TOL[dtype]
+    assert rel_err(y, lora_linear_reference(xr, w.double(), br, Ar, Br, scaling, mask)) < tol
+    assert rel_err(x.grad, xr.grad) < tol
+    assert A.grad.dtype == torch.float32 and rel_err(A.grad, Ar.grad) < tol
+    assert Bw.grad.dtype == torch.float32 and rel_err(Bw.grad, Br.grad) < tol
+    if has_bias:
+        assert bias.grad.dtype == dtype and rel_err(bias.grad, br.grad) < tol
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    B=st.integers(1, 3), T=st.integers(1, 13), K=st.integers(3, 72), N=st.integers(3, 72), r=st.integers(1, 20),
+    layout=st.sampled_from(["contig", "strided_k", "transposed_bt", "2d"]),
+    w_t=st.booleans(), has_bias=st.booleans(), p=st.sampled_from([0.0, 0.0, 0.1, 0.5]),
+    draw=st.integers(0, 2**31 - 2), rank=st.sampled_from([0, 0, 3]),
+)
+def test_lora_linear_matches_reference(dtype, B, T, K, N, r, layout, w_t, has_bias, p, draw, rank):
+    _check_lora(dtype, B, T, K, N, r, layout, w_t, has_bias, p, draw, rank)
+
+
+@pytest.mark.parametrize("K", [64, 67])
+def test_mask_is_lora_dropout_mask(K):
+    """One-hot rows of A read D⊙X back through S = s·(D⊙X)·Aᵀ: the op's mask is ops/dropout.py's for the folded
+    seed (the rank folded as nn/_rng.py folds it)."""
+    M, p, draw, rank = 37, 0.3, 123456789, 2
+    x = (torch.randn(M, K, device=DEVICE) + 3.0).requires_grad_()  # nonzero everywhere
+    cols = torch.randperm(K)[:16]
+    A = torch.zeros(16, K, device=DEVICE)
+    A[torch.arange(16), cols] = 1.0
+    A.requires_grad_()
+    Bw = torch.eye(16, device=DEVICE).repeat(2, 1)  # y - x·Wᵀ = [S, S]
+    w = torch.zeros(32, K, device=DEVICE)
+    y = cpp_ops.lora_linear(x, w, None, A, Bw, 1.0, p, torch.tensor(draw), rank)
+    D = lora_dropout_mask((M, K), p, _rng.fold_rank(draw, rank), DEVICE)
+    torch.testing.assert_close(y[:, :16], (D * x.detach())[:, cols], rtol=0, atol=1e-6)
+    assert (y[:, :16] == 0).any() and (y[:, :16] != 0).any()
+    other = cpp_ops.lora_linear(x, w, None, A, Bw, 1.0, p, torch.tensor(draw), rank + 1)
+    assert not torch.equal(other, y)  # another rank, another mask
+
+
+def test_dropout_needs_a_seed():
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="needs a seed"):
+        cpp_ops.lora_linear(x, torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2), 1.0, 0.2, None)
+    with pytest.raises(RuntimeError, match="lora_B"):
+        cpp_ops.lora_linear(x, torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(5, 2), 1.0)
+
+
+def test_saved_tensors_share_x():
+    """The autograd node saves the caller's x itself (one storage for q/k/v), S [M, r] and the parameters."""
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    h = x * 1.0
+    w, A, Bw = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = cpp_ops.lora_linear(h, w, None, A, Bw, 2.0, 0.1, torch.tensor(5))
+    acts = [t for t in packed if t.numel() >= h.numel()]
+    assert len(acts) == 1 and acts[0] is h
+    assert any(tuple(t.shape) == (10, 4) and t.dtype == torch.float32 for t in packed)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_ia3_linear_matches_reference(dtype, feedforward, has_bias):
+    torch.manual_seed(0)
+    K, N = 37, 29
+    x = make_x((2, 7), K, dtype, "strided_k").requires_grad_()
+    w = make_weight(N, K, dtype, False)
+    bias = (torch.randn(N, dtype=dtype) * 0.5).requires_grad_() if has_bias else None
+    l = (torch.rand((1, K) if feedforward else (N, 1)) + 0.5).requires_grad_()
+    y = cpp_ops.ia3_linear(x, w, bias, l, feedforward)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr, lr = x.detach().double().requires_grad_(), l.detach().double().requires_grad_()
+    br = bias.detach().double().requires_grad_() if has_bias else None
+    yr = ia3_linear_reference(xr, w.double(), br, lr, feedforward)
+    yr.backward(g.double())
+    tol = TOL[dtype]
+    assert rel_err(y, yr) < tol and rel_err(x.grad, xr.grad) < tol
+    assert l.grad.dtype == torch.float32 and l.grad.shape == l.shape and rel_err(l.grad, lr.grad) < tol
+    if has_bias:
+        assert rel_err(bias.grad, br.grad) < tol
+
+
+def test_ops_pass_opcheck():
+    """Schemas, fake (Meta) kernels, the autograd registration and AOT dispatch (what torch.compile relies on)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 24, requires_grad=True)
+    w, b = torch.randn(20, 24), torch.randn(20, requires_grad=True)
+    a, bb = torch.randn(4, 24, requires_grad=True), torch.randn(20, 4, requires_grad=True)
+    ops = torch.ops.fastpeft_ops
+    torch.library.opcheck(ops.lora_linear, (x, w, b, a, bb, 2.0, 0.25, torch.tensor(11), 1))
+    torch.library.opcheck(ops.lora_linear, (x, w, None, a, bb, 2.0, 0.0, None, 0))
+    S = torch.randn(6, 4)
+    torch.library.opcheck(ops.lora_fwd, (x.detach(), w, b.detach(), a.detach(), bb.detach(), 2.0, 0.25,
+                                         torch.tensor(11), 0))
+    for need in ((True, True, True), (False, True, False), (True, False, True)):
+        torch.library.opcheck(ops.lora_bwd, (torch.randn(6, 20), x.detach(), S, w, a.detach(), bb.detach(), 2.0, 0.25,
+                                             torch.tensor(11), 0) + need)
+    for ff, vec in ((False, torch.randn(20, 1, requires_grad=True)), (True, torch.randn(1, 24, requires_grad=True))):
+        torch.library.opcheck(ops.ia3_linear, (x, w, b, vec, ff))
+
+
+def test_compiles_without_graph_breaks_and_matches_eager():
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 24)
+    w, b = torch.randn(20, 24), torch.randn(20)
+    A = torch.randn(4, 24, requires_grad=True)
+    Bw = torch.randn(20, 4, requires_grad=True)
+    l = torch.rand(1, 20, requires_grad=True)
+
+    def f(x, seed):
+        h = cpp_ops.lora_linear(x, w, b, A, Bw, 2.0, 0.2, seed)
+        return cpp_ops.ia3_linear(torch.relu(h), torch.randn(0, 0).new_ones(20, 20), None, l.t(), False)
+
+    dynamo.reset()
+    explained = dynamo.explain(f)(x, torch.tensor(9))
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out_c = compiled(x, torch.tensor(9))
+    out_c.sum().backward()
+    grads_c = [A.grad.clone(), Bw.grad.clone(), l.grad.clone()]
+    for t in (A, Bw, l):
+        t.grad = None
+    out_e = f(x, torch.tensor(9))
+    out_e.sum().backward()
+    assert rel_err(out_c, out_e) < 1e-6
+    for gc, t in zip(grads_c, (A, Bw, l)):
+        assert rel_err(gc, t.grad) < 1e-6
+    assert compiled(x, torch.tensor(10)).shape == out_e.shape  # a new draw: no recompile needed (a tensor arg)
+    dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------ GPU
+LLAMA8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,KN", [(torch.bfloat16, kn) for kn in LLAMA8B] + [(torch.float16, (4096, 4096))])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_gpu_llama_shapes(dtype, KN, p):
+    K, N = KN
+    torch.manual_seed(K + N)
+    _check_lora(dtype, 2, 2048, K, N, 16, "contig", False, False, p, 1234567, scaling=2.0, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_odd_shapes(dtype):
+    for (B, T, K, N, r, layout, w_t, bias, p) in [
+        (1, 16, 4096, 1024, 16, "contig", False, True, 0.05),
+        (3, 333, 1000, 777, 8, "transposed_bt", True, True, 0.1),
+        (2, 129, 515, 2049, 64, "strided_k", False, False, 0.0),
+        (1, 1, 37, 4231, 3, "2d", False, True, 0.0),
+    ]:
+        _check_lora(dtype, B, T, K, N, r, layout, w_t, bias, p, 42, rank=1, device="cuda",
+                    tol=TOL[dtype] if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu_build_bitwise_mask():
+    """The CUDA dropout kernel regenerates exactly the CPU / reference mask (same Philox words)."""
+    M, K, p = 33, 72, 0.4
+    x = torch.randn(M, K) + 3.0
+    A = torch.eye(K)[:16].contiguous()
+    Bw = torch.eye(16)
+    w = torch.zeros(16, K)
+    cpu = cpp_ops.lora_linear(x, w, None, A, Bw, 1.0, p, torch.tensor(77), 1)
+    gpu = cpp_ops.lora_linear(x.cuda(), w.cuda(), None, A.cuda(), Bw.cuda(), 1.0, p, torch.tensor(77), 1)
+    assert torch.equal((cpu == 0), (gpu.cpu() == 0))
