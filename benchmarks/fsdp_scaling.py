@@ -94,7 +94,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import fastpeft  # noqa: E402
 from fastpeft import bench  # noqa: E402
 from fastpeft.bench import GiB, PeakMemory, free_memory, versions  # noqa: E402
-from fastpeft.bench import _sync  # private in fastpeft.bench; reused rather than copied  # noqa: E402
+from fastpeft.bench import sync as _sync  # noqa: E402
 from fastpeft.distributed import is_sharded, prepare_fsdp2, shard_like  # noqa: E402
 
 SCHEMA = "fastpeft.bench.fsdp_scaling/1"

@@ -57,7 +57,7 @@ def test_step(benchmark, spec):
 
         def step():
             losses.append(prep.step())
-            bench._sync(DEVICE)
+            bench.sync(DEVICE)
 
         try:
             benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)

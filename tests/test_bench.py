@@ -190,7 +190,7 @@ def test_device_slug_and_outputs_stem():
 
 
 def test_full_ft_past_gpu_memory_is_recorded_as_oom_without_trying(monkeypatch):
-    monkeypatch.setattr(bench, "gpu_memory_bytes", lambda device: 40 * bench.GiB)
+    monkeypatch.setattr(bench.harness, "gpu_memory_bytes", lambda device: 40 * bench.GiB)  # where run_config looks it up
     row = bench.run_config(bench.Spec("8b", "full_ft", "torch"), "cuda", torch.bfloat16, 1, 0, None)
     assert row["status"] == "oom" and "estimated" in row["reason"] and "not tried" in row["reason"]
     assert row["estimate_gib"] > 40
