@@ -1,7 +1,7 @@
 """QLoRA / NF4 benchmarks: dequant bandwidth, layer fwd+bwd (dense bf16 vs PEFT+bnb vs fastpeft), the
 buffer-vs-fused crossover in M, and decode (M = 1, 16) against the weight-bandwidth floor.
 
-    PYTHONPATH=. python benchmarks/nf4.py --out nf4.json        (CUDA: Llama-3-8B shapes; CPU: tiny shapes)
+    python benchmarks/scripts/bench_nf4.py --out nf4.json        (CUDA: Llama-3-8B shapes; CPU: tiny shapes)
 
 Times: median of triton.testing.do_bench on CUDA (L2 flushed between calls), wall clock on CPU. Every
 section records the floor it is measured against (bytes / measured copy bandwidth). Sections that need
@@ -22,10 +22,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import graph_ms  # noqa: E402  (CUDA-graph GPU time; see its docstring)
-import layers  # noqa: E402
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+for _p in (os.path.join(BENCH, "helpers"), os.path.dirname(BENCH)):  # the timing helpers, the repo's fastpeft
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+from bench_timing import graph_ms, timeit  # noqa: E402  (CUDA-graph GPU time, eager median; see their docstrings)
 
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 TINY = {"q/o": (64, 64), "k/v": (64, 32), "gate/up": (64, 128), "down": (128, 64)}
@@ -33,8 +34,8 @@ RANK, ALPHA = 16, 32
 
 
 def bench(fn, cuda: bool) -> float:
-    """Median ms (eager, host included): layers.timeit (triton do_bench on CUDA, wall clock on CPU)."""
-    return layers.timeit(fn, "cuda" if cuda else "cpu")
+    """Median ms (eager, host included): bench_timing.timeit (triton do_bench on CUDA, wall clock on CPU)."""
+    return timeit(fn, "cuda" if cuda else "cpu")
 
 
 def _copies(nbytes: int, cold_bytes: int = 160 << 20) -> int:

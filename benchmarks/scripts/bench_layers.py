@@ -1,10 +1,11 @@
 """Layer benchmarks: one Llama-3-8B projection, frozen dense base vs PEFT vs fastpeft (LoRA r=16, IA3).
 
-    PYTHONPATH=. python benchmarks/layers.py --out results.json     (GPU: full shapes; CPU: tiny shapes)
+    python benchmarks/scripts/bench_layers.py --out results.json     (GPU: full shapes; CPU: tiny shapes)
 
 Each row: method, projection, M, fwd ms and fwd+bwd ms (median of triton.testing.do_bench on CUDA, with
 L2 flushed between calls; wall clock on CPU), ratio vs the dense base, and the floor (FLOPs and bytes over
-the ceilings measured in the same run). Also imported by benchmarks/test_layers.py (pytest-benchmark).
+the ceilings measured in the same run). Also imported by benchmarks/scripts/profile_layer.py and the
+pytest-benchmark tier (benchmarks/tier/test_bench_layers.py).
 """
 from __future__ import annotations
 
@@ -14,9 +15,15 @@ import datetime
 import json
 import os
 import platform
-import time
+import sys
 
 import torch
+
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+for _p in (os.path.join(BENCH, "helpers"), os.path.dirname(BENCH)):  # the timing helpers, the repo's fastpeft
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+from bench_timing import timeit  # noqa: E402  (eager median ms per call; see its docstring)
 
 # Llama-3-8B projections (in=K, out=N); k/v, q/o and gate/up share shapes and are timed once each.
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
@@ -122,20 +129,6 @@ def make_step(fn, x, g, bwd: bool):
         y = fn(x)
         y.backward(g)
     return step
-
-
-def timeit(step, device) -> float:
-    if device == "cuda":
-        import triton
-
-        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
-    step()
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        step()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return sorted(ts)[1]
 
 
 def ceilings(device):

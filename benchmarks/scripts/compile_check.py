@@ -1,10 +1,10 @@
 """torch.compile check: a patched Llama-shaped model trains compiled with the same losses as eager; step times.
 
-    python benchmarks/compile_check.py                       # GPU: bf16, Llama-3.2-1B-like shape (4 layers)
-    python benchmarks/compile_check.py --tiny --backend aot_eager   # CPU smoke run (FASTPEFT_BACKEND=triton,
+    python benchmarks/scripts/compile_check.py                       # GPU: bf16, Llama-3.2-1B-like shape (4 layers)
+    python benchmarks/scripts/compile_check.py --tiny --backend aot_eager   # CPU smoke run (FASTPEFT_BACKEND=triton,
                                                                     # TRITON_INTERPRET=1 set automatically)
-    python benchmarks/compile_check.py --qlora               # the same on an NF4 (bnb Linear4bit) base
-    python benchmarks/compile_check.py --host-overhead       # host time per call: custom op vs autograd.Function
+    python benchmarks/scripts/compile_check.py --qlora               # the same on an NF4 (bnb Linear4bit) base
+    python benchmarks/scripts/compile_check.py --host-overhead       # host time per call: custom op vs autograd.Function
 
 Prints one JSON object (and writes it with --out): per-step losses eager / compiled, their max relative
 difference, median step time eager / compiled (steps after the first two, which include compilation), the
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's fastpeft
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
