@@ -92,7 +92,7 @@ import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo's fastpeft
 import fastpeft  # noqa: E402
-from fastpeft import bench  # noqa: E402
+from fastpeft import bench, settings  # noqa: E402
 from fastpeft.bench import GiB, PeakMemory, free_memory, versions  # noqa: E402
 from fastpeft.bench import sync as _sync  # noqa: E402
 from fastpeft.distributed import is_sharded, prepare_fsdp2, shard_like  # noqa: E402
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
         "settings": dict(model=a.model, model_name=MODELS[a.model]["name"], seq=a.seq, batch_per_gpu=a.batch_per_gpu,
                          steps=a.steps, warmup=a.warmup, dtype=str(dtype), mp=use_mp, rank=bench.RANK,
                          lora_alpha=bench.ALPHA, lora_dropout=0.0, target_modules="all-linear", seed=a.seed,
-                         fastpeft_backend=os.environ.get("FASTPEFT_BACKEND", "auto"),
+                         fastpeft_backend=settings.get().backend,
                          gradient_checkpointing="non-reentrant", optimizer="AdamW(foreach)",
                          baseline=a.baseline),
         "rows": [],

@@ -7,12 +7,12 @@ merges earlier runs' JSON (``reporting.report``).
 from __future__ import annotations
 
 import argparse
-import os
 import warnings
 
 import torch
 import transformers
 
+from .. import settings
 from .environment import have
 from .plan import METHODS, MODELS, QUICK_METHODS, SEQ
 from .reporting import report
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a tqdm bar")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--backend", choices=["auto", "triton", "reference"], default=None,
-                    help="FASTPEFT_BACKEND for the fastpeft rows (default: the environment's, else auto)")
+                    help="backend of the fastpeft rows (fastpeft.settings; default: FASTPEFT_BACKEND's, else auto)")
     ap.add_argument("--report", nargs="+", default=None, metavar="JSON",
                     help="no run: merge these step JSONs and write markdown + plots")
     return ap.parse_args(argv)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         print(f"fastpeft.bench: no CUDA device -> tiny shapes on the CPU ({s['num_hidden_layers']}-layer Llama, "
               f"hidden {s['hidden_size']}, batch {SEQ['tiny'][0]} x {SEQ['tiny'][1]} tokens): a smoke test, "
               "not a measurement", flush=True)
-    if a.backend == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if a.backend == "triton" and device != "cuda" and not settings.get().triton_interpret:
         raise SystemExit("fastpeft.bench: --backend triton without a GPU needs TRITON_INTERPRET=1 in the "
                          "environment (set before Python starts) and --dtype fp32")
     methods = a.methods.split(",") if a.methods else (QUICK_METHODS if a.quick else METHODS)

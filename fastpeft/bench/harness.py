@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import statistics
 import time
 import traceback
@@ -19,6 +18,7 @@ import transformers
 
 import fastpeft
 
+from .. import settings
 from .environment import free_memory, gpu_memory_bytes, have, sync
 from .plan import (
     ALPHA,
@@ -182,14 +182,14 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
         elif spec.impl == "fastpeft":
             if spec.method == "full_ft":
                 raise ValueError("full_ft has no fastpeft variant")
-            if backend:
-                os.environ["FASTPEFT_BACKEND"] = backend  # read by each layer when it is built
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
             if spec.method == "ia3":
                 cfg = fastpeft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
             else:
                 cfg = fastpeft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p, target_modules="all-linear")
-            model = fastpeft.patch(model, cfg)
+            # each layer takes the backend when it is built; restored afterwards (no leak into later rows)
+            with settings.override(**({"backend": backend} if backend else {})):
+                model = fastpeft.patch(model, cfg)
         else:
             raise ValueError(f"unknown impl {spec.impl!r}: torch, peft or fastpeft")
         model.train()

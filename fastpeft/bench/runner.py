@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from .. import settings
 from .environment import device_name, device_slug, gemm_tflops, gpu_memory_bytes, versions
 from .harness import new_row, run_config
 from .plan import ALPHA, DROPOUT, IA3_TARGETS, MODELS, RANK, SCHEMA, SEQ, GiB, make_plan, predict_s
@@ -31,7 +32,7 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
                      "lora_dropout": DROPOUT, "ia3_targets": IA3_TARGETS, "steps": steps, "warmup": warmup,
                      "gradient_checkpointing": "non-reentrant", "optimizer": "torch AdamW" + (
                          " (fused)" if device == "cuda" else ""), "attention": "sdpa",
-                     "fastpeft_backend": backend or os.environ.get("FASTPEFT_BACKEND", "auto"),
+                     "fastpeft_backend": backend or settings.get().backend,
                      "shapes": {m: {**MODELS[m], "batch": SEQ[m][0], "seq": SEQ[m][1]} for m in models}},
         "gemm_tflops": None, "rows": [], "notes": [],
     }
