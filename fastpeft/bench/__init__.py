@@ -32,7 +32,9 @@ is recorded as "oom", anything that cannot run as "skipped" with the reason, fai
 
 Writes into --out-dir (default ``benchmarks/results/<gpu>/``): ``step_<date>[_<models>].json`` (after
 every configuration, so a killed run keeps what it measured), ``.md`` (tables), ``_tokens.png`` and
-``_memory.png``.
+``_memory.png``. An earlier run's files are never replaced: a second run on the same day writes
+``step_<date>_run2.*`` (then ``_run3``...), unless ``--overwrite``. On a CPU run the peak is the process's
+peak RSS, and the report labels it as host RSS (no PEFT-vs-fastpeft memory ratio).
 
 Modules: ``plan`` (shapes, methods, targets, ``Spec``, the FLOP / memory model), ``environment`` (versions,
 device, GEMM rate), ``harness`` (build and time one configuration: ``prepare``, ``run_config``),
@@ -95,6 +97,8 @@ from .plan import (
 )
 from .profiling import BUCKETS, classify, profile_step
 from .reporting import (
+    free_stem,
+    host_rss,
     markdown,
     memory_table,
     output_stem,
@@ -123,7 +127,7 @@ __all__ = [
     # runner
     "run", "describe",
     # reporting
-    "output_stem", "write_json", "memory_table", "speed_table", "profile_table", "markdown", "require_plotting",
+    "output_stem", "free_stem", "host_rss", "write_json", "memory_table", "speed_table", "profile_table", "markdown", "require_plotting",
     "write_plots", "report",
     # cli
     "parse_args", "main",

@@ -44,13 +44,16 @@ def parse_args(argv=None):
                     help="backend of the fastpeft rows (fastpeft.settings; default: FASTPEFT_BACKEND's, else auto)")
     ap.add_argument("--report", nargs="+", default=None, metavar="JSON",
                     help="no run: merge these step JSONs and write markdown + plots")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the files of an earlier run with the same name (default: never; a second run "
+                         "on the same day writes step_<date>_run2.*, then _run3.*, ...)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.report:
-        report(a.report, a.out_dir, plots=not a.no_plots)
+        report(a.report, a.out_dir, plots=not a.no_plots, overwrite=a.overwrite)
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.model is None or a.model == "all":
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(gradient|activation)_checkpointing.*", category=FutureWarning)
             info = run(models, methods, device, steps, warmup, a.out_dir, profile_methods, dtype=dtype,
-                       budget_s=a.budget_s, plots=not a.no_plots, backend=a.backend, progress=not a.no_progress)
+                       budget_s=a.budget_s, plots=not a.no_plots, backend=a.backend, progress=not a.no_progress,
+                       overwrite=a.overwrite)
     finally:
         torch.set_num_threads(threads)
     bad_rows = [r for r in info["rows"] if r["status"] == "error"]

@@ -56,9 +56,13 @@ def _git_commit() -> Optional[str]:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name; on CPU the processor and the torch threads in use now (a CPU run sets one) out of the
+    machine's logical CPUs."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+    n = torch.get_num_threads()
+    return (f"CPU ({platform.processor() or platform.machine()}, {n} torch thread{'' if n == 1 else 's'} "
+            f"of {os.cpu_count()} logical CPUs)")
 
 
 def device_slug(device: str) -> str:

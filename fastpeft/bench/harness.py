@@ -115,7 +115,7 @@ def unavailable(spec: Spec, device: str) -> Optional[str]:
         return "bitsandbytes not installed"
     if spec.method == "lora_liger":
         if not have("liger_kernel"):
-            return "liger not installed: skipped (pip install liger-kernel)"
+            return "liger_kernel not installed (pip install liger-kernel)"
         if device != "cuda":
             return "Liger-Kernel's kernels need CUDA"
     return None

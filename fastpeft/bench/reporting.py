@@ -13,9 +13,25 @@ from .profiling import BUCKETS
 
 
 # -- files -----------------------------------------------------------------------------------------------
+OUTPUT_SUFFIXES = (".json", ".md", "_tokens.png", "_memory.png")  # what one run writes per stem
+
+
 def output_stem(models: List[str], date: str) -> str:
     tag = "" if set(models) >= {"1b", "8b"} or models == ["tiny"] else "_" + "-".join(models)
     return f"step_{date}{tag}"
+
+
+def free_stem(out_dir: str, name: str, overwrite: bool = False) -> str:
+    """``out_dir/name``, or -- when an earlier run already wrote files under that name and ``overwrite`` is off --
+    the first free ``name_run2``, ``name_run3``, ... (a second run on the same day keeps the first one's files)."""
+    base = os.path.join(out_dir, name)
+    if overwrite:
+        return base
+    stem, k = base, 1
+    while any(os.path.exists(stem + suffix) for suffix in OUTPUT_SUFFIXES):
+        k += 1
+        stem = f"{base}_run{k}"
+    return stem
 
 
 def write_json(info: Dict[str, Any], path: str) -> None:
@@ -59,8 +75,16 @@ def _models_in(rows) -> List[str]:
     return [m for m in order if m in present]
 
 
+def host_rss(info) -> bool:
+    """Whether the run's 'peak' numbers are the process's peak RSS (a CPU run), not GPU memory: then the report
+    says so and compares no memory between PEFT and fastpeft (the whole process's RSS is not the adapters')."""
+    kinds = {r.get("peak_kind") for r in info["rows"] if _ok(r)}
+    return "rss" in kinds or (not kinds and info.get("device_slug") == "cpu")
+
+
 def memory_table(info) -> List[str]:
     rows = info["rows"]
+    rss = host_rss(info)
     out = ["| model | Full FT | LoRA r=16 | QLoRA r=16 | IA3 |", "| --- | --- | --- | --- | --- |"]
     for model in _models_in(rows):
         cells = []
@@ -71,7 +95,7 @@ def memory_table(info) -> List[str]:
                 cells.append("not run")
                 continue
             ratio = ""
-            if _ok(p) and _ok(f) and p.get("peak_gib") and f.get("peak_gib") is not None:
+            if not rss and _ok(p) and _ok(f) and p.get("peak_gib") and f.get("peak_gib") is not None:
                 ratio = f" ({f['peak_gib'] / p['peak_gib']:.2f}×)"
             cells.append(f"PEFT {_gib(p)} → fastpeft {_gib(f)}{ratio}")
         out.append(f"| {MODELS[model]['name']} | " + " | ".join(cells) + " |")
@@ -93,15 +117,17 @@ def _mfu(r) -> str:
 def speed_table(info) -> List[str]:
     rows = info["rows"]
     judge = info.get("device_slug") != "cpu"  # no target verdicts on a CPU smoke run
+    rss = host_rss(info)  # CPU run: the memory columns are the process's RSS, without a PEFT-vs-fastpeft ratio
+    mem_cols = "host RSS PEFT | host RSS fastpeft |" if rss else "peak PEFT | peak fastpeft | memory × |"
     out = ["| model | method | PEFT tok/s | fastpeft tok/s | × vs PEFT | MFU PEFT | MFU fastpeft | "
-           "peak PEFT | peak fastpeft | memory × | targets |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           f"{mem_cols} targets |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | " + ("" if rss else "--- | ") + "--- |"]
     for model in _models_in(rows):
         name = MODELS[model]["name"]
         full = _find(rows, model, "full_ft", "torch")
         if full is not None:
             out.append(f"| {name} | Full FT (plain transformers) | {_tps(full)} | | | {_mfu(full)} | | {_gib(full)} "
-                       f"| | | |")
+                       f"| |{'' if rss else ' |'} |")
         for method in TABLE_ORDER:
             p, f = _find(rows, model, method, "peft"), _find(rows, model, method, "fastpeft")
             if p is None and f is None:
@@ -113,7 +139,7 @@ def speed_table(info) -> List[str]:
                 speed = f"{s:.2f}×"
                 if judge and method in SPEED_TARGET:
                     verdict.append(f"speed ≥{SPEED_TARGET[method]:g}× {'met' if s >= SPEED_TARGET[method] else 'missed'}")
-                if p.get("peak_gib") and f.get("peak_gib") is not None:
+                if not rss and p.get("peak_gib") and f.get("peak_gib") is not None:
                     m = f["peak_gib"] / p["peak_gib"]
                     mem = f"{m:.2f}×"
                     if judge and method in SPEED_TARGET:
@@ -121,7 +147,7 @@ def speed_table(info) -> List[str]:
             if judge and _ok(f) and _ok(full) and method.startswith("lora"):
                 verdict.append(f"{f['tokens_per_s'] / full['tokens_per_s']:.2f}× Full FT")
             out.append(f"| {name} | {METHOD_LABEL[method]} | {_tps(p)} | {_tps(f)} | {speed} | {_mfu(p)} | {_mfu(f)} | "
-                       f"{_gib(p)} | {_gib(f)} | {mem} | {'; '.join(verdict)} |")
+                       f"{_gib(p)} | {_gib(f)} |{'' if rss else f' {mem} |'} {'; '.join(verdict)} |")
     return out
 
 
@@ -174,7 +200,9 @@ def markdown(info) -> str:
              "quant, bf16 compute) quantized from the random bf16 weights."]
     for n in info.get("notes", []):
         head.append(f"Note: {n}")
-    lines = head + ["", "## Peak memory", ""] + memory_table(info) + ["", "## Speed", ""] + speed_table(info)
+    memory_heading = ("## Peak host RSS (CPU run: resident memory of the whole benchmark process, not GPU memory; "
+                      "no PEFT-vs-fastpeft ratio)" if host_rss(info) else "## Peak memory")
+    lines = head + ["", memory_heading, ""] + memory_table(info) + ["", "## Speed", ""] + speed_table(info)
     prof = profile_table(info)
     if prof:
         lines += ["", "## Where one step's time goes (torch profiler, one step)", "",
@@ -206,8 +234,10 @@ def write_plots(info, stem: str) -> List[str]:
 
     rows = info["rows"]
     files = []
+    mem_label = ("peak host RSS GiB, whole process (CPU run; not GPU memory)" if host_rss(info)
+                 else "peak allocated GiB (lower is better)")
     for key, fname, ylabel in (("tokens_per_s", "_tokens.png", "tokens / s (higher is better)"),
-                               ("peak_gib", "_memory.png", "peak allocated GiB (lower is better)")):
+                               ("peak_gib", "_memory.png", mem_label)):
         models = _models_in(rows)
         fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
         for ax, model in zip(axes[0], models):
@@ -247,8 +277,10 @@ def write_plots(info, stem: str) -> List[str]:
     return files
 
 
-def report(json_paths: List[str], out_dir: Optional[str], plots: bool, log=print) -> Dict[str, Any]:
-    """Merge the rows of several step JSONs (e.g. a 1b and an 8b run) and write markdown + plots."""
+def report(json_paths: List[str], out_dir: Optional[str], plots: bool, log=print, overwrite: bool = False
+           ) -> Dict[str, Any]:
+    """Merge the rows of several step JSONs (e.g. a 1b and an 8b run) and write markdown + plots (under a free
+    name unless ``overwrite``: see ``free_stem``)."""
     infos = []
     for p in json_paths:
         with open(p) as f:
@@ -268,7 +300,7 @@ def report(json_paths: List[str], out_dir: Optional[str], plots: bool, log=print
     models = _models_in(info["rows"])
     out_dir = out_dir or os.path.dirname(os.path.abspath(json_paths[0]))
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, output_stem(models, info["date"]))
+    stem = free_stem(out_dir, output_stem(models, info["date"]), overwrite)
     if plots:
         require_plotting()
     write_json(info, stem + ".json")

@@ -16,13 +16,15 @@ from .. import settings
 from .environment import device_name, device_slug, gemm_tflops, gpu_memory_bytes, versions
 from .harness import new_row, run_config
 from .plan import ALPHA, DROPOUT, IA3_TARGETS, MODELS, RANK, SCHEMA, SEQ, GiB, make_plan, predict_s
-from .reporting import markdown, output_stem, require_plotting, write_json, write_plots
+from .reporting import free_stem, markdown, output_stem, require_plotting, write_json, write_plots
 
 def run(models: List[str], methods: List[str], device: str, steps: int, warmup: int, out_dir: Optional[str],
         profile_methods: List[str], dtype: torch.dtype = torch.bfloat16, budget_s: Optional[float] = None,
         plots: bool = True, backend: Optional[str] = None, progress: bool = True,
-        log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run the plan; write JSON after each configuration and markdown + plots at the end."""
+        log: Callable[[str], None] = print, overwrite: bool = False) -> Dict[str, Any]:
+    """Run the plan; write JSON after each configuration and markdown + plots at the end, under
+    ``step_<date>[_<models>]`` or, if an earlier run wrote files under that name and ``overwrite`` is off,
+    the first free ``..._run2``, ``..._run3`` (``reporting.free_stem``)."""
     t_start = time.perf_counter()
     date = datetime.date.today().isoformat()
     info: Dict[str, Any] = {
@@ -43,7 +45,7 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
         require_plotting()
     out_dir = out_dir or os.path.join("benchmarks", "results", info["device_slug"])
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, output_stem(models, date))
+    stem = free_stem(out_dir, output_stem(models, date), overwrite)
     info["gemm_tflops"] = gemm_tflops(device)
     if info["gemm_tflops"]:
         log(f"bf16 GEMM 8192^3: {info['gemm_tflops']:.0f} TFLOP/s (the MFU denominator)")
@@ -119,6 +121,7 @@ def describe(row: Dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"{row['label']:<48} {row['status'].upper()}: {row['reason']}"
     mem = "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f} GiB"
+    mem_label = "host RSS" if row.get("peak_kind") == "rss" else "peak"
     mfu = "" if row.get("mfu") is None else f"  MFU {100 * row['mfu']:.1f}%"
     prof = ""
     if isinstance(row.get("profile"), dict) and "ms" in row["profile"]:
@@ -128,6 +131,6 @@ def describe(row: Dict[str, Any]) -> str:
     leak = row.get("allocated_before_gib") or 0.0
     if leak > 0.25:
         prof += f"\n    warning: {leak:.2f} GiB still allocated before this configuration was built (counted in its peak)"
-    return (f"{row['label']:<48} {row['tokens_per_s']:>10,.0f} tok/s  step {1e3 * row['step_s']:.1f} ms  peak {mem}"
+    return (f"{row['label']:<48} {row['tokens_per_s']:>10,.0f} tok/s  step {1e3 * row['step_s']:.1f} ms  {mem_label} {mem}"
             f"{mfu}  loss {row['loss_first']:.3f}->{row['loss_last']:.3f}  (build {row['build_s']:.1f} s){prof}")
 
