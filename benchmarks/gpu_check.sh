@@ -14,7 +14,7 @@ echo "csrc build rc=$?" >> "$OUT/csrc_build.txt"
 timeout "${T_TESTS:-600}" python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs -n 8 --timeout 240 --durations=15 > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests rc=$?" >> "$OUT/gpu_tests.txt"
 tail -25 "$OUT/gpu_tests.txt"
-timeout "${T_NF4:-400}" python3 benchmarks/nf4.py --sections dequant,decode_graph,crossover_graph --out "$OUT/nf4_h100.json" > "$OUT/nf4_bench.log" 2>&1
+timeout "${T_NF4:-400}" python3 benchmarks/scripts/bench_nf4.py --sections dequant,decode_graph,crossover_graph --out "$OUT/nf4_h100.json" > "$OUT/nf4_bench.log" 2>&1
 echo "nf4 bench rc=$?"; tail -30 "$OUT/nf4_bench.log"
-timeout "${T_COMPILE:-100}" python3 benchmarks/compile_check.py --out "$OUT/compile_check.json" > "$OUT/compile.log" 2>&1
+timeout "${T_COMPILE:-100}" python3 benchmarks/scripts/compile_check.py --out "$OUT/compile_check.json" > "$OUT/compile.log" 2>&1
 echo "compile rc=$?"; tail -8 "$OUT/compile.log"

@@ -6,6 +6,7 @@ breakdown, tables, plots), so a typo in it fails here rather than on the device.
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -97,7 +98,8 @@ def test_profile_breakdown(smoke):
 
 def test_markdown_and_plots(smoke):
     md = smoke["md"]
-    assert "## Peak memory" in md and "## Speed" in md and "## Where one step's time goes" in md
+    assert ("## Peak host RSS" if not CUDA else "## Peak memory") in md  # CPU: labelled as the process's RSS
+    assert "## Speed" in md and "## Where one step's time goes" in md
     assert "| model | Full FT | LoRA r=16 | QLoRA r=16 | IA3 |" in md
     assert "tiny Llama (2 layers)" in md and "PEFT " in md and "→ fastpeft" in md
     for label in ("LoRA r=16", "LoRA r=16, dropout 0.05", "QLoRA r=16", "QLoRA r=16, dropout 0.05", "IA3"):
@@ -190,7 +192,7 @@ def test_device_slug_and_outputs_stem():
 
 
 def test_full_ft_past_gpu_memory_is_recorded_as_oom_without_trying(monkeypatch):
-    monkeypatch.setattr(bench, "gpu_memory_bytes", lambda device: 40 * bench.GiB)
+    monkeypatch.setattr(bench.harness, "gpu_memory_bytes", lambda device: 40 * bench.GiB)  # where run_config looks it up
     row = bench.run_config(bench.Spec("8b", "full_ft", "torch"), "cuda", torch.bfloat16, 1, 0, None)
     assert row["status"] == "oom" and "estimated" in row["reason"] and "not tried" in row["reason"]
     assert row["estimate_gib"] > 40
@@ -239,3 +241,91 @@ def test_gpu_report_formatting(tmp_path):
 def test_gpu_slug(monkeypatch, name, slug):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     assert bench.device_slug("cuda") == slug
+
+
+# -- CPU-run report problems (issue: bench on a CPU-only machine) -------------------------------------------
+def _section(md: str, heading_start: str) -> str:
+    """The text of the markdown section whose heading starts with ``heading_start`` (up to the next '## ')."""
+    start = md.index(heading_start)
+    end = md.find("\n## ", start + 1)
+    return md[start:] if end < 0 else md[start:end]
+
+
+@pytest.mark.skipif(CUDA, reason="a CPU run's report (peak = process RSS)")
+def test_cpu_memory_is_labelled_host_rss_not_gpu_memory(smoke):
+    """On a CPU run the 'memory' numbers are the whole process's peak RSS: the report must say so and must not
+    compare them as if they were the adapters' GPU memory (every cell used to read '0.5 GiB ... (1.00×)')."""
+    md = smoke["md"]
+    assert "## Peak memory\n" not in md  # the GPU run's heading, unqualified
+    mem = _section(md, "## Peak host RSS")
+    assert "not GPU memory" in mem.splitlines()[0]
+    assert "×)" not in mem  # no PEFT-vs-fastpeft memory ratio from process RSS
+    speed = _section(md, "## Speed")
+    header = next(line for line in speed.splitlines() if line.startswith("| model | method"))
+    assert "host RSS PEFT" in header and "peak PEFT" not in header and "memory ×" not in header
+    ok = [r for r in smoke["info"]["rows"] if r["status"] == "ok"]
+    assert ok and all(r["peak_kind"] == "rss" for r in ok)
+
+
+def test_second_run_the_same_day_does_not_overwrite(tmp_path):
+    args = ["--model", "tiny", "--methods", "ia3", "--steps", "1", "--warmup", "0", "--out-dir", str(tmp_path),
+            "--no-progress", "--no-plots"]
+    assert bench.main(args) == 0
+    first = sorted(p.name for p in tmp_path.iterdir())
+    assert len([f for f in first if f.endswith(".json")]) == 1
+    saved = {f: (tmp_path / f).read_bytes() for f in first}
+    assert bench.main(args) == 0
+    second = sorted(p.name for p in tmp_path.iterdir())
+    assert set(second) > set(first) and len([f for f in second if f.endswith(".json")]) == 2, second
+    for f, data in saved.items():  # the first run's files are untouched
+        assert (tmp_path / f).read_bytes() == data, f
+    new_json = [f for f in second if f.endswith(".json") and f not in first][0]
+    assert json.loads((tmp_path / new_json).read_text())["rows"]
+    # --overwrite replaces the first run's files instead of adding a third set
+    assert bench.main(args + ["--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == second
+
+
+def test_help_says_what_a_second_run_does(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--overwrite" in out and "_run2" in out
+
+
+def test_skip_reason_says_skipped_once(monkeypatch):
+    """A configuration that cannot run is reported as 'skipped: <reason>', so the reason must not say
+    'skipped' again (it read 'skipped: liger not installed: skipped (pip install liger-kernel)')."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "liger_kernel" else real(name, *a, **k))
+    row = bench.run_config(bench.Spec("tiny", "lora_liger", "fastpeft"), "cpu", torch.float32, 1, 0, None,
+                           log=lambda s: None)
+    assert row["status"] == "skipped" and "liger" in row["reason"].lower() and "pip install liger-kernel" in row["reason"]
+    info = _gpu_like_info()
+    info["rows"] = [row]
+    line = next(s for s in bench.markdown(info).splitlines() if s.startswith(f"- {row['label']}"))
+    assert line.lower().count("skipped") == 1, line
+    assert bench.describe(row).lower().count("skipped") == 1, bench.describe(row)
+
+
+@pytest.mark.skipif(CUDA or not _has_matplotlib(), reason="the CPU run's plot title (needs matplotlib)")
+def test_plot_title_states_the_threads_actually_used(monkeypatch, tmp_path):
+    """The CPU run sets torch to one thread; the plots' title (the device string) said os.cpu_count() threads."""
+    import matplotlib.figure
+
+    titles = []
+    real = matplotlib.figure.Figure.suptitle
+
+    def record(self, t, *a, **k):
+        titles.append(t)
+        return real(self, t, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", record)
+    assert bench.main(["--model", "tiny", "--methods", "ia3", "--steps", "1", "--warmup", "0", "--out-dir",
+                       str(tmp_path), "--no-progress"]) == 0
+    assert len(titles) == 2  # tokens and memory plots
+    for t in titles:
+        m = re.search(r"(\d+) (?:torch )?threads?\b", t)
+        assert m and int(m.group(1)) == 1, t  # torch ran on one thread

@@ -3,7 +3,7 @@ the adapted layers and trains with the same losses as eager.
 
 CPU: the Triton kernels run under TRITON_INTERPRET=1 inside the ops (FASTPEFT_BACKEND=triton), and the
 compile backend is "aot_eager" (dynamo + AOTAutograd, no C++ toolchain needed; inductor is measured on the GPU
-by benchmarks/compile_check.py).
+by benchmarks/scripts/compile_check.py).
 """
 import copy
 

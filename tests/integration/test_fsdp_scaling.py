@@ -1,4 +1,4 @@
-"""CPU smoke test of benchmarks/fsdp_scaling.py: torchrun, gloo, tiny Llama, LoRA and QLoRA, fastpeft and PEFT.
+"""CPU smoke test of benchmarks/scripts/fsdp_scaling.py: torchrun, gloo, tiny Llama, LoRA and QLoRA, fastpeft and PEFT.
 
 A 1-process run (the baseline) and a 2-process run with --baseline; checks the JSON each writes: every row ran
 on every rank with tokens/s > 0 and memory fields, both impls are there, fastpeft and PEFT agree on the loss of
@@ -15,7 +15,7 @@ import pytest
 import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "fsdp_scaling.py")
+SCRIPT = os.path.join(ROOT, "benchmarks", "scripts", "fsdp_scaling.py")
 METHODS = ["lora", "qlora"]
 IMPLS = ["fastpeft", "peft"]
 

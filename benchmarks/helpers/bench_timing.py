@@ -1,7 +1,26 @@
-"""GPU-time measurement shared by the benchmarks: CUDA-graph replay, so host time (Python, launches) is left out."""
+"""Timing shared by the benchmark scripts (benchmarks/scripts/): eager median time per call (``timeit``) and
+GPU time per call from a CUDA-graph replay (``graph_ms``), which leaves host time (Python, launches) out."""
 from __future__ import annotations
 
+import time
+
 import torch
+
+
+def timeit(step, device) -> float:
+    """Median ms per call of ``step`` (eager, host included): triton.testing.do_bench on CUDA (L2 flushed
+    between calls), on CPU the middle of three wall-clock calls after one warm-up call."""
+    if device == "cuda":
+        import triton
+
+        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+    step()
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(ts)[1]
 
 
 def graph_ms(calls, reps: int = 20, warmup: int = 2) -> float:

@@ -1,13 +1,13 @@
-"""pytest-benchmark view of benchmarks/layers.py: `pytest benchmarks --benchmark-only`.
+"""pytest-benchmark view of benchmarks/scripts/bench_layers.py: `pytest benchmarks --benchmark-only`.
 
 On CUDA: Llama-3-8B projection shapes at M=4096 and 16, bf16; on CPU: tiny shapes, fp32 (the Triton
 kernels run under the interpreter), so the command never breaks. Ratios vs the dense base go into
-extra_info; benchmarks/layers.py prints the side-by-side table and writes the JSON.
+extra_info; benchmarks/scripts/bench_layers.py prints the side-by-side table and writes the JSON.
 """
 import pytest
 import torch
 
-import layers
+import bench_layers as layers  # benchmarks/scripts/ (on sys.path: benchmarks/conftest.py)
 
 CUDA = torch.cuda.is_available()
 SHAPES = layers.LLAMA8B if CUDA else layers.TINY

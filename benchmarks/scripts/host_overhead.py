@@ -1,17 +1,23 @@
 """Host cost per call of the pieces a fastpeft layer is made of (CUDA only): where the eager host time goes.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--out host.json]
+    python benchmarks/scripts/host_overhead.py [--out host.json]
 
 Each row: median host time (µs) of one call, measured with perf_counter while the GPU is kept busy by queued
 matmuls (so no call waits on the device). Tiny tensors: the numbers are pure launch / dispatch / Python cost.
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 import triton
 import triton.language as tl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's fastpeft
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Where one layer's fwd+bwd time goes: kernels (GPU time) vs the host (Python, launches, autograd).
 
-    PYTHONPATH=. python benchmarks/profile_layer.py [--M 4096 16] [--proj q/o k/v] [--methods ...] [--out f.json]
+    python benchmarks/scripts/profile_layer.py [--M 4096 16] [--proj q/o k/v] [--methods ...] [--out f.json]
 
 Per (projection, M, method), four numbers, all in ms per fwd+bwd:
   graph   : replay of a CUDA graph of the step -- the GPU work alone, launch gaps removed
@@ -16,17 +16,21 @@ import os
 import sys
 import time
 
-sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+HERE = os.path.dirname(os.path.abspath(__file__))  # benchmarks/scripts/
+BENCH = os.path.dirname(HERE)
+for _p in (HERE, os.path.join(BENCH, "helpers"), os.path.dirname(BENCH)):  # bench_layers, timing, the repo's fastpeft
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import _timing  # noqa: E402
-import layers  # noqa: E402
+import bench_layers as layers  # noqa: E402
+import bench_timing  # noqa: E402
 
 
 def graph_ms(step, n=20):
-    return _timing.graph_ms([step], reps=n, warmup=3)
+    return bench_timing.graph_ms([step], reps=n, warmup=3)
 
 
 def b2b_ms(step, n=30):

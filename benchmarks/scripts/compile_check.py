@@ -1,10 +1,11 @@
 """torch.compile check: a patched Llama-shaped model trains compiled with the same losses as eager; step times.
 
-    python benchmarks/compile_check.py                       # GPU: bf16, Llama-3.2-1B-like shape (4 layers)
-    python benchmarks/compile_check.py --tiny --backend aot_eager   # CPU smoke run (FASTPEFT_BACKEND=triton,
+    python benchmarks/scripts/compile_check.py                       # GPU: bf16, Llama-3.2-1B-like shape (4 layers)
+    python benchmarks/scripts/compile_check.py --tiny --backend aot_eager   # CPU smoke run (fastpeft backend triton
+                                                                    # unless FASTPEFT_BACKEND says otherwise,
                                                                     # TRITON_INTERPRET=1 set automatically)
-    python benchmarks/compile_check.py --qlora               # the same on an NF4 (bnb Linear4bit) base
-    python benchmarks/compile_check.py --host-overhead       # host time per call: custom op vs autograd.Function
+    python benchmarks/scripts/compile_check.py --qlora               # the same on an NF4 (bnb Linear4bit) base
+    python benchmarks/scripts/compile_check.py --host-overhead       # host time per call: custom op vs autograd.Function
 
 Prints one JSON object (and writes it with --out): per-step losses eager / compiled, their max relative
 difference, median step time eager / compiled (steps after the first two, which include compilation), the
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's fastpeft
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -84,10 +85,16 @@ def count_graph_breaks(model, ids, backend):
 def compile_check(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
+        # Triton's own switch, read when fastpeft defines its kernels: set before the first import of fastpeft
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ.setdefault("FASTPEFT_BACKEND", "triton")
+    from fastpeft import settings
+
+    backend = settings.get().backend
+    if device.type == "cpu" and backend == "auto":
+        backend = "triton"  # the kernels (interpreted), not the reference path; FASTPEFT_BACKEND=reference stays
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, cfg = build(args, device, dtype)
+    with settings.override(backend=backend):  # each layer takes the backend when it is built
+        model, cfg = build(args, device, dtype)
     compiled_model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(device)

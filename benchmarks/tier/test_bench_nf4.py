@@ -1,4 +1,4 @@
-"""pytest-benchmark view of benchmarks/nf4.py: `pytest benchmarks/test_nf4.py --benchmark-only`.
+"""pytest-benchmark view of benchmarks/scripts/bench_nf4.py: `pytest benchmarks/tier/test_bench_nf4.py --benchmark-only`.
 
 CUDA: Llama-3-8B shapes (dequant of one weight, QLoRA layer fwd+bwd at M=4096, decode at M=1); CPU: tiny
 shapes in fp32 with the Triton kernels interpreted, so the command never breaks.
@@ -6,7 +6,7 @@ shapes in fp32 with the Triton kernels interpreted, so the command never breaks.
 import pytest
 import torch
 
-import nf4 as nf4_bench
+import bench_nf4 as nf4_bench  # benchmarks/scripts/ (on sys.path: benchmarks/conftest.py)
 
 CUDA = torch.cuda.is_available()
 SHAPES = nf4_bench.LLAMA8B if CUDA else nf4_bench.TINY

@@ -2,17 +2,17 @@
 
     # 1 GPU first: its JSON is the baseline (scaling efficiency 1.0 by definition; it still runs FSDP2, on a
     # 1-rank mesh, so the two runs differ only in the number of GPUs)
-    torchrun --standalone --nproc-per-node 1 benchmarks/fsdp_scaling.py --model 8b --out 8b_x1.json
+    torchrun --standalone --nproc-per-node 1 benchmarks/scripts/fsdp_scaling.py --model 8b --out 8b_x1.json
     # N GPUs: efficiency = (mean tokens/s per GPU at N) / (tokens/s per GPU at 1), per (method, impl)
-    torchrun --standalone --nproc-per-node 2 benchmarks/fsdp_scaling.py --model 8b --baseline 8b_x1.json \
+    torchrun --standalone --nproc-per-node 2 benchmarks/scripts/fsdp_scaling.py --model 8b --baseline 8b_x1.json \
         --out 8b_x2.json
     # 70B QLoRA (fewer steps: a step is ~10x an 8B step)
-    torchrun --standalone --nproc-per-node 1 benchmarks/fsdp_scaling.py --model 70b --methods qlora \
+    torchrun --standalone --nproc-per-node 1 benchmarks/scripts/fsdp_scaling.py --model 70b --methods qlora \
         --steps 3 --warmup 1 --out 70b_x1.json
-    torchrun --standalone --nproc-per-node 2 benchmarks/fsdp_scaling.py --model 70b --methods qlora \
+    torchrun --standalone --nproc-per-node 2 benchmarks/scripts/fsdp_scaling.py --model 70b --methods qlora \
         --steps 3 --warmup 1 --baseline 70b_x1.json --out 70b_x2.json
     # CPU smoke test (gloo, tiny 2-layer Llama, fp32, fastpeft reference backend): tests/test_fsdp_scaling.py
-    FASTPEFT_BACKEND=reference torchrun --standalone --nproc-per-node 2 benchmarks/fsdp_scaling.py --model tiny \
+    FASTPEFT_BACKEND=reference torchrun --standalone --nproc-per-node 2 benchmarks/scripts/fsdp_scaling.py --model tiny \
         --steps 2
 
 Each rank trains on its own random ``--batch-per-gpu`` x ``--seq`` batches (seeded by rank: weak scaling, the
@@ -90,11 +90,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's fastpeft
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo's fastpeft
 import fastpeft  # noqa: E402
-from fastpeft import bench  # noqa: E402
+from fastpeft import bench, settings  # noqa: E402
 from fastpeft.bench import GiB, PeakMemory, free_memory, versions  # noqa: E402
-from fastpeft.bench import _sync  # private in fastpeft.bench; reused rather than copied  # noqa: E402
+from fastpeft.bench import sync as _sync  # noqa: E402
 from fastpeft.distributed import is_sharded, prepare_fsdp2, shard_like  # noqa: E402
 
 SCHEMA = "fastpeft.bench.fsdp_scaling/1"
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
         "settings": dict(model=a.model, model_name=MODELS[a.model]["name"], seq=a.seq, batch_per_gpu=a.batch_per_gpu,
                          steps=a.steps, warmup=a.warmup, dtype=str(dtype), mp=use_mp, rank=bench.RANK,
                          lora_alpha=bench.ALPHA, lora_dropout=0.0, target_modules="all-linear", seed=a.seed,
-                         fastpeft_backend=os.environ.get("FASTPEFT_BACKEND", "auto"),
+                         fastpeft_backend=settings.get().backend,
                          gradient_checkpointing="non-reentrant", optimizer="AdamW(foreach)",
                          baseline=a.baseline),
         "rows": [],

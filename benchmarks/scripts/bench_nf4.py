@@ -1,7 +1,7 @@
 """QLoRA / NF4 benchmarks: dequant bandwidth, layer fwd+bwd (dense bf16 vs PEFT+bnb vs fastpeft), the
 buffer-vs-fused crossover in M, and decode (M = 1, 16) against the weight-bandwidth floor.
 
-    PYTHONPATH=. python benchmarks/nf4.py --out nf4.json        (CUDA: Llama-3-8B shapes; CPU: tiny shapes)
+    python benchmarks/scripts/bench_nf4.py --out nf4.json        (CUDA: Llama-3-8B shapes; CPU: tiny shapes)
 
 Times: median of triton.testing.do_bench on CUDA (L2 flushed between calls), wall clock on CPU. Every
 section records the floor it is measured against (bytes / measured copy bandwidth). Sections that need
@@ -20,12 +20,18 @@ import traceback
 
 import torch
 
-if not torch.cuda.is_available():
+if __name__ == "__main__" and not torch.cuda.is_available():
+    # Triton's own switch (not a fastpeft setting): read once, when fastpeft defines its kernels, so it is set
+    # here, before the import below; under pytest, benchmarks/conftest.py and tests/conftest.py set it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import graph_ms  # noqa: E402  (CUDA-graph GPU time; see its docstring)
-import layers  # noqa: E402
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+for _p in (os.path.join(BENCH, "helpers"), os.path.dirname(BENCH)):  # the timing helpers, the repo's fastpeft
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+from bench_timing import graph_ms, timeit  # noqa: E402  (CUDA-graph GPU time, eager median; see their docstrings)
+
+import fastpeft  # noqa: E402
+from fastpeft import settings  # noqa: E402  (the FASTPEFT_* switches: settings.override restores them on exit)
 
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 TINY = {"q/o": (64, 64), "k/v": (64, 32), "gate/up": (64, 128), "down": (128, 64)}
@@ -33,8 +39,8 @@ RANK, ALPHA = 16, 32
 
 
 def bench(fn, cuda: bool) -> float:
-    """Median ms (eager, host included): layers.timeit (triton do_bench on CUDA, wall clock on CPU)."""
-    return layers.timeit(fn, "cuda" if cuda else "cpu")
+    """Median ms (eager, host included): bench_timing.timeit (triton do_bench on CUDA, wall clock on CPU)."""
+    return timeit(fn, "cuda" if cuda else "cpu")
 
 
 def _copies(nbytes: int, cold_bytes: int = 160 << 20) -> int:
@@ -118,10 +124,9 @@ def _layer(method, K, N, device, dtype, p):
                         lora_alpha=ALPHA, lora_dropout=p, init_lora_weights=False)
         m.train()
         return m
-    import fastpeft
-
-    os.environ["FASTPEFT_BACKEND"] = "auto" if device.type == "cuda" else "triton"
-    m = fastpeft.LoraLinear(q, "default", r=RANK, lora_alpha=ALPHA, lora_dropout=p, init_lora_weights=False)
+    # each layer takes the backend current when it is built; on CPU the kernels run under the interpreter
+    with settings.override(backend="auto" if device.type == "cuda" else "triton"):
+        m = fastpeft.LoraLinear(q, "default", r=RANK, lora_alpha=ALPHA, lora_dropout=p, init_lora_weights=False)
     m.train()
     return m
 
@@ -135,21 +140,21 @@ def layer_section(shapes, device, cuda, rows, Ms, methods, paths=("auto",), log=
             for method, p in methods:
                 for path in (paths if method == "fastpeft_qlora" else ("-",)):
                     try:
-                        os.environ["FASTPEFT_NF4_GEMM"] = path if path != "-" else "auto"
-                        m = _layer(method, K, N, device, dtype, p)
-                        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-                        dy = torch.randn(M, N, device=device, dtype=dtype)
+                        with settings.override(nf4_gemm=path if path != "-" else "auto"):  # read per call
+                            m = _layer(method, K, N, device, dtype, p)
+                            x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+                            dy = torch.randn(M, N, device=device, dtype=dtype)
 
-                        def fwd_bwd():
-                            y = m(x)
-                            y.backward(dy)
+                            def fwd_bwd():
+                                y = m(x)
+                                y.backward(dy)
 
-                        def fwd():
-                            with torch.no_grad():
-                                m(x)
+                            def fwd():
+                                with torch.no_grad():
+                                    m(x)
 
-                        t_fb = bench(fwd_bwd, cuda)
-                        t_f = bench(fwd, cuda)
+                            t_fb = bench(fwd_bwd, cuda)
+                            t_f = bench(fwd, cuda)
                         rows.append(dict(section="layer", shape=name, K=K, N=N, M=M, method=method, dropout=p,
                                          path=path, fwd_bwd_ms=t_fb, fwd_nograd_ms=t_f))
                         if log:
@@ -157,8 +162,6 @@ def layer_section(shapes, device, cuda, rows, Ms, methods, paths=("auto",), log=
                     except Exception as exc:  # noqa: BLE001
                         rows.append(dict(section="layer", shape=name, M=M, method=method, dropout=p, path=path,
                                          skipped=repr(exc)[:400]))
-                    finally:
-                        os.environ.pop("FASTPEFT_NF4_GEMM", None)
     # ratios against the dense base of the same shape / M
     base = {(r["shape"], r["M"]): r["fwd_bwd_ms"] for r in rows if r.get("section") == "layer"
             and r.get("method") == "dense" and "fwd_bwd_ms" in r}
@@ -297,37 +300,33 @@ def crossover_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16, 32, 64, 128,
     """Training fwd+bwd GPU time per layer (CUDA graph, cold L2) for the two NF4 paths -- "fused" (in-kernel
     dequant GEMM) vs "buffer" (dequant into the shared buffer + cuBLAS) -- and the dense bf16 base, per M:
     the measurement behind ``fastpeft.ops.nf4_lora.FUSED_MAX_M``."""
-    import fastpeft
-
     dtype = torch.bfloat16
-    os.environ["FASTPEFT_BACKEND"] = "auto"
     for name, (K, N) in shapes.items():
         wbytes = N * K // 2 + N * K // 64
         n_copies = _copies(wbytes)
         layers = []
         for _ in range(n_copies):
             lin, q = _bnb_layer(K, N, device, dtype)
-            m = fastpeft.LoraLinear(q, "default", r=RANK, lora_alpha=ALPHA, init_lora_weights=False).train()
+            with settings.override(backend="auto"):  # taken by the layer when it is built
+                m = fastpeft.LoraLinear(q, "default", r=RANK, lora_alpha=ALPHA, init_lora_weights=False).train()
             layers.append((lin.requires_grad_(False), m))
         for M in Ms:
             x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
             dy = torch.randn(M, N, device=device, dtype=dtype)
             floor_us = 2 * wbytes / (bw * 1e9) * 1e6  # forward + dX each stream the 4-bit weight once
             for path in ("dense", "buffer", "fused"):
-                os.environ["FASTPEFT_NF4_GEMM"] = "auto" if path == "dense" else path
                 try:
                     def step(mod):
                         mod(x).backward(dy)
 
-                    us = graph_ms([(lambda mod=(lin if path == "dense" else m): step(mod))
-                                   for lin, m in layers]) * 1e3
+                    with settings.override(nf4_gemm="auto" if path == "dense" else path):  # read per call
+                        us = graph_ms([(lambda mod=(lin if path == "dense" else m): step(mod))
+                                       for lin, m in layers]) * 1e3
                     rows.append(dict(section="crossover_graph", shape=name, K=K, N=N, M=M, path=path,
                                      fwd_bwd_us=us, nf4_floor_us=floor_us, copies=n_copies))
                 except Exception as exc:  # noqa: BLE001
                     rows.append(dict(section="crossover_graph", shape=name, M=M, path=path,
                                      skipped=repr(exc)[:400]))
-                finally:
-                    os.environ.pop("FASTPEFT_NF4_GEMM", None)
                 print(json.dumps(rows[-1]), flush=True)
         del layers
         torch.cuda.empty_cache()

@@ -4,7 +4,7 @@ One test per (method, implementation): PEFT and fastpeft for LoRA, LoRA dropout 
 0.05, IA3 and LoRA + Liger, plus plain Full FT. Default shapes: the tiny 2-layer Llama (CPU or GPU: a few
 seconds). The real shapes take minutes and need a GPU; opt in with
 
-    FASTPEFT_BENCH_MODEL=1b pytest benchmarks/test_step.py --benchmark-only     (or 8b)
+    FASTPEFT_BENCH_MODEL=1b pytest benchmarks/tier/test_bench_step.py --benchmark-only     (or 8b)
 
 tokens/s and peak memory go into extra_info; ``python -m fastpeft.bench`` prints the side-by-side tables and
 writes JSON / markdown / plots. Whatever cannot run is skipped with the reason (pytest -ra shows it).
@@ -57,7 +57,7 @@ def test_step(benchmark, spec):
 
         def step():
             losses.append(prep.step())
-            bench._sync(DEVICE)
+            bench.sync(DEVICE)
 
         try:
             benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)

@@ -1,44 +1,34 @@
 """Layer benchmarks: one Llama-3-8B projection, frozen dense base vs PEFT vs fastpeft (LoRA r=16, IA3).
 
-    PYTHONPATH=. python benchmarks/layers.py --out results.json     (GPU: full shapes; CPU: tiny shapes)
+    python benchmarks/scripts/bench_layers.py --out results.json     (GPU: full shapes; CPU: tiny shapes)
 
 Each row: method, projection, M, fwd ms and fwd+bwd ms (median of triton.testing.do_bench on CUDA, with
 L2 flushed between calls; wall clock on CPU), ratio vs the dense base, and the floor (FLOPs and bytes over
-the ceilings measured in the same run). Also imported by benchmarks/test_layers.py (pytest-benchmark).
+the ceilings measured in the same run). Also imported by benchmarks/scripts/profile_layer.py and the
+pytest-benchmark tier (benchmarks/tier/test_bench_layers.py).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import platform
-import time
+import sys
 
 import torch
+
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+for _p in (os.path.join(BENCH, "helpers"), os.path.dirname(BENCH)):  # the timing helpers, the repo's fastpeft
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+from bench_timing import timeit  # noqa: E402  (eager median ms per call; see its docstring)
 
 # Llama-3-8B projections (in=K, out=N); k/v, q/o and gate/up share shapes and are timed once each.
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 TINY = {"q/o": (64, 64), "k/v": (64, 16), "gate/up": (64, 176), "down": (176, 64)}
 RANK = 16
 ALPHA = 32
-
-
-@contextlib.contextmanager
-def env(name, value):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _seed():
@@ -73,42 +63,35 @@ def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
         m.ia3_l["default"].data = (torch.rand_like(m.ia3_l["default"].float()) + 0.5)
         m.base_layer.weight.requires_grad_(False)
         return m, [m.ia3_l["default"]]
-    if method.startswith("fastpeft_lora"):
+    if method in ("fastpeft_lora", "fastpeft_lora_p05"):
         from fastpeft.ops.lora import lora_linear
 
         p = 0.05 if "p05" in method else 0.0
-        mode = "triton" if method.endswith("triton") else "cublas" if method.endswith("cublas") else None
         A = (torch.randn(RANK, K, device=device) / K**0.5).requires_grad_()
         B = (torch.randn(N, RANK, device=device) * 0.02).requires_grad_()
         w = base.weight
 
         def f(x):
-            with env("FASTPEFT_LORA_GEMM", mode):
-                return lora_linear(x, w, None, A, B, ALPHA / RANK, p, _seed() if p > 0 else None)
+            return lora_linear(x, w, None, A, B, ALPHA / RANK, p, _seed() if p > 0 else None)
 
         return f, [A, B]
-    if method.startswith("fastpeft_ia3"):
+    if method == "fastpeft_ia3":
         from fastpeft.ops.ia3 import ia3_linear
 
-        mode = "triton" if method.endswith("triton") else "cublas" if method.endswith("cublas") else None
         l = (torch.rand((1, K) if feedforward else (N, 1), device=device) + 0.5).requires_grad_()
         w = base.weight
 
         def f(x):
-            with env("FASTPEFT_IA3_GEMM", mode):
-                return ia3_linear(x, w, None, l, feedforward)
+            return ia3_linear(x, w, None, l, feedforward)
 
         return f, [l]
     raise ValueError(method)
 
 
-METHODS = [
-    "dense",
-    "peft_lora", "peft_lora_p05",
-    "fastpeft_lora", "fastpeft_lora_triton", "fastpeft_lora_cublas",
-    "fastpeft_lora_p05", "fastpeft_lora_p05_triton", "fastpeft_lora_p05_cublas",
-    "peft_ia3", "fastpeft_ia3", "fastpeft_ia3_triton", "fastpeft_ia3_cublas",
-]
+# fastpeft rows run the library's default path. The *_triton / *_cublas rows of the 2026-11-23 results
+# (docs/performance-log.md) chose the GEMM through FASTPEFT_LORA_GEMM / FASTPEFT_IA3_GEMM; the library is
+# dropping those switches together with its Triton GEMM, so the benchmark no longer sets them.
+METHODS = ["dense", "peft_lora", "peft_lora_p05", "fastpeft_lora", "fastpeft_lora_p05", "peft_ia3", "fastpeft_ia3"]
 
 
 def make_step(fn, x, g, bwd: bool):
@@ -122,20 +105,6 @@ def make_step(fn, x, g, bwd: bool):
         y = fn(x)
         y.backward(g)
     return step
-
-
-def timeit(step, device) -> float:
-    if device == "cuda":
-        import triton
-
-        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
-    step()
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        step()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return sorted(ts)[1]
 
 
 def ceilings(device):

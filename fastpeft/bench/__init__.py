@@ -1,0 +1,134 @@
+"""Whole-training-step benchmark: PEFT vs fastpeft, side by side in one run.
+
+    python -m fastpeft.bench                       # CUDA: Llama-3.2-1B and Llama-3.1-8B shapes, all methods
+    python -m fastpeft.bench --model 1b --quick    # one model, fewer steps, no dropout variants
+    python -m fastpeft.bench --report a.json b.json --out-dir benchmarks/results/h100   # merge split runs
+
+Needs the ``bench`` extra for the PNG plots (``pip install -e ".[bench]"``: matplotlib, tqdm) or
+``--no-plots``. On a machine without a GPU it runs a tiny 2-layer Llama on the CPU (said so on the first
+line), so the command always works; those numbers are a smoke test, not a measurement.
+
+One configuration = a Llama-shaped ``LlamaForCausalLM`` built from a config with random weights (nothing
+is downloaded), bf16, sdpa attention, batch 2 × 2048 tokens, HF gradient checkpointing (non-reentrant),
+``torch.optim.AdamW`` (fused on CUDA) over the trainable parameters, loss = ``model(ids, labels=ids).loss``.
+Methods (r=16, alpha=32, all linear layers but the output head; IA3 on k, v, down with down feed-forward):
+
+    full_ft        plain transformers, every parameter trains (one row, no adapter library)
+    lora           LoRA                               PEFT get_peft_model  | fastpeft.patch
+    lora_dropout   LoRA, lora_dropout=0.05
+    qlora          LoRA on an NF4 + double-quant base (bitsandbytes Linear4bit, bf16 compute);
+                   PEFT side: prepare_model_for_kbit_training first (PEFT's QLoRA recipe: it also upcasts
+                   embeddings, norms and the head to fp32); fastpeft side: fastpeft.patch on the same base
+    qlora_dropout  QLoRA, lora_dropout=0.05
+    ia3            IA3 (k_proj, v_proj, down_proj; down_proj feed-forward)
+    lora_liger     LoRA + Liger-Kernel's non-adapter kernels (RoPE, RMSNorm, SwiGLU, fused linear cross
+                   entropy) on both sides, when liger_kernel is importable and CUDA is there
+
+Each row: tokens/s (batch tokens / median step time over the timed steps, after the warm-up steps),
+peak allocated GiB (``torch.cuda.max_memory_allocated`` after a reset that follows building the model
+and the optimizer, so it holds weights, adapter grads, optimizer states and activations), MFU against
+the bf16 GEMM rate measured in the same run (8192³), the loss of the first and last step. Out-of-memory
+is recorded as "oom", anything that cannot run as "skipped" with the reason, failures as "error".
+
+Writes into --out-dir (default ``benchmarks/results/<gpu>/``): ``step_<date>[_<models>].json`` (after
+every configuration, so a killed run keeps what it measured), ``.md`` (tables), ``_tokens.png`` and
+``_memory.png``. An earlier run's files are never replaced: a second run on the same day writes
+``step_<date>_run2.*`` (then ``_run3``...), unless ``--overwrite``. On a CPU run the peak is the process's
+peak RSS, and the report labels it as host RSS (no PEFT-vs-fastpeft memory ratio).
+
+Modules: ``plan`` (shapes, methods, targets, ``Spec``, the FLOP / memory model), ``environment`` (versions,
+device, GEMM rate), ``harness`` (build and time one configuration: ``prepare``, ``run_config``),
+``profiling`` (``profile_step``: where one step's time goes), ``runner`` (``run``: the whole plan, progress,
+JSON after every configuration), ``reporting`` (markdown tables, JSON, PNG plots, ``report`` to merge runs),
+``cli`` (the options; ``__main__`` runs it). The names below are re-exported here; the reusable pieces serve
+the pytest-benchmark tier under ``benchmarks/`` and ``tests/test_bench.py``.
+"""
+from .cli import main, parse_args
+from .environment import (
+    device_name,
+    device_slug,
+    free_memory,
+    gemm_tflops,
+    gpu_memory_bytes,
+    have,
+    sync,
+    versions,
+)
+from .harness import (
+    PeakMemory,
+    Prepared,
+    build_base,
+    liger_patched,
+    llama_config,
+    new_row,
+    prepare,
+    quantize_nf4,
+    run_config,
+    unavailable,
+)
+from .plan import (
+    ALPHA,
+    DROPOUT,
+    IA3_FEEDFORWARD,
+    IA3_TARGETS,
+    IMPL_LABEL,
+    MEMORY_TARGET,
+    METHOD_LABEL,
+    METHODS,
+    MODELS,
+    PRIOR_BUILD_S,
+    PRIOR_PROFILE_S,
+    PRIOR_STEP_S,
+    QUICK_METHODS,
+    RANK,
+    SCHEMA,
+    SEQ,
+    SPEED_TARGET,
+    TABLE_ORDER,
+    GiB,
+    Spec,
+    full_ft_estimate_bytes,
+    linear_params,
+    lora_dropout_of,
+    make_plan,
+    predict_s,
+    step_flops,
+    total_params,
+)
+from .profiling import BUCKETS, classify, profile_step
+from .reporting import (
+    free_stem,
+    host_rss,
+    markdown,
+    memory_table,
+    output_stem,
+    profile_table,
+    report,
+    require_plotting,
+    speed_table,
+    write_json,
+    write_plots,
+)
+from .runner import describe, run
+
+__all__ = [
+    # plan
+    "GiB", "RANK", "ALPHA", "DROPOUT", "IA3_TARGETS", "IA3_FEEDFORWARD", "SCHEMA", "MODELS", "SEQ", "METHODS",
+    "TABLE_ORDER", "QUICK_METHODS", "METHOD_LABEL", "IMPL_LABEL", "SPEED_TARGET", "MEMORY_TARGET",
+    "PRIOR_STEP_S", "PRIOR_BUILD_S", "PRIOR_PROFILE_S", "Spec", "lora_dropout_of", "make_plan", "predict_s",
+    "linear_params", "total_params", "step_flops", "full_ft_estimate_bytes",
+    # environment
+    "have", "versions", "device_name", "device_slug", "gpu_memory_bytes", "gemm_tflops", "free_memory", "sync",
+    # harness
+    "llama_config", "build_base", "quantize_nf4", "liger_patched", "unavailable", "Prepared", "prepare",
+    "PeakMemory", "new_row", "run_config",
+    # profiling
+    "BUCKETS", "classify", "profile_step",
+    # runner
+    "run", "describe",
+    # reporting
+    "output_stem", "free_stem", "host_rss", "write_json", "memory_table", "speed_table", "profile_table", "markdown", "require_plotting",
+    "write_plots", "report",
+    # cli
+    "parse_args", "main",
+]

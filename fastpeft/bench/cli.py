@@ -1,0 +1,107 @@
+"""Whole-training-step benchmark: PEFT vs fastpeft, side by side in one run.
+
+The command line of ``python -m fastpeft.bench`` (``fastpeft/bench/__main__.py`` calls ``main``): parses the
+options, picks the models, methods, steps and device, runs the plan (``runner.run``) or, with ``--report``,
+merges earlier runs' JSON (``reporting.report``).
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+import transformers
+
+from .. import settings
+from .environment import have
+from .plan import METHODS, MODELS, QUICK_METHODS, SEQ
+from .reporting import report
+from .runner import run
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fastpeft.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["1b", "8b", "tiny", "all"], default=None,
+                    help="model shape (default: all = 1b and 8b on CUDA; tiny on a CPU-only machine)")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: {','.join(QUICK_METHODS)})")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5; CPU 3; quick 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2; CPU 1; quick 1)")
+    ap.add_argument("--out-dir", default=None, help="where the files go (default benchmarks/results/<gpu>/)")
+    ap.add_argument("--liger", dest="liger", action="store_true", default=None,
+                    help="add the Liger rows (default: when liger_kernel is installed)")
+    ap.add_argument("--no-liger", dest="liger", action="store_false")
+    ap.add_argument("--profile", nargs="?", const="lora,qlora", default="",
+                    help="profile one extra step of these methods on the run's largest model, both sides "
+                         "(default when given: lora,qlora)")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, no dropout variants")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip (and say so) configurations that would end past this many seconds")
+    ap.add_argument("--no-plots", action="store_true", help="no PNG plots (no matplotlib needed)")
+    ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a tqdm bar")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--backend", choices=["auto", "triton", "reference"], default=None,
+                    help="backend of the fastpeft rows (fastpeft.settings; default: FASTPEFT_BACKEND's, else auto)")
+    ap.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                    help="no run: merge these step JSONs and write markdown + plots")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the files of an earlier run with the same name (default: never; a second run "
+                         "on the same day writes step_<date>_run2.*, then _run3.*, ...)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.report:
+        report(a.report, a.out_dir, plots=not a.no_plots, overwrite=a.overwrite)
+        return 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.model is None or a.model == "all":
+        models = ["1b", "8b"] if device == "cuda" else ["tiny"]
+    else:
+        models = [a.model]
+    if device != "cuda" and models != ["tiny"]:
+        raise SystemExit(f"fastpeft.bench: --model {a.model} needs a CUDA GPU; on this machine use --model tiny "
+                         "(the default without a GPU)")
+    if device != "cuda":
+        s = MODELS["tiny"]
+        print(f"fastpeft.bench: no CUDA device -> tiny shapes on the CPU ({s['num_hidden_layers']}-layer Llama, "
+              f"hidden {s['hidden_size']}, batch {SEQ['tiny'][0]} x {SEQ['tiny'][1]} tokens): a smoke test, "
+              "not a measurement", flush=True)
+    if a.backend == "triton" and device != "cuda" and not settings.get().triton_interpret:
+        raise SystemExit("fastpeft.bench: --backend triton without a GPU needs TRITON_INTERPRET=1 in the "
+                         "environment (set before Python starts) and --dtype fp32")
+    methods = a.methods.split(",") if a.methods else (QUICK_METHODS if a.quick else METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"fastpeft.bench: unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    if a.liger is False:
+        methods = [m for m in methods if m != "lora_liger"]
+    elif a.liger is True and not have("liger_kernel"):
+        raise SystemExit("fastpeft.bench: --liger given but liger_kernel is not importable (pip install liger-kernel)")
+    profile_methods = [m for m in a.profile.split(",") if m] if a.profile else []
+    bad = [m for m in profile_methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"fastpeft.bench: unknown --profile method(s) {bad}; choose from {', '.join(METHODS)}")
+    cpu = device != "cuda"
+    steps = a.steps if a.steps is not None else (3 if (a.quick or cpu) else 5)
+    warmup = a.warmup if a.warmup is not None else (1 if (a.quick or cpu) else 2)
+    if steps < 1 or warmup < 0:
+        raise SystemExit("fastpeft.bench: --steps must be >= 1 and --warmup >= 0")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    transformers.logging.set_verbosity_error()
+    threads = torch.get_num_threads()
+    if cpu:
+        # Tiny shapes: one thread is faster and far steadier than an OpenMP team on a busy machine.
+        torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(gradient|activation)_checkpointing.*", category=FutureWarning)
+            info = run(models, methods, device, steps, warmup, a.out_dir, profile_methods, dtype=dtype,
+                       budget_s=a.budget_s, plots=not a.no_plots, backend=a.backend, progress=not a.no_progress,
+                       overwrite=a.overwrite)
+    finally:
+        torch.set_num_threads(threads)
+    bad_rows = [r for r in info["rows"] if r["status"] == "error"]
+    return 1 if bad_rows else 0
+

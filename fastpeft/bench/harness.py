@@ -1,0 +1,321 @@
+"""The harness of the whole-step benchmark: build one configuration (a random-init Llama, optionally with an
+NF4 base and Liger's kernels, with PEFT's or fastpeft's adapters, an AdamW optimizer and fixed batches), then
+warm it up, time its steps, measure its peak memory and optionally profile one more step
+(``profiling.profile_step``). ``run_config`` never raises: a row's status says what happened.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import transformers
+
+import fastpeft
+
+from .. import settings
+from .environment import free_memory, gpu_memory_bytes, have, sync
+from .plan import (
+    ALPHA,
+    GiB,
+    IA3_FEEDFORWARD,
+    IA3_TARGETS,
+    MODELS,
+    RANK,
+    SEQ,
+    Spec,
+    full_ft_estimate_bytes,
+    lora_dropout_of,
+    step_flops,
+)
+from .profiling import profile_step
+
+
+# -- models ----------------------------------------------------------------------------------------------
+def llama_config(model: str):
+    """The ``transformers.LlamaConfig`` of one of the MODELS shapes."""
+    shape = {k: v for k, v in MODELS[model].items() if k != "name"}
+    batch, seq = SEQ[model]
+    return transformers.LlamaConfig(max_position_embeddings=max(seq, 2048), use_cache=False, **shape)
+
+
+def build_base(model: str, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A random-init LlamaForCausalLM, built directly on ``device`` in ``dtype`` (same seed => same weights)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = transformers.LlamaForCausalLM._from_config(llama_config(model), dtype=dtype, attn_implementation="sdpa")
+    m.config.use_cache = False
+    return m.train()
+
+
+def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """Swap every nn.Linear but the output head for a bitsandbytes NF4 ``Linear4bit`` with double quant.
+
+    Direct module replacement (what transformers' bnb loader ends up with, without a round trip through a
+    saved checkpoint): the dense weight is quantized on its device by ``Params4bit.to`` and then dropped.
+    Sets ``model.is_loaded_in_4bit`` like transformers, so PEFT dispatches its bnb LoRA / IA3 layers.
+    """
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    for name in names:  # names only: each dense weight is freed as soon as its layer is swapped
+        lin = model.get_submodule(name)
+        dev = lin.weight.device
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", module=q).to(dev)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+        if dev.type == "cpu":
+            q.support_avx512bf16_for_cpu = False  # keep bnb on its portable path (see tests/conftest.py)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+        del lin, q
+    model.is_loaded_in_4bit = True
+    return model
+
+
+@contextlib.contextmanager
+def liger_patched(model: nn.Module):
+    """Liger-Kernel's Llama kernels on this model instance; module-level patches undone on exit.
+
+    ``apply_liger_kernel_to_llama(model=...)`` also rebinds ``modeling_llama.apply_rotary_pos_emb`` (and
+    the RMSNorm / MLP classes) module-wide, which would leak into the later configurations of the run.
+    """
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from transformers.models.llama import modeling_llama
+
+    names = ["apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"]
+    saved = {n: getattr(modeling_llama, n) for n in names if hasattr(modeling_llama, n)}
+    saved_forward = modeling_llama.LlamaForCausalLM.forward
+    try:
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=model)
+        yield model
+    finally:
+        for n, v in saved.items():
+            setattr(modeling_llama, n, v)
+        modeling_llama.LlamaForCausalLM.forward = saved_forward
+
+
+# -- one configuration -----------------------------------------------------------------------------------
+def unavailable(spec: Spec, device: str) -> Optional[str]:
+    """Why this configuration cannot run here (None if it can)."""
+    if spec.impl == "peft" and not have("peft"):
+        return "peft not installed"
+    if spec.method.startswith("qlora") and not have("bitsandbytes"):
+        return "bitsandbytes not installed"
+    if spec.method == "lora_liger":
+        if not have("liger_kernel"):
+            return "liger_kernel not installed (pip install liger-kernel)"
+        if device != "cuda":
+            return "Liger-Kernel's kernels need CUDA"
+    return None
+
+
+class Prepared:
+    """A model + optimizer ready to train; ``step()`` runs one full training step and returns the loss."""
+
+    def __init__(self, spec: Spec, model: nn.Module, params: List[nn.Parameter], optimizer, batches, exit_stack):
+        self.spec = spec
+        self.model = model
+        self.params = params
+        self.optimizer = optimizer
+        self.batches = batches
+        self._stack = exit_stack
+        self._i = 0
+        self.trainable = sum(p.numel() for p in params)
+
+    def step(self) -> torch.Tensor:
+        ids = self.batches[self._i % len(self.batches)]
+        self._i += 1
+        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def close(self) -> None:
+        self._stack.close()
+        self.model = self.optimizer = self.params = self.batches = None
+
+
+def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+            backend: Optional[str] = None) -> Prepared:
+    """Build the model of ``spec`` (random weights), apply the method, make the optimizer and the batches."""
+    stack = contextlib.ExitStack()
+    try:
+        model = build_base(spec.model, device, dtype, seed)
+        if spec.method.startswith("qlora"):
+            quantize_nf4(model, compute_dtype=dtype)
+        if spec.method == "lora_liger":
+            stack.enter_context(liger_patched(model))
+        ckpt = {"use_reentrant": False}
+        p = lora_dropout_of(spec.method)
+        if spec.impl == "torch":
+            if spec.method != "full_ft":
+                raise ValueError(f"impl 'torch' is only for full_ft, not {spec.method}")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        elif spec.impl == "peft":
+            import peft
+
+            if spec.method.startswith("qlora"):
+                model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                             gradient_checkpointing_kwargs=ckpt)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+            if spec.method == "ia3":
+                cfg = peft.IA3Config(task_type="CAUSAL_LM", target_modules=IA3_TARGETS,
+                                     feedforward_modules=IA3_FEEDFORWARD)
+            else:
+                cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=RANK, lora_alpha=ALPHA, lora_dropout=p,
+                                      target_modules="all-linear")
+            model = peft.get_peft_model(model, cfg)
+        elif spec.impl == "fastpeft":
+            if spec.method == "full_ft":
+                raise ValueError("full_ft has no fastpeft variant")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+            if spec.method == "ia3":
+                cfg = fastpeft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
+            else:
+                cfg = fastpeft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p, target_modules="all-linear")
+            # each layer takes the backend when it is built; restored afterwards (no leak into later rows)
+            with settings.override(**({"backend": backend} if backend else {})):
+                model = fastpeft.patch(model, cfg)
+        else:
+            raise ValueError(f"unknown impl {spec.impl!r}: torch, peft or fastpeft")
+        model.train()
+        params = [q for q in model.parameters() if q.requires_grad]
+        if not params:
+            raise RuntimeError(f"{spec.label}: no trainable parameters")
+        opt_kwargs = {"fused": True} if device == "cuda" else {}
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **opt_kwargs)
+        batch, seq = SEQ[spec.model]
+        vocab = MODELS[spec.model]["vocab_size"]
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        batches = [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(2)]
+        return Prepared(spec, model, params, optimizer, batches, stack)
+    except BaseException:
+        stack.close()
+        raise
+
+
+class PeakMemory:
+    """Peak memory since ``reset()``: CUDA allocated bytes; on CPU the process's peak RSS (Linux VmHWM,
+    reset through /proc/self/clear_refs), which also counts the Python heap — a rough smoke-test number."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.kind = "allocated" if device == "cuda" else "rss"
+
+    def reset(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def peak_bytes(self) -> Optional[int]:
+        if self.device == "cuda":
+            return int(torch.cuda.max_memory_allocated())
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+def new_row(spec: Spec) -> Dict[str, Any]:
+    return {"model": spec.model, "model_name": MODELS[spec.model]["name"], "method": spec.method,
+            "impl": spec.impl, "label": spec.label, "status": None, "reason": None}
+
+
+def run_config(spec: Spec, device: str, dtype: torch.dtype, steps: int, warmup: int, gemm: Optional[float],
+               profile: bool = False, backend: Optional[str] = None, log: Callable[[str], None] = print
+               ) -> Dict[str, Any]:
+    """Build, warm up, time ``steps`` steps, optionally profile one more; never raises (status says why)."""
+    row = new_row(spec)
+    why = unavailable(spec, device)
+    if why:
+        row.update(status="skipped", reason=why)
+        return row
+    if spec.method == "full_ft" and device == "cuda":
+        est, cap = full_ft_estimate_bytes(spec.model), gpu_memory_bytes(device)
+        row["estimate_gib"] = est / GiB
+        if est > cap:
+            row.update(status="oom", reason=f"OOM (estimated {est / GiB:.1f} GiB > {cap / GiB:.1f} GiB): not tried")
+            return row
+    t0 = time.perf_counter()
+    free_memory(device)
+    if device == "cuda":
+        row["allocated_before_gib"] = torch.cuda.memory_allocated() / GiB
+    try:
+        _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log)
+    except torch.cuda.OutOfMemoryError as e:
+        row.update(status="oom", reason=f"OOM: {str(e).splitlines()[0][:300]}")
+    except Exception as e:  # recorded, the run goes on with the next configuration
+        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400])
+        log(f"{spec.label}: error\n{traceback.format_exc(limit=12)}")
+    free_memory(device)
+    row["wall_s"] = time.perf_counter() - t0
+    return row
+
+
+def _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log) -> None:
+    peak = PeakMemory(device)
+    t_build = time.perf_counter()
+    prep = prepare(spec, device, dtype, backend=backend)
+    try:
+        sync(device)
+        row["build_s"] = time.perf_counter() - t_build
+        row["trainable_params"] = prep.trainable
+        batch, seq = SEQ[spec.model]
+        tokens = batch * seq
+        peak.reset()
+        losses, times = [], []
+        for i in range(warmup + steps):
+            sync(device)
+            t = time.perf_counter()
+            loss = prep.step()
+            sync(device)
+            dt = time.perf_counter() - t
+            losses.append(loss)
+            if i >= warmup:
+                times.append(dt)
+        pk = peak.peak_bytes()
+        losses = [float(x) for x in losses]
+        if not all(math.isfinite(x) for x in losses):
+            raise FloatingPointError(f"non-finite loss: {losses}")
+        med = statistics.median(times)
+        flops = step_flops(spec.model, spec.method)
+        row.update(
+            status="ok", tokens=tokens, step_s=med, step_s_all=times, tokens_per_s=tokens / med,
+            peak_gib=None if pk is None else pk / GiB, peak_kind=peak.kind,
+            loss_first=losses[0], loss_last=losses[-1], flops_per_step=flops,
+            mfu=(flops / med / (gemm * 1e12)) if gemm else None,
+        )
+        if profile:
+            try:
+                row["profile"] = profile_step(prep, device)
+            except Exception as e:  # a profiler problem must not lose the measurement
+                row["profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    finally:
+        prep.close()
+        del prep
+

@@ -1,0 +1,140 @@
+"""What the whole-step benchmark runs and what it should cost: model shapes, methods and their labels, the
+speed / memory targets, one configuration (``Spec``), the run plan, and the FLOP / memory model behind MFU and
+the Full-FT out-of-memory estimate. No torch work happens here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+GiB = 2**30
+RANK = 16
+ALPHA = 32
+DROPOUT = 0.05
+IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
+IA3_FEEDFORWARD = ["down_proj"]
+SCHEMA = "fastpeft.bench.step/1"
+
+# Llama shapes. rope settings do not change the step's cost and are left at their defaults.
+MODELS: Dict[str, Dict[str, Any]] = {
+    "8b": dict(name="Llama-3.1-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "1b": dict(name="Llama-3.2-1B", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "tiny": dict(name="tiny Llama (2 layers)", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+}
+SEQ = {"8b": (2, 2048), "1b": (2, 2048), "tiny": (2, 64)}  # (batch, tokens per sequence)
+
+# Run order = priority (a --budget-s cut drops the tail): the targets first, then variants, Liger last.
+METHODS = ["full_ft", "lora", "qlora", "ia3", "lora_dropout", "qlora_dropout", "lora_liger"]
+TABLE_ORDER = ["lora", "lora_dropout", "qlora", "qlora_dropout", "ia3", "lora_liger"]  # adapter rows in tables
+QUICK_METHODS = ["full_ft", "lora", "ia3", "qlora", "lora_liger"]
+METHOD_LABEL = {
+    "full_ft": "Full FT", "lora": "LoRA r=16", "lora_dropout": "LoRA r=16, dropout 0.05",
+    "qlora": "QLoRA r=16", "qlora_dropout": "QLoRA r=16, dropout 0.05", "ia3": "IA3",
+    "lora_liger": "LoRA r=16 + Liger",
+}
+IMPL_LABEL = {"torch": "plain", "peft": "PEFT", "fastpeft": "fastpeft"}
+# Targets from DESIGN.md §5 (whole step, vs PEFT): tokens/s × and peak-memory ×.
+SPEED_TARGET = {"lora": 2.0, "lora_dropout": 2.0, "qlora": 3.0, "qlora_dropout": 3.0}
+MEMORY_TARGET = 0.75
+
+# Rough H100 seconds per step (DESIGN.md §5 baselines) and per build, only for the running estimate;
+# the estimate is rescaled by measured/predicted as configurations finish.
+PRIOR_STEP_S = {
+    "8b": {"full_ft": 0.9, "lora": 0.71, "lora_dropout": 0.76, "qlora": 1.6, "qlora_dropout": 1.7, "ia3": 0.46,
+           "lora_liger": 0.63},
+    "1b": {"full_ft": 0.14, "lora": 0.19, "lora_dropout": 0.21, "qlora": 0.54, "qlora_dropout": 0.56, "ia3": 0.12,
+           "lora_liger": 0.17},
+    "tiny": {m: 0.05 for m in METHODS},
+}
+PRIOR_BUILD_S = {"8b": 6.0, "1b": 3.0, "tiny": 0.5}
+PRIOR_PROFILE_S = {"8b": 25.0, "1b": 12.0, "tiny": 1.0}  # one profiled step + parsing ~10^5 profiler events
+
+
+# -- one configuration -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Spec:
+    """One row of the benchmark: a model shape, a method and the implementation that runs it."""
+
+    model: str  # 8b | 1b | tiny
+    method: str  # one of METHODS
+    impl: str  # torch (full_ft) | peft | fastpeft
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {METHOD_LABEL[self.method]} [{IMPL_LABEL[self.impl]}]"
+
+
+def lora_dropout_of(method: str) -> float:
+    return DROPOUT if method.endswith("dropout") else 0.0
+
+
+# -- the run plan ----------------------------------------------------------------------------------------
+def make_plan(models: List[str], methods: List[str]) -> List[Spec]:
+    """Every (model, method, impl) in run order: Full FT on plain transformers, the adapters on PEFT then fastpeft."""
+    plan = []
+    for model in models:
+        for method in methods:
+            impls = ["torch"] if method == "full_ft" else ["peft", "fastpeft"]
+            plan.extend(Spec(model, method, impl) for impl in impls)
+    return plan
+
+
+def predict_s(spec: Spec, steps: int, warmup: int, profile: bool) -> float:
+    """Seconds one configuration should take by the H100 priors (for the running estimate and --budget-s)."""
+    step = PRIOR_STEP_S[spec.model][spec.method]
+    build = PRIOR_BUILD_S[spec.model] * (1.5 if spec.method.startswith("qlora") else 1.0)
+    return build + (steps + warmup) * step + (PRIOR_PROFILE_S[spec.model] if profile else 0.0)
+
+
+# -- FLOPs / memory estimates ----------------------------------------------------------------------------
+def linear_params(model: str) -> Dict[str, int]:
+    """Weights that take part in matmuls: the decoder's linear layers and the output head."""
+    s = MODELS[model]
+    h, i, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    hd = h // s["num_attention_heads"]
+    kv = s["num_key_value_heads"] * hd
+    per_layer = h * h * 2 + h * kv * 2 + h * i * 3
+    return {"decoder": per_layer * L, "head": V * h}
+
+
+def total_params(model: str) -> int:
+    s = MODELS[model]
+    h, L, V = s["hidden_size"], s["num_hidden_layers"], s["vocab_size"]
+    lp = linear_params(model)
+    emb = 0 if s["tie_word_embeddings"] else V * h
+    return lp["decoder"] + lp["head"] + emb + (2 * L + 1) * h
+
+
+def step_flops(model: str, method: str) -> float:
+    """FLOPs one step must do, with activation checkpointing (each decoder layer's forward runs twice).
+
+    Decoder linears: forward 2·N·T, recompute 2·N·T, input gradient 2·N·T, weight gradient 2·N·T (full FT
+    only). Output head (not recomputed): 2·N·T + 2·N·T, + 2·N·T for full FT. Causal attention counted at
+    half the square: forward 2·B·S²·d per layer, ×4 in all (forward, recompute, backward = 2×). Adapter
+    FLOPs (2·T·r·(K+N) per LoRA layer, < 1%) are left out.
+    """
+    batch, seq = SEQ[model]
+    T = batch * seq
+    lp = linear_params(model)
+    s = MODELS[model]
+    full = method == "full_ft"
+    dec = lp["decoder"] * T * 2 * (4 if full else 3)
+    head = lp["head"] * T * 2 * (3 if full else 2)
+    attn = 4 * 2 * batch * seq * seq * s["hidden_size"] * s["num_hidden_layers"]
+    return float(dec + head + attn)
+
+
+def full_ft_estimate_bytes(model: str) -> int:
+    """bf16 weights + grads + AdamW's two bf16 states (8 B/param), plus activations under checkpointing:
+    one hidden state per layer, one layer's recomputed internals, and the logits (bf16, fp32 upcast, grad)."""
+    s = MODELS[model]
+    batch, seq = SEQ[model]
+    T = batch * seq
+    h, i, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    states = total_params(model) * 8
+    act = L * T * h * 2 + T * (8 * h + 4 * i) * 2 + T * V * (2 + 4 + 4)
+    return states + act
+
