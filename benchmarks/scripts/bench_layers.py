@@ -63,35 +63,43 @@ def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
         m.ia3_l["default"].data = (torch.rand_like(m.ia3_l["default"].float()) + 0.5)
         m.base_layer.weight.requires_grad_(False)
         return m, [m.ia3_l["default"]]
-    if method in ("fastpeft_lora", "fastpeft_lora_p05"):
-        from fastpeft.ops.lora import lora_linear
+    if method in ("fastpeft_lora", "fastpeft_lora_p05", "fastpeft_lora_triton", "fastpeft_lora_p05_triton"):
+        from fastpeft.nn._rng import dropout_draw
+        from fastpeft.ops import cpp_ops
+        from fastpeft.ops.kernels.lora import lora_linear
 
         p = 0.05 if "p05" in method else 0.0
         A = (torch.randn(RANK, K, device=device) / K**0.5).requires_grad_()
         B = (torch.randn(N, RANK, device=device) * 0.02).requires_grad_()
         w = base.weight
-
-        def f(x):
-            return lora_linear(x, w, None, A, B, ALPHA / RANK, p, _seed() if p > 0 else None)
+        if not method.endswith("_triton") and cpp_ops.available():  # the default path on CUDA: the C++ operator
+            def f(x):
+                return cpp_ops.lora_linear(x, w, None, A, B, ALPHA / RANK, p, dropout_draw() if p > 0 else None)
+        else:
+            def f(x):
+                return lora_linear(x, w, None, A, B, ALPHA / RANK, p, _seed() if p > 0 else None)
 
         return f, [A, B]
-    if method == "fastpeft_ia3":
-        from fastpeft.ops.ia3 import ia3_linear
+    if method in ("fastpeft_ia3", "fastpeft_ia3_triton"):
+        from fastpeft.ops import cpp_ops
+        from fastpeft.ops.kernels.ia3 import ia3_linear
 
         l = (torch.rand((1, K) if feedforward else (N, 1), device=device) + 0.5).requires_grad_()
         w = base.weight
+        ia3 = ia3_linear if method.endswith("_triton") or not cpp_ops.available() else cpp_ops.ia3_linear
 
         def f(x):
-            return ia3_linear(x, w, None, l, feedforward)
+            return ia3(x, w, None, l, feedforward)
 
         return f, [l]
     raise ValueError(method)
 
 
-# fastpeft rows run the library's default path. The *_triton / *_cublas rows of the 2026-11-23 results
-# (docs/performance-log.md) chose the GEMM through FASTPEFT_LORA_GEMM / FASTPEFT_IA3_GEMM; the library is
-# dropping those switches together with its Triton GEMM, so the benchmark no longer sets them.
-METHODS = ["dense", "peft_lora", "peft_lora_p05", "fastpeft_lora", "fastpeft_lora_p05", "peft_ia3", "fastpeft_ia3"]
+# fastpeft rows run the library's default path on CUDA (the C++ operators, ops/cpp_ops.py; the Triton kernels where
+# the extension cannot be built); *_triton rows force the Triton kernels. (The *_triton / *_cublas rows of the
+# 2026-11-23 results chose a Triton GEMM through switches the library has since dropped with that GEMM.)
+METHODS = ["dense", "peft_lora", "peft_lora_p05", "fastpeft_lora", "fastpeft_lora_p05", "fastpeft_lora_triton",
+           "fastpeft_lora_p05_triton", "peft_ia3", "fastpeft_ia3", "fastpeft_ia3_triton"]
 
 
 def make_step(fn, x, g, bwd: bool):

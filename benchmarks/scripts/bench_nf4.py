@@ -57,14 +57,14 @@ def copy_bandwidth(device, cuda) -> float:
 
 
 def _quant(N, K, device, dtype, bs=64, dq=True):
-    from fastpeft.ops.nf4 import quantize_nf4
+    from fastpeft.ops.nf4_quantize import quantize_nf4
 
     w = (torch.randn(N, K, device=device) * 0.02).to(dtype)
     return w, *quantize_nf4(w, blocksize=bs, compress_statistics=dq)
 
 
 def dequant_section(shapes, device, cuda, bw, rows):
-    from fastpeft.ops import nf4
+    from fastpeft.ops.kernels import nf4_dequant as nf4
 
     dtype = torch.bfloat16 if cuda else torch.float32
     for name, (K, N) in shapes.items():
@@ -171,7 +171,8 @@ def layer_section(shapes, device, cuda, rows, Ms, methods, paths=("auto",), log=
 
 
 def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
-    from fastpeft.ops import nf4_gemv, nf4_lora
+    from fastpeft.ops.kernels import nf4_gemv, nf4_lora
+    from fastpeft.ops.nf4_format import kernel_state
 
     dtype = torch.bfloat16 if cuda else torch.float32
     problem = nf4_gemv.toolchain_problem() if cuda else "no CUDA"
@@ -193,13 +194,13 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
         for M in Ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
             impls = {
-                "fastpeft triton mm": lambda: nf4_gemv.nf4_lora_gemv_triton(x, packed, qs, None, A, B, 2.0),
+                "fastpeft triton mm": lambda: nf4_gemv.nf4_lora_gemv_triton(x, packed, kernel_state(qs, x.device), None, A, B, 2.0),
             }
             if cuda and problem is None:
-                impls["fastpeft cuda gemv"] = lambda: nf4_gemv.nf4_lora_gemv(x, packed, qs, None, A, B, 2.0, backend="cuda")
+                impls["fastpeft cuda gemv"] = lambda: nf4_gemv.nf4_lora_gemv(x, packed, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda")
 
             def buffer_path():
-                w = nf4_lora.dequantize_to(packed, qs, dtype)
+                w = nf4_lora.dequantize_to(packed, kernel_state(qs, packed.device), dtype)
                 return torch.addmm(((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, w.t())
 
             impls["fastpeft dequant-buffer + cuBLAS"] = buffer_path
@@ -230,7 +231,8 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16)):
     """Decode (no grad, M <= 16) GPU time per layer call against the weight-byte floor, CUDA-graph timed with
     cold L2 (graph_ms). Impls: CUDA MMA GEMV (with / without LoRA), the Triton fallback, dequant-buffer + cuBLAS, bnb base only,
     PEFT+bnb."""
-    from fastpeft.ops import nf4_gemv, nf4_lora
+    from fastpeft.ops.kernels import nf4_gemv, nf4_lora
+    from fastpeft.ops.nf4_format import kernel_state
 
     dtype = torch.bfloat16
     problem = nf4_gemv.toolchain_problem()
@@ -263,13 +265,13 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16)):
         for M in Ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
             impls = {
-                "fastpeft cuda mma gemv": lambda pk, qs: nf4_gemv.nf4_lora_gemv(x, pk, qs, None, A, B, 2.0,
+                "fastpeft cuda mma gemv": lambda pk, qs: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, A, B, 2.0,
                                                                                 backend="cuda"),
                 "fastpeft cuda mma gemv, base only": lambda pk, qs: nf4_gemv.nf4_lora_gemv(
-                    x, pk, qs, None, None, None, 0.0, backend="cuda"),
-                "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, qs, None, A, B, 2.0),
+                    x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"),
+                "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, kernel_state(qs, x.device), None, A, B, 2.0),
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
-                    ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, qs, dtype).t()),
+                    ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, kernel_state(qs, pk.device), dtype).t()),
             }
             for impl, fn in impls.items():
                 try:
@@ -299,7 +301,7 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16)):
 def crossover_graph_section(shapes, device, bw, rows, Ms=(1, 4, 16, 32, 64, 128, 256, 512)):
     """Training fwd+bwd GPU time per layer (CUDA graph, cold L2) for the two NF4 paths -- "fused" (in-kernel
     dequant GEMM) vs "buffer" (dequant into the shared buffer + cuBLAS) -- and the dense bf16 base, per M:
-    the measurement behind ``fastpeft.ops.nf4_lora.FUSED_MAX_M``."""
+    the measurement behind ``fastpeft/ops/kernels/nf4_lora.py: FUSED_MAX_M``."""
     dtype = torch.bfloat16
     for name, (K, N) in shapes.items():
         wbytes = N * K // 2 + N * K // 64

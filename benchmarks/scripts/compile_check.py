@@ -134,8 +134,8 @@ def host_overhead(args):
     The kernels are replaced by stubs returning preallocated tensors, so only Python / dispatcher work is
     timed (tiny CPU tensors; no GPU needed)."""
     os.environ["TRITON_INTERPRET"] = "1"  # triton_ok(cpu tensor) -> the kernel paths are taken (stubbed)
-    from fastpeft.ops import custom_ops as C
-    from fastpeft.ops import lora as L
+    from fastpeft.ops.kernels import custom_ops as C
+    from fastpeft.ops.kernels import lora as L
 
     M, K, N, R = 8, 16, 16, 4
     x = torch.randn(M, K, requires_grad=True)
@@ -156,7 +156,7 @@ def host_overhead(args):
             L.lora_linear(x, w, None, A, B, 2.0, 0.0, None).sum().backward()
 
         def via_op():
-            y2, _ = C.lora_fwd(x, w, None, A, B, 2.0, 0.0, None, False)
+            y2, _ = C.lora_fwd(x, w, None, A, B, 2.0, 0.0, None)
             y2.sum().backward()
 
         def via_plain():  # what any Python op costs: a sum + backward with no fastpeft code

@@ -21,7 +21,7 @@ def _sync():
 
 @pytest.mark.parametrize("proj", ["q/o", "gate/up"])
 def test_dequant(benchmark, proj):
-    from fastpeft.ops import nf4
+    from fastpeft.ops.kernels import nf4_dequant as nf4
 
     K, N = SHAPES[proj]
     _, packed, qs = nf4_bench._quant(N, K, DEVICE, DTYPE)
@@ -52,13 +52,14 @@ def test_qlora_layer_fwd_bwd(benchmark, proj, method, p):
 
 @pytest.mark.parametrize("proj", ["q/o", "down"])
 def test_decode_m1(benchmark, proj):
-    from fastpeft.ops import nf4_gemv
+    from fastpeft.ops.kernels import nf4_gemv
+    from fastpeft.ops.nf4_format import kernel_state
 
     K, N = SHAPES[proj]
     _, packed, qs = nf4_bench._quant(N, K, DEVICE, DTYPE)
     A = torch.randn(16, K, device=DEVICE) * 0.02
     B = torch.randn(N, 16, device=DEVICE) * 0.02
     x = torch.randn(1, K, device=DEVICE, dtype=DTYPE)
-    y = benchmark(lambda: (nf4_gemv.nf4_lora_gemv(x, packed, qs, None, A, B, 2.0, backend="auto" if CUDA else "triton"),
+    y = benchmark(lambda: (nf4_gemv.nf4_lora_gemv(x, packed, kernel_state(qs, x.device), None, A, B, 2.0, backend="auto" if CUDA else "triton"),
                            _sync())[0])
     assert y.shape == (1, N)

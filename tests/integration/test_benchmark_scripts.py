@@ -15,7 +15,7 @@ import torch
 
 from fastpeft import bench, settings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "benchmarks", "scripts")
 
 
