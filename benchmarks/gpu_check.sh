@@ -1,21 +1,69 @@
 #!/usr/bin/env bash
-# One device call: GPU test suite + NF4 benchmark + compile check. Usage (repo root, on the GPU machine):
-#   OUT=/some/dir bash benchmarks/gpu_check.sh
-# Each stage has its own time limit so one slow stage cannot eat the others; logs and JSON land in $OUT.
+# One device call: build the extensions, then the stages named in STAGES (comma-separated, in this order):
+#   smoke     the C++ operators' GPU tests (tests/ops/test_cpp_ops.py -m gpu)
+#   host      benchmarks/scripts/host_overhead.py (host time per layer call, ratios to F.linear)
+#   layers    benchmarks/scripts/profile_layer.py (GPU time per Llama-8B projection, fwd+bwd)
+#   tests     the GPU test suite (pytest -m gpu -n 8)
+#   sanitizer the C++ operators' and kernels' GPU tests under compute-sanitizer (memcheck, racecheck)
+#   nf4       benchmarks/scripts/bench_nf4.py (dequant / decode / crossover, CUDA-graph timed)
+#   compile   benchmarks/scripts/compile_check.py (compiled vs eager, graph breaks)
+#   step1b    python -m fastpeft.bench --model 1b (STEP_ARGS adds options)
+#   step8b    python -m fastpeft.bench --model 8b (STEP_ARGS adds options)
+# Usage (repo root, on the GPU machine):  OUT=/some/dir STAGES=smoke,host,tests bash benchmarks/gpu_check.sh
+# Each stage has its own time limit (T_<STAGE> seconds) so one slow stage cannot eat the others; logs and JSON
+# land in $OUT, one file per stage.
 set -u
 export PYTHONUNBUFFERED=1
-(nvidia-smi -L; which nvcc; python3 -c "import torch, triton, torch.utils.cpp_extension as c; print('torch', torch.__version__, 'triton', triton.__version__, 'CUDA_HOME', c.CUDA_HOME, 'ninja', c.is_ninja_available())") > "$OUT/toolchain.txt" 2>&1
-# Build the C++ / CUDA extensions once before the tests (both at once, ~90 s): xdist workers would otherwise queue
-# on their build locks, and a build killed by a time limit leaves torch's lock file behind in ~/.cache/fastpeft/csrc
-# (later builds then wait on it), hence the clean start.
+STAGES="${STAGES:-smoke,host,tests,nf4,compile}"
+has() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+(nvidia-smi -L; which nvcc; python3 -c "import torch, triton, transformers, peft, torch.utils.cpp_extension as c; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'CUDA_HOME', c.CUDA_HOME, 'ninja', c.is_ninja_available())"; python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)") > "$OUT/toolchain.txt" 2>&1
+# Build the C++ / CUDA extensions once, both at once, before anything uses them: xdist workers would otherwise queue
+# on their build locks, and a build killed by a time limit leaves torch's lock file behind (later builds then wait
+# on it), hence the clean start.
 rm -rf "${FASTPEFT_CSRC_CACHE:-$HOME/.cache/fastpeft/csrc}"
-(timeout "${T_BUILD:-240}" python3 -c "from fastpeft.ops import cpp_ops; cpp_ops.EXTENSION.load()" > "$OUT/csrc_build_ops.txt" 2>&1; echo "ops build rc=$?" >> "$OUT/csrc_build_ops.txt") &
-(timeout "${T_BUILD:-240}" python3 -c "from fastpeft.ops.kernels import nf4_gemv; nf4_gemv.load_extension()" > "$OUT/csrc_build.txt" 2>&1; echo "csrc build rc=$?" >> "$OUT/csrc_build.txt") &
+t0=$(date +%s)
+(timeout "${T_BUILD:-300}" python3 -c "from fastpeft.ops import cpp_ops; cpp_ops.EXTENSION.load()" > "$OUT/csrc_build_ops.txt" 2>&1; echo "ops build rc=$?" >> "$OUT/csrc_build_ops.txt") &
+(timeout "${T_BUILD:-300}" python3 -c "from fastpeft.ops.kernels import nf4_gemv; nf4_gemv.load_extension()" > "$OUT/csrc_build_gemv.txt" 2>&1; echo "gemv build rc=$?" >> "$OUT/csrc_build_gemv.txt") &
 wait
-timeout "${T_TESTS:-600}" python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs -n 8 --timeout 240 --durations=15 > "$OUT/gpu_tests.txt" 2>&1
-echo "gpu tests rc=$?" >> "$OUT/gpu_tests.txt"
-tail -25 "$OUT/gpu_tests.txt"
-timeout "${T_NF4:-400}" python3 benchmarks/scripts/bench_nf4.py --sections dequant,decode_graph,crossover_graph --out "$OUT/nf4_h100.json" > "$OUT/nf4_bench.log" 2>&1
-echo "nf4 bench rc=$?"; tail -30 "$OUT/nf4_bench.log"
-timeout "${T_COMPILE:-100}" python3 benchmarks/scripts/compile_check.py --out "$OUT/compile_check.json" > "$OUT/compile.log" 2>&1
-echo "compile rc=$?"; tail -8 "$OUT/compile.log"
+echo "builds took $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/csrc_build_ops.txt" "$OUT/csrc_build_gemv.txt"
+if has smoke; then
+  timeout "${T_SMOKE:-240}" python3 -m pytest tests/ops/test_cpp_ops.py -m gpu -q -p no:cacheprovider -x > "$OUT/smoke.txt" 2>&1
+  echo "smoke rc=$?"; tail -15 "$OUT/smoke.txt"
+fi
+if has host; then
+  timeout "${T_HOST:-180}" python3 benchmarks/scripts/host_overhead.py --out "$OUT/host_overhead.json" > "$OUT/host_overhead.log" 2>&1
+  echo "host rc=$?"; tail -40 "$OUT/host_overhead.log"
+fi
+if has layers; then
+  timeout "${T_LAYERS:-300}" python3 benchmarks/scripts/profile_layer.py ${LAYER_ARGS:-} --out "$OUT/layers_profile.json" > "$OUT/layers_profile.log" 2>&1
+  echo "layers rc=$?"; tail -40 "$OUT/layers_profile.log"
+fi
+if has tests; then
+  timeout "${T_TESTS:-600}" python3 -m pytest tests -m gpu -q -p no:cacheprovider -rs -n 8 --timeout 240 --durations=15 > "$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests rc=$?" >> "$OUT/gpu_tests.txt"
+  tail -25 "$OUT/gpu_tests.txt"
+fi
+if has sanitizer; then
+  for tool in memcheck racecheck; do
+    timeout "${T_SANITIZER:-300}" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest \
+      tests/ops/test_cpp_ops.py::test_gpu_odd_shapes tests/ops/test_cpp_ops.py::test_gpu_matches_cpu_build_bitwise_mask \
+      -q -p no:cacheprovider > "$OUT/sanitizer_$tool.txt" 2>&1
+    echo "sanitizer $tool rc=$?" | tee -a "$OUT/sanitizer_$tool.txt"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_$tool.txt" | tail -3
+  done
+fi
+if has nf4; then
+  timeout "${T_NF4:-400}" python3 benchmarks/scripts/bench_nf4.py --sections dequant,decode_graph,crossover_graph --out "$OUT/nf4.json" > "$OUT/nf4_bench.log" 2>&1
+  echo "nf4 bench rc=$?"; tail -30 "$OUT/nf4_bench.log"
+fi
+if has compile; then
+  timeout "${T_COMPILE:-200}" python3 benchmarks/scripts/compile_check.py --out "$OUT/compile_check.json" > "$OUT/compile.log" 2>&1
+  echo "compile rc=$?"; tail -8 "$OUT/compile.log"
+fi
+if has step1b; then
+  timeout "${T_STEP1B:-400}" python3 -m fastpeft.bench --model 1b --out-dir "$OUT" --no-plots ${STEP_ARGS:-} > "$OUT/step1b.log" 2>&1
+  echo "step1b rc=$?"; tail -30 "$OUT/step1b.log"
+fi
+if has step8b; then
+  timeout "${T_STEP8B:-500}" python3 -m fastpeft.bench --model 8b --out-dir "$OUT" --no-plots ${STEP_ARGS:-} > "$OUT/step8b.log" 2>&1
+  echo "step8b rc=$?"; tail -30 "$OUT/step8b.log"
+fi

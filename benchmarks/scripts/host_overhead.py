@@ -55,6 +55,7 @@ def host_us(fn, n=200):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="also print the CPU-side op times of a few rows")
     a = ap.parse_args()
     import fastpeft
     from fastpeft import settings
@@ -123,6 +124,16 @@ def main():
     except Exception as e:  # noqa: BLE001
         rows["nf4"] = f"skipped: {e!r}"[:200]
 
+    if a.profile:
+        profiled = {"F.linear fwd+bwd": lambda: torch.nn.functional.linear(x, lin.weight).backward(g)}
+        lora, *_ = layers("auto")
+        profiled["LoraLinear (default) fwd+bwd"] = lambda: lora(x).backward(g)
+        if cpp_ops.available():
+            profiled["cpp_ops.lora_linear fwd+bwd"] = lambda: cpp_ops.lora_linear(x, w, None, A, B, 2.0).backward(g)
+        for name, fn in profiled.items():
+            print(f"\n== profile: {name} (50 calls; CPU self time per op)")
+            print(_profile(fn))
+
     base = rows["F.linear fwd+bwd"]
     base_ng = rows["F.linear fwd (no grad)"]
     ratios = {k: round(v / (base_ng if "no grad" in k else base), 2) for k, v in rows.items()
@@ -134,6 +145,19 @@ def main():
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "rows_us": rows, "ratio_vs_F.linear": ratios}, f, indent=1)
+
+
+def _profile(fn, n=50):
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60)
 
 
 def _no_grad(fn):

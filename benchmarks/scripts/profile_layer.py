@@ -77,7 +77,8 @@ def main():
     ap.add_argument("--M", type=int, nargs="*", default=[4096, 16])
     ap.add_argument("--proj", nargs="*", default=list(layers.LLAMA8B))
     ap.add_argument("--methods", nargs="*",
-                    default=["dense", "peft_lora", "fastpeft_lora", "fastpeft_lora_p05", "peft_ia3", "fastpeft_ia3"])
+                    default=["dense", "peft_lora", "fastpeft_lora", "fastpeft_lora_triton", "fastpeft_lora_p05",
+                             "peft_ia3", "fastpeft_ia3", "fastpeft_ia3_triton"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     # a fixed dropout seed: the per-call CPU draw + .item() in layers._seed would forbid graph capture

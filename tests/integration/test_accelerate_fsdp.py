@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 SCRIPT = os.path.join(ROOT, "examples", "train_accelerate.py")
 CONFIG = os.path.join(ROOT, "examples", "accelerate_fsdp.yaml")
 STEPS = 12

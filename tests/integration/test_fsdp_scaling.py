@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch.distributed as dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 SCRIPT = os.path.join(ROOT, "benchmarks", "scripts", "fsdp_scaling.py")
 METHODS = ["lora", "qlora"]
 IMPLS = ["fastpeft", "peft"]
