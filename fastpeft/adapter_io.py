@@ -125,12 +125,11 @@ def _makedirs(folder: str, created: List[str]) -> None:
 
 
 def _config_dict(model: nn.Module, cfg: AdapterConfig) -> Dict[str, Any]:
-    data = cfg.to_dict()
-    data["inference_mode"] = True
-    if data.get("base_model_name_or_path") is None:
-        name = getattr(getattr(root_model(model), "config", None), "_name_or_path", None)
-        data["base_model_name_or_path"] = name or None
-    return data
+    # PEFT's adapter_config.json (see AdapterConfig.to_adapter_config): it names the base model when the config
+    # does not, and records the transformers model class (auto_mapping) when the config has no task_type.
+    root = root_model(model)
+    name = getattr(getattr(root, "config", None), "_name_or_path", None)
+    return cfg.to_adapter_config(base_model_name_or_path=name or None, base_model_class=type(root))
 
 
 def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[str] = None) -> None:

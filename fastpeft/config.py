@@ -1,15 +1,50 @@
-"""Adapter configurations with PEFT's field names and defaults.
+"""Adapter configurations with PEFT's field names and defaults, and the adapter_config.json PEFT writes.
 
-fastpeft accepts its own configs and PEFT's (``peft.LoraConfig`` / ``peft.IA3Config``): a PEFT config is
-converted field by field, and any field fastpeft does not implement must still hold PEFT's default —
-otherwise a ``ValueError`` names it. Nothing is ignored silently.
+``LoraConfig`` / ``IA3Config`` take every field name of ``peft.LoraConfig`` / ``peft.IA3Config`` (as of PEFT
+``PEFT_FORMAT_VERSION``), so code written for PEFT runs unchanged. The fields fastpeft implements work as in
+PEFT. The others (DoRA, LoftQ, layer replication, ...) are accepted only at PEFT's default, which is their "off"
+value; any other value raises a ``ValueError`` naming the field. A name that is not a PEFT field at all (a typo)
+is a ``TypeError``. PEFT config objects and adapter_config.json dicts are converted by the same rules: nothing
+is ignored silently.
+
+``cfg.to_adapter_config(...)`` gives the adapter_config.json PEFT writes for the same config: PEFT's full key
+set, PEFT's defaults for what fastpeft does not implement, ``inference_mode`` true and a ``peft_version``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import functools
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple, Union
+
+# The PEFT release whose adapter_config.json format fastpeft follows: the field lists below were read from its
+# dataclasses.fields(peft.LoraConfig / peft.IA3Config), and adapter_config.json gets this as "peft_version".
+# PEFT itself writes its own __version__ there ("0.21.2"; a dev build adds "@<git commit>"). fastpeft never
+# imports peft at runtime, so it names the version whose format it writes instead. Update this together with
+# the fields when following a newer PEFT (tests/test_config_fields.py compares both with the installed PEFT).
+PEFT_FORMAT_VERSION = "0.21.2"
+
+# The values of PEFT's TaskType: PEFT refuses to build (and so to load) a config with any other task_type.
+PEFT_TASK_TYPES: Tuple[str, ...] = (
+    "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION",
+)
+
+# Fields PEFT keeps as sets and writes as list(set), i.e. in an order that follows string hashing and so differs
+# between Python processes. fastpeft writes the same set sorted, so that saving twice gives the same file.
+_SET_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
+
+# LoRA only (PEFT skips IA3, whose feedforward_modules must stay a subset): once a target list has at least this
+# many entries, PEFT replaces it by the shortest name suffixes that select the same modules (see
+# peft_stored_targets). The value is PEFT's MIN_TARGET_MODULES_FOR_OPTIMIZATION.
+PEFT_CONDENSE_MIN_TARGETS = 20
+
+# dataclass field metadata: how fastpeft treats a PEFT field that is not one of its settings.
+_KIND = "fastpeft"
+_UNSUPPORTED = "unsupported"  # not implemented: accepted only at PEFT's default
+_SAVE_METADATA = "save-metadata"  # describes a saved file (who wrote it, how to rebuild the model), not the adapter
 
 # PEFT's per-architecture defaults for target_modules=None (facts from PEFT's constants).
 LORA_DEFAULT_TARGETS: Dict[str, List[str]] = {
@@ -71,22 +106,119 @@ IA3_DEFAULT_FEEDFORWARD: Dict[str, List[str]] = {
     "roberta": ["output.dense"],
 }
 
-# Fields of a PEFT config that only describe the run, never the numerics: carried as metadata.
-_METADATA_FIELDS = {
-    "peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-}
-
 TargetSpec = Optional[Union[str, List[str]]]
 
 
+# -- field declarations ----------------------------------------------------------------------------------
+def _peft_only(default: Any = None, factory: Any = None) -> Any:
+    """A PEFT field fastpeft does not implement: keyword-only, kept out of repr, accepted only at ``default``."""
+    meta = {_KIND: _UNSUPPORTED}
+    if factory is not None:
+        return field(default_factory=factory, repr=False, kw_only=True, metadata=meta)
+    return field(default=default, repr=False, kw_only=True, metadata=meta)
+
+
+def _save_metadata() -> Any:
+    """peft_version / auto_mapping: kept and written back like PEFT does, but no part of the adapter's settings
+    (not in to_dict, not compared)."""
+    return field(default=None, repr=False, compare=False, kw_only=True, metadata={_KIND: _SAVE_METADATA})
+
+
+def _peft_type_field(value: str) -> Any:
+    # PEFT's peft_type defaults to None and is filled in by the config class; None and the class's own type are
+    # both accepted here.
+    return field(default=value, repr=False, kw_only=True)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else copy.deepcopy(f.default)
+
+
+# -- value helpers -----------------------------------------------------------------------------------------
 def _listify(value: Any) -> Any:
-    if isinstance(value, (set, tuple)):
+    if isinstance(value, (set, frozenset, tuple)):
         return sorted(value)
     return value
 
 
+def _enum_value(value: Any) -> Any:
+    # PEFT's TaskType / PeftType are str enums; store the plain string, which is also what json writes.
+    return getattr(value, "value", value)
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON would hold it: PEFT's nested config dataclasses as dicts, sets / tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    return _enum_value(value)
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (dict, list)) and len(value) == 0)
+
+
+def _same_as_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` means what PEFT's ``default`` means. None and an empty dict / list are the same "nothing
+    set" (PEFT's loftq_config defaults to {}, its other sub-configs to None; each treats both as off)."""
+    value = _plain(value)
+    if type(value) is bool or type(default) is bool:
+        # 0 == False in Python, but use_dora=0 is no spelling PEFT writes; compare booleans exactly
+        return type(value) is type(default) and value == default
+    return value == default or (_is_empty(value) and _is_empty(default))
+
+
+def _is_unset(value: Any) -> bool:
+    """For a key no PEFT version fastpeft knows: it changes nothing only when None / False / empty, or a dict of
+    such values (PEFT's small sub-configs written with everything off)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return all(_is_unset(v) for v in value.values())
+    return value is None or value is False or (isinstance(value, (list, tuple, set, str)) and len(value) == 0)
+
+
+def _unsupported_error(cls: type, bad: List[str], defaults: Dict[str, Any]) -> ValueError:
+    off = ", ".join(f"{name}={value!r}" for name, value in defaults.items())
+    hint = f" fastpeft accepts these PEFT fields only at PEFT's default ({off})." if off else ""
+    return ValueError(
+        f"fastpeft {cls.__name__} does not support {', '.join(bad)}.{hint} "
+        f"Supported fields: {', '.join(cls.field_names())}."
+    )
+
+
+def _check_keywords(cls):
+    """Wrap the dataclass __init__ so that a misspelt keyword names the close field names (a bare dataclass only
+    says 'unexpected keyword argument'). The accepted names are exactly the dataclass fields, i.e. PEFT's."""
+    generated = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(generated)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+                hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+            raise TypeError(
+                f"{cls.__name__} got unexpected keyword argument(s) {', '.join(hints)}: not a field of "
+                f"peft.{cls.__name__} (PEFT {PEFT_FORMAT_VERSION}). Fields: {', '.join(names)}."
+            )
+        generated(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+# -- shared behaviour ------------------------------------------------------------------------------------------
 class _ConfigBase:
-    peft_type: str = ""
+    PEFT_TYPE: ClassVar[str] = ""
+    # PEFT fields that PEFT's save_pretrained leaves out of adapter_config.json
+    _NOT_SAVED: ClassVar[Tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules", "modules_to_save", "feedforward_modules"):
@@ -94,106 +226,137 @@ class _ConfigBase:
                 setattr(self, name, _listify(getattr(self, name)))
         if getattr(self, "layers_to_transform", None) is not None and isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
+        self._check_metadata()
         self.validate()
+        self._check_unsupported()
+
+    def _check_metadata(self) -> None:
+        name = type(self).__name__
+        peft_type = _enum_value(self.peft_type)
+        if peft_type is None:
+            peft_type = self.PEFT_TYPE
+        if peft_type != self.PEFT_TYPE:
+            raise ValueError(
+                f"{name}.peft_type must be {self.PEFT_TYPE!r} (or None), got {self.peft_type!r}; "
+                "fastpeft.LoraConfig is for 'LORA' and fastpeft.IA3Config for 'IA3'"
+            )
+        self.peft_type = peft_type
+        self.task_type = _enum_value(self.task_type)
+        if self.task_type is not None and self.task_type not in PEFT_TASK_TYPES:
+            raise ValueError(f"{name}.task_type must be None or one of {PEFT_TASK_TYPES}, got {self.task_type!r}")
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            raise ValueError(f"{name}.auto_mapping must be None or a dict, got {self.auto_mapping!r}")
+        if self.peft_version is not None and not isinstance(self.peft_version, str):
+            raise ValueError(f"{name}.peft_version must be None or a str, got {self.peft_version!r}")
+
+    def _check_unsupported(self) -> None:
+        bad, defaults = [], {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get(_KIND) != _UNSUPPORTED:
+                continue
+            value, default = getattr(self, f.name), _default_of(f)
+            if _same_as_default(value, default):
+                setattr(self, f.name, default)  # PEFT's spelling of "off": loftq_config=None -> {}, an object -> its dict
+            else:
+                bad.append(f"{f.name}={value!r}")
+                defaults[f.name] = default
+        if bad:
+            raise _unsupported_error(type(self), bad, defaults)
 
     def validate(self) -> None:  # pragma: no cover - overridden
         pass
 
     def to_dict(self) -> Dict[str, Any]:
-        """The dict written to adapter_config.json (PEFT's field names, sets as lists)."""
-        out = {f.name: _listify(copy.deepcopy(getattr(self, f.name))) for f in dataclasses.fields(self)}
-        out["peft_type"] = self.peft_type
-        return out
+        """The adapter's settings under PEFT's field names, sets as sorted lists; the save-time metadata
+        (peft_version, auto_mapping) is left out, see ``to_adapter_config`` for the file."""
+        return {
+            f.name: _listify(copy.deepcopy(getattr(self, f.name)))
+            for f in dataclasses.fields(self)
+            if f.metadata.get(_KIND) != _SAVE_METADATA
+        }
+
+    def to_adapter_config(
+        self, base_model_name_or_path: Optional[str] = None, base_model_class: Optional[type] = None
+    ) -> Dict[str, Any]:
+        """The adapter_config.json PEFT (``PEFT_FORMAT_VERSION``) writes for this config.
+
+        Every PEFT field is a key (those fastpeft does not implement at PEFT's default), ``inference_mode`` is
+        true and ``peft_version`` is the config's own (PEFT keeps the one a loaded config came with) or
+        ``PEFT_FORMAT_VERSION``. ``base_model_name_or_path`` fills the field when the config has none.
+        ``base_model_class`` (the transformers model class, e.g. ``LlamaForCausalLM``) gives ``auto_mapping`` when
+        ``task_type`` is None, as PEFT records it then.
+
+        target_modules is written as the config holds it; PEFT writes the list it resolved while adapting the
+        model ("all-linear" and None become names, see peft_stored_targets), so the config must hold that list.
+        Sets are written sorted where PEFT's order is arbitrary (see _SET_FIELDS).
+
+        >>> cfg = LoraConfig(r=4, target_modules=["v_proj", "q_proj"])
+        >>> data = cfg.to_adapter_config("my/base-model")
+        >>> data["target_modules"], data["inference_mode"], data["use_dora"], data["loftq_config"]
+        (['q_proj', 'v_proj'], True, False, {})
+        >>> data["peft_type"], data["peft_version"] == PEFT_FORMAT_VERSION, data["base_model_name_or_path"]
+        ('LORA', True, 'my/base-model')
+        """
+        data = self.to_dict()
+        for name in self._NOT_SAVED:
+            del data[name]
+        for name in _SET_FIELDS:
+            if isinstance(data.get(name), list):
+                data[name] = sorted(data[name])
+        data["inference_mode"] = True
+        data["peft_version"] = self.peft_version or PEFT_FORMAT_VERSION
+        data["auto_mapping"] = copy.deepcopy(self.auto_mapping)
+        if self.task_type is None and base_model_class is not None:
+            # PEFT records how to rebuild the base model when no task type says so
+            data["auto_mapping"] = {
+                "base_model_class": base_model_class.__name__,
+                "parent_library": base_model_class.__module__,
+            }
+        if data.get("base_model_name_or_path") is None:
+            data["base_model_name_or_path"] = base_model_name_or_path or None
+        return data
 
     @classmethod
     def field_names(cls) -> List[str]:
+        """The fields fastpeft implements (the others are PEFT's, accepted only at their default)."""
+        return [f.name for f in dataclasses.fields(cls) if f.metadata.get(_KIND) != _UNSUPPORTED]
+
+    @classmethod
+    def peft_field_names(cls) -> List[str]:
+        """Every field name of the PEFT config class of the same name (all accepted as keywords)."""
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]):
-        """Build from an adapter_config.json dict; unknown fields must hold PEFT's default (see module doc)."""
+        """Build from an adapter_config.json dict (see module doc). A key that is no field of PEFT
+        ``PEFT_FORMAT_VERSION`` (another PEFT release's) is accepted only when None / False / empty."""
         data = dict(data)
-        data.pop("peft_type", None)
-        known = set(cls.field_names())
-        kwargs = {k: v for k, v in data.items() if k in known}
+        if isinstance(data.get("peft_type"), str):
+            data["peft_type"] = data["peft_type"].upper()  # to_fastpeft_config dispatches on it case-blind too
+        known = set(cls.peft_field_names())
         extra = {k: v for k, v in data.items() if k not in known}
-        _reject_non_default(cls, extra)
-        return cls(**kwargs)
+        bad = [f"{k}={v!r}" for k, v in extra.items() if not _is_unset(v)]
+        if bad:
+            raise _unsupported_error(cls, bad, {})
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def _peft_field_defaults(cls) -> Dict[str, Any]:
-    """PEFT's defaults for fields fastpeft does not implement: such a field is accepted only at its default."""
-    return _UNSUPPORTED_DEFAULTS_LORA if cls is LoraConfig else _UNSUPPORTED_DEFAULTS_IA3
-
-
-def _is_default(value: Any, default: Any) -> bool:
-    if value is None or value is False:
-        return default in (None, False)
-    if isinstance(value, (list, dict, tuple, set, str)) and len(value) == 0:
-        return default in (None, False, (), "", [], {}) or (hasattr(default, "__len__") and len(default) == 0)
-    return value == default
-
-
-def _reject_non_default(cls, extra: Dict[str, Any]) -> None:
-    defaults = _peft_field_defaults(cls)
-    bad = []
-    for key, value in extra.items():
-        if key in _METADATA_FIELDS:
-            continue
-        if key in defaults and _is_default(_normalize(value), defaults[key]):
-            continue
-        if key not in defaults and _is_default(_normalize(value), None):
-            continue  # an unknown field left empty/None changes nothing
-        bad.append(f"{key}={value!r}")
-    if bad:
-        raise ValueError(
-            f"fastpeft {cls.__name__} does not support {', '.join(bad)}. "
-            f"Supported fields: {', '.join(cls.field_names())}."
-        )
-
-
-def _normalize(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        # PEFT nests small config dataclasses (e.g. LoftQ / runtime configs) whose own fields may all be defaults.
-        if all(_is_default(v, None) for v in value.values()):
-            return None
-    return value
-
-
-# PEFT LoraConfig fields fastpeft does not implement, with the value that means "off".
-_UNSUPPORTED_DEFAULTS_LORA: Dict[str, Any] = {
-    "use_dora": False,
-    "lora_bias": False,
-    "use_qalora": False,
-    "qalora_group_size": 16,
-    "target_parameters": None,
-    "layer_replication": None,
-    "megatron_config": None,
-    "megatron_core": "megatron.core",
-    "loftq_config": None,
-    "eva_config": None,
-    "corda_config": None,
-    "trainable_token_indices": None,
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "ensure_weight_tying": False,
-    "use_bdlora": None,
-    "lora_ga_config": None,
-    "runtime_config": None,
-    "modules_to_tie": None,
-}
-_UNSUPPORTED_DEFAULTS_IA3: Dict[str, Any] = {}
-
-
+# -- the configs -------------------------------------------------------------------------------------------
+# Field order: fastpeft's own fields first, in the order positional calls rely on; then PEFT's bookkeeping and
+# the PEFT fields fastpeft does not implement, keyword-only. The names and defaults are those of the PEFT release
+# PEFT_FORMAT_VERSION (runtime_config's default is PEFT's LoraRuntimeConfig() as a dict).
+@_check_keywords
 @dataclass
 class LoraConfig(_ConfigBase):
     """LoRA configuration; field names and defaults follow ``peft.LoraConfig``.
 
-    >>> cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    >>> cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], use_dora=False)
     >>> cfg.scaling_for("model.layers.0.self_attn.q_proj")
     2.0
+    >>> LoraConfig(use_dora=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: fastpeft LoraConfig does not support use_dora=True. fastpeft accepts these PEFT fields only at PEFT's default (use_dora=False). Supported fields: ...
     """
 
     r: int = 8
@@ -214,8 +377,36 @@ class LoraConfig(_ConfigBase):
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("LORA")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+    # PEFT fields fastpeft does not implement, at PEFT's defaults
+    megatron_config: Any = _peft_only(None)
+    megatron_core: Any = _peft_only("megatron.core")
+    trainable_token_indices: Any = _peft_only(None)
+    loftq_config: Any = _peft_only(factory=dict)
+    eva_config: Any = _peft_only(None)
+    corda_config: Any = _peft_only(None)
+    lora_ga_config: Any = _peft_only(None)
+    use_dora: Any = _peft_only(False)
+    velora_config: Any = _peft_only(None)
+    alora_invocation_tokens: Any = _peft_only(None)
+    use_qalora: Any = _peft_only(False)
+    qalora_group_size: Any = _peft_only(16)
+    monteclora_config: Any = _peft_only(None)
+    layer_replication: Any = _peft_only(None)
+    runtime_config: Any = _peft_only(factory=lambda: {"ephemeral_gpu_offload": False})
+    lora_bias: Any = _peft_only(False)
+    target_parameters: Any = _peft_only(None)
+    use_bdlora: Any = _peft_only(None)
+    arrow_config: Any = _peft_only(None)
+    kasa_config: Any = _peft_only(None)
+    ensure_weight_tying: Any = _peft_only(False)
 
-    peft_type = "LORA"
+    PEFT_TYPE: ClassVar[str] = "LORA"
+    # PEFT drops runtime_config from the saved file: it describes how to load, not the adapter
+    _NOT_SAVED: ClassVar[Tuple[str, ...]] = ("runtime_config",)
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -250,9 +441,10 @@ class LoraConfig(_ConfigBase):
         return alpha / (r**0.5) if self.use_rslora else alpha / r
 
 
+@_check_keywords
 @dataclass
 class IA3Config(_ConfigBase):
-    """IA3 configuration; field names and defaults follow ``peft.IA3Config``.
+    """IA3 configuration; field names and defaults follow ``peft.IA3Config`` (fastpeft implements all of them).
 
     >>> IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]).peft_type
     'IA3'
@@ -268,8 +460,12 @@ class IA3Config(_ConfigBase):
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("IA3")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
 
-    peft_type = "IA3"
+    PEFT_TYPE: ClassVar[str] = "IA3"
 
     def validate(self) -> None:
         if self.init_ia3_weights not in (True, False):
@@ -287,33 +483,77 @@ AdapterConfig = Union[LoraConfig, IA3Config]
 
 def match_pattern_key(patterns: Dict[str, Any], module_name: str) -> Optional[str]:
     """The first key of rank_pattern / alpha_pattern that matches module_name (PEFT's rule: a suffix regex)."""
-    import re
-
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
 
 
+def _suffixes(name: str) -> List[str]:
+    # "a.b.c" -> ["c", "b.c", "a.b.c"]: the ways a target_modules entry can name this module, shortest first
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: Iterable[str]) -> List[str]:
+    """The target_modules list PEFT stores (and writes) for a resolved target list, sorted.
+
+    ``targets``: the list PEFT matches with. For ``"all-linear"`` that is the full name of every ``nn.Linear`` /
+    ``Conv1D`` module except the output embedding (``get_output_embeddings()``; for a SEQ_CLS model without one,
+    its classifier head), before exclude_modules / layers_to_transform are applied. For None it is the
+    architecture's default list; for a list, the list given. ``module_names``: every name of
+    ``model.named_modules()`` of the model being adapted (the root "" included).
+
+    For LoRA with at least ``PEFT_CONDENSE_MIN_TARGETS`` entries PEFT stores a shorter list when one exists: for
+    each target, in the order of their suffix lists, the shortest suffix that no other module ends with, unless
+    a suffix chosen earlier already covers it. IA3 and shorter lists are stored as given.
+
+    >>> names = [f"model.layers.{i}.self_attn.{p}" for i in range(5) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    >>> peft_stored_targets("LORA", names, ["", "model", "lm_head"] + names)
+    ['k_proj', 'o_proj', 'q_proj', 'v_proj']
+    >>> peft_stored_targets("IA3", names, ["", "model", "lm_head"] + names) == sorted(names)
+    True
+    """
+    targets = set(targets)
+    if _enum_value(peft_type) != "LORA" or len(targets) < PEFT_CONDENSE_MIN_TARGETS:
+        return sorted(targets)
+    if "" in targets:
+        raise ValueError("target_modules must not contain an empty name")
+    endings = tuple("." + t for t in targets)
+    others = [n for n in module_names if n not in targets and not n.endswith(endings)]
+    taken_by_others = {s for name in others for s in _suffixes(name)}
+    chosen: set = set()
+    for name in sorted(targets, key=_suffixes):
+        if name in chosen or any(name.endswith("." + c) for c in chosen):
+            continue  # already selected by a suffix chosen for an earlier target
+        pick = next((s for s in _suffixes(name) if s not in taken_by_others), None)
+        if pick is not None:
+            chosen.add(pick)
+    if not chosen or len(chosen) >= len(targets):
+        return sorted(targets)
+    return sorted(chosen)
+
+
 def to_fastpeft_config(config: Any) -> AdapterConfig:
-    """Accept a fastpeft config, a PEFT LoraConfig / IA3Config, or a dict from adapter_config.json."""
+    """Accept a fastpeft config, a PEFT LoraConfig / IA3Config, or a dict from adapter_config.json.
+
+    >>> to_fastpeft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": False}).r
+    4
+    """
     if isinstance(config, (LoraConfig, IA3Config)):
         return copy.deepcopy(config)
     if isinstance(config, dict):
-        peft_type = str(config.get("peft_type", "")).upper()
+        peft_type = str(_enum_value(config.get("peft_type", ""))).upper()
         if peft_type == "LORA":
             return LoraConfig.from_dict(config)
         if peft_type == "IA3":
             return IA3Config.from_dict(config)
         raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA' and 'IA3'")
     peft_type = getattr(config, "peft_type", None)
-    if peft_type is not None:
-        name = getattr(peft_type, "value", peft_type)
-        data = {}
-        for f in dataclasses.fields(config):
-            value = getattr(config, f.name)
-            data[f.name] = getattr(value, "value", value) if f.name == "task_type" else value
-        data["peft_type"] = str(name)
+    if peft_type is not None and dataclasses.is_dataclass(config):
+        # a PEFT config object: its dataclass fields are exactly what its adapter_config.json would hold
+        data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        data["peft_type"] = str(_enum_value(peft_type))
         return to_fastpeft_config(data)
     raise TypeError(
         f"expected fastpeft.LoraConfig, fastpeft.IA3Config, peft.LoraConfig or peft.IA3Config, got {type(config).__name__}"
