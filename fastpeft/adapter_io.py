@@ -135,6 +135,12 @@ def _config_dict(model: nn.Module, cfg: AdapterConfig) -> Dict[str, Any]:
 def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[str] = None) -> None:
     """Write adapters in PEFT's layout (all adapters when adapter_name is None).
 
+    Where each adapter goes (as PEFT's ``save_pretrained``): the "default" adapter at the root of
+    ``save_directory``, any other adapter in ``<save_directory>/<adapter_name>/`` -- also when it is the only one
+    saved: ``save_adapter(model, "out", adapter_name="b")`` writes ``out/b/adapter_config.json`` and
+    ``out/b/adapter_model.safetensors``. ``load_adapter(model, "out", adapter_name="b")`` looks in ``out/b/``
+    first, then at the root.
+
     Sharded models (FSDP2 / DTensor parameters): call it on every rank; the adapter is gathered to every
     rank, rank 0 writes, and all ranks return once the files are in place. Unsharded models (one process,
     DDP): whoever calls it writes, so under DDP call it on rank 0 only (or on all ranks: the writes are
