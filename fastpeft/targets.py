@@ -2,8 +2,9 @@
 suffixes, a regex, "all-linear" or None for per-architecture defaults; exclude_modules; layers_to_transform /
 layers_pattern; modules_to_save), with errors that name close matches when nothing matches.
 
-``find_targets`` also writes the resolved target list back on the config, as PEFT does, so the
-adapter_config.json we save names modules the way PEFT's does (serving stacks read that list).
+``find_targets`` also writes the resolved target list back on the config as PEFT stores it
+(``config.peft_stored_targets``), so the adapter_config.json we save names modules the way PEFT's does (serving
+stacks read that list).
 """
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from typing import Any, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .config import IA3_DEFAULT_FEEDFORWARD, IA3_DEFAULT_TARGETS, LORA_DEFAULT_TARGETS, AdapterConfig, IA3Config, LoraConfig
+from .config import (
+    IA3_DEFAULT_FEEDFORWARD,
+    IA3_DEFAULT_TARGETS,
+    LORA_DEFAULT_TARGETS,
+    AdapterConfig,
+    IA3Config,
+    LoraConfig,
+    peft_stored_targets,
+)
 from .model_state import ADAPTER_TYPES, is_peft_tuner_layer, root_model, underlying
 from .nn import IA3Linear, LoraLinear
 from .nn import bases
@@ -159,10 +168,11 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> List[Tuple[str, nn.Mod
                 f"module {name!r} matches target_modules but is a {type(underlying(module)).__name__}; "
                 f"fastpeft adapts: {bases.SUPPORTED_BASE_TYPES}"
             )
-    if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear":
-        # PEFT replaces "all-linear" by the leaf names of the linear layers it found (head excluded) and saves
-        # that list; the same names select the same modules again on load.
-        cfg.target_modules = sorted({name.rsplit(".", 1)[-1] for name in targets})
+    if isinstance(targets, list):
+        # What PEFT stores (and writes to adapter_config.json, which serving stacks read): for "all-linear" the
+        # full names of the linear layers it found (head excluded), for a list the list -- for LoRA with 20+
+        # entries condensed to the shortest unambiguous suffixes. The stored list selects the same modules.
+        cfg.target_modules = peft_stored_targets(cfg.peft_type, targets, [n for n, _ in model.named_modules()])
     return found
 
 

@@ -7,9 +7,7 @@ are skipped, and test_field_lists_are_the_installed_pefts says what to update.
 import copy
 import dataclasses
 import doctest
-import importlib
 import json
-import os
 
 import peft
 import pytest
@@ -18,17 +16,14 @@ import transformers
 
 import fastpeft
 import fastpeft.config as C
+from fastpeft import model_state
 
-from conftest import random_ids, rel_err
+from helpers import random_ids, rel_err
 
-fp_patch = importlib.import_module("fastpeft.patch")  # the attribute fastpeft.patch is the function
 
 SAME_PEFT = pytest.mark.skipif(
     peft.__version__ != C.PEFT_FORMAT_VERSION,
     reason=f"fastpeft writes PEFT {C.PEFT_FORMAT_VERSION}'s adapter_config.json; peft {peft.__version__} is installed",
-)
-NEEDS_RESOLVED_TARGETS = pytest.mark.xfail(
-    strict=True, reason="needs patch() to store the resolved target list (restructuring in progress)"
 )
 PAIRS = [(fastpeft.LoraConfig, peft.LoraConfig), (fastpeft.IA3Config, peft.IA3Config)]
 
@@ -263,16 +258,14 @@ LORA_CASES = {
                            exclude_modules=["model.layers.1.mlp.down_proj"]),
     "regex": dict(r=4, target_modules=r".*\.(q|v)_proj"),
     "none": dict(r=4),
-    "all-linear": pytest.param(dict(r=4, target_modules="all-linear"), marks=NEEDS_RESOLVED_TARGETS),
-    "all-linear-exclude": pytest.param(dict(r=4, target_modules="all-linear", exclude_modules=".*mlp.*"),
-                                       marks=NEEDS_RESOLVED_TARGETS),
+    "all-linear": dict(r=4, target_modules="all-linear"),
+    "all-linear-exclude": dict(r=4, target_modules="all-linear", exclude_modules=".*mlp.*"),
 }
 IA3_CASES = {
     "defaults": dict(),
     "list": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                  init_ia3_weights=False),
-    "all-linear": pytest.param(dict(target_modules="all-linear", feedforward_modules=["down_proj"]),
-                               marks=NEEDS_RESOLVED_TARGETS),
+    "all-linear": dict(target_modules="all-linear", feedforward_modules=["down_proj"]),
 }
 
 
@@ -291,7 +284,6 @@ def test_ia3_adapter_config_json_is_pefts(tmp_path, kwargs):
 
 
 @SAME_PEFT
-@NEEDS_RESOLVED_TARGETS
 def test_all_linear_with_20_or_more_layers_is_written_condensed(tmp_path):
     # 3 layers x 7 linear layers = 21 targets: PEFT stores the 7 leaf names instead of 21 full names
     _assert_same_json(_our_json(tmp_path, fastpeft.LoraConfig(r=4, target_modules="all-linear"), layers=3),
@@ -387,6 +379,6 @@ def test_fastpeft_reads_pefts_json(tmp_path, kind):
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     ours = fastpeft.load_adapter(_tiny_llama(), str(tmp_path))
     assert rel_err(_logits(ours, ids), _logits(theirs, ids)) < 1e-5
-    cfg = fp_patch.get_state(ours).configs["default"]
+    cfg = model_state.get_state(ours).configs["default"]
     assert set(cfg.target_modules) == set(written["target_modules"])
     assert cfg.peft_version == written["peft_version"]
