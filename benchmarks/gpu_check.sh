@@ -31,7 +31,7 @@ if has smoke; then
   echo "smoke rc=$?"; tail -15 "$OUT/smoke.txt"
 fi
 if has host; then
-  timeout "${T_HOST:-180}" python3 benchmarks/scripts/host_overhead.py --out "$OUT/host_overhead.json" > "$OUT/host_overhead.log" 2>&1
+  timeout "${T_HOST:-180}" python3 benchmarks/scripts/host_overhead.py ${HOST_ARGS:-} --out "$OUT/host_overhead.json" > "$OUT/host_overhead.log" 2>&1
   echo "host rc=$?"; tail -40 "$OUT/host_overhead.log"
 fi
 if has layers; then

@@ -29,6 +29,7 @@ namespace fastpeft {
 int64_t lora_seed_value(const c10::optional<at::Tensor>& seed, double p, int64_t rank);
 uint32_t lora_dropout_threshold(double p);
 float lora_keep_scale(double p, at::ScalarType dt);
+int64_t lora_cuda_path();
 
 namespace {
 
@@ -96,41 +97,93 @@ __global__ void combine_halves_kernel(const float* __restrict__ P, int64_t outer
   out[i] = P[o * stride + j] + P[o * stride + half + j];
 }
 
-// dst [M, K] (contiguous) = D⊙src (src any strides; may be dst itself). Each thread: 8 consecutive flat elements,
-// one Philox call (adapter_common.h). Kept values: dtype(float(x)·keep_scale), as the reference's x * mask.to(dtype).
-// Bound: bytes, one read + one write of X.
+// Eight consecutive elements of row-major data as floats: one 16-byte load when `vec` (16-bit T, unit stride,
+// 16-byte aligned, all 8 in range), else element by element with the stride, zeros past `valid`.
 template <typename T>
-__global__ void dropout_apply_kernel(const T* src, int64_t sm, int64_t sk, T* dst, int64_t M, int64_t K,
-                                     uint64_t seed, uint32_t thr, float keep_scale) {
-  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t n = M * K;
-  const int64_t i0 = chunk * 8;
-  if (i0 >= n) return;
-  const uint32_t bits = keep_bits8(static_cast<uint64_t>(chunk), seed, thr);
-  int64_t m = i0 / K, k = i0 - m * K;
-  for (int e = 0; e < 8 && i0 + e < n; ++e) {
-    const float v = to_f<T>(src[m * sm + k * sk]);
-    dst[i0 + e] = ((bits >> e) & 1u) ? from_f<T>(v * keep_scale) : from_f<T>(0.0f);
-    if (++k == K) {
-      k = 0;
-      ++m;
-    }
+__device__ __forceinline__ void load8(const T* p, int64_t stride, int valid, bool vec, float v[8]) {
+  if (sizeof(T) == 2 && vec && valid >= 8) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = to_f<T>(h[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = e < valid ? to_f<T>(p[e * stride]) : 0.0f;
   }
 }
 
-// out [M, N] (contiguous) = a ⊙ dtype(l) per column. Bound: bytes.
+template <typename T>
+__device__ __forceinline__ void store8(T* p, int valid, bool vec, const float v[8]) {
+  if (sizeof(T) == 2 && vec && valid >= 8) {
+    uint4 raw;
+    T* h = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) h[e] = from_f<T>(v[e]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if (e < valid) p[e] = from_f<T>(v[e]);
+  }
+}
+
+// keep bits of the 8 elements flat .. flat+7 (bit e = element flat+e kept): one Philox call when flat % 8 == 0,
+// else element by element (rows whose length is not a multiple of 8)
+__device__ __forceinline__ uint32_t keep_bits_at(uint64_t flat, uint64_t seed, uint32_t thr, int valid) {
+  if ((flat & 7u) == 0) return keep_bits8(flat >> 3, seed, thr);
+  uint32_t bits = 0;
+  for (int e = 0; e < valid; ++e) {
+    const uint64_t i = flat + e;
+    const uint32_t w = philox_word(i >> 3, seed, static_cast<int>((i & 7u) >> 1));
+    const uint32_t half = (i & 1u) ? (w >> 16) : (w & 0xFFFFu);
+    bits |= static_cast<uint32_t>(half >= thr) << e;
+  }
+  return bits;
+}
+
+// dst [M, K] (contiguous) = D⊙src (src any strides; may be dst itself). Thread: 8 consecutive columns of one row
+// (one Philox call, 16-byte loads / stores where possible); blockIdx.y strides over rows. Kept values are
+// dtype(float(x)·keep_scale), as the reference's x * mask.to(dtype). Bound: bytes, one read + one write of X.
+template <typename T>
+__global__ void dropout_apply_kernel(const T* src, int64_t sm, int64_t sk, T* dst, int64_t M, int64_t K,
+                                     uint64_t seed, uint32_t thr, float keep_scale, bool vec_src, bool vec_dst) {
+  const int64_t k = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  if (k >= K) return;
+  const int valid = static_cast<int>(K - k < 8 ? K - k : 8);
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    float v[8];
+    load8<T>(src + m * sm + k * sk, sk, valid, vec_src, v);
+    const uint32_t bits = keep_bits_at(static_cast<uint64_t>(m * K + k), seed, thr, valid);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = ((bits >> e) & 1u) ? v[e] * keep_scale : 0.0f;
+    store8<T>(dst + m * K + k, valid, vec_dst, v);
+  }
+}
+
+// out [M, N] (contiguous) = a ⊙ dtype(l) per column. Thread: 8 consecutive columns, rows strided by gridDim.y.
+// Bound: bytes.
 template <typename T>
 __global__ void scale_cols_kernel(const T* __restrict__ a, int64_t sa0, int64_t sa1, const float* __restrict__ l,
-                                  T* __restrict__ out, int64_t M, int64_t N) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= M * N) return;
-  const int64_t m = i / N, c = i - m * N;
-  out[i] = from_f<T>(to_f<T>(a[m * sa0 + c * sa1]) * to_f<T>(from_f<T>(l[c])));
+                                  T* __restrict__ out, int64_t M, int64_t N, bool vec_a, bool vec_out) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  if (c >= N) return;
+  const int valid = static_cast<int>(N - c < 8 ? N - c : 8);
+  float lv[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) lv[e] = e < valid ? to_f<T>(from_f<T>(l[c + e])) : 0.0f;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    float v[8];
+    load8<T>(a + m * sa0 + c * sa1, sa1, valid, vec_a, v);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] *= lv[e];
+    store8<T>(out + m * N + c, valid, vec_out, v);
+  }
 }
 
 // Column reductions over a row range: red[n] += Σ a⊙b, sum[n] += Σ a (fp32; atomics when the rows are split over
 // blocks), out = a ⊙ dtype(l) (out may be a itself: each element is read before it is written, by one thread).
-// Threads of a warp take consecutive columns: coalesced. Bound: bytes, 2 reads (+1 write) of [M, N].
+// Threads of a warp take consecutive columns (coalesced); eight rows are loaded before any is used, so each
+// thread keeps eight loads in flight. Bound: bytes, 2 reads (+1 write) of [M, N].
 template <typename T>
 __global__ void colreduce_kernel(const T* a, int64_t sa0, int64_t sa1, const T* __restrict__ b, int64_t sb0,
                                  int64_t sb1, const float* __restrict__ l, T* out, float* __restrict__ red,
@@ -141,11 +194,20 @@ __global__ void colreduce_kernel(const T* a, int64_t sa0, int64_t sa1, const T* 
   const int64_t m1 = m0 + rows_per_split < M ? m0 + rows_per_split : M;
   const float lv = to_f<T>(from_f<T>(l[c]));
   float acc = 0.0f, tot = 0.0f;
-  for (int64_t m = m0; m < m1; ++m) {
-    const float av = to_f<T>(a[m * sa0 + c * sa1]);
-    acc += av * to_f<T>(b[m * sb0 + c * sb1]);
-    tot += av;
-    if (out != nullptr) out[m * N + c] = from_f<T>(av * lv);
+  for (int64_t m = m0; m < m1; m += 8) {
+    float av[8], bv[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const bool ok = m + u < m1;
+      av[u] = ok ? to_f<T>(a[(m + u) * sa0 + c * sa1]) : 0.0f;
+      bv[u] = ok ? to_f<T>(b[(m + u) * sb0 + c * sb1]) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      acc += av[u] * bv[u];
+      tot += av[u];
+      if (out != nullptr && m + u < m1) out[(m + u) * N + c] = from_f<T>(av[u] * lv);
+    }
   }
   if (atomic) {
     atomicAdd(red + c, acc);
@@ -153,6 +215,195 @@ __global__ void colreduce_kernel(const T* a, int64_t sa0, int64_t sa1, const T* 
   } else {
     red[c] = acc;
     if (sum != nullptr) sum[c] = tot;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ fused LoRA
+// Two kernels carry every small LoRA product (SIMT fp32 FMAs on fp32-widened activations: full fp32 precision):
+//
+// shrink:   part[split, m, j] = Σ_{l in split} (D⊙P)[m, l] · Q(l, j)         (S = X·Aᵀ, dS = dY·B; reduce over L)
+//   Block: 16 rows; 4 groups of 4 rows x 64 lanes; lane ll reads 8 consecutive l per step (16-byte loads) and
+//   keeps acc[4 rows][16 j] in registers; Q (the adapter, L2-resident) is read once per 4 rows. A warp-shuffle
+//   plus shared-memory reduction over the lanes ends it. Splitting L over blocks fills the GPU at small M; the
+//   partials are summed, in a fixed order, by the consumer (deterministic).
+//   Bound: X / dY bytes once (M·L·elem); FLOPs 2·M·L·r.
+// colexp:   for columns c of P [M, C] (one thread each) and its rows:
+//   REDUCE  red(c, j) += Σ_m (D⊙P)[m, c] · Sm[m, j]                           (dB = dYᵀ·S, dA = dSᵀ·(D⊙X); atomics)
+//   EXPAND  Z[m, c] = D⊙(Σ_j Sm[m, j] · Q2(c, j)) + bias[c]                   (Z = S·Bᵀ + b, Z2 = D⊙(dS·A))
+//   Sm (32-row tiles) and the tile's keep bits sit in shared memory; Sm is the sum of the shrink's partials times
+//   its scale (blocks of the first column block also write it out: the forward's saved S).
+//   Bound: P bytes once (REDUCE), Z bytes once (EXPAND); FLOPs 2·M·C·r each.
+// Then cuBLAS adds the big GEMM with beta = 1 into Z (Y = Z + X·Wᵀ; dX = Z2 + dY·W): one launch per product, no
+// separate elementwise passes. Rank up to 64 (registers); larger ranks take the split-GEMM path.
+constexpr int kShrinkRows = 16;
+constexpr int kShrinkLanes = 64;
+constexpr int kShrinkRC = 16;
+constexpr int kColTile = 32;
+
+template <typename T>
+__global__ void __launch_bounds__(256) shrink_kernel(const T* __restrict__ P, int64_t sp0, int64_t sp1, int64_t M,
+                                                     int64_t L, const float* __restrict__ Q, int64_t sql, int64_t sqj,
+                                                     int R, float* __restrict__ part, int64_t l_per_split, bool vec,
+                                                     bool dropout, uint64_t seed, uint32_t thr, float keep_scale) {
+  __shared__ float red[4][2][4][kShrinkRC];
+  const int tid = threadIdx.x;
+  const int rg = tid / kShrinkLanes, ll = tid % kShrinkLanes, half = ll / 32;
+  const int64_t m_base = static_cast<int64_t>(blockIdx.x) * kShrinkRows + rg * 4;
+  const int64_t l_begin = static_cast<int64_t>(blockIdx.y) * l_per_split;
+  const int64_t l_end = l_begin + l_per_split < L ? l_begin + l_per_split : L;
+  float* out = part + static_cast<int64_t>(blockIdx.y) * M * R;
+  for (int j0 = 0; j0 < R; j0 += kShrinkRC) {
+    float acc[4][kShrinkRC];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int jj = 0; jj < kShrinkRC; ++jj) acc[i][jj] = 0.0f;
+    for (int64_t l = l_begin + ll * 8; l < l_end; l += kShrinkLanes * 8) {
+      const int valid = static_cast<int>(l_end - l < 8 ? l_end - l : 8);
+      float x[4][8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t m = m_base + i;
+        if (m < M) {
+          load8<T>(P + m * sp0 + l * sp1, sp1, valid, vec, x[i]);
+          if (dropout) {
+            const uint32_t bits = keep_bits_at(static_cast<uint64_t>(m * L + l), seed, thr, valid);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) x[i][e] = ((bits >> e) & 1u) ? to_f<T>(from_f<T>(x[i][e] * keep_scale)) : 0.0f;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) x[i][e] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (e < valid) {
+          const float* qrow = Q + (l + e) * sql;
+#pragma unroll
+          for (int jj = 0; jj < kShrinkRC; ++jj) {
+            const float q = (j0 + jj < R) ? __ldg(qrow + (j0 + jj) * sqj) : 0.0f;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[i][jj] = fmaf(x[i][e], q, acc[i][jj]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int jj = 0; jj < kShrinkRC; ++jj)
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc[i][jj] += __shfl_xor_sync(0xffffffffu, acc[i][jj], off);
+    if ((ll & 31) == 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int jj = 0; jj < kShrinkRC; ++jj) red[rg][half][i][jj] = acc[i][jj];
+    }
+    __syncthreads();
+    {  // 4 groups x 4 rows x 16 j = 256 outputs: one per thread
+      const int g = tid / 64, i = (tid / kShrinkRC) % 4, jj = tid % kShrinkRC;
+      const int64_t m = static_cast<int64_t>(blockIdx.x) * kShrinkRows + g * 4 + i;
+      const int j = j0 + jj;
+      if (m < M && j < R) out[m * R + j] = red[g][0][i][jj] + red[g][1][i][jj];
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, int RMAX, bool REDUCE, bool EXPAND>
+__global__ void __launch_bounds__(256) colexp_kernel(
+    const T* __restrict__ P, int64_t sp0, int64_t sp1, int64_t M, int64_t C, const float* __restrict__ Sm,
+    int s_splits, int R, float s_scale, float* __restrict__ S_out, float* __restrict__ red, int64_t src,
+    int64_t srj, const float* __restrict__ Q2, int64_t sq2c, int64_t sq2j, const T* __restrict__ bias,
+    T* __restrict__ Z, int64_t rows_per_split, bool dropout, uint64_t seed, uint32_t thr, float keep_scale) {
+  __shared__ __align__(16) float sS[kColTile][RMAX];
+  __shared__ uint8_t sKeep[kColTile][32];
+  const int tid = threadIdx.x;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * 256;
+  const int64_t c = c0 + tid;
+  const bool col_ok = c < C;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t m_end = m_begin + rows_per_split < M ? m_begin + rows_per_split : M;
+  float q2[RMAX];
+  float acc[RMAX];
+#pragma unroll
+  for (int jj = 0; jj < RMAX; ++jj) {
+    acc[jj] = 0.0f;
+    q2[jj] = (EXPAND && col_ok && jj < R) ? __ldg(Q2 + c * sq2c + jj * sq2j) : 0.0f;
+  }
+  const float bv = (EXPAND && bias != nullptr && col_ok) ? to_f<T>(bias[c]) : 0.0f;
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kColTile) {
+    const int rows = static_cast<int>(m_end - m0 < kColTile ? m_end - m0 : kColTile);
+    for (int idx = tid; idx < kColTile * RMAX; idx += 256) {
+      const int i = idx / RMAX, j = idx % RMAX;
+      float v = 0.0f;
+      if (i < rows && j < R) {
+        const int64_t off = (m0 + i) * R + j;
+        for (int sp = 0; sp < s_splits; ++sp) v += Sm[sp * M * R + off];
+        v *= s_scale;
+        if (S_out != nullptr && blockIdx.x == 0) S_out[off] = v;
+      }
+      sS[i][j] = v;
+    }
+    if (dropout) {
+      for (int idx = tid; idx < kColTile * 32; idx += 256) {
+        const int i = idx / 32, g = idx % 32;
+        const int64_t cg = c0 + g * 8;
+        uint32_t bits = 0;
+        if (i < rows && cg < C) {
+          const int valid = static_cast<int>(C - cg < 8 ? C - cg : 8);
+          bits = keep_bits_at(static_cast<uint64_t>((m0 + i) * C + cg), seed, thr, valid);
+        }
+        sKeep[i][g] = static_cast<uint8_t>(bits);
+      }
+    }
+    __syncthreads();
+    if (col_ok) {
+      for (int i0 = 0; i0 < rows; i0 += 8) {
+        float p[8];
+        if (REDUCE) {
+#pragma unroll
+          for (int u = 0; u < 8; ++u) p[u] = (i0 + u < rows) ? to_f<T>(P[(m0 + i0 + u) * sp0 + c * sp1]) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          if (i0 + u >= rows) break;
+          const bool keep = !dropout || ((sKeep[i0 + u][tid >> 3] >> (tid & 7)) & 1u);
+          const float4* srow = reinterpret_cast<const float4*>(&sS[i0 + u][0]);
+          float z = 0.0f;
+          float pv = 0.0f;
+          if (REDUCE) pv = keep ? (dropout ? to_f<T>(from_f<T>(p[u] * keep_scale)) : p[u]) : 0.0f;
+#pragma unroll
+          for (int j4 = 0; j4 < RMAX / 4; ++j4) {
+            const float4 sv = srow[j4];
+            if (REDUCE) {
+              acc[4 * j4 + 0] = fmaf(pv, sv.x, acc[4 * j4 + 0]);
+              acc[4 * j4 + 1] = fmaf(pv, sv.y, acc[4 * j4 + 1]);
+              acc[4 * j4 + 2] = fmaf(pv, sv.z, acc[4 * j4 + 2]);
+              acc[4 * j4 + 3] = fmaf(pv, sv.w, acc[4 * j4 + 3]);
+            }
+            if (EXPAND) {
+              z = fmaf(sv.x, q2[4 * j4 + 0], z);
+              z = fmaf(sv.y, q2[4 * j4 + 1], z);
+              z = fmaf(sv.z, q2[4 * j4 + 2], z);
+              z = fmaf(sv.w, q2[4 * j4 + 3], z);
+            }
+          }
+          if (EXPAND) {
+            z = dropout ? (keep ? z * keep_scale : 0.0f) : z + bv;
+            Z[(m0 + i0 + u) * C + c] = from_f<T>(z);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (REDUCE && col_ok) {
+#pragma unroll
+    for (int jj = 0; jj < RMAX; ++jj)
+      if (jj < R) atomicAdd(red + c * src + jj * srj, acc[jj]);
   }
 }
 
@@ -228,6 +479,21 @@ Tensor combine_halves(const Tensor& P, bool row_halves) {
   return out;
 }
 
+// Whether 8 consecutive elements of every row of t (2-D) can move as one 16-byte access.
+bool vec16(const Tensor& t) {
+  return t.element_size() == 2 && (t.size(1) == 1 || t.stride(1) == 1) && t.stride(0) % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// grid for the row-strided elementwise kernels: x over 8-column chunks, y over rows (each block strides on)
+dim3 rows_grid(int64_t M, int64_t cols) {
+  const int64_t xb = (cols + kThreads * 8 - 1) / (kThreads * 8);
+  const int64_t yb = std::max<int64_t>(1, std::min<int64_t>(M, std::max<int64_t>(1, 8 * sm_count() / xb)));
+  return dim3(static_cast<unsigned>(xb), static_cast<unsigned>(std::min<int64_t>(yb, 65535)));
+}
+
 // D⊙src into dst (a new contiguous tensor, or src itself when it is contiguous and in_place)
 Tensor dropout_apply(const Tensor& src, double p, int64_t seed, bool in_place) {
   const int64_t M = src.size(0), K = src.size(1);
@@ -237,11 +503,12 @@ Tensor dropout_apply(const Tensor& src, double p, int64_t seed, bool in_place) {
   const uint32_t thr = lora_dropout_threshold(p);
   const float ks = lora_keep_scale(p, src.scalar_type());
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool vs = vec16(src), vd = vec16(dst);
   dispatch_all(src.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dropout_apply_kernel<T><<<blocks_for((M * K + 7) / 8), kThreads, 0, stream>>>(
+    dropout_apply_kernel<T><<<rows_grid(M, K), kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(src.data_ptr()), src.stride(0), src.stride(1), reinterpret_cast<T*>(dst.data_ptr()),
-        M, K, static_cast<uint64_t>(seed), thr, ks);
+        M, K, static_cast<uint64_t>(seed), thr, ks, vs, vd);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dst;
@@ -252,11 +519,12 @@ Tensor scale_cols(const Tensor& a, const Tensor& l32) {
   Tensor out = at::empty({M, N}, a.options());
   if (M * N == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool va = vec16(a), vo = vec16(out);
   dispatch_all(a.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    scale_cols_kernel<T><<<blocks_for(M * N), kThreads, 0, stream>>>(
+    scale_cols_kernel<T><<<rows_grid(M, N), kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(a.data_ptr()), a.stride(0), a.stride(1), l32.data_ptr<float>(),
-        reinterpret_cast<T*>(out.data_ptr()), M, N);
+        reinterpret_cast<T*>(out.data_ptr()), M, N, va, vo);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -267,7 +535,7 @@ std::tuple<Tensor, Tensor> colreduce(const Tensor& a, const Tensor& b, const Ten
                                      bool need_sum) {
   const int64_t M = a.size(0), N = a.size(1);
   const int64_t col_blocks = blocks_for(N);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sm_count();
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>((M + 15) / 16, (4 * sms + col_blocks - 1) / col_blocks));
   const int64_t rows_per_split = (M + splits - 1) / std::max<int64_t>(splits, 1);
   splits = M == 0 ? 1 : (M + rows_per_split - 1) / rows_per_split;
@@ -295,9 +563,9 @@ std::tuple<Tensor, Tensor> colreduce(const Tensor& a, const Tensor& b, const Ten
 Tensor in_dtype(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
 // ------------------------------------------------------------------------------------------------ LoRA
-std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
-                                         const Tensor& A, const Tensor& B, double scaling, double p,
-                                         const c10::optional<Tensor>& seed, int64_t rank) {
+std::tuple<Tensor, Tensor> lora_fwd_split(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                          const Tensor& A, const Tensor& B, double scaling, double p,
+                                          const c10::optional<Tensor>& seed, int64_t rank) {
   TORCH_CHECK(x2.dim() == 2 && weight.dim() == 2 && weight.size(1) == x2.size(1) && A.size(1) == x2.size(1) &&
                   B.size(0) == weight.size(0) && B.size(1) == A.size(0),
               "fastpeft lora: shapes do not fit: x ", x2.sizes(), ", weight ", weight.sizes(), ", lora_A ", A.sizes(),
@@ -324,7 +592,7 @@ std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight,
   return {y, S};
 }
 
-std::tuple<Tensor, Tensor, Tensor> lora_bwd_cuda(const Tensor& dy2_in, const Tensor& x2, const Tensor& S,
+std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Tensor& x2, const Tensor& S,
                                                  const Tensor& weight, const Tensor& A, const Tensor& B,
                                                  double scaling, double p, const c10::optional<Tensor>& seed,
                                                  int64_t rank, bool need_x, bool need_A, bool need_B) {
@@ -374,6 +642,218 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_cuda(const Tensor& dy2_in, const Ten
     }
   }
   return {dx, dA, dB};
+}
+
+// ------------------------------------------------------------------------------------------------ fused LoRA launchers
+template <typename F>
+void dispatch_rank(int R, F&& f) {
+  if (R <= 16) {
+    f(std::integral_constant<int, 16>());
+  } else if (R <= 32) {
+    f(std::integral_constant<int, 32>());
+  } else {
+    f(std::integral_constant<int, 64>());
+  }
+}
+
+// [splits, M, R] fp32 partial sums over L-slices of Σ_l (D⊙P)[m, l]·Q(l, j); Q(l, j) = Q32[l·sql + j·sqj]
+Tensor shrink(const Tensor& P, const Tensor& Q32, int64_t sql, int64_t sqj, int R, double p, int64_t seed) {
+  const int64_t M = P.size(0), L = P.size(1);
+  const int64_t row_blocks = (M + kShrinkRows - 1) / kShrinkRows;
+  const int64_t chunk = kShrinkLanes * 8;  // the columns one lane sweep covers
+  int64_t splits = std::max<int64_t>(
+      1, std::min<int64_t>((L + chunk - 1) / chunk, (2 * sm_count() + row_blocks - 1) / std::max<int64_t>(row_blocks, 1)));
+  const int64_t l_per = std::max<int64_t>(chunk, ((L + splits - 1) / splits + chunk - 1) / chunk * chunk);
+  splits = std::max<int64_t>(1, (L + l_per - 1) / l_per);
+  Tensor part = at::empty({splits, M, R}, P.options().dtype(at::kFloat));
+  if (M == 0 || R == 0) return part;
+  const uint32_t thr = p > 0.0 ? lora_dropout_threshold(p) : 0;
+  const float ks = p > 0.0 ? lora_keep_scale(p, P.scalar_type()) : 1.0f;
+  const bool vec = vec16(P);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_all(P.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    shrink_kernel<T><<<dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits)), 256, 0, stream>>>(
+        reinterpret_cast<const T*>(P.data_ptr()), P.stride(0), P.stride(1), M, L, Q32.data_ptr<float>(), sql, sqj, R,
+        part.data_ptr<float>(), l_per, vec, p > 0.0, static_cast<uint64_t>(seed), thr, ks);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return part;
+}
+
+struct ColexpArgs {
+  const Tensor* P = nullptr;  // [M, C] (REDUCE), dropout applies to it and to Z
+  int64_t M = 0, C = 0;
+  const Tensor* Sm = nullptr;  // [splits, M, R] fp32
+  float s_scale = 1.0f;
+  Tensor* S_out = nullptr;      // [M, R] fp32, written once (optional)
+  Tensor* red = nullptr;        // REDUCE target (zeroed), red(c, j) = red[c·src + j·srj]
+  int64_t src = 0, srj = 0;
+  const Tensor* Q2 = nullptr;   // EXPAND: Q2(c, j) = Q2[c·sq2c + j·sq2j]
+  int64_t sq2c = 0, sq2j = 0;
+  const Tensor* bias = nullptr;
+  Tensor* Z = nullptr;          // EXPAND output [M, C] contiguous
+  double p = 0.0;
+  int64_t seed = 0;
+};
+
+void colexp(const ColexpArgs& a, at::ScalarType dt) {
+  const bool reduce = a.red != nullptr, expand = a.Z != nullptr;
+  if (a.M == 0 || a.C == 0 || !(reduce || expand)) return;
+  const int R = static_cast<int>(a.Sm->size(2));
+  const int64_t xb = (a.C + 255) / 256;
+  int64_t ysplit = std::max<int64_t>(1, std::min<int64_t>((a.M + kColTile - 1) / kColTile,
+                                                          (4 * sm_count() + xb - 1) / xb));
+  const int64_t rows_per = ((a.M + ysplit - 1) / ysplit + kColTile - 1) / kColTile * kColTile;
+  ysplit = (a.M + rows_per - 1) / rows_per;
+  const uint32_t thr = a.p > 0.0 ? lora_dropout_threshold(a.p) : 0;
+  const float ks = a.p > 0.0 ? lora_keep_scale(a.p, dt) : 1.0f;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_all(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_rank(R, [&](auto rmax) {
+      constexpr int RMAX = decltype(rmax)::value;
+      const dim3 grid(static_cast<unsigned>(xb), static_cast<unsigned>(ysplit));
+      const T* P = reduce ? reinterpret_cast<const T*>(a.P->data_ptr()) : nullptr;
+      const int64_t sp0 = reduce ? a.P->stride(0) : 0, sp1 = reduce ? a.P->stride(1) : 0;
+      const float* Q2 = expand ? a.Q2->data_ptr<float>() : nullptr;
+      const T* bias = a.bias != nullptr ? reinterpret_cast<const T*>(a.bias->data_ptr()) : nullptr;
+      T* Z = expand ? reinterpret_cast<T*>(a.Z->data_ptr()) : nullptr;
+      float* red = reduce ? a.red->data_ptr<float>() : nullptr;
+      float* S_out = a.S_out != nullptr ? a.S_out->data_ptr<float>() : nullptr;
+      const int splits = static_cast<int>(a.Sm->size(0));
+#define FASTPEFT_COLEXP(RED, EXP)                                                                                   \
+  colexp_kernel<T, RMAX, RED, EXP><<<grid, 256, 0, stream>>>(P, sp0, sp1, a.M, a.C, a.Sm->data_ptr<float>(), splits, \
+                                                             R, a.s_scale, S_out, red, a.src, a.srj, Q2, a.sq2c,     \
+                                                             a.sq2j, bias, Z, rows_per, a.p > 0.0,                   \
+                                                             static_cast<uint64_t>(a.seed), thr, ks)
+      if (reduce && expand) {
+        FASTPEFT_COLEXP(true, true);
+      } else if (reduce) {
+        FASTPEFT_COLEXP(true, false);
+      } else {
+        FASTPEFT_COLEXP(false, true);
+      }
+#undef FASTPEFT_COLEXP
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Forward: S = s·(D⊙X)·Aᵀ (shrink, then summed and saved by the expand), Z = S·Bᵀ + b (expand), Y = Z + X·Wᵀ
+// (cuBLAS, beta = 1): 3 launches.
+std::tuple<Tensor, Tensor> lora_fwd_fused(const Tensor& x2, const Tensor& w, const c10::optional<Tensor>& bias,
+                                          const Tensor& A32, const Tensor& B32, double scaling, double p,
+                                          int64_t seed) {
+  const auto dt = x2.scalar_type();
+  const int64_t M = x2.size(0), N = w.size(0);
+  const int R = static_cast<int>(A32.size(0));
+  const Tensor part = shrink(x2, A32, A32.stride(1), A32.stride(0), R, p, seed);  // Q(k, j) = A[j, k]
+  Tensor S = at::empty({M, R}, x2.options().dtype(at::kFloat));
+  Tensor Z = at::empty({M, N}, x2.options());
+  Tensor b = bias.has_value() && bias->defined() ? in_dtype(*bias, dt).contiguous() : Tensor();
+  ColexpArgs a;
+  a.M = M;
+  a.C = N;
+  a.Sm = &part;
+  a.s_scale = static_cast<float>(scaling);
+  a.S_out = &S;
+  a.Q2 = &B32;
+  a.sq2c = B32.stride(0);  // Q2(n, j) = B[n, j]
+  a.sq2j = B32.stride(1);
+  a.bias = b.defined() ? &b : nullptr;
+  a.Z = &Z;
+  colexp(a, dt);
+  Z.addmm_(x2, w.t());
+  return {Z, S};
+}
+
+// Backward: dB = dYᵀ·S (colexp reduce over dY), dS/s = dY·B (shrink over dY), dA = dSᵀ·(D⊙X) and
+// Z2 = D⊙(dS·A) (one colexp pass over X), dX = Z2 + dY·W (cuBLAS, beta = 1): 4 launches + the zero-fills.
+std::tuple<Tensor, Tensor, Tensor> lora_bwd_fused(const Tensor& dy2, const Tensor& x2, const Tensor& S,
+                                                  const Tensor& w, const Tensor& A32, const Tensor& B32,
+                                                  double scaling, double p, int64_t seed, bool need_x, bool need_A,
+                                                  bool need_B) {
+  const auto dt = x2.scalar_type();
+  const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
+  const int R = static_cast<int>(A32.size(0));
+  auto f32 = x2.options().dtype(at::kFloat);
+  Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, f32), dB = at::empty({0}, f32);
+  if (need_B) {
+    dB = at::zeros({N, R}, f32);
+    const Tensor S3 = S.contiguous().view({1, M, R});
+    ColexpArgs a;
+    a.P = &dy2;
+    a.M = M;
+    a.C = N;
+    a.Sm = &S3;
+    a.red = &dB;
+    a.src = R;  // red(n, j) = dB[n, j]
+    a.srj = 1;
+    colexp(a, dt);
+  }
+  if (need_A || need_x) {
+    const Tensor part = shrink(dy2, B32, B32.stride(0), B32.stride(1), R, 0.0, 0);  // Q(n, j) = B[n, j]
+    if (need_A) dA = at::zeros({R, K}, f32);
+    Tensor z2 = need_x ? at::empty({M, K}, x2.options()) : Tensor();
+    ColexpArgs a;
+    a.P = &x2;
+    a.M = M;
+    a.C = K;
+    a.Sm = &part;
+    a.s_scale = static_cast<float>(scaling);
+    a.red = need_A ? &dA : nullptr;
+    a.src = 1;  // red(k, j) = dA[j, k]
+    a.srj = K;
+    a.Q2 = &A32;
+    a.sq2c = A32.stride(1);  // Q2(k, j) = A[j, k]
+    a.sq2j = A32.stride(0);
+    a.Z = need_x ? &z2 : nullptr;
+    a.p = p;
+    a.seed = seed;
+    if (!need_A) a.P = nullptr;
+    colexp(a, dt);
+    if (need_x) dx = z2.addmm_(dy2, w);
+  }
+  return {dx, dA, dB};
+}
+
+// Which LoRA composition a CUDA call takes: the fused kernels (fewest launches: what a host-bound step needs)
+// unless the rank is above what they hold in registers (64) or determinism is asked for (their backward uses
+// fp32 atomics); lora_cuda_path() lets benchmarks force one (set_lora_cuda_path in adapter_ops.cpp).
+bool use_fused(int64_t M, int64_t N, int64_t K, int64_t R) {
+  if (R > 64 || M == 0 || N == 0 || K == 0 || at::globalContext().deterministicAlgorithms()) return false;
+  const int64_t forced = lora_cuda_path();
+  return forced != 0;
+}
+
+std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                         const Tensor& A, const Tensor& B, double scaling, double p,
+                                         const c10::optional<Tensor>& seed, int64_t rank) {
+  if (!use_fused(x2.size(0), weight.size(0), x2.size(1), A.size(0)) || x2.dim() != 2 || weight.dim() != 2 ||
+      weight.size(1) != x2.size(1) || A.size(1) != x2.size(1) || B.size(0) != weight.size(0) || B.size(1) != A.size(0)) {
+    return lora_fwd_split(x2, weight, bias, A, B, scaling, p, seed, rank);
+  }
+  c10::cuda::CUDAGuard guard(x2.device());
+  const auto dt = x2.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "fastpeft lora: x must be float32, float16 or bfloat16, got ", dt);
+  return lora_fwd_fused(x2, in_dtype(weight, dt), bias, in_dtype(A, at::kFloat), in_dtype(B, at::kFloat), scaling,
+                        p, p > 0.0 ? lora_seed_value(seed, p, rank) : 0);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_bwd_cuda(const Tensor& dy2, const Tensor& x2, const Tensor& S,
+                                                 const Tensor& weight, const Tensor& A, const Tensor& B,
+                                                 double scaling, double p, const c10::optional<Tensor>& seed,
+                                                 int64_t rank, bool need_x, bool need_A, bool need_B) {
+  if (!use_fused(x2.size(0), weight.size(0), x2.size(1), A.size(0))) {
+    return lora_bwd_split(dy2, x2, S, weight, A, B, scaling, p, seed, rank, need_x, need_A, need_B);
+  }
+  c10::cuda::CUDAGuard guard(x2.device());
+  const auto dt = x2.scalar_type();
+  return lora_bwd_fused(in_dtype(dy2, dt), x2, S, in_dtype(weight, dt), in_dtype(A, at::kFloat),
+                        in_dtype(B, at::kFloat), scaling, p, p > 0.0 ? lora_seed_value(seed, p, rank) : 0, need_x,
+                        need_A, need_B);
 }
 
 // ------------------------------------------------------------------------------------------------ IA3

@@ -25,6 +25,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -368,6 +369,15 @@ Tensor ia3_linear_plain(const Tensor& x, const Tensor& weight, const c10::option
 
 }  // namespace
 
+// Which LoRA composition CUDA calls take (adapter_cuda.cu): -1 automatic, 0 the split-GEMM composition, 1 the fused
+// kernels. A process-wide testing / benchmarking hook (fastpeft_ops::set_lora_cuda_path), not a user setting.
+std::atomic<int64_t> g_lora_cuda_path{-1};
+int64_t lora_cuda_path() { return g_lora_cuda_path.load(std::memory_order_relaxed); }
+int64_t set_lora_cuda_path(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "set_lora_cuda_path: mode must be -1 (auto), 0 (split GEMM) or 1 (fused)");
+  return g_lora_cuda_path.exchange(mode);
+}
+
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
 int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
 uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
@@ -386,6 +396,7 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("ia3_fwd(Tensor x2, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> (Tensor, Tensor)");
   m.def("ia3_bwd(Tensor dy2, Tensor saved, Tensor weight, Tensor ia3_l, bool feedforward, bool need_x, "
         "bool need_b) -> (Tensor, Tensor, Tensor)");
+  m.def("set_lora_cuda_path(int mode) -> int", &fastpeft::set_lora_cuda_path);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {

@@ -63,11 +63,14 @@ def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
         m.ia3_l["default"].data = (torch.rand_like(m.ia3_l["default"].float()) + 0.5)
         m.base_layer.weight.requires_grad_(False)
         return m, [m.ia3_l["default"]]
-    if method in ("fastpeft_lora", "fastpeft_lora_p05", "fastpeft_lora_triton", "fastpeft_lora_p05_triton"):
+    if method in ("fastpeft_lora", "fastpeft_lora_p05", "fastpeft_lora_triton", "fastpeft_lora_p05_triton",
+                  "fastpeft_lora_split", "fastpeft_lora_p05_split"):
         from fastpeft.nn._rng import dropout_draw
         from fastpeft.ops import cpp_ops
         from fastpeft.ops.kernels.lora import lora_linear
 
+        if cpp_ops.available():  # the C++ op's CUDA composition: *_split forces the split-GEMM one
+            torch.ops.fastpeft_ops.set_lora_cuda_path(0 if method.endswith("_split") else -1)
         p = 0.05 if "p05" in method else 0.0
         A = (torch.randn(RANK, K, device=device) / K**0.5).requires_grad_()
         B = (torch.randn(N, RANK, device=device) * 0.02).requires_grad_()
@@ -96,10 +99,12 @@ def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
 
 
 # fastpeft rows run the library's default path on CUDA (the C++ operators, ops/cpp_ops.py; the Triton kernels where
-# the extension cannot be built); *_triton rows force the Triton kernels. (The *_triton / *_cublas rows of the
+# the extension cannot be built); *_split rows force the C++ op's split-GEMM CUDA composition, *_triton rows the
+# Triton kernels. (The *_triton / *_cublas rows of the
 # 2026-11-23 results chose a Triton GEMM through switches the library has since dropped with that GEMM.)
-METHODS = ["dense", "peft_lora", "peft_lora_p05", "fastpeft_lora", "fastpeft_lora_p05", "fastpeft_lora_triton",
-           "fastpeft_lora_p05_triton", "peft_ia3", "fastpeft_ia3", "fastpeft_ia3_triton"]
+METHODS = ["dense", "peft_lora", "peft_lora_p05", "fastpeft_lora", "fastpeft_lora_p05", "fastpeft_lora_split",
+           "fastpeft_lora_p05_split", "fastpeft_lora_triton", "fastpeft_lora_p05_triton", "peft_ia3", "fastpeft_ia3",
+           "fastpeft_ia3_triton"]
 
 
 def make_step(fn, x, g, bwd: bool):

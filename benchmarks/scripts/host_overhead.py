@@ -103,6 +103,10 @@ def main():
         B = torch.randn(N, r, device=dev, requires_grad=True)
         rows["cpp_ops.lora_linear fwd+bwd (no module)"] = host_us(
             lambda: cpp_ops.lora_linear(x, w, None, A, B, 2.0).backward(g))
+        lora, *_ = layers("auto")
+        torch.ops.fastpeft_ops.set_lora_cuda_path(0)  # the split-GEMM composition, for comparison
+        rows["fastpeft C++ op, split-GEMM composition, LoRA fwd+bwd"] = host_us(lambda: lora(x).backward(g))
+        torch.ops.fastpeft_ops.set_lora_cuda_path(-1)
     try:
         import peft
         from peft.tuners.ia3 import Linear as PIA3

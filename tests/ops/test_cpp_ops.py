@@ -183,14 +183,32 @@ def test_compiles_without_graph_breaks_and_matches_eager():
     dynamo.reset()
 
 
+def test_set_lora_cuda_path_is_validated():
+    ops = torch.ops.fastpeft_ops
+    before = ops.set_lora_cuda_path(-1)
+    try:
+        with pytest.raises(RuntimeError, match="mode must be"):
+            ops.set_lora_cuda_path(2)
+    finally:
+        ops.set_lora_cuda_path(before)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 LLAMA8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+
+
+@pytest.fixture(params=[1, 0], ids=["fused", "split-gemm"])
+def cuda_path(request):
+    """Both CUDA compositions of the LoRA op (csrc/adapter_cuda.cu): the fused kernels and the split-GEMM one."""
+    before = torch.ops.fastpeft_ops.set_lora_cuda_path(request.param)
+    yield request.param
+    torch.ops.fastpeft_ops.set_lora_cuda_path(before)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,KN", [(torch.bfloat16, kn) for kn in LLAMA8B] + [(torch.float16, (4096, 4096))])
 @pytest.mark.parametrize("p", [0.0, 0.05])
-def test_gpu_llama_shapes(dtype, KN, p):
+def test_gpu_llama_shapes(dtype, KN, p, cuda_path):
     K, N = KN
     torch.manual_seed(K + N)
     _check_lora(dtype, 2, 2048, K, N, 16, "contig", False, False, p, 1234567, scaling=2.0, device="cuda")
@@ -198,15 +216,47 @@ def test_gpu_llama_shapes(dtype, KN, p):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_odd_shapes(dtype):
+def test_gpu_odd_shapes(dtype, cuda_path):
     for (B, T, K, N, r, layout, w_t, bias, p) in [
         (1, 16, 4096, 1024, 16, "contig", False, True, 0.05),
         (3, 333, 1000, 777, 8, "transposed_bt", True, True, 0.1),
         (2, 129, 515, 2049, 64, "strided_k", False, False, 0.0),
+        (2, 129, 515, 2049, 33, "strided_k", False, True, 0.3),
         (1, 1, 37, 4231, 3, "2d", False, True, 0.0),
+        (1, 5, 1031, 96, 100, "contig", False, False, 0.1),  # rank > 64: the split-GEMM path either way
     ]:
         _check_lora(dtype, B, T, K, N, r, layout, w_t, bias, p, 42, rank=1, device="cuda",
                     tol=TOL[dtype] if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_paths_agree_and_fused_is_deterministic_forward(dtype):
+    """The two CUDA compositions give the same numbers (within the split's 16-bit rounding); the fused forward is
+    deterministic (ordered partial sums), its backward within fp32-atomics noise."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 100, 1000, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(700, 1000, device="cuda", dtype=dtype) / 30
+    A = (torch.randn(16, 1000, device="cuda") / 30).requires_grad_()
+    Bw = (torch.randn(700, 16, device="cuda") / 4).requires_grad_()
+    outs = {}
+    ops = torch.ops.fastpeft_ops
+    for mode in (1, 1, 0):
+        before = ops.set_lora_cuda_path(mode)
+        try:
+            for t in (x, A, Bw):
+                t.grad = None
+            y = cpp_ops.lora_linear(x, w, None, A, Bw, 2.0, 0.1, torch.tensor(5))
+            y.float().square().sum().backward()
+            outs.setdefault(mode, []).append([t.detach().clone() for t in (y, x.grad, A.grad, Bw.grad)])
+        finally:
+            ops.set_lora_cuda_path(before)
+    fused_a, fused_b = outs[1]
+    assert torch.equal(fused_a[0], fused_b[0])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b, c in zip(fused_a, fused_b, outs[0][0]):
+        assert rel_err(a, b) < 1e-6
+        assert rel_err(a, c) < tol
 
 
 @pytest.mark.gpu
