@@ -44,9 +44,12 @@ if has tests; then
   tail -25 "$OUT/gpu_tests.txt"
 fi
 if has sanitizer; then
-  for tool in memcheck racecheck; do
-    timeout "${T_SANITIZER:-300}" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest \
-      tests/ops/test_cpp_ops.py::test_gpu_odd_shapes tests/ops/test_cpp_ops.py::test_gpu_matches_cpu_build_bitwise_mask \
+  # SANITIZER_TOOLS (default memcheck racecheck); cuBLAS's own kernels are excluded from racecheck (kns=nvjet: they
+  # report hazards of their own, and they are not ours to fix)
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
+    extra=""; [ "$tool" = racecheck ] && extra="--kernel-name-exclude kns=nvjet"
+    timeout "${T_SANITIZER:-300}" compute-sanitizer --tool "$tool" $extra --error-exitcode 3 python3 -m pytest \
+      tests/ops/test_cpp_ops.py -k "(odd_shapes and dtype0) or bitwise_mask" \
       -q -p no:cacheprovider > "$OUT/sanitizer_$tool.txt" 2>&1
     echo "sanitizer $tool rc=$?" | tee -a "$OUT/sanitizer_$tool.txt"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_$tool.txt" | tail -3
   done

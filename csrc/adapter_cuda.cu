@@ -818,13 +818,18 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_fused(const Tensor& dy2, const Tenso
   return {dx, dA, dB};
 }
 
-// Which LoRA composition a CUDA call takes: the fused kernels (fewest launches: what a host-bound step needs)
-// unless the rank is above what they hold in registers (64) or determinism is asked for (their backward uses
-// fp32 atomics); lora_cuda_path() lets benchmarks force one (set_lora_cuda_path in adapter_ops.cpp).
+// Which LoRA composition a CUDA call takes. The split-GEMM one runs the small products on tensor cores (cuBLAS):
+// at M = 4096 it measured 1.3-1.4x the dense layer's GPU time where the SIMT fused kernels took 2.3-3.7x (H200,
+// docs/performance-log.md, 2026-11-29). The fused kernels take half the launches, so they serve small M
+// (<= kFusedMaxM rows: decode, tiny batches), where the FLOPs are negligible and launches are the cost -- unless
+// the rank is above what they hold in registers (64) or determinism is asked for (their backward uses fp32
+// atomics). lora_cuda_path() lets tests and benchmarks force one (set_lora_cuda_path in adapter_ops.cpp).
+constexpr int64_t kFusedMaxM = 64;
+
 bool use_fused(int64_t M, int64_t N, int64_t K, int64_t R) {
   if (R > 64 || M == 0 || N == 0 || K == 0 || at::globalContext().deterministicAlgorithms()) return false;
   const int64_t forced = lora_cuda_path();
-  return forced != 0;
+  return forced < 0 ? M <= kFusedMaxM : forced == 1;
 }
 
 std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-plots", action="store_true", help="no PNG plots (no matplotlib needed)")
     ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a tqdm bar")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    ap.add_argument("--backend", choices=["auto", "triton", "reference"], default=None,
+    ap.add_argument("--backend", choices=["auto", "cpp", "triton", "reference"], default=None,
                     help="backend of the fastpeft rows (fastpeft.settings; default: FASTPEFT_BACKEND's, else auto)")
     ap.add_argument("--report", nargs="+", default=None, metavar="JSON",
                     help="no run: merge these step JSONs and write markdown + plots")
