@@ -4,7 +4,7 @@ GPUs (one process per GPU, nccl; set num_processes in the yaml to your GPU count
 
     accelerate launch --config_file examples/accelerate_fsdp.yaml examples/train_accelerate.py
 
-CPU (2 processes, gloo; how tests/test_accelerate_fsdp.py runs it). Do NOT pass ``--cpu`` to accelerate launch:
+CPU (2 processes, gloo; how tests/integration/test_accelerate_fsdp.py runs it). Do NOT pass ``--cpu`` to accelerate launch:
 that flag selects accelerate's single-process launcher and drops FSDP altogether.
 
     accelerate launch --config_file examples/accelerate_fsdp.yaml --num_processes 2 \\

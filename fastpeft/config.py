@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple, Union
 # dataclasses.fields(peft.LoraConfig / peft.IA3Config), and adapter_config.json gets this as "peft_version".
 # PEFT itself writes its own __version__ there ("0.21.2"; a dev build adds "@<git commit>"). fastpeft never
 # imports peft at runtime, so it names the version whose format it writes instead. Update this together with
-# the fields when following a newer PEFT (tests/test_config_fields.py compares both with the installed PEFT).
+# the fields when following a newer PEFT (tests/model/test_config_fields.py compares both with the installed PEFT).
 PEFT_FORMAT_VERSION = "0.21.2"
 
 # The values of PEFT's TaskType: PEFT refuses to build (and so to load) a config with any other task_type.

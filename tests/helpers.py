@@ -81,7 +81,7 @@ def assert_same_snapshot(before, after):
 def tiny_model_for_nf4(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     """``tiny_model`` with hidden 128 / intermediate 256: every in_features a multiple of the 4-bit blocksizes
     64 and 128. bitsandbytes 0.50's CPU ``dequantize_4bit`` mis-scales 2-D weights whose in_features is a
-    multiple of 16 but not of the blocksize (e.g. 48 with blocksize 64; see tests/ops/test_nf4.py), so PEFT +
+    multiple of 16 but not of the blocksize (e.g. 48 with blocksize 64; see tests/ops/test_nf4_format.py), so PEFT +
     bnb on CPU would compute with other weights than the format (and bnb's CUDA kernel) says."""
     cfg = tiny_config(arch)
     if arch == "gpt2":

@@ -11,7 +11,7 @@
         --steps 3 --warmup 1 --out 70b_x1.json
     torchrun --standalone --nproc-per-node 2 benchmarks/scripts/fsdp_scaling.py --model 70b --methods qlora \
         --steps 3 --warmup 1 --baseline 70b_x1.json --out 70b_x2.json
-    # CPU smoke test (gloo, tiny 2-layer Llama, fp32, fastpeft reference backend): tests/test_fsdp_scaling.py
+    # CPU smoke test (gloo, tiny 2-layer Llama, fp32, fastpeft reference backend): tests/integration/test_fsdp_scaling.py
     FASTPEFT_BACKEND=reference torchrun --standalone --nproc-per-node 2 benchmarks/scripts/fsdp_scaling.py --model tiny \
         --steps 2
 

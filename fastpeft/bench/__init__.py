@@ -41,7 +41,7 @@ device, GEMM rate), ``harness`` (build and time one configuration: ``prepare``, 
 ``profiling`` (``profile_step``: where one step's time goes), ``runner`` (``run``: the whole plan, progress,
 JSON after every configuration), ``reporting`` (markdown tables, JSON, PNG plots, ``report`` to merge runs),
 ``cli`` (the options; ``__main__`` runs it). The names below are re-exported here; the reusable pieces serve
-the pytest-benchmark tier under ``benchmarks/`` and ``tests/test_bench.py``.
+the pytest-benchmark tier under ``benchmarks/`` and ``tests/integration/test_bench.py``.
 """
 from .cli import main, parse_args
 from .environment import (

@@ -1,7 +1,7 @@
 """The LoRA dropout seed: one draw from torch's CPU generator per adapted layer and forward, rank folded in.
 
 The Triton kernels never store the dropout mask: they regenerate it from (seed, element index) with Philox
-(see ``fastpeft.ops._common``). What this module guarantees about the seed, hence about the masks:
+(see ``fastpeft/ops/dropout.py``). What this module guarantees about the seed, hence about the masks:
 
 * Reproducible: the seed is drawn from torch's default CPU generator, so ``torch.manual_seed(s)`` fixes every
   mask of a run (nothing else -- no counters, no clock -- enters the seed).

@@ -268,7 +268,7 @@ def _splits(work_items: int, per_program_min: int, device) -> int:
     return max(1, min(per_program_min, ceil_div(2 * num_sms(device), max(1, work_items))))
 
 
-# Launch plans, cached per shape: the layers are host-bound on slow hosts (benchmarks/host_overhead.py), so
+# Launch plans, cached per shape: the layers are host-bound on slow hosts (benchmarks/scripts/host_overhead.py), so
 # block sizes and split counts are computed once per (shape, rank, device) rather than on every call.
 @functools.lru_cache(maxsize=1024)
 def _ds_db_plan(M: int, N: int, R: int, sms: int):
