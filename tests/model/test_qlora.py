@@ -282,10 +282,11 @@ def _logits_and_grads(model, ids):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout", [0.0])
 def test_gpu_qlora_bf16_matches_peft_bnb(dropout, monkeypatch):
-    """bf16 QLoRA on bnb's CUDA 4-bit base. fastpeft computes the LoRA term with 16-bit
-    activation operands, PEFT in fp32 (docs/qlora.md), so the two bf16 runs differ by more than either differs from the truth: both are compared with
-    an fp32 twin (same dequantized weights and adapters, fp32 activations), fastpeft's error must stay within
-    bf16 tolerance and within ~2x PEFT's own; the direct fastpeft-vs-PEFT gap is a looser sanity bound."""
+    """bf16 QLoRA on bnb's CUDA 4-bit base. fastpeft computes the LoRA term with 16-bit activation operands,
+    PEFT in fp32 (docs/qlora.md), so the two bf16 runs differ by more than either differs from the truth. Both
+    are compared with an fp32 twin (same dequantized weights and adapters, fp32 activations): fastpeft's error
+    must stay within bf16 tolerance and within ~2x PEFT's own; the direct fastpeft-vs-PEFT gap is a looser
+    sanity bound."""
     from helpers import tiny_config  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
