@@ -5,15 +5,12 @@ attention, norm+elementwise, loss, optimizer).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import Any, Dict, List
 
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from .environment import sync
-
-if TYPE_CHECKING:  # annotation only (harness imports this module)
-    from .harness import Prepared
 
 BUCKETS = ["linear", "nf4 dequant", "attention", "norm+elementwise", "loss", "optimizer"]
 _RULES = [  # first match on the innermost op that matches wins
@@ -38,8 +35,9 @@ def classify(names: List[str]) -> str:
     return "norm+elementwise"
 
 
-def profile_step(prep: "Prepared", device: str) -> Dict[str, Any]:
-    """One more training step under torch.profiler: device time per bucket (CPU time on a CPU-only run).
+def profile_step(prep: Any, device: str) -> Dict[str, Any]:
+    """One more training step of ``prep`` (a harness.Prepared: model, batch, optimizer, step function) under
+    torch.profiler: device time per bucket (CPU time on a CPU-only run).
 
     Kernels are attributed to the innermost profiled op that launched them (aten ops, autograd Functions
     such as fastpeft's _LoraLinearFn / bnb's MatMul4Bit, and their backward nodes; recomputed layers count
