@@ -21,7 +21,9 @@ namespace fastpeft {
 constexpr int64_t kSeedModulus = 2147483647;  // 2^31 - 1 (nn/_rng.py SEED_MODULUS)
 constexpr int64_t kRankStride = 0x5BD1E995;    // nn/_rng.py _RANK_STRIDE
 
-FP_HD uint32_t philox_word(uint64_t counter, uint64_t seed, int word) {
+// Philox4x32-7 (ops/dropout.py: the mask spec, = tl.randint4x(seed, counter, n_rounds=7)): the four words of
+// `counter` under `seed`, written to out[0..3].
+FP_HD void philox4x32_7(uint64_t counter, uint64_t seed, uint32_t out[4]) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma unroll
@@ -37,27 +39,22 @@ FP_HD uint32_t philox_word(uint64_t counter, uint64_t seed, int word) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return word == 0 ? c0 : word == 1 ? c1 : word == 2 ? c2 : c3;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+FP_HD uint32_t philox_word(uint64_t counter, uint64_t seed, int word) {
+  uint32_t words[4];
+  philox4x32_7(counter, seed, words);
+  return words[word];
 }
 
 // keep bits of the 8 elements 8*chunk .. 8*chunk+7 (bit e set = element kept), one Philox call
 FP_HD uint32_t keep_bits8(uint64_t chunk, uint64_t seed, uint32_t thr) {
-  uint32_t c0 = static_cast<uint32_t>(chunk), c1 = static_cast<uint32_t>(chunk >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#pragma unroll
-  for (int round = 0; round < 7; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint64_t p1 = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint32_t n0 = static_cast<uint32_t>(p0 >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p1 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p0);
-    c3 = static_cast<uint32_t>(p1);
-    c0 = n0;
-    c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  const uint32_t words[4] = {c0, c1, c2, c3};
+  uint32_t words[4];
+  philox4x32_7(chunk, seed, words);
   uint32_t bits = 0;
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
