@@ -75,6 +75,20 @@ Tensor dropout_mask_cpu(int64_t M, int64_t K, double p, int64_t seed, at::Scalar
 
 Tensor as_2d(const Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
 
+// The [..., last] shape of `like` with its last dimension replaced: views a 2-D result back to 3-D input shape.
+std::vector<int64_t> with_last_dim(const Tensor& like, int64_t last) {
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end() - 1);
+  shape.push_back(last);
+  return shape;
+}
+
+// Autograd bookkeeping for an optional bias: whether one was given and its dtype (its gradient is cast back).
+void save_bias_info(AutogradContext* ctx, const c10::optional<Tensor>& bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  ctx->saved_data["has_bias"] = has_bias;
+  if (has_bias) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+}
+
 void check_lora_args(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
                      const Tensor& B) {
   TORCH_CHECK(x2.dim() == 2, "fastpeft lora: x must be 2-D here, got ", x2.sizes());
@@ -258,12 +272,8 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["p"] = p;
     ctx->saved_data["rank"] = rank;
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["has_bias"] = has_bias;
-    if (has_bias) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-    shape.push_back(weight.size(0));
-    return y2.view(shape);
+    save_bias_info(ctx, bias);
+    return y2.view(with_last_dim(x, weight.size(0)));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -305,12 +315,8 @@ class IA3LinearFunction : public torch::autograd::Function<IA3LinearFunction> {
     auto [y2, saved] = call_ia3_fwd(as_2d(x), weight, bias, l, feedforward);
     ctx->save_for_backward({feedforward ? x : saved, weight, l});  // feedforward: the caller's x itself
     ctx->saved_data["feedforward"] = feedforward;
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["has_bias"] = has_bias;
-    if (has_bias) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-    shape.push_back(weight.size(0));
-    return y2.view(shape);
+    save_bias_info(ctx, bias);
+    return y2.view(with_last_dim(x, weight.size(0)));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -324,11 +330,7 @@ class IA3LinearFunction : public torch::autograd::Function<IA3LinearFunction> {
     Tensor dy2 = as_2d(grads[0]);
     auto r = call_ia3_bwd(dy2, saved2, weight, l, feedforward, need_x, need_b);
     Tensor dx, dw, db, dl;
-    if (need_x) {
-      std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end() - 1);
-      shape.push_back(weight.size(1));
-      dx = std::get<0>(r).view(shape);
-    }
+    if (need_x) dx = std::get<0>(r).view(with_last_dim(grads[0], weight.size(1)));
     if (need_b) db = std::get<1>(r).to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
     if (need_l) dl = std::get<2>(r).reshape(l.sizes()).to(l.scalar_type());
     if (need_w) {  // a trainable base weight (rare): plain ATen. Output scaling saved Yb, not X: no dW from it.
@@ -349,9 +351,7 @@ Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const c10::op
 Tensor lora_linear_plain(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
                          const Tensor& B, double scaling, double p, const c10::optional<Tensor>& seed, int64_t rank) {
   auto [y2, S] = call_lora_fwd(as_2d(x), weight, bias, A, B, scaling, p, seed, rank);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(weight.size(0));
-  return y2.view(shape);
+  return y2.view(with_last_dim(x, weight.size(0)));
 }
 
 Tensor ia3_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& l,
@@ -362,9 +362,7 @@ Tensor ia3_linear_autograd(const Tensor& x, const Tensor& weight, const c10::opt
 Tensor ia3_linear_plain(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& l,
                         bool feedforward) {
   auto [y2, saved] = call_ia3_fwd(as_2d(x), weight, bias, l, feedforward);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(weight.size(0));
-  return y2.view(shape);
+  return y2.view(with_last_dim(x, weight.size(0)));
 }
 
 }  // namespace
