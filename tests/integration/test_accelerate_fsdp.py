@@ -29,9 +29,15 @@ def _have(mod):
 
 
 def _script():
+    """The example script as a module (its helpers are checked in-process); examples/ goes on sys.path while it
+    loads, as it is when the script runs, for its ``from _quiet import ...``."""
     spec = importlib.util.spec_from_file_location("train_accelerate", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
     return mod
 
 
