@@ -125,6 +125,21 @@ def test_dropout_changes_output_and_is_reproducible():
         lora_linear(x, w, None, A, Bw, 2.0, 0.5, None)
 
 
+def _assert_fp32_product_close(got, a, b, scale=1.0):
+    """got ≈ scale·(a @ b), computed in fp32 from fp32 operands: the float64 product, with the classical bound
+    on an n-term fp32 dot product, |err| <= n·u·scale·(|a| @ |b|) (u = 2**-24), plus 1e-5 relative.
+
+    A fixed absolute tolerance is wrong here: with unit-scale random operands an entry can cancel to ~0.5 out of
+    n = 70 terms summing ~400 in magnitude, and fp32 accumulation in any order then legitimately moves it by
+    ~2e-5. A kernel bug (a row or column missed, a wrong mask) moves it by a whole term, ~1, far above the bound."""
+    a64, b64 = a.double(), b.double()
+    ref = scale * a64.mm(b64)
+    bound = a64.shape[1] * 2.0**-24 * abs(scale) * a64.abs().mm(b64.abs()) + 1e-5 * ref.abs()
+    err = (got.double() - ref).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error {err.max().item():.3g} exceeds the fp32 summation bound (ratio {worst:.2f})"
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_small_kernels_directly(p):
     """S partials + expand, dS/dB, dA/Z2 launchers against float64 torch (split and atomic paths)."""
@@ -138,17 +153,17 @@ def test_small_kernels_directly(p):
     S_ref = s * xd.mm(A.double().t())
     P = lora_s_partials(x, A, p, seed)
     Z, S = lora_expand(P, Bw, bias, s, torch.float32)
-    torch.testing.assert_close(S.double(), S_ref, rtol=1e-5, atol=1e-5)
+    _assert_fp32_product_close(S, xd, A.t(), s)
     torch.testing.assert_close(Z.double(), S_ref.mm(Bw.double().t()) + bias.double(), rtol=1e-5, atol=1e-5)
     Z1, S1 = lora_fwd_rows(x, A, Bw, bias, s, p, seed)  # the one-launch forward: same numbers
     torch.testing.assert_close(S1, S, rtol=1e-5, atol=1e-5)  # other summation order over K
     torch.testing.assert_close(Z1, Z, rtol=1e-5, atol=1e-5)
     dy = torch.randn(M, N, device=DEVICE)
     dS, dB = lora_ds_db(dy, Bw, S, s)
-    torch.testing.assert_close(dS.double(), s * dy.double().mm(Bw.double()), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dB.double(), dy.double().t().mm(S.double()), rtol=1e-5, atol=1e-5)
+    _assert_fp32_product_close(dS, dy, Bw, s)
+    _assert_fp32_product_close(dB, dy.t(), S)
     dA, Z2 = lora_da_dx(x, dS, A, p, seed)
-    torch.testing.assert_close(dA.double(), dS.double().t().mm(xd), rtol=1e-5, atol=1e-5)
+    _assert_fp32_product_close(dA, dS.t(), xd)
     torch.testing.assert_close(Z2.double(), dS.double().mm(A.double()) * D, rtol=1e-5, atol=1e-5)
     dA_only, none = lora_da_dx(x, dS, A, p, seed, need_dx=False)
     assert none is None
