@@ -49,7 +49,7 @@ def test_lora_all_linear_matches_peft(arch, backend, monkeypatch):
     base = tiny_model(arch)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     peft_model, ours = _peft_and_ours(base, cfg, backend, monkeypatch)
-    _compare(peft_model, ours, random_ids(seed=hash(arch) % 1000))
+    _compare(peft_model, ours, random_ids(seed=ARCHS.index(arch)))  # not hash(): salted per process
 
 
 @pytest.mark.parametrize("arch", ARCHS)
