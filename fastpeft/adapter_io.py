@@ -54,6 +54,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
         if isinstance(layer, LoraLinear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             out[f"{prefix}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            if adapter_name in layer.lora_magnitude_vector:  # DoRA: PEFT saves it without ".weight"
+                out[f"{prefix}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
             if isinstance(cfg, LoraConfig) and cfg.bias == "lora_only":
                 bias = bases.base_bias(layer.base_layer)
                 if bias is not None:
@@ -253,14 +255,16 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
     for path, layer in adapter_layers(model):
         if isinstance(layer, LoraLinear) and adapter_name in layer.adapter_names:
             expected.update({f"{path}.lora_A.{adapter_name}.weight", f"{path}.lora_B.{adapter_name}.weight"})
+            if adapter_name in layer.lora_magnitude_vector:
+                expected.add(f"{path}.lora_magnitude_vector.{adapter_name}.weight")
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             expected.add(f"{path}.ia3_l.{adapter_name}")
     local_prefix = PEFT_PREFIX if prefix == "" else ""
     for key, tensor in tensors.items():
         local = local_prefix + (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
-        if ".lora_magnitude_vector" in local:
-            raise ValueError(f"{key}: DoRA adapters are not supported by fastpeft yet")
-        if local.endswith((".lora_A.weight", ".lora_B.weight")):
+        if local.endswith(".lora_magnitude_vector"):
+            target = f"{local}.{adapter_name}.weight"
+        elif local.endswith((".lora_A.weight", ".lora_B.weight")):
             target = f"{local[: -len('.weight')]}.{adapter_name}.weight"
         elif local.endswith(".ia3_l"):
             target = f"{local}.{adapter_name}"

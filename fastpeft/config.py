@@ -350,13 +350,13 @@ class _ConfigBase:
 class LoraConfig(_ConfigBase):
     """LoRA configuration; field names and defaults follow ``peft.LoraConfig``.
 
-    >>> cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], use_dora=False)
+    >>> cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], use_dora=True)
     >>> cfg.scaling_for("model.layers.0.self_attn.q_proj")
     2.0
-    >>> LoraConfig(use_dora=True)  # doctest: +ELLIPSIS
+    >>> LoraConfig(lora_bias=True)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: fastpeft LoraConfig does not support use_dora=True. fastpeft accepts these PEFT fields only at PEFT's default (use_dora=False). Supported fields: ...
+    ValueError: fastpeft LoraConfig does not support lora_bias=True. fastpeft accepts these PEFT fields only at PEFT's default (lora_bias=False). Supported fields: ...
     """
 
     r: int = 8
@@ -368,6 +368,7 @@ class LoraConfig(_ConfigBase):
     fan_in_fan_out: bool = False
     modules_to_save: Optional[List[str]] = None
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: Union[bool, str] = True
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
@@ -389,7 +390,6 @@ class LoraConfig(_ConfigBase):
     eva_config: Any = _peft_only(None)
     corda_config: Any = _peft_only(None)
     lora_ga_config: Any = _peft_only(None)
-    use_dora: Any = _peft_only(False)
     velora_config: Any = _peft_only(None)
     alora_invocation_tokens: Any = _peft_only(None)
     use_qalora: Any = _peft_only(False)
@@ -417,6 +417,8 @@ class LoraConfig(_ConfigBase):
         dropout_ok = isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
         if not dropout_ok or not (0.0 <= float(self.lora_dropout) < 1.0):
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if type(self.use_dora) is not bool:
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be one of 'none', 'all', 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):

@@ -30,7 +30,7 @@ from .model_state import (
 )
 from .nn import IA3Linear, LoraLinear, ModulesToSave
 from .nn import bases
-from .nn.lora import PLAIN_LORA
+from .nn.variants import DORA, PLAIN_LORA
 from .peft_interop import refuse_adapter_names, route_peft_methods, unroute_peft_methods
 from .targets import find_modules_to_save, find_targets
 
@@ -42,7 +42,8 @@ def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: s
     if isinstance(cfg, LoraConfig):
         if bases.is_conv1d(underlying(module)) and not cfg.fan_in_fan_out:
             cfg.fan_in_fan_out = True  # PEFT does the same for Conv1D (GPT-2 stores weights as [in, out])
-        args = (cfg.rank_for(name), cfg.alpha_for(name), float(cfg.lora_dropout), cfg.init_lora_weights, cfg.use_rslora)
+        args = (cfg.rank_for(name), cfg.alpha_for(name), float(cfg.lora_dropout), cfg.init_lora_weights, cfg.use_rslora,
+                cfg.use_dora)
         if isinstance(module, LoraLinear):
             module.update_layer(adapter_name, *args)
             return module
@@ -247,8 +248,6 @@ def _convert_peft_layer(name: str, layer: nn.Module) -> nn.Module:
     if not bases.supported_base(base):
         raise TypeError(f"{name}: PEFT layer {cls} wraps {type(base).__name__}; fastpeft adapts {bases.SUPPORTED_BASE_TYPES}")
     if hasattr(layer, "lora_A"):
-        if any(getattr(layer, "use_dora", {}).values()):
-            raise ValueError(f"{name}: DoRA adapters are not supported by fastpeft yet")
         names = list(layer.lora_A.keys())
         first = names[0]
         new = LoraLinear(base, first, r=1, lora_alpha=1.0)
@@ -260,7 +259,11 @@ def _convert_peft_layer(name: str, layer: nn.Module) -> nn.Module:
             new.r[adapter] = layer.r[adapter]
             new.lora_alpha[adapter] = layer.lora_alpha[adapter]
             new.scaling[adapter] = layer.scaling[adapter]
-            new.lora_variant[adapter] = PLAIN_LORA
+            if adapter in layer.lora_magnitude_vector:  # DoRA: PEFT's magnitude module holds it as .weight
+                new.lora_magnitude_vector[adapter] = layer.lora_magnitude_vector[adapter]
+                new.lora_variant[adapter] = DORA
+            else:
+                new.lora_variant[adapter] = PLAIN_LORA
     elif hasattr(layer, "ia3_l"):
         names = list(layer.ia3_l.keys())
         new = IA3Linear(base, names[0], is_feedforward=bool(layer.is_feedforward))

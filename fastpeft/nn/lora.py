@@ -14,79 +14,8 @@ from typing import Dict, List, Union
 import torch
 import torch.nn as nn
 
-from ..ops import HAS_TRITON, cpp_ops
-from ..ops.reference import lora_delta_reference
-from . import bases
-from ._rng import current_rank, dropout_draw, dropout_seed
 from .layer import AdapterLayer
-
-if HAS_TRITON:
-    from ..ops.kernels import custom_ops
-
-
-class LoraVariant:
-    """How one LoRA adapter of a ``LoraLinear`` computes, merges and initialises. This base class IS plain
-    LoRA (Y = base(x) + s·(D⊙x)·Aᵀ·Bᵀ); a variant overrides the methods it changes. Stateless: per-adapter
-    state lives on the layer (``layer.lora_A[name]`` etc.), so one instance serves every adapter."""
-
-    kind = "lora"
-
-    def init(self, layer: "LoraLinear", adapter_name: str) -> None:
-        """Extra parameters / buffers the variant needs, made after lora_A / lora_B exist (plain LoRA: none)."""
-
-    def forward_reference(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
-        """Pure PyTorch, PEFT's order: base(x) + lora_B(lora_A(dropout(x))) * scaling, dropout from torch's RNG."""
-        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        result = bases.base_forward(layer.base_layer, x)
-        delta = lora_delta_reference(layer.lora_dropout[name](x), lora_A, lora_B, layer.scaling[name])
-        return (result + delta).to(result.dtype)
-
-    def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
-        """The C++ operator (``cpp``: one dispatcher call, C++ autograd) or the Triton kernels (autograd Function in
-        eager, custom op under torch.compile). Both draw the dropout seed from torch's CPU RNG (nn/_rng.py)."""
-        base = layer.base_layer
-        weight = base.weight.t() if layer.fan_in_fan_out else base.weight
-        lora_A, lora_B, bias = layer.lora_A[name].weight, layer.lora_B[name].weight, getattr(base, "bias", None)
-        if cpp:
-            if p > 0:
-                return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name], p, dropout_draw(),
-                                           current_rank())
-            return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name])
-        seed = dropout_seed() if p > 0 else None
-        return custom_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name], p, seed)
-
-    def forward_nf4(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, compiled: bool) -> torch.Tensor:
-        """QLoRA kernels, in the layer's compute dtype as bnb's Linear4bit. Under torch.compile the same call
-        reaches the fastpeft::nf4_lora_fwd custom op (one graph node, no break; kernels/custom_ops.py)."""
-        base = layer.base_layer
-        packed, quant_state = bases.nf4_parts(base)
-        cd = bases.compute_dtype(base, x)
-        seed = dropout_seed() if p > 0 else None  # an int in eager, a 0-dim tensor under compile (nn/_rng.py)
-        y = custom_ops.nf4_lora_linear(x.to(cd), packed, quant_state, bases.base_bias(base), layer.lora_A[name].weight,
-                                       layer.lora_B[name].weight, layer.scaling[name], p, seed)
-        return y.to(x.dtype)
-
-    def delta_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
-        """scaling·B·A as [out, in] in fp32."""
-        a = layer.lora_A[name].weight.float()
-        b = layer.lora_B[name].weight.float()
-        return (b @ a) * layer.scaling[name]
-
-    def merged_weight(self, layer: "LoraLinear", name: str, weight: torch.Tensor) -> torch.Tensor:
-        """base weight [out, in] (fp32) + this adapter."""
-        return weight + self.delta_weight(layer, name).to(weight.device)
-
-    def merge(self, layer: "LoraLinear", name: str, weight: torch.Tensor) -> None:
-        """Add this adapter into the stored base weight in place (Conv1D weights are [in, out])."""
-        delta = self.delta_weight(layer, name)
-        weight.add_((delta.t() if layer.fan_in_fan_out else delta).to(weight.dtype))
-
-    def unmerge(self, layer: "LoraLinear", name: str, weight: torch.Tensor) -> None:
-        delta = self.delta_weight(layer, name)
-        weight.sub_((delta.t() if layer.fan_in_fan_out else delta).to(weight.dtype))
-
-
-PLAIN_LORA = LoraVariant()
+from .variants import DORA, PLAIN_LORA, DoraVariant, LoraVariant
 
 
 class LoraLinear(AdapterLayer):
@@ -108,6 +37,7 @@ class LoraLinear(AdapterLayer):
         lora_dropout: float = 0.0,
         init_lora_weights: Union[bool, str] = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__(base_layer, adapter_name)
         self.lora_A = nn.ModuleDict()
@@ -117,11 +47,14 @@ class LoraLinear(AdapterLayer):
         self.lora_alpha: Dict[str, float] = {}
         self.scaling: Dict[str, float] = {}
         self.lora_variant: Dict[str, LoraVariant] = {}
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (PEFT's attribute name)
+        self._dora_norms: Dict[str, tuple] = {}  # DoRA: cached weight norm out of training (variants.py)
+        self._dora_merge_norms: Dict[str, torch.Tensor] = {}  # DoRA: the unmerged norm of a merged adapter
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
 
     # -- adapters -------------------------------------------------------------------------------------
     def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, use_rslora=False,
-                     variant: LoraVariant = PLAIN_LORA):
+                     use_dora: bool = False):
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         if adapter_name in self.lora_A:
@@ -143,10 +76,12 @@ class LoraLinear(AdapterLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        variant = DORA if use_dora else PLAIN_LORA
         self.lora_variant[adapter_name] = variant
         variant.init(self, adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self.lora_variant[adapter_name].forget(self, adapter_name)
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_variant):
@@ -157,7 +92,7 @@ class LoraLinear(AdapterLayer):
         return list(self.lora_A.keys())
 
     def adapter_parameters(self, adapter_name: str):
-        return [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
+        return self.lora_variant[adapter_name].parameters_of(self, adapter_name)
 
     def _has_adapter(self, name: str) -> bool:
         return name in self.lora_A._modules
@@ -189,6 +124,10 @@ class LoraLinear(AdapterLayer):
 
     def _merged_weight(self, name, weight, bias):
         return self.lora_variant[name].merged_weight(self, name, weight), bias
+
+    def train(self, mode: bool = True):
+        self._dora_norms.clear()  # the DoRA norm cache serves eval-mode inference only
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"

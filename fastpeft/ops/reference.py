@@ -7,6 +7,9 @@ No Triton here. Shapes (the contract every implementation follows):
     bias    [N] | None
     LoRA    lora_A [r, K], lora_B [N, r] (fp32 by default), scaling = alpha / r (rsLoRA: alpha / sqrt(r))
             Y = x·Wᵀ + bias + scaling · ((D ⊙ x)·Aᵀ)·Bᵀ      D: inverted-dropout mask on the LoRA input only, as PEFT
+    DoRA    LoRA's A, B, scaling + magnitude m [N] (fp32); n = ‖W + s·B·A‖ per output row, detached (PEFT)
+            Y = x·Wᵀ + bias + (m/n - 1)⊙base + (m/n)⊙s·(h·Aᵀ)·Bᵀ   h = dropped-out input (x when p = 0)
+            base = x·Wᵀ (PEFT: result - bias) when p = 0, else h·Wᵀ (a second base product, as PEFT)
     IA3     ia3_l [N, 1] (output scaling) or [1, K] (feedforward / input scaling)
             output:      Y = (x·Wᵀ + bias) ⊙ l        (PEFT scales the bias too)
             feedforward: Y = (x ⊙ l)·Wᵀ + bias
@@ -25,6 +28,9 @@ from .nf4_format import nf4_dequantize_reference
 __all__ = [
     "lora_delta_reference",
     "lora_linear_reference",
+    "dora_weight_norm_reference",
+    "dora_update_reference",
+    "dora_linear_reference",
     "ia3_linear_reference",
     "nf4_weight_reference",
     "nf4_lora_linear_reference",
@@ -64,6 +70,65 @@ def lora_linear_reference(
     out = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     h = x if dropout_mask is None else x * dropout_mask.to(x.dtype)
     return (out + lora_delta_reference(h, lora_A, lora_B, scaling)).to(out.dtype)
+
+
+def dora_weight_norm_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                               scaling: float) -> torch.Tensor:
+    """‖W + s·B·A‖ over each output row, fp32 [N] (PEFT's ``get_weight_norm`` with fp32 adapters). weight [N, K].
+
+    >>> dora_weight_norm_reference(torch.eye(3), torch.zeros(1, 3), torch.zeros(3, 1), 1.0)
+    tensor([1., 1., 1.])
+    """
+    w = weight.to(torch.float32) + scaling * (lora_B.to(torch.float32) @ lora_A.to(torch.float32))
+    return torch.linalg.norm(w, dim=1)
+
+
+def dora_update_reference(
+    x: torch.Tensor,
+    result: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropped: Optional[torch.Tensor] = None,
+    weight_norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """PEFT's DoRA on top of the base output ``result`` (= x·Wᵀ + bias, in the base's dtype), in PEFT's order.
+
+    ``dropped``: the dropped-out input (training with dropout > 0), else None. As PEFT: the input is cast to the
+    adapters' dtype; the norm uses the detached LoRA weight and is itself detached; at p = 0 the base term is
+    ``result - bias`` (no second GEMM), with dropout it is a second product ``dropped·Wᵀ``.
+    ``weight_norm``: a precomputed n (fp32 [N]) instead of computing it here.
+    """
+    dtype = lora_A.dtype
+    h = x.to(dtype) if dropped is None else dropped.to(dtype)
+    w = weight.to(dtype)
+    if weight_norm is None:
+        weight_norm = dora_weight_norm_reference(w, lora_A.detach(), lora_B.detach(), scaling)
+    scale = (magnitude / weight_norm.detach().to(magnitude.dtype)).view(1, -1)
+    if dropped is None:
+        base = result if bias is None else result - bias.to(result.dtype)
+    else:
+        base = F.linear(h, w)
+    lora = F.linear(F.linear(h, lora_A), lora_B)
+    return (result + ((scale - 1) * base + scale * lora * scaling)).to(result.dtype)
+
+
+def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_mask=None):
+    """Pure-PyTorch DoRA linear (the oracle): dense base output, then ``dora_update_reference``.
+
+    dropout_mask, when given, has x's shape and holds 0 or 1/(1-p); it is applied in x.dtype, as the kernels do.
+
+    >>> x = torch.randn(2, 5, 16); w = torch.randn(8, 16); a = torch.randn(4, 16); b = torch.zeros(8, 4)
+    >>> m = dora_weight_norm_reference(w, a, b, 2.0)
+    >>> torch.allclose(dora_linear_reference(x, w, None, a, b, m, 2.0), x @ w.t(), atol=1e-5)
+    True
+    """
+    result = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    dropped = None if dropout_mask is None else x * dropout_mask.to(x.dtype)
+    return dora_update_reference(x, result, weight, bias, lora_A, lora_B, magnitude, scaling, dropped)
 
 
 def ia3_linear_reference(

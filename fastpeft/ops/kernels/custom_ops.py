@@ -14,6 +14,13 @@ Ops (all on 2-D tensors; the wrappers below reshape):
                            need_B, *Q) -> (dX, db, dA, dB)
     fastpeft::nf4_ia3_fwd(x2, bias?, ia3_l, feedforward, *Q) -> (Y, Yb)
     fastpeft::nf4_ia3_bwd(dy2, saved, ia3_l, feedforward, need_x, need_b, *Q) -> (dX, db, dl)
+  DoRA (kernels/dora.py; G = (g, 1/n), the per-row scale and inverse norm, fp32 [N]):
+    fastpeft::dora_fwd(x2, weight, bias?, lora_A, lora_B, magnitude, scaling, dropout_p, seed?) -> (Y, S, Z0, g, inv_n)
+    fastpeft::dora_bwd(dy2, x2, S, Z0, g, inv_n, weight, lora_A, lora_B, scaling, dropout_p, seed?,
+                       need_x, need_b, need_A, need_B, need_m) -> (dX, db, dA, dB, dm)
+    fastpeft::nf4_dora_fwd(x2, bias?, lora_A, lora_B, magnitude, scaling, dropout_p, seed?, *Q) -> (Y, S, Z0, g, inv_n)
+    fastpeft::nf4_dora_bwd(dy2, x2, S, Z0, g, inv_n, lora_A, lora_B, scaling, dropout_p, seed?, need_x, need_b,
+                           need_A, need_B, need_m, *Q) -> (dX, db, dA, dB, dm)
 Each has a fake (meta) implementation for tracing and an autograd formula (``register_autograd``) built on the
 ``*_forward_2d / *_backward_2d`` functions of kernels/lora.py, ia3.py and nf4_lora.py: the numbers are exactly
 those of the eager autograd Functions.
@@ -37,12 +44,14 @@ import torch
 from torch import Tensor
 
 from ..nf4_format import KernelState, traced_kernel_state
+from . import dora as _dora
 from . import ia3 as _ia3
 from . import lora as _lora
 from . import nf4_lora as _nf4_lora
 from .common import check_kernel_dtype, triton_ok
 
-__all__ = ["lora_linear", "ia3_linear", "nf4_lora_linear", "nf4_ia3_linear"]
+__all__ = ["lora_linear", "ia3_linear", "nf4_lora_linear", "nf4_ia3_linear", "dora_linear", "nf4_dora_linear",
+           "dora_weight_norm", "nf4_weight_norm"]
 
 _EMPTY = (0,)
 
@@ -326,6 +335,157 @@ def _nf4_ia3_backward(ctx, dy2, _dyb):
 nf4_ia3_fwd.register_autograd(_nf4_ia3_backward, setup_context=_nf4_ia3_setup)
 
 
+# ------------------------------------------------------------------------------------------------ DoRA
+def _dora_fake_fwd(x2, N, R):
+    f32 = torch.float32
+    M = x2.shape[0]
+    return (x2.new_empty((M, N)), x2.new_empty((M, R), dtype=f32), x2.new_empty((M, N)),
+            x2.new_empty((N,), dtype=f32), x2.new_empty((N,), dtype=f32))
+
+
+def _dora_fake_bwd(x2, N, R, need_x, need_b, need_A, need_B, need_m):
+    f32 = torch.float32
+    M, K = x2.shape
+    return (x2.new_empty((M, K) if need_x else _EMPTY), x2.new_empty((N,) if need_b else _EMPTY, dtype=f32),
+            x2.new_empty((R, K) if need_A else _EMPTY, dtype=f32),
+            x2.new_empty((N, R) if need_B else _EMPTY, dtype=f32), x2.new_empty((N,) if need_m else _EMPTY, dtype=f32))
+
+
+def _dora_bwd_outputs(x2, dx, db, dA, dB, dm):
+    f32 = x2.new_empty(_EMPTY, dtype=torch.float32)
+    return _or_empty(dx, x2), _or_empty(db, f32), _or_empty(dA, f32), _or_empty(dB, f32), _or_empty(dm, f32)
+
+
+def _dora_grads_out(ctx, dx, db, dA, dB, dm, lora_A, lora_B, magnitude, need):
+    need_x, need_b, need_A, need_B, need_m = need
+    return (
+        _none_if_empty(dx, need_x),
+        db.to(ctx.bias_dtype) if need_b else None,
+        dA.to(lora_A.dtype) if need_A else None,
+        dB.to(lora_B.dtype) if need_B else None,
+        dm.to(magnitude.dtype) if need_m else None,
+    )
+
+
+@torch.library.custom_op("fastpeft::dora_fwd", mutates_args=())
+def dora_fwd(x2: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+             scaling: float, dropout_p: float, seed: Optional[Tensor]
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _dora.dora_forward_2d(x2, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, _seed_value(seed))
+
+
+@dora_fwd.register_fake
+def _(x2, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed):
+    return _dora_fake_fwd(x2, weight.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fastpeft::dora_bwd", mutates_args=())
+def dora_bwd(dy2: Tensor, x2: Tensor, S: Tensor, Z0: Tensor, g: Tensor, inv_n: Tensor, weight: Tensor,
+             lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor], need_x: bool,
+             need_b: bool, need_A: bool, need_B: bool, need_m: bool
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = _dora.dora_backward_2d(dy2.to(x2.dtype), x2, S, Z0, g, inv_n, weight, lora_A, lora_B, scaling, dropout_p,
+                                 _seed_value(seed), need_x, need_b, need_A, need_B, need_m, separate_outputs=True)
+    return _dora_bwd_outputs(x2, *out)
+
+
+@dora_bwd.register_fake
+def _(dy2, x2, S, Z0, g, inv_n, weight, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_b, need_A, need_B,
+      need_m):
+    return _dora_fake_bwd(x2, weight.shape[0], lora_A.shape[0], need_x, need_b, need_A, need_B, need_m)
+
+
+def _dora_setup(ctx, inputs, output):
+    x2, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed = inputs
+    _, S, Z0, g, inv_n = output
+    ctx.has_seed = seed is not None
+    ctx.save_for_backward(x2, S, Z0, g, inv_n, weight, lora_A, lora_B, magnitude,
+                          *((seed,) if seed is not None else ()))
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _dora_backward(ctx, dy2, *_unused):
+    x2, S, Z0, g, inv_n, weight, lora_A, lora_B, magnitude, *rest = ctx.saved_tensors
+    seed = rest[0] if ctx.has_seed else None
+    need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
+    out = dora_bwd(dy2, x2, S, Z0, g, inv_n, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need_x,
+                   need_b, need_A, need_B, need_m)
+    dx, db, dA, dB, dm = _dora_grads_out(ctx, *out, lora_A, lora_B, magnitude, (need_x, need_b, need_A, need_B, need_m))
+    return dx, None, db, dA, dB, dm, None, None, None
+
+
+dora_fwd.register_autograd(_dora_backward, setup_context=_dora_setup)
+
+
+@torch.library.custom_op("fastpeft::nf4_dora_fwd", mutates_args=())
+def nf4_dora_fwd(x2: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                 scaling: float, dropout_p: float, seed: Optional[Tensor], packed: Tensor, absmax: Tensor,
+                 code: Tensor, code2: Tensor, absmax2: Tensor, offset: float, blocksize: int, blocksize2: int,
+                 nested: bool, qt: int, quant_type: str, N: int, K: int, state_dtype: torch.dtype
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ks = KernelState.from_op_args(absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, qt, quant_type,
+                                  N, K, state_dtype)
+    w = _nf4_lora.dequantize_to(packed, ks, x2.dtype)
+    return _dora.dora_forward_2d(x2, w, bias, lora_A, lora_B, magnitude, scaling, dropout_p, _seed_value(seed))
+
+
+@nf4_dora_fwd.register_fake
+def _(x2, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, packed, absmax, code, code2, absmax2, offset,
+      blocksize, blocksize2, nested, qt, quant_type, N, K, state_dtype):
+    return _dora_fake_fwd(x2, N, lora_A.shape[0])
+
+
+@torch.library.custom_op("fastpeft::nf4_dora_bwd", mutates_args=())
+def nf4_dora_bwd(dy2: Tensor, x2: Tensor, S: Tensor, Z0: Tensor, g: Tensor, inv_n: Tensor, lora_A: Tensor,
+                 lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor], need_x: bool, need_b: bool,
+                 need_A: bool, need_B: bool, need_m: bool, packed: Tensor, absmax: Tensor, code: Tensor,
+                 code2: Tensor, absmax2: Tensor, offset: float, blocksize: int, blocksize2: int, nested: bool,
+                 qt: int, quant_type: str, N: int, K: int, state_dtype: torch.dtype
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ks = KernelState.from_op_args(absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, qt, quant_type,
+                                  N, K, state_dtype)
+    w = _nf4_lora.dequantize_to(packed, ks, x2.dtype) if need_x else None
+    out = _dora.dora_backward_2d(dy2.to(x2.dtype), x2, S, Z0, g, inv_n, w, lora_A, lora_B, scaling, dropout_p,
+                                 _seed_value(seed), need_x, need_b, need_A, need_B, need_m, separate_outputs=True)
+    return _dora_bwd_outputs(x2, *out)
+
+
+@nf4_dora_bwd.register_fake
+def _(dy2, x2, S, Z0, g, inv_n, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_b, need_A, need_B, need_m,
+      packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, qt, quant_type, N, K, state_dtype):
+    return _dora_fake_bwd(x2, N, lora_A.shape[0], need_x, need_b, need_A, need_B, need_m)
+
+
+_NF4_DORA_LEAD = 8  # x2, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed: then the quant arguments
+
+
+def _nf4_dora_setup(ctx, inputs, output):
+    x2, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed = inputs[:_NF4_DORA_LEAD]
+    quant = inputs[_NF4_DORA_LEAD:]
+    _, S, Z0, g, inv_n = output
+    ctx.has_seed = seed is not None
+    ctx.save_for_backward(x2, S, Z0, g, inv_n, lora_A, lora_B, magnitude, *quant[:_NF4_TENSORS],
+                          *((seed,) if seed is not None else ()))
+    ctx.quant_scalars = quant[_NF4_TENSORS:]
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _nf4_dora_backward(ctx, dy2, *_unused):
+    x2, S, Z0, g, inv_n, lora_A, lora_B, magnitude, *rest = ctx.saved_tensors
+    quant_tensors = rest[:_NF4_TENSORS]
+    seed = rest[_NF4_TENSORS] if ctx.has_seed else None
+    need_x, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:5]
+    out = nf4_dora_bwd(dy2, x2, S, Z0, g, inv_n, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, need_x, need_b,
+                       need_A, need_B, need_m, *quant_tensors, *ctx.quant_scalars)
+    grads = _dora_grads_out(ctx, *out, lora_A, lora_B, magnitude, (need_x, need_b, need_A, need_B, need_m))
+    return grads + (None,) * (3 + _NF4_TENSORS + len(ctx.quant_scalars))
+
+
+nf4_dora_fwd.register_autograd(_nf4_dora_backward, setup_context=_nf4_dora_setup)
+
+
 # ------------------------------------------------------------------------------------------------ wrappers
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
@@ -415,4 +575,50 @@ def nf4_ia3_linear(x, packed, quant_state, bias, ia3_l, feedforward: bool) -> Te
     check_kernel_dtype(x.dtype, "nf4_ia3_linear")
     _, quant = _nf4_args(packed, quant_state, x.device)
     y2, _ = nf4_ia3_fwd(x.reshape(-1, x.shape[-1]), bias, ia3_l, bool(feedforward), *quant)
+    return y2.view(*x.shape[:-1], y2.shape[-1])
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float) -> Tensor:
+    """‖W + s·B·A‖ per output row (``kernels/dora.py``); called only out of torch.compile (the norm cache)."""
+    return _dora.dora_weight_norm(weight, lora_A, lora_B, scaling)
+
+
+def nf4_weight_norm(packed, quant_state, lora_A, lora_B, scaling: float, dtype: torch.dtype) -> Tensor:
+    """The DoRA norm over a 4-bit base (``kernels/dora.py``); called only out of torch.compile."""
+    return _dora.nf4_weight_norm(packed, quant_state, lora_A, lora_B, scaling, dtype)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float = 0.0, seed=None,
+                weight_norm: Optional[Tensor] = None) -> Tensor:
+    """``kernels/dora.py: dora_linear`` (eager: its autograd Function) or, under torch.compile, the
+    ``fastpeft::dora_fwd`` custom op (one graph node per layer; the norm is recomputed there, never cached).
+
+    >>> x = torch.randn(2, 3, 16); w = torch.randn(8, 16); a = torch.randn(4, 16); b = torch.randn(8, 4)  # doctest: +SKIP
+    >>> dora_linear(x.cuda(), w.cuda(), None, a.cuda(), b.cuda(), torch.ones(8).cuda(), 2.0).shape  # doctest: +SKIP
+    torch.Size([2, 3, 8])
+    """
+    if not _compiling():
+        if isinstance(seed, Tensor):
+            seed = int(seed)
+        return _dora.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_norm)
+    check_kernel_dtype(x.dtype, "dora_linear")
+    K, N = x.shape[-1], weight.shape[0]
+    y2 = dora_fwd(x.reshape(-1, K), weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p),
+                  _seed_tensor(seed, dropout_p, "dora_linear"))[0]
+    return y2.view(*x.shape[:-1], N)
+
+
+def nf4_dora_linear(x, packed, quant_state, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float = 0.0,
+                    seed=None, weight_norm: Optional[Tensor] = None) -> Tensor:
+    """``kernels/dora.py: nf4_dora_linear`` (eager) or, under torch.compile, the ``fastpeft::nf4_dora_fwd`` op."""
+    if not _compiling():
+        if isinstance(seed, Tensor):
+            seed = int(seed)
+        return _dora.nf4_dora_linear(x, packed, quant_state, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
+                                     seed, weight_norm)
+    check_kernel_dtype(x.dtype, "nf4_dora_linear")
+    K = x.shape[-1]
+    _, quant = _nf4_args(packed, quant_state, x.device)
+    y2 = nf4_dora_fwd(x.reshape(-1, K), bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p),
+                      _seed_tensor(seed, dropout_p, "nf4_dora_linear"), *quant)[0]
     return y2.view(*x.shape[:-1], y2.shape[-1])

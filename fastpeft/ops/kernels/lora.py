@@ -30,7 +30,8 @@ from ..reference import lora_linear_reference
 from .common import as_2d, ceil_div, check_kernel_dtype, dot_ieee, interpreting, keep_tile, mask_fast, next_pow2_16, num_sms, triton_ok
 
 __all__ = ["lora_s_partials", "lora_expand", "lora_fwd_rows", "lora_ds_db", "lora_da_dx", "lora_forward_2d",
-           "lora_backward_2d", "lora_linear"]
+           "lora_adapter_grads_2d", "lora_backward_2d",
+           "lora_linear"]
 
 
 @triton.jit
@@ -460,6 +461,23 @@ def _deterministic_backward(dy2, x2, S, lora_A, lora_B, scaling, dropout_p, seed
     return dS, dB, dA, Z2
 
 
+def lora_adapter_grads_2d(dy2, x2, S, lora_A, lora_B, scaling: float, dropout_p: float, seed,
+                          need_A: bool = True, need_B: bool = True, need_z2: bool = True,
+                          separate_outputs: bool = False):
+    """The adapter part of the LoRA backward on 2-D tensors: (dA fp32 [r, K] | None, dB fp32 [N, r] | None,
+    Z2 = D⊙(s·(dY·B)·A) in x2.dtype [M, K] | None), the input-gradient term of the adapter (callers add dY·W).
+    dy2 in x2.dtype; S is forward's S' (already scaled). DoRA calls this with its own dY (kernels/dora.py)."""
+    if torch.are_deterministic_algorithms_enabled():
+        _, dB, dA, Z2 = _deterministic_backward(dy2, x2, S, lora_A, lora_B, scaling, dropout_p, seed, need_A, need_z2)
+    else:
+        rk = lora_A.shape[0] * x2.shape[1] if (need_A and not separate_outputs) else 0
+        dS, dB, *zeros = lora_ds_db(dy2, lora_B, S, scaling, extra_zeros=rk)
+        dA, Z2 = (lora_da_dx(x2, dS, lora_A, dropout_p, seed, need_dA=need_A, need_dx=need_z2,
+                             zeros=zeros[0] if zeros else None)
+                  if (need_A or need_z2) else (None, None))
+    return dA, (dB if need_B else None), Z2
+
+
 def lora_backward_2d(dy2, x2, S, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed,
                      need_x: bool = True, need_w: bool = False, need_b: bool = False,
                      need_A: bool = True, need_B: bool = True, separate_outputs: bool = False):
@@ -468,21 +486,13 @@ def lora_backward_2d(dy2, x2, S, weight, lora_A, lora_B, scaling: float, dropout
 
     dA and dB may share one zero-filled storage (one memset); separate_outputs=True gives each its own
     (torch.library custom ops may not return aliasing tensors)."""
-    dt = x2.dtype
-    w = _param_dtype(weight, dt) if need_x else None
-    if torch.are_deterministic_algorithms_enabled():
-        dS, dB, dA, Z2 = _deterministic_backward(dy2, x2, S, lora_A, lora_B, scaling, dropout_p, seed, need_A, need_x)
-        dx2 = Z2.addmm_(dy2, w) if need_x else None
-    else:
-        rk = lora_A.shape[0] * x2.shape[1] if (need_A and not separate_outputs) else 0
-        dS, dB, *zeros = lora_ds_db(dy2, lora_B, S, scaling, extra_zeros=rk)
-        dA, Z2 = (lora_da_dx(x2, dS, lora_A, dropout_p, seed, need_dA=need_A, need_dx=need_x,
-                             zeros=zeros[0] if zeros else None)
-                  if (need_A or need_x) else (None, None))
-        dx2 = Z2.addmm_(dy2, w) if need_x else None  # Z2 + dY·W, Z2 read by cuBLAS as C (beta=1)
+    w = _param_dtype(weight, x2.dtype) if need_x else None
+    dA, dB, Z2 = lora_adapter_grads_2d(dy2, x2, S, lora_A, lora_B, scaling, dropout_p, seed, need_A, need_B,
+                                       need_x, separate_outputs)
+    dx2 = Z2.addmm_(dy2, w) if need_x else None  # Z2 + dY·W, Z2 read by cuBLAS as C (beta=1)
     dw = torch.mm(dy2.t(), x2) if need_w else None
     db = dy2.sum(0, dtype=torch.float32) if need_b else None
-    return dx2, dw, db, dA, (dB if need_B else None)
+    return dx2, dw, db, dA, dB
 
 
 class _LoraLinearFn(torch.autograd.Function):

@@ -1,0 +1,239 @@
+"""How one LoRA adapter of a ``LoraLinear`` computes, merges and initialises (PEFT's LoraVariant split).
+
+    LoraVariant / PLAIN_LORA   plain LoRA: Y = base(x) + s·(D⊙x)·Aᵀ·Bᵀ
+    DoraVariant / DORA         DoRA (``use_dora=True``): the LoRA-updated weight's direction, rescaled per output
+                               row by a trainable magnitude m (``lora_magnitude_vector[name].weight``, fp32 [out])
+
+Variants are stateless: per-adapter state lives on the layer (``layer.lora_A[name]`` etc.), so one instance
+serves every adapter; the layer passes itself in.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+
+from ..ops import HAS_TRITON, cpp_ops
+from ..ops.reference import dora_update_reference, dora_weight_norm_reference, lora_delta_reference
+from . import bases
+from ._rng import current_rank, dropout_draw, dropout_seed
+from .layer import warn_once
+
+if HAS_TRITON:
+    from ..ops.kernels import custom_ops
+
+if TYPE_CHECKING:  # annotations only
+    from .lora import LoraLinear
+
+__all__ = ["LoraVariant", "PLAIN_LORA", "DoraVariant", "DORA", "DoraMagnitude"]
+
+
+class LoraVariant:
+    """How one LoRA adapter of a ``LoraLinear`` computes, merges and initialises. This base class IS plain
+    LoRA (Y = base(x) + s·(D⊙x)·Aᵀ·Bᵀ); a variant overrides the methods it changes. Stateless: per-adapter
+    state lives on the layer (``layer.lora_A[name]`` etc.), so one instance serves every adapter."""
+
+    kind = "lora"
+
+    def init(self, layer: "LoraLinear", adapter_name: str) -> None:
+        """Extra parameters / buffers the variant needs, made after lora_A / lora_B exist (plain LoRA: none)."""
+
+    def parameters_of(self, layer: "LoraLinear", name: str):
+        """The adapter's trainable parameters."""
+        return [layer.lora_A[name].weight, layer.lora_B[name].weight]
+
+    def forget(self, layer: "LoraLinear", name: str) -> None:
+        """Drop what ``init`` added when the adapter is deleted (plain LoRA: nothing)."""
+
+    def forward_reference(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
+        """Pure PyTorch, PEFT's order: base(x) + lora_B(lora_A(dropout(x))) * scaling, dropout from torch's RNG."""
+        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        result = bases.base_forward(layer.base_layer, x)
+        delta = lora_delta_reference(layer.lora_dropout[name](x), lora_A, lora_B, layer.scaling[name])
+        return (result + delta).to(result.dtype)
+
+    def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
+        """The C++ operator (``cpp``: one dispatcher call, C++ autograd) or the Triton kernels (autograd Function in
+        eager, custom op under torch.compile). Both draw the dropout seed from torch's CPU RNG (nn/_rng.py)."""
+        base = layer.base_layer
+        weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+        lora_A, lora_B, bias = layer.lora_A[name].weight, layer.lora_B[name].weight, getattr(base, "bias", None)
+        if cpp:
+            if p > 0:
+                return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name], p, dropout_draw(),
+                                           current_rank())
+            return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name])
+        seed = dropout_seed() if p > 0 else None
+        return custom_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name], p, seed)
+
+    def forward_nf4(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, compiled: bool) -> torch.Tensor:
+        """QLoRA kernels, in the layer's compute dtype as bnb's Linear4bit. Under torch.compile the same call
+        reaches the fastpeft::nf4_lora_fwd custom op (one graph node, no break; kernels/custom_ops.py)."""
+        base = layer.base_layer
+        packed, quant_state = bases.nf4_parts(base)
+        cd = bases.compute_dtype(base, x)
+        seed = dropout_seed() if p > 0 else None  # an int in eager, a 0-dim tensor under compile (nn/_rng.py)
+        y = custom_ops.nf4_lora_linear(x.to(cd), packed, quant_state, bases.base_bias(base), layer.lora_A[name].weight,
+                                       layer.lora_B[name].weight, layer.scaling[name], p, seed)
+        return y.to(x.dtype)
+
+    def delta_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
+        """scaling·B·A as [out, in] in fp32."""
+        a = layer.lora_A[name].weight.float()
+        b = layer.lora_B[name].weight.float()
+        return (b @ a) * layer.scaling[name]
+
+    def merged_weight(self, layer: "LoraLinear", name: str, weight: torch.Tensor) -> torch.Tensor:
+        """base weight [out, in] (fp32) + this adapter."""
+        return weight + self.delta_weight(layer, name).to(weight.device)
+
+    def merge(self, layer: "LoraLinear", name: str, weight: torch.Tensor) -> None:
+        """Add this adapter into the stored base weight in place (Conv1D weights are [in, out])."""
+        delta = self.delta_weight(layer, name)
+        weight.add_((delta.t() if layer.fan_in_fan_out else delta).to(weight.dtype))
+
+    def unmerge(self, layer: "LoraLinear", name: str, weight: torch.Tensor) -> None:
+        delta = self.delta_weight(layer, name)
+        weight.sub_((delta.t() if layer.fan_in_fan_out else delta).to(weight.dtype))
+
+
+PLAIN_LORA = LoraVariant()
+
+
+class DoraMagnitude(nn.Module):
+    """Holds one DoRA adapter's magnitude vector as ``.weight`` (fp32 [out]): PEFT's ``lora_magnitude_vector[name]``
+    is a module with that parameter, so state-dict keys (``...lora_magnitude_vector.<name>.weight``) match."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}"
+
+
+class DoraVariant(LoraVariant):
+    """DoRA (PEFT ``use_dora=True``): Y = base(x) + (g-1)⊙base_term + g⊙s·(D⊙x)·Aᵀ·Bᵀ with g = m / ‖W + s·B·A‖ per
+    output row, the norm detached (PEFT / the DoRA paper §4.3); at p = 0 base_term is x·Wᵀ (so Y = g⊙(x·Wᵀ +
+    s·x·Aᵀ·Bᵀ) + bias), with dropout PEFT's second base product (D⊙x)·Wᵀ. Math and kernels:
+    ``fastpeft/ops/kernels/dora.py``; oracle: ``ops/reference.py: dora_update_reference``.
+
+    Out of training (module in eval mode, no autograd), the norm is cached per adapter and recomputed whenever the
+    base weight or lora_A / lora_B change (tensor identity and version counters), so unmerged inference costs
+    what LoRA's does."""
+
+    kind = "dora"
+
+    def init(self, layer: "LoraLinear", adapter_name: str) -> None:
+        lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if lora_A.device.type == "meta":
+            magnitude = torch.empty(layer.out_features, device="meta", dtype=torch.float32)
+        else:
+            with torch.no_grad():  # PEFT: ‖W + s·B·A‖ of the weights at creation (B = 0 at the default init)
+                weight = bases.dense_weight(layer.base_layer).to(lora_A.device)
+                magnitude = dora_weight_norm_reference(weight, lora_A, lora_B, layer.scaling[adapter_name])
+        layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
+
+    def parameters_of(self, layer: "LoraLinear", name: str):
+        return super().parameters_of(layer, name) + [layer.lora_magnitude_vector[name].weight]
+
+    def forget(self, layer: "LoraLinear", name: str) -> None:
+        del layer.lora_magnitude_vector[name]
+        layer._dora_norms.pop(name, None)
+        layer._dora_merge_norms.pop(name, None)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward_reference(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
+        """Pure PyTorch in PEFT's order (``dora_update_reference``), dropout from torch's RNG as PEFT."""
+        base = layer.base_layer
+        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        result = bases.base_forward(base, x)
+        dropout = layer.lora_dropout[name]
+        dropped = None
+        if layer.training and isinstance(dropout, nn.Dropout):
+            dropped = dropout(x.to(lora_A.dtype))  # PEFT casts to the adapter dtype, then drops
+        return dora_update_reference(x, result, bases.dense_weight(base), bases.base_bias(base), lora_A, lora_B,
+                                     layer.lora_magnitude_vector[name].weight, layer.scaling[name], dropped)
+
+    def _kernels_can_run(self, layer: "LoraLinear", x: torch.Tensor) -> bool:
+        if not HAS_TRITON:
+            warn_once("dora-no-triton", "fastpeft: DoRA's kernels need Triton, which is not installed; DoRA layers "
+                      "use the PyTorch reference path")
+            return False
+        if getattr(getattr(layer.base_layer, "weight", None), "requires_grad", False):
+            return False  # the kernels treat the base weight as frozen; autograd through the reference instead
+        return layer._triton_can_run(x)
+
+    def _cached_norm(self, layer: "LoraLinear", name: str, weight: torch.Tensor, norm_of) -> Optional[torch.Tensor]:
+        """The cached n when the layer is out of training (eval mode, no autograd, eager), else None."""
+        if layer.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            layer._dora_norms.pop(name, None)
+            return None
+        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in (weight, lora_A, lora_B)) + (layer.scaling[name],)
+        hit = layer._dora_norms.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        norm = norm_of()
+        layer._dora_norms[name] = (key, norm)
+        return norm
+
+    def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
+        """The Triton DoRA kernels + cuBLAS (there is no C++ DoRA operator: ``cpp`` takes the Triton path too)."""
+        if not self._kernels_can_run(layer, x):
+            return self.forward_reference(layer, name, x)
+        base = layer.base_layer
+        weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        magnitude, scaling = layer.lora_magnitude_vector[name].weight, layer.scaling[name]
+        norm = self._cached_norm(layer, name, base.weight,
+                                 lambda: custom_ops.dora_weight_norm(weight, lora_A, lora_B, scaling))
+        seed = dropout_seed() if p > 0 else None
+        return custom_ops.dora_linear(x, weight, getattr(base, "bias", None), lora_A, lora_B, magnitude, scaling, p,
+                                      seed, norm)
+
+    def forward_nf4(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, compiled: bool) -> torch.Tensor:
+        """QDoRA: W dequantized per GEMM into the shared buffer (forward and backward), in the compute dtype."""
+        base = layer.base_layer
+        if getattr(base.weight, "requires_grad", False):
+            return self.forward_reference(layer, name, x)
+        packed, quant_state = bases.nf4_parts(base)
+        cd = bases.compute_dtype(base, x)
+        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        magnitude, scaling = layer.lora_magnitude_vector[name].weight, layer.scaling[name]
+        norm = self._cached_norm(layer, name, packed,
+                                 lambda: custom_ops.nf4_weight_norm(packed, quant_state, lora_A, lora_B, scaling, cd))
+        seed = dropout_seed() if p > 0 else None
+        y = custom_ops.nf4_dora_linear(x.to(cd), packed, quant_state, bases.base_bias(base), lora_A, lora_B,
+                                       magnitude, scaling, p, seed, norm)
+        return y.to(x.dtype)
+
+    # -- merge ----------------------------------------------------------------------------------------
+    def _factor(self, layer: "LoraLinear", name: str, norm: torch.Tensor) -> torch.Tensor:
+        return (layer.lora_magnitude_vector[name].weight.detach().float() / norm).view(-1, 1)
+
+    def merged_weight(self, layer: "LoraLinear", name: str, weight: torch.Tensor) -> torch.Tensor:
+        """g⊙(W + ΔW) with n from the unmerged weight (PEFT's merge), fp32 [out, in]."""
+        delta = self.delta_weight(layer, name).to(weight.device)
+        norm = torch.linalg.norm(weight.float() + delta, dim=1)
+        return self._factor(layer, name, norm).to(weight.device) * (weight.float() + delta)
+
+    def merge(self, layer: "LoraLinear", name: str, weight: torch.Tensor) -> None:
+        stored = weight.t() if layer.fan_in_fan_out else weight  # [out, in] view of the stored weight
+        delta = self.delta_weight(layer, name).to(weight.device)
+        merged = stored.float() + delta
+        norm = torch.linalg.norm(merged, dim=1)
+        layer._dora_merge_norms[name] = norm  # unmerge needs the norm of the unmerged weight
+        stored.copy_((self._factor(layer, name, norm) * merged).to(weight.dtype))
+        layer._dora_norms.pop(name, None)
+
+    def unmerge(self, layer: "LoraLinear", name: str, weight: torch.Tensor) -> None:
+        stored = weight.t() if layer.fan_in_fan_out else weight
+        delta = self.delta_weight(layer, name).to(weight.device)
+        factor = self._factor(layer, name, layer._dora_merge_norms.pop(name))
+        stored.copy_((stored.float() / factor - delta).to(weight.dtype))
+        layer._dora_norms.pop(name, None)
+
+
+DORA = DoraVariant()

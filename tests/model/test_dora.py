@@ -1,0 +1,295 @@
+"""DoRA (use_dora=True): PEFT's numbers on every path, PEFT's format both ways, merge, conversion, bad input."""
+import copy
+import json
+import os
+
+import peft
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.nn import LoraLinear
+from fastpeft.ops.dropout import lora_dropout_mask
+from fastpeft.ops.reference import dora_linear_reference, dora_weight_norm_reference
+from helpers import ARCHS, random_ids, rel_err, set_settings, state_snapshot, assert_same_snapshot, tiny_model
+
+FP32_TOL = 1e-5
+BACKENDS = ["reference", "triton", "cpp"]  # on CPU: "triton" / "cpp" run the Triton kernels in the interpreter
+
+
+def _targets(arch):
+    return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if arch == "phi3" else "all-linear"
+
+
+def _pair(base, cfg, backend, monkeypatch):
+    """A PEFT DoRA model and ours built from the same config, our trainable tensors copied from PEFT's."""
+    peft_model = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg))
+    set_settings(monkeypatch, backend=backend)
+    ours = fastpeft.patch(copy.deepcopy(base), copy.deepcopy(cfg))
+    theirs = {n[len("base_model.model."):]: p for n, p in peft_model.named_parameters()}
+    ours_trainable = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    peft_trainable = {n[len("base_model.model."):] for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert set(ours_trainable) == peft_trainable  # magnitudes included, same names
+    with torch.no_grad():
+        for name, param in ours_trainable.items():
+            param.copy_(theirs[name])
+    return peft_model, ours
+
+
+def _compare(peft_model, ours, ids, train=True, seed=None):
+    peft_model.train(train)
+    ours.train(train)
+    if seed is not None:
+        torch.manual_seed(seed)
+    out_p = peft_model(input_ids=ids, labels=ids)
+    if seed is not None:
+        torch.manual_seed(seed)
+    out_o = ours(input_ids=ids, labels=ids)
+    assert rel_err(out_o.logits, out_p.logits) <= FP32_TOL
+    out_p.loss.backward()
+    out_o.loss.backward()
+    theirs = {n[len("base_model.model."):]: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, name
+            assert rel_err(param.grad, theirs[name].grad) <= FP32_TOL, name
+
+
+def _perturb_magnitudes(*models):
+    """Magnitudes away from the norm (g != 1) and identical in both models, so the rescaling is exercised."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for model in models:
+            gen.manual_seed(0)
+            for name, param in sorted(model.named_parameters()):
+                if "lora_magnitude_vector" in name:
+                    param.mul_(0.5 + torch.rand(param.shape, generator=gen))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dora_matches_peft(arch, backend, monkeypatch):
+    base = tiny_model(arch, seed=21)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=_targets(arch), init_lora_weights=False, use_dora=True)
+    peft_model, ours = _pair(base, cfg, backend, monkeypatch)
+    _perturb_magnitudes(peft_model, ours)
+    _compare(peft_model, ours, random_ids(seed=ARCHS.index(arch) + 20))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dora_bias_rslora_patterns_and_eval_match_peft(backend, monkeypatch):
+    base = tiny_model("qwen2", seed=22)  # q/k/v carry a bias
+    cfg = peft.LoraConfig(r=6, lora_alpha=5, use_rslora=True, bias="all", init_lora_weights=False, use_dora=True,
+                          target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 3},
+                          alpha_pattern={"k_proj": 2})
+    peft_model, ours = _pair(base, cfg, backend, monkeypatch)
+    _compare(peft_model, ours, random_ids(seed=23))
+    with torch.no_grad():  # eval without grad: our norm cache serves the second call
+        ids = random_ids(seed=24)
+        ref = peft_model.eval()(input_ids=ids).logits
+        for _ in range(2):
+            assert rel_err(ours.eval()(input_ids=ids).logits, ref) <= FP32_TOL
+
+
+def test_dora_dropout_matches_peft_with_same_rng(monkeypatch):
+    """The reference path draws its mask from torch's RNG in PEFT's order, and uses PEFT's dropout formula (a
+    second base product on the dropped-out input): same seed, same numbers."""
+    base = tiny_model("llama", seed=25)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"],
+                          init_lora_weights=False, use_dora=True)
+    peft_model, ours = _pair(base, cfg, "reference", monkeypatch)
+    _perturb_magnitudes(peft_model, ours)
+    _compare(peft_model, ours, random_ids(seed=26), seed=123)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_dora_layer_kernels_match_oracle(dtype, dropout, conv1d, monkeypatch):
+    """The Triton path of one layer (interpreter on CPU) against the oracle with the same dropout mask: odd
+    shapes, 3-D non-contiguous input, bias, Conv1D's transposed weight."""
+    set_settings(monkeypatch, backend="triton")
+    torch.manual_seed(31)
+    K, N = 37, 29
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+        base = Conv1D(N, K)
+        torch.nn.init.normal_(base.weight, std=0.2)
+        torch.nn.init.normal_(base.bias)
+    else:
+        base = torch.nn.Linear(K, N)
+    base = base.to(dtype).requires_grad_(False)  # frozen, as patch leaves it (a trainable base takes the reference)
+    layer = LoraLinear(base, "default", r=5, lora_alpha=7, lora_dropout=dropout, init_lora_weights=False,
+                       use_dora=True)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(torch.rand(N) + 0.5)
+    layer.train()
+    x = torch.randn(11, 3, K, dtype=dtype).transpose(0, 1).requires_grad_(True)  # [3, 11, K], non-contiguous
+    torch.manual_seed(5)
+    y = layer(x)
+    # the seed the layer drew: same generator state, same draw (nn/_rng.py)
+    torch.manual_seed(5)
+    from fastpeft.nn._rng import dropout_seed
+    seed = dropout_seed() if dropout else None
+    weight = base.weight.t() if conv1d else base.weight
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    x_ref = x.detach().float().requires_grad_(True)
+    mask = lora_dropout_mask(x.shape, dropout, seed, x.device, dtype).float() if dropout else None
+    y_ref = dora_linear_reference(x_ref, weight.detach().float(), base.bias.detach().float(), *twins[:2], twins[2],
+                                  layer.scaling["default"], mask)
+    tol = FP32_TOL if dtype == torch.float32 else 3e-3
+    assert rel_err(y.float(), y_ref) <= tol
+    grad = torch.randn_like(y_ref)
+    (y.float() * grad).sum().backward()
+    (y_ref * grad).sum().backward()
+    assert rel_err(x.grad.float(), x_ref.grad) <= tol
+    for mine, ref in zip(params, twins):
+        assert rel_err(mine.grad, ref.grad) <= tol
+
+
+def test_dora_weight_norm_kernel_matches_reference():
+    from fastpeft.ops.kernels.dora import dora_weight_norm
+    torch.manual_seed(3)
+    for dtype in (torch.float32, torch.float16):
+        w = torch.randn(53, 41).to(dtype).t()  # [41, 53] strided view, odd sizes
+        a, b = torch.randn(7, 53), torch.randn(41, 7)
+        got = dora_weight_norm(w, a, b, 0.37)
+        assert rel_err(got, dora_weight_norm_reference(w, a, b, 0.37)) <= 1e-6
+
+
+def test_dora_norm_cache_follows_weight_changes(monkeypatch):
+    set_settings(monkeypatch, backend="triton")
+    layer = LoraLinear(torch.nn.Linear(16, 8).requires_grad_(False), "default", r=2, lora_alpha=2,
+                       init_lora_weights=False, use_dora=True)
+    layer.eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        first = layer(x)
+        assert "default" in layer._dora_norms
+        layer.lora_B["default"].weight.add_(0.5)  # an optimizer-like in-place update bumps the version
+        second = layer(x)
+    ref = dora_linear_reference(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
+                                layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight,
+                                layer.scaling["default"])
+    assert rel_err(second, ref) <= FP32_TOL and rel_err(first, ref) > 1e-3
+    layer.train()
+    assert not layer._dora_norms
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_merge_unmerge_and_merge_and_unload_match_peft(arch, monkeypatch):
+    base = tiny_model(arch, seed=27)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=_targets(arch), init_lora_weights=False, use_dora=True)
+    peft_model, ours = _pair(base, cfg, "reference", monkeypatch)
+    _perturb_magnitudes(peft_model, ours)
+    ids = random_ids(seed=28)
+    with torch.no_grad():
+        unmerged = ours.eval()(input_ids=ids).logits
+        fastpeft.merge(ours)
+        merged = ours(input_ids=ids).logits
+        peft_model.eval().merge_adapter()
+        assert rel_err(merged, peft_model(input_ids=ids).logits) <= FP32_TOL
+        assert rel_err(merged, unmerged) <= FP32_TOL
+        fastpeft.unmerge(ours)
+        assert rel_err(ours(input_ids=ids).logits, unmerged) <= FP32_TOL
+        plain = fastpeft.merge_and_unload(ours)
+        assert not any(isinstance(m, LoraLinear) for m in plain.modules())
+        assert rel_err(plain(input_ids=ids).logits, unmerged) <= FP32_TOL
+
+
+def test_dora_save_load_both_ways(tmp_path, monkeypatch):
+    base = tiny_model("llama", seed=29)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False,
+                          use_dora=True)
+    peft_model, ours = _pair(base, cfg, "reference", monkeypatch)
+    _perturb_magnitudes(ours)
+    ids = random_ids(seed=30)
+    with torch.no_grad():
+        expected = ours.eval()(input_ids=ids).logits
+    # ours -> PEFT
+    fastpeft.save_adapter(ours, str(tmp_path / "ours"))
+    with open(tmp_path / "ours" / "adapter_config.json") as fh:
+        assert json.load(fh)["use_dora"] is True
+    loaded_p = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    with torch.no_grad():
+        assert rel_err(loaded_p.eval()(input_ids=ids).logits, expected) <= FP32_TOL
+    # PEFT -> ours
+    _perturb_magnitudes(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    loaded_o = fastpeft.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
+    with torch.no_grad():
+        assert rel_err(loaded_o.eval()(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits) <= FP32_TOL
+    mags = [n for n, _ in loaded_o.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(mags) == 4
+
+
+def test_dora_file_without_magnitudes_is_refused_and_model_unchanged(tmp_path, monkeypatch):
+    base = tiny_model("llama", seed=32)
+    set_settings(monkeypatch, backend="reference")
+    plain = fastpeft.patch(copy.deepcopy(base), fastpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    fastpeft.save_adapter(plain, str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["use_dora"] = True
+    path.write_text(json.dumps(data))
+    model = copy.deepcopy(base)
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="lora_magnitude_vector"):
+        fastpeft.load_adapter(model, str(tmp_path))
+    assert_same_snapshot(before, state_snapshot(model))
+
+
+def test_patch_converts_peft_dora_model(monkeypatch):
+    base = tiny_model("mistral", seed=33)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
+                          init_lora_weights=False, use_dora=True)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    _perturb_magnitudes(peft_model)
+    ids = random_ids(seed=34)
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=ids).logits
+    mags = {n: p for n, p in peft_model.named_parameters() if "lora_magnitude_vector" in n}
+    set_settings(monkeypatch, backend="reference")
+    converted = fastpeft.patch(peft_model)
+    assert isinstance(converted.base_model.model.model.layers[0].self_attn.q_proj, LoraLinear)
+    after = {n: p for n, p in converted.named_parameters() if "lora_magnitude_vector" in n}
+    assert all(after[n] is p for n, p in mags.items())  # the very same parameters: optimizers stay valid
+    with torch.no_grad():
+        assert rel_err(converted(input_ids=ids).logits, expected) <= FP32_TOL
+
+
+def test_dora_trainable_parameter_count_and_initial_magnitudes_match_peft():
+    base = tiny_model("gemma", seed=35)
+    cfg = peft.LoraConfig(r=4, target_modules="all-linear", use_dora=True)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    ours = fastpeft.patch(copy.deepcopy(base), cfg)
+    assert fastpeft.get_nb_trainable_parameters(ours) == peft_model.get_nb_trainable_parameters()
+    theirs = {n[len("base_model.model."):]: p for n, p in peft_model.named_parameters()}
+    mags = {n: p for n, p in ours.named_parameters() if "lora_magnitude_vector" in n}
+    assert len(mags) == 14
+    for name, param in mags.items():  # B = 0 at the default init: both are the base weight's row norms
+        assert rel_err(param, theirs[name]) <= 1e-6, name
+
+
+def test_dora_delete_and_disable_adapter(monkeypatch):
+    base = tiny_model("llama", seed=36)
+    set_settings(monkeypatch, backend="reference")
+    model = fastpeft.patch(copy.deepcopy(base), fastpeft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                                   init_lora_weights=False))
+    fastpeft.add_adapter(model, "plain", fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ids = random_ids(seed=37)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        with fastpeft.disable_adapter(model):
+            assert rel_err(model(input_ids=ids).logits, base_logits) <= 1e-6
+        assert rel_err(model(input_ids=ids).logits, base_logits) > 1e-4
+    fastpeft.delete_adapter(model, "default")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert "default" not in layer.lora_magnitude_vector and not any("magnitude" in k for k in model.state_dict())
+
+
+def test_use_dora_must_be_a_bool():
+    with pytest.raises(ValueError, match="use_dora must be True or False"):
+        fastpeft.LoraConfig(use_dora="yes")
