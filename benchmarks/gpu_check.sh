@@ -7,6 +7,9 @@
 #   sanitizer the C++ operators' and kernels' GPU tests under compute-sanitizer (memcheck, racecheck)
 #   nf4       benchmarks/scripts/bench_nf4.py (dequant / decode / crossover, CUDA-graph timed)
 #   compile   benchmarks/scripts/compile_check.py (compiled vs eager, graph breaks)
+#   doratests DoRA's GPU tests (tests/model/test_dora.py, the QDoRA case of test_qlora.py) and its kernels under
+#             compute-sanitizer memcheck
+#   dora      DoRA layer timings (profile_layer.py: fwd+bwd at M=4096 with and without dropout; no-grad M=16/4096)
 #   step1b    python -m fastpeft.bench --model 1b (STEP_ARGS adds options)
 #   step8b    python -m fastpeft.bench --model 8b (STEP_ARGS adds options)
 # Usage (repo root, on the GPU machine):  OUT=/some/dir STAGES=smoke,host,tests bash benchmarks/gpu_check.sh
@@ -61,6 +64,23 @@ fi
 if has compile; then
   timeout "${T_COMPILE:-200}" python3 benchmarks/scripts/compile_check.py --out "$OUT/compile_check.json" > "$OUT/compile.log" 2>&1
   echo "compile rc=$?"; tail -8 "$OUT/compile.log"
+fi
+if has doratests; then
+  timeout "${T_DORATESTS:-300}" python3 -m pytest tests/model/test_dora.py tests/model/test_qlora.py -m gpu -q \
+    -p no:cacheprovider -rs -n 4 --timeout 240 -s > "$OUT/dora_gpu_tests.txt" 2>&1
+  echo "dora gpu tests rc=$?" | tee -a "$OUT/dora_gpu_tests.txt"; grep -E "rel err vs fp32|passed|failed|Error" "$OUT/dora_gpu_tests.txt" | tail -40
+  timeout "${T_SANITIZER:-300}" compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
+    tests/model/test_dora.py -k "gpu_dora_kernels_odd_shapes" -q -p no:cacheprovider > "$OUT/sanitizer_dora.txt" 2>&1
+  echo "sanitizer dora rc=$?" | tee -a "$OUT/sanitizer_dora.txt"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_dora.txt" | tail -3
+fi
+if has dora; then
+  timeout "${T_DORA:-300}" python3 benchmarks/scripts/profile_layer.py --M 4096 --methods dense fastpeft_lora \
+    fastpeft_lora_triton fastpeft_dora peft_lora peft_dora fastpeft_lora_p05 fastpeft_dora_p05 peft_dora_p05 \
+    --out "$OUT/dora_layers.json" > "$OUT/dora_layers.log" 2>&1
+  echo "dora layers rc=$?"; grep -E "^M=" "$OUT/dora_layers.log"
+  timeout "${T_DORA:-300}" python3 benchmarks/scripts/profile_layer.py --no-grad --M 16 4096 --methods dense \
+    fastpeft_lora fastpeft_dora peft_lora peft_dora --out "$OUT/dora_infer.json" > "$OUT/dora_infer.log" 2>&1
+  echo "dora infer rc=$?"; grep -E "^M=" "$OUT/dora_infer.log"
 fi
 if has step1b; then
   timeout "${T_STEP1B:-400}" python3 -m fastpeft.bench --model 1b --out-dir "$OUT" --no-plots ${STEP_ARGS:-} > "$OUT/step1b.log" 2>&1

@@ -368,7 +368,6 @@ class LoraConfig(_ConfigBase):
     fan_in_fan_out: bool = False
     modules_to_save: Optional[List[str]] = None
     use_rslora: bool = False
-    use_dora: bool = False
     init_lora_weights: Union[bool, str] = True
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
@@ -378,6 +377,7 @@ class LoraConfig(_ConfigBase):
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
+    use_dora: bool = field(default=False, kw_only=True)  # keyword-only: positional order stays as before
     # PEFT's bookkeeping
     peft_type: Optional[str] = _peft_type_field("LORA")
     peft_version: Optional[str] = _save_metadata()

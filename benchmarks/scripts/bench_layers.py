@@ -54,6 +54,36 @@ def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
         m.base_layer.weight.requires_grad_(False)
         m.train()
         return m, [m.lora_A["default"].weight, m.lora_B["default"].weight]
+    if method.startswith("peft_dora"):
+        import peft
+        from peft.tuners.lora import Linear as PLinear
+
+        p = 0.05 if method.endswith("p05") else 0.0
+        m = PLinear(base, "default", config=peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p, use_dora=True),
+                    r=RANK, lora_alpha=ALPHA, lora_dropout=p)
+        m.float()  # adapters fp32 as get_peft_model leaves them; the base back to its dtype below
+        m.base_layer.to(dtype)
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.02)
+        m.base_layer.weight.requires_grad_(False)
+        m.train()
+        return m, [m.lora_A["default"].weight, m.lora_B["default"].weight, m.lora_magnitude_vector["default"].weight]
+    if method in ("fastpeft_dora", "fastpeft_dora_p05"):
+        from fastpeft.ops.kernels.dora import dora_linear, dora_weight_norm
+
+        p = 0.05 if "p05" in method else 0.0
+        A = (torch.randn(RANK, K, device=device) / K**0.5).requires_grad_()
+        B = (torch.randn(N, RANK, device=device) * 0.02).requires_grad_()
+        w = base.weight
+        with torch.no_grad():
+            norm = dora_weight_norm(w, A, B, ALPHA / RANK)
+            mag = (norm * (1 + 0.1 * torch.rand_like(norm))).requires_grad_()
+
+        def f(x):
+            # out of autograd the layer serves the cached norm (nn/variants.py); in training it is recomputed
+            cached = None if torch.is_grad_enabled() else norm
+            return dora_linear(x, w, None, A, B, mag, ALPHA / RANK, p, _seed() if p > 0 else None, cached)
+
+        return f, [A, B, mag]
     if method == "peft_ia3":
         import peft
         from peft.tuners.ia3 import Linear as PIA3
@@ -104,7 +134,7 @@ def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
 # 2026-11-23 results chose a Triton GEMM through switches the library has since dropped with that GEMM.)
 METHODS = ["dense", "peft_lora", "peft_lora_p05", "fastpeft_lora", "fastpeft_lora_p05", "fastpeft_lora_split",
            "fastpeft_lora_p05_split", "fastpeft_lora_triton", "fastpeft_lora_p05_triton", "peft_ia3", "fastpeft_ia3",
-           "fastpeft_ia3_triton"]
+           "fastpeft_ia3_triton", "peft_dora", "peft_dora_p05", "fastpeft_dora", "fastpeft_dora_p05"]
 
 
 def make_step(fn, x, g, bwd: bool):

@@ -1,8 +1,8 @@
 """Where one layer's fwd+bwd time goes: kernels (GPU time) vs the host (Python, launches, autograd).
 
-    python benchmarks/scripts/profile_layer.py [--M 4096 16] [--proj q/o k/v] [--methods ...] [--out f.json]
+    python benchmarks/scripts/profile_layer.py [--M 4096 16] [--proj q/o k/v] [--methods ...] [--no-grad] [--out f.json]
 
-Per (projection, M, method), four numbers, all in ms per fwd+bwd:
+Per (projection, M, method), four numbers, all in ms per fwd+bwd (per forward with --no-grad):
   graph   : replay of a CUDA graph of the step -- the GPU work alone, launch gaps removed
   b2b     : back-to-back steps timed with events, no sync in between -- what a training loop sees when the
             host is the bottleneck (b2b >> graph means host-bound)
@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--methods", nargs="*",
                     default=["dense", "peft_lora", "fastpeft_lora", "fastpeft_lora_triton", "fastpeft_lora_p05",
                              "peft_ia3", "fastpeft_ia3", "fastpeft_ia3_triton"])
+    ap.add_argument("--no-grad", action="store_true", help="forward only under torch.no_grad (inference)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     # a fixed dropout seed: the per-call CPU draw + .item() in layers._seed would forbid graph capture
@@ -93,10 +94,12 @@ def main():
                 fn, _ = layers.build(method, K, N, torch.bfloat16, "cuda", ff)
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-                step = layers.make_step(fn, x, g, True)
+                if a.no_grad and hasattr(fn, "eval"):
+                    fn.eval()  # PEFT layers: inference mode (dropout off)
+                step = layers.make_step(fn, x, g, not a.no_grad)
                 for _ in range(5):
                     step()
-                row = {"M": M, "proj": proj, "method": method}
+                row = {"M": M, "proj": proj, "method": method, "grad": not a.no_grad}
                 try:
                     row["graph_ms"] = graph_ms(step)
                 except Exception as e:  # capture can fail for code that syncs; say so

@@ -21,6 +21,8 @@ Methods (r=16, alpha=32, all linear layers but the output head; IA3 on k, v, dow
                    embeddings, norms and the head to fp32); fastpeft side: fastpeft.patch on the same base
     qlora_dropout  QLoRA, lora_dropout=0.05
     ia3            IA3 (k_proj, v_proj, down_proj; down_proj feed-forward)
+    dora, qdora    DoRA (use_dora=True) on the bf16 base / on the NF4 base (QLoRA's recipe on the PEFT side)
+    dora_dropout   DoRA, lora_dropout=0.05 (PEFT's dropout formula: a second base product)
     lora_liger     LoRA + Liger-Kernel's non-adapter kernels (RoPE, RMSNorm, SwiGLU, fused linear cross
                    entropy) on both sides, when liger_kernel is importable and CUDA is there
 

@@ -30,6 +30,8 @@ from .plan import (
     SEQ,
     Spec,
     full_ft_estimate_bytes,
+    is_4bit,
+    is_dora,
     lora_dropout_of,
     step_flops,
 )
@@ -111,7 +113,7 @@ def unavailable(spec: Spec, device: str) -> Optional[str]:
     """Why this configuration cannot run here (None if it can)."""
     if spec.impl == "peft" and not have("peft"):
         return "peft not installed"
-    if spec.method.startswith("qlora") and not have("bitsandbytes"):
+    if is_4bit(spec.method) and not have("bitsandbytes"):
         return "bitsandbytes not installed"
     if spec.method == "lora_liger":
         if not have("liger_kernel"):
@@ -154,7 +156,7 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
     stack = contextlib.ExitStack()
     try:
         model = build_base(spec.model, device, dtype, seed)
-        if spec.method.startswith("qlora"):
+        if is_4bit(spec.method):
             quantize_nf4(model, compute_dtype=dtype)
         if spec.method == "lora_liger":
             stack.enter_context(liger_patched(model))
@@ -167,7 +169,7 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
         elif spec.impl == "peft":
             import peft
 
-            if spec.method.startswith("qlora"):
+            if is_4bit(spec.method):
                 model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                              gradient_checkpointing_kwargs=ckpt)
             else:
@@ -177,7 +179,7 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
                                      feedforward_modules=IA3_FEEDFORWARD)
             else:
                 cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=RANK, lora_alpha=ALPHA, lora_dropout=p,
-                                      target_modules="all-linear")
+                                      target_modules="all-linear", use_dora=is_dora(spec.method))
             model = peft.get_peft_model(model, cfg)
         elif spec.impl == "fastpeft":
             if spec.method == "full_ft":
@@ -186,7 +188,8 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
             if spec.method == "ia3":
                 cfg = fastpeft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
             else:
-                cfg = fastpeft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p, target_modules="all-linear")
+                cfg = fastpeft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p, target_modules="all-linear",
+                                          use_dora=is_dora(spec.method))
             # each layer takes the backend when it is built; restored afterwards (no leak into later rows)
             with settings.override(**({"backend": backend} if backend else {})):
                 model = fastpeft.patch(model, cfg)

@@ -27,13 +27,16 @@ MODELS: Dict[str, Dict[str, Any]] = {
 SEQ = {"8b": (2, 2048), "1b": (2, 2048), "tiny": (2, 64)}  # (batch, tokens per sequence)
 
 # Run order = priority (a --budget-s cut drops the tail): the targets first, then variants, Liger last.
-METHODS = ["full_ft", "lora", "qlora", "ia3", "lora_dropout", "qlora_dropout", "lora_liger"]
-TABLE_ORDER = ["lora", "lora_dropout", "qlora", "qlora_dropout", "ia3", "lora_liger"]  # adapter rows in tables
+METHODS = ["full_ft", "lora", "qlora", "ia3", "dora", "qdora", "lora_dropout", "qlora_dropout", "dora_dropout",
+           "lora_liger"]
+TABLE_ORDER = ["lora", "lora_dropout", "qlora", "qlora_dropout", "dora", "dora_dropout", "qdora", "ia3",
+               "lora_liger"]  # adapter rows in tables
 QUICK_METHODS = ["full_ft", "lora", "ia3", "qlora", "lora_liger"]
 METHOD_LABEL = {
     "full_ft": "Full FT", "lora": "LoRA r=16", "lora_dropout": "LoRA r=16, dropout 0.05",
     "qlora": "QLoRA r=16", "qlora_dropout": "QLoRA r=16, dropout 0.05", "ia3": "IA3",
-    "lora_liger": "LoRA r=16 + Liger",
+    "lora_liger": "LoRA r=16 + Liger", "dora": "DoRA r=16", "qdora": "QDoRA r=16 (4-bit base)",
+    "dora_dropout": "DoRA r=16, dropout 0.05",
 }
 IMPL_LABEL = {"torch": "plain", "peft": "PEFT", "fastpeft": "fastpeft"}
 # Targets from DESIGN.md §5 (whole step, vs PEFT): tokens/s × and peak-memory ×.
@@ -44,9 +47,9 @@ MEMORY_TARGET = 0.75
 # the estimate is rescaled by measured/predicted as configurations finish.
 PRIOR_STEP_S = {
     "8b": {"full_ft": 0.9, "lora": 0.71, "lora_dropout": 0.76, "qlora": 1.6, "qlora_dropout": 1.7, "ia3": 0.46,
-           "lora_liger": 0.63},
+           "lora_liger": 0.63, "dora": 1.2, "qdora": 2.0, "dora_dropout": 1.6},
     "1b": {"full_ft": 0.14, "lora": 0.19, "lora_dropout": 0.21, "qlora": 0.54, "qlora_dropout": 0.56, "ia3": 0.12,
-           "lora_liger": 0.17},
+           "lora_liger": 0.17, "dora": 0.3, "qdora": 0.6, "dora_dropout": 0.4},
     "tiny": {m: 0.05 for m in METHODS},
 }
 PRIOR_BUILD_S = {"8b": 6.0, "1b": 3.0, "tiny": 0.5}
@@ -71,6 +74,15 @@ def lora_dropout_of(method: str) -> float:
     return DROPOUT if method.endswith("dropout") else 0.0
 
 
+def is_4bit(method: str) -> bool:
+    """Whether the method runs on an NF4 base (QLoRA, QDoRA)."""
+    return method.startswith("qlora") or method.startswith("qdora")
+
+
+def is_dora(method: str) -> bool:
+    return method.startswith("dora") or method.startswith("qdora")
+
+
 # -- the run plan ----------------------------------------------------------------------------------------
 def make_plan(models: List[str], methods: List[str]) -> List[Spec]:
     """Every (model, method, impl) in run order: Full FT on plain transformers, the adapters on PEFT then fastpeft."""
@@ -85,7 +97,7 @@ def make_plan(models: List[str], methods: List[str]) -> List[Spec]:
 def predict_s(spec: Spec, steps: int, warmup: int, profile: bool) -> float:
     """Seconds one configuration should take by the H100 priors (for the running estimate and --budget-s)."""
     step = PRIOR_STEP_S[spec.model][spec.method]
-    build = PRIOR_BUILD_S[spec.model] * (1.5 if spec.method.startswith("qlora") else 1.0)
+    build = PRIOR_BUILD_S[spec.model] * (1.5 if is_4bit(spec.method) else 1.0)
     return build + (steps + warmup) * step + (PRIOR_PROFILE_S[spec.model] if profile else 0.0)
 
 

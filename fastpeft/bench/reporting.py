@@ -85,11 +85,14 @@ def host_rss(info) -> bool:
 def memory_table(info) -> List[str]:
     rows = info["rows"]
     rss = host_rss(info)
-    out = ["| model | Full FT | LoRA r=16 | QLoRA r=16 | IA3 |", "| --- | --- | --- | --- | --- |"]
+    methods = [m for m in ("lora", "qlora", "ia3", "dora", "qdora")
+               if m in ("lora", "qlora", "ia3") or any(r.get("method") == m for r in rows)]
+    out = ["| model | Full FT | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
+           "| --- | --- | " + " | ".join("---" for _ in methods) + " |"]
     for model in _models_in(rows):
         cells = []
         cells.append(_gib(_find(rows, model, "full_ft", "torch")))
-        for method in ("lora", "qlora", "ia3"):
+        for method in methods:
             p, f = _find(rows, model, method, "peft"), _find(rows, model, method, "fastpeft")
             if p is None and f is None:
                 cells.append("not run")

@@ -28,9 +28,9 @@ def _fresh_dynamo():
 def _model(kind, monkeypatch, dropout=0.0):
     set_settings(monkeypatch, backend="triton")
     torch.manual_seed(5)
-    if kind == "lora":
+    if kind in ("lora", "dora"):
         cfg = fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"],
-                                  init_lora_weights=False)
+                                  init_lora_weights=False, use_dora=kind == "dora")
     else:
         cfg = fastpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
                                  init_ia3_weights=False)
@@ -149,8 +149,8 @@ def _nf4_model(kind, monkeypatch, double_quant=True, dropout=0.0):
     base = nf4_tiny_model("llama", double_quant=double_quant)
     base.config.num_hidden_layers = 1
     base.model.layers = base.model.layers[:1]  # one decoder layer: the interpreter is slow
-    if kind == "lora":
-        cfg = fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+    if kind in ("lora", "dora"):
+        cfg = fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=kind == "dora",
                                   target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     else:
         cfg = fastpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
@@ -227,3 +227,39 @@ def test_nf4_custom_ops_fakes_match_real():
 
 def test_nf4_dropout_under_compile_has_no_graph_break_and_is_seeded(monkeypatch):
     _check_compiled_dropout(_nf4_model("lora", monkeypatch, dropout=0.3))
+
+# -- DoRA ------------------------------------------------------------------------------------------------------
+def test_compiled_dora_trains_like_eager_without_graph_breaks(monkeypatch):
+    _check_compiled_trains_like_eager(_model("dora", monkeypatch), "fastpeft.dora_fwd.default", 3, seed=3)
+
+
+def test_compiled_nf4_dora_trains_like_eager_without_graph_breaks(monkeypatch):
+    _check_compiled_trains_like_eager(_nf4_model("dora", monkeypatch), "fastpeft.nf4_dora_fwd.default", 3, seed=4)
+
+
+def test_dora_dropout_under_compile_has_no_graph_break_and_is_seeded(monkeypatch):
+    _check_compiled_dropout(_model("dora", monkeypatch, dropout=0.3))
+
+
+def test_dora_custom_ops_pass_opcheck():
+    """The DoRA ops' fakes, schemas and autograd formulas (dense and 4-bit; bias, dropout, subsets of grads)."""
+    torch.manual_seed(0)
+    M, K, N, R = 5, 64, 24, 4
+
+    def leaf(*shape):
+        return torch.randn(*shape).requires_grad_()
+
+    x, w, bias, a, bb, m = leaf(M, K), torch.randn(N, K), leaf(N), leaf(R, K), leaf(N, R), (torch.rand(N) + 1).requires_grad_()
+    torch.library.opcheck(custom_ops.dora_fwd, (x, w, bias, a, bb, m, 2.0, 0.25, torch.tensor(11)))
+    torch.library.opcheck(custom_ops.dora_fwd, (x.detach(), w, None, a, bb, m, 2.0, 0.0, None))
+    dy, S, Z0, g, inv_n = torch.randn(M, N), torch.randn(M, R), torch.randn(M, N), torch.rand(N) + 1, torch.rand(N) + 1
+    for need in ((True, True, True, True, True), (False, False, True, False, True), (True, False, False, True, False)):
+        torch.library.opcheck(custom_ops.dora_bwd, (dy, x.detach(), S, Z0, g, inv_n, w, a.detach(), bb.detach(), 2.0,
+                                                    0.25, torch.tensor(11)) + need)
+    packed, qs = quantize_nf4(torch.randn(N, K), blocksize=64, compress_statistics=True)
+    kernel_state(qs, x.device)
+    _, quant = custom_ops._nf4_args(packed, qs, x.device)
+    torch.library.opcheck(custom_ops.nf4_dora_fwd, (x, bias, a, bb, m, 2.0, 0.25, torch.tensor(11)) + quant)
+    torch.library.opcheck(custom_ops.nf4_dora_fwd, (x.detach(), None, a, bb, m, 2.0, 0.0, None) + quant)
+    torch.library.opcheck(custom_ops.nf4_dora_bwd, (dy, x.detach(), S, Z0, g, inv_n, a.detach(), bb.detach(), 2.0,
+                                                    0.0, None, True, True, True, True, True) + quant)

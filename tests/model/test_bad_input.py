@@ -140,7 +140,7 @@ def test_unsupported_module_ia3(model):
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        (dict(use_dora=True), "use_dora=True"),
+        (dict(use_qalora=True), "use_qalora=True"),
         (dict(lora_bias=True), "lora_bias=True"),
         (dict(layer_replication=[(0, 1), (0, 2)]), "layer_replication="),
     ],
@@ -167,11 +167,11 @@ def test_unknown_field_in_adapter_config_dict():
 def test_unknown_field_in_adapter_config_json(tmp_path, model):
     folder = _saved_adapter(tmp_path, model)
     data = json.loads((folder / "adapter_config.json").read_text())
-    data["use_dora"] = True
+    data["use_qalora"] = True
     (folder / "adapter_config.json").write_text(json.dumps(data))
     fresh = tiny_model("llama")
     before = state_snapshot(fresh)
-    with pytest.raises(ValueError, match="does not support use_dora=True"):
+    with pytest.raises(ValueError, match="does not support use_qalora=True"):
         fastpeft.load_adapter(fresh, str(folder))
     assert_same_snapshot(before, state_snapshot(fresh))
 

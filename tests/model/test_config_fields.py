@@ -71,7 +71,7 @@ def test_field_lists_are_the_installed_pefts(ours, theirs):
         if f.name in _unsupported(ours):
             assert C._default_of(f) == C._plain(_peft_default(peft_fields[f.name])), f.name
             assert f.kw_only and not f.repr, f.name
-    assert len(_unsupported(ours)) == (21 if ours is fastpeft.LoraConfig else 0)
+    assert len(_unsupported(ours)) == (20 if ours is fastpeft.LoraConfig else 0)
 
 
 # A value PEFT treats as "on" for each LoRA field fastpeft does not implement (PEFT's own objects where they exist).
@@ -83,7 +83,6 @@ NON_DEFAULT = {
     "eva_config": lambda: peft.EvaConfig(),
     "corda_config": lambda: {"corda_method": "kpm"},
     "lora_ga_config": lambda: {"direction": "ArB2r"},
-    "use_dora": lambda: True,
     "velora_config": lambda: {"rank": 4},
     "alora_invocation_tokens": lambda: [5, 6],
     "use_qalora": lambda: True,
@@ -119,7 +118,7 @@ def test_unsupported_field_with_a_value_raises(name):
         assert f"{name}={default!r}" in msg and "Supported fields:" in msg and "rank_pattern" in msg, msg
 
 
-@pytest.mark.parametrize("kwargs,name", [(dict(use_dora=True), "use_dora"), (dict(lora_bias=True), "lora_bias"),
+@pytest.mark.parametrize("kwargs,name", [(dict(lora_bias=True), "lora_bias"),
                                          (dict(trainable_token_indices=[0, 1]), "trainable_token_indices"),
                                          (dict(use_qalora=True), "use_qalora")])
 def test_unsupported_field_of_a_peft_config_raises(kwargs, name):
@@ -132,8 +131,10 @@ def test_off_values_are_stored_in_pefts_spelling():
     cfg = fastpeft.LoraConfig(loftq_config=None, eva_config={}, runtime_config={"ephemeral_gpu_offload": False})
     assert cfg.loftq_config == {} and cfg.eva_config is None
     assert cfg.runtime_config == {"ephemeral_gpu_offload": False}
-    with pytest.raises(ValueError, match="does not support use_dora=0"):
-        fastpeft.LoraConfig(use_dora=0)  # PEFT's off is False; 0 is no value PEFT writes
+    with pytest.raises(ValueError, match="does not support use_qalora=0"):
+        fastpeft.LoraConfig(use_qalora=0)  # PEFT's off is False; 0 is no value PEFT writes
+    with pytest.raises(ValueError, match="use_dora must be True or False"):
+        fastpeft.LoraConfig(use_dora=0)
 
 
 @pytest.mark.parametrize(
@@ -181,8 +182,9 @@ def test_enums_and_repr_fields_to_dict():
     assert type(cfg.task_type) is str and cfg.task_type == "CAUSAL_LM" and type(cfg.peft_type) is str
     text = repr(cfg)
     assert "r=4" in text and "task_type='CAUSAL_LM'" in text
-    assert "use_dora" not in text and "loftq_config" not in text  # fields fastpeft does not implement stay out
-    assert "use_dora" not in fastpeft.LoraConfig.field_names() and "rank_pattern" in fastpeft.LoraConfig.field_names()
+    assert "use_qalora" not in text and "loftq_config" not in text  # fields fastpeft does not implement stay out
+    assert "use_qalora" not in fastpeft.LoraConfig.field_names() and "rank_pattern" in fastpeft.LoraConfig.field_names()
+    assert "use_dora" in fastpeft.LoraConfig.field_names()
     data = cfg.to_dict()
     assert data["use_dora"] is False and data["peft_type"] == "LORA"
     assert "peft_version" not in data and "auto_mapping" not in data  # save-time metadata, not a setting

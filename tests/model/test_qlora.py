@@ -280,8 +280,8 @@ def _logits_and_grads(model, ids):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dropout", [0.0])
-def test_gpu_qlora_bf16_matches_peft_bnb(dropout, monkeypatch):
+@pytest.mark.parametrize("dropout,use_dora", [(0.0, False), (0.0, True)], ids=["qlora", "qdora"])
+def test_gpu_qlora_bf16_matches_peft_bnb(dropout, use_dora, monkeypatch):
     """bf16 QLoRA on bnb's CUDA 4-bit base. fastpeft computes the LoRA term with 16-bit activation operands,
     PEFT in fp32 (docs/qlora.md), so the two bf16 runs differ by more than either differs from the truth. Both
     are compared with an fp32 twin (same dequantized weights and adapters, fp32 activations): fastpeft's error
@@ -304,7 +304,7 @@ def test_gpu_qlora_bf16_matches_peft_bnb(dropout, monkeypatch):
                                                                  device_map={"": 0})
     ids = random_ids(seed=3).cuda()
     lcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout,
-                           init_lora_weights=False)
+                           init_lora_weights=False, use_dora=use_dora)
     theirs, ours = _pair(lcfg, base, "triton", monkeypatch)
     ref = _fp32_twin(dense, base, theirs, lcfg, "cuda")
     logits_r, grads_r = _logits_and_grads(ref, ids)
