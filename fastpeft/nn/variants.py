@@ -165,36 +165,52 @@ class DoraVariant(LoraVariant):
             return False  # the kernels treat the base weight as frozen; autograd through the reference instead
         return layer._triton_can_run(x)
 
-    def _cached_norm(self, layer: "LoraLinear", name: str, weight: torch.Tensor, norm_of) -> Optional[torch.Tensor]:
-        """The cached n when the layer is out of training (eval mode, no autograd, eager), else None."""
+    def _cached_scale(self, layer: "LoraLinear", name: str, weight: torch.Tensor, norm_of) -> Optional[torch.Tensor]:
+        """g = m / n (fp32 [out]) from the cache when the layer is out of training (eval mode, no autograd, eager),
+        recomputed when the base weight, lora_A, lora_B or the magnitude changed; None in training."""
         if layer.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             layer._dora_norms.pop(name, None)
             return None
-        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in (weight, lora_A, lora_B)) + (layer.scaling[name],)
+        tensors = (weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (layer.scaling[name],)
         hit = layer._dora_norms.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        norm = norm_of()
-        layer._dora_norms[name] = (key, norm)
-        return norm
+        scale = tensors[3].to(torch.float32) / norm_of()
+        layer._dora_norms[name] = (key, scale)
+        return scale
+
+    @staticmethod
+    def _rescaled(y: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Inference with a cached scale: g⊙(x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias from LoRA's own no-bias path (the C++ op, the
+        NF4 GEMV): LoRA's host cost plus one or two in-place kernels; g stays fp32 inside the multiply."""
+        y.mul_(scale)
+        return y if bias is None else y.add_(bias)
 
     def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
-        """The Triton DoRA kernels + cuBLAS (there is no C++ DoRA operator: ``cpp`` takes the Triton path too)."""
+        """The Triton DoRA kernels + cuBLAS in training; out of training, LoRA's path (the C++ operator on CUDA)
+        rescaled by the cached g."""
         if not self._kernels_can_run(layer, x):
             return self.forward_reference(layer, name, x)
         base = layer.base_layer
         weight = base.weight.t() if layer.fan_in_fan_out else base.weight
         lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
         magnitude, scaling = layer.lora_magnitude_vector[name].weight, layer.scaling[name]
-        norm = self._cached_norm(layer, name, base.weight,
-                                 lambda: custom_ops.dora_weight_norm(weight, lora_A, lora_B, scaling))
+        bias = getattr(base, "bias", None)
+        scale = self._cached_scale(layer, name, base.weight,
+                                   lambda: custom_ops.dora_weight_norm(weight, lora_A, lora_B, scaling))
+        if scale is not None:
+            if cpp and cpp_ops.available():
+                y = cpp_ops.lora_linear(x, weight, None, lora_A, lora_B, scaling)
+            else:
+                y = custom_ops.lora_linear(x, weight, None, lora_A, lora_B, scaling)
+            return self._rescaled(y, scale, bias)
         seed = dropout_seed() if p > 0 else None
-        return custom_ops.dora_linear(x, weight, getattr(base, "bias", None), lora_A, lora_B, magnitude, scaling, p,
-                                      seed, norm)
+        return custom_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed)
 
     def forward_nf4(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, compiled: bool) -> torch.Tensor:
-        """QDoRA: W dequantized per GEMM into the shared buffer (forward and backward), in the compute dtype."""
+        """QDoRA: W dequantized per GEMM into the shared buffer (forward and backward), in the compute dtype; out of
+        training QLoRA's path (the NF4 GEMV at decode sizes) rescaled by the cached g."""
         base = layer.base_layer
         if getattr(base.weight, "requires_grad", False):
             return self.forward_reference(layer, name, x)
@@ -202,11 +218,15 @@ class DoraVariant(LoraVariant):
         cd = bases.compute_dtype(base, x)
         lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
         magnitude, scaling = layer.lora_magnitude_vector[name].weight, layer.scaling[name]
-        norm = self._cached_norm(layer, name, packed,
-                                 lambda: custom_ops.nf4_weight_norm(packed, quant_state, lora_A, lora_B, scaling, cd))
+        bias = bases.base_bias(base)
+        scale = self._cached_scale(layer, name, packed, lambda: custom_ops.nf4_weight_norm(
+            packed, quant_state, lora_A, lora_B, scaling, cd))
+        if scale is not None:
+            y = custom_ops.nf4_lora_linear(x.to(cd), packed, quant_state, None, lora_A, lora_B, scaling)
+            return self._rescaled(y, scale, None if bias is None else bias.to(cd)).to(x.dtype)
         seed = dropout_seed() if p > 0 else None
-        y = custom_ops.nf4_dora_linear(x.to(cd), packed, quant_state, bases.base_bias(base), lora_A, lora_B,
-                                       magnitude, scaling, p, seed, norm)
+        y = custom_ops.nf4_dora_linear(x.to(cd), packed, quant_state, bias, lora_A, lora_B, magnitude, scaling, p,
+                                       seed)
         return y.to(x.dtype)
 
     # -- merge ----------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def available() -> bool:
     """Whether ``torch.ops.fastpeft_ops`` is loaded (tries to build it once; warns once if it cannot)."""
     if _OPS:
         return True
+    if torch.compiler.is_compiling():
+        return False  # never build (file system checks, a compiler run) while dynamo traces: the Triton path then
     if not EXTENSION.available():
         return False
     _OPS["lora"] = torch.ops.fastpeft_ops.lora_linear.default

@@ -63,7 +63,7 @@ def _perturb_magnitudes(*models):
             gen.manual_seed(0)
             for name, param in sorted(model.named_parameters()):
                 if "lora_magnitude_vector" in name:
-                    param.mul_(0.5 + torch.rand(param.shape, generator=gen))
+                    param.mul_(0.5 + torch.rand(param.shape, generator=gen).to(param.device))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -147,6 +147,29 @@ def test_dora_layer_kernels_match_oracle(dtype, dropout, conv1d, monkeypatch):
     assert rel_err(x.grad.float(), x_ref.grad) <= tol
     for mine, ref in zip(params, twins):
         assert rel_err(mine.grad, ref.grad) <= tol
+
+
+def test_dora_deterministic_mode_is_bitwise_reproducible():
+    from fastpeft.ops.kernels.dora import dora_linear
+
+    torch.manual_seed(4)
+    x = torch.randn(19, 40)
+    w, a, b, m = torch.randn(24, 40), torch.randn(3, 40), torch.randn(24, 3), torch.rand(24) + 0.5
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b, m)]
+        y = dora_linear(leaves[0], w, None, *leaves[1:3], leaves[3], 1.5, 0.2, 9)
+        (y * torch.linspace(-1, 1, 24)).sum().backward()
+        return [y.detach()] + [t.grad for t in leaves]
+
+    fast = run()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for u, v, f in zip(first, second, fast):
+        assert torch.equal(u, v) and rel_err(u, f) <= FP32_TOL
 
 
 def test_dora_weight_norm_kernel_matches_reference():

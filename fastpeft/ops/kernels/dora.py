@@ -17,12 +17,16 @@ Kernels and what bounds them:
                           (and ZX) once, writes Y once (may overwrite Z0 in place). Bytes-bound like LoRA's
                           beta=1 addmm it replaces (same M·N reads + writes).
     _dora_bwd_kernel      one pass over dY and Z0: writes dZ = g⊙dY (and (g-1)⊙dY for p > 0), adds the column
-                          sums of dY⊙(Z0 + S'·Bᵀ)/n into dm (fp32 atomics, (M/BM)·N of them). Bytes-bound.
+                          sums of dY⊙(Z0 + S'·Bᵀ)/n into dm, and forms LoRA's dS = s·dZ·B and dB = dZᵀ·S' from
+                          the fp32 dZ (fp32 atomics). Bytes-bound. Then kernels/lora.py's dA / Z2 pass over X.
+    _dropout_apply_kernel D⊙X with the in-kernel Philox mask (p > 0: the second base product's input, and the
+                          mask on its dX term). Bytes-bound.
 Saved for backward: x, S' (fp32 [M, r]), Z0 = X·Wᵀ (p = 0) or (D⊙X)·Wᵀ (p > 0) in x.dtype [M, N], g and 1/n
 (fp32 [N]), the seed; parameters by reference (a 4-bit base is dequantized again in the backward).
 Precision: as kernels/lora.py (fp32 adapter operands; fp32 inputs use IEEE dots). The norm's tile products use
 TF32x3 for 16-bit weights (~fp32 accuracy at tensor-core speed) and IEEE for fp32.
-Under torch.use_deterministic_algorithms(True) the backward's dm comes from torch ops (no atomics).
+Under torch.use_deterministic_algorithms(True) the norm runs unsplit and the backward's dZ / dm / dS / dB come from
+torch ops and cuBLAS (no atomics): bitwise reproducible.
 """
 from __future__ import annotations
 
@@ -33,10 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dropout import lora_dropout_mask
+from ..dropout import dropout_threshold, keep_scale_rounded
 from ..nf4_format import KernelState, kernel_state
 from . import lora as lora_ops
-from .common import as_2d, ceil_div, check_kernel_dtype, interpreting, next_pow2_16, num_sms
+from .common import as_2d, ceil_div, check_kernel_dtype, interpreting, keep_tile, mask_fast, next_pow2_16, num_sms
 from .nf4_lora import dequantize_to
 
 __all__ = ["dora_weight_norm", "dora_forward_2d", "dora_backward_2d", "dora_linear", "nf4_dora_linear"]
@@ -44,11 +48,12 @@ __all__ = ["dora_weight_norm", "dora_forward_2d", "dora_backward_2d", "dora_line
 
 @triton.jit
 def _dora_norm_kernel(
-    W, A, B, NORM, scaling, N, K, R,
+    W, A, B, NORM2, scaling, N, K, R, k_per_split,
     swn, swk, sar, sak, sbn, sbr,
-    PRECISION: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    PRECISION: tl.constexpr, ATOMIC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
-    # One program per BN output rows, looping over K: bytes-bound (module docstring).
+    # One program per BN output rows and K-slice (split so that narrow weights still fill the GPU): bytes-bound
+    # (module docstring). Writes / atomically adds the squared norms; the caller takes the square root.
     rows = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
     rmask = rows < N
     rr = tl.arange(0, BR)
@@ -57,14 +62,19 @@ def _dora_norm_kernel(
     b = tl.load(B + rows[:, None] * sbn + rr[None, :] * sbr, mask=rmask[:, None] & rrmask[None, :], other=0.0)
     b = b.to(tl.float32) * scaling
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    k_begin = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k0 in range(k_begin, k_end, BK):
         cols = k0 + rk
-        kmask = cols < K
+        kmask = cols < k_end
         w = tl.load(W + rows[:, None] * swn + cols[None, :] * swk, mask=rmask[:, None] & kmask[None, :], other=0.0)
         a = tl.load(A + rr[:, None] * sar + cols[None, :] * sak, mask=rrmask[:, None] & kmask[None, :], other=0.0)
         v = w.to(tl.float32) + tl.dot(b, a.to(tl.float32), input_precision=PRECISION)
         acc += tl.sum(v * v, axis=1)
-    tl.store(NORM + rows, tl.sqrt(acc), mask=rmask)
+    if ATOMIC:
+        tl.atomic_add(NORM2 + rows, acc, mask=rmask)
+    else:
+        tl.store(NORM2 + rows, acc, mask=rmask)
 
 
 @triton.jit
@@ -112,42 +122,114 @@ def _dora_fwd_kernel(
 
 @triton.jit
 def _dora_bwd_kernel(
-    DY, Z0, S, B, G, INV_N, DZ, DZB, DM, M, N, R,
+    DY, Z0, S, B, G, INV_N, DZ, DZB, DM, DS, DB, scaling, M, N, R, n_per_split,
     sym, syn, szm, szn, ssm, ssr, sbn, sbr,
-    HAS_DZB: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+    HAS_DZB: tl.constexpr, DS_ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
-    # One [BM, BN] tile per program: bytes-bound (module docstring). dZ / dZb are contiguous [M, N].
+    # The whole adapter side of the backward but dA in one pass over dY and Z0 (module docstring): per [BM, BN]
+    # tile, dZ = g⊙dY (stored, for dX), dm += Σ_rows dY⊙(Z0 + S'·Bᵀ)/n, dB += dZᵀ·S', and dS += s·dZ·B over the
+    # program's N range. Bytes-bound: dY, Z0 read once, dZ written once; fp32 atomics: (M/BM)·N·(r + 1) for dB /
+    # dm, (#N-splits)·M·r for dS. dZ / dZb are contiguous [M, N]; dS [M, r]; dB [N, r].
+    DT = DZ.dtype.element_ty
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
     rmask = rows < M
-    nmask = cols < N
-    m2 = rmask[:, None] & nmask[None, :]
     rr = tl.arange(0, BR)
     rrmask = rr < R
+    rn = tl.arange(0, BN)
     s_t = tl.load(S + rows[:, None] * ssm + rr[None, :] * ssr, mask=rmask[:, None] & rrmask[None, :], other=0.0)
-    b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0)
-    if IEEE:
-        lora = tl.dot(s_t, b.to(tl.float32), input_precision="ieee")
+    # 16-bit operands split into hi + lo parts (two or three 16-bit MMAs keep ~16 mantissa bits of the fp32 values,
+    # PEFT computes these in fp32), as kernels/lora.py's dS / dB kernel
+    s_hi = s_t.to(DT)
+    s_lo = (s_t - s_hi.to(tl.float32)).to(DT)
+    ds = tl.zeros((BM, BR), dtype=tl.float32)
+    n_begin = tl.program_id(1) * n_per_split
+    n_end = tl.minimum(n_begin + n_per_split, N)
+    for n0 in range(n_begin, n_end, BN):
+        cols = (n0 + rn).to(tl.int64)
+        nmask = cols < n_end
+        m2 = rmask[:, None] & nmask[None, :]
+        b = tl.load(B + cols[:, None] * sbn + rr[None, :] * sbr, mask=nmask[:, None] & rrmask[None, :], other=0.0)
+        b = b.to(tl.float32)
+        if IEEE:
+            lora = tl.dot(s_t, tl.trans(b), input_precision="ieee")
+        else:
+            lora = tl.dot(s_t, tl.trans(b))  # as the forward epilogue computed it
+        dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(Z0 + rows[:, None] * szm + cols[None, :] * szn, mask=m2, other=0.0).to(tl.float32) + lora
+        g = tl.load(G + cols, mask=nmask, other=0.0)
+        inv_n = tl.load(INV_N + cols, mask=nmask, other=0.0)
+        tl.atomic_add(DM + cols, tl.sum(dy * z, axis=0) * inv_n, mask=nmask)
+        dz = g[None, :] * dy
+        dz16 = dz.to(DT)
+        out = rows[:, None] * N + cols[None, :]
+        tl.store(DZ + out, dz16, mask=m2)
+        if HAS_DZB:
+            tl.store(DZB + out, ((g[None, :] - 1.0) * dy).to(DT), mask=m2)
+        if IEEE:
+            ds = tl.dot(dz, b, ds, input_precision="ieee")
+            db = tl.dot(tl.trans(dz), s_t, input_precision="ieee")
+        else:
+            dz_lo = (dz - dz16.to(tl.float32)).to(DT)
+            b_hi = b.to(DT)
+            b_lo = (b - b_hi.to(tl.float32)).to(DT)
+            ds = tl.dot(dz16, b_hi, ds)
+            ds = tl.dot(dz16, b_lo, ds)
+            ds = tl.dot(dz_lo, b_hi, ds)
+            dzt = tl.trans(dz16)
+            db = tl.dot(dzt, s_hi)
+            db = tl.dot(dzt, s_lo, db)
+            db = tl.dot(tl.trans(dz_lo), s_hi, db)
+        tl.atomic_add(DB + cols[:, None] * R + rr[None, :], db, mask=nmask[:, None] & rrmask[None, :])
+    ds_ptr = DS + rows[:, None] * R + rr[None, :]
+    if DS_ATOMIC:
+        tl.atomic_add(ds_ptr, ds * scaling, mask=rmask[:, None] & rrmask[None, :])
     else:
-        lora = tl.dot(s_t, b.to(tl.float32))
-    dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=m2, other=0.0).to(tl.float32)
-    z = tl.load(Z0 + rows[:, None] * szm + cols[None, :] * szn, mask=m2, other=0.0).to(tl.float32) + lora
-    g = tl.load(G + cols, mask=nmask, other=0.0)
-    out = rows[:, None] * N + cols[None, :]
-    tl.store(DZ + out, (g[None, :] * dy).to(DZ.dtype.element_ty), mask=m2)
-    if HAS_DZB:
-        tl.store(DZB + out, ((g[None, :] - 1.0) * dy).to(DZB.dtype.element_ty), mask=m2)
-    inv_n = tl.load(INV_N + cols, mask=nmask, other=0.0)
-    tl.atomic_add(DM + cols, tl.sum(dy * z, axis=0) * inv_n, mask=nmask)
+        tl.store(ds_ptr, ds * scaling, mask=rmask[:, None] & rrmask[None, :])
+
+
+@triton.jit
+def _dropout_apply_kernel(
+    X, OUT, seed, thr, keep_scale, M, K, sxm, sxk, som, sok,
+    FAST4: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    # OUT = D⊙X with the LoRA dropout mask of ops/dropout.py over a row-major [M, K] index space (the mask the
+    # LoRA kernels regenerate): bytes-bound, one read and one write; OUT may be X (in place).
+    DT = X.dtype.element_ty
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    k0 = tl.program_id(1) * BK
+    cols = k0 + tl.arange(0, BK)
+    m2 = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(X + rows[:, None] * sxm + cols[None, :] * sxk, mask=m2, other=0.0)
+    keep = keep_tile(seed, rows, k0, K, thr, BM, BK, FAST4)
+    tl.store(OUT + rows[:, None] * som + cols[None, :] * sok, tl.where(keep, x * keep_scale, 0.0).to(DT), mask=m2)
 
 
 # ---------------------------------------------------------------- launchers
-@functools.lru_cache(maxsize=256)
-def _norm_plan(R: int, fp32: bool):
+def apply_dropout(x2: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """D⊙X for a 2-D X (any strides) with the mask ``lora_dropout_mask(x2.shape, p, seed)`` defines, in x2.dtype,
+    into ``out`` (a new contiguous tensor by default; ``out=x2`` works in place)."""
+    M, K = x2.shape
+    out = torch.empty((M, K), device=x2.device, dtype=x2.dtype) if out is None else out
+    BM, BK = (16, 32) if interpreting() else (32, 128)
+    _dropout_apply_kernel[(ceil_div(M, BM), ceil_div(K, BK))](
+        x2, out, int(seed), dropout_threshold(p), keep_scale_rounded(p, x2.dtype), M, K,
+        x2.stride(0), x2.stride(1), out.stride(0), out.stride(1), FAST4=mask_fast(K), BM=BM, BK=BK, num_warps=4,
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _norm_plan(N: int, K: int, R: int, fp32: bool, sms: int, deterministic: bool):
     BR = next_pow2_16(R)
     if interpreting():
-        return 16, 32, BR, "ieee"
-    return 32, (64 if BR <= 32 else 32), BR, ("ieee" if fp32 else "tf32x3")
+        BN, BK, precision = 16, 32, "ieee"
+    else:
+        BN, BK, precision = 32, (64 if BR <= 32 else 32), ("ieee" if fp32 else "tf32x3")
+    n_n = ceil_div(N, BN)
+    splits = 1 if deterministic else max(1, min(ceil_div(K, 4 * BK), ceil_div(4 * sms, n_n)))
+    k_per = ceil_div(ceil_div(K, splits), BK) * BK
+    return BN, BK, BR, precision, n_n, ceil_div(K, k_per), k_per
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -159,14 +241,16 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     """
     N, K = weight.shape
     R = lora_A.shape[0]
-    BN, BK, BR, precision = _norm_plan(R, weight.dtype == torch.float32)
-    out = torch.empty(N, device=weight.device, dtype=torch.float32)
+    BN, BK, BR, precision, n_n, splits, k_per = _norm_plan(N, K, R, weight.dtype == torch.float32,
+                                                            num_sms(weight.device),
+                                                            torch.are_deterministic_algorithms_enabled())
+    out = (torch.zeros if splits > 1 else torch.empty)(N, device=weight.device, dtype=torch.float32)
     sw, sa, sb = weight.stride(), lora_A.stride(), lora_B.stride()
-    _dora_norm_kernel[(ceil_div(N, BN),)](
-        weight, lora_A, lora_B, out, float(scaling), N, K, R, sw[0], sw[1], sa[0], sa[1], sb[0], sb[1],
-        PRECISION=precision, BN=BN, BK=BK, BR=BR, num_warps=4, num_stages=3,
+    _dora_norm_kernel[(n_n, splits)](
+        weight, lora_A, lora_B, out, float(scaling), N, K, R, k_per, sw[0], sw[1], sa[0], sa[1], sb[0], sb[1],
+        PRECISION=precision, ATOMIC=splits > 1, BN=BN, BK=BK, BR=BR, num_warps=4, num_stages=3,
     )
-    return out
+    return out.sqrt_()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -212,7 +296,7 @@ def dora_forward_2d(x2, weight, bias, lora_A, lora_B, magnitude, scaling: float,
     inv_n = n.reciprocal()
     b = None if bias is None else (bias if bias.dtype == dt else bias.to(dt))
     if dropout_p > 0.0:
-        dropped = x2 * lora_dropout_mask(x2.shape, dropout_p, seed, x2.device, dt)
+        dropped = apply_dropout(x2, dropout_p, seed)
         P = lora_ops.lora_s_partials(dropped, lora_A)
         Z0 = torch.mm(dropped, w.t())
         ZX = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
@@ -234,24 +318,38 @@ def _dora_grads_torch(dy2, Z0, S, lora_B, g, inv_n, need_dzb: bool):
     return (g * dy).to(dy2.dtype), dZb, dm
 
 
-def _dora_grads(dy2, Z0, S, lora_B, g, inv_n, need_dzb: bool):
-    """(dZ = g⊙dY, dZb = (g-1)⊙dY | None, dm = Σ_rows dY⊙(Z0 + S'·Bᵀ) / n) in one pass over dY."""
-    if torch.are_deterministic_algorithms_enabled():
-        return _dora_grads_torch(dy2, Z0, S, lora_B, g, inv_n, need_dzb)
+@functools.lru_cache(maxsize=1024)
+def _bwd_plan(M: int, N: int, R: int, sms: int):
+    BR = next_pow2_16(R)
+    if interpreting():
+        BM, BN, warps = 16, 32, 4
+    else:
+        BM, BN, warps = 64, (64 if BR <= 32 else 32), 8
+    n_m = ceil_div(M, BM)
+    splits = max(1, min(ceil_div(N, BN), ceil_div(2 * sms, n_m)))
+    n_per = ceil_div(ceil_div(N, splits), BN) * BN
+    return BM, BN, BR, n_m, ceil_div(N, n_per), n_per, warps
+
+
+def _dora_grads(dy2, Z0, S, lora_B, g, inv_n, scaling: float, need_dzb: bool):
+    """One pass over dY: (dZ = g⊙dY, dZb = (g-1)⊙dY | None, dm fp32 [N], dS = s·dZ·B fp32 [M, r],
+    dB = dZᵀ·S' fp32 [N, r])."""
     M, N = dy2.shape
     R = S.shape[1]
-    BR = next_pow2_16(R)
-    BM, BN = (16, 32) if interpreting() else (64, 64 if BR <= 32 else 32)
+    BM, BN, BR, n_m, splits, n_per, warps = _bwd_plan(M, N, R, num_sms(dy2.device))
     dZ = torch.empty((M, N), device=dy2.device, dtype=dy2.dtype)
     dZb = torch.empty((M, N), device=dy2.device, dtype=dy2.dtype) if need_dzb else None
-    dm = torch.zeros(N, device=dy2.device, dtype=torch.float32)
-    _dora_bwd_kernel[(ceil_div(M, BM), ceil_div(N, BN))](
-        dy2, Z0, S, lora_B, g, inv_n, dZ, dZb if need_dzb else dZ, dm, M, N, R,
+    zeros = torch.zeros(N + N * R + (M * R if splits > 1 else 0), device=dy2.device, dtype=torch.float32)
+    dm, dB = zeros[:N], zeros[N: N + N * R].view(N, R)
+    dS = zeros[N + N * R:].view(M, R) if splits > 1 else torch.empty((M, R), device=dy2.device, dtype=torch.float32)
+    _dora_bwd_kernel[(n_m, splits)](
+        dy2, Z0, S, lora_B, g, inv_n, dZ, dZb if need_dzb else dZ, dm, dS, dB, float(scaling), M, N, R, n_per,
         dy2.stride(0), dy2.stride(1), Z0.stride(0), Z0.stride(1), S.stride(0), S.stride(1),
         lora_B.stride(0), lora_B.stride(1),
-        HAS_DZB=need_dzb, IEEE=dy2.dtype == torch.float32, BM=BM, BN=BN, BR=BR, num_warps=4,
+        HAS_DZB=need_dzb, DS_ATOMIC=splits > 1, IEEE=dy2.dtype == torch.float32, BM=BM, BN=BN, BR=BR,
+        num_warps=warps,
     )
-    return dZ, dZb, dm
+    return dZ, dZb, dm, dS, dB
 
 
 def dora_backward_2d(dy2, x2, S, Z0, g, inv_n, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed,
@@ -262,19 +360,26 @@ def dora_backward_2d(dy2, x2, S, Z0, g, inv_n, weight, lora_A, lora_B, scaling: 
     ``weight`` dense [N, K] (needed only for dX)."""
     dt = x2.dtype
     p = dropout_p
-    dZ, dZb, dm = _dora_grads(dy2, Z0, S, lora_B, g, inv_n, need_dzb=p > 0.0 and need_x)
-    dA, dB, Z2 = lora_ops.lora_adapter_grads_2d(dZ, x2, S, lora_A, lora_B, scaling, p, seed, need_A, need_B,
-                                                need_x, separate_outputs)
+    need_dzb = p > 0.0 and need_x
+    if torch.are_deterministic_algorithms_enabled():  # torch ops and cuBLAS only: bitwise reproducible
+        dZ, dZb, dm = _dora_grads_torch(dy2, Z0, S, lora_B, g, inv_n, need_dzb)
+        dA, dB, Z2 = lora_ops.lora_adapter_grads_2d(dZ, x2, S, lora_A, lora_B, scaling, p, seed, need_A, need_B,
+                                                    need_x, separate_outputs)
+    else:
+        dZ, dZb, dm, dS, dB = _dora_grads(dy2, Z0, S, lora_B, g, inv_n, scaling, need_dzb)
+        dA, Z2 = (lora_ops.lora_da_dx(x2, dS, lora_A, p, seed, need_dA=need_A, need_dx=need_x)
+                  if (need_A or need_x) else (None, None))
     dx2 = None
     if need_x:
         w = weight if weight.dtype == dt else weight.to(dt)
         if p > 0.0:
-            base = torch.mm(dZb, w).mul_(lora_dropout_mask(x2.shape, p, seed, x2.device, dt))
+            base = torch.mm(dZb, w)
+            apply_dropout(base, p, seed, out=base)  # D⊙((g-1)⊙dY·W), in place
             dx2 = Z2.add_(base).addmm_(dy2, w)
         else:
             dx2 = Z2.addmm_(dZ, w)  # Z2 + dZ·W, Z2 read by cuBLAS as C (beta=1)
     db = dy2.sum(0, dtype=torch.float32) if need_b else None
-    return dx2, db, dA, dB, (dm if need_m else None)
+    return dx2, db, dA, (dB if need_B else None), (dm if need_m else None)
 
 
 # ---------------------------------------------------------------- autograd
