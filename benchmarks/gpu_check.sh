@@ -75,11 +75,12 @@ if has doratests; then
 fi
 if has dora; then
   timeout "${T_DORA:-300}" python3 benchmarks/scripts/profile_layer.py --M 4096 --methods dense fastpeft_lora \
-    fastpeft_lora_triton fastpeft_dora peft_lora peft_dora fastpeft_lora_p05 fastpeft_dora_p05 peft_dora_p05 \
+    fastpeft_lora_triton fastpeft_dora fastpeft_lora_layer fastpeft_dora_layer peft_lora peft_dora \
+    fastpeft_lora_p05 fastpeft_dora_p05 peft_dora_p05 \
     --out "$OUT/dora_layers.json" > "$OUT/dora_layers.log" 2>&1
   echo "dora layers rc=$?"; grep -E "^M=" "$OUT/dora_layers.log"
   timeout "${T_DORA:-300}" python3 benchmarks/scripts/profile_layer.py --no-grad --M 16 4096 --methods dense \
-    fastpeft_lora fastpeft_dora peft_lora peft_dora --out "$OUT/dora_infer.json" > "$OUT/dora_infer.log" 2>&1
+    fastpeft_lora_layer fastpeft_dora_layer peft_lora peft_dora --out "$OUT/dora_infer.json" > "$OUT/dora_infer.log" 2>&1
   echo "dora infer rc=$?"; grep -E "^M=" "$OUT/dora_infer.log"
 fi
 if has step1b; then

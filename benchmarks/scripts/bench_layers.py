@@ -84,6 +84,19 @@ def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
             return dora_linear(x, w, None, A, B, mag, ALPHA / RANK, p, _seed() if p > 0 else None, cached)
 
         return f, [A, B, mag]
+    if method in ("fastpeft_lora_layer", "fastpeft_dora_layer"):
+        # the drop-in module (what patch() installs): its path decision, and for DoRA out of training the cached
+        # norm with LoRA's path rescaled (nn/variants.py)
+        from fastpeft.nn import LoraLinear
+
+        m = LoraLinear(base, "default", r=RANK, lora_alpha=ALPHA, use_dora=method == "fastpeft_dora_layer")
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.02)
+        params = list(m.adapter_parameters("default"))
+        if method == "fastpeft_dora_layer":
+            with torch.no_grad():
+                params[-1].mul_(1 + 0.1 * torch.rand_like(params[-1]))
+        m.train()
+        return m, params
     if method == "peft_ia3":
         import peft
         from peft.tuners.ia3 import Linear as PIA3
@@ -134,7 +147,8 @@ def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
 # 2026-11-23 results chose a Triton GEMM through switches the library has since dropped with that GEMM.)
 METHODS = ["dense", "peft_lora", "peft_lora_p05", "fastpeft_lora", "fastpeft_lora_p05", "fastpeft_lora_split",
            "fastpeft_lora_p05_split", "fastpeft_lora_triton", "fastpeft_lora_p05_triton", "peft_ia3", "fastpeft_ia3",
-           "fastpeft_ia3_triton", "peft_dora", "peft_dora_p05", "fastpeft_dora", "fastpeft_dora_p05"]
+           "fastpeft_ia3_triton", "peft_dora", "peft_dora_p05", "fastpeft_dora", "fastpeft_dora_p05", "fastpeft_lora_layer",
+           "fastpeft_dora_layer"]
 
 
 def make_step(fn, x, g, bwd: bool):

@@ -9,7 +9,7 @@ serves every adapter; the layer passes itself in.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -23,9 +23,7 @@ from .layer import warn_once
 if HAS_TRITON:
     from ..ops.kernels import custom_ops
 
-if TYPE_CHECKING:  # annotations only
-    from .lora import LoraLinear
-
+# "LoraLinear" in the annotations below is fastpeft.nn.lora.LoraLinear (not imported: lora.py imports this module)
 __all__ = ["LoraVariant", "PLAIN_LORA", "DoraVariant", "DORA", "DoraMagnitude"]
 
 

@@ -109,7 +109,7 @@ def test_checkpoint_recompute_draws_the_seed_again(monkeypatch):
         drawn.append(real())
         return drawn[-1]
 
-    import fastpeft.nn.lora as nn_lora
+    import fastpeft.nn.variants as nn_lora  # where LoraVariant draws the seed
 
     monkeypatch.setattr(nn_lora, "dropout_seed", spy)
     _grads(model, random_ids(seed=6), seed=77)

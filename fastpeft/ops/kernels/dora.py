@@ -17,8 +17,10 @@ Kernels and what bounds them:
                           (and ZX) once, writes Y once (may overwrite Z0 in place). Bytes-bound like LoRA's
                           beta=1 addmm it replaces (same M·N reads + writes).
     _dora_bwd_kernel      one pass over dY and Z0: writes dZ = g⊙dY (and (g-1)⊙dY for p > 0), adds the column
-                          sums of dY⊙(Z0 + S'·Bᵀ)/n into dm, and forms LoRA's dS = s·dZ·B and dB = dZᵀ·S' from
-                          the fp32 dZ (fp32 atomics). Bytes-bound. Then kernels/lora.py's dA / Z2 pass over X.
+                          sums of dY⊙(Z0 + S'·Bᵀ)/n into dm (fp32 atomics, (M/BM)·N of them). Bytes-bound. Then
+                          kernels/lora.py's LoRA backward kernels on dZ. (Folding LoRA's dS / dB into this pass
+                          was measured slower on the H200 at N = 14336: 0.83 ms against 0.29 ms for the two
+                          passes -- its (M/BM)·N·r dB atomics and hi / lo MMAs; see docs/performance-log.md.)
     _dropout_apply_kernel D⊙X with the in-kernel Philox mask (p > 0: the second base product's input, and the
                           mask on its dX term). Bytes-bound.
 Saved for backward: x, S' (fp32 [M, r]), Z0 = X·Wᵀ (p = 0) or (D⊙X)·Wᵀ (p > 0) in x.dtype [M, N], g and 1/n
@@ -122,70 +124,33 @@ def _dora_fwd_kernel(
 
 @triton.jit
 def _dora_bwd_kernel(
-    DY, Z0, S, B, G, INV_N, DZ, DZB, DM, DS, DB, scaling, M, N, R, n_per_split,
+    DY, Z0, S, B, G, INV_N, DZ, DZB, DM, M, N, R,
     sym, syn, szm, szn, ssm, ssr, sbn, sbr,
-    HAS_DZB: tl.constexpr, DS_ATOMIC: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+    HAS_DZB: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
-    # The whole adapter side of the backward but dA in one pass over dY and Z0 (module docstring): per [BM, BN]
-    # tile, dZ = g⊙dY (stored, for dX), dm += Σ_rows dY⊙(Z0 + S'·Bᵀ)/n, dB += dZᵀ·S', and dS += s·dZ·B over the
-    # program's N range. Bytes-bound: dY, Z0 read once, dZ written once; fp32 atomics: (M/BM)·N·(r + 1) for dB /
-    # dm, (#N-splits)·M·r for dS. dZ / dZb are contiguous [M, N]; dS [M, r]; dB [N, r].
-    DT = DZ.dtype.element_ty
+    # One [BM, BN] tile per program: bytes-bound (module docstring). dZ / dZb are contiguous [M, N].
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
     rmask = rows < M
+    nmask = cols < N
+    m2 = rmask[:, None] & nmask[None, :]
     rr = tl.arange(0, BR)
     rrmask = rr < R
-    rn = tl.arange(0, BN)
     s_t = tl.load(S + rows[:, None] * ssm + rr[None, :] * ssr, mask=rmask[:, None] & rrmask[None, :], other=0.0)
-    # 16-bit operands split into hi + lo parts (two or three 16-bit MMAs keep ~16 mantissa bits of the fp32 values,
-    # PEFT computes these in fp32), as kernels/lora.py's dS / dB kernel
-    s_hi = s_t.to(DT)
-    s_lo = (s_t - s_hi.to(tl.float32)).to(DT)
-    ds = tl.zeros((BM, BR), dtype=tl.float32)
-    n_begin = tl.program_id(1) * n_per_split
-    n_end = tl.minimum(n_begin + n_per_split, N)
-    for n0 in range(n_begin, n_end, BN):
-        cols = (n0 + rn).to(tl.int64)
-        nmask = cols < n_end
-        m2 = rmask[:, None] & nmask[None, :]
-        b = tl.load(B + cols[:, None] * sbn + rr[None, :] * sbr, mask=nmask[:, None] & rrmask[None, :], other=0.0)
-        b = b.to(tl.float32)
-        if IEEE:
-            lora = tl.dot(s_t, tl.trans(b), input_precision="ieee")
-        else:
-            lora = tl.dot(s_t, tl.trans(b))  # as the forward epilogue computed it
-        dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=m2, other=0.0).to(tl.float32)
-        z = tl.load(Z0 + rows[:, None] * szm + cols[None, :] * szn, mask=m2, other=0.0).to(tl.float32) + lora
-        g = tl.load(G + cols, mask=nmask, other=0.0)
-        inv_n = tl.load(INV_N + cols, mask=nmask, other=0.0)
-        tl.atomic_add(DM + cols, tl.sum(dy * z, axis=0) * inv_n, mask=nmask)
-        dz = g[None, :] * dy
-        dz16 = dz.to(DT)
-        out = rows[:, None] * N + cols[None, :]
-        tl.store(DZ + out, dz16, mask=m2)
-        if HAS_DZB:
-            tl.store(DZB + out, ((g[None, :] - 1.0) * dy).to(DT), mask=m2)
-        if IEEE:
-            ds = tl.dot(dz, b, ds, input_precision="ieee")
-            db = tl.dot(tl.trans(dz), s_t, input_precision="ieee")
-        else:
-            dz_lo = (dz - dz16.to(tl.float32)).to(DT)
-            b_hi = b.to(DT)
-            b_lo = (b - b_hi.to(tl.float32)).to(DT)
-            ds = tl.dot(dz16, b_hi, ds)
-            ds = tl.dot(dz16, b_lo, ds)
-            ds = tl.dot(dz_lo, b_hi, ds)
-            dzt = tl.trans(dz16)
-            db = tl.dot(dzt, s_hi)
-            db = tl.dot(dzt, s_lo, db)
-            db = tl.dot(tl.trans(dz_lo), s_hi, db)
-        tl.atomic_add(DB + cols[:, None] * R + rr[None, :], db, mask=nmask[:, None] & rrmask[None, :])
-    ds_ptr = DS + rows[:, None] * R + rr[None, :]
-    if DS_ATOMIC:
-        tl.atomic_add(ds_ptr, ds * scaling, mask=rmask[:, None] & rrmask[None, :])
+    b = tl.load(B + cols[None, :] * sbn + rr[:, None] * sbr, mask=rrmask[:, None] & nmask[None, :], other=0.0)
+    if IEEE:
+        lora = tl.dot(s_t, b.to(tl.float32), input_precision="ieee")
     else:
-        tl.store(ds_ptr, ds * scaling, mask=rmask[:, None] & rrmask[None, :])
+        lora = tl.dot(s_t, b.to(tl.float32))
+    dy = tl.load(DY + rows[:, None] * sym + cols[None, :] * syn, mask=m2, other=0.0).to(tl.float32)
+    z = tl.load(Z0 + rows[:, None] * szm + cols[None, :] * szn, mask=m2, other=0.0).to(tl.float32) + lora
+    g = tl.load(G + cols, mask=nmask, other=0.0)
+    out = rows[:, None] * N + cols[None, :]
+    tl.store(DZ + out, (g[None, :] * dy).to(DZ.dtype.element_ty), mask=m2)
+    if HAS_DZB:
+        tl.store(DZB + out, ((g[None, :] - 1.0) * dy).to(DZB.dtype.element_ty), mask=m2)
+    inv_n = tl.load(INV_N + cols, mask=nmask, other=0.0)
+    tl.atomic_add(DM + cols, tl.sum(dy * z, axis=0) * inv_n, mask=nmask)
 
 
 @triton.jit
@@ -318,38 +283,22 @@ def _dora_grads_torch(dy2, Z0, S, lora_B, g, inv_n, need_dzb: bool):
     return (g * dy).to(dy2.dtype), dZb, dm
 
 
-@functools.lru_cache(maxsize=1024)
-def _bwd_plan(M: int, N: int, R: int, sms: int):
-    BR = next_pow2_16(R)
-    if interpreting():
-        BM, BN, warps = 16, 32, 4
-    else:
-        BM, BN, warps = 64, (64 if BR <= 32 else 32), 8
-    n_m = ceil_div(M, BM)
-    splits = max(1, min(ceil_div(N, BN), ceil_div(2 * sms, n_m)))
-    n_per = ceil_div(ceil_div(N, splits), BN) * BN
-    return BM, BN, BR, n_m, ceil_div(N, n_per), n_per, warps
-
-
-def _dora_grads(dy2, Z0, S, lora_B, g, inv_n, scaling: float, need_dzb: bool):
-    """One pass over dY: (dZ = g⊙dY, dZb = (g-1)⊙dY | None, dm fp32 [N], dS = s·dZ·B fp32 [M, r],
-    dB = dZᵀ·S' fp32 [N, r])."""
+def _dora_grads(dy2, Z0, S, lora_B, g, inv_n, need_dzb: bool):
+    """(dZ = g⊙dY, dZb = (g-1)⊙dY | None, dm = Σ_rows dY⊙(Z0 + S'·Bᵀ) / n) in one pass over dY."""
     M, N = dy2.shape
     R = S.shape[1]
-    BM, BN, BR, n_m, splits, n_per, warps = _bwd_plan(M, N, R, num_sms(dy2.device))
+    BR = next_pow2_16(R)
+    BM, BN = (16, 32) if interpreting() else (64, 64 if BR <= 32 else 32)
     dZ = torch.empty((M, N), device=dy2.device, dtype=dy2.dtype)
     dZb = torch.empty((M, N), device=dy2.device, dtype=dy2.dtype) if need_dzb else None
-    zeros = torch.zeros(N + N * R + (M * R if splits > 1 else 0), device=dy2.device, dtype=torch.float32)
-    dm, dB = zeros[:N], zeros[N: N + N * R].view(N, R)
-    dS = zeros[N + N * R:].view(M, R) if splits > 1 else torch.empty((M, R), device=dy2.device, dtype=torch.float32)
-    _dora_bwd_kernel[(n_m, splits)](
-        dy2, Z0, S, lora_B, g, inv_n, dZ, dZb if need_dzb else dZ, dm, dS, dB, float(scaling), M, N, R, n_per,
+    dm = torch.zeros(N, device=dy2.device, dtype=torch.float32)
+    _dora_bwd_kernel[(ceil_div(M, BM), ceil_div(N, BN))](
+        dy2, Z0, S, lora_B, g, inv_n, dZ, dZb if need_dzb else dZ, dm, M, N, R,
         dy2.stride(0), dy2.stride(1), Z0.stride(0), Z0.stride(1), S.stride(0), S.stride(1),
         lora_B.stride(0), lora_B.stride(1),
-        HAS_DZB=need_dzb, DS_ATOMIC=splits > 1, IEEE=dy2.dtype == torch.float32, BM=BM, BN=BN, BR=BR,
-        num_warps=warps,
+        HAS_DZB=need_dzb, IEEE=dy2.dtype == torch.float32, BM=BM, BN=BN, BR=BR, num_warps=4,
     )
-    return dZ, dZb, dm, dS, dB
+    return dZ, dZb, dm
 
 
 def dora_backward_2d(dy2, x2, S, Z0, g, inv_n, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed,
@@ -363,12 +312,12 @@ def dora_backward_2d(dy2, x2, S, Z0, g, inv_n, weight, lora_A, lora_B, scaling: 
     need_dzb = p > 0.0 and need_x
     if torch.are_deterministic_algorithms_enabled():  # torch ops and cuBLAS only: bitwise reproducible
         dZ, dZb, dm = _dora_grads_torch(dy2, Z0, S, lora_B, g, inv_n, need_dzb)
-        dA, dB, Z2 = lora_ops.lora_adapter_grads_2d(dZ, x2, S, lora_A, lora_B, scaling, p, seed, need_A, need_B,
-                                                    need_x, separate_outputs)
     else:
-        dZ, dZb, dm, dS, dB = _dora_grads(dy2, Z0, S, lora_B, g, inv_n, scaling, need_dzb)
-        dA, Z2 = (lora_ops.lora_da_dx(x2, dS, lora_A, p, seed, need_dA=need_A, need_dx=need_x)
-                  if (need_A or need_x) else (None, None))
+        dZ, dZb, dm = _dora_grads(dy2, Z0, S, lora_B, g, inv_n, need_dzb)
+    # LoRA's adapter gradients with dZ as their output gradient (kernels/lora.py: dS, dB in one pass over dZ,
+    # then dA and Z2 in one pass over X; cuBLAS only in deterministic mode)
+    dA, dB, Z2 = lora_ops.lora_adapter_grads_2d(dZ, x2, S, lora_A, lora_B, scaling, p, seed, need_A, need_B,
+                                                need_x, separate_outputs)
     dx2 = None
     if need_x:
         w = weight if weight.dtype == dt else weight.to(dt)
