@@ -4,7 +4,8 @@ The math (PEFT's ``DoraLinearVariant``, oracle: ``fastpeft/ops/reference.py: dor
 s = scaling, S' = s·(D⊙X)·Aᵀ (fp32 [M, r]), n = ‖W + s·B·A‖ per output row (detached), g = m / n:
     p = 0 : Y = g⊙Z + b                        Z = X·Wᵀ + S'·Bᵀ          (PEFT: base + (g-1)⊙base + g⊙s·lora)
     p > 0 : Y = X·Wᵀ + b + g⊙Zd - Zd0          Zd0 = (D⊙X)·Wᵀ, Zd = Zd0 + S'·Bᵀ   (PEFT's second base product)
-    backward: dZ = g⊙dY ; dm = (Σ_rows dY⊙Z) / n ; dA, dB, Z2 = D⊙(s·(dZ·B)·A) from the LoRA kernels on dZ
+    backward: dZ = g⊙dY ; dm = (Σ_rows dY⊙Z) / n ; dA, dB, Z2 = D⊙(s·(dZ·B)·A) from the LoRA kernels on dY with
+              g folded into B (dZ·B = dY·(g⊙B); dB = g⊙(dYᵀ·S')): no 16-bit rounding of g⊙dY on the adapter side
               p = 0 : dX = Z2 + dZ·W
               p > 0 : dX = Z2 + D⊙((g-1)⊙dY·W) + dY·W
 Never built: B·A, W + s·B·A (the norm kernel forms s·B·A one [BN, BK] tile at a time in registers), or a
@@ -314,10 +315,15 @@ def dora_backward_2d(dy2, x2, S, Z0, g, inv_n, weight, lora_A, lora_B, scaling: 
         dZ, dZb, dm = _dora_grads_torch(dy2, Z0, S, lora_B, g, inv_n, need_dzb)
     else:
         dZ, dZb, dm = _dora_grads(dy2, Z0, S, lora_B, g, inv_n, need_dzb)
-    # LoRA's adapter gradients with dZ as their output gradient (kernels/lora.py: dS, dB in one pass over dZ,
-    # then dA and Z2 in one pass over X; cuBLAS only in deterministic mode)
-    dA, dB, Z2 = lora_ops.lora_adapter_grads_2d(dZ, x2, S, lora_A, lora_B, scaling, p, seed, need_A, need_B,
-                                                need_x, separate_outputs)
+    # LoRA's adapter gradients for the output gradient dZ = g⊙dY, with g folded into the small operands instead of
+    # rounding g⊙dY to 16 bits: dS = s·dZ·B = s·dY·(g⊙B) and dB = dZᵀ·S' = g⊙(dYᵀ·S') (PEFT keeps g·dY in fp32).
+    # kernels/lora.py: dS, dB in one pass over dY, then dA and Z2 in one pass over X; cuBLAS only in
+    # deterministic mode.
+    g_col = g.view(-1, 1)
+    dA, dB, Z2 = lora_ops.lora_adapter_grads_2d(dy2, x2, S, lora_A, lora_B * g_col, scaling, p, seed, need_A,
+                                                need_B, need_x, separate_outputs)
+    if dB is not None:
+        dB.mul_(g_col)
     dx2 = None
     if need_x:
         w = weight if weight.dtype == dt else weight.to(dt)
