@@ -99,6 +99,14 @@ class LoraVariant:
 PLAIN_LORA = LoraVariant()
 
 
+# Out of training, inputs of at most this many rows take LoRA's C++ operator and a g⊙· rescale (host-bound sizes:
+# one dispatcher call instead of the Triton path's launches); larger ones the Triton DoRA path with the cached
+# norm, whose fused epilogue costs what LoRA's does, where the separate mixed-dtype rescale pass did not (H200,
+# benchmarks/results/h200/dora_infer_*.json: 1.03-1.05x LoRA at M=4096 through the kernels, 1.1-1.36x through
+# the rescale; the rescale path 0.10 vs 0.19-0.37 ms per call at M=16).
+_RESCALE_MAX_ROWS = 64
+
+
 class DoraMagnitude(nn.Module):
     """Holds one DoRA adapter's magnitude vector as ``.weight`` (fp32 [out]): PEFT's ``lora_magnitude_vector[name]``
     is a module with that parameter, so state-dict keys (``...lora_magnitude_vector.<name>.weight``) match."""
@@ -174,8 +182,9 @@ class DoraVariant(LoraVariant):
         hit = layer._dora_norms.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        scale = tensors[3].to(torch.float32) / norm_of()
-        layer._dora_norms[name] = (key, scale)
+        norm = norm_of()
+        scale = tensors[3].to(torch.float32) / norm
+        layer._dora_norms[name] = (key, scale, norm)
         return scale
 
     @staticmethod
@@ -186,8 +195,8 @@ class DoraVariant(LoraVariant):
         return y if bias is None else y.add_(bias)
 
     def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
-        """The Triton DoRA kernels + cuBLAS in training; out of training, LoRA's path (the C++ operator on CUDA)
-        rescaled by the cached g."""
+        """The Triton DoRA kernels + cuBLAS; out of training with the cached norm, and for decode-sized inputs
+        (<= _RESCALE_MAX_ROWS rows) LoRA's C++ operator rescaled by the cached g."""
         if not self._kernels_can_run(layer, x):
             return self.forward_reference(layer, name, x)
         base = layer.base_layer
@@ -197,18 +206,16 @@ class DoraVariant(LoraVariant):
         bias = getattr(base, "bias", None)
         scale = self._cached_scale(layer, name, base.weight,
                                    lambda: custom_ops.dora_weight_norm(weight, lora_A, lora_B, scaling))
-        if scale is not None:
-            if cpp and cpp_ops.available():
-                y = cpp_ops.lora_linear(x, weight, None, lora_A, lora_B, scaling)
-            else:
-                y = custom_ops.lora_linear(x, weight, None, lora_A, lora_B, scaling)
-            return self._rescaled(y, scale, bias)
+        if scale is not None and x.numel() <= _RESCALE_MAX_ROWS * x.shape[-1] and cpp and cpp_ops.available():
+            # decode-sized inference: LoRA's C++ operator (one dispatcher call) then g⊙· + bias
+            return self._rescaled(cpp_ops.lora_linear(x, weight, None, lora_A, lora_B, scaling), scale, bias)
         seed = dropout_seed() if p > 0 else None
-        return custom_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed)
+        norm = None if scale is None else layer._dora_norms[name][2]
+        return custom_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, norm)
 
     def forward_nf4(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, compiled: bool) -> torch.Tensor:
         """QDoRA: W dequantized per GEMM into the shared buffer (forward and backward), in the compute dtype; out of
-        training QLoRA's path (the NF4 GEMV at decode sizes) rescaled by the cached g."""
+        training the cached norm, and for decode-sized inputs QLoRA's path (the NF4 GEMV) rescaled by g."""
         base = layer.base_layer
         if getattr(base.weight, "requires_grad", False):
             return self.forward_reference(layer, name, x)
@@ -219,12 +226,13 @@ class DoraVariant(LoraVariant):
         bias = bases.base_bias(base)
         scale = self._cached_scale(layer, name, packed, lambda: custom_ops.nf4_weight_norm(
             packed, quant_state, lora_A, lora_B, scaling, cd))
-        if scale is not None:
+        if scale is not None and x.numel() <= _RESCALE_MAX_ROWS * x.shape[-1]:
             y = custom_ops.nf4_lora_linear(x.to(cd), packed, quant_state, None, lora_A, lora_B, scaling)
             return self._rescaled(y, scale, None if bias is None else bias.to(cd)).to(x.dtype)
         seed = dropout_seed() if p > 0 else None
+        norm = None if scale is None else layer._dora_norms[name][2]
         y = custom_ops.nf4_dora_linear(x.to(cd), packed, quant_state, bias, lora_A, lora_B, magnitude, scaling, p,
-                                       seed)
+                                       seed, norm)
         return y.to(x.dtype)
 
     # -- merge ----------------------------------------------------------------------------------------

@@ -199,6 +199,14 @@ def test_dora_norm_cache_follows_weight_changes(monkeypatch):
     assert rel_err(second, ref) <= FP32_TOL and rel_err(first, ref) > 1e-3
     layer.train()
     assert not layer._dora_norms
+    layer.eval()
+    big = torch.randn(2, 70, 16)  # more rows than the rescale path takes: the DoRA kernels with the cached norm
+    with torch.no_grad():
+        got, again = layer(big), layer(big)
+    ref = dora_linear_reference(big, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
+                                layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight,
+                                layer.scaling["default"])
+    assert rel_err(got, ref) <= FP32_TOL and torch.equal(got, again) and "default" in layer._dora_norms
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
