@@ -2,7 +2,8 @@
 
     bases.py            the frozen base layers (Linear, Conv1D, bnb Linear4bit) and how to read them
     layer.py            AdapterLayer: bookkeeping, the forward decision and the merge tail, shared by
-    lora.py, ia3.py     LoraLinear (+ LoraVariant, the seam for DoRA-like variants) and IA3Linear
+    lora.py, ia3.py     LoraLinear and IA3Linear
+    variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
     _rng.py             the LoRA dropout seed
 """

@@ -2,7 +2,7 @@
 
 PyTorch only (work everywhere):
     dropout.py       the LoRA dropout mask, defined once (the kernels regenerate exactly this mask)
-    reference.py     pure-PyTorch LoRA / IA3 / 4-bit references: the oracle and the CPU path
+    reference.py     pure-PyTorch LoRA / DoRA / IA3 / 4-bit references: the oracle and the CPU path
     nf4_format.py    bitsandbytes' 4-bit format: codes, QuantState stand-in, reference dequantization, KernelState
     nf4_quantize.py  quantization to bnb's bytes (its "bnb-cuda" nested rounding uses one Triton kernel)
 Triton (``ops/kernels/``, imported only where Triton imports; ``HAS_TRITON`` says whether it does):
@@ -12,6 +12,7 @@ Triton (``ops/kernels/``, imported only where Triton imports; ``HAS_TRITON`` say
     kernels/nf4_matmul.py   the small-M GEMM that dequantizes weight tiles in registers
     kernels/nf4_gemv.py     decode (M <= 16, no grad): CUDA C++ GEMV (csrc/) or Triton
     kernels/nf4_lora.py     LoRA / IA3 on 4-bit bases (training)
+    kernels/dora.py         DoRA on dense and 4-bit bases (norm, forward epilogue, backward; LoRA's kernels inside)
     kernels/custom_ops.py   the layers as torch.library ops (torch.compile)
 """
 try:
