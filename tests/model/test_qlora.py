@@ -69,6 +69,8 @@ def _assert_parity(theirs, ours, ids):
 
 
 LORA = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)  # noqa: E731
+DORA = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,  # noqa: E731
+                               use_dora=True)
 
 
 @pytest.mark.parametrize("backend,path", [("reference", None), pytest.param("triton", "buffer", marks=cpu_triton),
@@ -83,6 +85,34 @@ def test_qlora_lora_matches_peft_bnb(backend, path, double_quant, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "falling back to the reference path" warning
         _assert_parity(theirs, ours, random_ids(seed=4))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=cpu_triton)])
+def test_qdora_matches_peft_bnb(backend, monkeypatch):
+    """QDoRA: DoRA on bnb 4-bit bases (the magnitude from the dequantized weight, the norm per forward) = PEFT's."""
+    base = nf4_tiny_model("llama", double_quant=True)
+    theirs, ours = _pair(DORA(), base, backend, monkeypatch, noise_seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _assert_parity(theirs, ours, random_ids(seed=8))
+
+
+def test_qdora_merge_and_unload_matches_unmerged(monkeypatch):
+    base = nf4_tiny_model("llama", double_quant=True)
+    set_settings(monkeypatch, backend="reference")
+    ours = fastpeft.patch(copy.deepcopy(base), DORA())
+    gen = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    ids = random_ids(seed=14)
+    ours.eval()
+    with torch.no_grad():
+        want = ours(input_ids=ids).logits
+        merged = fastpeft.merge_and_unload(ours)
+        assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        assert rel_err(merged(input_ids=ids).logits, want) <= FP32_TOL
 
 
 @cpu_triton
