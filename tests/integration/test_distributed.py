@@ -1,4 +1,5 @@
-"""fastpeft under PyTorch's distributed engines on CPU: 2 processes, gloo, DDP and FSDP2 (fully_shard).
+"""fastpeft under PyTorch's distributed engines on CPU: 2 processes, gloo, DDP and FSDP2 (fully_shard); LoRA,
+DoRA and IA3, dense and 4-bit bases.
 
 Every check compares against one process on the global batch (dropout 0): same adapter gradients, two steps.
 The workers run in spawned processes (torch.multiprocessing, init_method file:// in tmp_path); an assertion
@@ -41,9 +42,9 @@ def _use_backend(backend):
 
 
 def _cfg(kind, targets=None, dropout=0.0):
-    if kind == "lora":
+    if kind in ("lora", "dora"):
         return fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets or "all-linear",
-                                   init_lora_weights=False)
+                                   init_lora_weights=False, use_dora=kind == "dora")
     return fastpeft.IA3Config(target_modules=targets or ["k_proj", "v_proj", "down_proj"],
                               feedforward_modules=["down_proj"], init_ia3_weights=False)
 
@@ -102,7 +103,8 @@ def _ddp(rank, world, tmp):
 
     # kernel path (Triton, interpreted on CPU) on a few layers, reference path on all; dense and NF4 bases
     cases = [("lora", "triton", ["q_proj", "v_proj", "down_proj"], False), ("ia3", "reference", None, False),
-             ("lora", "reference", None, True), ("ia3", "reference", None, True)]
+             ("lora", "reference", None, True), ("ia3", "reference", None, True),
+             ("dora", "triton", ["q_proj", "v_proj", "down_proj"], False), ("dora", "reference", None, True)]
     for kind, backend, targets, nf4 in cases:
         ref = _build(kind, backend, targets, nf4=nf4)
         model = DDP(copy.deepcopy(ref))
@@ -143,7 +145,8 @@ def _fsdp_wrap(model, world, quant_storage="auto"):
 def _fsdp(rank, world, tmp):
     from fastpeft.distributed import is_sharded
 
-    cases = [("lora", "reference", None), ("ia3", "triton", None)]
+    cases = [("lora", "reference", None), ("ia3", "triton", None), ("dora", "reference", None),
+             ("dora", "triton", ["q_proj", "down_proj"])]
     for kind, backend, targets in cases:
         ref = _build(kind, backend, targets)
         model = _fsdp_wrap(copy.deepcopy(ref), world)
@@ -191,7 +194,8 @@ def _fsdp_nf4(rank, world, tmp):
     for kind, backend, targets, storage in (("lora", "reference", None, torch.uint8),
                                             ("ia3", "reference", None, torch.uint8),
                                             ("lora", "triton", ["q_proj", "down_proj"], torch.uint8),
-                                            ("lora", "triton", ["q_proj", "down_proj"], torch.bfloat16)):
+                                            ("lora", "triton", ["q_proj", "down_proj"], torch.bfloat16),
+                                            ("dora", "triton", ["q_proj", "down_proj"], torch.uint8)):
         ref = _build(kind, backend, targets, nf4=True)
         model = _fsdp_wrap(copy.deepcopy(ref), world, quant_storage=storage)
         seen = _nf4_gather_watch(model, world, storage)
