@@ -31,6 +31,7 @@ class PatchState:
     requires_grad: Dict[int, Tuple[torch.nn.Parameter, bool]] = field(default_factory=dict)
     originals: Dict[str, nn.Module] = field(default_factory=dict)  # path -> module to put back on unpatch
     hooks: List[Any] = field(default_factory=list)  # forward hooks patch() installed (removed by unpatch)
+    mixed_tokens: List[Any] = field(default_factory=list)  # adapter_names= calls in flight (mixed_batches.py)
     from_peft: bool = False
 
 

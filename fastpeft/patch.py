@@ -5,6 +5,7 @@ every module it swapped and every ``requires_grad`` flag it changed, so the mode
 """
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from typing import Any
@@ -31,7 +32,8 @@ from .model_state import (
 from .nn import IA3Linear, LoraLinear, ModulesToSave
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
-from .peft_interop import refuse_adapter_names, route_peft_methods, unroute_peft_methods
+from . import mixed_batches
+from .peft_interop import route_generate, route_peft_methods, unroute_peft_methods
 from .targets import find_modules_to_save, find_targets
 
 __all__ = ["patch", "unpatch", "finish"]
@@ -120,17 +122,14 @@ def _install_input_grad_hook(model: nn.Module, state: PatchState) -> None:
     state.hooks.append(embeddings.register_forward_hook(hook))
 
 
-def _refuse_adapter_names(_module, _args, kwargs):
-    # transformers passes unknown keyword arguments down without a word, so without this check
-    # model(ids, adapter_names=[...]) would silently return the active adapter's output for every row
-    refuse_adapter_names(kwargs)
-    return None
-
-
-def _install_adapter_names_guard(model: nn.Module, state: PatchState) -> None:
-    """``model(..., adapter_names=...)`` and ``model.generate(..., adapter_names=...)`` raise (see above)."""
+def _install_adapter_names(model: nn.Module, state: PatchState) -> None:
+    """``model(..., adapter_names=[...])``: a mixed-adapter batch (mixed_batches.py). transformers would pass the
+    keyword down without a word, so it is taken out of the call before the model's forward sees it."""
     for module in {id(m): m for m in (model, root_model(model))}.values():
-        state.hooks.append(module.register_forward_pre_hook(_refuse_adapter_names, with_kwargs=True))
+        state.hooks.append(module.register_forward_pre_hook(functools.partial(mixed_batches.pre_hook, state),
+                                                            with_kwargs=True))
+        state.hooks.append(module.register_forward_hook(functools.partial(mixed_batches.post_hook, state),
+                                                        with_kwargs=True, always_call=True))
 
 
 def _remove_hooks(state: PatchState) -> None:
@@ -193,7 +192,8 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
             model.__dict__[STATE_ATTR] = state
             apply_trainable(model, state, txn)
             _install_input_grad_hook(model, state)
-            _install_adapter_names_guard(model, state)
+            _install_adapter_names(model, state)
+            route_generate(model)  # generate(..., adapter_names=...): transformers would refuse the keyword
         else:
             apply_trainable(model, state, txn)
     except BaseException:
@@ -203,6 +203,7 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
         if fresh:
             model.__dict__.pop(STATE_ATTR, None)
             _remove_hooks(state)
+            unroute_peft_methods(model)
         raise
     return model
 
@@ -233,8 +234,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def finish(model: nn.Module, state: PatchState) -> None:
     """Drop fastpeft's state from a model whose modules are already back in place (unpatch, merge_and_unload)."""
-    if state.from_peft:
-        unroute_peft_methods(model)
+    unroute_peft_methods(model)  # only what fastpeft routed (generate; a converted PeftModel's save_pretrained)
     for param, value in state.requires_grad.values():
         param.requires_grad_(value)
     _remove_hooks(state)
@@ -305,6 +305,6 @@ def _convert_peft_model(model: nn.Module) -> nn.Module:
         raise
     record_requires_grad(state, model)
     model.__dict__[STATE_ATTR] = state
-    _install_adapter_names_guard(model, state)
+    _install_adapter_names(model, state)
     route_peft_methods(model)  # PEFT's save_pretrained only sees PEFT's layers; generate's adapter_names
     return model

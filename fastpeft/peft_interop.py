@@ -1,12 +1,13 @@
-"""PeftModel methods that must behave on a PeftModel that ``fastpeft.patch(peft_model)`` converted.
+"""Model methods fastpeft routes: those of a PeftModel that ``fastpeft.patch(peft_model)`` converted, and
+``generate`` on every patched model (``route_generate``).
 
 * ``save_pretrained``: PEFT finds what to save by visiting its own tuner layers, so on a converted model it
   would write an adapter file without any LoRA / IA3 tensors. It is routed to swap PEFT's layers back in for the
   call; they hold the very same Parameter objects as ours (conversion shares them), so the current values are
   written.
 * ``generate(..., adapter_names=...)``: PEFT would hook its own layers for a mixed-adapter batch, find none,
-  and generate with the active adapter for every row without a word; it raises instead (as ``forward`` does,
-  see patch.py) until fastpeft runs mixed batches.
+  and generate with the active adapter for every row without a word; the names are taken out of the call and
+  set for all of it instead (``mixed_batches.py``), so fastpeft's layers run the mixed batch.
 """
 from __future__ import annotations
 
@@ -14,21 +15,13 @@ import functools
 
 import torch.nn as nn
 
+from .mixed_batches import mixed_batch_scope
 from .model_state import get_state, set_submodule
 
-__all__ = ["route_peft_methods", "unroute_peft_methods", "refuse_adapter_names"]
+__all__ = ["route_peft_methods", "route_generate", "unroute_peft_methods"]
 
 _SAVE_HOOK = "save_pretrained"
 _GENERATE_HOOK = "generate"
-
-
-def refuse_adapter_names(kwargs) -> None:
-    """Raise when a call asks for a mixed-adapter batch, which fastpeft does not run yet."""
-    if kwargs.get("adapter_names") is not None:
-        raise NotImplementedError(
-            "fastpeft does not run mixed-adapter batches (adapter_names=...) yet: every row would silently get "
-            "the active adapter. Run one adapter at a time: fastpeft.set_adapter(model, name), or "
-            "`with fastpeft.disable_adapter(model):` for the base model")
 
 
 def _peft_save_pretrained(model: nn.Module, *args, **kwargs):
@@ -49,8 +42,20 @@ def _peft_save_pretrained(model: nn.Module, *args, **kwargs):
 
 
 def _peft_generate(model: nn.Module, *args, **kwargs):
-    refuse_adapter_names(kwargs)
-    return type(model).generate(model, *args, **kwargs)
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return type(model).generate(model, *args, **kwargs)
+    with mixed_batch_scope(get_state(model), names, model.training):
+        return type(model).generate(model, *args, **kwargs)
+
+
+def route_generate(model: nn.Module) -> None:
+    """Route a patched model's ``generate`` so that ``adapter_names=`` runs a mixed batch (transformers' own generate
+    refuses a keyword its forward does not name)."""
+    if hasattr(type(model), _GENERATE_HOOK):
+        hook = functools.partial(_peft_generate, model)
+        hook.fastpeft_hook = True
+        model.__dict__[_GENERATE_HOOK] = hook
 
 
 def route_peft_methods(model: nn.Module) -> None:

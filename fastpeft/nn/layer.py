@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .. import settings
 from ..ops import HAS_TRITON, cpp_ops
-from . import bases
+from . import bases, mixed_batch
 
 _warned: set = set()
 # class -> torch.compiler.disable(cls._forward_nf4_eager): the single compile-disabled 4-bit fallback. Made when
@@ -122,10 +122,32 @@ class AdapterLayer(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = mixed_batch.current()
+        if names is not None and not self.disable_adapters:
+            return self._forward_mixed(x, names)
         name = self.active_adapter
         base = self._modules["base_layer"]  # plain dict lookup: the hot path is host-bound on slow hosts
         if self.disable_adapters or self.merged_adapters or not self._has_adapter(name):
             return bases.base_forward(base, x)
+        return self._forward_adapter(x, name)
+
+    def _forward_mixed(self, x: torch.Tensor, names) -> torch.Tensor:
+        """One adapter per row (nn/mixed_batch.py): each adapter's rows through its single-adapter path."""
+        if self.merged_adapters:
+            raise ValueError("adapter_names= cannot run while adapters are merged into the base weights: "
+                             "fastpeft.unmerge(model) first")
+        base = self._modules["base_layer"]
+
+        def run(sub: torch.Tensor, name: str) -> torch.Tensor:
+            if name == mixed_batch.BASE or not self._has_adapter(name):  # PEFT: a layer without it runs the base
+                return bases.base_forward(base, sub)
+            return self._forward_adapter(sub, name)
+
+        return mixed_batch.forward_mixed(x, names, run)
+
+    def _forward_adapter(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The path decision of the module docstring for adapter ``name``."""
+        base = self._modules["base_layer"]
         if not bases.is_linear4bit(base):
             path = self._dense_path(x)
             if path == "reference":

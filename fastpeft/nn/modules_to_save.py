@@ -9,6 +9,8 @@ from typing import List
 
 import torch.nn as nn
 
+from . import mixed_batch
+
 
 class ModulesToSave(nn.Module):
     """Keeps the original module frozen and a trainable copy per adapter.
@@ -48,6 +50,14 @@ class ModulesToSave(nn.Module):
         return list(self.modules_to_save[adapter_name].parameters())
 
     def forward(self, *args, **kwargs):
+        names = mixed_batch.current()
+        if names is not None and not self.disable_adapters and args:
+            # one adapter per row: each adapter's copy (or the original, for "__base__") on its rows of dim 0
+            def run(sub, name):
+                module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+                return module(sub, *args[1:], **kwargs)
+
+            return mixed_batch.forward_mixed(args[0], names, run)
         if self.disable_adapters or self.active_adapter not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)

@@ -1,0 +1,69 @@
+"""Mixed-adapter batches: each row of a batch runs its own adapter (PEFT's ``adapter_names=[...]``).
+
+``model(..., adapter_names=[...])`` / ``model.generate(..., adapter_names=[...])`` name one adapter per row, or
+``"__base__"`` for the base model. The model-level entry (patch.py) validates the names and sets them for the
+duration of the call (a ``ContextVar``: thread- and task-local); every drop-in then splits its input along dim 0
+(the batch, as PEFT) into one group per adapter, runs each group through its normal single-adapter path (the
+kernels where they apply), and puts the rows back. When the batch has k times as many rows as names (generate's
+beams / num_return_sequences expand each row k times in place), name i covers rows i·k … i·k+k-1.
+
+Numbers: each row gets what the model computes with that adapter alone (PEFT's semantics). Cost: one pass per
+distinct adapter in the batch (the base product is computed once per row; no fused segmented kernel yet).
+"""
+from __future__ import annotations
+
+import contextvars
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["BASE", "current", "set_names", "reset", "row_groups", "forward_mixed"]
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+_NAMES: contextvars.ContextVar[Optional[Tuple[str, ...]]] = contextvars.ContextVar("fastpeft_adapter_names",
+                                                                                   default=None)
+
+
+def current() -> Optional[Tuple[str, ...]]:
+    """The adapter names of the mixed batch being run, or None."""
+    return _NAMES.get()
+
+
+def set_names(names: Sequence[str]) -> contextvars.Token:
+    return _NAMES.set(tuple(names))
+
+
+def reset(token: contextvars.Token) -> None:
+    _NAMES.reset(token)
+
+
+def row_groups(names: Sequence[str], n_rows: int) -> Dict[str, List[int]]:
+    """{adapter name: its row indices} for a batch of ``n_rows`` rows (a multiple of len(names), see above).
+
+    >>> row_groups(["a", "__base__", "a"], 6)
+    {'a': [0, 1, 4, 5], '__base__': [2, 3]}
+    """
+    k, rest = divmod(n_rows, len(names))
+    if rest or k == 0:
+        raise ValueError(f"adapter_names has {len(names)} entries but the input has {n_rows} rows (dim 0); give one "
+                         "name per row (generate: one per prompt)")
+    groups: Dict[str, List[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).extend(range(i * k, (i + 1) * k))
+    return groups
+
+
+def forward_mixed(x: torch.Tensor, names: Sequence[str], run: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+    """``run(sub_batch, name)`` for each adapter's rows of ``x`` (dim 0), the results put back in row order."""
+    groups = row_groups(names, x.shape[0])
+    if len(groups) == 1:
+        return run(x, next(iter(groups)))
+    out = None
+    for name, rows in groups.items():
+        index = torch.tensor(rows, device=x.device)
+        y = run(x.index_select(0, index), name)
+        if out is None:
+            out = y.new_empty((x.shape[0],) + tuple(y.shape[1:]))
+        out.index_copy_(0, index, y)
+    return out

@@ -1,0 +1,195 @@
+"""Mixed-adapter batches (adapter_names=[...]): PEFT's numbers and tokens, row by row, and clear errors."""
+import copy
+
+import peft
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.nn import mixed_batch
+from helpers import random_ids, rel_err, set_settings, tiny_model
+
+FP32_TOL = 1e-5
+NAMES = ["a", "__base__", "b", "a"]
+
+
+def _copy_adapters(peft_model, ours):
+    theirs = {n[len("base_model.model."):]: p for n, p in peft_model.named_parameters()}
+    copied = 0
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if name in theirs and not name.endswith(("base_layer.weight", "base_layer.bias", "original_module.weight")):
+                if any(k in name for k in ("lora_", "ia3_", "modules_to_save")):
+                    param.copy_(theirs[name])
+                    copied += 1
+    assert copied > 0
+
+
+def _two_adapters(base, cfg_a, cfg_b, backend, monkeypatch):
+    """PEFT and fastpeft models holding adapters "a" and "b" with the same weights, in eval mode."""
+    theirs = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg_a), adapter_name="a")
+    theirs.add_adapter("b", copy.deepcopy(cfg_b))
+    set_settings(monkeypatch, backend=backend)
+    ours = fastpeft.patch(copy.deepcopy(base), copy.deepcopy(cfg_a), adapter_name="a")
+    fastpeft.add_adapter(ours, "b", copy.deepcopy(cfg_b))
+    _copy_adapters(theirs, ours)
+    return theirs.eval(), ours.eval()
+
+
+def _lora_cfgs(**extra):
+    a = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                        **extra)
+    b = peft.LoraConfig(r=2, lora_alpha=3, target_modules=["k_proj", "v_proj", "up_proj"], init_lora_weights=False,
+                        **extra)
+    return a, b
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_lora_mixed_batch_matches_peft_forward_and_generate(backend, monkeypatch):
+    theirs, ours = _two_adapters(tiny_model("llama", seed=3), *_lora_cfgs(), backend, monkeypatch)
+    ids = random_ids(batch=4, seq=7, seed=2)
+    with torch.no_grad():
+        want = theirs(input_ids=ids, adapter_names=NAMES).logits
+        got = ours(input_ids=ids, adapter_names=NAMES).logits
+        assert rel_err(got, want) <= FP32_TOL
+        # each row is what its adapter alone computes (and the rows really differ)
+        fastpeft.set_adapter(ours, "b")
+        assert rel_err(got[2], ours(input_ids=ids[2:3]).logits[0]) <= FP32_TOL
+        assert rel_err(got[0], got[3]) > 1e-3 or not torch.equal(ids[0], ids[3])
+        fastpeft.set_adapter(ours, "a")
+        mask = torch.ones_like(ids)
+        for extra in ({}, {"num_beams": 2}, {"num_return_sequences": 2, "num_beams": 2}):
+            kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, **extra)
+            assert torch.equal(ours.generate(input_ids=ids, adapter_names=NAMES, **kw),
+                               theirs.generate(input_ids=ids, adapter_names=NAMES, **kw)), extra
+    # afterwards the active adapter runs every row again
+    with torch.no_grad():
+        assert rel_err(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= FP32_TOL
+
+
+def _assert_rows_match_single_runs(ours, ids):
+    """Each row of the mixed batch equals that row run with its adapter alone (the base for "__base__")."""
+    with torch.no_grad():
+        got = ours(input_ids=ids, adapter_names=NAMES).logits
+        for row, name in enumerate(NAMES):
+            if name == "__base__":
+                with fastpeft.disable_adapter(ours):
+                    want = ours(input_ids=ids[row:row + 1]).logits[0]
+            else:
+                fastpeft.set_adapter(ours, name)
+                want = ours(input_ids=ids[row:row + 1]).logits[0]
+            assert rel_err(got[row], want) <= FP32_TOL, row
+        assert rel_err(got[0], got[1]) > 1e-4  # adapters really change the rows
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ia3_mixed_batch_rows_match_single_adapter_runs(backend, monkeypatch):
+    """PEFT's IA3 layers have no mixed-batch path (adapter_names is not applied there); fastpeft's run it."""
+    set_settings(monkeypatch, backend=backend)
+    cfg = fastpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                             init_ia3_weights=False)
+    ours = fastpeft.patch(tiny_model("qwen2", seed=4), cfg, adapter_name="a")
+    fastpeft.add_adapter(ours, "b", copy.deepcopy(cfg))
+    _assert_rows_match_single_runs(ours.eval(), random_ids(batch=4, seq=6, seed=5))
+
+
+def test_modules_to_save_mixed_batch_matches_peft(monkeypatch):
+    ids = random_ids(batch=4, seq=6, seed=5)
+    base = tiny_model("llama", seed=6)
+    cfg_a, cfg_b = _lora_cfgs(modules_to_save=["lm_head"])
+    theirs, ours = _two_adapters(base, cfg_a, cfg_b, "reference", monkeypatch)
+    with torch.no_grad():
+        for p in ours.lm_head.modules_to_save.parameters():
+            p.add_(0.1)  # the copies differ from the original and from each other
+        for p in ours.lm_head.modules_to_save["b"].parameters():
+            p.mul_(1.5)
+        src = {n: p for n, p in ours.named_parameters()}
+        for n, p in theirs.named_parameters():
+            key = n[len("base_model.model."):]
+            if "modules_to_save" in key:
+                p.copy_(src[key])
+        assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits,
+                       theirs(input_ids=ids, adapter_names=NAMES).logits) <= FP32_TOL
+
+
+def test_dora_and_4bit_mixed_batch_rows_match_single_adapter_runs(monkeypatch):
+    """PEFT refuses adapter_names with DoRA; fastpeft runs it. Each row equals that adapter run alone; on a 4-bit
+    base (bnb) the LoRA mixed batch equals PEFT's."""
+    set_settings(monkeypatch, backend="triton")
+    cfg_a, cfg_b = _lora_cfgs(use_dora=True)
+    ours = fastpeft.patch(tiny_model("mistral", seed=7), cfg_a, adapter_name="a")
+    fastpeft.add_adapter(ours, "b", cfg_b)
+    ids = random_ids(batch=4, seq=5, seed=8)
+    _assert_rows_match_single_runs(ours.eval(), ids)
+    pytest.importorskip("bitsandbytes")
+    from helpers import nf4_tiny_model
+
+    theirs, ours = _two_adapters(nf4_tiny_model("llama", double_quant=True), *_lora_cfgs(), "triton", monkeypatch)
+    with torch.no_grad():
+        assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits,
+                       theirs(input_ids=ids, adapter_names=NAMES).logits) <= FP32_TOL
+
+
+def test_converted_peft_model_runs_mixed_batches(monkeypatch):
+    cfg_a, cfg_b = _lora_cfgs()
+    peft_model = peft.get_peft_model(tiny_model("llama", seed=9), cfg_a, adapter_name="a")
+    peft_model.add_adapter("b", cfg_b)
+    peft_model.eval()
+    ids = random_ids(batch=4, seq=6, seed=10)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, adapter_names=NAMES).logits
+        want_tokens = peft_model.generate(input_ids=ids, adapter_names=NAMES, **kw)
+    set_settings(monkeypatch, backend="reference")
+    converted = fastpeft.patch(peft_model)
+    with torch.no_grad():
+        assert rel_err(converted(input_ids=ids, adapter_names=NAMES).logits, want) <= FP32_TOL
+        assert torch.equal(converted.generate(input_ids=ids, adapter_names=NAMES, **kw), want_tokens)
+
+
+def test_bad_adapter_names_are_clear_errors_and_leave_nothing_behind(monkeypatch):
+    set_settings(monkeypatch, backend="reference")
+    ours = fastpeft.patch(tiny_model("llama", seed=11), _lora_cfgs()[0], adapter_name="a").eval()
+    ids = random_ids(batch=2, seq=5, seed=12)
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        cases = [(["a", "nope"], r"\['nope'\].*allowed: \['a', '__base__'\]"),
+                 (["a", "a", "a"], "3 entries but the input has 2 rows"),
+                 ("a", "non-empty list"), ([], "non-empty list")]
+        for names, match in cases:
+            with pytest.raises(ValueError, match=match):
+                ours(input_ids=ids, adapter_names=names)
+            with pytest.raises(ValueError, match=match):
+                ours.generate(input_ids=ids, adapter_names=names, max_new_tokens=1, do_sample=False, pad_token_id=0)
+            assert mixed_batch.current() is None and not fastpeft.model_state.get_state(ours).mixed_tokens
+        assert torch.equal(ours(input_ids=ids).logits, expected)
+    ours.train()
+    with pytest.raises(ValueError, match="inference only.*model.eval"):
+        ours(input_ids=ids, adapter_names=["a", "__base__"])
+    ours.eval()
+    fastpeft.merge(ours)
+    with torch.no_grad(), pytest.raises(ValueError, match="merged.*unmerge"):
+        ours(input_ids=ids, adapter_names=["a", "__base__"])
+    fastpeft.unmerge(ours)
+    with torch.no_grad(), fastpeft.disable_adapter(ours):  # disabled adapters win, as in PEFT
+        plain = ours(input_ids=ids).logits
+        assert torch.equal(ours(input_ids=ids, adapter_names=["a", "a"]).logits, plain)
+    fastpeft.unpatch(ours)
+    assert "generate" not in ours.__dict__ and not ours._forward_pre_hooks and not ours._forward_hooks
+
+
+def test_deepcopy_of_a_patched_model_generates_with_its_own_weights(monkeypatch):
+    set_settings(monkeypatch, backend="reference")
+    ours = fastpeft.patch(tiny_model("llama", seed=13), _lora_cfgs()[0], adapter_name="a").eval()
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    ids = random_ids(batch=2, seq=5, seed=14)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        a = ours.generate(input_ids=ids, adapter_names=["a", "a"], **kw).scores[0]
+        b = twin.generate(input_ids=ids, adapter_names=["a", "a"], **kw).scores[0]
+        assert rel_err(a, b) > 1e-3  # the copy's generate runs the copy, not the original
