@@ -7,7 +7,7 @@
 (32, 104)
 """
 from . import settings
-from .adapter_io import load_adapter, save_adapter
+from .adapter_io import hotswap_adapter, load_adapter, save_adapter
 from .adapters import (
     active_adapter,
     add_adapter,
@@ -35,6 +35,7 @@ __all__ = [
     "unpatch",
     "save_adapter",
     "load_adapter",
+    "hotswap_adapter",
     "add_adapter",
     "set_adapter",
     "delete_adapter",

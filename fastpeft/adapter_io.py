@@ -361,3 +361,110 @@ def _load_into_existing(model: nn.Module, cfg: AdapterConfig, adapter_name: str,
         state.trainable[adapter_name] = is_trainable
         apply_trainable(model, state)
     return model
+
+
+# -- hot-swap ------------------------------------------------------------------------------------------------
+def _file_key(prefix_local: str, path: str, suffix: str) -> str:
+    return f"{prefix_local}{path}.{suffix}"
+
+
+def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", allow_pickle: bool = False) -> None:
+    """Replace the values of loaded adapter ``adapter_name`` in place with the adapter saved at ``path`` (PEFT's
+    ``hotswap_adapter``): no module, parameter or shape changes, so a ``torch.compile``-d model keeps its graphs
+    (no recompilation) and optimizers / CUDA graphs keep their tensors.
+
+    The saved adapter must adapt the same layers with the same method (LoRA with or without DoRA, or IA3). A LoRA
+    rank may be smaller than the loaded one: the extra rows of A / columns of B are zeroed (B·A unchanged). A
+    different alpha or rank changes the scaling: the ratio new / old is folded into B, so the layers' scaling
+    (a constant of compiled graphs) stays; saving afterwards writes the loaded adapter's r / alpha with that B (the
+    same adapter, numerically). modules_to_save copies are overwritten too. Nothing is written unless every
+    tensor fits. Load the adapter of the largest rank first (``load_adapter``), then swap the others in.
+
+    >>> # fastpeft.load_adapter(model, "adapters/sql"); model = torch.compile(model)
+    >>> # fastpeft.hotswap_adapter(model, "adapters/chat")   # same graphs, new weights
+    """
+    state = get_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"no adapter {adapter_name!r} to swap into; loaded: {sorted(state.configs)} (load one first "
+                         "with fastpeft.load_adapter)")
+    new_cfg, tensors = read_adapter(path, adapter_name, allow_pickle=allow_pickle)
+    old_cfg = state.configs[adapter_name]
+    if new_cfg.peft_type != old_cfg.peft_type:
+        raise ValueError(f"cannot hot-swap a {new_cfg.peft_type} adapter into {adapter_name!r}, a {old_cfg.peft_type} "
+                         "adapter")
+    is_lora = isinstance(old_cfg, LoraConfig)
+    if is_lora:
+        if new_cfg.use_dora != old_cfg.use_dora:
+            raise ValueError(f"cannot hot-swap: use_dora={new_cfg.use_dora} in {path!r} but {old_cfg.use_dora} in "
+                             f"the loaded adapter {adapter_name!r}")
+        if new_cfg.bias != "none" or old_cfg.bias != "none":
+            raise ValueError("hot-swap of LoRA adapters that train biases (bias='all' / 'lora_only') is not supported")
+    prefix = _prefix(model)
+    local_prefix = PEFT_PREFIX if prefix == "" else ""
+    files = {local_prefix + (k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in tensors.items()}
+    used, writes = set(), []
+
+    def take(key: str, like: torch.Tensor, what: str) -> torch.Tensor:
+        if key not in files:
+            raise ValueError(f"cannot hot-swap: {path!r} has no {key!r} ({what} of a layer the loaded adapter "
+                             f"{adapter_name!r} adapts); the two adapters must target the same layers")
+        if not files[key].is_floating_point():
+            raise ValueError(f"adapter key {key!r} has dtype {files[key].dtype}; expected a floating-point tensor")
+        used.add(key)
+        return files[key].to(device=like.device, dtype=torch.float32)
+
+    for lpath, layer in adapter_layers(model):
+        if adapter_name not in layer.adapter_names:
+            continue
+        if isinstance(layer, LoraLinear):
+            A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            a_new = take(_file_key("", lpath, "lora_A.weight"), A, "lora_A")
+            b_new = take(_file_key("", lpath, "lora_B.weight"), B, "lora_B")
+            r_new, r_old = a_new.shape[0], A.shape[0]
+            if a_new.shape[1:] != A.shape[1:] or b_new.shape != (B.shape[0], r_new):
+                raise ValueError(f"cannot hot-swap {lpath}: lora_A {tuple(a_new.shape)} / lora_B {tuple(b_new.shape)} "
+                                 f"do not fit the layer ({A.shape[1]} in, {B.shape[0]} out)")
+            if r_new > r_old:
+                raise ValueError(f"cannot hot-swap {lpath}: rank {r_new} > the loaded adapter's rank {r_old} there; "
+                                 "load the adapter of the largest rank first, then swap the others in")
+            new_scaling = new_cfg.scaling_for(lpath)
+            if new_cfg.rank_for(lpath) != r_new:
+                raise ValueError(f"{path!r}: {lpath}'s lora_A has rank {r_new} but its config gives "
+                                 f"{new_cfg.rank_for(lpath)}")
+            ratio = new_scaling / layer.scaling[adapter_name]
+            a_full = torch.zeros_like(A, dtype=torch.float32)
+            a_full[:r_new] = a_new
+            b_full = torch.zeros_like(B, dtype=torch.float32)
+            b_full[:, :r_new] = b_new * ratio
+            writes += [(A, a_full), (B, b_full)]
+            if adapter_name in layer.lora_magnitude_vector:
+                mag = layer.lora_magnitude_vector[adapter_name].weight
+                m_new = take(f"{lpath}.lora_magnitude_vector", mag, "the DoRA magnitude")
+                if m_new.shape != mag.shape:
+                    raise ValueError(f"cannot hot-swap {lpath}: magnitude {tuple(m_new.shape)} vs {tuple(mag.shape)}")
+                writes.append((mag, m_new))
+        elif isinstance(layer, IA3Linear):
+            vec = layer.ia3_l[adapter_name]
+            v_new = take(f"{lpath}.ia3_l", vec, "ia3_l")
+            if v_new.shape != vec.shape:
+                raise ValueError(f"cannot hot-swap {lpath}: ia3_l {tuple(v_new.shape)} vs {tuple(vec.shape)} (the "
+                                 "two IA3 adapters must agree on feedforward_modules)")
+            writes.append((vec, v_new))
+    for wpath, wrapper in _wrappers_to_save(model):
+        if adapter_name not in wrapper.modules_to_save:
+            continue
+        for key, param in wrapper.modules_to_save[adapter_name].named_parameters():
+            value = take(f"{wpath}.{key}", param, "a modules_to_save tensor")
+            if value.shape != param.shape:
+                raise ValueError(f"cannot hot-swap {wpath}.{key}: {tuple(value.shape)} vs {tuple(param.shape)}")
+            writes.append((param, value))
+    extra = sorted(set(files) - used)
+    if extra:
+        raise ValueError(f"cannot hot-swap: {path!r} holds {len(extra)} tensors the loaded adapter {adapter_name!r} "
+                         f"has no place for, e.g. {extra[:3]}")
+    with torch.no_grad():
+        for param, value in writes:
+            param.copy_(shard_like(param, value.to(param.dtype)).to(param.device))
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, LoraLinear):
+            layer._dora_norms.pop(adapter_name, None)
