@@ -23,19 +23,29 @@ BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 _NAMES: contextvars.ContextVar[Optional[Tuple[str, ...]]] = contextvars.ContextVar("fastpeft_adapter_names",
                                                                                    default=None)
+# The same names as a plain stack for torch.compile: dynamo cannot trace ContextVar.get (a graph break at every
+# layer), but it reads a module global and guards on it, so a compiled model recompiles for a new set of names
+# and runs the same numbers. (Under compile the names are per process, not per thread.)
+_COMPILED_VIEW: list = []
 
 
 def current() -> Optional[Tuple[str, ...]]:
     """The adapter names of the mixed batch being run, or None."""
+    if torch.compiler.is_compiling():
+        return _COMPILED_VIEW[-1] if _COMPILED_VIEW else None
     return _NAMES.get()
 
 
 def set_names(names: Sequence[str]) -> contextvars.Token:
-    return _NAMES.set(tuple(names))
+    names = tuple(names)
+    _COMPILED_VIEW.append(names)
+    return _NAMES.set(names)
 
 
 def reset(token: contextvars.Token) -> None:
     _NAMES.reset(token)
+    if _COMPILED_VIEW:
+        _COMPILED_VIEW.pop()
 
 
 def row_groups(names: Sequence[str], n_rows: int) -> Dict[str, List[int]]:

@@ -193,3 +193,26 @@ def test_deepcopy_of_a_patched_model_generates_with_its_own_weights(monkeypatch)
         a = ours.generate(input_ids=ids, adapter_names=["a", "a"], **kw).scores[0]
         b = twin.generate(input_ids=ids, adapter_names=["a", "a"], **kw).scores[0]
         assert rel_err(a, b) > 1e-3  # the copy's generate runs the copy, not the original
+
+
+def test_mixed_batch_under_torch_compile(monkeypatch):
+    """A compiled model runs mixed batches with eager's numbers (it recompiles for a new set of names) and, without
+    names, the active adapter again."""
+    import torch._dynamo as dynamo
+
+    set_settings(monkeypatch, backend="triton")
+    cfg_a, cfg_b = _lora_cfgs()
+    ours = fastpeft.patch(tiny_model("llama", seed=15), cfg_a, adapter_name="a")
+    fastpeft.add_adapter(ours, "b", cfg_b)
+    ours.eval()
+    ids = random_ids(batch=4, seq=5, seed=16)
+    with torch.no_grad():
+        mixed, plain = ours(input_ids=ids, adapter_names=NAMES).logits, ours(input_ids=ids).logits
+        dynamo.reset()
+        try:
+            ours.forward = torch.compile(ours.forward, backend="aot_eager")
+            assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, mixed) <= 1e-6
+            assert rel_err(ours(input_ids=ids).logits, plain) <= 1e-6
+            assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, mixed) <= 1e-6
+        finally:
+            dynamo.reset()
