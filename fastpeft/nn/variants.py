@@ -126,8 +126,8 @@ class DoraVariant(LoraVariant):
     ``fastpeft/ops/kernels/dora.py``; oracle: ``ops/reference.py: dora_update_reference``.
 
     Out of training (module in eval mode, no autograd), the norm is cached per adapter and recomputed whenever the
-    base weight or lora_A / lora_B change (tensor identity and version counters), so unmerged inference costs
-    what LoRA's does."""
+    base weight, lora_A, lora_B or the magnitude change (tensor identity and version counters), so unmerged
+    inference does not pay for the norm (docs/dora.md has what it costs against LoRA)."""
 
     kind = "dora"
 

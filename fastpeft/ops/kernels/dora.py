@@ -19,7 +19,7 @@ Kernels and what bounds them:
                           beta=1 addmm it replaces (same M·N reads + writes).
     _dora_bwd_kernel      one pass over dY and Z0: writes dZ = g⊙dY (and (g-1)⊙dY for p > 0), adds the column
                           sums of dY⊙(Z0 + S'·Bᵀ)/n into dm (fp32 atomics, (M/BM)·N of them). Bytes-bound. Then
-                          kernels/lora.py's LoRA backward kernels on dZ. (Folding LoRA's dS / dB into this pass
+                          kernels/lora.py's LoRA backward kernels on dY with g⊙B. (Folding LoRA's dS / dB into this pass
                           was measured slower on the H200 at N = 14336: 0.83 ms against 0.29 ms for the two
                           passes -- its (M/BM)·N·r dB atomics and hi / lo MMAs; see docs/performance-log.md.)
     _dropout_apply_kernel D⊙X with the in-kernel Philox mask (p > 0: the second base product's input, and the
