@@ -168,7 +168,11 @@ class DoraVariant(LoraVariant):
                       "use the PyTorch reference path")
             return False
         if getattr(getattr(layer.base_layer, "weight", None), "requires_grad", False):
-            return False  # the kernels treat the base weight as frozen; autograd through the reference instead
+            # the kernels treat the base weight as frozen: autograd through the reference path instead (same
+            # numbers, PEFT's speed)
+            warn_once("dora-trainable-base", "fastpeft: a DoRA layer's base weight requires grad; DoRA's kernels "
+                      "treat it as frozen, so such layers run the PyTorch reference path (PEFT's numbers and speed)")
+            return False
         return layer._triton_can_run(x)
 
     def _cached_scale(self, layer: "LoraLinear", name: str, weight: torch.Tensor, norm_of) -> Optional[torch.Tensor]:
@@ -218,6 +222,8 @@ class DoraVariant(LoraVariant):
         training the cached norm, and for decode-sized inputs QLoRA's path (the NF4 GEMV) rescaled by g."""
         base = layer.base_layer
         if getattr(base.weight, "requires_grad", False):
+            warn_once("dora-trainable-base", "fastpeft: a DoRA layer's base weight requires grad; DoRA's kernels "
+                      "treat it as frozen, so such layers run the PyTorch reference path (PEFT's numbers and speed)")
             return self.forward_reference(layer, name, x)
         packed, quant_state = bases.nf4_parts(base)
         cd = bases.compute_dtype(base, x)

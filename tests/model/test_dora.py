@@ -460,3 +460,21 @@ def test_gpu_compiled_dora_model_matches_eager_without_graph_breaks(monkeypatch)
             model._losses.append(loss.item())
     assert abs(eager._losses[0] - compiled._losses[0]) <= 2e-2 * abs(eager._losses[0])
     assert abs(eager._losses[1] - compiled._losses[1]) <= 2e-2 * abs(eager._losses[1])
+
+
+def test_dora_with_a_trainable_base_weight_says_it_takes_the_reference_path(monkeypatch):
+    from fastpeft.nn import layer as layer_mod
+
+    set_settings(monkeypatch, backend="triton")
+    layer_mod._warned.discard("dora-trainable-base")
+    base = torch.nn.Linear(16, 8)  # requires grad: DoRA's kernels treat W as frozen
+    layer = LoraLinear(base, "default", r=2, lora_alpha=4, init_lora_weights=False, use_dora=True).train()
+    x = torch.randn(3, 16)
+    with pytest.warns(UserWarning, match="base weight requires grad.*reference path"):
+        y = layer(x)
+    ref = dora_linear_reference(x, base.weight, base.bias, layer.lora_A["default"].weight,
+                                layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight,
+                                layer.scaling["default"])
+    assert rel_err(y, ref) <= FP32_TOL
+    y.sum().backward()
+    assert base.weight.grad is not None  # the base weight trains, through autograd
