@@ -32,6 +32,9 @@ def _entry(rank, world, tmp, scenario):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg-init", rank=rank, world_size=world)
     try:
         SCENARIOS[scenario](rank, world, tmp)
+        # every rank done before any tears the group down: a rank whose peer closed its gloo connections while it
+        # still finished the last collective aborted once ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
