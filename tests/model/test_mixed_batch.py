@@ -55,7 +55,9 @@ def test_lora_mixed_batch_matches_peft_forward_and_generate(backend, monkeypatch
         # each row is what its adapter alone computes (and the rows really differ)
         fastpeft.set_adapter(ours, "b")
         assert rel_err(got[2], ours(input_ids=ids[2:3]).logits[0]) <= FP32_TOL
-        assert rel_err(got[0], got[3]) > 1e-3 or not torch.equal(ids[0], ids[3])
+        with fastpeft.disable_adapter(ours):  # the adapter rows really differ from the base model's
+            plain = ours(input_ids=ids).logits
+        assert all(rel_err(got[i], plain[i]) > 1e-4 for i in (0, 2, 3)) and rel_err(got[1], plain[1]) <= FP32_TOL
         fastpeft.set_adapter(ours, "a")
         mask = torch.ones_like(ids)
         for extra in ({}, {"num_beams": 2}, {"num_return_sequences": 2, "num_beams": 2}):
