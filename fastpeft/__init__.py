@@ -21,6 +21,7 @@ from .adapters import (
     unmerge,
 )
 from .config import IA3Config, LoraConfig
+from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
 from .nn import IA3Linear, LoraLinear, LoraVariant, ModulesToSave
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
@@ -36,6 +37,9 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "hotswap_adapter",
+    "enable_fused_loss",
+    "disable_fused_loss",
+    "fused_loss_enabled",
     "add_adapter",
     "set_adapter",
     "delete_adapter",

@@ -14,7 +14,7 @@ PKG = os.path.join(ROOT, "fastpeft")
 LAYERS = [
     ["fastpeft.settings", "fastpeft.config", "fastpeft.distributed"],
     ["fastpeft.ops", "fastpeft.ops.dropout", "fastpeft.ops.nf4_format", "fastpeft.ops.reference", "fastpeft.ops.csrc",
-     "fastpeft.ops.cpp_ops"],
+     "fastpeft.ops.cpp_ops", "fastpeft.ops.linear_cross_entropy"],
     ["fastpeft.ops.kernels", "fastpeft.ops.kernels.common", "fastpeft.ops.kernels.nf4_dequant",
      "fastpeft.ops.kernels.lora", "fastpeft.ops.kernels.ia3", "fastpeft.ops.kernels.nf4_matmul",
      "fastpeft.ops.kernels.nf4_gemv", "fastpeft.ops.kernels.nf4_lora", "fastpeft.ops.kernels.dora", "fastpeft.ops.kernels.custom_ops",
@@ -22,7 +22,7 @@ LAYERS = [
     ["fastpeft.nn._rng", "fastpeft.nn.bases", "fastpeft.nn.mixed_batch", "fastpeft.nn.layer", "fastpeft.nn.variants", "fastpeft.nn.lora", "fastpeft.nn.ia3",
      "fastpeft.nn.modules_to_save", "fastpeft.nn"],
     ["fastpeft.model_state", "fastpeft.targets", "fastpeft.mixed_batches", "fastpeft.peft_interop", "fastpeft.patch", "fastpeft.adapters",
-     "fastpeft.adapter_io", "fastpeft.quantize"],
+     "fastpeft.adapter_io", "fastpeft.quantize", "fastpeft.fused_loss"],
     ["fastpeft"],
 ]
 TOOLS = "fastpeft.bench"  # the benchmark harness sits on top of everything

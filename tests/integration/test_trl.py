@@ -100,3 +100,25 @@ def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path):
             assert rel_err(params[name].detach(), value.detach()) <= 1e-5, name
             moved += not torch.equal(value.detach(), start[name])
     assert moved == len(start)  # every adapter tensor was updated (the comparison is not vacuous)
+
+
+def test_sft_trainer_with_fused_loss_enabled_trains_like_without(tmp_path):
+    """TRL's SFTTrainer installs its own fused LM head over the model's forward: with fastpeft's fused loss
+    enabled underneath, training runs and logs the same losses as the plain patched model."""
+    def run(model, out):
+        args = trl.SFTConfig(
+            output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+            lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+            disable_tqdm=True, max_length=32, packing=False, seed=0, bf16=False, fp16=False,
+        )
+        trainer = trl.SFTTrainer(model=model, args=args, processing_class=_tokenizer(),
+                                 train_dataset=datasets.Dataset.from_dict({"text": WORDS}))
+        trainer.train()
+        return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+    plain = _lora_model()
+    fused = fastpeft.enable_fused_loss(copy.deepcopy(plain), backend="fastpeft", chunk_rows=5)
+    a, b = run(plain, tmp_path / "plain"), run(fused, tmp_path / "fused")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(y), (a, b)
