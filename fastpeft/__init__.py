@@ -20,6 +20,7 @@ from .adapters import (
     set_adapter,
     unmerge,
 )
+from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
 from .config import IA3Config, LoraConfig
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
 from .nn import IA3Linear, LoraLinear, LoraVariant, ModulesToSave
@@ -40,6 +41,9 @@ __all__ = [
     "enable_fused_loss",
     "disable_fused_loss",
     "fused_loss_enabled",
+    "enable_activation_offload",
+    "disable_activation_offload",
+    "activation_offload_enabled",
     "add_adapter",
     "set_adapter",
     "delete_adapter",

@@ -22,7 +22,8 @@ LAYERS = [
     ["fastpeft.nn._rng", "fastpeft.nn.bases", "fastpeft.nn.mixed_batch", "fastpeft.nn.layer", "fastpeft.nn.variants", "fastpeft.nn.lora", "fastpeft.nn.ia3",
      "fastpeft.nn.modules_to_save", "fastpeft.nn"],
     ["fastpeft.model_state", "fastpeft.targets", "fastpeft.mixed_batches", "fastpeft.peft_interop", "fastpeft.patch", "fastpeft.adapters",
-     "fastpeft.adapter_io", "fastpeft.quantize", "fastpeft.fused_loss"],
+     "fastpeft.adapter_io", "fastpeft.quantize", "fastpeft.fused_loss",
+     "fastpeft.activation_offload"],
     ["fastpeft"],
 ]
 TOOLS = "fastpeft.bench"  # the benchmark harness sits on top of everything
