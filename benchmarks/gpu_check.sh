@@ -10,6 +10,9 @@
 #   doratests DoRA's GPU tests (tests/model/test_dora.py, the QDoRA case of test_qlora.py) and its kernels under
 #             compute-sanitizer memcheck
 #   dora      DoRA layer timings (profile_layer.py: fwd+bwd at M=4096 with and without dropout; no-grad M=16/4096)
+#   memtests  the memory options' GPU tests (tests/model/test_memory_gpu.py: fused loss bf16 / Liger, offload)
+#   memstep   python -m fastpeft.bench --model 8b, LoRA / QLoRA plain, + fused loss, + offload (MEMSTEP_ARGS)
+#   longest   python -m fastpeft.bench --longest (LONGEST_ARGS, e.g. "--caps 24 --max-seq 65536")
 #   step1b    python -m fastpeft.bench --model 1b (STEP_ARGS adds options)
 #   step8b    python -m fastpeft.bench --model 8b (STEP_ARGS adds options)
 # Usage (repo root, on the GPU machine):  OUT=/some/dir STAGES=smoke,host,tests bash benchmarks/gpu_check.sh
@@ -82,6 +85,22 @@ if has dora; then
   timeout "${T_DORA:-300}" python3 benchmarks/scripts/profile_layer.py --no-grad --M 16 4096 --methods dense \
     fastpeft_lora_layer fastpeft_dora_layer peft_lora peft_dora --out "$OUT/dora_infer.json" > "$OUT/dora_infer.log" 2>&1
   echo "dora infer rc=$?"; grep -E "^M=" "$OUT/dora_infer.log"
+fi
+if has memtests; then
+  timeout "${T_MEMTESTS:-300}" python3 -m pytest tests/model/test_memory_gpu.py \
+    -q -p no:cacheprovider -rs -s \
+    --timeout 240 > "$OUT/memory_gpu_tests.txt" 2>&1
+  echo "memory gpu tests rc=$?" | tee -a "$OUT/memory_gpu_tests.txt"; grep -E "peak|passed|failed|Error|SKIP" "$OUT/memory_gpu_tests.txt" | tail -30
+fi
+if has memstep; then
+  timeout "${T_MEMSTEP:-400}" python3 -m fastpeft.bench --model 8b --out-dir "$OUT" --no-plots \
+    --methods lora,qlora,lora_fused,qlora_fused,lora_offload,qlora_offload ${MEMSTEP_ARGS:-} > "$OUT/memstep.log" 2>&1
+  echo "memstep rc=$?"; tail -32 "$OUT/memstep.log"
+fi
+if has longest; then
+  timeout "${T_LONGEST:-500}" python3 -m fastpeft.bench --longest --model 8b --out-dir "$OUT" ${LONGEST_ARGS:-} \
+    > "$OUT/longest.log" 2>&1
+  echo "longest rc=$?"; tail -30 "$OUT/longest.log"
 fi
 if has step1b; then
   timeout "${T_STEP1B:-400}" python3 -m fastpeft.bench --model 1b --out-dir "$OUT" --no-plots ${STEP_ARGS:-} > "$OUT/step1b.log" 2>&1

@@ -23,6 +23,9 @@ Methods (r=16, alpha=32, all linear layers but the output head; IA3 on k, v, dow
     ia3            IA3 (k_proj, v_proj, down_proj; down_proj feed-forward)
     dora, qdora    DoRA (use_dora=True) on the bf16 base / on the NF4 base (QLoRA's recipe on the PEFT side)
     dora_dropout   DoRA, lora_dropout=0.05 (PEFT's dropout formula: a second base product)
+    lora_fused, qlora_fused      fastpeft only: + fastpeft.enable_fused_loss (loss without the logits)
+    lora_offload, qlora_offload  fastpeft only: + fused loss + fastpeft.enable_activation_offload
+                   (compared with PEFT's plain LoRA / QLoRA row; ``--longest``: fastpeft/bench/longest.py)
     lora_liger     LoRA + Liger-Kernel's non-adapter kernels (RoPE, RMSNorm, SwiGLU, fused linear cross
                    entropy) on both sides, when liger_kernel is importable and CUDA is there
 
@@ -71,6 +74,7 @@ from .harness import (
 from .plan import (
     ALPHA,
     DROPOUT,
+    FASTPEFT_ONLY,
     IA3_FEEDFORWARD,
     IA3_TARGETS,
     IMPL_LABEL,
@@ -115,7 +119,7 @@ from .runner import describe, run
 
 __all__ = [
     # plan
-    "GiB", "RANK", "ALPHA", "DROPOUT", "IA3_TARGETS", "IA3_FEEDFORWARD", "SCHEMA", "MODELS", "SEQ", "METHODS",
+    "FASTPEFT_ONLY", "GiB", "RANK", "ALPHA", "DROPOUT", "IA3_TARGETS", "IA3_FEEDFORWARD", "SCHEMA", "MODELS", "SEQ", "METHODS",
     "TABLE_ORDER", "QUICK_METHODS", "METHOD_LABEL", "IMPL_LABEL", "SPEED_TARGET", "MEMORY_TARGET",
     "PRIOR_STEP_S", "PRIOR_BUILD_S", "PRIOR_PROFILE_S", "Spec", "lora_dropout_of", "make_plan", "predict_s",
     "linear_params", "total_params", "step_flops", "full_ft_estimate_bytes",

@@ -14,6 +14,7 @@ import transformers
 
 from .. import settings
 from .environment import have
+from .longest import LONGEST_ROWS, run_longest
 from .plan import METHODS, MODELS, QUICK_METHODS, SEQ
 from .reporting import report
 from .runner import run
@@ -42,6 +43,17 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--backend", choices=["auto", "cpp", "triton", "reference"], default=None,
                     help="backend of the fastpeft rows (fastpeft.settings; default: FASTPEFT_BACKEND's, else auto)")
+    ap.add_argument("--longest", action="store_true",
+                    help="instead of the step table: the longest sequence (batch 1) each configuration trains under "
+                         "memory caps (fastpeft/bench/longest.py; CUDA only)")
+    ap.add_argument("--caps", default="24,80", help="--longest: memory caps in GiB (default 24,80)")
+    ap.add_argument("--start-seq", type=int, default=2048, help="--longest: first length (doubling from there)")
+    ap.add_argument("--max-seq", type=int, default=65536, help="--longest: longest length tried")
+    ap.add_argument("--row-budget-s", type=float, default=240.0,
+                    help="--longest: stop a row (lower bound) before a length that would end past this many seconds")
+    ap.add_argument("--longest-rows", default=None,
+                    help="--longest: impl:method pairs, comma-separated (default: "
+                         + ",".join(f"{i}:{m}" for i, m in LONGEST_ROWS) + ")")
     ap.add_argument("--report", nargs="+", default=None, metavar="JSON",
                     help="no run: merge these step JSONs and write markdown + plots")
     ap.add_argument("--overwrite", action="store_true",
@@ -56,6 +68,8 @@ def main(argv=None) -> int:
         report(a.report, a.out_dir, plots=not a.no_plots, overwrite=a.overwrite)
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.longest:
+        return _longest(a, device)
     if a.model is None or a.model == "all":
         models = ["1b", "8b"] if device == "cuda" else ["tiny"]
     else:
@@ -105,3 +119,29 @@ def main(argv=None) -> int:
     bad_rows = [r for r in info["rows"] if r["status"] == "error"]
     return 1 if bad_rows else 0
 
+
+
+def _longest(a, device: str) -> int:
+    if device != "cuda":
+        raise SystemExit("fastpeft.bench --longest needs a CUDA GPU (the caps are GPU memory)")
+    model = a.model if a.model not in (None, "all") else "8b"
+    try:
+        caps = [float(c) for c in a.caps.split(",") if c]
+    except ValueError:
+        raise SystemExit(f"fastpeft.bench: --caps must be comma-separated numbers of GiB, got {a.caps!r}") from None
+    rows = LONGEST_ROWS
+    if a.longest_rows:
+        rows = []
+        for item in a.longest_rows.split(","):
+            impl, _, method = item.partition(":")
+            if impl not in ("peft", "fastpeft") or method not in METHODS or method == "full_ft":
+                raise SystemExit(f"fastpeft.bench: --longest-rows item {item!r} must be peft:METHOD or "
+                                 f"fastpeft:METHOD with METHOD in {', '.join(m for m in METHODS if m != 'full_ft')}")
+            rows.append((impl, method))
+    if not caps or any(c <= 0 for c in caps) or a.start_seq < 1 or a.max_seq < a.start_seq:
+        raise SystemExit("fastpeft.bench: --caps must be > 0 and 1 <= --start-seq <= --max-seq")
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(gradient|activation)_checkpointing.*", category=FutureWarning)
+        info = run_longest(model, caps, rows, a.start_seq, a.max_seq, a.row_budget_s, a.out_dir)
+    return 1 if any(r.get("error") for r in info["results"]) else 0

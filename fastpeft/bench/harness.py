@@ -19,6 +19,7 @@ import transformers
 import fastpeft
 
 from .. import settings
+from ..ops.linear_cross_entropy import HAS_LIGER
 from .environment import free_memory, gpu_memory_bytes, have, sync
 from .plan import (
     ALPHA,
@@ -34,23 +35,26 @@ from .plan import (
     is_dora,
     lora_dropout_of,
     step_flops,
+    uses_fused_loss,
+    uses_offload,
 )
 from .profiling import profile_step
 
 
 # -- models ----------------------------------------------------------------------------------------------
-def llama_config(model: str):
-    """The ``transformers.LlamaConfig`` of one of the MODELS shapes."""
+def llama_config(model: str, seq: Optional[int] = None):
+    """The ``transformers.LlamaConfig`` of one of the MODELS shapes (positions for ``seq`` tokens at least)."""
     shape = {k: v for k, v in MODELS[model].items() if k != "name"}
-    batch, seq = SEQ[model]
+    seq = seq or SEQ[model][1]
     return transformers.LlamaConfig(max_position_embeddings=max(seq, 2048), use_cache=False, **shape)
 
 
-def build_base(model: str, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+def build_base(model: str, device: str, dtype: torch.dtype, seed: int = 0, seq: Optional[int] = None) -> nn.Module:
     """A random-init LlamaForCausalLM, built directly on ``device`` in ``dtype`` (same seed => same weights)."""
     torch.manual_seed(seed)
     with torch.device(device):
-        m = transformers.LlamaForCausalLM._from_config(llama_config(model), dtype=dtype, attn_implementation="sdpa")
+        m = transformers.LlamaForCausalLM._from_config(llama_config(model, seq), dtype=dtype,
+                                                       attn_implementation="sdpa")
     m.config.use_cache = False
     return m.train()
 
@@ -151,11 +155,13 @@ class Prepared:
 
 
 def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-            backend: Optional[str] = None) -> Prepared:
-    """Build the model of ``spec`` (random weights), apply the method, make the optimizer and the batches."""
+            backend: Optional[str] = None, batch_shape: Optional[tuple] = None) -> Prepared:
+    """Build the model of ``spec`` (random weights), apply the method, make the optimizer and the batches
+    (``batch_shape`` = (batch, tokens per sequence), default ``SEQ[spec.model]``)."""
     stack = contextlib.ExitStack()
+    batch, seq = batch_shape or SEQ[spec.model]
     try:
-        model = build_base(spec.model, device, dtype, seed)
+        model = build_base(spec.model, device, dtype, seed, seq=seq)
         if is_4bit(spec.method):
             quantize_nf4(model, compute_dtype=dtype)
         if spec.method == "lora_liger":
@@ -193,6 +199,10 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
             # each layer takes the backend when it is built; restored afterwards (no leak into later rows)
             with settings.override(**({"backend": backend} if backend else {})):
                 model = fastpeft.patch(model, cfg)
+            if uses_fused_loss(spec.method):
+                fastpeft.enable_fused_loss(model)
+            if uses_offload(spec.method):
+                fastpeft.enable_activation_offload(model)
         else:
             raise ValueError(f"unknown impl {spec.impl!r}: torch, peft or fastpeft")
         model.train()
@@ -201,7 +211,6 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
             raise RuntimeError(f"{spec.label}: no trainable parameters")
         opt_kwargs = {"fused": True} if device == "cuda" else {}
         optimizer = torch.optim.AdamW(params, lr=1e-4, **opt_kwargs)
-        batch, seq = SEQ[spec.model]
         vocab = MODELS[spec.model]["vocab_size"]
         gen = torch.Generator(device="cpu").manual_seed(seed + 1)
         batches = [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(2)]
@@ -288,6 +297,8 @@ def _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, lo
         sync(device)
         row["build_s"] = time.perf_counter() - t_build
         row["trainable_params"] = prep.trainable
+        if uses_fused_loss(spec.method):  # enable_fused_loss(backend="auto") picks Liger's kernel when it can
+            row["fused_loss_backend"] = "liger" if (HAS_LIGER and device == "cuda") else "fastpeft"
         batch, seq = SEQ[spec.model]
         tokens = batch * seq
         peak.reset()

@@ -28,28 +28,36 @@ SEQ = {"8b": (2, 2048), "1b": (2, 2048), "tiny": (2, 64)}  # (batch, tokens per 
 
 # Run order = priority (a --budget-s cut drops the tail): the targets first, then variants, Liger last.
 METHODS = ["full_ft", "lora", "qlora", "ia3", "dora", "qdora", "lora_dropout", "qlora_dropout", "dora_dropout",
-           "lora_liger"]
-TABLE_ORDER = ["lora", "lora_dropout", "qlora", "qlora_dropout", "dora", "dora_dropout", "qdora", "ia3",
-               "lora_liger"]  # adapter rows in tables
+           "lora_fused", "qlora_fused", "lora_offload", "qlora_offload", "lora_liger"]
+TABLE_ORDER = ["lora", "lora_fused", "lora_offload", "lora_dropout", "qlora", "qlora_fused", "qlora_offload",
+               "qlora_dropout", "dora", "dora_dropout", "qdora", "ia3", "lora_liger"]  # adapter rows in tables
+# fastpeft-only rows (memory options PEFT does not have): compared with PEFT's row of the plain method
+FASTPEFT_ONLY = {"lora_fused": "lora", "qlora_fused": "qlora", "lora_offload": "lora", "qlora_offload": "qlora"}
 QUICK_METHODS = ["full_ft", "lora", "ia3", "qlora", "lora_liger"]
 METHOD_LABEL = {
     "full_ft": "Full FT", "lora": "LoRA r=16", "lora_dropout": "LoRA r=16, dropout 0.05",
     "qlora": "QLoRA r=16", "qlora_dropout": "QLoRA r=16, dropout 0.05", "ia3": "IA3",
     "lora_liger": "LoRA r=16 + Liger", "dora": "DoRA r=16", "qdora": "QDoRA r=16 (4-bit base)",
     "dora_dropout": "DoRA r=16, dropout 0.05",
+    "lora_fused": "LoRA r=16 + fused loss", "qlora_fused": "QLoRA r=16 + fused loss",
+    "lora_offload": "LoRA r=16 + fused loss + offload", "qlora_offload": "QLoRA r=16 + fused loss + offload",
 }
 IMPL_LABEL = {"torch": "plain", "peft": "PEFT", "fastpeft": "fastpeft"}
 # Targets from DESIGN.md §5 (whole step, vs PEFT): tokens/s × and peak-memory ×.
 SPEED_TARGET = {"lora": 2.0, "lora_dropout": 2.0, "qlora": 3.0, "qlora_dropout": 3.0}
 MEMORY_TARGET = 0.75
+# issue 16: peak memory × PEFT's plain method, for the rows with the fused loss (and activation offload)
+LEAN_MEMORY_TARGET = {"lora_fused": 0.7, "lora_offload": 0.7, "qlora_fused": 0.55, "qlora_offload": 0.55}
 
 # Rough H100 seconds per step (DESIGN.md §5 baselines) and per build, only for the running estimate;
 # the estimate is rescaled by measured/predicted as configurations finish.
 PRIOR_STEP_S = {
     "8b": {"full_ft": 0.9, "lora": 0.71, "lora_dropout": 0.76, "qlora": 1.6, "qlora_dropout": 1.7, "ia3": 0.46,
-           "lora_liger": 0.63, "dora": 1.2, "qdora": 2.0, "dora_dropout": 1.6},
+           "lora_liger": 0.63, "dora": 1.2, "qdora": 2.0, "dora_dropout": 1.6, "lora_fused": 0.5,
+           "qlora_fused": 0.5, "lora_offload": 0.5, "qlora_offload": 0.5},
     "1b": {"full_ft": 0.14, "lora": 0.19, "lora_dropout": 0.21, "qlora": 0.54, "qlora_dropout": 0.56, "ia3": 0.12,
-           "lora_liger": 0.17, "dora": 0.3, "qdora": 0.6, "dora_dropout": 0.4},
+           "lora_liger": 0.17, "dora": 0.3, "qdora": 0.6, "dora_dropout": 0.4, "lora_fused": 0.19,
+           "qlora_fused": 0.54, "lora_offload": 0.19, "qlora_offload": 0.54},
     "tiny": {m: 0.05 for m in METHODS},
 }
 PRIOR_BUILD_S = {"8b": 6.0, "1b": 3.0, "tiny": 0.5}
@@ -83,13 +91,28 @@ def is_dora(method: str) -> bool:
     return method.startswith("dora") or method.startswith("qdora")
 
 
+def uses_fused_loss(method: str) -> bool:
+    """fastpeft.enable_fused_loss on this row (the *_fused and *_offload rows)."""
+    return method.endswith("_fused") or method.endswith("_offload")
+
+
+def uses_offload(method: str) -> bool:
+    """fastpeft.enable_activation_offload on this row."""
+    return method.endswith("_offload")
+
+
+def peft_baseline(method: str) -> str:
+    """The method whose PEFT row this method is compared with (itself, or the plain method of a fastpeft-only row)."""
+    return FASTPEFT_ONLY.get(method, method)
+
+
 # -- the run plan ----------------------------------------------------------------------------------------
 def make_plan(models: List[str], methods: List[str]) -> List[Spec]:
     """Every (model, method, impl) in run order: Full FT on plain transformers, the adapters on PEFT then fastpeft."""
     plan = []
     for model in models:
         for method in methods:
-            impls = ["torch"] if method == "full_ft" else ["peft", "fastpeft"]
+            impls = ["torch"] if method == "full_ft" else ["fastpeft"] if method in FASTPEFT_ONLY else ["peft", "fastpeft"]
             plan.extend(Spec(model, method, impl) for impl in impls)
     return plan
 

@@ -8,7 +8,17 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from .plan import MEMORY_TARGET, METHOD_LABEL, IMPL_LABEL, MODELS, SEQ, SPEED_TARGET, TABLE_ORDER
+from .plan import (
+    IMPL_LABEL,
+    LEAN_MEMORY_TARGET,
+    MEMORY_TARGET,
+    METHOD_LABEL,
+    MODELS,
+    SEQ,
+    SPEED_TARGET,
+    TABLE_ORDER,
+    peft_baseline,
+)
 from .profiling import BUCKETS
 
 
@@ -85,7 +95,8 @@ def host_rss(info) -> bool:
 def memory_table(info) -> List[str]:
     rows = info["rows"]
     rss = host_rss(info)
-    methods = [m for m in ("lora", "qlora", "ia3", "dora", "qdora")
+    methods = [m for m in ("lora", "lora_fused", "lora_offload", "qlora", "qlora_fused", "qlora_offload", "ia3", "dora",
+                           "qdora")
                if m in ("lora", "qlora", "ia3") or any(r.get("method") == m for r in rows)]
     out = ["| model | Full FT | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
            "| --- | --- | " + " | ".join("---" for _ in methods) + " |"]
@@ -93,7 +104,7 @@ def memory_table(info) -> List[str]:
         cells = []
         cells.append(_gib(_find(rows, model, "full_ft", "torch")))
         for method in methods:
-            p, f = _find(rows, model, method, "peft"), _find(rows, model, method, "fastpeft")
+            p, f = _find(rows, model, peft_baseline(method), "peft"), _find(rows, model, method, "fastpeft")
             if p is None and f is None:
                 cells.append("not run")
                 continue
@@ -132,7 +143,9 @@ def speed_table(info) -> List[str]:
             out.append(f"| {name} | Full FT (plain transformers) | {_tps(full)} | | | {_mfu(full)} | | {_gib(full)} "
                        f"| |{'' if rss else ' |'} |")
         for method in TABLE_ORDER:
-            p, f = _find(rows, model, method, "peft"), _find(rows, model, method, "fastpeft")
+            p, f = _find(rows, model, peft_baseline(method), "peft"), _find(rows, model, method, "fastpeft")
+            if f is None and method != peft_baseline(method):
+                continue  # a fastpeft-only row that did not run: PEFT's plain row has its own line
             if p is None and f is None:
                 continue
             speed = mem = "-"
@@ -147,6 +160,12 @@ def speed_table(info) -> List[str]:
                     mem = f"{m:.2f}×"
                     if judge and method in SPEED_TARGET:
                         verdict.append(f"memory ≤{MEMORY_TARGET:g}× {'met' if m <= MEMORY_TARGET else 'missed'}")
+                    if judge and method in LEAN_MEMORY_TARGET:
+                        t = LEAN_MEMORY_TARGET[method]
+                        verdict.append(f"memory ≤{t:g}× PEFT {'met' if m <= t else 'missed'}")
+            plain = _find(rows, model, peft_baseline(method), "fastpeft")
+            if judge and method != peft_baseline(method) and _ok(f) and _ok(plain):
+                verdict.append(f"{f['tokens_per_s'] / plain['tokens_per_s']:.2f}× fastpeft {METHOD_LABEL[plain['method']]}")
             if judge and _ok(f) and _ok(full) and method.startswith("lora"):
                 verdict.append(f"{f['tokens_per_s'] / full['tokens_per_s']:.2f}× Full FT")
             out.append(f"| {name} | {METHOD_LABEL[method]} | {_tps(p)} | {_tps(f)} | {speed} | {_mfu(p)} | {_mfu(f)} | "
@@ -195,6 +214,10 @@ def markdown(info) -> str:
                     "2·N·T recompute + 2·N·T input grad (+ 2·N·T weight grad for Full FT), head without recompute, "
                     "causal attention at half the square (×4 for forward, recompute, backward); adapter FLOPs "
                     "(< 1%) left out.")
+    if any(r.get("method") != peft_baseline(r.get("method")) for r in info["rows"] if r.get("method") in METHOD_LABEL):
+        head.append("Rows '+ fused loss' (fastpeft.enable_fused_loss) and '+ offload' (also "
+                    "fastpeft.enable_activation_offload) are fastpeft-only: their PEFT columns repeat PEFT's plain "
+                    "LoRA / QLoRA row of the same run.")
     head += ["Full FT = plain transformers, bf16 weights, grads and AdamW states (8 B/param, no fp32 master "
              "weights); where its estimate exceeds the GPU's memory it is recorded as OOM without trying.",
              "PEFT QLoRA = PEFT's recipe: `prepare_model_for_kbit_training` (upcasts embeddings, norms and head to "

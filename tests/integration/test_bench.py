@@ -100,9 +100,12 @@ def test_markdown_and_plots(smoke):
     md = smoke["md"]
     assert ("## Peak host RSS" if not CUDA else "## Peak memory") in md  # CPU: labelled as the process's RSS
     assert "## Speed" in md and "## Where one step's time goes" in md
-    assert "| model | Full FT | LoRA r=16 | QLoRA r=16 | IA3 |" in md
+    assert ("| model | Full FT | LoRA r=16 | LoRA r=16 + fused loss | LoRA r=16 + fused loss + offload | QLoRA r=16 | "
+            "QLoRA r=16 + fused loss | QLoRA r=16 + fused loss + offload | IA3 |") in md
+    assert "are fastpeft-only: their PEFT columns repeat PEFT's plain" in md
     assert "tiny Llama (2 layers)" in md and "PEFT " in md and "→ fastpeft" in md
-    for label in ("LoRA r=16", "LoRA r=16, dropout 0.05", "QLoRA r=16", "QLoRA r=16, dropout 0.05", "IA3"):
+    for label in ("LoRA r=16", "LoRA r=16, dropout 0.05", "QLoRA r=16", "QLoRA r=16, dropout 0.05", "IA3",
+                  "LoRA r=16 + fused loss", "QLoRA r=16 + fused loss + offload"):
         assert f"| {label} |" in md, label
     assert "smoke test" in md  # a CPU run says what it is
     if not CUDA:
@@ -329,3 +332,37 @@ def test_plot_title_states_the_threads_actually_used(monkeypatch, tmp_path):
     for t in titles:
         m = re.search(r"(\d+) (?:torch )?threads?\b", t)
         assert m and int(m.group(1)) == 1, t  # torch ran on one thread
+
+
+def test_fastpeft_only_rows_have_no_peft_twin_and_the_same_first_loss(smoke):
+    """The memory options change memory, not numbers: a fused-loss / offload row starts from the same loss as
+    fastpeft's plain row (same weights and batch), and only fastpeft runs it."""
+    by = {(r["method"], r["impl"]): r for r in smoke["info"]["rows"]}
+    for method, plain in bench.FASTPEFT_ONLY.items():
+        assert (method, "peft") not in by
+        row = by[(method, "fastpeft")]
+        assert row["status"] == "ok", row
+        assert row["loss_first"] == pytest.approx(by[(plain, "fastpeft")]["loss_first"], rel=1e-3)
+
+
+def test_longest_markdown_reads_results():
+    from fastpeft.bench.longest import longest_markdown
+
+    ok = lambda seq, tps: {"seq": seq, "status": "ok", "tokens_per_s": tps, "peak_gib": 20.0}
+    info = {"device": "GPU", "date": "d", "versions": {}, "model_name": "Llama-3.1-8B", "steps": 3, "start": 2048,
+            "max_seq": 8192, "results": [
+                {"impl": "peft", "method": "qlora", "cap_gib": 24.0, "weights_gib": 9.0, "longest": 2048,
+                 "longest_is_lower_bound": False, "lengths": [ok(2048, 900.0), {"seq": 4096, "status": "oom"}]},
+                {"impl": "fastpeft", "method": "qlora_offload", "cap_gib": 24.0, "weights_gib": 6.0, "longest": 8192,
+                 "longest_is_lower_bound": True, "stopped": "max_seq 8192 reached",
+                 "lengths": [ok(2048, 1000.0), ok(4096, 990.0), ok(8192, 950.0)]}]}
+    md = longest_markdown(info)
+    assert "| 24 GiB | QLoRA r=16 [peft] | 2,048 | 900 | 20.0 | 9.0 | oom at 4096 |" in md
+    assert "| ≥ 8,192 | 950 |" in md and "4.0× PEFT's longest" in md
+
+
+def test_longest_needs_a_gpu_and_valid_rows():
+    if CUDA:
+        pytest.skip("checks the CPU refusal")
+    with pytest.raises(SystemExit, match="CUDA"):
+        bench.main(["--longest"])
