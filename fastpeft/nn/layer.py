@@ -114,6 +114,11 @@ class AdapterLayer(nn.Module):
     def _triton_can_run(self, x: torch.Tensor) -> bool:
         if not HAS_TRITON:
             return False
+        if not x.is_cuda and not settings.get().triton_interpret:
+            warn_once("triton-cpu", "fastpeft: the Triton kernels run on CPU tensors only in Triton's interpreter "
+                      "(TRITON_INTERPRET=1, set before Python starts); these layers use the PyTorch reference path "
+                      "(the same numbers) instead")
+            return False
         if not x.is_cuda and settings.get().triton_interpret and x.dtype == torch.bfloat16:
             warn_once("bf16-interpreter", "fastpeft: bfloat16 in Triton's interpreter (TRITON_INTERPRET=1) would give "
                       "wrong numbers (its bf16 arithmetic is broken); these layers use the PyTorch reference "

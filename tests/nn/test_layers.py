@@ -202,3 +202,22 @@ def test_adapters_follow_the_base_weight_onto_the_meta_device(kind):
         layer = IA3Linear(base, "default", is_feedforward=False)
         layer.update_layer("second")
     assert {p.device.type for p in layer.parameters()} == {"meta"}
+
+
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_uses_the_reference_and_says_so(monkeypatch):
+    """Triton cannot launch on CPU pointers outside its interpreter: the layer runs the reference path (the
+    oracle, the same numbers) with a warning instead of failing inside Triton's launcher."""
+    from helpers import set_settings
+
+    set_settings(monkeypatch, backend="triton", triton_interpret=False)
+    monkeypatch.setattr(layer_module, "_warned", set())
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(12, 7), "default", r=3, lora_alpha=6)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(2, 5, 12)
+    with pytest.warns(UserWarning, match="TRITON_INTERPRET"):
+        y = layer(x)
+    base = layer.base_layer
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    ref = base(x) + (x @ a.t() @ b.t()) * layer.scaling["default"]
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
