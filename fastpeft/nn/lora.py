@@ -14,8 +14,14 @@ from typing import Dict, List, Union
 import torch
 import torch.nn as nn
 
+from .. import settings
+from ..ops import HAS_TRITON
+from . import bases, mixed_batch
 from .layer import AdapterLayer
 from .variants import DORA, PLAIN_LORA, DoraVariant, LoraVariant
+
+if HAS_TRITON:
+    from ..ops.kernels import sgmv
 
 
 class LoraLinear(AdapterLayer):
@@ -47,6 +53,7 @@ class LoraLinear(AdapterLayer):
         self.lora_alpha: Dict[str, float] = {}
         self.scaling: Dict[str, float] = {}
         self.lora_variant: Dict[str, LoraVariant] = {}
+        self._mixed_cache: Dict[str, tuple] = {}  # mixed-adapter batches: stacked adapters, segment indices
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (PEFT's attribute name)
         self._dora_norms: Dict[str, tuple] = {}  # DoRA: cached weight norm out of training (variants.py)
         self._dora_merge_norms: Dict[str, torch.Tensor] = {}  # DoRA: the unmerged norm of a merged adapter
@@ -110,6 +117,75 @@ class LoraLinear(AdapterLayer):
 
     def _forward_nf4(self, x, name, compiled):
         return self.lora_variant[name].forward_nf4(self, name, x, self._dropout_p(name), compiled)
+
+    # -- mixed-adapter batches ----------------------------------------------------------------------------
+    def _forward_mixed(self, x: torch.Tensor, names) -> torch.Tensor:
+        """One adapter per row: one base pass for the whole batch, then every row's LoRA delta in one pass
+        (``ops/kernels/sgmv.py``) where that applies (``_fused_mixed_ok``); else one pass per adapter."""
+        if not self._fused_mixed_ok(x):
+            return super()._forward_mixed(x, names)
+        segment_index = self._segment_adapters(names, x.shape[0], x.device)
+        a_stack, b_stack, scales = self._mixed_stacks(x.device)
+        y = bases.base_forward(self._modules["base_layer"], x)
+        tokens = 1 if x.dim() == 1 else x.numel() // (x.shape[0] * x.shape[-1])
+        sgmv.lora_mixed_delta_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), segment_index, tokens,
+                               a_stack, b_stack, scales)
+        return y
+
+    def _fused_mixed_ok(self, x: torch.Tensor) -> bool:
+        """The one-pass mixed batch needs: inference without autograd (it writes the base output in place),
+        eager mode (under torch.compile the per-adapter loop traces), plain LoRA adapters only, no active dropout,
+        a batch dimension, and the Triton kernels on x's device (CUDA; on CPU only the triton backend in
+        Triton's interpreter, not bf16)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not HAS_TRITON or self.merged_adapters:
+            return False
+        if x.dim() < 2 or self.backend == "reference" or not self.lora_A:
+            return False
+        if x.is_cuda:
+            pass
+        elif not (self.backend == "triton" and settings.get().triton_interpret and x.dtype != torch.bfloat16):
+            return False
+        if any(v is not PLAIN_LORA for v in self.lora_variant.values()):
+            return False
+        return not (self.training and any(isinstance(d, nn.Dropout) and d.p > 0 for d in self.lora_dropout.values()))
+
+    def _segment_adapters(self, names, rows: int, device) -> torch.Tensor:
+        """int32 [rows]: each batch row's adapter index in the stacks (-1: the base model), cached per names."""
+        key = (tuple(names), rows, device, tuple(self.lora_A.keys()))
+        hit = self._mixed_cache.get("segments")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        per_name = len(names) and rows // len(names)
+        if per_name * len(names) != rows or per_name == 0:
+            mixed_batch.row_groups(names, rows)  # raises the clear error
+        index = {n: i for i, n in enumerate(self.lora_A.keys())}
+        values = [index.get(names[i // per_name], -1) for i in range(rows)]
+        tensor = torch.tensor(values, dtype=torch.int32, device=device)
+        self._mixed_cache["segments"] = (key, tensor)
+        return tensor
+
+    def _mixed_stacks(self, device):
+        """Every adapter of this layer stacked for the one-pass kernels: A [n, R, K], B [n, N, R] (zero-padded
+        to the largest rank R), scalings [n]; rebuilt when an adapter is added, deleted or changed (tensor
+        identity and version counters), kept otherwise. Costs one more copy of the adapters' weights."""
+        key = tuple((name, id(a.weight), a.weight.data_ptr(), a.weight._version, id(self.lora_B[name].weight),
+                     self.lora_B[name].weight.data_ptr(), self.lora_B[name].weight._version, self.scaling[name],
+                     self.r[name]) for name, a in self.lora_A.items())
+        hit = self._mixed_cache.get("stacks")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        names = list(self.lora_A.keys())
+        rank = max(self.r[n] for n in names)
+        dtype = self.lora_A[names[0]].weight.dtype
+        a_stack = torch.zeros(len(names), rank, self.in_features, dtype=dtype, device=device)
+        b_stack = torch.zeros(len(names), self.out_features, rank, dtype=dtype, device=device)
+        for i, name in enumerate(names):
+            r = self.r[name]
+            a_stack[i, :r] = self.lora_A[name].weight.detach()
+            b_stack[i, :, :r] = self.lora_B[name].weight.detach()
+        scales = torch.tensor([float(self.scaling[n]) for n in names], dtype=torch.float32, device=device)
+        self._mixed_cache["stacks"] = (key, (a_stack, b_stack, scales))
+        return a_stack, b_stack, scales
 
     # -- merge ----------------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -7,8 +7,11 @@ duration of the call (a ``ContextVar``: thread- and task-local); every drop-in t
 kernels where they apply), and puts the rows back. When the batch has k times as many rows as names (generate's
 beams / num_return_sequences expand each row k times in place), name i covers rows i·k … i·k+k-1.
 
-Numbers: each row gets what the model computes with that adapter alone (PEFT's semantics). Cost: one pass per
-distinct adapter in the batch (the base product is computed once per row; no fused segmented kernel yet).
+Numbers: each row gets what the model computes with that adapter alone (PEFT's semantics). Cost: LoRA layers
+whose adapters are all plain LoRA run one base pass for the whole batch and every row's delta in one pass
+(``LoraLinear._forward_mixed``, ``ops/kernels/sgmv.py``: no loop over adapters) when there is no autograd, no
+torch.compile trace and the kernels can run on the input's device; otherwise (and for IA3 / DoRA layers) one
+pass per distinct adapter, through ``forward_mixed`` below.
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ __all__ = [
     "nf4_weight_reference",
     "nf4_lora_linear_reference",
     "nf4_ia3_linear_reference",
+    "lora_mixed_delta_reference",
 ]
 
 
@@ -175,3 +176,18 @@ def nf4_ia3_linear_reference(x, packed, quant_state, bias, ia3_l, feedforward: b
     """Pure-PyTorch IA3 on a 4-bit base (the oracle)."""
     w = nf4_weight_reference(packed, quant_state, x.dtype)
     return ia3_linear_reference(x, w, bias, ia3_l, feedforward)
+
+
+def lora_mixed_delta_reference(y2d: torch.Tensor, x2d: torch.Tensor, adapter_of_segment: torch.Tensor, tokens: int,
+                               a_stack: torch.Tensor, b_stack: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Oracle of ``ops/kernels/sgmv.py``: y + s_a·(x·A_aᵀ)·B_aᵀ per segment of ``tokens`` rows (a = -1: no
+    adapter), in fp32, rounded once to y's dtype. Returns a new tensor."""
+    adapter_of_row = adapter_of_segment.long().repeat_interleave(tokens)
+    out = y2d.float().clone()
+    for a in adapter_of_segment.unique().tolist():
+        if a < 0:
+            continue
+        rows = (adapter_of_row == a).nonzero().squeeze(1)
+        shrunk = x2d.index_select(0, rows).float() @ a_stack[a].float().t()
+        out.index_add_(0, rows, (shrunk @ b_stack[a].float().t()) * scales[a].float())
+    return out.to(y2d.dtype)

@@ -18,6 +18,7 @@ LAYERS = [
     ["fastpeft.ops.kernels", "fastpeft.ops.kernels.common", "fastpeft.ops.kernels.nf4_dequant",
      "fastpeft.ops.kernels.lora", "fastpeft.ops.kernels.ia3", "fastpeft.ops.kernels.nf4_matmul",
      "fastpeft.ops.kernels.nf4_gemv", "fastpeft.ops.kernels.nf4_lora", "fastpeft.ops.kernels.dora", "fastpeft.ops.kernels.custom_ops",
+     "fastpeft.ops.kernels.sgmv",
      "fastpeft.ops.nf4_quantize"],
     ["fastpeft.nn._rng", "fastpeft.nn.bases", "fastpeft.nn.mixed_batch", "fastpeft.nn.layer", "fastpeft.nn.variants", "fastpeft.nn.lora", "fastpeft.nn.ia3",
      "fastpeft.nn.modules_to_save", "fastpeft.nn"],

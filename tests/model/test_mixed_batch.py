@@ -218,3 +218,41 @@ def test_mixed_batch_under_torch_compile(monkeypatch):
             assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, mixed) <= 1e-6
         finally:
             dynamo.reset()
+
+
+@pytest.mark.skipif(not fastpeft.settings.get().triton_interpret and not torch.cuda.is_available(),
+                    reason="the one-pass kernels need CUDA or Triton's interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_pass_kernels_run_the_mixed_batch_and_match_the_per_adapter_loop(dtype, monkeypatch):
+    """Plain LoRA adapters of different ranks, without autograd: one base pass + the SGMV kernels per layer (no
+    loop over adapters), the same numbers as the per-adapter loop; with autograd on, the loop runs instead."""
+    from fastpeft.nn import lora as lora_module
+
+    theirs, ours = _two_adapters(tiny_model("qwen2", seed=11), *_lora_cfgs(), "triton", monkeypatch)
+    ours.to(dtype)
+    calls = []
+    real = lora_module.sgmv.lora_mixed_delta_
+    monkeypatch.setattr(lora_module.sgmv, "lora_mixed_delta_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = random_ids(batch=4, seq=6, seed=12)
+    with torch.no_grad():
+        got = ours(input_ids=ids, adapter_names=NAMES).logits
+    assert calls, "the one-pass kernels did not run"
+    n_layers_with_adapters = sum(isinstance(m, fastpeft.LoraLinear) for m in ours.modules())
+    assert len(calls) == n_layers_with_adapters  # one call per layer, whatever the number of adapters
+    calls.clear()
+    set_settings(monkeypatch, backend="reference")
+    loop = fastpeft.patch(tiny_model("qwen2", seed=11).to(dtype), copy.deepcopy(_lora_cfgs()[0]), adapter_name="a")
+    fastpeft.add_adapter(loop, "b", copy.deepcopy(_lora_cfgs()[1]))
+    loop.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        want = loop.eval()(input_ids=ids, adapter_names=NAMES).logits
+    assert rel_err(got, want) <= (FP32_TOL if dtype == torch.float32 else 2e-3)
+    set_settings(monkeypatch, backend="triton")
+    with torch.enable_grad():
+        again = ours(input_ids=ids, adapter_names=NAMES).logits
+    assert not calls and rel_err(again.detach(), got) <= (FP32_TOL if dtype == torch.float32 else 2e-3)
+    # a changed adapter weight is seen (the stacked copy is rebuilt)
+    with torch.no_grad():
+        next(p for n, p in ours.named_parameters() if "lora_B.b" in n).mul_(3.0)
+        changed = ours(input_ids=ids, adapter_names=NAMES).logits
+    assert rel_err(changed[2], got[2]) > 1e-3 and rel_err(changed[0], got[0]) <= 1e-6

@@ -1,0 +1,139 @@
+"""Mixed-adapter batches at the Llama-3.1-8B shape (CUDA): tokens/s of one batch whose rows use N different
+LoRA adapters (``adapter_names=[...]``) against the same batch on one adapter, and against PEFT's
+adapter_names path, side by side in one run (issue 15's targets: mixed >= 0.85x one adapter, >= 3x PEFT).
+
+    python benchmarks/scripts/bench_mixed.py --adapters 8 32 --out mixed.json
+
+Random-init weights (nothing is downloaded), bf16, sdpa, eager, no autograd. r=16, alpha=32 on every linear
+layer but the head; the adapters' B are random (so every adapter changes the output). Rows:
+  prefill  one forward of [batch, --prefill] tokens, no cache (tokens/s = batch * prefill / time)
+  decode   generate(--new-tokens) greedy after a 16-token prompt, HF's dynamic cache (tokens/s = batch * new / time)
+for impl in fastpeft (the one-pass SGMV kernels for the mixed batch), fastpeft with one adapter for every row
+(no adapter_names), PEFT with adapter_names, and the base model without adapters.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import fastpeft  # noqa: E402
+from fastpeft.bench.harness import llama_config  # noqa: E402
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script (tiny model)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats):
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="8b")
+    ap.add_argument("--adapters", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    transformers.logging.set_verbosity_error()
+    with torch.device(DEVICE):
+        base = transformers.LlamaForCausalLM._from_config(llama_config(a.model), dtype=torch.bfloat16,
+                                                          attn_implementation="sdpa").eval()
+    base.config.use_cache = True
+    n_max = max(a.adapters)
+    names = [f"task{i}" for i in range(n_max)]
+    cfg = fastpeft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    rows = []
+    vocab = base.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+
+    def record(impl, kind, n, batch, seconds, tokens):
+        row = {"impl": impl, "kind": kind, "adapters": n, "batch": batch, "s": seconds, "tokens_per_s": tokens / seconds}
+        rows.append(row)
+        print(f"{kind:8s} adapters={n:3d} batch={batch:3d} {impl:22s} {row['tokens_per_s']:12,.0f} tok/s "
+              f"({seconds * 1e3:.1f} ms)", flush=True)
+
+    def measure(model, impl, n, adapter_names):
+        batch = n
+        prompt = torch.randint(0, vocab, (batch, a.prefill), generator=gen).to(DEVICE)
+        kw = {} if adapter_names is None else {"adapter_names": adapter_names}
+        with torch.no_grad():
+            s = timed(lambda: model(input_ids=prompt, use_cache=False, **kw), a.repeats)
+            record(impl, "prefill", n, batch, s, batch * a.prefill)
+            short = prompt[:, :16]
+            mask = torch.ones_like(short)
+            s = timed(lambda: model.generate(input_ids=short, attention_mask=mask, max_new_tokens=a.new_tokens,
+                                             min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, **kw),
+                      a.repeats)
+            record(impl, "decode", n, batch, s, batch * a.new_tokens)
+
+    for n in a.adapters:
+        measure(base, "base (no adapters)", n, None)
+    ours = fastpeft.patch(copy.deepcopy(base), cfg, adapter_name=names[0])
+    for name in names[1:]:
+        fastpeft.add_adapter(ours, name, cfg)
+    ours.eval()
+    for n in a.adapters:
+        measure(ours, "fastpeft mixed", n, names[:n])
+        measure(ours, "fastpeft one adapter", n, None)
+    state = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    del ours
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    if not a.skip_peft:
+        import peft
+
+        pcfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+        theirs = peft.get_peft_model(base, pcfg, adapter_name=names[0])
+        for name in names[1:]:
+            theirs.add_adapter(name, pcfg)
+        missing = theirs.base_model.model.load_state_dict(state, strict=False)
+        assert not missing.unexpected_keys, missing.unexpected_keys[:3]
+        theirs.eval()
+        for n in a.adapters:
+            measure(theirs, "PEFT mixed", n, names[:n])
+    summary = []
+    for n in a.adapters:
+        for kind in ("prefill", "decode"):
+            get = {r["impl"]: r["tokens_per_s"] for r in rows if r["adapters"] == n and r["kind"] == kind}
+            line = {"adapters": n, "kind": kind, "mixed_vs_one_adapter": get["fastpeft mixed"] / get["fastpeft one adapter"],
+                    "mixed_vs_base": get["fastpeft mixed"] / get["base (no adapters)"]}
+            if "PEFT mixed" in get:
+                line["mixed_vs_peft"] = get["fastpeft mixed"] / get["PEFT mixed"]
+            summary.append(line)
+            print(line)
+    info = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+            "model": a.model, "prefill": a.prefill, "new_tokens": a.new_tokens, "rows": rows, "summary": summary}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(info, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
