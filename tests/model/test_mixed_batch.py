@@ -228,12 +228,14 @@ def test_one_pass_kernels_run_the_mixed_batch_and_match_the_per_adapter_loop(dty
     loop over adapters), the same numbers as the per-adapter loop; with autograd on, the loop runs instead."""
     from fastpeft.nn import lora as lora_module
 
+    # CUDA: the model on the GPU (compiled kernels); CPU: Triton's interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     theirs, ours = _two_adapters(tiny_model("qwen2", seed=11), *_lora_cfgs(), "triton", monkeypatch)
-    ours.to(dtype)
+    ours.to(device, dtype)
     calls = []
     real = lora_module.sgmv.lora_mixed_delta_
     monkeypatch.setattr(lora_module.sgmv, "lora_mixed_delta_", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ids = random_ids(batch=4, seq=6, seed=12)
+    ids = random_ids(batch=4, seq=6, seed=12).to(device)
     with torch.no_grad():
         got = ours(input_ids=ids, adapter_names=NAMES).logits
     assert calls, "the one-pass kernels did not run"
@@ -241,7 +243,8 @@ def test_one_pass_kernels_run_the_mixed_batch_and_match_the_per_adapter_loop(dty
     assert len(calls) == n_layers_with_adapters  # one call per layer, whatever the number of adapters
     calls.clear()
     set_settings(monkeypatch, backend="reference")
-    loop = fastpeft.patch(tiny_model("qwen2", seed=11).to(dtype), copy.deepcopy(_lora_cfgs()[0]), adapter_name="a")
+    loop = fastpeft.patch(tiny_model("qwen2", seed=11).to(device, dtype), copy.deepcopy(_lora_cfgs()[0]),
+                          adapter_name="a")
     fastpeft.add_adapter(loop, "b", copy.deepcopy(_lora_cfgs()[1]))
     loop.load_state_dict(ours.state_dict())
     with torch.no_grad():

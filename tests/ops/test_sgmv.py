@@ -52,7 +52,9 @@ def test_bf16_on_gpu():
     seg = torch.randint(-1, 8, (32,), generator=gen).to(DEVICE, torch.int32)
     want = sgmv.lora_mixed_delta_reference(y, x, seg, tokens, a, b, scales)
     got = sgmv.lora_mixed_delta_(y.clone(), x, seg, tokens, a, b, scales)
-    assert rel_err(got, want) <= 1e-2 and (got.float() - want.float()).abs().max() <= 0.07
+    # one rounding to bf16 each, in a different order: at most a couple of bf16 ulps (2^-7 relative) apart
+    diff = (got.float() - want.float()).abs()
+    assert rel_err(got, want) <= 1e-3 and bool((diff <= want.float().abs() / 64 + 1e-2).all())
 
 
 def test_shape_disagreement_is_refused():
