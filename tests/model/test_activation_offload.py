@@ -9,14 +9,14 @@ import torch
 
 import fastpeft
 from fastpeft import activation_offload as ao
-from helpers import random_ids, tiny_model
+from helpers import random_ids, rel_err, tiny_model
 
 
-def _model(checkpointing):
+def _model(checkpointing, dropout=0.1):
     model = tiny_model("llama", seed=3).train()
     if checkpointing is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
-    cfg = fastpeft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False)
+    cfg = fastpeft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False)
     return fastpeft.patch(model, cfg)
 
 
@@ -84,3 +84,22 @@ def test_bad_input():
 def test_warns_without_checkpointing():
     with pytest.warns(UserWarning, match="without gradient checkpointing"):
         fastpeft.enable_activation_offload(tiny_model("llama").train())
+
+
+def test_torch_compile_of_an_offloaded_model():
+    """No dropout here: compiled dropout draws other masks than eager (docs/compile-and-rng.md), and the point is
+    that the offloaded tensors come back."""
+    plain = _model("non-reentrant", dropout=0.0)
+    offloaded = fastpeft.enable_activation_offload(copy.deepcopy(plain), min_bytes=0)
+    offloaded.__dict__[ao.STATE_ATTR].host_copies_of_cpu_tensors = True
+    compiled = torch.compile(offloaded)
+    ids = random_ids(batch=2, seq=9)
+    torch.manual_seed(0)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    ref_loss, ref = _grads(plain)
+    assert rel_err(loss.detach(), ref_loss) <= 1e-5
+    got = {n: p.grad for n, p in offloaded.named_parameters() if p.grad is not None}
+    for name in ref:
+        assert rel_err(got[name], ref[name]) <= 1e-5, name
+    assert offloaded.__dict__[ao.STATE_ATTR].last.next_key > 0

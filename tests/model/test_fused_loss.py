@@ -223,3 +223,22 @@ def test_trainer_with_gradient_accumulation_trains_the_same_weights(tmp_path):
     for name, p in base.named_parameters():
         if p.requires_grad:
             assert rel_err(params[name].detach(), p.detach()) <= 1e-5, name
+
+
+def test_torch_compile_of_a_model_with_the_fused_loss():
+    """torch.compile(model) runs the fused forward (graph breaks around the chunk loop are allowed) with the same
+    loss and gradients."""
+    model = _lora("llama")
+    reference = copy.deepcopy(model)
+    fastpeft.enable_fused_loss(model, backend="fastpeft", chunk_rows=5)
+    compiled = torch.compile(model)
+    batch = _batch()
+    out = compiled(**batch)
+    out.loss.backward()
+    ref = reference(**batch).loss
+    ref.backward()
+    assert out.logits is None and rel_err(out.loss.detach(), ref.detach()) <= 1e-5
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in reference.named_parameters():
+        if p.grad is not None:
+            assert rel_err(grads[name], p.grad) <= 1e-5, name
