@@ -113,6 +113,15 @@ def _ddp(rank, world, tmp):
         model = DDP(copy.deepcopy(ref))
         _train_and_compare(model, ref, rank, world, f"DDP {kind}/{backend}{'/nf4' if nf4 else ''}")
 
+    # The fused loss under DDP, its head trained through modules_to_save (the any-module path: gradients
+    # delivered by the loss's own backward): the same gradients as one process with the unfused loss.
+    _use_backend("reference")
+    torch.manual_seed(0)
+    ref = fastpeft.patch(tiny_model("llama", seed=2), fastpeft.LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    fused = fastpeft.enable_fused_loss(copy.deepcopy(ref), backend="fastpeft", chunk_rows=5)
+    _train_and_compare(DDP(fused), ref, rank, world, "DDP fused loss")
+
     # Dropout: all ranks seeded alike. Kernel path: the rank is folded into the seed -> different masks per
     # rank. Reference path (nn.Dropout, as PEFT): the masks follow torch's RNG, identical here.
     x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(0))
