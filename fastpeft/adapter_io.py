@@ -20,7 +20,7 @@ from .adapters import delete_adapter
 from .config import AdapterConfig, LoraConfig, to_fastpeft_config
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
-from .nn import IA3Linear, LoraLinear, ModulesToSave
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
 from .nn import bases
 from .patch import patch, unpatch
 
@@ -60,6 +60,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
                 bias = bases.base_bias(layer.base_layer)
                 if bias is not None:
                     out[f"{prefix}{path}.base_layer.bias"] = bias
+        elif isinstance(layer, LoraEmbedding) and adapter_name in layer.adapter_names:
+            out[f"{prefix}{path}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]  # PEFT: no ".weight"
+            out[f"{prefix}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.ia3_l"] = layer.ia3_l[adapter_name]
     wrappers = _wrappers_to_save(model)
@@ -257,6 +260,8 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             expected.update({f"{path}.lora_A.{adapter_name}.weight", f"{path}.lora_B.{adapter_name}.weight"})
             if adapter_name in layer.lora_magnitude_vector:
                 expected.add(f"{path}.lora_magnitude_vector.{adapter_name}.weight")
+        elif isinstance(layer, LoraEmbedding) and adapter_name in layer.adapter_names:
+            expected.update({f"{path}.lora_embedding_A.{adapter_name}", f"{path}.lora_embedding_B.{adapter_name}"})
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             expected.add(f"{path}.ia3_l.{adapter_name}")
     local_prefix = PEFT_PREFIX if prefix == "" else ""
@@ -266,7 +271,7 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             target = f"{local}.{adapter_name}.weight"
         elif local.endswith((".lora_A.weight", ".lora_B.weight")):
             target = f"{local[: -len('.weight')]}.{adapter_name}.weight"
-        elif local.endswith(".ia3_l"):
+        elif local.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
             target = f"{local}.{adapter_name}"
         else:
             owner = next((w for w in wrappers if local.startswith(w + ".")), None)
@@ -416,6 +421,9 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", 
     for lpath, layer in adapter_layers(model):
         if adapter_name not in layer.adapter_names:
             continue
+        if isinstance(layer, LoraEmbedding):
+            raise ValueError(f"cannot hot-swap {lpath}: hot-swapping LoRA on embedding layers is not supported "
+                             "(load_adapter under another name, then set_adapter)")
         if isinstance(layer, LoraLinear):
             A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
             a_new = take(_file_key("", lpath, "lora_A.weight"), A, "lora_A")

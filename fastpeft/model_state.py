@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, LoraConfig
-from .nn import IA3Linear, LoraLinear, ModulesToSave
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
 from .nn import bases
 
-ADAPTER_TYPES = (LoraLinear, IA3Linear, ModulesToSave)
+ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, ModulesToSave)
 STATE_ATTR = "_fastpeft_state"
 
 
@@ -63,7 +63,7 @@ def adapter_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def underlying(module: nn.Module) -> nn.Module:
     """The base layer inside one of our drop-ins, or the module itself."""
-    return module.base_layer if isinstance(module, (LoraLinear, IA3Linear)) else module
+    return module.base_layer if isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear)) else module
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -29,7 +29,7 @@ from .model_state import (
     set_submodule,
     underlying,
 )
-from .nn import IA3Linear, LoraLinear, ModulesToSave
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
 from . import mixed_batches
@@ -46,9 +46,11 @@ def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: s
             cfg.fan_in_fan_out = True  # PEFT does the same for Conv1D (GPT-2 stores weights as [in, out])
         args = (cfg.rank_for(name), cfg.alpha_for(name), float(cfg.lora_dropout), cfg.init_lora_weights, cfg.use_rslora,
                 cfg.use_dora)
-        if isinstance(module, LoraLinear):
+        if isinstance(module, (LoraLinear, LoraEmbedding)):
             module.update_layer(adapter_name, *args)
             return module
+        if bases.is_embedding(module):
+            return LoraEmbedding(module, adapter_name, *args)
         return LoraLinear(module, adapter_name, *args)
     ff = cfg.feedforward_modules or []
     is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(name.endswith(t) for t in ff)
@@ -69,8 +71,8 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
             cfg.fan_in_fan_out = False  # PEFT resets it for nn.Linear targets as well
     built = []
     for name, module in targets:
-        existing = isinstance(module, (LoraLinear, IA3Linear))
-        if existing and not isinstance(module, LoraLinear if isinstance(cfg, LoraConfig) else IA3Linear):
+        existing = isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear))
+        if existing and not isinstance(module, (LoraLinear, LoraEmbedding) if isinstance(cfg, LoraConfig) else IA3Linear):
             raise ValueError(f"{name} already holds a {type(module).__name__}; one adapter method per model")
         new = _new_layer(name, module, cfg, adapter_name)
         if existing:
@@ -245,6 +247,24 @@ def finish(model: nn.Module, state: PatchState) -> None:
 def _convert_peft_layer(name: str, layer: nn.Module) -> nn.Module:
     cls = type(layer).__name__
     base = layer.base_layer
+    if bases.is_embedding(base) and getattr(layer, "lora_embedding_A", None):
+        names = list(layer.lora_embedding_A.keys())
+        if any(layer.use_dora.get(n, False) for n in names):
+            raise TypeError(f"{name}: PEFT's DoRA on an embedding layer is not supported by fastpeft")
+        new = LoraEmbedding(base, names[0], r=1, lora_alpha=1.0)
+        new.delete_adapter(names[0])
+        for adapter in names:
+            new.lora_embedding_A[adapter] = layer.lora_embedding_A[adapter]  # the same parameters
+            new.lora_embedding_B[adapter] = layer.lora_embedding_B[adapter]
+            new.lora_dropout[adapter] = layer.lora_dropout[adapter]
+            new.r[adapter] = layer.r[adapter]
+            new.lora_alpha[adapter] = layer.lora_alpha[adapter]
+            new.scaling[adapter] = layer.scaling[adapter]
+        active = layer.active_adapters
+        new.active_adapter = active[0] if active else names[0]
+        new.merged_adapters = list(layer.merged_adapters)
+        new.disable_adapters = bool(layer.disable_adapters)
+        return new
     if not bases.supported_base(base):
         raise TypeError(f"{name}: PEFT layer {cls} wraps {type(base).__name__}; fastpeft adapts {bases.SUPPORTED_BASE_TYPES}")
     if hasattr(layer, "lora_A"):

@@ -25,7 +25,7 @@ from .config import (
     peft_stored_targets,
 )
 from .model_state import ADAPTER_TYPES, is_peft_tuner_layer, root_model, underlying
-from .nn import IA3Linear, LoraLinear
+from .nn import IA3Linear, LoraEmbedding, LoraLinear
 from .nn import bases
 
 __all__ = ["find_targets", "find_modules_to_save"]
@@ -163,10 +163,14 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> List[Tuple[str, nn.Mod
                 stacklevel=3,
             )
     for name, module in found:
-        if not bases.supported_base(underlying(module)):
+        inner = underlying(module)
+        if bases.is_embedding(inner) and not isinstance(cfg, LoraConfig):
+            raise TypeError(f"module {name!r} is an nn.Embedding: fastpeft adapts embeddings with LoRA only (PEFT's "
+                            f"{cfg.peft_type} does not adapt them either)")
+        if not (bases.supported_base(inner) or bases.is_embedding(inner)):
             raise TypeError(
-                f"module {name!r} matches target_modules but is a {type(underlying(module)).__name__}; "
-                f"fastpeft adapts: {bases.SUPPORTED_BASE_TYPES}"
+                f"module {name!r} matches target_modules but is a {type(inner).__name__}; "
+                f"fastpeft adapts: {bases.SUPPORTED_BASE_TYPES}, and torch.nn.Embedding with LoRA"
             )
     if isinstance(targets, list):
         # What PEFT stores (and writes to adapter_config.json, which serving stacks read): for "all-linear" the
@@ -182,7 +186,8 @@ def find_modules_to_save(model: nn.Module, cfg: AdapterConfig) -> List[Tuple[str
     found = [
         (n, m)
         for n, m in _candidate_modules(model)
-        if any(n == t or n.endswith(t) for t in cfg.modules_to_save) and not isinstance(m, (LoraLinear, IA3Linear))
+        if any(n == t or n.endswith(t) for t in cfg.modules_to_save)
+        and not isinstance(m, (LoraLinear, LoraEmbedding, IA3Linear))
     ]
     missing = [t for t in cfg.modules_to_save if not any(n == t or n.endswith(t) for n, _ in found)]
     if missing:

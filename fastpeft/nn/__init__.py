@@ -3,6 +3,7 @@
     bases.py            the frozen base layers (Linear, Conv1D, bnb Linear4bit) and how to read them
     layer.py            AdapterLayer: bookkeeping, the forward decision and the merge tail, shared by
     lora.py, ia3.py     LoraLinear and IA3Linear
+    lora_embedding.py   LoraEmbedding (LoRA on nn.Embedding)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
     _rng.py             the LoRA dropout seed
@@ -10,6 +11,7 @@
 from .ia3 import IA3Linear
 from .layer import AdapterLayer
 from .lora import LoraLinear, LoraVariant
+from .lora_embedding import LoraEmbedding
 from .modules_to_save import ModulesToSave
 
-__all__ = ["AdapterLayer", "LoraLinear", "LoraVariant", "IA3Linear", "ModulesToSave"]
+__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "ModulesToSave"]

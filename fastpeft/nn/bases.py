@@ -37,7 +37,13 @@ def is_linear4bit(module: nn.Module) -> bool:
 
 
 def supported_base(module: nn.Module) -> bool:
+    """A linear-type base every adapter method wraps (embeddings: ``is_embedding``, LoRA only)."""
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear4bit(module)
+
+
+def is_embedding(module: nn.Module) -> bool:
+    """``nn.Embedding`` (and subclasses such as scaled word embeddings): LoRA's ``LoraEmbedding`` wraps it."""
+    return isinstance(module, nn.Embedding)
 
 
 def quant_state_of(module: nn.Module):
@@ -82,6 +88,8 @@ def base_features(module: nn.Module) -> Tuple[int, int]:
     if is_conv1d(module):
         in_f, out_f = module.weight.shape
         return int(in_f), int(out_f)
+    if is_embedding(module):  # PEFT's naming for embeddings: in = vocabulary rows, out = embedding width
+        return int(module.num_embeddings), int(module.embedding_dim)
     return int(module.in_features), int(module.out_features)
 
 

@@ -47,12 +47,14 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_kind = ""
+    wraps_embeddings = False  # LoraEmbedding: an nn.Embedding base instead of a linear-type one
 
     def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
         super().__init__()
-        if not bases.supported_base(base_layer):
+        if self.wraps_embeddings != bases.is_embedding(base_layer) or not (
+                bases.supported_base(base_layer) or self.wraps_embeddings):
             raise TypeError(f"{type(self).__name__} cannot wrap {type(base_layer).__name__}; supported: "
-                            f"{bases.SUPPORTED_BASE_TYPES}")
+                            f"{'torch.nn.Embedding' if self.wraps_embeddings else bases.SUPPORTED_BASE_TYPES}")
         backend = settings.get().backend
         if backend == "triton" and not HAS_TRITON:
             raise ValueError("FASTPEFT_BACKEND=triton but Triton is not installed (pip install triton, on Linux); "
