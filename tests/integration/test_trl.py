@@ -37,18 +37,23 @@ def _lora_model():
     return fastpeft.patch(tiny_model("llama", seed=1), cfg)
 
 
+def _sft_trainer(model, out_dir, steps):
+    """SFTTrainer on the in-memory WORDS, CPU, fp32, constant LR, a loss logged every step."""
+    args = trl.SFTConfig(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, max_length=32, packing=False, seed=0, bf16=False, fp16=False,
+    )
+    return trl.SFTTrainer(model=model, args=args, processing_class=_tokenizer(),
+                          train_dataset=datasets.Dataset.from_dict({"text": WORDS}))
+
+
 def test_sft_trainer_trains_only_the_adapter(tmp_path):
     model = _lora_model()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert frozen and trainable
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        disable_tqdm=True, max_length=32, packing=False, seed=0, bf16=False, fp16=False,
-    )
-    trainer = trl.SFTTrainer(model=model, args=args, processing_class=_tokenizer(),
-                             train_dataset=datasets.Dataset.from_dict({"text": WORDS}))
+    trainer = _sft_trainer(model, tmp_path, steps=4)
     assert trainer.model is model  # no PEFT wrapping: our layers are trained as they are
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -106,13 +111,7 @@ def test_sft_trainer_with_fused_loss_enabled_trains_like_without(tmp_path):
     """TRL's SFTTrainer installs its own fused LM head over the model's forward: with fastpeft's fused loss
     enabled underneath, training runs and logs the same losses as the plain patched model."""
     def run(model, out):
-        args = trl.SFTConfig(
-            output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-            lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-            disable_tqdm=True, max_length=32, packing=False, seed=0, bf16=False, fp16=False,
-        )
-        trainer = trl.SFTTrainer(model=model, args=args, processing_class=_tokenizer(),
-                                 train_dataset=datasets.Dataset.from_dict({"text": WORDS}))
+        trainer = _sft_trainer(model, out, steps=3)
         trainer.train()
         return [row["loss"] for row in trainer.state.log_history if "loss" in row]
 
