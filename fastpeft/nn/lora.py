@@ -141,9 +141,8 @@ class LoraLinear(AdapterLayer):
             return False
         if x.dim() < 2 or self.backend == "reference" or not self.lora_A:
             return False
-        if x.is_cuda:
-            pass
-        elif not (self.backend == "triton" and settings.get().triton_interpret and x.dtype != torch.bfloat16):
+        if not x.is_cuda and not (self.backend == "triton" and settings.get().triton_interpret
+                                  and x.dtype != torch.bfloat16):
             return False
         if any(v is not PLAIN_LORA for v in self.lora_variant.values()):
             return False
@@ -155,9 +154,9 @@ class LoraLinear(AdapterLayer):
         hit = self._mixed_cache.get("segments")
         if hit is not None and hit[0] == key:
             return hit[1]
-        per_name = len(names) and rows // len(names)
-        if per_name * len(names) != rows or per_name == 0:
-            mixed_batch.row_groups(names, rows)  # raises the clear error
+        per_name, rest = divmod(rows, len(names))
+        if rest or per_name == 0:
+            mixed_batch.row_groups(names, rows)  # raises its clear error for this shape
         index = {n: i for i, n in enumerate(self.lora_A.keys())}
         values = [index.get(names[i // per_name], -1) for i in range(rows)]
         tensor = torch.tensor(values, dtype=torch.int32, device=device)
