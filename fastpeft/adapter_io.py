@@ -6,8 +6,10 @@ Writes are atomic (temporary file + rename). Loading reads safetensors only, unl
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import warnings
 import stat
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
@@ -16,13 +18,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .adapters import delete_adapter
-from .config import AdapterConfig, LoraConfig, to_fastpeft_config
+from .config import AdapterConfig, LoraConfig, changes_base_weights, to_fastpeft_config
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
 from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
 from .nn import bases
-from .patch import patch, unpatch
+from .patch import patch_checked
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -137,7 +138,8 @@ def _config_dict(model: nn.Module, cfg: AdapterConfig) -> Dict[str, Any]:
     return cfg.to_adapter_config(base_model_name_or_path=name or None, base_model_class=type(root))
 
 
-def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[str] = None) -> None:
+def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[str] = None,
+                 path_initial_model_for_weight_conversion: Optional[str] = None) -> None:
     """Write adapters in PEFT's layout (all adapters when adapter_name is None).
 
     Where each adapter goes (as PEFT's ``save_pretrained``): the "default" adapter at the root of
@@ -151,6 +153,15 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[s
     DDP): whoever calls it writes, so under DDP call it on rank 0 only (or on all ranks: the writes are
     atomic and identical).
 
+    ``path_initial_model_for_weight_conversion`` (PEFT's argument): the folder where the adapter was saved right
+    after it was created with a base-rewriting init (PiSSA, OLoRA; before any training). The adapter is then
+    written as a plain LoRA adapter for the *original* base weights: ΔW = B·A − B₀·A₀ = [B | −B₀]·[A ; A₀], rank
+    2r, lora_alpha doubled (×√2 with rsLoRA, so the scaling stays), rank / alpha patterns doubled,
+    ``init_lora_weights`` True -- PEFT's conversion, so PEFT and vLLM load it onto the untouched model. Needs one
+    LoRA adapter (not DoRA); the model itself is not changed. Unlike PEFT, the initial folder is only read (PEFT
+    also rewrites its adapter_config.json), and modules_to_save copies are kept in the converted file (PEFT's
+    conversion drops them).
+
     >>> # fastpeft.save_adapter(model, "out/");  peft.PeftModel.from_pretrained(base, "out/")
     """
     state = get_state(model)
@@ -160,18 +171,62 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[s
             raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
     sharded = any(is_sharded(p) for p in model.parameters())
     tensors = {name: adapter_state_dict(model, name) for name in names}  # collective when sharded
+    configs = {name: state.configs[name] for name in names}
+    if path_initial_model_for_weight_conversion is not None:
+        if len(names) != 1:
+            raise ValueError(f"path_initial_model_for_weight_conversion converts one adapter; this model has "
+                             f"{sorted(state.configs)}: pass adapter_name")
+        configs[names[0]], tensors[names[0]] = _as_plain_lora(
+            configs[names[0]], tensors[names[0]], path_initial_model_for_weight_conversion)
     if sharded:
         try:
             if rank() == 0:
-                _write_adapters(model, save_directory, names, tensors)
+                _write_adapters(model, save_directory, configs, tensors)
         finally:
             barrier()  # the other ranks return only once rank 0's files are in place (or it failed)
         return
-    _write_adapters(model, save_directory, names, tensors)
+    _write_adapters(model, save_directory, configs, tensors)
 
 
-def _write_adapters(model: nn.Module, save_directory: str, names: List[str], all_tensors) -> None:
-    state = get_state(model)
+def _as_plain_lora(cfg: AdapterConfig, tensors: Dict[str, torch.Tensor], initial_path: str):
+    """PEFT's conversion of an adapter trained from a base-rewriting init into plain LoRA for the original base
+    (see save_adapter): (config, tensors) to write."""
+    if not isinstance(cfg, LoraConfig) or cfg.use_dora:
+        raise ValueError("path_initial_model_for_weight_conversion converts LoRA adapters (PiSSA / OLoRA inits); "
+                         f"this adapter is {'DoRA' if isinstance(cfg, LoraConfig) else cfg.peft_type}")
+    if cfg.use_rslora and (cfg.rank_pattern or cfg.alpha_pattern):
+        raise ValueError("path_initial_model_for_weight_conversion cannot convert an adapter that uses use_rslora "
+                         "together with rank_pattern / alpha_pattern (PEFT refuses it as well)")
+    if not (cfg.init_lora_weights is True or changes_base_weights(cfg.init_lora_weights)) \
+            or cfg.init_lora_weights == "loftq":
+        warnings.warn("path_initial_model_for_weight_conversion converts PiSSA / OLoRA adapters to LoRA; this "
+                      f"adapter's init_lora_weights is {cfg.init_lora_weights!r}", stacklevel=3)
+    initial_cfg, initial = read_adapter(initial_path)
+    if not isinstance(initial_cfg, LoraConfig):
+        raise ValueError(f"{initial_path} holds a {initial_cfg.peft_type} adapter, not the LoRA adapter's initial state")
+    out = dict(tensors)
+    for key, tensor in tensors.items():
+        is_a, is_b = key.endswith(".lora_A.weight"), key.endswith(".lora_B.weight")
+        if not (is_a or is_b):
+            continue
+        start = initial.get(key)
+        if start is None or start.shape != tensor.shape:
+            found = "missing" if start is None else f"of shape {tuple(start.shape)}"
+            raise ValueError(f"the initial adapter in {initial_path} does not match this adapter: {key!r} is {found}, "
+                             f"expected shape {tuple(tensor.shape)}")
+        start = start.to(tensor.dtype)
+        out[key] = torch.cat([tensor, start], dim=0) if is_a else torch.cat([tensor, -start], dim=1)
+    new = copy.deepcopy(cfg)
+    new.init_lora_weights = True
+    new.r = cfg.r * 2
+    new.lora_alpha = cfg.lora_alpha * (2 ** 0.5 if cfg.use_rslora else 2)
+    new.rank_pattern = {k: 2 * v for k, v in (cfg.rank_pattern or {}).items()}
+    new.alpha_pattern = {k: 2 * v for k, v in (cfg.alpha_pattern or {}).items()}
+    return new, out
+
+
+def _write_adapters(model: nn.Module, save_directory: str, configs: Dict[str, AdapterConfig], all_tensors) -> None:
+    names = list(configs)
     # Every file of every adapter is written to a temporary name first and renamed into place only once all of
     # them are complete: a failure while writing leaves an existing adapter folder exactly as it was.
     staged: List[Tuple[str, str]] = []
@@ -183,7 +238,7 @@ def _write_adapters(model: nn.Module, save_directory: str, names: List[str], all
             tensors = all_tensors[name]
             weights = os.path.join(folder, WEIGHTS_NAME)
             staged.append((_stage(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})), weights))
-            text = json.dumps(_config_dict(model, state.configs[name]), indent=2, sort_keys=True)
+            text = json.dumps(_config_dict(model, configs[name]), indent=2, sort_keys=True)
 
             def write_json(tmp: str, text: str = text) -> None:
                 with open(tmp, "w") as fh:
@@ -318,16 +373,10 @@ def load_adapter(
     state = get_state(model, required=False)
     if state is not None and adapter_name in state.configs:
         return _load_into_existing(model, cfg, adapter_name, tensors, is_trainable)
-    fresh = state is None
-    patch(model, cfg, adapter_name=adapter_name)
-    try:
-        plan = _plan_load(model, adapter_name, tensors)
-    except BaseException:
-        if fresh:
-            unpatch(model)
-        else:
-            delete_adapter(model, adapter_name)
-        raise
+    plan = []
+    # the file is checked against the new layers inside the patch: a bad file undoes it all (base weights an
+    # init like PiSSA rewrote included)
+    patch_checked(model, cfg, adapter_name, check=lambda: plan.extend(_plan_load(model, adapter_name, tensors)))
     _copy_plan(plan)
     return model
 

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -378,6 +379,7 @@ class LoraConfig(_ConfigBase):
     revision: Optional[str] = None
     inference_mode: bool = False
     use_dora: bool = field(default=False, kw_only=True)  # keyword-only: positional order stays as before
+    loftq_config: Dict[str, Any] = field(default_factory=dict, kw_only=True, repr=False)  # used with init_lora_weights="loftq"
     # PEFT's bookkeeping
     peft_type: Optional[str] = _peft_type_field("LORA")
     peft_version: Optional[str] = _save_metadata()
@@ -386,7 +388,6 @@ class LoraConfig(_ConfigBase):
     megatron_config: Any = _peft_only(None)
     megatron_core: Any = _peft_only("megatron.core")
     trainable_token_indices: Any = _peft_only(None)
-    loftq_config: Any = _peft_only(factory=dict)
     eva_config: Any = _peft_only(None)
     corda_config: Any = _peft_only(None)
     lora_ga_config: Any = _peft_only(None)
@@ -421,14 +422,43 @@ class LoraConfig(_ConfigBase):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be one of 'none', 'all', 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
-            )
+        self._validate_init()
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern only works together with layers_to_transform")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("LoraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+
+    def _validate_init(self) -> None:
+        init = self.init_lora_weights
+        if not (init is True or init is False or init in ("gaussian", "pissa", "olora", "loftq")
+                or pissa_niter(init) is not None):
+            refused = " (PEFT's eva, corda, orthogonal, mica and lora_ga are not implemented in fastpeft)" \
+                if init in ("eva", "corda", "orthogonal", "mica", "lora_ga") else ""
+            raise ValueError(
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora' "
+                f"or 'loftq', got {init!r}{refused}"
+            )
+        loftq = _plain(self.loftq_config)
+        if init == "loftq":
+            if not loftq:
+                raise ValueError("LoraConfig.loftq_config must be given when init_lora_weights='loftq' (e.g. "
+                                 "{'loftq_bits': 4, 'loftq_iter': 1}, or peft.LoftQConfig())")
+            if not isinstance(loftq, dict) or set(loftq) - {"loftq_bits", "loftq_iter"}:
+                raise ValueError("LoraConfig.loftq_config must be a dict / peft.LoftQConfig with the keys "
+                                 f"'loftq_bits' and 'loftq_iter', got {self.loftq_config!r}")
+            loftq = {"loftq_bits": 4, "loftq_iter": 1, **loftq}  # PEFT's LoftQConfig defaults
+            if loftq["loftq_bits"] != 4:
+                raise ValueError(f"LoraConfig.loftq_config: fastpeft implements loftq_bits=4 (NF4) only, got "
+                                 f"{loftq['loftq_bits']!r}")
+            it = loftq["loftq_iter"]
+            if not isinstance(it, int) or isinstance(it, bool) or it <= 0:
+                raise ValueError(f"LoraConfig.loftq_config['loftq_iter'] must be a positive integer, got {it!r}")
+        elif not _is_empty(loftq):
+            # PEFT drops it with a warning as well; kept as a warning so that PEFT configs load the same way
+            warnings.warn("LoraConfig.loftq_config is ignored because init_lora_weights is not 'loftq'; "
+                          "it is reset to {} as PEFT does", stacklevel=4)
+            loftq = {}
+        self.loftq_config = loftq if loftq else {}
 
     def rank_for(self, module_name: str) -> int:
         key = match_pattern_key(self.rank_pattern or {}, module_name)
@@ -481,6 +511,27 @@ class IA3Config(_ConfigBase):
 
 
 AdapterConfig = Union[LoraConfig, IA3Config]
+
+
+def pissa_niter(init: Any) -> Optional[int]:
+    """N for init_lora_weights="pissa_niter_N" (randomized SVD with N subspace iterations), else None.
+
+    >>> pissa_niter("pissa_niter_4"), pissa_niter("pissa"), pissa_niter(True)
+    (4, None, None)
+    """
+    if isinstance(init, str):
+        found = re.fullmatch(r"pissa_niter_(\d+)", init)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+BASE_MUTATING_INITS = ("pissa", "olora", "loftq")  # and every "pissa_niter_N"
+
+
+def changes_base_weights(init: Any) -> bool:
+    """Whether init_lora_weights rewrites the frozen base weights (PiSSA, OLoRA, LoftQ) as PEFT does."""
+    return init in BASE_MUTATING_INITS or pissa_niter(init) is not None
 
 
 def match_pattern_key(patterns: Dict[str, Any], module_name: str) -> Optional[str]:

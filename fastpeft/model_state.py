@@ -32,6 +32,8 @@ class PatchState:
     originals: Dict[str, nn.Module] = field(default_factory=dict)  # path -> module to put back on unpatch
     hooks: List[Any] = field(default_factory=list)  # forward hooks patch() installed (removed by unpatch)
     mixed_tokens: List[Any] = field(default_factory=list)  # adapter_names= calls in flight (mixed_batches.py)
+    # adapter name -> (init_lora_weights, number of base weights it rewrote): PiSSA / OLoRA / LoftQ change the base
+    base_rewritten: Dict[str, Tuple[Any, int]] = field(default_factory=dict)
     from_peft: bool = False
 
 
@@ -80,6 +82,12 @@ class Transaction:
         self.swaps: List[Tuple[str, nn.Module]] = []
         self.added: List[Tuple[nn.Module, str]] = []
         self.flags: List[Tuple[torch.nn.Parameter, bool]] = []
+        self.data: List[Tuple[torch.nn.Parameter, torch.Tensor]] = []  # base weights an init (PiSSA, ...) replaced
+
+    def keep_data(self, param: torch.nn.Parameter) -> None:
+        """Remember ``param``'s tensor before its ``.data`` is replaced by a new one (never written in place), so a
+        rollback gives back the very same tensor. Until the transaction ends both tensors are alive."""
+        self.data.append((param, param.data))
 
     def swap(self, name: str, new: nn.Module) -> None:
         old = self.model.get_submodule(name)
@@ -100,6 +108,8 @@ class Transaction:
                 layer.delete_adapter(adapter_name)
         for name, old in reversed(self.swaps):
             set_submodule(self.model, name, old)
+        for param, data in reversed(self.data):
+            param.data = data
 
 
 def record_requires_grad(state: PatchState, model: nn.Module) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 import weakref
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -36,22 +37,24 @@ from . import mixed_batches
 from .peft_interop import route_generate, route_peft_methods, unroute_peft_methods
 from .targets import find_modules_to_save, find_targets
 
-__all__ = ["patch", "unpatch", "finish"]
+__all__ = ["patch", "patch_checked", "unpatch", "finish", "warn_base_rewritten"]
 
 
 # -- building the drop-ins -------------------------------------------------------------------------------
-def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: str) -> nn.Module:
+def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: str, txn: Transaction) -> nn.Module:
     if isinstance(cfg, LoraConfig):
         if bases.is_conv1d(underlying(module)) and not cfg.fan_in_fan_out:
             cfg.fan_in_fan_out = True  # PEFT does the same for Conv1D (GPT-2 stores weights as [in, out])
         args = (cfg.rank_for(name), cfg.alpha_for(name), float(cfg.lora_dropout), cfg.init_lora_weights, cfg.use_rslora,
                 cfg.use_dora)
+        # PiSSA / OLoRA / LoftQ replace the base weight's tensor; the transaction keeps the old one for a rollback
+        extra = dict(loftq_config=cfg.loftq_config, keep_base=txn.keep_data)
         if isinstance(module, (LoraLinear, LoraEmbedding)):
-            module.update_layer(adapter_name, *args)
+            module.update_layer(adapter_name, *args, **extra)
             return module
         if bases.is_embedding(module):
-            return LoraEmbedding(module, adapter_name, *args)
-        return LoraLinear(module, adapter_name, *args)
+            return LoraEmbedding(module, adapter_name, *args, **extra)
+        return LoraLinear(module, adapter_name, *args, **extra)
     ff = cfg.feedforward_modules or []
     is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(name.endswith(t) for t in ff)
     if isinstance(module, IA3Linear):
@@ -74,7 +77,7 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
         existing = isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear))
         if existing and not isinstance(module, (LoraLinear, LoraEmbedding) if isinstance(cfg, LoraConfig) else IA3Linear):
             raise ValueError(f"{name} already holds a {type(module).__name__}; one adapter method per model")
-        new = _new_layer(name, module, cfg, adapter_name)
+        new = _new_layer(name, module, cfg, adapter_name, txn)
         if existing:
             txn.added.append((new, adapter_name))
         built.append((name, new))
@@ -154,6 +157,14 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
     >>> type(net[0]).__name__
     'LoraLinear'
     """
+    return patch_checked(model, config, adapter_name)
+
+
+def patch_checked(model: nn.Module, config: Any = None, adapter_name: str = "default",
+                  check: Optional[Callable[[], None]] = None) -> nn.Module:
+    """``patch``, with ``check()`` run once the adapter is in place but before the patch is final: if it raises,
+    everything is undone as for a failed patch (load_adapter checks the file against the new layers this way, so
+    a bad file also gives back base weights that PiSSA / OLoRA / LoftQ rewrote)."""
     if config is None:
         if is_peft_model(model):
             return _convert_peft_model(model)
@@ -187,6 +198,8 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
     txn = Transaction(model)
     try:
         _add_adapter(model, cfg, adapter_name, state, txn)
+        if txn.data:
+            state.base_rewritten[adapter_name] = (cfg.init_lora_weights, len(txn.data))
         state.configs[adapter_name] = cfg
         state.trainable[adapter_name] = not cfg.inference_mode
         record_requires_grad(state, model)  # new adapter parameters: their "original" flag is their own
@@ -198,8 +211,11 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
             route_generate(model)  # generate(..., adapter_names=...): transformers would refuse the keyword
         else:
             apply_trainable(model, state, txn)
+        if check is not None:
+            check()
     except BaseException:
         txn.rollback()
+        state.base_rewritten.pop(adapter_name, None)
         state.configs.pop(adapter_name, None)
         state.trainable.pop(adapter_name, None)
         if fresh:
@@ -228,10 +244,22 @@ def unpatch(model: nn.Module) -> nn.Module:
             f"{len(merged)} layers have merged adapters (e.g. {merged[0]}); call fastpeft.unmerge(model) first, "
             "or fastpeft.merge_and_unload(model) to keep the merged weights"
         )
+    warn_base_rewritten(state, state.base_rewritten)
     for name, original in state.originals.items():
         set_submodule(model, name, original)
     finish(model, state)
     return model
+
+
+def warn_base_rewritten(state: PatchState, names) -> None:
+    """Say that removing these adapters leaves base weights their init rewrote (PEFT's unload does the same)."""
+    for name in names:
+        init, count = state.base_rewritten[name]
+        warnings.warn(
+            f"adapter {name!r} was created with init_lora_weights={init!r}, which rewrote {count} base weights; "
+            "they stay rewritten without the adapter (as with PEFT's unload / delete_adapter). To keep the original "
+            "model, patch a copy, or save the trained adapter with save_adapter(..., "
+            "path_initial_model_for_weight_conversion=...) and load it into the untouched base", stacklevel=3)
 
 
 def finish(model: nn.Module, state: PatchState) -> None:
