@@ -87,6 +87,8 @@ IA3_DEFAULT_TARGETS: Dict[str, List[str]] = {
     "bert": ["key", "value", "output.dense"],
     "roberta": ["key", "value", "output.dense"],
 }
+# PEFT's VeRA defaults: LoRA's, except phi (attention only)
+VERA_DEFAULT_TARGETS: Dict[str, List[str]] = {**LORA_DEFAULT_TARGETS, "phi": ["q_proj", "v_proj"]}
 IA3_DEFAULT_FEEDFORWARD: Dict[str, List[str]] = {
     "llama": ["down_proj"],
     "mistral": ["down_proj"],
@@ -510,7 +512,65 @@ class IA3Config(_ConfigBase):
                 )
 
 
-AdapterConfig = Union[LoraConfig, IA3Config]
+@_check_keywords
+@dataclass
+class VeraConfig(_ConfigBase):
+    """VeRA configuration; field names and defaults follow ``peft.VeraConfig`` (fastpeft implements all of them).
+
+    One pair of frozen random projections (A [r, max in], B [max out, r], Kaiming-uniform from a CPU generator
+    seeded with ``projection_prng_key``) is shared by every adapted layer; each layer trains two vectors,
+    ``vera_lambda_d`` [r] and ``vera_lambda_b`` [out]:  y = base(x) + λ_b ⊙ (B·(λ_d ⊙ (A·dropout(x)))).
+
+    >>> VeraConfig(r=64, target_modules=["q_proj", "v_proj"]).peft_type
+    'VERA'
+    """
+
+    r: int = 256
+    target_modules: TargetSpec = None
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: Optional[List[str]] = None
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("VERA")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+
+    PEFT_TYPE: ClassVar[str] = "VERA"
+    exclude_modules = None  # no such PEFT field; target matching reads it for every method
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"VeraConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
+            raise ValueError(f"VeraConfig.projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        for name in ("save_projection", "init_weights", "fan_in_fan_out", "inference_mode"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"VeraConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        dropout_ok = isinstance(self.vera_dropout, (int, float)) and not isinstance(self.vera_dropout, bool)
+        if not dropout_ok or not (0.0 <= float(self.vera_dropout) < 1.0):
+            raise ValueError(f"VeraConfig.vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
+            raise ValueError(f"VeraConfig.d_initial must be a number, got {self.d_initial!r}")
+        if self.bias not in ("none", "all", "vera_only"):
+            raise ValueError(f"VeraConfig.bias must be one of 'none', 'all', 'vera_only', got {self.bias!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("VeraConfig.layers_pattern only works together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("VeraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+
+
+AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig]
 
 
 def pissa_niter(init: Any) -> Optional[int]:
@@ -593,7 +653,7 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
     >>> to_fastpeft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": False}).r
     4
     """
-    if isinstance(config, (LoraConfig, IA3Config)):
+    if isinstance(config, (LoraConfig, IA3Config, VeraConfig)):
         return copy.deepcopy(config)
     if isinstance(config, dict):
         peft_type = str(_enum_value(config.get("peft_type", ""))).upper()
@@ -601,7 +661,10 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
             return LoraConfig.from_dict(config)
         if peft_type == "IA3":
             return IA3Config.from_dict(config)
-        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA' and 'IA3'")
+        if peft_type == "VERA":
+            return VeraConfig.from_dict(config)
+        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA', 'IA3' and "
+                         "'VERA'")
     peft_type = getattr(config, "peft_type", None)
     if peft_type is not None and dataclasses.is_dataclass(config):
         # a PEFT config object: its dataclass fields are exactly what its adapter_config.json would hold
@@ -609,5 +672,6 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
         data["peft_type"] = str(_enum_value(peft_type))
         return to_fastpeft_config(data)
     raise TypeError(
-        f"expected fastpeft.LoraConfig, fastpeft.IA3Config, peft.LoraConfig or peft.IA3Config, got {type(config).__name__}"
+        "expected a fastpeft / peft LoraConfig, IA3Config or VeraConfig (or an adapter_config.json dict), got "
+        f"{type(config).__name__}"
     )

@@ -4,6 +4,7 @@
     layer.py            AdapterLayer: bookkeeping, the forward decision and the merge tail, shared by
     lora.py, ia3.py     LoraLinear and IA3Linear
     lora_embedding.py   LoraEmbedding (LoRA on nn.Embedding)
+    vera.py             VeraLinear (VeRA: trained vectors over shared frozen projections, on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
     _rng.py             the LoRA dropout seed
@@ -13,5 +14,7 @@ from .layer import AdapterLayer
 from .lora import LoraLinear, LoraVariant
 from .lora_embedding import LoraEmbedding
 from .modules_to_save import ModulesToSave
+from .vera import VeraLinear, VeraProjections
 
-__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "ModulesToSave"]
+__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear",
+           "VeraProjections", "ModulesToSave"]
