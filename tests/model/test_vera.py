@@ -282,3 +282,47 @@ def test_nf4_base_equals_the_dequantized_dense_base():
     ids = random_ids()
     with torch.no_grad():
         assert rel_err(ours(input_ids=ids).logits, twin(input_ids=ids).logits) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_gpu_bf16_vera_kernels_against_an_fp32_twin(four_bit, monkeypatch):
+    """bf16 VeRA through the GPU operators (C++ / Triton on a dense base, the QLoRA kernels on an NF4 base) against
+    the same model in fp32 on the reference path: logits and vector gradients within bf16 rounding (1e-2)."""
+    import transformers
+    from helpers import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = 256, 512, 4, 2
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).cuda().to(torch.bfloat16).eval()
+    if four_bit:
+        from fastpeft.nn import bases
+        fastpeft.quantize_nf4(model, compute_dtype=torch.bfloat16)
+        twin = copy.deepcopy(model)
+        for name, module in list(twin.named_modules()):
+            if bases.is_linear4bit(module):
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="cuda")
+                linear.weight.data = bases.dequantize_linear4bit(module).float()
+                parent, _, child = name.rpartition(".")
+                setattr(twin.get_submodule(parent), child, linear)
+    else:
+        twin = copy.deepcopy(model)
+    twin = twin.float()
+    vcfg = fastpeft.VeraConfig(r=64, target_modules="all-linear", init_weights=False)
+    set_settings(monkeypatch, backend="reference")
+    torch.manual_seed(1)
+    twin = fastpeft.patch(twin, vcfg)
+    set_settings(monkeypatch, backend="auto")
+    torch.manual_seed(1)
+    ours = fastpeft.patch(model, vcfg)
+    ids = random_ids(seed=3).cuda()
+    out_r, out_o = twin(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert torch.isfinite(out_o.logits).all() and rel_err(out_o.logits.float(), out_r.logits) <= 1e-2
+    out_r.loss.backward()
+    out_o.loss.backward()
+    grads_r = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+    grads_o = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert grads_o.keys() == grads_r.keys() and len(grads_o) > 0
+    for name, grad in grads_o.items():
+        assert rel_err(grad, grads_r[name]) <= 2e-2, name
