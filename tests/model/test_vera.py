@@ -288,7 +288,8 @@ def test_nf4_base_equals_the_dequantized_dense_base():
 @pytest.mark.parametrize("four_bit", [False, True])
 def test_gpu_bf16_vera_kernels_against_an_fp32_twin(four_bit, monkeypatch):
     """bf16 VeRA through the GPU operators (C++ / Triton on a dense base, the QLoRA kernels on an NF4 base) against
-    the same model in fp32 on the reference path: logits and vector gradients within bf16 rounding (1e-2)."""
+    the same model in fp32 on the reference path: logits and vector gradients within max(1e-2, 2x the error of the
+    same bf16 model on the reference path, i.e. PEFT's order of operations)."""
     import transformers
     from helpers import tiny_config
 
@@ -310,19 +311,23 @@ def test_gpu_bf16_vera_kernels_against_an_fp32_twin(four_bit, monkeypatch):
         twin = copy.deepcopy(model)
     twin = twin.float()
     vcfg = fastpeft.VeraConfig(r=64, target_modules="all-linear", init_weights=False)
-    set_settings(monkeypatch, backend="reference")
-    torch.manual_seed(1)
-    twin = fastpeft.patch(twin, vcfg)
-    set_settings(monkeypatch, backend="auto")
-    torch.manual_seed(1)
-    ours = fastpeft.patch(model, vcfg)
+    # the same bf16 model on the reference path (PEFT's order of operations) sets the bf16 error to stay within
+    built = {}
+    for name, source, backend in (("fp32", twin, "reference"), ("bf16_reference", copy.deepcopy(model), "reference"),
+                                  ("ours", model, "auto")):
+        set_settings(monkeypatch, backend=backend)
+        torch.manual_seed(1)
+        built[name] = fastpeft.patch(source, vcfg)
     ids = random_ids(seed=3).cuda()
-    out_r, out_o = twin(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert torch.isfinite(out_o.logits).all() and rel_err(out_o.logits.float(), out_r.logits) <= 1e-2
-    out_r.loss.backward()
-    out_o.loss.backward()
-    grads_r = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
-    grads_o = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
-    assert grads_o.keys() == grads_r.keys() and len(grads_o) > 0
-    for name, grad in grads_o.items():
-        assert rel_err(grad, grads_r[name]) <= 2e-2, name
+    outputs = {name: m(input_ids=ids, labels=ids) for name, m in built.items()}
+    for out in outputs.values():
+        out.loss.backward()
+    grads = {name: {n: p.grad for n, p in m.named_parameters() if p.grad is not None} for name, m in built.items()}
+    exact = outputs["fp32"].logits
+    assert torch.isfinite(outputs["ours"].logits).all()
+    own = rel_err(outputs["bf16_reference"].logits.float(), exact)
+    assert rel_err(outputs["ours"].logits.float(), exact) <= max(2 * own, 1e-2), own
+    assert grads["ours"].keys() == grads["fp32"].keys() and len(grads["ours"]) > 0
+    for name, grad in grads["ours"].items():
+        own = rel_err(grads["bf16_reference"][name], grads["fp32"][name])
+        assert rel_err(grad, grads["fp32"][name]) <= max(2 * own, 1e-2), (name, own)
