@@ -1,4 +1,4 @@
-"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA fine-tuning for Hugging Face models.
+"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA / LoHa fine-tuning for Hugging Face models.
 
 >>> import torch.nn as nn, fastpeft
 >>> net = nn.Sequential(nn.Linear(8, 8))
@@ -21,9 +21,9 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import IA3Config, LoraConfig, VeraConfig
+from .config import IA3Config, LoHaConfig, LoraConfig, VeraConfig
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, VeraLinear
+from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, VeraLinear
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -34,6 +34,7 @@ __all__ = [
     "LoraConfig",
     "IA3Config",
     "VeraConfig",
+    "LoHaConfig",
     "patch",
     "unpatch",
     "save_adapter",
@@ -60,6 +61,7 @@ __all__ = [
     "LoraVariant",
     "IA3Linear",
     "VeraLinear",
+    "LohaLinear",
     "ModulesToSave",
     "quantize_nf4",
     "NF4Linear",
