@@ -19,15 +19,14 @@ torch.rand(out) for rank dropout), so a seeded run drops the same rows.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops import HAS_TRITON, cpp_ops
 from . import bases
-from .layer import AdapterLayer
+from .lycoris import LycorisLinear
 
 if HAS_TRITON:
     from ..ops.kernels import custom_ops
@@ -44,7 +43,7 @@ def khatri_rao_pair(w1a, w1b, w2a, w2b) -> Tuple[torch.Tensor, torch.Tensor]:
     return a_prime, b_prime
 
 
-class LohaLinear(AdapterLayer):
+class LohaLinear(LycorisLinear):
     """Frozen nn.Linear + LoHa adapters.
 
     >>> layer = LohaLinear(nn.Linear(16, 8), "default", r=2, alpha=4, init_weights=False)
@@ -53,31 +52,18 @@ class LohaLinear(AdapterLayer):
     """
 
     adapter_kind = "loha"
+    method = "LoHa"
+    TABLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, alpha: float, rank_dropout: float = 0.0,
                  module_dropout: float = 0.0, init_weights: bool = True) -> None:
-        if bases.is_conv1d(base_layer) or bases.is_linear4bit(base_layer):
-            # PEFT's LoHa adapts nn.Linear / Conv layers only: transformers' Conv1D and 4-bit layers are refused there
-            raise TypeError(f"LoHa adapts torch.nn.Linear layers; this one is a {type(base_layer).__name__} (PEFT's "
-                            "LoHa does not adapt it either)")
         super().__init__(base_layer, adapter_name)
-        self.hada_w1_a = nn.ParameterDict()
-        self.hada_w1_b = nn.ParameterDict()
-        self.hada_w2_a = nn.ParameterDict()
-        self.hada_w2_b = nn.ParameterDict()
-        self.r: dict = {}
-        self.alpha: dict = {}
-        self.scaling: dict = {}
-        self.rank_dropout: dict = {}
-        self.module_dropout: dict = {}
         self.update_layer(adapter_name, r, alpha, rank_dropout, module_dropout, init_weights)
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, rank_dropout: float = 0.0,
                      module_dropout: float = 0.0, init_weights: bool = True) -> None:
-        if adapter_name in self.hada_w1_a:
-            raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
-        if r <= 0:
-            raise ValueError(f"LoHa rank r must be positive, got {r}")
+        # LoHa always rescales kept rows by 1/mean (PEFT's LoHa has no rank_dropout_scale switch)
+        self._register(adapter_name, r, alpha, rank_dropout, module_dropout, rank_dropout_scale=True)
         out_f, in_f = self.out_features, self.in_features
         # PEFT's draws in PEFT's order: four Kaiming-uniform(a=√5) tensors, the last one zero unless init_weights=False
         factors = [torch.empty(out_f, r), torch.empty(r, in_f), torch.empty(out_f, r), torch.empty(r, in_f)]
@@ -86,50 +72,12 @@ class LohaLinear(AdapterLayer):
                 nn.init.zeros_(tensor)
             else:
                 nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
-        device = self._param_device()
-        for table, tensor in zip((self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b), factors):
-            table[adapter_name] = nn.Parameter(tensor.to(device))
-        self.r[adapter_name] = r
-        self.alpha[adapter_name] = alpha
-        self.scaling[adapter_name] = alpha / r
-        self.rank_dropout[adapter_name] = float(rank_dropout)
-        self.module_dropout[adapter_name] = float(module_dropout)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        for table in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b):
-            del table[adapter_name]
-        for table in (self.r, self.alpha, self.scaling, self.rank_dropout, self.module_dropout):
-            del table[adapter_name]
-
-    @property
-    def adapter_names(self) -> List[str]:
-        return list(self.hada_w1_a.keys())
-
-    def adapter_parameters(self, adapter_name: str):
-        return [self.hada_w1_a[adapter_name], self.hada_w1_b[adapter_name], self.hada_w2_a[adapter_name],
-                self.hada_w2_b[adapter_name]]
-
-    def _has_adapter(self, name: str) -> bool:
-        return name in self.hada_w1_a
+        self._store(adapter_name, dict(zip(self.TABLES, factors)))
 
     def factored(self, name: str) -> bool:
         """Whether the rank-r² product beats building ΔW (see the module docstring)."""
         r2 = self.r[name] ** 2
         return r2 * (self.in_features + self.out_features) < self.in_features * self.out_features
-
-    # -- training-time randomness, as PEFT draws it ----------------------------------------------------------
-    def _skip_and_rows(self, name: str) -> Tuple[bool, Optional[torch.Tensor]]:
-        """(skip this adapter for the call, rank-dropout row scale or None). PEFT draws torch.rand(1) on every
-        training call (module dropout), then torch.rand(out) when rank_dropout > 0."""
-        if not self.training:
-            return False, None
-        if not bool(torch.rand(1) > self.module_dropout[name]):
-            return True, None
-        p = self.rank_dropout[name]
-        if not p:
-            return False, None
-        keep = (torch.rand(self.out_features) > p).to(torch.float32)
-        return False, keep / keep.mean()
 
     def delta_weight(self, name: str, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s·(W1a·W1b) ⊙ (W2a·W2b) as [out, in] (PEFT's order), rows scaled by ``rows`` (rank dropout)."""
@@ -139,16 +87,6 @@ class LohaLinear(AdapterLayer):
         if rows is not None:
             weight = weight * rows.to(weight.device).view(-1, 1)
         return weight
-
-    # -- forward paths (chosen by AdapterLayer.forward) ----------------------------------------------------
-    def _forward_reference(self, x, name):
-        """PEFT's computation: base(x) + F.linear(x, ΔW), x cast to ΔW's dtype (fp32 adapters: an fp32 term)."""
-        result = bases.base_forward(self.base_layer, x)
-        skip, rows = self._skip_and_rows(name)
-        if skip:
-            return result
-        delta = self.delta_weight(name, rows)
-        return (result + F.linear(x.to(delta.dtype), delta)).to(x.dtype)
 
     def _forward_dense(self, x, name, cpp):
         if not self.factored(name):
@@ -165,21 +103,3 @@ class LohaLinear(AdapterLayer):
         if cpp:
             return cpp_ops.lora_linear(x, base.weight, bias, lora_A, lora_B, scaling)
         return custom_ops.lora_linear(x, base.weight, bias, lora_A, lora_B, scaling, 0.0, None)
-
-    def _forward_nf4(self, x, name, compiled):  # pragma: no cover - 4-bit bases are refused in __init__
-        raise TypeError("LoHa on a 4-bit base is not supported")
-
-    # -- merge ----------------------------------------------------------------------------------------
-    def _merge_into_base(self, name: str) -> None:
-        weight = self._base_weight_for_merge()
-        weight.add_(self.delta_weight(name).detach().to(weight.dtype))
-
-    def _unmerge_from_base(self, name: str) -> None:
-        weight = self._base_weight_for_merge()
-        weight.sub_(self.delta_weight(name).detach().to(weight.dtype))
-
-    def _merged_weight(self, name, weight, bias):
-        return weight + self.delta_weight(name).detach().to(weight.device), bias
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"

@@ -254,7 +254,7 @@ def test_config_rules_and_errors():
     model = fastpeft.patch(tiny_model("llama", seed=1), fastpeft.VeraConfig(r=4))  # PEFT's default targets
     assert sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, fastpeft.VeraLinear)}) == \
         ["q_proj", "v_proj"]
-    with pytest.raises(ValueError, match="hot-swap of VeRA adapters is not supported"):
+    with pytest.raises(ValueError, match="hot-swap of VERA adapters is not supported"):
         import tempfile
         with tempfile.TemporaryDirectory() as folder:
             fastpeft.save_adapter(model, folder)
