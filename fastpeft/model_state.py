@@ -12,12 +12,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, LoraConfig
+from .config import AdapterConfig, LoraConfig, is_prompt_learning
 from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
 from .nn import bases
 
 ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, ModulesToSave)
 STATE_ATTR = "_fastpeft_state"
+# Prompt learning (prompt_learning.py): the nn.ModuleDict {adapter name: prompt encoder} patch() registers on the
+# model under PEFT's name, so parameter names are PEFT's ("prompt_encoder.default.embedding.weight").
+PROMPT_ENCODER_ATTR = "prompt_encoder"
 
 
 @dataclass
@@ -30,7 +33,8 @@ class PatchState:
     active: str = "default"
     requires_grad: Dict[int, Tuple[torch.nn.Parameter, bool]] = field(default_factory=dict)
     originals: Dict[str, nn.Module] = field(default_factory=dict)  # path -> module to put back on unpatch
-    hooks: List[Any] = field(default_factory=list)  # forward hooks patch() installed (removed by unpatch)
+    # what patch() installed, each undone by its .remove() on unpatch: forward hooks, prompt learning's routing
+    hooks: List[Any] = field(default_factory=list)
     mixed_tokens: List[Any] = field(default_factory=list)  # adapter_names= calls in flight (mixed_batches.py)
     from_peft: bool = False
 
@@ -118,6 +122,8 @@ def apply_trainable(model: nn.Module, state: PatchState, txn: Optional[Transacti
             for param in layer.adapter_parameters(name):
                 if name == state.active and train:
                     keep.add(id(param))
+    if train and is_prompt_learning(cfg):
+        keep.update(id(p) for p in getattr(model, PROMPT_ENCODER_ATTR)[state.active].parameters())
     if train and isinstance(cfg, LoraConfig) and cfg.bias != "none":
         if cfg.bias == "all":
             # modules_to_save wrappers decide for themselves: original frozen, only the active copy trains
