@@ -53,6 +53,7 @@ __all__ = ["add_prompt_adapter", "disabled", "prompt_state_dict", "plan_load", "
 _ROUTED = ("forward", "generate")
 _PREPARE = "prepare_inputs_for_generation"
 _MISSING = object()
+_CACHE_KEYS = ("cache", "past_key_values")
 # Models whose cache PEFT builds layer by layer from the config (sliding-window / shared-KV layers); not implemented.
 _PREFIX_UNSUPPORTED_MODEL_TYPES = ("gemma2", "gemma3_text", "gemma4", "gemma3", "gemma3n")
 
@@ -216,6 +217,8 @@ class _Routing:
         self.base_forward = model.forward  # whatever forward is in effect now (the class's, or accelerate's)
         self.base_generate = model.generate
         self.signature = inspect.signature(self.base_forward)
+        # the forward keyword of the KV cache: "cache" from transformers 5.x on, "past_key_values" before
+        self.cache_key = "cache" if "cache" in self.signature.parameters else "past_key_values"
 
     def install(self) -> None:
         for attr, fn in (("forward", _forward), ("generate", _generate)):
@@ -255,19 +258,20 @@ def add_prompt_adapter(model: nn.Module, cfg: PromptLearningConfig, adapter_name
     """Patch a prompt-learning adapter into ``model`` (``fastpeft.patch`` calls this); atomic: on any error the model
     is left as it was. ``initialize=False`` skips TEXT / SAMPLE_VOCAB initialisation (the values are about to be
     loaded from a file)."""
-    if not is_prompt_learning(cfg):
-        raise TypeError(f"expected a prompt-learning config, got {type(cfg).__name__}")
     state = get_state(model, required=False)
     if state is not None:
-        if is_prompt_learning(state.peft_type):
+        if is_prompt_learning(state.peft_type) and is_prompt_learning(cfg):
             raise NotImplementedError(
                 f"this model already holds the {state.peft_type} adapter {next(iter(state.configs))!r}; fastpeft "
                 f"supports one prompt-learning adapter per model (cannot add {adapter_name!r}): unpatch first, or use "
                 "a second copy of the model")
+        prompt_type = state.peft_type if is_prompt_learning(state.peft_type) else cfg.peft_type
         raise ValueError(
             f"this model holds {state.peft_type} adapters; fastpeft does not combine a prompt-learning adapter "
-            f"({cfg.peft_type}) with LoRA / IA3 adapters on one model (PEFT does not either): fastpeft.unpatch(model) "
-            "or fastpeft.merge_and_unload(model) first")
+            f"({prompt_type}) with LoRA / IA3 adapters on one model (cannot add the {cfg.peft_type} adapter "
+            f"{adapter_name!r}): fastpeft.unpatch(model) first")
+    if not is_prompt_learning(cfg):
+        raise TypeError(f"expected a prompt-learning config, got {type(cfg).__name__}")
     if is_peft_model(model):
         raise ValueError("this is a peft.PeftModel; fastpeft patches prompt-learning adapters into the plain "
                          "transformers model (peft_model.get_base_model() without PEFT's adapter)")
@@ -412,10 +416,10 @@ def _forward(routing: _Routing, *args, **kwargs):
         kwargs.setdefault(key, None)
     kwargs.update(attention_mask=attention_mask, labels=labels)
     if isinstance(cfg, PrefixTuningConfig):
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("prefix tuning puts its prefix in past_key_values; a forward call cannot take another "
+        if any(kwargs.get(key) is not None for key in _CACHE_KEYS):
+            raise ValueError("prefix tuning puts its prefix in the KV cache; a forward call cannot take another "
                              "cache (use generate(), which handles the cache)")
-        kwargs["past_key_values"] = _prefix_cache(model, cfg, encoder, batch_size)
+        kwargs[routing.cache_key] = _prefix_cache(model, cfg, encoder, batch_size)
         return routing.base_forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
@@ -445,7 +449,9 @@ def _generate(routing: _Routing, *args, **kwargs):
 
 
 def _prepare_inputs(routing: _Routing, base_prepare, *args, **kwargs):
-    """PEFT's PeftModelForCausalLM.prepare_inputs_for_generation for prompt learning."""
+    """PEFT's PeftModelForCausalLM.prepare_inputs_for_generation for prompt learning: at the prefill step (empty
+    cache) the prompt goes into the inputs (prompt tuning / P-tuning) or the cache (prefix tuning); at every step the
+    attention mask gets the virtual tokens in front."""
     kwargs.pop("task_ids", None)
     model = routing.model
     cfg, encoder = _active(model)
@@ -453,7 +459,16 @@ def _prepare_inputs(routing: _Routing, base_prepare, *args, **kwargs):
     inputs = base_prepare(*args, **kwargs)
     # the prefill step: the cache is still empty
     is_prefill = inputs.get("cache_position") is not None and inputs["cache_position"][0] == 0
-    cache = inputs.get("past_key_values")
+    # transformers 5.x names the cache "cache" (formerly "past_key_values"). PEFT 0.21.2 reads and writes only
+    # "past_key_values", so with such a transformers it misses the cache: it adds the prompt again at every decoding
+    # step (prompt tuning / P-tuning) and its prefix is overridden by generate's own empty cache (prefix tuning).
+    # fastpeft uses the name the model's inputs carry.
+    cache_key = next((key for key in _CACHE_KEYS if key in inputs), routing.cache_key)
+    if inputs.get("use_cache") is False:
+        # without caching every step sees the whole sequence; a cache the last step returned (the prefix cache the
+        # model filled) is stale, and the prompt is added again
+        inputs.pop(cache_key, None)
+    cache = inputs.get(cache_key)
     if cache is not None:
         # the cache is longer than the real tokens by the prompt: past the prefill only the last token is new
         seq_len = cache[0][0].shape[-2] if isinstance(cache, (tuple, list)) else cache.get_seq_length()
@@ -474,7 +489,7 @@ def _prepare_inputs(routing: _Routing, base_prepare, *args, **kwargs):
     needs_prompt = cache is None or (isinstance(cache, _transformers().Cache) and not cache.get_seq_length())
     batch_size = inputs["input_ids"].shape[0]
     if needs_prompt and is_prefix:
-        inputs["past_key_values"] = _prefix_cache(model, cfg, encoder, batch_size)
+        inputs[cache_key] = _prefix_cache(model, cfg, encoder, batch_size)  # generate continues with this cache
     elif needs_prompt:
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         prompts = _input_prompt(cfg, encoder, batch_size).to(embeds.dtype)
