@@ -362,17 +362,19 @@ def _input_prompt(cfg: PromptLearningConfig, encoder: nn.Module, batch_size: int
     return prompts.repeat(batch_size, 1, 1)
 
 
-def _adjust_ids(cfg: PromptLearningConfig, kwargs: Dict[str, Any]) -> None:
-    # PEFT's rules: prefix tuning shifts position ids past the prefix; the others drop them (with a warning), and
-    # token_type_ids are dropped for all
+def _adjust_ids(cfg: PromptLearningConfig, kwargs: Dict[str, Any], warn: bool = True) -> None:
+    # PEFT's rules: prefix tuning shifts position ids past the prefix; the others drop them (with a warning when the
+    # caller passed them; generate() passes its own at every step), and token_type_ids are dropped for all
     if kwargs.get("position_ids") is not None:
         if isinstance(cfg, PrefixTuningConfig):
             kwargs["position_ids"] = kwargs["position_ids"] + cfg.num_virtual_tokens
         else:
-            warnings.warn("position_ids are not supported with prompt tuning / P-tuning (as in PEFT); ignored")
+            if warn:
+                warnings.warn("position_ids are not supported with prompt tuning / P-tuning (as in PEFT); ignored")
             kwargs["position_ids"] = None
     if kwargs.get("token_type_ids") is not None:
-        warnings.warn("token_type_ids are not supported with prompt learning (as in PEFT); ignored")
+        if warn:
+            warnings.warn("token_type_ids are not supported with prompt learning (as in PEFT); ignored")
         kwargs["token_type_ids"] = None
 
 
@@ -485,7 +487,7 @@ def _prepare_inputs(routing: _Routing, base_prepare, *args, **kwargs):
                                       "for prompt learning in fastpeft; use the default dynamic cache")
         ones = torch.ones(inputs["input_ids"].shape[0], cfg.num_virtual_tokens).to(inputs["input_ids"].device)
         inputs["attention_mask"] = torch.cat((ones, attention_mask), dim=1)
-    _adjust_ids(cfg, inputs)
+    _adjust_ids(cfg, inputs, warn=False)
     needs_prompt = cache is None or (isinstance(cache, _transformers().Cache) and not cache.get_seq_length())
     batch_size = inputs["input_ids"].shape[0]
     if needs_prompt and is_prefix:

@@ -90,6 +90,28 @@ def test_same_loss_logits_and_gradients_as_peft(arch, case):
     assert all(p.grad is None for n, p in ours.named_parameters() if not n.startswith("prompt_encoder."))
 
 
+@pytest.mark.parametrize("case", ["prompt-tuning", "prefix", "p-tuning-lstm"])
+def test_bf16_model_gives_pefts_numbers(case):
+    # the prompt / prefix is cast to the model's dtype as PEFT casts it; the encoder itself stays fp32
+    theirs, ours = _pair("llama", case)
+    theirs.to(torch.bfloat16)
+    ours.to(torch.bfloat16)
+    for model in (theirs, ours):
+        for p in model.prompt_encoder.parameters():
+            p.data = p.data.float()
+    ids, mask, labels = _batch("llama")
+    out_t = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+    out_o = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out_o.logits.dtype == torch.bfloat16
+    assert torch.equal(out_o.logits, out_t.logits)
+    out_t.loss.backward()
+    out_o.loss.backward()
+    theirs_grads = {n: p.grad for n, p in _peft_params(theirs).items()}
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32 and torch.equal(p.grad, theirs_grads[name]), name
+
+
 @pytest.mark.parametrize("case", ["prompt-tuning", "prefix", "p-tuning-mlp"])
 def test_positional_ids_no_mask_and_inputs_embeds(case):
     theirs, ours = _pair("llama", case)
