@@ -27,7 +27,7 @@ import functools
 import inspect
 import math
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,6 @@ __all__ = ["add_prompt_adapter", "disabled", "prompt_state_dict", "plan_load", "
 
 _ROUTED = ("forward", "generate")
 _PREPARE = "prepare_inputs_for_generation"
-_MISSING = object()
 _CACHE_KEYS = ("cache", "past_key_values")
 # Models whose cache PEFT builds layer by layer from the config (sliding-window / shared-KV layers); not implemented.
 _PREFIX_UNSUPPORTED_MODEL_TYPES = ("gemma2", "gemma3_text", "gemma4", "gemma3", "gemma3n")
@@ -204,29 +203,53 @@ def _build_encoder(cfg: PromptLearningConfig, word_embeddings: nn.Module, initia
 
 
 # -- what is installed on the model ----------------------------------------------------------------------------------
+class _Routed:
+    """A method routed through this module: ``fn(routing, ...)``. It shows the replaced method's signature
+    (transformers' generate and Trainer read ``inspect.signature(model.forward)``) and holds no bound method, so a
+    patched model still deep-copies and pickles."""
+
+    # no fastpeft_hook mark: peft_interop.unroute_peft_methods must leave these to _Routing.remove, which puts back
+    # what they replaced
+
+    def __init__(self, fn, routing: "_Routing", attr: str):
+        self.fn, self.routing, self.attr = fn, routing, attr
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.routing, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.routing.base(self.attr))
+
+
 class _Routing:
     """The instance attributes prompt learning installs on the model (and the encoder it registers); ``remove``
     puts back exactly what was there before. Kept in ``PatchState.hooks``, so ``unpatch`` calls ``remove``."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.previous: Dict[str, Any] = {}
-        self.installed: Dict[str, Any] = {}
+        self.previous: Dict[str, Any] = {}  # instance attributes replaced (accelerate's forward hook, ...)
+        self.installed: Dict[str, _Routed] = {}
         self.generating = False
         self.disabled = False
-        self.base_forward = model.forward  # whatever forward is in effect now (the class's, or accelerate's)
-        self.base_generate = model.generate
-        self.signature = inspect.signature(self.base_forward)
+        signature = inspect.signature(model.forward)
+        # positional parameters of the model's forward, to read positional calls by
+        self.positional = [p.name for p in signature.parameters.values()
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         # the forward keyword of the KV cache: "cache" from transformers 5.x on, "past_key_values" before
-        self.cache_key = "cache" if "cache" in self.signature.parameters else "past_key_values"
+        self.cache_key = "cache" if "cache" in signature.parameters else "past_key_values"
+
+    def base(self, attr: str):
+        """The method that was in effect before patch: an instance attribute it replaced, or the class's."""
+        if attr in self.previous:
+            return self.previous[attr]
+        return getattr(type(self.model), attr).__get__(self.model)
 
     def install(self) -> None:
         for attr, fn in (("forward", _forward), ("generate", _generate)):
-            base = getattr(self.model, attr)
-            # functools.wraps keeps the base method's signature visible (transformers' generate and Trainer read it)
-            routed = functools.wraps(base)(functools.partial(fn, self))
-            routed.fastpeft_hook = True
-            self.previous[attr] = self.model.__dict__.get(attr, _MISSING)
+            if attr in self.model.__dict__:
+                self.previous[attr] = self.model.__dict__[attr]
+            routed = _Routed(fn, self, attr)
             self.model.__dict__[attr] = routed
             self.installed[attr] = routed
 
@@ -236,10 +259,10 @@ class _Routing:
     def remove(self) -> None:
         for attr, fn in self.installed.items():
             if self.model.__dict__.get(attr) is fn:
-                if self.previous[attr] is _MISSING:
-                    del self.model.__dict__[attr]
-                else:
+                if attr in self.previous:
                     self.model.__dict__[attr] = self.previous[attr]
+                else:
+                    del self.model.__dict__[attr]
         self.installed.clear()
         if PROMPT_ENCODER_ATTR in self.model._modules:
             del self.model._modules[PROMPT_ENCODER_ATTR]
@@ -388,10 +411,10 @@ def _refuse_peft_only_kwargs(kwargs: Dict[str, Any]) -> None:
 
 # -- forward / generate ------------------------------------------------------------------------------------------------
 def _forward(routing: _Routing, *args, **kwargs):
+    base_forward = routing.base("forward")
     if routing.generating or routing.disabled:
-        return routing.base_forward(*args, **kwargs)
-    names = [p.name for p in routing.signature.parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return base_forward(*args, **kwargs)
+    names = routing.positional
     if len(args) > len(names):
         raise TypeError(f"forward takes at most {len(names)} positional arguments ({len(args)} given)")
     for name, value in zip(names, args):
@@ -422,32 +445,34 @@ def _forward(routing: _Routing, *args, **kwargs):
             raise ValueError("prefix tuning puts its prefix in the KV cache; a forward call cannot take another "
                              "cache (use generate(), which handles the cache)")
         kwargs[routing.cache_key] = _prefix_cache(model, cfg, encoder, batch_size)
-        return routing.base_forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return base_forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
     if labels is not None:
         kwargs["labels"] = torch.cat((torch.full((batch_size, virtual), -100).to(labels.device), labels), dim=1)
     prompts = _input_prompt(cfg, encoder, batch_size).to(inputs_embeds.dtype)
-    return routing.base_forward(inputs_embeds=torch.cat((prompts, inputs_embeds), dim=1), **kwargs)
+    return base_forward(inputs_embeds=torch.cat((prompts, inputs_embeds), dim=1), **kwargs)
 
 
 def _generate(routing: _Routing, *args, **kwargs):
     _refuse_peft_only_kwargs(kwargs)
+    base_generate = routing.base("generate")
     if routing.disabled:
-        return routing.base_generate(*args, **kwargs)
+        return base_generate(*args, **kwargs)
     model = routing.model
     base_prepare = model.prepare_inputs_for_generation
-    previous = model.__dict__.get(_PREPARE, _MISSING)
+    replaced = model.__dict__.get(_PREPARE) if _PREPARE in model.__dict__ else None
+    # for the call only (as PEFT does); functools.wraps: generate reads its signature
     model.__dict__[_PREPARE] = functools.wraps(base_prepare)(functools.partial(_prepare_inputs, routing, base_prepare))
     routing.generating = True  # the model's own generate calls forward with the prompt already in the inputs
     try:
-        return routing.base_generate(*args, **kwargs)
+        return base_generate(*args, **kwargs)
     finally:
         routing.generating = False
-        if previous is _MISSING:
+        if replaced is None:
             del model.__dict__[_PREPARE]
         else:
-            model.__dict__[_PREPARE] = previous
+            model.__dict__[_PREPARE] = replaced
 
 
 def _prepare_inputs(routing: _Routing, base_prepare, *args, **kwargs):

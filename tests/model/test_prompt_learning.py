@@ -342,6 +342,58 @@ def test_unpatch_and_disable_give_the_base_model_back(case):
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, want)
 
 
+def test_an_instance_forward_installed_before_patch_is_called_and_restored():
+    import functools
+    import inspect
+
+    base = tiny_model("gpt2", seed=1)
+    original = base.forward
+    calls = []
+
+    @functools.wraps(original)
+    def hooked_forward(*args, **kwargs):  # what accelerate's device hooks put on the instance
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    base.forward = hooked_forward
+    model = fastpeft.patch(base, _configs("prefix")[1])
+    assert inspect.signature(model.forward) == inspect.signature(original)  # what transformers' generate reads
+    ids, mask, _ = _batch("gpt2")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert calls == [1]
+    fastpeft.unpatch(model)
+    assert model.__dict__["forward"] is hooked_forward and "generate" not in model.__dict__
+
+
+def test_a_patched_model_deep_copies_and_pickles(tmp_path):
+    model = fastpeft.patch(tiny_model("gpt2", seed=1), _configs("p-tuning-lstm")[1])
+    ids, mask, _ = _batch("gpt2")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    copied = copy.deepcopy(model)
+    torch.save(model, str(tmp_path / "model.pt"))
+    unpickled = torch.load(str(tmp_path / "model.pt"), weights_only=False)
+    with torch.no_grad():
+        for other in (copied, unpickled):
+            assert torch.equal(other(input_ids=ids, attention_mask=mask).logits, want)
+    fastpeft.unpatch(copied)  # the copy's own routing, undone on the copy only
+    assert not {"forward", "generate"} & set(copied.__dict__) and not hasattr(copied, "prompt_encoder")
+    assert hasattr(model, "prompt_encoder") and "forward" in model.__dict__
+
+
+def test_unpatch_refuses_when_forward_was_replaced_after_patch():
+    model = fastpeft.patch(tiny_model("llama", seed=1), _configs("prompt-tuning")[1])
+    routed = model.forward
+    model.forward = lambda *a, **k: routed(*a, **k)
+    with pytest.raises(ValueError, match="replaced after fastpeft.patch"):
+        fastpeft.unpatch(model)
+    assert fastpeft.model_state.get_state(model) is not None and hasattr(model, "prompt_encoder")
+    model.forward = routed
+    fastpeft.unpatch(model)
+    assert not hasattr(model, "prompt_encoder") and "forward" not in model.__dict__
+
+
 def test_a_training_step_changes_only_the_prompt():
     model = fastpeft.patch(tiny_model("gpt2", seed=1), _configs("p-tuning-mlp")[1])
     values = {n: p.detach().clone() for n, p in model.named_parameters()}
