@@ -441,6 +441,10 @@ def _forward(routing: _Routing, *args, **kwargs):
         kwargs.setdefault(key, None)
     kwargs.update(attention_mask=attention_mask, labels=labels)
     if isinstance(cfg, PrefixTuningConfig):
+        if model.training and getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError("prefix tuning does not work with gradient checkpointing (PEFT refuses it too): the "
+                             "prefix lives in the KV cache, which checkpointed layers do not use; "
+                             "model.gradient_checkpointing_disable() first")
         if any(kwargs.get(key) is not None for key in _CACHE_KEYS):
             raise ValueError("prefix tuning puts its prefix in the KV cache; a forward call cannot take another "
                              "cache (use generate(), which handles the cache)")

@@ -406,6 +406,34 @@ def test_a_training_step_changes_only_the_prompt():
         assert torch.equal(p, values[name]) != name.startswith("prompt_encoder."), name
 
 
+class _RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n=8, seq=12):
+        self.ids = torch.randint(1, 97, (n, seq), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+@pytest.mark.parametrize("case,checkpointing", [("prompt-tuning", True), ("prefix", False)])
+def test_trainer_trains_the_prompt_only(tmp_path, case, checkpointing):
+    model = fastpeft.patch(tiny_model("llama", seed=1), _configs(case)[1])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=5e-2,
+        lr_scheduler_type="constant", logging_steps=1, use_cpu=True, report_to=[], save_strategy="no",
+        disable_tqdm=True, seed=0, gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": True} if checkpointing else None)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_RandomTokens())
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(losses) == 8 and min(losses[-3:]) < losses[0], losses
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]) != name.startswith("prompt_encoder."), name
+
+
 def test_position_ids_as_peft_treats_them():
     # prefix tuning shifts them past the prefix; prompt tuning drops them (with a warning), as PEFT does
     ids, mask, _ = _batch("llama")
@@ -493,6 +521,13 @@ def test_prefix_tuning_with_gradient_checkpointing_is_refused(model):
     with pytest.raises(ValueError, match="gradient checkpointing"):
         fastpeft.patch(model, _configs("prefix")[1])
     assert_same_snapshot(before, state_snapshot(model))
+    # enabled after patch (as Trainer does): the training forward refuses
+    model.gradient_checkpointing_disable()
+    fastpeft.patch(model, _configs("prefix")[1])
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=random_ids())
 
 
 def test_converting_a_prompt_learning_peft_model_is_refused():
