@@ -1,5 +1,5 @@
-"""fastpeft: fast, PEFT-compatible LoRA / IA3 fine-tuning (and PEFT's prompt tuning, prefix tuning, P-tuning on
-causal LMs) for Hugging Face models.
+"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA fine-tuning (and PEFT's prompt tuning, prefix tuning,
+P-tuning on causal LMs) for Hugging Face models.
 
 >>> import torch.nn as nn, fastpeft
 >>> net = nn.Sequential(nn.Linear(8, 8))
@@ -22,9 +22,9 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from .config import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, VeraLinear
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -34,6 +34,7 @@ __all__ = [
     "settings",
     "LoraConfig",
     "IA3Config",
+    "VeraConfig",
     "PromptTuningConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
@@ -62,6 +63,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraVariant",
     "IA3Linear",
+    "VeraLinear",
     "ModulesToSave",
     "quantize_nf4",
     "NF4Linear",

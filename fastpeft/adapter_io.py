@@ -6,8 +6,10 @@ Writes are atomic (temporary file + rename). Loading reads safetensors only, unl
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import warnings
 import stat
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
@@ -16,19 +18,21 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .adapters import delete_adapter
-from .config import AdapterConfig, LoraConfig, is_prompt_learning, to_fastpeft_config
+from .config import (AdapterConfig, LoraConfig, VeraConfig, changes_base_weights, is_prompt_learning,
+                     to_fastpeft_config)
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear
 from .nn import bases
-from .patch import patch, unpatch
+from .patch import patch_checked
 from . import prompt_learning
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# VeRA's shared projections in PEFT's files: one pair per adapter, under model-level names (no module path)
+VERA_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
 
 def _prefix(model: nn.Module) -> str:
@@ -69,6 +73,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             out[f"{prefix}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.ia3_l"] = layer.ia3_l[adapter_name]
+        elif isinstance(layer, VeraLinear) and adapter_name in layer.adapter_names:
+            out[f"{prefix}{path}.vera_lambda_b"] = layer.vera_lambda_b[adapter_name]
+            out[f"{prefix}{path}.vera_lambda_d"] = layer.vera_lambda_d[adapter_name]
+            if cfg.save_projection:  # once per model, under PEFT's model-level names
+                out[VERA_PROJECTION_KEYS[0]] = layer.vera_A[adapter_name]
+                out[VERA_PROJECTION_KEYS[1]] = layer.vera_B[adapter_name]
     wrappers = _wrappers_to_save(model)
     for path, wrapper in wrappers:
         if adapter_name in wrapper.modules_to_save:
@@ -141,7 +151,8 @@ def _config_dict(model: nn.Module, cfg: AdapterConfig) -> Dict[str, Any]:
     return cfg.to_adapter_config(base_model_name_or_path=name or None, base_model_class=type(root))
 
 
-def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[str] = None) -> None:
+def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[str] = None,
+                 path_initial_model_for_weight_conversion: Optional[str] = None) -> None:
     """Write adapters in PEFT's layout (all adapters when adapter_name is None).
 
     Where each adapter goes (as PEFT's ``save_pretrained``): the "default" adapter at the root of
@@ -155,6 +166,15 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[s
     DDP): whoever calls it writes, so under DDP call it on rank 0 only (or on all ranks: the writes are
     atomic and identical).
 
+    ``path_initial_model_for_weight_conversion`` (PEFT's argument): the folder where the adapter was saved right
+    after it was created with a base-rewriting init (PiSSA, OLoRA; before any training). The adapter is then
+    written as a plain LoRA adapter for the *original* base weights: ΔW = B·A − B₀·A₀ = [B | −B₀]·[A ; A₀], rank
+    2r, lora_alpha doubled (×√2 with rsLoRA, so the scaling stays), rank / alpha patterns doubled,
+    ``init_lora_weights`` True -- PEFT's conversion, so PEFT and vLLM load it onto the untouched model. Needs one
+    LoRA adapter (not DoRA); the model itself is not changed. Unlike PEFT, the initial folder is only read (PEFT
+    also rewrites its adapter_config.json), and modules_to_save copies are kept in the converted file (PEFT's
+    conversion drops them).
+
     >>> # fastpeft.save_adapter(model, "out/");  peft.PeftModel.from_pretrained(base, "out/")
     """
     state = get_state(model)
@@ -164,18 +184,62 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: Optional[s
             raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
     sharded = any(is_sharded(p) for p in model.parameters())
     tensors = {name: adapter_state_dict(model, name) for name in names}  # collective when sharded
+    configs = {name: state.configs[name] for name in names}
+    if path_initial_model_for_weight_conversion is not None:
+        if len(names) != 1:
+            raise ValueError(f"path_initial_model_for_weight_conversion converts one adapter; this model has "
+                             f"{sorted(state.configs)}: pass adapter_name")
+        configs[names[0]], tensors[names[0]] = _as_plain_lora(
+            configs[names[0]], tensors[names[0]], path_initial_model_for_weight_conversion)
     if sharded:
         try:
             if rank() == 0:
-                _write_adapters(model, save_directory, names, tensors)
+                _write_adapters(model, save_directory, configs, tensors)
         finally:
             barrier()  # the other ranks return only once rank 0's files are in place (or it failed)
         return
-    _write_adapters(model, save_directory, names, tensors)
+    _write_adapters(model, save_directory, configs, tensors)
 
 
-def _write_adapters(model: nn.Module, save_directory: str, names: List[str], all_tensors) -> None:
-    state = get_state(model)
+def _as_plain_lora(cfg: AdapterConfig, tensors: Dict[str, torch.Tensor], initial_path: str):
+    """PEFT's conversion of an adapter trained from a base-rewriting init into plain LoRA for the original base
+    (see save_adapter): (config, tensors) to write."""
+    if not isinstance(cfg, LoraConfig) or cfg.use_dora:
+        raise ValueError("path_initial_model_for_weight_conversion converts LoRA adapters (PiSSA / OLoRA inits); "
+                         f"this adapter is {'DoRA' if isinstance(cfg, LoraConfig) else cfg.peft_type}")
+    if cfg.use_rslora and (cfg.rank_pattern or cfg.alpha_pattern):
+        raise ValueError("path_initial_model_for_weight_conversion cannot convert an adapter that uses use_rslora "
+                         "together with rank_pattern / alpha_pattern (PEFT refuses it as well)")
+    if not (cfg.init_lora_weights is True or changes_base_weights(cfg.init_lora_weights)) \
+            or cfg.init_lora_weights == "loftq":
+        warnings.warn("path_initial_model_for_weight_conversion converts PiSSA / OLoRA adapters to LoRA; this "
+                      f"adapter's init_lora_weights is {cfg.init_lora_weights!r}", stacklevel=3)
+    initial_cfg, initial = read_adapter(initial_path)
+    if not isinstance(initial_cfg, LoraConfig):
+        raise ValueError(f"{initial_path} holds a {initial_cfg.peft_type} adapter, not the LoRA adapter's initial state")
+    out = dict(tensors)
+    for key, tensor in tensors.items():
+        is_a, is_b = key.endswith(".lora_A.weight"), key.endswith(".lora_B.weight")
+        if not (is_a or is_b):
+            continue
+        start = initial.get(key)
+        if start is None or start.shape != tensor.shape:
+            found = "missing" if start is None else f"of shape {tuple(start.shape)}"
+            raise ValueError(f"the initial adapter in {initial_path} does not match this adapter: {key!r} is {found}, "
+                             f"expected shape {tuple(tensor.shape)}")
+        start = start.to(tensor.dtype)
+        out[key] = torch.cat([tensor, start], dim=0) if is_a else torch.cat([tensor, -start], dim=1)
+    new = copy.deepcopy(cfg)
+    new.init_lora_weights = True
+    new.r = cfg.r * 2
+    new.lora_alpha = cfg.lora_alpha * (2 ** 0.5 if cfg.use_rslora else 2)
+    new.rank_pattern = {k: 2 * v for k, v in (cfg.rank_pattern or {}).items()}
+    new.alpha_pattern = {k: 2 * v for k, v in (cfg.alpha_pattern or {}).items()}
+    return new, out
+
+
+def _write_adapters(model: nn.Module, save_directory: str, configs: Dict[str, AdapterConfig], all_tensors) -> None:
+    names = list(configs)
     # Every file of every adapter is written to a temporary name first and renamed into place only once all of
     # them are complete: a failure while writing leaves an existing adapter folder exactly as it was.
     staged: List[Tuple[str, str]] = []
@@ -187,7 +251,7 @@ def _write_adapters(model: nn.Module, save_directory: str, names: List[str], all
             tensors = all_tensors[name]
             weights = os.path.join(folder, WEIGHTS_NAME)
             staged.append((_stage(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})), weights))
-            text = json.dumps(_config_dict(model, state.configs[name]), indent=2, sort_keys=True)
+            text = json.dumps(_config_dict(model, configs[name]), indent=2, sort_keys=True)
 
             def write_json(tmp: str, text: str = text) -> None:
                 with open(tmp, "w") as fh:
@@ -260,7 +324,7 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers()})
     wrappers = [p for p, _ in _wrappers_to_save(model)]
-    plan, expected = [], set()
+    plan, expected, vera = [], set(), None
     for path, layer in adapter_layers(model):
         if isinstance(layer, LoraLinear) and adapter_name in layer.adapter_names:
             expected.update({f"{path}.lora_A.{adapter_name}.weight", f"{path}.lora_B.{adapter_name}.weight"})
@@ -270,10 +334,19 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             expected.update({f"{path}.lora_embedding_A.{adapter_name}", f"{path}.lora_embedding_B.{adapter_name}"})
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             expected.add(f"{path}.ia3_l.{adapter_name}")
+        elif isinstance(layer, VeraLinear) and adapter_name in layer.adapter_names:
+            expected.update({f"{path}.vera_lambda_b.{adapter_name}", f"{path}.vera_lambda_d.{adapter_name}"})
+            vera = layer
+    cfg = get_state(model).configs[adapter_name]
+    if isinstance(cfg, VeraConfig):
+        plan.extend(_plan_vera_projections(vera, cfg, adapter_name, tensors))
+        tensors = {k: v for k, v in tensors.items() if k not in VERA_PROJECTION_KEYS}
     local_prefix = PEFT_PREFIX if prefix == "" else ""
     for key, tensor in tensors.items():
         local = local_prefix + (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
-        if local.endswith(".lora_magnitude_vector"):
+        if local.endswith((".vera_lambda_b", ".vera_lambda_d")):
+            target = f"{local}.{adapter_name}"
+        elif local.endswith(".lora_magnitude_vector"):
             target = f"{local}.{adapter_name}.weight"
         elif local.endswith((".lora_A.weight", ".lora_B.weight")):
             target = f"{local[: -len('.weight')]}.{adapter_name}.weight"
@@ -305,6 +378,33 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
     return plan
 
 
+def _plan_vera_projections(layer: VeraLinear, cfg: VeraConfig, adapter_name: str, tensors) -> list:
+    """The file's VeRA projections (``base_model.vera_A`` / ``vera_B``) against the model's, as PEFT reads them:
+    required when save_projection is true; without them the projections drawn from projection_prng_key stay (PEFT
+    warns that another platform's generator could draw others; so does fastpeft)."""
+    present = [k for k in VERA_PROJECTION_KEYS if k in tensors]
+    if not present:
+        if cfg.save_projection:
+            raise ValueError("the adapter's config has save_projection=true but its file lacks "
+                             f"{' and '.join(VERA_PROJECTION_KEYS)}")
+        warnings.warn("this VeRA adapter was saved without its projections (save_projection=false): they are drawn "
+                      f"again from projection_prng_key={cfg.projection_prng_key}, which another platform's random "
+                      "generator may draw differently", stacklevel=4)
+        return []
+    if len(present) == 1:
+        raise ValueError(f"the adapter file has {present[0]} but not its pair")
+    plan = []
+    for key, table in zip(VERA_PROJECTION_KEYS, (layer.vera_A, layer.vera_B)):
+        current, value = table[adapter_name], tensors[key]
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"adapter key {key!r} has shape {tuple(value.shape)} but the model's VeRA projection has "
+                             f"shape {tuple(current.shape)} (r and the largest adapted layer decide it)")
+        if not value.is_floating_point():
+            raise ValueError(f"adapter key {key!r} has dtype {value.dtype}; expected a floating-point tensor")
+        plan.append((current, value))
+    return plan
+
+
 def load_adapter(
     model: nn.Module,
     path: str,
@@ -326,21 +426,19 @@ def load_adapter(
     state = get_state(model, required=False)
     if state is not None and adapter_name in state.configs:
         return _load_into_existing(model, cfg, adapter_name, tensors, is_trainable)
-    fresh = state is None
+    plan = []
+    # the file is checked against the new layers inside the patch: a bad file undoes it all (base weights an
+    # init like PiSSA rewrote included)
+
+    def check() -> None:
+        plan.extend(_plan_load(model, adapter_name, tensors))
+
     if is_prompt_learning(cfg):
         # TEXT / SAMPLE_VOCAB initialisation is skipped: the values come from the file (and the tokenizer named in
         # the config need not exist here)
-        prompt_learning.add_prompt_adapter(model, cfg, adapter_name, initialize=False)
+        prompt_learning.add_prompt_adapter(model, cfg, adapter_name, initialize=False, check=check)
     else:
-        patch(model, cfg, adapter_name=adapter_name)
-    try:
-        plan = _plan_load(model, adapter_name, tensors)
-    except BaseException:
-        if fresh:
-            unpatch(model)
-        else:
-            delete_adapter(model, adapter_name)
-        raise
+        patch_checked(model, cfg, adapter_name, check=check)
     _copy_plan(plan)
     return model
 
@@ -418,6 +516,9 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", 
     if new_cfg.peft_type != old_cfg.peft_type:
         raise ValueError(f"cannot hot-swap a {new_cfg.peft_type} adapter into {adapter_name!r}, a {old_cfg.peft_type} "
                          "adapter")
+    if isinstance(old_cfg, VeraConfig):
+        raise ValueError("hot-swap of VeRA adapters is not supported (LoRA and IA3 adapters can be hot-swapped); "
+                         "load the adapter under another name and set_adapter instead")
     is_lora = isinstance(old_cfg, LoraConfig)
     if is_lora:
         if new_cfg.use_dora != old_cfg.use_dora:

@@ -11,7 +11,7 @@ from .config import is_prompt_learning
 from .model_state import adapter_layers, apply_trainable, get_state, root_model, set_active, set_submodule
 from .nn import AdapterLayer, ModulesToSave
 from .nn import bases
-from .patch import finish, patch
+from .patch import finish, patch, warn_base_rewritten
 from . import prompt_learning
 
 
@@ -49,6 +49,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"{adapter_name!r} is the only adapter; use fastpeft.unpatch(model) to remove it")
     if any(adapter_name in m.merged_adapters for _, m in adapter_layers(model)):
         raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it first")
+    if adapter_name in state.base_rewritten:
+        warn_base_rewritten(state, [adapter_name])
+        del state.base_rewritten[adapter_name]
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapter_names:
             layer.delete_adapter(adapter_name)

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -86,6 +87,8 @@ IA3_DEFAULT_TARGETS: Dict[str, List[str]] = {
     "bert": ["key", "value", "output.dense"],
     "roberta": ["key", "value", "output.dense"],
 }
+# PEFT's VeRA defaults: LoRA's, except phi (attention only)
+VERA_DEFAULT_TARGETS: Dict[str, List[str]] = {**LORA_DEFAULT_TARGETS, "phi": ["q_proj", "v_proj"]}
 IA3_DEFAULT_FEEDFORWARD: Dict[str, List[str]] = {
     "llama": ["down_proj"],
     "mistral": ["down_proj"],
@@ -378,6 +381,7 @@ class LoraConfig(_ConfigBase):
     revision: Optional[str] = None
     inference_mode: bool = False
     use_dora: bool = field(default=False, kw_only=True)  # keyword-only: positional order stays as before
+    loftq_config: Dict[str, Any] = field(default_factory=dict, kw_only=True, repr=False)  # used with init_lora_weights="loftq"
     # PEFT's bookkeeping
     peft_type: Optional[str] = _peft_type_field("LORA")
     peft_version: Optional[str] = _save_metadata()
@@ -386,7 +390,6 @@ class LoraConfig(_ConfigBase):
     megatron_config: Any = _peft_only(None)
     megatron_core: Any = _peft_only("megatron.core")
     trainable_token_indices: Any = _peft_only(None)
-    loftq_config: Any = _peft_only(factory=dict)
     eva_config: Any = _peft_only(None)
     corda_config: Any = _peft_only(None)
     lora_ga_config: Any = _peft_only(None)
@@ -421,14 +424,43 @@ class LoraConfig(_ConfigBase):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be one of 'none', 'all', 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
-            )
+        self._validate_init()
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern only works together with layers_to_transform")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("LoraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+
+    def _validate_init(self) -> None:
+        init = self.init_lora_weights
+        if not (init is True or init is False or init in ("gaussian", "pissa", "olora", "loftq")
+                or pissa_niter(init) is not None):
+            refused = " (PEFT's eva, corda, orthogonal, mica and lora_ga are not implemented in fastpeft)" \
+                if init in ("eva", "corda", "orthogonal", "mica", "lora_ga") else ""
+            raise ValueError(
+                "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora' "
+                f"or 'loftq', got {init!r}{refused}"
+            )
+        loftq = _plain(self.loftq_config)
+        if init == "loftq":
+            if not loftq:
+                raise ValueError("LoraConfig.loftq_config must be given when init_lora_weights='loftq' (e.g. "
+                                 "{'loftq_bits': 4, 'loftq_iter': 1}, or peft.LoftQConfig())")
+            if not isinstance(loftq, dict) or set(loftq) - {"loftq_bits", "loftq_iter"}:
+                raise ValueError("LoraConfig.loftq_config must be a dict / peft.LoftQConfig with the keys "
+                                 f"'loftq_bits' and 'loftq_iter', got {self.loftq_config!r}")
+            loftq = {"loftq_bits": 4, "loftq_iter": 1, **loftq}  # PEFT's LoftQConfig defaults
+            if loftq["loftq_bits"] != 4:
+                raise ValueError(f"LoraConfig.loftq_config: fastpeft implements loftq_bits=4 (NF4) only, got "
+                                 f"{loftq['loftq_bits']!r}")
+            it = loftq["loftq_iter"]
+            if not isinstance(it, int) or isinstance(it, bool) or it <= 0:
+                raise ValueError(f"LoraConfig.loftq_config['loftq_iter'] must be a positive integer, got {it!r}")
+        elif not _is_empty(loftq):
+            # PEFT drops it with a warning as well; kept as a warning so that PEFT configs load the same way
+            warnings.warn("LoraConfig.loftq_config is ignored because init_lora_weights is not 'loftq'; "
+                          "it is reset to {} as PEFT does", stacklevel=4)
+            loftq = {}
+        self.loftq_config = loftq if loftq else {}
 
     def rank_for(self, module_name: str) -> int:
         key = match_pattern_key(self.rank_pattern or {}, module_name)
@@ -478,6 +510,64 @@ class IA3Config(_ConfigBase):
                 raise ValueError(
                     f"IA3Config.feedforward_modules must be a subset of target_modules; not in target_modules: {missing}"
                 )
+
+
+@_check_keywords
+@dataclass
+class VeraConfig(_ConfigBase):
+    """VeRA configuration; field names and defaults follow ``peft.VeraConfig`` (fastpeft implements all of them).
+
+    One pair of frozen random projections (A [r, max in], B [max out, r], Kaiming-uniform from a CPU generator
+    seeded with ``projection_prng_key``) is shared by every adapted layer; each layer trains two vectors,
+    ``vera_lambda_d`` [r] and ``vera_lambda_b`` [out]:  y = base(x) + λ_b ⊙ (B·(λ_d ⊙ (A·dropout(x)))).
+
+    >>> VeraConfig(r=64, target_modules=["q_proj", "v_proj"]).peft_type
+    'VERA'
+    """
+
+    r: int = 256
+    target_modules: TargetSpec = None
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: Optional[List[str]] = None
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("VERA")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+
+    PEFT_TYPE: ClassVar[str] = "VERA"
+    exclude_modules = None  # no such PEFT field; target matching reads it for every method
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"VeraConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
+            raise ValueError(f"VeraConfig.projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        for name in ("save_projection", "init_weights", "fan_in_fan_out", "inference_mode"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"VeraConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        dropout_ok = isinstance(self.vera_dropout, (int, float)) and not isinstance(self.vera_dropout, bool)
+        if not dropout_ok or not (0.0 <= float(self.vera_dropout) < 1.0):
+            raise ValueError(f"VeraConfig.vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
+            raise ValueError(f"VeraConfig.d_initial must be a number, got {self.d_initial!r}")
+        if self.bias not in ("none", "all", "vera_only"):
+            raise ValueError(f"VeraConfig.bias must be one of 'none', 'all', 'vera_only', got {self.bias!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("VeraConfig.layers_pattern only works together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("VeraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
 
 
 # -- prompt learning (prompt tuning, prefix tuning, P-tuning) -------------------------------------------------------
@@ -654,14 +744,35 @@ class PromptEncoderConfig(_PromptLearningBase):
 
 
 PromptLearningConfig = Union[PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
-AdapterConfig = Union[LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
-_CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig,
-                                                  PromptEncoderConfig)}
+AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
+_CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, PromptTuningConfig,
+                                                  PrefixTuningConfig, PromptEncoderConfig)}
 
 
 def is_prompt_learning(config: Any) -> bool:
     """Whether ``config`` (a fastpeft config or a peft_type string) is prompt tuning, prefix tuning or P-tuning."""
     return _enum_value(getattr(config, "peft_type", config)) in PROMPT_LEARNING_TYPES
+
+
+def pissa_niter(init: Any) -> Optional[int]:
+    """N for init_lora_weights="pissa_niter_N" (randomized SVD with N subspace iterations), else None.
+
+    >>> pissa_niter("pissa_niter_4"), pissa_niter("pissa"), pissa_niter(True)
+    (4, None, None)
+    """
+    if isinstance(init, str):
+        found = re.fullmatch(r"pissa_niter_(\d+)", init)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+BASE_MUTATING_INITS = ("pissa", "olora", "loftq")  # and every "pissa_niter_N"
+
+
+def changes_base_weights(init: Any) -> bool:
+    """Whether init_lora_weights rewrites the frozen base weights (PiSSA, OLoRA, LoftQ) as PEFT does."""
+    return init in BASE_MUTATING_INITS or pissa_niter(init) is not None
 
 
 def match_pattern_key(patterns: Dict[str, Any], module_name: str) -> Optional[str]:
@@ -718,8 +829,8 @@ def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: It
 
 
 def to_fastpeft_config(config: Any) -> AdapterConfig:
-    """Accept a fastpeft config, a PEFT LoraConfig / IA3Config / PromptTuningConfig / PrefixTuningConfig /
-    PromptEncoderConfig, or a dict from adapter_config.json.
+    """Accept a fastpeft config, a PEFT LoraConfig / IA3Config / VeraConfig / PromptTuningConfig / PrefixTuningConfig
+    / PromptEncoderConfig, or a dict from adapter_config.json.
 
     >>> to_fastpeft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": False}).r
     4
@@ -739,6 +850,6 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
         data["peft_type"] = str(_enum_value(peft_type))
         return to_fastpeft_config(data)
     raise TypeError(
-        f"expected a fastpeft or peft config ({', '.join(c.__name__ for c in _CONFIG_CLASSES.values())}), got "
-        f"{type(config).__name__}"
+        f"expected a fastpeft / peft config ({', '.join(c.__name__ for c in _CONFIG_CLASSES.values())}) or an "
+        f"adapter_config.json dict, got {type(config).__name__}"
     )

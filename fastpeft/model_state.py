@@ -12,11 +12,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, LoraConfig, is_prompt_learning
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
+from .config import AdapterConfig, LoraConfig, VeraConfig, is_prompt_learning
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear
 from .nn import bases
 
-ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, ModulesToSave)
+ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, ModulesToSave)
+# the drop-ins that wrap one base layer (everything but ModulesToSave)
+WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear)
 STATE_ATTR = "_fastpeft_state"
 # Prompt learning (prompt_learning.py): the nn.ModuleDict {adapter name: prompt encoder} patch() registers on the
 # model under PEFT's name, so parameter names are PEFT's ("prompt_encoder.default.embedding.weight").
@@ -36,6 +38,8 @@ class PatchState:
     # what patch() installed, each undone by its .remove() on unpatch: forward hooks, prompt learning's routing
     hooks: List[Any] = field(default_factory=list)
     mixed_tokens: List[Any] = field(default_factory=list)  # adapter_names= calls in flight (mixed_batches.py)
+    # adapter name -> (init_lora_weights, number of base weights it rewrote): PiSSA / OLoRA / LoftQ change the base
+    base_rewritten: Dict[str, Tuple[Any, int]] = field(default_factory=dict)
     from_peft: bool = False
 
 
@@ -67,7 +71,7 @@ def adapter_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def underlying(module: nn.Module) -> nn.Module:
     """The base layer inside one of our drop-ins, or the module itself."""
-    return module.base_layer if isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear)) else module
+    return module.base_layer if isinstance(module, WRAPPER_TYPES) else module
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -84,6 +88,13 @@ class Transaction:
         self.swaps: List[Tuple[str, nn.Module]] = []
         self.added: List[Tuple[nn.Module, str]] = []
         self.flags: List[Tuple[torch.nn.Parameter, bool]] = []
+        self.data: List[Tuple[torch.nn.Parameter, torch.Tensor]] = []  # base weights an init (PiSSA, ...) replaced
+        self.undo: List[Any] = []  # other undo steps (callables), run last-in first-out
+
+    def keep_data(self, param: torch.nn.Parameter) -> None:
+        """Remember ``param``'s tensor before its ``.data`` is replaced by a new one (never written in place), so a
+        rollback gives back the very same tensor. Until the transaction ends both tensors are alive."""
+        self.data.append((param, param.data))
 
     def swap(self, name: str, new: nn.Module) -> None:
         old = self.model.get_submodule(name)
@@ -104,6 +115,10 @@ class Transaction:
                 layer.delete_adapter(adapter_name)
         for name, old in reversed(self.swaps):
             set_submodule(self.model, name, old)
+        for param, data in reversed(self.data):
+            param.data = data
+        for step in reversed(self.undo):
+            step()
 
 
 def record_requires_grad(state: PatchState, model: nn.Module) -> None:
@@ -124,14 +139,15 @@ def apply_trainable(model: nn.Module, state: PatchState, txn: Optional[Transacti
                     keep.add(id(param))
     if train and is_prompt_learning(cfg):
         keep.update(id(p) for p in getattr(model, PROMPT_ENCODER_ATTR)[state.active].parameters())
-    if train and isinstance(cfg, LoraConfig) and cfg.bias != "none":
+    if train and isinstance(cfg, (LoraConfig, VeraConfig)) and cfg.bias != "none":
+        own_type = LoraLinear if isinstance(cfg, LoraConfig) else VeraLinear  # bias="lora_only" / "vera_only"
         if cfg.bias == "all":
             # modules_to_save wrappers decide for themselves: original frozen, only the active copy trains
             wrapped = {id(p) for _, m in adapter_layers(model) if isinstance(m, ModulesToSave) for p in m.parameters()}
             keep.update(id(p) for n, p in model.named_parameters() if n.endswith("bias") and id(p) not in wrapped)
         else:
             for _, layer in adapter_layers(model):
-                if isinstance(layer, LoraLinear) and state.active in layer.adapter_names:
+                if isinstance(layer, own_type) and state.active in layer.adapter_names:
                     bias = bases.base_bias(layer.base_layer)
                     if bias is not None:
                         keep.add(id(bias))

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 import weakref
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, LoraConfig, is_prompt_learning, to_fastpeft_config
+from .config import AdapterConfig, IA3Config, LoraConfig, VeraConfig, is_prompt_learning, to_fastpeft_config
 from .model_state import (
     ADAPTER_TYPES,
     STATE_ATTR,
+    WRAPPER_TYPES,
     PatchState,
     Transaction,
     adapter_layers,
@@ -29,29 +31,41 @@ from .model_state import (
     set_submodule,
     underlying,
 )
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear, VeraProjections
+from .nn.vera import vera_projections
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
 from . import mixed_batches, prompt_learning
 from .peft_interop import route_generate, route_peft_methods, unroute_peft_methods
 from .targets import find_modules_to_save, find_targets
 
-__all__ = ["patch", "unpatch", "finish"]
+__all__ = ["patch", "patch_checked", "unpatch", "finish", "warn_base_rewritten"]
 
 
 # -- building the drop-ins -------------------------------------------------------------------------------
-def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: str) -> nn.Module:
+def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: str, txn: Transaction,
+               tables=None) -> nn.Module:
     if isinstance(cfg, LoraConfig):
         if bases.is_conv1d(underlying(module)) and not cfg.fan_in_fan_out:
             cfg.fan_in_fan_out = True  # PEFT does the same for Conv1D (GPT-2 stores weights as [in, out])
         args = (cfg.rank_for(name), cfg.alpha_for(name), float(cfg.lora_dropout), cfg.init_lora_weights, cfg.use_rslora,
                 cfg.use_dora)
+        # PiSSA / OLoRA / LoftQ replace the base weight's tensor; the transaction keeps the old one for a rollback
+        extra = dict(loftq_config=cfg.loftq_config, keep_base=txn.keep_data)
         if isinstance(module, (LoraLinear, LoraEmbedding)):
-            module.update_layer(adapter_name, *args)
+            module.update_layer(adapter_name, *args, **extra)
             return module
         if bases.is_embedding(module):
-            return LoraEmbedding(module, adapter_name, *args)
-        return LoraLinear(module, adapter_name, *args)
+            return LoraEmbedding(module, adapter_name, *args, **extra)
+        return LoraLinear(module, adapter_name, *args, **extra)
+    if isinstance(cfg, VeraConfig):
+        vera_A, vera_B = tables
+        cfg.fan_in_fan_out = bases.is_conv1d(underlying(module))  # PEFT sets it per target type, with a warning
+        args = (cfg.r, float(cfg.vera_dropout), float(cfg.d_initial), cfg.init_weights)
+        if isinstance(module, VeraLinear):
+            module.update_layer(adapter_name, *args)
+            return module
+        return VeraLinear(module, adapter_name, vera_A, vera_B, *args)
     ff = cfg.feedforward_modules or []
     is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(name.endswith(t) for t in ff)
     if isinstance(module, IA3Linear):
@@ -69,12 +83,14 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
         has_linear = any(isinstance(underlying(m), nn.Linear) for _, m in targets)
         if cfg.fan_in_fan_out and has_linear and not any(bases.is_conv1d(underlying(m)) for _, m in targets):
             cfg.fan_in_fan_out = False  # PEFT resets it for nn.Linear targets as well
+    tables = _vera_tables(model, cfg, adapter_name, targets, state, txn) if isinstance(cfg, VeraConfig) else None
+    own_types = {LoraConfig: (LoraLinear, LoraEmbedding), IA3Config: IA3Linear, VeraConfig: VeraLinear}[type(cfg)]
     built = []
     for name, module in targets:
-        existing = isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear))
-        if existing and not isinstance(module, (LoraLinear, LoraEmbedding) if isinstance(cfg, LoraConfig) else IA3Linear):
+        existing = isinstance(module, WRAPPER_TYPES)
+        if existing and not isinstance(module, own_types):
             raise ValueError(f"{name} already holds a {type(module).__name__}; one adapter method per model")
-        new = _new_layer(name, module, cfg, adapter_name)
+        new = _new_layer(name, module, cfg, adapter_name, txn, tables)
         if existing:
             txn.added.append((new, adapter_name))
         built.append((name, new))
@@ -91,6 +107,27 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
             state.originals[name] = underlying(new) if not isinstance(new, ModulesToSave) else new.original_module
     for _, layer in built:
         layer.active_adapter = state.active if state.configs else adapter_name
+
+
+def _vera_tables(model: nn.Module, cfg: VeraConfig, adapter_name: str, targets, state: PatchState, txn: Transaction):
+    """The model's shared VeRA projection tables (made on first use), with this adapter's projections drawn as
+    PEFT draws them: sized by the largest in / out features among its targets, from projection_prng_key."""
+    for other in state.configs.values():
+        if isinstance(other, VeraConfig) and other.projection_prng_key != cfg.projection_prng_key:
+            raise ValueError(f"VeRA adapters of one model must share projection_prng_key (PEFT's rule): this model's "
+                             f"adapters use {other.projection_prng_key}, got {cfg.projection_prng_key}")
+        if isinstance(other, VeraConfig) and other.save_projection != cfg.save_projection:
+            raise ValueError("VeRA adapters of one model must agree on save_projection (PEFT's rule)")
+    existing = next((m for _, m in model.named_modules() if isinstance(m, VeraLinear)), None)
+    vera_A, vera_B = (existing.vera_A, existing.vera_B) if existing is not None else (VeraProjections(), VeraProjections())
+    features = [bases.base_features(underlying(m)) for _, m in targets]
+    max_in, max_out = max(f[0] for f in features), max(f[1] for f in features)
+    proj_A, proj_B = vera_projections(cfg.r, max_in, max_out, cfg.projection_prng_key)
+    device = next((underlying(m).weight.device for _, m in targets), None)
+    vera_A.set(adapter_name, proj_A.to(device))
+    vera_B.set(adapter_name, proj_B.to(device))
+    txn.undo.append(lambda: (vera_A.remove(adapter_name), vera_B.remove(adapter_name)))
+    return vera_A, vera_B
 
 
 # -- hooks patch() installs ---------------------------------------------------------------------------------
@@ -157,6 +194,14 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
     >>> type(net[0]).__name__
     'LoraLinear'
     """
+    return patch_checked(model, config, adapter_name)
+
+
+def patch_checked(model: nn.Module, config: Any = None, adapter_name: str = "default",
+                  check: Optional[Callable[[], None]] = None) -> nn.Module:
+    """``patch``, with ``check()`` run once the adapter is in place but before the patch is final: if it raises,
+    everything is undone as for a failed patch (load_adapter checks the file against the new layers this way, so
+    a bad file also gives back base weights that PiSSA / OLoRA / LoftQ rewrote)."""
     if config is None:
         if is_peft_model(model):
             return _convert_peft_model(model)
@@ -168,7 +213,7 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
     if is_prompt_learning(cfg) or (state is not None and is_prompt_learning(state.peft_type)):
         # prompt tuning / prefix tuning / P-tuning change the inputs, not the layers (prompt_learning.py); it also
         # refuses to mix them with LoRA / IA3
-        return prompt_learning.add_prompt_adapter(model, cfg, adapter_name)
+        return prompt_learning.add_prompt_adapter(model, cfg, adapter_name, check=check)
     if state is not None:
         if adapter_name in state.configs:
             raise ValueError(
@@ -194,6 +239,8 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
     txn = Transaction(model)
     try:
         _add_adapter(model, cfg, adapter_name, state, txn)
+        if txn.data:
+            state.base_rewritten[adapter_name] = (cfg.init_lora_weights, len(txn.data))
         state.configs[adapter_name] = cfg
         state.trainable[adapter_name] = not cfg.inference_mode
         record_requires_grad(state, model)  # new adapter parameters: their "original" flag is their own
@@ -205,8 +252,11 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
             route_generate(model)  # generate(..., adapter_names=...): transformers would refuse the keyword
         else:
             apply_trainable(model, state, txn)
+        if check is not None:
+            check()
     except BaseException:
         txn.rollback()
+        state.base_rewritten.pop(adapter_name, None)
         state.configs.pop(adapter_name, None)
         state.trainable.pop(adapter_name, None)
         if fresh:
@@ -237,10 +287,22 @@ def unpatch(model: nn.Module) -> nn.Module:
             f"{len(merged)} layers have merged adapters (e.g. {merged[0]}); call fastpeft.unmerge(model) first, "
             "or fastpeft.merge_and_unload(model) to keep the merged weights"
         )
+    warn_base_rewritten(state, state.base_rewritten)
     for name, original in state.originals.items():
         set_submodule(model, name, original)
     finish(model, state)
     return model
+
+
+def warn_base_rewritten(state: PatchState, names) -> None:
+    """Say that removing these adapters leaves base weights their init rewrote (PEFT's unload does the same)."""
+    for name in names:
+        init, count = state.base_rewritten[name]
+        warnings.warn(
+            f"adapter {name!r} was created with init_lora_weights={init!r}, which rewrote {count} base weights; "
+            "they stay rewritten without the adapter (as with PEFT's unload / delete_adapter). To keep the original "
+            "model, patch a copy, or save the trained adapter with save_adapter(..., "
+            "path_initial_model_for_weight_conversion=...) and load it into the untouched base", stacklevel=3)
 
 
 def finish(model: nn.Module, state: PatchState) -> None:

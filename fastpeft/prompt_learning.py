@@ -27,7 +27,7 @@ import functools
 import inspect
 import math
 import warnings
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -277,10 +277,11 @@ def _routing(model: nn.Module) -> _Routing:
 
 
 def add_prompt_adapter(model: nn.Module, cfg: PromptLearningConfig, adapter_name: str = "default",
-                       initialize: bool = True) -> nn.Module:
+                       initialize: bool = True, check: Optional[Callable[[], None]] = None) -> nn.Module:
     """Patch a prompt-learning adapter into ``model`` (``fastpeft.patch`` calls this); atomic: on any error the model
     is left as it was. ``initialize=False`` skips TEXT / SAMPLE_VOCAB initialisation (the values are about to be
-    loaded from a file)."""
+    loaded from a file); ``check()`` runs once the adapter is in place, and if it raises everything is undone
+    (load_adapter checks the file against the new encoder this way)."""
     state = get_state(model, required=False)
     if state is not None:
         if is_prompt_learning(state.peft_type) and is_prompt_learning(cfg):
@@ -317,6 +318,8 @@ def add_prompt_adapter(model: nn.Module, cfg: PromptLearningConfig, adapter_name
         state.hooks.append(routing)
         model.__dict__[STATE_ATTR] = state
         apply_trainable(model, state, txn)  # PEFT freezes the whole base model; only the encoder trains
+        if check is not None:
+            check()
     except BaseException:
         txn.rollback()
         routing.remove()

@@ -4,6 +4,7 @@
     layer.py            AdapterLayer: bookkeeping, the forward decision and the merge tail, shared by
     lora.py, ia3.py     LoraLinear and IA3Linear
     lora_embedding.py   LoraEmbedding (LoRA on nn.Embedding)
+    vera.py             VeraLinear (VeRA: trained vectors over shared frozen projections, on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
     prompt_encoders.py  PromptEmbedding / PrefixEncoder / PromptEncoder (prompt tuning, prefix tuning, P-tuning)
@@ -15,6 +16,7 @@ from .lora import LoraLinear, LoraVariant
 from .lora_embedding import LoraEmbedding
 from .modules_to_save import ModulesToSave
 from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
+from .vera import VeraLinear, VeraProjections
 
-__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "ModulesToSave", "PromptEmbedding",
-           "PrefixEncoder", "PromptEncoder"]
+__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear",
+           "VeraProjections", "ModulesToSave", "PromptEmbedding", "PrefixEncoder", "PromptEncoder"]

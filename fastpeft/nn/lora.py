@@ -9,13 +9,14 @@ and a variant such as DoRA subclasses it and overrides what it changes (PEFT's L
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from .. import settings
-from ..ops import HAS_TRITON
+from ..config import changes_base_weights, pissa_niter
+from ..ops import HAS_TRITON, lora_init
 from . import bases, mixed_batch
 from .layer import AdapterLayer
 from .variants import DORA, PLAIN_LORA, DoraVariant, LoraVariant
@@ -44,6 +45,8 @@ class LoraLinear(AdapterLayer):
         init_lora_weights: Union[bool, str] = True,
         use_rslora: bool = False,
         use_dora: bool = False,
+        loftq_config: Optional[dict] = None,
+        keep_base: Optional[Callable[[torch.Tensor], None]] = None,
     ) -> None:
         super().__init__(base_layer, adapter_name)
         self.lora_A = nn.ModuleDict()
@@ -57,11 +60,18 @@ class LoraLinear(AdapterLayer):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (PEFT's attribute name)
         self._dora_norms: Dict[str, tuple] = {}  # DoRA: cached weight norm out of training (variants.py)
         self._dora_merge_norms: Dict[str, torch.Tensor] = {}  # DoRA: the unmerged norm of a merged adapter
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
+                          loftq_config, keep_base)
 
     # -- adapters -------------------------------------------------------------------------------------
     def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, use_rslora=False,
-                     use_dora: bool = False):
+                     use_dora: bool = False, loftq_config: Optional[dict] = None,
+                     keep_base: Optional[Callable[[torch.Tensor], None]] = None):
+        """Add one adapter. ``init_lora_weights`` as PEFT: True (A Kaiming-uniform, B = 0), "gaussian"
+        (A ~ N(0, 1/r), B = 0), False (both random: a non-zero delta), or an init that also rewrites the frozen
+        base weight -- "pissa", "pissa_niter_<N>", "olora", "loftq" (with ``loftq_config``), see
+        ``fastpeft/ops/lora_init.py``. ``keep_base(param)`` is called before a base parameter's data is replaced
+        (patch's undo log); the replacement is a new tensor, never an in-place write."""
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         if adapter_name in self.lora_A:
@@ -77,15 +87,49 @@ class LoraLinear(AdapterLayer):
             nn.init.normal_(lora_A.weight, std=1.0 / r)
             nn.init.zeros_(lora_B.weight)
         # init_lora_weights=False keeps nn.Linear's random init for both (non-zero delta, useful for tests).
+        scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        if changes_base_weights(init_lora_weights):
+            # computed before anything is stored, so that a refused base (4-bit, Conv1D) leaves the layer as it was
+            factors = self._factors_from_base(init_lora_weights, r, scaling, loftq_config or {})
+            lora_A.weight.data, lora_B.weight.data = factors[0].to(device), factors[1].to(device)
+            self._replace_base_weight(factors[2], keep_base)
         self.lora_A[adapter_name] = lora_A
         self.lora_B[adapter_name] = lora_B
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = scaling
         variant = DORA if use_dora else PLAIN_LORA
         self.lora_variant[adapter_name] = variant
         variant.init(self, adapter_name)
+
+    def _factors_from_base(self, init, r: int, scaling: float, loftq_config: dict):
+        """(A, B, new base [out, in]) in fp32 for an init that reads the base weight (ops/lora_init.py)."""
+        base = self.base_layer
+        if bases.is_linear4bit(base):
+            raise ValueError(
+                f"init_lora_weights={init!r} needs a full-precision base weight; this layer's base is 4-bit. "
+                "Initialise on the bf16 / fp32 model and quantize afterwards (fastpeft.quantize_nf4 keeps the residual "
+                "as the 4-bit base), as PEFT's documentation advises for PiSSA and LoftQ")
+        if self.fan_in_fan_out and init in ("olora", "loftq"):
+            # PEFT runs these on Conv1D's stored [in, out] weight and produces adapters of the wrong shape
+            raise ValueError(f"init_lora_weights={init!r} is not supported on transformers' Conv1D layers "
+                             "(fan_in_fan_out); PiSSA, True, False and 'gaussian' are")
+        weight = base.weight.detach().to(torch.float32)
+        weight = weight.t() if self.fan_in_fan_out else weight
+        if init == "olora":
+            return lora_init.olora_factors(weight, r, scaling)
+        if init == "loftq":
+            return lora_init.loftq_factors(weight, r, int(loftq_config.get("loftq_bits", 4)),
+                                           loftq_config.get("loftq_iter", 1))
+        return lora_init.pissa_factors(weight, r, scaling, niter=pissa_niter(init))
+
+    def _replace_base_weight(self, new_weight: torch.Tensor, keep_base) -> None:
+        param = self.base_layer.weight
+        if keep_base is not None:
+            keep_base(param)
+        new_weight = new_weight.t() if self.fan_in_fan_out else new_weight
+        param.data = new_weight.to(dtype=param.dtype, device=param.device).contiguous()
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.lora_variant[adapter_name].forget(self, adapter_name)

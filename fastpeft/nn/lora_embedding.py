@@ -14,12 +14,14 @@ is not implemented (a clear error). One small lookup and one r-wide matmul: the 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import changes_base_weights
 from .layer import AdapterLayer
 
 
@@ -30,7 +32,8 @@ class LoraEmbedding(AdapterLayer):
     wraps_embeddings = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
-                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False):
+                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
+                 loftq_config=None, keep_base=None):
         super().__init__(base_layer, adapter_name)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
@@ -38,10 +41,13 @@ class LoraEmbedding(AdapterLayer):
         self.r: Dict[str, int] = {}
         self.lora_alpha: Dict[str, float] = {}
         self.scaling: Dict[str, float] = {}
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
+                          loftq_config, keep_base)
 
     def update_layer(self, adapter_name, r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, use_rslora=False,
-                     use_dora: bool = False):
+                     use_dora: bool = False, loftq_config=None, keep_base=None):
+        """Add one adapter. ``loftq_config`` / ``keep_base`` are LoraLinear's (base-rewriting inits), accepted so one
+        call serves both; an embedding's base is never rewritten (see the init rules below)."""
         if use_dora:
             raise ValueError("use_dora=True on an embedding layer is not supported by fastpeft (LoRA on embeddings "
                              "is); leave embeddings out of target_modules for DoRA")
@@ -52,12 +58,18 @@ class LoraEmbedding(AdapterLayer):
         device = self._param_device()
         weight_a = torch.randn(r, self.in_features, device=device, dtype=torch.float32)
         weight_b = torch.randn(self.out_features, r, device=device, dtype=torch.float32)
-        if init_lora_weights is True or init_lora_weights == "gaussian":
+        if init_lora_weights == "loftq":
+            raise ValueError("init_lora_weights='loftq' is not supported on embedding layers (PEFT fails on them as "
+                             "well); leave embeddings out of target_modules, or use True / 'gaussian' / False")
+        if changes_base_weights(init_lora_weights):
+            # PEFT's lora.Embedding gives every other truthy init its default init (A = 0, B ~ N(0, 1)), without a
+            # word; fastpeft does the same numbers and says so
+            warnings.warn(f"init_lora_weights={init_lora_weights!r} applies to Linear layers only; embedding layers "
+                          "get the default LoRA embedding init (A = 0, B ~ N(0, 1)) and keep their weights, as in PEFT",
+                          stacklevel=3)
+        if init_lora_weights is not False:
             nn.init.zeros_(weight_a)
             nn.init.normal_(weight_b)
-        elif init_lora_weights is not False:
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not supported on embedding layers; "
-                             "use True, 'gaussian' or False")
         self.lora_embedding_A[adapter_name] = nn.Parameter(weight_a)
         self.lora_embedding_B[adapter_name] = nn.Parameter(weight_b)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()

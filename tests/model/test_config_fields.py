@@ -25,7 +25,8 @@ SAME_PEFT = pytest.mark.skipif(
     peft.__version__ != C.PEFT_FORMAT_VERSION,
     reason=f"fastpeft writes PEFT {C.PEFT_FORMAT_VERSION}'s adapter_config.json; peft {peft.__version__} is installed",
 )
-PAIRS = [(fastpeft.LoraConfig, peft.LoraConfig), (fastpeft.IA3Config, peft.IA3Config)]
+PAIRS = [(fastpeft.LoraConfig, peft.LoraConfig), (fastpeft.IA3Config, peft.IA3Config),
+         (fastpeft.VeraConfig, peft.VeraConfig)]
 
 
 def _tiny_llama(layers: int = 2, seed: int = 0):
@@ -48,7 +49,7 @@ def _unsupported(ours):
 
 
 # -- bug 3: every PEFT field name is a keyword ---------------------------------------------------------------
-@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["lora", "ia3"])
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["lora", "ia3", "vera"])
 def test_every_peft_field_is_accepted_at_pefts_default(ours, theirs):
     for name, f in _peft_fields(theirs).items():
         default = _peft_default(f)
@@ -62,7 +63,7 @@ def test_every_peft_field_is_accepted_at_pefts_default(ours, theirs):
 
 
 @SAME_PEFT
-@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["lora", "ia3"])
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["lora", "ia3", "vera"])
 def test_field_lists_are_the_installed_pefts(ours, theirs):
     # the field names and defaults written out in fastpeft/config.py are those of the installed PEFT
     peft_fields = _peft_fields(theirs)
@@ -71,7 +72,7 @@ def test_field_lists_are_the_installed_pefts(ours, theirs):
         if f.name in _unsupported(ours):
             assert C._default_of(f) == C._plain(_peft_default(peft_fields[f.name])), f.name
             assert f.kw_only and not f.repr, f.name
-    assert len(_unsupported(ours)) == (20 if ours is fastpeft.LoraConfig else 0)
+    assert len(_unsupported(ours)) == (19 if ours is fastpeft.LoraConfig else 0)
 
 
 # A value PEFT treats as "on" for each LoRA field fastpeft does not implement (PEFT's own objects where they exist).
@@ -79,7 +80,6 @@ NON_DEFAULT = {
     "megatron_config": lambda: {"tensor_model_parallel_size": 2},
     "megatron_core": lambda: "my_megatron.core",
     "trainable_token_indices": lambda: [0, 1],
-    "loftq_config": lambda: peft.LoftQConfig(loftq_bits=4),
     "eva_config": lambda: peft.EvaConfig(),
     "corda_config": lambda: {"corda_method": "kpm"},
     "lora_ga_config": lambda: {"direction": "ArB2r"},
@@ -164,8 +164,8 @@ def test_positional_keyword_use_and_validation_unchanged():
         fastpeft.LoraConfig(*([8, 8, 0.0, None, None, "none", False, None, False, True, {}, {}, None, None,
                                None, None, None, False, "LORA"]))  # PEFT's extra fields are keyword-only
     for bad, match in [(dict(r=0), "r must be a positive integer"), (dict(lora_dropout=1.0), "lora_dropout"),
-                       (dict(bias="some"), "bias must be one of"), (dict(init_lora_weights="pissa"),
-                                                                    "init_lora_weights must be True, False or"),
+                       (dict(bias="some"), "bias must be one of"), (dict(init_lora_weights="eva"),
+                                                                    "init_lora_weights must be True, False,"),
                        (dict(peft_type="IA3"), r"peft_type must be 'LORA' \(or None\)"),
                        (dict(task_type="CAUSAL"), "task_type must be None or one of"),
                        (dict(target_modules=".*q_proj", layers_to_transform=[0]), "layers_to_transform")]:
@@ -182,7 +182,7 @@ def test_enums_and_repr_fields_to_dict():
     assert type(cfg.task_type) is str and cfg.task_type == "CAUSAL_LM" and type(cfg.peft_type) is str
     text = repr(cfg)
     assert "r=4" in text and "task_type='CAUSAL_LM'" in text
-    assert "use_qalora" not in text and "loftq_config" not in text  # fields fastpeft does not implement stay out
+    assert "use_qalora" not in text  # fields fastpeft does not implement stay out
     assert "use_qalora" not in fastpeft.LoraConfig.field_names() and "rank_pattern" in fastpeft.LoraConfig.field_names()
     assert "use_dora" in fastpeft.LoraConfig.field_names()
     data = cfg.to_dict()
