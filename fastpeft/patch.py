@@ -184,7 +184,7 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
     ``config``: fastpeft.LoraConfig / IA3Config or peft.LoraConfig / IA3Config; or a prompt-learning config
     (PromptTuningConfig / PrefixTuningConfig / PromptEncoderConfig, fastpeft's or PEFT's, task_type="CAUSAL_LM"),
     which routes the model's forward / generate as PEFT's PeftModelForCausalLM does (prompt_learning.py; one such
-    adapter per model, not combined with LoRA / IA3). With no config and a
+    adapter per model, not combined with LoRA / IA3 / VeRA). With no config and a
     ``peft.PeftModel``, converts its LoRA / IA3 layers in place, keeping PEFT's parameter names.
     Patching an already patched model with a new ``adapter_name`` adds that adapter (inactive).
 
@@ -212,7 +212,7 @@ def patch_checked(model: nn.Module, config: Any = None, adapter_name: str = "def
     state = get_state(model, required=False)
     if is_prompt_learning(cfg) or (state is not None and is_prompt_learning(state.peft_type)):
         # prompt tuning / prefix tuning / P-tuning change the inputs, not the layers (prompt_learning.py); it also
-        # refuses to mix them with LoRA / IA3
+        # refuses to mix them with layer adapters (LoRA / IA3 / VeRA)
         return prompt_learning.add_prompt_adapter(model, cfg, adapter_name, check=check)
     if state is not None:
         if adapter_name in state.configs:

@@ -456,10 +456,12 @@ def model():
     return tiny_model("llama", seed=1)
 
 
-def test_prompt_adapter_on_a_lora_model_is_refused(model):
-    fastpeft.patch(model, fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+@pytest.mark.parametrize("layer_config", [fastpeft.LoraConfig(r=2, target_modules=["q_proj"]),
+                                          fastpeft.VeraConfig(r=4, target_modules=["q_proj"])], ids=["lora", "vera"])
+def test_prompt_adapter_on_a_lora_or_vera_model_is_refused(model, layer_config):
+    fastpeft.patch(model, layer_config)
     before = state_snapshot(model)
-    with pytest.raises(ValueError, match="does not combine a prompt-learning adapter.*LoRA / IA3"):
+    with pytest.raises(ValueError, match="does not combine a prompt-learning adapter.*LoRA / IA3 / VeRA"):
         fastpeft.patch(model, _configs("prompt-tuning")[1], adapter_name="prompt")
     assert_same_snapshot(before, state_snapshot(model))
 
