@@ -304,6 +304,8 @@ def test_load_trainable_where_the_file_holds_the_trained_table(tmp_path, case):
     assert rel_err(out.logits, theirs(input_ids=ids, attention_mask=mask).logits) <= TOL
     out.loss.backward()
     assert ours.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot be reloaded with is_trainable=False in place"):
+        fastpeft.load_adapter(ours, str(tmp_path))
 
 
 @pytest.mark.parametrize("case", ["prefix-projection", "p-tuning-mlp"])
@@ -315,6 +317,26 @@ def test_load_trainable_is_refused_where_the_encoder_is_not_saved(tmp_path, case
     with pytest.raises(ValueError, match="is_trainable=True.*only the encoder's output"):
         fastpeft.load_adapter(fresh, str(tmp_path), is_trainable=True)
     assert_same_snapshot(before, state_snapshot(fresh))
+
+
+def test_load_again_into_the_loaded_adapter(tmp_path):
+    theirs, _ = _pair("llama", "p-tuning-mlp")
+    theirs.save_pretrained(str(tmp_path / "a"))
+    with torch.no_grad():
+        for p in _peft_params(theirs).values():
+            p.mul_(2)
+    theirs.save_pretrained(str(tmp_path / "b"))
+    ours = fastpeft.load_adapter(tiny_model("llama", seed=1), str(tmp_path / "a"))
+    table = ours.prompt_encoder["default"].embedding.weight
+    fastpeft.load_adapter(ours, str(tmp_path / "b"))  # same name, same config: the values are replaced in place
+    assert ours.prompt_encoder["default"].embedding.weight is table
+    assert torch.equal(table, load_file(str(tmp_path / "b" / "adapter_model.safetensors"))["prompt_embeddings"])
+    ids, mask, _ = _batch("llama")
+    with torch.no_grad():
+        assert rel_err(ours(input_ids=ids, attention_mask=mask).logits,
+                       theirs(input_ids=ids, attention_mask=mask).logits) <= TOL
+    with pytest.raises(ValueError, match="cannot load a P-tuning adapter with is_trainable=True"):
+        fastpeft.load_adapter(ours, str(tmp_path / "b"), is_trainable=True)
 
 
 def test_load_a_file_of_the_wrong_shape_leaves_the_model_unchanged(tmp_path):
