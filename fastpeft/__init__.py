@@ -1,4 +1,4 @@
-"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA fine-tuning (and PEFT's prompt tuning, prefix tuning,
+"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA / LoHa fine-tuning (and PEFT's prompt tuning, prefix tuning,
 P-tuning on causal LMs) for Hugging Face models.
 
 >>> import torch.nn as nn, fastpeft
@@ -22,9 +22,10 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig
+from .config import (IA3Config, LoHaConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+                     VeraConfig)
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, VeraLinear
+from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, VeraLinear
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -35,6 +36,7 @@ __all__ = [
     "LoraConfig",
     "IA3Config",
     "VeraConfig",
+    "LoHaConfig",
     "PromptTuningConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
@@ -64,6 +66,7 @@ __all__ = [
     "LoraVariant",
     "IA3Linear",
     "VeraLinear",
+    "LohaLinear",
     "ModulesToSave",
     "quantize_nf4",
     "NF4Linear",

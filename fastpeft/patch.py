@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, IA3Config, LoraConfig, VeraConfig, is_prompt_learning, to_fastpeft_config
+from .config import (AdapterConfig, IA3Config, LoHaConfig, LoraConfig, VeraConfig, is_prompt_learning,
+                     to_fastpeft_config)
 from .model_state import (
     ADAPTER_TYPES,
     STATE_ATTR,
@@ -31,7 +32,7 @@ from .model_state import (
     set_submodule,
     underlying,
 )
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear, VeraProjections
+from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear, VeraProjections
 from .nn.vera import vera_projections
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
@@ -58,6 +59,13 @@ def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: s
         if bases.is_embedding(module):
             return LoraEmbedding(module, adapter_name, *args, **extra)
         return LoraLinear(module, adapter_name, *args, **extra)
+    if isinstance(cfg, LoHaConfig):
+        args = (cfg.rank_for(name), cfg.alpha_for(name), float(cfg.rank_dropout), float(cfg.module_dropout),
+                cfg.init_weights)
+        if isinstance(module, LohaLinear):
+            module.update_layer(adapter_name, *args)
+            return module
+        return LohaLinear(module, adapter_name, *args)
     if isinstance(cfg, VeraConfig):
         vera_A, vera_B = tables
         cfg.fan_in_fan_out = bases.is_conv1d(underlying(module))  # PEFT sets it per target type, with a warning
@@ -84,7 +92,8 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
         if cfg.fan_in_fan_out and has_linear and not any(bases.is_conv1d(underlying(m)) for _, m in targets):
             cfg.fan_in_fan_out = False  # PEFT resets it for nn.Linear targets as well
     tables = _vera_tables(model, cfg, adapter_name, targets, state, txn) if isinstance(cfg, VeraConfig) else None
-    own_types = {LoraConfig: (LoraLinear, LoraEmbedding), IA3Config: IA3Linear, VeraConfig: VeraLinear}[type(cfg)]
+    own_types = {LoraConfig: (LoraLinear, LoraEmbedding), IA3Config: IA3Linear, VeraConfig: VeraLinear,
+                 LoHaConfig: LohaLinear}[type(cfg)]
     built = []
     for name, module in targets:
         existing = isinstance(module, WRAPPER_TYPES)
@@ -184,7 +193,7 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
     ``config``: fastpeft.LoraConfig / IA3Config or peft.LoraConfig / IA3Config; or a prompt-learning config
     (PromptTuningConfig / PrefixTuningConfig / PromptEncoderConfig, fastpeft's or PEFT's, task_type="CAUSAL_LM"),
     which routes the model's forward / generate as PEFT's PeftModelForCausalLM does (prompt_learning.py; one such
-    adapter per model, not combined with LoRA / IA3 / VeRA). With no config and a
+    adapter per model, not combined with LoRA / IA3 / VeRA / LoHa). With no config and a
     ``peft.PeftModel``, converts its LoRA / IA3 layers in place, keeping PEFT's parameter names.
     Patching an already patched model with a new ``adapter_name`` adds that adapter (inactive).
 
@@ -212,7 +221,7 @@ def patch_checked(model: nn.Module, config: Any = None, adapter_name: str = "def
     state = get_state(model, required=False)
     if is_prompt_learning(cfg) or (state is not None and is_prompt_learning(state.peft_type)):
         # prompt tuning / prefix tuning / P-tuning change the inputs, not the layers (prompt_learning.py); it also
-        # refuses to mix them with layer adapters (LoRA / IA3 / VeRA)
+        # refuses to mix them with layer adapters (LoRA / IA3 / VeRA / LoHa)
         return prompt_learning.add_prompt_adapter(model, cfg, adapter_name, check=check)
     if state is not None:
         if adapter_name in state.configs:

@@ -490,11 +490,13 @@ def model():
 
 
 @pytest.mark.parametrize("layer_config", [fastpeft.LoraConfig(r=2, target_modules=["q_proj"]),
-                                          fastpeft.VeraConfig(r=4, target_modules=["q_proj"])], ids=["lora", "vera"])
+                                          fastpeft.VeraConfig(r=4, target_modules=["q_proj"]),
+                                          fastpeft.LoHaConfig(r=2, target_modules=["q_proj"])],
+                         ids=["lora", "vera", "loha"])
 def test_prompt_adapter_on_a_lora_or_vera_model_is_refused(model, layer_config):
     fastpeft.patch(model, layer_config)
     before = state_snapshot(model)
-    with pytest.raises(ValueError, match="does not combine a prompt-learning adapter.*LoRA / IA3 / VeRA"):
+    with pytest.raises(ValueError, match="does not combine a prompt-learning adapter.*LoRA / IA3 / VeRA / LoHa"):
         fastpeft.patch(model, _configs("prompt-tuning")[1], adapter_name="prompt")
     assert_same_snapshot(before, state_snapshot(model))
 

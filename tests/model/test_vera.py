@@ -282,3 +282,14 @@ def test_nf4_base_equals_the_dequantized_dense_base():
     ids = random_ids()
     with torch.no_grad():
         assert rel_err(ours(input_ids=ids).logits, twin(input_ids=ids).logits) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_gpu_bf16_vera_kernels_against_an_fp32_twin(four_bit, monkeypatch):
+    """bf16 VeRA through the GPU operators (C++ / Triton on a dense base, the QLoRA kernels on an NF4 base) against
+    the same model in fp32 on the reference path: logits and vector gradients within max(1e-2, 2x the error of the
+    same bf16 model on the reference path, i.e. PEFT's order of operations)."""
+    from helpers import check_bf16_against_fp32_twin
+    check_bf16_against_fp32_twin(fastpeft.VeraConfig(r=64, target_modules="all-linear", init_weights=False),
+                                 four_bit, monkeypatch)
