@@ -1,4 +1,5 @@
-"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA / LoHa fine-tuning for Hugging Face models.
+"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA / LoHa fine-tuning (and PEFT's prompt tuning, prefix tuning,
+P-tuning on causal LMs) for Hugging Face models.
 
 >>> import torch.nn as nn, fastpeft
 >>> net = nn.Sequential(nn.Linear(8, 8))
@@ -21,7 +22,8 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import IA3Config, LoHaConfig, LoraConfig, VeraConfig
+from .config import (IA3Config, LoHaConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+                     VeraConfig)
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
 from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, VeraLinear
 from .patch import patch, unpatch
@@ -35,6 +37,9 @@ __all__ = [
     "IA3Config",
     "VeraConfig",
     "LoHaConfig",
+    "PromptTuningConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
     "patch",
     "unpatch",
     "save_adapter",

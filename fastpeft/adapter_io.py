@@ -18,12 +18,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .config import AdapterConfig, LoHaConfig, LoraConfig, VeraConfig, changes_base_weights, to_fastpeft_config
+from .config import (AdapterConfig, LoHaConfig, LoraConfig, VeraConfig, changes_base_weights, is_prompt_learning,
+                     to_fastpeft_config)
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
 from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear
 from .nn import bases
 from .patch import patch_checked
+from . import prompt_learning
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,6 +54,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
     """The tensors PEFT would save for ``adapter_name``, under PEFT's key names."""
     state = get_state(model)
     cfg = state.configs[adapter_name]
+    if is_prompt_learning(cfg):  # PEFT's one key, "prompt_embeddings", without a module path
+        out = prompt_learning.prompt_state_dict(model, adapter_name)
+        return {k: full_tensor(v.detach()).to("cpu").contiguous().clone() for k, v in out.items()}
     prefix = _prefix(model)
     out: Dict[str, torch.Tensor] = {}
     for path, layer in adapter_layers(model):
@@ -317,6 +322,8 @@ def read_adapter(path: str, adapter_name: str = "default", allow_pickle: bool = 
 
 def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Tensor]):
     """Map every saved key to its parameter and check shapes; raises before anything is written."""
+    if is_prompt_learning(get_state(model).configs[adapter_name]):
+        return prompt_learning.plan_load(model, adapter_name, tensors)
     prefix = _prefix(model)
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers()})
@@ -420,13 +427,24 @@ def load_adapter(
     """
     cfg, tensors = read_adapter(path, adapter_name, allow_pickle=allow_pickle)
     cfg.inference_mode = not is_trainable
+    if is_prompt_learning(cfg):
+        prompt_learning.check_loadable(cfg, is_trainable)
     state = get_state(model, required=False)
     if state is not None and adapter_name in state.configs:
         return _load_into_existing(model, cfg, adapter_name, tensors, is_trainable)
     plan = []
     # the file is checked against the new layers inside the patch: a bad file undoes it all (base weights an
     # init like PiSSA rewrote included)
-    patch_checked(model, cfg, adapter_name, check=lambda: plan.extend(_plan_load(model, adapter_name, tensors)))
+
+    def check() -> None:
+        plan.extend(_plan_load(model, adapter_name, tensors))
+
+    if is_prompt_learning(cfg):
+        # TEXT / SAMPLE_VOCAB initialisation is skipped: the values come from the file (and the tokenizer named in
+        # the config need not exist here)
+        prompt_learning.add_prompt_adapter(model, cfg, adapter_name, initialize=False, check=check)
+    else:
+        patch_checked(model, cfg, adapter_name, check=check)
     _copy_plan(plan)
     return model
 
@@ -458,6 +476,11 @@ def _load_into_existing(model: nn.Module, cfg: AdapterConfig, adapter_name: str,
             f"adapter {adapter_name!r} already exists with another config (differs in {diff}); load under another "
             f"adapter_name, or fastpeft.delete_adapter(model, {adapter_name!r}) first"
         )
+    if is_prompt_learning(cfg) and state.trainable.get(adapter_name) != is_trainable:
+        # a frozen prompt-learning adapter has another encoder structure (only the output table, as in PEFT)
+        raise ValueError(f"adapter {adapter_name!r} is loaded with is_trainable={state.trainable.get(adapter_name)}; "
+                         f"a prompt-learning adapter cannot be reloaded with is_trainable={is_trainable} in place "
+                         "(fastpeft.unpatch(model) first)")
     plan = _plan_load(model, adapter_name, tensors)
     _copy_plan(plan)
     if state.trainable.get(adapter_name) != is_trainable:
@@ -493,6 +516,9 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", 
                          "with fastpeft.load_adapter)")
     new_cfg, tensors = read_adapter(path, adapter_name, allow_pickle=allow_pickle)
     old_cfg = state.configs[adapter_name]
+    if is_prompt_learning(old_cfg):
+        raise NotImplementedError(f"hot-swap of prompt-learning adapters ({old_cfg.peft_type}) is not implemented; "
+                                  "fastpeft.load_adapter the new one into a fresh model")
     if new_cfg.peft_type != old_cfg.peft_type:
         raise ValueError(f"cannot hot-swap a {new_cfg.peft_type} adapter into {adapter_name!r}, a {old_cfg.peft_type} "
                          "adapter")

@@ -7,10 +7,12 @@ from typing import Any, Iterator, Tuple
 import torch
 import torch.nn as nn
 
+from .config import is_prompt_learning
 from .model_state import adapter_layers, apply_trainable, get_state, root_model, set_active, set_submodule
 from .nn import AdapterLayer, ModulesToSave
 from .nn import bases
 from .patch import finish, patch, warn_base_rewritten
+from . import prompt_learning
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: Any) -> nn.Module:
@@ -70,7 +72,10 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
 
     >>> # with fastpeft.disable_adapter(model): base_logits = model(ids).logits
     """
-    get_state(model)
+    if is_prompt_learning(get_state(model).peft_type):
+        with prompt_learning.disabled(model):  # forward / generate are the base model's
+            yield
+        return
     layers = [m for _, m in adapter_layers(model)]
     if any(m.merged_adapters for m in layers):
         raise ValueError("adapters are merged into the weights; fastpeft.unmerge(model) before disable_adapter")
@@ -84,9 +89,16 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             m.disable_adapters = flag
 
 
+def _refuse_prompt_learning(model: nn.Module, what: str) -> None:
+    state = get_state(model)
+    if is_prompt_learning(state.peft_type):
+        raise ValueError(f"{what}: a {state.peft_type} adapter changes the model's inputs, not its weights, so there "
+                         "is nothing to merge (use fastpeft.unpatch(model) to remove it)")
+
+
 def merge(model: nn.Module) -> None:
     """Add the active adapter into the base weights (dense bases; 4-bit: use merge_and_unload)."""
-    get_state(model)
+    _refuse_prompt_learning(model, "merge")
     layers = [m for _, m in adapter_layers(model) if isinstance(m, AdapterLayer)]
     bad = [m for m in layers if bases.is_linear4bit(m.base_layer)]
     if bad:
@@ -97,7 +109,7 @@ def merge(model: nn.Module) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Subtract merged adapters again (restores the base weights up to floating-point rounding)."""
-    get_state(model)
+    _refuse_prompt_learning(model, "unmerge")
     for _, m in adapter_layers(model):
         m.unmerge()
 
@@ -109,6 +121,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     weight's device) and merged into an nn.Linear of the weight's original dtype (the QuantState's dtype).
     modules_to_save keep the trained copy.
     """
+    _refuse_prompt_learning(model, "merge_and_unload")
     state = get_state(model)
     for name, layer in adapter_layers(model):
         if isinstance(layer, ModulesToSave):

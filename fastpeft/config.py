@@ -634,7 +634,189 @@ class LoHaConfig(_ConfigBase):
         return self.alpha_for(module_name) / self.rank_for(module_name)
 
 
-AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig]
+# -- prompt learning (prompt tuning, prefix tuning, P-tuning) -------------------------------------------------------
+# These change the model's inputs, not its layers (fastpeft/prompt_learning.py). The fields shared by the three are
+# those of PEFT's PromptLearningConfig; num_layers / token_dim / num_attention_heads / encoder_hidden_size left at
+# None are filled in from the model when it is patched, as PEFT does, and written to adapter_config.json.
+PROMPT_LEARNING_TYPES: Tuple[str, ...] = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+PROMPT_TUNING_INITS: Tuple[str, ...] = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+PROMPT_ENCODER_TYPES: Tuple[str, ...] = ("MLP", "LSTM")
+
+
+def _optional_positive_int(cls_name: str, name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ValueError(f"{cls_name}.{name} must be None or a positive integer, got {value!r}")
+
+
+class _PromptLearningBase(_ConfigBase):
+    def validate(self) -> None:
+        name = type(self).__name__
+        for key in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
+            _optional_positive_int(name, key, getattr(self, key))
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError(f"{name}.num_transformer_submodules must be None, 1 or 2, got "
+                             f"{self.num_transformer_submodules!r}")
+        if type(self.inference_mode) is not bool:
+            raise ValueError(f"{name}.inference_mode must be True or False, got {self.inference_mode!r}")
+
+
+@_check_keywords
+@dataclass
+class PromptTuningConfig(_PromptLearningBase):
+    """Prompt tuning (``num_virtual_tokens`` trained embeddings put in front of the input); field names and
+    defaults follow ``peft.PromptTuningConfig``. fastpeft implements it for causal LMs (``task_type="CAUSAL_LM"``).
+
+    ``prompt_tuning_init``: "RANDOM" (PEFT's default), "TEXT" (the embeddings of ``prompt_tuning_init_text``,
+    tokenized by ``AutoTokenizer.from_pretrained(tokenizer_name_or_path, **tokenizer_kwargs)``, cut or repeated to
+    ``num_virtual_tokens``) or "SAMPLE_VOCAB" (the embeddings of random vocabulary tokens).
+
+    >>> PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8).peft_type
+    'PROMPT_TUNING'
+    >>> PromptTuningConfig(num_virtual_tokens=8, prompt_tuning_init="TEXT")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path ...
+    """
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_kwargs: Optional[Dict[str, Any]] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("PROMPT_TUNING")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+    # PEFT fields fastpeft does not implement, at PEFT's defaults
+    modules_to_save: Any = _peft_only(None)
+
+    PEFT_TYPE: ClassVar[str] = "PROMPT_TUNING"
+
+    def validate(self) -> None:
+        super().validate()
+        self.prompt_tuning_init = _enum_value(self.prompt_tuning_init)
+        if self.prompt_tuning_init not in PROMPT_TUNING_INITS:
+            raise ValueError(f"PromptTuningConfig.prompt_tuning_init must be one of {PROMPT_TUNING_INITS}, got "
+                             f"{self.prompt_tuning_init!r}")
+        if self.prompt_tuning_init == "TEXT":
+            # PEFT refuses these at construction too
+            if not self.tokenizer_name_or_path:
+                raise ValueError("PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path (the "
+                                 "tokenizer that turns prompt_tuning_init_text into token ids)")
+            if self.prompt_tuning_init_text is None:
+                raise ValueError("PromptTuningConfig: prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+        elif self.tokenizer_kwargs:
+            raise ValueError("PromptTuningConfig.tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
+
+
+@_check_keywords
+@dataclass
+class PrefixTuningConfig(_PromptLearningBase):
+    """Prefix tuning (trained keys and values in front of every attention layer's cache); field names and
+    defaults follow ``peft.PrefixTuningConfig``. fastpeft implements it for causal LMs (``task_type="CAUSAL_LM"``).
+
+    ``prefix_projection=True`` computes the prefix with a two-layer MLP (hidden size ``encoder_hidden_size``) from
+    ``num_virtual_tokens`` embeddings; ``init_weights="zero"`` starts from an all-zero prefix.
+
+    >>> PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, prefix_projection=True).peft_type
+    'PREFIX_TUNING'
+    """
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    init_weights: Optional[str] = None
+    encoder_hidden_size: Optional[int] = None
+    prefix_projection: bool = False
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("PREFIX_TUNING")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+    # PEFT fields fastpeft does not implement, at PEFT's defaults
+    modules_to_save: Any = _peft_only(None)
+
+    PEFT_TYPE: ClassVar[str] = "PREFIX_TUNING"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"PrefixTuningConfig.init_weights must be None or 'zero', got {self.init_weights!r}")
+        if type(self.prefix_projection) is not bool:
+            raise ValueError(f"PrefixTuningConfig.prefix_projection must be True or False, got "
+                             f"{self.prefix_projection!r}")
+        _optional_positive_int("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
+
+
+@_check_keywords
+@dataclass
+class PromptEncoderConfig(_PromptLearningBase):
+    """P-tuning (virtual-token embeddings passed through a trained MLP or LSTM + MLP encoder, put in front of the
+    input); field names and defaults follow ``peft.PromptEncoderConfig``. fastpeft implements it for causal LMs
+    (``task_type="CAUSAL_LM"``).
+
+    >>> PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_reparameterization_type="LSTM").peft_type
+    'P_TUNING'
+    """
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: Optional[int] = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("P_TUNING")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+    # PEFT fields fastpeft does not implement, at PEFT's defaults
+    modules_to_save: Any = _peft_only(None)
+
+    PEFT_TYPE: ClassVar[str] = "P_TUNING"
+
+    def validate(self) -> None:
+        super().validate()
+        self.encoder_reparameterization_type = _enum_value(self.encoder_reparameterization_type)
+        if self.encoder_reparameterization_type not in PROMPT_ENCODER_TYPES:
+            raise ValueError(f"PromptEncoderConfig.encoder_reparameterization_type must be one of "
+                             f"{PROMPT_ENCODER_TYPES}, got {self.encoder_reparameterization_type!r}")
+        _optional_positive_int("PromptEncoderConfig", "encoder_hidden_size", self.encoder_hidden_size)
+        _optional_positive_int("PromptEncoderConfig", "encoder_num_layers", self.encoder_num_layers)
+        dropout_ok = isinstance(self.encoder_dropout, (int, float)) and not isinstance(self.encoder_dropout, bool)
+        if not dropout_ok or not (0.0 <= float(self.encoder_dropout) < 1.0):
+            raise ValueError(f"PromptEncoderConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+
+
+PromptLearningConfig = Union[PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
+AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, PromptTuningConfig, PrefixTuningConfig,
+                      PromptEncoderConfig]
+_CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, LoHaConfig, PromptTuningConfig,
+                                                  PrefixTuningConfig, PromptEncoderConfig)}
+
+
+def is_prompt_learning(config: Any) -> bool:
+    """Whether ``config`` (a fastpeft config or a peft_type string) is prompt tuning, prefix tuning or P-tuning."""
+    return _enum_value(getattr(config, "peft_type", config)) in PROMPT_LEARNING_TYPES
 
 
 def pissa_niter(init: Any) -> Optional[int]:
@@ -712,25 +894,20 @@ def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: It
 
 
 def to_fastpeft_config(config: Any) -> AdapterConfig:
-    """Accept a fastpeft config, a PEFT LoraConfig / IA3Config, or a dict from adapter_config.json.
+    """Accept a fastpeft config, the PEFT config of the same name (LoraConfig, IA3Config, VeraConfig, LoHaConfig,
+    PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig), or a dict from adapter_config.json.
 
     >>> to_fastpeft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": False}).r
     4
     """
-    if isinstance(config, (LoraConfig, IA3Config, VeraConfig, LoHaConfig)):
+    if isinstance(config, tuple(_CONFIG_CLASSES.values())):
         return copy.deepcopy(config)
     if isinstance(config, dict):
         peft_type = str(_enum_value(config.get("peft_type", ""))).upper()
-        if peft_type == "LORA":
-            return LoraConfig.from_dict(config)
-        if peft_type == "IA3":
-            return IA3Config.from_dict(config)
-        if peft_type == "VERA":
-            return VeraConfig.from_dict(config)
-        if peft_type == "LOHA":
-            return LoHaConfig.from_dict(config)
-        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA', 'IA3', "
-                         "'VERA' and 'LOHA'")
+        if peft_type in _CONFIG_CLASSES:
+            return _CONFIG_CLASSES[peft_type].from_dict(config)
+        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports "
+                         f"{', '.join(map(repr, _CONFIG_CLASSES))}")
     peft_type = getattr(config, "peft_type", None)
     if peft_type is not None and dataclasses.is_dataclass(config):
         # a PEFT config object: its dataclass fields are exactly what its adapter_config.json would hold
@@ -738,6 +915,6 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
         data["peft_type"] = str(_enum_value(peft_type))
         return to_fastpeft_config(data)
     raise TypeError(
-        "expected a fastpeft / peft LoraConfig, IA3Config, VeraConfig or LoHaConfig (or an adapter_config.json dict), got "
-        f"{type(config).__name__}"
+        f"expected a fastpeft / peft config ({', '.join(c.__name__ for c in _CONFIG_CLASSES.values())}) or an "
+        f"adapter_config.json dict, got {type(config).__name__}"
     )

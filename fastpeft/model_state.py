@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, LoraConfig, VeraConfig
+from .config import AdapterConfig, LoraConfig, VeraConfig, is_prompt_learning
 from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear
 from .nn import bases
 
@@ -20,6 +20,9 @@ ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, M
 # the drop-ins that wrap one base layer (everything but ModulesToSave)
 WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear)
 STATE_ATTR = "_fastpeft_state"
+# Prompt learning (prompt_learning.py): the nn.ModuleDict {adapter name: prompt encoder} patch() registers on the
+# model under PEFT's name, so parameter names are PEFT's ("prompt_encoder.default.embedding.weight").
+PROMPT_ENCODER_ATTR = "prompt_encoder"
 
 
 @dataclass
@@ -32,7 +35,8 @@ class PatchState:
     active: str = "default"
     requires_grad: Dict[int, Tuple[torch.nn.Parameter, bool]] = field(default_factory=dict)
     originals: Dict[str, nn.Module] = field(default_factory=dict)  # path -> module to put back on unpatch
-    hooks: List[Any] = field(default_factory=list)  # forward hooks patch() installed (removed by unpatch)
+    # what patch() installed, each undone by its .remove() on unpatch: forward hooks, prompt learning's routing
+    hooks: List[Any] = field(default_factory=list)
     mixed_tokens: List[Any] = field(default_factory=list)  # adapter_names= calls in flight (mixed_batches.py)
     # adapter name -> (init_lora_weights, number of base weights it rewrote): PiSSA / OLoRA / LoftQ change the base
     base_rewritten: Dict[str, Tuple[Any, int]] = field(default_factory=dict)
@@ -133,6 +137,8 @@ def apply_trainable(model: nn.Module, state: PatchState, txn: Optional[Transacti
             for param in layer.adapter_parameters(name):
                 if name == state.active and train:
                     keep.add(id(param))
+    if train and is_prompt_learning(cfg):
+        keep.update(id(p) for p in getattr(model, PROMPT_ENCODER_ATTR)[state.active].parameters())
     if train and isinstance(cfg, (LoraConfig, VeraConfig)) and cfg.bias != "none":
         own_type = LoraLinear if isinstance(cfg, LoraConfig) else VeraLinear  # bias="lora_only" / "vera_only"
         if cfg.bias == "all":

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, IA3Config, LoHaConfig, LoraConfig, VeraConfig, to_fastpeft_config
+from .config import (AdapterConfig, IA3Config, LoHaConfig, LoraConfig, VeraConfig, is_prompt_learning,
+                     to_fastpeft_config)
 from .model_state import (
     ADAPTER_TYPES,
     STATE_ATTR,
@@ -35,7 +36,7 @@ from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, ModulesToSave,
 from .nn.vera import vera_projections
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
-from . import mixed_batches
+from . import mixed_batches, prompt_learning
 from .peft_interop import route_generate, route_peft_methods, unroute_peft_methods
 from .targets import find_modules_to_save, find_targets
 
@@ -189,7 +190,10 @@ def _remove_hooks(state: PatchState) -> None:
 def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -> nn.Module:
     """Swap fastpeft LoRA / IA3 drop-ins into ``model`` in place and return it.
 
-    ``config``: fastpeft.LoraConfig / IA3Config or peft.LoraConfig / IA3Config. With no config and a
+    ``config``: fastpeft.LoraConfig / IA3Config or peft.LoraConfig / IA3Config; or a prompt-learning config
+    (PromptTuningConfig / PrefixTuningConfig / PromptEncoderConfig, fastpeft's or PEFT's, task_type="CAUSAL_LM"),
+    which routes the model's forward / generate as PEFT's PeftModelForCausalLM does (prompt_learning.py; one such
+    adapter per model, not combined with LoRA / IA3 / VeRA / LoHa). With no config and a
     ``peft.PeftModel``, converts its LoRA / IA3 layers in place, keeping PEFT's parameter names.
     Patching an already patched model with a new ``adapter_name`` adds that adapter (inactive).
 
@@ -215,6 +219,10 @@ def patch_checked(model: nn.Module, config: Any = None, adapter_name: str = "def
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
     cfg = to_fastpeft_config(config)
     state = get_state(model, required=False)
+    if is_prompt_learning(cfg) or (state is not None and is_prompt_learning(state.peft_type)):
+        # prompt tuning / prefix tuning / P-tuning change the inputs, not the layers (prompt_learning.py); it also
+        # refuses to mix them with layer adapters (LoRA / IA3 / VeRA / LoHa)
+        return prompt_learning.add_prompt_adapter(model, cfg, adapter_name, check=check)
     if state is not None:
         if adapter_name in state.configs:
             raise ValueError(
@@ -279,6 +287,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     'Linear'
     """
     state = get_state(model)
+    if is_prompt_learning(state.peft_type):
+        prompt_learning.check_removable(model)  # finish() then removes the encoder and the routed methods
     layers = adapter_layers(model)
     merged = [n for n, m in layers if m.merged_adapters]
     if merged:
@@ -374,6 +384,10 @@ def _convert_peft_model(model: nn.Module) -> nn.Module:
     if state is not None:
         raise ValueError("this PeftModel was already converted by fastpeft.patch")
     configs = {name: to_fastpeft_config(cfg) for name, cfg in model.peft_config.items()}
+    if any(is_prompt_learning(cfg) for cfg in configs.values()):
+        raise NotImplementedError(
+            "converting a PeftModel with a prompt-learning adapter in place is not supported; save it "
+            "(peft_model.save_pretrained(dir)) and load it into the plain model: fastpeft.load_adapter(model, dir)")
     kinds = {c.peft_type for c in configs.values()}
     if len(kinds) != 1:
         raise ValueError(f"fastpeft converts PeftModels of one adapter method; found {sorted(kinds)}")

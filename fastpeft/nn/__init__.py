@@ -8,6 +8,7 @@
     vera.py             VeraLinear (VeRA: trained vectors over shared frozen projections, on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
+    prompt_encoders.py  PromptEmbedding / PrefixEncoder / PromptEncoder (prompt tuning, prefix tuning, P-tuning)
     _rng.py             the LoRA dropout seed
 """
 from .ia3 import IA3Linear
@@ -16,7 +17,8 @@ from .lora import LoraLinear, LoraVariant
 from .lora_embedding import LoraEmbedding
 from .loha import LohaLinear
 from .modules_to_save import ModulesToSave
+from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
 from .vera import VeraLinear, VeraProjections
 
 __all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear",
-           "VeraProjections", "ModulesToSave"]
+           "VeraProjections", "ModulesToSave", "PromptEmbedding", "PrefixEncoder", "PromptEncoder"]
