@@ -22,10 +22,10 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import (IA3Config, LoHaConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+from .config import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
                      VeraConfig)
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, VeraLinear
+from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, VeraLinear
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -37,6 +37,7 @@ __all__ = [
     "IA3Config",
     "VeraConfig",
     "LoHaConfig",
+    "LoKrConfig",
     "PromptTuningConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
@@ -67,6 +68,7 @@ __all__ = [
     "IA3Linear",
     "VeraLinear",
     "LohaLinear",
+    "LokrLinear",
     "ModulesToSave",
     "quantize_nf4",
     "NF4Linear",

@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .config import (AdapterConfig, LoHaConfig, LoraConfig, VeraConfig, changes_base_weights, is_prompt_learning,
+from .config import (AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig, changes_base_weights, is_prompt_learning,
                      to_fastpeft_config)
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
-from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear
+from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear
+from .nn.lycoris import LycorisLinear
 from .nn import bases
 from .patch import patch_checked
 from . import prompt_learning
@@ -33,7 +34,8 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 # VeRA's shared projections in PEFT's files: one pair per adapter, under model-level names (no module path)
 VERA_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
-LOHA_TABLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+# LoHa / LoKr parameter tables (PEFT's ParameterDict names; files hold them without the adapter name)
+LYCORIS_TABLES = LohaLinear.TABLES + LokrLinear.TABLES
 
 
 def _prefix(model: nn.Module) -> str:
@@ -74,9 +76,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             out[f"{prefix}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.ia3_l"] = layer.ia3_l[adapter_name]
-        elif isinstance(layer, LohaLinear) and adapter_name in layer.adapter_names:
-            for table in LOHA_TABLES:  # PEFT's ParameterDicts: saved without the adapter name
-                out[f"{prefix}{path}.{table}"] = getattr(layer, table)[adapter_name]
+        elif isinstance(layer, LycorisLinear) and adapter_name in layer.adapter_names:
+            for table in layer.TABLES:  # PEFT's ParameterDicts: saved without the adapter name
+                if adapter_name in getattr(layer, table):
+                    out[f"{prefix}{path}.{table}"] = getattr(layer, table)[adapter_name]
         elif isinstance(layer, VeraLinear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.vera_lambda_b"] = layer.vera_lambda_b[adapter_name]
             out[f"{prefix}{path}.vera_lambda_d"] = layer.vera_lambda_d[adapter_name]
@@ -338,8 +341,9 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             expected.update({f"{path}.lora_embedding_A.{adapter_name}", f"{path}.lora_embedding_B.{adapter_name}"})
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             expected.add(f"{path}.ia3_l.{adapter_name}")
-        elif isinstance(layer, LohaLinear) and adapter_name in layer.adapter_names:
-            expected.update(f"{path}.{table}.{adapter_name}" for table in LOHA_TABLES)
+        elif isinstance(layer, LycorisLinear) and adapter_name in layer.adapter_names:
+            expected.update(f"{path}.{table}.{adapter_name}" for table in layer.TABLES
+                            if adapter_name in getattr(layer, table))
         elif isinstance(layer, VeraLinear) and adapter_name in layer.adapter_names:
             expected.update({f"{path}.vera_lambda_b.{adapter_name}", f"{path}.vera_lambda_d.{adapter_name}"})
             vera = layer
@@ -350,7 +354,7 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
     local_prefix = PEFT_PREFIX if prefix == "" else ""
     for key, tensor in tensors.items():
         local = local_prefix + (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
-        if local.endswith((".vera_lambda_b", ".vera_lambda_d")) or local.endswith(tuple("." + t for t in LOHA_TABLES)):
+        if local.endswith((".vera_lambda_b", ".vera_lambda_d")) or local.endswith(tuple("." + t for t in LYCORIS_TABLES)):
             target = f"{local}.{adapter_name}"
         elif local.endswith(".lora_magnitude_vector"):
             target = f"{local}.{adapter_name}.weight"
@@ -522,7 +526,7 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", 
     if new_cfg.peft_type != old_cfg.peft_type:
         raise ValueError(f"cannot hot-swap a {new_cfg.peft_type} adapter into {adapter_name!r}, a {old_cfg.peft_type} "
                          "adapter")
-    if isinstance(old_cfg, (VeraConfig, LoHaConfig)):
+    if isinstance(old_cfg, (VeraConfig, LoHaConfig, LoKrConfig)):
         raise ValueError(f"hot-swap of {old_cfg.peft_type} adapters is not supported (LoRA and IA3 adapters can be "
                          "hot-swapped); "
                          "load the adapter under another name and set_adapter instead")

@@ -634,6 +634,78 @@ class LoHaConfig(_ConfigBase):
         return self.alpha_for(module_name) / self.rank_for(module_name)
 
 
+@_check_keywords
+@dataclass
+class LoKrConfig(_ConfigBase):
+    """LoKr configuration; field names and defaults follow ``peft.LoKrConfig`` (fastpeft implements all of them for
+    linear layers; ``use_effective_conv2d`` only concerns convolutions, which fastpeft does not adapt).
+
+    ΔW = (alpha / r) · (w1 ⊗ w2): a Kronecker product, w1 / w2 optionally rank-r products (decompose_both, r).
+
+    >>> LoKrConfig(r=8, alpha=16, target_modules=["q_proj"]).scaling_for("model.layers.0.self_attn.q_proj")
+    2.0
+    """
+
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    init_weights: Union[bool, str] = True  # True, False or "lycoris"
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    modules_to_save: Optional[List[str]] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("LOKR")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+
+    PEFT_TYPE: ClassVar[str] = "LOKR"
+
+    def validate(self) -> None:
+        for label, value in [("r", self.r)] + [(f"rank_pattern[{k!r}]", v) for k, v in (self.rank_pattern or {}).items()]:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LoKrConfig.{label} must be a positive integer, got {value!r}")
+        for name in ("rank_dropout", "module_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= float(value) < 1.0):
+                raise ValueError(f"LoKrConfig.{name} must be in [0, 1), got {value!r}")
+        if not (self.init_weights is True or self.init_weights is False or self.init_weights == "lycoris"):
+            raise ValueError(f"LoKrConfig.init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
+        df = self.decompose_factor
+        if not isinstance(df, int) or isinstance(df, bool) or (df != -1 and df <= 0):
+            raise ValueError(f"LoKrConfig.decompose_factor must be -1 or a positive integer, got {df!r}")
+        for name in ("use_effective_conv2d", "decompose_both", "rank_dropout_scale", "inference_mode"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"LoKrConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("LoKrConfig.layers_pattern only works together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("LoKrConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+
+    def rank_for(self, module_name: str) -> int:
+        key = match_pattern_key(self.rank_pattern or {}, module_name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = match_pattern_key(self.alpha_pattern or {}, module_name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        return self.alpha_for(module_name) / self.rank_for(module_name)
+
+
 # -- prompt learning (prompt tuning, prefix tuning, P-tuning) -------------------------------------------------------
 # These change the model's inputs, not its layers (fastpeft/prompt_learning.py). The fields shared by the three are
 # those of PEFT's PromptLearningConfig; num_layers / token_dim / num_attention_heads / encoder_hidden_size left at
@@ -808,9 +880,10 @@ class PromptEncoderConfig(_PromptLearningBase):
 
 
 PromptLearningConfig = Union[PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
-AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, PromptTuningConfig, PrefixTuningConfig,
+AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, PromptTuningConfig, PrefixTuningConfig,
                       PromptEncoderConfig]
-_CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, LoHaConfig, PromptTuningConfig,
+_CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig,
+                                                  PromptTuningConfig,
                                                   PrefixTuningConfig, PromptEncoderConfig)}
 
 
@@ -895,7 +968,7 @@ def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: It
 
 def to_fastpeft_config(config: Any) -> AdapterConfig:
     """Accept a fastpeft config, the PEFT config of the same name (LoraConfig, IA3Config, VeraConfig, LoHaConfig,
-    PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig), or a dict from adapter_config.json.
+    LoKrConfig, PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig), or a dict from adapter_config.json.
 
     >>> to_fastpeft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": False}).r
     4

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import (AdapterConfig, IA3Config, LoHaConfig, LoraConfig, VeraConfig, is_prompt_learning,
+from .config import (AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig, is_prompt_learning,
                      to_fastpeft_config)
 from .model_state import (
     ADAPTER_TYPES,
@@ -32,7 +32,7 @@ from .model_state import (
     set_submodule,
     underlying,
 )
-from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear, VeraProjections
+from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear, VeraProjections
 from .nn.vera import vera_projections
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
@@ -59,6 +59,13 @@ def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: s
         if bases.is_embedding(module):
             return LoraEmbedding(module, adapter_name, *args, **extra)
         return LoraLinear(module, adapter_name, *args, **extra)
+    if isinstance(cfg, LoKrConfig):
+        args = (cfg.rank_for(name), cfg.alpha_for(name), float(cfg.rank_dropout), float(cfg.module_dropout),
+                cfg.init_weights, cfg.decompose_both, cfg.decompose_factor, cfg.rank_dropout_scale)
+        if isinstance(module, LokrLinear):
+            module.update_layer(adapter_name, *args)
+            return module
+        return LokrLinear(module, adapter_name, *args)
     if isinstance(cfg, LoHaConfig):
         args = (cfg.rank_for(name), cfg.alpha_for(name), float(cfg.rank_dropout), float(cfg.module_dropout),
                 cfg.init_weights)
@@ -93,7 +100,7 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
             cfg.fan_in_fan_out = False  # PEFT resets it for nn.Linear targets as well
     tables = _vera_tables(model, cfg, adapter_name, targets, state, txn) if isinstance(cfg, VeraConfig) else None
     own_types = {LoraConfig: (LoraLinear, LoraEmbedding), IA3Config: IA3Linear, VeraConfig: VeraLinear,
-                 LoHaConfig: LohaLinear}[type(cfg)]
+                 LoHaConfig: LohaLinear, LoKrConfig: LokrLinear}[type(cfg)]
     built = []
     for name, module in targets:
         existing = isinstance(module, WRAPPER_TYPES)

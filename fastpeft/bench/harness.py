@@ -185,8 +185,9 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
             if spec.method == "ia3":
                 cfg = peft.IA3Config(task_type="CAUSAL_LM", target_modules=IA3_TARGETS,
                                      feedforward_modules=IA3_FEEDFORWARD)
-            elif spec.method == "loha":
-                cfg = peft.LoHaConfig(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK, target_modules="all-linear")
+            elif spec.method in ("loha", "lokr"):
+                kind = peft.LoHaConfig if spec.method == "loha" else peft.LoKrConfig
+                cfg = kind(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK, target_modules="all-linear")
             elif spec.method == "vera":
                 cfg = peft.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
             else:
@@ -199,9 +200,9 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
             if spec.method == "ia3":
                 cfg = fastpeft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
-            elif spec.method == "loha":
-                cfg = fastpeft.LoHaConfig(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK,
-                                          target_modules="all-linear")
+            elif spec.method in ("loha", "lokr"):
+                kind = fastpeft.LoHaConfig if spec.method == "loha" else fastpeft.LoKrConfig
+                cfg = kind(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK, target_modules="all-linear")
             elif spec.method == "vera":
                 cfg = fastpeft.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
             else:

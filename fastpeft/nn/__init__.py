@@ -5,6 +5,7 @@
     lora.py, ia3.py     LoraLinear and IA3Linear
     lora_embedding.py   LoraEmbedding (LoRA on nn.Embedding)
     loha.py             LohaLinear (LoHa: a Hadamard product of two low-rank products, run at rank r² on LoRA's paths)
+    lycoris.py, lokr.py LycorisLinear (what LoHa / LoKr share) and LokrLinear (LoKr: W1 ⊗ W2 applied as two small GEMMs)
     vera.py             VeraLinear (VeRA: trained vectors over shared frozen projections, on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
@@ -16,9 +17,10 @@ from .layer import AdapterLayer
 from .lora import LoraLinear, LoraVariant
 from .lora_embedding import LoraEmbedding
 from .loha import LohaLinear
+from .lokr import LokrLinear
 from .modules_to_save import ModulesToSave
 from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
 from .vera import VeraLinear, VeraProjections
 
-__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear",
+__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear", "LokrLinear",
            "VeraProjections", "ModulesToSave", "PromptEmbedding", "PrefixEncoder", "PromptEncoder"]
