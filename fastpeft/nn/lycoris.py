@@ -79,7 +79,9 @@ class LycorisLinear(AdapterLayer):
         training call (module dropout), then torch.rand(out) when rank_dropout > 0."""
         if not self.training:
             return False, None
-        if not bool(torch.rand(1) > self.module_dropout[name]):
+        draw = torch.rand(1)  # drawn even when module dropout is off, as PEFT does: the RNG stream stays PEFT's
+        # only a real module dropout branches on the draw (a data-dependent branch: a graph break under compile)
+        if self.module_dropout[name] and not bool(draw > self.module_dropout[name]):
             return True, None
         p = self.rank_dropout[name]
         if not p:
