@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .config import AdapterConfig, LoraConfig, changes_base_weights, to_fastpeft_config
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens
 from .nn import bases
 from .patch import patch_checked
 
@@ -29,6 +29,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # trainable tokens' rows, as PEFT names them
 
 
 def _prefix(model: nn.Module) -> str:
@@ -66,6 +67,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             out[f"{prefix}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.ia3_l"] = layer.ia3_l[adapter_name]
+        elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and not layer.tied:
+            # PEFT's key (no adapter name); a tied layer's rows are the embedding's and are not saved again
+            out[f"{prefix}{path}.{TOKENS_KEY}"] = layer.token_adapter.trainable_tokens_delta[adapter_name]
     wrappers = _wrappers_to_save(model)
     for path, wrapper in wrappers:
         if adapter_name in wrapper.modules_to_save:
@@ -319,6 +323,8 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             expected.update({f"{path}.lora_embedding_A.{adapter_name}", f"{path}.lora_embedding_B.{adapter_name}"})
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             expected.add(f"{path}.ia3_l.{adapter_name}")
+        elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and not layer.tied:
+            expected.add(f"{path}.{TOKENS_KEY}.{adapter_name}")
     local_prefix = PEFT_PREFIX if prefix == "" else ""
     for key, tensor in tensors.items():
         local = local_prefix + (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
@@ -326,7 +332,7 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             target = f"{local}.{adapter_name}.weight"
         elif local.endswith((".lora_A.weight", ".lora_B.weight")):
             target = f"{local[: -len('.weight')]}.{adapter_name}.weight"
-        elif local.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
+        elif local.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B", "." + TOKENS_KEY)):
             target = f"{local}.{adapter_name}"
         else:
             owner = next((w for w in wrappers if local.startswith(w + ".")), None)
@@ -472,6 +478,9 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", 
             continue
         if isinstance(layer, LoraEmbedding):
             raise ValueError(f"cannot hot-swap {lpath}: hot-swapping LoRA on embedding layers is not supported "
+                             "(load_adapter under another name, then set_adapter)")
+        if isinstance(layer, TrainableTokens):
+            raise ValueError(f"cannot hot-swap {lpath}: hot-swapping trainable tokens is not supported "
                              "(load_adapter under another name, then set_adapter)")
         if isinstance(layer, LoraLinear):
             A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight

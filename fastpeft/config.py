@@ -342,6 +342,40 @@ class _ConfigBase:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def _token_id_list(value: Any, where: str) -> List[int]:
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where} must be a non-empty list of token ids (ints), got {value!r}")
+    bad = [v for v in value if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if bad:
+        raise ValueError(f"{where} must hold token ids (ints >= 0), got {bad[:5]!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{where} lists token ids more than once: {sorted({v for v in value if value.count(v) > 1})}")
+    return list(value)
+
+
+def _check_token_spec(spec: Any, modules_to_save: Optional[List[str]]) -> Any:
+    """LoraConfig.trainable_token_indices: None, a list of token ids (the input embedding) or {module name suffix:
+    [ids]}. Range checks need the model (fastpeft.token_targets)."""
+    if spec is None:
+        return None
+    where = "LoraConfig.trainable_token_indices"
+    if isinstance(spec, dict):
+        if not spec:
+            raise ValueError(f"{where} is an empty dict; give {{module name: [token ids]}} or a list of token ids")
+        out = {}
+        for key, ids in spec.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{where} keys must be module names (non-empty str), got {key!r}")
+            out[key] = _token_id_list(ids, f"{where}[{key!r}]")
+            if modules_to_save and key in modules_to_save:
+                raise ValueError(f"{key!r} is both in modules_to_save (trained in full) and in {where}; give it to "
+                                 "one of them")
+        return out
+    return _token_id_list(spec, where)
+
+
 # -- the configs -------------------------------------------------------------------------------------------
 # Field order: fastpeft's own fields first, in the order positional calls rely on; then PEFT's bookkeeping and
 # the PEFT fields fastpeft does not implement, keyword-only. The names and defaults are those of the PEFT release
@@ -380,6 +414,9 @@ class LoraConfig(_ConfigBase):
     inference_mode: bool = False
     use_dora: bool = field(default=False, kw_only=True)  # keyword-only: positional order stays as before
     loftq_config: Dict[str, Any] = field(default_factory=dict, kw_only=True, repr=False)  # used with init_lora_weights="loftq"
+    # PEFT's trainable tokens (fastpeft.nn.TrainableTokens): a list of token ids (rows of the input embedding) or
+    # {module name suffix: [ids]}; keyword-only like use_dora
+    trainable_token_indices: Optional[Union[List[int], Dict[str, List[int]]]] = field(default=None, kw_only=True)
     # PEFT's bookkeeping
     peft_type: Optional[str] = _peft_type_field("LORA")
     peft_version: Optional[str] = _save_metadata()
@@ -387,7 +424,6 @@ class LoraConfig(_ConfigBase):
     # PEFT fields fastpeft does not implement, at PEFT's defaults
     megatron_config: Any = _peft_only(None)
     megatron_core: Any = _peft_only("megatron.core")
-    trainable_token_indices: Any = _peft_only(None)
     eva_config: Any = _peft_only(None)
     corda_config: Any = _peft_only(None)
     lora_ga_config: Any = _peft_only(None)
@@ -427,6 +463,7 @@ class LoraConfig(_ConfigBase):
             raise ValueError("LoraConfig.layers_pattern only works together with layers_to_transform")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("LoraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+        self.trainable_token_indices = _check_token_spec(self.trainable_token_indices, self.modules_to_save)
 
     def _validate_init(self) -> None:
         init = self.init_lora_weights

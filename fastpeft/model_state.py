@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, LoraConfig
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens
 from .nn import bases
 
-ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, ModulesToSave)
+ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, ModulesToSave, TrainableTokens)
 STATE_ATTR = "_fastpeft_state"
 
 

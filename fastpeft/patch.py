@@ -36,6 +36,7 @@ from .nn.variants import DORA, PLAIN_LORA
 from . import mixed_batches
 from .peft_interop import route_generate, route_peft_methods, unroute_peft_methods
 from .targets import find_modules_to_save, find_targets
+from .token_targets import add_trainable_tokens, convert_peft_token_wrappers
 
 __all__ = ["patch", "patch_checked", "unpatch", "finish", "warn_base_rewritten"]
 
@@ -94,6 +95,7 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
             state.originals[name] = underlying(new) if not isinstance(new, ModulesToSave) else new.original_module
     for _, layer in built:
         layer.active_adapter = state.active if state.configs else adapter_name
+    add_trainable_tokens(model, cfg, adapter_name, state, txn)  # after LoRA's: it refuses LoRA-adapted layers
 
 
 # -- hooks patch() installs ---------------------------------------------------------------------------------
@@ -338,9 +340,13 @@ def _convert_peft_model(model: nn.Module) -> nn.Module:
     layers = [
         (n, m)
         for n, m in model.named_modules()
-        if is_peft_tuner_layer(m) and type(m).__name__ != "ModulesToSaveWrapper" and hasattr(m, "base_layer")
+        if is_peft_tuner_layer(m) and type(m).__name__ not in ("ModulesToSaveWrapper", "TrainableTokensLayer")
+        and hasattr(m, "base_layer")
     ]
     built = [(n, _convert_peft_layer(n, m)) for n, m in layers]
+    for name, wrapper, new in convert_peft_token_wrappers(model, model.active_adapter):  # trainable tokens
+        layers.append((name, wrapper))
+        built.append((name, new))
     state = PatchState(peft_type=kinds.pop(), configs=configs, active=model.active_adapter, from_peft=True)
     state.trainable = {name: not cfg.inference_mode for name, cfg in configs.items()}
     txn = Transaction(model)

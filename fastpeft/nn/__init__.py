@@ -6,6 +6,7 @@
     lora_embedding.py   LoraEmbedding (LoRA on nn.Embedding)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
+    trainable_tokens.py TrainableTokens (PEFT's trainable_token_indices: selected embedding rows train)
     _rng.py             the LoRA dropout seed
 """
 from .ia3 import IA3Linear
@@ -13,5 +14,6 @@ from .layer import AdapterLayer
 from .lora import LoraLinear, LoraVariant
 from .lora_embedding import LoraEmbedding
 from .modules_to_save import ModulesToSave
+from .trainable_tokens import TrainableTokens
 
-__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "ModulesToSave"]
+__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "ModulesToSave", "TrainableTokens"]
