@@ -23,7 +23,7 @@ from .adapters import (
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
 from .config import IA3Config, LoraConfig
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, TrainableTokens
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -59,6 +59,7 @@ __all__ = [
     "LoraVariant",
     "IA3Linear",
     "ModulesToSave",
+    "TrainableTokens",
     "quantize_nf4",
     "NF4Linear",
 ]
