@@ -638,7 +638,11 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
             return LoraConfig.from_dict(config)
         if peft_type == "IA3":
             return IA3Config.from_dict(config)
-        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA' and 'IA3'")
+        hint = ""
+        if peft_type == "TRAINABLE_TOKENS":  # PEFT's standalone TrainableTokensConfig
+            hint = (" (PEFT's standalone TrainableTokensConfig is not supported; the same rows train with "
+                    "LoraConfig(trainable_token_indices=[...]) next to LoRA targets)")
+        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA' and 'IA3'{hint}")
     peft_type = getattr(config, "peft_type", None)
     if peft_type is not None and dataclasses.is_dataclass(config):
         # a PEFT config object: its dataclass fields are exactly what its adapter_config.json would hold

@@ -185,13 +185,10 @@ def convert_peft_token_wrappers(model: nn.Module, active: str) -> List[Tuple[str
             tied_to = ours.get(id(layer.tied_adapter))
             if tied_to is None:
                 raise TypeError(f"{name}: PEFT's trainable tokens are tied to a layer fastpeft cannot find")
-        new = TrainableTokens.__new__(TrainableTokens)
-        nn.Module.__init__(new)
-        new.token_adapter = _adopt_token_layer(layer, tied_to)
-        new._names = names
-        new.active_adapter = active  # the PeftModel's: a wrapper without it passes through, as PEFT's does
-        new.disable_adapters = bool(wrapper.disable_adapters)
-        new.merged_adapters = list(layer.merged_adapters)
+        # active: the PeftModel's adapter; a wrapper without it passes through, as PEFT's does
+        new = TrainableTokens.adopt(_adopt_token_layer(layer, tied_to), names, active,
+                                    disable_adapters=bool(wrapper.disable_adapters),
+                                    merged_adapters=layer.merged_adapters)
         ours[id(layer)] = new
         out.append((name, wrapper, new))
     return out

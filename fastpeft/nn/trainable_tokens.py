@@ -151,6 +151,20 @@ class TrainableTokens(nn.Module):
         self.merged_adapters: List[str] = []
         self.update_layer(adapter_name, token_indices, init_weights)
 
+    @classmethod
+    def adopt(cls, token_adapter: TokenAdapter, adapter_names: Sequence[str], active_adapter: str,
+              disable_adapters: bool = False, merged_adapters: Sequence[str] = ()) -> "TrainableTokens":
+        """A wrapper around values that exist already (converting a PeftModel: its Parameters stay the same
+        objects, so optimizers holding them stay valid)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.token_adapter = token_adapter
+        self._names = list(adapter_names)
+        self.active_adapter = active_adapter
+        self.disable_adapters = disable_adapters
+        self.merged_adapters = list(merged_adapters)
+        return self
+
     # -- bookkeeping (the interface fastpeft's model-level code uses for every drop-in) --------------------------
     @property
     def tied(self) -> bool:

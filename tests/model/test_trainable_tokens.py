@@ -386,3 +386,14 @@ def test_hotswap_is_refused_clearly(tmp_path):
     fastpeft.save_adapter(ours, str(tmp_path))
     with pytest.raises(ValueError, match="trainable tokens is not supported"):
         fastpeft.hotswap_adapter(ours, str(tmp_path))
+
+
+def test_standalone_trainable_tokens_config_is_refused_clearly():
+    model = tiny_model("llama")
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="TrainableTokensConfig is not supported"):
+        fastpeft.patch(model, peft.TrainableTokensConfig(token_indices=[1, 2]))
+    assert_same_snapshot(before, state_snapshot(model))
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.TrainableTokensConfig(token_indices=[1, 2]))
+    with pytest.raises(ValueError, match="TrainableTokensConfig is not supported"):
+        fastpeft.patch(theirs)
