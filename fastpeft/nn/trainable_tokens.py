@@ -7,6 +7,14 @@ a difference: it starts as a copy of them). The forward uses the base weight wit
     W' = W.index_copy(0, indices, delta)        y = embedding(x, W')  or, on a linear head,  y = x · W'ᵀ (+ bias)
 
 so gradients reach only the selected rows, and the base weight is never written except by ``merge``.
+
+PEFT computes exactly that: it builds W' (a copy of the whole weight) at every forward, and its backward forms the
+gradient of all of W' (for a head, a full weight-gradient GEMM) to keep len(indices) rows of it. fastpeft computes
+the same outputs as the base layer's output with the trained rows' outputs written over it (an embedding: the
+looked-up rows of positions holding a trained id; a head: the logit columns x · deltaᵀ), so the cost is that of
+the frozen layer plus len(indices) rows. Embedding outputs are PEFT's very numbers; a head's trained logits come
+from their own small GEMM (rounding-level differences). Embedding options that act on whole rows of the weight
+(max_norm, scale_grad_by_freq, sparse) and a trained padding row take PEFT's computation as it is.
 ``trainable_tokens_original[name]`` (a non-persistent buffer) keeps the rows as they were, for ``unmerge``.
 
 Attribute names follow PEFT's, so the state-dict keys are PEFT's: ``<path>.token_adapter.base_layer.weight``,
@@ -68,10 +76,14 @@ class TokenAdapter(nn.Module):
             self.trainable_tokens_delta = nn.ParameterDict()
             self.trainable_tokens_original = nn.Module()  # non-persistent buffers, one per adapter
             self.token_indices: Dict[str, List[int]] = {}
+            # index tensors made from token_indices, per (adapter, kind, device); shared with tied adapters like
+            # token_indices, so that removing an adapter drops them for every layer that reads them
+            self._index_cache: Dict[tuple, torch.Tensor] = {}
         else:
             self.trainable_tokens_delta = tied_to.trainable_tokens_delta
             self.trainable_tokens_original = tied_to.trainable_tokens_original
             self.token_indices = tied_to.token_indices
+            self._index_cache = tied_to._index_cache
 
     @property
     def tied_to(self) -> Optional["TokenAdapter"]:
@@ -91,12 +103,28 @@ class TokenAdapter(nn.Module):
         del self.trainable_tokens_delta[adapter_name]
         delattr(self.trainable_tokens_original, adapter_name)
         del self.token_indices[adapter_name]
+        for key in [k for k in self._index_cache if k[0] == adapter_name]:
+            del self._index_cache[key]
 
     def original_rows(self, adapter_name: str) -> torch.Tensor:
         return getattr(self.trainable_tokens_original, adapter_name)
 
     def _index(self, adapter_name: str, device) -> torch.Tensor:
-        return torch.tensor(self.token_indices[adapter_name], device=device)
+        """The adapter's token ids as a tensor on ``device`` (made once, not at every forward)."""
+        key = (adapter_name, "index", str(device))
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(self.token_indices[adapter_name], device=device)
+        return self._index_cache[key]
+
+    def _slots(self, adapter_name: str, device) -> torch.Tensor:
+        """[num_rows]: for each token id its row in the adapter's delta, -1 for ids the adapter does not train."""
+        key = (adapter_name, "slots", str(device))
+        if key not in self._index_cache:
+            slots = torch.full((self.base_layer.weight.shape[0],), -1, dtype=torch.long, device=device)
+            slots[self._index(adapter_name, device)] = torch.arange(len(self.token_indices[adapter_name]),
+                                                                    device=device)
+            self._index_cache[key] = slots
+        return self._index_cache[key]
 
     def weight_with(self, names: Sequence[str]) -> torch.Tensor:
         """The base weight with the rows of ``names`` replaced (a new tensor; autograd reaches the deltas)."""
@@ -117,14 +145,52 @@ class TokenAdapter(nn.Module):
         base = self.base_layer
         if not names:
             return base(x)
-        weight = self.weight_with(names)
+        if len(names) == 1 and self._rows_path_applies(names[0]):
+            out = self._forward_rows(x, names[0])
+        else:
+            out = self._forward_replaced_weight(x, names)
         if isinstance(base, nn.Embedding):
-            out = F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
-                              norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
             scale = getattr(base, "embed_scale", None)  # scaled word embeddings (Gemma 3) scale in their forward
             if scale is not None:
                 out = out * (scale.to(out.dtype) if torch.is_tensor(scale) else scale)
-            return out
+        return out
+
+    def _rows_path_applies(self, name: str) -> bool:
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return True
+        # the embedding options that read or write whole rows of the weight (max_norm renormalises looked-up rows in
+        # place, scale_grad_by_freq / sparse shape the weight's gradient) and a trained padding row (no gradient)
+        # take PEFT's computation as it is
+        return (base.max_norm is None and not base.scale_grad_by_freq and not base.sparse
+                and (base.padding_idx is None or base.padding_idx not in self.token_indices[name]))
+
+    def _forward_rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """PEFT's outputs without PEFT's cost: the base layer as it is, then the trained rows' outputs written over
+        it. PEFT builds the [rows, dim] weight with the rows replaced at every forward, and its backward forms that
+        copy's whole gradient (for a head: a full weight-gradient GEMM) to keep len(indices) rows of it. The
+        forward values are the same numbers (the same rows are read); the rows' gradients are the same sums."""
+        base = self.base_layer
+        weight = base.weight
+        delta = self.trainable_tokens_delta[name].to(weight.dtype)
+        if isinstance(base, nn.Linear):
+            # logits of the trained rows: x · deltaᵀ (+ their bias), written over the base logits' columns
+            out = F.linear(x, weight, base.bias)
+            bias = base.bias[self._index(name, weight.device)] if base.bias is not None else None
+            return out.index_copy(-1, self._index(name, weight.device), F.linear(x, delta, bias))
+        out = F.embedding(x, weight, padding_idx=base.padding_idx)
+        slots = self._slots(name, weight.device)[x]
+        trained = F.embedding(slots.clamp(min=0), delta)
+        return torch.where((slots >= 0).unsqueeze(-1), trained, out)
+
+    def _forward_replaced_weight(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """PEFT's computation: the layer's function on the base weight with the rows replaced."""
+        base = self.base_layer
+        weight = self.weight_with(names)
+        if isinstance(base, nn.Embedding):
+            return F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                               norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
+                               sparse=base.sparse)
         return F.linear(x, weight, base.bias)
 
 
