@@ -35,7 +35,7 @@ def tied_module_names(model: nn.Module) -> List[str]:
     """Names (relative to the transformers model) of the modules whose weight is tied to the input embedding's."""
     root = root_model(model)
     config = getattr(root, "config", None)
-    if config is None or getattr(config, "tie_word_embeddings", False) is not True:
+    if config is None or not getattr(config, "tie_word_embeddings", False):
         return []
     keys = getattr(root, "_tied_weights_keys", None)
     if not keys:
