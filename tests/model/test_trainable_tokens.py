@@ -453,3 +453,12 @@ def test_rows_path_gives_the_numbers_of_pefts_replaced_weight(layer):
         assert torch.equal(out_rows, out_ref)  # the same rows are read: the very same numbers
     for g_rows, g_ref in zip(grads_rows, grads_ref):
         assert rel_err(g_rows, g_ref) <= 1e-6
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    from fastpeft.nn import trainable_tokens
+
+    result = doctest.testmod(trainable_tokens)
+    assert result.attempted >= 3 and result.failed == 0
