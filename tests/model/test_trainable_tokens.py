@@ -270,9 +270,10 @@ def test_several_adapters_switch_and_delete_as_peft():
             assert rel_err(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= TOL, name
         trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
         assert {n for n, p in theirs.named_parameters() if p.requires_grad} == {PREFIX + n for n in trainable}, name
-    # mixed batch: each row with its own adapter's rows
+    # mixed batch: each row with its own adapter's rows, as PEFT's
     with torch.no_grad():
         mixed = ours(input_ids=ids, adapter_names=["b", "__base__"]).logits
+        assert rel_err(mixed, theirs.eval()(input_ids=ids, adapter_names=["b", "__base__"]).logits) <= TOL
         fastpeft.set_adapter(ours, "b")
         assert rel_err(mixed[:1], ours(input_ids=ids[:1]).logits) <= TOL
         assert rel_err(mixed[1:], base(input_ids=ids[1:]).logits) <= TOL
@@ -285,6 +286,15 @@ def test_several_adapters_switch_and_delete_as_peft():
     fastpeft.delete_adapter(ours, "b")  # the tokens' last adapter: the plain modules come back
     assert type(ours.transformer.wte) is torch.nn.Embedding and type(ours.lm_head) is torch.nn.Linear
     assert ours.lm_head.weight is ours.transformer.wte.weight
+
+
+def test_loading_for_inference_freezes_the_rows(tmp_path):
+    _, ours = _pair("llama")
+    fastpeft.save_adapter(ours, str(tmp_path))
+    frozen = fastpeft.load_adapter(tiny_model("llama", seed=1), str(tmp_path))
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = fastpeft.load_adapter(tiny_model("llama", seed=1), str(tmp_path), is_trainable=True)
+    assert trainable.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].requires_grad
 
 
 def test_unpatch_restores_the_original_modules():
