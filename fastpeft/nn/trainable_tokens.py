@@ -8,13 +8,13 @@ a difference: it starts as a copy of them). The forward uses the base weight wit
 
 so gradients reach only the selected rows, and the base weight is never written except by ``merge``.
 
-PEFT computes exactly that: it builds W' (a copy of the whole weight) at every forward, and its backward forms the
-gradient of all of W' (for a head, a full weight-gradient GEMM) to keep len(indices) rows of it. fastpeft computes
-the same outputs as the base layer's output with the trained rows' outputs written over it (an embedding: the
-looked-up rows of positions holding a trained id; a head: the logit columns x · deltaᵀ), so the cost is that of
-the frozen layer plus len(indices) rows. Embedding outputs are PEFT's very numbers; a head's trained logits come
-from their own small GEMM (rounding-level differences). Embedding options that act on whole rows of the weight
-(max_norm, scale_grad_by_freq, sparse) and a trained padding row take PEFT's computation as it is.
+PEFT computes exactly that, and its backward forms the gradient of all of W' (for a head: a full weight-gradient
+GEMM) to keep len(indices) rows of it; fastpeft gives the same outputs without it (``fastpeft/ops/token_rows.py``):
+an embedding's outputs are PEFT's very numbers, and so are a head's logits and input gradient; the rows' gradients
+are the same sums, formed from the trained positions / columns only (rounding-level differences for a head).
+Embedding options that act on whole rows (max_norm, scale_grad_by_freq, sparse), a trained padding row and a head
+whose weight trains take PEFT's computation as it is.
+
 ``trainable_tokens_original[name]`` (a non-persistent buffer) keeps the rows as they were, for ``unmerge``.
 
 Attribute names follow PEFT's, so the state-dict keys are PEFT's: ``<path>.token_adapter.base_layer.weight``,
@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import token_rows
 from . import mixed_batch
 
 __all__ = ["TrainableTokens", "TokenAdapter", "check_token_indices"]
@@ -158,7 +159,7 @@ class TokenAdapter(nn.Module):
     def _rows_path_applies(self, name: str) -> bool:
         base = self.base_layer
         if isinstance(base, nn.Linear):
-            return True
+            return not base.weight.requires_grad  # the fast head path forms no gradient for the weight
         # the embedding options that read or write whole rows of the weight (max_norm renormalises looked-up rows in
         # place, scale_grad_by_freq / sparse shape the weight's gradient) and a trained padding row (no gradient)
         # take PEFT's computation as it is
@@ -166,22 +167,13 @@ class TokenAdapter(nn.Module):
                 and (base.padding_idx is None or base.padding_idx not in self.token_indices[name]))
 
     def _forward_rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """PEFT's outputs without PEFT's cost: the base layer as it is, then the trained rows' outputs written over
-        it. PEFT builds the [rows, dim] weight with the rows replaced at every forward, and its backward forms that
-        copy's whole gradient (for a head: a full weight-gradient GEMM) to keep len(indices) rows of it. The
-        forward values are the same numbers (the same rows are read); the rows' gradients are the same sums."""
+        """PEFT's outputs without PEFT's cost (fastpeft/ops/token_rows.py): no gradient of the whole weight."""
         base = self.base_layer
         weight = base.weight
-        delta = self.trainable_tokens_delta[name].to(weight.dtype)
+        rows = self.trainable_tokens_delta[name].to(weight.dtype)
         if isinstance(base, nn.Linear):
-            # logits of the trained rows: x · deltaᵀ (+ their bias), written over the base logits' columns
-            out = F.linear(x, weight, base.bias)
-            bias = base.bias[self._index(name, weight.device)] if base.bias is not None else None
-            return out.index_copy(-1, self._index(name, weight.device), F.linear(x, delta, bias))
-        out = F.embedding(x, weight, padding_idx=base.padding_idx)
-        slots = self._slots(name, weight.device)[x]
-        trained = F.embedding(slots.clamp(min=0), delta)
-        return torch.where((slots >= 0).unsqueeze(-1), trained, out)
+            return token_rows.linear_with_rows(x, weight, base.bias, self._index(name, weight.device), rows)
+        return token_rows.embedding_with_rows(x, weight, self._slots(name, weight.device), rows, base.padding_idx)
 
     def _forward_replaced_weight(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """PEFT's computation: the layer's function on the base weight with the rows replaced."""

@@ -14,7 +14,7 @@ PKG = os.path.join(ROOT, "fastpeft")
 LAYERS = [
     ["fastpeft.settings", "fastpeft.config", "fastpeft.distributed"],
     ["fastpeft.ops", "fastpeft.ops.dropout", "fastpeft.ops.nf4_format", "fastpeft.ops.reference", "fastpeft.ops.csrc",
-     "fastpeft.ops.cpp_ops", "fastpeft.ops.linear_cross_entropy"],
+     "fastpeft.ops.cpp_ops", "fastpeft.ops.linear_cross_entropy", "fastpeft.ops.token_rows"],
     ["fastpeft.ops.kernels", "fastpeft.ops.kernels.common", "fastpeft.ops.kernels.nf4_dequant",
      "fastpeft.ops.kernels.lora", "fastpeft.ops.kernels.ia3", "fastpeft.ops.kernels.nf4_matmul",
      "fastpeft.ops.kernels.nf4_gemv", "fastpeft.ops.kernels.nf4_lora", "fastpeft.ops.kernels.dora", "fastpeft.ops.kernels.custom_ops",

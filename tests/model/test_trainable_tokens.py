@@ -101,10 +101,8 @@ def test_same_loss_logits_and_gradients_as_peft(arch):
 def test_training_steps_stay_with_peft_and_touch_only_the_selected_rows():
     theirs, ours = _pair("gpt2")
     weight_before = ours.transformer.wte.base_layer.weight.detach().clone()
-    # lr 0.05: the head's trained logits come from their own small GEMM (rounding-level differences, ~2e-7 in the
-    # first gradients); at lr 0.5 this tiny random model amplifies them about 10x per step
-    opt_t = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.05)
-    opt_o = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.05)
+    opt_t = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.5)
+    opt_o = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
     ids = _ids()
     for _ in range(3):
         for model, opt in ((theirs, opt_t), (ours, opt_o)):
@@ -458,9 +456,7 @@ def test_rows_path_gives_the_numbers_of_pefts_replaced_weight(layer):
         inputs = [adapter.trainable_tokens_delta["default"]] + ([x] if x.requires_grad else [])
         results.append((out, torch.autograd.grad(out, inputs, grad_out)))
     (out_rows, grads_rows), (out_ref, grads_ref) = results
-    assert rel_err(out_rows, out_ref) <= 1e-6
-    if layer.startswith("embedding"):
-        assert torch.equal(out_rows, out_ref)  # the same rows are read: the very same numbers
+    assert torch.equal(out_rows, out_ref)  # the same rows are read / the same W' multiplied: the very same numbers
     for g_rows, g_ref in zip(grads_rows, grads_ref):
         assert rel_err(g_rows, g_ref) <= 1e-6
 
