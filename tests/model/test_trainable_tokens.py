@@ -468,3 +468,17 @@ def test_docstring_example_runs():
 
     result = doctest.testmod(trainable_tokens)
     assert result.attempted >= 3 and result.failed == 0
+
+
+def test_bf16_autocast_matches_peft():
+    theirs, ours = _pair("gpt2")
+    ids = _ids()
+    for model in (theirs, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    theirs_grads = _grads(theirs, PREFIX)
+    ours_grads = _grads(ours)
+    assert ours_grads.keys() == theirs_grads.keys()
+    for name, g in ours_grads.items():
+        assert g.dtype == torch.float32 and rel_err(g, theirs_grads[name]) <= TOL, name
