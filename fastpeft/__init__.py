@@ -21,9 +21,9 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import IA3Config, LoraConfig
+from .config import IA3Config, LoraConfig, TrainableTokensConfig
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, TrainableTokens
+from .nn import IA3Linear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, TrainableTokens, TrainableTokensLayer
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -33,6 +33,7 @@ __all__ = [
     "settings",
     "LoraConfig",
     "IA3Config",
+    "TrainableTokensConfig",
     "patch",
     "unpatch",
     "save_adapter",
@@ -60,6 +61,7 @@ __all__ = [
     "IA3Linear",
     "ModulesToSave",
     "TrainableTokens",
+    "TrainableTokensLayer",
     "quantize_nf4",
     "NF4Linear",
 ]

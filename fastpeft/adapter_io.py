@@ -29,7 +29,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # trainable tokens' rows, as PEFT names them
+TOKENS_KEY = "trainable_tokens_delta"  # trainable tokens' rows (PEFT: "<path>[.token_adapter].trainable_tokens_delta")
 
 
 def _prefix(model: nn.Module) -> str:
@@ -67,9 +67,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             out[f"{prefix}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.ia3_l"] = layer.ia3_l[adapter_name]
-        elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and not layer.tied:
-            # PEFT's key (no adapter name); a tied layer's rows are the embedding's and are not saved again
-            out[f"{prefix}{path}.{TOKENS_KEY}"] = layer.token_adapter.trainable_tokens_delta[adapter_name]
+        elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and (
+                layer.saves_tied or not layer.tied):
+            # PEFT's key (no adapter name); a tied layer's rows are the embedding's: PEFT saves them again only for
+            # its standalone TrainableTokensConfig
+            out[f"{prefix}{path}.{layer.delta_key}"] = layer.adapter_parameters(adapter_name)[0]
     wrappers = _wrappers_to_save(model)
     for path, wrapper in wrappers:
         if adapter_name in wrapper.modules_to_save:
@@ -310,7 +312,9 @@ def read_adapter(path: str, adapter_name: str = "default", allow_pickle: bool = 
 def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Tensor]):
     """Map every saved key to its parameter and check shapes; raises before anything is written."""
     prefix = _prefix(model)
-    params = dict(model.named_parameters())
+    # remove_duplicate=False: a tied layer's rows are listed under its own name too (PEFT's standalone trainable
+    # tokens save them there)
+    params = dict(model.named_parameters(remove_duplicate=False))
     params.update({n: b for n, b in model.named_buffers()})
     wrappers = [p for p, _ in _wrappers_to_save(model)]
     plan, expected = [], set()
@@ -324,7 +328,7 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             expected.add(f"{path}.ia3_l.{adapter_name}")
         elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and not layer.tied:
-            expected.add(f"{path}.{TOKENS_KEY}.{adapter_name}")
+            expected.add(f"{path}.{layer.delta_key}.{adapter_name}")
     local_prefix = PEFT_PREFIX if prefix == "" else ""
     for key, tensor in tensors.items():
         local = local_prefix + (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)

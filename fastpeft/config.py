@@ -239,7 +239,8 @@ class _ConfigBase:
         if peft_type != self.PEFT_TYPE:
             raise ValueError(
                 f"{name}.peft_type must be {self.PEFT_TYPE!r} (or None), got {self.peft_type!r}; "
-                "fastpeft.LoraConfig is for 'LORA' and fastpeft.IA3Config for 'IA3'"
+                "fastpeft.LoraConfig is for 'LORA', fastpeft.IA3Config for 'IA3' and fastpeft.TrainableTokensConfig for "
+                "'TRAINABLE_TOKENS'"
             )
         self.peft_type = peft_type
         self.task_type = _enum_value(self.task_type)
@@ -547,7 +548,46 @@ class IA3Config(_ConfigBase):
                 )
 
 
-AdapterConfig = Union[LoraConfig, IA3Config]
+@_check_keywords
+@dataclass
+class TrainableTokensConfig(_ConfigBase):
+    """PEFT's standalone trainable tokens (``peft.TrainableTokensConfig``, peft_type TRAINABLE_TOKENS): only the rows
+    ``token_indices`` of the layers ``target_modules`` train (default: the input embedding; a head tied to it follows
+    it). fastpeft implements all of its fields; next to LoRA, use ``LoraConfig(trainable_token_indices=...)``.
+
+    >>> TrainableTokensConfig(token_indices=[3, 5]).peft_type
+    'TRAINABLE_TOKENS'
+    """
+
+    token_indices: List[int] = field(default_factory=list)
+    target_modules: TargetSpec = None
+    init_weights: bool = True
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("TRAINABLE_TOKENS")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+
+    PEFT_TYPE: ClassVar[str] = "TRAINABLE_TOKENS"
+
+    def validate(self) -> None:
+        if isinstance(self.token_indices, tuple):
+            self.token_indices = list(self.token_indices)
+        if self.token_indices != []:  # PEFT's default []: refused when the model is patched, not here
+            self.token_indices = _token_id_list(self.token_indices, "TrainableTokensConfig.token_indices")
+        if type(self.init_weights) is not bool:
+            raise ValueError(f"TrainableTokensConfig.init_weights must be True or False, got {self.init_weights!r}")
+        targets = self.target_modules
+        if not (targets is None or isinstance(targets, str)
+                or (isinstance(targets, list) and all(isinstance(t, str) and t for t in targets))):
+            raise ValueError("TrainableTokensConfig.target_modules must be None (the input embedding), a regex or a "
+                             f"list of module names, got {targets!r}")
+
+
+AdapterConfig = Union[LoraConfig, IA3Config, TrainableTokensConfig]
 
 
 def pissa_niter(init: Any) -> Optional[int]:
@@ -630,7 +670,7 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
     >>> to_fastpeft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": False}).r
     4
     """
-    if isinstance(config, (LoraConfig, IA3Config)):
+    if isinstance(config, (LoraConfig, IA3Config, TrainableTokensConfig)):
         return copy.deepcopy(config)
     if isinstance(config, dict):
         peft_type = str(_enum_value(config.get("peft_type", ""))).upper()
@@ -638,11 +678,10 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
             return LoraConfig.from_dict(config)
         if peft_type == "IA3":
             return IA3Config.from_dict(config)
-        hint = ""
-        if peft_type == "TRAINABLE_TOKENS":  # PEFT's standalone TrainableTokensConfig
-            hint = (" (PEFT's standalone TrainableTokensConfig is not supported; the same rows train with "
-                    "LoraConfig(trainable_token_indices=[...]) next to LoRA targets)")
-        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA' and 'IA3'{hint}")
+        if peft_type == "TRAINABLE_TOKENS":
+            return TrainableTokensConfig.from_dict(config)
+        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA', 'IA3' and "
+                         "'TRAINABLE_TOKENS'")
     peft_type = getattr(config, "peft_type", None)
     if peft_type is not None and dataclasses.is_dataclass(config):
         # a PEFT config object: its dataclass fields are exactly what its adapter_config.json would hold
@@ -650,5 +689,5 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
         data["peft_type"] = str(_enum_value(peft_type))
         return to_fastpeft_config(data)
     raise TypeError(
-        f"expected fastpeft.LoraConfig, fastpeft.IA3Config, peft.LoraConfig or peft.IA3Config, got {type(config).__name__}"
+        f"expected a fastpeft or peft LoraConfig, IA3Config or TrainableTokensConfig, got {type(config).__name__}"
     )

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, LoraConfig, to_fastpeft_config
+from .config import AdapterConfig, LoraConfig, TrainableTokensConfig, to_fastpeft_config
 from .model_state import (
     ADAPTER_TYPES,
     STATE_ATTR,
@@ -67,6 +67,9 @@ def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: s
 
 
 def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state: PatchState, txn: Transaction):
+    if isinstance(cfg, TrainableTokensConfig):  # PEFT's standalone trainable tokens: no LoRA / IA3 layers
+        add_trainable_tokens(model, cfg, adapter_name, state, txn)
+        return
     targets = find_targets(model, cfg)
     to_save = find_modules_to_save(model, cfg)
     if isinstance(cfg, LoraConfig):

@@ -1,5 +1,5 @@
-"""Where ``LoraConfig.trainable_token_indices`` puts ``TrainableTokens`` wrappers (PEFT's rules), and the
-conversion of PEFT's ``TrainableTokensWrapper`` modules of a PeftModel.
+"""Where ``LoraConfig.trainable_token_indices`` puts ``TrainableTokens`` wrappers and ``TrainableTokensConfig`` puts
+``TrainableTokensLayer`` layers (PEFT's rules), and the conversion of a PeftModel's trainable-token modules.
 
 PEFT's rules: a list of ids means the input embedding (``get_input_embeddings()``); a dict names modules by
 suffix (``name.endswith(key)``, as for modules_to_save). When the model ties its output head to the input
@@ -10,14 +10,15 @@ other ids it gets its own, untied rows (and no tying happens).
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .config import LoraConfig
+from .config import AdapterConfig, LoraConfig, TrainableTokensConfig
 from .model_state import ADAPTER_TYPES, PatchState, Transaction, is_peft_tuner_layer, root_model
 from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens
-from .nn.trainable_tokens import TokenAdapter, check_token_indices
+from .nn.trainable_tokens import TokenAdapter, TrainableTokensLayer, check_token_indices
 
 __all__ = ["add_trainable_tokens", "tied_module_names", "convert_peft_token_wrappers"]
 
@@ -111,40 +112,87 @@ def _plan(model: nn.Module, cfg: LoraConfig) -> List[Tuple[str, nn.Module, Optio
 
 def _check_target(name: str, module: nn.Module, tied: bool) -> None:
     if isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear)):
-        raise TypeError(f"trainable_token_indices cannot apply to {name!r}: it is adapted by LoRA (target_modules) "
+        raise TypeError(f"trainable tokens cannot apply to {name!r}: it is adapted by LoRA (target_modules) "
                         "already; leave it out of target_modules or out of trainable_token_indices")
     if isinstance(module, ModulesToSave):
-        raise ValueError(f"trainable_token_indices cannot apply to {name!r}: it is in modules_to_save (trained in "
+        raise ValueError(f"trainable tokens cannot apply to {name!r}: it is in modules_to_save (trained in "
                          "full); give it to one of the two")
     if isinstance(module, TrainableTokens) and module.tied != tied:
         raise ValueError(f"{name!r} already holds trainable tokens {'tied to' if module.tied else 'of its own, not'} "
                          "the input embedding; an adapter cannot change that (PEFT cannot either)")
     if not isinstance(module, (TrainableTokens, nn.Embedding, nn.Linear)):
-        raise TypeError(f"trainable_token_indices cannot apply to {name!r}, a {type(module).__name__}: trainable "
+        raise TypeError(f"trainable tokens cannot apply to {name!r}, a {type(module).__name__}: they "
                         "tokens work on torch.nn.Embedding layers and linear output heads")
 
 
-def add_trainable_tokens(model: nn.Module, cfg: LoraConfig, adapter_name: str, state: PatchState,
+def add_trainable_tokens(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state: PatchState,
                          txn: Transaction) -> None:
-    """Wrap (or extend) the modules ``cfg.trainable_token_indices`` names; every change goes through ``txn``."""
-    if not isinstance(cfg, LoraConfig) or cfg.trainable_token_indices is None:
-        return
-    plan = _plan(model, cfg)
+    """Wrap (or extend) the modules ``cfg.trainable_token_indices`` names (LoRA) or the standalone config's targets
+    (``TrainableTokensConfig``); every change goes through ``txn``."""
+    if isinstance(cfg, TrainableTokensConfig):
+        _apply(model, _standalone_plan(model, cfg), adapter_name, state, txn, TrainableTokensLayer, cfg.init_weights,
+               "token_indices")
+    elif isinstance(cfg, LoraConfig) and cfg.trainable_token_indices is not None:
+        _apply(model, _plan(model, cfg), adapter_name, state, txn, TrainableTokens, True, "trainable_token_indices")
+
+
+def _standalone_plan(model: nn.Module, cfg: TrainableTokensConfig):
+    """PEFT's TrainableTokensModel: target_modules None means the input embedding (PEFT stores its name in the
+    config); a str is a regex (re.fullmatch), a list names modules by dotted suffix."""
+    root = root_model(model)
+    prefix = "" if root is model else "base_model.model."
+    embedding_name = _input_embedding_name(model)
+    if cfg.target_modules is None:
+        if embedding_name is None:
+            raise ValueError("TrainableTokensConfig.target_modules=None means the input embedding, but the model has "
+                             "none (get_input_embeddings()); give target_modules")
+        cfg.target_modules = embedding_name[len(prefix):]
+    targets = cfg.target_modules
+
+    def selected(relative: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, relative) is not None
+        return any(relative == t or relative.endswith("." + t) for t in targets)
+
+    found, skip = [], []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name.startswith(prefix) or name == prefix.rstrip(".") or any(name.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(module, ADAPTER_TYPES) or is_peft_tuner_layer(module):
+            skip.append(name)
+        if selected(name[len(prefix):]):
+            found.append((name, module))
+    if not found:
+        raise ValueError(f"TrainableTokensConfig.target_modules={targets!r} matched no module of the model")
+    tied_names = tied_module_names(model)
+    tying = bool(tied_names) and any(n == embedding_name for n, _ in found)
+    # a tied module the targets name as well becomes tied to the embedding, as PEFT replaces it
+    plan = [(n, m, cfg.token_indices, False) for n, m in found
+            if not (tying and any(n.endswith(t) for t in tied_names))]
+    if tying:
+        planned = {n for n, _, _, _ in plan}
+        for t in tied_names:
+            plan += [(n, m, None, True) for n, m in _find(model, t) if n not in planned]
+    return plan
+
+
+def _apply(model: nn.Module, plan, adapter_name: str, state: PatchState, txn: Transaction, cls, init_weights: bool,
+           field_name: str) -> None:
     for name, module, ids, tied in plan:
         _check_target(name, module, tied)
         if ids is not None:
             rows = (module.base_layer if isinstance(module, TrainableTokens) else module).weight.shape[0]
-            check_token_indices(ids, rows, f"trainable_token_indices for {name!r}")
+            check_token_indices(ids, rows, f"{field_name} for {name!r}")
     built: Dict[str, nn.Module] = {}
-    for name, module, ids, tied in plan:  # untied ones first: tied wrappers follow the embedding's
+    for name, module, ids, tied in plan:  # untied ones first: tied layers follow the embedding's
         if tied:
             continue
         if isinstance(module, TrainableTokens):
-            module.update_layer(adapter_name, ids)
+            module.update_layer(adapter_name, ids, init_weights)
             txn.added.append((module, adapter_name))
             built[name] = module
         else:
-            built[name] = TrainableTokens(module, adapter_name, ids)
+            built[name] = cls(module, adapter_name, ids, init_weights)
     embedding_name = _input_embedding_name(model)
     for name, module, _, tied in plan:
         if not tied:
@@ -155,7 +203,7 @@ def add_trainable_tokens(model: nn.Module, cfg: LoraConfig, adapter_name: str, s
             txn.added.append((module, adapter_name))
             built[name] = module
         else:
-            built[name] = TrainableTokens(module, adapter_name, tied_to=source)
+            built[name] = cls(module, adapter_name, tied_to=source)
     for name, new in built.items():
         if not isinstance(model.get_submodule(name), TrainableTokens):
             state.originals.setdefault(name, new.base_layer)
@@ -169,8 +217,9 @@ def _is_peft_token_wrapper(module: nn.Module) -> bool:
 
 
 def convert_peft_token_wrappers(model: nn.Module, active: str) -> List[Tuple[str, nn.Module, nn.Module]]:
-    """(name, PEFT's wrapper, our TrainableTokens holding the very same Parameters) for a PeftModel's
-    ``TrainableTokensWrapper`` modules; ``active``: the PeftModel's active adapter. The model is not changed."""
+    """(name, PEFT's module, ours holding the very same Parameters) for a PeftModel's ``TrainableTokensWrapper``
+    modules (LoRA's trainable_token_indices) and standalone ``TrainableTokensLayer`` modules (TrainableTokensConfig);
+    ``active``: the PeftModel's active adapter. The model is not changed."""
     wrappers = [(n, m) for n, m in model.named_modules() if _is_peft_token_wrapper(m)]
     ours: Dict[int, TrainableTokens] = {}
     out = []
@@ -191,6 +240,30 @@ def convert_peft_token_wrappers(model: nn.Module, active: str) -> List[Tuple[str
                                     merged_adapters=layer.merged_adapters)
         ours[id(layer)] = new
         out.append((name, wrapper, new))
+    out += _convert_standalone_layers(model, active)
+    return out
+
+
+def _is_peft_standalone_layer(name: str, module: nn.Module) -> bool:
+    # PEFT's TrainableTokensLayer outside a TrainableTokensWrapper (its "token_adapter"): TrainableTokensConfig's
+    return (type(module).__name__ == "TrainableTokensLayer" and not isinstance(module, TrainableTokens)
+            and not name.endswith(".token_adapter"))
+
+
+def _convert_standalone_layers(model: nn.Module, active: str) -> List[Tuple[str, nn.Module, nn.Module]]:
+    layers = [(n, m) for n, m in model.named_modules() if _is_peft_standalone_layer(n, m)]
+    ours: Dict[int, TrainableTokensLayer] = {}
+    out = []
+    for name, layer in sorted(layers, key=lambda nm: nm[1].tied_adapter is not None):  # untied first
+        tied_to = None
+        if layer.tied_adapter is not None:
+            tied_to = ours.get(id(layer.tied_adapter))
+            if tied_to is None:
+                raise TypeError(f"{name}: PEFT's trainable tokens are tied to a layer fastpeft cannot find")
+        names = sorted(layer.trainable_tokens_delta.keys())
+        new = TrainableTokensLayer.adopt_peft_layer(layer, names, active, tied_to)
+        ours[id(layer)] = new
+        out.append((name, layer, new))
     return out
 
 

@@ -6,7 +6,8 @@
     lora_embedding.py   LoraEmbedding (LoRA on nn.Embedding)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
-    trainable_tokens.py TrainableTokens (PEFT's trainable_token_indices: selected embedding rows train)
+    trainable_tokens.py TrainableTokens (PEFT's trainable_token_indices: selected embedding rows train) and
+                        TrainableTokensLayer (the same, PEFT's standalone TrainableTokensConfig)
     _rng.py             the LoRA dropout seed
 """
 from .ia3 import IA3Linear
@@ -14,6 +15,6 @@ from .layer import AdapterLayer
 from .lora import LoraLinear, LoraVariant
 from .lora_embedding import LoraEmbedding
 from .modules_to_save import ModulesToSave
-from .trainable_tokens import TrainableTokens
+from .trainable_tokens import TrainableTokens, TrainableTokensLayer
 
-__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "ModulesToSave", "TrainableTokens"]
+__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "ModulesToSave", "TrainableTokens", "TrainableTokensLayer"]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..ops import token_rows
 from . import mixed_batch
 
-__all__ = ["TrainableTokens", "TokenAdapter", "check_token_indices"]
+__all__ = ["TrainableTokens", "TrainableTokensLayer", "TokenAdapter", "check_token_indices"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -142,7 +142,8 @@ class TokenAdapter(nn.Module):
         with torch.no_grad():
             weight.data.index_copy_(0, self._index(adapter_name, weight.device), source.detach().to(weight.dtype))
 
-    def forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    def compute(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """The layer's output with the rows of ``names`` (none: the base layer's)."""
         base = self.base_layer
         if not names:
             return base(x)
@@ -202,7 +203,7 @@ class TrainableTokens(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter_name: str, token_indices: Optional[Sequence[int]] = None,
                  init_weights: bool = True, tied_to: Optional["TrainableTokens"] = None):
         super().__init__()
-        self.token_adapter = TokenAdapter(base_layer, tied_to.token_adapter if tied_to is not None else None)
+        self.token_adapter = TokenAdapter(base_layer, tied_to._values if tied_to is not None else None)
         self._names: List[str] = []
         self.active_adapter = adapter_name
         self.disable_adapters = False
@@ -223,14 +224,22 @@ class TrainableTokens(nn.Module):
         self.merged_adapters = list(merged_adapters)
         return self
 
+    # file key of an adapter's rows (PEFT's, without the adapter name), and whether a tied layer writes them too
+    delta_key = "token_adapter.trainable_tokens_delta"
+    saves_tied = False
+
+    @property
+    def _values(self) -> TokenAdapter:
+        return self._modules["token_adapter"]
+
     # -- bookkeeping (the interface fastpeft's model-level code uses for every drop-in) --------------------------
     @property
     def tied(self) -> bool:
-        return self.token_adapter.tied_to is not None
+        return self._values.tied_to is not None
 
     @property
     def base_layer(self) -> nn.Module:
-        return self.token_adapter.base_layer
+        return self._values.base_layer
 
     def update_layer(self, adapter_name: str, token_indices: Optional[Sequence[int]] = None,
                      init_weights: bool = True) -> None:
@@ -238,10 +247,10 @@ class TrainableTokens(nn.Module):
         if adapter_name in self._names:
             raise ValueError(f"adapter {adapter_name!r} already exists on this module")
         if self.tied:
-            if adapter_name not in self.token_adapter.trainable_tokens_delta:
+            if adapter_name not in self._values.trainable_tokens_delta:
                 raise ValueError(f"adapter {adapter_name!r} has no trainable tokens on the layer this one is tied to")
         else:
-            self.token_adapter.add(adapter_name, token_indices, init_weights)
+            self._values.add(adapter_name, token_indices, init_weights)
         self._names.append(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -249,18 +258,18 @@ class TrainableTokens(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it first")
         self._names.remove(adapter_name)
         if not self.tied:
-            self.token_adapter.remove(adapter_name)
+            self._values.remove(adapter_name)
 
     @property
     def adapter_names(self) -> List[str]:
         return list(self._names)
 
     def adapter_parameters(self, adapter_name: str):
-        return [self.token_adapter.trainable_tokens_delta[adapter_name]]
+        return [self._values.trainable_tokens_delta[adapter_name]]
 
     @property
     def token_indices(self) -> Dict[str, List[int]]:
-        return {n: self.token_adapter.token_indices[n] for n in self._names}
+        return {n: self._values.token_indices[n] for n in self._names}
 
     def _active_names(self) -> List[str]:
         if self.disable_adapters or self.merged_adapters or self.active_adapter not in self._names:
@@ -276,8 +285,8 @@ class TrainableTokens(nn.Module):
         if names is not None and not self.disable_adapters and not self.merged_adapters:
             # one adapter per row: each row group uses its adapter's rows ("__base__" / others: the base weight)
             return mixed_batch.forward_mixed(
-                x, names, lambda sub, name: self.token_adapter(sub, [name] if name in self._names else []))
-        return self.token_adapter(x, self._active_names())
+                x, names, lambda sub, name: self._values.compute(sub, [name] if name in self._names else []))
+        return self._values.compute(x, self._active_names())
 
     # transformers reads these off the input embeddings / output head (weight tying checks, resize, generate)
     @property
@@ -285,31 +294,83 @@ class TrainableTokens(nn.Module):
         """The weight the layer computes with now (PEFT's wrapper answers the same): the base weight with the
         active adapter's rows in (a tensor, not a Parameter), or the base Parameter when no adapter applies."""
         names = self._active_names()
-        return self.token_adapter.weight_with(names) if names else self.base_layer.weight
+        return self._values.weight_with(names) if names else self.base_layer.weight
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_") or "_modules" not in self.__dict__ or "token_adapter" not in self._modules:
+            modules = self.__dict__.get("_modules") or {}
+            holder = modules.get("token_adapter")
+            base = holder._modules.get("base_layer") if holder is not None else modules.get("base_layer")
+            if name.startswith("_") or base is None:
                 raise
-            return getattr(self._modules["token_adapter"].base_layer, name)
+            return getattr(base, name)
 
     # -- merge -----------------------------------------------------------------------------------------------
     def merge(self) -> None:
         """Write the active adapter's rows into the base weight (in place: tied layers see it too)."""
         if self.merged_adapters or self.active_adapter not in self._names:
             return
-        values = self.token_adapter.trainable_tokens_delta[self.active_adapter]
+        values = self._values.trainable_tokens_delta[self.active_adapter]
         if not torch.isfinite(values).all():
             raise ValueError(f"trainable tokens of adapter {self.active_adapter!r} hold NaN / inf; not merged")
-        self.token_adapter.write_rows(self.active_adapter, original=False)
+        self._values.write_rows(self.active_adapter, original=False)
         self.merged_adapters.append(self.active_adapter)
 
     def unmerge(self) -> None:
         """Put the rows the merged adapter replaced back (exactly: they were kept, not subtracted)."""
         while self.merged_adapters:
-            self.token_adapter.write_rows(self.merged_adapters.pop(), original=True)
+            self._values.write_rows(self.merged_adapters.pop(), original=True)
 
     def extra_repr(self) -> str:
         return f"adapters={self._names}, tied={self.tied}"
+
+
+class TrainableTokensLayer(TrainableTokens, TokenAdapter):
+    """PEFT's standalone ``TrainableTokensLayer`` (``TrainableTokensConfig``, peft_type TRAINABLE_TOKENS): the same
+    layer with the values on the module itself, so its keys are PEFT's ``<path>.base_layer.weight`` and
+    ``<path>.trainable_tokens_delta.<name>``; PEFT writes a tied layer's rows to the file too.
+
+    >>> layer = TrainableTokensLayer(nn.Embedding(10, 4), "default", [2, 7])
+    >>> sorted(n for n, _ in layer.named_parameters()), layer.token_indices
+    (['base_layer.weight', 'trainable_tokens_delta.default'], {'default': [2, 7]})
+    """
+
+    delta_key = "trainable_tokens_delta"
+    saves_tied = True
+    token_indices = None  # TokenAdapter's dict {adapter: ids}, as PEFT's layer holds it (shadows the wrapper's view)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, token_indices: Optional[Sequence[int]] = None,
+                 init_weights: bool = True, tied_to: Optional["TrainableTokensLayer"] = None):
+        TokenAdapter.__init__(self, base_layer, tied_to._values if tied_to is not None else None)
+        self._names: List[str] = []
+        self.active_adapter = adapter_name
+        self.disable_adapters = False
+        self.merged_adapters: List[str] = []
+        self.update_layer(adapter_name, token_indices, init_weights)
+
+    @property
+    def _values(self) -> TokenAdapter:
+        return self
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self._modules["base_layer"]
+
+    @classmethod
+    def adopt_peft_layer(cls, peft_layer: nn.Module, adapter_names: Sequence[str], active_adapter: str,
+                         tied_to: Optional["TrainableTokensLayer"] = None) -> "TrainableTokensLayer":
+        """PEFT's layer as ours, holding the very same Parameters (converting a PeftModel)."""
+        self = cls.__new__(cls)
+        TokenAdapter.__init__(self, peft_layer.base_layer, tied_to._values if tied_to is not None else None)
+        if tied_to is None:
+            self.trainable_tokens_delta = peft_layer.trainable_tokens_delta
+            for key, rows in peft_layer.trainable_tokens_original.items():
+                self.trainable_tokens_original.register_buffer(key, rows, persistent=False)
+            self.token_indices.update({k: list(v) for k, v in peft_layer.token_indices.items()})
+        self._names = list(adapter_names)
+        self.active_adapter = active_adapter
+        self.disable_adapters = bool(peft_layer.disable_adapters)
+        self.merged_adapters = list(peft_layer.merged_adapters)
+        return self

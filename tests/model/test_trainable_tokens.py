@@ -3,6 +3,7 @@ loss, logits and gradients (fp32 <= 1e-5) on an untied model (Llama) and tied on
 tie_word_embeddings), together with LoRA targets; PEFT's file format both ways; merge / merge_and_unload /
 disable / several adapters / delete; conversion of a PeftModel; errors that leave the model as it was."""
 import copy
+import dataclasses
 import json
 
 import peft
@@ -398,17 +399,6 @@ def test_hotswap_is_refused_clearly(tmp_path):
         fastpeft.hotswap_adapter(ours, str(tmp_path))
 
 
-def test_standalone_trainable_tokens_config_is_refused_clearly():
-    model = tiny_model("llama")
-    before = state_snapshot(model)
-    with pytest.raises(ValueError, match="TrainableTokensConfig is not supported"):
-        fastpeft.patch(model, peft.TrainableTokensConfig(token_indices=[1, 2]))
-    assert_same_snapshot(before, state_snapshot(model))
-    theirs = peft.get_peft_model(tiny_model("llama"), peft.TrainableTokensConfig(token_indices=[1, 2]))
-    with pytest.raises(ValueError, match="TrainableTokensConfig is not supported"):
-        fastpeft.patch(theirs)
-
-
 def test_padding_token_among_the_trained_rows_gets_no_gradient_as_in_peft():
     # Phi-3's tiny config has pad_token_id=0: the embedding's padding row; PEFT's F.embedding(padding_idx=0) gives it
     # no gradient, and fastpeft takes PEFT's computation for it (TokenAdapter._rows_path_applies)
@@ -482,3 +472,134 @@ def test_bf16_autocast_matches_peft():
     assert ours_grads.keys() == theirs_grads.keys()
     for name, g in ours_grads.items():
         assert g.dtype == torch.float32 and rel_err(g, theirs_grads[name]) <= TOL, name
+
+
+# -- PEFT's standalone TrainableTokensConfig (peft_type TRAINABLE_TOKENS): fastpeft.TrainableTokensLayer -----------
+def _standalone_pair(arch, **kw):
+    kw = dict(token_indices=TOKENS, **kw)
+    base = _base(arch)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.TrainableTokensConfig(**kw))
+    ours = fastpeft.patch(copy.deepcopy(base), fastpeft.TrainableTokensConfig(**kw))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    ours.load_state_dict({k[len(PREFIX):]: v for k, v in theirs.state_dict().items()})
+    return theirs, ours
+
+
+def test_standalone_config_fields_are_pefts():
+    theirs = {f.name: f for f in dataclasses.fields(peft.TrainableTokensConfig)}
+    assert set(fastpeft.TrainableTokensConfig.peft_field_names()) == set(theirs)
+    assert fastpeft.TrainableTokensConfig.field_names() == fastpeft.TrainableTokensConfig.peft_field_names()
+    defaults = fastpeft.TrainableTokensConfig()
+    for name, f in theirs.items():
+        want = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if name != "peft_type":
+            assert getattr(defaults, name) == want, name
+    converted = fastpeft.config.to_fastpeft_config(peft.TrainableTokensConfig(token_indices=[4], target_modules=["wte"]))
+    assert (converted.token_indices, converted.target_modules) == ([4], ["wte"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2-tied"])
+def test_standalone_same_numbers_and_names_as_peft(arch):
+    theirs, ours = _standalone_pair(arch)
+    assert sorted(ours.state_dict()) == sorted(k[len(PREFIX):] for k in theirs.state_dict())
+    embedding, head = ours.get_input_embeddings(), ours.get_output_embeddings()
+    assert isinstance(embedding, fastpeft.TrainableTokensLayer) and not embedding.tied
+    assert isinstance(head, fastpeft.TrainableTokensLayer) == (arch != "llama")
+    ids = _ids()
+    out_t, out_o = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert rel_err(out_o.logits, out_t.logits) <= TOL
+    out_t.loss.backward()
+    out_o.loss.backward()
+    theirs_grads, ours_grads = _grads(theirs, PREFIX), _grads(ours)
+    assert ours_grads.keys() == theirs_grads.keys() and len(ours_grads) == 1
+    for name, g in ours_grads.items():
+        assert rel_err(g, theirs_grads[name]) <= TOL, name
+    assert ours.__dict__["_fastpeft_state"].configs["default"].target_modules == EMBED[arch.split("-")[0]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_standalone_files_both_ways(arch, tmp_path):
+    theirs, ours = _standalone_pair(arch)
+    ids = _ids()
+    fastpeft.save_adapter(ours, str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours_file = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    theirs_file = load_file(str(tmp_path / "theirs" / "adapter_model.safetensors"))
+    assert ours_file.keys() == theirs_file.keys()  # GPT-2: PEFT writes the tied head's rows as well
+    assert (f"{PREFIX}lm_head.trainable_tokens_delta" in ours_file) == (arch == "gpt2")
+    for key in ours_file:
+        assert torch.equal(ours_file[key], theirs_file[key]), key
+    assert json.load(open(tmp_path / "ours" / "adapter_config.json")) == json.load(
+        open(tmp_path / "theirs" / "adapter_config.json"))
+    loaded = peft.PeftModel.from_pretrained(_base(arch), str(tmp_path / "ours"))
+    back = fastpeft.load_adapter(_base(arch), str(tmp_path / "theirs"))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        assert rel_err(loaded(input_ids=ids).logits, want) <= TOL
+        assert rel_err(back(input_ids=ids).logits, want) <= TOL
+
+
+@pytest.mark.parametrize("targets", ["transformer.wte", ["wte"]])
+def test_standalone_target_modules_as_peft(targets):
+    theirs, ours = _standalone_pair("gpt2", target_modules=targets)
+    # the head follows the embedding (naming the head as well gives nested layers in PEFT 0.21.2: not compared)
+    assert theirs.base_model.model.lm_head.tied_adapter is not None
+    assert ours.lm_head.tied
+    ids = _ids()
+    with torch.no_grad():
+        assert rel_err(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= TOL
+
+
+def test_standalone_merge_disable_adapters_and_conversion():
+    base = _base("gpt2")
+    theirs, ours = _standalone_pair("gpt2")
+    ids = _ids()
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        with fastpeft.disable_adapter(ours):
+            assert rel_err(ours(input_ids=ids).logits, base(input_ids=ids).logits) <= TOL
+        fastpeft.add_adapter(ours, "b", fastpeft.TrainableTokensConfig(token_indices=[7], init_weights=False))
+        fastpeft.set_adapter(ours, "b")
+        assert ours.lm_head.adapter_names == ["default", "b"]
+        assert rel_err(ours(input_ids=ids).logits, want) > 1e-3
+        fastpeft.set_adapter(ours, "default")
+        fastpeft.delete_adapter(ours, "b")
+        fastpeft.merge(ours)
+        assert rel_err(ours(input_ids=ids).logits, want) <= TOL
+        fastpeft.unmerge(ours)
+        plain = fastpeft.merge_and_unload(ours)
+        assert type(plain.lm_head) is torch.nn.Linear and plain.lm_head.weight is plain.transformer.wte.weight
+        assert rel_err(plain(input_ids=ids).logits, want) <= TOL
+    delta = theirs.base_model.model.transformer.wte.trainable_tokens_delta["default"]
+    fastpeft.patch(theirs)
+    layer = theirs.base_model.model.transformer.wte
+    assert isinstance(layer, fastpeft.TrainableTokensLayer) and layer.trainable_tokens_delta["default"] is delta
+    assert isinstance(theirs.base_model.model.lm_head, fastpeft.TrainableTokensLayer)
+    with torch.no_grad():
+        assert rel_err(theirs(input_ids=ids).logits, want) <= TOL
+
+
+def test_standalone_bad_input_is_refused_and_leaves_the_model():
+    model = tiny_model("llama")
+    before = state_snapshot(model)
+    for cfg, error, match in (
+        (fastpeft.TrainableTokensConfig(), ValueError, "empty"),  # PEFT's default []
+        (fastpeft.TrainableTokensConfig(token_indices=[97]), ValueError, "out of range"),
+        (fastpeft.TrainableTokensConfig(token_indices=[1], target_modules=["nothing"]), ValueError, "matched no"),
+        (fastpeft.TrainableTokensConfig(token_indices=[1], target_modules=["input_layernorm"]), TypeError,
+         "Embedding"),
+    ):
+        with pytest.raises(error, match=match):
+            fastpeft.patch(model, cfg)
+        assert_same_snapshot(before, state_snapshot(model))
+    for bad, match in (([1, 1], "more than once"), ("1", "token ids"), ([-2], "ints >= 0")):
+        with pytest.raises(ValueError, match=match):
+            fastpeft.TrainableTokensConfig(token_indices=bad)
+    with pytest.raises(ValueError, match="init_weights"):
+        fastpeft.TrainableTokensConfig(token_indices=[1], init_weights="yes")
+    fastpeft.patch(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="cannot add a TRAINABLE_TOKENS adapter"):
+        fastpeft.add_adapter(model, "t", fastpeft.TrainableTokensConfig(token_indices=[1]))
