@@ -152,7 +152,7 @@ def _remove_hooks(state: PatchState) -> None:
 def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -> nn.Module:
     """Swap fastpeft LoRA / IA3 drop-ins into ``model`` in place and return it.
 
-    ``config``: fastpeft.LoraConfig / IA3Config or peft.LoraConfig / IA3Config. With no config and a
+    ``config``: fastpeft.LoraConfig / IA3Config / TrainableTokensConfig or the peft config of the same name. With no config and a
     ``peft.PeftModel``, converts its LoRA / IA3 layers in place, keeping PEFT's parameter names.
     Patching an already patched model with a new ``adapter_name`` adds that adapter (inactive).
 
