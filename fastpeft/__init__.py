@@ -1,4 +1,4 @@
-"""fastpeft: fast, PEFT-compatible LoRA / IA3 fine-tuning for Hugging Face models.
+"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA / LoHa fine-tuning for Hugging Face models.
 
 >>> import torch.nn as nn, fastpeft
 >>> net = nn.Sequential(nn.Linear(8, 8))
@@ -21,9 +21,10 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import IA3Config, LoraConfig, TrainableTokensConfig
+from .config import IA3Config, LoHaConfig, LoraConfig, TrainableTokensConfig, VeraConfig
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, TrainableTokens, TrainableTokensLayer
+from .nn import (IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, TrainableTokens,
+                 TrainableTokensLayer, VeraLinear)
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -33,6 +34,8 @@ __all__ = [
     "settings",
     "LoraConfig",
     "IA3Config",
+    "VeraConfig",
+    "LoHaConfig",
     "TrainableTokensConfig",
     "patch",
     "unpatch",
@@ -59,6 +62,8 @@ __all__ = [
     "LoraEmbedding",
     "LoraVariant",
     "IA3Linear",
+    "VeraLinear",
+    "LohaLinear",
     "ModulesToSave",
     "TrainableTokens",
     "TrainableTokensLayer",

@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .config import AdapterConfig, LoraConfig, changes_base_weights, to_fastpeft_config
+from .config import AdapterConfig, LoHaConfig, LoraConfig, VeraConfig, changes_base_weights, to_fastpeft_config
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens
+from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens, VeraLinear
 from .nn import bases
 from .patch import patch_checked
 
@@ -29,6 +29,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# VeRA's shared projections in PEFT's files: one pair per adapter, under model-level names (no module path)
+VERA_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
+LOHA_TABLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TOKENS_KEY = "trainable_tokens_delta"  # trainable tokens' rows (PEFT: "<path>[.token_adapter].trainable_tokens_delta")
 
 
@@ -67,6 +70,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             out[f"{prefix}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.ia3_l"] = layer.ia3_l[adapter_name]
+        elif isinstance(layer, LohaLinear) and adapter_name in layer.adapter_names:
+            for table in LOHA_TABLES:  # PEFT's ParameterDicts: saved without the adapter name
+                out[f"{prefix}{path}.{table}"] = getattr(layer, table)[adapter_name]
+        elif isinstance(layer, VeraLinear) and adapter_name in layer.adapter_names:
+            out[f"{prefix}{path}.vera_lambda_b"] = layer.vera_lambda_b[adapter_name]
+            out[f"{prefix}{path}.vera_lambda_d"] = layer.vera_lambda_d[adapter_name]
+            if cfg.save_projection:  # once per model, under PEFT's model-level names
+                out[VERA_PROJECTION_KEYS[0]] = layer.vera_A[adapter_name]
+                out[VERA_PROJECTION_KEYS[1]] = layer.vera_B[adapter_name]
         elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and (
                 layer.saves_tied or not layer.tied):
             # PEFT's key (no adapter name); a tied layer's rows are the embedding's: PEFT saves them again only for
@@ -317,7 +329,7 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update({n: b for n, b in model.named_buffers()})
     wrappers = [p for p, _ in _wrappers_to_save(model)]
-    plan, expected = [], set()
+    plan, expected, vera = [], set(), None
     for path, layer in adapter_layers(model):
         if isinstance(layer, LoraLinear) and adapter_name in layer.adapter_names:
             expected.update({f"{path}.lora_A.{adapter_name}.weight", f"{path}.lora_B.{adapter_name}.weight"})
@@ -329,10 +341,21 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             expected.add(f"{path}.ia3_l.{adapter_name}")
         elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and not layer.tied:
             expected.add(f"{path}.{layer.delta_key}.{adapter_name}")
+        elif isinstance(layer, LohaLinear) and adapter_name in layer.adapter_names:
+            expected.update(f"{path}.{table}.{adapter_name}" for table in LOHA_TABLES)
+        elif isinstance(layer, VeraLinear) and adapter_name in layer.adapter_names:
+            expected.update({f"{path}.vera_lambda_b.{adapter_name}", f"{path}.vera_lambda_d.{adapter_name}"})
+            vera = layer
+    cfg = get_state(model).configs[adapter_name]
+    if isinstance(cfg, VeraConfig):
+        plan.extend(_plan_vera_projections(vera, cfg, adapter_name, tensors))
+        tensors = {k: v for k, v in tensors.items() if k not in VERA_PROJECTION_KEYS}
     local_prefix = PEFT_PREFIX if prefix == "" else ""
     for key, tensor in tensors.items():
         local = local_prefix + (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
-        if local.endswith(".lora_magnitude_vector"):
+        if local.endswith((".vera_lambda_b", ".vera_lambda_d")) or local.endswith(tuple("." + t for t in LOHA_TABLES)):
+            target = f"{local}.{adapter_name}"
+        elif local.endswith(".lora_magnitude_vector"):
             target = f"{local}.{adapter_name}.weight"
         elif local.endswith((".lora_A.weight", ".lora_B.weight")):
             target = f"{local[: -len('.weight')]}.{adapter_name}.weight"
@@ -361,6 +384,33 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
     if expected:
         missing = sorted(expected)
         raise ValueError(f"the adapter file lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    return plan
+
+
+def _plan_vera_projections(layer: VeraLinear, cfg: VeraConfig, adapter_name: str, tensors) -> list:
+    """The file's VeRA projections (``base_model.vera_A`` / ``vera_B``) against the model's, as PEFT reads them:
+    required when save_projection is true; without them the projections drawn from projection_prng_key stay (PEFT
+    warns that another platform's generator could draw others; so does fastpeft)."""
+    present = [k for k in VERA_PROJECTION_KEYS if k in tensors]
+    if not present:
+        if cfg.save_projection:
+            raise ValueError("the adapter's config has save_projection=true but its file lacks "
+                             f"{' and '.join(VERA_PROJECTION_KEYS)}")
+        warnings.warn("this VeRA adapter was saved without its projections (save_projection=false): they are drawn "
+                      f"again from projection_prng_key={cfg.projection_prng_key}, which another platform's random "
+                      "generator may draw differently", stacklevel=4)
+        return []
+    if len(present) == 1:
+        raise ValueError(f"the adapter file has {present[0]} but not its pair")
+    plan = []
+    for key, table in zip(VERA_PROJECTION_KEYS, (layer.vera_A, layer.vera_B)):
+        current, value = table[adapter_name], tensors[key]
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"adapter key {key!r} has shape {tuple(value.shape)} but the model's VeRA projection has "
+                             f"shape {tuple(current.shape)} (r and the largest adapted layer decide it)")
+        if not value.is_floating_point():
+            raise ValueError(f"adapter key {key!r} has dtype {value.dtype}; expected a floating-point tensor")
+        plan.append((current, value))
     return plan
 
 
@@ -456,6 +506,10 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", 
     if new_cfg.peft_type != old_cfg.peft_type:
         raise ValueError(f"cannot hot-swap a {new_cfg.peft_type} adapter into {adapter_name!r}, a {old_cfg.peft_type} "
                          "adapter")
+    if isinstance(old_cfg, (VeraConfig, LoHaConfig)):
+        raise ValueError(f"hot-swap of {old_cfg.peft_type} adapters is not supported (LoRA and IA3 adapters can be "
+                         "hot-swapped); "
+                         "load the adapter under another name and set_adapter instead")
     is_lora = isinstance(old_cfg, LoraConfig)
     if is_lora:
         if new_cfg.use_dora != old_cfg.use_dora:

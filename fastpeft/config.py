@@ -87,6 +87,8 @@ IA3_DEFAULT_TARGETS: Dict[str, List[str]] = {
     "bert": ["key", "value", "output.dense"],
     "roberta": ["key", "value", "output.dense"],
 }
+# PEFT's VeRA defaults: LoRA's, except phi (attention only)
+VERA_DEFAULT_TARGETS: Dict[str, List[str]] = {**LORA_DEFAULT_TARGETS, "phi": ["q_proj", "v_proj"]}
 IA3_DEFAULT_FEEDFORWARD: Dict[str, List[str]] = {
     "llama": ["down_proj"],
     "mistral": ["down_proj"],
@@ -239,8 +241,7 @@ class _ConfigBase:
         if peft_type != self.PEFT_TYPE:
             raise ValueError(
                 f"{name}.peft_type must be {self.PEFT_TYPE!r} (or None), got {self.peft_type!r}; "
-                "fastpeft.LoraConfig is for 'LORA', fastpeft.IA3Config for 'IA3' and fastpeft.TrainableTokensConfig for "
-                "'TRAINABLE_TOKENS'"
+                "fastpeft.LoraConfig is for 'LORA' and fastpeft.IA3Config for 'IA3'"
             )
         self.peft_type = peft_type
         self.task_type = _enum_value(self.task_type)
@@ -550,6 +551,128 @@ class IA3Config(_ConfigBase):
 
 @_check_keywords
 @dataclass
+class VeraConfig(_ConfigBase):
+    """VeRA configuration; field names and defaults follow ``peft.VeraConfig`` (fastpeft implements all of them).
+
+    One pair of frozen random projections (A [r, max in], B [max out, r], Kaiming-uniform from a CPU generator
+    seeded with ``projection_prng_key``) is shared by every adapted layer; each layer trains two vectors,
+    ``vera_lambda_d`` [r] and ``vera_lambda_b`` [out]:  y = base(x) + λ_b ⊙ (B·(λ_d ⊙ (A·dropout(x)))).
+
+    >>> VeraConfig(r=64, target_modules=["q_proj", "v_proj"]).peft_type
+    'VERA'
+    """
+
+    r: int = 256
+    target_modules: TargetSpec = None
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: Optional[List[str]] = None
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("VERA")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+
+    PEFT_TYPE: ClassVar[str] = "VERA"
+    exclude_modules = None  # no such PEFT field; target matching reads it for every method
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"VeraConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
+            raise ValueError(f"VeraConfig.projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        for name in ("save_projection", "init_weights", "fan_in_fan_out", "inference_mode"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"VeraConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        dropout_ok = isinstance(self.vera_dropout, (int, float)) and not isinstance(self.vera_dropout, bool)
+        if not dropout_ok or not (0.0 <= float(self.vera_dropout) < 1.0):
+            raise ValueError(f"VeraConfig.vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
+            raise ValueError(f"VeraConfig.d_initial must be a number, got {self.d_initial!r}")
+        if self.bias not in ("none", "all", "vera_only"):
+            raise ValueError(f"VeraConfig.bias must be one of 'none', 'all', 'vera_only', got {self.bias!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("VeraConfig.layers_pattern only works together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("VeraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+
+
+@_check_keywords
+@dataclass
+class LoHaConfig(_ConfigBase):
+    """LoHa configuration; field names and defaults follow ``peft.LoHaConfig`` (fastpeft implements all of them for
+    linear layers; ``use_effective_conv2d`` only concerns convolutions, which fastpeft does not adapt).
+
+    ΔW = (alpha / r) · (w1_a·w1_b) ⊙ (w2_a·w2_b): a Hadamard product of two rank-r products.
+
+    >>> LoHaConfig(r=8, alpha=16, target_modules=["q_proj"]).scaling_for("model.layers.0.self_attn.q_proj")
+    2.0
+    """
+
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    modules_to_save: Optional[List[str]] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("LOHA")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+
+    PEFT_TYPE: ClassVar[str] = "LOHA"
+
+    def validate(self) -> None:
+        for label, value in [("r", self.r)] + [(f"rank_pattern[{k!r}]", v) for k, v in (self.rank_pattern or {}).items()]:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LoHaConfig.{label} must be a positive integer, got {value!r}")
+        for name in ("rank_dropout", "module_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= float(value) < 1.0):
+                raise ValueError(f"LoHaConfig.{name} must be in [0, 1), got {value!r}")
+        for name in ("init_weights", "use_effective_conv2d", "inference_mode"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"LoHaConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("LoHaConfig.layers_pattern only works together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("LoHaConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+
+    def rank_for(self, module_name: str) -> int:
+        key = match_pattern_key(self.rank_pattern or {}, module_name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = match_pattern_key(self.alpha_pattern or {}, module_name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        return self.alpha_for(module_name) / self.rank_for(module_name)
+
+
+@_check_keywords
+@dataclass
 class TrainableTokensConfig(_ConfigBase):
     """PEFT's standalone trainable tokens (``peft.TrainableTokensConfig``, peft_type TRAINABLE_TOKENS): only the rows
     ``token_indices`` of the layers ``target_modules`` train (default: the input embedding; a head tied to it follows
@@ -587,7 +710,7 @@ class TrainableTokensConfig(_ConfigBase):
                              f"list of module names, got {targets!r}")
 
 
-AdapterConfig = Union[LoraConfig, IA3Config, TrainableTokensConfig]
+AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, TrainableTokensConfig]
 
 
 def pissa_niter(init: Any) -> Optional[int]:
@@ -670,7 +793,7 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
     >>> to_fastpeft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": False}).r
     4
     """
-    if isinstance(config, (LoraConfig, IA3Config, TrainableTokensConfig)):
+    if isinstance(config, (LoraConfig, IA3Config, VeraConfig, LoHaConfig, TrainableTokensConfig)):
         return copy.deepcopy(config)
     if isinstance(config, dict):
         peft_type = str(_enum_value(config.get("peft_type", ""))).upper()
@@ -678,10 +801,14 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
             return LoraConfig.from_dict(config)
         if peft_type == "IA3":
             return IA3Config.from_dict(config)
+        if peft_type == "VERA":
+            return VeraConfig.from_dict(config)
+        if peft_type == "LOHA":
+            return LoHaConfig.from_dict(config)
         if peft_type == "TRAINABLE_TOKENS":
             return TrainableTokensConfig.from_dict(config)
-        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA', 'IA3' and "
-                         "'TRAINABLE_TOKENS'")
+        raise ValueError(f"unsupported peft_type {config.get('peft_type')!r}; fastpeft supports 'LORA', 'IA3', "
+                         "'VERA', 'LOHA' and 'TRAINABLE_TOKENS'")
     peft_type = getattr(config, "peft_type", None)
     if peft_type is not None and dataclasses.is_dataclass(config):
         # a PEFT config object: its dataclass fields are exactly what its adapter_config.json would hold
@@ -689,5 +816,7 @@ def to_fastpeft_config(config: Any) -> AdapterConfig:
         data["peft_type"] = str(_enum_value(peft_type))
         return to_fastpeft_config(data)
     raise TypeError(
-        f"expected a fastpeft or peft LoraConfig, IA3Config or TrainableTokensConfig, got {type(config).__name__}"
+        "expected a fastpeft / peft LoraConfig, IA3Config, VeraConfig, LoHaConfig or TrainableTokensConfig (or an "
+        "adapter_config.json dict), got "
+        f"{type(config).__name__}"
     )

@@ -12,11 +12,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, LoraConfig
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens
+from .config import AdapterConfig, LoraConfig, VeraConfig
+from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens, VeraLinear
 from .nn import bases
 
-ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, ModulesToSave, TrainableTokens)
+ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, ModulesToSave, TrainableTokens)
+# the drop-ins that wrap one base layer (everything but ModulesToSave; TrainableTokens, whose base sits one level
+# down, stays out: targets.py must not look through it)
+WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear)
 STATE_ATTR = "_fastpeft_state"
 
 
@@ -65,7 +68,7 @@ def adapter_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def underlying(module: nn.Module) -> nn.Module:
     """The base layer inside one of our drop-ins, or the module itself."""
-    return module.base_layer if isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear)) else module
+    return module.base_layer if isinstance(module, WRAPPER_TYPES) else module
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -83,6 +86,7 @@ class Transaction:
         self.added: List[Tuple[nn.Module, str]] = []
         self.flags: List[Tuple[torch.nn.Parameter, bool]] = []
         self.data: List[Tuple[torch.nn.Parameter, torch.Tensor]] = []  # base weights an init (PiSSA, ...) replaced
+        self.undo: List[Any] = []  # other undo steps (callables), run last-in first-out
 
     def keep_data(self, param: torch.nn.Parameter) -> None:
         """Remember ``param``'s tensor before its ``.data`` is replaced by a new one (never written in place), so a
@@ -110,6 +114,8 @@ class Transaction:
             set_submodule(self.model, name, old)
         for param, data in reversed(self.data):
             param.data = data
+        for step in reversed(self.undo):
+            step()
 
 
 def record_requires_grad(state: PatchState, model: nn.Module) -> None:
@@ -128,14 +134,15 @@ def apply_trainable(model: nn.Module, state: PatchState, txn: Optional[Transacti
             for param in layer.adapter_parameters(name):
                 if name == state.active and train:
                     keep.add(id(param))
-    if train and isinstance(cfg, LoraConfig) and cfg.bias != "none":
+    if train and isinstance(cfg, (LoraConfig, VeraConfig)) and cfg.bias != "none":
+        own_type = LoraLinear if isinstance(cfg, LoraConfig) else VeraLinear  # bias="lora_only" / "vera_only"
         if cfg.bias == "all":
             # modules_to_save wrappers decide for themselves: original frozen, only the active copy trains
             wrapped = {id(p) for _, m in adapter_layers(model) if isinstance(m, ModulesToSave) for p in m.parameters()}
             keep.update(id(p) for n, p in model.named_parameters() if n.endswith("bias") and id(p) not in wrapped)
         else:
             for _, layer in adapter_layers(model):
-                if isinstance(layer, LoraLinear) and state.active in layer.adapter_names:
+                if isinstance(layer, own_type) and state.active in layer.adapter_names:
                     bias = bases.base_bias(layer.base_layer)
                     if bias is not None:
                         keep.add(id(bias))

@@ -14,10 +14,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, LoraConfig, TrainableTokensConfig, to_fastpeft_config
+from .config import (AdapterConfig, IA3Config, LoHaConfig, LoraConfig, TrainableTokensConfig, VeraConfig,
+                     to_fastpeft_config)
 from .model_state import (
     ADAPTER_TYPES,
     STATE_ATTR,
+    WRAPPER_TYPES,
     PatchState,
     Transaction,
     adapter_layers,
@@ -30,7 +32,8 @@ from .model_state import (
     set_submodule,
     underlying,
 )
-from .nn import IA3Linear, LoraEmbedding, LoraLinear, ModulesToSave
+from .nn import IA3Linear, LohaLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear, VeraProjections
+from .nn.vera import vera_projections
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
 from . import mixed_batches
@@ -42,7 +45,8 @@ __all__ = ["patch", "patch_checked", "unpatch", "finish", "warn_base_rewritten"]
 
 
 # -- building the drop-ins -------------------------------------------------------------------------------
-def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: str, txn: Transaction) -> nn.Module:
+def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: str, txn: Transaction,
+               tables=None) -> nn.Module:
     if isinstance(cfg, LoraConfig):
         if bases.is_conv1d(underlying(module)) and not cfg.fan_in_fan_out:
             cfg.fan_in_fan_out = True  # PEFT does the same for Conv1D (GPT-2 stores weights as [in, out])
@@ -56,6 +60,21 @@ def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: s
         if bases.is_embedding(module):
             return LoraEmbedding(module, adapter_name, *args, **extra)
         return LoraLinear(module, adapter_name, *args, **extra)
+    if isinstance(cfg, LoHaConfig):
+        args = (cfg.rank_for(name), cfg.alpha_for(name), float(cfg.rank_dropout), float(cfg.module_dropout),
+                cfg.init_weights)
+        if isinstance(module, LohaLinear):
+            module.update_layer(adapter_name, *args)
+            return module
+        return LohaLinear(module, adapter_name, *args)
+    if isinstance(cfg, VeraConfig):
+        vera_A, vera_B = tables
+        cfg.fan_in_fan_out = bases.is_conv1d(underlying(module))  # PEFT sets it per target type, with a warning
+        args = (cfg.r, float(cfg.vera_dropout), float(cfg.d_initial), cfg.init_weights)
+        if isinstance(module, VeraLinear):
+            module.update_layer(adapter_name, *args)
+            return module
+        return VeraLinear(module, adapter_name, vera_A, vera_B, *args)
     ff = cfg.feedforward_modules or []
     is_ff = bool(re.fullmatch(ff, name)) if isinstance(ff, str) else any(name.endswith(t) for t in ff)
     if isinstance(module, IA3Linear):
@@ -76,12 +95,15 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
         has_linear = any(isinstance(underlying(m), nn.Linear) for _, m in targets)
         if cfg.fan_in_fan_out and has_linear and not any(bases.is_conv1d(underlying(m)) for _, m in targets):
             cfg.fan_in_fan_out = False  # PEFT resets it for nn.Linear targets as well
+    tables = _vera_tables(model, cfg, adapter_name, targets, state, txn) if isinstance(cfg, VeraConfig) else None
+    own_types = {LoraConfig: (LoraLinear, LoraEmbedding), IA3Config: IA3Linear, VeraConfig: VeraLinear,
+                 LoHaConfig: LohaLinear}[type(cfg)]
     built = []
     for name, module in targets:
-        existing = isinstance(module, (LoraLinear, LoraEmbedding, IA3Linear))
-        if existing and not isinstance(module, (LoraLinear, LoraEmbedding) if isinstance(cfg, LoraConfig) else IA3Linear):
+        existing = isinstance(module, WRAPPER_TYPES)
+        if existing and not isinstance(module, own_types):
             raise ValueError(f"{name} already holds a {type(module).__name__}; one adapter method per model")
-        new = _new_layer(name, module, cfg, adapter_name, txn)
+        new = _new_layer(name, module, cfg, adapter_name, txn, tables)
         if existing:
             txn.added.append((new, adapter_name))
         built.append((name, new))
@@ -99,6 +121,27 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
     for _, layer in built:
         layer.active_adapter = state.active if state.configs else adapter_name
     add_trainable_tokens(model, cfg, adapter_name, state, txn)  # after LoRA's: it refuses LoRA-adapted layers
+
+
+def _vera_tables(model: nn.Module, cfg: VeraConfig, adapter_name: str, targets, state: PatchState, txn: Transaction):
+    """The model's shared VeRA projection tables (made on first use), with this adapter's projections drawn as
+    PEFT draws them: sized by the largest in / out features among its targets, from projection_prng_key."""
+    for other in state.configs.values():
+        if isinstance(other, VeraConfig) and other.projection_prng_key != cfg.projection_prng_key:
+            raise ValueError(f"VeRA adapters of one model must share projection_prng_key (PEFT's rule): this model's "
+                             f"adapters use {other.projection_prng_key}, got {cfg.projection_prng_key}")
+        if isinstance(other, VeraConfig) and other.save_projection != cfg.save_projection:
+            raise ValueError("VeRA adapters of one model must agree on save_projection (PEFT's rule)")
+    existing = next((m for _, m in model.named_modules() if isinstance(m, VeraLinear)), None)
+    vera_A, vera_B = (existing.vera_A, existing.vera_B) if existing is not None else (VeraProjections(), VeraProjections())
+    features = [bases.base_features(underlying(m)) for _, m in targets]
+    max_in, max_out = max(f[0] for f in features), max(f[1] for f in features)
+    proj_A, proj_B = vera_projections(cfg.r, max_in, max_out, cfg.projection_prng_key)
+    device = next((underlying(m).weight.device for _, m in targets), None)
+    vera_A.set(adapter_name, proj_A.to(device))
+    vera_B.set(adapter_name, proj_B.to(device))
+    txn.undo.append(lambda: (vera_A.remove(adapter_name), vera_B.remove(adapter_name)))
+    return vera_A, vera_B
 
 
 # -- hooks patch() installs ---------------------------------------------------------------------------------

@@ -19,13 +19,15 @@ from .config import (
     IA3_DEFAULT_FEEDFORWARD,
     IA3_DEFAULT_TARGETS,
     LORA_DEFAULT_TARGETS,
+    VERA_DEFAULT_TARGETS,
     AdapterConfig,
     IA3Config,
     LoraConfig,
+    VeraConfig,
+    LoHaConfig,
     peft_stored_targets,
 )
-from .model_state import ADAPTER_TYPES, is_peft_tuner_layer, root_model, underlying
-from .nn import IA3Linear, LoraEmbedding, LoraLinear
+from .model_state import ADAPTER_TYPES, WRAPPER_TYPES, is_peft_tuner_layer, root_model, underlying
 from .nn import bases
 
 __all__ = ["find_targets", "find_modules_to_save"]
@@ -91,7 +93,8 @@ def _resolve_targets(model: nn.Module, cfg: AdapterConfig, candidates) -> Any:
     targets = cfg.target_modules
     if targets is None:
         model_type = _model_type(model)
-        table = LORA_DEFAULT_TARGETS if isinstance(cfg, LoraConfig) else IA3_DEFAULT_TARGETS
+        table = {LoraConfig: LORA_DEFAULT_TARGETS, IA3Config: IA3_DEFAULT_TARGETS,
+                 VeraConfig: VERA_DEFAULT_TARGETS, LoHaConfig: LORA_DEFAULT_TARGETS}[type(cfg)]  # LoHa: LoRA's
         if model_type not in table:
             names = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if bases.supported_base(underlying(m))})
             raise ValueError(
@@ -187,7 +190,7 @@ def find_modules_to_save(model: nn.Module, cfg: AdapterConfig) -> List[Tuple[str
         (n, m)
         for n, m in _candidate_modules(model)
         if any(n == t or n.endswith(t) for t in cfg.modules_to_save)
-        and not isinstance(m, (LoraLinear, LoraEmbedding, IA3Linear))
+        and not isinstance(m, WRAPPER_TYPES)
     ]
     missing = [t for t in cfg.modules_to_save if not any(n == t or n.endswith(t) for n, _ in found)]
     if missing:

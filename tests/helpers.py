@@ -159,3 +159,50 @@ def set_settings(monkeypatch, **changes):
     from fastpeft import settings
 
     monkeypatch.setattr(settings, "_current", dataclasses.replace(settings.get(), **changes))
+
+
+def check_bf16_against_fp32_twin(adapter_config, four_bit, monkeypatch):
+    """A bf16 tiny Llama (hidden 256; NF4 linear layers when ``four_bit``) patched with ``adapter_config`` on the
+    GPU paths, against the same model in fp32 on the reference path: logits and adapter gradients within
+    max(1e-2, 2x the error of the same bf16 model on the reference path, i.e. PEFT's order of operations)."""
+    import copy
+
+    import fastpeft
+
+    cfg = tiny_config("llama")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = 256, 512, 4, 2
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).cuda().to(torch.bfloat16).eval()
+    if four_bit:
+        from fastpeft.nn import bases
+        fastpeft.quantize_nf4(model, compute_dtype=torch.bfloat16)
+        twin = copy.deepcopy(model)
+        for name, module in list(twin.named_modules()):
+            if bases.is_linear4bit(module):
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="cuda")
+                linear.weight.data = bases.dequantize_linear4bit(module).float()
+                parent, _, child = name.rpartition(".")
+                setattr(twin.get_submodule(parent), child, linear)
+    else:
+        twin = copy.deepcopy(model)
+    twin = twin.float()
+    # the same bf16 model on the reference path (PEFT's order of operations) sets the bf16 error to stay within
+    built = {}
+    for name, source, backend in (("fp32", twin, "reference"), ("bf16_reference", copy.deepcopy(model), "reference"),
+                                  ("ours", model, "auto")):
+        set_settings(monkeypatch, backend=backend)
+        torch.manual_seed(1)
+        built[name] = fastpeft.patch(source, copy.deepcopy(adapter_config))
+    ids = random_ids(seed=3).cuda()
+    outputs = {name: m(input_ids=ids, labels=ids) for name, m in built.items()}
+    for out in outputs.values():
+        out.loss.backward()
+    grads = {name: {n: p.grad for n, p in m.named_parameters() if p.grad is not None} for name, m in built.items()}
+    exact = outputs["fp32"].logits
+    assert torch.isfinite(outputs["ours"].logits).all()
+    own = rel_err(outputs["bf16_reference"].logits.float(), exact)
+    assert rel_err(outputs["ours"].logits.float(), exact) <= max(2 * own, 1e-2), own
+    assert grads["ours"].keys() == grads["fp32"].keys() and len(grads["ours"]) > 0
+    for name, grad in grads["ours"].items():
+        own = rel_err(grads["bf16_reference"][name], grads["fp32"][name])
+        assert rel_err(grad, grads["fp32"][name]) <= max(2 * own, 1e-2), (name, own)

@@ -23,6 +23,8 @@ Methods (r=16, alpha=32, all linear layers but the output head; IA3 on k, v, dow
     ia3            IA3 (k_proj, v_proj, down_proj; down_proj feed-forward)
     dora, qdora    DoRA (use_dora=True) on the bf16 base / on the NF4 base (QLoRA's recipe on the PEFT side)
     dora_dropout   DoRA, lora_dropout=0.05 (PEFT's dropout formula: a second base product)
+    loha           LoHa r=8, alpha 16 on all linear layers but the head (rank-64 Khatri-Rao product on LoRA's paths)
+    vera           VeRA r=256 on all linear layers but the head (shared projections, trained vectors)
     lora_fused, qlora_fused      fastpeft only: + fastpeft.enable_fused_loss (loss without the logits)
     lora_offload, qlora_offload  fastpeft only: + fused loss + fastpeft.enable_activation_offload
                    (compared with PEFT's plain LoRA / QLoRA row; ``--longest``: fastpeft/bench/longest.py)

@@ -26,6 +26,8 @@ from .plan import (
     GiB,
     IA3_FEEDFORWARD,
     IA3_TARGETS,
+    LOHA_RANK,
+    VERA_RANK,
     MODELS,
     RANK,
     SEQ,
@@ -183,6 +185,10 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
             if spec.method == "ia3":
                 cfg = peft.IA3Config(task_type="CAUSAL_LM", target_modules=IA3_TARGETS,
                                      feedforward_modules=IA3_FEEDFORWARD)
+            elif spec.method == "loha":
+                cfg = peft.LoHaConfig(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK, target_modules="all-linear")
+            elif spec.method == "vera":
+                cfg = peft.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
             else:
                 cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=RANK, lora_alpha=ALPHA, lora_dropout=p,
                                       target_modules="all-linear", use_dora=is_dora(spec.method))
@@ -193,6 +199,11 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
             if spec.method == "ia3":
                 cfg = fastpeft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
+            elif spec.method == "loha":
+                cfg = fastpeft.LoHaConfig(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK,
+                                          target_modules="all-linear")
+            elif spec.method == "vera":
+                cfg = fastpeft.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
             else:
                 cfg = fastpeft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p, target_modules="all-linear",
                                           use_dora=is_dora(spec.method))

@@ -4,6 +4,8 @@
     layer.py            AdapterLayer: bookkeeping, the forward decision and the merge tail, shared by
     lora.py, ia3.py     LoraLinear and IA3Linear
     lora_embedding.py   LoraEmbedding (LoRA on nn.Embedding)
+    loha.py             LohaLinear (LoHa: a Hadamard product of two low-rank products, run at rank r² on LoRA's paths)
+    vera.py             VeraLinear (VeRA: trained vectors over shared frozen projections, on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
     trainable_tokens.py TrainableTokens (PEFT's trainable_token_indices: selected embedding rows train) and
@@ -14,7 +16,10 @@ from .ia3 import IA3Linear
 from .layer import AdapterLayer
 from .lora import LoraLinear, LoraVariant
 from .lora_embedding import LoraEmbedding
+from .loha import LohaLinear
 from .modules_to_save import ModulesToSave
 from .trainable_tokens import TrainableTokens, TrainableTokensLayer
+from .vera import VeraLinear, VeraProjections
 
-__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "ModulesToSave", "TrainableTokens", "TrainableTokensLayer"]
+__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear",
+           "VeraProjections", "ModulesToSave", "TrainableTokens", "TrainableTokensLayer"]

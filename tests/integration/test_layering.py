@@ -20,7 +20,7 @@ LAYERS = [
      "fastpeft.ops.kernels.nf4_gemv", "fastpeft.ops.kernels.nf4_lora", "fastpeft.ops.kernels.dora", "fastpeft.ops.kernels.custom_ops",
      "fastpeft.ops.kernels.sgmv",
      "fastpeft.ops.nf4_quantize", "fastpeft.ops.lora_init"],
-    ["fastpeft.nn._rng", "fastpeft.nn.bases", "fastpeft.nn.mixed_batch", "fastpeft.nn.layer", "fastpeft.nn.variants", "fastpeft.nn.lora", "fastpeft.nn.lora_embedding", "fastpeft.nn.ia3",
+    ["fastpeft.nn._rng", "fastpeft.nn.bases", "fastpeft.nn.mixed_batch", "fastpeft.nn.layer", "fastpeft.nn.variants", "fastpeft.nn.lora", "fastpeft.nn.lora_embedding", "fastpeft.nn.ia3", "fastpeft.nn.vera", "fastpeft.nn.loha",
      "fastpeft.nn.modules_to_save", "fastpeft.nn.trainable_tokens", "fastpeft.nn"],
     ["fastpeft.model_state", "fastpeft.targets", "fastpeft.token_targets", "fastpeft.mixed_batches", "fastpeft.peft_interop", "fastpeft.patch", "fastpeft.adapters",
      "fastpeft.adapter_io", "fastpeft.quantize", "fastpeft.fused_loss",

@@ -163,7 +163,7 @@ def test_unknown_field_in_adapter_config_dict():
     with pytest.raises(ValueError) as err:
         fastpeft.config.to_fastpeft_config(data)
     assert "frobnicate=3" in str(err.value) and "Supported fields:" in str(err.value)
-    with pytest.raises(ValueError, match="unsupported peft_type 'PREFIX_TUNING'.*'LORA', 'IA3' and 'TRAINABLE_TOKENS'"):
+    with pytest.raises(ValueError, match="unsupported peft_type 'PREFIX_TUNING'.*'LORA', 'IA3', 'VERA', 'LOHA' and 'TRAINABLE_TOKENS'"):
         fastpeft.config.to_fastpeft_config({"peft_type": "PREFIX_TUNING"})
 
 
