@@ -23,9 +23,10 @@ from .adapters import (
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
 from .config import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
-                     VeraConfig)
+                     TrainableTokensConfig, VeraConfig)
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, VeraLinear
+from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, TrainableTokens,
+                 TrainableTokensLayer, VeraLinear)
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -41,6 +42,7 @@ __all__ = [
     "PromptTuningConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
+    "TrainableTokensConfig",
     "patch",
     "unpatch",
     "save_adapter",
@@ -70,6 +72,8 @@ __all__ = [
     "LohaLinear",
     "LokrLinear",
     "ModulesToSave",
+    "TrainableTokens",
+    "TrainableTokensLayer",
     "quantize_nf4",
     "NF4Linear",
 ]

@@ -22,7 +22,7 @@ from .config import (AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, VeraConf
                      to_fastpeft_config)
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
-from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear
+from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens, VeraLinear
 from .nn.lycoris import LycorisLinear
 from .nn import bases
 from .patch import patch_checked
@@ -36,6 +36,7 @@ PEFT_PREFIX = "base_model.model."
 VERA_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 # LoHa / LoKr parameter tables (PEFT's ParameterDict names; files hold them without the adapter name)
 LYCORIS_TABLES = LohaLinear.TABLES + LokrLinear.TABLES
+TOKENS_KEY = "trainable_tokens_delta"  # trainable tokens' rows (PEFT: "<path>[.token_adapter].trainable_tokens_delta")
 
 
 def _prefix(model: nn.Module) -> str:
@@ -86,6 +87,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             if cfg.save_projection:  # once per model, under PEFT's model-level names
                 out[VERA_PROJECTION_KEYS[0]] = layer.vera_A[adapter_name]
                 out[VERA_PROJECTION_KEYS[1]] = layer.vera_B[adapter_name]
+        elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and (
+                layer.saves_tied or not layer.tied):
+            # PEFT's key (no adapter name); a tied layer's rows are the embedding's: PEFT saves them again only for
+            # its standalone TrainableTokensConfig
+            out[f"{prefix}{path}.{layer.delta_key}"] = layer.adapter_parameters(adapter_name)[0]
     wrappers = _wrappers_to_save(model)
     for path, wrapper in wrappers:
         if adapter_name in wrapper.modules_to_save:
@@ -328,7 +334,9 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
     if is_prompt_learning(get_state(model).configs[adapter_name]):
         return prompt_learning.plan_load(model, adapter_name, tensors)
     prefix = _prefix(model)
-    params = dict(model.named_parameters())
+    # remove_duplicate=False: a tied layer's rows are listed under its own name too (PEFT's standalone trainable
+    # tokens save them there)
+    params = dict(model.named_parameters(remove_duplicate=False))
     params.update({n: b for n, b in model.named_buffers()})
     wrappers = [p for p, _ in _wrappers_to_save(model)]
     plan, expected, vera = [], set(), None
@@ -341,6 +349,8 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             expected.update({f"{path}.lora_embedding_A.{adapter_name}", f"{path}.lora_embedding_B.{adapter_name}"})
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             expected.add(f"{path}.ia3_l.{adapter_name}")
+        elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and not layer.tied:
+            expected.add(f"{path}.{layer.delta_key}.{adapter_name}")
         elif isinstance(layer, LycorisLinear) and adapter_name in layer.adapter_names:
             expected.update(f"{path}.{table}.{adapter_name}" for table in layer.TABLES
                             if adapter_name in getattr(layer, table))
@@ -360,7 +370,7 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             target = f"{local}.{adapter_name}.weight"
         elif local.endswith((".lora_A.weight", ".lora_B.weight")):
             target = f"{local[: -len('.weight')]}.{adapter_name}.weight"
-        elif local.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
+        elif local.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B", "." + TOKENS_KEY)):
             target = f"{local}.{adapter_name}"
         else:
             owner = next((w for w in wrappers if local.startswith(w + ".")), None)
@@ -556,6 +566,9 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", 
             continue
         if isinstance(layer, LoraEmbedding):
             raise ValueError(f"cannot hot-swap {lpath}: hot-swapping LoRA on embedding layers is not supported "
+                             "(load_adapter under another name, then set_adapter)")
+        if isinstance(layer, TrainableTokens):
+            raise ValueError(f"cannot hot-swap {lpath}: hot-swapping trainable tokens is not supported "
                              "(load_adapter under another name, then set_adapter)")
         if isinstance(layer, LoraLinear):
             A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .config import is_prompt_learning
 from .model_state import adapter_layers, apply_trainable, get_state, root_model, set_active, set_submodule
-from .nn import AdapterLayer, ModulesToSave
+from .nn import AdapterLayer, ModulesToSave, TrainableTokens
 from .nn import bases
 from .patch import finish, patch, warn_base_rewritten
 from . import prompt_learning
@@ -99,8 +99,8 @@ def _refuse_prompt_learning(model: nn.Module, what: str) -> None:
 def merge(model: nn.Module) -> None:
     """Add the active adapter into the base weights (dense bases; 4-bit: use merge_and_unload)."""
     _refuse_prompt_learning(model, "merge")
-    layers = [m for _, m in adapter_layers(model) if isinstance(m, AdapterLayer)]
-    bad = [m for m in layers if bases.is_linear4bit(m.base_layer)]
+    layers = [m for _, m in adapter_layers(model) if isinstance(m, (AdapterLayer, TrainableTokens))]
+    bad = [m for m in layers if isinstance(m, AdapterLayer) and bases.is_linear4bit(m.base_layer)]
     if bad:
         bad[0].merge()  # raises the explanatory NotImplementedError before anything changes
     for m in layers:

@@ -344,6 +344,40 @@ class _ConfigBase:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def _token_id_list(value: Any, where: str) -> List[int]:
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where} must be a non-empty list of token ids (ints), got {value!r}")
+    bad = [v for v in value if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if bad:
+        raise ValueError(f"{where} must hold token ids (ints >= 0), got {bad[:5]!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{where} lists token ids more than once: {sorted({v for v in value if value.count(v) > 1})}")
+    return list(value)
+
+
+def _check_token_spec(spec: Any, modules_to_save: Optional[List[str]]) -> Any:
+    """LoraConfig.trainable_token_indices: None, a list of token ids (the input embedding) or {module name suffix:
+    [ids]}. Range checks need the model (fastpeft.token_targets)."""
+    if spec is None:
+        return None
+    where = "LoraConfig.trainable_token_indices"
+    if isinstance(spec, dict):
+        if not spec:
+            raise ValueError(f"{where} is an empty dict; give {{module name: [token ids]}} or a list of token ids")
+        out = {}
+        for key, ids in spec.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{where} keys must be module names (non-empty str), got {key!r}")
+            out[key] = _token_id_list(ids, f"{where}[{key!r}]")
+            if modules_to_save and key in modules_to_save:
+                raise ValueError(f"{key!r} is both in modules_to_save (trained in full) and in {where}; give it to "
+                                 "one of them")
+        return out
+    return _token_id_list(spec, where)
+
+
 # -- the configs -------------------------------------------------------------------------------------------
 # Field order: fastpeft's own fields first, in the order positional calls rely on; then PEFT's bookkeeping and
 # the PEFT fields fastpeft does not implement, keyword-only. The names and defaults are those of the PEFT release
@@ -382,6 +416,9 @@ class LoraConfig(_ConfigBase):
     inference_mode: bool = False
     use_dora: bool = field(default=False, kw_only=True)  # keyword-only: positional order stays as before
     loftq_config: Dict[str, Any] = field(default_factory=dict, kw_only=True, repr=False)  # used with init_lora_weights="loftq"
+    # PEFT's trainable tokens (fastpeft.nn.TrainableTokens): a list of token ids (rows of the input embedding) or
+    # {module name suffix: [ids]}; keyword-only like use_dora
+    trainable_token_indices: Optional[Union[List[int], Dict[str, List[int]]]] = field(default=None, kw_only=True)
     # PEFT's bookkeeping
     peft_type: Optional[str] = _peft_type_field("LORA")
     peft_version: Optional[str] = _save_metadata()
@@ -389,7 +426,6 @@ class LoraConfig(_ConfigBase):
     # PEFT fields fastpeft does not implement, at PEFT's defaults
     megatron_config: Any = _peft_only(None)
     megatron_core: Any = _peft_only("megatron.core")
-    trainable_token_indices: Any = _peft_only(None)
     eva_config: Any = _peft_only(None)
     corda_config: Any = _peft_only(None)
     lora_ga_config: Any = _peft_only(None)
@@ -429,6 +465,7 @@ class LoraConfig(_ConfigBase):
             raise ValueError("LoraConfig.layers_pattern only works together with layers_to_transform")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("LoraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+        self.trainable_token_indices = _check_token_spec(self.trainable_token_indices, self.modules_to_save)
 
     def _validate_init(self) -> None:
         init = self.init_lora_weights
@@ -706,6 +743,45 @@ class LoKrConfig(_ConfigBase):
         return self.alpha_for(module_name) / self.rank_for(module_name)
 
 
+@_check_keywords
+@dataclass
+class TrainableTokensConfig(_ConfigBase):
+    """PEFT's standalone trainable tokens (``peft.TrainableTokensConfig``, peft_type TRAINABLE_TOKENS): only the rows
+    ``token_indices`` of the layers ``target_modules`` train (default: the input embedding; a head tied to it follows
+    it). fastpeft implements all of its fields; next to LoRA, use ``LoraConfig(trainable_token_indices=...)``.
+
+    >>> TrainableTokensConfig(token_indices=[3, 5]).peft_type
+    'TRAINABLE_TOKENS'
+    """
+
+    token_indices: List[int] = field(default_factory=list)
+    target_modules: TargetSpec = None
+    init_weights: bool = True
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("TRAINABLE_TOKENS")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+
+    PEFT_TYPE: ClassVar[str] = "TRAINABLE_TOKENS"
+
+    def validate(self) -> None:
+        if isinstance(self.token_indices, tuple):
+            self.token_indices = list(self.token_indices)
+        if self.token_indices != []:  # PEFT's default []: refused when the model is patched, not here
+            self.token_indices = _token_id_list(self.token_indices, "TrainableTokensConfig.token_indices")
+        if type(self.init_weights) is not bool:
+            raise ValueError(f"TrainableTokensConfig.init_weights must be True or False, got {self.init_weights!r}")
+        targets = self.target_modules
+        if not (targets is None or isinstance(targets, str)
+                or (isinstance(targets, list) and all(isinstance(t, str) and t for t in targets))):
+            raise ValueError("TrainableTokensConfig.target_modules must be None (the input embedding), a regex or a "
+                             f"list of module names, got {targets!r}")
+
+
 # -- prompt learning (prompt tuning, prefix tuning, P-tuning) -------------------------------------------------------
 # These change the model's inputs, not its layers (fastpeft/prompt_learning.py). The fields shared by the three are
 # those of PEFT's PromptLearningConfig; num_layers / token_dim / num_attention_heads / encoder_hidden_size left at
@@ -880,10 +956,10 @@ class PromptEncoderConfig(_PromptLearningBase):
 
 
 PromptLearningConfig = Union[PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
-AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, PromptTuningConfig, PrefixTuningConfig,
-                      PromptEncoderConfig]
+AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, TrainableTokensConfig,
+                      PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
 _CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig,
-                                                  PromptTuningConfig,
+                                                  TrainableTokensConfig, PromptTuningConfig,
                                                   PrefixTuningConfig, PromptEncoderConfig)}
 
 
@@ -968,7 +1044,7 @@ def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: It
 
 def to_fastpeft_config(config: Any) -> AdapterConfig:
     """Accept a fastpeft config, the PEFT config of the same name (LoraConfig, IA3Config, VeraConfig, LoHaConfig,
-    LoKrConfig, PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig), or a dict from adapter_config.json.
+    LoKrConfig, TrainableTokensConfig, PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig), or a dict from adapter_config.json.
 
     >>> to_fastpeft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": False}).r
     4

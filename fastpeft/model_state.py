@@ -13,11 +13,13 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, LoraConfig, VeraConfig, is_prompt_learning
-from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear
+from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens, VeraLinear
 from .nn import bases
 
-ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, ModulesToSave)
-# the drop-ins that wrap one base layer (everything but ModulesToSave)
+ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, ModulesToSave,
+                 TrainableTokens)
+# the drop-ins that wrap one base layer (everything but ModulesToSave; TrainableTokens, whose base sits one level
+# down, stays out: targets.py must not look through it)
 WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear)
 STATE_ATTR = "_fastpeft_state"
 # Prompt learning (prompt_learning.py): the nn.ModuleDict {adapter name: prompt encoder} patch() registers on the

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import (AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig, is_prompt_learning,
+from .config import (AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, TrainableTokensConfig, VeraConfig,
+                     is_prompt_learning,
                      to_fastpeft_config)
 from .model_state import (
     ADAPTER_TYPES,
@@ -39,6 +40,7 @@ from .nn.variants import DORA, PLAIN_LORA
 from . import mixed_batches, prompt_learning
 from .peft_interop import route_generate, route_peft_methods, unroute_peft_methods
 from .targets import find_modules_to_save, find_targets
+from .token_targets import add_trainable_tokens, convert_peft_token_wrappers
 
 __all__ = ["patch", "patch_checked", "unpatch", "finish", "warn_base_rewritten"]
 
@@ -92,6 +94,9 @@ def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: s
 
 
 def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state: PatchState, txn: Transaction):
+    if isinstance(cfg, TrainableTokensConfig):  # PEFT's standalone trainable tokens: no LoRA / IA3 layers
+        add_trainable_tokens(model, cfg, adapter_name, state, txn)
+        return
     targets = find_targets(model, cfg)
     to_save = find_modules_to_save(model, cfg)
     if isinstance(cfg, LoraConfig):
@@ -123,6 +128,7 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
             state.originals[name] = underlying(new) if not isinstance(new, ModulesToSave) else new.original_module
     for _, layer in built:
         layer.active_adapter = state.active if state.configs else adapter_name
+    add_trainable_tokens(model, cfg, adapter_name, state, txn)  # after LoRA's: it refuses LoRA-adapted layers
 
 
 def _vera_tables(model: nn.Module, cfg: VeraConfig, adapter_name: str, targets, state: PatchState, txn: Transaction):
@@ -200,7 +206,8 @@ def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -
     ``config``: fastpeft.LoraConfig / IA3Config or peft.LoraConfig / IA3Config; or a prompt-learning config
     (PromptTuningConfig / PrefixTuningConfig / PromptEncoderConfig, fastpeft's or PEFT's, task_type="CAUSAL_LM"),
     which routes the model's forward / generate as PEFT's PeftModelForCausalLM does (prompt_learning.py; one such
-    adapter per model, not combined with LoRA / IA3 / VeRA / LoHa). With no config and a
+    adapter per model, not combined with LoRA / IA3 / VeRA / LoHa / LoKr); or TrainableTokensConfig (PEFT's
+    standalone trainable tokens). With no config and a
     ``peft.PeftModel``, converts its LoRA / IA3 layers in place, keeping PEFT's parameter names.
     Patching an already patched model with a new ``adapter_name`` adds that adapter (inactive).
 
@@ -401,9 +408,13 @@ def _convert_peft_model(model: nn.Module) -> nn.Module:
     layers = [
         (n, m)
         for n, m in model.named_modules()
-        if is_peft_tuner_layer(m) and type(m).__name__ != "ModulesToSaveWrapper" and hasattr(m, "base_layer")
+        if is_peft_tuner_layer(m) and type(m).__name__ not in ("ModulesToSaveWrapper", "TrainableTokensLayer")
+        and hasattr(m, "base_layer")
     ]
     built = [(n, _convert_peft_layer(n, m)) for n, m in layers]
+    for name, wrapper, new in convert_peft_token_wrappers(model, model.active_adapter):  # trainable tokens
+        layers.append((name, wrapper))
+        built.append((name, new))
     state = PatchState(peft_type=kinds.pop(), configs=configs, active=model.active_adapter, from_peft=True)
     state.trainable = {name: not cfg.inference_mode for name, cfg in configs.items()}
     txn = Transaction(model)

@@ -10,6 +10,8 @@
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
     prompt_encoders.py  PromptEmbedding / PrefixEncoder / PromptEncoder (prompt tuning, prefix tuning, P-tuning)
+    trainable_tokens.py TrainableTokens (PEFT's trainable_token_indices: selected embedding rows train) and
+                        TrainableTokensLayer (the same, PEFT's standalone TrainableTokensConfig)
     _rng.py             the LoRA dropout seed
 """
 from .ia3 import IA3Linear
@@ -20,7 +22,9 @@ from .loha import LohaLinear
 from .lokr import LokrLinear
 from .modules_to_save import ModulesToSave
 from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
+from .trainable_tokens import TrainableTokens, TrainableTokensLayer
 from .vera import VeraLinear, VeraProjections
 
 __all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear", "LokrLinear",
-           "VeraProjections", "ModulesToSave", "PromptEmbedding", "PrefixEncoder", "PromptEncoder"]
+           "VeraProjections", "ModulesToSave", "PromptEmbedding", "PrefixEncoder", "PromptEncoder", "TrainableTokens",
+           "TrainableTokensLayer"]

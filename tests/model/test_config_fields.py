@@ -73,14 +73,13 @@ def test_field_lists_are_the_installed_pefts(ours, theirs):
         if f.name in _unsupported(ours):
             assert C._default_of(f) == C._plain(_peft_default(peft_fields[f.name])), f.name
             assert f.kw_only and not f.repr, f.name
-    assert len(_unsupported(ours)) == (19 if ours is fastpeft.LoraConfig else 0)
+    assert len(_unsupported(ours)) == (18 if ours is fastpeft.LoraConfig else 0)
 
 
 # A value PEFT treats as "on" for each LoRA field fastpeft does not implement (PEFT's own objects where they exist).
 NON_DEFAULT = {
     "megatron_config": lambda: {"tensor_model_parallel_size": 2},
     "megatron_core": lambda: "my_megatron.core",
-    "trainable_token_indices": lambda: [0, 1],
     "eva_config": lambda: peft.EvaConfig(),
     "corda_config": lambda: {"corda_method": "kpm"},
     "lora_ga_config": lambda: {"direction": "ArB2r"},
@@ -120,12 +119,21 @@ def test_unsupported_field_with_a_value_raises(name):
 
 
 @pytest.mark.parametrize("kwargs,name", [(dict(lora_bias=True), "lora_bias"),
-                                         (dict(trainable_token_indices=[0, 1]), "trainable_token_indices"),
+                                         (dict(ensure_weight_tying=True), "ensure_weight_tying"),
                                          (dict(use_qalora=True), "use_qalora")])
 def test_unsupported_field_of_a_peft_config_raises(kwargs, name):
     theirs = peft.LoraConfig(r=4, target_modules=["q_proj"], **kwargs)
     with pytest.raises(ValueError, match=rf"does not support {name}="):
         C.to_fastpeft_config(theirs)
+
+
+@pytest.mark.parametrize("tokens", [[0, 1], {"embed_tokens": [3], "lm_head": [4, 5]}])
+def test_trainable_token_indices_of_a_peft_config_convert(tokens):
+    # implemented since fastpeft.TrainableTokens (tests/model/test_trainable_tokens.py): a PEFT config keeps it
+    theirs = peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=tokens)
+    ours = C.to_fastpeft_config(theirs)
+    assert ours.trainable_token_indices == tokens
+    assert ours.to_adapter_config()["trainable_token_indices"] == tokens
 
 
 def test_off_values_are_stored_in_pefts_spelling():
