@@ -25,6 +25,8 @@ Methods (r=16, alpha=32, all linear layers but the output head; IA3 on k, v, dow
     dora_dropout   DoRA, lora_dropout=0.05 (PEFT's dropout formula: a second base product)
     loha           LoHa r=8, alpha 16 on all linear layers but the head (rank-64 Khatri-Rao product on LoRA's paths)
     lokr           LoKr r=8, alpha 16 on all linear layers but the head (W1 ⊗ W2 applied as two small GEMMs)
+    prompt_tuning  prompt tuning, 20 virtual tokens (PEFT's PeftModelForCausalLM forward)
+    trainable_tokens  PEFT's standalone trainable tokens, 100 embedding rows (a tied head follows)
     vera           VeRA r=256 on all linear layers but the head (shared projections, trained vectors)
     lora_fused, qlora_fused      fastpeft only: + fastpeft.enable_fused_loss (loss without the logits)
     lora_offload, qlora_offload  fastpeft only: + fused loss + fastpeft.enable_activation_offload

@@ -27,6 +27,8 @@ from .plan import (
     IA3_FEEDFORWARD,
     IA3_TARGETS,
     LOHA_RANK,
+    PROMPT_TOKENS,
+    TRAINED_TOKEN_ROWS,
     VERA_RANK,
     MODELS,
     RANK,
@@ -115,6 +117,24 @@ def liger_patched(model: nn.Module):
 
 
 # -- one configuration -----------------------------------------------------------------------------------
+def adapter_config(lib, method: str, dropout: float):
+    """The adapter config of a benchmark row, from ``lib`` (the ``peft`` or the ``fastpeft`` module: both name their
+    configs and fields the same way, so both rows get the same settings)."""
+    if method == "ia3":
+        return lib.IA3Config(task_type="CAUSAL_LM", target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
+    if method in ("loha", "lokr"):
+        kind = lib.LoHaConfig if method == "loha" else lib.LoKrConfig
+        return kind(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK, target_modules="all-linear")
+    if method == "vera":
+        return lib.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
+    if method == "prompt_tuning":
+        return lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
+    if method == "trainable_tokens":
+        return lib.TrainableTokensConfig(task_type="CAUSAL_LM", token_indices=list(range(TRAINED_TOKEN_ROWS)))
+    return lib.LoraConfig(task_type="CAUSAL_LM", r=RANK, lora_alpha=ALPHA, lora_dropout=dropout,
+                          target_modules="all-linear", use_dora=is_dora(method))
+
+
 def unavailable(spec: Spec, device: str) -> Optional[str]:
     """Why this configuration cannot run here (None if it can)."""
     if spec.impl == "peft" and not have("peft"):
@@ -182,32 +202,12 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
                                                              gradient_checkpointing_kwargs=ckpt)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-            if spec.method == "ia3":
-                cfg = peft.IA3Config(task_type="CAUSAL_LM", target_modules=IA3_TARGETS,
-                                     feedforward_modules=IA3_FEEDFORWARD)
-            elif spec.method in ("loha", "lokr"):
-                kind = peft.LoHaConfig if spec.method == "loha" else peft.LoKrConfig
-                cfg = kind(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK, target_modules="all-linear")
-            elif spec.method == "vera":
-                cfg = peft.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
-            else:
-                cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=RANK, lora_alpha=ALPHA, lora_dropout=p,
-                                      target_modules="all-linear", use_dora=is_dora(spec.method))
-            model = peft.get_peft_model(model, cfg)
+            model = peft.get_peft_model(model, adapter_config(peft, spec.method, p))
         elif spec.impl == "fastpeft":
             if spec.method == "full_ft":
                 raise ValueError("full_ft has no fastpeft variant")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-            if spec.method == "ia3":
-                cfg = fastpeft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
-            elif spec.method in ("loha", "lokr"):
-                kind = fastpeft.LoHaConfig if spec.method == "loha" else fastpeft.LoKrConfig
-                cfg = kind(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK, target_modules="all-linear")
-            elif spec.method == "vera":
-                cfg = fastpeft.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
-            else:
-                cfg = fastpeft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p, target_modules="all-linear",
-                                          use_dora=is_dora(spec.method))
+            cfg = adapter_config(fastpeft, spec.method, p)
             # each layer takes the backend when it is built; restored afterwards (no leak into later rows)
             with settings.override(**({"backend": backend} if backend else {})):
                 model = fastpeft.patch(model, cfg)
