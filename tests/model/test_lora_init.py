@@ -148,6 +148,7 @@ def test_loftq_on_a_model_and_quantizing_afterwards_keeps_the_base():
 @pytest.mark.gpu
 def test_loftq_matches_peft_on_cuda():
     pytest.importorskip("bitsandbytes")
+    pytest.importorskip("scipy")  # PEFT's LoraConfig asks for it with init_lora_weights="loftq"
     base = tiny_model("llama", seed=1).cuda()
     kw = dict(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights="loftq",
               loftq_config={"loftq_bits": 4, "loftq_iter": 2})
@@ -169,9 +170,13 @@ def test_loftq_config_rules_as_peft():
     with pytest.warns(UserWarning, match="loftq_config is ignored"):
         cfg = fastpeft.LoraConfig(loftq_config={"loftq_bits": 4})
     assert cfg.loftq_config == {}
-    from_peft = fastpeft.config.to_fastpeft_config(
-        peft.LoraConfig(init_lora_weights="loftq", loftq_config=peft.LoftQConfig(loftq_iter=3)))
+    # PEFT's LoftQConfig object is accepted (peft.LoraConfig(init_lora_weights="loftq") itself needs scipy installed,
+    # which CI does not have, so the PEFT config is given as the dict its adapter_config.json holds)
+    from_peft = fastpeft.LoraConfig(init_lora_weights="loftq", loftq_config=peft.LoftQConfig(loftq_iter=3))
     assert from_peft.loftq_config == {"loftq_bits": 4, "loftq_iter": 3}
+    from_file = fastpeft.config.to_fastpeft_config(
+        {"peft_type": "LORA", "init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 2}})
+    assert from_file.loftq_config == {"loftq_bits": 4, "loftq_iter": 2}
     for name in ("eva", "corda", "orthogonal", "mica", "pissa_niter_x"):
         with pytest.raises(ValueError, match="init_lora_weights must be"):
             fastpeft.LoraConfig(init_lora_weights=name)
