@@ -607,9 +607,42 @@ class VeraConfig(_ConfigBase):
             raise ValueError("VeraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
 
 
+class _LycorisConfig(_ConfigBase):
+    """What LoHa and LoKr configs share: r / alpha with per-module patterns (scaling = alpha / r, no rsLoRA), rank and
+    module dropout, the layer filters."""
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        for label, value in [("r", self.r)] + [(f"rank_pattern[{k!r}]", v) for k, v in (self.rank_pattern or {}).items()]:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}.{label} must be a positive integer, got {value!r}")
+        for field_name in ("rank_dropout", "module_dropout"):
+            value = getattr(self, field_name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= float(value) < 1.0):
+                raise ValueError(f"{name}.{field_name} must be in [0, 1), got {value!r}")
+        for field_name in self._BOOLEANS:
+            if type(getattr(self, field_name)) is not bool:
+                raise ValueError(f"{name}.{field_name} must be True or False, got {getattr(self, field_name)!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"{name}.layers_pattern only works together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(f"{name}.layers_to_transform cannot be used when target_modules is a str (regex)")
+
+    def rank_for(self, module_name: str) -> int:
+        key = match_pattern_key(self.rank_pattern or {}, module_name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = match_pattern_key(self.alpha_pattern or {}, module_name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        return self.alpha_for(module_name) / self.rank_for(module_name)
+
+
 @_check_keywords
 @dataclass
-class LoHaConfig(_ConfigBase):
+class LoHaConfig(_LycorisConfig):
     """LoHa configuration; field names and defaults follow ``peft.LoHaConfig`` (fastpeft implements all of them for
     linear layers; ``use_effective_conv2d`` only concerns convolutions, which fastpeft does not adapt).
 
@@ -643,37 +676,12 @@ class LoHaConfig(_ConfigBase):
 
     PEFT_TYPE: ClassVar[str] = "LOHA"
 
-    def validate(self) -> None:
-        for label, value in [("r", self.r)] + [(f"rank_pattern[{k!r}]", v) for k, v in (self.rank_pattern or {}).items()]:
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LoHaConfig.{label} must be a positive integer, got {value!r}")
-        for name in ("rank_dropout", "module_dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= float(value) < 1.0):
-                raise ValueError(f"LoHaConfig.{name} must be in [0, 1), got {value!r}")
-        for name in ("init_weights", "use_effective_conv2d", "inference_mode"):
-            if type(getattr(self, name)) is not bool:
-                raise ValueError(f"LoHaConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("LoHaConfig.layers_pattern only works together with layers_to_transform")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("LoHaConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
-
-    def rank_for(self, module_name: str) -> int:
-        key = match_pattern_key(self.rank_pattern or {}, module_name)
-        return int(self.rank_pattern[key]) if key is not None else self.r
-
-    def alpha_for(self, module_name: str) -> float:
-        key = match_pattern_key(self.alpha_pattern or {}, module_name)
-        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
-
-    def scaling_for(self, module_name: str) -> float:
-        return self.alpha_for(module_name) / self.rank_for(module_name)
+    _BOOLEANS: ClassVar[Tuple[str, ...]] = ("init_weights", "use_effective_conv2d", "inference_mode")
 
 
 @_check_keywords
 @dataclass
-class LoKrConfig(_ConfigBase):
+class LoKrConfig(_LycorisConfig):
     """LoKr configuration; field names and defaults follow ``peft.LoKrConfig`` (fastpeft implements all of them for
     linear layers; ``use_effective_conv2d`` only concerns convolutions, which fastpeft does not adapt).
 
@@ -710,37 +718,16 @@ class LoKrConfig(_ConfigBase):
 
     PEFT_TYPE: ClassVar[str] = "LOKR"
 
+    _BOOLEANS: ClassVar[Tuple[str, ...]] = ("use_effective_conv2d", "decompose_both", "rank_dropout_scale",
+                                            "inference_mode")
+
     def validate(self) -> None:
-        for label, value in [("r", self.r)] + [(f"rank_pattern[{k!r}]", v) for k, v in (self.rank_pattern or {}).items()]:
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LoKrConfig.{label} must be a positive integer, got {value!r}")
-        for name in ("rank_dropout", "module_dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= float(value) < 1.0):
-                raise ValueError(f"LoKrConfig.{name} must be in [0, 1), got {value!r}")
+        super().validate()
         if not (self.init_weights is True or self.init_weights is False or self.init_weights == "lycoris"):
             raise ValueError(f"LoKrConfig.init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
         df = self.decompose_factor
         if not isinstance(df, int) or isinstance(df, bool) or (df != -1 and df <= 0):
             raise ValueError(f"LoKrConfig.decompose_factor must be -1 or a positive integer, got {df!r}")
-        for name in ("use_effective_conv2d", "decompose_both", "rank_dropout_scale", "inference_mode"):
-            if type(getattr(self, name)) is not bool:
-                raise ValueError(f"LoKrConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("LoKrConfig.layers_pattern only works together with layers_to_transform")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("LoKrConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
-
-    def rank_for(self, module_name: str) -> int:
-        key = match_pattern_key(self.rank_pattern or {}, module_name)
-        return int(self.rank_pattern[key]) if key is not None else self.r
-
-    def alpha_for(self, module_name: str) -> float:
-        key = match_pattern_key(self.alpha_pattern or {}, module_name)
-        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
-
-    def scaling_for(self, module_name: str) -> float:
-        return self.alpha_for(module_name) / self.rank_for(module_name)
 
 
 @_check_keywords
