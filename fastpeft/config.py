@@ -584,7 +584,6 @@ class VeraConfig(_ConfigBase):
     auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
 
     PEFT_TYPE: ClassVar[str] = "VERA"
-    exclude_modules = None  # no such PEFT field; target matching reads it for every method
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:

@@ -72,7 +72,7 @@ def _layer_index_ok(cfg: AdapterConfig, key: str) -> bool:
 
 
 def _is_target(cfg: AdapterConfig, key: str, targets) -> bool:
-    excl = cfg.exclude_modules
+    excl = getattr(cfg, "exclude_modules", None)  # PEFT's VeraConfig has no such field
     if excl:
         if isinstance(excl, str):
             if re.fullmatch(excl, key):
@@ -152,7 +152,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> List[Tuple[str, nn.Mod
             raise ValueError(
                 f"target_modules {targets} name modules of the model, but layers_to_transform="
                 f"{getattr(cfg, 'layers_to_transform', None)!r} / layers_pattern={getattr(cfg, 'layers_pattern', None)!r}"
-                f" / exclude_modules={cfg.exclude_modules!r} / modules_to_save={cfg.modules_to_save!r} leave none of them"
+                f" / exclude_modules={getattr(cfg, 'exclude_modules', None)!r} / modules_to_save={cfg.modules_to_save!r} leave none of them"
             )
         hints = []
         for t in targets:

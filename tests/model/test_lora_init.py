@@ -29,6 +29,10 @@ def _build(arch, init, seed=0, **extra):
     return base, theirs, ours
 
 
+def _first_target(arch):
+    return "transformer.h.0.attn.c_attn" if arch == "gpt2" else "model.layers.0.self_attn.q_proj"
+
+
 def _same_weights(theirs, ours, tol=TOL):
     """Every parameter (adapters and the rewritten base weights) equal under PEFT's names."""
     theirs_params = {n[len(PREFIX):]: p for n, p in theirs.named_parameters()}
@@ -61,14 +65,10 @@ def test_same_adapter_base_and_numbers_as_peft(arch, init):
     ids = random_ids(batch=2, seq=9)
     with torch.no_grad():
         assert rel_err(ours(input_ids=ids).logits, base(input_ids=ids).logits) <= 1e-4
-        layer = ours.get_submodule("transformer.h.0.attn.c_attn" if arch == "gpt2" else "model.layers.0.self_attn.q_proj")
-        original = base.get_submodule(layer_name(arch)).weight
+        layer = ours.get_submodule(_first_target(arch))
+        original = base.get_submodule(_first_target(arch)).weight
         assert not torch.equal(layer.base_layer.weight, original)
     _same_outputs_and_gradients(theirs, ours)
-
-
-def layer_name(arch):
-    return "transformer.h.0.attn.c_attn" if arch == "gpt2" else "model.layers.0.self_attn.q_proj"
 
 
 def test_rsLoRA_and_dora_on_top_of_pissa_match_peft():
@@ -138,7 +138,7 @@ def test_loftq_on_a_model_and_quantizing_afterwards_keeps_the_base():
     want = lora_init.loftq_factors(original.detach(), 4, num_iter=2)
     assert torch.equal(layer.base_layer.weight, want[2])
     assert torch.equal(layer.lora_A["default"].weight, want[0])
-    saved = fastpeft.LoraConfig(**{k: v for k, v in cfg.to_dict().items()}).to_adapter_config()
+    saved = cfg.to_adapter_config()
     assert saved["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2} and saved["init_lora_weights"] == "loftq"
     # the rewritten base is exactly representable in NF4: quantizing it again changes nothing
     assert torch.equal(lora_init.nf4_round_trip(layer.base_layer.weight.detach()), layer.base_layer.weight)
