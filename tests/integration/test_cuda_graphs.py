@@ -100,3 +100,40 @@ def test_dropout_under_reduce_overhead_draws_new_masks_every_step():
             evals.append(step(input_ids=ids).logits.clone())
     assert torch.equal(evals[1], evals[2])
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "nf4"])
+def test_manual_cuda_graph_of_dora_and_qlora_inference_keeps_nothing_from_the_capture(four_bit):
+    """torch.cuda.graph around an eval forward: the DoRA norm cache and the 4-bit dequantization scratch buffer are
+    not filled from inside the capture (ops.graph_capturing), and the replay gives eager's logits, also after the
+    adapter changed and the graph was captured again."""
+    torch.manual_seed(0)
+    base = (tiny_model_for_nf4("llama", seed=3) if four_bit else tiny_model("llama", seed=3)).cuda()
+    if four_bit:
+        fastpeft.quantize_nf4(base, module_type="fastpeft")
+    cfg = fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                              use_dora=not four_bit)
+    model = fastpeft.patch(base, cfg).eval()
+    ids = torch.randint(1, 97, (2, 24), device="cuda")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(input_ids=ids)  # warm-up on the capture stream, as torch.cuda.graph's docs ask
+        torch.cuda.current_stream().wait_stream(side)
+        for layer in model.modules():
+            if isinstance(layer, fastpeft.LoraLinear):
+                layer._dora_norms.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(input_ids=ids).logits
+        assert all(not layer._dora_norms for layer in model.modules() if isinstance(layer, fastpeft.LoraLinear))
+        graph.replay()
+        assert rel_err(out, want) < 1e-6
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1.5)  # the graph reads the parameters in place: a replay sees the new values
+        now = model(input_ids=ids).logits.clone()
+        graph.replay()
+        assert rel_err(out, now) < 1e-6 and rel_err(now, want) > 1e-4
