@@ -66,17 +66,36 @@ def _model_config(model: nn.Module):
     return config
 
 
+def is_seq2seq(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder model (T5, BART, mt0, ...): PEFT's ``PeftModelForSeq2SeqLM``."""
+    return bool(getattr(_model_config(model), "is_encoder_decoder", False))
+
+
 def _check_model(model: nn.Module, cfg: PromptLearningConfig) -> None:
     config = _model_config(model)
-    if cfg.task_type != "CAUSAL_LM":
+    seq2seq = is_seq2seq(model)
+    wanted = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
+    if cfg.task_type != wanted:
+        kind = "an encoder-decoder model" if seq2seq else "a decoder-only model"
         raise ValueError(
-            f"fastpeft implements {cfg.peft_type} for causal LMs only: set task_type='CAUSAL_LM' (got "
-            f"{cfg.task_type!r}; PEFT too needs a task type for prompt learning, and its other task types -- "
-            "sequence classification, seq2seq, ... -- are not implemented in fastpeft)")
-    if getattr(config, "is_encoder_decoder", False) or cfg.num_transformer_submodules == 2:
-        raise NotImplementedError(
-            f"{cfg.peft_type} on encoder-decoder models (num_transformer_submodules=2, PEFT's SEQ_2_SEQ_LM) is not "
-            "implemented in fastpeft; it supports decoder-only causal LMs (task_type='CAUSAL_LM')")
+            f"{type(model).__name__} is {kind}: set task_type={wanted!r} for {cfg.peft_type} (got {cfg.task_type!r}; "
+            "PEFT too needs a task type for prompt learning; fastpeft implements CAUSAL_LM on decoder-only models and "
+            "SEQ_2_SEQ_LM on encoder-decoder models, not sequence classification, token classification, ...)")
+    if not seq2seq and cfg.num_transformer_submodules == 2:
+        raise ValueError(f"{type(cfg).__name__}.num_transformer_submodules=2 is for encoder-decoder models; "
+                         f"{type(model).__name__} is decoder-only (leave it None or set 1)")
+    if seq2seq and isinstance(cfg, PrefixTuningConfig):
+        if cfg.num_transformer_submodules == 1:
+            raise NotImplementedError(
+                "prefix tuning on an encoder-decoder model with num_transformer_submodules=1 is not implemented "
+                "(PEFT then hands the model a decoder-only cache); leave it None (2: a prefix for the encoder and one "
+                "for the decoder's self- and cross-attention)")
+        layers = getattr(config, "num_layers", None), getattr(config, "num_decoder_layers", None)
+        if None not in layers and layers[0] != layers[1]:
+            raise NotImplementedError(
+                f"prefix tuning on an encoder-decoder model with {layers[0]} encoder and {layers[1]} decoder layers: "
+                "PEFT builds one prefix per encoder layer and uses it for the decoder too; fastpeft supports equal "
+                "counts only")
     if not callable(getattr(model, "get_input_embeddings", None)) or model.get_input_embeddings() is None:
         raise ValueError(f"{type(model).__name__} has no input embeddings (get_input_embeddings()); prompt learning "
                          "needs them")
@@ -139,8 +158,8 @@ def resolve_config(model: nn.Module, cfg: PromptLearningConfig) -> PromptLearnin
         cfg.num_attention_heads = data["num_key_value_heads"]
     if getattr(cfg, "encoder_hidden_size", 0) is None:
         cfg.encoder_hidden_size = cfg.token_dim
-    if cfg.num_transformer_submodules is None:
-        cfg.num_transformer_submodules = 1
+    if cfg.num_transformer_submodules is None:  # PEFT's PeftModel: two for SEQ_2_SEQ_LM (encoder and decoder)
+        cfg.num_transformer_submodules = 2 if cfg.task_type == "SEQ_2_SEQ_LM" else 1
     if cfg.token_dim % cfg.num_attention_heads and isinstance(cfg, PrefixTuningConfig):
         raise ValueError(f"PrefixTuningConfig.token_dim ({cfg.token_dim}) must be a multiple of num_attention_heads "
                          f"({cfg.num_attention_heads})")
@@ -372,11 +391,24 @@ def _prefix_cache(model: nn.Module, cfg: PrefixTuningConfig, encoder: nn.Module,
         flat = flat.to(dtype)
     heads = cfg.num_attention_heads
     flat = flat.view(batch_size, cfg.num_virtual_tokens, cfg.num_layers * 2, heads, cfg.token_dim // heads)
-    per_layer = flat.permute([2, 0, 3, 1, 4]).split(2)  # num_layers x [2, batch, heads, virtual, head_dim]
-    cache_class = _transformers().DynamicCache
-    if parse_version(_transformers().__version__) < parse_version("4.56.0.dev0"):
-        return cache_class.from_legacy_cache(per_layer)  # the constructor takes the layers from 4.56 on
-    return cache_class(per_layer)
+    submodules = cfg.num_transformer_submodules
+    if submodules == 2:  # encoder-decoder: the same prefix for the decoder's self- and cross-attention (as PEFT)
+        flat = torch.cat([flat, flat], dim=2)
+    # num_layers x [2 * submodules, batch, heads, virtual, head_dim]
+    per_layer = flat.permute([2, 0, 3, 1, 4]).split(2 * submodules)
+    transformers = _transformers()
+    legacy = parse_version(transformers.__version__) < parse_version("4.56.0.dev0")
+    if submodules == 1:
+        cache_class = transformers.DynamicCache
+        return cache_class.from_legacy_cache(per_layer) if legacy else cache_class(per_layer)
+    cache_class = transformers.EncoderDecoderCache
+    cache = cache_class.from_legacy_cache(per_layer) if legacy else cache_class(per_layer)
+    # PEFT's: the cross-attention cache starts empty (the encoder's states have the virtual tokens in front, so the
+    # decoder computes its cross-attention keys / values itself)
+    cache.cross_attention_cache = transformers.DynamicCache()
+    for key in cache.is_updated.keys():
+        cache.is_updated[key] = False
+    return cache
 
 
 def _input_prompt(cfg: PromptLearningConfig, encoder: nn.Module, batch_size: int) -> torch.Tensor:
@@ -427,6 +459,8 @@ def _forward(routing: _Routing, *args, **kwargs):
     _refuse_peft_only_kwargs(kwargs)
     model = routing.model
     cfg, encoder = _active(model)
+    if is_seq2seq(model):
+        return _forward_seq2seq(routing, base_forward, cfg, encoder, kwargs)
     input_ids = kwargs.pop("input_ids", None)
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     attention_mask = kwargs.pop("attention_mask", None)
@@ -461,12 +495,84 @@ def _forward(routing: _Routing, *args, **kwargs):
     return base_forward(inputs_embeds=torch.cat((prompts, inputs_embeds), dim=1), **kwargs)
 
 
+def _forward_seq2seq(routing: _Routing, base_forward, cfg: PromptLearningConfig, encoder: nn.Module,
+                     kwargs: Dict[str, Any]):
+    """PEFT's PeftModelForSeq2SeqLM.forward for prompt learning. Prompt tuning / P-tuning: the first
+    ``num_virtual_tokens`` prompt vectors go in front of the encoder's input embeddings and the encoder's attention
+    mask gets as many ones; the decoder side (labels, decoder inputs, logits) is unchanged. Prefix tuning: the
+    prefix is the decoder's self-attention cache (an EncoderDecoderCache whose cross-attention part starts empty;
+    the encoder runs without it, as in PEFT), and the decoder attention mask gets ones in front."""
+    model = routing.model
+    input_ids = kwargs.pop("input_ids", None)
+    inputs_embeds = kwargs.pop("inputs_embeds", None)
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("You have to provide either input_ids or inputs_embeds")
+    batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    virtual = cfg.num_virtual_tokens
+    is_prefix = isinstance(cfg, PrefixTuningConfig)
+    decoder_mask = kwargs.get("decoder_attention_mask")
+    if decoder_mask is not None and is_prefix:
+        kwargs["decoder_attention_mask"] = torch.cat(
+            (torch.ones(batch_size, virtual).to(decoder_mask.device), decoder_mask), dim=1)
+    _adjust_ids(cfg, kwargs)
+    for key in ("output_attentions", "output_hidden_states", "return_dict"):
+        kwargs.setdefault(key, None)
+    if is_prefix:
+        if model.training and getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError("prefix tuning does not work with gradient checkpointing (PEFT refuses it too): the "
+                             "prefix lives in the KV cache, which checkpointed layers do not use; "
+                             "model.gradient_checkpointing_disable() first")
+        if any(kwargs.get(key) is not None for key in _CACHE_KEYS):
+            raise ValueError("prefix tuning puts its prefix in the KV cache; a forward call cannot take another "
+                             "cache (use generate(), which handles the cache)")
+        kwargs[routing.cache_key] = _prefix_cache(model, cfg, encoder, batch_size)
+        return base_forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+    if inputs_embeds is None:
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is not None:
+        kwargs["attention_mask"] = torch.cat(
+            (torch.ones(batch_size, virtual).to(attention_mask.device), attention_mask), dim=1)
+    prompts = _input_prompt(cfg, encoder, batch_size).to(inputs_embeds.dtype)
+    return base_forward(inputs_embeds=torch.cat((prompts[:, :virtual], inputs_embeds), dim=1), **kwargs)
+
+
+def _generate_seq2seq_prompt(routing: _Routing, base_generate, args, kwargs):
+    """PEFT's PeftModelForSeq2SeqLM.generate for prompt tuning / P-tuning: the encoder's inputs become the prompt
+    followed by the embedded input_ids (and the mask gets ones in front); the model's own generate does the rest."""
+    if args:
+        raise TypeError("generate() of a prompt-tuned encoder-decoder model takes keyword arguments only "
+                        "(input_ids=..., as PEFT's)")
+    if "input_ids" not in kwargs:
+        raise ValueError("input_ids must be provided for generation with a prompt-learning adapter (as PEFT)")
+    model = routing.model
+    cfg, encoder = _active(model)
+    _adjust_ids(cfg, kwargs)
+    if kwargs.pop("encoder_outputs", None) is not None:
+        warnings.warn("`encoder_outputs` should not be passed to `generate` when using prompt tuning. Ignoring it.")
+    embeds = model.get_input_embeddings()(kwargs.pop("input_ids"))
+    batch_size = embeds.shape[0]
+    prompts = _input_prompt(cfg, encoder, batch_size).to(embeds.dtype)
+    kwargs["inputs_embeds"] = torch.cat((prompts[:, : cfg.num_virtual_tokens], embeds), dim=1)
+    if kwargs.get("attention_mask") is not None:
+        mask = kwargs["attention_mask"]
+        kwargs["attention_mask"] = torch.cat((torch.ones(batch_size, cfg.num_virtual_tokens).to(mask.device), mask),
+                                             dim=1)
+    routing.generating = True
+    try:
+        return base_generate(**kwargs)
+    finally:
+        routing.generating = False
+
+
 def _generate(routing: _Routing, *args, **kwargs):
     _refuse_peft_only_kwargs(kwargs)
     base_generate = routing.base("generate")
     if routing.disabled:
         return base_generate(*args, **kwargs)
     model = routing.model
+    if is_seq2seq(model) and not isinstance(_active(model)[0], PrefixTuningConfig):
+        return _generate_seq2seq_prompt(routing, base_generate, args, kwargs)
     base_prepare = model.prepare_inputs_for_generation
     replaced = model.__dict__.get(_PREPARE) if _PREPARE in model.__dict__ else None
     # for the call only (as PEFT does); functools.wraps: generate reads its signature
@@ -491,6 +597,8 @@ def _prepare_inputs(routing: _Routing, base_prepare, *args, **kwargs):
     cfg, encoder = _active(model)
     is_prefix = isinstance(cfg, PrefixTuningConfig)
     inputs = base_prepare(*args, **kwargs)
+    if is_seq2seq(model):
+        return _prepare_seq2seq_prefix(routing, cfg, encoder, inputs, kwargs)
     # the prefill step: the cache is still empty
     is_prefill = inputs.get("cache_position") is not None and inputs["cache_position"][0] == 0
     # transformers 5.x names the cache "cache" (formerly "past_key_values"). PEFT 0.21.2 reads and writes only
@@ -533,6 +641,20 @@ def _prepare_inputs(routing: _Routing, base_prepare, *args, **kwargs):
         inputs["cache_position"] = inputs["cache_position"] + cfg.num_virtual_tokens  # the prefix is in the cache
     elif not is_prefix:
         inputs.pop("cache_position", None)  # the model derives it from inputs_embeds / the cache
+    return inputs
+
+
+def _prepare_seq2seq_prefix(routing: _Routing, cfg: PrefixTuningConfig, encoder: nn.Module, inputs: Dict[str, Any],
+                            kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """PEFT's PeftModelForSeq2SeqLM.prepare_inputs_for_generation for prefix tuning: at the prefill step the cache
+    becomes the prefix (generate continues with it); the encoder, which generate runs first, never sees it."""
+    cache_key = next((key for key in _CACHE_KEYS if key in inputs), routing.cache_key)
+    cache = inputs.get(cache_key)
+    prefill = kwargs.get("is_first_iteration")
+    if prefill is None:
+        prefill = cache is None or (isinstance(cache, _transformers().Cache) and cache.get_seq_length() == 0)
+    if prefill or inputs.get("use_cache") is False:  # without caching every step runs all decoder tokens again
+        inputs[cache_key] = _prefix_cache(routing.model, cfg, encoder, inputs["decoder_input_ids"].shape[0])
     return inputs
 
 

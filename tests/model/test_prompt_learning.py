@@ -1,4 +1,5 @@
-"""Prompt tuning, prefix tuning and P-tuning on causal LMs against PEFT's PeftModelForCausalLM: loss, logits and
+"""Prompt tuning, prefix tuning and P-tuning on causal LMs against PEFT's PeftModelForCausalLM (encoder-decoder
+models: test_prompt_learning_seq2seq.py): loss, logits and
 prompt-encoder gradients (fp32 <= 1e-5), greedy generate(), initial values, PEFT's file format both ways,
 trainable-parameter counts, unpatch / disable, and the errors for what is not supported."""
 import copy
@@ -528,21 +529,13 @@ def test_merge_hotswap_and_peft_only_arguments_are_refused(model, tmp_path):
         model(input_ids=ids, task_ids=torch.zeros(2, dtype=torch.long))
 
 
-def test_encoder_decoder_model_is_refused():
-    cfg = transformers.T5Config(vocab_size=97, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
-    t5 = transformers.T5ForConditionalGeneration(cfg)
-    before = state_snapshot(t5)
-    with pytest.raises(NotImplementedError, match="encoder-decoder models.*decoder-only causal LMs"):
-        fastpeft.patch(t5, _configs("prompt-tuning")[1])
-    assert_same_snapshot(before, state_snapshot(t5))
-
-
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(num_virtual_tokens=4), ValueError, "set task_type='CAUSAL_LM'"),
-    (dict(num_virtual_tokens=4, task_type="SEQ_CLS"), ValueError, "causal LMs only"),
+    (dict(num_virtual_tokens=4), ValueError, "decoder-only model: set task_type='CAUSAL_LM'"),
+    (dict(num_virtual_tokens=4, task_type="SEQ_CLS"), ValueError, "set task_type='CAUSAL_LM'.*got 'SEQ_CLS'"),
+    (dict(num_virtual_tokens=4, task_type="SEQ_2_SEQ_LM"), ValueError, "decoder-only model: set task_type='CAUSAL_LM'"),
     (dict(task_type="CAUSAL_LM"), ValueError, "num_virtual_tokens must be set"),
-    (dict(task_type="CAUSAL_LM", num_virtual_tokens=4, num_transformer_submodules=2), NotImplementedError,
-     "encoder-decoder"),
+    (dict(task_type="CAUSAL_LM", num_virtual_tokens=4, num_transformer_submodules=2), ValueError,
+     "num_transformer_submodules=2 is for encoder-decoder models"),
 ])
 def test_bad_configs_leave_the_model_unchanged(model, kwargs, error, match):
     before = state_snapshot(model)
