@@ -360,3 +360,15 @@ def test_gpu_bf16_against_an_fp32_twin(monkeypatch):
     same bf16 model's error on the reference path)."""
     check_bf16_against_fp32_twin(fastpeft.OFTConfig(oft_block_size=32, target_modules="all-linear",
                                                     init_weights=False), False, monkeypatch)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from fastpeft.nn import oft as nn_oft
+    from fastpeft.ops import oft as ops_oft
+    for module in (ops_oft, nn_oft):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+    result = doctest.DocTestRunner().run(doctest.DocTestFinder().find(fastpeft.OFTConfig)[0])
+    assert result.attempted > 0 and result.failed == 0
