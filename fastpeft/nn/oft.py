@@ -45,14 +45,21 @@ class OftRotation(nn.Module):
         self.block_share = block_share
         self.use_cayley_neumann = use_cayley_neumann
         self.num_cayley_neumann_terms = num_cayley_neumann_terms
+        # the upper triangle's indices, made once (PEFT keeps the same two non-persistent buffers)
+        rows, cols = torch.triu_indices(block_size, block_size, 1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
 
-    def blocks(self) -> torch.Tensor:
-        """R's blocks [stored blocks, b, b] in the weight's dtype. With COFT the weight is first projected in place,
-        outside autograd, on every call (PEFT does the same in forward and when merging)."""
+    def blocks(self, minus_identity: bool = False) -> torch.Tensor:
+        """R's blocks [stored blocks, b, b] (R - I with ``minus_identity``) in the weight's dtype. With COFT the
+        weight is first projected in place, outside autograd, on every call (PEFT does the same in forward and when
+        merging)."""
+        indices = (self.rows, self.cols)
         if self.coft:
             with torch.no_grad():
-                self.weight.copy_(coft_project(self.weight, self.block_size, self.eps))
-        return cayley_rotation(self.weight, self.block_size, self.use_cayley_neumann, self.num_cayley_neumann_terms)
+                self.weight.copy_(coft_project(self.weight, self.block_size, self.eps, indices))
+        return cayley_rotation(self.weight, self.block_size, self.use_cayley_neumann, self.num_cayley_neumann_terms,
+                               indices, minus_identity)
 
     def extra_repr(self) -> str:
         return (f"blocks={self.n_blocks}, block_size={self.block_size}, block_share={self.block_share}, "
@@ -145,8 +152,7 @@ class OftLinear(AdapterLayer):
 
     def _forward_dense(self, x, name, cpp):
         """x + x·(R - I) in x's dtype (fp32 accumulation in the GEMM), then the base layer."""
-        blocks = self.oft_R[name].blocks()
-        offset = blocks - torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+        offset = self.oft_R[name].blocks(minus_identity=True)
         rotated = rotate_blocks(x, offset.to(x.dtype), plus_input=True)
         return bases.base_forward(self.base_layer, rotated)
 

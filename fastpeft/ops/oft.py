@@ -19,33 +19,38 @@ checking against PEFT's dense form.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+
+Indices = Optional[Tuple[torch.Tensor, torch.Tensor]]  # torch.triu_indices(b, b, 1) as (rows, cols), cached by callers
 
 __all__ = ["skew_symmetric", "cayley_rotation", "coft_project", "rotate_blocks", "block_diagonal", "adjusted_divisor"]
 
 
-def skew_symmetric(vec: torch.Tensor, block_size: int) -> torch.Tensor:
+def skew_symmetric(vec: torch.Tensor, block_size: int, indices: Indices = None) -> torch.Tensor:
     """[n, b(b-1)/2] upper-triangle entries (row-major, diagonal excluded) -> [n, b, b] skew-symmetric Q.
+    ``indices``: the upper triangle's (rows, cols) on vec's device, when the caller keeps them (else made here).
 
     >>> q = skew_symmetric(torch.tensor([[1.0, 2.0, 3.0]]), 3)
     >>> q[0].tolist()
     [[0.0, 1.0, 2.0], [-1.0, 0.0, 3.0], [-2.0, -3.0, 0.0]]
     """
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=vec.device)
+    rows, cols = indices if indices is not None else torch.triu_indices(block_size, block_size, 1, device=vec.device)
     upper = vec.new_zeros(vec.shape[0], block_size, block_size)
     upper[:, rows, cols] = vec
     return upper - upper.transpose(-2, -1)
 
 
-def _skew_entries(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=matrix.device)
+def _skew_entries(matrix: torch.Tensor, block_size: int, indices: Indices = None) -> torch.Tensor:
+    rows, cols = indices if indices is not None else torch.triu_indices(block_size, block_size, 1, device=matrix.device)
     return matrix[:, rows, cols]
 
 
-def cayley_rotation(vec: torch.Tensor, block_size: int, use_neumann: bool = True, num_terms: int = 5) -> torch.Tensor:
-    """The blocks R [n, b, b] (vec's dtype) of the skew-symmetric blocks given by ``vec`` [n, b(b-1)/2].
+def cayley_rotation(vec: torch.Tensor, block_size: int, use_neumann: bool = True, num_terms: int = 5,
+                    indices: Indices = None, minus_identity: bool = False) -> torch.Tensor:
+    """The blocks R [n, b, b] (vec's dtype) of the skew-symmetric blocks given by ``vec`` [n, b(b-1)/2]; with
+    ``minus_identity`` R - I instead (the Neumann series simply starts from zero).
 
     The sums are formed in PEFT's order (same numbers): I, then 2Q, 2Q², 2Q³ … (2Q^(k-2)), then Q^(k-1).
 
@@ -53,10 +58,13 @@ def cayley_rotation(vec: torch.Tensor, block_size: int, use_neumann: bool = True
     >>> torch.allclose(r @ r.transpose(-1, -2), torch.eye(4).expand(4, 4, 4), atol=1e-6)
     True
     """
-    q = skew_symmetric(vec, block_size)
+    q = skew_symmetric(vec, block_size, indices)
     n = q.shape[0]
     if use_neumann:
-        rotation = torch.eye(block_size, device=vec.device, dtype=vec.dtype).repeat(n, 1, 1)
+        if minus_identity:
+            rotation = vec.new_zeros(n, block_size, block_size)
+        else:
+            rotation = torch.eye(block_size, device=vec.device, dtype=vec.dtype).repeat(n, 1, 1)
         if num_terms > 1:
             rotation.add_(q, alpha=2.0)
             if num_terms > 2:
@@ -69,18 +77,19 @@ def cayley_rotation(vec: torch.Tensor, block_size: int, use_neumann: bool = True
         return rotation
     eye = torch.eye(block_size, device=q.device).expand(n, block_size, block_size)
     # X·(I + Q) = I - Q, solved for X (PEFT's torch.linalg.solve(..., left=False)); fp32 identity, as PEFT's
-    return torch.linalg.solve(eye + q, eye - q, left=False).to(vec.dtype)
+    rotation = torch.linalg.solve(eye + q, eye - q, left=False)
+    return (rotation - eye if minus_identity else rotation).to(vec.dtype)
 
 
-def coft_project(vec: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:
+def coft_project(vec: torch.Tensor, block_size: int, eps: float, indices: Indices = None) -> torch.Tensor:
     """COFT's constraint: each block's Q (as a b × b matrix) scaled onto the Frobenius ball of radius eps/√n
     (n = number of stored blocks) when it lies outside; the projected upper-triangle entries."""
-    q = skew_symmetric(vec, block_size)
+    q = skew_symmetric(vec, block_size, indices)
     # PEFT's radius: eps / sqrt(n) through a float32 CPU scalar tensor (the same rounding)
     radius = eps * 1 / torch.sqrt(torch.tensor(q.shape[0]))
     norm = torch.norm(q, dim=(1, 2), keepdim=True)
     projected = torch.where(norm <= radius, q, radius * (q / norm))
-    return _skew_entries(projected, block_size)
+    return _skew_entries(projected, block_size, indices)
 
 
 def rotate_blocks(x: torch.Tensor, blocks: torch.Tensor, plus_input: bool = False) -> torch.Tensor:

@@ -66,6 +66,10 @@ def test_cayley_neumann_and_exact_cayley_equal_pefts(block_size):
         assert torch.equal(cayley_rotation(vec, block_size, True, terms), want), terms
     exact = cayley_rotation(vec, block_size, use_neumann=False)
     assert torch.equal(exact, module._cayley_batch(vec, block_size, False))
+    eye = torch.eye(block_size)
+    for neumann in (True, False):  # the fast path's R - I, formed without the identity where it can be
+        offset = cayley_rotation(vec, block_size, neumann, minus_identity=True)
+        assert torch.allclose(offset + eye, cayley_rotation(vec, block_size, neumann), atol=1e-6)
     eye = torch.eye(block_size).expand_as(exact)
     assert torch.allclose(exact @ exact.transpose(-1, -2), eye, atol=1e-6)  # orthogonal
     # the series approaches (I + Q)(I - Q)^-1, the exact form's transpose (PEFT's two options differ in Q's sign)
@@ -114,6 +118,9 @@ def test_same_generators_and_numbers_as_peft(arch, backend, monkeypatch):
         {n for n, p in params_t.items() if p.requires_grad}
     for name, param in ours.named_parameters():
         assert torch.equal(param, params_t[name]), name
+    assert {n for n, _ in ours.named_buffers() if "oft_R" in n} == \
+        {n[len(PREFIX):] for n, _ in theirs.named_buffers() if "oft_R" in n}  # PEFT's rows / cols index buffers
+    assert ours.state_dict().keys() == {k[len(PREFIX):] for k in theirs.state_dict()}
     layer = ours.get_submodule("model.layers.1.mlp.down_proj")
     assert isinstance(layer, fastpeft.OftLinear)
     assert (layer.r["default"], layer.oft_block_size["default"]) == (11, 8)
