@@ -121,6 +121,7 @@ def test_same_generators_and_numbers_as_peft(arch, backend, monkeypatch):
     assert {n for n, _ in ours.named_buffers() if "oft_R" in n} == \
         {n[len(PREFIX):] for n, _ in theirs.named_buffers() if "oft_R" in n}  # PEFT's rows / cols index buffers
     assert ours.state_dict().keys() == {k[len(PREFIX):] for k in theirs.state_dict()}
+    assert fastpeft.get_nb_trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
     layer = ours.get_submodule("model.layers.1.mlp.down_proj")
     assert isinstance(layer, fastpeft.OftLinear)
     assert (layer.r["default"], layer.oft_block_size["default"]) == (11, 8)
