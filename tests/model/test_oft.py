@@ -148,6 +148,23 @@ def test_parametrisations_match_peft(extra, backend, monkeypatch):
                 assert rel_err(param, _params(theirs, strip=True)[name]) <= 1e-6, name
 
 
+@pytest.mark.parametrize("targets", [None, "all-linear", r".*\.1\.mlp\.(up|gate)_proj"],
+                         ids=["defaults", "all-linear", "regex"])
+def test_target_selection_is_pefts(targets, tmp_path):
+    _, theirs, ours = _pair(target_modules=targets, oft_block_size=4)
+    adapted_t = sorted(n[len(PREFIX):] for n, m in theirs.named_modules() if hasattr(m, "oft_R"))
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, fastpeft.OftLinear)) == adapted_t
+    assert len(adapted_t) >= 2 and not any("lm_head" in n for n in adapted_t)
+    _compare(theirs, ours)
+    fastpeft.save_adapter(ours, str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    with open(tmp_path / "ours" / "adapter_config.json") as fh, open(tmp_path / "theirs" / "adapter_config.json") as fh2:
+        cfg_o, cfg_t = json.load(fh), json.load(fh2)
+    if isinstance(cfg_t["target_modules"], list):
+        cfg_t["target_modules"] = sorted(cfg_t["target_modules"])
+    assert cfg_o == cfg_t
+
+
 def test_block_size_that_does_not_divide_is_moved_as_peft_moves_it():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
