@@ -216,10 +216,11 @@ def _remove_hooks(state: PatchState) -> None:
 def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -> nn.Module:
     """Swap fastpeft LoRA / IA3 drop-ins into ``model`` in place and return it.
 
-    ``config``: fastpeft.LoraConfig / IA3Config or peft.LoraConfig / IA3Config; or a prompt-learning config
+    ``config``: a fastpeft or PEFT LoraConfig / IA3Config / VeraConfig / LoHaConfig / LoKrConfig / OFTConfig; or a
+    prompt-learning config
     (PromptTuningConfig / PrefixTuningConfig / PromptEncoderConfig, fastpeft's or PEFT's, task_type="CAUSAL_LM"),
     which routes the model's forward / generate as PEFT's PeftModelForCausalLM does (prompt_learning.py; one such
-    adapter per model, not combined with LoRA / IA3 / VeRA / LoHa / LoKr); or TrainableTokensConfig (PEFT's
+    adapter per model, not combined with LoRA / IA3 / VeRA / LoHa / LoKr / OFT); or TrainableTokensConfig (PEFT's
     standalone trainable tokens). With no config and a
     ``peft.PeftModel``, converts its LoRA / IA3 layers in place, keeping PEFT's parameter names.
     Patching an already patched model with a new ``adapter_name`` adds that adapter (inactive).
