@@ -14,6 +14,7 @@ import transformers
 
 from .. import settings
 from .environment import have
+from .harness import COMPILE_MODES
 from .longest import LONGEST_ROWS, run_longest
 from .plan import METHODS, MODELS, QUICK_METHODS, SEQ
 from .reporting import report
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--backend", choices=["auto", "cpp", "triton", "reference"], default=None,
                     help="backend of the fastpeft rows (fastpeft.settings; default: FASTPEFT_BACKEND's, else auto)")
+    ap.add_argument("--compile", default=None, choices=list(COMPILE_MODES), metavar="MODE",
+                    help="run every row's step through torch.compile(model, mode=MODE), PEFT's and fastpeft's alike: "
+                         + ", ".join(COMPILE_MODES) + " (reduce-overhead = CUDA graphs; needs --warmup >= 2)")
     ap.add_argument("--longest", action="store_true",
                     help="instead of the step table: the longest sequence (batch 1) each configuration trains under "
                          "memory caps (fastpeft/bench/longest.py; CUDA only)")
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.longest:
+        if a.compile is not None:
+            raise SystemExit("fastpeft.bench: --compile does not apply to --longest")
         return _longest(a, device)
     if a.model is None or a.model == "all":
         models = ["1b", "8b"] if device == "cuda" else ["tiny"]
@@ -99,9 +105,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"fastpeft.bench: unknown --profile method(s) {bad}; choose from {', '.join(METHODS)}")
     cpu = device != "cuda"
     steps = a.steps if a.steps is not None else (3 if (a.quick or cpu) else 5)
-    warmup = a.warmup if a.warmup is not None else (1 if (a.quick or cpu) else 2)
+    warmup = a.warmup if a.warmup is not None else (2 if a.compile else 1 if (a.quick or cpu) else 2)
     if steps < 1 or warmup < 0:
         raise SystemExit("fastpeft.bench: --steps must be >= 1 and --warmup >= 0")
+    if a.compile is not None and warmup < 2:
+        raise SystemExit(f"fastpeft.bench: --compile needs --warmup >= 2 (the first step compiles; under "
+                         f"reduce-overhead the second records the CUDA graphs), got {warmup}")
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     transformers.logging.set_verbosity_error()
     threads = torch.get_num_threads()
@@ -113,7 +122,7 @@ def main(argv=None) -> int:
             warnings.filterwarnings("ignore", message=".*(gradient|activation)_checkpointing.*", category=FutureWarning)
             info = run(models, methods, device, steps, warmup, a.out_dir, profile_methods, dtype=dtype,
                        budget_s=a.budget_s, plots=not a.no_plots, backend=a.backend, progress=not a.no_progress,
-                       overwrite=a.overwrite)
+                       overwrite=a.overwrite, compile_mode=a.compile)
     finally:
         torch.set_num_threads(threads)
     bad_rows = [r for r in info["rows"] if r["status"] == "error"]

@@ -155,9 +155,13 @@ def unavailable(spec: Spec, device: str) -> Optional[str]:
 class Prepared:
     """A model + optimizer ready to train; ``step()`` runs one full training step and returns the loss."""
 
-    def __init__(self, spec: Spec, model: nn.Module, params: List[nn.Parameter], optimizer, batches, exit_stack):
+    def __init__(self, spec: Spec, model: nn.Module, params: List[nn.Parameter], optimizer, batches, exit_stack,
+                 compile_mode: Optional[str] = None):
         self.spec = spec
         self.model = model
+        self.compile_mode = compile_mode
+        # torch.compile(model): the module the step calls; ``model`` stays the eager module (save, profile, ...)
+        self.step_model = model if compile_mode is None else torch.compile(model, mode=compile_mode)
         self.params = params
         self.optimizer = optimizer
         self.batches = batches
@@ -168,21 +172,35 @@ class Prepared:
     def step(self) -> torch.Tensor:
         ids = self.batches[self._i % len(self.batches)]
         self._i += 1
-        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        if self.compile_mode == "reduce-overhead":
+            # CUDA graphs: a new iteration starts here, so the previous replay's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = self.step_model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        # a copy: under CUDA graphs the loss lives in the graph's memory pool, reused by the next replay
+        return loss.detach().clone()
 
     def close(self) -> None:
         self._stack.close()
-        self.model = self.optimizer = self.params = self.batches = None
+        self.model = self.step_model = self.optimizer = self.params = self.batches = None
+        if self.compile_mode is not None:
+            torch._dynamo.reset()  # drop the compiled graphs (and CUDA-graph pools) before the next configuration
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-            backend: Optional[str] = None, batch_shape: Optional[tuple] = None) -> Prepared:
+            backend: Optional[str] = None, batch_shape: Optional[tuple] = None,
+            compile_mode: Optional[str] = None) -> Prepared:
     """Build the model of ``spec`` (random weights), apply the method, make the optimizer and the batches
-    (``batch_shape`` = (batch, tokens per sequence), default ``SEQ[spec.model]``)."""
+    (``batch_shape`` = (batch, tokens per sequence), default ``SEQ[spec.model]``). ``compile_mode`` (one of
+    ``COMPILE_MODES``): the step runs ``torch.compile(model, mode=compile_mode)`` -- the same call for every
+    library's row (Full FT, PEFT's PeftModel, the patched model)."""
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be None or one of {COMPILE_MODES}, got {compile_mode!r}")
     stack = contextlib.ExitStack()
     batch, seq = batch_shape or SEQ[spec.model]
     try:
@@ -229,7 +247,7 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
         vocab = MODELS[spec.model]["vocab_size"]
         gen = torch.Generator(device="cpu").manual_seed(seed + 1)
         batches = [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(2)]
-        return Prepared(spec, model, params, optimizer, batches, stack)
+        return Prepared(spec, model, params, optimizer, batches, stack, compile_mode)
     except BaseException:
         stack.close()
         raise
@@ -274,10 +292,12 @@ def new_row(spec: Spec) -> Dict[str, Any]:
 
 
 def run_config(spec: Spec, device: str, dtype: torch.dtype, steps: int, warmup: int, gemm: Optional[float],
-               profile: bool = False, backend: Optional[str] = None, log: Callable[[str], None] = print
-               ) -> Dict[str, Any]:
-    """Build, warm up, time ``steps`` steps, optionally profile one more; never raises (status says why)."""
+               profile: bool = False, backend: Optional[str] = None, log: Callable[[str], None] = print,
+               compile_mode: Optional[str] = None) -> Dict[str, Any]:
+    """Build, warm up, time ``steps`` steps, optionally profile one more; never raises (status says why).
+    With ``compile_mode`` the row also records ``first_step_s`` (the step that compiles)."""
     row = new_row(spec)
+    row["compile"] = compile_mode
     why = unavailable(spec, device)
     if why:
         row.update(status="skipped", reason=why)
@@ -293,7 +313,7 @@ def run_config(spec: Spec, device: str, dtype: torch.dtype, steps: int, warmup: 
     if device == "cuda":
         row["allocated_before_gib"] = torch.cuda.memory_allocated() / GiB
     try:
-        _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log)
+        _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log, compile_mode)
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", reason=f"OOM: {str(e).splitlines()[0][:300]}")
     except Exception as e:  # recorded, the run goes on with the next configuration
@@ -304,10 +324,10 @@ def run_config(spec: Spec, device: str, dtype: torch.dtype, steps: int, warmup: 
     return row
 
 
-def _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log) -> None:
+def _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log, compile_mode=None) -> None:
     peak = PeakMemory(device)
     t_build = time.perf_counter()
-    prep = prepare(spec, device, dtype, backend=backend)
+    prep = prepare(spec, device, dtype, backend=backend, compile_mode=compile_mode)
     try:
         sync(device)
         row["build_s"] = time.perf_counter() - t_build
@@ -325,6 +345,8 @@ def _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, lo
             sync(device)
             dt = time.perf_counter() - t
             losses.append(loss)
+            if i == 0:
+                first_step_s = dt
             if i >= warmup:
                 times.append(dt)
         pk = peak.peak_bytes()
@@ -332,6 +354,8 @@ def _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, lo
         if not all(math.isfinite(x) for x in losses):
             raise FloatingPointError(f"non-finite loss: {losses}")
         med = statistics.median(times)
+        if compile_mode is not None:
+            row["first_step_s"] = first_step_s
         flops = step_flops(spec.model, spec.method)
         row.update(
             status="ok", tokens=tokens, step_s=med, step_s_all=times, tokens_per_s=tokens / med,

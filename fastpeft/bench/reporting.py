@@ -26,9 +26,10 @@ from .profiling import BUCKETS
 OUTPUT_SUFFIXES = (".json", ".md", "_tokens.png", "_memory.png")  # what one run writes per stem
 
 
-def output_stem(models: List[str], date: str) -> str:
+def output_stem(models: List[str], date: str, compile_mode: Optional[str] = None) -> str:
     tag = "" if set(models) >= {"1b", "8b"} or models == ["tiny"] else "_" + "-".join(models)
-    return f"step_{date}{tag}"
+    kind = "" if compile_mode is None else f"compile-{compile_mode}_"
+    return f"step_{kind}{date}{tag}"
 
 
 def free_stem(out_dir: str, name: str, overwrite: bool = False) -> str:
@@ -173,6 +174,23 @@ def speed_table(info) -> List[str]:
     return out
 
 
+def first_step_table(info) -> List[str]:
+    """Seconds of each compiled row's first step (tracing + compiling + running), PEFT's and fastpeft's side by side."""
+    rows = [r for r in info["rows"] if _ok(r) and r.get("first_step_s") is not None]
+    if not rows:
+        return []
+    out = ["| model | method | plain transformers s | PEFT s | fastpeft s |", "| --- | --- | --- | --- | --- |"]
+    for model in _models_in(rows):
+        for method in ["full_ft"] + TABLE_ORDER:
+            cells = []
+            for impl in ("torch", "peft", "fastpeft"):
+                r = _find(rows, model, method, impl)
+                cells.append(f"{r['first_step_s']:.1f}" if r is not None else "")
+            if any(cells):
+                out.append(f"| {MODELS[model]['name']} | {METHOD_LABEL[method]} | " + " | ".join(cells) + " |")
+    return out
+
+
 def profile_table(info) -> List[str]:
     prof_rows = [r for r in info["rows"] if isinstance(r.get("profile"), dict) and "ms" in r["profile"]]
     if not prof_rows:
@@ -224,11 +242,20 @@ def markdown(info) -> str:
              "fp32) + `get_peft_model`; fastpeft QLoRA = `fastpeft.patch` on the same NF4 base (bf16 elsewhere). "
              "The 4-bit base is built by swapping each linear layer for a bitsandbytes `Linear4bit` (nf4, double "
              "quant, bf16 compute) quantized from the random bf16 weights."]
+    mode = st.get("compile")
+    if mode:
+        head.append(f"Compiled: every row's step calls `torch.compile(model, mode={mode!r})` (Full FT's plain model, "
+                    "PEFT's PeftModel, the patched model alike); the optimizer step stays eager. Tokens/s are "
+                    "steps after the warm-up (which compiles" + (" and records the CUDA graphs" if mode ==
+                    "reduce-overhead" else "") + "); the compiling first step is in its own table.")
     for n in info.get("notes", []):
         head.append(f"Note: {n}")
     memory_heading = ("## Peak host RSS (CPU run: resident memory of the whole benchmark process, not GPU memory; "
                       "no PEFT-vs-fastpeft ratio)" if host_rss(info) else "## Peak memory")
     lines = head + ["", memory_heading, ""] + memory_table(info) + ["", "## Speed", ""] + speed_table(info)
+    first = first_step_table(info)
+    if first:
+        lines += ["", "## First (compiling) step", ""] + first
     prof = profile_table(info)
     if prof:
         lines += ["", "## Where one step's time goes (torch profiler, one step)", "",

@@ -21,10 +21,12 @@ from .reporting import free_stem, markdown, output_stem, require_plotting, write
 def run(models: List[str], methods: List[str], device: str, steps: int, warmup: int, out_dir: Optional[str],
         profile_methods: List[str], dtype: torch.dtype = torch.bfloat16, budget_s: Optional[float] = None,
         plots: bool = True, backend: Optional[str] = None, progress: bool = True,
-        log: Callable[[str], None] = print, overwrite: bool = False) -> Dict[str, Any]:
+        log: Callable[[str], None] = print, overwrite: bool = False,
+        compile_mode: Optional[str] = None) -> Dict[str, Any]:
     """Run the plan; write JSON after each configuration and markdown + plots at the end, under
     ``step_<date>[_<models>]`` or, if an earlier run wrote files under that name and ``overwrite`` is off,
-    the first free ``..._run2``, ``..._run3`` (``reporting.free_stem``)."""
+    the first free ``..._run2``, ``..._run3`` (``reporting.free_stem``). ``compile_mode``: every row's step runs
+    ``torch.compile(model, mode=compile_mode)`` (the files are named ``step_compile-<mode>_<date>...``)."""
     t_start = time.perf_counter()
     date = datetime.date.today().isoformat()
     info: Dict[str, Any] = {
@@ -34,7 +36,7 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
                      "lora_dropout": DROPOUT, "ia3_targets": IA3_TARGETS, "steps": steps, "warmup": warmup,
                      "gradient_checkpointing": "non-reentrant", "optimizer": "torch AdamW" + (
                          " (fused)" if device == "cuda" else ""), "attention": "sdpa",
-                     "fastpeft_backend": backend or settings.get().backend,
+                     "fastpeft_backend": backend or settings.get().backend, "compile": compile_mode,
                      "shapes": {m: {**MODELS[m], "batch": SEQ[m][0], "seq": SEQ[m][1]} for m in models}},
         "gemm_tflops": None, "rows": [], "notes": [],
     }
@@ -45,7 +47,7 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
         require_plotting()
     out_dir = out_dir or os.path.join("benchmarks", "results", info["device_slug"])
     os.makedirs(out_dir, exist_ok=True)
-    stem = free_stem(out_dir, output_stem(models, date), overwrite)
+    stem = free_stem(out_dir, output_stem(models, date, compile_mode), overwrite)
     info["gemm_tflops"] = gemm_tflops(device)
     if info["gemm_tflops"]:
         log(f"bf16 GEMM 8192^3: {info['gemm_tflops']:.0f} TFLOP/s (the MFU denominator)")
@@ -68,7 +70,7 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
                                                 f"predicted > --budget-s {budget_s:.0f}")
         else:
             row = run_config(spec, device, dtype, steps, warmup, info["gemm_tflops"], profile=profiled[k],
-                             backend=backend, log=bar.write)
+                             backend=backend, log=bar.write, compile_mode=compile_mode)
             if row.get("wall_s") and row["status"] != "skipped":
                 done_pred += predicted[k]
                 done_real += row["wall_s"]

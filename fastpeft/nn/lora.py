@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .. import settings
 from ..config import changes_base_weights, pissa_niter
-from ..ops import HAS_TRITON, lora_init
+from ..ops import HAS_TRITON, graph_capturing, lora_init
 from . import bases, mixed_batch
 from .layer import AdapterLayer
 from .variants import DORA, PLAIN_LORA, DoraVariant, LoraVariant
@@ -182,6 +182,8 @@ class LoraLinear(AdapterLayer):
         a batch dimension, and the Triton kernels on x's device (CUDA; on CPU only the triton backend in
         Triton's interpreter, not bf16)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or not HAS_TRITON or self.merged_adapters:
+            return False
+        if graph_capturing():  # the stacks are cached between calls: never inside a CUDA graph capture
             return False
         if x.dim() < 2 or self.backend == "reference" or not self.lora_A:
             return False

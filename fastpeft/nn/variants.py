@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..ops import HAS_TRITON, cpp_ops
+from ..ops import HAS_TRITON, cpp_ops, graph_capturing
 from ..ops.reference import dora_update_reference, dora_weight_norm_reference, lora_delta_reference
 from . import bases
 from ._rng import current_rank, dropout_draw, dropout_seed
@@ -178,8 +178,8 @@ class DoraVariant(LoraVariant):
     def _cached_scale(self, layer: "LoraLinear", name: str, weight: torch.Tensor, norm_of) -> Optional[torch.Tensor]:
         """g = m / n (fp32 [out]) from the cache when the layer is out of training (eval mode, no autograd, eager),
         recomputed when the base weight, lora_A, lora_B or the magnitude changed; None in training."""
-        if layer.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            layer._dora_norms.pop(name, None)
+        if layer.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or graph_capturing():
+            layer._dora_norms.pop(name, None)  # nothing kept from inside a CUDA graph capture (ops.graph_capturing)
             return None
         tensors = (weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (layer.scaling[name],)

@@ -15,6 +15,17 @@ Triton (``ops/kernels/``, imported only where Triton imports; ``HAS_TRITON`` say
     kernels/dora.py         DoRA on dense and 4-bit bases (norm, forward epilogue, backward; LoRA's kernels inside)
     kernels/custom_ops.py   the layers as torch.library ops (torch.compile)
 """
+import torch
+
+
+def graph_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (torch.cuda.graph, or torch.compile's
+    mode="reduce-overhead" recording). Code that keeps tensors between calls (a scratch buffer, a norm cache)
+    must not do so then: a tensor made during capture belongs to the graph's memory pool, and a buffer made
+    before it could be freed or regrown after it while the graph still writes to its address."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 try:
     import triton  # noqa: F401  (the kernels need it; the reference path does not)
 

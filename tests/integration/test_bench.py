@@ -366,3 +366,26 @@ def test_longest_needs_a_gpu_and_valid_rows():
         pytest.skip("checks the CPU refusal")
     with pytest.raises(SystemExit, match="CUDA"):
         bench.main(["--longest"])
+
+
+def test_compile_option_checks_its_arguments_and_names_its_files(tmp_path):
+    with pytest.raises(SystemExit):  # argparse: not one of the modes
+        bench.main(["--model", "tiny", "--compile", "fast", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--compile needs --warmup >= 2"):
+        bench.main(["--model", "tiny", "--compile", "reduce-overhead", "--warmup", "1", "--out-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="compile_mode must be None or one of"):
+        bench.harness.prepare(bench.Spec("tiny", "lora", "fastpeft"), "cpu", compile_mode="fast")
+    assert bench.output_stem(["8b"], "2026-01-02", "reduce-overhead") == "step_compile-reduce-overhead_2026-01-02_8b"
+
+
+def test_compiled_run_reports_the_first_step_side_by_side():
+    info = _gpu_like_info()
+    info["settings"]["compile"] = "reduce-overhead"
+    for row in info["rows"]:
+        if row["status"] == "ok":
+            row["first_step_s"] = {"torch": 30.0, "peft": 40.0, "fastpeft": 20.0}[row["impl"]]
+    md = bench.markdown(info)
+    assert "`torch.compile(model, mode='reduce-overhead')`" in md and "records the CUDA graphs" in md
+    assert "| Llama-3.2-1B | Full FT | 30.0 |  |  |" in md
+    assert "| Llama-3.2-1B | LoRA r=16 |  | 40.0 | 20.0 |" in md
+    assert "## First (compiling) step" not in bench.markdown(_gpu_like_info())  # eager runs: no such table

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ... import settings
+from .. import graph_capturing
 from ..dropout import lora_dropout_mask
 from ..nf4_format import KernelState, kernel_state
 from ..reference import nf4_ia3_linear_reference, nf4_lora_linear_reference
@@ -78,6 +79,7 @@ def dequantize_to(packed: torch.Tensor, ks: KernelState, dtype: torch.dtype, reu
     the next dequantization on this stream: consume it, never keep it). Dequantized to the state's dtype and
     then cast (two roundings, as bnb) when the two differ and the state's is not fp32."""
     sd = ks.state_dtype
+    reuse = reuse and not graph_capturing()  # a graph must own its scratch (see ops.graph_capturing)
     if sd == dtype or sd == torch.float32:
         out = _buffer(packed.device, dtype, ks.numel) if reuse else torch.empty(ks.numel, device=packed.device,
                                                                                   dtype=dtype)
