@@ -740,7 +740,7 @@ class OFTConfig(_ConfigBase):
     the nearest divisor with a warning, as PEFT does), each the Cayley transform of a trained skew-symmetric
     block (``use_cayley_neumann``: its ``num_cayley_neumann_terms``-term Neumann series). ``block_share``: one
     block for all; ``coft`` / ``eps``: COFT's projection of the generators. ``module_dropout`` is kept and written
-    but, as in PEFT 0.21, has no effect (PEFT never applies its dropout layer).
+    but, as in PEFT 0.21, has no effect (PEFT never applies its dropout layer; ``patch`` warns).
 
     >>> OFTConfig(oft_block_size=16, target_modules=["q_proj", "v_proj"]).peft_type
     'OFT'

@@ -116,6 +116,10 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
         warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting "
                       "fan_in_fan_out to False.")
         cfg.fan_in_fan_out = False
+    if isinstance(cfg, OFTConfig) and cfg.module_dropout:
+        warnings.warn(f"OFTConfig.module_dropout={cfg.module_dropout} has no effect: PEFT (0.21) builds OFT's "
+                      "multiplicative dropout but never applies it, and fastpeft computes PEFT's numbers; the value is "
+                      "kept and saved", stacklevel=3)
     tables = _vera_tables(model, cfg, adapter_name, targets, state, txn) if isinstance(cfg, VeraConfig) else None
     own_types = {LoraConfig: (LoraLinear, LoraEmbedding), IA3Config: IA3Linear, VeraConfig: VeraLinear,
                  LoHaConfig: LohaLinear, LoKrConfig: LokrLinear, OFTConfig: OftLinear}[type(cfg)]
