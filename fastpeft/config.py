@@ -733,7 +733,7 @@ class LoKrConfig(_LycorisConfig):
 @dataclass
 class OFTConfig(_ConfigBase):
     """OFT configuration; field names and defaults follow ``peft.OFTConfig`` (fastpeft implements all of them for
-    nn.Linear layers).
+    nn.Linear and 4-bit linear layers).
 
     Each adapted layer computes base(x·R): R block-diagonal and orthogonal, n blocks of ``oft_block_size`` (give
     exactly one of ``r`` = n and ``oft_block_size``; one that does not divide the layer's in_features is moved to

@@ -7,7 +7,9 @@ y = base(x·R) (the math is in ``fastpeft/ops/oft.py``). Parameter names are PEF
 Paths: the reference path is PEFT's computation (x cast to the adapter's fp32, rotated block by block, cast back,
 then the base layer). The fast path (the GPU backends, or FASTPEFT_BACKEND=cpp / triton on any device) rotates x
 in its own dtype as x + x·(R - I), one batched GEMM over the blocks (one plain GEMM with ``block_share``), so a
-bf16 model's activations are never copied to fp32 and back; in fp32 both paths give the same numbers.
+bf16 model's activations are never copied to fp32 and back; in fp32 both paths give the same numbers. On a 4-bit
+base (bitsandbytes ``Linear4bit``, fastpeft's ``NF4Linear``) the rotated input goes through the NF4 GEMM of IA3's
+kernels with a unit scale; ``merge()`` there raises (as for LoRA), ``merge_and_unload()`` dequantizes.
 Merging multiplies each column block of W by its R_iᵀ (W' = W·Rᵀ), unmerging by the blocks' inverses: the dense
 in × in matrix PEFT builds for both never exists.
 
@@ -23,9 +25,13 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from ..ops import HAS_TRITON
 from ..ops.oft import adjusted_divisor, cayley_rotation, coft_project, rotate_blocks
 from . import bases
 from .layer import AdapterLayer
+
+if HAS_TRITON:
+    from ..ops.kernels import custom_ops
 
 __all__ = ["OftLinear", "OftRotation"]
 
@@ -81,12 +87,12 @@ class OftLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, oft_block_size: int = 32,
                  module_dropout: float = 0.0, coft: bool = False, eps: float = 6e-5, block_share: bool = False,
                  init_weights: bool = True, use_cayley_neumann: bool = True, num_cayley_neumann_terms: int = 5) -> None:
-        if not isinstance(base_layer, nn.Linear) or bases.is_linear4bit(base_layer):
-            # PEFT's OFT adapts nn.Linear (and Conv2d / Embedding, which fastpeft does not adapt); it refuses
-            # transformers' Conv1D, and fastpeft has no OFT path for 4-bit bases
-            raise TypeError(f"OFT adapts torch.nn.Linear layers; this one is a {type(base_layer).__name__} "
-                            "(transformers Conv1D is not adapted by PEFT's OFT either; 4-bit, Conv2d and Embedding "
-                            "bases are not supported by fastpeft's OFT)")
+        if not (isinstance(base_layer, nn.Linear) or bases.is_linear4bit(base_layer)):
+            # PEFT's OFT adapts nn.Linear, 4-bit linear layers, Conv2d and Embedding; it refuses transformers'
+            # Conv1D. fastpeft adapts the first two.
+            raise TypeError(f"OFT adapts torch.nn.Linear layers (dense or bitsandbytes 4-bit); this one is a "
+                            f"{type(base_layer).__name__} (transformers Conv1D is not adapted by PEFT's OFT either; "
+                            "Conv2d and Embedding bases are not supported by fastpeft's OFT)")
         super().__init__(base_layer, adapter_name)
         self.oft_R = nn.ModuleDict()
         self.r: dict = {}
@@ -156,8 +162,17 @@ class OftLinear(AdapterLayer):
         rotated = rotate_blocks(x, offset.to(x.dtype), plus_input=True)
         return bases.base_forward(self.base_layer, rotated)
 
-    def _forward_nf4(self, x, name, compiled):  # pragma: no cover - 4-bit bases are refused in __init__
-        raise TypeError("OFT on a 4-bit base is not supported")
+    def _forward_nf4(self, x, name, compiled):
+        """A 4-bit base: x + x·(R - I) in the layer's compute dtype, then the frozen 4-bit GEMM of IA3's NF4 kernels
+        with a unit input scale (x·1 is exact; its custom op keeps torch.compile in one graph)."""
+        base = self.base_layer
+        packed, quant_state = bases.nf4_parts(base)
+        cd = bases.compute_dtype(base, x)
+        offset = self.oft_R[name].blocks(minus_identity=True)
+        rotated = rotate_blocks(x.to(cd), offset.to(cd), plus_input=True)
+        unit = torch.ones(self.in_features, device=x.device, dtype=offset.dtype)
+        y = custom_ops.nf4_ia3_linear(rotated, packed, quant_state, bases.base_bias(base), unit, True)
+        return y.to(x.dtype)
 
     # -- merge ----------------------------------------------------------------------------------------
     def rotation_blocks(self, name: str) -> torch.Tensor:

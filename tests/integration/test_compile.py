@@ -152,6 +152,9 @@ def _nf4_model(kind, monkeypatch, double_quant=True, dropout=0.0):
     if kind in ("lora", "dora"):
         cfg = fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=kind == "dora",
                                   target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    elif kind == "oft":
+        cfg = fastpeft.OFTConfig(oft_block_size=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                 init_weights=False)
     else:
         cfg = fastpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
                                  init_ia3_weights=False)
@@ -305,3 +308,9 @@ def test_compiled_oft_trains_like_eager_without_graph_breaks(extra, monkeypatch)
     # Cayley-Neumann with 5 terms: 3 bmm for Q², Q³, Q⁴ and 1 for the rotation, per layer; shared blocks rotate
     # with one plain matmul and the exact transform solves: no bmm
     _check_compiled_trains_like_eager(model.train(), str(torch.bmm), 0 if extra else 3 * 4, seed=3)
+
+
+def test_compiled_nf4_oft_trains_like_eager_without_graph_breaks(monkeypatch):
+    """OFT on a 4-bit base: the rotated input reaches the fastpeft::nf4_ia3_fwd custom op (unit scale), one per
+    adapted layer, in one graph; two training steps give eager's losses and generators."""
+    _check_compiled_trains_like_eager(_nf4_model("oft", monkeypatch), "fastpeft.nf4_ia3_fwd.default", 3, seed=4)

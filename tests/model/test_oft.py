@@ -326,13 +326,56 @@ def test_several_adapters_disable_delete_and_mixed_batches():
         assert rel_err(ours(input_ids=ids).logits, want) <= TOL
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])  # triton: the NF4 kernels (interpreter on CPU)
+def test_4bit_bases_match_peft_on_bitsandbytes(backend, monkeypatch):
+    base = nf4_tiny_model("llama")
+    kw = dict(oft_block_size=16, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.OFTConfig(**kw))
+    set_settings(monkeypatch, backend=backend)
+    torch.manual_seed(0)
+    ours = fastpeft.patch(copy.deepcopy(base), fastpeft.OFTConfig(**kw))
+    calls = []
+    layer = ours.get_submodule("model.layers.0.self_attn.q_proj")
+    original = layer._forward_nf4
+    monkeypatch.setattr(layer, "_forward_nf4", lambda *a: calls.append(1) or original(*a))
+    _compare(theirs, ours)
+    assert len(calls) == (1 if backend == "triton" else 0)  # the kernel path ran where it should
+    ids = random_ids()
+    with torch.no_grad():
+        want = ours(input_ids=ids).logits
+        with pytest.raises(NotImplementedError, match="merge_and_unload"):
+            fastpeft.merge(ours)
+        merged = fastpeft.merge_and_unload(ours)  # dequantized into dense layers
+        assert rel_err(merged(input_ids=ids).logits, want) <= TOL
+
+
+def test_fastpeft_nf4_base_equals_the_dequantized_dense_base():
+    from fastpeft.nn import bases
+    model = fastpeft.quantize_nf4(tiny_model("llama", seed=1))
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if bases.is_linear4bit(module):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+            linear.weight.data = bases.dequantize_linear4bit(module).float()
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child, linear)
+    cfg = fastpeft.OFTConfig(oft_block_size=8, target_modules=["q_proj", "down_proj"], init_weights=False)
+    torch.manual_seed(0)
+    ours = fastpeft.patch(model, cfg)
+    assert bases.is_linear4bit(ours.get_submodule("model.layers.0.self_attn.q_proj").base_layer)
+    torch.manual_seed(0)
+    twin = fastpeft.patch(dense, cfg)
+    ids = random_ids()
+    with torch.no_grad():
+        assert rel_err(ours(input_ids=ids).logits, twin(input_ids=ids).logits) <= 1e-5
+
+
 def test_unsupported_bases_are_refused_and_the_model_is_left_as_it_was():
     gpt2 = tiny_model("gpt2", seed=1)
     with pytest.raises(TypeError, match="OFT adapts torch.nn.Linear"):
         fastpeft.patch(gpt2, fastpeft.OFTConfig(oft_block_size=8, target_modules=["c_attn"]))
     assert "_fastpeft_state" not in gpt2.__dict__
-    with pytest.raises(TypeError, match="OFT adapts torch.nn.Linear"):
-        fastpeft.patch(nf4_tiny_model("llama"), fastpeft.OFTConfig(oft_block_size=8, target_modules=["q_proj"]))
     # atomic: q_proj layers are built before the embedding is refused; nothing of them stays
     model = tiny_model("llama", seed=1)
     before = state_snapshot(model)
