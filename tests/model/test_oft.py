@@ -424,11 +424,12 @@ def test_a_peft_oft_model_is_not_converted_in_place():
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_against_an_fp32_twin(monkeypatch):
-    """bf16 on the fast path (x + x·(R - I) in bf16 GEMMs) against the fp32 reference twin, within max(1e-2, 2x the
-    same bf16 model's error on the reference path)."""
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_gpu_bf16_against_an_fp32_twin(four_bit, monkeypatch):
+    """bf16 on the fast path (x + x·(R - I) in bf16 GEMMs; on 4-bit bases the NF4 kernels) against the fp32
+    reference twin, within max(1e-2, 2x the same bf16 model's error on the reference path)."""
     check_bf16_against_fp32_twin(fastpeft.OFTConfig(oft_block_size=32, target_modules="all-linear",
-                                                    init_weights=False), False, monkeypatch)
+                                                    init_weights=False), four_bit, monkeypatch)
 
 
 def test_docstring_examples_run():
