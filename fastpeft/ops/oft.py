@@ -5,11 +5,11 @@ n·b = in_features) before the frozen layer: y = base(x·R), i.e. W' = W·Rᵀ. 
 Q_i (its b(b-1)/2 upper-triangle entries are the trained vector) through the Cayley transform
 
     R = (I - Q)(I + Q)⁻¹                                  (exact; PEFT: use_cayley_neumann=False)
-    R ≈ I + 2Q + 2Q² + … + 2Q^(k-2) + Q^(k-1)            (its Neumann series, k = num_cayley_neumann_terms, k ≥ 3)
+    R ≈ I + 2Q + 2Q² + … + 2Q^(k-2) + Q^(k-1)            (Cayley-Neumann, k = num_cayley_neumann_terms, k ≥ 3)
 
-(k = 1: I; k = 2: I + 2Q; k = 3 and k = 4 both stop at Q³: PEFT's loop, kept as written). The series is that of
-(I + Q)(I - Q)⁻¹, the exact form's transpose (the exact transform of -Q): PEFT's two options differ in the sign of
-Q, so an adapter trained with one gives another rotation under the other. With ``block_share``
+(k = 1: I; k = 2: I + 2Q; k = 3 and k = 4 both stop at Q³: PEFT's loop, kept as written). The truncated series is
+that of (I + Q)(I - Q)⁻¹, the exact form's transpose (the exact transform of -Q): PEFT's two options differ in the
+sign of Q, so an adapter trained with one gives another rotation under the other. With ``block_share``
 every block uses the same single R_1. COFT (``coft``) first pulls Q back into a Frobenius ball of radius
 eps/√(number of blocks) around zero.
 
