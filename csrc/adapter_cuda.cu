@@ -16,6 +16,7 @@
 // IA3: cuBLAS for the GEMM, scale_cols (x⊙l or Yb⊙l) and colreduce (dl = Σ_rows a⊙b, Σ_rows a, a⊙l in one pass).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
@@ -826,6 +827,16 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_fused(const Tensor& dy2, const Tenso
 // atomics). lora_cuda_path() lets tests and benchmarks force one (set_lora_cuda_path in adapter_ops.cpp).
 constexpr int64_t kFusedMaxM = 64;
 
+// LoRA dropout's seed is a host value read per call: a CUDA graph would replay the captured mask forever, so a
+// capture with dropout on is refused (a clear error instead of a frozen mask; see fastpeft/ops/__init__.py).
+void refuse_dropout_in_capture(double p) {
+  TORCH_CHECK(p <= 0.0 || at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None,
+              "fastpeft: LoRA dropout (lora_dropout > 0) cannot run inside a CUDA graph (torch.cuda.graph, or "
+              "torch.compile(mode=\"reduce-overhead\")): its per-call seed comes from torch's CPU generator, so the "
+              "graph would replay one dropout mask forever. Use lora_dropout=0 (or model.eval()) with CUDA graphs, "
+              "or torch.compile without them (mode=\"default\")");
+}
+
 bool use_fused(int64_t M, int64_t N, int64_t K, int64_t R) {
   if (R > 64 || M == 0 || N == 0 || K == 0 || at::globalContext().deterministicAlgorithms()) return false;
   const int64_t forced = lora_cuda_path();
@@ -835,6 +846,7 @@ bool use_fused(int64_t M, int64_t N, int64_t K, int64_t R) {
 std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
                                          const Tensor& A, const Tensor& B, double scaling, double p,
                                          const c10::optional<Tensor>& seed, int64_t rank) {
+  refuse_dropout_in_capture(p);
   if (!use_fused(x2.size(0), weight.size(0), x2.size(1), A.size(0)) || x2.dim() != 2 || weight.dim() != 2 ||
       weight.size(1) != x2.size(1) || A.size(1) != x2.size(1) || B.size(0) != weight.size(0) || B.size(1) != A.size(0)) {
     return lora_fwd_split(x2, weight, bias, A, B, scaling, p, seed, rank);
@@ -851,6 +863,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_cuda(const Tensor& dy2, const Tensor
                                                  const Tensor& weight, const Tensor& A, const Tensor& B,
                                                  double scaling, double p, const c10::optional<Tensor>& seed,
                                                  int64_t rank, bool need_x, bool need_A, bool need_B) {
+  refuse_dropout_in_capture(p);
   if (!use_fused(x2.size(0), weight.size(0), x2.size(1), A.size(0))) {
     return lora_bwd_split(dy2, x2, S, weight, A, B, scaling, p, seed, rank, need_x, need_A, need_B);
   }

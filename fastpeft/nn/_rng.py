@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import refuse_dropout_in_graph
+
 # Seeds stay below 2**31 - 1 so a kernel argument is always a non-negative int32.
 SEED_MODULUS = 2**31 - 1
 # Odd multiplier spreading consecutive ranks over the seed range (any value coprime to the modulus works: the
@@ -53,6 +55,7 @@ def dropout_seed() -> int:
     """
     if torch.compiler.is_compiling():
         return dropout_seed_tensor()  # .item() would break the graph; the custom op reads the tensor
+    refuse_dropout_in_graph()  # eager code inside torch.cuda.graph: the seed would be frozen into the graph
     draw = int(torch.randint(0, SEED_MODULUS, (), dtype=torch.int64).item())
     return fold_rank(draw, current_rank())
 
@@ -61,6 +64,8 @@ def dropout_draw() -> torch.Tensor:
     """The raw draw of ``dropout_seed`` as a 0-dim int64 CPU tensor, for the C++ operators (ops/cpp_ops.py), which
     fold the rank in themselves: the same generator call, so the same masks as the Triton path. A tensor (no
     ``.item()``), so torch.compile neither breaks nor specializes a graph on it."""
+    if not torch.compiler.is_compiling():
+        refuse_dropout_in_graph()  # eager code inside torch.cuda.graph (the C++ operators check compiled graphs)
     return torch.randint(0, SEED_MODULUS, (), dtype=torch.int64)
 
 

@@ -26,6 +26,19 @@ def graph_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+DROPOUT_IN_GRAPH_ERROR = (
+    "fastpeft: LoRA dropout (lora_dropout > 0) cannot run inside a CUDA graph (torch.cuda.graph, or "
+    "torch.compile(mode=\"reduce-overhead\")): its per-call seed comes from torch's CPU generator, so the graph "
+    "would replay one dropout mask forever. Use lora_dropout=0 (or model.eval()) with CUDA graphs, or torch.compile "
+    "without them (mode=\"default\")")
+
+
+def refuse_dropout_in_graph() -> None:
+    """Raise DROPOUT_IN_GRAPH_ERROR while a CUDA graph is being captured (the C++ operators check the same)."""
+    if graph_capturing():
+        raise RuntimeError(DROPOUT_IN_GRAPH_ERROR)
+
+
 try:
     import triton  # noqa: F401  (the kernels need it; the reference path does not)
 

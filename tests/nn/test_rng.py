@@ -118,3 +118,24 @@ def test_checkpoint_recompute_draws_the_seed_again(monkeypatch):
     first, recompute = drawn[:n_layers], drawn[n_layers:]
     assert recompute == first[3:] + first[:3]  # backward recomputes decoder layer 1, then layer 0
     assert len(set(drawn[:n_layers])) == n_layers
+
+
+def test_dropout_seed_is_refused_inside_a_cuda_graph_capture(monkeypatch):
+    """A seed drawn while a CUDA graph is captured would be replayed forever: a clear error instead (also from the
+    compiled custom ops, which read the seed at run time)."""
+    from fastpeft import ops
+    from fastpeft.nn import _rng
+
+    assert ops.graph_capturing() is False or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert ops.graph_capturing()
+    for draw in (_rng.dropout_seed, _rng.dropout_draw):
+        with pytest.raises(RuntimeError, match=r"LoRA dropout \(lora_dropout > 0\) cannot run inside a CUDA graph"):
+            draw()
+    if ops.HAS_TRITON:
+        from fastpeft.ops.kernels import custom_ops
+
+        with pytest.raises(RuntimeError, match="cannot run inside a CUDA graph"):
+            custom_ops._seed_value(torch.tensor(5))
+        assert custom_ops._seed_value(None) is None  # no dropout: nothing to refuse

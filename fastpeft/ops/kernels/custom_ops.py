@@ -43,6 +43,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import refuse_dropout_in_graph
 from ..nf4_format import KernelState, traced_kernel_state
 from . import dora as _dora
 from . import ia3 as _ia3
@@ -57,7 +58,10 @@ _EMPTY = (0,)
 
 
 def _seed_value(seed: Optional[Tensor]):
-    return None if seed is None else int(seed)
+    if seed is None:
+        return None
+    refuse_dropout_in_graph()  # a graph would replay this call's mask forever (ops.refuse_dropout_in_graph)
+    return int(seed)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -205,7 +209,7 @@ def nf4_lora_fwd(x2: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Ten
     ks = KernelState.from_op_args(absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, qt, quant_type,
                                   N, K, state_dtype)
     return _nf4_lora.nf4_lora_forward_2d(x2, packed, ks, bias, lora_A, lora_B, scaling, dropout_p,
-                                         _seed_value(seed), "fused" if fused else "buffer")
+                                         _seed_value(seed), "fused" if fused else "buffer", reuse_buffer=False)
 
 
 @nf4_lora_fwd.register_fake
@@ -226,7 +230,8 @@ def nf4_lora_bwd(dy2: Tensor, x2: Tensor, S: Tensor, lora_A: Tensor, lora_B: Ten
     dx, db, dA, dB = _nf4_lora.nf4_lora_backward_2d(dy2.to(x2.dtype), x2, S, packed, ks, lora_A, lora_B, scaling,
                                                    dropout_p, _seed_value(seed), "fused" if fused else "buffer",
                                                    need_x, need_b, need_A, need_B,
-                                                   separate_outputs=True)  # returns may not alias
+                                                   separate_outputs=True,  # returns may not alias
+                                                   reuse_buffer=False)  # see nf4_lora_forward_2d
     f32 = x2.new_empty(_EMPTY, dtype=torch.float32)
     return _or_empty(dx, x2), _or_empty(db, f32), _or_empty(dA, f32), _or_empty(dB, f32)
 
@@ -278,7 +283,7 @@ def nf4_ia3_fwd(x2: Tensor, bias: Optional[Tensor], ia3_l: Tensor, feedforward: 
                 state_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     ks = KernelState.from_op_args(absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, qt, quant_type,
                                   N, K, state_dtype)
-    y2, saved = _nf4_lora.nf4_ia3_forward_2d(x2, packed, ks, bias, ia3_l, feedforward)
+    y2, saved = _nf4_lora.nf4_ia3_forward_2d(x2, packed, ks, bias, ia3_l, feedforward, reuse_buffer=False)
     return y2, (x2.new_empty(_EMPTY) if feedforward else saved)  # feedforward saves x2, an input: not returned
 
 
@@ -296,7 +301,8 @@ def nf4_ia3_bwd(dy2: Tensor, saved: Tensor, ia3_l: Tensor, feedforward: bool, ne
                 state_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     ks = KernelState.from_op_args(absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, qt, quant_type,
                                   N, K, state_dtype)
-    dx, db, dl = _nf4_lora.nf4_ia3_backward_2d(dy2, saved, packed, ks, ia3_l, feedforward, need_x, need_b)
+    dx, db, dl = _nf4_lora.nf4_ia3_backward_2d(dy2, saved, packed, ks, ia3_l, feedforward, need_x, need_b,
+                                               reuse_buffer=False)
     return _or_empty(dx, saved), _or_empty(db, dy2.new_empty(_EMPTY, dtype=torch.float32)), dl
 
 
@@ -426,7 +432,7 @@ def nf4_dora_fwd(x2: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Ten
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ks = KernelState.from_op_args(absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, qt, quant_type,
                                   N, K, state_dtype)
-    w = _nf4_lora.dequantize_to(packed, ks, x2.dtype)
+    w = _nf4_lora.dequantize_to(packed, ks, x2.dtype, reuse=False)  # no shared buffer in graphs (nf4_lora.py)
     return _dora.dora_forward_2d(x2, w, bias, lora_A, lora_B, magnitude, scaling, dropout_p, _seed_value(seed))
 
 
@@ -445,7 +451,7 @@ def nf4_dora_bwd(dy2: Tensor, x2: Tensor, S: Tensor, Z0: Tensor, g: Tensor, inv_
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ks = KernelState.from_op_args(absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, qt, quant_type,
                                   N, K, state_dtype)
-    w = _nf4_lora.dequantize_to(packed, ks, x2.dtype) if need_x else None
+    w = _nf4_lora.dequantize_to(packed, ks, x2.dtype, reuse=False) if need_x else None
     out = _dora.dora_backward_2d(dy2.to(x2.dtype), x2, S, Z0, g, inv_n, w, lora_A, lora_B, scaling, dropout_p,
                                  _seed_value(seed), need_x, need_b, need_A, need_B, need_m, separate_outputs=True)
     return _dora_bwd_outputs(x2, *out)

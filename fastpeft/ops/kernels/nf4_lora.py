@@ -133,11 +133,13 @@ def nf4_path(M: int, ks: KernelState, dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def nf4_lora_forward_2d(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed,
-                        path: str):
+                        path: str, reuse_buffer: bool = True):
     """QLoRA forward on a 2-D x [M, K], no autograd: (Y [M, N] in x2.dtype, S' = s·(D⊙x)·Aᵀ fp32 [M, r]).
 
     path: ``nf4_path``'s choice for this call. The building block of ``_NF4LoraFn`` and of the
-    ``fastpeft::nf4_lora_fwd`` custom op: both give these numbers.
+    ``fastpeft::nf4_lora_fwd`` custom op: both give these numbers. reuse_buffer: dequantize into the shared
+    scratch buffer (eager); the custom ops pass False, since a compiled graph may run inside CUDA-graph trees,
+    whose warm-up and recording allocate from a private pool that must not keep a shared buffer alive.
     """
     if path == "fused":
         # Z = s·(D⊙X)·Aᵀ·Bᵀ + bias from kernels/lora.py, then Y = Z + X·dequant(W)ᵀ in one fused GEMM
@@ -145,13 +147,13 @@ def nf4_lora_forward_2d(x2, packed, ks: KernelState, bias, lora_A, lora_B, scali
         P = lora_ops.lora_s_partials(x2, lora_A, dropout_p, seed)
         Z, S = lora_ops.lora_expand(P, lora_B, b, scaling, x2.dtype)  # S = S' (fp32, scaled)
         return nf4_matmul(x2, packed, ks, c_in=Z), S
-    w = dequantize_to(packed, ks, x2.dtype)
+    w = dequantize_to(packed, ks, x2.dtype, reuse_buffer)
     return lora_ops.lora_forward_2d(x2, w, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def nf4_lora_backward_2d(dy2, x2, S, packed, ks: KernelState, lora_A, lora_B, scaling: float, dropout_p: float,
                          seed, path: str, need_x: bool = True, need_b: bool = False, need_A: bool = True,
-                         need_B: bool = True, separate_outputs: bool = False):
+                         need_B: bool = True, separate_outputs: bool = False, reuse_buffer: bool = True):
     """QLoRA backward on 2-D tensors, no autograd: (dX [M, K] | None, db fp32 [N] | None, dA fp32 [r, K] | None,
     dB fp32 [N, r] | None). dy2 in x2.dtype; S and path as the forward gave / used them.
     separate_outputs: dA and dB never share a storage (torch.library ops may not return aliasing tensors)."""
@@ -163,7 +165,7 @@ def nf4_lora_backward_2d(dy2, x2, S, packed, ks: KernelState, lora_A, lora_B, sc
         dx2 = nf4_matmul(dy2, packed, ks, nn_layout=True, c_in=Z2) if need_x else None
         db = dy2.sum(0, dtype=torch.float32) if need_b else None
     else:
-        w = dequantize_to(packed, ks, x2.dtype) if need_x else None
+        w = dequantize_to(packed, ks, x2.dtype, reuse_buffer) if need_x else None
         dx2, _, db, dA, dB = lora_ops.lora_backward_2d(
             dy2, x2, S, w, lora_A, lora_B, scaling, dropout_p, seed,
             need_x, False, need_b, need_A, need_B, separate_outputs=separate_outputs)
@@ -235,21 +237,21 @@ def nf4_lora_linear(x, packed, quant_state: Any, bias, lora_A, lora_B, scaling: 
 # IA3
 # ----------------------------------------------------------------------------------------------------------
 
-def nf4_ia3_forward_2d(x2, packed, ks: KernelState, bias, ia3_l, feedforward: bool):
+def nf4_ia3_forward_2d(x2, packed, ks: KernelState, bias, ia3_l, feedforward: bool, reuse_buffer: bool = True):
     """IA3 forward on a 4-bit base, 2-D x [M, K], no autograd: (Y [M, N], saved) with saved as
     ``kernels/ia3.py: ia3_forward_2d`` gives it (x2 for feedforward scaling, Yb = x·Wᵀ + b for output scaling).
     The building block of ``_NF4IA3Fn`` and of the ``fastpeft::nf4_ia3_fwd`` custom op."""
-    w = dequantize_to(packed, ks, x2.dtype)
+    w = dequantize_to(packed, ks, x2.dtype, reuse_buffer)
     return ia3_ops.ia3_forward_2d(x2, w, bias, ia3_l, feedforward)
 
 
 def nf4_ia3_backward_2d(dy2, saved, packed, ks: KernelState, ia3_l, feedforward: bool, need_x: bool = True,
-                        need_b: bool = False):
+                        need_b: bool = False, reuse_buffer: bool = True):
     """IA3 backward on a 4-bit base, 2-D tensors (saved: the forward's, 2-D), no autograd:
     (dX | None, db fp32 [N] | None, dl fp32 [len(l)]). Feedforward computes in saved's (x's) dtype."""
     if feedforward:
         dy2 = dy2.to(saved.dtype)
-    w = dequantize_to(packed, ks, dy2.dtype)  # feedforward needs G = dY·W for dl anyway
+    w = dequantize_to(packed, ks, dy2.dtype, reuse_buffer)  # feedforward needs G = dY·W for dl anyway
     dx, _, db, dl = ia3_ops.ia3_backward_2d(dy2, saved, w, ia3_l, feedforward, need_x, False, need_b)
     return dx, db, dl
 
