@@ -1,4 +1,4 @@
-"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA / LoHa fine-tuning (and PEFT's prompt tuning, prefix tuning,
+"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA / LoHa / LoKr / OFT fine-tuning (and PEFT's prompt tuning, prefix tuning,
 P-tuning on causal LMs) for Hugging Face models.
 
 >>> import torch.nn as nn, fastpeft
@@ -22,11 +22,11 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+from .config import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
                      TrainableTokensConfig, VeraConfig)
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, TrainableTokens,
-                 TrainableTokensLayer, VeraLinear)
+from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, OftLinear,
+                 TrainableTokens, TrainableTokensLayer, VeraLinear)
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -39,6 +39,7 @@ __all__ = [
     "VeraConfig",
     "LoHaConfig",
     "LoKrConfig",
+    "OFTConfig",
     "PromptTuningConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
@@ -71,6 +72,7 @@ __all__ = [
     "VeraLinear",
     "LohaLinear",
     "LokrLinear",
+    "OftLinear",
     "ModulesToSave",
     "TrainableTokens",
     "TrainableTokensLayer",

@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .config import (AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig, changes_base_weights, is_prompt_learning,
+from .config import (AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig, changes_base_weights, is_prompt_learning,
                      to_fastpeft_config)
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
-from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens, VeraLinear
+from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, TrainableTokens,
+                 VeraLinear)
 from .nn.lycoris import LycorisLinear
 from .nn import bases
 from .patch import patch_checked
@@ -77,6 +78,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             out[f"{prefix}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.ia3_l"] = layer.ia3_l[adapter_name]
+        elif isinstance(layer, OftLinear) and adapter_name in layer.adapter_names:
+            out[f"{prefix}{path}.oft_R.weight"] = layer.oft_R[adapter_name].weight
+            if cfg.bias == "oft_only":  # PEFT saves the adapted layers' biases under their base_layer names
+                bias = bases.base_bias(layer.base_layer)
+                if bias is not None:
+                    out[f"{prefix}{path}.base_layer.bias"] = bias
         elif isinstance(layer, LycorisLinear) and adapter_name in layer.adapter_names:
             for table in layer.TABLES:  # PEFT's ParameterDicts: saved without the adapter name
                 if adapter_name in getattr(layer, table):
@@ -97,7 +104,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
         if adapter_name in wrapper.modules_to_save:
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
                 out[f"{prefix}{path}.{key}"] = tensor
-    if isinstance(cfg, LoraConfig) and cfg.bias == "all":
+    if isinstance(cfg, (LoraConfig, OFTConfig)) and cfg.bias == "all":
         # PEFT's rule: every state-dict entry named "bias" except other adapters' — so a wrapped module's bias is
         # also saved as "<path>.original_module.bias" and "<path>.modules_to_save.bias" (adapter name removed).
         own = f".modules_to_save.{adapter_name}."
@@ -349,6 +356,8 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             expected.update({f"{path}.lora_embedding_A.{adapter_name}", f"{path}.lora_embedding_B.{adapter_name}"})
         elif isinstance(layer, IA3Linear) and adapter_name in layer.adapter_names:
             expected.add(f"{path}.ia3_l.{adapter_name}")
+        elif isinstance(layer, OftLinear) and adapter_name in layer.adapter_names:
+            expected.add(f"{path}.oft_R.{adapter_name}.weight")
         elif isinstance(layer, TrainableTokens) and adapter_name in layer.adapter_names and not layer.tied:
             expected.add(f"{path}.{layer.delta_key}.{adapter_name}")
         elif isinstance(layer, LycorisLinear) and adapter_name in layer.adapter_names:
@@ -368,7 +377,7 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
             target = f"{local}.{adapter_name}"
         elif local.endswith(".lora_magnitude_vector"):
             target = f"{local}.{adapter_name}.weight"
-        elif local.endswith((".lora_A.weight", ".lora_B.weight")):
+        elif local.endswith((".lora_A.weight", ".lora_B.weight", ".oft_R.weight")):
             target = f"{local[: -len('.weight')]}.{adapter_name}.weight"
         elif local.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B", "." + TOKENS_KEY)):
             target = f"{local}.{adapter_name}"
@@ -536,7 +545,7 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", 
     if new_cfg.peft_type != old_cfg.peft_type:
         raise ValueError(f"cannot hot-swap a {new_cfg.peft_type} adapter into {adapter_name!r}, a {old_cfg.peft_type} "
                          "adapter")
-    if isinstance(old_cfg, (VeraConfig, LoHaConfig, LoKrConfig)):
+    if isinstance(old_cfg, (VeraConfig, LoHaConfig, LoKrConfig, OFTConfig)):
         raise ValueError(f"hot-swap of {old_cfg.peft_type} adapters is not supported (LoRA and IA3 adapters can be "
                          "hot-swapped); "
                          "load the adapter under another name and set_adapter instead")

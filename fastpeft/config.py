@@ -731,6 +731,101 @@ class LoKrConfig(_LycorisConfig):
 
 @_check_keywords
 @dataclass
+class OFTConfig(_ConfigBase):
+    """OFT configuration; field names and defaults follow ``peft.OFTConfig`` (fastpeft implements all of them for
+    nn.Linear and 4-bit linear layers).
+
+    Each adapted layer computes base(x·R): R block-diagonal and orthogonal, n blocks of ``oft_block_size`` (give
+    exactly one of ``r`` = n and ``oft_block_size``; one that does not divide the layer's in_features is moved to
+    the nearest divisor with a warning, as PEFT does), each the Cayley transform of a trained skew-symmetric
+    block (``use_cayley_neumann``: its ``num_cayley_neumann_terms``-term Neumann series). ``block_share``: one
+    block for all; ``coft`` / ``eps``: COFT's projection of the generators. ``module_dropout`` is kept and written
+    but, as in PEFT 0.21, has no effect (PEFT never applies its dropout layer; ``patch`` warns).
+
+    >>> OFTConfig(oft_block_size=16, target_modules=["q_proj", "v_proj"]).peft_type
+    'OFT'
+    """
+
+    r: int = 0
+    oft_block_size: int = 32
+    module_dropout: float = 0.0
+    target_modules: TargetSpec = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    exclude_modules: TargetSpec = None
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    modules_to_save: Optional[List[str]] = None
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("OFT")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+
+    PEFT_TYPE: ClassVar[str] = "OFT"
+
+    def validate(self) -> None:
+        for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"OFTConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.r == 0 and self.oft_block_size == 0:
+            raise ValueError("OFTConfig needs r or oft_block_size non-zero; both are 0")
+        if self.r != 0 and self.oft_block_size != 0:
+            raise ValueError(f"OFTConfig takes either r ({self.r}) or oft_block_size ({self.oft_block_size}), not "
+                             "both (r x oft_block_size = in_features): set the other one to 0")
+        for name in ("fan_in_fan_out", "init_weights", "coft", "block_share", "use_cayley_neumann", "inference_mode"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"OFTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        dropout_ok = isinstance(self.module_dropout, (int, float)) and not isinstance(self.module_dropout, bool)
+        if not dropout_ok or not (0.0 <= float(self.module_dropout) < 1.0):
+            raise ValueError(f"OFTConfig.module_dropout must be in [0, 1), got {self.module_dropout!r}")
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or self.eps < 0:
+            raise ValueError(f"OFTConfig.eps must be a non-negative number, got {self.eps!r}")
+        if self.bias not in ("none", "all", "oft_only"):
+            raise ValueError(f"OFTConfig.bias must be one of 'none', 'all', 'oft_only', got {self.bias!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("OFTConfig.layers_pattern only works together with layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("OFTConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]):
+        """As PEFT loads an OFT adapter_config.json: files from before PEFT 0.14 (no ``oft_block_size``; another
+        parametrisation) are refused, and Cayley-Neumann files from before 0.18 (a changed series) warn."""
+        if "oft_block_size" not in data:
+            raise ValueError("this OFT adapter_config.json has no oft_block_size: it was written by PEFT < 0.14, whose "
+                             "OFT weights are not compatible with PEFT >= 0.14 (nor with fastpeft); retrain the "
+                             "adapter with a newer PEFT or fastpeft")
+        if data.get("use_cayley_neumann", False):
+            version = str(data.get("peft_version") or "0.0.0").partition("@")[0]
+            if _version_tuple(version) < (0, 18, 0):
+                warnings.warn("this OFT adapter uses the Cayley-Neumann parametrisation and was saved by PEFT "
+                              f"{version if data.get('peft_version') else '< 0.18'}; PEFT 0.18 changed that series, "
+                              "so its numbers differ from the ones it was trained with (PEFT warns the same)",
+                              stacklevel=2)
+        return super().from_dict(data)
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    numbers = []
+    for part in version.split(".")[:3]:
+        digits = re.match(r"\d+", part)
+        numbers.append(int(digits.group(0)) if digits else 0)
+    return tuple(numbers)
+
+
+@_check_keywords
+@dataclass
 class TrainableTokensConfig(_ConfigBase):
     """PEFT's standalone trainable tokens (``peft.TrainableTokensConfig``, peft_type TRAINABLE_TOKENS): only the rows
     ``token_indices`` of the layers ``target_modules`` train (default: the input embedding; a head tied to it follows
@@ -942,9 +1037,9 @@ class PromptEncoderConfig(_PromptLearningBase):
 
 
 PromptLearningConfig = Union[PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
-AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, TrainableTokensConfig,
+AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, OFTConfig, TrainableTokensConfig,
                       PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
-_CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig,
+_CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, OFTConfig,
                                                   TrainableTokensConfig, PromptTuningConfig,
                                                   PrefixTuningConfig, PromptEncoderConfig)}
 
@@ -1030,7 +1125,7 @@ def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: It
 
 def to_fastpeft_config(config: Any) -> AdapterConfig:
     """Accept a fastpeft config, the PEFT config of the same name (LoraConfig, IA3Config, VeraConfig, LoHaConfig,
-    LoKrConfig, TrainableTokensConfig, PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig), or a dict from adapter_config.json.
+    LoKrConfig, OFTConfig, TrainableTokensConfig, PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig), or a dict from adapter_config.json.
 
     >>> to_fastpeft_config({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": False}).r
     4

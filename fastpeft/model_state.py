@@ -12,15 +12,18 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .config import AdapterConfig, LoraConfig, VeraConfig, is_prompt_learning
-from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens, VeraLinear
+from .config import AdapterConfig, LoraConfig, OFTConfig, VeraConfig, is_prompt_learning
+from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, TrainableTokens,
+                 VeraLinear)
 from .nn import bases
 
-ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, ModulesToSave,
+ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, OftLinear, ModulesToSave,
                  TrainableTokens)
 # the drop-ins that wrap one base layer (everything but ModulesToSave; TrainableTokens, whose base sits one level
 # down, stays out: targets.py must not look through it)
-WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear)
+WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, OftLinear)
+# configs whose ``bias`` field trains biases: "all", or "<method>_only" (the biases of the layers this method adapts)
+BIAS_CONFIG_LAYERS = {LoraConfig: LoraLinear, VeraConfig: VeraLinear, OFTConfig: OftLinear}
 STATE_ATTR = "_fastpeft_state"
 # Prompt learning (prompt_learning.py): the nn.ModuleDict {adapter name: prompt encoder} patch() registers on the
 # model under PEFT's name, so parameter names are PEFT's ("prompt_encoder.default.embedding.weight").
@@ -141,8 +144,8 @@ def apply_trainable(model: nn.Module, state: PatchState, txn: Optional[Transacti
                     keep.add(id(param))
     if train and is_prompt_learning(cfg):
         keep.update(id(p) for p in getattr(model, PROMPT_ENCODER_ATTR)[state.active].parameters())
-    if train and isinstance(cfg, (LoraConfig, VeraConfig)) and cfg.bias != "none":
-        own_type = LoraLinear if isinstance(cfg, LoraConfig) else VeraLinear  # bias="lora_only" / "vera_only"
+    if train and isinstance(cfg, tuple(BIAS_CONFIG_LAYERS)) and cfg.bias != "none":
+        own_type = BIAS_CONFIG_LAYERS[type(cfg)]  # bias="lora_only" / "vera_only" / "oft_only"
         if cfg.bias == "all":
             # modules_to_save wrappers decide for themselves: original frozen, only the active copy trains
             wrapped = {id(p) for _, m in adapter_layers(model) if isinstance(m, ModulesToSave) for p in m.parameters()}

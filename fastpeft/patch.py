@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import (AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, TrainableTokensConfig, VeraConfig,
+from .config import (AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, TrainableTokensConfig, VeraConfig,
                      is_prompt_learning,
                      to_fastpeft_config)
 from .model_state import (
@@ -33,7 +33,8 @@ from .model_state import (
     set_submodule,
     underlying,
 )
-from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, VeraLinear, VeraProjections
+from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, VeraLinear,
+                 VeraProjections)
 from .nn.vera import vera_projections
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
@@ -75,6 +76,13 @@ def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: s
             module.update_layer(adapter_name, *args)
             return module
         return LohaLinear(module, adapter_name, *args)
+    if isinstance(cfg, OFTConfig):
+        args = (cfg.r, cfg.oft_block_size, float(cfg.module_dropout), cfg.coft, float(cfg.eps), cfg.block_share,
+                cfg.init_weights, cfg.use_cayley_neumann, cfg.num_cayley_neumann_terms)
+        if isinstance(module, OftLinear):
+            module.update_layer(adapter_name, *args)
+            return module
+        return OftLinear(module, adapter_name, *args)
     if isinstance(cfg, VeraConfig):
         vera_A, vera_B = tables
         cfg.fan_in_fan_out = bases.is_conv1d(underlying(module))  # PEFT sets it per target type, with a warning
@@ -103,9 +111,18 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
         has_linear = any(isinstance(underlying(m), nn.Linear) for _, m in targets)
         if cfg.fan_in_fan_out and has_linear and not any(bases.is_conv1d(underlying(m)) for _, m in targets):
             cfg.fan_in_fan_out = False  # PEFT resets it for nn.Linear targets as well
+    if isinstance(cfg, OFTConfig) and cfg.fan_in_fan_out and targets:
+        # PEFT: OFT adapts nn.Linear only, so it resets the flag with this warning (Conv1D targets are refused)
+        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting "
+                      "fan_in_fan_out to False.")
+        cfg.fan_in_fan_out = False
+    if isinstance(cfg, OFTConfig) and cfg.module_dropout:
+        warnings.warn(f"OFTConfig.module_dropout={cfg.module_dropout} has no effect: PEFT (0.21) builds OFT's "
+                      "multiplicative dropout but never applies it, and fastpeft computes PEFT's numbers; the value is "
+                      "kept and saved", stacklevel=3)
     tables = _vera_tables(model, cfg, adapter_name, targets, state, txn) if isinstance(cfg, VeraConfig) else None
     own_types = {LoraConfig: (LoraLinear, LoraEmbedding), IA3Config: IA3Linear, VeraConfig: VeraLinear,
-                 LoHaConfig: LohaLinear, LoKrConfig: LokrLinear}[type(cfg)]
+                 LoHaConfig: LohaLinear, LoKrConfig: LokrLinear, OFTConfig: OftLinear}[type(cfg)]
     built = []
     for name, module in targets:
         existing = isinstance(module, WRAPPER_TYPES)
@@ -203,10 +220,11 @@ def _remove_hooks(state: PatchState) -> None:
 def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -> nn.Module:
     """Swap fastpeft LoRA / IA3 drop-ins into ``model`` in place and return it.
 
-    ``config``: fastpeft.LoraConfig / IA3Config or peft.LoraConfig / IA3Config; or a prompt-learning config
+    ``config``: a fastpeft or PEFT LoraConfig / IA3Config / VeraConfig / LoHaConfig / LoKrConfig / OFTConfig; or a
+    prompt-learning config
     (PromptTuningConfig / PrefixTuningConfig / PromptEncoderConfig, fastpeft's or PEFT's, task_type="CAUSAL_LM"),
     which routes the model's forward / generate as PEFT's PeftModelForCausalLM does (prompt_learning.py; one such
-    adapter per model, not combined with LoRA / IA3 / VeRA / LoHa / LoKr); or TrainableTokensConfig (PEFT's
+    adapter per model, not combined with LoRA / IA3 / VeRA / LoHa / LoKr / OFT); or TrainableTokensConfig (PEFT's
     standalone trainable tokens). With no config and a
     ``peft.PeftModel``, converts its LoRA / IA3 layers in place, keeping PEFT's parameter names.
     Patching an already patched model with a new ``adapter_name`` adds that adapter (inactive).

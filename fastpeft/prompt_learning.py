@@ -311,7 +311,7 @@ def add_prompt_adapter(model: nn.Module, cfg: PromptLearningConfig, adapter_name
         prompt_type = state.peft_type if is_prompt_learning(state.peft_type) else cfg.peft_type
         raise ValueError(
             f"this model holds {state.peft_type} adapters; fastpeft does not combine a prompt-learning adapter "
-            f"({prompt_type}) with LoRA / IA3 / VeRA / LoHa adapters on one model (cannot add the {cfg.peft_type} "
+            f"({prompt_type}) with LoRA / IA3 / VeRA / LoHa / LoKr / OFT adapters on one model (cannot add the {cfg.peft_type} "
             f"adapter {adapter_name!r}): fastpeft.unpatch(model) first")
     if not is_prompt_learning(cfg):
         raise TypeError(f"expected a prompt-learning config, got {type(cfg).__name__}")

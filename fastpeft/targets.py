@@ -26,6 +26,7 @@ from .config import (
     VeraConfig,
     LoHaConfig,
     LoKrConfig,
+    OFTConfig,
     peft_stored_targets,
 )
 from .model_state import ADAPTER_TYPES, WRAPPER_TYPES, is_peft_tuner_layer, root_model, underlying
@@ -96,7 +97,7 @@ def _resolve_targets(model: nn.Module, cfg: AdapterConfig, candidates) -> Any:
         model_type = _model_type(model)
         table = {LoraConfig: LORA_DEFAULT_TARGETS, IA3Config: IA3_DEFAULT_TARGETS,
                  VeraConfig: VERA_DEFAULT_TARGETS, LoHaConfig: LORA_DEFAULT_TARGETS,
-                 LoKrConfig: LORA_DEFAULT_TARGETS}[type(cfg)]  # LoHa: LoRA's
+                 LoKrConfig: LORA_DEFAULT_TARGETS, OFTConfig: LORA_DEFAULT_TARGETS}[type(cfg)]  # LoHa, LoKr, OFT: LoRA's
         if model_type not in table:
             names = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if bases.supported_base(underlying(m))})
             raise ValueError(

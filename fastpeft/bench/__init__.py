@@ -25,6 +25,8 @@ Methods (r=16, alpha=32, all linear layers but the output head; IA3 on k, v, dow
     dora_dropout   DoRA, lora_dropout=0.05 (PEFT's dropout formula: a second base product)
     loha           LoHa r=8, alpha 16 on all linear layers but the head (rank-64 Khatri-Rao product on LoRA's paths)
     lokr           LoKr r=8, alpha 16 on all linear layers but the head (W1 ⊗ W2 applied as two small GEMMs)
+    oft            OFT, blocks of 32 (Cayley-Neumann) on all linear layers but the head (x·R as one batched GEMM
+                   over the blocks, in the activations' dtype)
     prompt_tuning  prompt tuning, 20 virtual tokens (PEFT's PeftModelForCausalLM forward)
     trainable_tokens  PEFT's standalone trainable tokens, 100 embedding rows (a tied head follows)
     vera           VeRA r=256 on all linear layers but the head (shared projections, trained vectors)

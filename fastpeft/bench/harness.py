@@ -27,6 +27,7 @@ from .plan import (
     IA3_FEEDFORWARD,
     IA3_TARGETS,
     LOHA_RANK,
+    OFT_BLOCK_SIZE,
     PROMPT_TOKENS,
     TRAINED_TOKEN_ROWS,
     VERA_RANK,
@@ -125,6 +126,8 @@ def adapter_config(lib, method: str, dropout: float):
     if method in ("loha", "lokr"):
         kind = lib.LoHaConfig if method == "loha" else lib.LoKrConfig
         return kind(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK, target_modules="all-linear")
+    if method == "oft":
+        return lib.OFTConfig(task_type="CAUSAL_LM", oft_block_size=OFT_BLOCK_SIZE, target_modules="all-linear")
     if method == "vera":
         return lib.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
     if method == "prompt_tuning":

@@ -6,6 +6,7 @@
     lora_embedding.py   LoraEmbedding (LoRA on nn.Embedding)
     loha.py             LohaLinear (LoHa: a Hadamard product of two low-rank products, run at rank r² on LoRA's paths)
     lycoris.py, lokr.py LycorisLinear (what LoHa / LoKr share) and LokrLinear (LoKr: W1 ⊗ W2 applied as two small GEMMs)
+    oft.py              OftLinear (OFT: a block-diagonal orthogonal rotation of the input, one batched GEMM)
     vera.py             VeraLinear (VeRA: trained vectors over shared frozen projections, on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
@@ -21,10 +22,11 @@ from .lora_embedding import LoraEmbedding
 from .loha import LohaLinear
 from .lokr import LokrLinear
 from .modules_to_save import ModulesToSave
+from .oft import OftLinear
 from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
 from .trainable_tokens import TrainableTokens, TrainableTokensLayer
 from .vera import VeraLinear, VeraProjections
 
-__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear", "LokrLinear",
+__all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear", "LokrLinear", "OftLinear",
            "VeraProjections", "ModulesToSave", "PromptEmbedding", "PrefixEncoder", "PromptEncoder", "TrainableTokens",
            "TrainableTokensLayer"]

@@ -143,7 +143,7 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
 
 def test_bad_arguments_say_what_is_allowed(tmp_path):
     with pytest.raises(SystemExit, match="unknown method.*lora"):
-        bench.main(["--model", "tiny", "--methods", "lora,oft", "--out-dir", str(tmp_path)])
+        bench.main(["--model", "tiny", "--methods", "lora,boft", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown --profile"):
         bench.main(["--model", "tiny", "--profile", "xyz", "--out-dir", str(tmp_path)])
     if not CUDA:

@@ -152,6 +152,9 @@ def _nf4_model(kind, monkeypatch, double_quant=True, dropout=0.0):
     if kind in ("lora", "dora"):
         cfg = fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=kind == "dora",
                                   target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    elif kind == "oft":
+        cfg = fastpeft.OFTConfig(oft_block_size=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                 init_weights=False)
     else:
         cfg = fastpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
                                  init_ia3_weights=False)
@@ -286,3 +289,28 @@ def test_compiled_vera_loha_lokr_train_like_eager_without_graph_breaks(method, m
                    and (not isinstance(m, fastpeft.LohaLinear) or m.factored("default")))
         assert fast >= 2
         _check_compiled_trains_like_eager(model.train(), "fastpeft.lora_fwd.default", fast, seed=3)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(coft=True, eps=0.05, block_share=True, use_cayley_neumann=False)],
+                         ids=["neumann", "coft-shared-exact"])
+def test_compiled_oft_trains_like_eager_without_graph_breaks(extra, monkeypatch):
+    """OFT's fast path (x + x·(R - I) over the blocks, plain PyTorch) traces into one graph, COFT's in-place
+    projection of the generators and the exact Cayley solve included, and trains as eager does; the dense
+    block-diagonal matrix is never formed."""
+    set_settings(monkeypatch, backend="cpp")
+    torch.manual_seed(5)
+    cfg = fastpeft.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False,
+                             **extra)
+    model = fastpeft.patch(tiny_model("llama", seed=2), cfg)
+    model.config.num_hidden_layers = 1
+    model.model.layers = model.model.layers[:1]
+    assert model.model.layers[0].self_attn.q_proj._dense_path(torch.randn(1, 48)) == "cpp"
+    # Cayley-Neumann with 5 terms: 3 bmm for Q², Q³, Q⁴ and 1 for the rotation, per layer; shared blocks rotate
+    # with one plain matmul and the exact transform solves: no bmm
+    _check_compiled_trains_like_eager(model.train(), str(torch.bmm), 0 if extra else 3 * 4, seed=3)
+
+
+def test_compiled_nf4_oft_trains_like_eager_without_graph_breaks(monkeypatch):
+    """OFT on a 4-bit base: the rotated input reaches the fastpeft::nf4_ia3_fwd custom op (unit scale), one per
+    adapted layer, in one graph; two training steps give eager's losses and generators."""
+    _check_compiled_trains_like_eager(_nf4_model("oft", monkeypatch), "fastpeft.nf4_ia3_fwd.default", 3, seed=4)

@@ -27,7 +27,7 @@ SAME_PEFT = pytest.mark.skipif(
 )
 PAIRS = [(fastpeft.LoraConfig, peft.LoraConfig), (fastpeft.IA3Config, peft.IA3Config),
          (fastpeft.VeraConfig, peft.VeraConfig), (fastpeft.LoHaConfig, peft.LoHaConfig),
-         (fastpeft.LoKrConfig, peft.LoKrConfig)]
+         (fastpeft.LoKrConfig, peft.LoKrConfig), (fastpeft.OFTConfig, peft.OFTConfig)]
 
 
 def _tiny_llama(layers: int = 2, seed: int = 0):
@@ -50,7 +50,7 @@ def _unsupported(ours):
 
 
 # -- bug 3: every PEFT field name is a keyword ---------------------------------------------------------------
-@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["lora", "ia3", "vera", "loha", "lokr"])
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["lora", "ia3", "vera", "loha", "lokr", "oft"])
 def test_every_peft_field_is_accepted_at_pefts_default(ours, theirs):
     for name, f in _peft_fields(theirs).items():
         default = _peft_default(f)
@@ -64,7 +64,7 @@ def test_every_peft_field_is_accepted_at_pefts_default(ours, theirs):
 
 
 @SAME_PEFT
-@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["lora", "ia3", "vera", "loha", "lokr"])
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["lora", "ia3", "vera", "loha", "lokr", "oft"])
 def test_field_lists_are_the_installed_pefts(ours, theirs):
     # the field names and defaults written out in fastpeft/config.py are those of the installed PEFT
     peft_fields = _peft_fields(theirs)

@@ -261,13 +261,15 @@ def test_one_pass_kernels_run_the_mixed_batch_and_match_the_per_adapter_loop(dty
     assert rel_err(changed[2], got[2]) > 1e-3 and rel_err(changed[0], got[0]) <= 1e-6
 
 
-@pytest.mark.parametrize("method", ["vera", "loha", "lokr"])
+@pytest.mark.parametrize("method", ["vera", "loha", "lokr", "oft"])
 def test_mixed_batches_of_the_other_methods_match_one_adapter_at_a_time(method):
-    """adapter_names= with VeRA / LoHa / LoKr adapters: each row equals that adapter alone ("__base__": no adapter);
+    """adapter_names= with VeRA / LoHa / LoKr / OFT adapters: each row equals that adapter alone ("__base__": no adapter);
     these layers run one pass per distinct adapter (AdapterLayer._forward_mixed)."""
     make = {"vera": lambda: fastpeft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], init_weights=False),
             "loha": lambda: fastpeft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
-            "lokr": lambda: fastpeft.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)}[method]
+            "lokr": lambda: fastpeft.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
+            "oft": lambda: fastpeft.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj"],
+                                              init_weights=False)}[method]
     model = fastpeft.patch(tiny_model("llama", seed=1), make())
     fastpeft.add_adapter(model, "b", make())
     ids = random_ids(batch=3)

@@ -492,8 +492,9 @@ def model():
 
 @pytest.mark.parametrize("layer_config", [fastpeft.LoraConfig(r=2, target_modules=["q_proj"]),
                                           fastpeft.VeraConfig(r=4, target_modules=["q_proj"]),
-                                          fastpeft.LoHaConfig(r=2, target_modules=["q_proj"])],
-                         ids=["lora", "vera", "loha"])
+                                          fastpeft.LoHaConfig(r=2, target_modules=["q_proj"]),
+                                          fastpeft.OFTConfig(oft_block_size=4, target_modules=["q_proj"])],
+                         ids=["lora", "vera", "loha", "oft"])
 def test_prompt_adapter_on_a_lora_or_vera_model_is_refused(model, layer_config):
     fastpeft.patch(model, layer_config)
     before = state_snapshot(model)
