@@ -89,6 +89,12 @@ IA3_DEFAULT_TARGETS: Dict[str, List[str]] = {
 }
 # PEFT's VeRA defaults: LoRA's, except phi (attention only)
 VERA_DEFAULT_TARGETS: Dict[str, List[str]] = {**LORA_DEFAULT_TARGETS, "phi": ["q_proj", "v_proj"]}
+# PEFT's AdaLoRA defaults, for the model types fastpeft knows (PEFT has none for mistral, phi, falcon, ...)
+ADALORA_DEFAULT_TARGETS: Dict[str, List[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gptj")},
+    "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"], "bert": ["query", "value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "roberta": ["query", "key", "value", "dense"],
+}
 IA3_DEFAULT_FEEDFORWARD: Dict[str, List[str]] = {
     "llama": ["down_proj"],
     "mistral": ["down_proj"],
@@ -606,6 +612,135 @@ class VeraConfig(_ConfigBase):
             raise ValueError("VeraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@_check_keywords
+@dataclass
+class AdaLoraConfig(_ConfigBase):
+    """AdaLoRA configuration; field names and defaults follow ``peft.AdaLoraConfig`` (PEFT's LoraConfig fields plus
+    the rank-allocation schedule).
+
+    Each adapted layer holds an SVD-shaped update of rank ``init_r``: ``lora_A`` [r, in], ``lora_E`` [r, 1] (the
+    singular values), ``lora_B`` [out, r], ΔW = B·(A ⊙ E) · lora_alpha / (init_r + 1e-5). During training
+    ``model.update_and_allocate(step)`` (after ``loss.backward()``) prunes singular values by importance until
+    ``target_r`` per layer remain on average (``tinit`` warm-up steps, cubic budget decrease until
+    ``total_step - tfinal``, re-allocation every ``deltaT`` steps); the pruned pattern ends up in ``rank_pattern``.
+    With a task_type set, the loss of the model's forward gains ``orth_reg_weight`` x the orthogonality penalty of
+    A and B, as PEFT's ``PeftModelFor<Task>`` adds it. ``r`` is not used (PEFT warns too), nor is ``use_rslora``.
+
+    >>> cfg = AdaLoraConfig(init_r=12, target_r=4, total_step=1000, target_modules=["q_proj", "v_proj"])
+    >>> cfg.peft_type, cfg.init_r, cfg.tinit, cfg.deltaT
+    ('ADALORA', 12, 0, 1)
+    >>> AdaLoraConfig(target_modules=["q_proj"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: AdaLoRA does not work when `total_step` is None, supply a value > 0.
+    """
+
+    r: int = 8
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    modules_to_save: Optional[List[str]] = None
+    init_lora_weights: bool = True
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    rank_pattern: Optional[Dict[str, List[bool]]] = None  # written by the rank allocator: {"<path>.lora_E": [kept?]}
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("ADALORA")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+    # PEFT fields fastpeft does not implement for AdaLoRA, at PEFT's defaults (PEFT itself refuses use_dora and
+    # loftq_config for AdaLoRA, and ignores alpha_pattern)
+    bias: Any = _peft_only("none")
+    alpha_pattern: Any = _peft_only(factory=dict)
+    use_dora: Any = _peft_only(False)
+    loftq_config: Any = _peft_only(factory=dict)
+    trainable_token_indices: Any = _peft_only(None)
+    megatron_config: Any = _peft_only(None)
+    megatron_core: Any = _peft_only("megatron.core")
+    eva_config: Any = _peft_only(None)
+    corda_config: Any = _peft_only(None)
+    lora_ga_config: Any = _peft_only(None)
+    velora_config: Any = _peft_only(None)
+    alora_invocation_tokens: Any = _peft_only(None)
+    use_qalora: Any = _peft_only(False)
+    qalora_group_size: Any = _peft_only(16)
+    monteclora_config: Any = _peft_only(None)
+    layer_replication: Any = _peft_only(None)
+    runtime_config: Any = _peft_only(factory=lambda: {"ephemeral_gpu_offload": False})
+    lora_bias: Any = _peft_only(False)
+    target_parameters: Any = _peft_only(None)
+    use_bdlora: Any = _peft_only(None)
+    arrow_config: Any = _peft_only(None)
+    kasa_config: Any = _peft_only(None)
+    ensure_weight_tying: Any = _peft_only(False)
+
+    PEFT_TYPE: ClassVar[str] = "ADALORA"
+    _NOT_SAVED: ClassVar[Tuple[str, ...]] = ("runtime_config",)
+
+    def validate(self) -> None:
+        for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0 or (name == "deltaT" and value == 0):
+                kind = "a positive integer" if name == "deltaT" else "an integer >= 0"
+                raise ValueError(f"AdaLoraConfig.{name} must be {kind}, got {value!r}")
+        dropout_ok = isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
+        if not dropout_ok or not (0.0 <= float(self.lora_dropout) < 1.0):
+            raise ValueError(f"AdaLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("init_lora_weights", "fan_in_fan_out", "use_rslora", "inference_mode"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"AdaLoraConfig.{name} must be True or False, got {getattr(self, name)!r} (PEFT's "
+                                 "LoRA init strings have no meaning for AdaLoRA)")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        for key, kept in (self.rank_pattern or {}).items():
+            if not isinstance(kept, list) or not all(type(k) is bool for k in kept):
+                raise ValueError(f"AdaLoraConfig.rank_pattern[{key!r}] must be a list of booleans (which of the "
+                                 f"init_r singular values are kept), got {kept!r}")
+        # PEFT's checks, in its order and words
+        if self.r != 8:
+            warnings.warn("Note that `r` is not used in AdaLora and will be ignored. If you intended to set the "
+                          "initial rank, use `init_r` instead.", stacklevel=4)
+        if self.total_step is None or not _is_int(self.total_step) or self.total_step <= 0:
+            raise ValueError("AdaLoRA does not work when `total_step` is None, supply a value > 0.")
+        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
+            raise ValueError(f"`orth_reg_weight` should be greater than or equal to 0, but the value passed is "
+                             f"{self.orth_reg_weight}")
+        if self.tinit >= (self.total_step - self.tfinal):
+            raise ValueError("The supplied schedule values don't allow for a budgeting phase. Decrease "
+                             "`tfinal`/`tinit` or increase `total_step`.")
+
+    def to_adapter_config(self, base_model_name_or_path: Optional[str] = None,
+                          base_model_class: Optional[type] = None) -> Dict[str, Any]:
+        """As ``_ConfigBase.to_adapter_config``; rank_pattern keys are written without the adapter name
+        ("<path>.lora_E"), as PEFT's save does."""
+        data = super().to_adapter_config(base_model_name_or_path, base_model_class)
+        if data.get("rank_pattern"):
+            data["rank_pattern"] = {re.sub(r"\.lora_E\.[^.]+$", ".lora_E", k): v for k, v in data["rank_pattern"].items()}
+        return data
+
+
 class _LycorisConfig(_ConfigBase):
     """What LoHa and LoKr configs share: r / alpha with per-module patterns (scaling = alpha / r, no rsLoRA), rank and
     module dropout, the layer filters."""
@@ -943,10 +1078,10 @@ class PromptEncoderConfig(_PromptLearningBase):
 
 PromptLearningConfig = Union[PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
 AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, TrainableTokensConfig,
-                      PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
+                      PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, AdaLoraConfig]
 _CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig,
                                                   TrainableTokensConfig, PromptTuningConfig,
-                                                  PrefixTuningConfig, PromptEncoderConfig)}
+                                                  PrefixTuningConfig, PromptEncoderConfig, AdaLoraConfig)}
 
 
 def is_prompt_learning(config: Any) -> bool:

@@ -13,14 +13,15 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, LoraConfig, VeraConfig, is_prompt_learning
-from .nn import IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens, VeraLinear
+from .nn import (AdaLoraLinear, IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, TrainableTokens,
+                 VeraLinear)
 from .nn import bases
 
 ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, ModulesToSave,
-                 TrainableTokens)
+                 TrainableTokens, AdaLoraLinear)
 # the drop-ins that wrap one base layer (everything but ModulesToSave; TrainableTokens, whose base sits one level
 # down, stays out: targets.py must not look through it)
-WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear)
+WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, AdaLoraLinear)
 STATE_ATTR = "_fastpeft_state"
 # Prompt learning (prompt_learning.py): the nn.ModuleDict {adapter name: prompt encoder} patch() registers on the
 # model under PEFT's name, so parameter names are PEFT's ("prompt_encoder.default.embedding.weight").
@@ -43,6 +44,7 @@ class PatchState:
     # adapter name -> (init_lora_weights, number of base weights it rewrote): PiSSA / OLoRA / LoftQ change the base
     base_rewritten: Dict[str, Tuple[Any, int]] = field(default_factory=dict)
     from_peft: bool = False
+    rank_allocator: Any = None  # AdaLoRA: the trainable adapter's RankAllocator (fastpeft/adalora.py)
 
 
 def get_state(model: nn.Module, required: bool = True) -> Optional[PatchState]:

@@ -7,6 +7,7 @@
     loha.py             LohaLinear (LoHa: a Hadamard product of two low-rank products, run at rank r² on LoRA's paths)
     lycoris.py, lokr.py LycorisLinear (what LoHa / LoKr share) and LokrLinear (LoKr: W1 ⊗ W2 applied as two small GEMMs)
     vera.py             VeraLinear (VeRA: trained vectors over shared frozen projections, on LoRA's paths)
+    adalora.py          AdaLoraLinear (AdaLoRA: an SVD-shaped update B·(A ⊙ E), on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
     prompt_encoders.py  PromptEmbedding / PrefixEncoder / PromptEncoder (prompt tuning, prefix tuning, P-tuning)
@@ -14,6 +15,7 @@
                         TrainableTokensLayer (the same, PEFT's standalone TrainableTokensConfig)
     _rng.py             the LoRA dropout seed
 """
+from .adalora import AdaLoraLinear
 from .ia3 import IA3Linear
 from .layer import AdapterLayer
 from .lora import LoraLinear, LoraVariant
@@ -27,4 +29,4 @@ from .vera import VeraLinear, VeraProjections
 
 __all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear", "LokrLinear",
            "VeraProjections", "ModulesToSave", "PromptEmbedding", "PrefixEncoder", "PromptEncoder", "TrainableTokens",
-           "TrainableTokensLayer"]
+           "TrainableTokensLayer", "AdaLoraLinear"]
