@@ -37,8 +37,8 @@ PEFT_TASK_TYPES: Tuple[str, ...] = (
 # between Python processes. fastpeft writes the same set sorted, so that saving twice gives the same file.
 _SET_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
 
-# LoRA only (PEFT skips IA3, whose feedforward_modules must stay a subset): once a target list has at least this
-# many entries, PEFT replaces it by the shortest name suffixes that select the same modules (see
+# Every method but IA3 (PEFT skips IA3, whose feedforward_modules must stay a subset): once a target list has at least
+# this many entries, PEFT replaces it by the shortest name suffixes that select the same modules (see
 # peft_stored_targets). The value is PEFT's MIN_TARGET_MODULES_FOR_OPTIMIZATION.
 PEFT_CONDENSE_MIN_TARGETS = 20
 
@@ -1133,7 +1133,7 @@ def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: It
     architecture's default list; for a list, the list given. ``module_names``: every name of
     ``model.named_modules()`` of the model being adapted (the root "" included).
 
-    For LoRA with at least ``PEFT_CONDENSE_MIN_TARGETS`` entries PEFT stores a shorter list when one exists: for
+    For every method but IA3, with at least ``PEFT_CONDENSE_MIN_TARGETS`` entries PEFT stores a shorter list when one exists: for
     each target, in the order of their suffix lists, the shortest suffix that no other module ends with, unless
     a suffix chosen earlier already covers it. IA3 and shorter lists are stored as given.
 
@@ -1144,7 +1144,7 @@ def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: It
     True
     """
     targets = set(targets)
-    if _enum_value(peft_type) != "LORA" or len(targets) < PEFT_CONDENSE_MIN_TARGETS:
+    if _enum_value(peft_type) == "IA3" or len(targets) < PEFT_CONDENSE_MIN_TARGETS:
         return sorted(targets)
     if "" in targets:
         raise ValueError("target_modules must not contain an empty name")

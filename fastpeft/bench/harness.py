@@ -30,6 +30,9 @@ from .plan import (
     PROMPT_TOKENS,
     TRAINED_TOKEN_ROWS,
     VERA_RANK,
+    ADALORA_INIT_R,
+    ADALORA_TARGET_R,
+    ADALORA_TOTAL_STEP,
     MODELS,
     RANK,
     SEQ,
@@ -127,6 +130,10 @@ def adapter_config(lib, method: str, dropout: float):
         return kind(task_type="CAUSAL_LM", r=LOHA_RANK, alpha=2 * LOHA_RANK, target_modules="all-linear")
     if method == "vera":
         return lib.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
+    if method == "adalora":
+        return lib.AdaLoraConfig(task_type="CAUSAL_LM", init_r=ADALORA_INIT_R, target_r=ADALORA_TARGET_R,
+                                 lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear",
+                                 total_step=ADALORA_TOTAL_STEP)
     if method == "prompt_tuning":
         return lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
     if method == "trainable_tokens":
@@ -152,8 +159,10 @@ def unavailable(spec: Spec, device: str) -> Optional[str]:
 class Prepared:
     """A model + optimizer ready to train; ``step()`` runs one full training step and returns the loss."""
 
-    def __init__(self, spec: Spec, model: nn.Module, params: List[nn.Parameter], optimizer, batches, exit_stack):
+    def __init__(self, spec: Spec, model: nn.Module, params: List[nn.Parameter], optimizer, batches, exit_stack,
+                 allocate: Optional[Callable[[int], None]] = None):
         self.spec = spec
+        self.allocate = allocate  # AdaLoRA: update_and_allocate(step), after the optimizer step as a training loop does
         self.model = model
         self.params = params
         self.optimizer = optimizer
@@ -168,6 +177,8 @@ class Prepared:
         loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         self.optimizer.step()
+        if self.allocate is not None:
+            self.allocate(self._i - 1)
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -226,7 +237,10 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
         vocab = MODELS[spec.model]["vocab_size"]
         gen = torch.Generator(device="cpu").manual_seed(seed + 1)
         batches = [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(2)]
-        return Prepared(spec, model, params, optimizer, batches, stack)
+        allocate = None
+        if spec.method == "adalora":
+            allocate = model.base_model.update_and_allocate if spec.impl == "peft" else model.update_and_allocate
+        return Prepared(spec, model, params, optimizer, batches, stack, allocate)
     except BaseException:
         stack.close()
         raise

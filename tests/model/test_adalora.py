@@ -322,3 +322,19 @@ def test_converting_a_peft_model_is_refused_clearly():
     _, theirs, _ = _pair()
     with pytest.raises(NotImplementedError, match="AdaLoRA adapters in place is not supported"):
         fastpeft.patch(theirs)
+
+
+@pytest.mark.parametrize("method", ["AdaLoraConfig", "VeraConfig", "LoHaConfig", "LoKrConfig"])
+def test_a_long_target_list_is_stored_condensed_as_peft_does(method):
+    """PEFT shortens a resolved target list of >= 20 names to name suffixes for every method but IA3."""
+    import transformers
+    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=88, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=97)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(cfg)
+    extra = dict(total_step=10) if method == "AdaLoraConfig" else {}
+    theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, method)(target_modules="all-linear", **extra))
+    ours = fastpeft.patch(copy.deepcopy(base), getattr(fastpeft, method)(target_modules="all-linear", **extra))
+    want = sorted(theirs.peft_config["default"].target_modules)
+    assert _ours_cfg(ours).target_modules == want == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                      "up_proj", "v_proj"]
