@@ -398,3 +398,12 @@ def test_gpu_bf16_adalora_kernels_against_an_fp32_twin(four_bit, monkeypatch):
     from helpers import check_bf16_against_fp32_twin
     check_bf16_against_fp32_twin(fastpeft.AdaLoraConfig(init_r=16, lora_alpha=0.5, target_modules="all-linear",
                                                         total_step=10, init_lora_weights=False), four_bit, monkeypatch)
+
+
+def test_docstring_examples_run():
+    import doctest
+    from fastpeft import adalora
+    from fastpeft.nn import adalora as adalora_layer
+    for module in (adalora, adalora_layer):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
