@@ -72,6 +72,7 @@ class RankAllocator:
         self.config = config
         self.adapter_name = adapter_name
         self.reset_ipt()
+        self._final_masks = None  # (rank pattern, {layer path: pruned mask}) of mask_using_rank_pattern
         layers = _layers(model, adapter_name)
         self.init_bgt = sum(layer.r[adapter_name] for _, layer in layers)  # the initial rank budget, all layers
         self.target_bgt = config.target_r * len(layers)
@@ -98,58 +99,80 @@ class RankAllocator:
             for table in AdaLoraLinear.TABLES:
                 yield path, table, getattr(layer, table)[self.adapter_name]
 
+    # The EMAs run as multi-tensor (_foreach) ops over all of the adapter's tensors at once: a few kernel launches per
+    # step instead of ~8 per tensor (an 8B model has ~670 of them), each op in PEFT's order, so the values are PEFT's.
     @torch.no_grad()
     def update_ipt(self, model: nn.Module) -> None:
         beta1, beta2 = self.config.beta1, self.config.beta2
+        names, params, grads = [], [], []
         for path, table, param in self._params(model):
             name = _name(path, table, self.adapter_name)
             if param.grad is None:
                 raise ValueError(f"update_and_allocate needs the gradients of the AdaLoRA parameters, and {name} has "
                                  "none: call it after loss.backward() (and optimizer.step()) and before the "
                                  "gradients are zeroed")
-            if name not in self.ipt:
-                self.ipt[name] = torch.zeros_like(param)
+            if name not in self.exp_avg_ipt:
                 self.exp_avg_ipt[name] = torch.zeros_like(param)
                 self.exp_avg_unc[name] = torch.zeros_like(param)
-            sensitivity = (param * param.grad).abs()
-            self.ipt[name] = sensitivity
-            self.exp_avg_ipt[name] = beta1 * self.exp_avg_ipt[name] + (1 - beta1) * sensitivity
-            self.exp_avg_unc[name] = beta2 * self.exp_avg_unc[name] + (1 - beta2) * (
-                sensitivity - self.exp_avg_ipt[name]).abs()
-
-    def _score(self, name: str) -> torch.Tensor:
-        return self.exp_avg_ipt[name] * self.exp_avg_unc[name]
+            names.append(name)
+            params.append(param.detach())
+            grads.append(param.grad)
+        if not names:
+            return
+        sensitivity = torch._foreach_abs(torch._foreach_mul(params, grads))  # |p · ∂L/∂p|
+        avg_ipt = torch._foreach_add(torch._foreach_mul([self.exp_avg_ipt[n] for n in names], beta1),
+                                     torch._foreach_mul(sensitivity, 1 - beta1))
+        deviation = torch._foreach_abs(torch._foreach_sub(sensitivity, avg_ipt))
+        avg_unc = torch._foreach_add(torch._foreach_mul([self.exp_avg_unc[n] for n in names], beta2),
+                                     torch._foreach_mul(deviation, 1 - beta2))
+        for name, ipt, avg, unc in zip(names, sensitivity, avg_ipt, avg_unc):
+            self.ipt[name], self.exp_avg_ipt[name], self.exp_avg_unc[name] = ipt, avg, unc
 
     @torch.no_grad()
     def mask_to_budget(self, model: nn.Module, budget: int) -> Dict[str, List[bool]]:
         """Zero the singular values whose triplet score (E's score + A's row mean + B's column mean) is at or below
         the (init budget - budget)-th smallest of the model; the kept pattern per layer."""
-        triplets: Dict[str, torch.Tensor] = {}
-        for path, layer in _layers(model, self.adapter_name):
-            def name(table):
-                return _name(path, table, self.adapter_name)
-            score_A = self._score(name("lora_A")).mean(dim=1).view(-1)
-            score_B = self._score(name("lora_B")).mean(dim=0).view(-1)
-            triplets[name("lora_E")] = self._score(name("lora_E")).view(-1) + (score_A + score_B)
-        threshold = torch.kthvalue(torch.cat(list(triplets.values())), k=self.init_bgt - budget)[0].item()
+        layers = _layers(model, self.adapter_name)
+        names = [_name(path, table, self.adapter_name) for path, _ in layers for table in AdaLoraLinear.TABLES]
+        scores = dict(zip(names, torch._foreach_mul([self.exp_avg_ipt[n] for n in names],
+                                                    [self.exp_avg_unc[n] for n in names])))
+        triplets = []
+        for path, _ in layers:
+            def score(table):
+                return scores[_name(path, table, self.adapter_name)]
+            triplets.append(score("lora_E").view(-1) + (score("lora_A").mean(dim=1) + score("lora_B").mean(dim=0)))
+        every = torch.cat(triplets)
+        threshold = torch.kthvalue(every, k=self.init_bgt - budget).values  # stays on the device
+        kept = ~(every <= threshold)  # PEFT's test, written so (a NaN score is kept, as there)
+        kept_host = kept.tolist()  # the one device-to-host copy of the call
         pattern: Dict[str, List[bool]] = {}
-        for path, layer in _layers(model, self.adapter_name):
-            key = _name(path, "lora_E", self.adapter_name)
-            pruned = triplets[key].view(-1, 1) <= threshold
-            layer.lora_E[self.adapter_name].masked_fill_(pruned, 0.0)
-            pattern[key] = (~pruned).view(-1).tolist()
+        start = 0
+        for (path, layer), layer_kept in zip(layers, kept.split([t.numel() for t in triplets])):
+            values = layer.lora_E[self.adapter_name]
+            values.masked_fill_(~layer_kept.view(-1, 1), 0.0)
+            pattern[_name(path, "lora_E", self.adapter_name)] = kept_host[start:start + values.shape[0]]
+            start += values.shape[0]
         return pattern
 
     @torch.no_grad()
     def mask_using_rank_pattern(self, model: nn.Module, pattern: Dict[str, List[bool]]) -> None:
-        for path, layer in _layers(model, self.adapter_name):
-            kept = rank_pattern_entry(pattern, path, self.adapter_name)
-            if kept is None:
-                raise ValueError(f"the rank pattern has no entry for {path} (keys like "
-                                 f"{next(iter(pattern), None)!r})")
+        layers = _layers(model, self.adapter_name)
+        if self._final_masks is None or self._final_masks[0] is not pattern:
+            # built once per pattern (every step of the final phase re-applies the same one): no host-to-device copy
+            # per layer and step
+            masks = {}
+            for path, layer in layers:
+                kept = rank_pattern_entry(pattern, path, self.adapter_name)
+                if kept is None:
+                    raise ValueError(f"the rank pattern has no entry for {path} (keys like "
+                                     f"{next(iter(pattern), None)!r})")
+                device = layer.lora_E[self.adapter_name].device
+                masks[path] = ~torch.tensor(kept, dtype=torch.bool).view(-1, 1).to(device)
+            self._final_masks = (pattern, masks)
+        masks = self._final_masks[1]
+        for path, layer in layers:
             values = layer.lora_E[self.adapter_name]
-            keep = torch.tensor(kept, dtype=torch.bool, device=values.device).view(-1, 1)
-            values.masked_fill_(~keep, 0.0)
+            values.masked_fill_(masks[path].to(values.device), 0.0)
 
     def update_and_allocate(self, model: nn.Module, global_step: int,
                             force_mask: bool = False) -> Tuple[int, Optional[Dict[str, List[bool]]]]:

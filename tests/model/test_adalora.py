@@ -183,6 +183,28 @@ def test_rank_allocator_equals_pefts_step_by_step(arch):
             k for k in cfg_o.rank_pattern if layer.lora_E["default"] is ours.get_parameter(k))])
 
 
+def test_allocator_arithmetic_is_bit_identical_to_pefts():
+    """Given the same parameters and gradients, the multi-tensor EMA update and the masking give PEFT's exact values."""
+    _, theirs, ours = _pair("qwen2", **SCHEDULE)
+    alloc_t, alloc_o = theirs.base_model.rankallocator, get_state(ours).rank_allocator
+    params_t = _theirs(theirs)
+    torch.manual_seed(3)
+    for _ in range(3):
+        for name, param in ours.named_parameters():
+            if param.requires_grad:
+                param.grad = torch.randn_like(param)
+                params_t[name].grad = param.grad.clone()
+        alloc_t.update_ipt(theirs.base_model.model)
+        alloc_o.update_ipt(ours)
+        for name in alloc_t.exp_avg_ipt:
+            assert torch.equal(alloc_o.exp_avg_ipt[name], alloc_t.exp_avg_ipt[name]), name
+            assert torch.equal(alloc_o.exp_avg_unc[name], alloc_t.exp_avg_unc[name]), name
+    budget = (alloc_o.init_bgt + alloc_o.target_bgt) // 2
+    assert alloc_o.mask_to_budget(ours, budget) == alloc_t.mask_to_budget(theirs.base_model.model, budget)
+    for name, param in ours.named_parameters():
+        assert torch.equal(param, params_t[name]), name
+
+
 def _allocated_pair(arch="llama"):
     base, theirs, ours = _pair(arch, init_lora_weights=True, **SCHEDULE)
     for _ in _train_both(theirs, ours, steps=8):
