@@ -108,7 +108,9 @@ def test_orthogonal_regulariser_is_added_when_peft_adds_it(task_type, weight):
     reference.load_state_dict(theirs.state_dict())
     with torch.no_grad():
         bare = reference(input_ids=ids, labels=ids).loss
-        loss_o = ours(input_ids=ids, labels=ids).loss
+        out_o = ours(input_ids=ids, labels=ids)
+        loss_o = out_o.loss
+        assert out_o["loss"] is loss_o and out_o.to_tuple()[0] is loss_o  # what Trainer reads
         loss_t = theirs(input_ids=ids, labels=ids).loss
     assert rel_err(loss_o, loss_t) <= TOL
     added = fastpeft.adalora.orthogonal_regularizer(ours, "default") * weight if task_type else 0.0
