@@ -35,8 +35,9 @@ __all__ = ["RankAllocator", "update_and_allocate", "orthogonal_regularizer", "re
            "rank_pattern_entry", "on_patch"]
 
 _METHOD = "update_and_allocate"
-ONE_TRAINABLE = ("AdaLoraModel supports only 1 trainable adapter. When using multiple adapters, set inference_mode to "
-                 "True for all adapters except the one you want to train.")
+ONE_TRAINABLE = ("an AdaLoRA model trains one adapter at a time (PEFT's rule: one rank allocator); this model already has "
+                 "the trainable adapter {other!r}: add {name!r} with inference_mode=True (or load it with "
+                 "is_trainable=False)")
 
 
 def _layers(model: nn.Module, adapter_name: str) -> List[Tuple[str, AdaLoraLinear]]:
@@ -281,7 +282,7 @@ def on_patch(model: nn.Module, cfg: AdaLoraConfig, adapter_name: str, state: Pat
     if not cfg.inference_mode:
         others = [n for n, c in state.configs.items() if n != adapter_name and state.trainable.get(n)]
         if others:
-            raise ValueError(ONE_TRAINABLE)
+            raise ValueError(ONE_TRAINABLE.format(other=others[0], name=adapter_name))
         previous = state.rank_allocator
         state.rank_allocator = RankAllocator(model, cfg, adapter_name)
         txn.undo.append(lambda: setattr(state, "rank_allocator", previous))

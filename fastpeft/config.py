@@ -636,7 +636,7 @@ class AdaLoraConfig(_ConfigBase):
     >>> AdaLoraConfig(target_modules=["q_proj"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: AdaLoRA does not work when `total_step` is None, supply a value > 0.
+    ValueError: AdaLoraConfig.total_step must be a positive integer ...
     """
 
     r: int = 8
@@ -711,25 +711,26 @@ class AdaLoraConfig(_ConfigBase):
                 raise ValueError(f"AdaLoraConfig.{name} must be True or False, got {getattr(self, name)!r} (PEFT's "
                                  "LoRA init strings have no meaning for AdaLoRA)")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+            raise ValueError("AdaLoraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+            raise ValueError("AdaLoraConfig.layers_pattern only works together with layers_to_transform")
         for key, kept in (self.rank_pattern or {}).items():
             if not isinstance(kept, list) or not all(type(k) is bool for k in kept):
                 raise ValueError(f"AdaLoraConfig.rank_pattern[{key!r}] must be a list of booleans (which of the "
                                  f"init_r singular values are kept), got {kept!r}")
-        # PEFT's checks, in its order and words
+        # PEFT's checks, in its order (a warning for r, errors for the rest)
         if self.r != 8:
-            warnings.warn("Note that `r` is not used in AdaLora and will be ignored. If you intended to set the "
-                          "initial rank, use `init_r` instead.", stacklevel=4)
+            warnings.warn(f"AdaLoraConfig.r={self.r!r} has no effect (PEFT ignores r for AdaLoRA too); the rank "
+                          "every layer starts with is init_r", stacklevel=4)
         if self.total_step is None or not _is_int(self.total_step) or self.total_step <= 0:
-            raise ValueError("AdaLoRA does not work when `total_step` is None, supply a value > 0.")
+            raise ValueError(f"AdaLoraConfig.total_step must be a positive integer (the number of training steps, "
+                             f"which the rank budget schedule needs), got {self.total_step!r}")
         if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
-            raise ValueError(f"`orth_reg_weight` should be greater than or equal to 0, but the value passed is "
-                             f"{self.orth_reg_weight}")
+            raise ValueError(f"AdaLoraConfig.orth_reg_weight must be a number >= 0, got {self.orth_reg_weight!r}")
         if self.tinit >= (self.total_step - self.tfinal):
-            raise ValueError("The supplied schedule values don't allow for a budgeting phase. Decrease "
-                             "`tfinal`/`tinit` or increase `total_step`.")
+            raise ValueError(f"AdaLoraConfig: tinit={self.tinit} leaves no rank-budgeting phase before the final "
+                             f"tfinal={self.tfinal} steps of total_step={self.total_step}; it must be below "
+                             "total_step - tfinal (lower tinit / tfinal or raise total_step)")
 
     def to_adapter_config(self, base_model_name_or_path: Optional[str] = None,
                           base_model_class: Optional[type] = None) -> Dict[str, Any]:
