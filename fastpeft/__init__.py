@@ -1,4 +1,4 @@
-"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA / LoHa / LoKr / OFT fine-tuning (and PEFT's prompt tuning, prefix tuning,
+"""fastpeft: fast, PEFT-compatible LoRA / IA3 / VeRA / LoHa / LoKr / OFT / AdaLoRA fine-tuning (and PEFT's prompt tuning, prefix tuning,
 P-tuning on causal LMs) for Hugging Face models.
 
 >>> import torch.nn as nn, fastpeft
@@ -8,6 +8,7 @@ P-tuning on causal LMs) for Hugging Face models.
 (32, 104)
 """
 from . import settings
+from .adalora import update_and_allocate
 from .adapter_io import hotswap_adapter, load_adapter, save_adapter
 from .adapters import (
     active_adapter,
@@ -22,11 +23,11 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
-                     TrainableTokensConfig, VeraConfig)
+from .config import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PrefixTuningConfig,
+                     PromptEncoderConfig, PromptTuningConfig, TrainableTokensConfig, VeraConfig)
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
-from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave, OftLinear,
-                 TrainableTokens, TrainableTokensLayer, VeraLinear)
+from .nn import (AdaLoraLinear, IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave,
+                 OftLinear, TrainableTokens, TrainableTokensLayer, VeraLinear)
 from .patch import patch, unpatch
 from .quantize import NF4Linear, quantize_nf4
 
@@ -44,6 +45,8 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "TrainableTokensConfig",
+    "AdaLoraConfig",
+    "update_and_allocate",
     "patch",
     "unpatch",
     "save_adapter",
@@ -76,6 +79,7 @@ __all__ = [
     "ModulesToSave",
     "TrainableTokens",
     "TrainableTokensLayer",
+    "AdaLoraLinear",
     "quantize_nf4",
     "NF4Linear",
 ]

@@ -18,16 +18,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .config import (AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig, changes_base_weights, is_prompt_learning,
+from .config import (AdaLoraConfig, AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig, changes_base_weights, is_prompt_learning,
                      to_fastpeft_config)
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
 from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
-from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, TrainableTokens,
+from .nn import (AdaLoraLinear, IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, TrainableTokens,
                  VeraLinear)
 from .nn.lycoris import LycorisLinear
 from .nn import bases
 from .patch import patch_checked
-from . import prompt_learning
+from . import adalora, prompt_learning
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -88,6 +88,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             for table in layer.TABLES:  # PEFT's ParameterDicts: saved without the adapter name
                 if adapter_name in getattr(layer, table):
                     out[f"{prefix}{path}.{table}"] = getattr(layer, table)[adapter_name]
+        elif isinstance(layer, AdaLoraLinear) and adapter_name in layer.adapter_names:
+            # PEFT's ParameterDicts, saved without the adapter name (ranknum is not saved), cut to the rank pattern
+            for table, tensor in adalora.saved_tensors(layer, path, cfg, adapter_name).items():
+                out[f"{prefix}{path}.{table}"] = tensor
         elif isinstance(layer, VeraLinear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.vera_lambda_b"] = layer.vera_lambda_b[adapter_name]
             out[f"{prefix}{path}.vera_lambda_d"] = layer.vera_lambda_d[adapter_name]
@@ -363,6 +367,8 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
         elif isinstance(layer, LycorisLinear) and adapter_name in layer.adapter_names:
             expected.update(f"{path}.{table}.{adapter_name}" for table in layer.TABLES
                             if adapter_name in getattr(layer, table))
+        elif isinstance(layer, AdaLoraLinear) and adapter_name in layer.adapter_names:
+            expected.update(f"{path}.{table}.{adapter_name}" for table in layer.TABLES)
         elif isinstance(layer, VeraLinear) and adapter_name in layer.adapter_names:
             expected.update({f"{path}.vera_lambda_b.{adapter_name}", f"{path}.vera_lambda_d.{adapter_name}"})
             vera = layer
@@ -373,7 +379,8 @@ def _plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Ten
     local_prefix = PEFT_PREFIX if prefix == "" else ""
     for key, tensor in tensors.items():
         local = local_prefix + (key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
-        if local.endswith((".vera_lambda_b", ".vera_lambda_d")) or local.endswith(tuple("." + t for t in LYCORIS_TABLES)):
+        if local.endswith((".vera_lambda_b", ".vera_lambda_d")) or local.endswith(
+                tuple("." + t for t in LYCORIS_TABLES + AdaLoraLinear.TABLES)):
             target = f"{local}.{adapter_name}"
         elif local.endswith(".lora_magnitude_vector"):
             target = f"{local}.{adapter_name}.weight"
@@ -460,6 +467,9 @@ def load_adapter(
     # init like PiSSA rewrote included)
 
     def check() -> None:
+        if isinstance(cfg, AdaLoraConfig) and cfg.rank_pattern:
+            # saved after rank allocation: the layers shrink to the kept triplets first, as PEFT's load does
+            adalora.resize_by_rank_pattern(model, get_state(model).configs[adapter_name], adapter_name)
         plan.extend(_plan_load(model, adapter_name, tensors))
 
     if is_prompt_learning(cfg):
@@ -545,7 +555,7 @@ def hotswap_adapter(model: nn.Module, path: str, adapter_name: str = "default", 
     if new_cfg.peft_type != old_cfg.peft_type:
         raise ValueError(f"cannot hot-swap a {new_cfg.peft_type} adapter into {adapter_name!r}, a {old_cfg.peft_type} "
                          "adapter")
-    if isinstance(old_cfg, (VeraConfig, LoHaConfig, LoKrConfig, OFTConfig)):
+    if isinstance(old_cfg, (VeraConfig, LoHaConfig, LoKrConfig, OFTConfig, AdaLoraConfig)):
         raise ValueError(f"hot-swap of {old_cfg.peft_type} adapters is not supported (LoRA and IA3 adapters can be "
                          "hot-swapped); "
                          "load the adapter under another name and set_adapter instead")

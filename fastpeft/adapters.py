@@ -60,6 +60,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                 set_submodule(model, name, original)
     del state.configs[adapter_name]
     del state.trainable[adapter_name]
+    if state.rank_allocator is not None and state.rank_allocator.adapter_name == adapter_name:
+        state.rank_allocator = None  # AdaLoRA: the deleted adapter was the one being allocated
     if state.active == adapter_name:
         state.active = next(iter(state.configs))
     set_active(model, state.active)

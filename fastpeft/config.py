@@ -37,8 +37,8 @@ PEFT_TASK_TYPES: Tuple[str, ...] = (
 # between Python processes. fastpeft writes the same set sorted, so that saving twice gives the same file.
 _SET_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
 
-# LoRA only (PEFT skips IA3, whose feedforward_modules must stay a subset): once a target list has at least this
-# many entries, PEFT replaces it by the shortest name suffixes that select the same modules (see
+# Every method but IA3 (PEFT skips IA3, whose feedforward_modules must stay a subset): once a target list has at least
+# this many entries, PEFT replaces it by the shortest name suffixes that select the same modules (see
 # peft_stored_targets). The value is PEFT's MIN_TARGET_MODULES_FOR_OPTIMIZATION.
 PEFT_CONDENSE_MIN_TARGETS = 20
 
@@ -89,6 +89,12 @@ IA3_DEFAULT_TARGETS: Dict[str, List[str]] = {
 }
 # PEFT's VeRA defaults: LoRA's, except phi (attention only)
 VERA_DEFAULT_TARGETS: Dict[str, List[str]] = {**LORA_DEFAULT_TARGETS, "phi": ["q_proj", "v_proj"]}
+# PEFT's AdaLoRA defaults, for the model types fastpeft knows (PEFT has none for mistral, phi, falcon, ...)
+ADALORA_DEFAULT_TARGETS: Dict[str, List[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gptj")},
+    "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"], "bert": ["query", "value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "roberta": ["query", "key", "value", "dense"],
+}
 IA3_DEFAULT_FEEDFORWARD: Dict[str, List[str]] = {
     "llama": ["down_proj"],
     "mistral": ["down_proj"],
@@ -606,6 +612,136 @@ class VeraConfig(_ConfigBase):
             raise ValueError("VeraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@_check_keywords
+@dataclass
+class AdaLoraConfig(_ConfigBase):
+    """AdaLoRA configuration; field names and defaults follow ``peft.AdaLoraConfig`` (PEFT's LoraConfig fields plus
+    the rank-allocation schedule).
+
+    Each adapted layer holds an SVD-shaped update of rank ``init_r``: ``lora_A`` [r, in], ``lora_E`` [r, 1] (the
+    singular values), ``lora_B`` [out, r], ΔW = B·(A ⊙ E) · lora_alpha / (init_r + 1e-5). During training
+    ``model.update_and_allocate(step)`` (after ``loss.backward()``) prunes singular values by importance until
+    ``target_r`` per layer remain on average (``tinit`` warm-up steps, cubic budget decrease until
+    ``total_step - tfinal``, re-allocation every ``deltaT`` steps); the pruned pattern ends up in ``rank_pattern``.
+    With a task_type set, the loss of the model's forward gains ``orth_reg_weight`` x the orthogonality penalty of
+    A and B, as PEFT's ``PeftModelFor<Task>`` adds it. ``r`` is not used (PEFT warns too), nor is ``use_rslora``.
+
+    >>> cfg = AdaLoraConfig(init_r=12, target_r=4, total_step=1000, target_modules=["q_proj", "v_proj"])
+    >>> cfg.peft_type, cfg.init_r, cfg.tinit, cfg.deltaT
+    ('ADALORA', 12, 0, 1)
+    >>> AdaLoraConfig(target_modules=["q_proj"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: AdaLoraConfig.total_step must be a positive integer ...
+    """
+
+    r: int = 8
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    modules_to_save: Optional[List[str]] = None
+    init_lora_weights: bool = True
+    layers_to_transform: Optional[Union[int, List[int]]] = None
+    layers_pattern: Optional[Union[str, List[str]]] = None
+    rank_pattern: Optional[Dict[str, List[bool]]] = None  # written by the rank allocator: {"<path>.lora_E": [kept?]}
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    # PEFT's bookkeeping
+    peft_type: Optional[str] = _peft_type_field("ADALORA")
+    peft_version: Optional[str] = _save_metadata()
+    auto_mapping: Optional[Dict[str, Any]] = _save_metadata()
+    # PEFT fields fastpeft does not implement for AdaLoRA, at PEFT's defaults (PEFT itself refuses use_dora and
+    # loftq_config for AdaLoRA, and ignores alpha_pattern)
+    bias: Any = _peft_only("none")
+    alpha_pattern: Any = _peft_only(factory=dict)
+    use_dora: Any = _peft_only(False)
+    loftq_config: Any = _peft_only(factory=dict)
+    trainable_token_indices: Any = _peft_only(None)
+    megatron_config: Any = _peft_only(None)
+    megatron_core: Any = _peft_only("megatron.core")
+    eva_config: Any = _peft_only(None)
+    corda_config: Any = _peft_only(None)
+    lora_ga_config: Any = _peft_only(None)
+    velora_config: Any = _peft_only(None)
+    alora_invocation_tokens: Any = _peft_only(None)
+    use_qalora: Any = _peft_only(False)
+    qalora_group_size: Any = _peft_only(16)
+    monteclora_config: Any = _peft_only(None)
+    layer_replication: Any = _peft_only(None)
+    runtime_config: Any = _peft_only(factory=lambda: {"ephemeral_gpu_offload": False})
+    lora_bias: Any = _peft_only(False)
+    target_parameters: Any = _peft_only(None)
+    use_bdlora: Any = _peft_only(None)
+    arrow_config: Any = _peft_only(None)
+    kasa_config: Any = _peft_only(None)
+    ensure_weight_tying: Any = _peft_only(False)
+
+    PEFT_TYPE: ClassVar[str] = "ADALORA"
+    _NOT_SAVED: ClassVar[Tuple[str, ...]] = ("runtime_config",)
+
+    def validate(self) -> None:
+        for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0 or (name == "deltaT" and value == 0):
+                kind = "a positive integer" if name == "deltaT" else "an integer >= 0"
+                raise ValueError(f"AdaLoraConfig.{name} must be {kind}, got {value!r}")
+        dropout_ok = isinstance(self.lora_dropout, (int, float)) and not isinstance(self.lora_dropout, bool)
+        if not dropout_ok or not (0.0 <= float(self.lora_dropout) < 1.0):
+            raise ValueError(f"AdaLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("init_lora_weights", "fan_in_fan_out", "use_rslora", "inference_mode"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"AdaLoraConfig.{name} must be True or False, got {getattr(self, name)!r} (PEFT's "
+                                 "LoRA init strings have no meaning for AdaLoRA)")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("AdaLoraConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("AdaLoraConfig.layers_pattern only works together with layers_to_transform")
+        for key, kept in (self.rank_pattern or {}).items():
+            if not isinstance(kept, list) or not all(type(k) is bool for k in kept):
+                raise ValueError(f"AdaLoraConfig.rank_pattern[{key!r}] must be a list of booleans (which of the "
+                                 f"init_r singular values are kept), got {kept!r}")
+        # PEFT's checks, in its order (a warning for r, errors for the rest)
+        if self.r != 8:
+            warnings.warn(f"AdaLoraConfig.r={self.r!r} has no effect (PEFT ignores r for AdaLoRA too); the rank "
+                          "every layer starts with is init_r", stacklevel=4)
+        if self.total_step is None or not _is_int(self.total_step) or self.total_step <= 0:
+            raise ValueError(f"AdaLoraConfig.total_step must be a positive integer (the number of training steps, "
+                             f"which the rank budget schedule needs), got {self.total_step!r}")
+        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
+            raise ValueError(f"AdaLoraConfig.orth_reg_weight must be a number >= 0, got {self.orth_reg_weight!r}")
+        if self.tinit >= (self.total_step - self.tfinal):
+            raise ValueError(f"AdaLoraConfig: tinit={self.tinit} leaves no rank-budgeting phase before the final "
+                             f"tfinal={self.tfinal} steps of total_step={self.total_step}; it must be below "
+                             "total_step - tfinal (lower tinit / tfinal or raise total_step)")
+
+    def to_adapter_config(self, base_model_name_or_path: Optional[str] = None,
+                          base_model_class: Optional[type] = None) -> Dict[str, Any]:
+        """As ``_ConfigBase.to_adapter_config``; rank_pattern keys are written without the adapter name
+        ("<path>.lora_E"), as PEFT's save does."""
+        data = super().to_adapter_config(base_model_name_or_path, base_model_class)
+        if data.get("rank_pattern"):
+            data["rank_pattern"] = {re.sub(r"\.lora_E\.[^.]+$", ".lora_E", k): v for k, v in data["rank_pattern"].items()}
+        return data
+
+
 class _LycorisConfig(_ConfigBase):
     """What LoHa and LoKr configs share: r / alpha with per-module patterns (scaling = alpha / r, no rsLoRA), rank and
     module dropout, the layer filters."""
@@ -893,7 +1029,8 @@ class _PromptLearningBase(_ConfigBase):
 @dataclass
 class PromptTuningConfig(_PromptLearningBase):
     """Prompt tuning (``num_virtual_tokens`` trained embeddings put in front of the input); field names and
-    defaults follow ``peft.PromptTuningConfig``. fastpeft implements it for causal LMs (``task_type="CAUSAL_LM"``).
+    defaults follow ``peft.PromptTuningConfig``. fastpeft implements it for causal LMs
+    (``task_type="CAUSAL_LM"``) and encoder-decoder models (``"SEQ_2_SEQ_LM"``).
 
     ``prompt_tuning_init``: "RANDOM" (PEFT's default), "TEXT" (the embeddings of ``prompt_tuning_init_text``,
     tokenized by ``AutoTokenizer.from_pretrained(tokenizer_name_or_path, **tokenizer_kwargs)``, cut or repeated to
@@ -950,7 +1087,8 @@ class PromptTuningConfig(_PromptLearningBase):
 @dataclass
 class PrefixTuningConfig(_PromptLearningBase):
     """Prefix tuning (trained keys and values in front of every attention layer's cache); field names and
-    defaults follow ``peft.PrefixTuningConfig``. fastpeft implements it for causal LMs (``task_type="CAUSAL_LM"``).
+    defaults follow ``peft.PrefixTuningConfig``. fastpeft implements it for causal LMs
+    (``task_type="CAUSAL_LM"``) and encoder-decoder models (``"SEQ_2_SEQ_LM"``).
 
     ``prefix_projection=True`` computes the prefix with a two-layer MLP (hidden size ``encoder_hidden_size``) from
     ``num_virtual_tokens`` embeddings; ``init_weights="zero"`` starts from an all-zero prefix.
@@ -995,7 +1133,7 @@ class PrefixTuningConfig(_PromptLearningBase):
 class PromptEncoderConfig(_PromptLearningBase):
     """P-tuning (virtual-token embeddings passed through a trained MLP or LSTM + MLP encoder, put in front of the
     input); field names and defaults follow ``peft.PromptEncoderConfig``. fastpeft implements it for causal LMs
-    (``task_type="CAUSAL_LM"``).
+    (``task_type="CAUSAL_LM"``) and encoder-decoder models (``"SEQ_2_SEQ_LM"``).
 
     >>> PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_reparameterization_type="LSTM").peft_type
     'P_TUNING'
@@ -1038,10 +1176,10 @@ class PromptEncoderConfig(_PromptLearningBase):
 
 PromptLearningConfig = Union[PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
 AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, OFTConfig, TrainableTokensConfig,
-                      PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
+                      PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, AdaLoraConfig]
 _CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, OFTConfig,
                                                   TrainableTokensConfig, PromptTuningConfig,
-                                                  PrefixTuningConfig, PromptEncoderConfig)}
+                                                  PrefixTuningConfig, PromptEncoderConfig, AdaLoraConfig)}
 
 
 def is_prompt_learning(config: Any) -> bool:
@@ -1093,7 +1231,7 @@ def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: It
     architecture's default list; for a list, the list given. ``module_names``: every name of
     ``model.named_modules()`` of the model being adapted (the root "" included).
 
-    For LoRA with at least ``PEFT_CONDENSE_MIN_TARGETS`` entries PEFT stores a shorter list when one exists: for
+    For every method but IA3, with at least ``PEFT_CONDENSE_MIN_TARGETS`` entries PEFT stores a shorter list when one exists: for
     each target, in the order of their suffix lists, the shortest suffix that no other module ends with, unless
     a suffix chosen earlier already covers it. IA3 and shorter lists are stored as given.
 
@@ -1104,7 +1242,7 @@ def peft_stored_targets(peft_type: str, targets: Iterable[str], module_names: It
     True
     """
     targets = set(targets)
-    if _enum_value(peft_type) != "LORA" or len(targets) < PEFT_CONDENSE_MIN_TARGETS:
+    if _enum_value(peft_type) == "IA3" or len(targets) < PEFT_CONDENSE_MIN_TARGETS:
         return sorted(targets)
     if "" in targets:
         raise ValueError("target_modules must not contain an empty name")

@@ -13,15 +13,15 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, LoraConfig, OFTConfig, VeraConfig, is_prompt_learning
-from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, TrainableTokens,
-                 VeraLinear)
+from .nn import (AdaLoraLinear, IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear,
+                 TrainableTokens, VeraLinear)
 from .nn import bases
 
 ADAPTER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, OftLinear, ModulesToSave,
-                 TrainableTokens)
+                 TrainableTokens, AdaLoraLinear)
 # the drop-ins that wrap one base layer (everything but ModulesToSave; TrainableTokens, whose base sits one level
 # down, stays out: targets.py must not look through it)
-WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, OftLinear)
+WRAPPER_TYPES = (LoraLinear, LoraEmbedding, IA3Linear, VeraLinear, LohaLinear, LokrLinear, OftLinear, AdaLoraLinear)
 # configs whose ``bias`` field trains biases: "all", or "<method>_only" (the biases of the layers this method adapts)
 BIAS_CONFIG_LAYERS = {LoraConfig: LoraLinear, VeraConfig: VeraLinear, OFTConfig: OftLinear}
 STATE_ATTR = "_fastpeft_state"
@@ -46,6 +46,7 @@ class PatchState:
     # adapter name -> (init_lora_weights, number of base weights it rewrote): PiSSA / OLoRA / LoftQ change the base
     base_rewritten: Dict[str, Tuple[Any, int]] = field(default_factory=dict)
     from_peft: bool = False
+    rank_allocator: Any = None  # AdaLoRA: the trainable adapter's RankAllocator (fastpeft/adalora.py)
 
 
 def get_state(model: nn.Module, required: bool = True) -> Optional[PatchState]:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .config import (AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, TrainableTokensConfig, VeraConfig,
+from .config import (AdaLoraConfig, AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, TrainableTokensConfig, VeraConfig,
                      is_prompt_learning,
                      to_fastpeft_config)
 from .model_state import (
@@ -33,12 +33,12 @@ from .model_state import (
     set_submodule,
     underlying,
 )
-from .nn import (IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, VeraLinear,
+from .nn import (AdaLoraLinear, IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, VeraLinear,
                  VeraProjections)
 from .nn.vera import vera_projections
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
-from . import mixed_batches, prompt_learning
+from . import adalora, mixed_batches, prompt_learning
 from .peft_interop import route_generate, route_peft_methods, unroute_peft_methods
 from .targets import find_modules_to_save, find_targets
 from .token_targets import add_trainable_tokens, convert_peft_token_wrappers
@@ -83,6 +83,13 @@ def _new_layer(name: str, module: nn.Module, cfg: AdapterConfig, adapter_name: s
             module.update_layer(adapter_name, *args)
             return module
         return OftLinear(module, adapter_name, *args)
+    if isinstance(cfg, AdaLoraConfig):
+        cfg.fan_in_fan_out = bases.is_conv1d(underlying(module))  # PEFT sets it per target type, with a warning
+        args = (cfg.init_r, cfg.lora_alpha, float(cfg.lora_dropout), cfg.init_lora_weights)
+        if isinstance(module, AdaLoraLinear):
+            module.update_layer(adapter_name, *args)
+            return module
+        return AdaLoraLinear(module, adapter_name, *args)
     if isinstance(cfg, VeraConfig):
         vera_A, vera_B = tables
         cfg.fan_in_fan_out = bases.is_conv1d(underlying(module))  # PEFT sets it per target type, with a warning
@@ -122,7 +129,8 @@ def _add_adapter(model: nn.Module, cfg: AdapterConfig, adapter_name: str, state:
                       "kept and saved", stacklevel=3)
     tables = _vera_tables(model, cfg, adapter_name, targets, state, txn) if isinstance(cfg, VeraConfig) else None
     own_types = {LoraConfig: (LoraLinear, LoraEmbedding), IA3Config: IA3Linear, VeraConfig: VeraLinear,
-                 LoHaConfig: LohaLinear, LoKrConfig: LokrLinear, OFTConfig: OftLinear}[type(cfg)]
+                 LoHaConfig: LohaLinear, LoKrConfig: LokrLinear, OFTConfig: OftLinear,
+                 AdaLoraConfig: AdaLoraLinear}[type(cfg)]
     built = []
     for name, module in targets:
         existing = isinstance(module, WRAPPER_TYPES)
@@ -285,6 +293,8 @@ def patch_checked(model: nn.Module, config: Any = None, adapter_name: str = "def
         state.configs[adapter_name] = cfg
         state.trainable[adapter_name] = not cfg.inference_mode
         record_requires_grad(state, model)  # new adapter parameters: their "original" flag is their own
+        if isinstance(cfg, AdaLoraConfig):  # rank allocator, loss regulariser, model.update_and_allocate
+            adalora.on_patch(model, cfg, adapter_name, state, txn, fresh)
         if fresh:
             model.__dict__[STATE_ATTR] = state
             apply_trainable(model, state, txn)
@@ -421,6 +431,10 @@ def _convert_peft_model(model: nn.Module) -> nn.Module:
             "converting a PeftModel with a prompt-learning adapter in place is not supported; save it "
             "(peft_model.save_pretrained(dir)) and load it into the plain model: fastpeft.load_adapter(model, dir)")
     kinds = {c.peft_type for c in configs.values()}
+    if "ADALORA" in kinds:
+        raise NotImplementedError(
+            "converting a PeftModel with AdaLoRA adapters in place is not supported; save it "
+            "(peft_model.save_pretrained(dir)) and load it into the plain model: fastpeft.load_adapter(model, dir)")
     if len(kinds) != 1:
         raise ValueError(f"fastpeft converts PeftModels of one adapter method; found {sorted(kinds)}")
     layers = [

@@ -1,5 +1,5 @@
-"""Prompt learning on a causal LM, in place: prompt tuning, prefix tuning and P-tuning (PEFT's
-``PeftModelForCausalLM`` behaviour, on the transformers model itself).
+"""Prompt learning in place: prompt tuning, prefix tuning and P-tuning (PEFT's ``PeftModelForCausalLM`` behaviour on a
+decoder-only causal LM, ``PeftModelForSeq2SeqLM``'s on an encoder-decoder model, on the transformers model itself).
 
 These methods change the model's inputs, not its layers. ``fastpeft.patch(model, PromptTuningConfig(...))``
 
@@ -17,8 +17,9 @@ extended the same way, and the logits cover the real tokens only. ``generate`` r
 PEFT's ``prepare_inputs_for_generation`` (the prompt is added at the prefill step only).
 
 Everything installed here is undone by ``fastpeft.unpatch`` (``_Routing.remove``, kept in ``PatchState.hooks``).
-One prompt-learning adapter per model, decoder-only models (``task_type="CAUSAL_LM"``); the rest is refused with an
-error that says so.
+Encoder-decoder models (``task_type="SEQ_2_SEQ_LM"``): ``_forward_seq2seq`` / ``_generate_seq2seq_prompt`` /
+``_prepare_seq2seq_prefix`` (the prompt in front of the encoder's inputs, or the prefix in the decoder's cache).
+One prompt-learning adapter per model; the rest is refused with an error that says so.
 """
 from __future__ import annotations
 
@@ -311,7 +312,7 @@ def add_prompt_adapter(model: nn.Module, cfg: PromptLearningConfig, adapter_name
         prompt_type = state.peft_type if is_prompt_learning(state.peft_type) else cfg.peft_type
         raise ValueError(
             f"this model holds {state.peft_type} adapters; fastpeft does not combine a prompt-learning adapter "
-            f"({prompt_type}) with LoRA / IA3 / VeRA / LoHa / LoKr / OFT adapters on one model (cannot add the {cfg.peft_type} "
+            f"({prompt_type}) with LoRA / IA3 / VeRA / LoHa / LoKr / OFT / AdaLoRA adapters on one model (cannot add the {cfg.peft_type} "
             f"adapter {adapter_name!r}): fastpeft.unpatch(model) first")
     if not is_prompt_learning(cfg):
         raise TypeError(f"expected a prompt-learning config, got {type(cfg).__name__}")

@@ -18,6 +18,8 @@ import torch.nn as nn
 from .config import (
     IA3_DEFAULT_FEEDFORWARD,
     IA3_DEFAULT_TARGETS,
+    ADALORA_DEFAULT_TARGETS,
+    AdaLoraConfig,
     LORA_DEFAULT_TARGETS,
     VERA_DEFAULT_TARGETS,
     AdapterConfig,
@@ -97,7 +99,8 @@ def _resolve_targets(model: nn.Module, cfg: AdapterConfig, candidates) -> Any:
         model_type = _model_type(model)
         table = {LoraConfig: LORA_DEFAULT_TARGETS, IA3Config: IA3_DEFAULT_TARGETS,
                  VeraConfig: VERA_DEFAULT_TARGETS, LoHaConfig: LORA_DEFAULT_TARGETS,
-                 LoKrConfig: LORA_DEFAULT_TARGETS, OFTConfig: LORA_DEFAULT_TARGETS}[type(cfg)]  # LoHa, LoKr, OFT: LoRA's
+                 LoKrConfig: LORA_DEFAULT_TARGETS, OFTConfig: LORA_DEFAULT_TARGETS,
+                 AdaLoraConfig: ADALORA_DEFAULT_TARGETS}[type(cfg)]  # LoHa, LoKr, OFT: LoRA's
         if model_type not in table:
             names = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if bases.supported_base(underlying(m))})
             raise ValueError(

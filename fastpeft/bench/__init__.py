@@ -30,6 +30,8 @@ Methods (r=16, alpha=32, all linear layers but the output head; IA3 on k, v, dow
     prompt_tuning  prompt tuning, 20 virtual tokens (PEFT's PeftModelForCausalLM forward)
     trainable_tokens  PEFT's standalone trainable tokens, 100 embedding rows (a tied head follows)
     vera           VeRA r=256 on all linear layers but the head (shared projections, trained vectors)
+    adalora        AdaLoRA init_r=12, target_r=8, alpha 32 on all linear layers but the head; every step calls
+                   update_and_allocate after the optimizer step (both libraries), inside the budgeting phase
     lora_fused, qlora_fused      fastpeft only: + fastpeft.enable_fused_loss (loss without the logits)
     lora_offload, qlora_offload  fastpeft only: + fused loss + fastpeft.enable_activation_offload
                    (compared with PEFT's plain LoRA / QLoRA row; ``--longest``: fastpeft/bench/longest.py)

@@ -31,6 +31,9 @@ from .plan import (
     PROMPT_TOKENS,
     TRAINED_TOKEN_ROWS,
     VERA_RANK,
+    ADALORA_INIT_R,
+    ADALORA_TARGET_R,
+    ADALORA_TOTAL_STEP,
     MODELS,
     RANK,
     SEQ,
@@ -130,6 +133,10 @@ def adapter_config(lib, method: str, dropout: float):
         return lib.OFTConfig(task_type="CAUSAL_LM", oft_block_size=OFT_BLOCK_SIZE, target_modules="all-linear")
     if method == "vera":
         return lib.VeraConfig(task_type="CAUSAL_LM", r=VERA_RANK, target_modules="all-linear")
+    if method == "adalora":
+        return lib.AdaLoraConfig(task_type="CAUSAL_LM", init_r=ADALORA_INIT_R, target_r=ADALORA_TARGET_R,
+                                 lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear",
+                                 total_step=ADALORA_TOTAL_STEP)
     if method == "prompt_tuning":
         return lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
     if method == "trainable_tokens":
@@ -156,8 +163,9 @@ class Prepared:
     """A model + optimizer ready to train; ``step()`` runs one full training step and returns the loss."""
 
     def __init__(self, spec: Spec, model: nn.Module, params: List[nn.Parameter], optimizer, batches, exit_stack,
-                 compile_mode: Optional[str] = None):
+                 compile_mode: Optional[str] = None, allocate: Optional[Callable[[int], None]] = None):
         self.spec = spec
+        self.allocate = allocate  # AdaLoRA: update_and_allocate(step), after the optimizer step as a training loop does
         self.model = model
         self.compile_mode = compile_mode
         # torch.compile(model): the module the step calls; ``model`` stays the eager module (save, profile, ...)
@@ -178,6 +186,8 @@ class Prepared:
         loss = self.step_model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         self.optimizer.step()
+        if self.allocate is not None:
+            self.allocate(self._i - 1)
         self.optimizer.zero_grad(set_to_none=True)
         # a copy: under CUDA graphs the loss lives in the graph's memory pool, reused by the next replay
         return loss.detach().clone()
@@ -247,7 +257,10 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
         vocab = MODELS[spec.model]["vocab_size"]
         gen = torch.Generator(device="cpu").manual_seed(seed + 1)
         batches = [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(2)]
-        return Prepared(spec, model, params, optimizer, batches, stack, compile_mode)
+        allocate = None
+        if spec.method == "adalora":
+            allocate = model.base_model.update_and_allocate if spec.impl == "peft" else model.update_and_allocate
+        return Prepared(spec, model, params, optimizer, batches, stack, compile_mode, allocate)
     except BaseException:
         stack.close()
         raise

@@ -18,6 +18,9 @@ PROMPT_TOKENS = 20  # prompt tuning: virtual tokens in front of every sequence
 TRAINED_TOKEN_ROWS = 100  # trainable tokens: embedding rows that train (the head follows when tied)
 VERA_RANK = 256  # PEFT's default VeRA r; VeRA on every linear layer but the head, like LoRA
 OFT_BLOCK_SIZE = 32  # PEFT's default oft_block_size (Cayley-Neumann, 5 terms: PEFT's defaults too)
+# AdaLoRA: PEFT's default init_r / target_r; a schedule long enough that every timed step is in the budgeting phase
+# (sensitivity update + re-masking after each optimizer step, the method's most expensive phase)
+ADALORA_INIT_R, ADALORA_TARGET_R, ADALORA_TOTAL_STEP = 12, 8, 10_000
 SCHEMA = "fastpeft.bench.step/1"
 
 # Llama shapes. rope settings do not change the step's cost and are left at their defaults.
@@ -33,10 +36,10 @@ SEQ = {"8b": (2, 2048), "1b": (2, 2048), "tiny": (2, 64)}  # (batch, tokens per 
 
 # Run order = priority (a --budget-s cut drops the tail): the targets first, then variants, Liger last.
 METHODS = ["full_ft", "lora", "qlora", "ia3", "dora", "qdora", "lora_dropout", "qlora_dropout", "dora_dropout", "vera",
-           "loha", "lokr", "oft", "prompt_tuning", "trainable_tokens", "lora_fused", "qlora_fused", "lora_offload", "qlora_offload", "lora_liger"]
+           "loha", "lokr", "oft", "adalora", "prompt_tuning", "trainable_tokens", "lora_fused", "qlora_fused", "lora_offload", "qlora_offload", "lora_liger"]
 TABLE_ORDER = ["lora", "lora_fused", "lora_offload", "lora_dropout", "qlora", "qlora_fused", "qlora_offload",
-               "qlora_dropout", "dora", "dora_dropout", "qdora", "ia3", "vera", "loha", "lokr", "oft", "prompt_tuning",
-               "trainable_tokens", "lora_liger"]  # adapter rows in tables
+               "qlora_dropout", "dora", "dora_dropout", "qdora", "ia3", "vera", "loha", "lokr", "oft", "adalora",
+               "prompt_tuning", "trainable_tokens", "lora_liger"]  # adapter rows in tables
 # fastpeft-only rows (memory options PEFT does not have): compared with PEFT's row of the plain method
 FASTPEFT_ONLY = {"lora_fused": "lora", "qlora_fused": "qlora", "lora_offload": "lora", "qlora_offload": "qlora"}
 QUICK_METHODS = ["full_ft", "lora", "ia3", "qlora", "lora_liger"]
@@ -45,6 +48,7 @@ METHOD_LABEL = {
     "qlora": "QLoRA r=16", "qlora_dropout": "QLoRA r=16, dropout 0.05", "ia3": "IA3",
     "lora_liger": "LoRA r=16 + Liger", "dora": "DoRA r=16", "qdora": "QDoRA r=16 (4-bit base)",
     "dora_dropout": "DoRA r=16, dropout 0.05", "vera": "VeRA r=256", "loha": "LoHa r=8", "lokr": "LoKr r=8", "oft": "OFT block 32",
+    "adalora": "AdaLoRA r=12 to 8",
     "prompt_tuning": "prompt tuning, 20 tokens", "trainable_tokens": "trainable tokens, 100 rows",
     "lora_fused": "LoRA r=16 + fused loss", "qlora_fused": "QLoRA r=16 + fused loss",
     "lora_offload": "LoRA r=16 + fused loss + offload", "qlora_offload": "QLoRA r=16 + fused loss + offload",
@@ -52,7 +56,7 @@ METHOD_LABEL = {
 IMPL_LABEL = {"torch": "plain", "peft": "PEFT", "fastpeft": "fastpeft"}
 # Targets from DESIGN.md §5 (whole step, vs PEFT): tokens/s × and peak-memory ×.
 SPEED_TARGET = {"lora": 2.0, "lora_dropout": 2.0, "qlora": 3.0, "qlora_dropout": 3.0,
-                "vera": 1.5, "loha": 1.0, "lokr": 1.0, "oft": 1.0,
+                "vera": 1.5, "loha": 1.0, "lokr": 1.0, "oft": 1.0, "adalora": 1.5,
                 "prompt_tuning": 1.0, "trainable_tokens": 1.0}  # issue 17: VeRA runs on the LoRA kernels; LoHa at least PEFT's speed
 MEMORY_TARGET = 0.75
 # issue 16: peak memory × PEFT's plain method, for the rows with the fused loss (and activation offload)
@@ -62,10 +66,10 @@ LEAN_MEMORY_TARGET = {"lora_fused": 0.7, "lora_offload": 0.7, "qlora_fused": 0.5
 # the estimate is rescaled by measured/predicted as configurations finish.
 PRIOR_STEP_S = {
     "8b": {"full_ft": 0.9, "lora": 0.71, "lora_dropout": 0.76, "qlora": 1.6, "qlora_dropout": 1.7, "ia3": 0.46,
-           "lora_liger": 0.63, "dora": 1.2, "qdora": 2.0, "dora_dropout": 1.6, "vera": 0.8, "loha": 1.0, "lokr": 1.0, "oft": 0.9, "prompt_tuning": 0.4, "trainable_tokens": 0.4, "lora_fused": 0.5,
+           "lora_liger": 0.63, "dora": 1.2, "qdora": 2.0, "dora_dropout": 1.6, "vera": 0.8, "loha": 1.0, "lokr": 1.0, "oft": 0.9, "adalora": 0.9, "prompt_tuning": 0.4, "trainable_tokens": 0.4, "lora_fused": 0.5,
            "qlora_fused": 0.5, "lora_offload": 0.5, "qlora_offload": 0.5},
     "1b": {"full_ft": 0.14, "lora": 0.19, "lora_dropout": 0.21, "qlora": 0.54, "qlora_dropout": 0.56, "ia3": 0.12,
-           "lora_liger": 0.17, "dora": 0.3, "qdora": 0.6, "dora_dropout": 0.4, "vera": 0.2, "loha": 0.3, "lokr": 0.3, "oft": 0.25, "prompt_tuning": 0.1, "trainable_tokens": 0.1, "lora_fused": 0.19,
+           "lora_liger": 0.17, "dora": 0.3, "qdora": 0.6, "dora_dropout": 0.4, "vera": 0.2, "loha": 0.3, "lokr": 0.3, "oft": 0.25, "adalora": 0.25, "prompt_tuning": 0.1, "trainable_tokens": 0.1, "lora_fused": 0.19,
            "qlora_fused": 0.54, "lora_offload": 0.19, "qlora_offload": 0.54},
     "tiny": {m: 0.05 for m in METHODS},
 }

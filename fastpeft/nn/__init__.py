@@ -8,6 +8,7 @@
     lycoris.py, lokr.py LycorisLinear (what LoHa / LoKr share) and LokrLinear (LoKr: W1 ⊗ W2 applied as two small GEMMs)
     oft.py              OftLinear (OFT: a block-diagonal orthogonal rotation of the input, one batched GEMM)
     vera.py             VeraLinear (VeRA: trained vectors over shared frozen projections, on LoRA's paths)
+    adalora.py          AdaLoraLinear (AdaLoRA: an SVD-shaped update B·(A ⊙ E), on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
     prompt_encoders.py  PromptEmbedding / PrefixEncoder / PromptEncoder (prompt tuning, prefix tuning, P-tuning)
@@ -15,6 +16,7 @@
                         TrainableTokensLayer (the same, PEFT's standalone TrainableTokensConfig)
     _rng.py             the LoRA dropout seed
 """
+from .adalora import AdaLoraLinear
 from .ia3 import IA3Linear
 from .layer import AdapterLayer
 from .lora import LoraLinear, LoraVariant
@@ -29,4 +31,4 @@ from .vera import VeraLinear, VeraProjections
 
 __all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear", "LokrLinear", "OftLinear",
            "VeraProjections", "ModulesToSave", "PromptEmbedding", "PrefixEncoder", "PromptEncoder", "TrainableTokens",
-           "TrainableTokensLayer"]
+           "TrainableTokensLayer", "AdaLoraLinear"]

@@ -268,16 +268,19 @@ def test_dora_custom_ops_pass_opcheck():
                                                     0.0, None, True, True, True, True, True) + quant)
 
 
-@pytest.mark.parametrize("method", ["vera", "loha", "lokr"])
+@pytest.mark.parametrize("method", ["vera", "loha", "lokr", "adalora"])
 def test_compiled_vera_loha_lokr_train_like_eager_without_graph_breaks(method, monkeypatch):
-    """VeRA and LoHa reach LoRA's custom op (their pair is formed in the graph); LoKr's blocked product is plain
-    PyTorch. Training (PEFT's module-dropout draw included) compiles to one graph and matches eager."""
+    """VeRA, LoHa and AdaLoRA reach LoRA's custom op (their pair is formed in the graph); LoKr's blocked product is
+    plain PyTorch. Training (PEFT's module-dropout draw included; AdaLoRA's regulariser, added by a forward hook
+    around the compiled forward) compiles to one graph and matches eager."""
     set_settings(monkeypatch, backend="triton")
     torch.manual_seed(5)
     targets = ["q_proj", "v_proj", "down_proj"]
     cfg = {"vera": fastpeft.VeraConfig(r=8, target_modules=targets, init_weights=False),
            "loha": fastpeft.LoHaConfig(r=4, target_modules=targets, init_weights=False),
-           "lokr": fastpeft.LoKrConfig(r=4, target_modules=targets, init_weights=False)}[method]
+           "lokr": fastpeft.LoKrConfig(r=4, target_modules=targets, init_weights=False),
+           "adalora": fastpeft.AdaLoraConfig(init_r=4, lora_alpha=0.5, target_modules=targets, total_step=10,
+                                             init_lora_weights=False, task_type="CAUSAL_LM")}[method]
     model = fastpeft.patch(tiny_model("llama", seed=2), cfg)
     model.config.num_hidden_layers = 1
     model.model.layers = model.model.layers[:1]
@@ -285,7 +288,8 @@ def test_compiled_vera_loha_lokr_train_like_eager_without_graph_breaks(method, m
         _check_compiled_trains_like_eager(model.train(), "aten.kron.default", 0, seed=3)  # ΔW is never formed
     else:
         # LoHa: only layers where the rank-r² product is cheaper take it (v_proj 48 -> 24 at r=4 does not)
-        fast = sum(1 for m in model.modules() if isinstance(m, (fastpeft.VeraLinear, fastpeft.LohaLinear))
+        fast = sum(1 for m in model.modules()
+                   if isinstance(m, (fastpeft.VeraLinear, fastpeft.LohaLinear, fastpeft.AdaLoraLinear))
                    and (not isinstance(m, fastpeft.LohaLinear) or m.factored("default")))
         assert fast >= 2
         _check_compiled_trains_like_eager(model.train(), "fastpeft.lora_fwd.default", fast, seed=3)

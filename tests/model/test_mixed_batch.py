@@ -261,17 +261,21 @@ def test_one_pass_kernels_run_the_mixed_batch_and_match_the_per_adapter_loop(dty
     assert rel_err(changed[2], got[2]) > 1e-3 and rel_err(changed[0], got[0]) <= 1e-6
 
 
-@pytest.mark.parametrize("method", ["vera", "loha", "lokr", "oft"])
+@pytest.mark.parametrize("method", ["vera", "loha", "lokr", "oft", "adalora"])
 def test_mixed_batches_of_the_other_methods_match_one_adapter_at_a_time(method):
-    """adapter_names= with VeRA / LoHa / LoKr / OFT adapters: each row equals that adapter alone ("__base__": no adapter);
-    these layers run one pass per distinct adapter (AdapterLayer._forward_mixed)."""
+    """adapter_names= with VeRA / LoHa / LoKr / OFT / AdaLoRA adapters: each row equals that adapter alone ("__base__": no
+    adapter); these layers run one pass per distinct adapter (AdapterLayer._forward_mixed)."""
     make = {"vera": lambda: fastpeft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], init_weights=False),
             "loha": lambda: fastpeft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
             "lokr": lambda: fastpeft.LoKrConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
             "oft": lambda: fastpeft.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj"],
-                                              init_weights=False)}[method]
+                                              init_weights=False),
+            # AdaLoRA: one trainable adapter per model (PEFT's rule), so the second one is added frozen
+            "adalora": lambda inference_mode=False: fastpeft.AdaLoraConfig(
+                init_r=4, lora_alpha=0.5, target_modules=["q_proj", "v_proj"], total_step=10, init_lora_weights=False,
+                inference_mode=inference_mode)}[method]
     model = fastpeft.patch(tiny_model("llama", seed=1), make())
-    fastpeft.add_adapter(model, "b", make())
+    fastpeft.add_adapter(model, "b", make(inference_mode=True) if method == "adalora" else make())
     ids = random_ids(batch=3)
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=["default", "b", "__base__"]).logits

@@ -1,0 +1,189 @@
+"""AdaLoraLinear: a drop-in for a frozen linear layer with AdaLoRA adapters (PEFT's ``adalora.SVDLinear``).
+
+AdaLoRA (https://openreview.net/forum?id=lq62uWRJjiY) keeps each update in SVD shape, P·Λ·Q:
+
+    y = base(x) + (dropout(x) · (A ⊙ E)ᵀ · Bᵀ) · s / (ranknum + 1e-5)      A [r, in], E [r, 1], B [out, r]
+
+with s = lora_alpha (or r when lora_alpha is 0) and ranknum = r as built. That is LoRA with A' = (A ⊙ E)·s/(ranknum
++ 1e-5), B' = B and scaling 1, so the fast paths form A' (r·in multiplies, nothing next to the GEMMs) and run the
+LoRA operators / kernels unchanged; autograd carries dA' back to A and E. The rank allocator (fastpeft/adalora.py)
+prunes by zeroing entries of E, and a saved pattern shrinks r (``resize``) while ranknum keeps the rank the
+adapter was trained with, so the scaling stays.
+
+Names mirror PEFT's (``lora_A[name]``, ``lora_E[name]``, ``lora_B[name]``, ``ranknum[name]`` parameters in
+ParameterDicts, ``lora_dropout[name]``), so parameter names are PEFT's. ``ranknum`` is a frozen parameter, as in
+PEFT, and not part of adapter files.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..ops import HAS_TRITON, cpp_ops
+from . import bases
+from ._rng import current_rank, dropout_draw, dropout_seed
+from .layer import AdapterLayer
+
+if HAS_TRITON:
+    from ..ops.kernels import custom_ops
+
+__all__ = ["AdaLoraLinear"]
+
+RANKNUM_EPS = 1e-5  # PEFT's: the update is divided by ranknum + 1e-5
+
+
+class AdaLoraLinear(AdapterLayer):
+    """Frozen base layer + AdaLoRA adapters.
+
+    >>> layer = AdaLoraLinear(nn.Linear(16, 8), "default", r=4, lora_alpha=8)
+    >>> layer(torch.randn(2, 3, 16)).shape
+    torch.Size([2, 3, 8])
+    >>> tuple(layer.lora_A["default"].shape), tuple(layer.lora_E["default"].shape), float(layer.ranknum["default"])
+    ((4, 16), (4, 1), 4.0)
+    """
+
+    adapter_kind = "adalora"
+    TABLES = ("lora_A", "lora_E", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, lora_alpha: float = 1.0,
+                 lora_dropout: float = 0.0, init_lora_weights: bool = True) -> None:
+        super().__init__(base_layer, adapter_name)
+        self.lora_A = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.ranknum = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict = {}
+        self.lora_alpha: dict = {}
+        self.scaling: dict = {}
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float = 1.0, lora_dropout: float = 0.0,
+                     init_lora_weights: bool = True) -> None:
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"AdaLoRA's rank must be an integer >= 0, got {r!r}")
+        device = self._param_device()
+        # PEFT's draws, in its order, from torch's global RNG: A, E, B ~ N(0, 1), ranknum's placeholder, then (with
+        # init_lora_weights) E zeroed and A, B redrawn from N(0, 0.02²)
+        lora_A = torch.randn(r, self.in_features)
+        lora_E = torch.randn(r, 1)
+        lora_B = torch.randn(self.out_features, r)
+        torch.randn(1)  # ranknum's initial value, overwritten with r: drawn only to keep PEFT's RNG stream
+        if init_lora_weights:
+            nn.init.zeros_(lora_E)
+            nn.init.normal_(lora_A, mean=0.0, std=0.02)
+            nn.init.normal_(lora_B, mean=0.0, std=0.02)
+        self._store(adapter_name, lora_A.to(device), lora_E.to(device), lora_B.to(device),
+                    torch.full((1,), float(r), device=device))
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha if lora_alpha > 0 else float(r)
+
+    def _store(self, name: str, lora_A, lora_E, lora_B, ranknum) -> None:
+        self.lora_A[name] = nn.Parameter(lora_A)
+        self.lora_E[name] = nn.Parameter(lora_E)
+        self.lora_B[name] = nn.Parameter(lora_B)
+        self.ranknum[name] = nn.Parameter(ranknum, requires_grad=False)
+
+    @torch.no_grad()
+    def resize(self, adapter_name: str, kept: Sequence[bool]) -> None:
+        """Keep only the singular triplets ``kept`` marks (a rank pattern entry, length r): r shrinks, ranknum stays
+        (PEFT's resize_modules_by_rank_pattern, so the scaling the adapter was trained with stays). New Parameter
+        objects replace the old ones (their shapes change)."""
+        if len(kept) != self.r[adapter_name]:
+            raise ValueError(f"a rank pattern of length {len(kept)} cannot select from this layer's "
+                             f"{self.r[adapter_name]} singular values (adapter {adapter_name!r})")
+        index = torch.tensor(list(kept), dtype=torch.bool, device=self.lora_A[adapter_name].device)
+        keep_grad = self.lora_A[adapter_name].requires_grad
+        self._store(adapter_name, self.lora_A[adapter_name][index].clone(), self.lora_E[adapter_name][index].clone(),
+                    self.lora_B[adapter_name][:, index].clone(), self.ranknum[adapter_name].detach().clone())
+        for param in self.adapter_parameters(adapter_name):
+            param.requires_grad_(keep_grad)
+        self.r[adapter_name] = int(index.sum())
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for table in (self.lora_A, self.lora_E, self.lora_B, self.ranknum, self.lora_dropout):
+            del table[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            del table[adapter_name]
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.lora_A.keys())
+
+    def adapter_parameters(self, adapter_name: str):
+        return [self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name]]
+
+    def _has_adapter(self, name: str) -> bool:
+        return name in self.lora_A
+
+    # -- the LoRA pair this adapter amounts to ------------------------------------------------------------
+    def lora_pair(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(A' = (A ⊙ E)·s / (ranknum + 1e-5) [r, in], B' = B [out, r]), differentiable in A, E, B."""
+        factor = self.scaling[name] / (self.ranknum[name] + RANKNUM_EPS)
+        return self.lora_A[name] * self.lora_E[name] * factor, self.lora_B[name]
+
+    def _dropout_p(self, name: str) -> float:
+        dropout = self.lora_dropout._modules[name]
+        return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
+
+    # -- forward paths (chosen by AdapterLayer.forward) ----------------------------------------------------
+    def _forward_reference(self, x, name):
+        """Pure PyTorch in PEFT's order: (dropout(x)·(A ⊙ E)ᵀ·Bᵀ)·s / (ranknum + 1e-5), x cast to A's dtype."""
+        result = bases.base_forward(self.base_layer, x)
+        lora_A, lora_E, lora_B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
+        h = self.lora_dropout[name](x.to(lora_A.dtype))
+        delta = (h @ (lora_A * lora_E).T @ lora_B.T) * self.scaling[name] / (self.ranknum[name] + RANKNUM_EPS)
+        return (result + delta).to(result.dtype)
+
+    def _forward_dense(self, x, name, cpp):
+        base = self.base_layer
+        if self.r[name] == 0:  # everything pruned: the update is exactly zero
+            return bases.base_forward(base, x)
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        lora_A, lora_B = self.lora_pair(name)
+        bias, p = getattr(base, "bias", None), self._dropout_p(name)
+        if cpp:
+            if p > 0:
+                return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, p, dropout_draw(), current_rank())
+            return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0)
+        seed = dropout_seed() if p > 0 else None
+        return custom_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
+
+    def _forward_nf4(self, x, name, compiled):
+        base = self.base_layer
+        if self.r[name] == 0:
+            return bases.base_forward(base, x)
+        packed, quant_state = bases.nf4_parts(base)
+        cd = bases.compute_dtype(base, x)
+        p = self._dropout_p(name)
+        seed = dropout_seed() if p > 0 else None
+        lora_A, lora_B = self.lora_pair(name)
+        y = custom_ops.nf4_lora_linear(x.to(cd), packed, quant_state, bases.base_bias(base), lora_A, lora_B, 1.0, p,
+                                       seed)
+        return y.to(x.dtype)
+
+    # -- merge ----------------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """B·(A ⊙ E)·s / (ranknum + 1e-5) as [out, in] in fp32 (PEFT's get_delta_weight, untransposed)."""
+        delta = self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name])
+        return (delta * self.scaling[name] / (self.ranknum[name] + RANKNUM_EPS)).detach()
+
+    def _merge_into_base(self, name: str) -> None:
+        weight, delta = self._base_weight_for_merge(), self.delta_weight(name)
+        weight.add_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
+
+    def _unmerge_from_base(self, name: str) -> None:
+        weight, delta = self._base_weight_for_merge(), self.delta_weight(name)
+        weight.sub_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
+
+    def _merged_weight(self, name, weight, bias):
+        return weight + self.delta_weight(name).to(weight.device), bias
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"
