@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..ops import HAS_TRITON, cpp_ops
 from . import bases
 from ._rng import current_rank, dropout_draw, dropout_seed
-from .layer import AdapterLayer
+from .layer import AdapterLayer, warn_once
 
 if HAS_TRITON:
     from ..ops.kernels import custom_ops
@@ -156,17 +156,14 @@ class AdaLoraLinear(AdapterLayer):
         return custom_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
 
     def _forward_nf4(self, x, name, compiled):
-        base = self.base_layer
-        if self.r[name] == 0:
-            return bases.base_forward(base, x)
-        packed, quant_state = bases.nf4_parts(base)
-        cd = bases.compute_dtype(base, x)
-        p = self._dropout_p(name)
-        seed = dropout_seed() if p > 0 else None
-        lora_A, lora_B = self.lora_pair(name)
-        y = custom_ops.nf4_lora_linear(x.to(cd), packed, quant_state, bases.base_bias(base), lora_A, lora_B, 1.0, p,
-                                       seed)
-        return y.to(x.dtype)
+        # 4-bit bases run PEFT's computation (the reference path: the base's own 4-bit forward plus the adapter in
+        # fp32). On the QLoRA kernels, whose adapter products round dS to the activation dtype, lora_E's bf16
+        # gradient (a sum over in_features of dA'·A, prone to cancellation) was more than 2x PEFT's own bf16 error
+        # against an fp32 twin on an H200 (benchmarks/results/h200/gpu_tests_2026-11-30.txt); the C++ operator of
+        # dense bases keeps ~16 bits there and passes.
+        warn_once("adalora-nf4-reference", "fastpeft: AdaLoRA on 4-bit bases runs PEFT's computation (the reference "
+                  "path), not the QLoRA kernels: their bf16 gradient of lora_E is not yet within PEFT's own error")
+        return self._forward_reference(x, name)
 
     # -- merge ----------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:

@@ -4,9 +4,8 @@ The supported way to take the host out of a training step (docs/performance.md, 
 the forward and backward, the adapted layers are single graph nodes (C++ operators or Triton custom ops), and
 CUDA-graph trees capture and replay each graph. These tests check that the graphs are really captured (no
 "skipping cudagraphs" counter), that a graphed run trains with eager's losses and parameters (dense and 4-bit
-bases, gradient checkpointing, AdamW), and what happens with dropout, whose per-call seed lives on the CPU:
-Inductor then runs that graph without CUDA graphs, so every step still draws new masks (never a mask frozen into
-a graph).
+bases, gradient checkpointing, AdamW), and that dropout, whose per-call seed lives on the CPU, raises instead of
+replaying one mask forever.
 """
 import copy
 
@@ -80,21 +79,27 @@ def test_reduce_overhead_step_is_graphed_and_trains_like_eager(four_bit, method)
             assert rel_err(p, q) < 1e-4, name
 
 
-def test_dropout_refuses_cuda_graphs_with_a_clear_error_and_eval_graphs_fine():
-    """LoRA dropout's seed is drawn on the CPU per call (nn/_rng.py): a CUDA graph would replay one mask forever,
-    so recording a graph with dropout on raises fastpeft's error (never a frozen mask); in eval mode (no dropout)
-    the same model is graphed."""
+def test_dropout_under_reduce_overhead_raises_never_a_frozen_mask():
+    """LoRA dropout's seed is drawn on the CPU per call (nn/_rng.py); a CUDA graph would replay one mask forever. Under
+    torch.compile(mode="reduce-overhead") the CPU seed tensors that the graph saves for backward stop CUDA-graph
+    trees already at their warm-up, with Inductor's "not allocated in pool" error (H200, torch 2.11:
+    benchmarks/results/h200/gpu_tests_2026-11-30.txt); fastpeft's own check (a capture with dropout on) would
+    raise at the recording after it. Either way a RuntimeError, never a silently repeated mask."""
     model = _patched(False, dropout=0.3)
     step = torch.compile(model, mode="reduce-overhead")
     ids = torch.randint(1, 97, (2, 24), device="cuda")
-    with pytest.raises(RuntimeError, match="LoRA dropout .* cannot run inside a CUDA graph"):
-        for _ in range(4):  # the first call warms up eagerly, a later one records
+    with pytest.raises(RuntimeError, match="not allocated in pool|LoRA dropout .* cannot run inside a CUDA graph"):
+        for _ in range(4):  # the first call warms up, a later one records
             torch.compiler.cudagraph_mark_step_begin()
             step(input_ids=ids).logits.sum().backward()
-    dynamo.reset()
-    counters.clear()
-    model.eval()
+
+
+def test_eval_graphs_with_dropout_configured_and_hand_captured_dropout_is_refused():
+    """In eval mode (no dropout) a model with lora_dropout > 0 is graphed; eager code captured by hand with dropout on
+    is refused by fastpeft's check (nn/_rng.py)."""
+    model = _patched(False, dropout=0.3).eval()
     step = torch.compile(model, mode="reduce-overhead")
+    ids = torch.randint(1, 97, (2, 24), device="cuda")
     evals = []
     for _ in range(3):
         torch.compiler.cudagraph_mark_step_begin()
@@ -104,7 +109,6 @@ def test_dropout_refuses_cuda_graphs_with_a_clear_error_and_eval_graphs_fine():
         want = model(input_ids=ids).logits
     assert torch.equal(evals[1], evals[2]) and rel_err(evals[2], want) < 1e-5
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    # eager code captured by hand with dropout on: refused as well
     model.train()
     model.set_attn_implementation("sdpa")  # transformers' eager attention mask copies a CPU scalar: not capturable
     graph = torch.cuda.CUDAGraph()
@@ -142,10 +146,11 @@ def test_manual_cuda_graph_of_dora_and_qlora_inference_keeps_nothing_from_the_ca
             out = model(input_ids=ids, use_cache=False).logits
         assert all(not layer._dora_norms for layer in model.modules() if isinstance(layer, fastpeft.LoraLinear))
         graph.replay()
-        assert rel_err(out, want) < 1e-6
+        # fp32; cuBLAS may choose other kernels inside a capture than eagerly (another summation order): ~1e-6
+        assert rel_err(out, want) < 1e-5
         for p in model.parameters():
             if p.requires_grad:
                 p.mul_(1.5)  # the graph reads the parameters in place: a replay sees the new values
         now = model(input_ids=ids, use_cache=False).logits.clone()
         graph.replay()
-        assert rel_err(out, now) < 1e-6 and rel_err(now, want) > 1e-4
+        assert rel_err(out, now) < 1e-5 and rel_err(now, want) > 1e-3
