@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .config import (AdaLoraConfig, AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig, changes_base_weights, is_prompt_learning,
                      to_fastpeft_config)
 from .distributed import barrier, full_tensor, is_sharded, rank, shard_like
-from .model_state import adapter_layers, apply_trainable, get_state, is_peft_model, root_model
+from .model_state import BIAS_CONFIG_LAYERS, adapter_layers, apply_trainable, get_state, is_peft_model, root_model
 from .nn import (AdaLoraLinear, IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, TrainableTokens,
                  VeraLinear)
 from .nn.lycoris import LycorisLinear
@@ -69,10 +69,6 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             out[f"{prefix}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
             if adapter_name in layer.lora_magnitude_vector:  # DoRA: PEFT saves it without ".weight"
                 out[f"{prefix}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
-            if isinstance(cfg, LoraConfig) and cfg.bias == "lora_only":
-                bias = bases.base_bias(layer.base_layer)
-                if bias is not None:
-                    out[f"{prefix}{path}.base_layer.bias"] = bias
         elif isinstance(layer, LoraEmbedding) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]  # PEFT: no ".weight"
             out[f"{prefix}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
@@ -80,10 +76,6 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             out[f"{prefix}{path}.ia3_l"] = layer.ia3_l[adapter_name]
         elif isinstance(layer, OftLinear) and adapter_name in layer.adapter_names:
             out[f"{prefix}{path}.oft_R.weight"] = layer.oft_R[adapter_name].weight
-            if cfg.bias == "oft_only":  # PEFT saves the adapted layers' biases under their base_layer names
-                bias = bases.base_bias(layer.base_layer)
-                if bias is not None:
-                    out[f"{prefix}{path}.base_layer.bias"] = bias
         elif isinstance(layer, LycorisLinear) and adapter_name in layer.adapter_names:
             for table in layer.TABLES:  # PEFT's ParameterDicts: saved without the adapter name
                 if adapter_name in getattr(layer, table):
@@ -103,12 +95,21 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.T
             # PEFT's key (no adapter name); a tied layer's rows are the embedding's: PEFT saves them again only for
             # its standalone TrainableTokensConfig
             out[f"{prefix}{path}.{layer.delta_key}"] = layer.adapter_parameters(adapter_name)[0]
+    bias_mode = getattr(cfg, "bias", "none")
+    if type(cfg) in BIAS_CONFIG_LAYERS and bias_mode.endswith("_only"):
+        # "lora_only" / "vera_only" / "oft_only": PEFT saves the adapted layers' biases under their base_layer names
+        own_type = BIAS_CONFIG_LAYERS[type(cfg)]
+        for path, layer in adapter_layers(model):
+            if isinstance(layer, own_type) and adapter_name in layer.adapter_names:
+                bias = bases.base_bias(layer.base_layer)
+                if bias is not None:
+                    out[f"{prefix}{path}.base_layer.bias"] = bias
     wrappers = _wrappers_to_save(model)
     for path, wrapper in wrappers:
         if adapter_name in wrapper.modules_to_save:
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
                 out[f"{prefix}{path}.{key}"] = tensor
-    if isinstance(cfg, (LoraConfig, OFTConfig)) and cfg.bias == "all":
+    if type(cfg) in BIAS_CONFIG_LAYERS and bias_mode == "all":
         # PEFT's rule: every state-dict entry named "bias" except other adapters' — so a wrapped module's bias is
         # also saved as "<path>.original_module.bias" and "<path>.modules_to_save.bias" (adapter name removed).
         own = f".modules_to_save.{adapter_name}."

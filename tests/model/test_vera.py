@@ -223,6 +223,28 @@ def test_bias_vera_only_trains_what_peft_trains():
     assert got == want and any(n.endswith("k_proj.base_layer.bias") for n in got)
 
 
+@pytest.mark.parametrize("bias", ["vera_only", "all"])
+def test_trained_biases_are_saved_as_peft_saves_them(tmp_path, bias):
+    """bias="vera_only" / "all": the trained biases go into the file under PEFT's keys and load in PEFT."""
+    base, theirs, ours = _pair("qwen2", bias=bias)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+                dict(theirs.named_parameters())[PREFIX + n].copy_(p)
+    fastpeft.save_adapter(ours, str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    got = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "theirs" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and any(k.endswith(".bias") for k in got)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    ids = random_ids()
+    with torch.no_grad():
+        assert rel_err(reloaded(input_ids=ids).logits, ours(input_ids=ids).logits) <= TOL
+
+
 def test_bad_files_are_refused_and_leave_the_model_unchanged(tmp_path):
     base, theirs, _ = _pair()
     theirs.save_pretrained(str(tmp_path))
