@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .config import AdaLoraConfig
+from .distributed import full_tensor
 from .model_state import PatchState, Transaction, get_state
 from .nn import AdaLoraLinear
 
@@ -232,6 +233,9 @@ def orthogonal_regularizer(model: nn.Module, adapter_name: str):
     groups: Dict[tuple, List[torch.Tensor]] = {}
     for _, layer in _layers(model, adapter_name):
         for kind, matrix in (("A", layer.lora_A[adapter_name]), ("B", layer.lora_B[adapter_name])):
+            # FSDP2 keeps parameters sharded outside the layers' forward: the whole matrix (differentiable gather;
+            # every rank computes the same term, and its gradient lands on this rank's shard)
+            matrix = full_tensor(matrix)
             groups.setdefault((kind, tuple(matrix.shape), matrix.device, matrix.dtype), []).append(matrix)
     count = sum(len(matrices) for matrices in groups.values())
     if not count:

@@ -263,7 +263,33 @@ def _fsdp_save_load(rank, world, tmp):
     _train_and_compare(before, ref2, rank, world, "FSDP2 lora after load", steps=1)
 
 
-SCENARIOS = {"ddp": _ddp, "fsdp2": _fsdp}  # one spawn each: starting 2 processes costs seconds
+# ------------------------------------------------------------------------------------------ the other methods
+def _method_cfg(kind):
+    targets = ["q_proj", "v_proj", "down_proj"]
+    return {"vera": lambda: fastpeft.VeraConfig(r=8, target_modules=targets, init_weights=False),
+            "loha": lambda: fastpeft.LoHaConfig(r=4, alpha=8, target_modules=targets, init_weights=False),
+            "lokr": lambda: fastpeft.LoKrConfig(r=4, alpha=8, target_modules=targets, init_weights=False),
+            "oft": lambda: fastpeft.OFTConfig(oft_block_size=8, target_modules=targets, init_weights=False),
+            "adalora": lambda: fastpeft.AdaLoraConfig(init_r=4, lora_alpha=0.5, target_modules=targets, total_step=10,
+                                                      init_lora_weights=False, task_type="CAUSAL_LM")}[kind]()
+
+
+def _methods(rank, world, tmp):
+    """VeRA, LoHa, LoKr, OFT and AdaLoRA (with its orthogonality regulariser in the loss) under DDP and FSDP2: the
+    same gradients as one process on the whole batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for kind in ("vera", "loha", "lokr", "oft", "adalora"):
+        for backend in ("reference", "triton"):
+            _use_backend(backend)
+            torch.manual_seed(0)
+            ref = fastpeft.patch(tiny_model("llama", seed=2), _method_cfg(kind))
+            _train_and_compare(DDP(copy.deepcopy(ref)), ref, rank, world, f"DDP {kind}/{backend}")
+            if backend == "reference":
+                _train_and_compare(_fsdp_wrap(copy.deepcopy(ref), world), ref, rank, world, f"FSDP2 {kind}")
+
+
+SCENARIOS = {"ddp": _ddp, "fsdp2": _fsdp, "methods": _methods}  # one spawn each: starting 2 processes costs seconds
 
 
 # ------------------------------------------------------------------------------------------ tests
