@@ -23,7 +23,8 @@ from .adapters import (
     unmerge,
 )
 from .activation_offload import activation_offload_enabled, disable_activation_offload, enable_activation_offload
-from .config import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PrefixTuningConfig,
+from .config import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, MultitaskPromptTuningConfig, OFTConfig,
+                     PrefixTuningConfig,
                      PromptEncoderConfig, PromptTuningConfig, TrainableTokensConfig, VeraConfig)
 from .fused_loss import disable_fused_loss, enable_fused_loss, fused_loss_enabled
 from .nn import (AdaLoraLinear, IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, LoraVariant, ModulesToSave,
@@ -42,6 +43,7 @@ __all__ = [
     "LoKrConfig",
     "OFTConfig",
     "PromptTuningConfig",
+    "MultitaskPromptTuningConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "TrainableTokensConfig",

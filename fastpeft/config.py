@@ -1003,8 +1003,12 @@ class TrainableTokensConfig(_ConfigBase):
 # These change the model's inputs, not its layers (fastpeft/prompt_learning.py). The fields shared by the three are
 # those of PEFT's PromptLearningConfig; num_layers / token_dim / num_attention_heads / encoder_hidden_size left at
 # None are filled in from the model when it is patched, as PEFT does, and written to adapter_config.json.
-PROMPT_LEARNING_TYPES: Tuple[str, ...] = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+PROMPT_LEARNING_TYPES: Tuple[str, ...] = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
 PROMPT_TUNING_INITS: Tuple[str, ...] = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+# multitask prompt tuning: its own init values (PEFT's MultitaskPromptTuningInit); the last three read a trained
+# source prompt from prompt_tuning_init_state_dict_path
+MULTITASK_PROMPT_TUNING_INITS: Tuple[str, ...] = ("RANDOM", "TEXT", "AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK",
+                                                  "ONLY_SOURCE_SHARED")
 PROMPT_ENCODER_TYPES: Tuple[str, ...] = ("MLP", "LSTM")
 
 
@@ -1081,6 +1085,52 @@ class PromptTuningConfig(_PromptLearningBase):
                 raise ValueError("PromptTuningConfig: prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
         elif self.tokenizer_kwargs:
             raise ValueError("PromptTuningConfig.tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
+
+
+@_check_keywords
+@dataclass
+class MultitaskPromptTuningConfig(PromptTuningConfig):
+    """Multitask prompt tuning (PEFT's ``MultitaskPromptTuningConfig``): prompt tuning whose prompt is, per task,
+    the shared trained vectors times a rank-``num_ranks`` task matrix (``prefix_task_cols[t] @
+    prefix_task_rows[t]``); ``model(..., task_ids=...)`` / ``generate(..., task_ids=...)`` choose each row's task.
+
+    ``prompt_tuning_init``: "RANDOM", "TEXT" (as prompt tuning), or from a trained source prompt saved by fastpeft or
+    PEFT (``prompt_tuning_init_state_dict_path``, a ``.safetensors`` file): "AVERAGE_SOURCE_TASKS" (the source's
+    shared vectors and its task matrices averaged over tasks), "EXACT_SOURCE_TASK" (those of task
+    ``prompt_tuning_init_task``) or "ONLY_SOURCE_SHARED" (the shared vectors only).
+
+    >>> MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, num_tasks=3, num_ranks=2).peft_type
+    'MULTITASK_PROMPT_TUNING'
+    """
+
+    prompt_tuning_init_state_dict_path: Optional[str] = None
+    prompt_tuning_init_task: Optional[int] = 0
+    num_ranks: Optional[int] = 1
+    num_tasks: Optional[int] = 1
+    peft_type: Optional[str] = _peft_type_field("MULTITASK_PROMPT_TUNING")
+
+    PEFT_TYPE: ClassVar[str] = "MULTITASK_PROMPT_TUNING"
+
+    def validate(self) -> None:
+        _PromptLearningBase.validate(self)
+        name = type(self).__name__
+        self.prompt_tuning_init = _enum_value(self.prompt_tuning_init)
+        if self.prompt_tuning_init not in MULTITASK_PROMPT_TUNING_INITS:
+            raise ValueError(f"{name}.prompt_tuning_init must be one of {MULTITASK_PROMPT_TUNING_INITS}, got "
+                             f"{self.prompt_tuning_init!r}")
+        for key in ("num_ranks", "num_tasks"):
+            _optional_positive_int(name, key, getattr(self, key))
+            if getattr(self, key) is None:
+                raise ValueError(f"{name}.{key} must be a positive integer, got None")
+        task = self.prompt_tuning_init_task
+        if not isinstance(task, int) or isinstance(task, bool) or task < 0:
+            raise ValueError(f"{name}.prompt_tuning_init_task must be a task index >= 0, got {task!r}")
+        if self.prompt_tuning_init == "TEXT":
+            if not self.tokenizer_name_or_path or self.prompt_tuning_init_text is None:
+                raise ValueError(f"{name}: prompt_tuning_init='TEXT' needs tokenizer_name_or_path and "
+                                 "prompt_tuning_init_text")
+        elif self.tokenizer_kwargs:
+            raise ValueError(f"{name}.tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
 
 
 @_check_keywords
@@ -1174,16 +1224,19 @@ class PromptEncoderConfig(_PromptLearningBase):
             raise ValueError(f"PromptEncoderConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
 
 
-PromptLearningConfig = Union[PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig]
+PromptLearningConfig = Union[PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, MultitaskPromptTuningConfig]
 AdapterConfig = Union[LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, OFTConfig, TrainableTokensConfig,
-                      PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, AdaLoraConfig]
+                      PromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, AdaLoraConfig,
+                      MultitaskPromptTuningConfig]
 _CONFIG_CLASSES = {cls.PEFT_TYPE: cls for cls in (LoraConfig, IA3Config, VeraConfig, LoHaConfig, LoKrConfig, OFTConfig,
                                                   TrainableTokensConfig, PromptTuningConfig,
-                                                  PrefixTuningConfig, PromptEncoderConfig, AdaLoraConfig)}
+                                                  PrefixTuningConfig, PromptEncoderConfig, AdaLoraConfig,
+                                                  MultitaskPromptTuningConfig)}
 
 
 def is_prompt_learning(config: Any) -> bool:
-    """Whether ``config`` (a fastpeft config or a peft_type string) is prompt tuning, prefix tuning or P-tuning."""
+    """Whether ``config`` (a fastpeft config or a peft_type string) is prompt tuning, prefix tuning, P-tuning or
+    multitask prompt tuning."""
     return _enum_value(getattr(config, "peft_type", config)) in PROMPT_LEARNING_TYPES
 
 

@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 from packaging.version import parse as parse_version
 
-from .config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig, is_prompt_learning
+from .config import (MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
+                     PromptTuningConfig, is_prompt_learning)
 from .model_state import (
     ADAPTER_TYPES,
     PROMPT_ENCODER_ATTR,
@@ -47,7 +48,7 @@ from .model_state import (
     is_peft_tuner_layer,
     record_requires_grad,
 )
-from .nn import PrefixEncoder, PromptEmbedding, PromptEncoder
+from .nn import MultitaskPromptEmbedding, PrefixEncoder, PromptEmbedding, PromptEncoder
 
 __all__ = ["add_prompt_adapter", "disabled", "prompt_state_dict", "plan_load", "check_loadable", "check_removable"]
 
@@ -200,7 +201,16 @@ def _text_init_ids(cfg: PromptTuningConfig, total: int) -> List[int]:
 
 def _build_encoder(cfg: PromptLearningConfig, word_embeddings: nn.Module, initialize: bool) -> nn.Module:
     total = cfg.num_virtual_tokens * cfg.num_transformer_submodules
-    if isinstance(cfg, PromptTuningConfig):
+    if isinstance(cfg, MultitaskPromptTuningConfig):
+        source = _source_prompt(cfg) if initialize and cfg.prompt_tuning_init not in ("RANDOM", "TEXT") else None
+        encoder = MultitaskPromptEmbedding(total, cfg.token_dim, cfg.num_tasks, cfg.num_ranks)
+        if initialize and not cfg.inference_mode and cfg.prompt_tuning_init == "TEXT":
+            ids = torch.tensor(_text_init_ids(cfg, total), dtype=torch.long, device=word_embeddings.weight.device)
+            with torch.no_grad():
+                encoder.init_from(word_embeddings(ids))
+        if source is not None:
+            _init_from_source(cfg, encoder, source)
+    elif isinstance(cfg, PromptTuningConfig):
         encoder = PromptEmbedding(total, cfg.token_dim)
         if initialize and not cfg.inference_mode and cfg.prompt_tuning_init != "RANDOM":
             device = word_embeddings.weight.device
@@ -220,6 +230,49 @@ def _build_encoder(cfg: PromptLearningConfig, word_embeddings: nn.Module, initia
         encoder = PromptEncoder(total, cfg.token_dim, cfg.encoder_hidden_size, cfg.encoder_reparameterization_type,
                                 cfg.encoder_num_layers, float(cfg.encoder_dropout), cfg.inference_mode)
     return encoder.to(word_embeddings.weight.device)
+
+
+def _source_prompt(cfg: MultitaskPromptTuningConfig) -> Dict[str, torch.Tensor]:
+    """The trained source prompt of AVERAGE_SOURCE_TASKS / EXACT_SOURCE_TASK / ONLY_SOURCE_SHARED (a multitask
+    prompt-tuning adapter_model.safetensors, fastpeft's or PEFT's)."""
+    path = cfg.prompt_tuning_init_state_dict_path
+    if path is None:
+        raise ValueError(f"MultitaskPromptTuningConfig: prompt_tuning_init={cfg.prompt_tuning_init!r} needs "
+                         "prompt_tuning_init_state_dict_path (the source prompt's adapter_model.safetensors)")
+    if not str(path).endswith(".safetensors"):
+        raise ValueError(f"prompt_tuning_init_state_dict_path={path!r}: fastpeft reads source prompts from "
+                         ".safetensors files only (PEFT also accepts pickled torch files; fastpeft never unpickles)")
+    from safetensors.torch import load_file
+
+    source = load_file(str(path))
+    needed = {"prompt_embeddings"} | ({"prefix_task_cols", "prefix_task_rows"}
+                                      if cfg.prompt_tuning_init != "ONLY_SOURCE_SHARED" else set())
+    if not needed <= set(source):
+        raise ValueError(f"{path} holds {sorted(source)}; a {cfg.prompt_tuning_init} init needs {sorted(needed)}")
+    return source
+
+
+def _init_from_source(cfg: MultitaskPromptTuningConfig, encoder: MultitaskPromptEmbedding,
+                      source: Dict[str, torch.Tensor]) -> None:
+    values = {"embedding.weight": source["prompt_embeddings"]}
+    if cfg.prompt_tuning_init != "ONLY_SOURCE_SHARED":
+        cols, rows = source["prefix_task_cols"], source["prefix_task_rows"]
+        if cfg.prompt_tuning_init == "AVERAGE_SOURCE_TASKS":
+            cols, rows = cols.mean(0, keepdim=True), rows.mean(0, keepdim=True)
+        else:
+            task = cfg.prompt_tuning_init_task
+            if task >= cols.shape[0]:
+                raise ValueError(f"prompt_tuning_init_task={task} but the source prompt has {cols.shape[0]} tasks")
+            cols, rows = cols[task].unsqueeze(0), rows[task].unsqueeze(0)
+        values.update(prefix_task_cols=cols, prefix_task_rows=rows)
+    params = dict(encoder.named_parameters())
+    for key, value in values.items():  # PEFT's load_state_dict: shapes must match (one task for the averaged init)
+        if tuple(value.shape) != tuple(params[key].shape):
+            raise ValueError(f"the source prompt's {key} has shape {tuple(value.shape)}; this adapter needs "
+                             f"{tuple(params[key].shape)} (num_virtual_tokens / token_dim / num_ranks; num_tasks=1 for "
+                             f"{cfg.prompt_tuning_init})")
+        with torch.no_grad():
+            params[key].copy_(value)
 
 
 # -- what is installed on the model ----------------------------------------------------------------------------------
@@ -252,6 +305,7 @@ class _Routing:
         self.installed: Dict[str, _Routed] = {}
         self.generating = False
         self.disabled = False
+        self.task_ids: Optional[torch.Tensor] = None  # multitask prompt tuning: the rows' tasks during generate()
         signature = inspect.signature(model.forward)
         # positional parameters of the model's forward, to read positional calls by
         self.positional = [p.name for p in signature.parameters.values()
@@ -412,8 +466,12 @@ def _prefix_cache(model: nn.Module, cfg: PrefixTuningConfig, encoder: nn.Module,
     return cache
 
 
-def _input_prompt(cfg: PromptLearningConfig, encoder: nn.Module, batch_size: int) -> torch.Tensor:
-    """[batch, virtual, token_dim]: computed once and repeated over the batch (as PEFT does)."""
+def _input_prompt(cfg: PromptLearningConfig, encoder: nn.Module, batch_size: int,
+                  task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[batch, virtual, token_dim]: computed once and repeated over the batch (as PEFT does); multitask prompt tuning:
+    per row, for its task."""
+    if isinstance(cfg, MultitaskPromptTuningConfig):
+        return encoder(_prompt_tokens(cfg, encoder, batch_size), task_ids)
     if cfg.inference_mode:
         prompts = encoder.embedding.weight
     else:
@@ -437,12 +495,15 @@ def _adjust_ids(cfg: PromptLearningConfig, kwargs: Dict[str, Any], warn: bool = 
         kwargs["token_type_ids"] = None
 
 
-def _refuse_peft_only_kwargs(kwargs: Dict[str, Any]) -> None:
+def _take_task_ids(cfg: PromptLearningConfig, kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """Pops ``task_ids`` (multitask prompt tuning's per-row task indices) and ``adapter_names`` (refused)."""
     if kwargs.get("adapter_names") is not None:
         raise ValueError("adapter_names= (mixed-adapter batches) is not supported with prompt learning")
-    if kwargs.pop("task_ids", None) is not None:
-        raise ValueError("task_ids is for PEFT's multitask prompt tuning, which fastpeft does not implement")
     kwargs.pop("adapter_names", None)
+    task_ids = kwargs.pop("task_ids", None)
+    if task_ids is not None and not isinstance(cfg, MultitaskPromptTuningConfig):
+        raise ValueError(f"task_ids is for multitask prompt tuning; this model's adapter is {cfg.peft_type}")
+    return task_ids
 
 
 # -- forward / generate ------------------------------------------------------------------------------------------------
@@ -457,11 +518,11 @@ def _forward(routing: _Routing, *args, **kwargs):
         if name in kwargs:
             raise TypeError(f"forward got multiple values for argument {name!r}")
         kwargs[name] = value
-    _refuse_peft_only_kwargs(kwargs)
     model = routing.model
     cfg, encoder = _active(model)
+    task_ids = _take_task_ids(cfg, kwargs)
     if is_seq2seq(model):
-        return _forward_seq2seq(routing, base_forward, cfg, encoder, kwargs)
+        return _forward_seq2seq(routing, base_forward, cfg, encoder, kwargs, task_ids)
     input_ids = kwargs.pop("input_ids", None)
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     attention_mask = kwargs.pop("attention_mask", None)
@@ -492,12 +553,12 @@ def _forward(routing: _Routing, *args, **kwargs):
         inputs_embeds = model.get_input_embeddings()(input_ids)
     if labels is not None:
         kwargs["labels"] = torch.cat((torch.full((batch_size, virtual), -100).to(labels.device), labels), dim=1)
-    prompts = _input_prompt(cfg, encoder, batch_size).to(inputs_embeds.dtype)
+    prompts = _input_prompt(cfg, encoder, batch_size, task_ids).to(inputs_embeds.dtype)
     return base_forward(inputs_embeds=torch.cat((prompts, inputs_embeds), dim=1), **kwargs)
 
 
 def _forward_seq2seq(routing: _Routing, base_forward, cfg: PromptLearningConfig, encoder: nn.Module,
-                     kwargs: Dict[str, Any]):
+                     kwargs: Dict[str, Any], task_ids: Optional[torch.Tensor] = None):
     """PEFT's PeftModelForSeq2SeqLM.forward for prompt learning. Prompt tuning / P-tuning: the first
     ``num_virtual_tokens`` prompt vectors go in front of the encoder's input embeddings and the encoder's attention
     mask gets as many ones; the decoder side (labels, decoder inputs, logits) is unchanged. Prefix tuning: the
@@ -534,8 +595,48 @@ def _forward_seq2seq(routing: _Routing, base_forward, cfg: PromptLearningConfig,
     if attention_mask is not None:
         kwargs["attention_mask"] = torch.cat(
             (torch.ones(batch_size, virtual).to(attention_mask.device), attention_mask), dim=1)
-    prompts = _input_prompt(cfg, encoder, batch_size).to(inputs_embeds.dtype)
-    return base_forward(inputs_embeds=torch.cat((prompts[:, :virtual], inputs_embeds), dim=1), **kwargs)
+    prompts = _input_prompt(cfg, encoder, batch_size, task_ids).to(inputs_embeds.dtype)
+    inputs_embeds = torch.cat((prompts[:, :virtual], inputs_embeds), dim=1)
+    if isinstance(cfg, MultitaskPromptTuningConfig):
+        return _forward_seq2seq_multitask(model, base_forward, cfg, prompts, inputs_embeds, kwargs)
+    return base_forward(inputs_embeds=inputs_embeds, **kwargs)
+
+
+def _shift_right(labels: torch.Tensor, config) -> torch.Tensor:
+    """Decoder inputs from labels, as the seq2seq models (and PEFT) derive them: start token first, -100 -> pad."""
+    if config.pad_token_id is None:
+        raise ValueError("the model config has no pad_token_id, needed to derive decoder inputs from labels")
+    shifted = labels.new_zeros(labels.shape)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = config.decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, config.pad_token_id)
+
+
+def _forward_seq2seq_multitask(model: nn.Module, base_forward, cfg: MultitaskPromptTuningConfig,
+                               prompts: torch.Tensor, inputs_embeds: torch.Tensor, kwargs: Dict[str, Any]):
+    """PEFT's seq2seq forward for multitask prompt tuning (its branch for every type but prompt tuning / P-tuning):
+    with two submodules the second half of the prompt also goes in front of the decoder's inputs, whose attention
+    mask and labels get ones / -100s in front; with one, only the encoder gets it."""
+    virtual, batch_size = cfg.num_virtual_tokens, inputs_embeds.shape[0]
+    decoder_ids = kwargs.pop("decoder_input_ids", None)
+    decoder_embeds = kwargs.pop("decoder_inputs_embeds", None)
+    labels = kwargs.get("labels")
+    if cfg.num_transformer_submodules == 1:
+        return base_forward(inputs_embeds=inputs_embeds, **kwargs)  # PEFT passes no decoder inputs here
+    decoder_mask = kwargs.get("decoder_attention_mask")
+    if decoder_mask is not None:
+        kwargs["decoder_attention_mask"] = torch.cat(
+            (torch.ones(batch_size, virtual).to(decoder_mask.device), decoder_mask), dim=1)
+    if decoder_embeds is None:
+        if decoder_ids is None:
+            if labels is None:
+                raise ValueError("multitask prompt tuning on an encoder-decoder model needs labels or decoder inputs")
+            decoder_ids = _shift_right(labels, _model_config(model))
+        decoder_embeds = model.get_input_embeddings()(decoder_ids)
+    if labels is not None:
+        kwargs["labels"] = torch.cat((torch.full((batch_size, virtual), -100).to(labels.device), labels), dim=1)
+    decoder_embeds = torch.cat((prompts[:, virtual:].to(decoder_embeds.dtype), decoder_embeds), dim=1)
+    return base_forward(inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_embeds, **kwargs)
 
 
 def _generate_seq2seq_prompt(routing: _Routing, base_generate, args, kwargs):
@@ -548,12 +649,13 @@ def _generate_seq2seq_prompt(routing: _Routing, base_generate, args, kwargs):
         raise ValueError("input_ids must be provided for generation with a prompt-learning adapter (as PEFT)")
     model = routing.model
     cfg, encoder = _active(model)
+    task_ids = _take_task_ids(cfg, kwargs)
     _adjust_ids(cfg, kwargs)
     if kwargs.pop("encoder_outputs", None) is not None:
         warnings.warn("`encoder_outputs` should not be passed to `generate` when using prompt tuning. Ignoring it.")
     embeds = model.get_input_embeddings()(kwargs.pop("input_ids"))
     batch_size = embeds.shape[0]
-    prompts = _input_prompt(cfg, encoder, batch_size).to(embeds.dtype)
+    prompts = _input_prompt(cfg, encoder, batch_size, task_ids).to(embeds.dtype)
     kwargs["inputs_embeds"] = torch.cat((prompts[:, : cfg.num_virtual_tokens], embeds), dim=1)
     if kwargs.get("attention_mask") is not None:
         mask = kwargs["attention_mask"]
@@ -567,13 +669,14 @@ def _generate_seq2seq_prompt(routing: _Routing, base_generate, args, kwargs):
 
 
 def _generate(routing: _Routing, *args, **kwargs):
-    _refuse_peft_only_kwargs(kwargs)
     base_generate = routing.base("generate")
-    if routing.disabled:
-        return base_generate(*args, **kwargs)
     model = routing.model
+    if routing.disabled:
+        _take_task_ids(_active(model)[0], kwargs)
+        return base_generate(*args, **kwargs)
     if is_seq2seq(model) and not isinstance(_active(model)[0], PrefixTuningConfig):
         return _generate_seq2seq_prompt(routing, base_generate, args, kwargs)
+    routing.task_ids = _take_task_ids(_active(model)[0], kwargs)  # read at the prefill step (_prepare_inputs)
     base_prepare = model.prepare_inputs_for_generation
     replaced = model.__dict__.get(_PREPARE) if _PREPARE in model.__dict__ else None
     # for the call only (as PEFT does); functools.wraps: generate reads its signature
@@ -583,6 +686,7 @@ def _generate(routing: _Routing, *args, **kwargs):
         return base_generate(*args, **kwargs)
     finally:
         routing.generating = False
+        routing.task_ids = None
         if replaced is None:
             del model.__dict__[_PREPARE]
         else:
@@ -635,7 +739,7 @@ def _prepare_inputs(routing: _Routing, base_prepare, *args, **kwargs):
         inputs[cache_key] = _prefix_cache(model, cfg, encoder, batch_size)  # generate continues with this cache
     elif needs_prompt:
         embeds = model.get_input_embeddings()(inputs["input_ids"])
-        prompts = _input_prompt(cfg, encoder, batch_size).to(embeds.dtype)
+        prompts = _input_prompt(cfg, encoder, batch_size, routing.task_ids).to(embeds.dtype)
         inputs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
         inputs["input_ids"] = None
     if is_prefill and is_prefix:
@@ -666,6 +770,10 @@ def prompt_state_dict(model: nn.Module, adapter_name: str) -> Dict[str, torch.Te
     state = get_state(model)
     cfg = state.configs[adapter_name]
     encoder = getattr(model, PROMPT_ENCODER_ATTR)[adapter_name]
+    if isinstance(cfg, MultitaskPromptTuningConfig):  # PEFT's three tensors: the shared table and the task factors
+        return {"prompt_embeddings": encoder.embedding.weight.detach(),
+                "prefix_task_cols": encoder.prefix_task_cols.detach(),
+                "prefix_task_rows": encoder.prefix_task_rows.detach()}
     if cfg.inference_mode:
         value = encoder.embedding.weight
     else:
@@ -683,6 +791,18 @@ def plan_load(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Tens
     state = get_state(model)
     cfg = state.configs[adapter_name]
     check_loadable(cfg, state.trainable[adapter_name])
+    if isinstance(cfg, MultitaskPromptTuningConfig):
+        encoder = getattr(model, PROMPT_ENCODER_ATTR)[adapter_name]
+        params = {"prompt_embeddings": encoder.embedding.weight, "prefix_task_cols": encoder.prefix_task_cols,
+                  "prefix_task_rows": encoder.prefix_task_rows}
+        if set(tensors) != set(params):
+            raise ValueError(f"a MULTITASK_PROMPT_TUNING adapter file holds {sorted(params)}; found {sorted(tensors)}")
+        for key, param in params.items():
+            if tuple(tensors[key].shape) != tuple(param.shape) or not tensors[key].is_floating_point():
+                raise ValueError(f"{key} has shape {tuple(tensors[key].shape)} / dtype {tensors[key].dtype}; this "
+                                 f"adapter needs a floating-point {tuple(param.shape)} (num_virtual_tokens / token_dim "
+                                 "/ num_tasks / num_ranks)")
+        return [(param, tensors[key]) for key, param in params.items()]
     extra = sorted(set(tensors) - {"prompt_embeddings"})
     if "prompt_embeddings" not in tensors or extra:
         raise ValueError(f"a {cfg.peft_type} adapter file holds exactly one tensor, 'prompt_embeddings'; found "

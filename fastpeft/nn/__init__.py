@@ -11,7 +11,8 @@
     adalora.py          AdaLoraLinear (AdaLoRA: an SVD-shaped update B·(A ⊙ E), on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
-    prompt_encoders.py  PromptEmbedding / PrefixEncoder / PromptEncoder (prompt tuning, prefix tuning, P-tuning)
+    prompt_encoders.py  PromptEmbedding / MultitaskPromptEmbedding / PrefixEncoder / PromptEncoder (prompt tuning,
+                        multitask prompt tuning, prefix tuning, P-tuning)
     trainable_tokens.py TrainableTokens (PEFT's trainable_token_indices: selected embedding rows train) and
                         TrainableTokensLayer (the same, PEFT's standalone TrainableTokensConfig)
     _rng.py             the LoRA dropout seed
@@ -25,10 +26,10 @@ from .loha import LohaLinear
 from .lokr import LokrLinear
 from .modules_to_save import ModulesToSave
 from .oft import OftLinear
-from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
+from .prompt_encoders import MultitaskPromptEmbedding, PrefixEncoder, PromptEmbedding, PromptEncoder
 from .trainable_tokens import TrainableTokens, TrainableTokensLayer
 from .vera import VeraLinear, VeraProjections
 
 __all__ = ["AdapterLayer", "LoraLinear", "LoraEmbedding", "LoraVariant", "IA3Linear", "VeraLinear", "LohaLinear", "LokrLinear", "OftLinear",
-           "VeraProjections", "ModulesToSave", "PromptEmbedding", "PrefixEncoder", "PromptEncoder", "TrainableTokens",
+           "VeraProjections", "ModulesToSave", "PromptEmbedding", "MultitaskPromptEmbedding", "PrefixEncoder", "PromptEncoder", "TrainableTokens",
            "TrainableTokensLayer", "AdaLoraLinear"]

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["PromptEmbedding", "PrefixEncoder", "PromptEncoder"]
+__all__ = ["PromptEmbedding", "MultitaskPromptEmbedding", "PrefixEncoder", "PromptEncoder"]
 
 
 class PromptEmbedding(nn.Module):
@@ -37,6 +37,31 @@ class PromptEmbedding(nn.Module):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return self.embedding(indices)
+
+
+class MultitaskPromptEmbedding(PromptEmbedding):
+    """Multitask prompt tuning (PEFT's ``MultitaskPromptEmbedding``): the shared vectors (``embedding``) times, per
+    row's task t, the rank-``num_ranks`` matrix ``prefix_task_cols[t] @ prefix_task_rows[t]`` (elementwise).
+    Both task factors start N(0, 0.02²), drawn after the shared table, as PEFT draws them.
+
+    >>> enc = MultitaskPromptEmbedding(num_virtual_tokens=4, token_dim=8, num_tasks=3, num_ranks=2)
+    >>> enc(torch.arange(4).expand(2, -1), torch.tensor([0, 2])).shape
+    torch.Size([2, 4, 8])
+    """
+
+    def __init__(self, num_virtual_tokens: int, token_dim: int, num_tasks: int, num_ranks: int):
+        super().__init__(num_virtual_tokens, token_dim)
+        self.prefix_task_cols = nn.Parameter(torch.normal(mean=0, std=0.02, size=(num_tasks, num_virtual_tokens,
+                                                                                   num_ranks)))
+        self.prefix_task_rows = nn.Parameter(torch.normal(mean=0, std=0.02, size=(num_tasks, num_ranks, token_dim)))
+
+    def forward(self, indices: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if task_ids is None:
+            raise ValueError("multitask prompt tuning needs task_ids (one task index per row): "
+                             "model(..., task_ids=...) / generate(..., task_ids=...)")
+        task_prompts = torch.index_select(self.prefix_task_cols, 0, task_ids) @ \
+            torch.index_select(self.prefix_task_rows, 0, task_ids)  # [batch, virtual, token_dim]
+        return self.embedding(indices) * task_prompts
 
 
 class PrefixEncoder(nn.Module):

@@ -526,7 +526,7 @@ def test_merge_hotswap_and_peft_only_arguments_are_refused(model, tmp_path):
     ids = random_ids()
     with pytest.raises(ValueError, match="adapter_names="):
         model(input_ids=ids, adapter_names=["default", "default"])
-    with pytest.raises(ValueError, match="task_ids is for PEFT's multitask"):
+    with pytest.raises(ValueError, match="task_ids is for multitask prompt tuning"):
         model(input_ids=ids, task_ids=torch.zeros(2, dtype=torch.long))
 
 
@@ -592,11 +592,12 @@ def test_other_config_validation():
 
 # -- configs ------------------------------------------------------------------------------------------------------------
 PAIRS = [(fastpeft.PromptTuningConfig, peft.PromptTuningConfig), (fastpeft.PrefixTuningConfig, peft.PrefixTuningConfig),
-         (fastpeft.PromptEncoderConfig, peft.PromptEncoderConfig)]
+         (fastpeft.PromptEncoderConfig, peft.PromptEncoderConfig),
+         (fastpeft.MultitaskPromptTuningConfig, peft.MultitaskPromptTuningConfig)]
 
 
 @pytest.mark.skipif(peft.__version__ != C.PEFT_FORMAT_VERSION, reason="field lists follow PEFT_FORMAT_VERSION")
-@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["prompt-tuning", "prefix-tuning", "p-tuning"])
+@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["prompt-tuning", "prefix-tuning", "p-tuning", "multitask"])
 def test_field_names_and_defaults_are_pefts(ours, theirs):
     peft_fields = {f.name: f for f in dataclasses.fields(theirs)}
     assert set(ours.peft_field_names()) == set(peft_fields)
