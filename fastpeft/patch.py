@@ -228,12 +228,12 @@ def _remove_hooks(state: PatchState) -> None:
 def patch(model: nn.Module, config: Any = None, adapter_name: str = "default") -> nn.Module:
     """Swap fastpeft LoRA / IA3 drop-ins into ``model`` in place and return it.
 
-    ``config``: a fastpeft or PEFT LoraConfig / IA3Config / VeraConfig / LoHaConfig / LoKrConfig / OFTConfig; or a
-    prompt-learning config
-    (PromptTuningConfig / PrefixTuningConfig / PromptEncoderConfig, fastpeft's or PEFT's, task_type="CAUSAL_LM"),
-    which routes the model's forward / generate as PEFT's PeftModelForCausalLM does (prompt_learning.py; one such
-    adapter per model, not combined with LoRA / IA3 / VeRA / LoHa / LoKr / OFT); or TrainableTokensConfig (PEFT's
-    standalone trainable tokens). With no config and a
+    ``config``: a fastpeft or PEFT LoraConfig / IA3Config / VeraConfig / LoHaConfig / LoKrConfig / OFTConfig /
+    AdaLoraConfig; or a prompt-learning config (PromptTuningConfig / PrefixTuningConfig / PromptEncoderConfig /
+    MultitaskPromptTuningConfig, fastpeft's or PEFT's, task_type="CAUSAL_LM" or "SEQ_2_SEQ_LM"), which routes the
+    model's forward / generate as PEFT's PeftModelForCausalLM / PeftModelForSeq2SeqLM does (prompt_learning.py; one
+    such adapter per model, not combined with the layer methods); or TrainableTokensConfig (PEFT's standalone
+    trainable tokens). With no config and a
     ``peft.PeftModel``, converts its LoRA / IA3 layers in place, keeping PEFT's parameter names.
     Patching an already patched model with a new ``adapter_name`` adds that adapter (inactive).
 
