@@ -206,3 +206,25 @@ def check_bf16_against_fp32_twin(adapter_config, four_bit, monkeypatch):
     for name, grad in grads["ours"].items():
         own = rel_err(grads["bf16_reference"][name], grads["fp32"][name])
         assert rel_err(grad, grads["fp32"][name]) <= max(2 * own, 1e-2), (name, own)
+
+
+def seq2seq_model(arch: str, seed: int = 1):
+    """A tiny T5 or BART (2 + 2 layers, fp32, eval) whose greedy decoding varies by input (no early end)."""
+    torch.manual_seed(seed)
+    if arch == "t5":
+        cfg = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                    num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        model = transformers.T5ForConditionalGeneration(cfg)
+        with torch.no_grad():  # T5's tiny random init decodes the pad token everywhere: a livelier model
+            for p in model.parameters():
+                p.normal_(0.0, 0.3)
+    else:
+        cfg = transformers.BartConfig(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                                      eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+                                      init_std=0.3)  # the default init decodes one special token everywhere
+        model = transformers.BartForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = None  # every row generates all its tokens
+    model.generation_config.forced_eos_token_id = None
+    return model.eval()

@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastpeft
-from helpers import assert_same_snapshot, random_ids, rel_err, state_snapshot, tiny_model
-from test_prompt_learning_seq2seq import seq2seq_model
+from helpers import assert_same_snapshot, random_ids, rel_err, seq2seq_model, state_snapshot, tiny_model
 
 TOL = 1e-5
 KW = dict(num_virtual_tokens=4, num_tasks=3, num_ranks=2)

@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file
 
 import fastpeft
-from helpers import assert_same_snapshot, rel_err, state_snapshot
+from helpers import assert_same_snapshot, rel_err, seq2seq_model, state_snapshot
 
 TOL = 1e-5
 VIRTUAL = 4
@@ -25,27 +25,6 @@ CASES = {
 }
 ARCHS = ["t5", "bart"]
 START = {"t5": 0, "bart": 2}  # decoder_start_token_id
-
-
-def seq2seq_model(arch: str, seed: int = 1):
-    torch.manual_seed(seed)
-    if arch == "t5":
-        cfg = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                                    num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-        model = transformers.T5ForConditionalGeneration(cfg)
-        with torch.no_grad():  # T5's tiny random init decodes the pad token everywhere: a livelier model
-            for p in model.parameters():
-                p.normal_(0.0, 0.3)
-    else:
-        cfg = transformers.BartConfig(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2,
-                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                      decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
-                                      eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
-                                      init_std=0.3)  # the default init decodes one special token everywhere
-        model = transformers.BartForConditionalGeneration(cfg)
-    model.generation_config.eos_token_id = None  # every row generates all its tokens
-    model.generation_config.forced_eos_token_id = None
-    return model.eval()
 
 
 def _configs(case, **more):
