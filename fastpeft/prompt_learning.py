@@ -540,14 +540,7 @@ def _forward(routing: _Routing, *args, **kwargs):
         kwargs.setdefault(key, None)
     kwargs.update(attention_mask=attention_mask, labels=labels)
     if isinstance(cfg, PrefixTuningConfig):
-        if model.training and getattr(model, "is_gradient_checkpointing", False):
-            raise ValueError("prefix tuning does not work with gradient checkpointing (PEFT refuses it too): the "
-                             "prefix lives in the KV cache, which checkpointed layers do not use; "
-                             "model.gradient_checkpointing_disable() first")
-        if any(kwargs.get(key) is not None for key in _CACHE_KEYS):
-            raise ValueError("prefix tuning puts its prefix in the KV cache; a forward call cannot take another "
-                             "cache (use generate(), which handles the cache)")
-        kwargs[routing.cache_key] = _prefix_cache(model, cfg, encoder, batch_size)
+        _put_prefix_cache(routing, cfg, encoder, batch_size, kwargs)
         return base_forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
@@ -555,6 +548,20 @@ def _forward(routing: _Routing, *args, **kwargs):
         kwargs["labels"] = torch.cat((torch.full((batch_size, virtual), -100).to(labels.device), labels), dim=1)
     prompts = _input_prompt(cfg, encoder, batch_size, task_ids).to(inputs_embeds.dtype)
     return base_forward(inputs_embeds=torch.cat((prompts, inputs_embeds), dim=1), **kwargs)
+
+
+def _put_prefix_cache(routing: _Routing, cfg: PrefixTuningConfig, encoder: nn.Module, batch_size: int,
+                      kwargs: Dict[str, Any]) -> None:
+    """A forward call's prefix: the KV cache argument (refused with gradient checkpointing or a cache of the caller's)."""
+    model = routing.model
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        raise ValueError("prefix tuning does not work with gradient checkpointing (PEFT refuses it too): the "
+                         "prefix lives in the KV cache, which checkpointed layers do not use; "
+                         "model.gradient_checkpointing_disable() first")
+    if any(kwargs.get(key) is not None for key in _CACHE_KEYS):
+        raise ValueError("prefix tuning puts its prefix in the KV cache; a forward call cannot take another "
+                         "cache (use generate(), which handles the cache)")
+    kwargs[routing.cache_key] = _prefix_cache(model, cfg, encoder, batch_size)
 
 
 def _forward_seq2seq(routing: _Routing, base_forward, cfg: PromptLearningConfig, encoder: nn.Module,
@@ -580,14 +587,7 @@ def _forward_seq2seq(routing: _Routing, base_forward, cfg: PromptLearningConfig,
     for key in ("output_attentions", "output_hidden_states", "return_dict"):
         kwargs.setdefault(key, None)
     if is_prefix:
-        if model.training and getattr(model, "is_gradient_checkpointing", False):
-            raise ValueError("prefix tuning does not work with gradient checkpointing (PEFT refuses it too): the "
-                             "prefix lives in the KV cache, which checkpointed layers do not use; "
-                             "model.gradient_checkpointing_disable() first")
-        if any(kwargs.get(key) is not None for key in _CACHE_KEYS):
-            raise ValueError("prefix tuning puts its prefix in the KV cache; a forward call cannot take another "
-                             "cache (use generate(), which handles the cache)")
-        kwargs[routing.cache_key] = _prefix_cache(model, cfg, encoder, batch_size)
+        _put_prefix_cache(routing, cfg, encoder, batch_size, kwargs)
         return base_forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)

@@ -170,17 +170,3 @@ class AdaLoraLinear(AdapterLayer):
         """B·(A ⊙ E)·s / (ranknum + 1e-5) as [out, in] in fp32 (PEFT's get_delta_weight, untransposed)."""
         delta = self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name])
         return (delta * self.scaling[name] / (self.ranknum[name] + RANKNUM_EPS)).detach()
-
-    def _merge_into_base(self, name: str) -> None:
-        weight, delta = self._base_weight_for_merge(), self.delta_weight(name)
-        weight.add_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
-
-    def _unmerge_from_base(self, name: str) -> None:
-        weight, delta = self._base_weight_for_merge(), self.delta_weight(name)
-        weight.sub_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
-
-    def _merged_weight(self, name, weight, bias):
-        return weight + self.delta_weight(name).to(weight.device), bias
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"

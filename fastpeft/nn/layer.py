@@ -42,8 +42,9 @@ class AdapterLayer(nn.Module):
     """Base of the adapted-layer drop-ins (``LoraLinear``, ``IA3Linear``): a frozen base layer + adapters.
 
     Subclasses define ``adapter_kind``, ``adapter_names``, ``adapter_parameters(name)``, ``delete_adapter``, the
-    ``_forward_*`` methods of the module docstring, and the merge hooks ``_merge_into_base(name)``,
-    ``_unmerge_from_base(name)`` and ``_merged_weight(name, weight, bias)``.
+    ``_forward_*`` methods of the module docstring, and either ``delta_weight(name)`` (an additive [out, in] change:
+    the default merge hooks use it) or the merge hooks ``_merge_into_base(name)``, ``_unmerge_from_base(name)`` and
+    ``_merged_weight(name, weight, bias)`` themselves.
     """
 
     adapter_kind = ""
@@ -223,3 +224,19 @@ class AdapterLayer(nn.Module):
 
     def _base_weight_for_merge(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    # The merge hooks of the methods whose adapter adds ``delta_weight(name)`` ([out, in], fp32) to the frozen weight
+    # (VeRA, LoHa, LoKr, AdaLoRA); LoRA (through its variants), IA3 and OFT override them.
+    def _merge_into_base(self, name: str) -> None:
+        weight, delta = self._base_weight_for_merge(), self.delta_weight(name).detach()
+        weight.add_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
+
+    def _unmerge_from_base(self, name: str) -> None:
+        weight, delta = self._base_weight_for_merge(), self.delta_weight(name).detach()
+        weight.sub_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
+
+    def _merged_weight(self, name: str, weight: torch.Tensor, bias):
+        return weight + self.delta_weight(name).detach().to(weight.device), bias
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"

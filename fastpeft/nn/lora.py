@@ -249,6 +249,3 @@ class LoraLinear(AdapterLayer):
     def train(self, mode: bool = True):
         self._dora_norms.clear()  # the DoRA norm cache serves eval-mode inference only
         return super().train(mode)
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"

@@ -104,18 +104,3 @@ class LycorisLinear(AdapterLayer):
 
     def _forward_nf4(self, x, name, compiled):  # pragma: no cover - 4-bit bases are refused in __init__
         raise TypeError(f"{self.method} on a 4-bit base is not supported")
-
-    # -- merge ----------------------------------------------------------------------------------------
-    def _merge_into_base(self, name: str) -> None:
-        weight = self._base_weight_for_merge()
-        weight.add_(self.delta_weight(name).detach().to(weight.dtype))
-
-    def _unmerge_from_base(self, name: str) -> None:
-        weight = self._base_weight_for_merge()
-        weight.sub_(self.delta_weight(name).detach().to(weight.dtype))
-
-    def _merged_weight(self, name, weight, bias):
-        return weight + self.delta_weight(name).detach().to(weight.device), bias
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"

@@ -193,18 +193,3 @@ class VeraLinear(AdapterLayer):
         """(λ_b ⊙ B_s)·(λ_d ⊙ A_s) as [out, in] in fp32."""
         lora_A, lora_B = self.lora_pair(name)
         return (lora_B @ lora_A).detach()
-
-    def _merge_into_base(self, name: str) -> None:
-        weight, delta = self._base_weight_for_merge(), self.delta_weight(name)
-        weight.add_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
-
-    def _unmerge_from_base(self, name: str) -> None:
-        weight, delta = self._base_weight_for_merge(), self.delta_weight(name)
-        weight.sub_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
-
-    def _merged_weight(self, name, weight, bias):
-        return weight + self.delta_weight(name).to(weight.device), bias
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend}, adapters={self.adapter_names}, active={self.active_adapter!r}"
-
