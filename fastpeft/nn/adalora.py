@@ -21,13 +21,8 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..ops import HAS_TRITON, cpp_ops
 from . import bases
-from ._rng import current_rank, dropout_draw, dropout_seed
 from .layer import AdapterLayer, warn_once
-
-if HAS_TRITON:
-    from ..ops.kernels import custom_ops
 
 __all__ = ["AdaLoraLinear"]
 
@@ -142,18 +137,10 @@ class AdaLoraLinear(AdapterLayer):
         return (result + delta).to(result.dtype)
 
     def _forward_dense(self, x, name, cpp):
-        base = self.base_layer
         if self.r[name] == 0:  # everything pruned: the update is exactly zero
-            return bases.base_forward(base, x)
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+            return bases.base_forward(self.base_layer, x)
         lora_A, lora_B = self.lora_pair(name)
-        bias, p = getattr(base, "bias", None), self._dropout_p(name)
-        if cpp:
-            if p > 0:
-                return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, p, dropout_draw(), current_rank())
-            return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0)
-        seed = dropout_seed() if p > 0 else None
-        return custom_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
+        return self._forward_lora_pair(x, lora_A, lora_B, 1.0, self._dropout_p(name), cpp)
 
     def _forward_nf4(self, x, name, compiled):
         # 4-bit bases run PEFT's computation (the reference path: the base's own 4-bit forward plus the adapter in

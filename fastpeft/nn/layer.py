@@ -25,6 +25,10 @@ import torch.nn as nn
 from .. import settings
 from ..ops import HAS_TRITON, cpp_ops
 from . import bases, mixed_batch
+from ._rng import current_rank, dropout_draw, dropout_seed
+
+if HAS_TRITON:
+    from ..ops.kernels import custom_ops
 
 _warned: set = set()
 # class -> torch.compiler.disable(cls._forward_nf4_eager): the single compile-disabled 4-bit fallback. Made when
@@ -174,6 +178,23 @@ class AdapterLayer(nn.Module):
                 return _OUTSIDE_GRAPH[type(self)](self, x, name)
             return self._forward_nf4(x, name, True)
         return self._forward_nf4(x, name, False)
+
+    def _forward_lora_pair(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                           dropout_p: float, cpp: bool) -> torch.Tensor:
+        """base(x) + scaling·((D⊙x)·Aᵀ)·Bᵀ on the Linear / Conv1D base through LoRA's C++ operator (``cpp``: one
+        dispatcher call, C++ autograd) or its Triton kernels (autograd Function in eager, custom op under compile):
+        the dense path of every method that forms a LoRA pair (LoRA, VeRA, LoHa, AdaLoRA). The dropout seed comes
+        from torch's CPU RNG (nn/_rng.py)."""
+        base = self._modules["base_layer"]
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        bias = getattr(base, "bias", None)
+        if cpp:
+            if dropout_p > 0:
+                return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_draw(),
+                                           current_rank())
+            return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling)
+        seed = dropout_seed() if dropout_p > 0 else None
+        return custom_ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
     def _forward_nf4_eager(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # Kept out of tracing as a whole (_OUTSIDE_GRAPH): a graph break *inside* the traced 4-bit path sends dynamo

@@ -24,12 +24,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..ops import HAS_TRITON, cpp_ops
 from . import bases
 from .lycoris import LycorisLinear
-
-if HAS_TRITON:
-    from ..ops.kernels import custom_ops
 
 __all__ = ["LohaLinear", "khatri_rao_pair"]
 
@@ -99,7 +95,4 @@ class LohaLinear(LycorisLinear):
                                          self.hada_w2_b[name])
         if rows is not None:
             lora_B = lora_B * rows.to(lora_B.device).unsqueeze(-1)
-        bias, scaling = getattr(base, "bias", None), self.scaling[name]
-        if cpp:
-            return cpp_ops.lora_linear(x, base.weight, bias, lora_A, lora_B, scaling)
-        return custom_ops.lora_linear(x, base.weight, bias, lora_A, lora_B, scaling, 0.0, None)
+        return self._forward_lora_pair(x, lora_A, lora_B, self.scaling[name], 0.0, cpp)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..ops import HAS_TRITON, cpp_ops, graph_capturing
 from ..ops.reference import dora_update_reference, dora_weight_norm_reference, lora_delta_reference
 from . import bases
-from ._rng import current_rank, dropout_draw, dropout_seed
+from ._rng import dropout_seed
 from .layer import warn_once
 
 if HAS_TRITON:
@@ -54,16 +54,8 @@ class LoraVariant:
     def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
         """The C++ operator (``cpp``: one dispatcher call, C++ autograd) or the Triton kernels (autograd Function in
         eager, custom op under torch.compile). Both draw the dropout seed from torch's CPU RNG (nn/_rng.py)."""
-        base = layer.base_layer
-        weight = base.weight.t() if layer.fan_in_fan_out else base.weight
-        lora_A, lora_B, bias = layer.lora_A[name].weight, layer.lora_B[name].weight, getattr(base, "bias", None)
-        if cpp:
-            if p > 0:
-                return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name], p, dropout_draw(),
-                                           current_rank())
-            return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name])
-        seed = dropout_seed() if p > 0 else None
-        return custom_ops.lora_linear(x, weight, bias, lora_A, lora_B, layer.scaling[name], p, seed)
+        return layer._forward_lora_pair(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
+                                        p, cpp)
 
     def forward_nf4(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, compiled: bool) -> torch.Tensor:
         """QLoRA kernels, in the layer's compute dtype as bnb's Linear4bit. Under torch.compile the same call

@@ -24,9 +24,9 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 
-from ..ops import HAS_TRITON, cpp_ops
+from ..ops import HAS_TRITON
 from . import bases
-from ._rng import current_rank, dropout_draw, dropout_seed
+from ._rng import dropout_seed
 from .layer import AdapterLayer
 
 if HAS_TRITON:
@@ -166,16 +166,8 @@ class VeraLinear(AdapterLayer):
         return (result + delta).to(result.dtype)
 
     def _forward_dense(self, x, name, cpp):
-        base = self.base_layer
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight
         lora_A, lora_B = self.lora_pair(name)
-        bias, p = getattr(base, "bias", None), self._dropout_p(name)
-        if cpp:
-            if p > 0:
-                return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, p, dropout_draw(), current_rank())
-            return cpp_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0)
-        seed = dropout_seed() if p > 0 else None
-        return custom_ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
+        return self._forward_lora_pair(x, lora_A, lora_B, 1.0, self._dropout_p(name), cpp)
 
     def _forward_nf4(self, x, name, compiled):
         base = self.base_layer

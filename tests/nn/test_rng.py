@@ -109,9 +109,9 @@ def test_checkpoint_recompute_draws_the_seed_again(monkeypatch):
         drawn.append(real())
         return drawn[-1]
 
-    import fastpeft.nn.variants as nn_lora  # where LoraVariant draws the seed
+    import fastpeft.nn.layer as nn_layer  # where the dense LoRA-pair path (AdapterLayer._forward_lora_pair) draws it
 
-    monkeypatch.setattr(nn_lora, "dropout_seed", spy)
+    monkeypatch.setattr(nn_layer, "dropout_seed", spy)
     _grads(model, random_ids(seed=6), seed=77)
     n_layers = 3 * 2  # q, v, down in 2 decoder layers
     assert len(drawn) == 2 * n_layers  # first forward + recompute
