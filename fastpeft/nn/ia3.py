@@ -67,6 +67,15 @@ class IA3Linear(AdapterLayer):
         ia3 = cpp_ops.ia3_linear if cpp else custom_ops.ia3_linear
         return ia3(x, bases.dense_weight(base), bases.base_bias(base), self.ia3_l[name], self.is_feedforward)
 
+    def _forward_hot(self, x, name):
+        # an nn.Linear base (exactly): the general path's C++ operator call, read from the dicts
+        base = self._modules["base_layer"]
+        vector = self._modules["ia3_l"]._parameters.get(name)
+        if type(base) is not nn.Linear or vector is None:
+            return None
+        params = base._parameters
+        return cpp_ops.ia3_linear(x, params["weight"], params["bias"], vector, self.is_feedforward)
+
     def _forward_nf4(self, x, name, compiled):
         """IA3 kernels on a 4-bit base, in the layer's compute dtype as bnb's Linear4bit (under torch.compile:
         the fastpeft::nf4_ia3_fwd custom op)."""

@@ -134,6 +134,18 @@ class AdapterLayer(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # The hot path: an eager call the C++ operators serve (backend cpp, or auto on CUDA, the extension loaded),
+        # adapters on and unmerged, no mixed batch. Its checks read the module's dicts directly and skip the
+        # general path's layers of calls: ~30 µs of Python per call on a slow host, paid again in the recompute of
+        # every checkpointed layer (issue 13). The subclass's _forward_hot returns None where it does not apply
+        # (then the general path below decides, with the same result).
+        state = self.__dict__
+        if not state["disable_adapters"] and not state["merged_adapters"] and cpp_ops.loaded() and (
+                state["backend"] == "cpp" or (state["backend"] == "auto" and x.is_cuda)) and \
+                not torch.compiler.is_compiling() and mixed_batch.eager_current() is None:
+            y = self._forward_hot(x, state["active_adapter"])
+            if y is not None:
+                return y
         names = mixed_batch.current()
         if names is not None and not self.disable_adapters:
             return self._forward_mixed(x, names)
@@ -142,6 +154,12 @@ class AdapterLayer(nn.Module):
         if self.disable_adapters or self.merged_adapters or not self._has_adapter(name):
             return bases.base_forward(base, x)
         return self._forward_adapter(x, name)
+
+    def _forward_hot(self, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+        """The C++ operator's result for adapter ``name`` when this layer's state allows the hot path of
+        ``forward`` (its caller checked backend, device, disable / merge, mixed batch, compile), else None. Must
+        give exactly what the general path gives. Default: never applies."""
+        return None
 
     def _forward_mixed(self, x: torch.Tensor, names) -> torch.Tensor:
         """One adapter per row (nn/mixed_batch.py): each adapter's rows through its single-adapter path."""

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .. import settings
 from ..config import changes_base_weights, pissa_niter
-from ..ops import HAS_TRITON, graph_capturing, lora_init
+from ..ops import HAS_TRITON, cpp_ops, graph_capturing, lora_init
 from . import bases, mixed_batch
 from .layer import AdapterLayer
 from .variants import DORA, PLAIN_LORA, DoraVariant, LoraVariant
@@ -155,6 +155,19 @@ class LoraLinear(AdapterLayer):
 
     def _forward_reference(self, x, name):
         return self.lora_variant[name].forward_reference(self, name, x)
+
+    def _forward_hot(self, x, name):
+        # plain LoRA on an nn.Linear base (exactly: Conv1D transposes, 4-bit bases take other kernels), no dropout
+        # in effect: the general path's _forward_lora_pair(..., dropout_p=0, cpp=True), read from the dicts
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear or self.lora_variant.get(name) is not PLAIN_LORA:
+            return None
+        if self.training and type(self._modules["lora_dropout"]._modules[name]) is not nn.Identity:
+            return None
+        params = base._parameters
+        return cpp_ops.lora_linear(x, params["weight"], params["bias"],
+                                   self._modules["lora_A"]._modules[name]._parameters["weight"],
+                                   self._modules["lora_B"]._modules[name]._parameters["weight"], self.scaling[name])
 
     def _forward_dense(self, x, name, cpp):
         return self.lora_variant[name].forward_dense(self, name, x, self._dropout_p(name), cpp)

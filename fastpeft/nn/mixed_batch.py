@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["BASE", "current", "set_names", "reset", "row_groups", "forward_mixed"]
+__all__ = ["BASE", "current", "eager_current", "set_names", "reset", "row_groups", "forward_mixed"]
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
@@ -36,6 +36,11 @@ def current() -> Optional[Tuple[str, ...]]:
     """The adapter names of the mixed batch being run, or None."""
     if torch.compiler.is_compiling():
         return _COMPILED_VIEW[-1] if _COMPILED_VIEW else None
+    return _NAMES.get()
+
+
+def eager_current() -> Optional[Tuple[str, ...]]:
+    """``current()`` outside a torch.compile trace (the caller has checked): the layers' hot path."""
     return _NAMES.get()
 
 

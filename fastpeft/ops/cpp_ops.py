@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .csrc import Extension
 
-__all__ = ["available", "lora_linear", "ia3_linear", "EXTENSION"]
+__all__ = ["available", "loaded", "lora_linear", "ia3_linear", "EXTENSION"]
 
 EXTENSION = Extension("fastpeft_ops", "LoRA / IA3 operators", cpu_sources=["adapter_ops.cpp"],
                       cuda_sources=["adapter_cuda.cu"], headers=["adapter_common.h"])
@@ -47,6 +47,12 @@ def available() -> bool:
     _OPS["lora"] = torch.ops.fastpeft_ops.lora_linear.default
     _OPS["ia3"] = torch.ops.fastpeft_ops.ia3_linear.default
     return True
+
+
+def loaded() -> bool:
+    """Whether the operators are loaded already (``available()`` ran and succeeded). Never builds anything: the
+    layers' hot path asks this on every call, and falls back to the general path (which calls ``available()``)."""
+    return bool(_OPS)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,

@@ -124,6 +124,125 @@ def test_cpp_backend_layers_match_the_reference(monkeypatch):
     assert calls  # the LoRA layer really went through the C++ operator
 
 
+def _lora_states(layer: LoraLinear):
+    """(label, set-up) for the states the hot path must see through: each leaves the layer in that state."""
+    def merged():
+        layer.merge()
+
+    def unmerged():
+        layer.unmerge()
+
+    def disabled():
+        layer.disable_adapters = True
+
+    def enabled():
+        layer.disable_adapters = False
+
+    def other():
+        layer.active_adapter = "drop"  # dropout 0.25
+
+    def missing():
+        layer.active_adapter = "nowhere"  # no such adapter on this layer: the base
+
+    def dora():
+        layer.active_adapter = "dora"
+
+    def evaluation():
+        layer.eval()
+
+    def training():
+        layer.train()
+
+    def default():
+        layer.active_adapter = "default"
+
+    return [("default", default), ("dropout, training", other), ("dropout, eval", evaluation),
+            ("default, eval", default), ("train again", training), ("no such adapter", missing),
+            ("dora", dora), ("disabled", disabled), ("enabled", enabled), ("merged", merged),
+            ("unmerged", unmerged), ("default last", default)]
+
+
+@pytest.mark.filterwarnings("ignore:fastpeft. a DoRA layer's base weight requires grad")
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_hot_path_gives_the_general_paths_result_in_every_state(monkeypatch, has_bias):
+    """AdapterLayer.forward's hot path (the C++ operator straight from the module's dicts) against the general path
+    in every state a layer can be in: outputs and gradients bitwise equal, and the hot path taken exactly where
+    it applies (plain LoRA / IA3 on an nn.Linear, adapters on and unmerged, no dropout in effect)."""
+    if not cpp_ops.available():
+        pytest.skip("the C++ extension cannot be built here")
+    set_settings(monkeypatch, backend="cpp")
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(37, 29, bias=has_bias), "default", r=5, lora_alpha=7, init_lora_weights=False)
+    layer.update_layer("drop", r=3, lora_alpha=3, lora_dropout=0.25, init_lora_weights=False)
+    layer.update_layer("dora", r=2, lora_alpha=4, use_dora=True, init_lora_weights=False)
+    taken = []
+    real_hot = LoraLinear._forward_hot
+
+    def spy(self, x, name):
+        out = real_hot(self, x, name)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(LoraLinear, "_forward_hot", spy)
+    x = torch.randn(2, 7, 37, requires_grad=True)
+    expect_hot = {"default": True, "dropout, training": False, "dropout, eval": True, "default, eval": True,
+                  "train again": True, "no such adapter": False, "dora": False, "disabled": None, "enabled": False,
+                  "merged": None, "unmerged": False, "default last": True}
+    for label, setup in _lora_states(layer):
+        setup()
+        outs = []
+        for hot in (True, False):
+            if not hot:
+                layer._forward_hot = lambda x, name: None  # the general path alone
+            taken.clear()
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            torch.manual_seed(1)  # the dropout draw
+            y = layer(x)
+            y.square().sum().backward()
+            grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+            outs.append((y.detach(), grads, list(taken)))
+            layer.__dict__.pop("_forward_hot", None)
+        (y_hot, g_hot, taken_hot), (y_gen, g_gen, _) = outs
+        assert torch.equal(y_hot, y_gen), label
+        for a, b in zip(g_hot, g_gen):
+            assert (a is None and b is None) or torch.equal(a, b), label
+        want = expect_hot[label]
+        # None: forward never asks (disabled / merged are decided before); else whether the hot path served it
+        assert taken_hot == ([] if want is None else [want]), label
+    # IA3: the same, for its two kinds and an unknown active adapter
+    for feedforward in (False, True):
+        ia3 = IA3Linear(nn.Linear(37, 29, bias=has_bias), "default", is_feedforward=feedforward,
+                        init_ia3_weights=False)
+        for active in ("default", "nowhere"):
+            ia3.active_adapter = active
+            assert (ia3._forward_hot(x, active) is not None) == (active == "default")
+            want = IA3Linear._forward_adapter(ia3, x, active) if active == "default" else ia3.base_layer(x)
+            assert torch.equal(ia3(x), want)
+
+
+def test_hot_path_skips_conv1d_and_cpu_tensors_under_auto(monkeypatch):
+    """auto on CPU tensors keeps the reference path (the hot path is for CUDA under auto), and a Conv1D base
+    (transposed weight) never takes it."""
+    if not cpp_ops.available():
+        pytest.skip("the C++ extension cannot be built here")
+    calls = []
+    real = cpp_ops.lora_linear
+    monkeypatch.setattr(cpp_ops, "lora_linear", lambda *a: calls.append(1) or real(*a))
+    set_settings(monkeypatch, backend="auto")
+    auto = LoraLinear(nn.Linear(8, 6), "default", r=2, lora_alpha=2)
+    auto(torch.randn(3, 8))
+    assert not calls
+    set_settings(monkeypatch, backend="cpp")
+    conv = LoraLinear(_conv1d(8, 6), "default", r=2, lora_alpha=2, init_lora_weights=False)
+    assert conv._forward_hot(torch.randn(3, 8), "default") is None
+    x = torch.randn(3, 8)
+    want = lora_linear_reference(x, conv.base_layer.weight.t(), conv.base_layer.bias,
+                                 conv.lora_A["default"].weight, conv.lora_B["default"].weight, 1.0)
+    assert rel_err(conv(x), want) <= 1e-6
+    assert calls  # the general path's C++ call
+
+
 @pytest.mark.skipif(not settings.get().triton_interpret, reason="CPU tensors in Triton's interpreter only")
 def test_triton_backend_on_4bit_base_runs_qlora_kernels(monkeypatch):
     """A 4-bit base under the triton backend runs the QLoRA kernels (ops/kernels/nf4_lora.py): no fallback warning."""
