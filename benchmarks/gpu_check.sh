@@ -31,7 +31,7 @@ t0=$(date +%s)
 (timeout "${T_BUILD:-300}" python3 -c "from fastpeft.ops import cpp_ops; cpp_ops.EXTENSION.load()" > "$OUT/csrc_build_ops.txt" 2>&1; echo "ops build rc=$?" >> "$OUT/csrc_build_ops.txt") &
 (timeout "${T_BUILD:-300}" python3 -c "from fastpeft.ops.kernels import nf4_gemv; nf4_gemv.load_extension()" > "$OUT/csrc_build_gemv.txt" 2>&1; echo "gemv build rc=$?" >> "$OUT/csrc_build_gemv.txt") &
 wait
-echo "builds took $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/csrc_build_ops.txt" "$OUT/csrc_build_gemv.txt"
+echo "builds took $(( $(date +%s) - t0 )) s"; tail -n 3 "$OUT/csrc_build_ops.txt" "$OUT/csrc_build_gemv.txt"
 if has smoke; then
   timeout "${T_SMOKE:-240}" python3 -m pytest tests/ops/test_cpp_ops.py -m gpu -q -p no:cacheprovider -x > "$OUT/smoke.txt" 2>&1
   echo "smoke rc=$?"; tail -15 "$OUT/smoke.txt"
