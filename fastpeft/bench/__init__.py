@@ -28,6 +28,9 @@ Methods (r=16, alpha=32, all linear layers but the output head; IA3 on k, v, dow
     oft            OFT, blocks of 32 (Cayley-Neumann) on all linear layers but the head (x·R as one batched GEMM
                    over the blocks, in the activations' dtype)
     prompt_tuning  prompt tuning, 20 virtual tokens (PEFT's PeftModelForCausalLM forward)
+    p_tuning       P-tuning, 20 virtual tokens through PEFT's default MLP prompt encoder
+    prefix_tuning  prefix tuning, 20 virtual tokens (no projection), both sides WITHOUT gradient checkpointing
+                   (the prefix lives in the KV cache, which checkpointed layers do not use)
     trainable_tokens  PEFT's standalone trainable tokens, 100 embedding rows (a tied head follows)
     vera           VeRA r=256 on all linear layers but the head (shared projections, trained vectors)
     adalora        AdaLoRA init_r=12, target_r=8, alpha 32 on all linear layers but the head; every step calls

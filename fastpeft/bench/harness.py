@@ -43,6 +43,7 @@ from .plan import (
     is_dora,
     lora_dropout_of,
     step_flops,
+    uses_checkpointing,
     uses_fused_loss,
     uses_offload,
 )
@@ -139,6 +140,10 @@ def adapter_config(lib, method: str, dropout: float):
                                  total_step=ADALORA_TOTAL_STEP)
     if method == "prompt_tuning":
         return lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
+    if method == "p_tuning":
+        return lib.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
+    if method == "prefix_tuning":
+        return lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
     if method == "trainable_tokens":
         return lib.TrainableTokensConfig(task_type="CAUSAL_LM", token_indices=list(range(TRAINED_TOKEN_ROWS)))
     return lib.LoraConfig(task_type="CAUSAL_LM", r=RANK, lora_alpha=ALPHA, lora_dropout=dropout,
@@ -231,13 +236,14 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
             if is_4bit(spec.method):
                 model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                              gradient_checkpointing_kwargs=ckpt)
-            else:
+            elif uses_checkpointing(spec.method):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
             model = peft.get_peft_model(model, adapter_config(peft, spec.method, p))
         elif spec.impl == "fastpeft":
             if spec.method == "full_ft":
                 raise ValueError("full_ft has no fastpeft variant")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+            if uses_checkpointing(spec.method):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
             cfg = adapter_config(fastpeft, spec.method, p)
             # each layer takes the backend when it is built; restored afterwards (no leak into later rows)
             with settings.override(**({"backend": backend} if backend else {})):

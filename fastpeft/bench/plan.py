@@ -36,10 +36,10 @@ SEQ = {"8b": (2, 2048), "1b": (2, 2048), "tiny": (2, 64)}  # (batch, tokens per 
 
 # Run order = priority (a --budget-s cut drops the tail): the targets first, then variants, Liger last.
 METHODS = ["full_ft", "lora", "qlora", "ia3", "dora", "qdora", "lora_dropout", "qlora_dropout", "dora_dropout", "vera",
-           "loha", "lokr", "oft", "adalora", "prompt_tuning", "trainable_tokens", "lora_fused", "qlora_fused", "lora_offload", "qlora_offload", "lora_liger"]
+           "loha", "lokr", "oft", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning", "trainable_tokens", "lora_fused", "qlora_fused", "lora_offload", "qlora_offload", "lora_liger"]
 TABLE_ORDER = ["lora", "lora_fused", "lora_offload", "lora_dropout", "qlora", "qlora_fused", "qlora_offload",
                "qlora_dropout", "dora", "dora_dropout", "qdora", "ia3", "vera", "loha", "lokr", "oft", "adalora",
-               "prompt_tuning", "trainable_tokens", "lora_liger"]  # adapter rows in tables
+               "prompt_tuning", "p_tuning", "prefix_tuning", "trainable_tokens", "lora_liger"]  # adapter rows in tables
 # fastpeft-only rows (memory options PEFT does not have): compared with PEFT's row of the plain method
 FASTPEFT_ONLY = {"lora_fused": "lora", "qlora_fused": "qlora", "lora_offload": "lora", "qlora_offload": "qlora"}
 QUICK_METHODS = ["full_ft", "lora", "ia3", "qlora", "lora_liger"]
@@ -49,7 +49,8 @@ METHOD_LABEL = {
     "lora_liger": "LoRA r=16 + Liger", "dora": "DoRA r=16", "qdora": "QDoRA r=16 (4-bit base)",
     "dora_dropout": "DoRA r=16, dropout 0.05", "vera": "VeRA r=256", "loha": "LoHa r=8", "lokr": "LoKr r=8", "oft": "OFT block 32",
     "adalora": "AdaLoRA r=12 to 8",
-    "prompt_tuning": "prompt tuning, 20 tokens", "trainable_tokens": "trainable tokens, 100 rows",
+    "prompt_tuning": "prompt tuning, 20 tokens", "p_tuning": "P-tuning (MLP), 20 tokens",
+    "prefix_tuning": "prefix tuning, 20 tokens (no checkpointing)", "trainable_tokens": "trainable tokens, 100 rows",
     "lora_fused": "LoRA r=16 + fused loss", "qlora_fused": "QLoRA r=16 + fused loss",
     "lora_offload": "LoRA r=16 + fused loss + offload", "qlora_offload": "QLoRA r=16 + fused loss + offload",
 }
@@ -57,7 +58,7 @@ IMPL_LABEL = {"torch": "plain", "peft": "PEFT", "fastpeft": "fastpeft"}
 # Targets from DESIGN.md §5 (whole step, vs PEFT): tokens/s × and peak-memory ×.
 SPEED_TARGET = {"lora": 2.0, "lora_dropout": 2.0, "qlora": 3.0, "qlora_dropout": 3.0,
                 "vera": 1.5, "loha": 1.0, "lokr": 1.0, "oft": 1.0, "adalora": 1.5,
-                "prompt_tuning": 1.0, "trainable_tokens": 1.0}  # issue 17: VeRA runs on the LoRA kernels; LoHa at least PEFT's speed
+                "prompt_tuning": 1.0, "p_tuning": 1.0, "prefix_tuning": 1.0, "trainable_tokens": 1.0}  # issue 17: VeRA runs on the LoRA kernels; LoHa at least PEFT's speed
 MEMORY_TARGET = 0.75
 # issue 16: peak memory × PEFT's plain method, for the rows with the fused loss (and activation offload)
 LEAN_MEMORY_TARGET = {"lora_fused": 0.7, "lora_offload": 0.7, "qlora_fused": 0.55, "qlora_offload": 0.55}
@@ -66,10 +67,10 @@ LEAN_MEMORY_TARGET = {"lora_fused": 0.7, "lora_offload": 0.7, "qlora_fused": 0.5
 # the estimate is rescaled by measured/predicted as configurations finish.
 PRIOR_STEP_S = {
     "8b": {"full_ft": 0.9, "lora": 0.71, "lora_dropout": 0.76, "qlora": 1.6, "qlora_dropout": 1.7, "ia3": 0.46,
-           "lora_liger": 0.63, "dora": 1.2, "qdora": 2.0, "dora_dropout": 1.6, "vera": 0.8, "loha": 1.0, "lokr": 1.0, "oft": 0.9, "adalora": 0.9, "prompt_tuning": 0.4, "trainable_tokens": 0.4, "lora_fused": 0.5,
+           "lora_liger": 0.63, "dora": 1.2, "qdora": 2.0, "dora_dropout": 1.6, "vera": 0.8, "loha": 1.0, "lokr": 1.0, "oft": 0.9, "adalora": 0.9, "prompt_tuning": 0.4, "p_tuning": 0.4, "prefix_tuning": 0.4, "trainable_tokens": 0.4, "lora_fused": 0.5,
            "qlora_fused": 0.5, "lora_offload": 0.5, "qlora_offload": 0.5},
     "1b": {"full_ft": 0.14, "lora": 0.19, "lora_dropout": 0.21, "qlora": 0.54, "qlora_dropout": 0.56, "ia3": 0.12,
-           "lora_liger": 0.17, "dora": 0.3, "qdora": 0.6, "dora_dropout": 0.4, "vera": 0.2, "loha": 0.3, "lokr": 0.3, "oft": 0.25, "adalora": 0.25, "prompt_tuning": 0.1, "trainable_tokens": 0.1, "lora_fused": 0.19,
+           "lora_liger": 0.17, "dora": 0.3, "qdora": 0.6, "dora_dropout": 0.4, "vera": 0.2, "loha": 0.3, "lokr": 0.3, "oft": 0.25, "adalora": 0.25, "prompt_tuning": 0.1, "p_tuning": 0.1, "prefix_tuning": 0.1, "trainable_tokens": 0.1, "lora_fused": 0.19,
            "qlora_fused": 0.54, "lora_offload": 0.19, "qlora_offload": 0.54},
     "tiny": {m: 0.05 for m in METHODS},
 }
@@ -89,6 +90,12 @@ class Spec:
     @property
     def label(self) -> str:
         return f"{self.model} {METHOD_LABEL[self.method]} [{IMPL_LABEL[self.impl]}]"
+
+
+def uses_checkpointing(method: str) -> bool:
+    """Every row trains with gradient checkpointing but prefix tuning, which cannot (the prefix lives in the KV
+    cache, which checkpointed layers do not use: PEFT and fastpeft both refuse the combination)."""
+    return method != "prefix_tuning"
 
 
 def lora_dropout_of(method: str) -> float:
@@ -157,7 +164,8 @@ def total_params(model: str) -> int:
 
 
 def step_flops(model: str, method: str) -> float:
-    """FLOPs one step must do, with activation checkpointing (each decoder layer's forward runs twice).
+    """FLOPs one step must do, with activation checkpointing (each decoder layer's forward runs twice; prefix
+    tuning trains without it: no recompute).
 
     Decoder linears: forward 2·N·T, recompute 2·N·T, input gradient 2·N·T, weight gradient 2·N·T (full FT
     only). Output head (not recomputed): 2·N·T + 2·N·T, + 2·N·T for full FT. Causal attention counted at
@@ -169,9 +177,10 @@ def step_flops(model: str, method: str) -> float:
     lp = linear_params(model)
     s = MODELS[model]
     full = method == "full_ft"
-    dec = lp["decoder"] * T * 2 * (4 if full else 3)
+    recompute = 1 if uses_checkpointing(method) else 0
+    dec = lp["decoder"] * T * 2 * ((4 if full else 3) - 1 + recompute)
     head = lp["head"] * T * 2 * (3 if full else 2)
-    attn = 4 * 2 * batch * seq * seq * s["hidden_size"] * s["num_hidden_layers"]
+    attn = (3 + recompute) * 2 * batch * seq * seq * s["hidden_size"] * s["num_hidden_layers"]
     return float(dec + head + attn)
 
 

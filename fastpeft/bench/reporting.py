@@ -97,7 +97,8 @@ def memory_table(info) -> List[str]:
     rows = info["rows"]
     rss = host_rss(info)
     methods = [m for m in ("lora", "lora_fused", "lora_offload", "qlora", "qlora_fused", "qlora_offload", "ia3", "dora",
-                           "qdora", "vera", "loha", "lokr", "oft", "adalora", "prompt_tuning", "trainable_tokens")
+                           "qdora", "vera", "loha", "lokr", "oft", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning",
+                           "trainable_tokens")
                if m in ("lora", "qlora", "ia3") or any(r.get("method") == m for r in rows)]
     out = ["| model | Full FT | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
            "| --- | --- | " + " | ".join("---" for _ in methods) + " |"]
