@@ -14,6 +14,8 @@
 // GEMMs (M·K + M·N reads) and the beta = 1 read-modify-write of Y and dX. The elementwise kernels below are
 // memory-bound and touch r-wide or X-sized data once.
 // IA3: cuBLAS for the GEMM, scale_cols (x⊙l or Yb⊙l) and colreduce (dl = Σ_rows a⊙b, Σ_rows a, a⊙l in one pass).
+// DoRA (p = 0): LoRA's split-GEMM composition, the norm from small products, dora_apply (g⊙Z + b) and, backward,
+// colreduce (dm, g⊙dY) then LoRA's backward with g folded into B (see dora_fwd_cuda).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
@@ -181,19 +183,62 @@ __global__ void scale_cols_kernel(const T* __restrict__ a, int64_t sa0, int64_t 
   }
 }
 
+// DoRA's output: out [M, N] (contiguous) = dtype(float(z)·g + bias) per column, g fp32 (not rounded: PEFT's fp32
+// scale), bias in T or null. One rounding, as the reference's single cast of the fp32 sum. Thread: 8 consecutive
+// columns, rows strided by gridDim.y. Bound: bytes, one read + one write of [M, N].
+template <typename T>
+__global__ void dora_apply_kernel(const T* __restrict__ z, int64_t sz0, int64_t sz1, const float* __restrict__ g,
+                                  const T* __restrict__ bias, T* __restrict__ out, int64_t M, int64_t N, bool vec_z,
+                                  bool vec_out) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  if (c >= N) return;
+  const int valid = static_cast<int>(N - c < 8 ? N - c : 8);
+  float gv[8], bv[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    gv[e] = e < valid ? g[c + e] : 0.0f;
+    bv[e] = (e < valid && bias != nullptr) ? to_f<T>(bias[c + e]) : 0.0f;
+  }
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    float v[8];
+    load8<T>(z + m * sz0 + c * sz1, sz1, valid, vec_z, v);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = v[e] * gv[e] + bv[e];
+    store8<T>(out + m * N + c, valid, vec_out, v);
+  }
+}
+
+// DoRA's per-row scale from the norm's small pieces: n² = w_sq + Σ_j B[i, j]·T[i, j] with T = 2s·W·Aᵀ + s²·B·(A·Aᵀ)
+// (= ‖W + s·B·A‖², never forming B·A); g = m / n and 1 / n, fp32 [N]. One thread per output row (T, B contiguous
+// [N, R]). Bound: tiny (N·R reads).
+__global__ void dora_scale_kernel(const float* __restrict__ T, const float* __restrict__ B, int64_t N, int64_t R,
+                                  const float* __restrict__ w_sq, const float* __restrict__ m, float* __restrict__ g,
+                                  float* __restrict__ inv_n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N) return;
+  float acc = w_sq[i];
+  for (int64_t j = 0; j < R; ++j) acc = fmaf(B[i * R + j], T[i * R + j], acc);
+  const float n = sqrtf(fmaxf(acc, 0.0f));
+  g[i] = m[i] / n;
+  inv_n[i] = 1.0f / n;
+}
+
 // Column reductions over a row range: red[n] += Σ a⊙b, sum[n] += Σ a (fp32; atomics when the rows are split over
 // blocks), out = a ⊙ dtype(l) (out may be a itself: each element is read before it is written, by one thread).
 // Threads of a warp take consecutive columns (coalesced); eight rows are loaded before any is used, so each
 // thread keeps eight loads in flight. Bound: bytes, 2 reads (+1 write) of [M, N].
+// round_l: l is rounded to T first (IA3: the vector in the activations' dtype, as PEFT's x * l); else the fp32
+// value multiplies (DoRA's g⊙dY, PEFT's fp32 scale).
 template <typename T>
 __global__ void colreduce_kernel(const T* a, int64_t sa0, int64_t sa1, const T* __restrict__ b, int64_t sb0,
                                  int64_t sb1, const float* __restrict__ l, T* out, float* __restrict__ red,
-                                 float* __restrict__ sum, int64_t M, int64_t N, int64_t rows_per_split, bool atomic) {
+                                 float* __restrict__ sum, int64_t M, int64_t N, int64_t rows_per_split, bool atomic,
+                                 bool round_l) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= N) return;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t m1 = m0 + rows_per_split < M ? m0 + rows_per_split : M;
-  const float lv = to_f<T>(from_f<T>(l[c]));
+  const float lv = round_l ? to_f<T>(from_f<T>(l[c])) : l[c];
   float acc = 0.0f, tot = 0.0f;
   for (int64_t m = m0; m < m1; m += 8) {
     float av[8], bv[8];
@@ -531,9 +576,39 @@ Tensor scale_cols(const Tensor& a, const Tensor& l32) {
   return out;
 }
 
+// dtype(z·g + bias) as a new contiguous [M, N] tensor (bias undefined: none)
+Tensor dora_apply(const Tensor& z, const Tensor& g32, const Tensor& bias) {
+  const int64_t M = z.size(0), N = z.size(1);
+  Tensor out = at::empty({M, N}, z.options());
+  if (M * N == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const bool vz = vec16(z), vo = vec16(out);
+  dispatch_all(z.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dora_apply_kernel<T><<<rows_grid(M, N), kThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(z.data_ptr()), z.stride(0), z.stride(1), g32.data_ptr<float>(),
+        bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr, reinterpret_cast<T*>(out.data_ptr()),
+        M, N, vz, vo);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// (g, 1/n) from T = 2s·W·Aᵀ + s²·B·(A·Aᵀ) [N, R], B [N, R], w_sq = ‖W‖² per row and m (all fp32)
+std::tuple<Tensor, Tensor> dora_scale(const Tensor& T, const Tensor& B32, const Tensor& w_sq, const Tensor& m32) {
+  const int64_t N = T.size(0), R = T.size(1);
+  Tensor g = at::empty({N}, T.options()), inv_n = at::empty({N}, T.options());
+  if (N == 0) return {g, inv_n};
+  dora_scale_kernel<<<blocks_for(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      T.data_ptr<float>(), B32.data_ptr<float>(), N, R, w_sq.data_ptr<float>(), m32.data_ptr<float>(),
+      g.data_ptr<float>(), inv_n.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {g, inv_n};
+}
+
 // (red, sum): red = Σ_rows a⊙b, sum = Σ_rows a (fp32 [N]); writes out = a ⊙ l (out contiguous, may be a)
 std::tuple<Tensor, Tensor> colreduce(const Tensor& a, const Tensor& b, const Tensor& l32, const Tensor& out,
-                                     bool need_sum) {
+                                     bool need_sum, bool round_l = true) {
   const int64_t M = a.size(0), N = a.size(1);
   const int64_t col_blocks = blocks_for(N);
   const int sms = sm_count();
@@ -555,7 +630,7 @@ std::tuple<Tensor, Tensor> colreduce(const Tensor& a, const Tensor& b, const Ten
     colreduce_kernel<T><<<dim3(col_blocks, splits), kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(a.data_ptr()), a.stride(0), a.stride(1), reinterpret_cast<const T*>(b.data_ptr()),
         b.stride(0), b.stride(1), l32.data_ptr<float>(), out.defined() ? reinterpret_cast<T*>(out.data_ptr()) : nullptr,
-        red.data_ptr<float>(), need_sum ? sum.data_ptr<float>() : nullptr, M, N, rows_per_split, splits > 1);
+        red.data_ptr<float>(), need_sum ? sum.data_ptr<float>() : nullptr, M, N, rows_per_split, splits > 1, round_l);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {red, sum};
@@ -593,13 +668,17 @@ std::tuple<Tensor, Tensor> lora_fwd_split(const Tensor& x2, const Tensor& weight
   return {y, S};
 }
 
+// dy_base (DoRA): the output gradient of the base product in dX (dX = D⊙(dS·A) + dy_base·W) when it is not dY
+// itself; undefined for LoRA.
 std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Tensor& x2, const Tensor& S,
                                                  const Tensor& weight, const Tensor& A, const Tensor& B,
                                                  double scaling, double p, const c10::optional<Tensor>& seed,
-                                                 int64_t rank, bool need_x, bool need_A, bool need_B) {
+                                                 int64_t rank, bool need_x, bool need_A, bool need_B,
+                                                 const Tensor& dy_base = Tensor()) {
   c10::cuda::CUDAGuard guard(x2.device());
   const auto dt = x2.scalar_type();
   const Tensor dy2 = in_dtype(dy2_in, dt);
+  const Tensor dyb = dy_base.defined() ? in_dtype(dy_base, dt) : dy2;
   const Tensor A32 = in_dtype(A, at::kFloat), B32 = in_dtype(B, at::kFloat);
   const int64_t seed_v = p > 0.0 ? lora_seed_value(seed, p, rank) : 0;
   auto f32 = S.options().dtype(at::kFloat);
@@ -612,7 +691,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
     if (need_x) {
       Tensor z2 = at::mm(dS, A32);
       if (p > 0.0) dropout_apply(z2, p, seed_v, true);
-      dx = z2.addmm_(dy2, in_dtype(weight, dt));
+      dx = z2.addmm_(dyb, in_dtype(weight, dt));
     }
     return {dx, dA, dB};
   }
@@ -635,9 +714,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
       if (p > 0.0) {
         Tensor z2 = at::mm(dS3, A3.t());                                     // dS·A in x.dtype
         dropout_apply(z2, p, seed_v, true);
-        dx = z2.addmm_(dy2, w);                                              // + dY·W (beta = 1)
+        dx = z2.addmm_(dyb, w);                                              // + dY·W (beta = 1)
       } else {
-        dx = at::mm(dy2, w);
+        dx = at::mm(dyb, w);
         dx.addmm_(dS3, A3.t());
       }
     }
@@ -916,6 +995,101 @@ std::tuple<Tensor, Tensor, Tensor> ia3_bwd_cuda(const Tensor& dy2_in, const Tens
   return {dx, db, dl};
 }
 
+// ------------------------------------------------------------------------------------------------ DoRA (p = 0)
+// Y = g⊙Z + b, Z = X·Wᵀ + S'·Bᵀ (LoRA's split-GEMM forward without bias), S' = s·X·Aᵀ, g = m/n,
+// n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·A·Aᵀ) (w_sq = ‖W‖² cached by the layer; the W·Aᵀ GEMM shares LoRA's packed A).
+// Launches: the LoRA forward's five, W·[A_hi | A_lo]ᵀ + combine, A·Aᵀ, one addmm, the scale kernel, the output pass.
+// Bound: the two GEMMs over W (X·Wᵀ: FLOPs; W·Aᵀ: W's bytes once) and the output pass (M·N reads + writes, where
+// LoRA's beta = 1 epilogue was free: the price of not fusing the scale into cuBLAS's epilogue).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
+    const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
+    const Tensor& magnitude, double scaling, const c10::optional<Tensor>& w_sq,
+    const c10::optional<Tensor>& weight_norm) {
+  TORCH_CHECK(x2.dim() == 2 && weight.dim() == 2 && weight.size(1) == x2.size(1) && A.dim() == 2 && B.dim() == 2 &&
+                  A.size(1) == x2.size(1) && B.size(0) == weight.size(0) && B.size(1) == A.size(0) &&
+                  magnitude.numel() == weight.size(0),
+              "fastpeft dora: shapes do not fit: x ", x2.sizes(), ", weight ", weight.sizes(), ", lora_A ", A.sizes(),
+              ", lora_B ", B.sizes(), ", magnitude ", magnitude.sizes());
+  c10::cuda::CUDAGuard guard(x2.device());
+  const auto dt = x2.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "fastpeft dora: x must be float32, float16 or bfloat16, got ", dt);
+  const Tensor w = in_dtype(weight, dt);
+  const Tensor A32 = in_dtype(A, at::kFloat), B32 = in_dtype(B, at::kFloat).contiguous();
+  const Tensor m32 = in_dtype(magnitude.reshape({-1}), at::kFloat).contiguous();
+  const bool need_norm = !(weight_norm.has_value() && weight_norm->defined());
+  Tensor Z = at::mm(x2, w.t());
+  Tensor S, WA;
+  if (dt == at::kFloat) {
+    S = at::mm(x2, A32.t()).mul_(scaling);
+    Z.addmm_(S, B32.t());
+    if (need_norm) WA = at::mm(w, A32.t());
+  } else {
+    const Tensor A2 = pack_split(A32.t(), kHL, dt);  // [K, 2r] = [A_hiᵀ | A_loᵀ]
+    const Tensor P = at::mm(x2, A2, at::kFloat);
+    auto [S_, S3, unused] = finalize_split(P, static_cast<float>(scaling), true, &kHHL, nullptr, dt);
+    S = S_;
+    const Tensor B3 = pack_split(B32, kHLH, dt);
+    Z.addmm_(S3, B3.t());
+    if (need_norm) WA = combine_halves(at::mm(w, A2, at::kFloat), /*row_halves=*/false);  // W·Aᵀ [N, r]
+  }
+  Tensor g, inv_n;
+  if (need_norm) {
+    const Tensor wsq = (w_sq.has_value() && w_sq->defined())
+                           ? in_dtype(w_sq->reshape({-1}), at::kFloat).contiguous()
+                           : at::linalg_vector_norm(w, 2, at::IntArrayRef{1}, false, at::kFloat).square_();
+    TORCH_CHECK(wsq.numel() == w.size(0), "fastpeft dora: weight_sq_norm must have out_features elements");
+    const Tensor T = at::addmm(WA, B32, at::mm(A32, A32.t()), 2.0 * scaling, scaling * scaling).contiguous();
+    std::tie(g, inv_n) = dora_scale(T, B32, wsq, m32);
+  } else {
+    const Tensor n = in_dtype(weight_norm->reshape({-1}), at::kFloat);
+    TORCH_CHECK(n.numel() == w.size(0), "fastpeft dora: weight_norm must have out_features elements");
+    g = (m32 / n).contiguous();
+    inv_n = n.reciprocal();
+  }
+  const bool has_bias = bias.has_value() && bias->defined();
+  Tensor y = dora_apply(Z, g, has_bias ? in_dtype(*bias, dt).contiguous() : Tensor());
+  return {y, S, Z, g, inv_n};
+}
+
+// dm = (Σ_rows dY⊙Z)/n and dZ = g⊙dY (fp32 g, one rounding) in one colreduce pass over dY and Z; then LoRA's
+// split-GEMM backward on dY with g folded into B (dS = s·dY·(g⊙B), dB = g⊙(dYᵀ·S')): the adapter gradients never
+// see g⊙dY rounded to 16 bits; dX = D⊙(dS·A) + dZ·W. Deterministic mode: dm and dZ from ATen (no atomics).
+std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, const Tensor& x2, const Tensor& S,
+                                                        const Tensor& Z, const Tensor& g, const Tensor& inv_n,
+                                                        const Tensor& weight, const Tensor& A, const Tensor& B,
+                                                        double scaling, bool need_x, bool need_A, bool need_B,
+                                                        bool need_m) {
+  c10::cuda::CUDAGuard guard(x2.device());
+  const auto dt = x2.scalar_type();
+  const Tensor dy2 = in_dtype(dy2_in, dt);
+  auto f32 = S.options().dtype(at::kFloat);
+  Tensor dm = at::empty({0}, f32), dZ;
+  const Tensor g32 = in_dtype(g, at::kFloat).contiguous();
+  if (need_m || need_x) {
+    if (at::globalContext().deterministicAlgorithms()) {
+      const Tensor dyf = dy2.to(at::kFloat);
+      if (need_m) dm = (dyf * Z.to(at::kFloat)).sum(0).mul_(inv_n);
+      if (need_x) dZ = (dyf * g32).to(dt);
+    } else {
+      if (need_x) dZ = at::empty({dy2.size(0), dy2.size(1)}, dy2.options());
+      auto [red, unused] = colreduce(dy2, Z, g32, dZ, false, /*round_l=*/false);
+      if (need_m) dm = red.mul_(inv_n);
+    }
+  }
+  Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, f32), dB = at::empty({0}, f32);
+  if (need_x || need_A || need_B) {
+    const Tensor g_col = g32.view({-1, 1});
+    const Tensor Bg = in_dtype(B, at::kFloat) * g_col;
+    auto r = lora_bwd_split(dy2, x2, S, weight, A, Bg, scaling, 0.0, c10::nullopt, 0, need_x, need_A, need_B, dZ);
+    dx = std::get<0>(r);
+    dA = std::get<1>(r);
+    dB = std::get<2>(r);
+    if (need_B) dB.mul_(g_col);
+  }
+  return {dx, dA, dB, dm};
+}
+
 }  // namespace
 }  // namespace fastpeft
 
@@ -924,4 +1098,6 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CUDA, m) {
   m.impl("lora_bwd", &fastpeft::lora_bwd_cuda);
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_cuda);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_cuda);
+  m.impl("dora_fwd", &fastpeft::dora_fwd_cuda);
+  m.impl("dora_bwd", &fastpeft::dora_bwd_cuda);
 }

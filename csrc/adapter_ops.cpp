@@ -5,6 +5,11 @@
 //   lora_fwd(x2, weight, bias?, lora_A, lora_B, scaling, dropout_p, seed?, rank) -> (y2, S)
 //   lora_bwd(dy2, x2, S, weight, lora_A, lora_B, scaling, dropout_p, seed?, rank, need_x, need_A, need_B)
 //            -> (dx2, dA, dB)
+//   dora_linear(x, weight, bias?, lora_A, lora_B, magnitude, scaling, weight_sq_norm?, weight_norm?) -> y (autograd)
+//   dora_fwd(x2, weight, bias?, lora_A, lora_B, magnitude, scaling, weight_sq_norm?, weight_norm?)
+//            -> (y2, S, Z, g, inv_n)
+//   dora_bwd(dy2, x2, S, Z, g, inv_n, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_m)
+//            -> (dx2, dA, dB, dm)
 //   ia3_linear(x, weight, bias?, ia3_l, feedforward) -> y                                        (autograd)
 //   ia3_fwd(x2, weight, bias?, ia3_l, feedforward) -> (y2, saved)
 //   ia3_bwd(dy2, saved, weight, ia3_l, feedforward, need_x, need_b) -> (dx2, db, dl)
@@ -12,6 +17,12 @@
 // LoRA math (fastpeft/ops/reference.py is the oracle; D = the dropout mask of adapter_common.h, s = scaling):
 //   forward   S = s·(D⊙X)·Aᵀ (fp32 [M, r], saved);  Y = X·Wᵀ + b + S·Bᵀ
 //   backward  dS = s·dY·B;  dB = dYᵀ·S;  dA = dSᵀ·(D⊙X);  dX = dY·W + D⊙(dS·A)
+// DoRA math (p = 0 only: PEFT's dropout formula needs a second base product, kept on the Triton path; the base weight
+// is frozen), n = ‖W + s·B·A‖ per output row (detached, as PEFT), g = m / n:
+//   forward   S = s·X·Aᵀ;  Z = X·Wᵀ + S·Bᵀ (x.dtype, saved);  Y = g⊙Z + b
+//             n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·(A·Aᵀ)): small products only (‖W‖² given by the caller, who caches
+//             it for the frozen W; or computed), never B·A. weight_norm given (a cached n): no norm work.
+//   backward  dm = (Σ_rows dY⊙Z)/n;  dZ = g⊙dY;  dS = s·dY·(g⊙B);  dB = g⊙(dYᵀ·S);  dA = dSᵀ·X;  dX = dS·A + dZ·W
 // lora_linear's autograd saves x (the caller's tensor: one storage for q/k/v), S and the seed; the parameters
 // by reference. The dropout mask is never stored: the kernels regenerate it.
 // The seed: a 0-dim int64 CPU tensor holding the raw draw from torch's CPU generator (None when p == 0), folded
@@ -185,6 +196,65 @@ std::tuple<Tensor, Tensor, Tensor> ia3_bwd_cpu(const Tensor& dy2, const Tensor& 
           db.defined() ? db : at::empty({0}, dy.options().dtype(at::kFloat)), dl};
 }
 
+void check_dora_args(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
+                     const Tensor& B, const Tensor& magnitude) {
+  check_lora_args(x2, weight, bias, A, B);
+  TORCH_CHECK(magnitude.numel() == weight.size(0), "fastpeft dora: magnitude must have out_features (",
+              weight.size(0), ") elements, got ", magnitude.sizes());
+}
+
+// n = ‖W + s·B·A‖ per row from the small products (the CUDA formula), fp32 [N]
+Tensor dora_norm_cpu(const Tensor& w32, const Tensor& A32, const Tensor& B32, double s,
+                     const c10::optional<Tensor>& w_sq) {
+  Tensor wsq = (w_sq.has_value() && w_sq->defined()) ? w_sq->reshape({-1}).to(at::kFloat) : w32.square().sum(1);
+  TORCH_CHECK(wsq.numel() == w32.size(0), "fastpeft dora: weight_sq_norm must have out_features elements");
+  Tensor T = at::addmm(at::mm(w32, A32.t()), B32, at::mm(A32, A32.t()), 2.0 * s, s * s);
+  return (wsq + (B32 * T).sum(1)).clamp_min_(0.0).sqrt_();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cpu(
+    const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
+    const Tensor& magnitude, double scaling, const c10::optional<Tensor>& w_sq,
+    const c10::optional<Tensor>& weight_norm) {
+  check_dora_args(x2, weight, bias, A, B, magnitude);
+  const auto dt = x2.scalar_type();
+  const Tensor A32 = A.to(at::kFloat), B32 = B.to(at::kFloat);
+  const Tensor w = weight.to(dt);
+  Tensor S = at::mm(x2.to(at::kFloat), A32.t()).mul_(scaling);
+  Tensor Z = at::mm(x2, w.t()).to(at::kFloat).addmm_(S, B32.t()).to(dt);
+  const Tensor n = (weight_norm.has_value() && weight_norm->defined())
+                       ? weight_norm->reshape({-1}).to(at::kFloat)
+                       : dora_norm_cpu(w.to(at::kFloat), A32, B32, scaling, w_sq);
+  TORCH_CHECK(n.numel() == weight.size(0), "fastpeft dora: weight_norm must have out_features elements");
+  Tensor g = magnitude.reshape({-1}).to(at::kFloat) / n;
+  Tensor yf = Z.to(at::kFloat) * g;
+  if (bias.has_value() && bias->defined()) yf.add_(bias->to(dt).to(at::kFloat));
+  return {yf.to(dt), S, Z, g, n.reciprocal()};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cpu(const Tensor& dy2, const Tensor& x2, const Tensor& S,
+                                                       const Tensor& Z, const Tensor& g, const Tensor& inv_n,
+                                                       const Tensor& weight, const Tensor& A, const Tensor& B,
+                                                       double scaling, bool need_x, bool need_A, bool need_B,
+                                                       bool need_m) {
+  const auto dt = x2.scalar_type();
+  auto f32 = S.options().dtype(at::kFloat);
+  const Tensor dyf = dy2.to(dt).to(at::kFloat);
+  const Tensor g_col = g.to(at::kFloat).view({-1, 1});
+  Tensor dx, dA, dB, dm;
+  if (need_m) dm = (dyf * Z.to(at::kFloat)).sum(0).mul_(inv_n.to(at::kFloat));
+  const Tensor dS = at::mm(dyf, B.to(at::kFloat) * g_col).mul_(scaling);  // s·dY·(g⊙B)
+  if (need_B) dB = at::mm(dyf.t(), S).mul_(g_col);
+  if (need_A) dA = at::mm(dS.t(), x2.to(at::kFloat));
+  if (need_x) {
+    const Tensor dZ = (dyf * g.to(at::kFloat)).to(dt).to(at::kFloat);  // g⊙dY rounded to x.dtype, as the CUDA path
+    Tensor z2 = at::mm(dS, A.to(at::kFloat)).to(dt).to(at::kFloat);
+    dx = z2.addmm_(dZ, weight.to(dt).to(at::kFloat)).to(dt);
+  }
+  return {dx.defined() ? dx : at::empty({0}, x2.options()), dA.defined() ? dA : at::empty({0}, f32),
+          dB.defined() ? dB : at::empty({0}, f32), dm.defined() ? dm : at::empty({0}, f32)};
+}
+
 // ------------------------------------------------------------------------------------------------ Meta
 std::tuple<Tensor, Tensor> lora_fwd_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&,
                                          const Tensor& A, const Tensor&, double, double, const c10::optional<Tensor>&,
@@ -201,6 +271,26 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_meta(const Tensor&, const Tensor& x2
   return {need_x ? at::empty_like(x2, at::MemoryFormat::Contiguous) : at::empty({0}, x2.options()),
           need_A ? at::empty({A.size(0), x2.size(1)}, f32) : at::empty({0}, f32),
           need_B ? at::empty({weight.size(0), A.size(0)}, f32) : at::empty({0}, f32)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_meta(
+    const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&, const Tensor& A, const Tensor&,
+    const Tensor&, double, const c10::optional<Tensor>&, const c10::optional<Tensor>&) {
+  auto f32 = x2.options().dtype(at::kFloat);
+  const int64_t M = x2.size(0), N = weight.size(0);
+  return {at::empty({M, N}, x2.options()), at::empty({M, A.size(0)}, f32), at::empty({M, N}, x2.options()),
+          at::empty({N}, f32), at::empty({N}, f32)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_meta(const Tensor&, const Tensor& x2, const Tensor& S,
+                                                        const Tensor&, const Tensor&, const Tensor&,
+                                                        const Tensor& weight, const Tensor& A, const Tensor&, double,
+                                                        bool need_x, bool need_A, bool need_B, bool need_m) {
+  auto f32 = S.options().dtype(at::kFloat);
+  return {need_x ? at::empty_like(x2, at::MemoryFormat::Contiguous) : at::empty({0}, x2.options()),
+          need_A ? at::empty({A.size(0), x2.size(1)}, f32) : at::empty({0}, f32),
+          need_B ? at::empty({weight.size(0), A.size(0)}, f32) : at::empty({0}, f32),
+          need_m ? at::empty({weight.size(0)}, f32) : at::empty({0}, f32)};
 }
 
 std::tuple<Tensor, Tensor> ia3_fwd_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&,
@@ -255,6 +345,28 @@ std::tuple<Tensor, Tensor, Tensor> call_ia3_bwd(const Tensor& dy2, const Tensor&
   return op.call(dy2, saved, weight, l, feedforward, need_x, need_b);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> call_dora_fwd(
+    const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
+    const Tensor& magnitude, double s, const c10::optional<Tensor>& w_sq, const c10::optional<Tensor>& weight_norm) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::dora_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const c10::optional<Tensor>&, const Tensor&, const Tensor&,
+                           const Tensor&, double, const c10::optional<Tensor>&, const c10::optional<Tensor>&)>();
+  return op.call(x2, weight, bias, A, B, magnitude, s, w_sq, weight_norm);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> call_dora_bwd(const Tensor& dy2, const Tensor& x2, const Tensor& S,
+                                                        const Tensor& Z, const Tensor& g, const Tensor& inv_n,
+                                                        const Tensor& weight, const Tensor& A, const Tensor& B,
+                                                        double s, bool need_x, bool need_A, bool need_B,
+                                                        bool need_m) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::dora_bwd", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const Tensor&, const Tensor&, const Tensor&, double, bool, bool, bool, bool)>();
+  return op.call(dy2, x2, S, Z, g, inv_n, weight, A, B, s, need_x, need_A, need_B, need_m);
+}
+
 c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
 // Chain rule (s = scaling, D = dropout mask, S = s·(D⊙X)·Aᵀ saved by the forward):
@@ -302,6 +414,56 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
       db = dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
     }
     return {dx, dw, db, dA, dB, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// Chain rule (p = 0; s = scaling, n detached, g = m/n, Z = X·Wᵀ + S·Bᵀ saved by the forward, Y = g⊙Z + b):
+//   dL/dm = (Σ_rows dY⊙Z)/n   dL/dZ = g⊙dY   dL/dB = g⊙(dYᵀ·S)   dL/dA = (s·dY·(g⊙B))ᵀ·X
+//   dL/dX = s·dY·(g⊙B)·A + (g⊙dY)·W   dL/db = Σ_rows dY   (the base weight is frozen: no dL/dW)
+class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                        const Tensor& A, const Tensor& B, const Tensor& magnitude, double scaling,
+                        const c10::optional<Tensor>& w_sq, const c10::optional<Tensor>& weight_norm) {
+    Tensor x2 = as_2d(x);
+    auto [y2, S, Z, g, inv_n] = call_dora_fwd(x2, weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
+    ctx->save_for_backward({x, S, Z, g, inv_n, weight, A, B});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["m_dtype"] = static_cast<int64_t>(magnitude.scalar_type());
+    ctx->saved_data["m_sizes"] = magnitude.sizes().vec();
+    save_bias_info(ctx, bias);
+    return y2.view(with_last_dim(x, weight.size(0)));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &S = saved[1], &Z = saved[2], &g = saved[3], &inv_n = saved[4], &weight = saved[5],
+                 &A = saved[6], &B = saved[7];
+    // needs_input_grad counts the tensor inputs actually given (see LoraLinearFunction::backward)
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t a_idx = has_bias ? 3 : 2;
+    TORCH_CHECK(!ctx->needs_input_grad(1), "fastpeft dora_linear: the base weight must be frozen (requires_grad=False)");
+    const bool need_x = ctx->needs_input_grad(0), need_b = has_bias && ctx->needs_input_grad(2),
+               need_A = ctx->needs_input_grad(a_idx), need_B = ctx->needs_input_grad(a_idx + 1),
+               need_m = ctx->needs_input_grad(a_idx + 2);
+    Tensor dy2 = as_2d(grads[0]).to(x.scalar_type());
+    Tensor dx, db, dA, dB, dm;
+    if (need_x || need_A || need_B || need_m) {
+      auto r = call_dora_bwd(dy2, as_2d(x), S, Z, g, inv_n, weight, A, B, ctx->saved_data["scaling"].toDouble(),
+                             need_x, need_A, need_B, need_m);
+      if (need_x) dx = std::get<0>(r).view(x.sizes());
+      if (need_A) dA = std::get<1>(r).to(A.scalar_type());
+      if (need_B) dB = std::get<2>(r).to(B.scalar_type());
+      if (need_m)
+        dm = std::get<3>(r)
+                 .reshape(ctx->saved_data["m_sizes"].toIntVector())
+                 .to(static_cast<at::ScalarType>(ctx->saved_data["m_dtype"].toInt()));
+    }
+    if (need_b) {
+      const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+      db = dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
+    }
+    return {dx, Tensor(), db, dA, dB, dm, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -354,6 +516,19 @@ Tensor lora_linear_plain(const Tensor& x, const Tensor& weight, const c10::optio
   return y2.view(with_last_dim(x, weight.size(0)));
 }
 
+Tensor dora_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
+                            const Tensor& B, const Tensor& magnitude, double scaling,
+                            const c10::optional<Tensor>& w_sq, const c10::optional<Tensor>& weight_norm) {
+  return DoraLinearFunction::apply(x, weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
+}
+
+Tensor dora_linear_plain(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
+                         const Tensor& B, const Tensor& magnitude, double scaling, const c10::optional<Tensor>& w_sq,
+                         const c10::optional<Tensor>& weight_norm) {
+  auto r = call_dora_fwd(as_2d(x), weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
+  return std::get<0>(r).view(with_last_dim(x, weight.size(0)));
+}
+
 Tensor ia3_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& l,
                            bool feedforward) {
   return IA3LinearFunction::apply(x, weight, bias, l, feedforward);
@@ -390,6 +565,13 @@ TORCH_LIBRARY(fastpeft_ops, m) {
         "float dropout_p, Tensor? seed, int rank) -> (Tensor, Tensor)");
   m.def("lora_bwd(Tensor dy2, Tensor x2, Tensor S, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
         "float dropout_p, Tensor? seed, int rank, bool need_x, bool need_A, bool need_B) -> (Tensor, Tensor, Tensor)");
+  m.def("dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
+        "float scaling, Tensor? weight_sq_norm, Tensor? weight_norm) -> Tensor");
+  m.def("dora_fwd(Tensor x2, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
+        "float scaling, Tensor? weight_sq_norm, Tensor? weight_norm) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("dora_bwd(Tensor dy2, Tensor x2, Tensor S, Tensor Z, Tensor g, Tensor inv_n, Tensor weight, Tensor lora_A, "
+        "Tensor lora_B, float scaling, bool need_x, bool need_A, bool need_B, bool need_m) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> Tensor");
   m.def("ia3_fwd(Tensor x2, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> (Tensor, Tensor)");
   m.def("ia3_bwd(Tensor dy2, Tensor saved, Tensor weight, Tensor ia3_l, bool feedforward, bool need_x, "
@@ -399,17 +581,21 @@ TORCH_LIBRARY(fastpeft_ops, m) {
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {
   m.impl("lora_linear", &fastpeft::lora_linear_autograd);
+  m.impl("dora_linear", &fastpeft::dora_linear_autograd);
   m.impl("ia3_linear", &fastpeft::ia3_linear_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &fastpeft::lora_linear_plain);
+  m.impl("dora_linear", &fastpeft::dora_linear_plain);
   m.impl("ia3_linear", &fastpeft::ia3_linear_plain);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
   m.impl("lora_fwd", &fastpeft::lora_fwd_cpu);
   m.impl("lora_bwd", &fastpeft::lora_bwd_cpu);
+  m.impl("dora_fwd", &fastpeft::dora_fwd_cpu);
+  m.impl("dora_bwd", &fastpeft::dora_bwd_cpu);
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_cpu);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_cpu);
 }
@@ -417,6 +603,8 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
 TORCH_LIBRARY_IMPL(fastpeft_ops, Meta, m) {
   m.impl("lora_fwd", &fastpeft::lora_fwd_meta);
   m.impl("lora_bwd", &fastpeft::lora_bwd_meta);
+  m.impl("dora_fwd", &fastpeft::dora_fwd_meta);
+  m.impl("dora_bwd", &fastpeft::dora_bwd_meta);
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_meta);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_meta);
 }

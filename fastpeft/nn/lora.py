@@ -60,6 +60,9 @@ class LoraLinear(AdapterLayer):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (PEFT's attribute name)
         self._dora_norms: Dict[str, tuple] = {}  # DoRA: cached weight norm out of training (variants.py)
         self._dora_merge_norms: Dict[str, torch.Tensor] = {}  # DoRA: the unmerged norm of a merged adapter
+        # DoRA's C++ operator: ‖W‖² per row of the frozen base weight, (key, fp32 [out]); the key is the weight's
+        # identity and version counter, so any change to W recomputes it (variants.py: DoraVariant._weight_sq_norm)
+        self._dora_weight_sq: Optional[tuple] = None
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
                           loftq_config, keep_base)
 

@@ -190,9 +190,47 @@ class DoraVariant(LoraVariant):
         y.mul_(scale)
         return y if bias is None else y.add_(bias)
 
+    @staticmethod
+    def _weight_sq_norm(layer: "LoraLinear", weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """‖W‖² per output row (fp32) of the frozen base weight, kept on the layer and recomputed when W changes
+        (identity, version counter, dtype, device); None under torch.compile or a CUDA graph capture (the C++
+        operator then computes it in the call)."""
+        if torch.compiler.is_compiling() or graph_capturing():
+            return None
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        hit = layer._dora_weight_sq
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            value = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square_()
+        layer._dora_weight_sq = (key, value)
+        return value
+
+    def _forward_cpp(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
+        """DoRA without dropout through the C++ operator (one dispatcher call, C++ autograd; csrc/adapter_ops.cpp):
+        in training with ‖W‖² kept per layer, out of training with the cached norm; decode-sized inference is LoRA's
+        operator rescaled by the cached g."""
+        base = layer.base_layer
+        weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        magnitude, scaling = layer.lora_magnitude_vector[name].weight, layer.scaling[name]
+        bias = getattr(base, "bias", None)
+        norm_of = custom_ops.dora_weight_norm if (HAS_TRITON and x.is_cuda) else dora_weight_norm_reference
+        scale = self._cached_scale(layer, name, base.weight, lambda: norm_of(weight, lora_A, lora_B, scaling))
+        if scale is not None:
+            if x.numel() <= _RESCALE_MAX_ROWS * x.shape[-1]:
+                return self._rescaled(cpp_ops.lora_linear(x, weight, None, lora_A, lora_B, scaling), scale, bias)
+            return cpp_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, None,
+                                       layer._dora_norms[name][2])
+        return cpp_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling,
+                                   self._weight_sq_norm(layer, weight), None)
+
     def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
-        """The Triton DoRA kernels + cuBLAS; out of training with the cached norm, and for decode-sized inputs
-        (<= _RESCALE_MAX_ROWS rows) LoRA's C++ operator rescaled by the cached g."""
+        """Without dropout in effect and with the C++ operators (``cpp``): ``_forward_cpp``. Else the Triton DoRA
+        kernels + cuBLAS (PEFT's dropout formula: a second base product); out of training with the cached norm,
+        and for decode-sized inputs (<= _RESCALE_MAX_ROWS rows) LoRA's C++ operator rescaled by the cached g."""
+        if cpp and p == 0 and not getattr(layer.base_layer.weight, "requires_grad", False):
+            return self._forward_cpp(layer, name, x)
         if not self._kernels_can_run(layer, x):
             return self.forward_reference(layer, name, x)
         base = layer.base_layer

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .csrc import Extension
 
-__all__ = ["available", "loaded", "lora_linear", "ia3_linear", "EXTENSION"]
+__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "EXTENSION"]
 
 EXTENSION = Extension("fastpeft_ops", "LoRA / IA3 operators", cpu_sources=["adapter_ops.cpp"],
                       cuda_sources=["adapter_cuda.cu"], headers=["adapter_common.h"])
@@ -45,6 +45,7 @@ def available() -> bool:
     if not EXTENSION.available():
         return False
     _OPS["lora"] = torch.ops.fastpeft_ops.lora_linear.default
+    _OPS["dora"] = torch.ops.fastpeft_ops.dora_linear.default
     _OPS["ia3"] = torch.ops.fastpeft_ops.ia3_linear.default
     return True
 
@@ -61,6 +62,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     0-dim int64 CPU tensor (``nn/_rng.py: dropout_draw``), required when dropout_p > 0; ``rank`` is folded in
     as fastpeft/nn/_rng.py folds it. Call ``available()`` first."""
     return _OPS["lora"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, rank)
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                scaling: float, weight_sq_norm: Optional[Tensor] = None, weight_norm: Optional[Tensor] = None) -> Tensor:
+    """DoRA without dropout on a frozen base (csrc/adapter_ops.cpp has the math): Y = g⊙(x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias,
+    g = magnitude / ‖W + s·B·A‖ per output row (the norm detached, as PEFT). Differentiable in x, bias, lora_A,
+    lora_B and magnitude (C++ autograd). ``weight_sq_norm``: ‖W‖² per row (fp32 [out]) if the caller keeps it for
+    the frozen W, else computed; ``weight_norm``: a cached n (no norm work). Call ``available()`` first."""
+    return _OPS["dora"](x, weight, bias, lora_A, lora_B, magnitude, scaling, weight_sq_norm, weight_norm)
 
 
 def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Tensor, feedforward: bool) -> Tensor:

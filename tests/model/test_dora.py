@@ -182,8 +182,9 @@ def test_dora_weight_norm_kernel_matches_reference():
         assert rel_err(got, dora_weight_norm_reference(w, a, b, 0.37)) <= 1e-6
 
 
-def test_dora_norm_cache_follows_weight_changes(monkeypatch):
-    set_settings(monkeypatch, backend="triton")
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_dora_norm_cache_follows_weight_changes(backend, monkeypatch):
+    set_settings(monkeypatch, backend=backend)
     layer = LoraLinear(torch.nn.Linear(16, 8).requires_grad_(False), "default", r=2, lora_alpha=2,
                        init_lora_weights=False, use_dora=True)
     layer.eval()
@@ -207,6 +208,58 @@ def test_dora_norm_cache_follows_weight_changes(monkeypatch):
                                 layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight,
                                 layer.scaling["default"])
     assert rel_err(got, ref) <= FP32_TOL and torch.equal(got, again) and "default" in layer._dora_norms
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_dora_cpp_operator_keeps_the_base_norm_per_weight_version(conv1d, monkeypatch):
+    """The C++ operator's path in training: ‖W‖² is kept on the layer and recomputed when the frozen weight changes
+    in place (version counter) or is replaced; every call gives the oracle's numbers and gradients."""
+    from fastpeft.ops import cpp_ops
+
+    if not cpp_ops.available():
+        pytest.skip("the C++ extension cannot be built here")
+    from transformers.pytorch_utils import Conv1D
+
+    set_settings(monkeypatch, backend="cpp")
+    torch.manual_seed(3)
+    base = Conv1D(8, 16) if conv1d else torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        base.weight.normal_(std=0.3)
+        base.bias.normal_()
+    base.requires_grad_(False)
+    layer = LoraLinear(base, "default", r=3, lora_alpha=5, init_lora_weights=False, use_dora=True).train()
+    calls = []
+    real = cpp_ops.dora_linear
+    monkeypatch.setattr(cpp_ops, "dora_linear", lambda *a: calls.append(a[7] is not None) or real(*a))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+
+    def check():
+        w = base.weight.t() if conv1d else base.weight
+        params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                  layer.lora_magnitude_vector["default"].weight]
+        for t in [x] + params:
+            t.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        got = [x.grad] + [p.grad for p in params]
+        refs = [t.detach().clone().requires_grad_() for t in [x] + params]
+        want = dora_linear_reference(refs[0], w, base.bias, refs[1], refs[2], refs[3], layer.scaling["default"])
+        assert rel_err(y, want) <= FP32_TOL
+        want.square().sum().backward()
+        for a, r in zip(got, refs):
+            assert rel_err(a, r.grad) <= FP32_TOL
+
+    check()
+    key, first = layer._dora_weight_sq
+    check()
+    assert layer._dora_weight_sq[1] is first  # kept
+    with torch.no_grad():
+        base.weight.mul_(1.5)  # in place: the version counter moves
+    check()
+    assert layer._dora_weight_sq[1] is not first
+    base.weight = torch.nn.Parameter(torch.randn_like(base.weight), requires_grad=False)  # replaced
+    check()
+    assert calls and all(calls)  # every training call went through the operator with ‖W‖² given
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from fastpeft.nn import _rng
 from fastpeft.ops import cpp_ops
 from fastpeft.ops.dropout import lora_dropout_mask
-from fastpeft.ops.reference import ia3_linear_reference, lora_linear_reference
+from fastpeft.ops.reference import (dora_linear_reference, dora_weight_norm_reference, ia3_linear_reference,
+                                    lora_linear_reference)
 from helpers import DEVICE, make_weight, make_x, rel_err
 
 pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="the C++ extension cannot be built here")
@@ -132,6 +133,57 @@ def test_ia3_linear_matches_reference(dtype, feedforward, has_bias):
         assert rel_err(bias.grad, br.grad) < tol
 
 
+def _check_dora(dtype, B, T, K, N, r, layout, w_t, has_bias, give_sq, give_norm, scaling=1.7, device=DEVICE,
+                tol=None):
+    """dora_linear against the float64 oracle: output and the gradients of x, bias, lora_A, lora_B, magnitude."""
+    x = make_x((B, T), K, dtype, layout, device).requires_grad_()
+    w = make_weight(N, K, dtype, w_t, device)
+    bias = (torch.randn(N, dtype=dtype, device=device) * 0.5).requires_grad_() if has_bias else None
+    A = (torch.randn(r, K, device=device) / K**0.5).requires_grad_()
+    Bw = (torch.randn(N, r, device=device) / r**0.5).requires_grad_()
+    norm = dora_weight_norm_reference(w, A.detach(), Bw.detach(), scaling)
+    m = (norm * (1 + 0.2 * torch.randn(N, device=device))).requires_grad_()  # trained away from the norm
+    wsq = w.double().square().sum(1).float() if give_sq else None
+    y = cpp_ops.dora_linear(x, w, bias, A, Bw, m, scaling, wsq, norm if give_norm else None)
+    assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr, Ar, Br, mr = (t.detach().double().requires_grad_() for t in (x, A, Bw, m))
+    br = bias.detach().double().requires_grad_() if has_bias else None
+    want = dora_linear_reference(xr, w.double(), br, Ar, Br, mr, scaling)
+    want.backward(g.double())
+    tol = tol or TOL[dtype]
+    assert rel_err(y, want) < tol
+    assert rel_err(x.grad, xr.grad) < tol
+    for got, ref in ((A.grad, Ar.grad), (Bw.grad, Br.grad), (m.grad, mr.grad)):
+        assert got.dtype == torch.float32 and rel_err(got, ref) < tol
+    if has_bias:
+        assert bias.grad.dtype == dtype and rel_err(bias.grad, br.grad) < tol
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    B=st.integers(1, 3), T=st.integers(1, 13), K=st.integers(3, 72), N=st.integers(3, 72), r=st.integers(1, 20),
+    layout=st.sampled_from(["contig", "strided_k", "transposed_bt", "2d"]),
+    w_t=st.booleans(), has_bias=st.booleans(), give_sq=st.booleans(), give_norm=st.sampled_from([False, False, True]),
+)
+def test_dora_linear_matches_reference(dtype, B, T, K, N, r, layout, w_t, has_bias, give_sq, give_norm):
+    _check_dora(dtype, B, T, K, N, r, layout, w_t, has_bias, give_sq, give_norm)
+
+
+def test_dora_linear_refuses_a_trainable_base_weight_and_bad_shapes():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    A, Bw, m = torch.randn(2, 8), torch.randn(6, 2), torch.ones(6)
+    with pytest.raises(RuntimeError, match="base weight must be frozen"):
+        cpp_ops.dora_linear(x, w, None, A, Bw, m, 1.0).sum().backward()
+    with pytest.raises(RuntimeError, match="magnitude must have out_features"):
+        cpp_ops.dora_linear(x, w.detach(), None, A, Bw, torch.ones(5), 1.0)
+    with pytest.raises(RuntimeError, match="weight_sq_norm must have out_features"):
+        cpp_ops.dora_linear(x, w.detach(), None, A, Bw, m, 1.0, torch.ones(3))
+
+
 def test_ops_pass_opcheck():
     """Schemas, fake (Meta) kernels, the autograd registration and AOT dispatch (what torch.compile relies on)."""
     torch.manual_seed(0)
@@ -149,6 +201,15 @@ def test_ops_pass_opcheck():
                                              torch.tensor(11), 0) + need)
     for ff, vec in ((False, torch.randn(20, 1, requires_grad=True)), (True, torch.randn(1, 24, requires_grad=True))):
         torch.library.opcheck(ops.ia3_linear, (x, w, b, vec, ff))
+    m = torch.rand(20, requires_grad=True)
+    wsq, norm = w.square().sum(1), torch.rand(20) + 1
+    torch.library.opcheck(ops.dora_linear, (x, w, b, a, bb, m, 2.0, wsq, None))
+    torch.library.opcheck(ops.dora_linear, (x, w, None, a, bb, m, 2.0, None, norm))
+    torch.library.opcheck(ops.dora_fwd, (x.detach(), w, b.detach(), a.detach(), bb.detach(), m.detach(), 2.0, None, None))
+    Z, g, inv_n = torch.randn(6, 20), torch.rand(20), torch.rand(20)
+    for need in ((True, True, True, True), (False, True, False, True), (True, False, True, False)):
+        torch.library.opcheck(ops.dora_bwd, (torch.randn(6, 20), x.detach(), S, Z, g, inv_n, w, a.detach(), bb.detach(),
+                                             2.0) + need)
 
 
 def test_compiles_without_graph_breaks_and_matches_eager():
@@ -270,3 +331,49 @@ def test_gpu_matches_cpu_build_bitwise_mask():
     cpu = cpp_ops.lora_linear(x, w, None, A, Bw, 1.0, p, torch.tensor(77), 1)
     gpu = cpp_ops.lora_linear(x.cuda(), w.cuda(), None, A.cuda(), Bw.cuda(), 1.0, p, torch.tensor(77), 1)
     assert torch.equal((cpu == 0), (gpu.cpu() == 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,KN", [(torch.bfloat16, kn) for kn in LLAMA8B] + [(torch.float16, (4096, 4096))])
+def test_gpu_dora_llama_shapes(dtype, KN):
+    K, N = KN
+    torch.manual_seed(K + N + 1)
+    _check_dora(dtype, 2, 2048, K, N, 16, "contig", False, False, True, False, scaling=2.0, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_dora_odd_shapes(dtype):
+    for (B, T, K, N, r, layout, w_t, bias, give_sq, give_norm) in [
+        (1, 16, 4096, 1024, 16, "contig", False, True, True, False),
+        (3, 333, 1000, 777, 8, "transposed_bt", True, True, False, False),
+        (2, 129, 515, 2049, 64, "strided_k", False, False, True, True),
+        (1, 1, 37, 4231, 3, "2d", False, True, False, True),
+        (1, 5, 1031, 96, 100, "contig", False, False, True, False),
+    ]:
+        _check_dora(dtype, B, T, K, N, r, layout, w_t, bias, give_sq, give_norm, device="cuda",
+                    tol=TOL[dtype] if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_dora_deterministic_mode_is_bitwise_reproducible():
+    """Under torch.use_deterministic_algorithms the backward's dm / g⊙dY come from ATen (no atomics)."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(768, 512, device="cuda", dtype=torch.bfloat16) / 512**0.5
+    A = torch.randn(8, 512, device="cuda", requires_grad=True)
+    Bw = torch.randn(768, 8, device="cuda", requires_grad=True)
+    m = (torch.rand(768, device="cuda") + 0.5).requires_grad_()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = []
+        for _ in range(2):
+            for t in (x, A, Bw, m):
+                t.grad = None
+            cpp_ops.dora_linear(x, w, None, A, Bw, m, 2.0).float().square().sum().backward()
+            runs.append([t.grad.clone() for t in (x, A, Bw, m)])
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
