@@ -14,8 +14,8 @@
 // GEMMs (M·K + M·N reads) and the beta = 1 read-modify-write of Y and dX. The elementwise kernels below are
 // memory-bound and touch r-wide or X-sized data once.
 // IA3: cuBLAS for the GEMM, scale_cols (x⊙l or Yb⊙l) and colreduce (dl = Σ_rows a⊙b, Σ_rows a, a⊙l in one pass).
-// DoRA (p = 0): LoRA's split-GEMM composition, the norm from small products, dora_apply (g⊙Z + b) and, backward,
-// colreduce (dm, g⊙dY) then LoRA's backward with g folded into B (see dora_fwd_cuda).
+// DoRA (p = 0): cuBLAS for X·Wᵀ, LoRA's split GEMM for S', the norm from small products, dora_pass (g⊙(Z0 + S'·Bᵀ) + b
+// forward; dm and g⊙dY backward) and LoRA's backward with g folded into B (see dora_fwd_cuda).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
@@ -183,28 +183,73 @@ __global__ void scale_cols_kernel(const T* __restrict__ a, int64_t sa0, int64_t 
   }
 }
 
-// DoRA's output: out [M, N] (contiguous) = dtype(float(z)·g + bias) per column, g fp32 (not rounded: PEFT's fp32
-// scale), bias in T or null. One rounding, as the reference's single cast of the fp32 sum. Thread: 8 consecutive
-// columns, rows strided by gridDim.y. Bound: bytes, one read + one write of [M, N].
-template <typename T>
-__global__ void dora_apply_kernel(const T* __restrict__ z, int64_t sz0, int64_t sz1, const float* __restrict__ g,
-                                  const T* __restrict__ bias, T* __restrict__ out, int64_t M, int64_t N, bool vec_z,
-                                  bool vec_out) {
-  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
-  if (c >= N) return;
-  const int valid = static_cast<int>(N - c < 8 ? N - c : 8);
-  float gv[8], bv[8];
+// DoRA's two passes over [M, N], with L = S·Bᵀ formed in registers (fp32; S [M, R], B [N, R], R <= RMAX):
+//   forward  (BWD = false): out = dtype(g·(Z0 + L) + bias)           Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
+//   backward (BWD = true):  red[c] (+)= Σ_m dY·(Z0 + L);  out = dtype(g·dY) (if out)
+// One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output. Thread: one column (a warp: 32
+// consecutive columns), B's row in registers, eight rows' loads in flight before any is used; block: kThreads
+// columns × rows_per_block rows, S's rows staged through shared memory kDoraTileRows at a time.
+// Bound: bytes (Z0 and Y, or dY, Z0 and dZ, once each), plus 2·R FLOPs per element on the SIMT units.
+constexpr int kDoraTileRows = 32;
+
+template <typename T, int RMAX, bool BWD>
+__global__ void __launch_bounds__(256) dora_pass_kernel(
+    const T* __restrict__ z0, int64_t sz0, int64_t sz1, const T* __restrict__ dy, int64_t sd0, int64_t sd1,
+    const float* __restrict__ S, int64_t ss0, int64_t ss1, const float* __restrict__ B, int64_t sb0, int64_t sb1,
+    const float* __restrict__ g, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ red, int64_t M,
+    int64_t N, int R, int64_t rows_per_block, bool atomic) {
+  __shared__ float s_tile[kDoraTileRows][RMAX];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool col_ok = c < N;
+  float bc[RMAX];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    gv[e] = e < valid ? g[c + e] : 0.0f;
-    bv[e] = (e < valid && bias != nullptr) ? to_f<T>(bias[c + e]) : 0.0f;
+  for (int j = 0; j < RMAX; ++j) bc[j] = (col_ok && j < R) ? B[c * sb0 + j * sb1] : 0.0f;
+  const float gc = col_ok ? g[c] : 0.0f;
+  const float biasc = (!BWD && col_ok && bias != nullptr) ? to_f<T>(bias[c]) : 0.0f;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t m_end = m_begin + rows_per_block < M ? m_begin + rows_per_block : M;
+  float acc = 0.0f;
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kDoraTileRows) {
+    const int rows = static_cast<int>(m_end - m0 < kDoraTileRows ? m_end - m0 : kDoraTileRows);
+    __syncthreads();  // every thread is done with the previous tile
+    for (int idx = threadIdx.x; idx < kDoraTileRows * RMAX; idx += blockDim.x) {
+      const int rr = idx / RMAX, j = idx - rr * RMAX;
+      s_tile[rr][j] = (rr < rows && j < R) ? S[(m0 + rr) * ss0 + j * ss1] : 0.0f;
+    }
+    __syncthreads();
+    if (!col_ok) continue;
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+      float zv[8], dv[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const bool ok = r0 + u < rows;
+        const int64_t m = m0 + r0 + u;
+        zv[u] = ok ? to_f<T>(z0[m * sz0 + c * sz1]) : 0.0f;
+        if (BWD) dv[u] = ok ? to_f<T>(dy[m * sd0 + c * sd1]) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (r0 + u >= rows) break;
+        const int64_t m = m0 + r0 + u;
+        float l = 0.0f;
+#pragma unroll
+        for (int j = 0; j < RMAX; ++j) l = fmaf(s_tile[r0 + u][j], bc[j], l);
+        const float z = zv[u] + l;
+        if (BWD) {
+          acc = fmaf(dv[u], z, acc);
+          if (out != nullptr) out[m * N + c] = from_f<T>(gc * dv[u]);
+        } else {
+          out[m * N + c] = from_f<T>(fmaf(gc, z, biasc));
+        }
+      }
+    }
   }
-  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
-    float v[8];
-    load8<T>(z + m * sz0 + c * sz1, sz1, valid, vec_z, v);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = v[e] * gv[e] + bv[e];
-    store8<T>(out + m * N + c, valid, vec_out, v);
+  if (BWD && col_ok) {
+    if (atomic) {
+      atomicAdd(red + c, acc);
+    } else {
+      red[c] = acc;
+    }
   }
 }
 
@@ -227,18 +272,15 @@ __global__ void dora_scale_kernel(const float* __restrict__ T, const float* __re
 // blocks), out = a ⊙ dtype(l) (out may be a itself: each element is read before it is written, by one thread).
 // Threads of a warp take consecutive columns (coalesced); eight rows are loaded before any is used, so each
 // thread keeps eight loads in flight. Bound: bytes, 2 reads (+1 write) of [M, N].
-// round_l: l is rounded to T first (IA3: the vector in the activations' dtype, as PEFT's x * l); else the fp32
-// value multiplies (DoRA's g⊙dY, PEFT's fp32 scale).
 template <typename T>
 __global__ void colreduce_kernel(const T* a, int64_t sa0, int64_t sa1, const T* __restrict__ b, int64_t sb0,
                                  int64_t sb1, const float* __restrict__ l, T* out, float* __restrict__ red,
-                                 float* __restrict__ sum, int64_t M, int64_t N, int64_t rows_per_split, bool atomic,
-                                 bool round_l) {
+                                 float* __restrict__ sum, int64_t M, int64_t N, int64_t rows_per_split, bool atomic) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= N) return;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t m1 = m0 + rows_per_split < M ? m0 + rows_per_split : M;
-  const float lv = round_l ? to_f<T>(from_f<T>(l[c])) : l[c];
+  const float lv = to_f<T>(from_f<T>(l[c]));
   float acc = 0.0f, tot = 0.0f;
   for (int64_t m = m0; m < m1; m += 8) {
     float av[8], bv[8];
@@ -576,22 +618,53 @@ Tensor scale_cols(const Tensor& a, const Tensor& l32) {
   return out;
 }
 
-// dtype(z·g + bias) as a new contiguous [M, N] tensor (bias undefined: none)
-Tensor dora_apply(const Tensor& z, const Tensor& g32, const Tensor& bias) {
-  const int64_t M = z.size(0), N = z.size(1);
-  Tensor out = at::empty({M, N}, z.options());
-  if (M * N == 0) return out;
+// The largest rank dora_pass_kernel holds in registers; larger ranks take ATen (an fp32 [M, N] temporary).
+constexpr int kDoraMaxRank = 64;
+
+// dora_pass_kernel over Z0 [M, N] (and dY): forward returns Y; backward returns red = Σ_rows dY·(Z0 + S·Bᵀ) and
+// writes dZ = g⊙dY into `dz` when it is defined (contiguous [M, N]).
+Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, const Tensor& B32, const Tensor& g32,
+                 const Tensor& bias, const Tensor& dz) {
+  const int64_t M = Z0.size(0), N = Z0.size(1);
+  const int R = static_cast<int>(S.size(1));
+  TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
+  const auto f32 = Z0.options().dtype(at::kFloat);
+  const int64_t col_blocks = blocks_for(N);
+  const int64_t tiles = (M + kDoraTileRows - 1) / kDoraTileRows;
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, (4 * sm_count() + col_blocks - 1) / col_blocks));
+  const int64_t rows_per_block = ((tiles + splits - 1) / splits) * kDoraTileRows;
+  splits = M == 0 ? 1 : (M + rows_per_block - 1) / rows_per_block;
+  Tensor out = bwd ? dz : at::empty({M, N}, Z0.options());
+  Tensor red = bwd ? (splits > 1 ? at::zeros({N}, f32) : at::empty({N}, f32)) : Tensor();
+  if (M == 0 || N == 0) {
+    if (bwd) red.zero_();
+    return bwd ? red : out;
+  }
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool vz = vec16(z), vo = vec16(out);
-  dispatch_all(z.scalar_type(), [&](auto* tag) {
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
+  dispatch_all(Z0.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dora_apply_kernel<T><<<rows_grid(M, N), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(z.data_ptr()), z.stride(0), z.stride(1), g32.data_ptr<float>(),
-        bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr, reinterpret_cast<T*>(out.data_ptr()),
-        M, N, vz, vo);
+    const T* z0p = reinterpret_cast<const T*>(Z0.data_ptr());
+    const T* dyp = bwd ? reinterpret_cast<const T*>(dy.data_ptr()) : nullptr;
+    const T* bp = (!bwd && bias.defined()) ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+    T* op = out.defined() ? reinterpret_cast<T*>(out.data_ptr()) : nullptr;
+    float* rp = bwd ? red.data_ptr<float>() : nullptr;
+    const int64_t sd0 = bwd ? dy.stride(0) : 0, sd1 = bwd ? dy.stride(1) : 0;
+#define FP_DORA_PASS(RM, BW)                                                                                        \
+  dora_pass_kernel<T, RM, BW><<<grid, kThreads, 0, stream>>>(z0p, Z0.stride(0), Z0.stride(1), dyp, sd0, sd1,       \
+                                                             S.data_ptr<float>(), S.stride(0), S.stride(1),          \
+                                                             B32.data_ptr<float>(), B32.stride(0), B32.stride(1),    \
+                                                             g32.data_ptr<float>(), bp, op, rp, M, N, R,             \
+                                                             rows_per_block, splits > 1)
+    if (bwd) {
+      if (R <= 16) FP_DORA_PASS(16, true); else if (R <= 32) FP_DORA_PASS(32, true); else FP_DORA_PASS(64, true);
+    } else {
+      if (R <= 16) FP_DORA_PASS(16, false); else if (R <= 32) FP_DORA_PASS(32, false); else FP_DORA_PASS(64, false);
+    }
+#undef FP_DORA_PASS
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return bwd ? red : out;
 }
 
 // (g, 1/n) from T = 2s·W·Aᵀ + s²·B·(A·Aᵀ) [N, R], B [N, R], w_sq = ‖W‖² per row and m (all fp32)
@@ -608,7 +681,7 @@ std::tuple<Tensor, Tensor> dora_scale(const Tensor& T, const Tensor& B32, const 
 
 // (red, sum): red = Σ_rows a⊙b, sum = Σ_rows a (fp32 [N]); writes out = a ⊙ l (out contiguous, may be a)
 std::tuple<Tensor, Tensor> colreduce(const Tensor& a, const Tensor& b, const Tensor& l32, const Tensor& out,
-                                     bool need_sum, bool round_l = true) {
+                                     bool need_sum) {
   const int64_t M = a.size(0), N = a.size(1);
   const int64_t col_blocks = blocks_for(N);
   const int sms = sm_count();
@@ -630,7 +703,7 @@ std::tuple<Tensor, Tensor> colreduce(const Tensor& a, const Tensor& b, const Ten
     colreduce_kernel<T><<<dim3(col_blocks, splits), kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(a.data_ptr()), a.stride(0), a.stride(1), reinterpret_cast<const T*>(b.data_ptr()),
         b.stride(0), b.stride(1), l32.data_ptr<float>(), out.defined() ? reinterpret_cast<T*>(out.data_ptr()) : nullptr,
-        red.data_ptr<float>(), need_sum ? sum.data_ptr<float>() : nullptr, M, N, rows_per_split, splits > 1, round_l);
+        red.data_ptr<float>(), need_sum ? sum.data_ptr<float>() : nullptr, M, N, rows_per_split, splits > 1);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {red, sum};
@@ -996,11 +1069,11 @@ std::tuple<Tensor, Tensor, Tensor> ia3_bwd_cuda(const Tensor& dy2_in, const Tens
 }
 
 // ------------------------------------------------------------------------------------------------ DoRA (p = 0)
-// Y = g⊙Z + b, Z = X·Wᵀ + S'·Bᵀ (LoRA's split-GEMM forward without bias), S' = s·X·Aᵀ, g = m/n,
-// n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·A·Aᵀ) (w_sq = ‖W‖² cached by the layer; the W·Aᵀ GEMM shares LoRA's packed A).
-// Launches: the LoRA forward's five, W·[A_hi | A_lo]ᵀ + combine, A·Aᵀ, one addmm, the scale kernel, the output pass.
-// Bound: the two GEMMs over W (X·Wᵀ: FLOPs; W·Aᵀ: W's bytes once) and the output pass (M·N reads + writes, where
-// LoRA's beta = 1 epilogue was free: the price of not fusing the scale into cuBLAS's epilogue).
+// Y = g⊙(Z0 + S'·Bᵀ) + b, Z0 = X·Wᵀ (cuBLAS, saved), S' = s·X·Aᵀ (the split GEMM of LoRA's path), g = m/n,
+// n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·A·Aᵀ) (w_sq = ‖W‖² kept by the layer; the W·Aᵀ GEMM reuses the packed A).
+// Launches: X·Wᵀ, pack A, X·A2 + finalize, W·A2 + combine, A·Aᵀ, one addmm, the scale kernel, the output pass.
+// Bound: the GEMMs over W (X·Wᵀ: FLOPs; W·Aᵀ: W's bytes once) and the output pass (Z0 read, Y written once, as
+// LoRA's beta = 1 epilogue).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
     const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
     const Tensor& magnitude, double scaling, const c10::optional<Tensor>& w_sq,
@@ -1018,19 +1091,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
   const Tensor A32 = in_dtype(A, at::kFloat), B32 = in_dtype(B, at::kFloat).contiguous();
   const Tensor m32 = in_dtype(magnitude.reshape({-1}), at::kFloat).contiguous();
   const bool need_norm = !(weight_norm.has_value() && weight_norm->defined());
-  Tensor Z = at::mm(x2, w.t());
+  const Tensor Z0 = at::mm(x2, w.t());
   Tensor S, WA;
   if (dt == at::kFloat) {
     S = at::mm(x2, A32.t()).mul_(scaling);
-    Z.addmm_(S, B32.t());
     if (need_norm) WA = at::mm(w, A32.t());
   } else {
     const Tensor A2 = pack_split(A32.t(), kHL, dt);  // [K, 2r] = [A_hiᵀ | A_loᵀ]
-    const Tensor P = at::mm(x2, A2, at::kFloat);
-    auto [S_, S3, unused] = finalize_split(P, static_cast<float>(scaling), true, &kHHL, nullptr, dt);
-    S = S_;
-    const Tensor B3 = pack_split(B32, kHLH, dt);
-    Z.addmm_(S3, B3.t());
+    S = std::get<0>(finalize_split(at::mm(x2, A2, at::kFloat), static_cast<float>(scaling), true, nullptr, nullptr,
+                                   dt));
     if (need_norm) WA = combine_halves(at::mm(w, A2, at::kFloat), /*row_halves=*/false);  // W·Aᵀ [N, r]
   }
   Tensor g, inv_n;
@@ -1048,15 +1117,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
     inv_n = n.reciprocal();
   }
   const bool has_bias = bias.has_value() && bias->defined();
-  Tensor y = dora_apply(Z, g, has_bias ? in_dtype(*bias, dt).contiguous() : Tensor());
-  return {y, S, Z, g, inv_n};
+  const Tensor b = has_bias ? in_dtype(*bias, dt).contiguous() : Tensor();
+  Tensor y;
+  if (S.size(1) <= kDoraMaxRank) {
+    y = dora_pass(false, Z0, Tensor(), S, B32, g, b, Tensor());
+  } else {  // ranks the kernel does not hold: fp32 [M, N] temporaries
+    Tensor yf = at::addmm(Z0.to(at::kFloat), S, B32.t()).mul_(g);
+    if (has_bias) yf.add_(b.to(at::kFloat));
+    y = yf.to(dt);
+  }
+  return {y, S, Z0, g, inv_n};
 }
 
-// dm = (Σ_rows dY⊙Z)/n and dZ = g⊙dY (fp32 g, one rounding) in one colreduce pass over dY and Z; then LoRA's
+// dm = (Σ_rows dY⊙(Z0 + S'·Bᵀ))/n and dZ = g⊙dY (fp32 g, one rounding) in one pass over dY and Z0; then LoRA's
 // split-GEMM backward on dY with g folded into B (dS = s·dY·(g⊙B), dB = g⊙(dYᵀ·S')): the adapter gradients never
-// see g⊙dY rounded to 16 bits; dX = D⊙(dS·A) + dZ·W. Deterministic mode: dm and dZ from ATen (no atomics).
+// see g⊙dY rounded to 16 bits; dX = dS·A + dZ·W. Deterministic mode (or a rank above kDoraMaxRank): dm and dZ from
+// ATen, no atomics.
 std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, const Tensor& x2, const Tensor& S,
-                                                        const Tensor& Z, const Tensor& g, const Tensor& inv_n,
+                                                        const Tensor& Z0, const Tensor& g, const Tensor& inv_n,
                                                         const Tensor& weight, const Tensor& A, const Tensor& B,
                                                         double scaling, bool need_x, bool need_A, bool need_B,
                                                         bool need_m) {
@@ -1064,24 +1142,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
   const auto dt = x2.scalar_type();
   const Tensor dy2 = in_dtype(dy2_in, dt);
   auto f32 = S.options().dtype(at::kFloat);
-  Tensor dm = at::empty({0}, f32), dZ;
   const Tensor g32 = in_dtype(g, at::kFloat).contiguous();
+  const Tensor B32 = in_dtype(B, at::kFloat).contiguous();
+  Tensor dm = at::empty({0}, f32), dZ;
   if (need_m || need_x) {
-    if (at::globalContext().deterministicAlgorithms()) {
+    if (at::globalContext().deterministicAlgorithms() || S.size(1) > kDoraMaxRank) {
       const Tensor dyf = dy2.to(at::kFloat);
-      if (need_m) dm = (dyf * Z.to(at::kFloat)).sum(0).mul_(inv_n);
+      if (need_m) dm = (dyf * at::addmm(Z0.to(at::kFloat), S, B32.t())).sum(0).mul_(inv_n);
       if (need_x) dZ = (dyf * g32).to(dt);
     } else {
       if (need_x) dZ = at::empty({dy2.size(0), dy2.size(1)}, dy2.options());
-      auto [red, unused] = colreduce(dy2, Z, g32, dZ, false, /*round_l=*/false);
+      Tensor red = dora_pass(true, Z0, dy2, S, B32, g32, Tensor(), dZ);
       if (need_m) dm = red.mul_(inv_n);
     }
   }
   Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, f32), dB = at::empty({0}, f32);
   if (need_x || need_A || need_B) {
     const Tensor g_col = g32.view({-1, 1});
-    const Tensor Bg = in_dtype(B, at::kFloat) * g_col;
-    auto r = lora_bwd_split(dy2, x2, S, weight, A, Bg, scaling, 0.0, c10::nullopt, 0, need_x, need_A, need_B, dZ);
+    auto r = lora_bwd_split(dy2, x2, S, weight, A, B32 * g_col, scaling, 0.0, c10::nullopt, 0, need_x, need_A,
+                            need_B, dZ);
     dx = std::get<0>(r);
     dA = std::get<1>(r);
     dB = std::get<2>(r);

@@ -19,10 +19,10 @@
 //   backward  dS = s·dY·B;  dB = dYᵀ·S;  dA = dSᵀ·(D⊙X);  dX = dY·W + D⊙(dS·A)
 // DoRA math (p = 0 only: PEFT's dropout formula needs a second base product, kept on the Triton path; the base weight
 // is frozen), n = ‖W + s·B·A‖ per output row (detached, as PEFT), g = m / n:
-//   forward   S = s·X·Aᵀ;  Z = X·Wᵀ + S·Bᵀ (x.dtype, saved);  Y = g⊙Z + b
+//   forward   S = s·X·Aᵀ;  Z0 = X·Wᵀ (x.dtype, saved);  Y = g⊙(Z0 + S·Bᵀ) + b (fp32 sum, rounded once)
 //             n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·(A·Aᵀ)): small products only (‖W‖² given by the caller, who caches
 //             it for the frozen W; or computed), never B·A. weight_norm given (a cached n): no norm work.
-//   backward  dm = (Σ_rows dY⊙Z)/n;  dZ = g⊙dY;  dS = s·dY·(g⊙B);  dB = g⊙(dYᵀ·S);  dA = dSᵀ·X;  dX = dS·A + dZ·W
+//   backward  dm = (Σ_rows dY⊙(Z0 + S·Bᵀ))/n;  dZ = g⊙dY;  dS = s·dY·(g⊙B);  dB = g⊙(dYᵀ·S);  dA = dSᵀ·X;  dX = dS·A + dZ·W
 // lora_linear's autograd saves x (the caller's tensor: one storage for q/k/v), S and the seed; the parameters
 // by reference. The dropout mask is never stored: the kernels regenerate it.
 // The seed: a 0-dim int64 CPU tensor holding the raw draw from torch's CPU generator (None when p == 0), folded
@@ -221,19 +221,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cpu(
   const Tensor A32 = A.to(at::kFloat), B32 = B.to(at::kFloat);
   const Tensor w = weight.to(dt);
   Tensor S = at::mm(x2.to(at::kFloat), A32.t()).mul_(scaling);
-  Tensor Z = at::mm(x2, w.t()).to(at::kFloat).addmm_(S, B32.t()).to(dt);
+  Tensor Z0 = at::mm(x2, w.t());  // the base product in x.dtype (PEFT's base output), saved
   const Tensor n = (weight_norm.has_value() && weight_norm->defined())
                        ? weight_norm->reshape({-1}).to(at::kFloat)
                        : dora_norm_cpu(w.to(at::kFloat), A32, B32, scaling, w_sq);
   TORCH_CHECK(n.numel() == weight.size(0), "fastpeft dora: weight_norm must have out_features elements");
   Tensor g = magnitude.reshape({-1}).to(at::kFloat) / n;
-  Tensor yf = Z.to(at::kFloat) * g;
+  Tensor yf = at::addmm(Z0.to(at::kFloat), S, B32.t()).mul_(g);  // g⊙(Z0 + S·Bᵀ) in fp32, rounded once
   if (bias.has_value() && bias->defined()) yf.add_(bias->to(dt).to(at::kFloat));
-  return {yf.to(dt), S, Z, g, n.reciprocal()};
+  return {yf.to(dt), S, Z0, g, n.reciprocal()};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cpu(const Tensor& dy2, const Tensor& x2, const Tensor& S,
-                                                       const Tensor& Z, const Tensor& g, const Tensor& inv_n,
+                                                       const Tensor& Z0, const Tensor& g, const Tensor& inv_n,
                                                        const Tensor& weight, const Tensor& A, const Tensor& B,
                                                        double scaling, bool need_x, bool need_A, bool need_B,
                                                        bool need_m) {
@@ -242,7 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cpu(const Tensor& dy2, const
   const Tensor dyf = dy2.to(dt).to(at::kFloat);
   const Tensor g_col = g.to(at::kFloat).view({-1, 1});
   Tensor dx, dA, dB, dm;
-  if (need_m) dm = (dyf * Z.to(at::kFloat)).sum(0).mul_(inv_n.to(at::kFloat));
+  if (need_m) dm = (dyf * at::addmm(Z0.to(at::kFloat), S, B.to(at::kFloat).t())).sum(0).mul_(inv_n.to(at::kFloat));
   const Tensor dS = at::mm(dyf, B.to(at::kFloat) * g_col).mul_(scaling);  // s·dY·(g⊙B)
   if (need_B) dB = at::mm(dyf.t(), S).mul_(g_col);
   if (need_A) dA = at::mm(dS.t(), x2.to(at::kFloat));
@@ -417,7 +417,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
   }
 };
 
-// Chain rule (p = 0; s = scaling, n detached, g = m/n, Z = X·Wᵀ + S·Bᵀ saved by the forward, Y = g⊙Z + b):
+// Chain rule (p = 0; s = scaling, n detached, g = m/n, Z = Z0 + S·Bᵀ with Z0 = X·Wᵀ saved, Y = g⊙Z + b):
 //   dL/dm = (Σ_rows dY⊙Z)/n   dL/dZ = g⊙dY   dL/dB = g⊙(dYᵀ·S)   dL/dA = (s·dY·(g⊙B))ᵀ·X
 //   dL/dX = s·dY·(g⊙B)·A + (g⊙dY)·W   dL/db = Σ_rows dY   (the base weight is frozen: no dL/dW)
 class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
@@ -426,8 +426,8 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
                         const Tensor& A, const Tensor& B, const Tensor& magnitude, double scaling,
                         const c10::optional<Tensor>& w_sq, const c10::optional<Tensor>& weight_norm) {
     Tensor x2 = as_2d(x);
-    auto [y2, S, Z, g, inv_n] = call_dora_fwd(x2, weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
-    ctx->save_for_backward({x, S, Z, g, inv_n, weight, A, B});
+    auto [y2, S, Z0, g, inv_n] = call_dora_fwd(x2, weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
+    ctx->save_for_backward({x, S, Z0, g, inv_n, weight, A, B});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["m_dtype"] = static_cast<int64_t>(magnitude.scalar_type());
     ctx->saved_data["m_sizes"] = magnitude.sizes().vec();
@@ -437,7 +437,7 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &S = saved[1], &Z = saved[2], &g = saved[3], &inv_n = saved[4], &weight = saved[5],
+    const Tensor &x = saved[0], &S = saved[1], &Z0 = saved[2], &g = saved[3], &inv_n = saved[4], &weight = saved[5],
                  &A = saved[6], &B = saved[7];
     // needs_input_grad counts the tensor inputs actually given (see LoraLinearFunction::backward)
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -449,7 +449,7 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
     Tensor dy2 = as_2d(grads[0]).to(x.scalar_type());
     Tensor dx, db, dA, dB, dm;
     if (need_x || need_A || need_B || need_m) {
-      auto r = call_dora_bwd(dy2, as_2d(x), S, Z, g, inv_n, weight, A, B, ctx->saved_data["scaling"].toDouble(),
+      auto r = call_dora_bwd(dy2, as_2d(x), S, Z0, g, inv_n, weight, A, B, ctx->saved_data["scaling"].toDouble(),
                              need_x, need_A, need_B, need_m);
       if (need_x) dx = std::get<0>(r).view(x.sizes());
       if (need_A) dA = std::get<1>(r).to(A.scalar_type());
