@@ -30,12 +30,18 @@ def _masked_reference_inputs(x, p, seed, rank, dtype):
     return torch.where(xd != 0, h / torch.where(xd != 0, xd, torch.ones_like(xd)), base)
 
 
-def _check_lora(dtype, B, T, K, N, r, layout, w_t, has_bias, p, draw, rank=0, scaling=1.7, device=DEVICE, tol=None):
+def _layer_inputs(dtype, B, T, K, N, r, layout, w_t, has_bias, device):
+    """(x, weight, bias | None, lora_A, lora_B) for one adapted layer; x, bias and the adapters require grad."""
     x = make_x((B, T), K, dtype, layout, device).requires_grad_()
     w = make_weight(N, K, dtype, w_t, device)
     bias = (torch.randn(N, dtype=dtype, device=device) * 0.5).requires_grad_() if has_bias else None
     A = (torch.randn(r, K, device=device) / K**0.5).requires_grad_()
     Bw = (torch.randn(N, r, device=device) / r**0.5).requires_grad_()
+    return x, w, bias, A, Bw
+
+
+def _check_lora(dtype, B, T, K, N, r, layout, w_t, has_bias, p, draw, rank=0, scaling=1.7, device=DEVICE, tol=None):
+    x, w, bias, A, Bw = _layer_inputs(dtype, B, T, K, N, r, layout, w_t, has_bias, device)
     seed = torch.tensor(draw, dtype=torch.int64) if p > 0 else None
     y = cpp_ops.lora_linear(x, w, bias, A, Bw, scaling, p, seed, rank)
     assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype
@@ -136,11 +142,7 @@ def test_ia3_linear_matches_reference(dtype, feedforward, has_bias):
 def _check_dora(dtype, B, T, K, N, r, layout, w_t, has_bias, give_sq, give_norm, scaling=1.7, device=DEVICE,
                 tol=None):
     """dora_linear against the float64 oracle: output and the gradients of x, bias, lora_A, lora_B, magnitude."""
-    x = make_x((B, T), K, dtype, layout, device).requires_grad_()
-    w = make_weight(N, K, dtype, w_t, device)
-    bias = (torch.randn(N, dtype=dtype, device=device) * 0.5).requires_grad_() if has_bias else None
-    A = (torch.randn(r, K, device=device) / K**0.5).requires_grad_()
-    Bw = (torch.randn(N, r, device=device) / r**0.5).requires_grad_()
+    x, w, bias, A, Bw = _layer_inputs(dtype, B, T, K, N, r, layout, w_t, has_bias, device)
     norm = dora_weight_norm_reference(w, A.detach(), Bw.detach(), scaling)
     m = (norm * (1 + 0.2 * torch.randn(N, device=device))).requires_grad_()  # trained away from the norm
     wsq = w.double().square().sum(1).float() if give_sq else None
