@@ -27,6 +27,7 @@ from fastpeft.bench.plan import METHODS, SEQ, Spec  # noqa: E402
 
 def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> dict:
     prep = harness.prepare(spec, device)
+    was_enabled, frozen_before = gc.isenabled(), gc.get_freeze_count()
     try:
         walls, hosts = [], []
         if gc_mode == "freeze":
@@ -47,8 +48,10 @@ def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> 
                 hosts.append(host)
         collections = sum(s["collections"] for s in gc.get_stats()) - collections_before
     finally:
-        gc.enable()
-        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+        if gc_mode == "freeze" and frozen_before == 0:  # a process that froze objects itself keeps them frozen
+            gc.unfreeze()
         prep.close()
         del prep
         harness.free_memory(device)

@@ -6,7 +6,9 @@ benchmarks/scripts/bench_nf4.py) before the whole-step tier in the same process.
 fastpeft row ran the interpreted Triton kernels in bf16 on the CPU and three step rows came out NaN. Its
 switches now go through ``fastpeft.settings.override``, which restores them on exit.
 """
+import gc
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -59,3 +61,22 @@ def test_step_row_after_the_nf4_benchmark_has_a_finite_loss():
         torch.set_num_threads(threads)
     assert row["status"] == "ok", row.get("reason")
     assert math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
+
+
+def test_step_alternate_times_both_libraries_in_turns_and_restores_the_collector(tmp_path):
+    """benchmarks/scripts/step_alternate.py: rows alternate PEFT / fastpeft, host time never exceeds the step's
+    time, and the garbage collector is left as it was (enabled, nothing frozen)."""
+    alternate = _load("step_alternate")
+    out = tmp_path / "alt.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert alternate.main(["--model", "tiny", "--method", "ia3", "--rounds", "2", "--steps", "1", "--warmup", "0",
+                               "--gc", "freeze", "--first", "fastpeft", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["round"], r["impl"]) for r in rows] == [(0, "fastpeft"), (0, "peft"), (1, "fastpeft"), (1, "peft")]
+    for r in rows:
+        assert 0 < r["host_ms"] <= r["wall_ms"] and r["tokens_per_s"] > 0 and len(r["wall_ms_all"]) == 1
+    assert gc.isenabled() and gc.get_freeze_count() == 0
