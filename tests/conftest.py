@@ -17,8 +17,6 @@ import pytest  # noqa: E402
 import transformers  # noqa: E402
 from hypothesis import settings as _hyp_settings  # noqa: E402
 
-from helpers import ARCHS  # noqa: E402
-
 transformers.logging.set_verbosity_error()
 
 
@@ -30,6 +28,8 @@ class _DropKernelsCommunity(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsCommunity())
+
+from helpers import ARCHS  # noqa: E402  (imports peft / fastpeft / bitsandbytes: after the filter above)
 
 # Locally every run draws fresh random examples and tensors; under CI (CI=true) the draws are derandomized
 # and torch is seeded per test, so a CI verdict can be reproduced exactly (`CI=true pytest ...`).

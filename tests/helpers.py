@@ -1,8 +1,14 @@
 """Shared test helpers (import them: ``from helpers import tiny_model, rel_err``; tests/ is on sys.path through
 tests/conftest.py). Tiny random HF models built from configs (nothing is downloaded), tensors in several
 layouts, error measures, model snapshots."""
+import copy
+
+import peft
 import torch
 import transformers
+
+import fastpeft
+from fastpeft.nn import bases
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -161,20 +167,37 @@ def set_settings(monkeypatch, **changes):
     monkeypatch.setattr(settings, "_current", dataclasses.replace(settings.get(), **changes))
 
 
+PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts in front of the wrapped model's parameter names
+
+
+def peft_and_fastpeft(base, config_name: str, seed: int, monkeypatch=None, backend: str = "reference", **fields):
+    """(PEFT model, fastpeft model) from copies of ``base`` and one config built in each library from the same
+    ``fields`` (``config_name``: the class name both share, e.g. "VeraConfig"). Each is built right after
+    ``torch.manual_seed(seed)``, so random initialisations draw the same numbers; with ``monkeypatch`` the
+    fastpeft layers take ``backend``."""
+    torch.manual_seed(seed)
+    theirs = peft.get_peft_model(copy.deepcopy(base), getattr(peft, config_name)(**fields))
+    if monkeypatch is not None:
+        set_settings(monkeypatch, backend=backend)
+    torch.manual_seed(seed)
+    ours = fastpeft.patch(copy.deepcopy(base), getattr(fastpeft, config_name)(**fields))
+    return theirs, ours
+
+
+def peft_parameters(model) -> dict:
+    """A PEFT model's parameters by the wrapped model's names (fastpeft's names for the same tensors)."""
+    return {n[len(PEFT_PREFIX):]: p for n, p in model.named_parameters()}
+
+
 def check_bf16_against_fp32_twin(adapter_config, four_bit, monkeypatch):
     """A bf16 tiny Llama (hidden 256; NF4 linear layers when ``four_bit``) patched with ``adapter_config`` on the
     GPU paths, against the same model in fp32 on the reference path: logits and adapter gradients within
     max(1e-2, 2x the error of the same bf16 model on the reference path, i.e. PEFT's order of operations)."""
-    import copy
-
-    import fastpeft
-
     cfg = tiny_config("llama")
     cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = 256, 512, 4, 2
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).cuda().to(torch.bfloat16).eval()
     if four_bit:
-        from fastpeft.nn import bases
         fastpeft.quantize_nf4(model, compute_dtype=torch.bfloat16)
         twin = copy.deepcopy(model)
         for name, module in list(twin.named_modules()):

@@ -12,10 +12,11 @@ from safetensors.torch import load_file, save_file
 
 import fastpeft
 from fastpeft.model_state import get_state
-from helpers import random_ids, rel_err, set_settings, tiny_model
+from fastpeft.nn import layer as layer_module
+from helpers import (nf4_tiny_model, peft_and_fastpeft, peft_parameters, random_ids, rel_err,
+                     set_settings, tiny_model)
 
 TOL = 1e-5
-PREFIX = "base_model.model."
 BACKENDS = ["reference", "triton", "cpp"]
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "k_proj", "o_proj", "up_proj"],
            "gpt2": ["c_attn", "c_proj", "c_fc"]}
@@ -32,18 +33,7 @@ def _kwargs(arch="llama", **extra):
 
 def _pair(arch="llama", backend="reference", monkeypatch=None, seed=0, **extra):
     base = tiny_model(arch, seed=1)
-    kw = _kwargs(arch, **extra)
-    torch.manual_seed(seed)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**kw))
-    if monkeypatch is not None:
-        set_settings(monkeypatch, backend=backend)
-    torch.manual_seed(seed)
-    ours = fastpeft.patch(copy.deepcopy(base), fastpeft.AdaLoraConfig(**kw))
-    return base, theirs, ours
-
-
-def _theirs(model):
-    return {n[len(PREFIX):]: p for n, p in model.named_parameters()}
+    return (base, *peft_and_fastpeft(base, "AdaLoraConfig", seed, monkeypatch, backend, **_kwargs(arch, **extra)))
 
 
 def _ours_cfg(model, name="default"):
@@ -64,7 +54,7 @@ def _compare(theirs, ours, train=False, seed=None, tol=TOL, ids=None):
     assert rel_err(out_o.loss, out_t.loss) <= tol
     out_t.loss.backward()
     out_o.loss.backward()
-    grads_t = {n: p.grad for n, p in _theirs(theirs).items() if p.grad is not None}
+    grads_t = {n: p.grad for n, p in peft_parameters(theirs).items() if p.grad is not None}
     grads_o = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
     assert grads_o.keys() == grads_t.keys()
     assert {n.split(".")[-2] for n in grads_o if ".lora_" in n} == {"lora_A", "lora_E", "lora_B"}
@@ -79,7 +69,7 @@ def test_same_draws_and_numbers_as_peft(arch, backend, monkeypatch):
     _, theirs, ours = _pair(arch, backend, monkeypatch)
     layer = ours.get_submodule("transformer.h.0.attn.c_attn" if arch == "gpt2" else "model.layers.0.self_attn.q_proj")
     assert isinstance(layer, fastpeft.AdaLoraLinear) and layer.backend == backend
-    params_t = _theirs(theirs)
+    params_t = peft_parameters(theirs)
     for name, param in ours.named_parameters():
         assert torch.equal(param, params_t[name]), name  # the same draws from the same seed, ranknum included
         assert param.requires_grad == params_t[name].requires_grad, name
@@ -172,7 +162,7 @@ def test_rank_allocator_equals_pefts_step_by_step(arch):
         for name in alloc_t.exp_avg_ipt:
             assert rel_err(alloc_o.exp_avg_ipt[name], alloc_t.exp_avg_ipt[name]) <= 1e-4, (step, name)
             assert rel_err(alloc_o.exp_avg_unc[name], alloc_t.exp_avg_unc[name]) <= 1e-4, (step, name)
-        params_t = _theirs(theirs)
+        params_t = peft_parameters(theirs)
         for name, param in ours.named_parameters():
             if ".lora_" in name:
                 assert torch.equal(param == 0, params_t[name] == 0), (step, name)  # the same masked entries
@@ -189,7 +179,7 @@ def test_allocator_arithmetic_is_bit_identical_to_pefts():
     """Given the same parameters and gradients, the multi-tensor EMA update and the masking give PEFT's exact values."""
     _, theirs, ours = _pair("qwen2", **SCHEDULE)
     alloc_t, alloc_o = theirs.base_model.rankallocator, get_state(ours).rank_allocator
-    params_t = _theirs(theirs)
+    params_t = peft_parameters(theirs)
     torch.manual_seed(3)
     for _ in range(3):
         for name, param in ours.named_parameters():
@@ -399,8 +389,6 @@ def test_nf4_base_equals_the_dequantized_dense_base():
 
 def test_nf4_base_runs_pefts_computation_with_a_warning(monkeypatch):
     """AdaLoRA on 4-bit bases takes the reference path (PEFT's computation) on every backend, and says so once."""
-    from helpers import nf4_tiny_model, set_settings
-    from fastpeft.nn import layer as layer_module
     set_settings(monkeypatch, backend="triton")
     cfg = fastpeft.AdaLoraConfig(**_kwargs(target_modules=["q_proj", "down_proj"]))
     torch.manual_seed(0)

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastpeft
-from helpers import assert_same_snapshot, random_ids, rel_err, seq2seq_model, state_snapshot, tiny_model
+from helpers import (assert_same_snapshot, peft_and_fastpeft, random_ids, rel_err, seq2seq_model, state_snapshot,
+                     tiny_model)
 
 TOL = 1e-5
 KW = dict(num_virtual_tokens=4, num_tasks=3, num_ranks=2)
@@ -21,11 +22,7 @@ def _pair(arch="llama", **more):
     seq2seq = arch == "t5"
     base = seq2seq_model("t5") if seq2seq else tiny_model(arch, seed=1)
     kw = dict(task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM", **KW, **more)
-    torch.manual_seed(3)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.MultitaskPromptTuningConfig(**kw))
-    torch.manual_seed(3)
-    ours = fastpeft.patch(copy.deepcopy(base), fastpeft.MultitaskPromptTuningConfig(**kw))
-    return base, theirs, ours
+    return (base, *peft_and_fastpeft(base, "MultitaskPromptTuningConfig", 3, **kw))
 
 
 def _params(model, peft_model=False):

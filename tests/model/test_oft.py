@@ -15,11 +15,10 @@ from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft.ops.oft import adjusted_divisor, block_diagonal, cayley_rotation, coft_project, rotate_blocks
-from helpers import (assert_same_snapshot, check_bf16_against_fp32_twin, nf4_tiny_model, random_ids, rel_err,
-                     set_settings, state_snapshot, tiny_model)
+from helpers import (PEFT_PREFIX as PREFIX, assert_same_snapshot, check_bf16_against_fp32_twin, nf4_tiny_model,
+                     peft_and_fastpeft, random_ids, rel_err, set_settings, state_snapshot, tiny_model)
 
 TOL = 1e-5
-PREFIX = "base_model.model."
 BACKENDS = ["reference", "cpp"]  # "cpp": the fast path on any device (the C++ extension is not used by OFT)
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # in_features 48, 48, 88: block size 8 gives 6, 6 and 11 blocks
 
@@ -27,13 +26,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]  # in_features 48, 48, 88: block siz
 def _pair(arch="llama", backend="reference", monkeypatch=None, **extra):
     base = tiny_model(arch, seed=1)
     kw = {**dict(oft_block_size=8, target_modules=TARGETS, init_weights=False), **extra}
-    torch.manual_seed(0)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.OFTConfig(**kw))
-    if monkeypatch is not None:
-        set_settings(monkeypatch, backend=backend)
-    torch.manual_seed(0)
-    ours = fastpeft.patch(copy.deepcopy(base), fastpeft.OFTConfig(**kw))
-    return base, theirs, ours
+    return (base, *peft_and_fastpeft(base, "OFTConfig", 0, monkeypatch, backend, **kw))
 
 
 def _compare(theirs, ours, train=False, tol=TOL, labels=True):

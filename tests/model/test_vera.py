@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastpeft
-from helpers import random_ids, rel_err, set_settings, tiny_model
+from helpers import PEFT_PREFIX as PREFIX, peft_and_fastpeft, peft_parameters, random_ids, rel_err, tiny_model
 
 TOL = 1e-5
-PREFIX = "base_model.model."
 BACKENDS = ["reference", "triton", "cpp"]
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "k_proj", "o_proj", "up_proj"],
            "gpt2": ["c_attn", "c_proj", "c_fc"]}
@@ -22,17 +21,7 @@ TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "k_pr
 def _pair(arch="llama", backend="reference", monkeypatch=None, seed=0, **extra):
     base = tiny_model(arch, seed=1)
     kw = {**dict(r=8, target_modules=TARGETS[arch], init_weights=False), **extra}
-    torch.manual_seed(seed)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(**kw))
-    if monkeypatch is not None:
-        set_settings(monkeypatch, backend=backend)
-    torch.manual_seed(seed)
-    ours = fastpeft.patch(copy.deepcopy(base), fastpeft.VeraConfig(**kw))
-    return base, theirs, ours
-
-
-def _theirs(model):
-    return {n[len(PREFIX):]: p for n, p in model.named_parameters()}
+    return (base, *peft_and_fastpeft(base, "VeraConfig", seed, monkeypatch, backend, **kw))
 
 
 # The kernel paths form λ_d's gradient as rowsum(dA' ⊙ A_s) (dA' from the LoRA operator), PEFT as a sum over tokens
@@ -55,7 +44,7 @@ def _compare(theirs, ours, train=False, seed=None, tol=TOL):
     assert rel_err(out_o.logits, out_t.logits) <= tol
     out_t.loss.backward()
     out_o.loss.backward()
-    grads_t = {n: p.grad for n, p in _theirs(theirs).items() if p.grad is not None}
+    grads_t = {n: p.grad for n, p in peft_parameters(theirs).items() if p.grad is not None}
     grads_o = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
     assert grads_o.keys() == grads_t.keys() and any("vera_lambda_d" in n for n in grads_o)
     kernels = any(isinstance(m, fastpeft.VeraLinear) and m.backend != "reference" for m in ours.modules())
@@ -97,7 +86,7 @@ def test_same_vectors_projections_and_numbers_as_peft(arch, backend, monkeypatch
     _, theirs, ours = _pair(arch, backend, monkeypatch)
     assert isinstance(ours.get_submodule(f"{'transformer.h' if arch == 'gpt2' else 'model.layers'}.0."
                                          f"{'attn.c_attn' if arch == 'gpt2' else 'self_attn.q_proj'}"), fastpeft.VeraLinear)
-    params_t = _theirs(theirs)
+    params_t = peft_parameters(theirs)
     for name, param in ours.named_parameters():
         assert torch.equal(param, params_t[name]), name  # the same draws from the same seed
     layer = next(m for m in ours.modules() if isinstance(m, fastpeft.VeraLinear))
@@ -218,7 +207,7 @@ def test_several_adapters_share_the_tables_and_switch():
 
 def test_bias_vera_only_trains_what_peft_trains():
     _, theirs, ours = _pair("qwen2", bias="vera_only")
-    want = {n for n, p in _theirs(theirs).items() if p.requires_grad}
+    want = {n for n, p in peft_parameters(theirs).items() if p.requires_grad}
     got = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert got == want and any(n.endswith("k_proj.base_layer.bias") for n in got)
 
