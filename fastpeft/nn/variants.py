@@ -227,8 +227,7 @@ class DoraVariant(LoraVariant):
 
     def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
         """Without dropout in effect and with the C++ operators (``cpp``): ``_forward_cpp``. Else the Triton DoRA
-        kernels + cuBLAS (PEFT's dropout formula: a second base product); out of training with the cached norm,
-        and for decode-sized inputs (<= _RESCALE_MAX_ROWS rows) LoRA's C++ operator rescaled by the cached g."""
+        kernels + cuBLAS (PEFT's dropout formula: a second base product), out of training with the cached norm."""
         if cpp and p == 0 and not getattr(layer.base_layer.weight, "requires_grad", False):
             return self._forward_cpp(layer, name, x)
         if not self._kernels_can_run(layer, x):
@@ -240,9 +239,6 @@ class DoraVariant(LoraVariant):
         bias = getattr(base, "bias", None)
         scale = self._cached_scale(layer, name, base.weight,
                                    lambda: custom_ops.dora_weight_norm(weight, lora_A, lora_B, scaling))
-        if scale is not None and x.numel() <= _RESCALE_MAX_ROWS * x.shape[-1] and cpp and cpp_ops.available():
-            # decode-sized inference: LoRA's C++ operator (one dispatcher call) then g⊙· + bias
-            return self._rescaled(cpp_ops.lora_linear(x, weight, None, lora_A, lora_B, scaling), scale, bias)
         seed = dropout_seed() if p > 0 else None
         norm = None if scale is None else layer._dora_norms[name][2]
         return custom_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, norm)
