@@ -33,6 +33,8 @@ int64_t lora_seed_value(const c10::optional<at::Tensor>& seed, double p, int64_t
 uint32_t lora_dropout_threshold(double p);
 float lora_keep_scale(double p, at::ScalarType dt);
 int64_t lora_cuda_path();
+void check_mixed_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
+                      at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);
 
 namespace {
 
@@ -1169,6 +1171,225 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
   return {dx, dA, dB, dm};
 }
 
+
+// ------------------------------------------------------------------------------------------------ mixed batches
+// lora_mixed_delta_ (adapter_ops.cpp has the math): every segment of `tokens` rows adds its own adapter's
+// s_a·(x·A_aᵀ)·B_aᵀ to y, for any mix of adapters, in two launches per 64 adapters (no Python loop, no stacked copy:
+// the adapters' pointers, row strides, ranks and scalings ride in the kernels' parameters, read from the live
+// tensors on every call).
+//   shrink: part[split, m, j] = Σ_{k in split} x[m, k]·A_a[j, k]   (a tile of TM rows of one segment per block; the
+//           K range split across blocks so that decode's few rows still fill the GPU; fp32 FMAs)
+//   expand: y[m, n] = y[m, n] + s_a·Σ_j (Σ_split part)[m, j]·B_a[n, j]   (one column per thread, B_a[n, :] in
+//           registers reused over a tile of rows; fp32, y rounded once)
+// Bound: decode (1 row per segment) reads each used adapter's A and B once (4·r·(K + N) bytes in fp32) plus tiny
+// x / y rows: bytes and launch latency. Prefill adds 2·M·r·(K + N) fp32 FMAs (SIMT) and A re-reads from L2 per row
+// tile; both small next to the base GEMM (2·M·N·K on tensor cores).
+constexpr int kMixedChunk = 64;      // adapters per launch: 64 × 24 B of parameters (CUDA allows 4 KB)
+constexpr int kMixedMaxRank = 64;    // ranks held in registers; larger ranks take the Triton kernels (Python side)
+constexpr int kMixedThreads = 128;
+constexpr int kMixedExpandRows = 16; // rows per expand block (B_a[n, :] reused across them)
+
+struct MixedChunk {
+  const void* a[kMixedChunk];
+  const void* b[kMixedChunk];
+  int64_t a_row[kMixedChunk];  // row strides in elements (column strides are 1)
+  int64_t b_row[kMixedChunk];
+  int rank[kMixedChunk];
+  float scale[kMixedChunk];
+  int first;  // adapters first .. first + count - 1 of the op's lists
+  int count;
+};
+
+// rows of a tile: [row0, row0 + rows), all in segment `seg`; adapter index within the chunk, or -1
+struct MixedTile {
+  int64_t row0;
+  int rows;
+  int adapter;
+};
+
+__device__ __forceinline__ MixedTile mixed_tile(const int* seg_of, int64_t tile, int64_t tiles_per_seg, int64_t tokens,
+                                                int tile_rows, const MixedChunk& c) {
+  MixedTile t;
+  const int64_t seg = tile / tiles_per_seg;
+  t.row0 = seg * tokens + (tile % tiles_per_seg) * tile_rows;
+  const int64_t left = seg * tokens + tokens - t.row0;
+  t.rows = static_cast<int>(left < tile_rows ? left : tile_rows);
+  const int a = seg_of[seg] - c.first;
+  t.adapter = (a >= 0 && a < c.count) ? a : -1;
+  return t;
+}
+
+template <typename T, typename TW, int RMAX, int TM>
+__global__ void __launch_bounds__(kMixedThreads) mixed_shrink_kernel(
+    const T* __restrict__ x, int64_t sxm, int64_t sxk, const int* __restrict__ seg_of, int64_t tokens,
+    int64_t tiles_per_seg, int64_t K, int splits, const MixedChunk c, float* __restrict__ part, int64_t M, int64_t R) {
+  const MixedTile t = mixed_tile(seg_of, blockIdx.x, tiles_per_seg, tokens, TM, c);
+  if (t.adapter < 0) return;  // uniform across the block
+  const TW* A = static_cast<const TW*>(c.a[t.adapter]);
+  const int64_t sa = c.a_row[t.adapter];
+  const int rank = c.rank[t.adapter];
+  float acc[TM][RMAX];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < RMAX; ++j) acc[i][j] = 0.0f;
+  const int64_t step = static_cast<int64_t>(splits) * kMixedThreads * 4;
+  for (int64_t k0 = (static_cast<int64_t>(blockIdx.y) * kMixedThreads + threadIdx.x) * 4; k0 < K; k0 += step) {
+    float xv[TM][4];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        xv[i][u] = (i < t.rows && k0 + u < K) ? to_f<T>(x[(t.row0 + i) * sxm + (k0 + u) * sxk]) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < RMAX; ++j) {
+      if (j < rank) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const float av = k0 + u < K ? to_f<TW>(A[j * sa + k0 + u]) : 0.0f;
+#pragma unroll
+          for (int i = 0; i < TM; ++i) acc[i][j] += xv[i][u] * av;
+        }
+      }
+    }
+  }
+  __shared__ float red[kMixedThreads / 32][TM * RMAX];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < RMAX; ++j) {
+      float v = acc[i][j];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0) red[warp][i * RMAX + j] = v;
+    }
+  __syncthreads();
+  for (int e = threadIdx.x; e < TM * RMAX; e += kMixedThreads) {
+    const int i = e / RMAX, j = e % RMAX;
+    if (i < t.rows && j < rank) {
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kMixedThreads / 32; ++w) v += red[w][e];
+      part[(static_cast<int64_t>(blockIdx.y) * M + t.row0 + i) * R + j] = v;
+    }
+  }
+}
+
+template <typename T, typename TW, int RMAX>
+__global__ void __launch_bounds__(kMixedThreads) mixed_expand_kernel(
+    T* __restrict__ y, int64_t sym, int64_t syn, const int* __restrict__ seg_of, int64_t tokens, int64_t tiles_per_seg,
+    int64_t N, int splits, const MixedChunk c, const float* __restrict__ part, int64_t M, int64_t R) {
+  const MixedTile t = mixed_tile(seg_of, blockIdx.x, tiles_per_seg, tokens, kMixedExpandRows, c);
+  if (t.adapter < 0) return;
+  const int rank = c.rank[t.adapter];
+  __shared__ float S[kMixedExpandRows][RMAX];
+  for (int e = threadIdx.x; e < kMixedExpandRows * RMAX; e += kMixedThreads) {
+    const int i = e / RMAX, j = e % RMAX;
+    float v = 0.0f;
+    if (i < t.rows && j < rank)
+      for (int sp = 0; sp < splits; ++sp) v += part[(static_cast<int64_t>(sp) * M + t.row0 + i) * R + j];
+    S[i][j] = v;
+  }
+  __syncthreads();
+  const int64_t n = static_cast<int64_t>(blockIdx.y) * kMixedThreads + threadIdx.x;
+  if (n >= N) return;
+  const TW* B = static_cast<const TW*>(c.b[t.adapter]) + n * c.b_row[t.adapter];
+  float b[RMAX];
+#pragma unroll
+  for (int j = 0; j < RMAX; ++j) b[j] = j < rank ? to_f<TW>(B[j]) : 0.0f;
+  const float scale = c.scale[t.adapter];
+  for (int i = 0; i < t.rows; ++i) {
+    float d = 0.0f;
+#pragma unroll
+    for (int j = 0; j < RMAX; ++j) d += S[i][j] * b[j];
+    T* p = y + (t.row0 + i) * sym + n * syn;
+    *p = from_f<T>(to_f<T>(*p) + d * scale);
+  }
+}
+
+void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
+                           at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales) {
+  check_mixed_args(y, x, adapter_of_segment, tokens, lora_A, lora_B, scales);
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  const int64_t n = static_cast<int64_t>(lora_A.size());
+  if (M == 0 || N == 0 || n == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto dt = x.scalar_type();
+  // The adapters' dtype: fp32 (PEFT's default) or x's dtype read as they are; any other mix as fp32 copies (the
+  // math is fp32 either way, so the numbers do not change). Non-unit column strides: contiguous copies.
+  at::ScalarType wt = lora_A[0].scalar_type();
+  int64_t R = 1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (lora_A[i].scalar_type() != wt || lora_B[i].scalar_type() != wt) wt = at::kDouble;  // mark: mixed dtypes
+    R = std::max<int64_t>(R, lora_A[i].size(0));
+  }
+  TORCH_CHECK(R <= kMixedMaxRank, "fastpeft lora_mixed_delta_: ranks up to ", kMixedMaxRank, " (got ", R, ")");
+  if (wt != at::kFloat && wt != dt) wt = at::kFloat;
+  std::vector<Tensor> keep;  // copies made here (rare), alive until the launches are queued
+  auto operand = [&](const Tensor& w) -> Tensor {
+    Tensor v = w.scalar_type() == wt ? w : w.to(wt);
+    if (v.size(1) > 1 && v.stride(1) != 1) v = v.contiguous();
+    if (!v.is_same(w)) keep.push_back(v);
+    return v;
+  };
+  const Tensor seg = adapter_of_segment.is_contiguous() ? adapter_of_segment : adapter_of_segment.contiguous();
+  const int64_t segments = M / tokens;
+  const int tm = R <= 16 ? 4 : (R <= 32 ? 2 : 1);
+  const int64_t shrink_tiles_per_seg = (tokens + tm - 1) / tm;
+  const int64_t expand_tiles_per_seg = (tokens + kMixedExpandRows - 1) / kMixedExpandRows;
+  const int64_t shrink_tiles = segments * shrink_tiles_per_seg;
+  const int64_t k_groups = std::max<int64_t>(1, (K + kMixedThreads * 4 - 1) / (kMixedThreads * 4));
+  const int splits = static_cast<int>(std::min<int64_t>(
+      {k_groups, 32, std::max<int64_t>(1, (2 * sm_count() + shrink_tiles - 1) / shrink_tiles)}));
+  const Tensor part = at::empty({splits, M, R}, x.options().dtype(at::kFloat));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(shrink_tiles <= INT32_MAX && segments * expand_tiles_per_seg <= INT32_MAX,
+              "fastpeft lora_mixed_delta_: too many rows");
+  const dim3 shrink_grid(static_cast<unsigned>(shrink_tiles), static_cast<unsigned>(splits));
+  const dim3 expand_grid(static_cast<unsigned>(segments * expand_tiles_per_seg),
+                         static_cast<unsigned>((N + kMixedThreads - 1) / kMixedThreads));
+  TORCH_CHECK(expand_grid.y <= 65535, "fastpeft lora_mixed_delta_: out_features too large");
+  for (int64_t first = 0; first < n; first += kMixedChunk) {
+    MixedChunk c{};
+    c.first = static_cast<int>(first);
+    c.count = static_cast<int>(std::min<int64_t>(kMixedChunk, n - first));
+    for (int i = 0; i < c.count; ++i) {
+      const Tensor A = operand(lora_A[first + i]), B = operand(lora_B[first + i]);
+      c.a[i] = A.data_ptr();
+      c.b[i] = B.data_ptr();
+      c.a_row[i] = A.stride(0);
+      c.b_row[i] = B.stride(0);
+      c.rank[i] = static_cast<int>(A.size(0));
+      c.scale[i] = static_cast<float>(scales[first + i]);
+    }
+    dispatch_all(dt, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      auto launch = [&](auto* wtag) {
+        using TW = std::remove_pointer_t<decltype(wtag)>;
+        const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+        T* yp = reinterpret_cast<T*>(y.data_ptr());
+        const int* sp = seg.data_ptr<int>();
+        float* pp = part.data_ptr<float>();
+#define FP_MIXED(RM, TMV)                                                                                          \
+  mixed_shrink_kernel<T, TW, RM, TMV><<<shrink_grid, kMixedThreads, 0, stream>>>(                                  \
+      xp, x.stride(0), x.stride(1), sp, tokens, shrink_tiles_per_seg, K, splits, c, pp, M, R);                     \
+  C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                                  \
+  mixed_expand_kernel<T, TW, RM><<<expand_grid, kMixedThreads, 0, stream>>>(                                       \
+      yp, y.stride(0), y.stride(1), sp, tokens, expand_tiles_per_seg, N, splits, c, pp, M, R);                     \
+  C10_CUDA_KERNEL_LAUNCH_CHECK()
+        if (R <= 16) { FP_MIXED(16, 4); } else if (R <= 32) { FP_MIXED(32, 2); } else { FP_MIXED(64, 1); }
+#undef FP_MIXED
+      };
+      if (wt == at::kFloat) {
+        launch(static_cast<float*>(nullptr));
+      } else {
+        launch(static_cast<T*>(nullptr));
+      }
+    });
+  }
+}
+
 }  // namespace
 }  // namespace fastpeft
 
@@ -1179,4 +1400,5 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CUDA, m) {
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_cuda);
   m.impl("dora_fwd", &fastpeft::dora_fwd_cuda);
   m.impl("dora_bwd", &fastpeft::dora_bwd_cuda);
+  m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_cuda);
 }

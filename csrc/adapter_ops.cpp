@@ -13,6 +13,12 @@
 //   ia3_linear(x, weight, bias?, ia3_l, feedforward) -> y                                        (autograd)
 //   ia3_fwd(x2, weight, bias?, ia3_l, feedforward) -> (y2, saved)
 //   ia3_bwd(dy2, saved, weight, ia3_l, feedforward, need_x, need_b) -> (dx2, db, dl)
+//   lora_mixed_delta_(y!, x, adapter_of_segment, tokens, lora_A[], lora_B[], scales[]) -> ()       (no autograd)
+//
+// Mixed-adapter batches (inference): y [M, N] += scales[a]·(x·A_aᵀ)·B_aᵀ row by row, a = adapter_of_segment[b] for
+// the b-th segment of `tokens` rows (int32 on y's device; a < 0: no adapter, y unchanged), in fp32, y rounded once.
+// The adapters come as lists (A_a [r_a, K], B_a [N, r_a]; ranks may differ): no stacked copy, so an extra adapter
+// costs its own weights only, and the caller passes its live parameters (nothing cached that could go stale).
 //
 // LoRA math (fastpeft/ops/reference.py is the oracle; D = the dropout mask of adapter_common.h, s = scaling):
 //   forward   S = s·(D⊙X)·Aᵀ (fp32 [M, r], saved);  Y = X·Wᵀ + b + S·Bᵀ
@@ -47,6 +53,39 @@ namespace fastpeft {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// Argument checks of lora_mixed_delta_ (shared with adapter_cuda.cu).
+void check_mixed_args(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
+                      at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0), "fastpeft lora_mixed_delta_: x must be [M, K] and y [M, N], got x ",
+              x.sizes(), ", y ", y.sizes());
+  TORCH_CHECK(y.device() == x.device() && adapter_of_segment.device() == x.device(),
+              "fastpeft lora_mixed_delta_: y, x and adapter_of_segment must be on one device");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(y.scalar_type() == dt && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16),
+              "fastpeft lora_mixed_delta_: x and y must share one dtype of float32 / float16 / bfloat16, got ", dt, " and ",
+              y.scalar_type());
+  TORCH_CHECK(tokens >= 1 && x.size(0) % tokens == 0, "fastpeft lora_mixed_delta_: ", x.size(0),
+              " rows do not split into segments of ", tokens, " tokens");
+  TORCH_CHECK(adapter_of_segment.dim() == 1 && adapter_of_segment.numel() == x.size(0) / tokens &&
+                  adapter_of_segment.scalar_type() == at::kInt,
+              "fastpeft lora_mixed_delta_: ", x.size(0), " rows in segments of ", tokens,
+              " tokens need an int32 adapter_of_segment of ", x.size(0) / tokens, " entries, got ",
+              adapter_of_segment.sizes(), " ", adapter_of_segment.scalar_type());
+  TORCH_CHECK(lora_A.size() == lora_B.size() && lora_A.size() == scales.size(),
+              "fastpeft lora_mixed_delta_: ", lora_A.size(), " lora_A, ", lora_B.size(), " lora_B and ", scales.size(),
+              " scales: one of each per adapter");
+  for (size_t i = 0; i < lora_A.size(); ++i) {
+    const Tensor& A = lora_A[i];
+    const Tensor& B = lora_B[i];
+    TORCH_CHECK(A.dim() == 2 && A.size(1) == x.size(1) && B.dim() == 2 && B.size(0) == y.size(1) && B.size(1) == A.size(0),
+                "fastpeft lora_mixed_delta_: adapter ", i, " has lora_A ", A.sizes(), " and lora_B ", B.sizes(),
+                "; expected [r, ", x.size(1), "] and [", y.size(1), ", r]");
+    TORCH_CHECK(A.device() == x.device() && B.device() == x.device() && at::isFloatingType(A.scalar_type()) &&
+                    at::isFloatingType(B.scalar_type()),
+                "fastpeft lora_mixed_delta_: adapter ", i, "'s weights must be floating tensors on x's device");
+  }
+}
 
 namespace {
 
@@ -154,6 +193,31 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_cpu(const Tensor& dy2, const Tensor&
   }
   return {dx.defined() ? dx : at::empty({0}, x2.options()), dA.defined() ? dA : at::empty({0}, S.options()),
           dB.defined() ? dB : at::empty({0}, S.options())};
+}
+
+// Mixed-adapter LoRA (lora_mixed_delta_): the CPU kernel, one fp32 pass per adapter present in the batch.
+void lora_mixed_delta_cpu(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
+                          at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales) {
+  check_mixed_args(y, x, adapter_of_segment, tokens, lora_A, lora_B, scales);
+  const int64_t M = x.size(0);
+  if (M == 0 || lora_A.empty()) return;
+  const Tensor seg = adapter_of_segment.to(at::kLong).contiguous();
+  const int64_t* a_of = seg.data_ptr<int64_t>();
+  const int64_t n = static_cast<int64_t>(lora_A.size());
+  std::vector<std::vector<int64_t>> rows(n);
+  for (int64_t b = 0; b < seg.numel(); ++b) {
+    TORCH_CHECK(a_of[b] < n, "fastpeft lora_mixed_delta_: adapter_of_segment[", b, "] = ", a_of[b], " but only ", n,
+                " adapters were given");
+    if (a_of[b] < 0) continue;
+    for (int64_t t = 0; t < tokens; ++t) rows[a_of[b]].push_back(b * tokens + t);
+  }
+  for (int64_t a = 0; a < n; ++a) {
+    if (rows[a].empty()) continue;
+    const Tensor index = at::tensor(rows[a], at::kLong);
+    const Tensor shrunk = at::mm(x.index_select(0, index).to(at::kFloat), lora_A[a].to(at::kFloat).t());
+    const Tensor delta = at::mm(shrunk, lora_B[a].to(at::kFloat).t()).mul_(scales[a]);
+    y.index_copy_(0, index, y.index_select(0, index).to(at::kFloat).add_(delta).to(y.scalar_type()));
+  }
 }
 
 Tensor scale_cols_cpu(const Tensor& a, const Tensor& l) {
@@ -291,6 +355,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_meta(const Tensor&, const Te
           need_A ? at::empty({A.size(0), x2.size(1)}, f32) : at::empty({0}, f32),
           need_B ? at::empty({weight.size(0), A.size(0)}, f32) : at::empty({0}, f32),
           need_m ? at::empty({weight.size(0)}, f32) : at::empty({0}, f32)};
+}
+
+// In place and without an output: the Meta kernel checks what symbolic shapes allow (ranks and list lengths).
+void lora_mixed_delta_meta(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t,
+                           at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && adapter_of_segment.dim() == 1,
+              "fastpeft lora_mixed_delta_: x and y must be 2-D and adapter_of_segment 1-D");
+  TORCH_CHECK(lora_A.size() == lora_B.size() && lora_A.size() == scales.size(),
+              "fastpeft lora_mixed_delta_: one lora_A, lora_B and scale per adapter");
 }
 
 std::tuple<Tensor, Tensor> ia3_fwd_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&,
@@ -576,6 +649,8 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("ia3_fwd(Tensor x2, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> (Tensor, Tensor)");
   m.def("ia3_bwd(Tensor dy2, Tensor saved, Tensor weight, Tensor ia3_l, bool feedforward, bool need_x, "
         "bool need_b) -> (Tensor, Tensor, Tensor)");
+  m.def("lora_mixed_delta_(Tensor(a!) y, Tensor x, Tensor adapter_of_segment, int tokens, Tensor[] lora_A, "
+        "Tensor[] lora_B, float[] scales) -> ()");
   m.def("set_lora_cuda_path(int mode) -> int", &fastpeft::set_lora_cuda_path);
 }
 
@@ -598,6 +673,7 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
   m.impl("dora_bwd", &fastpeft::dora_bwd_cpu);
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_cpu);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_cpu);
+  m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Meta, m) {
@@ -607,4 +683,5 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, Meta, m) {
   m.impl("dora_bwd", &fastpeft::dora_bwd_meta);
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_meta);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_meta);
+  m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_meta);
 }

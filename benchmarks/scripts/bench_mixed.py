@@ -8,8 +8,10 @@ Random-init weights (nothing is downloaded), bf16, sdpa, eager, no autograd. r=1
 layer but the head; the adapters' B are random (so every adapter changes the output). Rows:
   prefill  one forward of [batch, --prefill] tokens, no cache (tokens/s = batch * prefill / time)
   decode   generate(--new-tokens) greedy after a 16-token prompt, HF's dynamic cache (tokens/s = batch * new / time)
-for impl in fastpeft (the one-pass SGMV kernels for the mixed batch), fastpeft with one adapter for every row
-(no adapter_names), PEFT with adapter_names, and the base model without adapters.
+for impl in fastpeft (the mixed batch in one pass per layer: the C++ operator under the default backend),
+fastpeft with one adapter for every row (no adapter_names), PEFT with adapter_names, and the base model without
+adapters. --triton-row adds the mixed batch through the Triton kernels (stacked copies of the adapters) for a side
+by side of the two one-pass paths; --peft-repeats shortens PEFT's rows (its 32-adapter decode runs ~30 s each).
 """
 import argparse
 import copy
@@ -58,6 +60,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--peft-repeats", type=int, default=None, help="timed repeats of PEFT's rows (default --repeats)")
+    ap.add_argument("--triton-row", action="store_true", help="also time the mixed batch on the Triton kernels")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -79,18 +83,19 @@ def main():
         print(f"{kind:8s} adapters={n:3d} batch={batch:3d} {impl:22s} {row['tokens_per_s']:12,.0f} tok/s "
               f"({seconds * 1e3:.1f} ms)", flush=True)
 
-    def measure(model, impl, n, adapter_names):
+    def measure(model, impl, n, adapter_names, repeats=None):
+        repeats = repeats or a.repeats
         batch = n
         prompt = torch.randint(0, vocab, (batch, a.prefill), generator=gen).to(DEVICE)
         kw = {} if adapter_names is None else {"adapter_names": adapter_names}
         with torch.no_grad():
-            s = timed(lambda: model(input_ids=prompt, use_cache=False, **kw), a.repeats)
+            s = timed(lambda: model(input_ids=prompt, use_cache=False, **kw), repeats)
             record(impl, "prefill", n, batch, s, batch * a.prefill)
             short = prompt[:, :16]
             mask = torch.ones_like(short)
             s = timed(lambda: model.generate(input_ids=short, attention_mask=mask, max_new_tokens=a.new_tokens,
                                              min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, **kw),
-                      a.repeats)
+                      repeats)
             record(impl, "decode", n, batch, s, batch * a.new_tokens)
 
     for n in a.adapters:
@@ -102,6 +107,14 @@ def main():
     for n in a.adapters:
         measure(ours, "fastpeft mixed", n, names[:n])
         measure(ours, "fastpeft one adapter", n, None)
+        if a.triton_row:
+            layers = [m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear)]
+            for m in layers:
+                m.backend = "triton"  # the mixed batch through ops/kernels/sgmv.py (the base path is the same)
+            measure(ours, "fastpeft mixed (triton)", n, names[:n])
+            for m in layers:
+                m.backend = "auto"
+                m._mixed_cache.pop("stacks", None)
     state = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
     del ours
     if DEVICE == "cuda":
@@ -117,7 +130,7 @@ def main():
         assert not missing.unexpected_keys, missing.unexpected_keys[:3]
         theirs.eval()
         for n in a.adapters:
-            measure(theirs, "PEFT mixed", n, names[:n])
+            measure(theirs, "PEFT mixed", n, names[:n], a.peft_repeats)
     summary = []
     for n in a.adapters:
         for kind in ("prefill", "decode"):
@@ -126,10 +139,13 @@ def main():
                     "mixed_vs_base": get["fastpeft mixed"] / get["base (no adapters)"]}
             if "PEFT mixed" in get:
                 line["mixed_vs_peft"] = get["fastpeft mixed"] / get["PEFT mixed"]
+            if "fastpeft mixed (triton)" in get:
+                line["cpp_vs_triton"] = get["fastpeft mixed"] / get["fastpeft mixed (triton)"]
             summary.append(line)
             print(line)
     info = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-            "model": a.model, "prefill": a.prefill, "new_tokens": a.new_tokens, "rows": rows, "summary": summary}
+            "model": a.model, "prefill": a.prefill, "new_tokens": a.new_tokens, "repeats": a.repeats,
+            "peft_repeats": a.peft_repeats or a.repeats, "rows": rows, "summary": summary}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(info, f, indent=1)

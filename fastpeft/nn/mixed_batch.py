@@ -9,9 +9,9 @@ beams / num_return_sequences expand each row k times in place), name i covers ro
 
 Numbers: each row gets what the model computes with that adapter alone (PEFT's semantics). Cost: LoRA layers
 whose adapters are all plain LoRA run one base pass for the whole batch and every row's delta in one pass
-(``LoraLinear._forward_mixed``, ``ops/kernels/sgmv.py``: no loop over adapters) when there is no autograd, no
-torch.compile trace and the kernels can run on the input's device; otherwise (and for IA3 / DoRA layers) one
-pass per distinct adapter, through ``forward_mixed`` below.
+(``LoraLinear._forward_mixed``: the C++ operator ``lora_mixed_delta_`` of csrc/, or ``ops/kernels/sgmv.py``; no
+loop over adapters) when there is no autograd, no torch.compile trace and a kernel can run on the input's device;
+otherwise (and for IA3 / DoRA layers) one pass per distinct adapter, through ``forward_mixed`` below.
 """
 from __future__ import annotations
 

@@ -20,14 +20,17 @@ their Triton path. PyTorch only: no Triton here.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .csrc import Extension
 
-__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "EXTENSION"]
+__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "lora_mixed_delta_", "MIXED_MAX_RANK",
+           "EXTENSION"]
+
+MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
 
 EXTENSION = Extension("fastpeft_ops", "LoRA / IA3 operators", cpu_sources=["adapter_ops.cpp"],
                       cuda_sources=["adapter_cuda.cu"], headers=["adapter_common.h"])
@@ -47,6 +50,7 @@ def available() -> bool:
     _OPS["lora"] = torch.ops.fastpeft_ops.lora_linear.default
     _OPS["dora"] = torch.ops.fastpeft_ops.dora_linear.default
     _OPS["ia3"] = torch.ops.fastpeft_ops.ia3_linear.default
+    _OPS["mixed"] = torch.ops.fastpeft_ops.lora_mixed_delta_.default
     return True
 
 
@@ -77,3 +81,21 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Tensor,
     """IA3: output scaling Y = (x·Wᵀ + bias)⊙l, feedforward Y = (x⊙l)·Wᵀ + bias; differentiable (C++ autograd).
     Call ``available()`` first."""
     return _OPS["ia3"](x, weight, bias, ia3_l, feedforward)
+
+
+def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, tokens: int, lora_A: List[Tensor],
+                      lora_B: List[Tensor], scales: List[float]) -> Tensor:
+    """Mixed-adapter batches (inference, no autograd): ``y2d`` [M, N] += scales[a]·(x2d·A_aᵀ)·B_aᵀ for every segment
+    of ``tokens`` rows, a = ``adapter_of_segment[b]`` (int32 on y's device; -1: no adapter), in fp32 with y rounded
+    once; returns ``y2d``. The adapters come as lists (ranks may differ, up to ``MIXED_MAX_RANK``): the caller's
+    live weights, no stacked copy. Call ``available()`` first.
+
+    >>> import torch
+    >>> if available():
+    ...     y = torch.zeros(4, 8); x = torch.randn(4, 16)
+    ...     a = [torch.randn(2, 16), torch.randn(3, 16)]; b = [torch.randn(8, 2), torch.randn(8, 3)]
+    ...     _ = lora_mixed_delta_(y, x, torch.tensor([1, -1], dtype=torch.int32), 2, a, b, [1.0, 0.5])
+    ...     assert torch.allclose(y[:2], 0.5 * (x[:2] @ a[1].t()) @ b[1].t(), atol=1e-5) and not y[2:].any()
+    """
+    _OPS["mixed"](y2d, x2d, adapter_of_segment, tokens, lora_A, lora_B, scales)
+    return y2d

@@ -7,6 +7,7 @@ import torch
 
 import fastpeft
 from fastpeft.nn import mixed_batch
+from fastpeft.ops import cpp_ops
 from helpers import random_ids, rel_err, set_settings, tiny_model
 
 FP32_TOL = 1e-5
@@ -44,7 +45,10 @@ def _lora_cfgs(**extra):
     return a, b
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+NEEDS_CPP = pytest.mark.skipif(not cpp_ops.available(), reason="the C++ extension cannot be built here")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", pytest.param("cpp", marks=NEEDS_CPP)])
 def test_lora_mixed_batch_matches_peft_forward_and_generate(backend, monkeypatch):
     theirs, ours = _two_adapters(tiny_model("llama", seed=3), *_lora_cfgs(), backend, monkeypatch)
     ids = random_ids(batch=4, seq=7, seed=2)
@@ -67,6 +71,34 @@ def test_lora_mixed_batch_matches_peft_forward_and_generate(backend, monkeypatch
     # afterwards the active adapter runs every row again
     with torch.no_grad():
         assert rel_err(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= FP32_TOL
+
+
+@NEEDS_CPP
+def test_cpp_operator_runs_the_mixed_batch_from_the_live_adapter_weights(monkeypatch):
+    """backend cpp (auto on CUDA): one lora_mixed_delta_ call per layer whatever the number of adapters, PEFT's
+    numbers, no stacked copy of the adapters (an extra adapter costs its weights only), and a weight changed in
+    place or replaced is read at the next call."""
+    from fastpeft.nn import lora as lora_module
+
+    theirs, ours = _two_adapters(tiny_model("llama", seed=3), *_lora_cfgs(), "cpp", monkeypatch)
+    calls = []
+    real = lora_module.cpp_ops.lora_mixed_delta_
+    monkeypatch.setattr(lora_module.cpp_ops, "lora_mixed_delta_", lambda *a, **k: calls.append(len(a[4])) or real(*a, **k))
+    ids = random_ids(batch=4, seq=6, seed=4)
+    layers = [m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear)]
+    with torch.no_grad():
+        got = ours(input_ids=ids, adapter_names=NAMES).logits
+        assert rel_err(got, theirs(input_ids=ids, adapter_names=NAMES).logits) <= FP32_TOL
+    assert len(calls) == len(layers) and max(calls) == 2  # one call per layer; v_proj holds both adapters
+    assert not any("stacks" in m._mixed_cache for m in layers)
+    b_weight = next(p for n, p in ours.named_parameters() if "lora_B.b" in n)
+    with torch.no_grad():
+        b_weight.mul_(3.0)  # in place
+        changed = ours(input_ids=ids, adapter_names=NAMES).logits
+        assert rel_err(changed[2], got[2]) > 1e-3 and rel_err(changed[0], got[0]) <= 1e-6
+        owner = next(m for m in layers if "b" in m.lora_B and m.lora_B["b"].weight is b_weight)
+        owner.lora_B["b"].weight = torch.nn.Parameter(b_weight / 3.0)  # replaced: back to the first numbers
+        assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, got) <= 1e-6
 
 
 def _assert_rows_match_single_runs(ours, ids):

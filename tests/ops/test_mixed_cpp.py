@@ -1,0 +1,159 @@
+"""fastpeft_ops::lora_mixed_delta_ (csrc/: mixed-adapter LoRA from lists of live adapter weights) against the
+float64 oracle: ranks that differ per adapter, base-model segments, one token per segment (decode) and many
+(prefill), non-contiguous inputs, adapters of another dtype or layout, more adapters than one launch holds, and
+clear errors. CPU here (the build CI makes); the CUDA kernels in the gpu-marked tests."""
+import pytest
+import torch
+
+from fastpeft.ops import cpp_ops
+from helpers import DEVICE, rel_err
+
+pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="the C++ extension cannot be built here")
+
+
+def _adapters(ranks, K, N, gen, device, dtype=torch.float32):
+    a = [(torch.randn(r, K, generator=gen) / K**0.5).to(device, dtype) for r in ranks]
+    b = [torch.randn(N, r, generator=gen).to(device, dtype) for r in ranks]
+    scales = [0.5 + 0.25 * i for i in range(len(ranks))]
+    return a, b, scales
+
+
+def _oracle(y, x, seg, tokens, a, b, scales):
+    """The formula of ops/reference.py's lora_mixed_delta_reference in float64 (the sums exact enough to judge
+    fp32 kernels), y rounded once."""
+    R = max(t.shape[0] for t in a)
+    a_stack = torch.zeros(len(a), R, x.shape[1], dtype=torch.float64, device=x.device)
+    b_stack = torch.zeros(len(a), y.shape[1], R, dtype=torch.float64, device=x.device)
+    for i, (ai, bi) in enumerate(zip(a, b)):
+        a_stack[i, :ai.shape[0]] = ai.double()
+        b_stack[i, :, :ai.shape[0]] = bi.double()
+    out = y.double().clone()
+    rows = seg.long().repeat_interleave(tokens)
+    for i in range(len(a)):
+        idx = (rows == i).nonzero().squeeze(1)
+        if idx.numel():
+            out.index_add_(0, idx, (x.index_select(0, idx).double() @ a_stack[i].t()) @ b_stack[i].t() * scales[i])
+    return out.to(y.dtype)
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _check(tokens, dtype, ranks, K, N, segments, device=DEVICE, seed=0, adapter_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    a, b, scales = _adapters(ranks, K, N, gen, device, adapter_dtype)
+    x = torch.randn(segments * tokens, K + 3, generator=gen).to(device, dtype)[:, 2:2 + K]  # non-contiguous rows
+    y = torch.randn(segments * tokens, N, generator=gen).to(device, dtype)
+    seg = torch.randint(-1, len(ranks), (segments,), generator=gen, dtype=torch.int32)
+    seg[0], seg[-1] = -1, len(ranks) - 1  # a base-model segment and the last adapter, always
+    seg = seg.to(device)
+    got = cpp_ops.lora_mixed_delta_(y.clone(), x, seg, tokens, a, b, scales)
+    want = _oracle(y, x, seg, tokens, a, b, scales)
+    assert got.dtype == dtype and rel_err(got, want) <= TOL[dtype]
+    base = seg.long().repeat_interleave(tokens) < 0
+    assert torch.equal(got[base], y[base])  # "__base__" rows untouched
+    return got
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_the_oracle(tokens, dtype):
+    _check(tokens, dtype, [5, 16, 3], K=37, N=45, segments=6, seed=tokens)
+
+
+def test_adapters_in_another_dtype_or_layout_give_the_same_numbers():
+    gen = torch.Generator().manual_seed(3)
+    a, b, scales = _adapters([4, 8], 24, 20, gen, DEVICE)
+    x = torch.randn(6, 24, generator=gen).to(DEVICE)
+    y = torch.randn(6, 20, generator=gen).to(DEVICE)
+    seg = torch.tensor([1, 0, -1], dtype=torch.int32, device=DEVICE)
+    want = cpp_ops.lora_mixed_delta_(y.clone(), x, seg, 2, a, b, scales)
+    b_t = [t.t().contiguous().t() for t in b]  # column-major B: a non-unit column stride
+    assert not b_t[0].is_contiguous()
+    assert rel_err(cpp_ops.lora_mixed_delta_(y.clone(), x, seg, 2, a, b_t, scales), want) <= 1e-6
+    a64 = [t.double() for t in a]  # float64 adapters: read as float32 copies (the math is fp32 either way)
+    assert rel_err(cpp_ops.lora_mixed_delta_(y.clone(), x, seg, 2, a64, b, scales), want) <= 1e-6
+
+
+def test_more_adapters_than_one_launch_holds():
+    # 70 adapters: two launches of the CUDA kernels (64 per launch); every adapter used once
+    gen = torch.Generator().manual_seed(5)
+    ranks = [1 + i % 8 for i in range(70)]
+    a, b, scales = _adapters(ranks, 16, 12, gen, DEVICE)
+    x = torch.randn(71, 16, generator=gen).to(DEVICE)
+    y = torch.randn(71, 12, generator=gen).to(DEVICE)
+    seg = torch.tensor(list(range(69, -1, -1)) + [-1], dtype=torch.int32, device=DEVICE)
+    got = cpp_ops.lora_mixed_delta_(y.clone(), x, seg, 1, a, b, scales)
+    assert rel_err(got, _oracle(y, x, seg, 1, a, b, scales)) <= 1e-5
+    assert torch.equal(got[-1], y[-1])
+
+
+def test_no_adapters_and_no_rows_change_nothing():
+    y = torch.randn(4, 6, device=DEVICE)
+    seg = torch.full((4,), -1, dtype=torch.int32, device=DEVICE)
+    assert torch.equal(cpp_ops.lora_mixed_delta_(y.clone(), torch.randn(4, 5, device=DEVICE), seg, 1, [], [], []), y)
+    empty = torch.empty(0, 6, device=DEVICE)
+    cpp_ops.lora_mixed_delta_(empty, torch.empty(0, 5, device=DEVICE), torch.empty(0, dtype=torch.int32, device=DEVICE),
+                              1, [torch.randn(2, 5, device=DEVICE)], [torch.randn(6, 2, device=DEVICE)], [1.0])
+
+
+def test_bad_arguments_are_clear_errors():
+    y, x = torch.zeros(4, 6), torch.randn(4, 5)
+    a, b = [torch.randn(2, 5)], [torch.randn(6, 2)]
+    seg = torch.zeros(2, dtype=torch.int32)
+    op = cpp_ops.lora_mixed_delta_
+    with pytest.raises(RuntimeError, match="one of each per adapter"):
+        op(y, x, seg, 2, a, b, [1.0, 2.0])
+    with pytest.raises(RuntimeError, match=r"expected \[r, 5\] and \[6, r\]"):
+        op(y, x, seg, 2, a, [torch.randn(6, 3)], [1.0])
+    with pytest.raises(RuntimeError, match="int32 adapter_of_segment of 2 entries"):
+        op(y, x, seg.long(), 2, a, b, [1.0])
+    with pytest.raises(RuntimeError, match="4 rows do not split into segments of 3 tokens"):
+        op(y, x, seg, 3, a, b, [1.0])
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        op(y.half(), x, seg, 2, a, b, [1.0])
+    with pytest.raises(RuntimeError, match="only 1 adapters were given"):
+        op(y, x, torch.tensor([0, 1], dtype=torch.int32), 2, a, b, [1.0])
+
+
+def test_op_passes_opcheck():
+    gen = torch.Generator().manual_seed(1)
+    a, b, scales = _adapters([3, 5], 10, 7, gen, "cpu")
+    seg = torch.tensor([1, -1, 0], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastpeft_ops.lora_mixed_delta_.default,
+                          (torch.randn(6, 7), torch.randn(6, 10), seg, 2, a, b, scales))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 3, 512])
+def test_gpu_llama_shapes(dtype, tokens):
+    if DEVICE != "cuda":
+        pytest.skip("CUDA kernels: GPU only")
+    segments = 32 if tokens < 512 else 4
+    for K, N in ((4096, 1024), (4096, 14336), (14336, 4096)):
+        _check(tokens, dtype, [16] * 4 + [8, 32, 64, 1], K, N, segments, seed=K + N + tokens)
+
+
+@pytest.mark.gpu
+def test_gpu_odd_shapes_many_adapters_and_16bit_adapters():
+    if DEVICE != "cuda":
+        pytest.skip("CUDA kernels: GPU only")
+    _check(1, torch.bfloat16, [1 + i % 64 for i in range(70)], K=4231, N=37, segments=90, seed=7)
+    _check(5, torch.float16, [7, 13, 33], K=37, N=4231, segments=9, seed=8)
+    _check(2, torch.bfloat16, [16, 8], K=4096, N=1000, segments=8, seed=9, adapter_dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_the_cpu_build():
+    if DEVICE != "cuda":
+        pytest.skip("CUDA kernels: GPU only")
+    gen = torch.Generator().manual_seed(2)
+    a, b, scales = _adapters([16, 4, 64], 512, 300, gen, "cpu")
+    x = torch.randn(40, 512, generator=gen)
+    y = torch.randn(40, 300, generator=gen)
+    seg = torch.tensor([2, 0, -1, 1, 0, 2, 2, 1], dtype=torch.int32)
+    cpu = cpp_ops.lora_mixed_delta_(y.clone(), x, seg, 5, a, b, scales)
+    gpu = cpp_ops.lora_mixed_delta_(y.cuda(), x.cuda(), seg.cuda(), 5, [t.cuda() for t in a], [t.cuda() for t in b],
+                                    scales)
+    assert rel_err(gpu.cpu(), cpu) <= 1e-6
