@@ -1177,8 +1177,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
 // s_a·(x·A_aᵀ)·B_aᵀ to y, for any mix of adapters, in two launches per 64 adapters (no Python loop, no stacked copy:
 // the adapters' pointers, row strides, ranks and scalings ride in the kernels' parameters, read from the live
 // tensors on every call).
-//   shrink: part[split, m, j] = Σ_{k in split} x[m, k]·A_a[j, k]   (a tile of TM rows of one segment per block; the
-//           K range split across blocks so that decode's few rows still fill the GPU; fp32 FMAs)
+//   shrink: part[split, m, j] = Σ_{k in split} x[m, k]·A_a[j, k]   (a tile of 1-4 rows of one segment per block, or
+//           64 rows through shared memory for prefill-sized segments; the K range split across blocks so that
+//           decode's few rows still fill the GPU; fp32 FMAs)
 //   expand: y[m, n] = y[m, n] + s_a·Σ_j (Σ_split part)[m, j]·B_a[n, j]   (one column per thread, B_a[n, :] in
 //           registers reused over a tile of rows; fp32, y rounded once)
 // Bound: decode (1 row per segment) reads each used adapter's A and B once (4·r·(K + N) bytes in fp32) plus tiny
@@ -1276,6 +1277,63 @@ __global__ void __launch_bounds__(kMixedThreads) mixed_shrink_kernel(
   }
 }
 
+// Prefill-sized segments (tokens >= kMixedTiledTokens): a tile of 64 rows of one segment and all ranks per block,
+// x and A staged through shared memory in chunks of 32 k (A read once per 64 rows, not per 1-4 rows as above).
+// 4·RMAX threads; thread (row group g = t % 16, rank group h = t / 16) owns rows 4g..4g+3 × ranks 4h..4h+3: per 4 k,
+// 8 16-byte shared loads feed 64 FMAs.
+constexpr int kMixedTiledTokens = 32;
+constexpr int kTiledRows = 64, kTiledK = 32, kTiledPad = kTiledK + 4;
+
+template <typename T, typename TW, int RMAX>
+__global__ void __launch_bounds__(4 * RMAX) mixed_shrink_tiled_kernel(
+    const T* __restrict__ x, int64_t sxm, int64_t sxk, const int* __restrict__ seg_of, int64_t tokens,
+    int64_t tiles_per_seg, int64_t K, int splits, const MixedChunk c, float* __restrict__ part, int64_t M, int64_t R) {
+  constexpr int kThreadsT = 4 * RMAX;
+  const MixedTile t = mixed_tile(seg_of, blockIdx.x, tiles_per_seg, tokens, kTiledRows, c);
+  if (t.adapter < 0) return;
+  const TW* A = static_cast<const TW*>(c.a[t.adapter]);
+  const int64_t sa = c.a_row[t.adapter];
+  const int rank = c.rank[t.adapter];
+  __shared__ __align__(16) float xs[kTiledRows][kTiledPad];
+  __shared__ __align__(16) float as[RMAX][kTiledPad];
+  const int g = threadIdx.x % 16, h = threadIdx.x / 16;
+  float acc[4][4] = {};
+  const int64_t chunks = (K + kTiledK - 1) / kTiledK;
+  for (int64_t ch = blockIdx.y; ch < chunks; ch += splits) {
+    const int64_t k0 = ch * kTiledK;
+    for (int e = threadIdx.x; e < kTiledRows * kTiledK; e += kThreadsT) {
+      const int i = e / kTiledK, kk = e % kTiledK;
+      xs[i][kk] = (i < t.rows && k0 + kk < K) ? to_f<T>(x[(t.row0 + i) * sxm + (k0 + kk) * sxk]) : 0.0f;
+    }
+    for (int e = threadIdx.x; e < RMAX * kTiledK; e += kThreadsT) {
+      const int j = e / kTiledK, kk = e % kTiledK;
+      as[j][kk] = (j < rank && k0 + kk < K) ? to_f<TW>(A[j * sa + k0 + kk]) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTiledK; kk += 4) {
+      float4 xv[4], av[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) xv[u] = *reinterpret_cast<const float4*>(&xs[4 * g + u][kk]);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) av[v] = *reinterpret_cast<const float4*>(&as[4 * h + v][kk]);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int v = 0; v < 4; ++v)
+          acc[u][v] += xv[u].x * av[v].x + xv[u].y * av[v].y + xv[u].z * av[v].z + xv[u].w * av[v].w;
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int i = 4 * g + u, j = 4 * h + v;
+      if (i < t.rows && j < rank) part[(static_cast<int64_t>(blockIdx.y) * M + t.row0 + i) * R + j] = acc[u][v];
+    }
+}
+
 template <typename T, typename TW, int RMAX>
 __global__ void __launch_bounds__(kMixedThreads) mixed_expand_kernel(
     T* __restrict__ y, int64_t sym, int64_t syn, const int* __restrict__ seg_of, int64_t tokens, int64_t tiles_per_seg,
@@ -1335,13 +1393,17 @@ void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapt
   };
   const Tensor seg = adapter_of_segment.is_contiguous() ? adapter_of_segment : adapter_of_segment.contiguous();
   const int64_t segments = M / tokens;
-  const int tm = R <= 16 ? 4 : (R <= 32 ? 2 : 1);
+  const bool tiled = tokens >= kMixedTiledTokens;
+  const int tm = tiled ? kTiledRows : (R <= 16 ? 4 : (R <= 32 ? 2 : 1));
   const int64_t shrink_tiles_per_seg = (tokens + tm - 1) / tm;
   const int64_t expand_tiles_per_seg = (tokens + kMixedExpandRows - 1) / kMixedExpandRows;
   const int64_t shrink_tiles = segments * shrink_tiles_per_seg;
-  const int64_t k_groups = std::max<int64_t>(1, (K + kMixedThreads * 4 - 1) / (kMixedThreads * 4));
+  // K split across blocks until the grid has ~2 (row-tile kernel) / ~4 (tiled kernel) blocks per SM
+  const int64_t k_groups = tiled ? (K + kTiledK - 1) / kTiledK
+                                 : std::max<int64_t>(1, (K + kMixedThreads * 4 - 1) / (kMixedThreads * 4));
+  const int64_t want = (tiled ? 4 : 2) * sm_count();
   const int splits = static_cast<int>(std::min<int64_t>(
-      {k_groups, 32, std::max<int64_t>(1, (2 * sm_count() + shrink_tiles - 1) / shrink_tiles)}));
+      {std::max<int64_t>(1, k_groups), 32, std::max<int64_t>(1, (want + shrink_tiles - 1) / shrink_tiles)}));
   const Tensor part = at::empty({splits, M, R}, x.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream();
   TORCH_CHECK(shrink_tiles <= INT32_MAX && segments * expand_tiles_per_seg <= INT32_MAX,
@@ -1372,8 +1434,13 @@ void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapt
         const int* sp = seg.data_ptr<int>();
         float* pp = part.data_ptr<float>();
 #define FP_MIXED(RM, TMV)                                                                                          \
-  mixed_shrink_kernel<T, TW, RM, TMV><<<shrink_grid, kMixedThreads, 0, stream>>>(                                  \
-      xp, x.stride(0), x.stride(1), sp, tokens, shrink_tiles_per_seg, K, splits, c, pp, M, R);                     \
+  if (tiled) {                                                                                                     \
+    mixed_shrink_tiled_kernel<T, TW, RM><<<shrink_grid, 4 * RM, 0, stream>>>(                                      \
+        xp, x.stride(0), x.stride(1), sp, tokens, shrink_tiles_per_seg, K, splits, c, pp, M, R);                   \
+  } else {                                                                                                         \
+    mixed_shrink_kernel<T, TW, RM, TMV><<<shrink_grid, kMixedThreads, 0, stream>>>(                                \
+        xp, x.stride(0), x.stride(1), sp, tokens, shrink_tiles_per_seg, K, splits, c, pp, M, R);                   \
+  }                                                                                                                \
   C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                                  \
   mixed_expand_kernel<T, TW, RM><<<expand_grid, kMixedThreads, 0, stream>>>(                                       \
       yp, y.stride(0), y.stride(1), sp, tokens, expand_tiles_per_seg, N, splits, c, pp, M, R);                     \

@@ -141,6 +141,8 @@ def test_gpu_odd_shapes_many_adapters_and_16bit_adapters():
         pytest.skip("CUDA kernels: GPU only")
     _check(1, torch.bfloat16, [1 + i % 64 for i in range(70)], K=4231, N=37, segments=90, seed=7)
     _check(5, torch.float16, [7, 13, 33], K=37, N=4231, segments=9, seed=8)
+    _check(37, torch.bfloat16, [7, 13, 33], K=4231, N=45, segments=5, seed=10)  # prefill tiles: partial rows / k
+    _check(100, torch.float32, [64, 3], K=100, N=33, segments=3, seed=11)
     _check(2, torch.bfloat16, [16, 8], K=4096, N=1000, segments=8, seed=9, adapter_dtype=torch.bfloat16)
 
 
