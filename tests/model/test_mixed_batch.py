@@ -8,7 +8,7 @@ import torch
 import fastpeft
 from fastpeft.nn import mixed_batch
 from fastpeft.ops import cpp_ops
-from helpers import random_ids, rel_err, set_settings, tiny_model
+from helpers import DEVICE, random_ids, rel_err, set_settings, tiny_model
 
 FP32_TOL = 1e-5
 NAMES = ["a", "__base__", "b", "a"]
@@ -99,6 +99,36 @@ def test_cpp_operator_runs_the_mixed_batch_from_the_live_adapter_weights(monkeyp
         owner = next(m for m in layers if "b" in m.lora_B and m.lora_B["b"].weight is b_weight)
         owner.lora_B["b"].weight = torch.nn.Parameter(b_weight / 3.0)  # replaced: back to the first numbers
         assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, got) <= 1e-6
+
+
+@pytest.mark.gpu
+@NEEDS_CPP
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_cuda_mixed_batch_runs_the_cpp_operator_and_matches_peft(four_bit, monkeypatch):
+    """The default backend on CUDA: the mixed batch's LoRA deltas through lora_mixed_delta_'s CUDA kernels, on a
+    dense and on a bitsandbytes NF4 base, against PEFT's adapter_names on the same GPU (fp32)."""
+    if DEVICE != "cuda":
+        pytest.skip("CUDA kernels: GPU only")
+    from fastpeft.nn import lora as lora_module
+
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+        from helpers import nf4_tiny_model
+
+        base = nf4_tiny_model("llama", double_quant=True)
+    else:
+        base = tiny_model("qwen2", seed=5)
+    theirs, ours = _two_adapters(base, *_lora_cfgs(), "auto", monkeypatch)
+    theirs.to("cuda")
+    ours.to("cuda")
+    calls = []
+    real = lora_module.cpp_ops.lora_mixed_delta_
+    monkeypatch.setattr(lora_module.cpp_ops, "lora_mixed_delta_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = random_ids(batch=4, seq=6, seed=9).cuda()
+    with torch.no_grad():
+        got = ours(input_ids=ids, adapter_names=NAMES).logits
+        want = theirs(input_ids=ids, adapter_names=NAMES).logits
+    assert calls and rel_err(got, want) <= FP32_TOL
 
 
 def _assert_rows_match_single_runs(ours, ids):
