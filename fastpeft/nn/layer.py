@@ -139,10 +139,15 @@ class AdapterLayer(nn.Module):
         # general path's layers of calls: ~30 µs of Python per call on a slow host, paid again in the recompute of
         # every checkpointed layer (issue 13). The subclass's _forward_hot returns None where it does not apply
         # (then the general path below decides, with the same result).
+        # A mixed batch (adapter_names=) in the same state goes straight to _forward_mixed: decode runs it per layer
+        # and token.
         state = self.__dict__
         if not state["disable_adapters"] and not state["merged_adapters"] and cpp_ops.loaded() and (
                 state["backend"] == "cpp" or (state["backend"] == "auto" and x.is_cuda)) and \
-                not torch.compiler.is_compiling() and mixed_batch.eager_current() is None:
+                not torch.compiler.is_compiling():
+            names = mixed_batch.eager_current()
+            if names is not None:
+                return self._forward_mixed(x, names)
             y = self._forward_hot(x, state["active_adapter"])
             if y is not None:
                 return y

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import settings
 from ..config import changes_base_weights, pissa_niter
@@ -193,8 +194,13 @@ class LoraLinear(AdapterLayer):
         if kernel is None:
             return super()._forward_mixed(x, names)
         segment_index = self._segment_adapters(names, x.shape[0], x.device)
-        y = bases.base_forward(self._modules["base_layer"], x)
-        tokens = 1 if x.dim() == 1 else x.numel() // (x.shape[0] * x.shape[-1])
+        base = self._modules["base_layer"]
+        if type(base) is nn.Linear:  # as the hot path: F.linear, not the module call's hook machinery (host time)
+            params = base._parameters
+            y = F.linear(x, params["weight"], params["bias"])
+        else:
+            y = bases.base_forward(base, x)
+        tokens = x.numel() // (x.shape[0] * x.shape[-1]) if x.shape[0] * x.shape[-1] else 1
         y2d, x2d = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
         if kernel == "cpp":
             cpp_ops.lora_mixed_delta_(y2d, x2d, segment_index, tokens, *self._mixed_operands())
@@ -212,7 +218,8 @@ class LoraLinear(AdapterLayer):
         triton backend in Triton's interpreter, not bf16)."""
         # decode calls this per layer and token: attributes read from the instance dicts, loops at C speed
         state, backend = self.__dict__, self.__dict__["backend"]
-        if torch.is_grad_enabled() or state["merged_adapters"] or torch.compiler.is_compiling() or graph_capturing():
+        if torch.is_grad_enabled() or state["merged_adapters"] or torch.compiler.is_compiling() or \
+                (x.is_cuda and graph_capturing()):
             return None
         if x.dim() < 2 or backend == "reference" or not self._modules["lora_A"]._modules:
             return None
@@ -247,7 +254,7 @@ class LoraLinear(AdapterLayer):
 
     def _segment_adapters(self, names, rows: int, device) -> torch.Tensor:
         """int32 [rows]: each batch row's adapter index in the stacks (-1: the base model), cached per names."""
-        key = (tuple(names), rows, device, tuple(self.lora_A.keys()))
+        key = (tuple(names), rows, device, tuple(self._modules["lora_A"]._modules))
         hit = self._mixed_cache.get("segments")
         if hit is not None and hit[0] == key:
             return hit[1]
