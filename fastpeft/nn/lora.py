@@ -200,7 +200,7 @@ class LoraLinear(AdapterLayer):
             y = F.linear(x, params["weight"], params["bias"])
         else:
             y = bases.base_forward(base, x)
-        tokens = x.numel() // (x.shape[0] * x.shape[-1]) if x.shape[0] * x.shape[-1] else 1
+        tokens = max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.shape[0] * x.shape[-1] else 1  # rows per batch row
         y2d, x2d = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
         if kernel == "cpp":
             cpp_ops.lora_mixed_delta_(y2d, x2d, segment_index, tokens, *self._mixed_operands())

@@ -88,7 +88,9 @@ def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, toke
     """Mixed-adapter batches (inference, no autograd): ``y2d`` [M, N] += scales[a]·(x2d·A_aᵀ)·B_aᵀ for every segment
     of ``tokens`` rows, a = ``adapter_of_segment[b]`` (int32 on y's device; -1: no adapter), in fp32 with y rounded
     once; returns ``y2d``. The adapters come as lists (ranks may differ, up to ``MIXED_MAX_RANK``): the caller's
-    live weights, no stacked copy. Call ``available()`` first.
+    live weights, no stacked copy. Indices must lie in [-1, len(lora_A)): the CPU kernel raises on a larger one;
+    the CUDA kernels leave its rows unchanged (checking would cost a device sync per call; fastpeft's layers build
+    the indices themselves). Call ``available()`` first.
 
     >>> import torch
     >>> if available():
