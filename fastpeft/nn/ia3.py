@@ -9,9 +9,10 @@ from typing import List
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops import HAS_TRITON, cpp_ops
-from . import bases
+from . import bases, mixed_batch
 from .layer import AdapterLayer
 
 if HAS_TRITON:
@@ -32,6 +33,7 @@ class IA3Linear(AdapterLayer):
         super().__init__(base_layer, adapter_name)
         self.is_feedforward = is_feedforward
         self.ia3_l = nn.ParameterDict()
+        self._mixed_rows = None  # mixed batches: (names, rows, device, adapters) -> each batch row's vector index
         self.update_layer(adapter_name, init_ia3_weights)
 
     def update_layer(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
@@ -85,6 +87,35 @@ class IA3Linear(AdapterLayer):
         y = custom_ops.nf4_ia3_linear(x.to(cd), packed, quant_state, bases.base_bias(base), self.ia3_l[name],
                                       self.is_feedforward)
         return y.to(x.dtype)
+
+    # -- mixed-adapter batches ----------------------------------------------------------------------------
+    def _forward_mixed(self, x: torch.Tensor, names) -> torch.Tensor:
+        """One adapter per row in one pass: the rows' vectors gathered from the live ``ia3_l`` parameters (ones for
+        "__base__" rows and adapters this layer lacks) scale one base product's output, or its input
+        (feedforward). Where the C++ operators serve this layer's single-adapter calls (``_dense_path`` "cpp":
+        backend cpp, or auto on CUDA) on an nn.Linear base, without autograd, eager: the same fp32 products rounded
+        once, so each row equals its adapter's own run bit for bit. Elsewhere one pass per adapter."""
+        base = self._modules["base_layer"]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(base) is not nn.Linear or \
+                x.dim() < 2 or self.merged_adapters or self._dense_path(x) != "cpp":
+            return super()._forward_mixed(x, names)
+        vectors = self._modules["ia3_l"]._parameters
+        order = tuple(vectors)
+        key = (tuple(names), x.shape[0], x.device, order)
+        hit = self._mixed_rows
+        if hit is None or hit[0] != key:
+            rows = mixed_batch.adapter_of_rows(names, x.shape[0], order)
+            hit = self._mixed_rows = (key, torch.tensor([len(order) if r < 0 else r for r in rows], device=x.device))
+        width = self.in_features if self.is_feedforward else self.out_features
+        table = torch.cat([torch.stack([v.reshape(-1) for v in vectors.values()]).float(),
+                           torch.ones(1, width, device=x.device)])  # live values; the last row: no adapter
+        scale = table.index_select(0, hit[1]).view(x.shape[0], *([1] * (x.dim() - 2)), width)
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        if weight.dtype != x.dtype:  # the operator computes in x's dtype too
+            weight, bias = weight.to(x.dtype), (None if bias is None else bias.to(x.dtype))
+        if self.is_feedforward:  # (x⊙l)·Wᵀ + b: x⊙l in fp32, rounded to x's dtype, as the operator's scale pass
+            return F.linear((x * scale).to(x.dtype), weight, bias)
+        return (F.linear(x, weight, bias) * scale).to(x.dtype)
 
     # -- merge ----------------------------------------------------------------------------------------
     def _scale_weight(self, factor: torch.Tensor) -> None:

@@ -258,12 +258,7 @@ class LoraLinear(AdapterLayer):
         hit = self._mixed_cache.get("segments")
         if hit is not None and hit[0] == key:
             return hit[1]
-        per_name, rest = divmod(rows, len(names))
-        if rest or per_name == 0:
-            mixed_batch.row_groups(names, rows)  # raises its clear error for this shape
-        index = {n: i for i, n in enumerate(self.lora_A.keys())}
-        values = [index.get(names[i // per_name], -1) for i in range(rows)]
-        tensor = torch.tensor(values, dtype=torch.int32, device=device)
+        tensor = torch.tensor(mixed_batch.adapter_of_rows(names, rows, key[3]), dtype=torch.int32, device=device)
         self._mixed_cache["segments"] = (key, tensor)
         return tensor
 

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["BASE", "current", "eager_current", "set_names", "reset", "row_groups", "forward_mixed"]
+__all__ = ["BASE", "current", "eager_current", "set_names", "reset", "row_groups", "adapter_of_rows", "forward_mixed"]
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
@@ -70,6 +70,20 @@ def row_groups(names: Sequence[str], n_rows: int) -> Dict[str, List[int]]:
     for i, name in enumerate(names):
         groups.setdefault(name, []).extend(range(i * k, (i + 1) * k))
     return groups
+
+
+def adapter_of_rows(names: Sequence[str], n_rows: int, order: Sequence[str]) -> List[int]:
+    """Each of ``n_rows`` rows' adapter as its index in ``order`` (a layer's adapters), -1 where the row's name is
+    "__base__" or not among them: the one-pass kernels' segment index.
+
+    >>> adapter_of_rows(["b", "__base__"], 4, ["a", "b"])
+    [1, 1, -1, -1]
+    """
+    per_name, rest = divmod(n_rows, len(names))
+    if rest or per_name == 0:
+        row_groups(names, n_rows)  # raises its clear error for this shape
+    index = {name: i for i, name in enumerate(order)}
+    return [index.get(names[i // per_name], -1) for i in range(n_rows)]
 
 
 def forward_mixed(x: torch.Tensor, names: Sequence[str], run: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:

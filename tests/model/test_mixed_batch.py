@@ -146,15 +146,29 @@ def _assert_rows_match_single_runs(ours, ids):
         assert rel_err(got[0], got[1]) > 1e-4  # adapters really change the rows
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", pytest.param("cpp", marks=NEEDS_CPP)])
 def test_ia3_mixed_batch_rows_match_single_adapter_runs(backend, monkeypatch):
-    """PEFT's IA3 layers have no mixed-batch path (adapter_names is not applied there); fastpeft's run it."""
+    """PEFT's IA3 layers have no mixed-batch path (adapter_names is not applied there); fastpeft's run it: in one
+    pass per layer where the C++ operators serve the layer (backend cpp; auto on CUDA), else one per adapter."""
     set_settings(monkeypatch, backend=backend)
     cfg = fastpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                              init_ia3_weights=False)
     ours = fastpeft.patch(tiny_model("qwen2", seed=4), cfg, adapter_name="a")
-    fastpeft.add_adapter(ours, "b", copy.deepcopy(cfg))
-    _assert_rows_match_single_runs(ours.eval(), random_ids(batch=4, seq=6, seed=5))
+    # "b" on other layers too: k_proj holds only "a", q_proj only "b" (their rows of the other run the base)
+    fastpeft.add_adapter(ours, "b", fastpeft.IA3Config(target_modules=["q_proj", "v_proj", "down_proj"],
+                                                       feedforward_modules=["down_proj"], init_ia3_weights=False))
+    loops = []
+    real = mixed_batch.forward_mixed
+    monkeypatch.setattr(mixed_batch, "forward_mixed", lambda *a, **k: loops.append(1) or real(*a, **k))
+    ids = random_ids(batch=4, seq=6, seed=5)
+    _assert_rows_match_single_runs(ours.eval(), ids)
+    assert bool(loops) == (backend != "cpp")  # cpp: no per-adapter loop at any IA3 layer
+    if backend == "cpp":
+        with torch.no_grad():  # a vector changed in place is read at the next call (nothing cached but the rows)
+            before = ours(input_ids=ids, adapter_names=NAMES).logits
+            next(p for n, p in ours.named_parameters() if "ia3_l.b" in n).mul_(2.0)
+            after = ours(input_ids=ids, adapter_names=NAMES).logits
+        assert rel_err(after[2], before[2]) > 1e-4 and rel_err(after[0], before[0]) <= 1e-6
 
 
 def test_modules_to_save_mixed_batch_matches_peft(monkeypatch):
@@ -349,3 +363,36 @@ def test_mixed_batches_of_the_other_methods_match_one_adapter_at_a_time(method):
     assert not torch.equal(alone["default"], alone["b"])
     for row, name in enumerate(["default", "b", "__base__"]):
         assert rel_err(mixed[row], alone[name][row]) <= 1e-5, name
+
+
+@pytest.mark.gpu
+@NEEDS_CPP
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_cuda_ia3_mixed_batch_rows_equal_the_operator_bit_for_bit(feedforward, monkeypatch):
+    """bf16 on CUDA (backend auto): each row of the one-pass IA3 mixed batch equals the C++ operator's output for
+    the same full batch under that row's adapter, bit for bit (same GEMM, same fp32 scale, one rounding)."""
+    if DEVICE != "cuda":
+        pytest.skip("CUDA: GPU only")
+    set_settings(monkeypatch, backend="auto")
+    torch.manual_seed(0)
+    layer = fastpeft.IA3Linear(torch.nn.Linear(96, 80), "a", is_feedforward=feedforward, init_ia3_weights=False)
+    layer.update_layer("b", init_ia3_weights=False)
+    layer = layer.to("cuda", torch.bfloat16).eval()
+    for v in layer.ia3_l.values():
+        v.data = v.data.float()  # fp32 vectors on a bf16 layer, as patch keeps them
+    x = torch.randn(4, 5, 96, device="cuda", dtype=torch.bfloat16)
+    names = ["b", "__base__", "a", "b"]
+    token = mixed_batch.set_names(names)
+    try:
+        with torch.no_grad():
+            got = layer(x)
+    finally:
+        mixed_batch.reset(token)
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            if name == "__base__":
+                want = torch.nn.functional.linear(x, weight, bias)
+            else:
+                want = cpp_ops.ia3_linear(x, weight, bias, layer.ia3_l[name], feedforward)
+            assert torch.equal(got[row], want[row]), (row, name)
