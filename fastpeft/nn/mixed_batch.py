@@ -11,7 +11,8 @@ Numbers: each row gets what the model computes with that adapter alone (PEFT's s
 whose adapters are all plain LoRA run one base pass for the whole batch and every row's delta in one pass
 (``LoraLinear._forward_mixed``: the C++ operator ``lora_mixed_delta_`` of csrc/, or ``ops/kernels/sgmv.py``; no
 loop over adapters) when there is no autograd, no torch.compile trace and a kernel can run on the input's device;
-otherwise (and for IA3 / DoRA layers) one pass per distinct adapter, through ``forward_mixed`` below.
+IA3 layers served by the C++ operators likewise (``IA3Linear._forward_mixed``: the rows' vectors scale one base
+product); otherwise (and for DoRA layers) one pass per distinct adapter, through ``forward_mixed`` below.
 """
 from __future__ import annotations
 
