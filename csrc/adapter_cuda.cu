@@ -1376,14 +1376,15 @@ void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapt
   const auto dt = x.scalar_type();
   // The adapters' dtype: fp32 (PEFT's default) or x's dtype read as they are; any other mix as fp32 copies (the
   // math is fp32 either way, so the numbers do not change). Non-unit column strides: contiguous copies.
-  at::ScalarType wt = lora_A[0].scalar_type();
+  const at::ScalarType first = lora_A[0].scalar_type();
+  bool one_dtype = true;
   int64_t R = 1;
   for (int64_t i = 0; i < n; ++i) {
-    if (lora_A[i].scalar_type() != wt || lora_B[i].scalar_type() != wt) wt = at::kDouble;  // mark: mixed dtypes
+    one_dtype = one_dtype && lora_A[i].scalar_type() == first && lora_B[i].scalar_type() == first;
     R = std::max<int64_t>(R, lora_A[i].size(0));
   }
   TORCH_CHECK(R <= kMixedMaxRank, "fastpeft lora_mixed_delta_: ranks up to ", kMixedMaxRank, " (got ", R, ")");
-  if (wt != at::kFloat && wt != dt) wt = at::kFloat;
+  const at::ScalarType wt = one_dtype && (first == at::kFloat || first == dt) ? first : at::kFloat;
   std::vector<Tensor> keep;  // copies made here (rare), alive until the launches are queued
   auto operand = [&](const Tensor& w) -> Tensor {
     Tensor v = w.scalar_type() == wt ? w : w.to(wt);
