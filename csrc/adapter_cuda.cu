@@ -23,7 +23,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "adapter_common.h"
 
@@ -1366,6 +1369,172 @@ __global__ void __launch_bounds__(kMixedThreads) mixed_expand_kernel(
   }
 }
 
+// Tensor-core prefill kernels (16-bit activations, segments of >= kMixedTiledTokens rows, sm_80+). The same sums as
+// the SIMT kernels above, on WMMA 16x16x16 tiles with fp32 accumulators; fp32 operands enter as hi + lo 16-bit
+// parts (hi = 16-bit(v), lo = 16-bit(v - hi)), as the one-adapter split GEMMs do (lo·lo, ~2^-16 of the product,
+// dropped), so the products keep ~fp32 precision (the bf16 output then rounds once).
+//   shrink: a 64-row tile of one segment × all ranks; x in its own dtype, A as [A_hi | A_lo] in x's dtype (A_lo
+//           absent when A is already x's dtype); 4 warps, 16 rows each; K in chunks of 64 staged in shared memory.
+//   expand: a 64-row × 64-column tile; S (fp32 partials summed over the K splits) and B as bf16 hi + lo parts
+//           (bf16 for fp16 activations too: fp32's range, so no part can overflow); y = 16-bit(y + s·(S·Bᵀ)).
+// Bound: shrink reads x once per tile (M·K·2 bytes) and A from L2 per tile; expand reads and writes y once
+// (2·M·N·2 bytes) and B from L2 per row tile; tensor-core FLOPs (2-3 × 2·M·r·(K + N)) are < 5% of the base GEMM's.
+// So both run at memory speed, ~4·M·(K + N) bytes per projection: ~8% of the base GEMM's time at r = 16.
+constexpr int kMmaRows = 64, kMmaK = 64, kMmaCols = 64, kMmaThreads = 128;
+constexpr int kMmaLd = kMmaK + 8;  // 72 halves: 144-byte rows keep every 16-row fragment start 32-byte aligned
+
+template <typename T, typename TW, int RMAX>
+__global__ void __launch_bounds__(kMmaThreads) mixed_shrink_mma_kernel(
+    const T* __restrict__ x, int64_t sxm, int64_t sxk, const int* __restrict__ seg_of, int64_t tokens,
+    int64_t tiles_per_seg, int64_t K, int splits, const MixedChunk c, float* __restrict__ part, int64_t M, int64_t R) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  constexpr bool kLo = !std::is_same<TW, T>::value;  // fp32 adapters: a lo part carries A's low bits
+  const MixedTile t = mixed_tile(seg_of, blockIdx.x, tiles_per_seg, tokens, kMmaRows, c);
+  if (t.adapter < 0) return;  // uniform across the block
+  const TW* A = static_cast<const TW*>(c.a[t.adapter]);
+  const int64_t sa = c.a_row[t.adapter];
+  const int rank = c.rank[t.adapter];
+  const int rank_tiles = (rank + 15) / 16;
+  __shared__ __align__(32) T xs[kMmaRows][kMmaLd];
+  __shared__ __align__(32) T ah[RMAX][kMmaLd];
+  __shared__ __align__(32) T al[kLo ? RMAX : 1][kMmaLd];
+  __shared__ __align__(32) float stage[kMmaThreads / 32][16][16];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RMAX / 16];
+#pragma unroll
+  for (int jt = 0; jt < RMAX / 16; ++jt) wmma::fill_fragment(acc[jt], 0.0f);
+  const T zero = from_f<T>(0.0f);
+  const int64_t chunks = (K + kMmaK - 1) / kMmaK;
+  for (int64_t ch = blockIdx.y; ch < chunks; ch += splits) {
+    const int64_t k0 = ch * kMmaK;
+    for (int e = threadIdx.x; e < kMmaRows * kMmaK; e += kMmaThreads) {
+      const int i = e / kMmaK, kk = e % kMmaK;
+      xs[i][kk] = (i < t.rows && k0 + kk < K) ? x[(t.row0 + i) * sxm + (k0 + kk) * sxk] : zero;
+    }
+    for (int e = threadIdx.x; e < RMAX * kMmaK; e += kMmaThreads) {
+      const int j = e / kMmaK, kk = e % kMmaK;
+      const float v = (j < rank && k0 + kk < K) ? to_f<TW>(A[j * sa + k0 + kk]) : 0.0f;
+      const T hi = from_f<T>(v);
+      ah[j][kk] = hi;
+      if constexpr (kLo) al[j][kk] = from_f<T>(v - to_f<T>(hi));
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < kMmaK; ks += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> xf;
+      wmma::load_matrix_sync(xf, &xs[warp * 16][ks], kMmaLd);
+#pragma unroll
+      for (int jt = 0; jt < RMAX / 16; ++jt) {
+        if (jt < rank_tiles) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> af;  // Aᵀ: column j = A's row j
+          wmma::load_matrix_sync(af, &ah[jt * 16][ks], kMmaLd);
+          wmma::mma_sync(acc[jt], xf, af, acc[jt]);
+          if constexpr (kLo) {
+            wmma::load_matrix_sync(af, &al[jt * 16][ks], kMmaLd);
+            wmma::mma_sync(acc[jt], xf, af, acc[jt]);
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  float* out = part + (static_cast<int64_t>(blockIdx.y) * M + t.row0) * R;
+#pragma unroll
+  for (int jt = 0; jt < RMAX / 16; ++jt) {
+    if (jt < rank_tiles) {
+      wmma::store_matrix_sync(&stage[warp][0][0], acc[jt], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int i = warp * 16 + e / 16, j = jt * 16 + e % 16;
+        if (i < t.rows && j < rank) out[static_cast<int64_t>(i) * R + j] = stage[warp][e / 16][e % 16];
+      }
+      __syncwarp();
+    }
+  }
+#endif
+}
+
+template <typename T, typename TW, int RMAX>
+__global__ void __launch_bounds__(kMmaThreads) mixed_expand_mma_kernel(
+    T* __restrict__ y, int64_t sym, int64_t syn, const int* __restrict__ seg_of, int64_t tokens, int64_t tiles_per_seg,
+    int64_t N, int splits, const MixedChunk c, const float* __restrict__ part, int64_t M, int64_t R) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using B16 = __nv_bfloat16;
+  constexpr bool kBLo = !std::is_same<TW, B16>::value;  // B wider than bf16 (fp32, or fp16's 11 bits): a lo part
+  constexpr int LD = RMAX + 8;                          // halves; 16-row fragment starts stay 32-byte aligned
+  const MixedTile t = mixed_tile(seg_of, blockIdx.x, tiles_per_seg, tokens, kMmaRows, c);
+  if (t.adapter < 0) return;
+  const int rank = c.rank[t.adapter];
+  const int rank_tiles = (rank + 15) / 16;
+  const TW* B = static_cast<const TW*>(c.b[t.adapter]);
+  const int64_t sb = c.b_row[t.adapter];
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kMmaCols;
+  __shared__ __align__(32) B16 sh[kMmaRows][LD];
+  __shared__ __align__(32) B16 sl[kMmaRows][LD];
+  __shared__ __align__(32) B16 bh[kMmaCols][LD];
+  __shared__ __align__(32) B16 bl[kBLo ? kMmaCols : 1][LD];
+  __shared__ __align__(32) float stage[kMmaThreads / 32][16][16];
+  for (int e = threadIdx.x; e < kMmaRows * RMAX; e += kMmaThreads) {
+    const int i = e / RMAX, j = e % RMAX;
+    float v = 0.0f;
+    if (i < t.rows && j < rank)
+      for (int sp = 0; sp < splits; ++sp) v += part[(static_cast<int64_t>(sp) * M + t.row0 + i) * R + j];
+    const B16 hi = __float2bfloat16_rn(v);
+    sh[i][j] = hi;
+    sl[i][j] = __float2bfloat16_rn(v - __bfloat162float(hi));
+  }
+  for (int e = threadIdx.x; e < kMmaCols * RMAX; e += kMmaThreads) {
+    const int nn = e / RMAX, j = e % RMAX;
+    const float v = (n0 + nn < N && j < rank) ? to_f<TW>(B[(n0 + nn) * sb + j]) : 0.0f;
+    const B16 hi = __float2bfloat16_rn(v);
+    bh[nn][j] = hi;
+    if constexpr (kBLo) bl[nn][j] = __float2bfloat16_rn(v - __bfloat162float(hi));
+  }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp * 16 >= t.rows) return;  // no row of this warp's 16 (no block-wide sync follows)
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kMmaCols / 16];
+#pragma unroll
+  for (int ct = 0; ct < kMmaCols / 16; ++ct) wmma::fill_fragment(acc[ct], 0.0f);
+#pragma unroll
+  for (int kt = 0; kt < RMAX / 16; ++kt) {
+    if (kt < rank_tiles) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, B16, wmma::row_major> s_hi, s_lo;
+      wmma::load_matrix_sync(s_hi, &sh[warp * 16][kt * 16], LD);
+      wmma::load_matrix_sync(s_lo, &sl[warp * 16][kt * 16], LD);
+#pragma unroll
+      for (int ct = 0; ct < kMmaCols / 16; ++ct) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, B16, wmma::col_major> bf;  // Bᵀ: column n = B's row n
+        wmma::load_matrix_sync(bf, &bh[ct * 16][kt * 16], LD);
+        wmma::mma_sync(acc[ct], s_hi, bf, acc[ct]);
+        wmma::mma_sync(acc[ct], s_lo, bf, acc[ct]);
+        if constexpr (kBLo) {
+          wmma::load_matrix_sync(bf, &bl[ct * 16][kt * 16], LD);
+          wmma::mma_sync(acc[ct], s_hi, bf, acc[ct]);
+        }
+      }
+    }
+  }
+  const float scale = c.scale[t.adapter];
+#pragma unroll
+  for (int ct = 0; ct < kMmaCols / 16; ++ct) {
+    wmma::store_matrix_sync(&stage[warp][0][0], acc[ct], 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) {
+      const int i = warp * 16 + e / 16;
+      const int64_t n = n0 + ct * 16 + e % 16;
+      if (i < t.rows && n < N) {
+        T* p = y + (t.row0 + i) * sym + n * syn;
+        *p = from_f<T>(to_f<T>(*p) + stage[warp][e / 16][e % 16] * scale);
+      }
+    }
+    __syncwarp();
+  }
+#endif
+}
+
 void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
                            at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales) {
   check_mixed_args(y, x, adapter_of_segment, tokens, lora_A, lora_B, scales);
@@ -1395,13 +1564,17 @@ void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapt
   const Tensor seg = adapter_of_segment.is_contiguous() ? adapter_of_segment : adapter_of_segment.contiguous();
   const int64_t segments = M / tokens;
   const bool tiled = tokens >= kMixedTiledTokens;
+  // prefill-sized segments of 16-bit activations: the tensor-core kernels (WMMA needs sm_80)
+  const bool mma = tiled && dt != at::kFloat && at::cuda::getCurrentDeviceProperties()->major >= 8;
   const int tm = tiled ? kTiledRows : (R <= 16 ? 4 : (R <= 32 ? 2 : 1));
   const int64_t shrink_tiles_per_seg = (tokens + tm - 1) / tm;
-  const int64_t expand_tiles_per_seg = (tokens + kMixedExpandRows - 1) / kMixedExpandRows;
+  const int expand_rows = mma ? kMmaRows : kMixedExpandRows, expand_cols = mma ? kMmaCols : kMixedThreads;
+  const int64_t expand_tiles_per_seg = (tokens + expand_rows - 1) / expand_rows;
   const int64_t shrink_tiles = segments * shrink_tiles_per_seg;
-  // K split across blocks until the grid has ~2 (row-tile kernel) / ~4 (tiled kernel) blocks per SM
-  const int64_t k_groups = tiled ? (K + kTiledK - 1) / kTiledK
-                                 : std::max<int64_t>(1, (K + kMixedThreads * 4 - 1) / (kMixedThreads * 4));
+  // K split across blocks until the grid has ~2 (row-tile kernel) / ~4 (tiled kernels) blocks per SM
+  const int64_t k_groups = mma     ? (K + kMmaK - 1) / kMmaK
+                           : tiled ? (K + kTiledK - 1) / kTiledK
+                                   : std::max<int64_t>(1, (K + kMixedThreads * 4 - 1) / (kMixedThreads * 4));
   const int64_t want = (tiled ? 4 : 2) * sm_count();
   const int splits = static_cast<int>(std::min<int64_t>(
       {std::max<int64_t>(1, k_groups), 32, std::max<int64_t>(1, (want + shrink_tiles - 1) / shrink_tiles)}));
@@ -1411,7 +1584,7 @@ void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapt
               "fastpeft lora_mixed_delta_: too many rows");
   const dim3 shrink_grid(static_cast<unsigned>(shrink_tiles), static_cast<unsigned>(splits));
   const dim3 expand_grid(static_cast<unsigned>(segments * expand_tiles_per_seg),
-                         static_cast<unsigned>((N + kMixedThreads - 1) / kMixedThreads));
+                         static_cast<unsigned>((N + expand_cols - 1) / expand_cols));
   TORCH_CHECK(expand_grid.y <= 65535, "fastpeft lora_mixed_delta_: out_features too large");
   for (int64_t first = 0; first < n; first += kMixedChunk) {
     MixedChunk c{};
@@ -1435,6 +1608,17 @@ void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapt
         const int* sp = seg.data_ptr<int>();
         float* pp = part.data_ptr<float>();
 #define FP_MIXED(RM, TMV)                                                                                          \
+  if constexpr (!std::is_same<T, float>::value) {                                                                  \
+    if (mma) {                                                                                                     \
+      mixed_shrink_mma_kernel<T, TW, RM><<<shrink_grid, kMmaThreads, 0, stream>>>(                                 \
+          xp, x.stride(0), x.stride(1), sp, tokens, shrink_tiles_per_seg, K, splits, c, pp, M, R);                 \
+      C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                              \
+      mixed_expand_mma_kernel<T, TW, RM><<<expand_grid, kMmaThreads, 0, stream>>>(                                 \
+          yp, y.stride(0), y.stride(1), sp, tokens, expand_tiles_per_seg, N, splits, c, pp, M, R);                 \
+      C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                              \
+      return;                                                                                                      \
+    }                                                                                                              \
+  }                                                                                                                \
   if (tiled) {                                                                                                     \
     mixed_shrink_tiled_kernel<T, TW, RM><<<shrink_grid, 4 * RM, 0, stream>>>(                                      \
         xp, x.stride(0), x.stride(1), sp, tokens, shrink_tiles_per_seg, K, splits, c, pp, M, R);                   \

@@ -10,7 +10,7 @@ layer but the head; the adapters' B are random (so every adapter changes the out
   decode   generate(--new-tokens) greedy after a 16-token prompt, HF's dynamic cache (tokens/s = batch * new / time)
 for impl in fastpeft (the mixed batch in one pass per layer: the C++ operator under the default backend),
 fastpeft with one adapter for every row (no adapter_names), PEFT with adapter_names, and the base model without
-adapters. --triton-row adds the mixed batch through the Triton kernels (stacked copies of the adapters) for a side
+adapters. --kinds picks the rows (prefill, decode; default both). --triton-row adds the mixed batch through the Triton kernels (stacked copies of the adapters) for a side
 by side of the two one-pass paths; --peft-repeats shortens PEFT's rows (its 32-adapter decode runs ~30 s each).
 """
 import argparse
@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-repeats", type=int, default=None, help="timed repeats of PEFT's rows (default --repeats)")
     ap.add_argument("--triton-row", action="store_true", help="also time the mixed batch on the Triton kernels")
+    ap.add_argument("--kinds", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"],
+                    help="which rows to time (default both)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -89,8 +91,11 @@ def main():
         prompt = torch.randint(0, vocab, (batch, a.prefill), generator=gen).to(DEVICE)
         kw = {} if adapter_names is None else {"adapter_names": adapter_names}
         with torch.no_grad():
-            s = timed(lambda: model(input_ids=prompt, use_cache=False, **kw), repeats)
-            record(impl, "prefill", n, batch, s, batch * a.prefill)
+            if "prefill" in a.kinds:
+                s = timed(lambda: model(input_ids=prompt, use_cache=False, **kw), repeats)
+                record(impl, "prefill", n, batch, s, batch * a.prefill)
+            if "decode" not in a.kinds:
+                return
             short = prompt[:, :16]
             mask = torch.ones_like(short)
             s = timed(lambda: model.generate(input_ids=short, attention_mask=mask, max_new_tokens=a.new_tokens,
@@ -133,7 +138,7 @@ def main():
             measure(theirs, "PEFT mixed", n, names[:n], a.peft_repeats)
     summary = []
     for n in a.adapters:
-        for kind in ("prefill", "decode"):
+        for kind in a.kinds:
             get = {r["impl"]: r["tokens_per_s"] for r in rows if r["adapters"] == n and r["kind"] == kind}
             line = {"adapters": n, "kind": kind, "mixed_vs_one_adapter": get["fastpeft mixed"] / get["fastpeft one adapter"],
                     "mixed_vs_base": get["fastpeft mixed"] / get["base (no adapters)"]}
@@ -144,7 +149,7 @@ def main():
             summary.append(line)
             print(line)
     info = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-            "model": a.model, "prefill": a.prefill, "new_tokens": a.new_tokens, "repeats": a.repeats,
+            "model": a.model, "kinds": a.kinds, "prefill": a.prefill, "new_tokens": a.new_tokens, "repeats": a.repeats,
             "peft_repeats": a.peft_repeats or a.repeats, "rows": rows, "summary": summary}
     if a.out:
         with open(a.out, "w") as f:
