@@ -1371,17 +1371,23 @@ __global__ void __launch_bounds__(kMixedThreads) mixed_expand_kernel(
 
 // Tensor-core prefill kernels (16-bit activations, segments of >= kMixedTiledTokens rows, sm_80+). The same sums as
 // the SIMT kernels above, on WMMA 16x16x16 tiles with fp32 accumulators; fp32 operands enter as hi + lo 16-bit
-// parts (hi = 16-bit(v), lo = 16-bit(v - hi)), as the one-adapter split GEMMs do (lo·lo, ~2^-16 of the product,
-// dropped), so the products keep ~fp32 precision (the bf16 output then rounds once).
-//   shrink: a 64-row tile of one segment × all ranks; x in its own dtype, A as [A_hi | A_lo] in x's dtype (A_lo
-//           absent when A is already x's dtype); 4 warps, 16 rows each; K in chunks of 64 staged in shared memory.
-//   expand: a 64-row × 64-column tile; S (fp32 partials summed over the K splits) and B as bf16 hi + lo parts
-//           (bf16 for fp16 activations too: fp32's range, so no part can overflow); y = 16-bit(y + s·(S·Bᵀ)).
-// Bound: shrink reads x once per tile (M·K·2 bytes) and A from L2 per tile; expand reads and writes y once
-// (2·M·N·2 bytes) and B from L2 per row tile; tensor-core FLOPs (2-3 × 2·M·r·(K + N)) are < 5% of the base GEMM's.
-// So both run at memory speed, ~4·M·(K + N) bytes per projection: ~8% of the base GEMM's time at r = 16.
+// parts (hi = 16-bit(v), lo = 16-bit(v - hi)), as the one-adapter split GEMMs do (lo·lo, ~2^-17 of the product,
+// dropped), so the products keep ~fp32 precision (the 16-bit output then rounds once).
+//   shrink: part[split] = x·[A_hi | A_lo]ᵀ over a K slice, a 64-row tile of one segment × all ranks per block; x in
+//           its own dtype, A's parts in x's dtype (A_lo absent when A is x's dtype); 4 warps × 16 rows; K in chunks
+//           of 64 through shared memory, the next chunk's loads in flight (registers) during this chunk's MMAs.
+//   split:  S = Σ_split part, written once as bf16 hi + lo parts [2, M, R] (so the expand's many column tiles read
+//           4 bytes per S entry instead of 4·splits).
+//   expand: a 64-row × 64-column tile: y = 16-bit(y + s·(S_hi·B_hiᵀ + S_lo·B_hiᵀ + S_hi·B_loᵀ)) with B's parts in
+//           bf16 for fp16 activations too (fp32's range: no part can overflow); y's tile is loaded before the MMAs.
+// Every loop that loads from global memory has a compile-time trip count and is unrolled into registers, so a
+// thread's loads are all in flight at once (a loop of load-then-store would wait out one latency per element).
+// Bound: memory. shrink reads x once (M·K·2 bytes; A from L2 per tile); expand reads and writes y once (2·M·N·2
+// bytes; B and S from L2 per tile); the tensor-core FLOPs (2-3 × 2·M·r·(K + N)) are < 5% of the base GEMM's.
+// So ~2·M·(K + 2N) bytes per projection: at M = 4096, K = N = 4096, ~100 MB, ~25 µs against ~200 µs of base GEMM.
 constexpr int kMmaRows = 64, kMmaK = 64, kMmaCols = 64, kMmaThreads = 128;
 constexpr int kMmaLd = kMmaK + 8;  // 72 halves: 144-byte rows keep every 16-row fragment start 32-byte aligned
+static_assert(kMmaCols == kMmaRows, "the expand stages S's and B's tiles in one (row, rank) walk");
 
 template <typename T, typename TW, int RMAX>
 __global__ void __launch_bounds__(kMmaThreads) mixed_shrink_mma_kernel(
@@ -1390,6 +1396,7 @@ __global__ void __launch_bounds__(kMmaThreads) mixed_shrink_mma_kernel(
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   constexpr bool kLo = !std::is_same<TW, T>::value;  // fp32 adapters: a lo part carries A's low bits
+  constexpr int kXPer = kMmaRows * kMmaK / kMmaThreads, kAPer = RMAX * kMmaK / kMmaThreads;
   const MixedTile t = mixed_tile(seg_of, blockIdx.x, tiles_per_seg, tokens, kMmaRows, c);
   if (t.adapter < 0) return;  // uniform across the block
   const TW* A = static_cast<const TW*>(c.a[t.adapter]);
@@ -1401,25 +1408,41 @@ __global__ void __launch_bounds__(kMmaThreads) mixed_shrink_mma_kernel(
   __shared__ __align__(32) T al[kLo ? RMAX : 1][kMmaLd];
   __shared__ __align__(32) float stage[kMmaThreads / 32][16][16];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T zero = from_f<T>(0.0f);
+  T xr[kXPer];
+  float ar[kAPer];
+  auto load = [&](int64_t k0) {
+#pragma unroll
+    for (int u = 0; u < kXPer; ++u) {
+      const int e = threadIdx.x + u * kMmaThreads, i = e / kMmaK, kk = e % kMmaK;
+      xr[u] = (i < t.rows && k0 + kk < K) ? x[(t.row0 + i) * sxm + (k0 + kk) * sxk] : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < kAPer; ++u) {
+      const int e = threadIdx.x + u * kMmaThreads, j = e / kMmaK, kk = e % kMmaK;
+      ar[u] = (j < rank && k0 + kk < K) ? to_f<TW>(A[j * sa + k0 + kk]) : 0.0f;
+    }
+  };
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RMAX / 16];
 #pragma unroll
   for (int jt = 0; jt < RMAX / 16; ++jt) wmma::fill_fragment(acc[jt], 0.0f);
-  const T zero = from_f<T>(0.0f);
   const int64_t chunks = (K + kMmaK - 1) / kMmaK;
+  if (static_cast<int64_t>(blockIdx.y) < chunks) load(static_cast<int64_t>(blockIdx.y) * kMmaK);
   for (int64_t ch = blockIdx.y; ch < chunks; ch += splits) {
-    const int64_t k0 = ch * kMmaK;
-    for (int e = threadIdx.x; e < kMmaRows * kMmaK; e += kMmaThreads) {
-      const int i = e / kMmaK, kk = e % kMmaK;
-      xs[i][kk] = (i < t.rows && k0 + kk < K) ? x[(t.row0 + i) * sxm + (k0 + kk) * sxk] : zero;
+#pragma unroll
+    for (int u = 0; u < kXPer; ++u) {
+      const int e = threadIdx.x + u * kMmaThreads;
+      xs[e / kMmaK][e % kMmaK] = xr[u];
     }
-    for (int e = threadIdx.x; e < RMAX * kMmaK; e += kMmaThreads) {
-      const int j = e / kMmaK, kk = e % kMmaK;
-      const float v = (j < rank && k0 + kk < K) ? to_f<TW>(A[j * sa + k0 + kk]) : 0.0f;
-      const T hi = from_f<T>(v);
-      ah[j][kk] = hi;
-      if constexpr (kLo) al[j][kk] = from_f<T>(v - to_f<T>(hi));
+#pragma unroll
+    for (int u = 0; u < kAPer; ++u) {
+      const int e = threadIdx.x + u * kMmaThreads;
+      const T hi = from_f<T>(ar[u]);
+      ah[e / kMmaK][e % kMmaK] = hi;
+      if constexpr (kLo) al[e / kMmaK][e % kMmaK] = from_f<T>(ar[u] - to_f<T>(hi));
     }
     __syncthreads();
+    if (ch + splits < chunks) load((ch + splits) * kMmaK);  // in flight during the MMAs below
 #pragma unroll
     for (int ks = 0; ks < kMmaK; ks += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> xf;
@@ -1445,8 +1468,9 @@ __global__ void __launch_bounds__(kMmaThreads) mixed_shrink_mma_kernel(
     if (jt < rank_tiles) {
       wmma::store_matrix_sync(&stage[warp][0][0], acc[jt], 16, wmma::mem_row_major);
       __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int i = warp * 16 + e / 16, j = jt * 16 + e % 16;
+#pragma unroll
+      for (int it = 0; it < 8; ++it) {
+        const int e = lane + 32 * it, i = warp * 16 + e / 16, j = jt * 16 + e % 16;
         if (i < t.rows && j < rank) out[static_cast<int64_t>(i) * R + j] = stage[warp][e / 16][e % 16];
       }
       __syncwarp();
@@ -1455,15 +1479,33 @@ __global__ void __launch_bounds__(kMmaThreads) mixed_shrink_mma_kernel(
 #endif
 }
 
+// S = Σ_split part for the rows of this chunk's adapters (j < their rank), as bf16 hi + lo parts: s16[0] / s16[1]
+__global__ void mixed_split_kernel(const int* __restrict__ seg_of, int64_t tokens, const MixedChunk c,
+                                   const float* __restrict__ part, int splits, int64_t M, int64_t R,
+                                   __nv_bfloat16* __restrict__ s16) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * R) return;
+  const int64_t m = idx / R;
+  const int j = static_cast<int>(idx % R);
+  const int a = seg_of[m / tokens] - c.first;
+  if (a < 0 || a >= c.count || j >= c.rank[a]) return;
+  float v = 0.0f;
+  for (int sp = 0; sp < splits; ++sp) v += part[static_cast<int64_t>(sp) * M * R + idx];
+  const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+  s16[idx] = hi;
+  s16[M * R + idx] = __float2bfloat16_rn(v - __bfloat162float(hi));
+}
+
 template <typename T, typename TW, int RMAX>
 __global__ void __launch_bounds__(kMmaThreads) mixed_expand_mma_kernel(
     T* __restrict__ y, int64_t sym, int64_t syn, const int* __restrict__ seg_of, int64_t tokens, int64_t tiles_per_seg,
-    int64_t N, int splits, const MixedChunk c, const float* __restrict__ part, int64_t M, int64_t R) {
+    int64_t N, const MixedChunk c, const __nv_bfloat16* __restrict__ s16, int64_t M, int64_t R) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   using B16 = __nv_bfloat16;
   constexpr bool kBLo = !std::is_same<TW, B16>::value;  // B wider than bf16 (fp32, or fp16's 11 bits): a lo part
   constexpr int LD = RMAX + 8;                          // halves; 16-row fragment starts stay 32-byte aligned
+  constexpr int kCt = kMmaCols / 16, kPer = kMmaRows * RMAX / kMmaThreads;
   const MixedTile t = mixed_tile(seg_of, blockIdx.x, tiles_per_seg, tokens, kMmaRows, c);
   if (t.adapter < 0) return;
   const int rank = c.rank[t.adapter];
@@ -1476,59 +1518,74 @@ __global__ void __launch_bounds__(kMmaThreads) mixed_expand_mma_kernel(
   __shared__ __align__(32) B16 bh[kMmaCols][LD];
   __shared__ __align__(32) B16 bl[kBLo ? kMmaCols : 1][LD];
   __shared__ __align__(32) float stage[kMmaThreads / 32][16][16];
-  for (int e = threadIdx.x; e < kMmaRows * RMAX; e += kMmaThreads) {
-    const int i = e / RMAX, j = e % RMAX;
-    float v = 0.0f;
-    if (i < t.rows && j < rank)
-      for (int sp = 0; sp < splits; ++sp) v += part[(static_cast<int64_t>(sp) * M + t.row0 + i) * R + j];
-    const B16 hi = __float2bfloat16_rn(v);
-    sh[i][j] = hi;
-    sl[i][j] = __float2bfloat16_rn(v - __bfloat162float(hi));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // this warp's 16 × 64 tile of y, loaded first: in flight while S and B are staged and multiplied
+  T yv[kCt][8];
+#pragma unroll
+  for (int ct = 0; ct < kCt; ++ct)
+#pragma unroll
+    for (int it = 0; it < 8; ++it) {
+      const int e = lane + 32 * it, i = warp * 16 + e / 16;
+      const int64_t n = n0 + ct * 16 + e % 16;
+      yv[ct][it] = (i < t.rows && n < N) ? y[(t.row0 + i) * sym + n * syn] : from_f<T>(0.0f);
+    }
+  const B16 bzero = __float2bfloat16_rn(0.0f);
+  B16 s_hi[kPer], s_lo[kPer];
+  float bv[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int e = threadIdx.x + u * kMmaThreads, i = e / RMAX, j = e % RMAX;
+    const bool ok = i < t.rows && j < rank;
+    const int64_t off = (t.row0 + i) * R + j;
+    s_hi[u] = ok ? s16[off] : bzero;
+    s_lo[u] = ok ? s16[M * R + off] : bzero;
+    const int64_t n = n0 + i;  // kMmaCols == kMmaRows: the same (row, rank) walk covers B's tile
+    bv[u] = (n < N && j < rank) ? to_f<TW>(B[n * sb + j]) : 0.0f;
   }
-  for (int e = threadIdx.x; e < kMmaCols * RMAX; e += kMmaThreads) {
-    const int nn = e / RMAX, j = e % RMAX;
-    const float v = (n0 + nn < N && j < rank) ? to_f<TW>(B[(n0 + nn) * sb + j]) : 0.0f;
-    const B16 hi = __float2bfloat16_rn(v);
-    bh[nn][j] = hi;
-    if constexpr (kBLo) bl[nn][j] = __float2bfloat16_rn(v - __bfloat162float(hi));
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int e = threadIdx.x + u * kMmaThreads, i = e / RMAX, j = e % RMAX;
+    sh[i][j] = s_hi[u];
+    sl[i][j] = s_lo[u];
+    const B16 hi = __float2bfloat16_rn(bv[u]);
+    bh[i][j] = hi;
+    if constexpr (kBLo) bl[i][j] = __float2bfloat16_rn(bv[u] - __bfloat162float(hi));
   }
   __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (warp * 16 >= t.rows) return;  // no row of this warp's 16 (no block-wide sync follows)
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kMmaCols / 16];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kCt];
 #pragma unroll
-  for (int ct = 0; ct < kMmaCols / 16; ++ct) wmma::fill_fragment(acc[ct], 0.0f);
+  for (int ct = 0; ct < kCt; ++ct) wmma::fill_fragment(acc[ct], 0.0f);
 #pragma unroll
   for (int kt = 0; kt < RMAX / 16; ++kt) {
     if (kt < rank_tiles) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, B16, wmma::row_major> s_hi, s_lo;
-      wmma::load_matrix_sync(s_hi, &sh[warp * 16][kt * 16], LD);
-      wmma::load_matrix_sync(s_lo, &sl[warp * 16][kt * 16], LD);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, B16, wmma::row_major> f_hi, f_lo;
+      wmma::load_matrix_sync(f_hi, &sh[warp * 16][kt * 16], LD);
+      wmma::load_matrix_sync(f_lo, &sl[warp * 16][kt * 16], LD);
 #pragma unroll
-      for (int ct = 0; ct < kMmaCols / 16; ++ct) {
+      for (int ct = 0; ct < kCt; ++ct) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, B16, wmma::col_major> bf;  // Bᵀ: column n = B's row n
         wmma::load_matrix_sync(bf, &bh[ct * 16][kt * 16], LD);
-        wmma::mma_sync(acc[ct], s_hi, bf, acc[ct]);
-        wmma::mma_sync(acc[ct], s_lo, bf, acc[ct]);
+        wmma::mma_sync(acc[ct], f_hi, bf, acc[ct]);
+        wmma::mma_sync(acc[ct], f_lo, bf, acc[ct]);
         if constexpr (kBLo) {
           wmma::load_matrix_sync(bf, &bl[ct * 16][kt * 16], LD);
-          wmma::mma_sync(acc[ct], s_hi, bf, acc[ct]);
+          wmma::mma_sync(acc[ct], f_hi, bf, acc[ct]);
         }
       }
     }
   }
   const float scale = c.scale[t.adapter];
 #pragma unroll
-  for (int ct = 0; ct < kMmaCols / 16; ++ct) {
+  for (int ct = 0; ct < kCt; ++ct) {
     wmma::store_matrix_sync(&stage[warp][0][0], acc[ct], 16, wmma::mem_row_major);
     __syncwarp();
-    for (int e = lane; e < 256; e += 32) {
-      const int i = warp * 16 + e / 16;
+#pragma unroll
+    for (int it = 0; it < 8; ++it) {
+      const int e = lane + 32 * it, i = warp * 16 + e / 16;
       const int64_t n = n0 + ct * 16 + e % 16;
-      if (i < t.rows && n < N) {
-        T* p = y + (t.row0 + i) * sym + n * syn;
-        *p = from_f<T>(to_f<T>(*p) + stage[warp][e / 16][e % 16] * scale);
-      }
+      if (i < t.rows && n < N)
+        y[(t.row0 + i) * sym + n * syn] = from_f<T>(to_f<T>(yv[ct][it]) + stage[warp][e / 16][e % 16] * scale);
     }
     __syncwarp();
   }
@@ -1579,6 +1636,7 @@ void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapt
   const int splits = static_cast<int>(std::min<int64_t>(
       {std::max<int64_t>(1, k_groups), 32, std::max<int64_t>(1, (want + shrink_tiles - 1) / shrink_tiles)}));
   const Tensor part = at::empty({splits, M, R}, x.options().dtype(at::kFloat));
+  const Tensor s16 = mma ? at::empty({2, M, R}, x.options().dtype(at::kBFloat16)) : Tensor();  // S's hi / lo parts
   auto stream = at::cuda::getCurrentCUDAStream();
   TORCH_CHECK(shrink_tiles <= INT32_MAX && segments * expand_tiles_per_seg <= INT32_MAX,
               "fastpeft lora_mixed_delta_: too many rows");
@@ -1607,14 +1665,18 @@ void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapt
         T* yp = reinterpret_cast<T*>(y.data_ptr());
         const int* sp = seg.data_ptr<int>();
         float* pp = part.data_ptr<float>();
+        __nv_bfloat16* s16p = mma ? reinterpret_cast<__nv_bfloat16*>(s16.data_ptr()) : nullptr;
 #define FP_MIXED(RM, TMV)                                                                                          \
   if constexpr (!std::is_same<T, float>::value) {                                                                  \
     if (mma) {                                                                                                     \
       mixed_shrink_mma_kernel<T, TW, RM><<<shrink_grid, kMmaThreads, 0, stream>>>(                                 \
           xp, x.stride(0), x.stride(1), sp, tokens, shrink_tiles_per_seg, K, splits, c, pp, M, R);                 \
       C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                              \
+      mixed_split_kernel<<<static_cast<unsigned>((M * R + kThreads - 1) / kThreads), kThreads, 0, stream>>>(         \
+          sp, tokens, c, pp, splits, M, R, s16p);                                                                  \
+      C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                              \
       mixed_expand_mma_kernel<T, TW, RM><<<expand_grid, kMmaThreads, 0, stream>>>(                                 \
-          yp, y.stride(0), y.stride(1), sp, tokens, expand_tiles_per_seg, N, splits, c, pp, M, R);                 \
+          yp, y.stride(0), y.stride(1), sp, tokens, expand_tiles_per_seg, N, c, s16p, M, R);                       \
       C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                              \
       return;                                                                                                      \
     }                                                                                                              \

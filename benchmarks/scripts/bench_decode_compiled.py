@@ -44,6 +44,20 @@ def dynamo_counts():
     return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
+def assert_kv_cache(model, run):
+    """run() (one generate) must decode one new token per step after the prompt: else the rows would time a
+    generate that re-runs the whole sequence every step (no KV cache)."""
+    seen = []
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(lambda mod, args, kw: seen.append(
+        (args[0] if args else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    try:
+        out = run()
+    finally:
+        hook.remove()
+    assert len(seen) > 1 and set(seen[1:]) == {1}, f"decode steps saw {seen} tokens: no KV cache in use"
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="8b")
@@ -60,7 +74,10 @@ def main():
     with torch.device(DEVICE):
         base = transformers.LlamaForCausalLM._from_config(llama_config(a.model), dtype=torch.bfloat16,
                                                           attn_implementation="sdpa").eval()
+    # llama_config() builds training configs (use_cache=False), which generate() copies into generation_config:
+    # without these two lines every decode step would run the whole sequence again, with no KV cache
     base.config.use_cache = True
+    base.generation_config.use_cache = True
     cfg = fastpeft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
     ours = fastpeft.patch(copy.deepcopy(base), cfg).eval()
     vocab = base.config.vocab_size
@@ -73,14 +90,14 @@ def main():
         kw = ({"cache_implementation": "static", "compile_config": CompileConfig(dynamic=False)} if compiled
               else {"disable_compile": True})
         return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=a.new_tokens,
-                              min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, **kw)
+                              min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, use_cache=True, **kw)
 
     def measure(model, impl, batch, compiled):
         before = dynamo_counts()
         with torch.no_grad():
             sync()
             t = time.perf_counter()
-            out = generate(model, batch, compiled)
+            out = assert_kv_cache(model, lambda: generate(model, batch, compiled))
             sync()
             first = time.perf_counter() - t
             times = []

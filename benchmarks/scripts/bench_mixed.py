@@ -52,6 +52,20 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
+def assert_kv_cache(model, run):
+    """run() (one generate) must decode one new token per step after the prompt: else the rows would time a
+    generate that re-runs the whole sequence every step (no KV cache)."""
+    seen = []
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(lambda mod, args, kw: seen.append(
+        (args[0] if args else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    try:
+        out = run()
+    finally:
+        hook.remove()
+    assert len(seen) > 1 and set(seen[1:]) == {1}, f"decode steps saw {seen} tokens: no KV cache in use"
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="8b")
@@ -64,6 +78,8 @@ def main():
     ap.add_argument("--triton-row", action="store_true", help="also time the mixed batch on the Triton kernels")
     ap.add_argument("--kinds", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"],
                     help="which rows to time (default both)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also write a torch.profiler kernel table of one prefill per row to DIR")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -71,7 +87,10 @@ def main():
     with torch.device(DEVICE):
         base = transformers.LlamaForCausalLM._from_config(llama_config(a.model), dtype=torch.bfloat16,
                                                           attn_implementation="sdpa").eval()
+    # llama_config() builds training configs (use_cache=False), which generate() copies into generation_config:
+    # without these two lines every decode step would run the whole sequence again, with no KV cache
     base.config.use_cache = True
+    base.generation_config.use_cache = True
     n_max = max(a.adapters)
     names = [f"task{i}" for i in range(n_max)]
     cfg = fastpeft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
@@ -85,6 +104,18 @@ def main():
         print(f"{kind:8s} adapters={n:3d} batch={batch:3d} {impl:22s} {row['tokens_per_s']:12,.0f} tok/s "
               f"({seconds * 1e3:.1f} ms)", flush=True)
 
+    def profile_prefill(fn, label):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+        with profile(activities=activities) as prof:
+            fn()
+            sync()
+        sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+        os.makedirs(a.profile, exist_ok=True)
+        with open(os.path.join(a.profile, label.replace(" ", "_").replace("(", "").replace(")", "") + ".txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90))
+
     def measure(model, impl, n, adapter_names, repeats=None):
         repeats = repeats or a.repeats
         batch = n
@@ -94,13 +125,19 @@ def main():
             if "prefill" in a.kinds:
                 s = timed(lambda: model(input_ids=prompt, use_cache=False, **kw), repeats)
                 record(impl, "prefill", n, batch, s, batch * a.prefill)
+                if a.profile:
+                    profile_prefill(lambda: model(input_ids=prompt, use_cache=False, **kw), f"{impl}_{n}")
             if "decode" not in a.kinds:
                 return
             short = prompt[:, :16]
             mask = torch.ones_like(short)
-            s = timed(lambda: model.generate(input_ids=short, attention_mask=mask, max_new_tokens=a.new_tokens,
-                                             min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, **kw),
-                      repeats)
+            def decode():
+                return model.generate(input_ids=short, attention_mask=mask, max_new_tokens=a.new_tokens,
+                                      min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, use_cache=True,
+                                      **kw)
+
+            assert_kv_cache(model, decode)
+            s = timed(decode, repeats)
             record(impl, "decode", n, batch, s, batch * a.new_tokens)
 
     for n in a.adapters:
