@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--kinds", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"],
                     help="which rows to time (default both)")
     ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="also write a torch.profiler kernel table of one prefill per row to DIR")
+                    help="also write profiler tables (GPU kernels, host ops, Python) of one run per row to DIR")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -104,17 +104,33 @@ def main():
         print(f"{kind:8s} adapters={n:3d} batch={batch:3d} {impl:22s} {row['tokens_per_s']:12,.0f} tok/s "
               f"({seconds * 1e3:.1f} ms)", flush=True)
 
-    def profile_prefill(fn, label):
+    def profile_row(fn, label):
+        """Kernel and host tables of one run of fn: torch.profiler by GPU time and by self CPU time, cProfile's
+        Python functions by own time (decode is host-bound: where its host time goes)."""
+        import cProfile
+        import io
+        import pstats
+
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
         with profile(activities=activities) as prof:
             fn()
             sync()
-        sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+        python = cProfile.Profile()
+        python.enable()
+        fn()
+        sync()
+        python.disable()
+        text = io.StringIO()
+        pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(20)
+        table = prof.key_averages()
         os.makedirs(a.profile, exist_ok=True)
         with open(os.path.join(a.profile, label.replace(" ", "_").replace("(", "").replace(")", "") + ".txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90))
+            if DEVICE == "cuda":
+                f.write(table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90) + "\n")
+            f.write(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90) + "\n")
+            f.write(text.getvalue())
 
     def measure(model, impl, n, adapter_names, repeats=None):
         repeats = repeats or a.repeats
@@ -126,7 +142,7 @@ def main():
                 s = timed(lambda: model(input_ids=prompt, use_cache=False, **kw), repeats)
                 record(impl, "prefill", n, batch, s, batch * a.prefill)
                 if a.profile:
-                    profile_prefill(lambda: model(input_ids=prompt, use_cache=False, **kw), f"{impl}_{n}")
+                    profile_row(lambda: model(input_ids=prompt, use_cache=False, **kw), f"prefill_{impl}_{n}")
             if "decode" not in a.kinds:
                 return
             short = prompt[:, :16]
@@ -138,6 +154,8 @@ def main():
 
             assert_kv_cache(model, decode)
             s = timed(decode, repeats)
+            if a.profile:
+                profile_row(decode, f"decode_{impl}_{n}")
             record(impl, "decode", n, batch, s, batch * a.new_tokens)
 
     for n in a.adapters:
