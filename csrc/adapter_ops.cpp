@@ -39,6 +39,7 @@
 // torch.compile. lora_linear / ia3_linear are Autograd kernels calling the *_fwd / *_bwd ops through the
 // dispatcher, so torch.compile traces them into two graph nodes per layer and direction.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -366,6 +367,25 @@ void lora_mixed_delta_meta(const Tensor& y, const Tensor& x, const Tensor& adapt
               "fastpeft lora_mixed_delta_: one lora_A, lora_B and scale per adapter");
 }
 
+// A mixed batch's whole layer in one dispatcher entry: y = x·Wᵀ + b (at::linear), then lora_mixed_delta_ on it.
+// Decode calls it per layer and token and is host-bound: one call from Python instead of two (F.linear, then the
+// delta), with the views made here. Inference only (lora_mixed_delta_ has no autograd formula; the layers call it
+// under no_grad). Registered CompositeImplicitAutograd: every backend runs this composition, and tracing
+// (fake tensors, functionalization) sees its two ops, whose Meta kernels and schema it already knows.
+Tensor lora_mixed_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                         const Tensor& adapter_of_segment, int64_t tokens, at::TensorList lora_A, at::TensorList lora_B,
+                         c10::ArrayRef<double> scales) {
+  TORCH_CHECK(x.dim() >= 2, "fastpeft lora_mixed_linear: x must be [batch, ..., in_features], got ", x.sizes());
+  Tensor y = at::linear(x, weight, bias);
+  static auto delta = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("fastpeft_ops::lora_mixed_delta_", "")
+                          .typed<void(const Tensor&, const Tensor&, const Tensor&, int64_t, at::TensorList,
+                                      at::TensorList, c10::ArrayRef<double>)>();
+  delta.call(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}), adapter_of_segment, tokens, lora_A, lora_B,
+             scales);
+  return y;
+}
+
 std::tuple<Tensor, Tensor> ia3_fwd_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&,
                                         const Tensor&, bool feedforward) {
   auto y = at::empty({x2.size(0), weight.size(0)}, x2.options());
@@ -651,6 +671,8 @@ TORCH_LIBRARY(fastpeft_ops, m) {
         "bool need_b) -> (Tensor, Tensor, Tensor)");
   m.def("lora_mixed_delta_(Tensor(a!) y, Tensor x, Tensor adapter_of_segment, int tokens, Tensor[] lora_A, "
         "Tensor[] lora_B, float[] scales) -> ()");
+  m.def("lora_mixed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor adapter_of_segment, int tokens, "
+        "Tensor[] lora_A, Tensor[] lora_B, float[] scales) -> Tensor");
   m.def("set_lora_cuda_path(int mode) -> int", &fastpeft::set_lora_cuda_path);
 }
 
@@ -664,6 +686,10 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &fastpeft::lora_linear_plain);
   m.impl("dora_linear", &fastpeft::dora_linear_plain);
   m.impl("ia3_linear", &fastpeft::ia3_linear_plain);
+}
+
+TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeImplicitAutograd, m) {
+  m.impl("lora_mixed_linear", &fastpeft::lora_mixed_linear);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {

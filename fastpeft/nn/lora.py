@@ -195,12 +195,15 @@ class LoraLinear(AdapterLayer):
             return super()._forward_mixed(x, names)
         segment_index = self._segment_adapters(names, x.shape[0], x.device)
         base = self._modules["base_layer"]
-        if type(base) is nn.Linear:  # as the hot path: F.linear, not the module call's hook machinery (host time)
+        tokens = max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.shape[0] * x.shape[-1] else 1  # rows per batch row
+        if type(base) is nn.Linear:
             params = base._parameters
-            y = F.linear(x, params["weight"], params["bias"])
+            if kernel == "cpp":  # base product and deltas in one call (decode runs this per layer and token)
+                return cpp_ops.lora_mixed_linear(x, params["weight"], params["bias"], segment_index, tokens,
+                                                 *self._mixed_operands())
+            y = F.linear(x, params["weight"], params["bias"])  # as the hot path: not the module call's hooks
         else:
             y = bases.base_forward(base, x)
-        tokens = max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.shape[0] * x.shape[-1] else 1  # rows per batch row
         y2d, x2d = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
         if kernel == "cpp":
             cpp_ops.lora_mixed_delta_(y2d, x2d, segment_index, tokens, *self._mixed_operands())
@@ -247,10 +250,13 @@ class LoraLinear(AdapterLayer):
         a_key, b_key = tuple(a_mods.values()), tuple(b_mods.values())
         hit = self._mixed_cache.get("operands")
         if hit is None or hit[0] != a_key or hit[1] != b_key:
-            hit = (a_key, b_key, [m._parameters for m in a_key], [b_mods[n]._parameters for n in a_mods],
-                   list(a_mods))
+            names = list(a_mods)
+            # A's and B's _parameters dicts in one list (one C-level pass per call), the scalings' getter
+            hit = (a_key, b_key, [m._parameters for m in a_key] + [b_mods[n]._parameters for n in names],
+                   operator.itemgetter(*names) if len(names) > 1 else (lambda d, n=names[0]: (d[n],)), len(names))
             self._mixed_cache["operands"] = hit
-        return (list(map(_WEIGHT, hit[2])), list(map(_WEIGHT, hit[3])), list(map(self.scaling.__getitem__, hit[4])))
+        weights, n = list(map(_WEIGHT, hit[2])), hit[4]
+        return weights[:n], weights[n:], list(hit[3](self.scaling))
 
     def _segment_adapters(self, names, rows: int, device) -> torch.Tensor:
         """int32 [rows]: each batch row's adapter index in the stacks (-1: the base model), cached per names."""

@@ -18,12 +18,19 @@ Triton (``ops/kernels/``, imported only where Triton imports; ``HAS_TRITON`` say
 import torch
 
 
+# torch.cuda.is_current_stream_capturing's own query (absent from CPU-only builds). Called directly: the public
+# wrapper and torch.cuda.is_available() before it cost ~10-20 µs per call on slow hosts, and mixed-batch decode
+# asks once per layer and token.
+_STREAM_CAPTURING = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+
+
 def graph_capturing() -> bool:
     """Whether the current CUDA stream is capturing a CUDA graph (torch.cuda.graph, or torch.compile's
     mode="reduce-overhead" recording). Code that keeps tensors between calls (a scratch buffer, a norm cache)
     must not do so then: a tensor made during capture belongs to the graph's memory pool, and a buffer made
-    before it could be freed or regrown after it while the graph still writes to its address."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    before it could be freed or regrown after it while the graph still writes to its address. Before CUDA is
+    initialised nothing can be capturing."""
+    return _STREAM_CAPTURING is not None and torch.cuda.is_initialized() and bool(_STREAM_CAPTURING())
 
 
 DROPOUT_IN_GRAPH_ERROR = (

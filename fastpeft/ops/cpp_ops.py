@@ -27,8 +27,8 @@ from torch import Tensor
 
 from .csrc import Extension
 
-__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "lora_mixed_delta_", "MIXED_MAX_RANK",
-           "EXTENSION"]
+__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "lora_mixed_delta_", "lora_mixed_linear",
+           "MIXED_MAX_RANK", "EXTENSION"]
 
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
 
@@ -51,6 +51,7 @@ def available() -> bool:
     _OPS["dora"] = torch.ops.fastpeft_ops.dora_linear.default
     _OPS["ia3"] = torch.ops.fastpeft_ops.ia3_linear.default
     _OPS["mixed"] = torch.ops.fastpeft_ops.lora_mixed_delta_.default
+    _OPS["mixed_linear"] = torch.ops.fastpeft_ops.lora_mixed_linear.default
     return True
 
 
@@ -101,3 +102,23 @@ def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, toke
     """
     _OPS["mixed"](y2d, x2d, adapter_of_segment, tokens, lora_A, lora_B, scales)
     return y2d
+
+
+def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter_of_segment: Tensor, tokens: int,
+                      lora_A: List[Tensor], lora_B: List[Tensor], scales: List[float]) -> Tensor:
+    """A mixed batch's dense layer in one call (inference, no autograd): ``F.linear(x, weight, bias)`` [..., N],
+    then ``lora_mixed_delta_`` on it (x [batch, ..., K], segments of ``tokens`` rows of its flattened rows). The
+    same numbers as the two calls; one dispatcher entry instead of two (decode is host-bound). Call
+    ``available()`` first.
+
+    >>> import torch
+    >>> if available():
+    ...     x = torch.randn(2, 3, 16); w = torch.randn(8, 16)
+    ...     a = [torch.randn(2, 16)]; b = [torch.randn(8, 2)]
+    ...     seg = torch.tensor([0, -1], dtype=torch.int32)
+    ...     y = lora_mixed_linear(x, w, None, seg, 3, a, b, [0.5])
+    ...     want = torch.nn.functional.linear(x, w)
+    ...     want[0] += 0.5 * (x[0] @ a[0].t()) @ b[0].t()
+    ...     assert torch.allclose(y, want, atol=1e-4)
+    """
+    return _OPS["mixed_linear"](x, weight, bias, adapter_of_segment, tokens, lora_A, lora_B, scales)

@@ -74,16 +74,25 @@ def test_lora_mixed_batch_matches_peft_forward_and_generate(backend, monkeypatch
 
 
 @NEEDS_CPP
-def test_cpp_operator_runs_the_mixed_batch_from_the_live_adapter_weights(monkeypatch):
-    """backend cpp (auto on CUDA): one lora_mixed_delta_ call per layer whatever the number of adapters, PEFT's
-    numbers, no stacked copy of the adapters (an extra adapter costs its weights only), and a weight changed in
-    place or replaced is read at the next call."""
+def _count_mixed_operator_calls(monkeypatch) -> list:
+    """Wrap the two C++ mixed-batch entries the layers call (lora_mixed_linear: dense bases, base product included;
+    lora_mixed_delta_: other bases, after their own base product); each call appends its number of adapters."""
     from fastpeft.nn import lora as lora_module
 
-    theirs, ours = _two_adapters(tiny_model("llama", seed=3), *_lora_cfgs(), "cpp", monkeypatch)
     calls = []
-    real = lora_module.cpp_ops.lora_mixed_delta_
-    monkeypatch.setattr(lora_module.cpp_ops, "lora_mixed_delta_", lambda *a, **k: calls.append(len(a[4])) or real(*a, **k))
+    for name, lists_at in (("lora_mixed_delta_", 4), ("lora_mixed_linear", 5)):
+        real = getattr(lora_module.cpp_ops, name)
+        monkeypatch.setattr(lora_module.cpp_ops, name,
+                            lambda *a, real=real, at=lists_at, **k: calls.append(len(a[at])) or real(*a, **k))
+    return calls
+
+
+def test_cpp_operator_runs_the_mixed_batch_from_the_live_adapter_weights(monkeypatch):
+    """backend cpp (auto on CUDA): one operator call per layer whatever the number of adapters (base product
+    included on a dense base), PEFT's numbers, no stacked copy of the adapters (an extra adapter costs its weights
+    only), and a weight changed in place or replaced, or a scaling changed, is read at the next call."""
+    theirs, ours = _two_adapters(tiny_model("llama", seed=3), *_lora_cfgs(), "cpp", monkeypatch)
+    calls = _count_mixed_operator_calls(monkeypatch)
     ids = random_ids(batch=4, seq=6, seed=4)
     layers = [m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear)]
     with torch.no_grad():
@@ -99,6 +108,8 @@ def test_cpp_operator_runs_the_mixed_batch_from_the_live_adapter_weights(monkeyp
         owner = next(m for m in layers if "b" in m.lora_B and m.lora_B["b"].weight is b_weight)
         owner.lora_B["b"].weight = torch.nn.Parameter(b_weight / 3.0)  # replaced: back to the first numbers
         assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, got) <= 1e-6
+        owner.scaling["b"] *= 3.0  # a scaling changed in the dict: the same numbers as the in-place change above
+        assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, changed) <= 1e-5
 
 
 @pytest.mark.gpu
@@ -109,8 +120,6 @@ def test_cuda_mixed_batch_runs_the_cpp_operator_and_matches_peft(four_bit, monke
     dense and on a bitsandbytes NF4 base, against PEFT's adapter_names on the same GPU (fp32)."""
     if DEVICE != "cuda":
         pytest.skip("CUDA kernels: GPU only")
-    from fastpeft.nn import lora as lora_module
-
     if four_bit:
         pytest.importorskip("bitsandbytes")
         from helpers import nf4_tiny_model
@@ -121,9 +130,7 @@ def test_cuda_mixed_batch_runs_the_cpp_operator_and_matches_peft(four_bit, monke
     theirs, ours = _two_adapters(base, *_lora_cfgs(), "auto", monkeypatch)
     theirs.to("cuda")
     ours.to("cuda")
-    calls = []
-    real = lora_module.cpp_ops.lora_mixed_delta_
-    monkeypatch.setattr(lora_module.cpp_ops, "lora_mixed_delta_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_mixed_operator_calls(monkeypatch)
     ids = random_ids(batch=4, seq=6, seed=9).cuda()
     with torch.no_grad():
         got = ours(input_ids=ids, adapter_names=NAMES).logits

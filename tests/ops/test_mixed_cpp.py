@@ -202,3 +202,47 @@ def test_gpu_prefill_tiles_with_16bit_adapters_and_strided_output():
     got = cpp_ops.lora_mixed_delta_(y, x, seg, 64, a, b, scales)
     assert got.data_ptr() == y_wide.data_ptr() and rel_err(got, want) <= TOL[torch.bfloat16]
     assert torch.equal(y_wide[:, 1::2], between)  # the columns between y's are not written
+
+
+def _mixed_linear_case(device, dtype, tokens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a, b, scales = _adapters([4, 16, 7], 37, 45, gen, device)
+    x = torch.randn(3, tokens, 40, generator=gen).to(device, dtype)[..., 1:38]  # 3-D, non-contiguous
+    weight = torch.randn(45, 37, generator=gen).to(device, dtype)
+    bias = torch.randn(45, generator=gen).to(device, dtype)
+    seg = torch.tensor([2, -1, 0], dtype=torch.int32, device=device)
+    return x, weight, bias, seg, a, b, scales
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_mixed_linear_is_the_base_product_then_the_deltas(tokens):
+    """lora_mixed_linear (one dispatcher entry for a dense layer's mixed batch) gives exactly F.linear followed by
+    lora_mixed_delta_ on its flattened rows, with and without a bias."""
+    x, weight, bias, seg, a, b, scales = _mixed_linear_case(DEVICE, torch.float32, tokens, seed=20 + tokens)
+    for bias_or_none in (bias, None):
+        want = torch.nn.functional.linear(x, weight, bias_or_none)
+        cpp_ops.lora_mixed_delta_(want.view(-1, 45), x.reshape(-1, 37), seg, tokens, a, b, scales)
+        got = cpp_ops.lora_mixed_linear(x, weight, bias_or_none, seg, tokens, a, b, scales)
+        assert got.shape == (3, tokens, 45) and torch.equal(got, want)
+        assert not torch.equal(got[0], torch.nn.functional.linear(x[0], weight, bias_or_none))  # deltas applied
+
+
+def test_mixed_linear_bad_input_and_opcheck():
+    x, weight, bias, seg, a, b, scales = _mixed_linear_case("cpu", torch.float32, 2, seed=3)
+    with pytest.raises(RuntimeError, match=r"x must be \[batch, \.\.\., in_features\]"):
+        cpp_ops.lora_mixed_linear(x[0, 0], weight, bias, seg, 2, a, b, scales)
+    with pytest.raises(RuntimeError, match="one of each per adapter"):
+        cpp_ops.lora_mixed_linear(x, weight, bias, seg, 2, a, b, scales[:1])
+    torch.library.opcheck(torch.ops.fastpeft_ops.lora_mixed_linear.default,
+                          (x.contiguous(), weight, bias, seg, 2, a, b, scales))
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_linear_is_the_base_product_then_the_deltas():
+    if DEVICE != "cuda":
+        pytest.skip("CUDA kernels: GPU only")
+    for tokens in (1, 64):
+        x, weight, bias, seg, a, b, scales = _mixed_linear_case("cuda", torch.bfloat16, tokens, seed=tokens)
+        want = torch.nn.functional.linear(x, weight, bias)
+        cpp_ops.lora_mixed_delta_(want.view(-1, 45), x.reshape(-1, 37), seg, tokens, a, b, scales)
+        assert torch.equal(cpp_ops.lora_mixed_linear(x, weight, bias, seg, tokens, a, b, scales), want)
