@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+import pytest
 import torch
 
 from fastpeft import bench, settings
@@ -80,3 +81,37 @@ def test_step_alternate_times_both_libraries_in_turns_and_restores_the_collector
     for r in rows:
         assert 0 < r["host_ms"] <= r["wall_ms"] and r["tokens_per_s"] > 0 and len(r["wall_ms_all"]) == 1
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_decode_benchmarks_decode_with_a_kv_cache(tmp_path, monkeypatch):
+    """bench_mixed.py and bench_decode_compiled.py time generate() with a KV cache. Until session 11 their models came
+    from fastpeft.bench.harness.llama_config (use_cache=False, which generate() copies into generation_config), so
+    every "decode" step re-ran the whole sequence. Their check fails on such a model and passes on theirs; the
+    decode script's CPU smoke run writes rows whose steps decoded one token each."""
+    import transformers
+
+    from fastpeft.bench.harness import llama_config
+
+    mixed = _load("bench_mixed")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(llama_config("tiny"), attn_implementation="sdpa").eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+
+    def run():
+        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
+                              min_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    with pytest.raises(AssertionError, match="no KV cache"):
+        mixed.assert_kv_cache(model, run)
+    model.generation_config.use_cache = True
+    assert mixed.assert_kv_cache(model, run).shape == (2, 8)
+
+    decode = _load("bench_decode_compiled")
+    out = tmp_path / "decode.json"
+    monkeypatch.setattr(sys, "argv", ["bench_decode_compiled.py", "--model", "tiny", "--batch", "1", "2",
+                                      "--new-tokens", "3", "--repeats", "1", "--out", str(out)])
+    decode.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["impl"], r["batch"]) for r in rows} == {(impl, b) for impl in ("base (no adapters)",
+                                                                             "fastpeft LoRA (unmerged)") for b in (1, 2)}
+    assert all(r["tokens_per_s"] > 0 for r in rows)
