@@ -4,6 +4,8 @@ for fast generate: ``cache_implementation="static"``, which compiles the decodin
 eager base, side by side in one run, at each --batch.
 
     python benchmarks/scripts/bench_decode_compiled.py --batch 1 8 --out decode_compiled.json
+    python benchmarks/scripts/bench_decode_compiled.py --layers 8 ...   (the 8B shape's layers, fewer of them: the
+        compile of 32 layers outran a 600 s device call; per-layer costs are the same, the head's share grows)
 
 Random-init weights (nothing is downloaded), bf16, sdpa. fastpeft: one LoRA adapter, r=16, alpha=32 on every
 linear layer but the head, random B (the adapter changes the output), not merged. Each row: greedy generate of
@@ -65,14 +67,19 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default: the model's); fewer shorten the compile (8B: > 5 min at 32 layers)")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    config = llama_config(a.model)
+    if a.layers is not None:
+        config.num_hidden_layers = a.layers
     with torch.device(DEVICE):
-        base = transformers.LlamaForCausalLM._from_config(llama_config(a.model), dtype=torch.bfloat16,
+        base = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16,
                                                           attn_implementation="sdpa").eval()
     # llama_config() builds training configs (use_cache=False), which generate() copies into generation_config:
     # without these two lines every decode step would run the whole sequence again, with no KV cache
@@ -138,7 +145,8 @@ def main():
             summary.append(line)
             print(line, flush=True)
     info = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "model": a.model, "prompt": a.prompt,
+            "transformers": transformers.__version__, "model": a.model, "layers": config.num_hidden_layers,
+            "prompt": a.prompt,
             "new_tokens": a.new_tokens, "repeats": a.repeats, "rows": rows, "summary": summary}
     if a.out:
         with open(a.out, "w") as f:
