@@ -191,6 +191,8 @@ def test_gpu_prefill_tiles_with_16bit_adapters_and_strided_output():
         pytest.skip("CUDA kernels: GPU only")
     _check(70, torch.float16, [7, 16, 64], K=4231, N=131, segments=4, seed=12, adapter_dtype=torch.float16)
     _check(33, torch.bfloat16, [33, 1, 16], K=200, N=4099, segments=3, seed=13, adapter_dtype=torch.bfloat16)
+    # more adapters than one launch holds (64): the prefill kernels' per-launch chunks share the partial-sum buffers
+    _check(40, torch.bfloat16, [1 + i % 48 for i in range(70)], K=300, N=70, segments=72, seed=15)
     gen = torch.Generator().manual_seed(14)
     a, b, scales = _adapters([16, 5], 300, 70, gen, "cuda")
     x = torch.randn(2 * 64, 300, generator=gen).to("cuda", torch.bfloat16)
