@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import fastpeft  # noqa: E402
-from fastpeft.bench.harness import llama_config  # noqa: E402
+from fastpeft.bench.harness import assert_kv_cache, enable_kv_cache, llama_config  # noqa: E402
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script (tiny model)
@@ -50,20 +50,6 @@ def timed(fn, repeats):
         sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def assert_kv_cache(model, run):
-    """run() (one generate) must decode one new token per step after the prompt: else the rows would time a
-    generate that re-runs the whole sequence every step (no KV cache)."""
-    seen = []
-    hook = model.get_decoder().layers[0].register_forward_pre_hook(lambda mod, args, kw: seen.append(
-        (args[0] if args else kw["hidden_states"]).shape[1]), with_kwargs=True)
-    try:
-        out = run()
-    finally:
-        hook.remove()
-    assert len(seen) > 1 and set(seen[1:]) == {1}, f"decode steps saw {seen} tokens: no KV cache in use"
-    return out
 
 
 def main():
@@ -87,10 +73,7 @@ def main():
     with torch.device(DEVICE):
         base = transformers.LlamaForCausalLM._from_config(llama_config(a.model), dtype=torch.bfloat16,
                                                           attn_implementation="sdpa").eval()
-    # llama_config() builds training configs (use_cache=False), which generate() copies into generation_config:
-    # without these two lines every decode step would run the whole sequence again, with no KV cache
-    base.config.use_cache = True
-    base.generation_config.use_cache = True
+    enable_kv_cache(base)
     n_max = max(a.adapters)
     names = [f"task{i}" for i in range(n_max)]
     cfg = fastpeft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)

@@ -58,6 +58,32 @@ def llama_config(model: str, seq: Optional[int] = None):
     return transformers.LlamaConfig(max_position_embeddings=max(seq, 2048), use_cache=False, **shape)
 
 
+def enable_kv_cache(model: nn.Module) -> nn.Module:
+    """Turn a ``llama_config`` model's KV cache on for generate(): the config is a training one (use_cache=False)
+    and generate() follows ``generation_config.use_cache``, copied from it, so without this every decode step
+    re-runs the whole sequence (how the mixed-batch decode rows of sessions 6 and 10 were measured)."""
+    model.config.use_cache = True
+    model.generation_config.use_cache = True
+    return model
+
+
+def assert_kv_cache(model: nn.Module, run: Callable[[], Any]) -> Any:
+    """``run()`` (one generate) on ``model``, asserting that every step after the prompt fed one token to the decoder
+    (a KV cache in use); returns run()'s result.
+
+    >>> # out = assert_kv_cache(model, lambda: model.generate(input_ids=ids, max_new_tokens=8))
+    """
+    seen = []
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(lambda mod, args, kw: seen.append(
+        (args[0] if args else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    try:
+        out = run()
+    finally:
+        hook.remove()
+    assert len(seen) > 1 and set(seen[1:]) == {1}, f"decode steps saw {seen} tokens: no KV cache in use"
+    return out
+
+
 def build_base(model: str, device: str, dtype: torch.dtype, seed: int = 0, seq: Optional[int] = None) -> nn.Module:
     """A random-init LlamaForCausalLM, built directly on ``device`` in ``dtype`` (same seed => same weights)."""
     torch.manual_seed(seed)

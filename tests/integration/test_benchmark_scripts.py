@@ -86,13 +86,12 @@ def test_step_alternate_times_both_libraries_in_turns_and_restores_the_collector
 def test_decode_benchmarks_decode_with_a_kv_cache(tmp_path, monkeypatch):
     """bench_mixed.py and bench_decode_compiled.py time generate() with a KV cache. Until session 11 their models came
     from fastpeft.bench.harness.llama_config (use_cache=False, which generate() copies into generation_config), so
-    every "decode" step re-ran the whole sequence. Their check fails on such a model and passes on theirs; the
-    decode script's CPU smoke run writes rows whose steps decoded one token each."""
+    every "decode" step re-ran the whole sequence. The harness's check, which both call on every decode row, fails on
+    such a model and passes after enable_kv_cache; the decode script's CPU smoke run passes it."""
     import transformers
 
-    from fastpeft.bench.harness import llama_config
+    from fastpeft.bench.harness import assert_kv_cache, enable_kv_cache, llama_config
 
-    mixed = _load("bench_mixed")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(llama_config("tiny"), attn_implementation="sdpa").eval()
     prompt = torch.randint(0, model.config.vocab_size, (2, 5))
@@ -102,9 +101,8 @@ def test_decode_benchmarks_decode_with_a_kv_cache(tmp_path, monkeypatch):
                               min_new_tokens=3, do_sample=False, pad_token_id=0)
 
     with pytest.raises(AssertionError, match="no KV cache"):
-        mixed.assert_kv_cache(model, run)
-    model.generation_config.use_cache = True
-    assert mixed.assert_kv_cache(model, run).shape == (2, 8)
+        assert_kv_cache(model, run)
+    assert assert_kv_cache(enable_kv_cache(model), run).shape == (2, 8)
 
     decode = _load("bench_decode_compiled")
     out = tmp_path / "decode.json"
