@@ -1177,12 +1177,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
 
 // ------------------------------------------------------------------------------------------------ mixed batches
 // lora_mixed_delta_ (adapter_ops.cpp has the math): every segment of `tokens` rows adds its own adapter's
-// s_a·(x·A_aᵀ)·B_aᵀ to y, for any mix of adapters, in two launches per 64 adapters (no Python loop, no stacked copy:
-// the adapters' pointers, row strides, ranks and scalings ride in the kernels' parameters, read from the live
-// tensors on every call).
+// s_a·(x·A_aᵀ)·B_aᵀ to y, for any mix of adapters, in two launches per 64 adapters (three on the tensor-core prefill
+// path below; no Python loop, no stacked copy: the adapters' pointers, row strides, ranks and scalings ride in the
+// kernels' parameters, read from the live tensors on every call).
 //   shrink: part[split, m, j] = Σ_{k in split} x[m, k]·A_a[j, k]   (a tile of 1-4 rows of one segment per block, or
-//           64 rows through shared memory for prefill-sized segments; the K range split across blocks so that
-//           decode's few rows still fill the GPU; fp32 FMAs)
+//           64 rows through shared memory for prefill-sized segments of fp32 activations (16-bit ones: the
+//           tensor-core kernels below); the K range split across blocks so that decode's few rows still fill the
+//           GPU; fp32 FMAs)
 //   expand: y[m, n] = y[m, n] + s_a·Σ_j (Σ_split part)[m, j]·B_a[n, j]   (one column per thread, B_a[n, :] in
 //           registers reused over a tile of rows; fp32, y rounded once)
 // Bound: decode (1 row per segment) reads each used adapter's A and B once (4·r·(K + N) bytes in fp32) plus tiny

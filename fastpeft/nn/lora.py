@@ -251,12 +251,11 @@ class LoraLinear(AdapterLayer):
         hit = self._mixed_cache.get("operands")
         if hit is None or hit[0] != a_key or hit[1] != b_key:
             names = list(a_mods)
-            # A's and B's _parameters dicts in one list (one C-level pass per call), the scalings' getter
-            hit = (a_key, b_key, [m._parameters for m in a_key] + [b_mods[n]._parameters for n in names],
-                   operator.itemgetter(*names) if len(names) > 1 else (lambda d, n=names[0]: (d[n],)), len(names))
+            # A's and B's _parameters dicts in one list: one C-level pass per call reads both lists' weights
+            hit = (a_key, b_key, [m._parameters for m in a_key] + [b_mods[n]._parameters for n in names], names)
             self._mixed_cache["operands"] = hit
-        weights, n = list(map(_WEIGHT, hit[2])), hit[4]
-        return weights[:n], weights[n:], list(hit[3](self.scaling))
+        weights, names = list(map(_WEIGHT, hit[2])), hit[3]
+        return weights[:len(names)], weights[len(names):], list(map(self.scaling.__getitem__, names))
 
     def _segment_adapters(self, names, rows: int, device) -> torch.Tensor:
         """int32 [rows]: each batch row's adapter index in the stacks (-1: the base model), cached per names."""

@@ -18,9 +18,9 @@ Triton (``ops/kernels/``, imported only where Triton imports; ``HAS_TRITON`` say
 import torch
 
 
-# torch.cuda.is_current_stream_capturing's own query (absent from CPU-only builds). Called directly: the public
-# wrapper and torch.cuda.is_available() before it cost ~10-20 µs per call on slow hosts, and mixed-batch decode
-# asks once per layer and token.
+# torch.cuda.is_current_stream_capturing's own query (a placeholder that must not be called on CPU-only builds,
+# hence the is_initialized() guard below). Called directly: the public wrapper and torch.cuda.is_available() before
+# it cost ~10-20 µs per call on slow hosts, and mixed-batch decode asks once per layer and token.
 _STREAM_CAPTURING = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
 
 
