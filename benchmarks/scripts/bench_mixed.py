@@ -10,7 +10,9 @@ layer but the head; the adapters' B are random (so every adapter changes the out
   decode   generate(--new-tokens) greedy after a 16-token prompt, HF's dynamic cache (tokens/s = batch * new / time)
 for impl in fastpeft (the mixed batch in one pass per layer: the C++ operator under the default backend),
 fastpeft with one adapter for every row (no adapter_names), PEFT with adapter_names, and the base model without
-adapters. --kinds picks the rows (prefill, decode; default both). --triton-row adds the mixed batch through the Triton kernels (stacked copies of the adapters) for a side
+adapters. --kinds picks the rows (prefill, decode; default both). --two-call-row adds the mixed batch with each dense
+layer as two operator calls (F.linear, then lora_mixed_delta_): an A/B of lora_mixed_linear's single call. Each row
+records all its timed runs (runs_s) besides their median. --triton-row adds the mixed batch through the Triton kernels (stacked copies of the adapters) for a side
 by side of the two one-pass paths; --peft-repeats shortens PEFT's rows (its 32-adapter decode runs ~30 s each).
 """
 import argparse
@@ -30,6 +32,7 @@ if ROOT not in sys.path:
 
 import fastpeft  # noqa: E402
 from fastpeft.bench.harness import assert_kv_cache, enable_kv_cache, llama_config  # noqa: E402
+from fastpeft.ops import cpp_ops  # noqa: E402
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script (tiny model)
@@ -41,6 +44,7 @@ def sync():
 
 
 def timed(fn, repeats):
+    """(median, all) of ``repeats`` timed runs of fn after one untimed one, in seconds."""
     fn()
     sync()
     times = []
@@ -49,7 +53,7 @@ def timed(fn, repeats):
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), times
 
 
 def main():
@@ -62,6 +66,9 @@ def main():
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-repeats", type=int, default=None, help="timed repeats of PEFT's rows (default --repeats)")
     ap.add_argument("--triton-row", action="store_true", help="also time the mixed batch on the Triton kernels")
+    ap.add_argument("--two-call-row", action="store_true",
+                    help="also time the mixed batch with each dense layer as two operator calls (F.linear, then "
+                         "lora_mixed_delta_) instead of lora_mixed_linear's one: an A/B of the fused call")
     ap.add_argument("--kinds", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"],
                     help="which rows to time (default both)")
     ap.add_argument("--profile", default=None, metavar="DIR",
@@ -81,11 +88,13 @@ def main():
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(1)
 
-    def record(impl, kind, n, batch, seconds, tokens):
-        row = {"impl": impl, "kind": kind, "adapters": n, "batch": batch, "s": seconds, "tokens_per_s": tokens / seconds}
+    def record(impl, kind, n, batch, timing, tokens):
+        seconds, runs = timing
+        row = {"impl": impl, "kind": kind, "adapters": n, "batch": batch, "s": seconds, "runs_s": runs,
+               "tokens_per_s": tokens / seconds}
         rows.append(row)
         print(f"{kind:8s} adapters={n:3d} batch={batch:3d} {impl:22s} {row['tokens_per_s']:12,.0f} tok/s "
-              f"({seconds * 1e3:.1f} ms)", flush=True)
+              f"({seconds * 1e3:.1f} ms; runs {', '.join(f'{t * 1e3:.0f}' for t in runs)})", flush=True)
 
     def profile_row(fn, label):
         """Kernel and host tables of one run of fn: torch.profiler by GPU time and by self CPU time, cProfile's
@@ -114,6 +123,12 @@ def main():
                 f.write(table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90) + "\n")
             f.write(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90) + "\n")
             f.write(text.getvalue())
+
+    def two_call_mixed_linear(x, weight, bias, segments, tokens, lora_A, lora_B, scales):
+        y = torch.nn.functional.linear(x, weight, bias)
+        cpp_ops.lora_mixed_delta_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), segments, tokens, lora_A,
+                                  lora_B, scales)
+        return y
 
     def measure(model, impl, n, adapter_names, repeats=None):
         repeats = repeats or a.repeats
@@ -158,6 +173,12 @@ def main():
             for m in layers:
                 m.backend = "auto"
                 m._mixed_cache.pop("stacks", None)
+        if a.two_call_row:
+            fused, cpp_ops.lora_mixed_linear = cpp_ops.lora_mixed_linear, two_call_mixed_linear
+            try:
+                measure(ours, "fastpeft mixed (two calls)", n, names[:n])
+            finally:
+                cpp_ops.lora_mixed_linear = fused
     state = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
     del ours
     if DEVICE == "cuda":
@@ -182,6 +203,8 @@ def main():
                     "mixed_vs_base": get["fastpeft mixed"] / get["base (no adapters)"]}
             if "PEFT mixed" in get:
                 line["mixed_vs_peft"] = get["fastpeft mixed"] / get["PEFT mixed"]
+            if "fastpeft mixed (two calls)" in get:
+                line["fused_vs_two_calls"] = get["fastpeft mixed"] / get["fastpeft mixed (two calls)"]
             if "fastpeft mixed (triton)" in get:
                 line["cpp_vs_triton"] = get["fastpeft mixed"] / get["fastpeft mixed (triton)"]
             summary.append(line)
