@@ -1593,7 +1593,10 @@ __global__ void __launch_bounds__(kMmaThreads) mixed_expand_mma_kernel(
 #endif
 }
 
-void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
+}  // namespace
+
+// The CUDA kernel of lora_mixed_delta_ (registered in adapter_ops.cpp, which unpacks the MixedAdapters set).
+void lora_mixed_delta_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
                            at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales) {
   check_mixed_args(y, x, adapter_of_segment, tokens, lora_A, lora_B, scales);
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
@@ -1705,7 +1708,6 @@ void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapt
   }
 }
 
-}  // namespace
 }  // namespace fastpeft
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CUDA, m) {
@@ -1715,5 +1717,4 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CUDA, m) {
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_cuda);
   m.impl("dora_fwd", &fastpeft::dora_fwd_cuda);
   m.impl("dora_bwd", &fastpeft::dora_bwd_cuda);
-  m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_cuda);
 }

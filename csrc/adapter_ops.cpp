@@ -13,12 +13,15 @@
 //   ia3_linear(x, weight, bias?, ia3_l, feedforward) -> y                                        (autograd)
 //   ia3_fwd(x2, weight, bias?, ia3_l, feedforward) -> (y2, saved)
 //   ia3_bwd(dy2, saved, weight, ia3_l, feedforward, need_x, need_b) -> (dx2, db, dl)
-//   lora_mixed_delta_(y!, x, adapter_of_segment, tokens, lora_A[], lora_B[], scales[]) -> ()       (no autograd)
+//   lora_mixed_delta_(y!, x, adapter_of_segment, tokens, adapters) -> ()                          (no autograd)
+//   lora_mixed_linear(x, weight, bias?, adapter_of_segment, tokens, adapters) -> y                   (no autograd)
+//   class MixedAdapters(lora_A[], lora_B[], scales[])
 //
 // Mixed-adapter batches (inference): y [M, N] += scales[a]·(x·A_aᵀ)·B_aᵀ row by row, a = adapter_of_segment[b] for
 // the b-th segment of `tokens` rows (int32 on y's device; a < 0: no adapter, y unchanged), in fp32, y rounded once.
-// The adapters come as lists (A_a [r_a, K], B_a [N, r_a]; ranks may differ): no stacked copy, so an extra adapter
-// costs its own weights only, and the caller passes its live parameters (nothing cached that could go stale).
+// The adapters come as one MixedAdapters object (A_a [r_a, K], B_a [N, r_a]; ranks may differ): handles to the
+// caller's tensors, no stacked copy, so an extra adapter costs its own weights only. One argument, because decode
+// calls these per layer and token and is host-bound: 2n tensors and n floats cost ~0.2 µs each to pass.
 //
 // LoRA math (fastpeft/ops/reference.py is the oracle; D = the dropout mask of adapter_common.h, s = scaling):
 //   forward   S = s·(D⊙X)·Aᵀ (fp32 [M, r], saved);  Y = X·Wᵀ + b + S·Bᵀ
@@ -41,6 +44,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -54,6 +58,30 @@ namespace fastpeft {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// A layer's adapters for the mixed-batch operators, built by the caller (fastpeft/nn/lora.py: once, then again only
+// when a module, parameter or scaling changed) and passed as one argument. It holds handles to the given tensors,
+// not copies: in-place updates (and `.data =`, which keeps the TensorImpl) are seen by the next call; shapes, dtypes
+// and devices are checked at every call (check_mixed_args), so a tensor resized in place gives a clear error.
+struct MixedAdapters : torch::CustomClassHolder {
+  std::vector<Tensor> lora_A, lora_B;
+  std::vector<double> scales;
+  MixedAdapters(std::vector<Tensor> A, std::vector<Tensor> B, std::vector<double> s)
+      : lora_A(std::move(A)), lora_B(std::move(B)), scales(std::move(s)) {
+    TORCH_CHECK(lora_A.size() == lora_B.size() && lora_A.size() == scales.size(), "fastpeft MixedAdapters: ",
+                lora_A.size(), " lora_A, ", lora_B.size(), " lora_B and ", scales.size(),
+                " scales: one of each per adapter");
+    for (size_t i = 0; i < lora_A.size(); ++i)
+      TORCH_CHECK(lora_A[i].defined() && lora_B[i].defined(), "fastpeft MixedAdapters: adapter ", i,
+                  " has an undefined lora_A or lora_B");
+  }
+};
+using MixedAdaptersPtr = c10::intrusive_ptr<MixedAdapters>;
+
+#ifdef WITH_CUDA
+void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
+                           at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);  // .cu
+#endif
 
 // Argument checks of lora_mixed_delta_ (shared with adapter_cuda.cu).
 void check_mixed_args(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
@@ -198,7 +226,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_cpu(const Tensor& dy2, const Tensor&
 
 // Mixed-adapter LoRA (lora_mixed_delta_): the CPU kernel, one fp32 pass per adapter present in the batch.
 void lora_mixed_delta_cpu(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
-                          at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales) {
+                          const MixedAdaptersPtr& adapters) {
+  const std::vector<Tensor>&lora_A = adapters->lora_A, &lora_B = adapters->lora_B;
+  const std::vector<double>& scales = adapters->scales;
   check_mixed_args(y, x, adapter_of_segment, tokens, lora_A, lora_B, scales);
   const int64_t M = x.size(0);
   if (M == 0 || lora_A.empty()) return;
@@ -360,12 +390,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_meta(const Tensor&, const Te
 
 // In place and without an output: the Meta kernel checks what symbolic shapes allow (ranks and list lengths).
 void lora_mixed_delta_meta(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t,
-                           at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales) {
+                           const MixedAdaptersPtr&) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && adapter_of_segment.dim() == 1,
               "fastpeft lora_mixed_delta_: x and y must be 2-D and adapter_of_segment 1-D");
-  TORCH_CHECK(lora_A.size() == lora_B.size() && lora_A.size() == scales.size(),
-              "fastpeft lora_mixed_delta_: one lora_A, lora_B and scale per adapter");
 }
+
+#ifdef WITH_CUDA
+void lora_mixed_delta_cuda_entry(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
+                                 const MixedAdaptersPtr& adapters) {
+  lora_mixed_delta_cuda(y, x, adapter_of_segment, tokens, adapters->lora_A, adapters->lora_B, adapters->scales);
+}
+#endif
 
 // A mixed batch's whole layer in one dispatcher entry: y = x·Wᵀ + b (at::linear), then lora_mixed_delta_ on it.
 // Decode calls it per layer and token and is host-bound: one call from Python instead of two (F.linear, then the
@@ -373,16 +408,13 @@ void lora_mixed_delta_meta(const Tensor& y, const Tensor& x, const Tensor& adapt
 // under no_grad). Registered CompositeImplicitAutograd: every backend runs this composition, and tracing
 // (fake tensors, functionalization) sees its two ops, whose Meta kernels and schema it already knows.
 Tensor lora_mixed_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
-                         const Tensor& adapter_of_segment, int64_t tokens, at::TensorList lora_A, at::TensorList lora_B,
-                         c10::ArrayRef<double> scales) {
+                         const Tensor& adapter_of_segment, int64_t tokens, const MixedAdaptersPtr& adapters) {
   TORCH_CHECK(x.dim() >= 2, "fastpeft lora_mixed_linear: x must be [batch, ..., in_features], got ", x.sizes());
   Tensor y = at::linear(x, weight, bias);
   static auto delta = c10::Dispatcher::singleton()
                           .findSchemaOrThrow("fastpeft_ops::lora_mixed_delta_", "")
-                          .typed<void(const Tensor&, const Tensor&, const Tensor&, int64_t, at::TensorList,
-                                      at::TensorList, c10::ArrayRef<double>)>();
-  delta.call(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}), adapter_of_segment, tokens, lora_A, lora_B,
-             scales);
+                          .typed<void(const Tensor&, const Tensor&, const Tensor&, int64_t, const MixedAdaptersPtr&)>();
+  delta.call(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}), adapter_of_segment, tokens, adapters);
   return y;
 }
 
@@ -669,10 +701,13 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("ia3_fwd(Tensor x2, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> (Tensor, Tensor)");
   m.def("ia3_bwd(Tensor dy2, Tensor saved, Tensor weight, Tensor ia3_l, bool feedforward, bool need_x, "
         "bool need_b) -> (Tensor, Tensor, Tensor)");
-  m.def("lora_mixed_delta_(Tensor(a!) y, Tensor x, Tensor adapter_of_segment, int tokens, Tensor[] lora_A, "
-        "Tensor[] lora_B, float[] scales) -> ()");
+  m.class_<fastpeft::MixedAdapters>("MixedAdapters")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<double>>())
+      .def("count", [](const fastpeft::MixedAdaptersPtr& self) { return static_cast<int64_t>(self->lora_A.size()); });
+  m.def("lora_mixed_delta_(Tensor(a!) y, Tensor x, Tensor adapter_of_segment, int tokens, "
+        "__torch__.torch.classes.fastpeft_ops.MixedAdapters adapters) -> ()");
   m.def("lora_mixed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor adapter_of_segment, int tokens, "
-        "Tensor[] lora_A, Tensor[] lora_B, float[] scales) -> Tensor");
+        "__torch__.torch.classes.fastpeft_ops.MixedAdapters adapters) -> Tensor");
   m.def("set_lora_cuda_path(int mode) -> int", &fastpeft::set_lora_cuda_path);
 }
 
@@ -701,6 +736,12 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_cpu);
   m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_cpu);
 }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(fastpeft_ops, CUDA, m) {
+  m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_cuda_entry);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Meta, m) {
   m.impl("lora_fwd", &fastpeft::lora_fwd_meta);

@@ -124,10 +124,9 @@ def main():
             f.write(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90) + "\n")
             f.write(text.getvalue())
 
-    def two_call_mixed_linear(x, weight, bias, segments, tokens, lora_A, lora_B, scales):
+    def two_call_mixed_linear(x, weight, bias, segments, tokens, adapters):
         y = torch.nn.functional.linear(x, weight, bias)
-        cpp_ops.lora_mixed_delta_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), segments, tokens, lora_A,
-                                  lora_B, scales)
+        cpp_ops.lora_mixed_delta_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), segments, tokens, adapters)
         return y
 
     def measure(model, impl, n, adapter_names, repeats=None):

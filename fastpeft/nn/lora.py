@@ -28,6 +28,7 @@ if HAS_TRITON:
     from ..ops.kernels import sgmv
 
 _WEIGHT = operator.itemgetter("weight")  # a module's weight from its _parameters dict, at C speed
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the one-pass mixed-batch kernels take
 
 
 class LoraLinear(AdapterLayer):
@@ -61,7 +62,8 @@ class LoraLinear(AdapterLayer):
         self.lora_alpha: Dict[str, float] = {}
         self.scaling: Dict[str, float] = {}
         self.lora_variant: Dict[str, LoraVariant] = {}
-        self._mixed_cache: Dict[str, tuple] = {}  # mixed-adapter batches: stacked adapters, segment indices
+        # mixed-adapter batches: the C++ adapter set, stacked copies, segment indices (not copied with the module)
+        self._mixed_cache: Dict[str, tuple] = mixed_batch.TransientCache()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (PEFT's attribute name)
         self._dora_norms: Dict[str, tuple] = {}  # DoRA: cached weight norm out of training (variants.py)
         self._dora_merge_norms: Dict[str, torch.Tensor] = {}  # DoRA: the unmerged norm of a merged adapter
@@ -187,26 +189,30 @@ class LoraLinear(AdapterLayer):
     # -- mixed-adapter batches ----------------------------------------------------------------------------
     def _forward_mixed(self, x: torch.Tensor, names) -> torch.Tensor:
         """One adapter per row: one base pass for the whole batch, then every row's LoRA delta in one pass where
-        that applies (``_mixed_kernel``): the C++ operator (``cpp_ops.lora_mixed_delta_``: the live adapter weights
-        as lists, no copy) or the Triton kernels (``ops/kernels/sgmv.py``: stacked copies); else one pass per
+        that applies (``_mixed_kernel``): the C++ operator (``cpp_ops.lora_mixed_delta_``: handles to the live
+        adapter weights, no copy) or the Triton kernels (``ops/kernels/sgmv.py``: stacked copies); else one pass per
         adapter."""
         kernel = self._mixed_kernel(x)
         if kernel is None:
             return super()._forward_mixed(x, names)
-        segment_index = self._segment_adapters(names, x.shape[0], x.device)
         base = self._modules["base_layer"]
         tokens = max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.shape[0] * x.shape[-1] else 1  # rows per batch row
+        if kernel == "cpp":
+            adapters, order = self._mixed_adapters()
+            segment_index = self._segment_adapters(names, x.shape[0], x.device, order)
+            if type(base) is nn.Linear:  # base product and deltas in one call (decode runs this per layer and token)
+                params = base._parameters
+                return cpp_ops.lora_mixed_linear(x, params["weight"], params["bias"], segment_index, tokens, adapters)
+        else:
+            segment_index = self._segment_adapters(names, x.shape[0], x.device, list(self._modules["lora_A"]._modules))
         if type(base) is nn.Linear:
             params = base._parameters
-            if kernel == "cpp":  # base product and deltas in one call (decode runs this per layer and token)
-                return cpp_ops.lora_mixed_linear(x, params["weight"], params["bias"], segment_index, tokens,
-                                                 *self._mixed_operands())
             y = F.linear(x, params["weight"], params["bias"])  # as the hot path: not the module call's hooks
         else:
             y = bases.base_forward(base, x)
         y2d, x2d = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
         if kernel == "cpp":
-            cpp_ops.lora_mixed_delta_(y2d, x2d, segment_index, tokens, *self._mixed_operands())
+            cpp_ops.lora_mixed_delta_(y2d, x2d, segment_index, tokens, adapters)
         else:
             a_stack, b_stack, scales = self._mixed_stacks(x.device)
             sgmv.lora_mixed_delta_(y2d, x2d, segment_index, tokens, a_stack, b_stack, scales)
@@ -216,7 +222,7 @@ class LoraLinear(AdapterLayer):
         """Which one-pass kernel serves a mixed batch: "cpp", "triton" or None (one pass per adapter). Both need
         inference without autograd (they write the base output in place), eager mode (under torch.compile the
         per-adapter loop traces), no CUDA-graph capture (cached segment indices), plain LoRA adapters only, no
-        active dropout and a batch dimension. "cpp": the C++ operators (backend cpp, or auto on CUDA) and ranks up
+        active dropout, a batch dimension and x in fp32 / fp16 / bf16 (float64: the per-adapter path). "cpp": the C++ operators (backend cpp, or auto on CUDA) and ranks up
         to ``cpp_ops.MIXED_MAX_RANK``. "triton": the Triton kernels can run on x's device (CUDA; on CPU only the
         triton backend in Triton's interpreter, not bf16)."""
         # decode calls this per layer and token: attributes read from the instance dicts, loops at C speed
@@ -224,14 +230,15 @@ class LoraLinear(AdapterLayer):
         if torch.is_grad_enabled() or state["merged_adapters"] or torch.compiler.is_compiling() or \
                 (x.is_cuda and graph_capturing()):
             return None
-        if x.dim() < 2 or backend == "reference" or not self._modules["lora_A"]._modules:
+        if x.dim() < 2 or backend == "reference" or not self._modules["lora_A"]._modules or \
+                x.dtype not in _KERNEL_DTYPES:
             return None
-        if not all(map(operator.is_, self.lora_variant.values(), itertools.repeat(PLAIN_LORA))):
+        if not all(map(operator.is_, state["lora_variant"].values(), itertools.repeat(PLAIN_LORA))):
             return None
         if state["training"] and any(isinstance(d, nn.Dropout) and d.p > 0 for d in self.lora_dropout.values()):
             return None
         if (backend == "cpp" or (backend == "auto" and x.is_cuda)) and cpp_ops.available() and \
-                max(self.r.values()) <= cpp_ops.MIXED_MAX_RANK:
+                max(state["r"].values()) <= cpp_ops.MIXED_MAX_RANK:
             return "cpp"
         if not HAS_TRITON or backend == "cpp":
             return None
@@ -239,32 +246,46 @@ class LoraLinear(AdapterLayer):
             return "triton"
         return None
 
-    def _mixed_operands(self):
-        """(lora_A weights, lora_B weights, scalings) of every adapter in ``lora_A``'s order, for the C++ operator:
-        the live parameters, read at every call (a weight changed in place, through ``.data`` or replaced by a new
-        Parameter is seen at once). Only where the parameters sit is cached: the ``_parameters`` dicts of the
-        lora_A / lora_B modules, kept while those modules are the same objects. So a call costs a few C-level
-        passes over the adapters (~0.1 µs each), not Python attribute lookups per adapter (decode at 32 adapters
-        is host-bound)."""
+    def _mixed_adapters(self):
+        """(the C++ operators' adapter set, the adapter names in its order): every adapter's lora_A / lora_B weight
+        and scaling in ``lora_A``'s order, as ``cpp_ops.mixed_adapters``. The set holds handles to the live
+        parameter tensors, so in-place updates and ``.data =`` (the same TensorImpl) are seen at once; it is rebuilt
+        when an adapter, module, Parameter object or scaling changed. (``torch.utils.swap_tensors`` refuses a tensor
+        the set holds, and ``_apply`` -- ``.to()``, ``.half()``, which may swap -- drops the set first.) The check
+        is a few C-level passes over the adapters per call (decode calls this per layer and token and is
+        host-bound), and the set goes to the operator as one argument instead of 2n tensors and n floats."""
         a_mods, b_mods = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
-        a_key, b_key = tuple(a_mods.values()), tuple(b_mods.values())
-        hit = self._mixed_cache.get("operands")
-        if hit is None or hit[0] != a_key or hit[1] != b_key:
-            names = list(a_mods)
-            # A's and B's _parameters dicts in one list: one C-level pass per call reads both lists' weights
-            hit = (a_key, b_key, [m._parameters for m in a_key] + [b_mods[n]._parameters for n in names], names)
-            self._mixed_cache["operands"] = hit
-        weights, names = list(map(_WEIGHT, hit[2])), hit[3]
-        return weights[:len(names)], weights[len(names):], list(map(self.scaling.__getitem__, names))
+        hit = self._mixed_cache.get("adapters")
+        if hit is not None:
+            a_key, b_key, param_dicts, weights, names, scales, adapters = hit
+            if tuple(a_mods.values()) == a_key and tuple(b_mods.values()) == b_key and \
+                    all(map(operator.is_, map(_WEIGHT, param_dicts), weights)) and \
+                    list(map(self.scaling.__getitem__, names)) == scales:
+                return adapters, names
+        names = list(a_mods)
+        param_dicts = [a_mods[n]._parameters for n in names] + [b_mods[n]._parameters for n in names]
+        weights = list(map(_WEIGHT, param_dicts))
+        scales = [self.scaling[n] for n in names]
+        adapters = cpp_ops.mixed_adapters(weights[:len(names)], weights[len(names):], scales)
+        self._mixed_cache["adapters"] = (tuple(a_mods.values()), tuple(b_mods.values()), param_dicts, weights, names,
+                                         scales, adapters)
+        return adapters, names
 
-    def _segment_adapters(self, names, rows: int, device) -> torch.Tensor:
-        """int32 [rows]: each batch row's adapter index in the stacks (-1: the base model), cached per names."""
-        key = (tuple(names), rows, device, tuple(self._modules["lora_A"]._modules))
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() may replace the parameters by torch.utils.swap_tensors, which refuses tensors
+        # that something else holds: drop the mixed-batch caches (the C++ adapter set's handles, device copies)
+        # first; they are rebuilt on the next mixed batch.
+        self._mixed_cache.clear()
+        return super()._apply(fn, recurse)
+
+    def _segment_adapters(self, names, rows: int, device, order: List[str]) -> torch.Tensor:
+        """int32 [rows]: each batch row's adapter index in ``order`` (the adapters' order in the kernels' operands;
+        -1: the base model), cached per names, rows, device and order."""
         hit = self._mixed_cache.get("segments")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        tensor = torch.tensor(mixed_batch.adapter_of_rows(names, rows, key[3]), dtype=torch.int32, device=device)
-        self._mixed_cache["segments"] = (key, tensor)
+        if hit is not None and hit[0] == names and hit[1] == rows and hit[2] == device and hit[3] == order:
+            return hit[4]
+        tensor = torch.tensor(mixed_batch.adapter_of_rows(names, rows, order), dtype=torch.int32, device=device)
+        self._mixed_cache["segments"] = (tuple(names), rows, device, list(order), tensor)
         return tensor
 
     def _mixed_stacks(self, device):

@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["BASE", "current", "eager_current", "set_names", "reset", "row_groups", "adapter_of_rows", "forward_mixed"]
+__all__ = ["BASE", "current", "eager_current", "set_names", "reset", "row_groups", "adapter_of_rows", "forward_mixed",
+           "TransientCache"]
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
@@ -31,6 +32,25 @@ _NAMES: contextvars.ContextVar[Optional[Tuple[str, ...]]] = contextvars.ContextV
 # layer), but it reads a module global and guards on it, so a compiled model recompiles for a new set of names
 # and runs the same numbers. (Under compile the names are per process, not per thread.)
 _COMPILED_VIEW: list = []
+
+
+class TransientCache(dict):
+    """A layer's per-call caches for mixed batches (device tensors, the C++ adapter set): a plain dict to read (the
+    hot path's ``.get`` runs at C speed), but copies and pickles of the layer start empty, since what it holds
+    points at the original layer's tensors (and the C++ set cannot be pickled); a copy rebuilds its own on first
+    use.
+
+    >>> import copy, pickle
+    >>> cache = TransientCache(segments=(1, 2))
+    >>> copy.deepcopy(cache), pickle.loads(pickle.dumps(cache)), copy.copy(cache)
+    ({}, {}, {})
+    """
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def __deepcopy__(self, memo):
+        return type(self)()
 
 
 def current() -> Optional[Tuple[str, ...]]:

@@ -20,15 +20,15 @@ their Triton path. PyTorch only: no Triton here.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .csrc import Extension
 
-__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "lora_mixed_delta_", "lora_mixed_linear",
-           "MIXED_MAX_RANK", "EXTENSION"]
+__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "mixed_adapters", "lora_mixed_delta_",
+           "lora_mixed_linear", "MIXED_MAX_RANK", "EXTENSION"]
 
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
 
@@ -84,41 +84,57 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Tensor,
     return _OPS["ia3"](x, weight, bias, ia3_l, feedforward)
 
 
-def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, tokens: int, lora_A: List[Tensor],
-                      lora_B: List[Tensor], scales: List[float]) -> Tensor:
-    """Mixed-adapter batches (inference, no autograd): ``y2d`` [M, N] += scales[a]·(x2d·A_aᵀ)·B_aᵀ for every segment
-    of ``tokens`` rows, a = ``adapter_of_segment[b]`` (int32 on y's device; -1: no adapter), in fp32 with y rounded
-    once; returns ``y2d``. The adapters come as lists (ranks may differ, up to ``MIXED_MAX_RANK``): the caller's
-    live weights, no stacked copy. Indices must lie in [-1, len(lora_A)): the CPU kernel raises on a larger one;
-    the CUDA kernels leave its rows unchanged (checking would cost a device sync per call; fastpeft's layers build
-    the indices themselves). Call ``available()`` first.
+def mixed_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scales: Sequence[float]):
+    """The adapter set the mixed-batch operators take (a ``torch.classes.fastpeft_ops.MixedAdapters``): every
+    adapter's A [r_a, K], B [N, r_a] and scaling, index a = its place in these lists. It holds handles to the given
+    tensors, not copies (in-place updates are seen by the next call; shapes are checked at every call). Build it
+    once and pass it to every call: decode calls the operators per layer and token, and one argument costs far less
+    host time than 2n tensors and n floats. Call ``available()`` first.
+
+    >>> import torch
+    >>> if available():
+    ...     adapters = mixed_adapters([torch.randn(2, 16)], [torch.randn(8, 2)], [0.5])
+    ...     assert adapters.count() == 1
+    """
+    return torch.classes.fastpeft_ops.MixedAdapters(list(lora_A), list(lora_B), [float(s) for s in scales])
+
+
+def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, tokens: int, adapters) -> Tensor:
+    """Mixed-adapter batches (inference, no autograd): ``y2d`` [M, N] += s_a·(x2d·A_aᵀ)·B_aᵀ for every segment of
+    ``tokens`` rows, a = ``adapter_of_segment[b]`` (int32 on y's device; -1: no adapter), in fp32 with y rounded
+    once; returns ``y2d``. ``adapters``: a ``mixed_adapters(...)`` set (ranks may differ, up to ``MIXED_MAX_RANK``).
+    Indices must lie in [-1, len(adapters)): the CPU kernel raises on a larger one; the CUDA kernels leave its rows
+    unchanged (checking would cost a device sync per call; fastpeft's layers build the indices themselves). Eager
+    only: torch.compile cannot trace the adapter set (fastpeft's layers run their per-adapter path under compile).
+    Call ``available()`` first.
 
     >>> import torch
     >>> if available():
     ...     y = torch.zeros(4, 8); x = torch.randn(4, 16)
     ...     a = [torch.randn(2, 16), torch.randn(3, 16)]; b = [torch.randn(8, 2), torch.randn(8, 3)]
-    ...     _ = lora_mixed_delta_(y, x, torch.tensor([1, -1], dtype=torch.int32), 2, a, b, [1.0, 0.5])
+    ...     seg = torch.tensor([1, -1], dtype=torch.int32)
+    ...     _ = lora_mixed_delta_(y, x, seg, 2, mixed_adapters(a, b, [1.0, 0.5]))
     ...     assert torch.allclose(y[:2], 0.5 * (x[:2] @ a[1].t()) @ b[1].t(), atol=1e-5) and not y[2:].any()
     """
-    _OPS["mixed"](y2d, x2d, adapter_of_segment, tokens, lora_A, lora_B, scales)
+    _OPS["mixed"](y2d, x2d, adapter_of_segment, tokens, adapters)
     return y2d
 
 
 def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter_of_segment: Tensor, tokens: int,
-                      lora_A: List[Tensor], lora_B: List[Tensor], scales: List[float]) -> Tensor:
+                      adapters) -> Tensor:
     """A mixed batch's dense layer in one call (inference, no autograd): ``F.linear(x, weight, bias)`` [..., N],
     then ``lora_mixed_delta_`` on it (x [batch, ..., K], segments of ``tokens`` rows of its flattened rows). The
-    same numbers as the two calls; one dispatcher entry instead of two (decode is host-bound). Call
-    ``available()`` first.
+    same numbers as the two calls; one dispatcher entry instead of two (decode is host-bound). Eager only, as
+    ``lora_mixed_delta_``. Call ``available()`` first.
 
     >>> import torch
     >>> if available():
     ...     x = torch.randn(2, 3, 16); w = torch.randn(8, 16)
     ...     a = [torch.randn(2, 16)]; b = [torch.randn(8, 2)]
     ...     seg = torch.tensor([0, -1], dtype=torch.int32)
-    ...     y = lora_mixed_linear(x, w, None, seg, 3, a, b, [0.5])
+    ...     y = lora_mixed_linear(x, w, None, seg, 3, mixed_adapters(a, b, [0.5]))
     ...     want = torch.nn.functional.linear(x, w)
     ...     want[0] += 0.5 * (x[0] @ a[0].t()) @ b[0].t()
     ...     assert torch.allclose(y, want, atol=1e-4)
     """
-    return _OPS["mixed_linear"](x, weight, bias, adapter_of_segment, tokens, lora_A, lora_B, scales)
+    return _OPS["mixed_linear"](x, weight, bias, adapter_of_segment, tokens, adapters)

@@ -80,10 +80,10 @@ def _count_mixed_operator_calls(monkeypatch) -> list:
     from fastpeft.nn import lora as lora_module
 
     calls = []
-    for name, lists_at in (("lora_mixed_delta_", 4), ("lora_mixed_linear", 5)):
+    for name, set_at in (("lora_mixed_delta_", 4), ("lora_mixed_linear", 5)):
         real = getattr(lora_module.cpp_ops, name)
         monkeypatch.setattr(lora_module.cpp_ops, name,
-                            lambda *a, real=real, at=lists_at, **k: calls.append(len(a[at])) or real(*a, **k))
+                            lambda *a, real=real, at=set_at, **k: calls.append(a[at].count()) or real(*a, **k))
     return calls
 
 
@@ -110,6 +110,52 @@ def test_cpp_operator_runs_the_mixed_batch_from_the_live_adapter_weights(monkeyp
         assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, got) <= 1e-6
         owner.scaling["b"] *= 3.0  # a scaling changed in the dict: the same numbers as the in-place change above
         assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, changed) <= 1e-5
+        owner.scaling["b"] /= 3.0
+        owner.lora_B["b"].weight.data = b_weight.clone()  # .data (3x the first weight): new storage, same tensor
+        assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, changed) <= 1e-5
+        new_b = torch.nn.Linear(owner.lora_B["b"].in_features, owner.lora_B["b"].out_features, bias=False)
+        new_b.weight.data.copy_(b_weight / 3.0)
+        owner.lora_B["b"] = new_b  # a module replaced
+        assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, got) <= 1e-6
+
+
+@NEEDS_CPP
+def test_cpp_adapter_set_survives_copies_and_conversions(monkeypatch):
+    """The layers' cached C++ adapter set (handles to their weights) never leaks into a copy (a deepcopy or a pickle
+    rebuilds its own from its own weights) and never blocks a conversion that swaps parameters
+    (torch.utils.swap_tensors refuses a tensor held elsewhere): numbers follow the copy's / converted weights."""
+    import pickle
+
+    theirs, ours = _two_adapters(tiny_model("llama", seed=3), *_lora_cfgs(), "cpp", monkeypatch)
+    ids = random_ids(batch=4, seq=6, seed=4)
+    with torch.no_grad():
+        got = ours(input_ids=ids, adapter_names=NAMES).logits
+        layers = [m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear)]
+        assert all("adapters" in m._mixed_cache for m in layers)
+        twin = copy.deepcopy(ours)
+        assert not any(m._mixed_cache for m in twin.modules() if isinstance(m, fastpeft.LoraLinear))
+        for name, p in twin.named_parameters():
+            if "lora_B.b" in name:
+                p.mul_(3.0)
+        assert rel_err(twin(input_ids=ids, adapter_names=NAMES).logits[2], got[2]) > 1e-3  # the copy's own weights
+        assert rel_err(ours(input_ids=ids, adapter_names=NAMES).logits, got) <= 1e-6  # the original's unchanged
+        layer = layers[0]
+        x = torch.randn(4, 3, layer.in_features)
+        want = layer(x)
+        restored = pickle.loads(pickle.dumps(layer))  # a layer (the patched model holds unpicklable hooks)
+        assert not restored._mixed_cache and torch.equal(restored(x), want)
+        swap = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            ours.bfloat16()  # swaps every parameter, adapters included
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swap)
+        assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+        got16 = ours(input_ids=ids, adapter_names=NAMES).logits
+        assert got16.dtype == torch.bfloat16 and rel_err(got16.float(), got) <= 0.05
+        for m in layers:
+            m.backend = "reference"  # the converted weights, per adapter in PyTorch
+        assert rel_err(got16.float(), ours(input_ids=ids, adapter_names=NAMES).logits.float()) <= 0.02
 
 
 @pytest.mark.gpu
