@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import settings
-from ..ops import HAS_TRITON, cpp_ops
+from ..ops import HAS_TRITON, KERNEL_DTYPES, cpp_ops
 from . import bases, mixed_batch
 from ._rng import current_rank, dropout_draw, dropout_seed
 
@@ -111,7 +111,7 @@ class AdapterLayer(nn.Module):
         if backend == "cpp":
             return "cpp"
         if backend == "auto":
-            if not x.is_cuda:
+            if not x.is_cuda or x.dtype not in KERNEL_DTYPES:  # float64: PyTorch's math, not an operator's error
                 return "reference"
             if cpp_ops.available():  # the first call may build the extension (cached on disk afterwards)
                 return "cpp"
@@ -143,8 +143,8 @@ class AdapterLayer(nn.Module):
         # and token.
         state = self.__dict__
         if not state["disable_adapters"] and not state["merged_adapters"] and cpp_ops.loaded() and (
-                state["backend"] == "cpp" or (state["backend"] == "auto" and x.is_cuda)) and \
-                not torch.compiler.is_compiling():
+                state["backend"] == "cpp" or (state["backend"] == "auto" and x.is_cuda and x.dtype in KERNEL_DTYPES)) \
+                and not torch.compiler.is_compiling():
             names = mixed_batch.eager_current()
             if names is not None:
                 return self._forward_mixed(x, names)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import settings
 from ..config import changes_base_weights, pissa_niter
-from ..ops import HAS_TRITON, cpp_ops, graph_capturing, lora_init
+from ..ops import HAS_TRITON, KERNEL_DTYPES, cpp_ops, graph_capturing, lora_init
 from . import bases, mixed_batch
 from .layer import AdapterLayer
 from .variants import DORA, PLAIN_LORA, DoraVariant, LoraVariant
@@ -28,7 +28,6 @@ if HAS_TRITON:
     from ..ops.kernels import sgmv
 
 _WEIGHT = operator.itemgetter("weight")  # a module's weight from its _parameters dict, at C speed
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the one-pass mixed-batch kernels take
 
 
 class LoraLinear(AdapterLayer):
@@ -231,7 +230,7 @@ class LoraLinear(AdapterLayer):
                 (x.is_cuda and graph_capturing()):
             return None
         if x.dim() < 2 or backend == "reference" or not self._modules["lora_A"]._modules or \
-                x.dtype not in _KERNEL_DTYPES:
+                x.dtype not in KERNEL_DTYPES:
             return None
         if not all(map(operator.is_, state["lora_variant"].values(), itertools.repeat(PLAIN_LORA))):
             return None

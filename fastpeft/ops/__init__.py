@@ -17,6 +17,9 @@ Triton (``ops/kernels/``, imported only where Triton imports; ``HAS_TRITON`` say
 """
 import torch
 
+# The dtypes the C++ and Triton kernels compute in. Others (float64) take the PyTorch reference under backend auto;
+# a backend forced to cpp / triton raises for them (the operators' own dtype errors).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # torch.cuda.is_current_stream_capturing's own query (a placeholder that must not be called on CPU-only builds,
 # hence the is_initialized() guard below). Called directly: the public wrapper and torch.cuda.is_available() before

@@ -221,6 +221,25 @@ def test_hot_path_gives_the_general_paths_result_in_every_state(monkeypatch, has
             assert torch.equal(ia3(x), want)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_float64_on_cuda_under_auto_runs_the_reference(kind, monkeypatch):
+    """The kernels compute in fp32 / fp16 / bf16; a float64 layer on CUDA under backend auto runs PyTorch's math
+    (the reference's numbers) instead of raising the operators' dtype error."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA only")
+    set_settings(monkeypatch, backend="auto")
+    base = nn.Linear(16, 12).double().cuda()
+    if kind == "lora":
+        layer = LoraLinear(base, "default", r=4, lora_alpha=8, init_lora_weights=False).double().cuda()
+    else:
+        layer = IA3Linear(base, "default", is_feedforward=False, init_ia3_weights=False).double().cuda()
+    x = torch.randn(2, 3, 16, dtype=torch.float64, device="cuda")
+    with torch.no_grad():
+        want = layer._forward_reference(x, "default")
+        assert torch.equal(layer(x), want) and layer(x).dtype == torch.float64
+
+
 def test_hot_path_skips_conv1d_and_cpu_tensors_under_auto(monkeypatch):
     """auto on CPU tensors keeps the reference path (the hot path is for CUDA under auto), and a Conv1D base
     (transposed weight) never takes it."""

@@ -115,6 +115,36 @@ def test_saved_tensors_share_x():
     assert x.grad is not None
 
 
+def test_calls_without_gradients_record_no_autograd_node_and_give_the_same_numbers():
+    """lora_linear / ia3_linear / dora_linear skip their autograd node when nothing needs a gradient (no_grad, or
+    no input requiring one): the same output, no grad_fn, and a result that later in-place ops on grad-requiring
+    tensors still differentiate through. With a gradient needed, the node is there."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 16, generator=gen)
+    weight, bias = torch.randn(8, 16, generator=gen), torch.randn(8, generator=gen)
+    A, B = torch.randn(4, 16, generator=gen), torch.randn(8, 4, generator=gen)
+    l, m = torch.rand(8, generator=gen) + 0.5, torch.rand(8, generator=gen) + 0.5
+    calls = {
+        "lora": lambda a, b, ll, mm: cpp_ops.lora_linear(x, weight, bias, a, b, 2.0),
+        "ia3": lambda a, b, ll, mm: cpp_ops.ia3_linear(x, weight, bias, ll, False),
+        "dora": lambda a, b, ll, mm: cpp_ops.dora_linear(x, weight, bias, a, b, mm, 2.0),
+    }
+    for name, call in calls.items():
+        trainable = [t.clone().requires_grad_() for t in (A, B, l, m)]
+        with_node = call(*trainable)
+        assert with_node.grad_fn is not None, name
+        with torch.no_grad():
+            plain = call(*trainable)
+        frozen = call(A, B, l, m)  # grad mode on, nothing requires a gradient
+        for y in (plain, frozen):
+            assert y.grad_fn is None and not y.requires_grad and y.shape == (2, 3, 8), name
+            assert torch.equal(y, with_node.detach()), name
+        scale = torch.ones(8, requires_grad=True)
+        frozen.mul_(scale)  # an in-place op on the (view) output with a grad-requiring operand
+        frozen.sum().backward()
+        assert torch.allclose(scale.grad, with_node.detach().sum((0, 1))), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("feedforward", [False, True])
 @pytest.mark.parametrize("has_bias", [False, True])
