@@ -48,8 +48,8 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <initializer_list>
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "adapter_common.h"

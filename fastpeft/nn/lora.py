@@ -221,9 +221,10 @@ class LoraLinear(AdapterLayer):
         """Which one-pass kernel serves a mixed batch: "cpp", "triton" or None (one pass per adapter). Both need
         inference without autograd (they write the base output in place), eager mode (under torch.compile the
         per-adapter loop traces), no CUDA-graph capture (cached segment indices), plain LoRA adapters only, no
-        active dropout, a batch dimension and x in fp32 / fp16 / bf16 (float64: the per-adapter path). "cpp": the C++ operators (backend cpp, or auto on CUDA) and ranks up
-        to ``cpp_ops.MIXED_MAX_RANK``. "triton": the Triton kernels can run on x's device (CUDA; on CPU only the
-        triton backend in Triton's interpreter, not bf16)."""
+        active dropout, a batch dimension and x in fp32 / fp16 / bf16 (float64: the per-adapter path). "cpp": the
+        C++ operators (backend cpp, or auto on CUDA) and ranks up to ``cpp_ops.MIXED_MAX_RANK``. "triton": the
+        Triton kernels can run on x's device (CUDA; on CPU only the triton backend in Triton's interpreter, not
+        bf16)."""
         # decode calls this per layer and token: attributes read from the instance dicts, loops at C speed
         state, backend = self.__dict__, self.__dict__["backend"]
         if torch.is_grad_enabled() or state["merged_adapters"] or torch.compiler.is_compiling() or \

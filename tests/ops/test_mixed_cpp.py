@@ -1,5 +1,5 @@
-"""fastpeft_ops::lora_mixed_delta_ (csrc/: mixed-adapter LoRA from a MixedAdapters set of live adapter weights) against the
-float64 oracle: ranks that differ per adapter, base-model segments, one token per segment (decode) and many
+"""fastpeft_ops::lora_mixed_delta_ (csrc/: mixed-adapter LoRA from a MixedAdapters set of live adapter weights)
+against the float64 oracle: ranks that differ per adapter, base-model segments, one token per segment (decode) and many
 (prefill), non-contiguous inputs, adapters of another dtype or layout, more adapters than one launch holds, and
 clear errors. CPU here (the build CI makes); the CUDA kernels in the gpu-marked tests."""
 import pytest
