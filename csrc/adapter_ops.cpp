@@ -641,38 +641,20 @@ bool records_autograd(std::initializer_list<const Tensor*> inputs, const c10::op
   return bias.has_value() && bias->defined() && bias->requires_grad();
 }
 
-Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
-                            const Tensor& A, const Tensor& B, double scaling, double p,
-                            const c10::optional<Tensor>& seed, int64_t rank) {
-  if (!records_autograd({&x, &weight, &A, &B}, bias)) {
-    Tensor y2;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      y2 = std::get<0>(call_lora_fwd(as_2d(x), weight, bias, A, B, scaling, p, seed, rank));
-    }
-    return y2.view(with_last_dim(x, weight.size(0)));  // a view made above autograd, as any op's output view
-  }
-  return LoraLinearFunction::apply(x, weight, bias, A, B, scaling, p, seed, rank);
-}
-
 Tensor lora_linear_plain(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
                          const Tensor& B, double scaling, double p, const c10::optional<Tensor>& seed, int64_t rank) {
   auto [y2, S] = call_lora_fwd(as_2d(x), weight, bias, A, B, scaling, p, seed, rank);
   return y2.view(with_last_dim(x, weight.size(0)));
 }
 
-Tensor dora_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
-                            const Tensor& B, const Tensor& magnitude, double scaling,
-                            const c10::optional<Tensor>& w_sq, const c10::optional<Tensor>& weight_norm) {
-  if (!records_autograd({&x, &weight, &A, &B, &magnitude}, bias)) {
-    Tensor y2;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      y2 = std::get<0>(call_dora_fwd(as_2d(x), weight, bias, A, B, magnitude, scaling, w_sq, weight_norm));
-    }
-    return y2.view(with_last_dim(x, weight.size(0)));
+Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                            const Tensor& A, const Tensor& B, double scaling, double p,
+                            const c10::optional<Tensor>& seed, int64_t rank) {
+  if (!records_autograd({&x, &weight, &A, &B}, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as Function::apply runs its forward
+    return lora_linear_plain(x, weight, bias, A, B, scaling, p, seed, rank);
   }
-  return DoraLinearFunction::apply(x, weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
+  return LoraLinearFunction::apply(x, weight, bias, A, B, scaling, p, seed, rank);
 }
 
 Tensor dora_linear_plain(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
@@ -682,23 +664,29 @@ Tensor dora_linear_plain(const Tensor& x, const Tensor& weight, const c10::optio
   return std::get<0>(r).view(with_last_dim(x, weight.size(0)));
 }
 
-Tensor ia3_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& l,
-                           bool feedforward) {
-  if (!records_autograd({&x, &weight, &l}, bias)) {
-    Tensor y2;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      y2 = std::get<0>(call_ia3_fwd(as_2d(x), weight, bias, l, feedforward));
-    }
-    return y2.view(with_last_dim(x, weight.size(0)));
+Tensor dora_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
+                            const Tensor& B, const Tensor& magnitude, double scaling,
+                            const c10::optional<Tensor>& w_sq, const c10::optional<Tensor>& weight_norm) {
+  if (!records_autograd({&x, &weight, &A, &B, &magnitude}, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return dora_linear_plain(x, weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
   }
-  return IA3LinearFunction::apply(x, weight, bias, l, feedforward);
+  return DoraLinearFunction::apply(x, weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
 }
 
 Tensor ia3_linear_plain(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& l,
                         bool feedforward) {
   auto [y2, saved] = call_ia3_fwd(as_2d(x), weight, bias, l, feedforward);
   return y2.view(with_last_dim(x, weight.size(0)));
+}
+
+Tensor ia3_linear_autograd(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& l,
+                           bool feedforward) {
+  if (!records_autograd({&x, &weight, &l}, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ia3_linear_plain(x, weight, bias, l, feedforward);
+  }
+  return IA3LinearFunction::apply(x, weight, bias, l, feedforward);
 }
 
 }  // namespace
