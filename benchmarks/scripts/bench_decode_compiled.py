@@ -60,7 +60,6 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     config = llama_config(a.model)
     if a.layers is not None:
         config.num_hidden_layers = a.layers

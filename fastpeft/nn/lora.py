@@ -194,18 +194,17 @@ class LoraLinear(AdapterLayer):
         kernel = self._mixed_kernel(x)
         if kernel is None:
             return super()._forward_mixed(x, names)
-        base = self._modules["base_layer"]
-        tokens = max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.shape[0] * x.shape[-1] else 1  # rows per batch row
         if kernel == "cpp":
             adapters, order = self._mixed_adapters()
-            segment_index = self._segment_adapters(names, x.shape[0], x.device, order)
-            if type(base) is nn.Linear:  # base product and deltas in one call (decode runs this per layer and token)
-                params = base._parameters
-                return cpp_ops.lora_mixed_linear(x, params["weight"], params["bias"], segment_index, tokens, adapters)
         else:
-            segment_index = self._segment_adapters(names, x.shape[0], x.device, list(self._modules["lora_A"]._modules))
+            order = list(self._modules["lora_A"]._modules)
+        segment_index = self._segment_adapters(names, x.shape[0], x.device, order)
+        base = self._modules["base_layer"]
+        tokens = max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.shape[0] * x.shape[-1] else 1  # rows per batch row
         if type(base) is nn.Linear:
             params = base._parameters
+            if kernel == "cpp":  # base product and deltas in one call (decode runs this per layer and token)
+                return cpp_ops.lora_mixed_linear(x, params["weight"], params["bias"], segment_index, tokens, adapters)
             y = F.linear(x, params["weight"], params["bias"])  # as the hot path: not the module call's hooks
         else:
             y = bases.base_forward(base, x)
