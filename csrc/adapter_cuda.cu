@@ -500,6 +500,152 @@ __global__ void __launch_bounds__(256) colexp_kernel(
   }
 }
 
+// ------------------------------------------------------------------------------------------------ decode LoRA
+// The forward at decode sizes (M <= kDecodeMaxM rows, no dropout): Y = X·Wᵀ + b by cuBLAS (the base layer's own
+// product, rounded to the dtype as PEFT's base layer rounds it), then Y = dtype(Y + s·(X·Aᵀ)·Bᵀ) with the LoRA
+// term in fp32 and one rounding (PEFT: `result + lora_B(lora_A(x)) * scaling` in fp32, cast back). Two small
+// kernels beside the GEMV, both spread over the GPU (at these sizes every kernel here is latency-bound: the
+// adapter's bytes, r·(K + N)·4, take 0.1-0.3 µs of HBM time):
+// decode_shrink: part[split, m, j] = Σ_{k in split} X[m, k]·A[j, k]. Block: a K-slice of k_per_split columns
+//   (a multiple of 128) and MT rows; warp w owns the rank rows j = w, w + 8, ...; a lane reads 4 consecutive k per
+//   128-column step (16-byte A loads, 8-byte X loads, coalesced across the warp), keeps acc[JPW][MT] in
+//   registers and the warp ends with one butterfly reduction. Bound: A once (r·K·4 bytes) plus X once per
+//   warp (L1 serves the repeats); FLOPs 2·M·K·r.
+// decode_expand: Y[m, n] = dtype(Y[m, n] + Σ_j S[m, j]·B[n, j]), S = s·Σ_split part summed in a fixed order by
+//   every block into shared memory (deterministic: no atomics, no zero-fill, no third launch). Thread: one
+//   column n, B's row in registers, all M rows. Bound: B once (N·r·4 bytes) + Y read and written (2·M·N·elem);
+//   the re-sum reads splits·M·r floats per block from L2 (the launcher keeps splits·M <= 512).
+constexpr int kDecodeMaxM = 32;
+constexpr int kDecodeWarps = 8;
+constexpr int kDecodeStep = 128;  // K columns one warp covers per step: 32 lanes x 4
+constexpr int kDecodeExpandThreads = 128;
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, int64_t stride, int valid, bool vec, float v[4]) {
+  if (vec && valid >= 4) {
+    if constexpr (sizeof(T) == 2) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(p);
+      const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] = to_f<T>(h[e]);
+    } else {
+      const float4 f = *reinterpret_cast<const float4*>(p);
+      v[0] = f.x;
+      v[1] = f.y;
+      v[2] = f.z;
+      v[3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = e < valid ? to_f<T>(p[e * stride]) : 0.0f;
+  }
+}
+
+template <typename T, int MT, int JPW>
+__global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
+    const T* __restrict__ X, int64_t sx0, int64_t sx1, int64_t M, int64_t K, const float* __restrict__ A,
+    int64_t sa0, int64_t sa1, int R, float* __restrict__ part, int64_t k_per_split, bool x_vec, bool a_vec) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * MT;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.x) * k_per_split;
+  const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
+  float acc[JPW][MT];
+#pragma unroll
+  for (int jj = 0; jj < JPW; ++jj)
+#pragma unroll
+    for (int i = 0; i < MT; ++i) acc[jj][i] = 0.0f;
+  for (int64_t k = k_begin + lane * 4; k < k_end; k += kDecodeStep) {
+    const int valid = static_cast<int>(k_end - k < 4 ? k_end - k : 4);
+    float x[MT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      if (m0 + i < M) {
+        load4<T>(X + (m0 + i) * sx0 + k * sx1, sx1, valid, x_vec, x[i]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[i][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int jj = 0; jj < JPW; ++jj) {
+      const int j = warp + jj * kDecodeWarps;
+      if (j < R) {
+        float a[4];
+        load4<float>(A + j * sa0 + k * sa1, sa1, valid, a_vec, a);
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[jj][i] = fmaf(x[i][e], a[e], acc[jj][i]);
+      }
+    }
+  }
+  float* out = part + static_cast<int64_t>(blockIdx.x) * M * R;
+#pragma unroll
+  for (int jj = 0; jj < JPW; ++jj) {
+    const int j = warp + jj * kDecodeWarps;
+    if (j >= R) break;  // warp-uniform
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      float v = acc[jj][i];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == i && m0 + i < M) out[(m0 + i) * R + j] = v;
+    }
+  }
+}
+
+template <typename T, int RMAX>
+__global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
+    T* __restrict__ Y, int64_t sy0, int64_t M, int64_t N, const float* __restrict__ part, int splits, int R,
+    float scale, float* __restrict__ S_out, const float* __restrict__ B, int64_t sb0, int64_t sb1, bool b_vec) {
+  __shared__ __align__(16) float sS[kDecodeMaxM][RMAX];
+  const int64_t MR = M * R;
+  for (int e = threadIdx.x; e < M * RMAX; e += kDecodeExpandThreads) {
+    const int m = e / RMAX, j = e % RMAX;
+    float v = 0.0f;
+    if (j < R) {
+      const float* p = part + m * R + j;
+#pragma unroll 8
+      for (int sp = 0; sp < splits; ++sp) v += p[sp * MR];
+      v *= scale;
+      if (S_out != nullptr && blockIdx.x == 0) S_out[m * R + j] = v;
+    }
+    sS[m][j] = v;
+  }
+  __syncthreads();
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kDecodeExpandThreads + threadIdx.x;
+  if (n >= N) return;
+  float b[RMAX];
+  if (b_vec) {
+    const float4* row = reinterpret_cast<const float4*>(B + n * sb0);
+#pragma unroll
+    for (int j4 = 0; j4 < RMAX / 4; ++j4) {
+      const float4 v = 4 * j4 < R ? __ldg(row + j4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      b[4 * j4 + 0] = v.x;
+      b[4 * j4 + 1] = v.y;
+      b[4 * j4 + 2] = v.z;
+      b[4 * j4 + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < RMAX; ++j) b[j] = j < R ? __ldg(B + n * sb0 + j * sb1) : 0.0f;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float4* srow = reinterpret_cast<const float4*>(&sS[m][0]);
+    float z = 0.0f;
+#pragma unroll
+    for (int j4 = 0; j4 < RMAX / 4; ++j4) {
+      const float4 sv = srow[j4];
+      z = fmaf(sv.x, b[4 * j4 + 0], z);
+      z = fmaf(sv.y, b[4 * j4 + 1], z);
+      z = fmaf(sv.z, b[4 * j4 + 2], z);
+      z = fmaf(sv.w, b[4 * j4 + 3], z);
+    }
+    T* yp = Y + m * sy0 + n;
+    *yp = from_f<T>(to_f<T>(*yp) + z);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ launchers
 int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
@@ -976,12 +1122,81 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_fused(const Tensor& dy2, const Tenso
   return {dx, dA, dB};
 }
 
+// Forward at decode sizes (decode_shrink / decode_expand above): the shrink, the base product (ATen's linear, the
+// kernel the base layer itself runs), the expand into its output in place. 3 launches, none of them a zero-fill.
+std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, const c10::optional<Tensor>& bias,
+                                           const Tensor& A32, const Tensor& B32, double scaling) {
+  const auto dt = x2.scalar_type();
+  const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
+  const int R = static_cast<int>(A32.size(0));
+  const int mt = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
+  const int64_t mtiles = (M + mt - 1) / mt;
+  const int64_t steps = (K + kDecodeStep - 1) / kDecodeStep;
+  // Enough K-slices to fill the GPU twice over, but splits·M <= 512: every expand block re-sums splits·M·r floats.
+  int64_t splits = std::min<int64_t>(steps, std::max<int64_t>(1, (2 * sm_count() + mtiles - 1) / mtiles));
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 512 / M));
+  const int64_t k_per = (steps + splits - 1) / splits * kDecodeStep;
+  splits = (K + k_per - 1) / k_per;
+  auto f32 = x2.options().dtype(at::kFloat);
+  Tensor part = at::empty({splits, M, R}, f32);
+  Tensor S = at::empty({M, R}, f32);
+  const auto aligned = [](const Tensor& t, int64_t bytes) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % static_cast<uintptr_t>(bytes) == 0;
+  };
+  const bool x_vec = x2.stride(1) == 1 && x2.stride(0) % 4 == 0 && aligned(x2, 4 * x2.element_size());
+  const bool a_vec = A32.stride(1) == 1 && A32.stride(0) % 4 == 0 && aligned(A32, 16);
+  const bool b_vec = R % 4 == 0 && B32.stride(1) == 1 && B32.stride(0) % 4 == 0 && aligned(B32, 16);
+  Tensor b = bias.has_value() && bias->defined() ? in_dtype(*bias, dt) : Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_all(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_rank(R, [&](auto rmax) {
+      constexpr int JPW = decltype(rmax)::value / kDecodeWarps;
+      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(mtiles));
+      const T* X = reinterpret_cast<const T*>(x2.data_ptr());
+#define FASTPEFT_DECODE_SHRINK(MT)                                                                                  \
+  decode_shrink_kernel<T, MT, JPW><<<grid, kDecodeWarps * 32, 0, stream>>>(                                        \
+      X, x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(), A32.stride(0), A32.stride(1), R,                  \
+      part.data_ptr<float>(), k_per, x_vec, a_vec)
+      if (mt == 1) {
+        FASTPEFT_DECODE_SHRINK(1);
+      } else if (mt == 2) {
+        FASTPEFT_DECODE_SHRINK(2);
+      } else if (mt == 4) {
+        FASTPEFT_DECODE_SHRINK(4);
+      } else {
+        FASTPEFT_DECODE_SHRINK(8);
+      }
+#undef FASTPEFT_DECODE_SHRINK
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Tensor y = at::linear(x2, w, b.defined() ? c10::optional<Tensor>(b) : c10::nullopt);
+  TORCH_INTERNAL_ASSERT(y.dim() == 2 && y.stride(1) == 1, "fastpeft lora decode: expected a row-major output");
+  dispatch_all(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_rank(R, [&](auto rmax) {
+      constexpr int RMAX = decltype(rmax)::value;
+      const unsigned blocks = static_cast<unsigned>((N + kDecodeExpandThreads - 1) / kDecodeExpandThreads);
+      decode_expand_kernel<T, RMAX><<<blocks, kDecodeExpandThreads, 0, stream>>>(
+          reinterpret_cast<T*>(y.data_ptr()), y.stride(0), M, N, part.data_ptr<float>(), static_cast<int>(splits), R,
+          static_cast<float>(scaling), S.data_ptr<float>(), B32.data_ptr<float>(), B32.stride(0), B32.stride(1),
+          b_vec);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, S};
+}
+
 // Which LoRA composition a CUDA call takes. The split-GEMM one runs the small products on tensor cores (cuBLAS):
 // at M = 4096 it measured 1.3-1.4x the dense layer's GPU time where the SIMT fused kernels took 2.3-3.7x (H200,
 // docs/performance-log.md, 2026-11-29). The fused kernels take half the launches, so they serve small M
 // (<= kFusedMaxM rows: decode, tiny batches), where the FLOPs are negligible and launches are the cost -- unless
 // the rank is above what they hold in registers (64) or determinism is asked for (their backward uses fp32
-// atomics). lora_cuda_path() lets tests and benchmarks force one (set_lora_cuda_path in adapter_ops.cpp).
+// atomics). A forward without dropout at <= kDecodeMaxM rows takes the decode kernels instead (the base layer's
+// own GEMV, and two small kernels spread over the GPU; deterministic): the fused shrink splits K over too few
+// blocks at these sizes. lora_cuda_path() lets tests and benchmarks force one (set_lora_cuda_path in
+// adapter_ops.cpp: 0 split GEMM, 1 fused, 2 decode where it applies, else as auto).
 constexpr int64_t kFusedMaxM = 64;
 
 // LoRA dropout's seed is a host value read per call: a CUDA graph would replay the captured mask forever, so a
@@ -997,7 +1212,13 @@ void refuse_dropout_in_capture(double p) {
 bool use_fused(int64_t M, int64_t N, int64_t K, int64_t R) {
   if (R > 64 || M == 0 || N == 0 || K == 0 || at::globalContext().deterministicAlgorithms()) return false;
   const int64_t forced = lora_cuda_path();
-  return forced < 0 ? M <= kFusedMaxM : forced == 1;
+  return forced < 0 || forced == 2 ? M <= kFusedMaxM : forced == 1;
+}
+
+bool use_decode(int64_t M, int64_t N, int64_t K, int64_t R, double p) {
+  if (p > 0.0 || R > 64 || R == 0 || M == 0 || N == 0 || K == 0 || M > kDecodeMaxM) return false;
+  const int64_t forced = lora_cuda_path();
+  return forced < 0 || forced == 2;
 }
 
 std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
@@ -1012,6 +1233,9 @@ std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight,
   const auto dt = x2.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "fastpeft lora: x must be float32, float16 or bfloat16, got ", dt);
+  if (use_decode(x2.size(0), weight.size(0), x2.size(1), A.size(0), p)) {
+    return lora_fwd_decode(x2, in_dtype(weight, dt), bias, in_dtype(A, at::kFloat), in_dtype(B, at::kFloat), scaling);
+  }
   return lora_fwd_fused(x2, in_dtype(weight, dt), bias, in_dtype(A, at::kFloat), in_dtype(B, at::kFloat), scaling,
                         p, p > 0.0 ? lora_seed_value(seed, p, rank) : 0);
 }

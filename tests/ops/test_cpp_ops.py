@@ -280,8 +280,9 @@ def test_set_lora_cuda_path_is_validated():
     ops = torch.ops.fastpeft_ops
     before = ops.set_lora_cuda_path(-1)
     try:
-        with pytest.raises(RuntimeError, match="mode must be"):
-            ops.set_lora_cuda_path(2)
+        for bad in (3, -2):
+            with pytest.raises(RuntimeError, match="mode must be"):
+                ops.set_lora_cuda_path(bad)
     finally:
         ops.set_lora_cuda_path(before)
 
@@ -350,6 +351,61 @@ def test_gpu_paths_agree_and_fused_is_deterministic_forward(dtype):
     for a, b, c in zip(fused_a, fused_b, outs[0][0]):
         assert rel_err(a, b) < 1e-6
         assert rel_err(a, c) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_decode_path_matches_reference(dtype):
+    """The decode forward (no dropout, <= 32 rows: csrc decode_shrink / decode_expand around the base GEMV) over
+    its edges: row tiles of 1, 2, 4 and 8 rows and partial ones, K not a multiple of 4 or of the 128-column step,
+    ranks 1-64 and ranks not a multiple of 4 (scalar B loads), strided X, a transposed weight, bias; the backward
+    (the fused kernels) runs from the S it saved."""
+    ops = torch.ops.fastpeft_ops
+    before = ops.set_lora_cuda_path(2)
+    try:
+        for (B, T, K, N, r, layout, w_t, bias) in [
+            (1, 1, 4096, 4096, 16, "contig", False, False),
+            (8, 1, 4096, 14336, 16, "contig", False, True),
+            (1, 3, 14336, 4096, 64, "strided_k", False, False),
+            (1, 32, 4096, 1024, 33, "transposed_bt", True, True),
+            (5, 1, 37, 4231, 3, "2d", False, True),
+            (1, 13, 1000, 777, 8, "contig", True, False),
+            (2, 1, 515, 96, 1, "strided_k", False, True),
+            (3, 9, 130, 70, 32, "contig", False, True),
+        ]:
+            torch.manual_seed(B * T + K + r)
+            _check_lora(dtype, B, T, K, N, r, layout, w_t, bias, 0.0, 0, device="cuda",
+                        tol=TOL[dtype] if dtype != torch.float32 else 1e-4)
+    finally:
+        ops.set_lora_cuda_path(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8, 32, 33])
+def test_gpu_auto_takes_the_decode_path_up_to_32_rows(M):
+    """Under auto a dropout-free forward of <= 32 rows is the decode path's, bit for bit (and deterministic); 33
+    rows take the fused kernels (their fp32 partial order differs, so the outputs differ in the last bits)."""
+    torch.manual_seed(M)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    b = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(16, 4096, device="cuda") / 64
+    Bw = torch.randn(1024, 16, device="cuda")
+    ops = torch.ops.fastpeft_ops
+    outs = {}
+    for mode in (-1, 2, 1):
+        before = ops.set_lora_cuda_path(mode)
+        try:
+            outs[mode] = [cpp_ops.lora_linear(x, w, b, A, Bw, 2.0) for _ in range(2)]
+        finally:
+            ops.set_lora_cuda_path(before)
+    assert torch.equal(outs[2][0], outs[2][1])
+    assert torch.equal(outs[-1][0], outs[2 if M <= 32 else 1][0])
+    if M <= 32:  # PEFT's rounding: the base output rounded to bf16, the LoRA term added in fp32, rounded once more
+        lora = (x.float() @ A.t()) @ Bw.t() * 2.0
+        peft_like = (torch.nn.functional.linear(x, w, b).float() + lora).to(torch.bfloat16)
+        mismatch = (outs[2][0] != peft_like).float().mean().item()
+        assert mismatch < 0.01, mismatch  # only the fp32 sums' order differs: the odd last-bit tie
 
 
 @pytest.mark.gpu

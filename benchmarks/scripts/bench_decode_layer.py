@@ -1,0 +1,147 @@
+"""One LoRA projection at decode sizes: GPU time per call under CUDA-graph replay (what compiled static-cache
+decode sees: no host cost left) and host time per eager call, for fastpeft's CUDA compositions against the frozen
+base's F.linear and PEFT's eager composition of the same math.
+
+    python benchmarks/scripts/bench_decode_layer.py --M 1 8 32 --out decode_layer.json     (CUDA only)
+
+Per Llama-3.1-8B projection shape and M: `--copies` distinct weight sets (so W is read from HBM as in a real
+decode step, not from L2) are called once each inside one captured graph; the graph is replayed `--replays`
+times and timed with CUDA events; GPU µs per call = total / (replays * copies), the median of `--repeats`.
+Rows: base (F.linear), peft (F.linear + (x.float() @ Aᵀ) @ Bᵀ * s cast back: PEFT's Linear.forward in eager),
+fastpeft decode / fused / split-gemm (torch.ops.fastpeft_ops.set_lora_cuda_path 2 / 1 / 0; "auto" picks decode
+at <= 32 rows without dropout). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured in the same run.
+Host µs per call: wall time of 64 eager calls issued without a sync (no_grad), before the launch queue fills.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from fastpeft.ops import cpp_ops  # noqa: E402
+
+LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
+RANK, SCALING = 16, 2.0
+PATHS = {"fastpeft decode": 2, "fastpeft fused": 1, "fastpeft split-gemm": 0}
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write), the floor's ceiling."""
+    src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * src.numel() * src.element_size() / (start.elapsed_time(end) / 1e3)
+
+
+def graph_us(fn, copies: int, replays: int, repeats: int) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            for i in range(copies):
+                fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    for _ in range(5):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (replays * copies))
+    return statistics.median(times)
+
+
+def host_us(fn, copies: int, calls: int = 64) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for n in range(calls):
+        fn(n % copies)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e6 / calls
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--M", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--replays", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode_layer.py measures CUDA graphs: it needs a GPU")
+    ops = torch.ops.fastpeft_ops
+    bw = copy_bandwidth()
+    torch.manual_seed(0)
+    rows = []
+    for proj, (K, N) in LLAMA8B.items():
+        W = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5 for _ in range(a.copies)]
+        A = [torch.randn(RANK, K, device="cuda") / K**0.5 for _ in range(a.copies)]
+        B = [torch.randn(N, RANK, device="cuda") / RANK**0.5 for _ in range(a.copies)]
+        for M in a.M:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            impls = {
+                "base": lambda i: torch.nn.functional.linear(x, W[i]),
+                "peft": lambda i: (torch.nn.functional.linear(x, W[i])
+                                   + (x.float() @ A[i].t()) @ B[i].t() * SCALING).to(torch.bfloat16),
+            }
+            for name in PATHS:
+                impls[name] = lambda i: cpp_ops.lora_linear(x, W[i], None, A[i], B[i], SCALING)
+            floor_bytes = {"base": N * K * 2 + (M * K + M * N) * 2}
+            lora_bytes = floor_bytes["base"] + RANK * (K + N) * 4
+            with torch.no_grad():
+                for name, fn in impls.items():
+                    before = ops.set_lora_cuda_path(PATHS.get(name, -1))
+                    try:
+                        gpu = graph_us(fn, a.copies, a.replays, a.repeats)
+                        host = host_us(fn, a.copies)
+                    finally:
+                        ops.set_lora_cuda_path(before)
+                    floor = floor_bytes.get(name, lora_bytes) / bw * 1e6
+                    rows.append({"proj": proj, "K": K, "N": N, "M": M, "impl": name, "gpu_us": round(gpu, 2),
+                                 "floor_us": round(floor, 2), "host_us": round(host, 2)})
+                    print(f"{proj:8s} M={M:3d} {name:20s} gpu {gpu:7.2f} us  floor {floor:6.2f}  host {host:6.2f} us",
+                          flush=True)
+    base_of = {(r["proj"], r["M"]): r["gpu_us"] for r in rows if r["impl"] == "base"}
+    for r in rows:
+        r["gpu_vs_base"] = round(r["gpu_us"] / base_of[(r["proj"], r["M"])], 3)
+        r["extra_us"] = round(r["gpu_us"] - base_of[(r["proj"], r["M"])], 2)
+    out = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "copy_bandwidth_GBps": round(bw / 1e9, 1), "rank": RANK,
+        "dtype": "bfloat16", "copies": a.copies, "replays": a.replays, "repeats": a.repeats, "rows": rows,
+    }
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
