@@ -96,6 +96,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_decode_layer.py measures CUDA graphs: it needs a GPU")
+    cpp_ops.EXTENSION.load()  # registers torch.ops.fastpeft_ops (raises with the compiler's message if it cannot)
     ops = torch.ops.fastpeft_ops
     bw = copy_bandwidth()
     torch.manual_seed(0)
