@@ -23,7 +23,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cooperative_groups.h>
 #include <mma.h>
 #include <torch/library.h>
 
@@ -513,13 +512,14 @@ __global__ void __launch_bounds__(256) colexp_kernel(
 //   registers and the warp ends with one butterfly reduction. Bound: A once (r·K·4 bytes) plus X once per
 //   warp (L1 serves the repeats); FLOPs 2·M·K·r.
 // decode_expand: Y[m, n] = dtype(Y[m, n] + Σ_j S[m, j]·B[n, j]), S = s·Σ_split part summed in a fixed order by
-//   every block into shared memory (deterministic: no atomics, no zero-fill, no third launch). Thread: one
-//   column n, B's row in registers, all M rows. Bound: B once (N·r·4 bytes) + Y read and written (2·M·N·elem);
-//   the re-sum reads splits·M·r floats per block from L2 (the launcher keeps splits·M <= 512).
+//   every block into shared memory (deterministic: no atomics, no zero-fill, no third launch), all 256 threads
+//   sharing the partials' loads. Thread: one column n, B's row and the first 8 rows of Y loaded before the
+//   re-sum (they do not depend on it), all M rows. Bound: B once (N·r·4 bytes) + Y read and written
+//   (2·M·N·elem); the re-sum reads splits·M·r floats per block from L2 (the launcher keeps splits·M <= 256).
 constexpr int kDecodeMaxM = 32;
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeStep = 128;  // K columns one warp covers per step: 32 lanes x 4
-constexpr int kDecodeExpandThreads = 128;
+constexpr int kDecodeExpandThreads = 256;
 
 template <typename T>
 __device__ __forceinline__ void load4(const T* p, int64_t stride, int valid, bool vec, float v[4]) {
@@ -555,6 +555,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
   for (int jj = 0; jj < JPW; ++jj)
 #pragma unroll
     for (int i = 0; i < MT; ++i) acc[jj][i] = 0.0f;
+#pragma unroll 2
   for (int64_t k = k_begin + lane * 4; k < k_end; k += kDecodeStep) {
     const int valid = static_cast<int>(k_end - k < 4 ? k_end - k : 4);
     float x[MT][4];
@@ -599,25 +600,15 @@ template <typename T, int RMAX>
 __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
     T* __restrict__ Y, int64_t sy0, int64_t M, int64_t N, const float* __restrict__ part, int splits, int R,
     float scale, float* __restrict__ S_out, const float* __restrict__ B, int64_t sb0, int64_t sb1, bool b_vec) {
+  constexpr int kPre = 8;  // rows of Y read before the re-sum
   __shared__ __align__(16) float sS[kDecodeMaxM][RMAX];
-  const int64_t MR = M * R;
-  for (int e = threadIdx.x; e < M * RMAX; e += kDecodeExpandThreads) {
-    const int m = e / RMAX, j = e % RMAX;
-    float v = 0.0f;
-    if (j < R) {
-      const float* p = part + m * R + j;
-#pragma unroll 8
-      for (int sp = 0; sp < splits; ++sp) v += p[sp * MR];
-      v *= scale;
-      if (S_out != nullptr && blockIdx.x == 0) S_out[m * R + j] = v;
-    }
-    sS[m][j] = v;
-  }
-  __syncthreads();
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kDecodeExpandThreads + threadIdx.x;
-  if (n >= N) return;
+  __shared__ float red[kDecodeExpandThreads];
+  const int tid = threadIdx.x;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kDecodeExpandThreads + tid;
+  const bool col_ok = n < N;
+  // B's row and the first rows of Y do not depend on S: their loads are in flight during the re-sum.
   float b[RMAX];
-  if (b_vec) {
+  if (b_vec && col_ok) {
     const float4* row = reinterpret_cast<const float4*>(B + n * sb0);
 #pragma unroll
     for (int j4 = 0; j4 < RMAX / 4; ++j4) {
@@ -629,9 +620,40 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < RMAX; ++j) b[j] = j < R ? __ldg(B + n * sb0 + j * sb1) : 0.0f;
+    for (int j = 0; j < RMAX; ++j) b[j] = col_ok && j < R ? __ldg(B + n * sb0 + j * sb1) : 0.0f;
   }
-  for (int64_t m = 0; m < M; ++m) {
+  float yv[kPre];
+#pragma unroll
+  for (int i = 0; i < kPre; ++i) yv[i] = col_ok && i < M ? to_f<T>(Y[i * sy0 + n]) : 0.0f;
+  for (int e = tid; e < M * RMAX; e += kDecodeExpandThreads)
+    if (e % RMAX >= R) sS[e / RMAX][e % RMAX] = 0.0f;
+  // S = scale·Σ_split part, entries in chunks of C <= 256: G = 256 / C thread groups take every G-th split, then
+  // the chunk's C threads add the G group sums in order (a fixed order: deterministic).
+  const int MR = static_cast<int>(M) * R;
+  for (int e0 = 0; e0 < MR; e0 += kDecodeExpandThreads) {
+    const int C = MR - e0 < kDecodeExpandThreads ? MR - e0 : kDecodeExpandThreads;
+    const int G = kDecodeExpandThreads / C;
+    const int g = tid / C;
+    if (g < G) {
+      const float* p = part + e0 + tid % C;
+      float v = 0.0f;
+#pragma unroll 8
+      for (int sp = g; sp < splits; sp += G) v += p[static_cast<int64_t>(sp) * MR];
+      red[tid] = v;
+    }
+    __syncthreads();
+    if (tid < C) {
+      float v = 0.0f;
+      for (int gg = 0; gg < G; ++gg) v += red[gg * C + tid];
+      v *= scale;
+      const int e = e0 + tid;
+      sS[e / R][e % R] = v;
+      if (S_out != nullptr && blockIdx.x == 0) S_out[e] = v;
+    }
+    __syncthreads();
+  }
+  if (!col_ok) return;
+  const auto add_row = [&](int64_t m, float y) {
     const float4* srow = reinterpret_cast<const float4*>(&sS[m][0]);
     float z = 0.0f;
 #pragma unroll
@@ -642,132 +664,12 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
       z = fmaf(sv.z, b[4 * j4 + 2], z);
       z = fmaf(sv.w, b[4 * j4 + 3], z);
     }
-    T* yp = Y + m * sy0 + n;
-    *yp = from_f<T>(to_f<T>(*yp) + z);
-  }
-}
-
-// decode_lora_cluster: the shrink and the expand above in ONE launch on Hopper and newer (sm_90 thread-block
-//   clusters). A cluster of CL blocks (16 where the GPU allows it, else 8) is the whole grid: block b computes the
-//   partial S over its K-slice into its shared memory (the shrink's warp layout), the cluster sums the CL partials
-//   through distributed shared memory in a fixed order (deterministic, no global round trip, no second launch),
-//   and block b adds S·Bᵀ into its N-slice of Y. Launched with programmatic stream serialization: the shrink
-//   phase and the B prefetch may run while the GEMV before it drains; griddepcontrol.wait fences every read of Y.
-//   Bound: latency. Its bytes (A and B, 4·r·(K + N), plus the M rows of X and Y) are 0.3-1.2 MB spread over CL SMs.
-template <typename T, int MT, int RMAX>
-__global__ void __launch_bounds__(kDecodeWarps * 32) decode_lora_cluster_kernel(
-    const T* __restrict__ X, int64_t sx0, int64_t sx1, int64_t M, int64_t K, const float* __restrict__ A, int64_t sa0,
-    int64_t sa1, int R, T* __restrict__ Y, int64_t sy0, int64_t N, const float* __restrict__ B, int64_t sb0,
-    int64_t sb1, float scale, float* __restrict__ S_out, int64_t k_per_block, int64_t n_per_block, bool x_vec,
-    bool a_vec, bool b_vec) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int JPW = RMAX / kDecodeWarps;
-  constexpr int kThreadsHere = kDecodeWarps * 32;
-  __shared__ __align__(16) float sPart[kDecodeMaxM * RMAX];
-  __shared__ __align__(16) float sS[kDecodeMaxM][RMAX];
-  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int blocks = static_cast<int>(cluster.num_blocks());
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t k_begin = rank * k_per_block;
-  const int64_t k_end = k_begin + k_per_block < K ? k_begin + k_per_block : K;
-  const int64_t n_begin = rank * n_per_block;
-  const int64_t n_end = n_begin + n_per_block < N ? n_begin + n_per_block : N;
-  float b[RMAX];
-  const auto load_b = [&](int64_t n) {
-    if (b_vec) {
-      const float4* row = reinterpret_cast<const float4*>(B + n * sb0);
-#pragma unroll
-      for (int j4 = 0; j4 < RMAX / 4; ++j4) {
-        const float4 v = 4 * j4 < R ? __ldg(row + j4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        b[4 * j4 + 0] = v.x;
-        b[4 * j4 + 1] = v.y;
-        b[4 * j4 + 2] = v.z;
-        b[4 * j4 + 3] = v.w;
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < RMAX; ++j) b[j] = j < R ? __ldg(B + n * sb0 + j * sb1) : 0.0f;
-    }
+    Y[m * sy0 + n] = from_f<T>(y + z);
   };
-  if (n_begin + tid < n_end) load_b(n_begin + tid);  // in flight during the shrink
-  for (int64_t m0 = 0; m0 < M; m0 += MT) {
-    float acc[JPW][MT];
 #pragma unroll
-    for (int jj = 0; jj < JPW; ++jj)
-#pragma unroll
-      for (int i = 0; i < MT; ++i) acc[jj][i] = 0.0f;
-    for (int64_t k = k_begin + lane * 4; k < k_end; k += kDecodeStep) {
-      const int valid = static_cast<int>(k_end - k < 4 ? k_end - k : 4);
-      float x[MT][4];
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        if (m0 + i < M) {
-          load4<T>(X + (m0 + i) * sx0 + k * sx1, sx1, valid, x_vec, x[i]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) x[i][e] = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int jj = 0; jj < JPW; ++jj) {
-        const int j = warp + jj * kDecodeWarps;
-        if (j < R) {
-          float a[4];
-          load4<float>(A + j * sa0 + k * sa1, sa1, valid, a_vec, a);
-#pragma unroll
-          for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[jj][i] = fmaf(x[i][e], a[e], acc[jj][i]);
-        }
-      }
-    }
-#pragma unroll
-    for (int jj = 0; jj < JPW; ++jj) {
-      const int j = warp + jj * kDecodeWarps;
-      if (j >= R) break;  // warp-uniform
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        float v = acc[jj][i];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == i && m0 + i < M) sPart[(m0 + i) * R + j] = v;  // an empty K-slice writes its zeros too
-      }
-    }
-  }
-  cluster.sync();
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // the GEMV that wrote Y is complete and visible
-  for (int e = tid; e < M * RMAX; e += kThreadsHere) {
-    const int m = e / RMAX, j = e % RMAX;
-    float v = 0.0f;
-    if (j < R) {
-      for (int r = 0; r < blocks; ++r) v += cluster.map_shared_rank(sPart, r)[m * R + j];
-      v *= scale;
-      if (S_out != nullptr && rank == 0) S_out[m * R + j] = v;
-    }
-    sS[m][j] = v;
-  }
-  cluster.sync();  // sS is complete, and no block exits while another still reads its sPart
-  for (int64_t n = n_begin + tid; n < n_end; n += kThreadsHere) {
-    if (n != n_begin + tid) load_b(n);
-    for (int64_t m = 0; m < M; ++m) {
-      const float4* srow = reinterpret_cast<const float4*>(&sS[m][0]);
-      float z = 0.0f;
-#pragma unroll
-      for (int j4 = 0; j4 < RMAX / 4; ++j4) {
-        const float4 sv = srow[j4];
-        z = fmaf(sv.x, b[4 * j4 + 0], z);
-        z = fmaf(sv.y, b[4 * j4 + 1], z);
-        z = fmaf(sv.z, b[4 * j4 + 2], z);
-        z = fmaf(sv.w, b[4 * j4 + 3], z);
-      }
-      T* yp = Y + m * sy0 + n;
-      *yp = from_f<T>(to_f<T>(*yp) + z);
-    }
-  }
-#else
-  __trap();  // launched only where the device reports compute capability >= 9 (lora_fwd_decode)
-#endif
+  for (int i = 0; i < kPre; ++i)
+    if (i < M) add_row(i, yv[i]);
+  for (int64_t m = kPre; m < M; ++m) add_row(m, to_f<T>(Y[m * sy0 + n]));
 }
 
 // ------------------------------------------------------------------------------------------------ launchers
@@ -1246,48 +1148,24 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_fused(const Tensor& dy2, const Tenso
   return {dx, dA, dB};
 }
 
-// Cluster size of decode_lora_cluster_kernel: 16 blocks where the device runs such clusters (a non-portable size,
-// H100 / H200), else the portable 8. Asked once per instantiation.
-template <typename T, int MT, int RMAX>
-int decode_cluster_blocks() {
-  static const int blocks = [] {
-    const auto kernel = decode_lora_cluster_kernel<T, MT, RMAX>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 8;
-    }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(16);
-    cfg.blockDim = dim3(kDecodeWarps * 32);
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = 16;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) return 16;
-    (void)cudaGetLastError();
-    return 8;
-  }();
-  return blocks;
-}
-
-bool decode_has_clusters(const Tensor& x) {
-  return at::cuda::getDeviceProperties(x.get_device())->major >= 9 && lora_cuda_path() != 3;
-}
-
-// Forward at decode sizes: the base product (ATen's linear, the kernel the base layer itself runs), then the LoRA
-// term added into its output in place -- by decode_lora_cluster (one launch, sm_90+) or by decode_shrink before
-// the product and decode_expand after it (two launches). No zero-fill either way.
+// Forward at decode sizes (decode_shrink / decode_expand above): the shrink, the base product (ATen's linear, the
+// kernel the base layer itself runs), the expand into its output in place. 3 launches, none of them a zero-fill.
 std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, const c10::optional<Tensor>& bias,
                                            const Tensor& A32, const Tensor& B32, double scaling) {
   const auto dt = x2.scalar_type();
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const int R = static_cast<int>(A32.size(0));
   const int mt = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
+  const int64_t mtiles = (M + mt - 1) / mt;
+  const int64_t steps = (K + kDecodeStep - 1) / kDecodeStep;
+  // Enough K-slices to fill the GPU twice over, but splits·M <= 256: every expand block re-sums splits·M·r floats
+  // (at most r loads per thread, issued together).
+  int64_t splits = std::min<int64_t>(steps, std::max<int64_t>(1, (2 * sm_count() + mtiles - 1) / mtiles));
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 256 / M));
+  const int64_t k_per = (steps + splits - 1) / splits * kDecodeStep;
+  splits = (K + k_per - 1) / k_per;
   auto f32 = x2.options().dtype(at::kFloat);
+  Tensor part = at::empty({splits, M, R}, f32);
   Tensor S = at::empty({M, R}, f32);
   const auto aligned = [](const Tensor& t, int64_t bytes) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % static_cast<uintptr_t>(bytes) == 0;
@@ -1297,60 +1175,6 @@ std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, co
   const bool b_vec = R % 4 == 0 && B32.stride(1) == 1 && B32.stride(0) % 4 == 0 && aligned(B32, 16);
   Tensor b = bias.has_value() && bias->defined() ? in_dtype(*bias, dt) : Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (decode_has_clusters(x2)) {
-    Tensor y = at::linear(x2, w, b.defined() ? c10::optional<Tensor>(b) : c10::nullopt);
-    TORCH_INTERNAL_ASSERT(y.dim() == 2 && y.stride(1) == 1, "fastpeft lora decode: expected a row-major output");
-    dispatch_all(dt, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      dispatch_rank(R, [&](auto rmax) {
-        constexpr int RMAX = decltype(rmax)::value;
-        const auto launch = [&](auto mt_c) {
-          constexpr int MT = decltype(mt_c)::value;
-          const int blocks = decode_cluster_blocks<T, MT, RMAX>();
-          const int64_t k_per = ((K + blocks - 1) / blocks + kDecodeStep - 1) / kDecodeStep * kDecodeStep;
-          const int64_t n_per = (N + blocks - 1) / blocks;
-          cudaLaunchConfig_t cfg = {};
-          cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-          cfg.blockDim = dim3(kDecodeWarps * 32);
-          cfg.dynamicSmemBytes = 0;
-          cfg.stream = stream;
-          cudaLaunchAttribute attrs[2];
-          attrs[0].id = cudaLaunchAttributeClusterDimension;
-          attrs[0].val.clusterDim.x = static_cast<unsigned>(blocks);
-          attrs[0].val.clusterDim.y = 1;
-          attrs[0].val.clusterDim.z = 1;
-          attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-          attrs[1].val.programmaticStreamSerializationAllowed = 1;
-          cfg.attrs = attrs;
-          cfg.numAttrs = 2;
-          C10_CUDA_CHECK(cudaLaunchKernelEx(
-              &cfg, decode_lora_cluster_kernel<T, MT, RMAX>, reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0),
-              x2.stride(1), M, K, static_cast<const float*>(A32.data_ptr<float>()), A32.stride(0), A32.stride(1), R,
-              reinterpret_cast<T*>(y.data_ptr()), y.stride(0), N, static_cast<const float*>(B32.data_ptr<float>()),
-              B32.stride(0), B32.stride(1), static_cast<float>(scaling), S.data_ptr<float>(), k_per, n_per, x_vec,
-              a_vec, b_vec));
-        };
-        if (mt == 1) {
-          launch(std::integral_constant<int, 1>());
-        } else if (mt == 2) {
-          launch(std::integral_constant<int, 2>());
-        } else if (mt == 4) {
-          launch(std::integral_constant<int, 4>());
-        } else {
-          launch(std::integral_constant<int, 8>());
-        }
-      });
-    });
-    return {y, S};
-  }
-  const int64_t mtiles = (M + mt - 1) / mt;
-  const int64_t steps = (K + kDecodeStep - 1) / kDecodeStep;
-  // Enough K-slices to fill the GPU twice over, but splits·M <= 512: every expand block re-sums splits·M·r floats.
-  int64_t splits = std::min<int64_t>(steps, std::max<int64_t>(1, (2 * sm_count() + mtiles - 1) / mtiles));
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 512 / M));
-  const int64_t k_per = (steps + splits - 1) / splits * kDecodeStep;
-  splits = (K + k_per - 1) / k_per;
-  Tensor part = at::empty({splits, M, R}, f32);
   dispatch_all(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_rank(R, [&](auto rmax) {
@@ -1399,8 +1223,7 @@ std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, co
 // atomics). A forward without dropout at <= kDecodeMaxM rows takes the decode kernels instead (the base layer's
 // own GEMV, and two small kernels spread over the GPU; deterministic): the fused shrink splits K over too few
 // blocks at these sizes. lora_cuda_path() lets tests and benchmarks force one (set_lora_cuda_path in
-// adapter_ops.cpp: 0 split GEMM, 1 fused, 2 decode where it applies, else as auto; 3 as 2 with the two-kernel
-// decode, the one GPUs without thread-block clusters run).
+// adapter_ops.cpp: 0 split GEMM, 1 fused, 2 decode where it applies, else as auto).
 constexpr int64_t kFusedMaxM = 64;
 
 // LoRA dropout's seed is a host value read per call: a CUDA graph would replay the captured mask forever, so a
@@ -1416,13 +1239,13 @@ void refuse_dropout_in_capture(double p) {
 bool use_fused(int64_t M, int64_t N, int64_t K, int64_t R) {
   if (R > 64 || M == 0 || N == 0 || K == 0 || at::globalContext().deterministicAlgorithms()) return false;
   const int64_t forced = lora_cuda_path();
-  return forced < 0 || forced >= 2 ? M <= kFusedMaxM : forced == 1;
+  return forced < 0 || forced == 2 ? M <= kFusedMaxM : forced == 1;
 }
 
 bool use_decode(int64_t M, int64_t N, int64_t K, int64_t R, double p) {
   if (p > 0.0 || R > 64 || R == 0 || M == 0 || N == 0 || K == 0 || M > kDecodeMaxM) return false;
   const int64_t forced = lora_cuda_path();
-  return forced < 0 || forced >= 2;
+  return forced < 0 || forced == 2;
 }
 
 std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
