@@ -666,10 +666,15 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
     }
     Y[m * sy0 + n] = from_f<T>(y + z);
   };
+  for (int64_t m0 = 0; m0 < M; m0 += kPre) {
+    if (m0 > 0) {  // the next 8 rows' loads issued together, not one round trip per row
 #pragma unroll
-  for (int i = 0; i < kPre; ++i)
-    if (i < M) add_row(i, yv[i]);
-  for (int64_t m = kPre; m < M; ++m) add_row(m, to_f<T>(Y[m * sy0 + n]));
+      for (int i = 0; i < kPre; ++i) yv[i] = m0 + i < M ? to_f<T>(Y[(m0 + i) * sy0 + n]) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kPre; ++i)
+      if (m0 + i < M) add_row(m0 + i, yv[i]);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ launchers

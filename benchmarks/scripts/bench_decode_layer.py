@@ -86,6 +86,25 @@ def host_us(fn, copies: int, calls: int = 64) -> float:
     return (t1 - t0) * 1e6 / calls
 
 
+def kernel_us(fn, copies: int, calls: int = 24) -> dict:
+    """Mean CUDA time per call of each kernel an eager call launches (torch.profiler; kernels serialized as in
+    the stream, so these add up to the call's GPU time without the gaps a graph removes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for n in range(copies):
+        fn(n)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for n in range(calls):
+            fn(n % copies)
+        torch.cuda.synchronize()
+    out = {}
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA and evt.count > 0:
+            out[evt.key[:60]] = round(evt.device_time_total / calls, 2)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, nargs="+", default=[1, 8, 16, 32])
@@ -93,6 +112,7 @@ def main(argv=None):
     ap.add_argument("--replays", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernels", action="store_true", help="also record each row's per-kernel CUDA time (profiler)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_decode_layer.py measures CUDA graphs: it needs a GPU")
@@ -123,11 +143,15 @@ def main(argv=None):
                     try:
                         gpu = graph_us(fn, a.copies, a.replays, a.repeats)
                         host = host_us(fn, a.copies)
+                        kernels = kernel_us(fn, a.copies) if a.kernels else None
                     finally:
                         ops.set_lora_cuda_path(before)
                     floor = floor_bytes.get(name, lora_bytes) / bw * 1e6
                     rows.append({"proj": proj, "K": K, "N": N, "M": M, "impl": name, "gpu_us": round(gpu, 2),
                                  "floor_us": round(floor, 2), "host_us": round(host, 2)})
+                    if kernels is not None:
+                        rows[-1]["kernels_us"] = kernels
+                        print("    " + "; ".join(f"{k}: {v}" for k, v in kernels.items()), flush=True)
                     print(f"{proj:8s} M={M:3d} {name:20s} gpu {gpu:7.2f} us  floor {floor:6.2f}  host {host:6.2f} us",
                           flush=True)
     base_of = {(r["proj"], r["M"]): r["gpu_us"] for r in rows if r["impl"] == "base"}
