@@ -501,22 +501,25 @@ __global__ void __launch_bounds__(256) colexp_kernel(
 }
 
 // ------------------------------------------------------------------------------------------------ decode LoRA
-// The forward at decode sizes (M <= kDecodeMaxM rows, no dropout): Y = X·Wᵀ + b by cuBLAS (the base layer's own
-// product, rounded to the dtype as PEFT's base layer rounds it), then Y = dtype(Y + s·(X·Aᵀ)·Bᵀ) with the LoRA
-// term in fp32 and one rounding (PEFT: `result + lora_B(lora_A(x)) * scaling` in fp32, cast back). Two small
-// kernels beside the GEMV, both spread over the GPU (at these sizes every kernel here is latency-bound: the
-// adapter's bytes, r·(K + N)·4, take 0.1-0.3 µs of HBM time):
+// The forward at decode sizes (M <= kDecodeAutoMaxM rows under auto, no dropout): Y = X·Wᵀ + b by cuBLAS (the
+// base layer's own product, rounded to the dtype as PEFT's base layer rounds it), then Y = dtype(Y + s·(X·Aᵀ)·Bᵀ)
+// with the LoRA term in fp32 and one rounding (PEFT: `result + lora_B(lora_A(x)) * scaling` in fp32, cast back).
+// Two small kernels beside the GEMV, both spread over the GPU (at these sizes every kernel here is latency-bound:
+// the adapter's bytes, r·(K + N)·4, take 0.1-0.3 µs of HBM time):
 // decode_shrink: part[split, m, j] = Σ_{k in split} X[m, k]·A[j, k]. Block: a K-slice of k_per_split columns
-//   (a multiple of 128) and MT rows; warp w owns the rank rows j = w, w + 8, ...; a lane reads 4 consecutive k per
-//   128-column step (16-byte A loads, 8-byte X loads, coalesced across the warp), keeps acc[JPW][MT] in
-//   registers and the warp ends with one butterfly reduction. Bound: A once (r·K·4 bytes) plus X once per
-//   warp (L1 serves the repeats); FLOPs 2·M·K·r.
+//   (a multiple of 128) of ONE row (blocks of 8 rows sharing X measured 2.2x slower on the down projection at 8
+//   rows, H200); warp w owns the rank rows j = w, w + 8, ...; a lane reads 4 consecutive k per 128-column step
+//   (16-byte A loads, 8-byte X loads, coalesced across the warp), keeps acc[JPW] in registers and the warp ends
+//   with one butterfly reduction. Bound: latency; A is read once per row (r·K·4 bytes each,
+//   L2 serves the rows after the first) plus X once per warp; FLOPs 2·M·K·r.
 // decode_expand: Y[m, n] = dtype(Y[m, n] + Σ_j S[m, j]·B[n, j]), S = s·Σ_split part summed in a fixed order by
 //   every block into shared memory (deterministic: no atomics, no zero-fill, no third launch), all 256 threads
 //   sharing the partials' loads. Thread: one column n, B's row and the first 8 rows of Y loaded before the
 //   re-sum (they do not depend on it), all M rows. Bound: B once (N·r·4 bytes) + Y read and written
 //   (2·M·N·elem); the re-sum reads splits·M·r floats per block from L2 (the launcher keeps splits·M <= 256).
-constexpr int kDecodeMaxM = 32;
+constexpr int kDecodeMaxM = 32;      // rows the kernels take (forced: set_lora_cuda_path(2))
+constexpr int kDecodeAutoMaxM = 16;  // rows auto gives them: faster than the fused kernels on every Llama-8B
+                                     // projection up to 16 rows (H200, bench_decode_layer.py), not at 32
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeStep = 128;  // K columns one warp covers per step: 32 lanes x 4
 constexpr int kDecodeExpandThreads = 256;
@@ -542,32 +545,22 @@ __device__ __forceinline__ void load4(const T* p, int64_t stride, int valid, boo
   }
 }
 
-template <typename T, int MT, int JPW>
+template <typename T, int JPW>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
     const T* __restrict__ X, int64_t sx0, int64_t sx1, int64_t M, int64_t K, const float* __restrict__ A,
     int64_t sa0, int64_t sa1, int R, float* __restrict__ part, int64_t k_per_split, bool x_vec, bool a_vec) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * MT;
+  const int64_t m = blockIdx.y;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.x) * k_per_split;
   const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
-  float acc[JPW][MT];
+  float acc[JPW];
 #pragma unroll
-  for (int jj = 0; jj < JPW; ++jj)
-#pragma unroll
-    for (int i = 0; i < MT; ++i) acc[jj][i] = 0.0f;
+  for (int jj = 0; jj < JPW; ++jj) acc[jj] = 0.0f;
 #pragma unroll 2
   for (int64_t k = k_begin + lane * 4; k < k_end; k += kDecodeStep) {
     const int valid = static_cast<int>(k_end - k < 4 ? k_end - k : 4);
-    float x[MT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      if (m0 + i < M) {
-        load4<T>(X + (m0 + i) * sx0 + k * sx1, sx1, valid, x_vec, x[i]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) x[i][e] = 0.0f;
-      }
-    }
+    float x[4];
+    load4<T>(X + m * sx0 + k * sx1, sx1, valid, x_vec, x);
 #pragma unroll
     for (int jj = 0; jj < JPW; ++jj) {
       const int j = warp + jj * kDecodeWarps;
@@ -575,24 +568,19 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
         float a[4];
         load4<float>(A + j * sa0 + k * sa1, sa1, valid, a_vec, a);
 #pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[jj][i] = fmaf(x[i][e], a[e], acc[jj][i]);
+        for (int e = 0; e < 4; ++e) acc[jj] = fmaf(x[e], a[e], acc[jj]);
       }
     }
   }
-  float* out = part + static_cast<int64_t>(blockIdx.x) * M * R;
+  float* out = part + static_cast<int64_t>(blockIdx.x) * M * R + m * R;
 #pragma unroll
   for (int jj = 0; jj < JPW; ++jj) {
     const int j = warp + jj * kDecodeWarps;
     if (j >= R) break;  // warp-uniform
+    float v = acc[jj];
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      float v = acc[jj][i];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == i && m0 + i < M) out[(m0 + i) * R + j] = v;
-    }
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) out[j] = v;
   }
 }
 
@@ -1160,12 +1148,10 @@ std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, co
   const auto dt = x2.scalar_type();
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const int R = static_cast<int>(A32.size(0));
-  const int mt = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
-  const int64_t mtiles = (M + mt - 1) / mt;
   const int64_t steps = (K + kDecodeStep - 1) / kDecodeStep;
-  // Enough K-slices to fill the GPU twice over, but splits·M <= 256: every expand block re-sums splits·M·r floats
-  // (at most r loads per thread, issued together).
-  int64_t splits = std::min<int64_t>(steps, std::max<int64_t>(1, (2 * sm_count() + mtiles - 1) / mtiles));
+  // Enough K-slices to fill the GPU twice over (blocks: splits x M rows), but splits·M <= 256: every expand block
+  // re-sums splits·M·r floats (at most r loads per thread, issued together).
+  int64_t splits = std::min<int64_t>(steps, std::max<int64_t>(1, (2 * sm_count() + M - 1) / M));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 256 / M));
   const int64_t k_per = (steps + splits - 1) / splits * kDecodeStep;
   splits = (K + k_per - 1) / k_per;
@@ -1184,22 +1170,10 @@ std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, co
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_rank(R, [&](auto rmax) {
       constexpr int JPW = decltype(rmax)::value / kDecodeWarps;
-      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(mtiles));
-      const T* X = reinterpret_cast<const T*>(x2.data_ptr());
-#define FASTPEFT_DECODE_SHRINK(MT)                                                                                  \
-  decode_shrink_kernel<T, MT, JPW><<<grid, kDecodeWarps * 32, 0, stream>>>(                                        \
-      X, x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(), A32.stride(0), A32.stride(1), R,                  \
-      part.data_ptr<float>(), k_per, x_vec, a_vec)
-      if (mt == 1) {
-        FASTPEFT_DECODE_SHRINK(1);
-      } else if (mt == 2) {
-        FASTPEFT_DECODE_SHRINK(2);
-      } else if (mt == 4) {
-        FASTPEFT_DECODE_SHRINK(4);
-      } else {
-        FASTPEFT_DECODE_SHRINK(8);
-      }
-#undef FASTPEFT_DECODE_SHRINK
+      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(M));
+      decode_shrink_kernel<T, JPW><<<grid, kDecodeWarps * 32, 0, stream>>>(
+          reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(),
+          A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1225,9 +1199,9 @@ std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, co
 // docs/performance-log.md, 2026-11-29). The fused kernels take half the launches, so they serve small M
 // (<= kFusedMaxM rows: decode, tiny batches), where the FLOPs are negligible and launches are the cost -- unless
 // the rank is above what they hold in registers (64) or determinism is asked for (their backward uses fp32
-// atomics). A forward without dropout at <= kDecodeMaxM rows takes the decode kernels instead (the base layer's
-// own GEMV, and two small kernels spread over the GPU; deterministic): the fused shrink splits K over too few
-// blocks at these sizes. lora_cuda_path() lets tests and benchmarks force one (set_lora_cuda_path in
+// atomics). A forward without dropout at <= kDecodeAutoMaxM rows takes the decode kernels instead (the base
+// layer's own GEMV, and two small kernels spread over the GPU; deterministic): the fused shrink splits K over too
+// few blocks at these sizes. lora_cuda_path() lets tests and benchmarks force one (set_lora_cuda_path in
 // adapter_ops.cpp: 0 split GEMM, 1 fused, 2 decode where it applies, else as auto).
 constexpr int64_t kFusedMaxM = 64;
 
@@ -1248,9 +1222,9 @@ bool use_fused(int64_t M, int64_t N, int64_t K, int64_t R) {
 }
 
 bool use_decode(int64_t M, int64_t N, int64_t K, int64_t R, double p) {
-  if (p > 0.0 || R > 64 || R == 0 || M == 0 || N == 0 || K == 0 || M > kDecodeMaxM) return false;
+  if (p > 0.0 || R > 64 || R == 0 || M == 0 || N == 0 || K == 0) return false;
   const int64_t forced = lora_cuda_path();
-  return forced < 0 || forced == 2;
+  return (forced < 0 && M <= kDecodeAutoMaxM) || (forced == 2 && M <= kDecodeMaxM);
 }
 
 std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
