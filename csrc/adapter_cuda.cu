@@ -21,7 +21,6 @@
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -505,9 +504,8 @@ __global__ void __launch_bounds__(256) colexp_kernel(
 // The forward at decode sizes (M <= kDecodeAutoMaxM rows under auto, no dropout): Y = X·Wᵀ + b by cuBLAS (the
 // base layer's own product, rounded to the dtype as PEFT's base layer rounds it), then Y = dtype(Y + s·(X·Aᵀ)·Bᵀ)
 // with the LoRA term in fp32 and one rounding (PEFT: `result + lora_B(lora_A(x)) * scaling` in fp32, cast back).
-// The LoRA term is two steps spread over the GPU, run as one cooperative kernel after the GEMV (decode_lora) or as
-// two kernels around it (at these sizes every kernel here is latency-bound: the adapter's bytes, r·(K + N)·4, take
-// 0.1-0.3 µs of HBM time):
+// Two small kernels beside the GEMV, both spread over the GPU (at these sizes every kernel here is latency-bound:
+// the adapter's bytes, r·(K + N)·4, take 0.1-0.3 µs of HBM time):
 // decode_shrink: part[split, m, j] = Σ_{k in split} X[m, k]·A[j, k]. Block: a K-slice of k_per_split columns
 //   (a multiple of 128) of ONE row (blocks of 8 rows sharing X measured 2.2x slower on the down projection at 8
 //   rows, H200); warp w owns the rank rows j = w, w + 8, ...; a lane reads 4 consecutive k per 128-column step
@@ -547,14 +545,13 @@ __device__ __forceinline__ void load4(const T* p, int64_t stride, int valid, boo
   }
 }
 
-// One (split, row) item of the shrink: part[split, m, :] over the K-slice of `split` (see decode_shrink above).
 template <typename T, int JPW>
-__device__ __forceinline__ void decode_shrink_item(const T* __restrict__ X, int64_t sx0, int64_t sx1, int64_t M,
-                                                   int64_t K, const float* __restrict__ A, int64_t sa0, int64_t sa1,
-                                                   int R, float* __restrict__ part, int64_t k_per_split,
-                                                   int64_t split, int64_t m, bool x_vec, bool a_vec) {
+__global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
+    const T* __restrict__ X, int64_t sx0, int64_t sx1, int64_t M, int64_t K, const float* __restrict__ A,
+    int64_t sa0, int64_t sa1, int R, float* __restrict__ part, int64_t k_per_split, bool x_vec, bool a_vec) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t k_begin = split * k_per_split;
+  const int64_t m = blockIdx.y;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.x) * k_per_split;
   const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
   float acc[JPW];
 #pragma unroll
@@ -575,7 +572,7 @@ __device__ __forceinline__ void decode_shrink_item(const T* __restrict__ X, int6
       }
     }
   }
-  float* out = part + split * M * R + m * R;
+  float* out = part + static_cast<int64_t>(blockIdx.x) * M * R + m * R;
 #pragma unroll
   for (int jj = 0; jj < JPW; ++jj) {
     const int j = warp + jj * kDecodeWarps;
@@ -587,14 +584,18 @@ __device__ __forceinline__ void decode_shrink_item(const T* __restrict__ X, int6
   }
 }
 
-constexpr int kDecodePreRows = 8;  // rows of Y a thread loads before the re-sum
-
-// Column n's B row (zero past R) and the first kDecodePreRows rows of Y (zero past M, or when n >= N).
 template <typename T, int RMAX>
-__device__ __forceinline__ void decode_load_column(const T* __restrict__ Y, int64_t sy0, int64_t M, int64_t N,
-                                                   int64_t n, const float* __restrict__ B, int64_t sb0, int64_t sb1,
-                                                   int R, bool b_vec, float b[RMAX], float yv[kDecodePreRows]) {
+__global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
+    T* __restrict__ Y, int64_t sy0, int64_t M, int64_t N, const float* __restrict__ part, int splits, int R,
+    float scale, float* __restrict__ S_out, const float* __restrict__ B, int64_t sb0, int64_t sb1, bool b_vec) {
+  constexpr int kPre = 8;  // rows of Y read before the re-sum
+  __shared__ __align__(16) float sS[kDecodeMaxM][RMAX];
+  __shared__ float red[kDecodeExpandThreads];
+  const int tid = threadIdx.x;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kDecodeExpandThreads + tid;
   const bool col_ok = n < N;
+  // B's row and the first rows of Y do not depend on S: their loads are in flight during the re-sum.
+  float b[RMAX];
   if (b_vec && col_ok) {
     const float4* row = reinterpret_cast<const float4*>(B + n * sb0);
 #pragma unroll
@@ -609,19 +610,13 @@ __device__ __forceinline__ void decode_load_column(const T* __restrict__ Y, int6
 #pragma unroll
     for (int j = 0; j < RMAX; ++j) b[j] = col_ok && j < R ? __ldg(B + n * sb0 + j * sb1) : 0.0f;
   }
+  float yv[kPre];
 #pragma unroll
-  for (int i = 0; i < kDecodePreRows; ++i) yv[i] = col_ok && i < M ? to_f<T>(Y[i * sy0 + n]) : 0.0f;
-}
-
-// sS = scale·Σ_split part (zero past R), summed by the whole block: entries in chunks of C <= 256, G = 256 / C
-// thread groups take every G-th split, then the chunk's C threads add the G group sums in order (a fixed order:
-// deterministic). S_out (if given) receives S. Every thread of the block calls it (barriers inside).
-template <int RMAX>
-__device__ __forceinline__ void decode_resum(float (*sS)[RMAX], float* red, const float* __restrict__ part,
-                                             int splits, int64_t M, int R, float scale, float* __restrict__ S_out) {
-  const int tid = threadIdx.x;
+  for (int i = 0; i < kPre; ++i) yv[i] = col_ok && i < M ? to_f<T>(Y[i * sy0 + n]) : 0.0f;
   for (int e = tid; e < M * RMAX; e += kDecodeExpandThreads)
     if (e % RMAX >= R) sS[e / RMAX][e % RMAX] = 0.0f;
+  // S = scale·Σ_split part, entries in chunks of C <= 256: G = 256 / C thread groups take every G-th split, then
+  // the chunk's C threads add the G group sums in order (a fixed order: deterministic).
   const int MR = static_cast<int>(M) * R;
   for (int e0 = 0; e0 < MR; e0 += kDecodeExpandThreads) {
     const int C = MR - e0 < kDecodeExpandThreads ? MR - e0 : kDecodeExpandThreads;
@@ -641,91 +636,32 @@ __device__ __forceinline__ void decode_resum(float (*sS)[RMAX], float* red, cons
       v *= scale;
       const int e = e0 + tid;
       sS[e / R][e % R] = v;
-      if (S_out != nullptr) S_out[e] = v;
+      if (S_out != nullptr && blockIdx.x == 0) S_out[e] = v;
     }
     __syncthreads();
   }
-}
-
-// Y[m, n] = dtype(Y[m, n] + Σ_j sS[m, j]·b[j]) for all M rows of column n (no-op past N); yv holds the first rows.
-template <typename T, int RMAX>
-__device__ __forceinline__ void decode_add_column(T* __restrict__ Y, int64_t sy0, int64_t M, int64_t N, int64_t n,
-                                                  const float (*sS)[RMAX], const float b[RMAX],
-                                                  float yv[kDecodePreRows]) {
-  if (n >= N) return;
-  for (int64_t m0 = 0; m0 < M; m0 += kDecodePreRows) {
-    if (m0 > 0) {  // the next rows' loads issued together, not one round trip per row
+  if (!col_ok) return;
+  const auto add_row = [&](int64_t m, float y) {
+    const float4* srow = reinterpret_cast<const float4*>(&sS[m][0]);
+    float z = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kDecodePreRows; ++i) yv[i] = m0 + i < M ? to_f<T>(Y[(m0 + i) * sy0 + n]) : 0.0f;
+    for (int j4 = 0; j4 < RMAX / 4; ++j4) {
+      const float4 sv = srow[j4];
+      z = fmaf(sv.x, b[4 * j4 + 0], z);
+      z = fmaf(sv.y, b[4 * j4 + 1], z);
+      z = fmaf(sv.z, b[4 * j4 + 2], z);
+      z = fmaf(sv.w, b[4 * j4 + 3], z);
+    }
+    Y[m * sy0 + n] = from_f<T>(y + z);
+  };
+  for (int64_t m0 = 0; m0 < M; m0 += kPre) {
+    if (m0 > 0) {  // the next 8 rows' loads issued together, not one round trip per row
+#pragma unroll
+      for (int i = 0; i < kPre; ++i) yv[i] = m0 + i < M ? to_f<T>(Y[(m0 + i) * sy0 + n]) : 0.0f;
     }
 #pragma unroll
-    for (int i = 0; i < kDecodePreRows; ++i) {
-      if (m0 + i >= M) break;
-      const float4* srow = reinterpret_cast<const float4*>(&sS[m0 + i][0]);
-      float z = 0.0f;
-#pragma unroll
-      for (int j4 = 0; j4 < RMAX / 4; ++j4) {
-        const float4 sv = srow[j4];
-        z = fmaf(sv.x, b[4 * j4 + 0], z);
-        z = fmaf(sv.y, b[4 * j4 + 1], z);
-        z = fmaf(sv.z, b[4 * j4 + 2], z);
-        z = fmaf(sv.w, b[4 * j4 + 3], z);
-      }
-      Y[(m0 + i) * sy0 + n] = from_f<T>(yv[i] + z);
-    }
-  }
-}
-
-template <typename T, int JPW>
-__global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
-    const T* __restrict__ X, int64_t sx0, int64_t sx1, int64_t M, int64_t K, const float* __restrict__ A,
-    int64_t sa0, int64_t sa1, int R, float* __restrict__ part, int64_t k_per_split, bool x_vec, bool a_vec) {
-  decode_shrink_item<T, JPW>(X, sx0, sx1, M, K, A, sa0, sa1, R, part, k_per_split, blockIdx.x, blockIdx.y, x_vec,
-                             a_vec);
-}
-
-template <typename T, int RMAX>
-__global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
-    T* __restrict__ Y, int64_t sy0, int64_t M, int64_t N, const float* __restrict__ part, int splits, int R,
-    float scale, float* __restrict__ S_out, const float* __restrict__ B, int64_t sb0, int64_t sb1, bool b_vec) {
-  __shared__ __align__(16) float sS[kDecodeMaxM][RMAX];
-  __shared__ float red[kDecodeExpandThreads];
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kDecodeExpandThreads + threadIdx.x;
-  // B's row and the first rows of Y do not depend on S: their loads are in flight during the re-sum.
-  float b[RMAX], yv[kDecodePreRows];
-  decode_load_column<T, RMAX>(Y, sy0, M, N, n, B, sb0, sb1, R, b_vec, b, yv);
-  decode_resum<RMAX>(sS, red, part, splits, M, R, scale, blockIdx.x == 0 ? S_out : nullptr);
-  decode_add_column<T, RMAX>(Y, sy0, M, N, n, sS, b, yv);
-}
-
-// decode_lora: the two kernels above as ONE cooperative launch (every block resident, so a grid-wide barrier is
-// safe): the shrink's (split, row) items spread over the grid, grid.sync(), then every block re-sums the partials
-// and adds S·Bᵀ into its columns (grid-strided). Saves a launch and the second kernel's ramp; the barrier costs
-// what a kernel boundary would, minus the launch. B's row and Y's first rows of each thread's first column load
-// before the shrink (nothing in them depends on it).
-template <typename T, int RMAX>
-__global__ void __launch_bounds__(kDecodeExpandThreads) decode_lora_kernel(
-    const T* __restrict__ X, int64_t sx0, int64_t sx1, int64_t M, int64_t K, const float* __restrict__ A,
-    int64_t sa0, int64_t sa1, int R, float* __restrict__ part, int64_t k_per_split, int splits, bool x_vec,
-    bool a_vec, T* __restrict__ Y, int64_t sy0, int64_t N, const float* __restrict__ B, int64_t sb0, int64_t sb1,
-    float scale, float* __restrict__ S_out, bool b_vec) {
-  static_assert(kDecodeExpandThreads == kDecodeWarps * 32, "the shrink items use the expand's block");
-  constexpr int JPW = RMAX / kDecodeWarps;
-  __shared__ __align__(16) float sS[kDecodeMaxM][RMAX];
-  __shared__ float red[kDecodeExpandThreads];
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kDecodeExpandThreads;
-  int64_t n = static_cast<int64_t>(blockIdx.x) * kDecodeExpandThreads + threadIdx.x;
-  float b[RMAX], yv[kDecodePreRows];
-  decode_load_column<T, RMAX>(Y, sy0, M, N, n, B, sb0, sb1, R, b_vec, b, yv);
-  for (int64_t item = blockIdx.x; item < static_cast<int64_t>(splits) * M; item += gridDim.x)
-    decode_shrink_item<T, JPW>(X, sx0, sx1, M, K, A, sa0, sa1, R, part, k_per_split, item / M, item % M, x_vec,
-                               a_vec);
-  cooperative_groups::this_grid().sync();  // every partial written and visible
-  decode_resum<RMAX>(sS, red, part, splits, M, R, scale, blockIdx.x == 0 ? S_out : nullptr);
-  decode_add_column<T, RMAX>(Y, sy0, M, N, n, sS, b, yv);
-  for (n += stride; n - threadIdx.x < N; n += stride) {  // block-uniform bound: more columns than threads
-    decode_load_column<T, RMAX>(Y, sy0, M, N, n, B, sb0, sb1, R, b_vec, b, yv);
-    decode_add_column<T, RMAX>(Y, sy0, M, N, n, sS, b, yv);
+    for (int i = 0; i < kPre; ++i)
+      if (m0 + i < M) add_row(m0 + i, yv[i]);
   }
 }
 
@@ -1205,46 +1141,8 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_fused(const Tensor& dy2, const Tenso
   return {dx, dA, dB};
 }
 
-// Blocks of decode_lora_kernel that can be resident at once on this device (its cooperative grid's limit); 0: the
-// kernel cannot run as a cooperative launch here (the two-kernel decode runs instead). Asked once per instantiation.
-template <typename T, int RMAX>
-int decode_lora_max_blocks() {
-  static const int blocks = [] {
-    int per_sm = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_lora_kernel<T, RMAX>, kDecodeExpandThreads,
-                                                      0) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 0;
-    }
-    return per_sm * sm_count();
-  }();
-  return blocks;
-}
-
-// Forward at decode sizes: the base product (ATen's linear, the kernel the base layer itself runs) and the LoRA
-// term added into its output in place, by decode_lora (one cooperative launch after the product) or, where a
-// cooperative launch is not available (or set_lora_cuda_path(3) asks for it), decode_shrink before the product
-// and decode_expand after it. No zero-fill either way.
-// decode_expand over Y (in place) from the shrink's partials; S receives s·X·Aᵀ.
-void decode_expand(Tensor& y, const Tensor& part, int64_t splits, const Tensor& B32, double scaling, Tensor& S,
-                   bool b_vec) {
-  const int64_t M = y.size(0), N = y.size(1);
-  const int R = static_cast<int>(B32.size(1));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_all(y.scalar_type(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_rank(R, [&](auto rmax) {
-      constexpr int RMAX = decltype(rmax)::value;
-      const unsigned blocks = static_cast<unsigned>((N + kDecodeExpandThreads - 1) / kDecodeExpandThreads);
-      decode_expand_kernel<T, RMAX><<<blocks, kDecodeExpandThreads, 0, stream>>>(
-          reinterpret_cast<T*>(y.data_ptr()), y.stride(0), M, N, part.data_ptr<float>(), static_cast<int>(splits), R,
-          static_cast<float>(scaling), S.data_ptr<float>(), B32.data_ptr<float>(), B32.stride(0), B32.stride(1),
-          b_vec);
-    });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
+// Forward at decode sizes (decode_shrink / decode_expand above): the shrink, the base product (ATen's linear, the
+// kernel the base layer itself runs), the expand into its output in place. 3 launches, none of them a zero-fill.
 std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, const c10::optional<Tensor>& bias,
                                            const Tensor& A32, const Tensor& B32, double scaling) {
   const auto dt = x2.scalar_type();
@@ -1268,68 +1166,31 @@ std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, co
   const bool b_vec = R % 4 == 0 && B32.stride(1) == 1 && B32.stride(0) % 4 == 0 && aligned(B32, 16);
   Tensor b = bias.has_value() && bias->defined() ? in_dtype(*bias, dt) : Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool cooperative = lora_cuda_path() != 3 && at::cuda::getDeviceProperties(x2.get_device())->cooperativeLaunch;
-  const c10::optional<Tensor> bias_opt = b.defined() ? c10::optional<Tensor>(b) : c10::nullopt;
-  if (cooperative) {
-    Tensor y = at::linear(x2, w, bias_opt);
-    TORCH_INTERNAL_ASSERT(y.dim() == 2 && y.stride(1) == 1, "fastpeft lora decode: expected a row-major output");
-    bool launched = false;
-    dispatch_all(dt, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      dispatch_rank(R, [&](auto rmax) {
-        constexpr int RMAX = decltype(rmax)::value;
-        const int64_t max_blocks = decode_lora_max_blocks<T, RMAX>();
-        if (max_blocks == 0) return;
-        const int64_t wanted = std::max<int64_t>(splits * M, (N + kDecodeExpandThreads - 1) / kDecodeExpandThreads);
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(static_cast<unsigned>(std::min(max_blocks, wanted)));
-        cfg.blockDim = dim3(kDecodeExpandThreads);
-        cfg.dynamicSmemBytes = 0;
-        cfg.stream = stream;
-        cudaLaunchAttribute attr;
-        attr.id = cudaLaunchAttributeCooperative;
-        attr.val.cooperative = 1;
-        cfg.attrs = &attr;
-        cfg.numAttrs = 1;
-        C10_CUDA_CHECK(cudaLaunchKernelEx(
-            &cfg, decode_lora_kernel<T, RMAX>, reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1),
-            M, K, static_cast<const float*>(A32.data_ptr<float>()), A32.stride(0), A32.stride(1), R,
-            part.data_ptr<float>(), k_per, static_cast<int>(splits), x_vec, a_vec, reinterpret_cast<T*>(y.data_ptr()),
-            y.stride(0), N, static_cast<const float*>(B32.data_ptr<float>()), B32.stride(0), B32.stride(1),
-            static_cast<float>(scaling), S.data_ptr<float>(), b_vec));
-        launched = true;
-      });
-    });
-    if (launched) return {y, S};
-    // no cooperative grid fits this instantiation: the two-kernel decode, after the product already made
-    dispatch_all(dt, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      dispatch_rank(R, [&](auto rmax) {
-        constexpr int JPW = decltype(rmax)::value / kDecodeWarps;
-        decode_shrink_kernel<T, JPW><<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(M)),
-                                       kDecodeWarps * 32, 0, stream>>>(
-            reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(),
-            A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec);
-      });
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    decode_expand(y, part, splits, B32, scaling, S, b_vec);
-    return {y, S};
-  }
   dispatch_all(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_rank(R, [&](auto rmax) {
       constexpr int JPW = decltype(rmax)::value / kDecodeWarps;
-      decode_shrink_kernel<T, JPW><<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(M)), kDecodeWarps * 32,
-                                     0, stream>>>(
+      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(M));
+      decode_shrink_kernel<T, JPW><<<grid, kDecodeWarps * 32, 0, stream>>>(
           reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(),
           A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  Tensor y = at::linear(x2, w, bias_opt);
+  Tensor y = at::linear(x2, w, b.defined() ? c10::optional<Tensor>(b) : c10::nullopt);
   TORCH_INTERNAL_ASSERT(y.dim() == 2 && y.stride(1) == 1, "fastpeft lora decode: expected a row-major output");
-  decode_expand(y, part, splits, B32, scaling, S, b_vec);
+  dispatch_all(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_rank(R, [&](auto rmax) {
+      constexpr int RMAX = decltype(rmax)::value;
+      const unsigned blocks = static_cast<unsigned>((N + kDecodeExpandThreads - 1) / kDecodeExpandThreads);
+      decode_expand_kernel<T, RMAX><<<blocks, kDecodeExpandThreads, 0, stream>>>(
+          reinterpret_cast<T*>(y.data_ptr()), y.stride(0), M, N, part.data_ptr<float>(), static_cast<int>(splits), R,
+          static_cast<float>(scaling), S.data_ptr<float>(), B32.data_ptr<float>(), B32.stride(0), B32.stride(1),
+          b_vec);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, S};
 }
 
@@ -1341,8 +1202,7 @@ std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, co
 // atomics). A forward without dropout at <= kDecodeAutoMaxM rows takes the decode kernels instead (the base
 // layer's own GEMV, and two small kernels spread over the GPU; deterministic): the fused shrink splits K over too
 // few blocks at these sizes. lora_cuda_path() lets tests and benchmarks force one (set_lora_cuda_path in
-// adapter_ops.cpp: 0 split GEMM, 1 fused, 2 decode where it applies, else as auto; 3 as 2 with the two-kernel
-// decode instead of the cooperative one).
+// adapter_ops.cpp: 0 split GEMM, 1 fused, 2 decode where it applies, else as auto).
 constexpr int64_t kFusedMaxM = 64;
 
 // LoRA dropout's seed is a host value read per call: a CUDA graph would replay the captured mask forever, so a
@@ -1358,13 +1218,13 @@ void refuse_dropout_in_capture(double p) {
 bool use_fused(int64_t M, int64_t N, int64_t K, int64_t R) {
   if (R > 64 || M == 0 || N == 0 || K == 0 || at::globalContext().deterministicAlgorithms()) return false;
   const int64_t forced = lora_cuda_path();
-  return forced < 0 || forced >= 2 ? M <= kFusedMaxM : forced == 1;
+  return forced < 0 || forced == 2 ? M <= kFusedMaxM : forced == 1;
 }
 
 bool use_decode(int64_t M, int64_t N, int64_t K, int64_t R, double p) {
   if (p > 0.0 || R > 64 || R == 0 || M == 0 || N == 0 || K == 0) return false;
   const int64_t forced = lora_cuda_path();
-  return (forced < 0 && M <= kDecodeAutoMaxM) || (forced >= 2 && M <= kDecodeMaxM);
+  return (forced < 0 && M <= kDecodeAutoMaxM) || (forced == 2 && M <= kDecodeMaxM);
 }
 
 std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,

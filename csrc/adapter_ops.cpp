@@ -693,13 +693,12 @@ Tensor ia3_linear_autograd(const Tensor& x, const Tensor& weight, const c10::opt
 
 // Which LoRA composition CUDA calls take (adapter_cuda.cu): -1 automatic, 0 the split-GEMM composition, 1 the fused
 // kernels, 2 the decode forward where it applies (no dropout, <= 32 rows where auto stops at 16, rank <= 64; else as
-// automatic), 3 as 2 with the decode's two-kernel variant. A process-wide testing / benchmarking hook (fastpeft_ops::set_lora_cuda_path), not a user setting.
+// automatic). A process-wide testing / benchmarking hook (fastpeft_ops::set_lora_cuda_path), not a user setting.
 std::atomic<int64_t> g_lora_cuda_path{-1};
 int64_t lora_cuda_path() { return g_lora_cuda_path.load(std::memory_order_relaxed); }
 int64_t set_lora_cuda_path(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 3,
-              "set_lora_cuda_path: mode must be -1 (auto), 0 (split GEMM), 1 (fused), 2 (decode) or 3 (two-kernel "
-              "decode)");
+  TORCH_CHECK(mode >= -1 && mode <= 2,
+              "set_lora_cuda_path: mode must be -1 (auto), 0 (split GEMM), 1 (fused) or 2 (decode)");
   return g_lora_cuda_path.exchange(mode);
 }
 

@@ -8,8 +8,8 @@ Per Llama-3.1-8B projection shape and M: `--copies` distinct weight sets (so W i
 decode step, not from L2) are called once each inside one captured graph; the graph is replayed `--replays`
 times and timed with CUDA events; GPU µs per call = total / (replays * copies), the median of `--repeats`.
 Rows: base (F.linear), peft (F.linear + (x.float() @ Aᵀ) @ Bᵀ * s cast back: PEFT's Linear.forward in eager),
-fastpeft decode / decode two-kernel / fused / split-gemm (torch.ops.fastpeft_ops.set_lora_cuda_path 2 / 3 / 1 / 0;
-"auto" picks decode at small M without dropout: one cooperative launch after the GEMV, or two kernels around it). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured in the same run.
+fastpeft decode / fused / split-gemm (torch.ops.fastpeft_ops.set_lora_cuda_path 2 / 1 / 0; "auto" picks decode at
+small M without dropout). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured in the same run.
 Host µs per call: wall time of 64 eager calls issued without a sync (no_grad), before the launch queue fills.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from fastpeft.ops import cpp_ops  # noqa: E402
 
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 RANK, SCALING = 16, 2.0
-PATHS = {"fastpeft decode": 2, "fastpeft decode two-kernel": 3, "fastpeft fused": 1, "fastpeft split-gemm": 0}
+PATHS = {"fastpeft decode": 2, "fastpeft fused": 1, "fastpeft split-gemm": 0}
 
 
 def copy_bandwidth() -> float:

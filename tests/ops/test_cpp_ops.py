@@ -280,7 +280,7 @@ def test_set_lora_cuda_path_is_validated():
     ops = torch.ops.fastpeft_ops
     before = ops.set_lora_cuda_path(-1)
     try:
-        for bad in (4, -2):
+        for bad in (3, -2):
             with pytest.raises(RuntimeError, match="mode must be"):
                 ops.set_lora_cuda_path(bad)
     finally:
@@ -354,16 +354,14 @@ def test_gpu_paths_agree_and_fused_is_deterministic_forward(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", [2, 3], ids=["cooperative", "two-kernel"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_decode_path_matches_reference(dtype, mode):
-    """The decode forward (no dropout, few rows: the base GEMV and csrc decode_lora, or decode_shrink /
-    decode_expand around it) over its edges: 1-32 rows, K not a multiple of 4 or of the 128-column step, ranks 1-64
-    and ranks not a multiple of 4 (scalar B loads), more columns than the cooperative grid has threads, strided X,
-    a transposed weight, bias; the backward (the fused kernels) runs from the S it saved. Forced up to 32 rows,
-    beyond what auto gives it."""
+def test_gpu_decode_path_matches_reference(dtype):
+    """The decode forward (no dropout, few rows: csrc decode_shrink / decode_expand around the base GEMV) over its
+    edges: row tiles of 1, 2, 4 and 8 rows and partial ones, K not a multiple of 4 or of the 128-column step, ranks
+    1-64 and ranks not a multiple of 4 (scalar B loads), strided X, a transposed weight, bias; the backward (the
+    fused kernels) runs from the S it saved. Forced (mode 2) up to 32 rows, beyond what auto gives it."""
     ops = torch.ops.fastpeft_ops
-    before = ops.set_lora_cuda_path(mode)
+    before = ops.set_lora_cuda_path(2)
     try:
         for (B, T, K, N, r, layout, w_t, bias) in [
             (1, 1, 4096, 4096, 16, "contig", False, False),
@@ -374,7 +372,6 @@ def test_gpu_decode_path_matches_reference(dtype, mode):
             (1, 13, 1000, 777, 8, "contig", True, False),
             (2, 1, 515, 96, 1, "strided_k", False, True),
             (3, 9, 130, 70, 32, "contig", False, True),
-            (1, 2, 64, 150001, 16, "contig", False, True),  # > 2 columns per thread of the cooperative grid
         ]:
             torch.manual_seed(B * T + K + r)
             _check_lora(dtype, B, T, K, N, r, layout, w_t, bias, 0.0, 0, device="cuda",
@@ -396,7 +393,7 @@ def test_gpu_auto_takes_the_decode_path_up_to_16_rows(M):
     Bw = torch.randn(1024, 16, device="cuda")
     ops = torch.ops.fastpeft_ops
     outs = {}
-    for mode in (-1, 2, 3, 1):
+    for mode in (-1, 2, 1):
         before = ops.set_lora_cuda_path(mode)
         try:
             outs[mode] = [cpp_ops.lora_linear(x, w, b, A, Bw, 2.0) for _ in range(2)]
@@ -404,7 +401,6 @@ def test_gpu_auto_takes_the_decode_path_up_to_16_rows(M):
             ops.set_lora_cuda_path(before)
     assert torch.equal(outs[2][0], outs[2][1])
     assert torch.equal(outs[-1][0], outs[2 if M <= 16 else 1][0])
-    assert torch.equal(outs[2][0], outs[3][0])  # one launch or two: the same partials, summed in the same order
     if M <= 32:  # PEFT's rounding: the base output rounded to bf16, the LoRA term added in fp32, rounded once more
         lora = (x.float() @ A.t()) @ Bw.t() * 2.0
         peft_like = (torch.nn.functional.linear(x, w, b).float() + lora).to(torch.bfloat16)
@@ -413,8 +409,7 @@ def test_gpu_auto_takes_the_decode_path_up_to_16_rows(M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", [2, 3], ids=["cooperative", "two-kernel"])
-def test_gpu_decode_path_replays_in_a_cuda_graph(mode):
+def test_gpu_decode_path_replays_in_a_cuda_graph():
     """The decode forward captured in a CUDA graph (compiled static-cache decode) replays with new inputs and new
     adapter values and matches eager calls: nothing of the first call is baked in."""
     torch.manual_seed(11)
@@ -423,7 +418,7 @@ def test_gpu_decode_path_replays_in_a_cuda_graph(mode):
     A = torch.randn(16, 1000, device="cuda") / 32
     Bw = torch.randn(3000, 16, device="cuda")
     ops = torch.ops.fastpeft_ops
-    before = ops.set_lora_cuda_path(mode)
+    before = ops.set_lora_cuda_path(2)
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
