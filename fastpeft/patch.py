@@ -195,17 +195,27 @@ def _install_input_grad_hook(model: nn.Module, state: PatchState) -> None:
     embeddings = get_in() if callable(get_in) else None
     if embeddings is None:
         return
-    root_ref = weakref.ref(root)
+    state.hooks.append(embeddings.register_forward_hook(_InputGradHook(root)))
 
-    def hook(_module, _inputs, output):
-        owner = root_ref()
+
+class _InputGradHook:
+    """The forward hook of ``_install_input_grad_hook``. It holds the model weakly (no reference cycle through the
+    embeddings' hook dict: a deleted model is freed at once) and is a module-level class so that ``torch.save`` of a
+    whole patched model can pickle it: it pickles as a reference to the model, made weak again on load."""
+
+    def __init__(self, root: nn.Module):
+        self._root = weakref.ref(root)
+
+    def __call__(self, _module, _inputs, output):
+        owner = self._root()
         if owner is None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
             return None
         if _checkpointing(owner) and not output.requires_grad:
             return output.requires_grad_(True)
         return None
 
-    state.hooks.append(embeddings.register_forward_hook(hook))
+    def __reduce__(self):
+        return (_InputGradHook, (self._root(),))
 
 
 def _install_adapter_names(model: nn.Module, state: PatchState) -> None:

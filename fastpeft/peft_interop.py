@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-import functools
+import weakref
 
 import torch.nn as nn
 
@@ -49,23 +49,40 @@ def _peft_generate(model: nn.Module, *args, **kwargs):
         return type(model).generate(model, *args, **kwargs)
 
 
+class _RoutedMethod:
+    """``model.<attr>`` routed to ``fn(model, ...)``, kept in the model's ``__dict__``. It holds the model weakly: a
+    strong reference would be a cycle (model -> __dict__ -> method -> model), so a deleted model (and its GPU
+    memory) would wait for Python's cycle collector. Pickles as ``fn`` and a reference to the model, so
+    ``torch.save`` of a whole patched model keeps the routing, bound to the loaded model."""
+
+    fastpeft_hook = True
+
+    def __init__(self, fn, model: nn.Module):
+        self._fn = fn
+        self._model = weakref.ref(model)
+
+    def __call__(self, *args, **kwargs):
+        model = self._model()
+        if model is None:
+            raise ReferenceError(f"fastpeft: {self._fn.__name__} was called on a model that no longer exists")
+        return self._fn(model, *args, **kwargs)
+
+    def __reduce__(self):
+        return (_RoutedMethod, (self._fn, self._model()))
+
+
 def route_generate(model: nn.Module) -> None:
     """Route a patched model's ``generate`` so that ``adapter_names=`` runs a mixed batch (transformers' own generate
     refuses a keyword its forward does not name)."""
     if hasattr(type(model), _GENERATE_HOOK):
-        hook = functools.partial(_peft_generate, model)
-        hook.fastpeft_hook = True
-        model.__dict__[_GENERATE_HOOK] = hook
+        model.__dict__[_GENERATE_HOOK] = _RoutedMethod(_peft_generate, model)
 
 
 def route_peft_methods(model: nn.Module) -> None:
     """Route ``save_pretrained`` and ``generate`` of a converted PeftModel (see the module docstring)."""
     for attr, fn in ((_SAVE_HOOK, _peft_save_pretrained), (_GENERATE_HOOK, _peft_generate)):
-        if not hasattr(type(model), attr):
-            continue
-        hook = functools.partial(fn, model)
-        hook.fastpeft_hook = True
-        model.__dict__[attr] = hook
+        if hasattr(type(model), attr):
+            model.__dict__[attr] = _RoutedMethod(fn, model)
 
 
 def unroute_peft_methods(model: nn.Module) -> None:

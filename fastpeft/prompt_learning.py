@@ -28,6 +28,7 @@ import functools
 import inspect
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -300,7 +301,9 @@ class _Routing:
     puts back exactly what was there before. Kept in ``PatchState.hooks``, so ``unpatch`` calls ``remove``."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        # weakly: the model holds this routing (model -> __dict__ -> _Routed -> routing), and a strong reference
+        # back would make a deleted model (and its GPU memory) wait for Python's cycle collector
+        self._model_ref = weakref.ref(model)
         self.previous: Dict[str, Any] = {}  # instance attributes replaced (accelerate's forward hook, ...)
         self.installed: Dict[str, _Routed] = {}
         self.generating = False
@@ -312,6 +315,23 @@ class _Routing:
                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         # the forward keyword of the KV cache: "cache" from transformers 5.x on, "past_key_values" before
         self.cache_key = "cache" if "cache" in signature.parameters else "past_key_values"
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model_ref()
+        if model is None:
+            raise ReferenceError("fastpeft: prompt learning's routing outlived its model")
+        return model
+
+    def __getstate__(self) -> Dict[str, Any]:  # pickle / deepcopy: the model itself, made weak again on load
+        state = dict(self.__dict__)
+        state["_model_ref"] = self._model_ref()
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        model = state.pop("_model_ref")
+        self.__dict__.update(state)
+        self._model_ref = weakref.ref(model)
 
     def base(self, attr: str):
         """The method that was in effect before patch: an instance attribute it replaced, or the class's."""
