@@ -52,6 +52,11 @@ def available() -> bool:
     _OPS["ia3"] = torch.ops.fastpeft_ops.ia3_linear.default
     _OPS["mixed"] = torch.ops.fastpeft_ops.lora_mixed_delta_.default
     _OPS["mixed_linear"] = torch.ops.fastpeft_ops.lora_mixed_linear.default
+    # The two take a custom-class argument, which makes them TorchBindOpOverloads: every call first walks its
+    # arguments in Python looking for a FakeScriptObject (~1.5 µs a call; decode calls these per layer and token).
+    # A real adapter set cannot be one, so such calls go to the C++ entry point directly.
+    for key in ("mixed", "mixed_linear"):
+        _OPS[key + "_cpp"] = getattr(_OPS[key], "_op", _OPS[key])
     return True
 
 
@@ -116,7 +121,8 @@ def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, toke
     ...     _ = lora_mixed_delta_(y, x, seg, 2, mixed_adapters(a, b, [1.0, 0.5]))
     ...     assert torch.allclose(y[:2], 0.5 * (x[:2] @ a[1].t()) @ b[1].t(), atol=1e-5) and not y[2:].any()
     """
-    _OPS["mixed"](y2d, x2d, adapter_of_segment, tokens, adapters)
+    _OPS["mixed_cpp" if type(adapters) is torch.ScriptObject else "mixed"](y2d, x2d, adapter_of_segment, tokens,
+                                                                            adapters)
     return y2d
 
 
@@ -137,4 +143,5 @@ def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter
     ...     want[0] += 0.5 * (x[0] @ a[0].t()) @ b[0].t()
     ...     assert torch.allclose(y, want, atol=1e-4)
     """
-    return _OPS["mixed_linear"](x, weight, bias, adapter_of_segment, tokens, adapters)
+    op = _OPS["mixed_linear_cpp" if type(adapters) is torch.ScriptObject else "mixed_linear"]
+    return op(x, weight, bias, adapter_of_segment, tokens, adapters)

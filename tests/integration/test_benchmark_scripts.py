@@ -113,3 +113,11 @@ def test_decode_benchmarks_decode_with_a_kv_cache(tmp_path, monkeypatch):
     assert {(r["impl"], r["batch"]) for r in rows} == {(impl, b) for impl in ("base (no adapters)",
                                                                              "fastpeft LoRA (unmerged)") for b in (1, 2)}
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; on a GPU the script runs its benchmark")
+def test_decode_layer_benchmark_refuses_a_cpu_machine_by_name():
+    """bench_decode_layer.py times CUDA-graph replays: without a GPU it must say so, not crash half-way."""
+    decode_layer = _load("bench_decode_layer")
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        decode_layer.main(["--M", "1"])
