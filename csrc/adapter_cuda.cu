@@ -1148,6 +1148,8 @@ std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, co
   const auto dt = x2.scalar_type();
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const int R = static_cast<int>(A32.size(0));
+  // decode_expand keeps S in shared memory as [kDecodeMaxM][64] at most (use_decode admits nothing larger)
+  TORCH_INTERNAL_ASSERT(M >= 1 && M <= kDecodeMaxM && R >= 1 && R <= 64, "fastpeft lora decode: rows / rank");
   const int64_t steps = (K + kDecodeStep - 1) / kDecodeStep;
   // Enough K-slices to fill the GPU twice over (blocks: splits x M rows), but splits·M <= 256: every expand block
   // re-sums splits·M·r floats (at most r loads per thread, issued together).
