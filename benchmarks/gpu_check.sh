@@ -6,6 +6,8 @@
 #   tests     the GPU test suite (pytest -m gpu -n 8)
 #   sanitizer the C++ operators' and kernels' GPU tests under compute-sanitizer (memcheck, racecheck)
 #   nf4       benchmarks/scripts/bench_nf4.py (dequant / decode / crossover, CUDA-graph timed)
+#   decode    benchmarks/scripts/bench_decode_layer.py (one projection at decode sizes, CUDA-graph timed) and
+#             bench_decode_compiled.py (HF generate, static cache + torch.compile vs eager; DECODE_ARGS)
 #   compile   benchmarks/scripts/compile_check.py (compiled vs eager, graph breaks)
 #   doratests DoRA's GPU tests (tests/model/test_dora.py, the QDoRA case of test_qlora.py) and its kernels under
 #             compute-sanitizer memcheck
@@ -49,13 +51,19 @@ if has tests; then
   echo "gpu tests rc=$?" >> "$OUT/gpu_tests.txt"
   tail -25 "$OUT/gpu_tests.txt"
 fi
+if has decode; then
+  timeout "${T_DECODE:-420}" python3 benchmarks/scripts/bench_decode_layer.py --M 1 8 16 32 --out "$OUT/decode_layer.json" > "$OUT/decode_layer.log" 2>&1
+  echo "decode layer rc=$?"; tail -20 "$OUT/decode_layer.log"
+  timeout "${T_DECODE:-420}" python3 benchmarks/scripts/bench_decode_compiled.py ${DECODE_ARGS:---batch 1 8 --layers 8 --new-tokens 32 --repeats 5} --out "$OUT/decode_compiled.json" > "$OUT/decode_compiled.log" 2>&1
+  echo "decode compiled rc=$?"; tail -12 "$OUT/decode_compiled.log"
+fi
 if has sanitizer; then
   # SANITIZER_TOOLS (default memcheck racecheck); cuBLAS's own kernels are excluded from racecheck (kns=nvjet: they
   # report hazards of their own, and they are not ours to fix)
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     extra=""; [ "$tool" = racecheck ] && extra="--kernel-name-exclude kns=nvjet"
     timeout "${T_SANITIZER:-300}" compute-sanitizer --tool "$tool" $extra --error-exitcode 3 python3 -m pytest \
-      tests/ops/test_cpp_ops.py -k "(odd_shapes and dtype0) or bitwise_mask" \
+      tests/ops/test_cpp_ops.py -k "(odd_shapes and dtype0) or bitwise_mask or (decode_path_matches_reference and dtype0)" \
       -q -p no:cacheprovider > "$OUT/sanitizer_$tool.txt" 2>&1
     echo "sanitizer $tool rc=$?" | tee -a "$OUT/sanitizer_$tool.txt"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_$tool.txt" | tail -3
   done
