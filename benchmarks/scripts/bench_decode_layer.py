@@ -15,6 +15,7 @@ Host µs per call: wall time of 64 eager calls issued without a sync (no_grad), 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -24,10 +25,12 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+for _p in (os.path.join(BENCH, "helpers"), os.path.dirname(BENCH)):  # the timing helpers, the repo's fastpeft
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
+from bench_timing import graph_ms  # noqa: E402
 from fastpeft.ops import cpp_ops  # noqa: E402
 
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
@@ -51,29 +54,9 @@ def copy_bandwidth() -> float:
 
 
 def graph_us(fn, copies: int, replays: int, repeats: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            for i in range(copies):
-                fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (replays * copies))
-    return statistics.median(times)
+    """Median over ``repeats`` captures of bench_timing.graph_ms: µs per call of ``fn(i)``, i over the copies."""
+    calls = [functools.partial(fn, i) for i in range(copies)]
+    return statistics.median(graph_ms(calls, reps=replays, warmup=3) for _ in range(repeats)) * 1e3
 
 
 def host_us(fn, copies: int, calls: int = 64) -> float:
