@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,6 +48,36 @@ class PatchState:
     base_rewritten: Dict[str, Tuple[Any, int]] = field(default_factory=dict)
     from_peft: bool = False
     rank_allocator: Any = None  # AdaLoRA: the trainable adapter's RankAllocator (fastpeft/adalora.py)
+
+
+class ModelRef:
+    """A weak reference to a patched model for what ``patch`` installs on it (hooks, routed methods): a strong one
+    would be a cycle (model -> its dicts -> hook -> model), so a deleted model (and its GPU memory) would wait for
+    Python's cycle collector. ``ref()`` is the model or None. Pickles and deep-copies as the model itself, made
+    weak again on load, so ``torch.save`` of a whole model rebinds what holds it to the loaded copy.
+
+    >>> import pickle, torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> holder = {"model": model, "ref": ModelRef(model)}  # the ref travels with the model
+    >>> loaded = pickle.loads(pickle.dumps(holder))
+    >>> loaded["ref"]() is loaded["model"]
+    True
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, model: Optional[nn.Module]):
+        self._ref = weakref.ref(model) if model is not None else _no_model
+
+    def __call__(self) -> Optional[nn.Module]:
+        return self._ref()
+
+    def __reduce__(self):
+        return (ModelRef, (self._ref(),))
+
+
+def _no_model() -> None:
+    return None
 
 
 def get_state(model: nn.Module, required: bool = True) -> Optional[PatchState]:

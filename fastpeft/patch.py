@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import re
 import warnings
-import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -21,6 +20,7 @@ from .model_state import (
     ADAPTER_TYPES,
     STATE_ATTR,
     WRAPPER_TYPES,
+    ModelRef,
     PatchState,
     Transaction,
     adapter_layers,
@@ -199,12 +199,11 @@ def _install_input_grad_hook(model: nn.Module, state: PatchState) -> None:
 
 
 class _InputGradHook:
-    """The forward hook of ``_install_input_grad_hook``. It holds the model weakly (no reference cycle through the
-    embeddings' hook dict: a deleted model is freed at once) and is a module-level class so that ``torch.save`` of a
-    whole patched model can pickle it: it pickles as a reference to the model, made weak again on load."""
+    """The forward hook of ``_install_input_grad_hook``: a module-level class holding the model as a ``ModelRef``, so
+    ``torch.save`` of a whole patched model can pickle it and a deleted model is freed at once."""
 
     def __init__(self, root: nn.Module):
-        self._root = weakref.ref(root)
+        self._root = ModelRef(root)
 
     def __call__(self, _module, _inputs, output):
         owner = self._root()
@@ -213,9 +212,6 @@ class _InputGradHook:
         if _checkpointing(owner) and not output.requires_grad:
             return output.requires_grad_(True)
         return None
-
-    def __reduce__(self):
-        return (_InputGradHook, (self._root(),))
 
 
 def _install_adapter_names(model: nn.Module, state: PatchState) -> None:

@@ -11,12 +11,10 @@
 """
 from __future__ import annotations
 
-import weakref
-
 import torch.nn as nn
 
 from .mixed_batches import mixed_batch_scope
-from .model_state import get_state, set_submodule
+from .model_state import ModelRef, get_state, set_submodule
 
 __all__ = ["route_peft_methods", "route_generate", "unroute_peft_methods"]
 
@@ -50,25 +48,20 @@ def _peft_generate(model: nn.Module, *args, **kwargs):
 
 
 class _RoutedMethod:
-    """``model.<attr>`` routed to ``fn(model, ...)``, kept in the model's ``__dict__``. It holds the model weakly: a
-    strong reference would be a cycle (model -> __dict__ -> method -> model), so a deleted model (and its GPU
-    memory) would wait for Python's cycle collector. Pickles as ``fn`` and a reference to the model, so
-    ``torch.save`` of a whole patched model keeps the routing, bound to the loaded model."""
+    """``model.<attr>`` routed to ``fn(model, ...)``, kept in the model's ``__dict__``; the model held as a
+    ``ModelRef`` (no reference cycle; ``torch.save`` of a whole model keeps the routing, bound to the loaded copy)."""
 
     fastpeft_hook = True
 
     def __init__(self, fn, model: nn.Module):
         self._fn = fn
-        self._model = weakref.ref(model)
+        self._model = ModelRef(model)
 
     def __call__(self, *args, **kwargs):
         model = self._model()
         if model is None:
             raise ReferenceError(f"fastpeft: {self._fn.__name__} was called on a model that no longer exists")
         return self._fn(model, *args, **kwargs)
-
-    def __reduce__(self):
-        return (_RoutedMethod, (self._fn, self._model()))
 
 
 def route_generate(model: nn.Module) -> None:

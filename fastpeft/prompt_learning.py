@@ -28,7 +28,6 @@ import functools
 import inspect
 import math
 import warnings
-import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -41,6 +40,7 @@ from .model_state import (
     ADAPTER_TYPES,
     PROMPT_ENCODER_ATTR,
     STATE_ATTR,
+    ModelRef,
     PatchState,
     Transaction,
     apply_trainable,
@@ -301,9 +301,7 @@ class _Routing:
     puts back exactly what was there before. Kept in ``PatchState.hooks``, so ``unpatch`` calls ``remove``."""
 
     def __init__(self, model: nn.Module):
-        # weakly: the model holds this routing (model -> __dict__ -> _Routed -> routing), and a strong reference
-        # back would make a deleted model (and its GPU memory) wait for Python's cycle collector
-        self._model_ref = weakref.ref(model)
+        self._model_ref = ModelRef(model)  # the model holds this routing: no cycle back
         self.previous: Dict[str, Any] = {}  # instance attributes replaced (accelerate's forward hook, ...)
         self.installed: Dict[str, _Routed] = {}
         self.generating = False
@@ -322,16 +320,6 @@ class _Routing:
         if model is None:
             raise ReferenceError("fastpeft: prompt learning's routing outlived its model")
         return model
-
-    def __getstate__(self) -> Dict[str, Any]:  # pickle / deepcopy: the model itself, made weak again on load
-        state = dict(self.__dict__)
-        state["_model_ref"] = self._model_ref()
-        return state
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        model = state.pop("_model_ref")
-        self.__dict__.update(state)
-        self._model_ref = weakref.ref(model)
 
     def base(self, attr: str):
         """The method that was in effect before patch: an instance attribute it replaced, or the class's."""
