@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from ..ops import HAS_TRITON, cpp_ops, graph_capturing
-from ..ops.reference import dora_update_reference, dora_weight_norm_reference, lora_delta_reference
+from ..ops.reference import (dora_initial_magnitude_reference, dora_update_reference, dora_weight_norm_reference,
+                             lora_delta_reference)
 from . import bases
 from ._rng import dropout_seed
 from .layer import warn_once
@@ -128,9 +129,13 @@ class DoraVariant(LoraVariant):
         if lora_A.device.type == "meta":
             magnitude = torch.empty(layer.out_features, device="meta", dtype=torch.float32)
         else:
-            with torch.no_grad():  # PEFT: ‖W + s·B·A‖ of the weights at creation (B = 0 at the default init)
-                weight = bases.dense_weight(layer.base_layer).to(lora_A.device)
-                magnitude = dora_weight_norm_reference(weight, lora_A, lora_B, layer.scaling[adapter_name])
+            # PEFT: ‖W + s·B·A‖ of the weights at creation (B = 0 at the default init), computed in the dtype PEFT
+            # has cast the new adapter to: the base weight's if that is floating point (a 4-bit base's stays fp32)
+            base_param = bases.dense_weight(layer.base_layer)
+            adapter_dtype = None if bases.is_linear4bit(layer.base_layer) else base_param.dtype
+            with torch.no_grad():
+                magnitude = dora_initial_magnitude_reference(base_param.to(lora_A.device), lora_A, lora_B,
+                                                             layer.scaling[adapter_name], adapter_dtype)
         layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     def parameters_of(self, layer: "LoraLinear", name: str):

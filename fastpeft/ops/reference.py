@@ -84,6 +84,26 @@ def dora_weight_norm_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_
     return torch.linalg.norm(w, dim=1)
 
 
+def dora_initial_magnitude_reference(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                                     scaling: float, adapter_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """DoRA's initial magnitude as PEFT computes it when it creates the adapter, held in fp32 [N]: ‖W + s·B·A‖ per
+    output row in ``adapter_dtype``, the dtype PEFT has cast the new adapter to by then (the base weight's dtype for a
+    floating-point base; None = fp32, as for a 4-bit base, whose adapter PEFT leaves in fp32). For fp16, B·A is formed
+    in fp32 and rounded, as PEFT does. For a 16-bit dtype this is the norm rounded to 16 bits (up to ~0.4 % off the
+    exact norm), which PEFT's training then starts from: matching it keeps the two libraries' loss curves together
+    (docs/dora.md). weight [N, K] (any float dtype: a dequantized 4-bit weight too).
+
+    >>> dora_initial_magnitude_reference(torch.eye(3), torch.zeros(1, 3), torch.zeros(3, 1), 1.0)
+    tensor([1., 1., 1.])
+    """
+    if adapter_dtype is None or adapter_dtype == torch.float32:
+        return dora_weight_norm_reference(weight, lora_A, lora_B, scaling)
+    a, b = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype)
+    delta = (b.float() @ a.float()).to(adapter_dtype) if adapter_dtype == torch.float16 else b @ a
+    w = weight.to(adapter_dtype) + scaling * delta
+    return torch.linalg.norm(w, dim=1).to(adapter_dtype).to(torch.float32)
+
+
 def dora_update_reference(
     x: torch.Tensor,
     result: torch.Tensor,
