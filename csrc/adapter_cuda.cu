@@ -188,32 +188,80 @@ __global__ void scale_cols_kernel(const T* __restrict__ a, int64_t sa0, int64_t 
   }
 }
 
+// V consecutive elements of row-major data as floats: one V-wide load when `vec` (unit stride, the address aligned to
+// V elements, all V in range), else element by element with the stride, zeros past `valid`.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) ColPack {
+  T e[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void load_cols(const T* p, int64_t stride, int valid, bool vec, float v[V]) {
+  if (vec && valid >= V) {
+    const ColPack<T, V> raw = *reinterpret_cast<const ColPack<T, V>*>(p);
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = to_f<T>(raw.e[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = e < valid ? to_f<T>(p[e * stride]) : 0.0f;
+  }
+}
+
+// stores the first `valid` of V floats rounded to T at p (unit stride): one V-wide store when `vec` and all V are valid
+template <typename T, int V>
+__device__ __forceinline__ void store_cols(T* p, int valid, bool vec, const float v[V]) {
+  if (vec && valid >= V) {
+    ColPack<T, V> raw;
+#pragma unroll
+    for (int e = 0; e < V; ++e) raw.e[e] = from_f<T>(v[e]);
+    *reinterpret_cast<ColPack<T, V>*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      if (e < valid) p[e] = from_f<T>(v[e]);
+  }
+}
+
 // DoRA's two passes over [M, N], with L = S·Bᵀ formed in registers (fp32; S [M, R], B [N, R], R <= RMAX):
 //   forward  (BWD = false): out = dtype(g·(Z0 + L) + bias)           Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
 //   backward (BWD = true):  red[c] (+)= Σ_m dY·(Z0 + L);  out = dtype(g·dY) (if out)
-// One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output. Thread: one column (a warp: 32
-// consecutive columns), B's row in registers, eight rows' loads in flight before any is used; block: kThreads
-// columns × rows_per_block rows, S's rows staged through shared memory kDoraTileRows at a time.
-// Bound: bytes (Z0 and Y, or dY, Z0 and dZ, once each), plus 2·R FLOPs per element on the SIMT units.
+// One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output.
+// Thread: V = kDoraColRegs / RMAX consecutive columns (B's V rows in 64 registers; V = 4 at r <= 16: one 8-byte
+// access per row in 16 bits), kDoraRowsInFlight rows' loads issued before any is used. A warp covers 32·V
+// consecutive columns of a row (256 bytes at V = 4, 16 bits: whole sectors); a block kDoraThreads·V columns ×
+// rows_per_block rows, S's rows staged through shared memory kDoraTileRows at a time (each S value read once per V
+// columns). The accesses are V-wide when the caller's `vec` flags say the rows are aligned to V elements.
+// Bound: bytes (Z0 and Y, or dY, Z0 and dZ, once each: 4 or 6 bytes per element in 16 bits) against 2·R FLOPs per
+// element on the SIMT units (32 FMA-issue slots per element at r = 16, under the bytes' time on an H200 at the
+// occupancy the registers allow). The previous one-column-per-thread version ran 5.5x its byte floor at gate/up.
 constexpr int kDoraTileRows = 32;
+constexpr int kDoraColRegs = 64;
+constexpr int kDoraRowsInFlight = 8;
+// 128-thread blocks: at r <= 16 the forward's ~150 registers per thread fit three blocks (12 warps) per SM where
+// 256-thread blocks fit one (8 warps), so more rows' loads are in flight
+constexpr int kDoraThreads = 128;
 
 template <typename T, int RMAX, bool BWD>
-__global__ void __launch_bounds__(256) dora_pass_kernel(
+__global__ void __launch_bounds__(kDoraThreads) dora_pass_kernel(
     const T* __restrict__ z0, int64_t sz0, int64_t sz1, const T* __restrict__ dy, int64_t sd0, int64_t sd1,
     const float* __restrict__ S, int64_t ss0, int64_t ss1, const float* __restrict__ B, int64_t sb0, int64_t sb1,
     const float* __restrict__ g, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ red, int64_t M,
-    int64_t N, int R, int64_t rows_per_block, bool atomic) {
+    int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z, bool vec_d, bool vec_o) {
+  constexpr int V = kDoraColRegs / RMAX;
   __shared__ float s_tile[kDoraTileRows][RMAX];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const bool col_ok = c < N;
-  float bc[RMAX];
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  const int valid = c < N ? static_cast<int>(N - c < V ? N - c : V) : 0;
+  float bc[V][RMAX], gc[V], biasc[V], acc[V];
 #pragma unroll
-  for (int j = 0; j < RMAX; ++j) bc[j] = (col_ok && j < R) ? B[c * sb0 + j * sb1] : 0.0f;
-  const float gc = col_ok ? g[c] : 0.0f;
-  const float biasc = (!BWD && col_ok && bias != nullptr) ? to_f<T>(bias[c]) : 0.0f;
+  for (int v = 0; v < V; ++v) {
+#pragma unroll
+    for (int j = 0; j < RMAX; ++j) bc[v][j] = (v < valid && j < R) ? B[(c + v) * sb0 + j * sb1] : 0.0f;
+    gc[v] = v < valid ? g[c + v] : 0.0f;
+    biasc[v] = (!BWD && v < valid && bias != nullptr) ? to_f<T>(bias[c + v]) : 0.0f;
+    acc[v] = 0.0f;
+  }
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t m_end = m_begin + rows_per_block < M ? m_begin + rows_per_block : M;
-  float acc = 0.0f;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += kDoraTileRows) {
     const int rows = static_cast<int>(m_end - m0 < kDoraTileRows ? m_end - m0 : kDoraTileRows);
     __syncthreads();  // every thread is done with the previous tile
@@ -222,38 +270,52 @@ __global__ void __launch_bounds__(256) dora_pass_kernel(
       s_tile[rr][j] = (rr < rows && j < R) ? S[(m0 + rr) * ss0 + j * ss1] : 0.0f;
     }
     __syncthreads();
-    if (!col_ok) continue;
-    for (int r0 = 0; r0 < rows; r0 += 8) {
-      float zv[8], dv[8];
+    if (valid == 0) continue;
+    for (int r0 = 0; r0 < rows; r0 += kDoraRowsInFlight) {
+      float zv[kDoraRowsInFlight][V], dv[kDoraRowsInFlight][V];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
+      for (int u = 0; u < kDoraRowsInFlight; ++u) {
         const bool ok = r0 + u < rows;
         const int64_t m = m0 + r0 + u;
-        zv[u] = ok ? to_f<T>(z0[m * sz0 + c * sz1]) : 0.0f;
-        if (BWD) dv[u] = ok ? to_f<T>(dy[m * sd0 + c * sd1]) : 0.0f;
+        load_cols<T, V>(z0 + m * sz0 + c * sz1, sz1, ok ? valid : 0, vec_z, zv[u]);
+        if (BWD) load_cols<T, V>(dy + m * sd0 + c * sd1, sd1, ok ? valid : 0, vec_d, dv[u]);
       }
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
+      for (int u = 0; u < kDoraRowsInFlight; ++u) {
         if (r0 + u >= rows) break;
         const int64_t m = m0 + r0 + u;
-        float l = 0.0f;
+        float l[V], o[V];
 #pragma unroll
-        for (int j = 0; j < RMAX; ++j) l = fmaf(s_tile[r0 + u][j], bc[j], l);
-        const float z = zv[u] + l;
-        if (BWD) {
-          acc = fmaf(dv[u], z, acc);
-          if (out != nullptr) out[m * N + c] = from_f<T>(gc * dv[u]);
-        } else {
-          out[m * N + c] = from_f<T>(fmaf(gc, z, biasc));
+        for (int v = 0; v < V; ++v) l[v] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < RMAX; ++j) {
+          const float sj = s_tile[r0 + u][j];
+#pragma unroll
+          for (int v = 0; v < V; ++v) l[v] = fmaf(sj, bc[v][j], l[v]);
         }
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const float z = zv[u][v] + l[v];
+          if (BWD) {
+            acc[v] = fmaf(dv[u][v], z, acc[v]);
+            o[v] = gc[v] * dv[u][v];
+          } else {
+            o[v] = fmaf(gc[v], z, biasc[v]);
+          }
+        }
+        if (!BWD || out != nullptr) store_cols<T, V>(out + m * N + c, valid, vec_o, o);
       }
     }
   }
-  if (BWD && col_ok) {
-    if (atomic) {
-      atomicAdd(red + c, acc);
-    } else {
-      red[c] = acc;
+  if (BWD) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (v >= valid) break;
+      if (atomic) {
+        atomicAdd(red + c + v, acc[v]);
+      } else {
+        red[c + v] = acc[v];
+      }
     }
   }
 }
@@ -524,26 +586,6 @@ constexpr int kDecodeWarps = 8;
 constexpr int kDecodeStep = 128;  // K columns one warp covers per step: 32 lanes x 4
 constexpr int kDecodeExpandThreads = 256;
 
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, int64_t stride, int valid, bool vec, float v[4]) {
-  if (vec && valid >= 4) {
-    if constexpr (sizeof(T) == 2) {
-      const uint2 raw = *reinterpret_cast<const uint2*>(p);
-      const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) v[e] = to_f<T>(h[e]);
-    } else {
-      const float4 f = *reinterpret_cast<const float4*>(p);
-      v[0] = f.x;
-      v[1] = f.y;
-      v[2] = f.z;
-      v[3] = f.w;
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = e < valid ? to_f<T>(p[e * stride]) : 0.0f;
-  }
-}
 
 template <typename T, int JPW>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
@@ -560,13 +602,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
   for (int64_t k = k_begin + lane * 4; k < k_end; k += kDecodeStep) {
     const int valid = static_cast<int>(k_end - k < 4 ? k_end - k : 4);
     float x[4];
-    load4<T>(X + m * sx0 + k * sx1, sx1, valid, x_vec, x);
+    load_cols<T, 4>(X + m * sx0 + k * sx1, sx1, valid, x_vec, x);
 #pragma unroll
     for (int jj = 0; jj < JPW; ++jj) {
       const int j = warp + jj * kDecodeWarps;
       if (j < R) {
         float a[4];
-        load4<float>(A + j * sa0 + k * sa1, sa1, valid, a_vec, a);
+        load_cols<float, 4>(A + j * sa0 + k * sa1, sa1, valid, a_vec, a);
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[jj] = fmaf(x[e], a[e], acc[jj]);
       }
@@ -798,10 +840,13 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
   const int64_t M = Z0.size(0), N = Z0.size(1);
   const int R = static_cast<int>(S.size(1));
   TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
+  const int rmax = R <= 16 ? 16 : (R <= 32 ? 32 : 64);
+  const int cols_per_thread = kDoraColRegs / rmax;  // the kernel's V
   const auto f32 = Z0.options().dtype(at::kFloat);
-  const int64_t col_blocks = blocks_for(N);
+  const int64_t col_blocks = (N + kDoraThreads * cols_per_thread - 1) / (kDoraThreads * cols_per_thread);
   const int64_t tiles = (M + kDoraTileRows - 1) / kDoraTileRows;
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, (4 * sm_count() + col_blocks - 1) / col_blocks));
+  // ~16 blocks per SM (three are resident at a time at r <= 16): several waves, so the last one's tail is short
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, (16 * sm_count() + col_blocks - 1) / col_blocks));
   const int64_t rows_per_block = ((tiles + splits - 1) / splits) * kDoraTileRows;
   splits = M == 0 ? 1 : (M + rows_per_block - 1) / rows_per_block;
   Tensor out = bwd ? dz : at::empty({M, N}, Z0.options());
@@ -810,6 +855,15 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
     if (bwd) red.zero_();
     return bwd ? red : out;
   }
+  // V-wide accesses need unit column strides and rows aligned to V elements
+  const int64_t vec_bytes = cols_per_thread * Z0.element_size();
+  auto rows_aligned = [&](const Tensor& t) {
+    return t.defined() && t.stride(1) == 1 && t.stride(0) % cols_per_thread == 0 &&
+           reinterpret_cast<uintptr_t>(t.data_ptr()) % vec_bytes == 0;
+  };
+  const bool vec_z = rows_aligned(Z0), vec_d = bwd && rows_aligned(dy);
+  const bool vec_o = out.defined() && N % cols_per_thread == 0 &&
+                     reinterpret_cast<uintptr_t>(out.data_ptr()) % vec_bytes == 0;
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
   dispatch_all(Z0.scalar_type(), [&](auto* tag) {
@@ -821,15 +875,15 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
     float* rp = bwd ? red.data_ptr<float>() : nullptr;
     const int64_t sd0 = bwd ? dy.stride(0) : 0, sd1 = bwd ? dy.stride(1) : 0;
 #define FP_DORA_PASS(RM, BW)                                                                                        \
-  dora_pass_kernel<T, RM, BW><<<grid, kThreads, 0, stream>>>(z0p, Z0.stride(0), Z0.stride(1), dyp, sd0, sd1,       \
+  dora_pass_kernel<T, RM, BW><<<grid, kDoraThreads, 0, stream>>>(z0p, Z0.stride(0), Z0.stride(1), dyp, sd0, sd1,       \
                                                              S.data_ptr<float>(), S.stride(0), S.stride(1),          \
                                                              B32.data_ptr<float>(), B32.stride(0), B32.stride(1),    \
                                                              g32.data_ptr<float>(), bp, op, rp, M, N, R,             \
-                                                             rows_per_block, splits > 1)
+                                                             rows_per_block, splits > 1, vec_z, vec_d, vec_o)
     if (bwd) {
-      if (R <= 16) FP_DORA_PASS(16, true); else if (R <= 32) FP_DORA_PASS(32, true); else FP_DORA_PASS(64, true);
+      if (rmax == 16) FP_DORA_PASS(16, true); else if (rmax == 32) FP_DORA_PASS(32, true); else FP_DORA_PASS(64, true);
     } else {
-      if (R <= 16) FP_DORA_PASS(16, false); else if (R <= 32) FP_DORA_PASS(32, false); else FP_DORA_PASS(64, false);
+      if (rmax == 16) FP_DORA_PASS(16, false); else if (rmax == 32) FP_DORA_PASS(32, false); else FP_DORA_PASS(64, false);
     }
 #undef FP_DORA_PASS
   });
