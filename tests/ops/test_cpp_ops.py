@@ -170,7 +170,7 @@ def test_ia3_linear_matches_reference(dtype, feedforward, has_bias):
 
 
 def _check_dora(dtype, B, T, K, N, r, layout, w_t, has_bias, give_sq, give_norm, scaling=1.7, device=DEVICE,
-                tol=None):
+                tol=None, grad_layout="contig"):
     """dora_linear against the float64 oracle: output and the gradients of x, bias, lora_A, lora_B, magnitude."""
     x, w, bias, A, Bw = _layer_inputs(dtype, B, T, K, N, r, layout, w_t, has_bias, device)
     norm = dora_weight_norm_reference(w, A.detach(), Bw.detach(), scaling)
@@ -178,7 +178,12 @@ def _check_dora(dtype, B, T, K, N, r, layout, w_t, has_bias, give_sq, give_norm,
     wsq = w.double().square().sum(1).float() if give_sq else None
     y = cpp_ops.dora_linear(x, w, bias, A, Bw, m, scaling, wsq, norm if give_norm else None)
     assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype
-    g = torch.randn_like(y)
+    if grad_layout == "strided":  # every other element of a wider tensor
+        g = torch.randn(*y.shape[:-1], 2 * N, device=device, dtype=dtype)[..., ::2]
+    elif grad_layout == "offset":  # unit stride, rows starting one element off any vector alignment
+        g = torch.randn(*y.shape[:-1], N + 1, device=device, dtype=dtype)[..., 1:]
+    else:
+        g = torch.randn_like(y)
     y.backward(g)
     xr, Ar, Br, mr = (t.detach().double().requires_grad_() for t in (x, A, Bw, m))
     br = bias.detach().double().requires_grad_() if has_bias else None
@@ -472,6 +477,22 @@ def test_gpu_dora_odd_shapes(dtype):
     ]:
         _check_dora(dtype, B, T, K, N, r, layout, w_t, bias, give_sq, give_norm, device="cuda",
                     tol=TOL[dtype] if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_dora_pass_vector_widths_and_misaligned_gradients():
+    """dora_pass takes 64/RMAX columns per thread (4 at r <= 16, 2 at r <= 32, 1 above) with vector accesses only where
+    the rows are aligned: widths, odd N and gradients that are strided or start off alignment."""
+    for dtype, (B, T, K, N, r), grad_layout in [
+        (torch.bfloat16, (2, 70, 256, 130, 32), "strided"),  # V = 2, N % 4 != 0
+        (torch.float16, (1, 97, 512, 4098, 16), "contig"),  # V = 4, rows not 4-aligned: element-wise path
+        (torch.bfloat16, (3, 41, 384, 4096, 12), "offset"),  # V = 4, dY rows one element off
+        (torch.float32, (1, 200, 128, 1024, 16), "contig"),  # V = 4 in fp32: 16-byte accesses
+        (torch.bfloat16, (1, 33, 256, 515, 40), "contig"),  # V = 1 (r <= 64)
+    ]:
+        torch.manual_seed(N + r)
+        _check_dora(dtype, B, T, K, N, r, "contig", False, True, True, False, device="cuda",
+                    tol=TOL[dtype] if dtype != torch.float32 else 1e-4, grad_layout=grad_layout)
 
 
 @pytest.mark.gpu
