@@ -63,7 +63,7 @@ if has sanitizer; then
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     extra=""; [ "$tool" = racecheck ] && extra="--kernel-name-exclude kns=nvjet"
     timeout "${T_SANITIZER:-300}" compute-sanitizer --tool "$tool" $extra --error-exitcode 3 python3 -m pytest \
-      tests/ops/test_cpp_ops.py -k "(odd_shapes and dtype0) or bitwise_mask or (decode_path_matches_reference and dtype0) or dora_pass_vector" \
+      tests/ops/test_cpp_ops.py -k "(odd_shapes and dtype0) or bitwise_mask or (decode_path_matches_reference and dtype0) or dora_pass_tiles" \
       -q -p no:cacheprovider > "$OUT/sanitizer_$tool.txt" 2>&1
     echo "sanitizer $tool rc=$?" | tee -a "$OUT/sanitizer_$tool.txt"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_$tool.txt" | tail -3
   done

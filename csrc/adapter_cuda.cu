@@ -222,99 +222,159 @@ __device__ __forceinline__ void store_cols(T* p, int valid, bool vec, const floa
   }
 }
 
-// DoRA's two passes over [M, N], with L = S·Bᵀ formed in registers (fp32; S [M, R], B [N, R], R <= RMAX):
+// DoRA's two passes over [M, N], with L = S·Bᵀ (S [M, R] and B [N, R] fp32, R <= RMAX) formed on the tensor cores:
 //   forward  (BWD = false): out = dtype(g·(Z0 + L) + bias)           Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
 //   backward (BWD = true):  red[c] (+)= Σ_m dY·(Z0 + L);  out = dtype(g·dY) (if out)
 // One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output.
-// Thread: V = kDoraColRegs / RMAX consecutive columns (B's V rows in 64 registers; V = 4 at r <= 16: one 8-byte
-// access per row in 16 bits), kDoraRowsInFlight rows' loads issued before any is used. A warp covers 32·V
-// consecutive columns of a row (256 bytes at V = 4, 16 bits: whole sectors); a block kDoraThreads·V columns ×
-// rows_per_block rows, S's rows staged through shared memory kDoraTileRows at a time (each S value read once per V
-// columns). The accesses are V-wide when the caller's `vec` flags say the rows are aligned to V elements.
-// Bound: bytes (Z0 and Y, or dY, Z0 and dZ, once each: 4 or 6 bytes per element in 16 bits) against 2·R FLOPs per
-// element on the SIMT units (32 FMA-issue slots per element at r = 16, under the bytes' time on an H200 at the
-// occupancy the registers allow). The previous one-column-per-thread version ran 5.5x its byte floor at gate/up.
-constexpr int kDoraTileRows = 32;
-constexpr int kDoraColRegs = 64;
-constexpr int kDoraRowsInFlight = 8;
-// 128-thread blocks: at r <= 16 the forward's ~150 registers per thread fit three blocks (12 warps) per SM where
-// 256-thread blocks fit one (8 warps), so more rows' loads are in flight
-constexpr int kDoraThreads = 128;
+// Block: kDoraThreads threads over BM rows × BN columns at a time (BM = 64 forward, 32 backward, which loads dY
+// too; BN = 128, 64 at RMAX = 64), walking its rows_per_block rows tile by tile; B's tile stays in shared memory.
+// Per tile: the Z0 (and dY) loads are issued first, 16 bytes a thread per row pass (they do not depend on L, so
+// their latency overlaps the product); S's tile is staged; the 8 warps form L with wmma m16n16k8 TF32 in three
+// products (hi·hi + hi·lo + lo·hi of TF32 splits, ~fp32 accuracy: 3xTF32) into shared memory; then every thread
+// finishes its own 16-byte column groups. The backward's column sums stay in registers over the block's rows, are
+// combined through shared memory and reach red with one atomic per column per block (a store when one block
+// covers all rows).
+// Bound: bytes (Z0 and Y, or dY, Z0 and dZ, once each: 4 or 6 bytes an element in 16 bits); L's FLOPs are tiny on
+// the tensor cores. (The SIMT version before, S·Bᵀ on the FMA units with B's rows in registers, ran at 12-14 % of
+// DRAM bandwidth: ~150 registers a thread left 3 warps per scheduler to hide its loads; ncu, H200.)
+constexpr int kDoraThreads = 256;  // 8 warps
+
+template <int RMAX, bool BWD> struct DoraTile {
+  static constexpr int BM = (BWD || RMAX > 32) ? 32 : 64;
+  static constexpr int BN = RMAX <= 32 ? 128 : 64;
+  static constexpr int LDB = RMAX + 4;  // floats a row of S's / B's tile (a multiple of 4, as wmma wants)
+  static constexpr int LDL = BN + 4;    // floats a row of L's tile
+  static constexpr int WARPS_M = BM / 16, WARPS_N = 8 / WARPS_M;
+  static constexpr int FRAGS = BN / WARPS_N / 16;  // 16-column blocks of L a warp forms
+  static constexpr int B_FLOATS = BN * LDB, S_FLOATS = BM * LDB, L_FLOATS = BM * LDL;
+  static constexpr int SMEM_BYTES = (B_FLOATS + S_FLOATS + L_FLOATS) * 4;
+};
+
+// v -> (hi, lo) with hi = tf32(v), lo = tf32(v - hi): hi + lo carries ~21 of fp32's 24 mantissa bits
+template <typename Frag>
+__device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int i = 0; i < hi.num_elements; ++i) {
+    const float v = hi.x[i];
+    const float h = nvcuda::wmma::__float_to_tf32(v);
+    hi.x[i] = h;
+    lo.x[i] = nvcuda::wmma::__float_to_tf32(v - h);
+  }
+}
 
 template <typename T, int RMAX, bool BWD>
-__global__ void __launch_bounds__(kDoraThreads) dora_pass_kernel(
+__global__ void __launch_bounds__(kDoraThreads, 2) dora_pass_kernel(
     const T* __restrict__ z0, int64_t sz0, int64_t sz1, const T* __restrict__ dy, int64_t sd0, int64_t sd1,
     const float* __restrict__ S, int64_t ss0, int64_t ss1, const float* __restrict__ B, int64_t sb0, int64_t sb1,
     const float* __restrict__ g, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ red, int64_t M,
     int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z, bool vec_d, bool vec_o) {
-  constexpr int V = kDoraColRegs / RMAX;
-  __shared__ float s_tile[kDoraTileRows][RMAX];
-  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
-  const int valid = c < N ? static_cast<int>(N - c < V ? N - c : V) : 0;
-  float bc[V][RMAX], gc[V], biasc[V], acc[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-#pragma unroll
-    for (int j = 0; j < RMAX; ++j) bc[v][j] = (v < valid && j < R) ? B[(c + v) * sb0 + j * sb1] : 0.0f;
-    gc[v] = v < valid ? g[c + v] : 0.0f;
-    biasc[v] = (!BWD && v < valid && bias != nullptr) ? to_f<T>(bias[c + v]) : 0.0f;
-    acc[v] = 0.0f;
-  }
+  using namespace nvcuda;
+  using Tile = DoraTile<RMAX, BWD>;
+  constexpr int BM = Tile::BM, BN = Tile::BN, LDB = Tile::LDB, LDL = Tile::LDL;
+  constexpr int VEC = 16 / sizeof(T);                    // elements in a 16-byte access
+  constexpr int GROUPS = BN / VEC;                        // column groups across the tile
+  constexpr int ROWS_PER_PASS = kDoraThreads / GROUPS;
+  constexpr int PASSES = BM / ROWS_PER_PASS;
+  extern __shared__ __align__(128) float dora_smem[];
+  float* const Bs = dora_smem;                  // [BN][LDB]
+  float* const Ss = dora_smem + Tile::B_FLOATS;  // [BM][LDB]
+  float* const Ls = Ss + Tile::S_FLOATS;        // [BM][LDL]; the column sums' scratch at the end
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t m_end = m_begin + rows_per_block < M ? m_begin + rows_per_block : M;
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += kDoraTileRows) {
-    const int rows = static_cast<int>(m_end - m0 < kDoraTileRows ? m_end - m0 : kDoraTileRows);
-    __syncthreads();  // every thread is done with the previous tile
-    for (int idx = threadIdx.x; idx < kDoraTileRows * RMAX; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < BN * RMAX; idx += kDoraThreads) {
+    const int nn = idx / RMAX, j = idx - nn * RMAX;
+    Bs[nn * LDB + j] = (n0 + nn < N && j < R) ? B[(n0 + nn) * sb0 + j * sb1] : 0.0f;
+  }
+  const int grp = threadIdx.x % GROUPS, row0 = threadIdx.x / GROUPS;
+  const int64_t c = n0 + grp * VEC;
+  const int valid = c < N ? static_cast<int>(N - c < VEC ? N - c : VEC) : 0;
+  float gc[VEC], biasc[VEC], acc[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    gc[e] = e < valid ? g[c + e] : 0.0f;
+    biasc[e] = (!BWD && e < valid && bias != nullptr) ? to_f<T>(bias[c + e]) : 0.0f;
+    acc[e] = 0.0f;
+  }
+  const int warp = threadIdx.x / 32, wm = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += BM) {
+    float zv[PASSES][VEC], dv[BWD ? PASSES : 1][VEC];
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {  // issued before the product: their latency overlaps it
+      const int64_t m = m0 + row0 + p * ROWS_PER_PASS;
+      const int ok = m < m_end ? valid : 0;
+      load_cols<T, VEC>(z0 + m * sz0 + c * sz1, sz1, ok, vec_z, zv[p]);
+      if constexpr (BWD) load_cols<T, VEC>(dy + m * sd0 + c * sd1, sd1, ok, vec_d, dv[p]);
+    }
+    __syncthreads();  // the previous tile's L is read (and, the first time, B's tile is written)
+    for (int idx = threadIdx.x; idx < BM * RMAX; idx += kDoraThreads) {
       const int rr = idx / RMAX, j = idx - rr * RMAX;
-      s_tile[rr][j] = (rr < rows && j < R) ? S[(m0 + rr) * ss0 + j * ss1] : 0.0f;
+      Ss[rr * LDB + j] = (m0 + rr < m_end && j < R) ? S[(m0 + rr) * ss0 + j * ss1] : 0.0f;
     }
     __syncthreads();
-    if (valid == 0) continue;
-    for (int r0 = 0; r0 < rows; r0 += kDoraRowsInFlight) {
-      float zv[kDoraRowsInFlight][V], dv[kDoraRowsInFlight][V];
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #pragma unroll
-      for (int u = 0; u < kDoraRowsInFlight; ++u) {
-        const bool ok = r0 + u < rows;
-        const int64_t m = m0 + r0 + u;
-        load_cols<T, V>(z0 + m * sz0 + c * sz1, sz1, ok ? valid : 0, vec_z, zv[u]);
-        if (BWD) load_cols<T, V>(dy + m * sd0 + c * sd1, sd1, ok ? valid : 0, vec_d, dv[u]);
+    for (int f = 0; f < Tile::FRAGS; ++f) {  // one accumulator live at a time
+      const int col = (wn * Tile::FRAGS + f) * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 8, float> lf;
+      wmma::fill_fragment(lf, 0.0f);
+#pragma unroll
+      for (int k = 0; k < RMAX; k += 8) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b_hi, b_lo;
+        wmma::load_matrix_sync(a_hi, Ss + wm * 16 * LDB + k, LDB);
+        wmma::load_matrix_sync(b_hi, Bs + col * LDB + k, LDB);
+        split_tf32(a_hi, a_lo);
+        split_tf32(b_hi, b_lo);
+        wmma::mma_sync(lf, a_lo, b_hi, lf);  // the small terms first
+        wmma::mma_sync(lf, a_hi, b_lo, lf);
+        wmma::mma_sync(lf, a_hi, b_hi, lf);
       }
+      wmma::store_matrix_sync(Ls + wm * 16 * LDL + col, lf, LDL, wmma::mem_row_major);
+    }
+#else  // no TF32 tensor cores before sm_80: the same fp32 products on the FMA units
+    for (int idx = threadIdx.x; idx < BM * BN; idx += kDoraThreads) {
+      const int rr = idx / BN, cc = idx - rr * BN;
+      float l = 0.0f;
+      for (int j = 0; j < RMAX; ++j) l = fmaf(Ss[rr * LDB + j], Bs[cc * LDB + j], l);
+      Ls[rr * LDL + cc] = l;
+    }
+#endif
+    __syncthreads();
 #pragma unroll
-      for (int u = 0; u < kDoraRowsInFlight; ++u) {
-        if (r0 + u >= rows) break;
-        const int64_t m = m0 + r0 + u;
-        float l[V], o[V];
+    for (int p = 0; p < PASSES; ++p) {
+      const int r = row0 + p * ROWS_PER_PASS;
+      const int64_t m = m0 + r;
+      if (m >= m_end || valid == 0) continue;
+      const float* lrow = Ls + r * LDL + grp * VEC;
+      float o[VEC];
 #pragma unroll
-        for (int v = 0; v < V; ++v) l[v] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < RMAX; ++j) {
-          const float sj = s_tile[r0 + u][j];
-#pragma unroll
-          for (int v = 0; v < V; ++v) l[v] = fmaf(sj, bc[v][j], l[v]);
+      for (int e = 0; e < VEC; ++e) {
+        const float z = zv[p][e] + lrow[e];
+        if constexpr (BWD) {
+          acc[e] = fmaf(dv[p][e], z, acc[e]);
+          o[e] = gc[e] * dv[p][e];
+        } else {
+          o[e] = fmaf(gc[e], z, biasc[e]);
         }
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const float z = zv[u][v] + l[v];
-          if (BWD) {
-            acc[v] = fmaf(dv[u][v], z, acc[v]);
-            o[v] = gc[v] * dv[u][v];
-          } else {
-            o[v] = fmaf(gc[v], z, biasc[v]);
-          }
-        }
-        if (!BWD || out != nullptr) store_cols<T, V>(out + m * N + c, valid, vec_o, o);
       }
+      if (!BWD || out != nullptr) store_cols<T, VEC>(out + m * N + c, valid, vec_o, o);
     }
   }
-  if (BWD) {
+  if constexpr (BWD) {  // the block's column sums: ROWS_PER_PASS partial rows per column group, summed in shared memory
+    static_assert(ROWS_PER_PASS * BN <= Tile::L_FLOATS, "the column sums' scratch must fit in L's tile");
+    __syncthreads();  // every thread is done reading L
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      if (v >= valid) break;
+    for (int e = 0; e < VEC; ++e) Ls[row0 * BN + grp * VEC + e] = acc[e];
+    __syncthreads();
+    for (int col = threadIdx.x; col < BN; col += kDoraThreads) {
+      if (n0 + col >= N) continue;
+      float sum = 0.0f;
+      for (int rr = 0; rr < ROWS_PER_PASS; ++rr) sum += Ls[rr * BN + col];  // fixed order
       if (atomic) {
-        atomicAdd(red + c + v, acc[v]);
+        atomicAdd(red + n0 + col, sum);
       } else {
-        red[c + v] = acc[v];
+        red[n0 + col] = sum;
       }
     }
   }
@@ -835,19 +895,36 @@ constexpr int kDoraMaxRank = 64;
 
 // dora_pass_kernel over Z0 [M, N] (and dY): forward returns Y; backward returns red = Σ_rows dY·(Z0 + S·Bᵀ) and
 // writes dZ = g⊙dY into `dz` when it is defined (contiguous [M, N]).
+// launches dora_pass_kernel with its tile's dynamic shared memory (over the 48 KB default at some tiles: the
+// opt-in is set once per instantiation and device)
+template <typename T, int RMAX, bool BWD, typename... Args>
+void launch_dora_pass(dim3 grid, cudaStream_t stream, Args... args) {
+  constexpr int bytes = DoraTile<RMAX, BWD>::SMEM_BYTES;
+  static bool opted_in[64] = {};
+  const int dev = at::cuda::current_device();
+  if (bytes > 48 * 1024 && !opted_in[dev % 64]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(dora_pass_kernel<T, RMAX, BWD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        bytes));
+    opted_in[dev % 64] = true;
+  }
+  dora_pass_kernel<T, RMAX, BWD><<<grid, kDoraThreads, bytes, stream>>>(args...);
+}
+
 Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, const Tensor& B32, const Tensor& g32,
                  const Tensor& bias, const Tensor& dz) {
   const int64_t M = Z0.size(0), N = Z0.size(1);
   const int R = static_cast<int>(S.size(1));
   TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
   const int rmax = R <= 16 ? 16 : (R <= 32 ? 32 : 64);
-  const int cols_per_thread = kDoraColRegs / rmax;  // the kernel's V
+  const int64_t bn = rmax <= 32 ? DoraTile<16, false>::BN : DoraTile<64, false>::BN;
+  const int64_t bm = rmax > 32 ? DoraTile<64, false>::BM : (bwd ? DoraTile<16, true>::BM : DoraTile<16, false>::BM);
   const auto f32 = Z0.options().dtype(at::kFloat);
-  const int64_t col_blocks = (N + kDoraThreads * cols_per_thread - 1) / (kDoraThreads * cols_per_thread);
-  const int64_t tiles = (M + kDoraTileRows - 1) / kDoraTileRows;
-  // ~16 blocks per SM (three are resident at a time at r <= 16): several waves, so the last one's tail is short
+  const int64_t col_blocks = (N + bn - 1) / bn;
+  const int64_t tiles = (M + bm - 1) / bm;
+  // ~16 blocks per SM in all (a few are resident at a time): several waves, so the last one's tail is short, and
+  // several row tiles per block, so B's tile and the column sums' atomics are paid once per tiles
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, (16 * sm_count() + col_blocks - 1) / col_blocks));
-  const int64_t rows_per_block = ((tiles + splits - 1) / splits) * kDoraTileRows;
+  const int64_t rows_per_block = ((tiles + splits - 1) / splits) * bm;
   splits = M == 0 ? 1 : (M + rows_per_block - 1) / rows_per_block;
   Tensor out = bwd ? dz : at::empty({M, N}, Z0.options());
   Tensor red = bwd ? (splits > 1 ? at::zeros({N}, f32) : at::empty({N}, f32)) : Tensor();
@@ -855,15 +932,14 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
     if (bwd) red.zero_();
     return bwd ? red : out;
   }
-  // V-wide accesses need unit column strides and rows aligned to V elements
-  const int64_t vec_bytes = cols_per_thread * Z0.element_size();
+  // 16-byte accesses need unit column strides and rows aligned to 16 bytes
+  const int64_t vec = 16 / Z0.element_size();
   auto rows_aligned = [&](const Tensor& t) {
-    return t.defined() && t.stride(1) == 1 && t.stride(0) % cols_per_thread == 0 &&
-           reinterpret_cast<uintptr_t>(t.data_ptr()) % vec_bytes == 0;
+    return t.defined() && t.stride(1) == 1 && t.stride(0) % vec == 0 &&
+           reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   };
   const bool vec_z = rows_aligned(Z0), vec_d = bwd && rows_aligned(dy);
-  const bool vec_o = out.defined() && N % cols_per_thread == 0 &&
-                     reinterpret_cast<uintptr_t>(out.data_ptr()) % vec_bytes == 0;
+  const bool vec_o = out.defined() && N % vec == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
   dispatch_all(Z0.scalar_type(), [&](auto* tag) {
@@ -874,12 +950,11 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
     T* op = out.defined() ? reinterpret_cast<T*>(out.data_ptr()) : nullptr;
     float* rp = bwd ? red.data_ptr<float>() : nullptr;
     const int64_t sd0 = bwd ? dy.stride(0) : 0, sd1 = bwd ? dy.stride(1) : 0;
-#define FP_DORA_PASS(RM, BW)                                                                                        \
-  dora_pass_kernel<T, RM, BW><<<grid, kDoraThreads, 0, stream>>>(z0p, Z0.stride(0), Z0.stride(1), dyp, sd0, sd1,       \
-                                                             S.data_ptr<float>(), S.stride(0), S.stride(1),          \
-                                                             B32.data_ptr<float>(), B32.stride(0), B32.stride(1),    \
-                                                             g32.data_ptr<float>(), bp, op, rp, M, N, R,             \
-                                                             rows_per_block, splits > 1, vec_z, vec_d, vec_o)
+#define FP_DORA_PASS(RM, BW)                                                                                       \
+  launch_dora_pass<T, RM, BW>(grid, stream, z0p, Z0.stride(0), Z0.stride(1), dyp, sd0, sd1, S.data_ptr<float>(),  \
+                              S.stride(0), S.stride(1), B32.data_ptr<float>(), B32.stride(0), B32.stride(1),        \
+                              g32.data_ptr<float>(), bp, op, rp, M, N, R, rows_per_block, splits > 1, vec_z, vec_d, \
+                              vec_o)
     if (bwd) {
       if (rmax == 16) FP_DORA_PASS(16, true); else if (rmax == 32) FP_DORA_PASS(32, true); else FP_DORA_PASS(64, true);
     } else {

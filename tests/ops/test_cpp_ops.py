@@ -480,15 +480,17 @@ def test_gpu_dora_odd_shapes(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_dora_pass_vector_widths_and_misaligned_gradients():
-    """dora_pass takes 64/RMAX columns per thread (4 at r <= 16, 2 at r <= 32, 1 above) with vector accesses only where
-    the rows are aligned: widths, odd N and gradients that are strided or start off alignment."""
+def test_gpu_dora_pass_tiles_and_misaligned_gradients():
+    """dora_pass's tiles (64 or 32 rows × 128 columns, 32 × 64 above rank 32; L on the tensor cores) with 16-byte
+    accesses only where rows are aligned: partial row and column tiles, every rank bucket, odd N, and output
+    gradients that are strided or start off alignment."""
     for dtype, (B, T, K, N, r), grad_layout in [
-        (torch.bfloat16, (2, 70, 256, 130, 32), "strided"),  # V = 2, N % 4 != 0
-        (torch.float16, (1, 97, 512, 4098, 16), "contig"),  # V = 4, rows not 4-aligned: element-wise path
-        (torch.bfloat16, (3, 41, 384, 4096, 12), "offset"),  # V = 4, dY rows one element off
-        (torch.float32, (1, 200, 128, 1024, 16), "contig"),  # V = 4 in fp32: 16-byte accesses
-        (torch.bfloat16, (1, 33, 256, 515, 40), "contig"),  # V = 1 (r <= 64)
+        (torch.bfloat16, (2, 70, 256, 130, 32), "strided"),  # rank 17-32; N % 8 != 0: element-wise accesses
+        (torch.float16, (1, 97, 512, 4098, 16), "contig"),  # rows not 16-byte aligned
+        (torch.bfloat16, (3, 41, 384, 4104, 12), "offset"),  # a partial last column tile; dY rows one element off
+        (torch.bfloat16, (1, 300, 256, 1024, 5), "contig"),  # everything aligned, a rank well under the 8-wide steps
+        (torch.float32, (1, 200, 128, 1024, 16), "contig"),  # fp32: 4 elements a 16-byte access
+        (torch.bfloat16, (1, 33, 256, 515, 40), "contig"),  # rank 33-64: 32 × 64 tiles
     ]:
         torch.manual_seed(N + r)
         _check_dora(dtype, B, T, K, N, r, "contig", False, True, True, False, device="cuda",
