@@ -188,33 +188,61 @@ __global__ void scale_cols_kernel(const T* __restrict__ a, int64_t sa0, int64_t 
   }
 }
 
+// The unsigned integer type of `Bytes` bytes: vector accesses go through it, because a struct of 16-bit floats
+// (__half / __nv_bfloat16 have user-provided copy operations) is copied element by element: one 2-byte load or
+// store per element, not one vector access.
+template <int Bytes> struct VecBits;
+template <> struct VecBits<2> { using type = unsigned short; };
+template <> struct VecBits<4> { using type = unsigned int; };
+template <> struct VecBits<8> { using type = uint2; };
+template <> struct VecBits<16> { using type = uint4; };
+
 // V consecutive elements of row-major data as floats: one V-wide load when `vec` (unit stride, the address aligned to
 // V elements, all V in range), else element by element with the stride, zeros past `valid`.
 template <typename T, int V>
-struct alignas(sizeof(T) * V) ColPack {
-  T e[V];
-};
-
-template <typename T, int V>
 __device__ __forceinline__ void load_cols(const T* p, int64_t stride, int valid, bool vec, float v[V]) {
+  using Bits = typename VecBits<sizeof(T) * V>::type;
   if (vec && valid >= V) {
-    const ColPack<T, V> raw = *reinterpret_cast<const ColPack<T, V>*>(p);
+    const Bits raw = *reinterpret_cast<const Bits*>(p);
+    const T* h = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int e = 0; e < V; ++e) v[e] = to_f<T>(raw.e[e]);
+    for (int e = 0; e < V; ++e) v[e] = to_f<T>(h[e]);
   } else {
 #pragma unroll
     for (int e = 0; e < V; ++e) v[e] = e < valid ? to_f<T>(p[e * stride]) : 0.0f;
   }
 }
 
-// stores the first `valid` of V floats rounded to T at p (unit stride): one V-wide store when `vec` and all V are valid
+// the bits of one element, widened to 32 bits
+__device__ __forceinline__ unsigned elem_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned elem_bits(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ unsigned elem_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+// stores the first `valid` of V floats rounded to T at p (unit stride): one V-wide store when `vec` and all V are
+// valid (p then in global memory). The vector is assembled from 32-bit words (two 16-bit elements each) and stored with
+// st.global.v4 / v2: a plain store of a uint4 through the cast pointer came out of the compiler split into 4-byte
+// stores in dora_pass_kernel (seen in its PTX), four transactions where one does.
 template <typename T, int V>
 __device__ __forceinline__ void store_cols(T* p, int valid, bool vec, const float v[V]) {
-  if (vec && valid >= V) {
-    ColPack<T, V> raw;
+  constexpr int kWords = static_cast<int>(sizeof(T)) * V / 4;
+  if (kWords >= 1 && vec && valid >= V) {
+    unsigned w[kWords > 0 ? kWords : 1];
 #pragma unroll
-    for (int e = 0; e < V; ++e) raw.e[e] = from_f<T>(v[e]);
-    *reinterpret_cast<ColPack<T, V>*>(p) = raw;
+    for (int i = 0; i < kWords; ++i) {
+      if constexpr (sizeof(T) == 4) {
+        w[i] = elem_bits(v[i]);
+      } else {
+        w[i] = elem_bits(from_f<T>(v[2 * i])) | (elem_bits(from_f<T>(v[2 * i + 1])) << 16);
+      }
+    }
+    if constexpr (kWords == 4) {
+      asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                   : "memory");
+    } else if constexpr (kWords == 2) {
+      asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+    } else {
+      *reinterpret_cast<unsigned*>(p) = w[0];
+    }
   } else {
 #pragma unroll
     for (int e = 0; e < V; ++e)
