@@ -167,14 +167,20 @@ class LoraLinear(AdapterLayer):
         return self.lora_variant[name].forward_reference(self, name, x)
 
     def _forward_hot(self, x, name):
-        # plain LoRA on an nn.Linear base (exactly: Conv1D transposes, 4-bit bases take other kernels), no dropout
-        # in effect: the general path's _forward_lora_pair(..., dropout_p=0, cpp=True), read from the dicts
+        # plain LoRA or DoRA on an nn.Linear base (exactly: Conv1D transposes, 4-bit bases take other kernels), no
+        # dropout in effect: the general path's _forward_lora_pair(..., dropout_p=0, cpp=True) / DoRA's
+        # forward_cpp, read from the dicts
         base = self._modules["base_layer"]
-        if type(base) is not nn.Linear or self.lora_variant.get(name) is not PLAIN_LORA:
+        variant = self.lora_variant.get(name)
+        if type(base) is not nn.Linear or (variant is not PLAIN_LORA and variant is not DORA):
             return None
         if self.training and type(self._modules["lora_dropout"]._modules[name]) is not nn.Identity:
             return None
         params = base._parameters
+        if variant is DORA:
+            if params["weight"].requires_grad:  # DoRA's operator takes a frozen base; the general path decides
+                return None
+            return DORA.forward_cpp(self, name, x)
         return cpp_ops.lora_linear(x, params["weight"], params["bias"],
                                    self._modules["lora_A"]._modules[name]._parameters["weight"],
                                    self._modules["lora_B"]._modules[name]._parameters["weight"], self.scaling[name])

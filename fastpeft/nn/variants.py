@@ -196,13 +196,16 @@ class DoraVariant(LoraVariant):
         return y if bias is None else y.add_(bias)
 
     @staticmethod
-    def _weight_sq_norm(layer: "LoraLinear", weight: torch.Tensor) -> Optional[torch.Tensor]:
-        """‖W‖² per output row (fp32) of the frozen base weight, kept on the layer and recomputed when W changes
-        (identity, version counter, dtype, device); None under torch.compile or a CUDA graph capture (the C++
-        operator then computes it in the call)."""
+    def _weight_sq_norm(layer: "LoraLinear", weight: torch.Tensor, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """‖W‖² per output row (fp32) of the frozen base weight ``weight`` ([out, in]; ``param`` is the base layer's
+        parameter it views), kept on the layer and recomputed when the parameter changes: another tensor object,
+        another storage or a version counter that moved in place. The key holds plain integers (no reference that
+        would keep a replaced weight alive, nothing that stops the model from pickling) and is three cheap reads:
+        the hot path pays it on every call. None under torch.compile or a CUDA graph capture (the C++ operator then
+        computes it in the call)."""
         if torch.compiler.is_compiling() or graph_capturing():
             return None
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        key = (id(param), param.data_ptr(), param._version)
         hit = layer._dora_weight_sq
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -211,7 +214,7 @@ class DoraVariant(LoraVariant):
         layer._dora_weight_sq = (key, value)
         return value
 
-    def _forward_cpp(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
+    def forward_cpp(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
         """DoRA without dropout through the C++ operator (one dispatcher call, C++ autograd; csrc/adapter_ops.cpp):
         in training with ‖W‖² kept per layer, out of training with the cached norm; decode-sized inference is LoRA's
         operator rescaled by the cached g."""
@@ -228,13 +231,13 @@ class DoraVariant(LoraVariant):
             return cpp_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, None,
                                        layer._dora_norms[name][2])
         return cpp_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling,
-                                   self._weight_sq_norm(layer, weight), None)
+                                   self._weight_sq_norm(layer, weight, base.weight), None)
 
     def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
-        """Without dropout in effect and with the C++ operators (``cpp``): ``_forward_cpp``. Else the Triton DoRA
+        """Without dropout in effect and with the C++ operators (``cpp``): ``forward_cpp``. Else the Triton DoRA
         kernels + cuBLAS (PEFT's dropout formula: a second base product), out of training with the cached norm."""
         if cpp and p == 0 and not getattr(layer.base_layer.weight, "requires_grad", False):
-            return self._forward_cpp(layer, name, x)
+            return self.forward_cpp(layer, name, x)
         if not self._kernels_can_run(layer, x):
             return self.forward_reference(layer, name, x)
         base = layer.base_layer

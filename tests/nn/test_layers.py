@@ -11,7 +11,7 @@ from fastpeft.nn import IA3Linear, LoraLinear
 from fastpeft.nn import bases as B
 from fastpeft.nn import layer as layer_module
 from fastpeft.ops import cpp_ops
-from fastpeft.ops.reference import ia3_linear_reference, lora_linear_reference
+from fastpeft.ops.reference import dora_linear_reference, ia3_linear_reference, lora_linear_reference
 from helpers import rel_err, set_settings
 
 
@@ -219,6 +219,72 @@ def test_hot_path_gives_the_general_paths_result_in_every_state(monkeypatch, has
             assert (ia3._forward_hot(x, active) is not None) == (active == "default")
             want = IA3Linear._forward_adapter(ia3, x, active) if active == "default" else ia3.base_layer(x)
             assert torch.equal(ia3(x), want)
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_dora_hot_path_gives_the_general_paths_result(monkeypatch, has_bias):
+    """DoRA on a frozen nn.Linear takes the hot path (its C++ operator straight from forward) in training, in eval
+    mode with autograd and in no-grad inference (the cached norm), and not with dropout in effect; each time the
+    output and gradients are bitwise the general path's."""
+    if not cpp_ops.available():
+        pytest.skip("the C++ extension cannot be built here")
+    set_settings(monkeypatch, backend="cpp")
+    torch.manual_seed(2)
+    base = nn.Linear(37, 29, bias=has_bias)
+    base.requires_grad_(False)
+    layer = LoraLinear(base, "dora", r=3, lora_alpha=5, use_dora=True, init_lora_weights=False)
+    layer.update_layer("dora_drop", r=2, lora_alpha=4, lora_dropout=0.3, use_dora=True, init_lora_weights=False)
+    with torch.no_grad():
+        for m in layer.lora_magnitude_vector.values():
+            m.weight.mul_(torch.rand_like(m.weight) + 0.5)  # away from the norm
+    taken = []
+    real_hot = LoraLinear._forward_hot
+
+    def spy(self, x, name):
+        out = real_hot(self, x, name)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(LoraLinear, "_forward_hot", spy)
+    x = torch.randn(3, 5, 37, requires_grad=True)
+    for label, active, training, grad, want_hot in [("train", "dora", True, True, True),
+                                                    ("dropout, train", "dora_drop", True, True, False),
+                                                    ("eval, autograd", "dora", False, True, True),
+                                                    ("eval, no grad", "dora", False, False, True),
+                                                    ("dropout, eval", "dora_drop", False, False, True),
+                                                    ("train again", "dora", True, True, True)]:
+        layer.active_adapter = active
+        layer.train(training)
+        outs = []
+        for hot in (True, False):
+            if not hot:
+                layer._forward_hot = lambda x, name: None  # the general path alone
+            taken.clear()
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            torch.manual_seed(1)  # the dropout draw
+            with torch.set_grad_enabled(grad):
+                y = layer(x)
+            if grad:
+                y.square().sum().backward()
+            grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+            outs.append((y.detach(), grads, list(taken)))
+            layer.__dict__.pop("_forward_hot", None)
+        (y_hot, g_hot, taken_hot), (y_gen, g_gen, _) = outs
+        assert torch.equal(y_hot, y_gen), label
+        for a, b in zip(g_hot, g_gen):
+            assert (a is None and b is None) or torch.equal(a, b), label
+        assert taken_hot == [want_hot], label
+    # the kept ‖W‖² follows the weight: replaced in place, the next training call must see the new one
+    layer.active_adapter = "dora"
+    layer.train()
+    with torch.no_grad():
+        base.weight.mul_(1.5)
+    y = layer(x)
+    want = dora_linear_reference(x.detach(), base.weight, base.bias, layer.lora_A["dora"].weight.detach(),
+                                 layer.lora_B["dora"].weight.detach(),
+                                 layer.lora_magnitude_vector["dora"].weight.detach(), layer.scaling["dora"])
+    assert rel_err(y, want) <= 1e-5
 
 
 @pytest.mark.gpu
