@@ -162,6 +162,45 @@ def _lora_states(layer: LoraLinear):
             ("unmerged", unmerged), ("default last", default)]
 
 
+def _hot_and_general(monkeypatch, layer, x, grad=True):
+    """One call of ``layer`` through the hot path and one through the general path alone (``_forward_hot``
+    returning None), with the same dropout draw: [(output, [x.grad] + trainable params' grads, [whether the hot
+    path served each call]) for hot, general]."""
+    taken = []
+    real_hot = type(layer)._forward_hot
+
+    def spy(self, x, name):
+        out = real_hot(self, x, name)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(type(layer), "_forward_hot", spy)
+    outs = []
+    for hot in (True, False):
+        if not hot:
+            layer._forward_hot = lambda x, name: None  # the general path alone
+        taken.clear()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(1)  # the dropout draw
+        with torch.set_grad_enabled(grad):
+            y = layer(x)
+        if grad:
+            y.square().sum().backward()
+        grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+        outs.append((y.detach(), grads, list(taken)))
+        layer.__dict__.pop("_forward_hot", None)
+    monkeypatch.setattr(type(layer), "_forward_hot", real_hot)
+    return outs
+
+
+def _assert_same(outs, label):
+    (y_hot, g_hot, _), (y_gen, g_gen, _) = outs
+    assert torch.equal(y_hot, y_gen), label
+    for a, b in zip(g_hot, g_gen):
+        assert (a is None and b is None) or torch.equal(a, b), label
+
+
 @pytest.mark.filterwarnings("ignore:fastpeft. a DoRA layer's base weight requires grad")
 @pytest.mark.parametrize("has_bias", [False, True])
 def test_hot_path_gives_the_general_paths_result_in_every_state(monkeypatch, has_bias):
@@ -175,38 +214,15 @@ def test_hot_path_gives_the_general_paths_result_in_every_state(monkeypatch, has
     layer = LoraLinear(nn.Linear(37, 29, bias=has_bias), "default", r=5, lora_alpha=7, init_lora_weights=False)
     layer.update_layer("drop", r=3, lora_alpha=3, lora_dropout=0.25, init_lora_weights=False)
     layer.update_layer("dora", r=2, lora_alpha=4, use_dora=True, init_lora_weights=False)
-    taken = []
-    real_hot = LoraLinear._forward_hot
-
-    def spy(self, x, name):
-        out = real_hot(self, x, name)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(LoraLinear, "_forward_hot", spy)
     x = torch.randn(2, 7, 37, requires_grad=True)
     expect_hot = {"default": True, "dropout, training": False, "dropout, eval": True, "default, eval": True,
                   "train again": True, "no such adapter": False, "dora": False, "disabled": None, "enabled": False,
                   "merged": None, "unmerged": False, "default last": True}
     for label, setup in _lora_states(layer):
         setup()
-        outs = []
-        for hot in (True, False):
-            if not hot:
-                layer._forward_hot = lambda x, name: None  # the general path alone
-            taken.clear()
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            torch.manual_seed(1)  # the dropout draw
-            y = layer(x)
-            y.square().sum().backward()
-            grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
-            outs.append((y.detach(), grads, list(taken)))
-            layer.__dict__.pop("_forward_hot", None)
-        (y_hot, g_hot, taken_hot), (y_gen, g_gen, _) = outs
-        assert torch.equal(y_hot, y_gen), label
-        for a, b in zip(g_hot, g_gen):
-            assert (a is None and b is None) or torch.equal(a, b), label
+        outs = _hot_and_general(monkeypatch, layer, x)
+        _assert_same(outs, label)
+        taken_hot = outs[0][2]
         want = expect_hot[label]
         # None: forward never asks (disabled / merged are decided before); else whether the hot path served it
         assert taken_hot == ([] if want is None else [want]), label
@@ -237,15 +253,6 @@ def test_dora_hot_path_gives_the_general_paths_result(monkeypatch, has_bias):
     with torch.no_grad():
         for m in layer.lora_magnitude_vector.values():
             m.weight.mul_(torch.rand_like(m.weight) + 0.5)  # away from the norm
-    taken = []
-    real_hot = LoraLinear._forward_hot
-
-    def spy(self, x, name):
-        out = real_hot(self, x, name)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(LoraLinear, "_forward_hot", spy)
     x = torch.randn(3, 5, 37, requires_grad=True)
     for label, active, training, grad, want_hot in [("train", "dora", True, True, True),
                                                     ("dropout, train", "dora_drop", True, True, False),
@@ -255,26 +262,9 @@ def test_dora_hot_path_gives_the_general_paths_result(monkeypatch, has_bias):
                                                     ("train again", "dora", True, True, True)]:
         layer.active_adapter = active
         layer.train(training)
-        outs = []
-        for hot in (True, False):
-            if not hot:
-                layer._forward_hot = lambda x, name: None  # the general path alone
-            taken.clear()
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            torch.manual_seed(1)  # the dropout draw
-            with torch.set_grad_enabled(grad):
-                y = layer(x)
-            if grad:
-                y.square().sum().backward()
-            grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
-            outs.append((y.detach(), grads, list(taken)))
-            layer.__dict__.pop("_forward_hot", None)
-        (y_hot, g_hot, taken_hot), (y_gen, g_gen, _) = outs
-        assert torch.equal(y_hot, y_gen), label
-        for a, b in zip(g_hot, g_gen):
-            assert (a is None and b is None) or torch.equal(a, b), label
-        assert taken_hot == [want_hot], label
+        outs = _hot_and_general(monkeypatch, layer, x, grad)
+        _assert_same(outs, label)
+        assert outs[0][2] == [want_hot], label
     # the kept ‖W‖² follows the weight: replaced in place, the next training call must see the new one
     layer.active_adapter = "dora"
     layer.train()
