@@ -131,10 +131,10 @@ class DoraVariant(LoraVariant):
         else:
             # PEFT: ‖W + s·B·A‖ of the weights at creation (B = 0 at the default init), computed in the dtype PEFT
             # has cast the new adapter to: the base weight's if that is floating point (a 4-bit base's stays fp32)
-            base_param = bases.dense_weight(layer.base_layer)
-            adapter_dtype = None if bases.is_linear4bit(layer.base_layer) else base_param.dtype
+            base_weight = bases.dense_weight(layer.base_layer)  # a 4-bit base: dequantized
+            adapter_dtype = None if bases.is_linear4bit(layer.base_layer) else base_weight.dtype
             with torch.no_grad():
-                magnitude = dora_initial_magnitude_reference(base_param.to(lora_A.device), lora_A, lora_B,
+                magnitude = dora_initial_magnitude_reference(base_weight.to(lora_A.device), lora_A, lora_B,
                                                              layer.scaling[adapter_name], adapter_dtype)
         layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 

@@ -389,7 +389,8 @@ def test_dora_16bit_initial_magnitudes_and_training_match_peft(dtype):
             run.append(loss.item())
         losses.append(run)
     assert losses[0][-1] < losses[0][0]  # it trains
-    assert max(abs(a - b) / abs(a) for a, b in zip(*losses)) <= 1e-3, losses
+    # the same computation: 0 measured here; the exact fp32 init parts from PEFT's by 4e-6 (fp16) to 1.5e-5 (bf16)
+    assert max(abs(a - b) / abs(a) for a, b in zip(*losses)) <= 1e-6, losses
 
 
 def test_dora_delete_and_disable_adapter(monkeypatch):
