@@ -254,31 +254,40 @@ __device__ __forceinline__ void store_cols(T* p, int valid, bool vec, const floa
 //   forward  (BWD = false): out = dtype(g·(Z0 + L) + bias)           Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
 //   backward (BWD = true):  red[c] (+)= Σ_m dY·(Z0 + L);  out = dtype(g·dY) (if out)
 // One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output.
-// Block: kDoraThreads threads over BM rows × BN columns at a time (BM = 64 forward, 32 backward, which loads dY
-// too; BN = 128, 64 at RMAX = 64), walking its rows_per_block rows tile by tile; B's tile stays in shared memory.
-// Per tile: the Z0 (and dY) loads are issued first, 16 bytes a thread per row pass (they do not depend on L, so
-// their latency overlaps the product); S's tile is staged; the 8 warps form L with wmma m16n16k8 TF32 in three
-// products (hi·hi + hi·lo + lo·hi of TF32 splits, ~fp32 accuracy: 3xTF32) into shared memory; then every thread
-// finishes its own 16-byte column groups. The backward's column sums stay in registers over the block's rows, are
-// combined through shared memory and reach red with one atomic per column per block (a store when one block
+// Block: 8 warps over BM rows × BN columns at a time (BM = 64 forward, 32 backward, which reads dY too; BN = 128,
+// 64 at RMAX = 64), walking its rows_per_block rows tile by tile; B's tile is staged once. Each warp owns a 16-row ×
+// WC-column part of a tile and does all of it alone -- its 16 rows of S, its part of L (wmma m16n16k8 TF32 in three
+// products: hi·hi + hi·lo + lo·hi of TF32 splits, ~fp32 accuracy, "3xTF32"), its 16-byte column groups -- so a
+// tile needs no block barrier, only __syncwarp, and warps drift apart: one's loads overlap another's arithmetic.
+// Z0 / dY and S reach shared memory by cp.async, the next tile's Z0 / dY (double-buffered) issued before this tile's
+// product and its S (single buffer) right after it: every tile's loads have a tile's work to hide behind, and no
+// registers hold them in flight. The backward's column sums stay in registers over the block's rows, are combined
+// by shuffles and through shared memory, and reach red with one atomic per column per block (a store when one block
 // covers all rows).
 // Floor: bytes (Z0 and Y, or dY, Z0 and dZ, once each: 4 or 6 bytes an element in 16 bits); L's FLOPs are tiny on
-// the tensor cores. Measured (H200, gate/up, M = 4096, ncu): forward 213 µs, backward 298 µs against floors of 49 /
-// 73 µs, 21-24 % of DRAM bandwidth: bound by latency, with 2 blocks of 8 warps per SM (128 registers, 48 KB of
-// shared memory each) and three barriers a tile. (S·Bᵀ on the FMA units, one column a thread, took 0.69 ms for the
-// two passes; four columns a thread, 0.86 ms: ~150 registers left 3 warps per scheduler.) Next: the Z0 / dY tiles
-// through cp.async into shared memory, double-buffered (docs/dora.md).
-constexpr int kDoraThreads = 256;  // 8 warps
+// the tensor cores. History (H200, gate/up, M = 4096, ncu): S·Bᵀ on the FMA units, one column a thread, 0.69 ms for
+// the two passes; on the tensor cores with block barriers and loads issued a tile at a time, forward 213 µs /
+// backward 298 µs against floors of 49 / 73 µs (latency-bound: three block barriers a tile).
+constexpr int kDoraWarps = 8;
+constexpr int kDoraThreads = kDoraWarps * 32;
 
-template <int RMAX, bool BWD> struct DoraTile {
+template <typename T, int RMAX, bool BWD> struct DoraTile {
   static constexpr int BM = (BWD || RMAX > 32) ? 32 : 64;
   static constexpr int BN = RMAX <= 32 ? 128 : 64;
-  static constexpr int LDB = RMAX + 4;  // floats a row of S's / B's tile (a multiple of 4, as wmma wants)
-  static constexpr int LDL = BN + 4;    // floats a row of L's tile
-  static constexpr int WARPS_M = BM / 16, WARPS_N = 8 / WARPS_M;
-  static constexpr int FRAGS = BN / WARPS_N / 16;  // 16-column blocks of L a warp forms
-  static constexpr int B_FLOATS = BN * LDB, S_FLOATS = BM * LDB, L_FLOATS = BM * LDL;
-  static constexpr int SMEM_BYTES = (B_FLOATS + S_FLOATS + L_FLOATS) * 4;
+  static constexpr int WARPS_M = BM / 16, WARPS_N = kDoraWarps / WARPS_M;
+  static constexpr int WC = BN / WARPS_N;  // columns a warp owns
+  static constexpr int FRAGS = WC / 16;    // 16-column blocks of L a warp forms
+  static constexpr int LDB = RMAX + 4;     // floats a row of S's / B's tile (a multiple of 4, as wmma wants)
+  static constexpr int LDL = WC + 4;       // floats a row of a warp's L
+  static constexpr int B_FLOATS = BN * LDB;
+  static constexpr int S_FLOATS = 16 * LDB, L_FLOATS = 16 * LDL;
+  static constexpr int Z_FLOATS = 16 * WC * static_cast<int>(sizeof(T)) / 4;  // one buffer of a warp's Z0 (or dY)
+  static constexpr int WARP_FLOATS = S_FLOATS + L_FLOATS + (BWD ? 4 : 2) * Z_FLOATS;
+  static constexpr int SMEM_BYTES = (B_FLOATS + kDoraWarps * WARP_FLOATS) * 4;
+  static_assert(WARPS_M * WARPS_N == kDoraWarps && FRAGS >= 1 && WC % 16 == 0, "warps tile the block");
+  static_assert(B_FLOATS % 8 == 0 && S_FLOATS % 8 == 0 && L_FLOATS % 8 == 0 && Z_FLOATS % 8 == 0,
+                "wmma and 16-byte copies want 32-byte aligned parts");
+  static_assert(SMEM_BYTES <= 227 * 1024, "a block's shared memory");
 };
 
 // v -> (hi, lo) with hi = tf32(v), lo = tf32(v - hi): hi + lo carries ~21 of fp32's 24 mantissa bits
@@ -293,31 +302,144 @@ __device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
   }
 }
 
+// Asynchronous global -> shared copies (cp.async, sm_80+; a plain copy before): `bytes` of 4 or 16 from src, or
+// zeros when !ok (src is then not read). commit / wait group them as PTX does.
+template <int Bytes>
+__device__ __forceinline__ void copy_async(void* dst, const void* src, bool ok) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(Bytes), "r"(ok ? Bytes : 0)
+               : "memory");
+#else
+  if constexpr (Bytes == 16) {
+    *reinterpret_cast<uint4*>(dst) = ok ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+  } else {
+    *reinterpret_cast<unsigned*>(dst) = ok ? *reinterpret_cast<const unsigned*>(src) : 0u;
+  }
+#endif
+}
+__device__ __forceinline__ void copy_async_commit() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int Pending>
+__device__ __forceinline__ void copy_async_wait() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+#endif
+}
+
+// 16 bytes of consecutive elements (16 / sizeof(T) of them) into shared memory: one cp.async when `vec` (unit
+// stride, 16-byte aligned, all in range), else element by element with the stride and synchronously, zeros past
+// `valid` (partial column groups and strided or misaligned tensors: the slow path).
+template <typename T>
+__device__ __forceinline__ void stage16(void* dst, const T* p, int64_t stride, int valid, bool vec) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  if (vec && valid >= V) {
+    copy_async<16>(dst, p, true);
+    return;
+  }
+  if (valid <= 0) {
+    copy_async<16>(dst, p, false);
+    return;
+  }
+  unsigned w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    if (e >= valid) continue;
+    if constexpr (sizeof(T) == 4) {
+      w[e] = elem_bits(p[e * stride]);
+    } else {
+      w[e / 2] |= elem_bits(p[e * stride]) << (16 * (e % 2));
+    }
+  }
+  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// 16 bytes of T from shared memory as floats
+template <typename T>
+__device__ __forceinline__ void unstage16(const void* src, float v[16 / sizeof(T)]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int e = 0; e < static_cast<int>(16 / sizeof(T)); ++e) {
+    if constexpr (sizeof(T) == 4) {
+      v[e] = __uint_as_float(w[e]);
+    } else if constexpr (std::is_same<T, __half>::value) {
+      v[e] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[e / 2] >> (16 * (e % 2)))));
+    } else {
+      v[e] = __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w[e / 2] >> (16 * (e % 2)))));
+    }
+  }
+}
+
 template <typename T, int RMAX, bool BWD>
 __global__ void __launch_bounds__(kDoraThreads, 2) dora_pass_kernel(
     const T* __restrict__ z0, int64_t sz0, int64_t sz1, const T* __restrict__ dy, int64_t sd0, int64_t sd1,
     const float* __restrict__ S, int64_t ss0, int64_t ss1, const float* __restrict__ B, int64_t sb0, int64_t sb1,
     const float* __restrict__ g, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ red, int64_t M,
-    int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z, bool vec_d, bool vec_o) {
+    int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z, bool vec_d, bool vec_o, bool vec_s) {
   using namespace nvcuda;
-  using Tile = DoraTile<RMAX, BWD>;
-  constexpr int BM = Tile::BM, BN = Tile::BN, LDB = Tile::LDB, LDL = Tile::LDL;
-  constexpr int VEC = 16 / sizeof(T);                    // elements in a 16-byte access
-  constexpr int GROUPS = BN / VEC;                        // column groups across the tile
-  constexpr int ROWS_PER_PASS = kDoraThreads / GROUPS;
-  constexpr int PASSES = BM / ROWS_PER_PASS;
+  using Tile = DoraTile<T, RMAX, BWD>;
+  constexpr int BM = Tile::BM, BN = Tile::BN, WC = Tile::WC, LDB = Tile::LDB, LDL = Tile::LDL;
+  constexpr int VEC = 16 / sizeof(T);  // elements in a 16-byte access
+  constexpr int GW = WC / VEC;          // column groups across a warp's part
+  static_assert(GW >= 1 && 32 % GW == 0, "a warp's lanes cover whole rows of its part");
+  constexpr int RPP = 32 / GW;          // rows a warp covers per pass
+  constexpr int PASSES = 16 / RPP;
   extern __shared__ __align__(128) float dora_smem[];
-  float* const Bs = dora_smem;                  // [BN][LDB]
-  float* const Ss = dora_smem + Tile::B_FLOATS;  // [BM][LDB]
-  float* const Ls = Ss + Tile::S_FLOATS;        // [BM][LDL]; the column sums' scratch at the end
+  float* const Bs = dora_smem;  // [BN][LDB]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
+  float* const Ss = dora_smem + Tile::B_FLOATS + warp * Tile::WARP_FLOATS;  // [16][LDB]: the warp's rows of S
+  float* const Ls = Ss + Tile::S_FLOATS;                                    // [16][LDL]: its part of L
+  float* const Zs = Ls + Tile::L_FLOATS;  // [2 buffers][16][WC] of T; then dY's two buffers (BWD)
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t m_end = m_begin + rows_per_block < M ? m_begin + rows_per_block : M;
-  // Staging loops have compile-time trip counts and load into registers first, so a thread's loads are all in flight
-  // at once (a loop of load-then-store waits out one latency per element: 8 µs a tile, measured)
-  constexpr int B_PER = BN * RMAX / kDoraThreads, S_PER = BM * RMAX / kDoraThreads;
-  static_assert(B_PER * kDoraThreads == BN * RMAX && S_PER * kDoraThreads == BM * RMAX, "tiles split evenly");
-  {
+  const int gl = lane % GW, rl = lane / GW;
+  const int64_t c = n0 + wn * WC + gl * VEC;
+  const int valid = c < N ? static_cast<int>(N - c < VEC ? N - c : VEC) : 0;
+  // a lane's 16-byte slot of a Z0 / dY buffer: row rl + p·RPP, columns gl·VEC.. (lane·16 bytes + p·512)
+  auto stage_rows = [&](int64_t m0, int buf) {
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {
+      const int64_t m = m0 + wm * 16 + rl + p * RPP;
+      const int ok = m < m_end ? valid : 0;
+      char* slot = reinterpret_cast<char*>(Zs + buf * Tile::Z_FLOATS) + (p * 32 + lane) * 16;
+      stage16<T>(slot, z0 + m * sz0 + c * sz1, sz1, ok, vec_z);
+      if constexpr (BWD) stage16<T>(slot + 2 * Tile::Z_FLOATS * 4, dy + m * sd0 + c * sd1, sd1, ok, vec_d);
+    }
+  };
+  // the warp's 16 rows of S (zeros past m_end and R): 16-byte copies when S's rows allow (vec_s: R % 4 == 0, unit
+  // column stride, 16-byte aligned rows), else 4-byte ones
+  auto stage_s = [&](int64_t m0) {
+    if (vec_s) {
+#pragma unroll
+      for (int u = 0; u < 16 * RMAX / 4 / 32; ++u) {
+        const int idx = lane + u * 32, rr = idx / (RMAX / 4), j = (idx - rr * (RMAX / 4)) * 4;
+        const int64_t m = m0 + wm * 16 + rr;
+        const bool ok = m < m_end && j < R;
+        copy_async<16>(Ss + rr * LDB + j, ok ? S + m * ss0 + j : S, ok);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < 16 * RMAX / 32; ++u) {
+        const int idx = lane + u * 32, rr = idx / RMAX, j = idx - rr * RMAX;
+        const int64_t m = m0 + wm * 16 + rr;
+        const bool ok = m < m_end && j < R;
+        copy_async<4>(Ss + rr * LDB + j, ok ? S + m * ss0 + j * ss1 : S, ok);
+      }
+    }
+  };
+  stage_rows(m_begin, 0);
+  copy_async_commit();
+  stage_s(m_begin);
+  copy_async_commit();
+  {  // B's tile, once: loads into registers first so they are all in flight together
+    constexpr int B_PER = BN * RMAX / kDoraThreads;
+    static_assert(B_PER * kDoraThreads == BN * RMAX, "B's tile splits evenly");
     float bv[B_PER];
 #pragma unroll
     for (int u = 0; u < B_PER; ++u) {
@@ -330,9 +452,6 @@ __global__ void __launch_bounds__(kDoraThreads, 2) dora_pass_kernel(
       Bs[nn * LDB + j] = bv[u];
     }
   }
-  const int grp = threadIdx.x % GROUPS, row0 = threadIdx.x / GROUPS;
-  const int64_t c = n0 + grp * VEC;
-  const int valid = c < N ? static_cast<int>(N - c < VEC ? N - c : VEC) : 0;
   float gc[VEC], biasc[VEC], acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
@@ -340,87 +459,86 @@ __global__ void __launch_bounds__(kDoraThreads, 2) dora_pass_kernel(
     biasc[e] = (!BWD && e < valid && bias != nullptr) ? to_f<T>(bias[c + e]) : 0.0f;
     acc[e] = 0.0f;
   }
-  const int warp = threadIdx.x / 32, wm = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += BM) {
-    float zv[PASSES][VEC], dv[BWD ? PASSES : 1][VEC], sv[S_PER];
-#pragma unroll
-    for (int u = 0; u < S_PER; ++u) {  // S's tile, Z0 and dY: all issued before anything waits on them
-      const int idx = threadIdx.x + u * kDoraThreads, rr = idx / RMAX, j = idx - rr * RMAX;
-      sv[u] = (m0 + rr < m_end && j < R) ? S[(m0 + rr) * ss0 + j * ss1] : 0.0f;
-    }
-#pragma unroll
-    for (int p = 0; p < PASSES; ++p) {  // their latency overlaps the product
-      const int64_t m = m0 + row0 + p * ROWS_PER_PASS;
-      const int ok = m < m_end ? valid : 0;
-      load_cols<T, VEC>(z0 + m * sz0 + c * sz1, sz1, ok, vec_z, zv[p]);
-      if constexpr (BWD) load_cols<T, VEC>(dy + m * sd0 + c * sd1, sd1, ok, vec_d, dv[p]);
-    }
-    __syncthreads();  // the previous tile's L is read (and, the first time, B's tile is written)
-#pragma unroll
-    for (int u = 0; u < S_PER; ++u) {
-      const int idx = threadIdx.x + u * kDoraThreads, rr = idx / RMAX, j = idx - rr * RMAX;
-      Ss[rr * LDB + j] = sv[u];
-    }
-    __syncthreads();
+  __syncthreads();  // B's tile is written
+  int buf = 0;
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += BM, buf ^= 1) {
+    stage_rows(m0 + BM, buf ^ 1);  // the next tile's Z0 / dY (nothing past m_end)
+    copy_async_commit();
+    copy_async_wait<1>();  // all but that group: this tile's Z0 / dY and S have landed
+    __syncwarp();          // ... for every lane of the warp
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #pragma unroll
     for (int f = 0; f < Tile::FRAGS; ++f) {  // one accumulator live at a time
-      const int col = (wn * Tile::FRAGS + f) * 16;
+      const int col = f * 16;
       wmma::fragment<wmma::accumulator, 16, 16, 8, float> lf;
       wmma::fill_fragment(lf, 0.0f);
 #pragma unroll
       for (int k = 0; k < RMAX; k += 8) {
         wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
         wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b_hi, b_lo;
-        wmma::load_matrix_sync(a_hi, Ss + wm * 16 * LDB + k, LDB);
-        wmma::load_matrix_sync(b_hi, Bs + col * LDB + k, LDB);
+        wmma::load_matrix_sync(a_hi, Ss + k, LDB);
+        wmma::load_matrix_sync(b_hi, Bs + (wn * WC + col) * LDB + k, LDB);
         split_tf32(a_hi, a_lo);
         split_tf32(b_hi, b_lo);
         wmma::mma_sync(lf, a_lo, b_hi, lf);  // the small terms first
         wmma::mma_sync(lf, a_hi, b_lo, lf);
         wmma::mma_sync(lf, a_hi, b_hi, lf);
       }
-      wmma::store_matrix_sync(Ls + wm * 16 * LDL + col, lf, LDL, wmma::mem_row_major);
+      wmma::store_matrix_sync(Ls + col, lf, LDL, wmma::mem_row_major);
     }
 #else  // no TF32 tensor cores before sm_80: the same fp32 products on the FMA units
-    for (int idx = threadIdx.x; idx < BM * BN; idx += kDoraThreads) {
-      const int rr = idx / BN, cc = idx - rr * BN;
+    for (int idx = lane; idx < 16 * WC; idx += 32) {
+      const int rr = idx / WC, cc = idx - rr * WC;
       float l = 0.0f;
-      for (int j = 0; j < RMAX; ++j) l = fmaf(Ss[rr * LDB + j], Bs[cc * LDB + j], l);
+      for (int j = 0; j < RMAX; ++j) l = fmaf(Ss[rr * LDB + j], Bs[(wn * WC + cc) * LDB + j], l);
       Ls[rr * LDL + cc] = l;
     }
 #endif
-    __syncthreads();
+    __syncwarp();  // L is written and S read
+    stage_s(m0 + BM);  // the next tile's S, behind this tile's finish
+    copy_async_commit();
+    const char* zbuf = reinterpret_cast<const char*>(Zs + buf * Tile::Z_FLOATS);
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) {
-      const int r = row0 + p * ROWS_PER_PASS;
-      const int64_t m = m0 + r;
+      const int r = rl + p * RPP;
+      const int64_t m = m0 + wm * 16 + r;
       if (m >= m_end || valid == 0) continue;
-      const float* lrow = Ls + r * LDL + grp * VEC;
-      float o[VEC];
+      const float* lrow = Ls + r * LDL + gl * VEC;
+      float zv[VEC], dv[VEC], o[VEC];
+      unstage16<T>(zbuf + (p * 32 + lane) * 16, zv);
+      if constexpr (BWD) unstage16<T>(zbuf + 2 * Tile::Z_FLOATS * 4 + (p * 32 + lane) * 16, dv);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float z = zv[p][e] + lrow[e];
+        const float z = zv[e] + lrow[e];
         if constexpr (BWD) {
-          acc[e] = fmaf(dv[p][e], z, acc[e]);
-          o[e] = gc[e] * dv[p][e];
+          acc[e] = fmaf(dv[e], z, acc[e]);
+          o[e] = gc[e] * dv[e];
         } else {
           o[e] = fmaf(gc[e], z, biasc[e]);
         }
       }
       if (!BWD || out != nullptr) store_cols<T, VEC>(out + m * N + c, valid, vec_o, o);
     }
+    __syncwarp();  // this buffer and L are read before the next tiles' copies and product write them
   }
-  if constexpr (BWD) {  // the block's column sums: ROWS_PER_PASS partial rows per column group, summed in shared memory
-    static_assert(ROWS_PER_PASS * BN <= Tile::L_FLOATS, "the column sums' scratch must fit in L's tile");
-    __syncthreads();  // every thread is done reading L
+  copy_async_wait<0>();  // nothing in flight into shared memory past the loop (the last, empty, groups)
+  if constexpr (BWD) {  // the block's column sums: over a warp's lanes of one column group, then over WARPS_M warps
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) Ls[row0 * BN + grp * VEC + e] = acc[e];
+    for (int off = GW; off < 32; off <<= 1)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], off);
+    float* const sums = dora_smem + Tile::B_FLOATS;  // [WARPS_M][BN], over the warps' own space
+    static_assert(Tile::WARPS_M * BN <= kDoraWarps * Tile::WARP_FLOATS, "the column sums' scratch fits");
+    __syncthreads();  // every warp is done with its own space
+    if (rl == 0) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sums[wm * BN + wn * WC + gl * VEC + e] = acc[e];
+    }
     __syncthreads();
     for (int col = threadIdx.x; col < BN; col += kDoraThreads) {
       if (n0 + col >= N) continue;
       float sum = 0.0f;
-      for (int rr = 0; rr < ROWS_PER_PASS; ++rr) sum += Ls[rr * BN + col];  // fixed order
+      for (int w = 0; w < Tile::WARPS_M; ++w) sum += sums[w * BN + col];  // fixed order
       if (atomic) {
         atomicAdd(red + n0 + col, sum);
       } else {
@@ -949,7 +1067,7 @@ constexpr int kDoraMaxRank = 64;
 // opt-in is set once per instantiation and device)
 template <typename T, int RMAX, bool BWD, typename... Args>
 void launch_dora_pass(dim3 grid, cudaStream_t stream, Args... args) {
-  constexpr int bytes = DoraTile<RMAX, BWD>::SMEM_BYTES;
+  constexpr int bytes = DoraTile<T, RMAX, BWD>::SMEM_BYTES;
   static bool opted_in[64] = {};
   const int dev = at::cuda::current_device();
   if (bytes > 48 * 1024 && !opted_in[dev % 64]) {
@@ -966,14 +1084,17 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
   const int R = static_cast<int>(S.size(1));
   TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
   const int rmax = R <= 16 ? 16 : (R <= 32 ? 32 : 64);
-  const int64_t bn = rmax <= 32 ? DoraTile<16, false>::BN : DoraTile<64, false>::BN;
-  const int64_t bm = rmax > 32 ? DoraTile<64, false>::BM : (bwd ? DoraTile<16, true>::BM : DoraTile<16, false>::BM);
+  const int64_t bn = rmax <= 32 ? DoraTile<float, 16, false>::BN : DoraTile<float, 64, false>::BN;
+  const int64_t bm = rmax > 32 ? DoraTile<float, 64, false>::BM
+                               : (bwd ? DoraTile<float, 16, true>::BM : DoraTile<float, 16, false>::BM);
   const auto f32 = Z0.options().dtype(at::kFloat);
   const int64_t col_blocks = (N + bn - 1) / bn;
   const int64_t tiles = (M + bm - 1) / bm;
-  // ~16 blocks per SM in all (a few are resident at a time): several waves, so the last one's tail is short, and
-  // several row tiles per block, so B's tile and the column sums' atomics are paid once per tiles
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, (16 * sm_count() + col_blocks - 1) / col_blocks));
+  // At least ~4 blocks per SM in all (2 are resident at a time): two waves or more, so the GPU stays full; within
+  // that, up to 8 row tiles per block, so each warp's next-tile loads have a tile to hide behind, and B's tile and
+  // the column sums' atomics are paid once per 8 tiles
+  const int64_t fill = (4 * sm_count() + col_blocks - 1) / col_blocks;
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, std::max<int64_t>(fill, (tiles + 7) / 8)));
   const int64_t rows_per_block = ((tiles + splits - 1) / splits) * bm;
   splits = M == 0 ? 1 : (M + rows_per_block - 1) / rows_per_block;
   Tensor out = bwd ? dz : at::empty({M, N}, Z0.options());
@@ -990,6 +1111,9 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
   };
   const bool vec_z = rows_aligned(Z0), vec_d = bwd && rows_aligned(dy);
   const bool vec_o = out.defined() && N % vec == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  // S's rows by 16-byte copies: unit column stride, rows of a multiple of 4 floats, 16-byte aligned
+  const bool vec_s = S.stride(1) == 1 && R % 4 == 0 && S.stride(0) % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(S.data_ptr()) % 16 == 0;
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
   dispatch_all(Z0.scalar_type(), [&](auto* tag) {
@@ -1004,7 +1128,7 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
   launch_dora_pass<T, RM, BW>(grid, stream, z0p, Z0.stride(0), Z0.stride(1), dyp, sd0, sd1, S.data_ptr<float>(),  \
                               S.stride(0), S.stride(1), B32.data_ptr<float>(), B32.stride(0), B32.stride(1),        \
                               g32.data_ptr<float>(), bp, op, rp, M, N, R, rows_per_block, splits > 1, vec_z, vec_d, \
-                              vec_o)
+                              vec_o, vec_s)
     if (bwd) {
       if (rmax == 16) FP_DORA_PASS(16, true); else if (rmax == 32) FP_DORA_PASS(32, true); else FP_DORA_PASS(64, true);
     } else {

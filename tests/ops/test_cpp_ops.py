@@ -482,8 +482,9 @@ def test_gpu_dora_odd_shapes(dtype):
 @pytest.mark.gpu
 def test_gpu_dora_pass_tiles_and_misaligned_gradients():
     """dora_pass's tiles (64 or 32 rows × 128 columns, 32 × 64 above rank 32; L on the tensor cores) with 16-byte
-    accesses only where rows are aligned: partial row and column tiles, every rank bucket, odd N, and output
-    gradients that are strided or start off alignment."""
+    copies only where rows are aligned (S's too: rank % 4 == 0): partial row and column tiles, every rank bucket,
+    odd N, output gradients that are strided or start off alignment, and blocks walking several row tiles (the
+    next tile's copies in flight) whose last tile is partial."""
     for dtype, (B, T, K, N, r), grad_layout in [
         (torch.bfloat16, (2, 70, 256, 130, 32), "strided"),  # rank 17-32; N % 8 != 0: element-wise accesses
         (torch.float16, (1, 97, 512, 4098, 16), "contig"),  # rows not 16-byte aligned
@@ -491,6 +492,8 @@ def test_gpu_dora_pass_tiles_and_misaligned_gradients():
         (torch.bfloat16, (1, 300, 256, 1024, 5), "contig"),  # everything aligned, a rank well under the 8-wide steps
         (torch.float32, (1, 200, 128, 1024, 16), "contig"),  # fp32: 4 elements a 16-byte access
         (torch.bfloat16, (1, 33, 256, 515, 40), "contig"),  # rank 33-64: 32 × 64 tiles
+        (torch.bfloat16, (1, 1000, 256, 16392, 16), "contig"),  # 4 row tiles a block, the last one partial
+        (torch.float16, (1, 777, 128, 8200, 64), "offset"),  # the same at rank 64 (S by 16-byte copies)
     ]:
         torch.manual_seed(N + r)
         _check_dora(dtype, B, T, K, N, r, "contig", False, True, True, False, device="cuda",
