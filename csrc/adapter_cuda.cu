@@ -255,19 +255,22 @@ __device__ __forceinline__ void store_cols(T* p, int valid, bool vec, const floa
 //   backward (BWD = true):  red[c] (+)= Σ_m dY·(Z0 + L);  out = dtype(g·dY) (if out)
 // One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output.
 // Block: 8 warps over BM rows × BN columns at a time (BM = 64 forward, 32 backward, which reads dY too; BN = 128,
-// 64 at RMAX = 64), walking its rows_per_block rows tile by tile; B's tile is staged once. Each warp owns a 16-row ×
-// WC-column part of a tile and does all of it alone -- its 16 rows of S, its part of L (wmma m16n16k8 TF32 in three
-// products: hi·hi + hi·lo + lo·hi of TF32 splits, ~fp32 accuracy, "3xTF32"), its 16-byte column groups -- so a
-// tile needs no block barrier, only __syncwarp, and warps drift apart: one's loads overlap another's arithmetic.
-// Z0 / dY and S reach shared memory by cp.async, the next tile's Z0 / dY (double-buffered) issued before this tile's
-// product and its S (single buffer) right after it: every tile's loads have a tile's work to hide behind, and no
-// registers hold them in flight. The backward's column sums stay in registers over the block's rows, are combined
-// by shuffles and through shared memory, and reach red with one atomic per column per block (a store when one block
-// covers all rows).
+// 64 at RMAX = 64), walking its rows_per_block rows tile by tile; B's tile (split into TF32 hi / lo parts), g and
+// the bias are staged once. Each warp owns a 16-row × WC-column part of a tile and does all of it alone, so a tile
+// needs no block barrier, only __syncwarp, and warps drift apart: one's loads overlap another's arithmetic.
+//   - Z0 / dY (double-buffered) and S reach the warp's shared memory by cp.async: the next tile's Z0 / dY are issued
+//     before this tile's product, its S right after it, so every tile's loads have a tile's work to hide behind.
+//   - L comes out of mma.sync m16n8k8 TF32 in three products (hi·hi + hi·lo + lo·hi of TF32 splits, ~fp32: 3xTF32),
+//     one 8-column slice at a time, and is finished in the accumulator registers: each lane reads the Z0 (dY) of its
+//     own accumulator positions from shared memory, and writes the result over them in place; the warp then copies
+//     its part out in 16-byte rows (coalesced). L never goes through shared memory.
+//   - The backward's column sums stay in registers over the block's rows, are combined by shuffles and through
+//     shared memory, and reach red with one atomic per column per block (a store when one block covers all rows).
 // Floor: bytes (Z0 and Y, or dY, Z0 and dZ, once each: 4 or 6 bytes an element in 16 bits); L's FLOPs are tiny on
 // the tensor cores. History (H200, gate/up, M = 4096, ncu): S·Bᵀ on the FMA units, one column a thread, 0.69 ms for
-// the two passes; on the tensor cores with block barriers and loads issued a tile at a time, forward 213 µs /
-// backward 298 µs against floors of 49 / 73 µs (latency-bound: three block barriers a tile).
+// the two passes; wmma with block barriers and loads issued a tile at a time, forward 213 µs / backward 298 µs against
+// floors of 49 / 73 µs (latency-bound); warps on their own with cp.async, L through shared memory, 159 / 205 µs
+// (instruction-bound: the wmma fragments re-split per 16 columns, L stored and re-read).
 constexpr int kDoraWarps = 8;
 constexpr int kDoraThreads = kDoraWarps * 32;
 
@@ -276,40 +279,60 @@ template <typename T, int RMAX, bool BWD> struct DoraTile {
   static constexpr int BN = RMAX <= 32 ? 128 : 64;
   static constexpr int WARPS_M = BM / 16, WARPS_N = kDoraWarps / WARPS_M;
   static constexpr int WC = BN / WARPS_N;  // columns a warp owns
-  static constexpr int FRAGS = WC / 16;    // 16-column blocks of L a warp forms
-  static constexpr int LDB = RMAX + 4;     // floats a row of S's / B's tile (a multiple of 4, as wmma wants)
-  static constexpr int LDL = WC + 4;       // floats a row of a warp's L
-  static constexpr int B_FLOATS = BN * LDB;
-  static constexpr int S_FLOATS = 16 * LDB, L_FLOATS = 16 * LDL;
-  static constexpr int Z_FLOATS = 16 * WC * static_cast<int>(sizeof(T)) / 4;  // one buffer of a warp's Z0 (or dY)
-  static constexpr int WARP_FLOATS = S_FLOATS + L_FLOATS + (BWD ? 4 : 2) * Z_FLOATS;
+  static constexpr int NT = WC / 8;        // its 8-column slices (one mma accumulator each)
+  static constexpr int KS = RMAX / 8;      // the mma's k-steps
+  static constexpr int LDB = RMAX + 4;     // floats a row of S's tile (rows 4 banks apart: no conflicts)
+  // B's tile as one float4 per (row n, k-step, k-column q < 4): TF32 hi parts at k + q and k + q + 4, then their
+  // lo parts, so a lane's mma operands for one k-step are one 16-byte load. Odd rows swap their two halves of 4
+  // float4s (bq_slot): a quarter-warp reads rows n and n + 1, which then fall on different banks.
+  static constexpr int BQ = KS * 4;        // float4s a row of B's tile
+  static __device__ __forceinline__ int bq_slot(int n, int ks, int q) { return n * BQ + ((ks * 4 + q) ^ ((n & 1) << 2)); }
+  static constexpr int ZLD = WC * static_cast<int>(sizeof(T)) + 16;  // bytes a row of a warp's Z0 / dY buffer
+  static constexpr int B_FLOATS = 4 * BN * BQ + 2 * BN;             // B's tile, g, bias
+  static constexpr int S_FLOATS = 16 * LDB;
+  static constexpr int Z_FLOATS = 16 * ZLD / 4;  // one buffer
+  static constexpr int WARP_FLOATS = S_FLOATS + (BWD ? 4 : 2) * Z_FLOATS;
   static constexpr int SMEM_BYTES = (B_FLOATS + kDoraWarps * WARP_FLOATS) * 4;
-  static_assert(WARPS_M * WARPS_N == kDoraWarps && FRAGS >= 1 && WC % 16 == 0, "warps tile the block");
-  static_assert(B_FLOATS % 8 == 0 && S_FLOATS % 8 == 0 && L_FLOATS % 8 == 0 && Z_FLOATS % 8 == 0,
-                "wmma and 16-byte copies want 32-byte aligned parts");
+  static_assert(WARPS_M * WARPS_N == kDoraWarps && NT >= 1 && WC % 16 == 0, "warps tile the block");
+  static_assert(B_FLOATS % 4 == 0 && S_FLOATS % 4 == 0 && Z_FLOATS % 4 == 0, "16-byte copies want aligned parts");
   static_assert(SMEM_BYTES <= 227 * 1024, "a block's shared memory");
 };
 
-// v -> (hi, lo) with hi = tf32(v), lo = tf32(v - hi): hi + lo carries ~21 of fp32's 24 mantissa bits
-template <typename Frag>
-__device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
-#pragma unroll
-  for (int i = 0; i < hi.num_elements; ++i) {
-    const float v = hi.x[i];
-    const float h = nvcuda::wmma::__float_to_tf32(v);
-    hi.x[i] = h;
-    lo.x[i] = nvcuda::wmma::__float_to_tf32(v - h);
-  }
+// v rounded to TF32 (round to nearest, ties away: cvt.rna), kept in an fp32 register; v itself before sm_80
+__device__ __forceinline__ float tf32_round(float v) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  unsigned u;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(v));
+  return __uint_as_float(u);
+#else
+  return v;
+#endif
 }
 
-// Asynchronous global -> shared copies (cp.async, sm_80+; a plain copy before): `bytes` of 4 or 16 from src, or
-// zeros when !ok (src is then not read). commit / wait group them as PTX does.
+// d += a·b for one m16n8k8 TF32 tile (a: 4 registers of the 16×8 row-major A fragment, b: 2 of the 8×8 col-major B)
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], float b0, float b1) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+                 "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
+#endif
+}
+
+// Asynchronous global -> shared copies (cp.async, sm_80+; a plain copy before): `Bytes` of 4 or 16 from src, or
+// zeros when !ok (src is then not read). 16-byte copies bypass L1 (.cg: streamed data, read once); commit / wait
+// group them as PTX does.
 template <int Bytes>
 __device__ __forceinline__ void copy_async(void* dst, const void* src, bool ok) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(Bytes), "r"(ok ? Bytes : 0)
-               : "memory");
+  if constexpr (Bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(Bytes), "r"(ok ? Bytes : 0)
+                 : "memory");
+  }
 #else
   if constexpr (Bytes == 16) {
     *reinterpret_cast<uint4*>(dst) = ok ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
@@ -357,59 +380,76 @@ __device__ __forceinline__ void stage16(void* dst, const T* p, int64_t stride, i
   *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// 16 bytes of T from shared memory as floats
+// 16 bytes from shared memory to p (unit stride): one st.global.v4 when `vec` and all valid, else the first `valid`
+// elements one by one
 template <typename T>
-__device__ __forceinline__ void unstage16(const void* src, float v[16 / sizeof(T)]) {
+__device__ __forceinline__ void unstage16(T* p, const void* src, int valid, bool vec) {
   const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int e = 0; e < static_cast<int>(16 / sizeof(T)); ++e) {
-    if constexpr (sizeof(T) == 4) {
-      v[e] = __uint_as_float(w[e]);
-    } else if constexpr (std::is_same<T, __half>::value) {
-      v[e] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[e / 2] >> (16 * (e % 2)))));
-    } else {
-      v[e] = __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w[e / 2] >> (16 * (e % 2)))));
-    }
+  if (vec && valid >= static_cast<int>(16 / sizeof(T))) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(raw.x), "r"(raw.y), "r"(raw.z), "r"(raw.w)
+                 : "memory");
+    return;
+  }
+  const T* h = reinterpret_cast<const T*>(src);
+  for (int e = 0; e < valid; ++e) p[e] = h[e];
+}
+
+// Two consecutive elements of T at a 4-byte (16-bit T) or 8-byte (fp32) aligned shared address, as floats, and back
+template <typename T>
+__device__ __forceinline__ float2 load_pair(const char* p) {
+  if constexpr (sizeof(T) == 4) {
+    return *reinterpret_cast<const float2*>(p);
+  } else {
+    const T* h = reinterpret_cast<const T*>(p);
+    return make_float2(to_f<T>(h[0]), to_f<T>(h[1]));
+  }
+}
+template <typename T>
+__device__ __forceinline__ void store_pair(char* p, float a, float b) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+  } else {
+    *reinterpret_cast<unsigned*>(p) = elem_bits(from_f<T>(a)) | (elem_bits(from_f<T>(b)) << 16);
   }
 }
 
 template <typename T, int RMAX, bool BWD>
-__global__ void __launch_bounds__(kDoraThreads, 2) dora_pass_kernel(
+__global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_kernel(
     const T* __restrict__ z0, int64_t sz0, int64_t sz1, const T* __restrict__ dy, int64_t sd0, int64_t sd1,
     const float* __restrict__ S, int64_t ss0, int64_t ss1, const float* __restrict__ B, int64_t sb0, int64_t sb1,
     const float* __restrict__ g, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ red, int64_t M,
     int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z, bool vec_d, bool vec_o, bool vec_s) {
-  using namespace nvcuda;
   using Tile = DoraTile<T, RMAX, BWD>;
-  constexpr int BM = Tile::BM, BN = Tile::BN, WC = Tile::WC, LDB = Tile::LDB, LDL = Tile::LDL;
-  constexpr int VEC = 16 / sizeof(T);  // elements in a 16-byte access
-  constexpr int GW = WC / VEC;          // column groups across a warp's part
+  constexpr int BM = Tile::BM, BN = Tile::BN, WC = Tile::WC, LDB = Tile::LDB, ZLD = Tile::ZLD;
+  constexpr int VEC = 16 / sizeof(T);  // elements in a 16-byte copy
+  constexpr int GW = WC / VEC;          // 16-byte groups across a warp's row
   static_assert(GW >= 1 && 32 % GW == 0, "a warp's lanes cover whole rows of its part");
-  constexpr int RPP = 32 / GW;          // rows a warp covers per pass
+  constexpr int RPP = 32 / GW;          // rows a warp copies per pass
   constexpr int PASSES = 16 / RPP;
   extern __shared__ __align__(128) float dora_smem[];
-  float* const Bs = dora_smem;  // [BN][LDB]
+  float4* const Bq = reinterpret_cast<float4*>(dora_smem);  // [BN][BQ] (DoraTile: layout)
+  float* const gs = dora_smem + 4 * BN * Tile::BQ;          // [BN]: g
+  float* const bs = gs + BN;                 // [BN]: the bias (0 without)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
   float* const Ss = dora_smem + Tile::B_FLOATS + warp * Tile::WARP_FLOATS;  // [16][LDB]: the warp's rows of S
-  float* const Ls = Ss + Tile::S_FLOATS;                                    // [16][LDL]: its part of L
-  float* const Zs = Ls + Tile::L_FLOATS;  // [2 buffers][16][WC] of T; then dY's two buffers (BWD)
+  char* const Zs = reinterpret_cast<char*>(Ss + Tile::S_FLOATS);            // [2][16][ZLD bytes]; then dY's two
+  constexpr int ZBUF = Tile::Z_FLOATS * 4, DOFF = 2 * ZBUF;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t m_end = m_begin + rows_per_block < M ? m_begin + rows_per_block : M;
+  // copies: a lane's 16-byte slots are rows rl + p·RPP, group gl (columns gl·VEC..) of the warp's part
   const int gl = lane % GW, rl = lane / GW;
   const int64_t c = n0 + wn * WC + gl * VEC;
   const int valid = c < N ? static_cast<int>(N - c < VEC ? N - c : VEC) : 0;
-  // a lane's 16-byte slot of a Z0 / dY buffer: row rl + p·RPP, columns gl·VEC.. (lane·16 bytes + p·512)
   auto stage_rows = [&](int64_t m0, int buf) {
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) {
       const int64_t m = m0 + wm * 16 + rl + p * RPP;
       const int ok = m < m_end ? valid : 0;
-      char* slot = reinterpret_cast<char*>(Zs + buf * Tile::Z_FLOATS) + (p * 32 + lane) * 16;
+      char* slot = Zs + buf * ZBUF + (rl + p * RPP) * ZLD + gl * 16;
       stage16<T>(slot, z0 + m * sz0 + c * sz1, sz1, ok, vec_z);
-      if constexpr (BWD) stage16<T>(slot + 2 * Tile::Z_FLOATS * 4, dy + m * sd0 + c * sd1, sd1, ok, vec_d);
+      if constexpr (BWD) stage16<T>(slot + DOFF, dy + m * sd0 + c * sd1, sd1, ok, vec_d);
     }
   };
   // the warp's 16 rows of S (zeros past m_end and R): 16-byte copies when S's rows allow (vec_s: R % 4 == 0, unit
@@ -437,7 +477,7 @@ __global__ void __launch_bounds__(kDoraThreads, 2) dora_pass_kernel(
   copy_async_commit();
   stage_s(m_begin);
   copy_async_commit();
-  {  // B's tile, once: loads into registers first so they are all in flight together
+  {  // B's tile, g and the bias, once: loads into registers first so they are all in flight together
     constexpr int B_PER = BN * RMAX / kDoraThreads;
     static_assert(B_PER * kDoraThreads == BN * RMAX, "B's tile splits evenly");
     float bv[B_PER];
@@ -447,92 +487,127 @@ __global__ void __launch_bounds__(kDoraThreads, 2) dora_pass_kernel(
       bv[u] = (n0 + nn < N && j < R) ? B[(n0 + nn) * sb0 + j * sb1] : 0.0f;
     }
 #pragma unroll
-    for (int u = 0; u < B_PER; ++u) {
+    for (int u = 0; u < B_PER; ++u) {  // element (n, j): float4 (n, j / 8, j % 4), component (j % 8) / 4 (+ 2: lo)
       const int idx = threadIdx.x + u * kDoraThreads, nn = idx / RMAX, j = idx - nn * RMAX;
-      Bs[nn * LDB + j] = bv[u];
+      float* q = reinterpret_cast<float*>(Bq + Tile::bq_slot(nn, j / 8, j % 4)) + (j % 8) / 4;
+      const float hi = tf32_round(bv[u]);  // B itself before sm_80, where the FMA path reads the hi parts
+      q[0] = hi;
+      q[2] = tf32_round(bv[u] - hi);
+    }
+    for (int col = threadIdx.x; col < BN; col += kDoraThreads) {
+      const bool in = n0 + col < N;
+      gs[col] = in ? g[n0 + col] : 0.0f;
+      bs[col] = (!BWD && in && bias != nullptr) ? to_f<T>(bias[n0 + col]) : 0.0f;
     }
   }
-  float gc[VEC], biasc[VEC], acc[VEC];
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) {
-    gc[e] = e < valid ? g[c + e] : 0.0f;
-    biasc[e] = (!BWD && e < valid && bias != nullptr) ? to_f<T>(bias[c + e]) : 0.0f;
-    acc[e] = 0.0f;
-  }
-  __syncthreads();  // B's tile is written
+  // mma fragments: lane = 4·qr + qc; A (S) rows qr, qr + 8, k-columns qc, qc + 4; B (n, k) at n = qr, k = qc, qc + 4;
+  // accumulator rows qr, qr + 8, columns 2·qc, 2·qc + 1 of each 8-column slice
+  const int qr = lane / 4, qc = lane % 4;
+  float colsum[BWD ? Tile::NT : 1][2] = {};
+  __syncthreads();  // B's tile, g and the bias are written
   int buf = 0;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += BM, buf ^= 1) {
     stage_rows(m0 + BM, buf ^ 1);  // the next tile's Z0 / dY (nothing past m_end)
     copy_async_commit();
     copy_async_wait<1>();  // all but that group: this tile's Z0 / dY and S have landed
     __syncwarp();          // ... for every lane of the warp
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    // S's fragments, split once per tile (ranks up to 32: 2·KS·4 registers); above, per slice and k-step
+    constexpr bool kResident = RMAX <= 32;
+    float a_hi[kResident ? Tile::KS : 1][4], a_lo[kResident ? Tile::KS : 1][4];
+    auto load_a = [&](int k, float (&hi)[4], float (&lo)[4]) {
+      const float v[4] = {Ss[qr * LDB + k + qc], Ss[(qr + 8) * LDB + k + qc], Ss[qr * LDB + k + qc + 4],
+                          Ss[(qr + 8) * LDB + k + qc + 4]};
 #pragma unroll
-    for (int f = 0; f < Tile::FRAGS; ++f) {  // one accumulator live at a time
-      const int col = f * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 8, float> lf;
-      wmma::fill_fragment(lf, 0.0f);
-#pragma unroll
-      for (int k = 0; k < RMAX; k += 8) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a_hi, a_lo;
-        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b_hi, b_lo;
-        wmma::load_matrix_sync(a_hi, Ss + k, LDB);
-        wmma::load_matrix_sync(b_hi, Bs + (wn * WC + col) * LDB + k, LDB);
-        split_tf32(a_hi, a_lo);
-        split_tf32(b_hi, b_lo);
-        wmma::mma_sync(lf, a_lo, b_hi, lf);  // the small terms first
-        wmma::mma_sync(lf, a_hi, b_lo, lf);
-        wmma::mma_sync(lf, a_hi, b_hi, lf);
+      for (int i = 0; i < 4; ++i) {
+        hi[i] = tf32_round(v[i]);
+        lo[i] = tf32_round(v[i] - hi[i]);
       }
-      wmma::store_matrix_sync(Ls + col, lf, LDL, wmma::mem_row_major);
-    }
-#else  // no TF32 tensor cores before sm_80: the same fp32 products on the FMA units
-    for (int idx = lane; idx < 16 * WC; idx += 32) {
-      const int rr = idx / WC, cc = idx - rr * WC;
-      float l = 0.0f;
-      for (int j = 0; j < RMAX; ++j) l = fmaf(Ss[rr * LDB + j], Bs[(wn * WC + cc) * LDB + j], l);
-      Ls[rr * LDL + cc] = l;
+    };
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    if constexpr (kResident) {
+#pragma unroll
+      for (int ks = 0; ks < Tile::KS; ++ks) load_a(ks * 8, a_hi[ks], a_lo[ks]);
     }
 #endif
-    __syncwarp();  // L is written and S read
-    stage_s(m0 + BM);  // the next tile's S, behind this tile's finish
-    copy_async_commit();
-    const char* zbuf = reinterpret_cast<const char*>(Zs + buf * Tile::Z_FLOATS);
+    char* const zb = Zs + buf * ZBUF;
 #pragma unroll
-    for (int p = 0; p < PASSES; ++p) {
-      const int r = rl + p * RPP;
-      const int64_t m = m0 + wm * 16 + r;
-      if (m >= m_end || valid == 0) continue;
-      const float* lrow = Ls + r * LDL + gl * VEC;
-      float zv[VEC], dv[VEC], o[VEC];
-      unstage16<T>(zbuf + (p * 32 + lane) * 16, zv);
-      if constexpr (BWD) unstage16<T>(zbuf + 2 * Tile::Z_FLOATS * 4 + (p * 32 + lane) * 16, dv);
+    for (int t = 0; t < Tile::NT; ++t) {
+      const int n = wn * WC + t * 8;  // the slice's first column in the block's tile
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const float z = zv[e] + lrow[e];
-        if constexpr (BWD) {
-          acc[e] = fmaf(dv[e], z, acc[e]);
-          o[e] = gc[e] * dv[e];
+      for (int ks = 0; ks < Tile::KS; ++ks) {
+        const int k = ks * 8;
+        const float4 b = Bq[Tile::bq_slot(n + qr, ks, qc)];  // hi at k + qc, k + qc + 4; then lo
+        if constexpr (kResident) {
+          mma_tf32(acc, a_lo[ks], b.x, b.y);  // the small terms first
+          mma_tf32(acc, a_hi[ks], b.z, b.w);
+          mma_tf32(acc, a_hi[ks], b.x, b.y);
         } else {
-          o[e] = fmaf(gc[e], z, biasc[e]);
+          load_a(k, a_hi[0], a_lo[0]);
+          mma_tf32(acc, a_lo[0], b.x, b.y);
+          mma_tf32(acc, a_hi[0], b.z, b.w);
+          mma_tf32(acc, a_hi[0], b.x, b.y);
         }
       }
-      if (!BWD || out != nullptr) store_cols<T, VEC>(out + m * N + c, valid, vec_o, o);
+#else  // no TF32 tensor cores before sm_80: the same fp32 products on the FMA units, at the same positions
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int rr = qr + (i / 2) * 8, cc = n + 2 * qc + (i % 2);
+        for (int j = 0; j < RMAX; ++j)
+          acc[i] = fmaf(Ss[rr * LDB + j],
+                        reinterpret_cast<const float*>(Bq + Tile::bq_slot(cc, j / 8, j % 4))[(j % 8) / 4],
+                        acc[i]);
+      }
+#endif
+      const float2 gp = *reinterpret_cast<const float2*>(gs + n + 2 * qc);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // rows qr and qr + 8
+        char* zp = zb + (qr + 8 * h) * ZLD + (t * 8 + 2 * qc) * static_cast<int>(sizeof(T));
+        const float2 z = load_pair<T>(zp);
+        const float z_a = z.x + acc[2 * h], z_b = z.y + acc[2 * h + 1];
+        if constexpr (BWD) {
+          const float2 d = load_pair<T>(zp + DOFF);
+          colsum[t][0] = fmaf(d.x, z_a, colsum[t][0]);
+          colsum[t][1] = fmaf(d.y, z_b, colsum[t][1]);
+          store_pair<T>(zp + DOFF, gp.x * d.x, gp.y * d.y);  // dZ over dY, in place
+        } else {
+          const float2 bp = *reinterpret_cast<const float2*>(bs + n + 2 * qc);
+          store_pair<T>(zp, fmaf(gp.x, z_a, bp.x), fmaf(gp.y, z_b, bp.y));  // Y over Z0, in place
+        }
+      }
     }
-    __syncwarp();  // this buffer and L are read before the next tiles' copies and product write them
+    __syncwarp();  // the warp's results are in its buffer and S is read
+    stage_s(m0 + BM);  // the next tile's S, behind this tile's copy-out
+    copy_async_commit();
+    if (!BWD || out != nullptr) {
+#pragma unroll
+      for (int p = 0; p < PASSES; ++p) {
+        const int64_t m = m0 + wm * 16 + rl + p * RPP;
+        if (m >= m_end || valid == 0) continue;
+        unstage16<T>(out + m * N + c, zb + (BWD ? DOFF : 0) + (rl + p * RPP) * ZLD + gl * 16, valid, vec_o);
+      }
+    }
+    __syncwarp();  // this buffer is read before the next tiles' copies write it
   }
   copy_async_wait<0>();  // nothing in flight into shared memory past the loop (the last, empty, groups)
-  if constexpr (BWD) {  // the block's column sums: over a warp's lanes of one column group, then over WARPS_M warps
+  if constexpr (BWD) {  // the block's column sums: over the 8 lanes of a column pair, then over WARPS_M warps
 #pragma unroll
-    for (int off = GW; off < 32; off <<= 1)
+    for (int t = 0; t < Tile::NT; ++t)
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], off);
+      for (int off = 4; off < 32; off <<= 1) {
+        colsum[t][0] += __shfl_xor_sync(0xffffffffu, colsum[t][0], off);
+        colsum[t][1] += __shfl_xor_sync(0xffffffffu, colsum[t][1], off);
+      }
     float* const sums = dora_smem + Tile::B_FLOATS;  // [WARPS_M][BN], over the warps' own space
     static_assert(Tile::WARPS_M * BN <= kDoraWarps * Tile::WARP_FLOATS, "the column sums' scratch fits");
     __syncthreads();  // every warp is done with its own space
-    if (rl == 0) {
+    if (qr == 0) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) sums[wm * BN + wn * WC + gl * VEC + e] = acc[e];
+      for (int t = 0; t < Tile::NT; ++t) {
+        sums[wm * BN + wn * WC + t * 8 + 2 * qc] = colsum[t][0];
+        sums[wm * BN + wn * WC + t * 8 + 2 * qc + 1] = colsum[t][1];
+      }
     }
     __syncthreads();
     for (int col = threadIdx.x; col < BN; col += kDoraThreads) {
