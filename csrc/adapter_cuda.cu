@@ -71,14 +71,16 @@ __device__ __forceinline__ void write_parts(T* row, int64_t cols, int64_t c, flo
   for (int b = 0; b < pat.parts; ++b) row[b * cols + c] = ((pat.lo_mask >> b) & 1u) ? lo : hi;
 }
 
-// dst [rows, parts*cols] (contiguous) = the parts of src [rows, cols] (fp32, any strides). Bound: bytes (tiny).
+// dst [rows, parts*cols] (contiguous) = the parts of src [rows, cols] (fp32, any strides), each row times
+// row_scale[r] first when given (DoRA's g⊙B, one fp32 product). Bound: bytes (tiny).
 template <typename T>
 __global__ void pack_split_kernel(const float* __restrict__ src, int64_t rows, int64_t cols, int64_t s0, int64_t s1,
-                                  T* __restrict__ dst, Pattern pat) {
+                                  const float* __restrict__ row_scale, T* __restrict__ dst, Pattern pat) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * cols) return;
   const int64_t r = i / cols, c = i - r * cols;
-  write_parts(dst + r * pat.parts * cols, cols, c, src[r * s0 + c * s1], pat);
+  const float v = src[r * s0 + c * s1];
+  write_parts(dst + r * pat.parts * cols, cols, c, row_scale != nullptr ? v * row_scale[r] : v, pat);
 }
 
 // v = scale·(P[r, c] + P[r, C + c]) for P [R, 2C] (the two halves of a split GEMM's fp32 output); writes v to out32
@@ -96,13 +98,15 @@ __global__ void finalize_split_kernel(const float* __restrict__ P, int64_t R, in
   if (out_b != nullptr) write_parts(out_b + r * pb.parts * C, C, c, v, pb);
 }
 
-// out[o·inner + j] = P[o·stride + j] + P[o·stride + half + j]: the two halves of a split GEMM's fp32 output.
+// out[o·inner + j] = P[o·stride + j] + P[o·stride + half + j]: the two halves of a split GEMM's fp32 output, times
+// scale[o] after the sum when given (DoRA's g⊙(dYᵀ·S)).
 __global__ void combine_halves_kernel(const float* __restrict__ P, int64_t outer, int64_t inner, int64_t stride,
-                                      int64_t half, float* __restrict__ out) {
+                                      int64_t half, const float* __restrict__ scale, float* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= outer * inner) return;
   const int64_t o = i / inner, j = i - o * inner;
-  out[i] = P[o * stride + j] + P[o * stride + half + j];
+  const float v = P[o * stride + j] + P[o * stride + half + j];
+  out[i] = scale != nullptr ? v * scale[o] : v;
 }
 
 // Eight consecutive elements of row-major data as floats: one 16-byte load when `vec` (16-bit T, unit stride,
@@ -623,16 +627,26 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
   }
 }
 
-// DoRA's per-row scale from the norm's small pieces: n² = w_sq + Σ_j B[i, j]·T[i, j] with T = 2s·W·Aᵀ + s²·B·(A·Aᵀ)
-// (= ‖W + s·B·A‖², never forming B·A); g = m / n and 1 / n, fp32 [N]. One thread per output row (T, B contiguous
-// [N, R]). Bound: tiny (N·R reads).
-__global__ void dora_scale_kernel(const float* __restrict__ T, const float* __restrict__ B, int64_t N, int64_t R,
-                                  const float* __restrict__ w_sq, const float* __restrict__ m, float* __restrict__ g,
-                                  float* __restrict__ inv_n) {
+// DoRA's per-row scale from the norm's small pieces: n² = w_sq + Σ_j B[i, j]·(2s·WA[i, j] + s²·(B·AA)[i, j]) with
+// WA = W·Aᵀ, AA = A·Aᵀ (= ‖W + s·B·A‖², never forming B·A); g = m / n and 1 / n, fp32 [N]. WA is read from the
+// split GEMM's two halves (P [N, 2R], summed here) or whole (P [N, R], fp32 inputs). One thread per output row (P, B
+// contiguous, AA [R, R] contiguous); one launch for what was a combine, an addmm and this scale.
+// Bound: tiny (N·R² FMAs, P and B read once).
+__global__ void dora_norm_scale_kernel(const float* __restrict__ P, bool halves, const float* __restrict__ B,
+                                       const float* __restrict__ AA, int64_t N, int R, float s,
+                                       const float* __restrict__ w_sq, const float* __restrict__ m,
+                                       float* __restrict__ g, float* __restrict__ inv_n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N) return;
+  const float* b = B + i * R;
+  const float* p = P + i * (halves ? 2 * R : R);
   float acc = w_sq[i];
-  for (int64_t j = 0; j < R; ++j) acc = fmaf(B[i * R + j], T[i * R + j], acc);
+  for (int j = 0; j < R; ++j) {
+    float bab = 0.0f;  // (B·AA)[i, j]
+    for (int l = 0; l < R; ++l) bab = fmaf(b[l], AA[l * R + j], bab);
+    const float wa = halves ? p[j] + p[R + j] : p[j];
+    acc = fmaf(b[j], fmaf(s * s, bab, 2.0f * s * wa), acc);
+  }
   const float n = sqrtf(fmaxf(acc, 0.0f));
   g[i] = m[i] / n;
   inv_n[i] = 1.0f / n;
@@ -1034,7 +1048,7 @@ void dispatch_all(at::ScalarType dt, F&& f) {
 }
 
 // [rows, parts*cols] in dt: the parts of the fp32 matrix src (any strides)
-Tensor pack_split(const Tensor& src32, Pattern pat, at::ScalarType dt) {
+Tensor pack_split(const Tensor& src32, Pattern pat, at::ScalarType dt, const Tensor& row_scale = Tensor()) {
   const int64_t rows = src32.size(0), cols = src32.size(1);
   Tensor dst = at::empty({rows, pat.parts * cols}, src32.options().dtype(dt));
   if (rows * cols == 0) return dst;
@@ -1042,8 +1056,8 @@ Tensor pack_split(const Tensor& src32, Pattern pat, at::ScalarType dt) {
   dispatch_16(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     pack_split_kernel<T><<<blocks_for(rows * cols), kThreads, 0, stream>>>(
-        src32.data_ptr<float>(), rows, cols, src32.stride(0), src32.stride(1), reinterpret_cast<T*>(dst.data_ptr()),
-        pat);
+        src32.data_ptr<float>(), rows, cols, src32.stride(0), src32.stride(1),
+        row_scale.defined() ? row_scale.data_ptr<float>() : nullptr, reinterpret_cast<T*>(dst.data_ptr()), pat);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dst;
@@ -1069,15 +1083,17 @@ std::tuple<Tensor, Tensor, Tensor> finalize_split(const Tensor& P, float scale, 
   return {out32, a, b};
 }
 
-Tensor combine_halves(const Tensor& P, bool row_halves) {
-  // row_halves: P [2R, C] -> [R, C]; else P [R, 2C] -> [R, C]
+Tensor combine_halves(const Tensor& P, bool row_halves, const Tensor& scale = Tensor()) {
+  // row_halves: P [2R, C] -> [R, C]; else P [R, 2C] -> [R, C], times scale [R] per row when given
+  TORCH_INTERNAL_ASSERT(!scale.defined() || (!row_halves && scale.numel() == P.size(0)), "combine_halves: row scale");
   const int64_t R = row_halves ? P.size(0) / 2 : P.size(0), C = row_halves ? P.size(1) : P.size(1) / 2;
   Tensor out = at::empty({R, C}, P.options());
   if (R * C == 0) return out;
   const int64_t outer = row_halves ? 1 : R, inner = row_halves ? R * C : C;
   const int64_t stride = row_halves ? 0 : 2 * C, half = row_halves ? R * C : C;
   combine_halves_kernel<<<blocks_for(R * C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      P.data_ptr<float>(), outer, inner, stride, half, out.data_ptr<float>());
+      P.data_ptr<float>(), outer, inner, stride, half, scale.defined() ? scale.data_ptr<float>() : nullptr,
+      out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -1216,13 +1232,21 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
 }
 
 // (g, 1/n) from T = 2s·W·Aᵀ + s²·B·(A·Aᵀ) [N, R], B [N, R], w_sq = ‖W‖² per row and m (all fp32)
-std::tuple<Tensor, Tensor> dora_scale(const Tensor& T, const Tensor& B32, const Tensor& w_sq, const Tensor& m32) {
-  const int64_t N = T.size(0), R = T.size(1);
-  Tensor g = at::empty({N}, T.options()), inv_n = at::empty({N}, T.options());
+// (g, 1/n) from P = W·Aᵀ [N, R] (or the split GEMM's halves [N, 2R]), B [N, R], AA = A·Aᵀ [R, R], w_sq = ‖W‖² per
+// row and m (all fp32, contiguous)
+std::tuple<Tensor, Tensor> dora_norm_scale(const Tensor& P, const Tensor& B32, const Tensor& AA, double scaling,
+                                           const Tensor& w_sq, const Tensor& m32) {
+  const int64_t N = B32.size(0), R = B32.size(1);
+  const bool halves = P.size(1) == 2 * R;
+  TORCH_INTERNAL_ASSERT(P.is_contiguous() && B32.is_contiguous() && AA.is_contiguous() && P.size(0) == N &&
+                            (halves || P.size(1) == R) && AA.size(0) == R && AA.size(1) == R,
+                        "dora_norm_scale: shapes");
+  Tensor g = at::empty({N}, B32.options()), inv_n = at::empty({N}, B32.options());
   if (N == 0) return {g, inv_n};
-  dora_scale_kernel<<<blocks_for(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      T.data_ptr<float>(), B32.data_ptr<float>(), N, R, w_sq.data_ptr<float>(), m32.data_ptr<float>(),
-      g.data_ptr<float>(), inv_n.data_ptr<float>());
+  dora_norm_scale_kernel<<<blocks_for(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      P.data_ptr<float>(), halves, B32.data_ptr<float>(), AA.data_ptr<float>(), N, static_cast<int>(R),
+      static_cast<float>(scaling), w_sq.data_ptr<float>(), m32.data_ptr<float>(), g.data_ptr<float>(),
+      inv_n.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {g, inv_n};
 }
@@ -1289,13 +1313,15 @@ std::tuple<Tensor, Tensor> lora_fwd_split(const Tensor& x2, const Tensor& weight
   return {y, S};
 }
 
-// dy_base (DoRA): the output gradient of the base product in dX (dX = D⊙(dS·A) + dy_base·W) when it is not dY
-// itself; undefined for LoRA.
+// DoRA's two extras, undefined for LoRA: dy_base, the output gradient of the base product in dX (dX = D⊙(dS·A) +
+// dy_base·W) when it is not dY itself; g (fp32 [N], contiguous), the per-row scale of the adapter's output: the
+// gradients are then those of B' = g⊙B (dS = s·dY·B', dB = g⊙(dYᵀ·S)), with g folded into B's split and dB's
+// combine (one fp32 product each, the values of scaling B and dB by g in separate passes).
 std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Tensor& x2, const Tensor& S,
                                                  const Tensor& weight, const Tensor& A, const Tensor& B,
                                                  double scaling, double p, const c10::optional<Tensor>& seed,
                                                  int64_t rank, bool need_x, bool need_A, bool need_B,
-                                                 const Tensor& dy_base = Tensor()) {
+                                                 const Tensor& dy_base = Tensor(), const Tensor& g = Tensor()) {
   c10::cuda::CUDAGuard guard(x2.device());
   const auto dt = x2.scalar_type();
   const Tensor dy2 = in_dtype(dy2_in, dt);
@@ -1306,8 +1332,12 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
   Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, f32), dB = at::empty({0}, f32);
   if (!(need_x || need_A || need_B)) return {dx, dA, dB};
   if (dt == at::kFloat) {
-    if (need_B) dB = at::mm(dy2.t(), S);
-    Tensor dS = at::mm(dy2, B32).mul_(scaling);
+    const Tensor g_col = g.defined() ? g.view({-1, 1}) : Tensor();
+    if (need_B) {
+      dB = at::mm(dy2.t(), S);
+      if (g.defined()) dB.mul_(g_col);
+    }
+    Tensor dS = at::mm(dy2, g.defined() ? B32 * g_col : B32).mul_(scaling);
     if (need_A) dA = at::mm(dS.t(), p > 0.0 ? dropout_apply(x2, p, seed_v, false) : x2);
     if (need_x) {
       Tensor z2 = at::mm(dS, A32);
@@ -1318,10 +1348,10 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
   }
   if (need_B) {
     const Tensor S2 = pack_split(S, kHL, dt);                                  // [M, 2r]
-    dB = combine_halves(at::mm(dy2.t(), S2, at::kFloat), /*row_halves=*/false);  // [N, r]
+    dB = combine_halves(at::mm(dy2.t(), S2, at::kFloat), /*row_halves=*/false, g);  // [N, r]
   }
   if (need_A || need_x) {
-    const Tensor B2 = pack_split(B32, kHL, dt);                                // [N, 2r]
+    const Tensor B2 = pack_split(B32, kHL, dt, g);                             // [N, 2r]
     const Tensor P = at::mm(dy2, B2, at::kFloat);                              // [M, 2r]: s·dS = halves summed
     auto [unused, dS2, dS3] = finalize_split(P, static_cast<float>(scaling), false, need_A ? &kHL : nullptr,
                                              need_x ? &kHHL : nullptr, dt);
@@ -1686,7 +1716,7 @@ std::tuple<Tensor, Tensor, Tensor> ia3_bwd_cuda(const Tensor& dy2_in, const Tens
 // ------------------------------------------------------------------------------------------------ DoRA (p = 0)
 // Y = g⊙(Z0 + S'·Bᵀ) + b, Z0 = X·Wᵀ (cuBLAS, saved), S' = s·X·Aᵀ (the split GEMM of LoRA's path), g = m/n,
 // n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·A·Aᵀ) (w_sq = ‖W‖² kept by the layer; the W·Aᵀ GEMM reuses the packed A).
-// Launches: X·Wᵀ, pack A, X·A2 + finalize, W·A2 + combine, A·Aᵀ, one addmm, the scale kernel, the output pass.
+// Launches: X·Wᵀ, pack A, X·A2 + finalize, W·A2, A·Aᵀ, the norm-and-scale kernel, the output pass.
 // Bound: the GEMMs over W (X·Wᵀ: FLOPs; W·Aᵀ: W's bytes once) and the output pass (Z0 read, Y written once, as
 // LoRA's beta = 1 epilogue).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
@@ -1707,7 +1737,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
   const Tensor m32 = in_dtype(magnitude.reshape({-1}), at::kFloat).contiguous();
   const bool need_norm = !(weight_norm.has_value() && weight_norm->defined());
   const Tensor Z0 = at::mm(x2, w.t());
-  Tensor S, WA;
+  Tensor S, WA;  // WA: W·Aᵀ [N, r], or its split GEMM's two halves [N, 2r] (summed by dora_norm_scale)
   if (dt == at::kFloat) {
     S = at::mm(x2, A32.t()).mul_(scaling);
     if (need_norm) WA = at::mm(w, A32.t());
@@ -1715,7 +1745,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
     const Tensor A2 = pack_split(A32.t(), kHL, dt);  // [K, 2r] = [A_hiᵀ | A_loᵀ]
     S = std::get<0>(finalize_split(at::mm(x2, A2, at::kFloat), static_cast<float>(scaling), true, nullptr, nullptr,
                                    dt));
-    if (need_norm) WA = combine_halves(at::mm(w, A2, at::kFloat), /*row_halves=*/false);  // W·Aᵀ [N, r]
+    if (need_norm) WA = at::mm(w, A2, at::kFloat);
   }
   Tensor g, inv_n;
   if (need_norm) {
@@ -1723,8 +1753,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
                            ? in_dtype(w_sq->reshape({-1}), at::kFloat).contiguous()
                            : at::linalg_vector_norm(w, 2, at::IntArrayRef{1}, false, at::kFloat).square_();
     TORCH_CHECK(wsq.numel() == w.size(0), "fastpeft dora: weight_sq_norm must have out_features elements");
-    const Tensor T = at::addmm(WA, B32, at::mm(A32, A32.t()), 2.0 * scaling, scaling * scaling).contiguous();
-    std::tie(g, inv_n) = dora_scale(T, B32, wsq, m32);
+    std::tie(g, inv_n) = dora_norm_scale(WA.contiguous(), B32, at::mm(A32, A32.t()), scaling, wsq, m32);
   } else {
     const Tensor n = in_dtype(weight_norm->reshape({-1}), at::kFloat);
     TORCH_CHECK(n.numel() == w.size(0), "fastpeft dora: weight_norm must have out_features elements");
@@ -1745,8 +1774,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
 }
 
 // dm = (Σ_rows dY⊙(Z0 + S'·Bᵀ))/n and dZ = g⊙dY (fp32 g, one rounding) in one pass over dY and Z0; then LoRA's
-// split-GEMM backward on dY with g folded into B (dS = s·dY·(g⊙B), dB = g⊙(dYᵀ·S')): the adapter gradients never
-// see g⊙dY rounded to 16 bits; dX = dS·A + dZ·W. Deterministic mode (or a rank above kDoraMaxRank): dm and dZ from
+// split-GEMM backward on dY with g folded into B's split and dB's combine (dS = s·dY·(g⊙B), dB = g⊙(dYᵀ·S')): the
+// adapter gradients never see g⊙dY rounded to 16 bits; dX = dS·A + dZ·W. Deterministic mode (or a rank above kDoraMaxRank): dm and dZ from
 // ATen, no atomics.
 std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, const Tensor& x2, const Tensor& S,
                                                         const Tensor& Z0, const Tensor& g, const Tensor& inv_n,
@@ -1773,13 +1802,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
   }
   Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, f32), dB = at::empty({0}, f32);
   if (need_x || need_A || need_B) {
-    const Tensor g_col = g32.view({-1, 1});
-    auto r = lora_bwd_split(dy2, x2, S, weight, A, B32 * g_col, scaling, 0.0, c10::nullopt, 0, need_x, need_A,
-                            need_B, dZ);
-    dx = std::get<0>(r);
-    dA = std::get<1>(r);
-    dB = std::get<2>(r);
-    if (need_B) dB.mul_(g_col);
+    std::tie(dx, dA, dB) =
+        lora_bwd_split(dy2, x2, S, weight, A, B32, scaling, 0.0, c10::nullopt, 0, need_x, need_A, need_B, dZ, g32);
   }
   return {dx, dA, dB, dm};
 }
