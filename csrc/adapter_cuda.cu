@@ -270,10 +270,12 @@ __device__ __forceinline__ void store_cols(T* p, int valid, bool vec, const floa
 //     its part out in 16-byte rows (coalesced). L never goes through shared memory.
 //   - The backward's column sums stay in registers over the block's rows, are combined by shuffles and through
 //     shared memory, and reach red with one atomic per column per block (a store when one block covers all rows).
-// Floor: bytes (Z0 and Y, or dY, Z0 and dZ, once each: 4 or 6 bytes an element in 16 bits); L's FLOPs are tiny on
-// the tensor cores. History (H200, gate/up, M = 4096, ncu): S·Bᵀ on the FMA units, one column a thread, 0.69 ms for
-// the two passes; wmma with block barriers and loads issued a tile at a time, forward 213 µs / backward 298 µs against
-// floors of 49 / 73 µs (latency-bound); warps on their own with cp.async, L through shared memory, 159 / 205 µs
+// Floor: bytes (Z0 and Y, or dY, Z0 and dZ, once each: 4 or 6 bytes an element in 16 bits; gate/up at M = 4096:
+// 49 / 73 µs at 4.8 TB/s); L's FLOPs are tiny on the tensor cores. Measured (H200, that shape, ncu): forward 110 µs,
+// backward 161 µs, 41-44 % of DRAM bandwidth, 78-80 registers and 3 blocks per SM up to rank 32; shared memory /
+// L1 is now the busiest unit (71-74 %: B's fragments are re-read from shared memory per 16 rows). History: S·Bᵀ on
+// the FMA units, one column a thread, 0.69 ms for the two passes; wmma with block barriers and loads issued a tile
+// at a time, 213 / 298 µs (latency-bound); warps on their own with cp.async, L through shared memory, 159 / 205 µs
 // (instruction-bound: the wmma fragments re-split per 16 columns, L stored and re-read).
 constexpr int kDoraWarps = 8;
 constexpr int kDoraThreads = kDoraWarps * 32;
