@@ -222,40 +222,8 @@ __device__ __forceinline__ unsigned elem_bits(float v) { return __float_as_uint(
 __device__ __forceinline__ unsigned elem_bits(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ unsigned elem_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 
-// stores the first `valid` of V floats rounded to T at p (unit stride): one V-wide store when `vec` and all V are
-// valid (p then in global memory). The vector is assembled from 32-bit words (two 16-bit elements each) and stored with
-// st.global.v4 / v2: a plain store of a uint4 through the cast pointer came out of the compiler split into 4-byte
-// stores in dora_pass_kernel (seen in its PTX), four transactions where one does.
-template <typename T, int V>
-__device__ __forceinline__ void store_cols(T* p, int valid, bool vec, const float v[V]) {
-  constexpr int kWords = static_cast<int>(sizeof(T)) * V / 4;
-  if (kWords >= 1 && vec && valid >= V) {
-    unsigned w[kWords > 0 ? kWords : 1];
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) {
-      if constexpr (sizeof(T) == 4) {
-        w[i] = elem_bits(v[i]);
-      } else {
-        w[i] = elem_bits(from_f<T>(v[2 * i])) | (elem_bits(from_f<T>(v[2 * i + 1])) << 16);
-      }
-    }
-    if constexpr (kWords == 4) {
-      asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-                   : "memory");
-    } else if constexpr (kWords == 2) {
-      asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
-    } else {
-      *reinterpret_cast<unsigned*>(p) = w[0];
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < V; ++e)
-      if (e < valid) p[e] = from_f<T>(v[e]);
-  }
-}
-
 // DoRA's two passes over [M, N], with L = S·Bᵀ (S [M, R] and B [N, R] fp32, R <= RMAX) formed on the tensor cores:
-//   forward  (BWD = false): out = dtype(g·(Z0 + L) + bias)           Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
+//   forward  (BWD = false): out = dtype(g·(Z0 + L) + bias)      Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
 //   backward (BWD = true):  red[c] (+)= Σ_m dY·(Z0 + L);  out = dtype(g·dY) (if out)
 // One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output.
 // Block: 8 warps over BM rows × BN columns at a time (BM = 64 forward, 32 backward, which reads dY too; BN = 128,
@@ -292,7 +260,9 @@ template <typename T, int RMAX, bool BWD> struct DoraTile {
   // lo parts, so a lane's mma operands for one k-step are one 16-byte load. Odd rows swap their two halves of 4
   // float4s (bq_slot): a quarter-warp reads rows n and n + 1, which then fall on different banks.
   static constexpr int BQ = KS * 4;        // float4s a row of B's tile
-  static __device__ __forceinline__ int bq_slot(int n, int ks, int q) { return n * BQ + ((ks * 4 + q) ^ ((n & 1) << 2)); }
+  static __device__ __forceinline__ int bq_slot(int n, int ks, int q) {
+    return n * BQ + ((ks * 4 + q) ^ ((n & 1) << 2));
+  }
   static constexpr int ZLD = WC * static_cast<int>(sizeof(T)) + 16;  // bytes a row of a warp's Z0 / dY buffer
   static constexpr int B_FLOATS = 4 * BN * BQ + 2 * BN;             // B's tile, g, bias
   static constexpr int S_FLOATS = 16 * LDB;
@@ -315,7 +285,8 @@ __device__ __forceinline__ float tf32_round(float v) {
 #endif
 }
 
-// d += a·b for one m16n8k8 TF32 tile (a: 4 registers of the 16×8 row-major A fragment, b: 2 of the 8×8 col-major B)
+// d += a·b for one m16n8k8 TF32 tile (a: 4 registers of the 16×8 row-major A fragment, b: 2 of the 8×8 col-major B).
+// sm_80+ only: the callers take their FMA path before (the body is empty there).
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], float b0, float b1) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
