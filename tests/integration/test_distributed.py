@@ -104,10 +104,12 @@ def _unwrap(model):
 def _ddp(rank, world, tmp):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # kernel path (Triton, interpreted on CPU) on a few layers, reference path on all; dense and NF4 bases
+    # kernel path (Triton, interpreted on CPU) on a few layers, reference path on all; dense and NF4 bases; the C++
+    # operators (the default path on CUDA; their CPU kernels here) for LoRA and DoRA on all layers
     cases = [("lora", "triton", ["q_proj", "v_proj", "down_proj"], False), ("ia3", "reference", None, False),
              ("lora", "reference", None, True), ("ia3", "reference", None, True),
-             ("dora", "triton", ["q_proj", "v_proj", "down_proj"], False), ("dora", "reference", None, True)]
+             ("dora", "triton", ["q_proj", "v_proj", "down_proj"], False), ("dora", "reference", None, True),
+             ("lora", "cpp", None, False), ("dora", "cpp", None, False)]
     for kind, backend, targets, nf4 in cases:
         ref = _build(kind, backend, targets, nf4=nf4)
         model = DDP(copy.deepcopy(ref))
@@ -158,7 +160,7 @@ def _fsdp(rank, world, tmp):
     from fastpeft.distributed import is_sharded
 
     cases = [("lora", "reference", None), ("ia3", "triton", None), ("dora", "reference", None),
-             ("dora", "triton", ["q_proj", "down_proj"])]
+             ("dora", "triton", ["q_proj", "down_proj"]), ("lora", "cpp", None), ("dora", "cpp", None)]
     for kind, backend, targets in cases:
         ref = _build(kind, backend, targets)
         model = _fsdp_wrap(copy.deepcopy(ref), world)
