@@ -1154,9 +1154,9 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
   const auto f32 = Z0.options().dtype(at::kFloat);
   const int64_t col_blocks = (N + bn - 1) / bn;
   const int64_t tiles = (M + bm - 1) / bm;
-  // At least ~4 blocks per SM in all (2 are resident at a time): two waves or more, so the GPU stays full; within
-  // that, up to 8 row tiles per block, so each warp's next-tile loads have a tile to hide behind, and B's tile and
-  // the column sums' atomics are paid once per 8 tiles
+  // At least ~4 blocks per SM in all (2 or 3 are resident at a time): more than one wave, so the GPU stays full;
+  // within that, up to 8 row tiles per block, so each warp's next-tile copies have a tile to hide behind, and B's
+  // tile and the column sums' atomics are paid once per 8 tiles
   const int64_t fill = (4 * sm_count() + col_blocks - 1) / col_blocks;
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, std::max<int64_t>(fill, (tiles + 7) / 8)));
   const int64_t rows_per_block = ((tiles + splits - 1) / splits) * bm;
