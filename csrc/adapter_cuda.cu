@@ -1127,8 +1127,8 @@ constexpr int kDoraMaxRank = 64;
 
 // dora_pass_kernel over Z0 [M, N] (and dY): forward returns Y; backward returns red = Σ_rows dY·(Z0 + S·Bᵀ) and
 // writes dZ = g⊙dY into `dz` when it is defined (contiguous [M, N]).
-// launches dora_pass_kernel with its tile's dynamic shared memory (over the 48 KB default at some tiles: the
-// opt-in is set once per instantiation and device)
+// launches dora_pass_kernel with its tile's dynamic shared memory (64-113 KB, over the 48 KB default at every tile:
+// the opt-in is set once per instantiation and device)
 template <typename T, int RMAX, bool BWD, typename... Args>
 void launch_dora_pass(dim3 grid, cudaStream_t stream, Args... args) {
   constexpr int bytes = DoraTile<T, RMAX, BWD>::SMEM_BYTES;
