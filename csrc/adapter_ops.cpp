@@ -117,6 +117,47 @@ void check_mixed_args(const Tensor& y, const Tensor& x, const Tensor& adapter_of
   }
 }
 
+// Argument checks of nf4_dequantize (shared with nf4_dequant.cu): everything the kernels read must be there, so a
+// wrong QuantState gives an error, never an out-of-bounds read. Non-nested states pass absmax / code again as
+// absmax2 / code2 (fastpeft/ops/nf4_format.py: KernelState).
+void check_nf4_args(const Tensor& packed, const Tensor& absmax, const Tensor& code, const Tensor& code2,
+                    const Tensor& absmax2, int64_t blocksize, int64_t blocksize2, bool nested, int64_t N,
+                    at::ScalarType state_dtype, int64_t K, at::ScalarType dtype) {
+  TORCH_CHECK(N >= 0 && K >= 0, "fastpeft nf4_dequantize: the weight shape must not be negative");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fastpeft nf4_dequantize: dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(state_dtype == at::kFloat || state_dtype == at::kHalf || state_dtype == at::kBFloat16,
+              "fastpeft nf4_dequantize: the state's dtype must be float32, float16 or bfloat16, got ", state_dtype);
+  TORCH_CHECK(blocksize > 0 && blocksize % 2 == 0,
+              "fastpeft nf4_dequantize: blocksize must be a positive even number, got ", blocksize);
+  TORCH_CHECK(packed.is_contiguous(), "fastpeft nf4_dequantize: the packed bytes must be contiguous");
+  const int64_t n = N * K, blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK(static_cast<int64_t>(packed.nbytes()) >= (n + 1) / 2, "fastpeft nf4_dequantize: packed holds ",
+              packed.nbytes(), " bytes, a [", N, ", ", K, "] weight needs ", (n + 1) / 2);
+  const auto device = packed.device();
+  for (const Tensor* t : {&absmax, &code, &code2, &absmax2})
+    TORCH_CHECK(t->device() == device && t->is_contiguous(),
+                "fastpeft nf4_dequantize: the QuantState's tensors must be contiguous and on the packed bytes' device");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16,
+              "fastpeft nf4_dequantize: code must be the 16 float32 values of the 4-bit code, got ", code.sizes(), " ",
+              code.scalar_type());
+  TORCH_CHECK(absmax.numel() >= blocks, "fastpeft nf4_dequantize: absmax has ", absmax.numel(), " entries, ", blocks,
+              " blocks of ", blocksize, " need more");
+  if (nested) {
+    TORCH_CHECK(absmax.scalar_type() == at::kByte,
+                "fastpeft nf4_dequantize: a double-quantized absmax must hold uint8 codes, got ", absmax.scalar_type());
+    TORCH_CHECK(code2.scalar_type() == at::kFloat && code2.numel() == 256,
+                "fastpeft nf4_dequantize: code2 must be the 256 float32 values of the nested code");
+    TORCH_CHECK(blocksize2 > 0, "fastpeft nf4_dequantize: blocksize2 must be positive, got ", blocksize2);
+    TORCH_CHECK(absmax2.scalar_type() == at::kFloat && absmax2.numel() >= (blocks + blocksize2 - 1) / blocksize2,
+                "fastpeft nf4_dequantize: absmax2 must hold one float32 per ", blocksize2, " blocks (",
+                (blocks + blocksize2 - 1) / blocksize2, "), got ", absmax2.numel(), " ", absmax2.scalar_type());
+  } else {
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat,
+                "fastpeft nf4_dequantize: absmax must be float32 without double quant, got ", absmax.scalar_type());
+  }
+}
+
 namespace {
 
 int64_t seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) {
@@ -351,6 +392,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cpu(const Tensor& dy2, const
           dB.defined() ? dB : at::empty({0}, f32), dm.defined() ? dm : at::empty({0}, f32)};
 }
 
+// nf4_dequantize: the reference's formulas (fastpeft/ops/nf4_format.py: nf4_dequantize_reference) in ATen, fp32
+// products rounded once to the output dtype.
+Tensor nf4_dequantize_cpu(const Tensor& packed, const Tensor& absmax, const Tensor& code, const Tensor& code2,
+                          const Tensor& absmax2, double offset, int64_t blocksize, int64_t blocksize2, bool nested,
+                          int64_t N, at::ScalarType state_dtype, int64_t K, at::ScalarType dtype) {
+  check_nf4_args(packed, absmax, code, code2, absmax2, blocksize, blocksize2, nested, N, state_dtype, K, dtype);
+  const int64_t n = N * K, blocks = (n + blocksize - 1) / blocksize;
+  const Tensor flat = packed.reshape({-1});
+  const Tensor bytes = (flat.scalar_type() == at::kByte ? flat : flat.view(at::kByte)).slice(0, 0, (n + 1) / 2)
+                           .to(at::kLong);
+  const Tensor q = at::stack({bytes.bitwise_right_shift(4), bytes.bitwise_and(15)}, 1).reshape({-1}).slice(0, 0, n);
+  Tensor am = absmax.reshape({-1}).slice(0, 0, blocks);
+  if (nested) {  // code2[qa] · absmax2 rounded to fp32, then + offset: bnb's two roundings
+    const Tensor a2 = absmax2.reshape({-1}).repeat_interleave(blocksize2).slice(0, 0, blocks);
+    am = code2.index_select(0, am.to(at::kLong)).mul(a2).add_(offset);
+  }
+  Tensor w = code.index_select(0, q).mul_(am.repeat_interleave(blocksize).slice(0, 0, n)).view({N, K});
+  const bool direct = state_dtype == dtype || state_dtype == at::kFloat;
+  return direct ? w.to(dtype) : w.to(state_dtype).to(dtype);
+}
+
 // ------------------------------------------------------------------------------------------------ Meta
 std::tuple<Tensor, Tensor> lora_fwd_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&,
                                          const Tensor& A, const Tensor&, double, double, const c10::optional<Tensor>&,
@@ -387,6 +449,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_meta(const Tensor&, const Te
           need_A ? at::empty({A.size(0), x2.size(1)}, f32) : at::empty({0}, f32),
           need_B ? at::empty({weight.size(0), A.size(0)}, f32) : at::empty({0}, f32),
           need_m ? at::empty({weight.size(0)}, f32) : at::empty({0}, f32)};
+}
+
+Tensor nf4_dequantize_meta(const Tensor& packed, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                           int64_t, int64_t, bool, int64_t N, at::ScalarType, int64_t K, at::ScalarType dtype) {
+  return at::empty({N, K}, packed.options().dtype(dtype));
 }
 
 // In place and without an output: the Meta kernel checks what symbolic shapes allow (ranks and list lengths).
@@ -593,6 +660,150 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
   }
 };
 
+// ------------------------------------------------------------------------------------------------ 4-bit bases
+// QLoRA / QDoRA: the base weight arrives as bnb's packed bytes and its QuantState's tensors and numbers (the
+// Python side's KernelState). Each GEMM that reads W gets it from nf4_dequantize (forward; the backward again, for
+// dX only); the dense composition (lora_fwd / lora_bwd / dora_fwd / dora_bwd) then runs on it, and nothing keeps
+// the dense W beyond the call: the caching allocator hands the same block to the next layer. The numbers are
+// those of the dense operators on dequant(W) in the compute dtype, i.e. bnb's Linear4bit base output plus the
+// adapter, as the Triton QLoRA path's "buffer" GEMMs (ops/kernels/nf4_lora.py).
+struct Nf4Weight {
+  Tensor packed, absmax, code, code2, absmax2;
+  double offset;
+  int64_t blocksize, blocksize2;
+  bool nested;
+  int64_t N;
+  at::ScalarType state_dtype;
+};
+
+Tensor call_nf4_dequantize(const Nf4Weight& w, int64_t K, at::ScalarType dt) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::nf4_dequantize", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                                     int64_t, int64_t, bool, int64_t, at::ScalarType, int64_t, at::ScalarType)>();
+  return op.call(w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset, w.blocksize, w.blocksize2, w.nested, w.N,
+                 w.state_dtype, K, dt);
+}
+
+// The saved weight's tensors go last in save_for_backward, its numbers into saved_data.
+void save_nf4(AutogradContext* ctx, std::vector<Tensor> saved, const Nf4Weight& w) {
+  for (const Tensor* t : {&w.packed, &w.absmax, &w.code, &w.code2, &w.absmax2}) saved.push_back(*t);
+  ctx->save_for_backward(saved);
+  ctx->saved_data["nf4_offset"] = w.offset;
+  ctx->saved_data["nf4_blocksize"] = w.blocksize;
+  ctx->saved_data["nf4_blocksize2"] = w.blocksize2;
+  ctx->saved_data["nf4_nested"] = w.nested;
+  ctx->saved_data["nf4_N"] = w.N;
+  ctx->saved_data["nf4_state_dtype"] = static_cast<int64_t>(w.state_dtype);
+}
+
+Nf4Weight load_nf4(AutogradContext* ctx, const variable_list& saved) {
+  const size_t f = saved.size() - 5;
+  return {saved[f], saved[f + 1], saved[f + 2], saved[f + 3], saved[f + 4],
+          ctx->saved_data["nf4_offset"].toDouble(), ctx->saved_data["nf4_blocksize"].toInt(),
+          ctx->saved_data["nf4_blocksize2"].toInt(), ctx->saved_data["nf4_nested"].toBool(),
+          ctx->saved_data["nf4_N"].toInt(), static_cast<at::ScalarType>(ctx->saved_data["nf4_state_dtype"].toInt())};
+}
+
+// W for the backward: dequantized when dX is wanted; otherwise a stand-in of W's shape that no kernel reads (the
+// dense backward reads W for dX only).
+Tensor backward_weight(const Nf4Weight& w, const Tensor& x, bool need_x) {
+  if (need_x) return call_nf4_dequantize(w, x.size(-1), x.scalar_type());
+  return at::empty({1}, x.options()).expand({w.N, x.size(-1)});
+}
+
+// LoraLinearFunction's chain rule with W = dequant(packed) frozen (no dL/dW).
+class Nf4LoraLinearFunction : public torch::autograd::Function<Nf4LoraLinearFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Nf4Weight& w, const c10::optional<Tensor>& bias,
+                        const Tensor& A, const Tensor& B, double scaling, double p, const c10::optional<Tensor>& seed,
+                        int64_t rank) {
+    Tensor x2 = as_2d(x);
+    auto [y2, S] = call_lora_fwd(x2, call_nf4_dequantize(w, x.size(-1), x.scalar_type()), bias, A, B, scaling, p,
+                                 seed, rank);
+    save_nf4(ctx, {x, S, A, B, seed.value_or(Tensor())}, w);
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["rank"] = rank;
+    save_bias_info(ctx, bias);
+    return y2.view(with_last_dim(x, w.N));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &S = saved[1], &A = saved[2], &B = saved[3], &seed = saved[4];
+    const Nf4Weight w = load_nf4(ctx, saved);
+    // needs_input_grad counts the tensor inputs given: x, then bias when present, then lora_A, lora_B (the 4-bit
+    // weight travels in a struct: not an autograd input)
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t a_idx = has_bias ? 2 : 1;
+    const bool need_x = ctx->needs_input_grad(0), need_b = has_bias && ctx->needs_input_grad(1),
+               need_A = ctx->needs_input_grad(a_idx), need_B = ctx->needs_input_grad(a_idx + 1);
+    Tensor dy2 = as_2d(grads[0]).to(x.scalar_type());
+    Tensor dx, db, dA, dB;
+    if (need_x || need_A || need_B) {
+      auto r = call_lora_bwd(dy2, as_2d(x), S, backward_weight(w, x, need_x), A, B,
+                             ctx->saved_data["scaling"].toDouble(), ctx->saved_data["p"].toDouble(), opt(seed),
+                             ctx->saved_data["rank"].toInt(), need_x, need_A, need_B);
+      if (need_x) dx = std::get<0>(r).view(x.sizes());
+      if (need_A) dA = std::get<1>(r).to(A.scalar_type());
+      if (need_B) dB = std::get<2>(r).to(B.scalar_type());
+    }
+    if (need_b) {
+      const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+      db = dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
+    }
+    return {dx, Tensor(), db, dA, dB, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// DoraLinearFunction's chain rule with W = dequant(packed).
+class Nf4DoraLinearFunction : public torch::autograd::Function<Nf4DoraLinearFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Nf4Weight& w, const c10::optional<Tensor>& bias,
+                        const Tensor& A, const Tensor& B, const Tensor& magnitude, double scaling,
+                        const c10::optional<Tensor>& w_sq, const c10::optional<Tensor>& weight_norm) {
+    Tensor x2 = as_2d(x);
+    auto [y2, S, Z0, g, inv_n] = call_dora_fwd(x2, call_nf4_dequantize(w, x.size(-1), x.scalar_type()), bias, A, B,
+                                               magnitude, scaling, w_sq, weight_norm);
+    save_nf4(ctx, {x, S, Z0, g, inv_n, A, B}, w);
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["m_dtype"] = static_cast<int64_t>(magnitude.scalar_type());
+    ctx->saved_data["m_sizes"] = magnitude.sizes().vec();
+    save_bias_info(ctx, bias);
+    return y2.view(with_last_dim(x, w.N));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &S = saved[1], &Z0 = saved[2], &g = saved[3], &inv_n = saved[4], &A = saved[5],
+                 &B = saved[6];
+    const Nf4Weight w = load_nf4(ctx, saved);
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();  // (see Nf4LoraLinearFunction::backward)
+    const size_t a_idx = has_bias ? 2 : 1;
+    const bool need_x = ctx->needs_input_grad(0), need_b = has_bias && ctx->needs_input_grad(1),
+               need_A = ctx->needs_input_grad(a_idx), need_B = ctx->needs_input_grad(a_idx + 1),
+               need_m = ctx->needs_input_grad(a_idx + 2);
+    Tensor dy2 = as_2d(grads[0]).to(x.scalar_type());
+    Tensor dx, db, dA, dB, dm;
+    if (need_x || need_A || need_B || need_m) {
+      auto r = call_dora_bwd(dy2, as_2d(x), S, Z0, g, inv_n, backward_weight(w, x, need_x), A, B,
+                             ctx->saved_data["scaling"].toDouble(), need_x, need_A, need_B, need_m);
+      if (need_x) dx = std::get<0>(r).view(x.sizes());
+      if (need_A) dA = std::get<1>(r).to(A.scalar_type());
+      if (need_B) dB = std::get<2>(r).to(B.scalar_type());
+      if (need_m)
+        dm = std::get<3>(r)
+                 .reshape(ctx->saved_data["m_sizes"].toIntVector())
+                 .to(static_cast<at::ScalarType>(ctx->saved_data["m_dtype"].toInt()));
+    }
+    if (need_b) {
+      const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+      db = dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
+    }
+    return {dx, Tensor(), db, dA, dB, dm, Tensor(), Tensor(), Tensor()};
+  }
+};
+
 // Chain rule (l the IA3 vector; output scaling saves Yb = X·Wᵀ + b, feedforward saves X):
 //   output       Y = Yb⊙l:        dL/dl = Σ_rows Yb⊙dY   dL/dX = (dY⊙l)·W   dL/db = l⊙Σ_rows dY
 //   feedforward  Y = (X⊙l)·Wᵀ+b:  dL/dl = Σ_rows X⊙(dY·W)   dL/dX = (dY·W)⊙l   dL/db = Σ_rows dY
@@ -689,6 +900,60 @@ Tensor ia3_linear_autograd(const Tensor& x, const Tensor& weight, const c10::opt
   return IA3LinearFunction::apply(x, weight, bias, l, feedforward);
 }
 
+// The 4-bit operators' entry points: the schema's arguments (bnb's bytes, the KernelState's tensors and numbers)
+// gathered into one Nf4Weight. K is x's last dimension.
+Tensor nf4_lora_linear_plain(const Tensor& x, const Tensor& packed, const Tensor& absmax, const Tensor& code,
+                             const Tensor& code2, const Tensor& absmax2, double offset, int64_t blocksize,
+                             int64_t blocksize2, bool nested, int64_t N, at::ScalarType state_dtype,
+                             const c10::optional<Tensor>& bias, const Tensor& A, const Tensor& B, double scaling,
+                             double p, const c10::optional<Tensor>& seed, int64_t rank) {
+  const Nf4Weight w{packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, N, state_dtype};
+  return lora_linear_plain(x, call_nf4_dequantize(w, x.size(-1), x.scalar_type()), bias, A, B, scaling, p, seed,
+                           rank);
+}
+
+Tensor nf4_lora_linear_autograd(const Tensor& x, const Tensor& packed, const Tensor& absmax, const Tensor& code,
+                                const Tensor& code2, const Tensor& absmax2, double offset, int64_t blocksize,
+                                int64_t blocksize2, bool nested, int64_t N, at::ScalarType state_dtype,
+                                const c10::optional<Tensor>& bias, const Tensor& A, const Tensor& B, double scaling,
+                                double p, const c10::optional<Tensor>& seed, int64_t rank) {
+  TORCH_CHECK(!packed.requires_grad(), "fastpeft nf4_lora_linear: a 4-bit base weight cannot require grad");
+  if (!records_autograd({&x, &A, &B}, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return nf4_lora_linear_plain(x, packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, N,
+                                 state_dtype, bias, A, B, scaling, p, seed, rank);
+  }
+  const Nf4Weight w{packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, N, state_dtype};
+  return Nf4LoraLinearFunction::apply(x, w, bias, A, B, scaling, p, seed, rank);
+}
+
+Tensor nf4_dora_linear_plain(const Tensor& x, const Tensor& packed, const Tensor& absmax, const Tensor& code,
+                             const Tensor& code2, const Tensor& absmax2, double offset, int64_t blocksize,
+                             int64_t blocksize2, bool nested, int64_t N, at::ScalarType state_dtype,
+                             const c10::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
+                             const Tensor& magnitude, double scaling, const c10::optional<Tensor>& w_sq,
+                             const c10::optional<Tensor>& weight_norm) {
+  const Nf4Weight w{packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, N, state_dtype};
+  return dora_linear_plain(x, call_nf4_dequantize(w, x.size(-1), x.scalar_type()), bias, A, B, magnitude, scaling,
+                           w_sq, weight_norm);
+}
+
+Tensor nf4_dora_linear_autograd(const Tensor& x, const Tensor& packed, const Tensor& absmax, const Tensor& code,
+                                const Tensor& code2, const Tensor& absmax2, double offset, int64_t blocksize,
+                                int64_t blocksize2, bool nested, int64_t N, at::ScalarType state_dtype,
+                                const c10::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
+                                const Tensor& magnitude, double scaling, const c10::optional<Tensor>& w_sq,
+                                const c10::optional<Tensor>& weight_norm) {
+  TORCH_CHECK(!packed.requires_grad(), "fastpeft nf4_dora_linear: a 4-bit base weight cannot require grad");
+  if (!records_autograd({&x, &A, &B, &magnitude}, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return nf4_dora_linear_plain(x, packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, N,
+                                 state_dtype, bias, A, B, magnitude, scaling, w_sq, weight_norm);
+  }
+  const Nf4Weight w{packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, N, state_dtype};
+  return Nf4DoraLinearFunction::apply(x, w, bias, A, B, magnitude, scaling, w_sq, weight_norm);
+}
+
 }  // namespace
 
 // Which LoRA composition CUDA calls take (adapter_cuda.cu): -1 automatic, 0 the split-GEMM composition, 1 the fused
@@ -734,6 +999,15 @@ TORCH_LIBRARY(fastpeft_ops, m) {
         "__torch__.torch.classes.fastpeft_ops.MixedAdapters adapters) -> ()");
   m.def("lora_mixed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor adapter_of_segment, int tokens, "
         "__torch__.torch.classes.fastpeft_ops.MixedAdapters adapters) -> Tensor");
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor code, Tensor code2, Tensor absmax2, float offset, "
+        "int blocksize, int blocksize2, bool nested, int N, ScalarType state_dtype, int K, ScalarType dtype) -> Tensor");
+  m.def("nf4_lora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor code2, Tensor absmax2, "
+        "float offset, int blocksize, int blocksize2, bool nested, int N, ScalarType state_dtype, Tensor? bias, "
+        "Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor? seed, int rank) -> Tensor");
+  m.def("nf4_dora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor code2, Tensor absmax2, "
+        "float offset, int blocksize, int blocksize2, bool nested, int N, ScalarType state_dtype, Tensor? bias, "
+        "Tensor lora_A, Tensor lora_B, Tensor magnitude, float scaling, Tensor? weight_sq_norm, "
+        "Tensor? weight_norm) -> Tensor");
   m.def("set_lora_cuda_path(int mode) -> int", &fastpeft::set_lora_cuda_path);
 }
 
@@ -741,12 +1015,16 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {
   m.impl("lora_linear", &fastpeft::lora_linear_autograd);
   m.impl("dora_linear", &fastpeft::dora_linear_autograd);
   m.impl("ia3_linear", &fastpeft::ia3_linear_autograd);
+  m.impl("nf4_lora_linear", &fastpeft::nf4_lora_linear_autograd);
+  m.impl("nf4_dora_linear", &fastpeft::nf4_dora_linear_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &fastpeft::lora_linear_plain);
   m.impl("dora_linear", &fastpeft::dora_linear_plain);
   m.impl("ia3_linear", &fastpeft::ia3_linear_plain);
+  m.impl("nf4_lora_linear", &fastpeft::nf4_lora_linear_plain);
+  m.impl("nf4_dora_linear", &fastpeft::nf4_dora_linear_plain);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeImplicitAutograd, m) {
@@ -761,6 +1039,7 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_cpu);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_cpu);
   m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_cpu);
+  m.impl("nf4_dequantize", &fastpeft::nf4_dequantize_cpu);
 }
 
 #ifdef WITH_CUDA
@@ -777,4 +1056,5 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, Meta, m) {
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_meta);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_meta);
   m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_meta);
+  m.impl("nf4_dequantize", &fastpeft::nf4_dequantize_meta);
 }

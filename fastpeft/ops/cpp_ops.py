@@ -26,14 +26,15 @@ import torch
 from torch import Tensor
 
 from .csrc import Extension
+from .nf4_format import KernelState
 
-__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "mixed_adapters", "lora_mixed_delta_",
-           "lora_mixed_linear", "MIXED_MAX_RANK", "EXTENSION"]
+__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "nf4_dequantize", "nf4_lora_linear",
+           "nf4_dora_linear", "mixed_adapters", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK", "EXTENSION"]
 
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
 
 EXTENSION = Extension("fastpeft_ops", "LoRA / IA3 operators", cpu_sources=["adapter_ops.cpp"],
-                      cuda_sources=["adapter_cuda.cu"], headers=["adapter_common.h"])
+                      cuda_sources=["adapter_cuda.cu", "nf4_dequant.cu"], headers=["adapter_common.h"])
 
 
 _OPS: dict = {}  # the OpOverloads, resolved once (a torch.ops attribute chain per call costs host time)
@@ -50,6 +51,9 @@ def available() -> bool:
     _OPS["lora"] = torch.ops.fastpeft_ops.lora_linear.default
     _OPS["dora"] = torch.ops.fastpeft_ops.dora_linear.default
     _OPS["ia3"] = torch.ops.fastpeft_ops.ia3_linear.default
+    _OPS["nf4_dequantize"] = torch.ops.fastpeft_ops.nf4_dequantize.default
+    _OPS["nf4_lora"] = torch.ops.fastpeft_ops.nf4_lora_linear.default
+    _OPS["nf4_dora"] = torch.ops.fastpeft_ops.nf4_dora_linear.default
     _OPS["mixed"] = torch.ops.fastpeft_ops.lora_mixed_delta_.default
     _OPS["mixed_linear"] = torch.ops.fastpeft_ops.lora_mixed_linear.default
     # The two take a custom-class argument, which makes them TorchBindOpOverloads: every call first walks its
@@ -87,6 +91,46 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Tensor,
     """IA3: output scaling Y = (x·Wᵀ + bias)⊙l, feedforward Y = (x⊙l)·Wᵀ + bias; differentiable (C++ autograd).
     Call ``available()`` first."""
     return _OPS["ia3"](x, weight, bias, ia3_l, feedforward)
+
+
+def _nf4_args(packed: Tensor, ks: KernelState) -> tuple:
+    """The schema's 4-bit weight arguments: the packed bytes, the KernelState's tensors, then its numbers."""
+    return (packed, ks.absmax, ks.code, ks.code2, ks.absmax2, ks.offset, ks.blocksize, ks.blocksize2, ks.nested,
+            ks.shape[0], ks.state_dtype)
+
+
+def nf4_dequantize(packed: Tensor, ks: KernelState, dtype: torch.dtype) -> Tensor:
+    """The dense [N, K] weight of bnb 4-bit bytes (``ks``: its ``ops/nf4_format.py: kernel_state``) in ``dtype``,
+    the same bits as ``nf4_dequantize_reference`` (dequantized to the state's dtype first when that is neither fp32
+    nor ``dtype``, as bnb). Call ``available()`` first.
+
+    >>> from fastpeft.ops.nf4_format import kernel_state, nf4_dequantize_reference
+    >>> from fastpeft.ops.nf4_quantize import quantize_nf4
+    >>> if available():
+    ...     packed, qs = quantize_nf4(torch.randn(8, 64))
+    ...     w = nf4_dequantize(packed, kernel_state(qs, "cpu"), torch.float32)
+    ...     assert torch.equal(w, nf4_dequantize_reference(packed, qs, torch.float32))
+    """
+    return _OPS["nf4_dequantize"](*_nf4_args(packed, ks), ks.shape[1], dtype)
+
+
+def nf4_lora_linear(x: Tensor, packed: Tensor, ks: KernelState, bias: Optional[Tensor], lora_A: Tensor,
+                    lora_B: Tensor, scaling: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+                    rank: int = 0) -> Tensor:
+    """QLoRA: ``lora_linear`` with W = dequant(packed) in x's dtype (the layer's compute dtype), dequantized per GEMM
+    that reads it (forward, and the backward's dX) and never kept. Differentiable in x, bias, lora_A, lora_B.
+    Call ``available()`` first."""
+    return _OPS["nf4_lora"](x, *_nf4_args(packed, ks), bias, lora_A, lora_B, scaling, dropout_p, seed, rank)
+
+
+def nf4_dora_linear(x: Tensor, packed: Tensor, ks: KernelState, bias: Optional[Tensor], lora_A: Tensor,
+                    lora_B: Tensor, magnitude: Tensor, scaling: float, weight_sq_norm: Optional[Tensor] = None,
+                    weight_norm: Optional[Tensor] = None) -> Tensor:
+    """QDoRA without dropout: ``dora_linear`` with W = dequant(packed) in x's dtype, dequantized per GEMM that reads
+    it and never kept. ``weight_sq_norm``: ‖W‖² per row of that W (fp32 [out]) if the caller keeps it. Call
+    ``available()`` first."""
+    return _OPS["nf4_dora"](x, *_nf4_args(packed, ks), bias, lora_A, lora_B, magnitude, scaling, weight_sq_norm,
+                            weight_norm)
 
 
 def mixed_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scales: Sequence[float]):
