@@ -10,6 +10,8 @@ per path:
                     no Triton, bf16 in Triton's interpreter, bnb's CPU-packed 4-bit)
     dense           kernels on a Linear / Conv1D base: the C++ operators (auto on    _forward_dense(x, name, cpp)
                     CUDA when they build, backend cpp) or the Triton kernels
+    nf4 C++         a method's C++ operator on a 4-bit base (eager; backend cpp, or   _forward_nf4_cpp(x, name)
+                    auto on CUDA where it suits the call), when it returns a result
     "nf4"           Triton kernels on a 4-bit base (eager, or under torch.compile)   _forward_nf4(x, name, compiled)
     outside graph   4-bit under torch.compile when the QuantState's kernel constants _forward_nf4(x, name, False)
                     are missing: that one call runs eagerly (fills them)            via _nf4_outside_graph
@@ -188,7 +190,12 @@ class AdapterLayer(nn.Module):
             if path == "reference":
                 return self._forward_reference(x, name)
             return self._forward_dense(x, name, path == "cpp")
-        # 4-bit bases: the Triton QLoRA kernels (under auto on CUDA tensors, cpp, triton)
+        # 4-bit bases: the method's C++ operator where it has one and the call suits it (_forward_nf4_cpp), else
+        # the Triton QLoRA kernels (under auto on CUDA tensors, cpp, triton)
+        if self._nf4_cpp_wanted(x):
+            y = self._forward_nf4_cpp(x, name)
+            if y is not None:
+                return y
         if self.backend == "reference" or (self.backend == "auto" and not x.is_cuda) or not self._triton_can_run(x):
             return self._forward_reference(x, name)
         if bases.nf4_parts(base) is None:
@@ -201,6 +208,20 @@ class AdapterLayer(nn.Module):
                 return _OUTSIDE_GRAPH[type(self)](self, x, name)
             return self._forward_nf4(x, name, True)
         return self._forward_nf4(x, name, False)
+
+    def _nf4_cpp_wanted(self, x: torch.Tensor) -> bool:
+        """Whether a 4-bit layer's call may take the C++ operators: backend cpp (any device), or auto on CUDA tensors
+        of a kernel dtype with the extension built; eager only (under torch.compile the Triton custom ops)."""
+        backend = self.backend
+        if backend == "cpp":
+            return not torch.compiler.is_compiling()
+        return (backend == "auto" and x.is_cuda and x.dtype in KERNEL_DTYPES and not torch.compiler.is_compiling()
+                and cpp_ops.available())
+
+    def _forward_nf4_cpp(self, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+        """Adapter ``name`` on a 4-bit base through the method's C++ operator, or None where it has none or the call
+        does not suit it (the Triton path then runs). Default: none."""
+        return None
 
     def _forward_lora_pair(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                            dropout_p: float, cpp: bool) -> torch.Tensor:

@@ -191,6 +191,9 @@ class LoraLinear(AdapterLayer):
     def _forward_nf4(self, x, name, compiled):
         return self.lora_variant[name].forward_nf4(self, name, x, self._dropout_p(name), compiled)
 
+    def _forward_nf4_cpp(self, x, name):
+        return self.lora_variant[name].forward_nf4_cpp(self, name, x, self._dropout_p(name))
+
     # -- mixed-adapter batches ----------------------------------------------------------------------------
     def _forward_mixed(self, x: torch.Tensor, names) -> torch.Tensor:
         """One adapter per row: one base pass for the whole batch, then every row's LoRA delta in one pass where

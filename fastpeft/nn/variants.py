@@ -15,14 +15,16 @@ import torch
 import torch.nn as nn
 
 from ..ops import HAS_TRITON, cpp_ops, graph_capturing
+from ..ops.nf4_format import kernel_state
 from ..ops.reference import (dora_initial_magnitude_reference, dora_update_reference, dora_weight_norm_reference,
                              lora_delta_reference)
 from . import bases
-from ._rng import dropout_seed
+from ._rng import current_rank, dropout_draw, dropout_seed
 from .layer import warn_once
 
 if HAS_TRITON:
     from ..ops.kernels import custom_ops
+    from ..ops.kernels.nf4_lora import nf4_path
 
 # "LoraLinear" in the annotations below is fastpeft.nn.lora.LoraLinear (not imported: lora.py imports this module)
 __all__ = ["LoraVariant", "PLAIN_LORA", "DoraVariant", "DORA", "DoraMagnitude"]
@@ -69,6 +71,25 @@ class LoraVariant:
                                        layer.lora_B[name].weight, layer.scaling[name], p, seed)
         return y.to(x.dtype)
 
+    def forward_nf4_cpp(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float) -> Optional[torch.Tensor]:
+        """QLoRA through the C++ operator (one dispatcher call, C++ autograd; W dequantized per GEMM, never kept), in
+        the layer's compute dtype, or None where the Triton path serves the call better: under backend auto the
+        sizes at which ``nf4_path`` picks the in-kernel-dequant GEMM or the decode GEMV (they read W as 4 bits;
+        the operator writes and reads it dense)."""
+        plan = _nf4_cpp_plan(layer, x)
+        if plan is None:
+            return None
+        packed, ks, cd = plan
+        base = layer.base_layer
+        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if p > 0:
+            y = cpp_ops.nf4_lora_linear(x.to(cd), packed, ks, bases.base_bias(base), lora_A, lora_B,
+                                        layer.scaling[name], p, dropout_draw(), current_rank())
+        else:
+            y = cpp_ops.nf4_lora_linear(x.to(cd), packed, ks, bases.base_bias(base), lora_A, lora_B,
+                                        layer.scaling[name])
+        return y.to(x.dtype)
+
     def delta_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
         """scaling·B·A as [out, in] in fp32."""
         a = layer.lora_A[name].weight.float()
@@ -90,6 +111,23 @@ class LoraVariant:
 
 
 PLAIN_LORA = LoraVariant()
+
+
+def _nf4_cpp_plan(layer: "LoraLinear", x: torch.Tensor):
+    """(packed bytes, KernelState, compute dtype) when a 4-bit layer's call takes the C++ operators, else None: bnb's
+    CPU-packed layout (the reference reads it), a base weight that requires grad (the operators take it frozen), and
+    under backend auto the sizes the Triton path serves from the 4-bit bytes directly (``nf4_path`` "fused":
+    training's small M; no-grad decode takes the NF4 GEMV on that path)."""
+    base = layer.base_layer
+    parts = bases.nf4_parts(base)
+    if parts is None or getattr(base.weight, "requires_grad", False):
+        return None
+    packed, quant_state = parts
+    cd = bases.compute_dtype(base, x)
+    ks = kernel_state(quant_state, x.device)
+    if layer.backend == "auto" and HAS_TRITON and nf4_path(x.numel() // max(1, x.shape[-1]), ks, cd) == "fused":
+        return None
+    return packed, ks, cd
 
 
 # Out of training, inputs of at most this many rows take LoRA's C++ operator and a g⊙· rescale (host-bound sizes:
@@ -196,21 +234,22 @@ class DoraVariant(LoraVariant):
         return y if bias is None else y.add_(bias)
 
     @staticmethod
-    def _weight_sq_norm(layer: "LoraLinear", weight: torch.Tensor, param: torch.Tensor) -> Optional[torch.Tensor]:
-        """‖W‖² per output row (fp32) of the frozen base weight ``weight`` ([out, in]; ``param`` is the base layer's
-        parameter it views), kept on the layer and recomputed when the parameter changes: another tensor object,
-        another storage or a version counter that moved in place. The key holds plain integers (no reference that
-        would keep a replaced weight alive, nothing that stops the model from pickling) and is three cheap reads:
-        the hot path pays it on every call. None under torch.compile or a CUDA graph capture (the C++ operator then
-        computes it in the call)."""
+    def _weight_sq_norm(layer: "LoraLinear", param: torch.Tensor, dense_of, dtype=None) -> Optional[torch.Tensor]:
+        """‖W‖² per output row (fp32) of the frozen base weight as ``dense_of()`` gives it ([out, in]; ``param`` is
+        the base layer's parameter it comes from: the dense weight, or a 4-bit base's packed bytes, dequantized to
+        ``dtype``), kept on the layer and recomputed when the parameter changes: another tensor object, another
+        storage or a version counter that moved in place (or another ``dtype``). The key holds plain integers (no
+        reference that would keep a replaced weight alive, nothing that stops the model from pickling) and is three
+        cheap reads: the hot path pays it on every call. None under torch.compile or a CUDA graph capture (the C++
+        operator then computes it in the call)."""
         if torch.compiler.is_compiling() or graph_capturing():
             return None
-        key = (id(param), param.data_ptr(), param._version)
+        key = (id(param), param.data_ptr(), param._version, dtype)
         hit = layer._dora_weight_sq
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            value = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square_()
+            value = torch.linalg.vector_norm(dense_of(), dim=1, dtype=torch.float32).square_()
         layer._dora_weight_sq = (key, value)
         return value
 
@@ -231,7 +270,7 @@ class DoraVariant(LoraVariant):
             return cpp_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, None,
                                        layer._dora_norms[name][2])
         return cpp_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling,
-                                   self._weight_sq_norm(layer, weight, base.weight), None)
+                                   self._weight_sq_norm(layer, base.weight, lambda: weight), None)
 
     def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
         """Without dropout in effect and with the C++ operators (``cpp``): ``forward_cpp``. Else the Triton DoRA
@@ -250,6 +289,23 @@ class DoraVariant(LoraVariant):
         seed = dropout_seed() if p > 0 else None
         norm = None if scale is None else layer._dora_norms[name][2]
         return custom_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, norm)
+
+    def forward_nf4_cpp(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float) -> Optional[torch.Tensor]:
+        """QDoRA without dropout in training through the C++ operator (W dequantized per GEMM, never kept; ‖W‖² kept
+        per layer), or None: with dropout in effect (PEFT's second base product: the Triton path), out of training
+        (the Triton path's cached norm and GEMV) and where ``_nf4_cpp_plan`` says so."""
+        if p > 0 or not (layer.training or torch.is_grad_enabled()):
+            return None
+        plan = _nf4_cpp_plan(layer, x)
+        if plan is None:
+            return None
+        packed, ks, cd = plan
+        base = layer.base_layer
+        w_sq = self._weight_sq_norm(layer, base.weight, lambda: cpp_ops.nf4_dequantize(packed, ks, cd), cd)
+        y = cpp_ops.nf4_dora_linear(x.to(cd), packed, ks, bases.base_bias(base), layer.lora_A[name].weight,
+                                    layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight,
+                                    layer.scaling[name], w_sq)
+        return y.to(x.dtype)
 
     def forward_nf4(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, compiled: bool) -> torch.Tensor:
         """QDoRA: W dequantized per GEMM into the shared buffer (forward and backward), in the compute dtype; out of

@@ -73,7 +73,8 @@ DORA = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", i
                                use_dora=True)
 
 
-@pytest.mark.parametrize("backend,path", [("reference", None), pytest.param("triton", "buffer", marks=cpu_triton),
+@pytest.mark.parametrize("backend,path", [("reference", None), ("cpp", None),
+                                          pytest.param("triton", "buffer", marks=cpu_triton),
                                           pytest.param("triton", "fused", marks=cpu_triton)])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "nodq"])
 def test_qlora_lora_matches_peft_bnb(backend, path, double_quant, monkeypatch):
@@ -87,7 +88,7 @@ def test_qlora_lora_matches_peft_bnb(backend, path, double_quant, monkeypatch):
         _assert_parity(theirs, ours, random_ids(seed=4))
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=cpu_triton)])
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=cpu_triton)])
 def test_qdora_matches_peft_bnb(backend, monkeypatch):
     """QDoRA: DoRA on bnb 4-bit bases (the magnitude from the dequantized weight, the norm per forward) = PEFT's."""
     base = nf4_tiny_model("llama", double_quant=True)
@@ -95,6 +96,28 @@ def test_qdora_matches_peft_bnb(backend, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         _assert_parity(theirs, ours, random_ids(seed=8))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
+def test_qlora_cpp_backend_runs_the_4bit_operators(use_dora, monkeypatch):
+    """backend cpp: every 4-bit layer's training call goes through the C++ 4-bit operator (the parity tests above
+    would pass on the reference path too); dropout on QDoRA (PEFT's second base product) does not."""
+    from fastpeft.ops import cpp_ops  # noqa: PLC0415
+
+    set_settings(monkeypatch, backend="cpp")
+    calls = []
+    for op in ("nf4_lora_linear", "nf4_dora_linear"):
+        real = getattr(cpp_ops, op)
+        monkeypatch.setattr(cpp_ops, op, lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
+    model = fastpeft.patch(nf4_tiny_model("llama"), DORA() if use_dora else LORA())
+    _fwd_bwd(model, random_ids(seed=5))
+    assert calls == ["nf4_dora_linear" if use_dora else "nf4_lora_linear"] * (2 * 7)
+    calls.clear()
+    dropped = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                              use_dora=use_dora, lora_dropout=0.1)
+    model = fastpeft.patch(nf4_tiny_model("llama"), dropped)
+    _fwd_bwd(model, random_ids(seed=5))
+    assert calls == ([] if use_dora else ["nf4_lora_linear"] * (2 * 7))
 
 
 def test_qdora_merge_and_unload_matches_unmerged(monkeypatch):
@@ -136,7 +159,7 @@ def test_qlora_ia3_matches_peft_bnb(backend, monkeypatch):
 
 # -- gradient checkpointing and input grads without prepare_model_for_kbit_training ---------------------------
 @pytest.mark.parametrize("reentrant", [True, False])
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=cpu_triton)])
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=cpu_triton)])
 def test_qlora_gradient_checkpointing_without_kbit_prep(reentrant, backend, monkeypatch):
     set_settings(monkeypatch, backend=backend)
     base = nf4_tiny_model("llama")
@@ -310,8 +333,9 @@ def _logits_and_grads(model, ids):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
 @pytest.mark.parametrize("dropout,use_dora", [(0.0, False), (0.0, True)], ids=["qlora", "qdora"])
-def test_gpu_qlora_bf16_matches_peft_bnb(dropout, use_dora, monkeypatch):
+def test_gpu_qlora_bf16_matches_peft_bnb(dropout, use_dora, backend, monkeypatch):
     """bf16 QLoRA on bnb's CUDA 4-bit base. fastpeft computes the LoRA term with 16-bit activation operands,
     PEFT in fp32 (docs/qlora.md), so the two bf16 runs differ by more than either differs from the truth. Both
     are compared with an fp32 twin (same dequantized weights and adapters, fp32 activations): fastpeft's error
@@ -335,7 +359,7 @@ def test_gpu_qlora_bf16_matches_peft_bnb(dropout, use_dora, monkeypatch):
     ids = random_ids(seed=3).cuda()
     lcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout,
                            init_lora_weights=False, use_dora=use_dora)
-    theirs, ours = _pair(lcfg, base, "triton", monkeypatch)
+    theirs, ours = _pair(lcfg, base, backend, monkeypatch)
     ref = _fp32_twin(dense, base, theirs, lcfg, "cuda")
     logits_r, grads_r = _logits_and_grads(ref, ids)
     logits_p, grads_p = _logits_and_grads(theirs, ids)
