@@ -125,6 +125,17 @@ def main():
         q = fastpeft.NF4Linear.from_linear(torch.nn.Linear(K, N, bias=False, device=dev, dtype=dt))
         nf4 = fastpeft.LoraLinear(q, "default", r=r, lora_alpha=32).train()
         rows["fastpeft LoRA on NF4 fwd+bwd"] = host_us(lambda: nf4(x).backward(g))
+        # the training-size paths at this tiny size: the buffer GEMM (Triton) and the C++ 4-bit operators
+        for backend in ("triton", "cpp") if cpp_ops.available() else ("triton",):
+            with settings.override(backend=backend, nf4_gemm="buffer"):
+                tag = "C++ op" if backend == "cpp" else "Triton, buffer GEMM"
+                nf4 = fastpeft.LoraLinear(q, "default", r=r, lora_alpha=32).train()
+                rows[f"fastpeft LoRA on NF4 fwd+bwd, {tag}"] = host_us(lambda: nf4(x).backward(g))
+                qdora = fastpeft.LoraLinear(q, "default", r=r, lora_alpha=32, use_dora=True).train()
+                rows[f"fastpeft DoRA on NF4 fwd+bwd, {tag}"] = host_us(lambda: qdora(x).backward(g))
+        with settings.override(backend="auto"):
+            dora = fastpeft.LoraLinear(lin, "default", r=r, lora_alpha=32, use_dora=True).train()
+        rows["fastpeft default DoRA fwd+bwd"] = host_us(lambda: dora(x).backward(g))
     except Exception as e:  # noqa: BLE001
         rows["nf4"] = f"skipped: {e!r}"[:200]
 
