@@ -116,7 +116,7 @@ void dequantize_into(const Tensor& packed, const Tensor& absmax, const Tensor& c
                      const Tensor& out) {
   const int64_t n = out.numel();
   if (n == 0) return;
-  Nf4Args a;
+  Nf4Args a{};
   a.packed = reinterpret_cast<const uint8_t*>(packed.data_ptr());
   a.absmax = nested ? nullptr : absmax.data_ptr<float>();
   a.absmax_q = nested ? absmax.data_ptr<uint8_t>() : nullptr;
@@ -126,6 +126,7 @@ void dequantize_into(const Tensor& packed, const Tensor& absmax, const Tensor& c
   a.offset = static_cast<float>(offset);
   a.blocksize = blocksize;
   a.blocksize2 = nested ? blocksize2 : 1;
+  a.nested = nested;
   a.n = n;
   a.n_bytes = (n + 1) / 2;
   const bool vector = blocksize % 16 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 8 == 0 &&
