@@ -30,6 +30,12 @@ if HAS_TRITON:
 _WEIGHT = operator.itemgetter("weight")  # a module's weight from its _parameters dict, at C speed
 
 
+# Rows above which a 4-bit layer's eager call tries its C++ operator from the hot path (AdapterLayer.forward): the
+# largest FUSED_MAX_M entry (ops/kernels/nf4_lora.py), so the small-M calls the Triton path serves (in-kernel-dequant
+# GEMM, decode GEMV) never pay the operator's checks twice.
+_NF4_HOT_MIN_ROWS = 64
+
+
 class LoraLinear(AdapterLayer):
     """Frozen base layer + LoRA adapters.
 
@@ -167,14 +173,20 @@ class LoraLinear(AdapterLayer):
         return self.lora_variant[name].forward_reference(self, name, x)
 
     def _forward_hot(self, x, name):
-        # plain LoRA or DoRA on an nn.Linear base (exactly: Conv1D transposes, 4-bit bases take other kernels), no
-        # dropout in effect: the general path's _forward_lora_pair(..., dropout_p=0, cpp=True) / DoRA's
-        # forward_cpp, read from the dicts
+        # plain LoRA or DoRA, no dropout in effect, on an nn.Linear base (exactly: Conv1D transposes): the general
+        # path's _forward_lora_pair(..., dropout_p=0, cpp=True) / DoRA's forward_cpp, read from the dicts; or on a
+        # 4-bit base with more rows than the Triton path's small-M kernels take (FUSED_MAX_M): the variant's
+        # forward_nf4_cpp, which the general path would call (None where it does not apply: the general path then
+        # decides, the same way)
         base = self._modules["base_layer"]
         variant = self.lora_variant.get(name)
-        if type(base) is not nn.Linear or (variant is not PLAIN_LORA and variant is not DORA):
+        if variant is not PLAIN_LORA and variant is not DORA:
             return None
         if self.training and type(self._modules["lora_dropout"]._modules[name]) is not nn.Identity:
+            return None
+        if type(base) is not nn.Linear:
+            if x.numel() > _NF4_HOT_MIN_ROWS * x.shape[-1] and bases.is_linear4bit(base):
+                return variant.forward_nf4_cpp(self, name, x, 0.0)
             return None
         params = base._parameters
         if variant is DORA:

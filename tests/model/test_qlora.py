@@ -113,11 +113,30 @@ def test_qlora_cpp_backend_runs_the_4bit_operators(use_dora, monkeypatch):
     _fwd_bwd(model, random_ids(seed=5))
     assert calls == ["nf4_dora_linear" if use_dora else "nf4_lora_linear"] * (2 * 7)
     calls.clear()
+    # more than 64 rows: the layers' hot path calls the operator (the general path's _forward_adapter never runs)
+    from fastpeft.nn.layer import AdapterLayer  # noqa: PLC0415
+
+    general = []
+    real_adapter = AdapterLayer._forward_adapter
+    monkeypatch.setattr(AdapterLayer, "_forward_adapter", lambda self, *a: general.append(1) or real_adapter(self, *a))
+    _fwd_bwd(model, random_ids(batch=6, seq=12, seed=5))
+    assert calls == ["nf4_dora_linear" if use_dora else "nf4_lora_linear"] * (2 * 7) and not general
+    calls.clear()
     dropped = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                               use_dora=use_dora, lora_dropout=0.1)
     model = fastpeft.patch(nf4_tiny_model("llama"), dropped)
     _fwd_bwd(model, random_ids(seed=5))
     assert calls == ([] if use_dora else ["nf4_lora_linear"] * (2 * 7))
+
+
+@pytest.mark.parametrize("cfg", [LORA, DORA], ids=["qlora", "qdora"])
+def test_qlora_cpp_hot_path_matches_peft_bnb(cfg, monkeypatch):
+    """More than 64 rows under backend cpp: the layers' hot path into the C++ 4-bit operators = PEFT (fp32)."""
+    base = nf4_tiny_model("llama", double_quant=True)
+    theirs, ours = _pair(cfg(), base, "cpp", monkeypatch, noise_seed=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _assert_parity(theirs, ours, random_ids(batch=6, seq=12, seed=12))
 
 
 def test_qdora_merge_and_unload_matches_unmerged(monkeypatch):
