@@ -105,11 +105,12 @@ def _ddp(rank, world, tmp):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # kernel path (Triton, interpreted on CPU) on a few layers, reference path on all; dense and NF4 bases; the C++
-    # operators (the default path on CUDA; their CPU kernels here) for LoRA and DoRA on all layers
+    # operators (the default path on CUDA; their CPU kernels here) for LoRA and DoRA on all layers, dense and NF4
     cases = [("lora", "triton", ["q_proj", "v_proj", "down_proj"], False), ("ia3", "reference", None, False),
              ("lora", "reference", None, True), ("ia3", "reference", None, True),
              ("dora", "triton", ["q_proj", "v_proj", "down_proj"], False), ("dora", "reference", None, True),
-             ("lora", "cpp", None, False), ("dora", "cpp", None, False)]
+             ("lora", "cpp", None, False), ("dora", "cpp", None, False), ("lora", "cpp", None, True),
+             ("dora", "cpp", None, True)]
     for kind, backend, targets, nf4 in cases:
         ref = _build(kind, backend, targets, nf4=nf4)
         model = DDP(copy.deepcopy(ref))
@@ -201,20 +202,43 @@ def _nf4_gather_watch(model, world, storage=torch.uint8):
     return seen
 
 
+def _count_nf4_operator_calls():
+    """Counts calls of the C++ 4-bit operators from now on (patched for the rest of this process's scenario)."""
+    from fastpeft.ops import cpp_ops
+
+    calls = {"n": 0}
+    for op in ("nf4_lora_linear", "nf4_dora_linear"):
+        real = getattr(cpp_ops, op)
+        real = getattr(real, "_fastpeft_real", real)
+
+        def counted(*a, _real=real, **k):
+            calls["n"] += 1
+            return _real(*a, **k)
+
+        counted._fastpeft_real = real
+        setattr(cpp_ops, op, counted)
+    return calls
+
+
 def _fsdp_nf4(rank, world, tmp):
-    # reference path (dequantize + matmul) and the QLoRA kernels (interpreted on CPU) on a few layers
+    # reference path (dequantize + matmul), the QLoRA kernels (interpreted on CPU) on a few layers and the C++ 4-bit
+    # operators (their CPU build: the default path on CUDA) on all layers
     # storage bf16: the bytes viewed as bf16, as prepare_fsdp2 does on torch < 2.13 (FSDP2 there cannot hold
     # an integer parameter); same gradients, and the bytes survive sharding + gathering unchanged
     for kind, backend, targets, storage in (("lora", "reference", None, torch.uint8),
                                             ("ia3", "reference", None, torch.uint8),
                                             ("lora", "triton", ["q_proj", "down_proj"], torch.uint8),
                                             ("lora", "triton", ["q_proj", "down_proj"], torch.bfloat16),
-                                            ("dora", "triton", ["q_proj", "down_proj"], torch.uint8)):
+                                            ("dora", "triton", ["q_proj", "down_proj"], torch.uint8),
+                                            ("lora", "cpp", None, torch.uint8), ("lora", "cpp", None, torch.bfloat16),
+                                            ("dora", "cpp", None, torch.uint8)):
         ref = _build(kind, backend, targets, nf4=True)
         model = _fsdp_wrap(copy.deepcopy(ref), world, quant_storage=storage)
         seen = _nf4_gather_watch(model, world, storage)
+        calls = _count_nf4_operator_calls()
         _train_and_compare(model, ref, rank, world, f"FSDP2 NF4 {kind}/{backend}")
         assert set(seen) == {0, 1}
+        assert (calls["n"] > 0) == (backend == "cpp"), (kind, backend, calls)  # the gathered bytes reach the operator
 
 
 # ------------------------------------------------------------------------------------------ save / load
