@@ -10,6 +10,12 @@
 //            -> (y2, S, Z, g, inv_n)
 //   dora_bwd(dy2, x2, S, Z, g, inv_n, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_m)
 //            -> (dx2, dA, dB, dm)
+//   nf4_dequantize(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, N, state_dtype, K,
+//                  dtype) -> W [N, K]                 (bnb 4-bit bytes + the QuantState's parts; CUDA: nf4_dequant.cu)
+//   nf4_lora_linear(x, <the 11 weight arguments above, up to state_dtype>, bias?, lora_A, lora_B, scaling,
+//                   dropout_p, seed?, rank) -> y                                               (autograd)
+//   nf4_dora_linear(x, <the same>, bias?, lora_A, lora_B, magnitude, scaling, weight_sq_norm?, weight_norm?) -> y
+//                                                                                              (autograd)
 //   ia3_linear(x, weight, bias?, ia3_l, feedforward) -> y                                        (autograd)
 //   ia3_fwd(x2, weight, bias?, ia3_l, feedforward) -> (y2, saved)
 //   ia3_bwd(dy2, saved, weight, ia3_l, feedforward, need_x, need_b) -> (dx2, db, dl)
