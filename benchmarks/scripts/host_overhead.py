@@ -158,6 +158,14 @@ def main():
         profiled["LoraLinear (default) fwd+bwd"] = lambda: lora(x).backward(g)
         if cpp_ops.available():
             profiled["cpp_ops.lora_linear fwd+bwd"] = lambda: cpp_ops.lora_linear(x, w, None, A, B, 2.0).backward(g)
+            x128 = torch.randn(128, K, device=dev, dtype=dt, requires_grad=True)
+            g128 = torch.randn(128, N, device=dev, dtype=dt)
+            with settings.override(backend="auto"):
+                lora128 = fastpeft.LoraLinear(lin, "default", r=r, lora_alpha=32).train()
+                q = fastpeft.NF4Linear.from_linear(torch.nn.Linear(K, N, bias=False, device=dev, dtype=dt))
+                nf4_128 = fastpeft.LoraLinear(q, "default", r=r, lora_alpha=32).train()
+            profiled["LoraLinear (default) fwd+bwd, 128 rows"] = lambda: lora128(x128).backward(g128)
+            profiled["LoraLinear on NF4 (default) fwd+bwd, 128 rows"] = lambda: nf4_128(x128).backward(g128)
         for name, fn in profiled.items():
             print(f"\n== profile: {name} (50 calls; CPU self time per op)")
             print(_profile(fn))
@@ -187,7 +195,7 @@ def _profile(fn, n=50):
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=26, max_name_column_width=60)
 
 
 def _no_grad(fn):
