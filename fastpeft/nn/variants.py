@@ -234,17 +234,18 @@ class DoraVariant(LoraVariant):
         return y if bias is None else y.add_(bias)
 
     @staticmethod
-    def _weight_sq_norm(layer: "LoraLinear", param: torch.Tensor, dense_of, dtype=None) -> Optional[torch.Tensor]:
+    def _weight_sq_norm(layer: "LoraLinear", param: torch.Tensor, dense_of, extra=None) -> Optional[torch.Tensor]:
         """‖W‖² per output row (fp32) of the frozen base weight as ``dense_of()`` gives it ([out, in]; ``param`` is
-        the base layer's parameter it comes from: the dense weight, or a 4-bit base's packed bytes, dequantized to
-        ``dtype``), kept on the layer and recomputed when the parameter changes: another tensor object, another
-        storage or a version counter that moved in place (or another ``dtype``). The key holds plain integers (no
-        reference that would keep a replaced weight alive, nothing that stops the model from pickling) and is three
-        cheap reads: the hot path pays it on every call. None under torch.compile or a CUDA graph capture (the C++
-        operator then computes it in the call)."""
+        the base layer's parameter it comes from: the dense weight, or a 4-bit base's packed bytes), kept on the
+        layer and recomputed when the parameter changes: another tensor object, another storage or a version counter
+        that moved in place, or when ``extra`` changes (4-bit: the dequantization's dtype and the KernelState, which
+        is rebuilt when the QuantState's absmax is replaced). The key holds plain values (no reference that would
+        keep a replaced weight alive, nothing that stops the model from pickling) and is a few cheap reads: the hot
+        path pays it on every call. None under torch.compile or a CUDA graph capture (the C++ operator then computes
+        it in the call)."""
         if torch.compiler.is_compiling() or graph_capturing():
             return None
-        key = (id(param), param.data_ptr(), param._version, dtype)
+        key = (id(param), param.data_ptr(), param._version, extra)
         hit = layer._dora_weight_sq
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -301,7 +302,7 @@ class DoraVariant(LoraVariant):
             return None
         packed, ks, cd = plan
         base = layer.base_layer
-        w_sq = self._weight_sq_norm(layer, base.weight, lambda: cpp_ops.nf4_dequantize(packed, ks, cd), cd)
+        w_sq = self._weight_sq_norm(layer, base.weight, lambda: cpp_ops.nf4_dequantize(packed, ks, cd), (cd, id(ks)))
         y = cpp_ops.nf4_dora_linear(x.to(cd), packed, ks, bases.base_bias(base), layer.lora_A[name].weight,
                                     layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight,
                                     layer.scaling[name], w_sq)

@@ -262,6 +262,49 @@ def test_dora_cpp_operator_keeps_the_base_norm_per_weight_version(conv1d, monkey
     assert calls and all(calls)  # every training call went through the operator with ‖W‖² given
 
 
+def test_qdora_cpp_keeps_the_dequantized_weight_norm_per_base_version(monkeypatch):
+    """QDoRA through the C++ 4-bit operator: ‖W‖² of the dequantized weight is kept on the layer, recomputed when the
+    packed bytes change in place or the QuantState is replaced; every call gives the oracle's numbers."""
+    from fastpeft.nn import bases
+    from fastpeft.ops import cpp_ops
+    from fastpeft.ops.nf4_format import nf4_dequantize_reference
+
+    if not cpp_ops.available():
+        pytest.skip("the C++ extension cannot be built here")
+    set_settings(monkeypatch, backend="cpp")
+    torch.manual_seed(4)
+    base = fastpeft.NF4Linear.from_linear(torch.nn.Linear(64, 12, bias=True))
+    layer = LoraLinear(base, "default", r=3, lora_alpha=5, init_lora_weights=False, use_dora=True).train()
+    calls = []
+    real = cpp_ops.nf4_dora_linear
+    monkeypatch.setattr(cpp_ops, "nf4_dora_linear", lambda *a: calls.append(a[8] is not None) or real(*a))
+    x = torch.randn(2, 5, 64)
+
+    def check():
+        packed, qs = bases.nf4_parts(base)
+        w = nf4_dequantize_reference(packed, qs, torch.float32)
+        a, b, m = (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                   layer.lora_magnitude_vector["default"].weight)
+        want = dora_linear_reference(x, w, base.bias, a, b, m, layer.scaling["default"])
+        assert rel_err(layer(x), want) <= FP32_TOL
+        assert torch.allclose(layer._dora_weight_sq[1], w.square().sum(1), rtol=1e-6)
+
+    check()
+    first = layer._dora_weight_sq[1]
+    check()
+    assert layer._dora_weight_sq[1] is first  # kept
+    with torch.no_grad():
+        base.weight[:4] ^= 0x11  # other codes, in place: the version counter moves
+    check()
+    second = layer._dora_weight_sq[1]
+    assert second is not first
+    packed, qs = bases.nf4_parts(base)
+    qs.absmax = qs.absmax.clone()  # a replaced QuantState part: a new KernelState
+    check()
+    assert layer._dora_weight_sq[1] is not second
+    assert len(calls) == 4 and all(calls)  # every call went through the operator with ‖W‖² given
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_dora_merge_unmerge_and_merge_and_unload_match_peft(arch, monkeypatch):
     base = tiny_model(arch, seed=27)
