@@ -138,8 +138,12 @@ void check_nf4_args(const Tensor& packed, const Tensor& absmax, const Tensor& co
               "fastpeft nf4_dequantize: blocksize must be a positive even number, got ", blocksize);
   TORCH_CHECK(packed.is_contiguous(), "fastpeft nf4_dequantize: the packed bytes must be contiguous");
   const int64_t n = N * K, blocks = (n + blocksize - 1) / blocksize;
-  TORCH_CHECK(static_cast<int64_t>(packed.nbytes()) >= (n + 1) / 2, "fastpeft nf4_dequantize: packed holds ",
-              packed.nbytes(), " bytes, a [", N, ", ", K, "] weight needs ", (n + 1) / 2);
+  // at least the weight's bytes, and no whole storage element more (a quant_storage dtype pads to its element
+  // size): a wrong K (another in_features than the bytes were quantized with) cannot pass
+  const int64_t nbytes = static_cast<int64_t>(packed.nbytes()), need = (n + 1) / 2;
+  TORCH_CHECK(nbytes >= need && nbytes < need + static_cast<int64_t>(packed.element_size()),
+              "fastpeft nf4_dequantize: packed holds ", nbytes, " bytes, a [", N, ", ", K, "] weight needs ", need,
+              " (is x's last dimension the layer's in_features?)");
   const auto device = packed.device();
   for (const Tensor* t : {&absmax, &code, &code2, &absmax2})
     TORCH_CHECK(t->device() == device && t->is_contiguous(),

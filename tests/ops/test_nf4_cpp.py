@@ -129,6 +129,8 @@ def test_bad_quant_states_raise_clear_errors():
         with pytest.raises(RuntimeError, match=match):
             cpp_ops.nf4_dequantize(packed, bad, torch.float32)
     x, A, B, _, _ = _layer(8, 64, 2, torch.float32, "cpu", bias=False)
+    with pytest.raises(RuntimeError, match="a \\[8, 32\\] weight needs 128"):  # x of another in_features
+        cpp_ops.nf4_lora_linear(x[..., :32], packed, ks, None, A[:, :32], B, 1.0)
     with pytest.raises(RuntimeError, match="absmax has 3 entries"):
         cpp_ops.nf4_lora_linear(x, packed, rep(absmax=ks.absmax[:3]), None, A, B, 1.0)
     with pytest.raises(RuntimeError, match="must be contiguous"):
