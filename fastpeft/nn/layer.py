@@ -55,6 +55,7 @@ class AdapterLayer(nn.Module):
 
     adapter_kind = ""
     wraps_embeddings = False  # LoraEmbedding: an nn.Embedding base instead of a linear-type one
+    has_nf4_cpp = False  # LoraLinear: a C++ operator for 4-bit bases (_forward_nf4_cpp)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
         super().__init__()
@@ -210,8 +211,11 @@ class AdapterLayer(nn.Module):
         return self._forward_nf4(x, name, False)
 
     def _nf4_cpp_wanted(self, x: torch.Tensor) -> bool:
-        """Whether a 4-bit layer's call may take the C++ operators: backend cpp (any device), or auto on CUDA tensors
-        of a kernel dtype with the extension built; eager only (under torch.compile the Triton custom ops)."""
+        """Whether a 4-bit layer's call may take the C++ operators: the method has one (``has_nf4_cpp``), and backend
+        cpp (any device) or auto on CUDA tensors of a kernel dtype with the extension built; eager only (under
+        torch.compile the Triton custom ops). Methods without one never ask for the extension (no build attempt)."""
+        if not self.has_nf4_cpp:
+            return False
         backend = self.backend
         if backend == "cpp":
             return not torch.compiler.is_compiling()

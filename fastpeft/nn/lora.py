@@ -45,6 +45,7 @@ class LoraLinear(AdapterLayer):
     """
 
     adapter_kind = "lora"
+    has_nf4_cpp = True  # nf4_lora_linear / nf4_dora_linear (variants.py: forward_nf4_cpp)
 
     def __init__(
         self,
