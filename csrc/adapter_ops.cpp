@@ -572,6 +572,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_dora_bwd(const Tensor& dy2, cons
 
 c10::optional<Tensor> opt(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
+// What the LoRA / DoRA Functions' backwards share (dense and 4-bit bases): the adapter's gradients from dY for the
+// inputs that need one. `weight_of()` gives W for the backward op (the dense weight, or a 4-bit one dequantized for
+// dX); it is called only when some gradient besides db is wanted.
+struct AdapterGrads {
+  Tensor dx, db, dA, dB, dm;
+};
+
+// dL/db = Σ_rows dY in fp32, cast to the bias's dtype
+Tensor bias_grad(AutogradContext* ctx, const Tensor& dy2) {
+  const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+  return dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
+}
+
+template <typename WeightOf>
+AdapterGrads lora_grads(AutogradContext* ctx, const Tensor& dy2, const Tensor& x, const Tensor& S, WeightOf weight_of,
+                        const Tensor& A, const Tensor& B, const Tensor& seed, bool need_x, bool need_b, bool need_A,
+                        bool need_B) {
+  AdapterGrads out;
+  if (need_x || need_A || need_B) {
+    auto r = call_lora_bwd(dy2, as_2d(x), S, weight_of(), A, B, ctx->saved_data["scaling"].toDouble(),
+                           ctx->saved_data["p"].toDouble(), opt(seed), ctx->saved_data["rank"].toInt(), need_x, need_A,
+                           need_B);
+    if (need_x) out.dx = std::get<0>(r).view(x.sizes());
+    if (need_A) out.dA = std::get<1>(r).to(A.scalar_type());
+    if (need_B) out.dB = std::get<2>(r).to(B.scalar_type());
+  }
+  if (need_b) out.db = bias_grad(ctx, dy2);
+  return out;
+}
+
+template <typename WeightOf>
+AdapterGrads dora_grads(AutogradContext* ctx, const Tensor& dy2, const Tensor& x, const Tensor& S, const Tensor& Z0,
+                        const Tensor& g, const Tensor& inv_n, WeightOf weight_of, const Tensor& A, const Tensor& B,
+                        bool need_x, bool need_b, bool need_A, bool need_B, bool need_m) {
+  AdapterGrads out;
+  if (need_x || need_A || need_B || need_m) {
+    auto r = call_dora_bwd(dy2, as_2d(x), S, Z0, g, inv_n, weight_of(), A, B, ctx->saved_data["scaling"].toDouble(),
+                           need_x, need_A, need_B, need_m);
+    if (need_x) out.dx = std::get<0>(r).view(x.sizes());
+    if (need_A) out.dA = std::get<1>(r).to(A.scalar_type());
+    if (need_B) out.dB = std::get<2>(r).to(B.scalar_type());
+    if (need_m)
+      out.dm = std::get<3>(r)
+                   .reshape(ctx->saved_data["m_sizes"].toIntVector())
+                   .to(static_cast<at::ScalarType>(ctx->saved_data["m_dtype"].toInt()));
+  }
+  if (need_b) out.db = bias_grad(ctx, dy2);
+  return out;
+}
+
 // Chain rule (s = scaling, D = dropout mask, S = s·(D⊙X)·Aᵀ saved by the forward):
 //   dL/dX = dY·W + D⊙(s·dY·B·A)    dL/dA = (s·dY·B)ᵀ·(D⊙X)    dL/dB = dYᵀ·S    dL/db = Σ_rows dY    dL/dW = dYᵀ·X
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
@@ -600,23 +650,11 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_b = has_bias && ctx->needs_input_grad(2), need_A = ctx->needs_input_grad(a_idx),
                need_B = ctx->needs_input_grad(a_idx + 1);
-    Tensor x2 = as_2d(x);
     Tensor dy2 = as_2d(grads[0]).to(x.scalar_type());
-    Tensor dx, dw, db, dA, dB;
-    if (need_x || need_A || need_B) {
-      auto r = call_lora_bwd(dy2, x2, S, weight, A, B, ctx->saved_data["scaling"].toDouble(),
-                             ctx->saved_data["p"].toDouble(), opt(seed), ctx->saved_data["rank"].toInt(), need_x,
-                             need_A, need_B);
-      if (need_x) dx = std::get<0>(r).view(x.sizes());
-      if (need_A) dA = std::get<1>(r).to(A.scalar_type());
-      if (need_B) dB = std::get<2>(r).to(B.scalar_type());
-    }
-    if (need_w) dw = at::mm(dy2.t(), x2).to(weight.scalar_type());
-    if (need_b) {
-      const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-      db = dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
-    }
-    return {dx, dw, db, dA, dB, Tensor(), Tensor(), Tensor(), Tensor()};
+    AdapterGrads r = lora_grads(ctx, dy2, x, S, [&] { return weight; }, A, B, seed, need_x, need_b, need_A, need_B);
+    Tensor dw;
+    if (need_w) dw = at::mm(dy2.t(), as_2d(x)).to(weight.scalar_type());
+    return {r.dx, dw, r.db, r.dA, r.dB, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -649,24 +687,9 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
     const bool need_x = ctx->needs_input_grad(0), need_b = has_bias && ctx->needs_input_grad(2),
                need_A = ctx->needs_input_grad(a_idx), need_B = ctx->needs_input_grad(a_idx + 1),
                need_m = ctx->needs_input_grad(a_idx + 2);
-    Tensor dy2 = as_2d(grads[0]).to(x.scalar_type());
-    Tensor dx, db, dA, dB, dm;
-    if (need_x || need_A || need_B || need_m) {
-      auto r = call_dora_bwd(dy2, as_2d(x), S, Z0, g, inv_n, weight, A, B, ctx->saved_data["scaling"].toDouble(),
-                             need_x, need_A, need_B, need_m);
-      if (need_x) dx = std::get<0>(r).view(x.sizes());
-      if (need_A) dA = std::get<1>(r).to(A.scalar_type());
-      if (need_B) dB = std::get<2>(r).to(B.scalar_type());
-      if (need_m)
-        dm = std::get<3>(r)
-                 .reshape(ctx->saved_data["m_sizes"].toIntVector())
-                 .to(static_cast<at::ScalarType>(ctx->saved_data["m_dtype"].toInt()));
-    }
-    if (need_b) {
-      const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-      db = dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
-    }
-    return {dx, Tensor(), db, dA, dB, dm, Tensor(), Tensor(), Tensor()};
+    AdapterGrads r = dora_grads(ctx, as_2d(grads[0]).to(x.scalar_type()), x, S, Z0, g, inv_n, [&] { return weight; },
+                                A, B, need_x, need_b, need_A, need_B, need_m);
+    return {r.dx, Tensor(), r.db, r.dA, r.dB, r.dm, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -748,21 +771,10 @@ class Nf4LoraLinearFunction : public torch::autograd::Function<Nf4LoraLinearFunc
     const size_t a_idx = has_bias ? 2 : 1;
     const bool need_x = ctx->needs_input_grad(0), need_b = has_bias && ctx->needs_input_grad(1),
                need_A = ctx->needs_input_grad(a_idx), need_B = ctx->needs_input_grad(a_idx + 1);
-    Tensor dy2 = as_2d(grads[0]).to(x.scalar_type());
-    Tensor dx, db, dA, dB;
-    if (need_x || need_A || need_B) {
-      auto r = call_lora_bwd(dy2, as_2d(x), S, backward_weight(w, x, need_x), A, B,
-                             ctx->saved_data["scaling"].toDouble(), ctx->saved_data["p"].toDouble(), opt(seed),
-                             ctx->saved_data["rank"].toInt(), need_x, need_A, need_B);
-      if (need_x) dx = std::get<0>(r).view(x.sizes());
-      if (need_A) dA = std::get<1>(r).to(A.scalar_type());
-      if (need_B) dB = std::get<2>(r).to(B.scalar_type());
-    }
-    if (need_b) {
-      const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-      db = dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
-    }
-    return {dx, Tensor(), db, dA, dB, Tensor(), Tensor(), Tensor(), Tensor()};
+    AdapterGrads r = lora_grads(ctx, as_2d(grads[0]).to(x.scalar_type()), x, S,
+                                [&] { return backward_weight(w, x, need_x); }, A, B, seed, need_x, need_b, need_A,
+                                need_B);
+    return {r.dx, Tensor(), r.db, r.dA, r.dB, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -793,24 +805,10 @@ class Nf4DoraLinearFunction : public torch::autograd::Function<Nf4DoraLinearFunc
     const bool need_x = ctx->needs_input_grad(0), need_b = has_bias && ctx->needs_input_grad(1),
                need_A = ctx->needs_input_grad(a_idx), need_B = ctx->needs_input_grad(a_idx + 1),
                need_m = ctx->needs_input_grad(a_idx + 2);
-    Tensor dy2 = as_2d(grads[0]).to(x.scalar_type());
-    Tensor dx, db, dA, dB, dm;
-    if (need_x || need_A || need_B || need_m) {
-      auto r = call_dora_bwd(dy2, as_2d(x), S, Z0, g, inv_n, backward_weight(w, x, need_x), A, B,
-                             ctx->saved_data["scaling"].toDouble(), need_x, need_A, need_B, need_m);
-      if (need_x) dx = std::get<0>(r).view(x.sizes());
-      if (need_A) dA = std::get<1>(r).to(A.scalar_type());
-      if (need_B) dB = std::get<2>(r).to(B.scalar_type());
-      if (need_m)
-        dm = std::get<3>(r)
-                 .reshape(ctx->saved_data["m_sizes"].toIntVector())
-                 .to(static_cast<at::ScalarType>(ctx->saved_data["m_dtype"].toInt()));
-    }
-    if (need_b) {
-      const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-      db = dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
-    }
-    return {dx, Tensor(), db, dA, dB, dm, Tensor(), Tensor(), Tensor()};
+    AdapterGrads r = dora_grads(ctx, as_2d(grads[0]).to(x.scalar_type()), x, S, Z0, g, inv_n,
+                                [&] { return backward_weight(w, x, need_x); }, A, B, need_x, need_b, need_A, need_B,
+                                need_m);
+    return {r.dx, Tensor(), r.db, r.dA, r.dB, r.dm, Tensor(), Tensor(), Tensor()};
   }
 };
 
