@@ -46,9 +46,7 @@ def test_dequantize_reads_a_quant_storage_dtype_and_rounds_through_the_state_dty
     assert packed.dtype == torch.bfloat16
     assert torch.equal(cpp_ops.nf4_dequantize(packed, ks, torch.float32),
                        nf4_dequantize_reference(packed, qs, torch.float32))
-    qs.dtype = torch.bfloat16
-    ks = kernel_state(qs, "cpu")
-    ks = type(ks)(**{**ks.__dict__, "state_dtype": torch.bfloat16})
+    ks = type(ks)(**{**ks.__dict__, "state_dtype": torch.bfloat16})  # as a bf16 layer's QuantState records it
     got = cpp_ops.nf4_dequantize(packed, ks, torch.float16)
     want = nf4_dequantize_reference(packed, qs, torch.float32).to(torch.bfloat16).to(torch.float16)
     assert torch.equal(got, want)
