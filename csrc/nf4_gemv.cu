@@ -1,62 +1,45 @@
 // NF4 / FP4 GEMV with the LoRA shrink / expand, for decode (M <= 16 tokens), bitsandbytes' 4-bit format.
 //
-//   S[m, j] = sum_k x[m, k] * A[j, k]                                           (lora_shrink_kernel: fp32 [M, r])
-//   y[m, n] = sum_b absmax[n, b] * sum_{k in b} x[m, k] * c16(code[q[n, k]])
-//             + bias[n] + scaling * sum_j S[m, j] * B[n, j]                      (nf4_gemv_kernel)
+//   S[m, j] = sum_k x[m, k] * A[j, k]                                  (lora_shrink_kernel: fp32 [M, r])
+//   y[m, n] = sum_k x[m, k] * w[n, k] + bias[n] + scaling * sum_j S[m, j] * B[n, j]     (nf4_mma_gemv_kernel)
+//   w[n, k] = round_to_x_dtype(code[q] * absmax[(n*K + k) / blocksize])  (the value the dequantized weight holds)
 //
-// c16 = the 16-entry code rounded once to x's dtype; b = the weight's quantization block (blocksize weights).
-// The absmax is applied in fp32 to each block's partial sum, not to every weight: the per-weight work is one
-// table lookup, where dequantize-then-multiply needs a lookup, a multiply and a rounding per weight (the v2
-// kernel: 33 us on gate/up at M = 1, issue-bound on those, ~3x the byte floor). Numerics: every weight carries
-// one 16-bit rounding of its code (relative 2^-9 in bf16, 2^-12 in fp16), as the dequantized weight carries one
-// rounding of code * absmax; products and sums are fp32; y is rounded once. So the result differs from
-// x @ dequantize(W)^T by fp32 summation order and by which 16-bit rounding each weight had, not by more
-// (GPU tests: tests/ops/test_nf4_lora.py, against this formula exactly and against the dequantized weight).
+// Bound: bytes. The weight stream is N*K/2 packed bytes + absmax (x, S, A, B are small), so the kernel is built
+// to keep HBM busy: M <= 16 rows of x fit one m16n8k16 tensor-core tile, so the FLOPs cost nothing and the
+// per-weight work is the dequantization alone (a 16-entry LUT read from shared memory -- 16 distinct banks,
+// never a conflict --, one multiply by the block's absmax, one paired rounding to bf16/fp16).
 //
-// Bound: bytes. The weight stream is N*K/2 packed bytes + absmax (x, S, A, B are small). Counted per packed
-// byte: one shared-memory load (the byte -> pair-of-codes table), two integer ops to address it, a quarter of a
-// tensor-core MMA (m16n8k16, 4 bytes per lane), and per 64 weights four fp32 FMAs for the block's absmax.
-//
-// Layout. The MMA's A operand is the weight tile (16 output rows x 16 k), its B operand x (16 k x 8 tokens;
-// tokens 8..15 in a second MMA that reuses the same A registers), so the dequantization cost does not grow
-// with M. Lane (g = lane/4, t = lane%4) owns rows g and g+8 of a warp's 16-row tile; a chunk is CH (64 or 32)
-// weights of every row, lane t holding weights [t*CH/4, (t+1)*CH/4) of it: CH/8 packed bytes per row, one 8-
-// (or 4-) byte load. All 16 k values of one MMA lie in one chunk, and a chunk lies in one quantization block
-// (blocksize is a power of two >= CH and K % CH == 0), so each chunk's 4 (2) MMAs accumulate from zero and the
-// block's absmax scales their sum. MMA k step u takes packed bytes 2u (k slots 2t, 2t+1) and 2u+1 (slots 2t+8,
-// 2t+9) of the lane's bytes; byte i holds weight 2i in its high nibble (bnb's packing), so the table maps a byte
-// v to the 32-bit pair (c16(code[v >> 4]) low half, c16(code[v & 15]) high half), which is the A register, and
-// the matching B register is the lane's 32-bit word of x[token g] at the same two k.
-// The table is 256 entries x 32 copies (32 KB of shared memory): lane l reads copy l, which lives in bank l, so
-// 32 lanes reading 32 arbitrary bytes never conflict.
-//
-// Work split: a block is W warps on one 16-row tile; chunk c of the row goes to cluster rank c % C, and within
-// it to warp (c / C) % W. C (1..8, thread-block clusters on sm_90+) splits K across blocks when there are too
-// few tiles to fill the GPU (k/v: N = 1024 is 64 tiles); the cluster's partial sums meet in rank 0's epilogue
-// through distributed shared memory, in rank order (deterministic, no atomics, no zero-fill). Each warp keeps
-// DEPTH chunks' loads (weights, absmax, x) in flight in a register ring; the first DEPTH are issued before the
-// block builds its table, so that latency overlaps.
+// Work split: a block owns 16 output rows (two n8 tiles) and its 8 warps split K in 128-weight segments
+// (warp w takes segments w, w+8, ...; partial sums meet in shared memory at the end). In a segment, lane
+// (g = lane/4, t = lane%4) loads 16 packed bytes = weights k0+32t .. k0+32t+31 of rows g and 8+g (one uint4
+// each: the 4 lanes of a row read 64 contiguous bytes). The k order inside an mma is free as long as A and B
+// agree: mma k-slots (2t, 2t+1 | 2t+8, 2t+9) of k-step u (0..7) hold weights 32t+4u+(0,1 | 2,3), i.e. packed
+// byte 2u | 2u+1 of the lane's 16 bytes (element 2i = the high nibble of byte i, as bnb packs), and the A
+// fragment takes x[m, k0+32t+4u .. +3] (two 32-bit words of the lane's 32 contiguous x values, read from
+// L1/L2 when the segment is computed: x is tiny and shared by every block).
+// Latency: HBM needs ~3 TB/s x ~1.5 us ~ 4.5 MB in flight, ~34 KB per SM. Each warp keeps the next TWO
+// segments' weight bytes in flight (3-stage register pipeline, 2 x 1 KB per warp, 16+ warps per SM), and the
+// nested-absmax lookup (code2[q], a dependent read) comes from shared memory, not L2.
 // LoRA: the shrink S = x·Aᵀ runs first as a split-K kernel writing fp32 partials [splits, M, r] (no atomics,
-// no memset); rank 0 of each tile sums them into shared memory for its epilogue y += s·S·Bᵀ.
+// no memset); each block of the main kernel sums them into shared memory for its epilogue y += s·S·Bᵀ.
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace {
 
 constexpr int kMaxM = 16;
-constexpr int kRows = 16;         // output rows per tile: the MMA's m16
-constexpr int kTable = 256 * 32;  // byte -> code pair, one copy per bank
+constexpr int kRows = 16;   // output rows per block: two m16n8k16 n-tiles
+constexpr int kSeg = 128;   // weights per row per warp step (4 lanes x 32)
 
-// Per compute dtype: to / from fp32, pack two fp32 into one 32-bit register (round to nearest even; low half =
+// Per compute dtype: to fp32, pack two fp32 into one 32-bit register (round to nearest even; low half =
 // first element), and the tensor-core MMA. Only bf16 and fp16 are instantiated (fp32 x takes the Triton path).
 template <typename T> struct Dt;
 template <> struct Dt<at::BFloat16> {
+  using raw = __nv_bfloat16;
   static __device__ __forceinline__ float to_f(const at::BFloat16 v) { return static_cast<float>(v); }
   static __device__ __forceinline__ at::BFloat16 from_f(float v) { return at::BFloat16(v); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -73,6 +56,7 @@ template <> struct Dt<at::BFloat16> {
   }
 };
 template <> struct Dt<at::Half> {
+  using raw = __half;
   static __device__ __forceinline__ float to_f(const at::Half v) { return static_cast<float>(v); }
   static __device__ __forceinline__ at::Half from_f(float v) { return at::Half(v); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -98,254 +82,164 @@ __device__ __forceinline__ float warp_sum(float v) {
 constexpr int kShrinkThreads = 128;
 constexpr int kShrinkChunk = kShrinkThreads * 8;  // K values per shrink block (8 per thread: one 16-byte x load)
 
-// The table entry of byte b of w for this lane: shared address lane_base + byte * 128 (entry byte * 32 + lane,
-// 4 bytes each). PRMT extracts the byte, IMAD scales and adds: two integer ops and the load.
-template <int b>
-__device__ __forceinline__ uint32_t table_lookup(uint32_t w, uint32_t lane_base) {
-  const uint32_t addr = __byte_perm(w, 0u, 0x4440u | b) * 128u + lane_base;
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
-  return v;
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int n>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(n)); }
-
-// One warp's ring slot: a chunk's packed bytes of the tile's 16 rows, and per row the 32-bit word holding its
-// absmax (the uint8 code's aligned word when nested, else the fp32) and, nested, its second-level absmax.
-template <int CH>
-struct Slot {
-  uint8_t w[kRows][CH / 2];
-  uint32_t amax[kRows];
-  float amax2[kRows];
+// One segment's weight-side loads for one lane: 16 packed bytes of each of its two rows, their raw absmax
+// entries (uint8 code when nested, else fp32 bits) and, when nested, the second-level absmax.
+struct Stage {
+  uint4 w[2];
+  uint32_t amax[2];
+  float amax2[2];
 };
 
-template <typename T, int W, int DEPTH, int CH, int NT, bool NESTED>
-__global__ void __launch_bounds__(W * 32)
-nf4_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restrict__ packed,
-                const void* __restrict__ absmax, const float* __restrict__ code, const float* __restrict__ code2,
-                const float* __restrict__ absmax2, float offset, int log2_bs, int log2_bs2,
-                const T* __restrict__ bias, const float* __restrict__ P, int splits, const float* __restrict__ B,
-                float scaling, int R, T* __restrict__ y, int M, int N, int K, int ranks) {
-  constexpr int kBytes = CH / 8;   // packed bytes per lane and row in a chunk (compute layout)
-  constexpr int kRowB = CH / 2;    // packed bytes per row in a chunk
-  constexpr int kPer = kRowB / 16; // 16-byte copies per row (2 or 1)
-  constexpr int kX = CH / 8;       // 32-bit words of x per lane and token tile
-  using S_ = Slot<CH>;
-  __shared__ __align__(16) uint32_t table[kTable];
-  __shared__ float lut2[NESTED ? 256 : 1];
-  __shared__ float part[W][NT * 8][kRows];
-  __shared__ float red[kMaxM][kRows];
+template <typename T, int WARPS, int DEPTH>
+__global__ void __launch_bounds__(WARPS * 32)
+nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restrict__ packed,
+                    const void* __restrict__ absmax, const float* __restrict__ code, const float* __restrict__ code2,
+                    const float* __restrict__ absmax2, float offset, bool nested, int log2_bs, int log2_bs2,
+                    const T* __restrict__ bias, const float* __restrict__ P, int splits,
+                    const float* __restrict__ B, float scaling, int R, T* __restrict__ y, int M, int N, int K) {
+  // WARPS warps split K; each keeps DEPTH segments' weight bytes in flight (DEPTH + 1 register stages).
+  __shared__ float lut[16];
+  __shared__ float lut2[256];
+  __shared__ float partial[WARPS][kMaxM][kRows];
   __shared__ float s_lora[kMaxM * 32];  // S [M, R] (R <= 32 here; larger ranks read P directly)
-  extern __shared__ __align__(16) uint8_t ring_raw[];  // [W][DEPTH] slots
-
+  if (threadIdx.x < 16) lut[threadIdx.x] = code[threadIdx.x];
+  if (nested)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut2[i] = code2[i];
+  __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int rank = static_cast<int>(blockIdx.x);  // the cluster spans grid x (ranks blocks), tiles along y
-  const int n0 = static_cast<int>(blockIdx.y) * kRows;
-  const int nc = K / CH;
-  // this block's chunks: a contiguous range [c_begin, c_end) (its cluster rank); warp w takes c_begin + w + W*i
-  const int c_begin = static_cast<int>(static_cast<int64_t>(rank) * nc / ranks);
-  const int c_end = static_cast<int>(static_cast<int64_t>(rank + 1) * nc / ranks);
-  const int first = c_begin + warp;
-  const int count = first < c_end ? (c_end - first + W - 1) / W : 0;
-  S_* ring = reinterpret_cast<S_*>(ring_raw) + warp * DEPTH;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t row[2] = {n0 + g, n0 + 8 + g};
+  const bool row_ok[2] = {row[0] < N, row[1] < N};
+  const bool m_lo = g < M, m_hi = g + 8 < M;
+  const int64_t row_bytes = K >> 1;
+  const uint8_t* absmax_u8 = reinterpret_cast<const uint8_t*>(absmax);
+  const uint32_t* absmax_u32 = reinterpret_cast<const uint32_t*>(absmax);
+  const int nseg = (K + kSeg - 1) / kSeg;
 
-  // Copy roles: lane l copies 16 bytes of row l / kPer (part l % kPer) of each chunk; lanes 0..15 also copy
-  // row l's absmax word, lanes 16..31 row l - 16's second-level absmax (nested). Rows past N (last tile)
-  // read row N - 1: their outputs are separate MMA rows, never written. Flattened weight indices fit 32 bits
-  // (the host checks N * K < 2^32).
-  const int crow = lane / kPer, cpart = lane % kPer;
-  const bool copies_w = lane < kRows * kPer;
-  const uint32_t crowk = static_cast<uint32_t>(min(n0 + (copies_w ? crow : 0), N - 1)) * static_cast<uint32_t>(K);
-  const uint32_t arowk = static_cast<uint32_t>(min(n0 + (lane & 15), N - 1)) * static_cast<uint32_t>(K);
-  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-  auto issue = [&](int i) {  // chunk i of this warp into slot i % DEPTH (nothing past the last chunk)
-    if (i < count) {
-      const int c = first + W * i;
-      const uint32_t slot = ring_s + static_cast<uint32_t>((i % DEPTH) * sizeof(S_));
-      if (copies_w)
-        cp_async16(slot + crow * kRowB + cpart * 16, packed + ((crowk + c * CH) >> 1) + cpart * 16);
-      const uint32_t blk = (arowk + c * CH) >> log2_bs;
-      if (lane < 16) {
-        if constexpr (NESTED) {
-          cp_async4(slot + offsetof(S_, amax) + lane * 4, reinterpret_cast<const uint8_t*>(absmax) + (blk & ~3u));
+  auto load = [&](int s, Stage& st) {
+    const int k = s * kSeg + 32 * t;  // K % 32 == 0: the lane's 32 weights are all in or all out
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      if (s < nseg && k < K && row_ok[j]) {
+        st.w[j] = __ldg(reinterpret_cast<const uint4*>(packed + row[j] * row_bytes + (k >> 1)));
+        const int64_t blk = (row[j] * K + k) >> log2_bs;
+        if (nested) {
+          st.amax[j] = __ldg(absmax_u8 + blk);
+          st.amax2[j] = __ldg(absmax2 + (blk >> log2_bs2));
         } else {
-          cp_async4(slot + offsetof(S_, amax) + lane * 4, reinterpret_cast<const float*>(absmax) + blk);
+          st.amax[j] = __ldg(absmax_u32 + blk);
+          st.amax2[j] = 0.f;
         }
-      } else if (NESTED) {
-        cp_async4(slot + offsetof(S_, amax2) + (lane - 16) * 4, absmax2 + (blk >> log2_bs2));
+      } else {  // zero bytes and a zero scale: this lane adds nothing
+        st.w[j] = make_uint4(0u, 0u, 0u, 0u);
+        st.amax[j] = 0u;
+        st.amax2[j] = 0.f;
       }
     }
-    cp_async_commit();  // an empty group past the last chunk keeps the wait count uniform
   };
 
-  // Put the first DEPTH - 1 chunks in flight, then build the tables while they are.
+  float c[2][4];
 #pragma unroll
-  for (int d = 0; d < DEPTH - 1; ++d) issue(d);
-  for (int e = threadIdx.x; e < 256 * 8; e += W * 32) {  // 8 x 16-byte stores per byte value (32 copies)
-    const int v = e >> 3;
-    const uint32_t pr = Dt<T>::pack(__ldg(code + (v >> 4)), __ldg(code + (v & 15)));
-    reinterpret_cast<uint4*>(table)[e] = make_uint4(pr, pr, pr, pr);
-  }
-  if constexpr (NESTED)
-    for (int i = threadIdx.x; i < 256; i += W * 32) lut2[i] = code2[i];
-  __syncthreads();
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c[j][i] = 0.f;
 
-  const uint32_t lane_base = static_cast<uint32_t>(__cvta_generic_to_shared(table)) + (static_cast<uint32_t>(lane) << 2);
-  const uint32_t rowk0 = static_cast<uint32_t>(min(n0 + g, N - 1)) * static_cast<uint32_t>(K);
-  const uint32_t rowk1 = static_cast<uint32_t>(min(n0 + 8 + g, N - 1)) * static_cast<uint32_t>(K);
-  float acc[NT][4];
+  auto compute = [&](int s, const Stage& cur) {
+    // Every lane of the warp must reach the mma.sync below (.aligned: a lane that skips it hangs the warp), so
+    // lanes past K (the last, partial segment) run it on zeros: their bytes and scale were loaded as 0 and
+    // their x stays 0.
+    const int k = s * kSeg + 32 * t;
+    const bool k_ok = k < K;
+    // x rows g and g+8, this lane's 32 values (zeros for rows >= M); L1 / L2 hits
+    uint4 xl[4], xh[4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+    for (int i = 0; i < 4; ++i) xl[i] = xh[i] = make_uint4(0u, 0u, 0u, 0u);
+    if (m_lo && k_ok) {
+      const uint4* p = reinterpret_cast<const uint4*>(x + g * sxm + k);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) acc[nt][q] = 0.f;
-
-  for (int i = 0; i < count; ++i) {
-    issue(i + DEPTH - 1);
-    const int c = first + W * i;
-    // x [token g (+8)] at this lane's k: L1 / L2 hits (x is tiny and every warp of the SM reads it)
-    uint32_t xl[NT][kX];
+      for (int i = 0; i < 4; ++i) xl[i] = __ldg(p + i);
+    }
+    if (m_hi && k_ok) {
+      const uint4* p = reinterpret_cast<const uint4*>(x + (g + 8) * sxm + k);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int m = g + 8 * nt;
-      if (m < M) {
-        const uint4* xp = reinterpret_cast<const uint4*>(x + m * sxm + c * CH + t * (CH / 4));
+      for (int i = 0; i < 4; ++i) xh[i] = __ldg(p + i);
+    }
+    const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
+    const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);
 #pragma unroll
-        for (int q = 0; q < kX / 4; ++q) {
-          const uint4 v = __ldg(xp + q);
-          xl[nt][4 * q] = v.x; xl[nt][4 * q + 1] = v.y; xl[nt][4 * q + 2] = v.z; xl[nt][4 * q + 3] = v.w;
-        }
-      } else {
+    for (int j = 0; j < 2; ++j) {
+      const float a = nested ? __fadd_rn(__fmul_rn(lut2[cur.amax[j]], cur.amax2[j]), offset)  // as bnb: 2 roundings
+                             : __uint_as_float(cur.amax[j]);
+      const uint32_t words[4] = {cur.w[j].x, cur.w[j].y, cur.w[j].z, cur.w[j].w};
 #pragma unroll
-        for (int q = 0; q < kX; ++q) xl[nt][q] = 0u;
+      for (int u = 0; u < 8; ++u) {
+        const uint32_t word = words[u >> 1];
+        const uint32_t b_even = (word >> (16 * (u & 1))) & 0xffu;     // byte 2u
+        const uint32_t b_odd = (word >> (16 * (u & 1) + 8)) & 0xffu;  // byte 2u + 1
+        const uint32_t b0 = Dt<T>::pack(__fmul_rn(lut[b_even >> 4], a), __fmul_rn(lut[b_even & 15u], a));
+        const uint32_t b1 = Dt<T>::pack(__fmul_rn(lut[b_odd >> 4], a), __fmul_rn(lut[b_odd & 15u], a));
+        Dt<T>::mma(c[j], xlw[2 * u], xhw[2 * u], xlw[2 * u + 1], xhw[2 * u + 1], b0, b1);
       }
     }
-    cp_async_wait<DEPTH - 1>();  // this lane's copies of chunk i have landed ...
-    __syncwarp();                // ... and every lane's
-    const S_& cur = ring[i % DEPTH];
-    uint32_t w0[kBytes / 4], w1[kBytes / 4];
-    if constexpr (kBytes == 8) {
-      const uint2 v0 = *reinterpret_cast<const uint2*>(&cur.w[g][t * kBytes]);
-      const uint2 v1 = *reinterpret_cast<const uint2*>(&cur.w[g + 8][t * kBytes]);
-      w0[0] = v0.x; w0[1] = v0.y; w1[0] = v1.x; w1[1] = v1.y;
-    } else {
-      w0[0] = *reinterpret_cast<const uint32_t*>(&cur.w[g][t * kBytes]);
-      w1[0] = *reinterpret_cast<const uint32_t*>(&cur.w[g + 8][t * kBytes]);
-    }
-    float a0, a1;
-    if constexpr (NESTED) {
-      const uint32_t b0 = (rowk0 + c * CH) >> log2_bs, b1 = (rowk1 + c * CH) >> log2_bs;
-      const uint32_t q0 = (cur.amax[g] >> (8 * (b0 & 3))) & 0xffu, q1 = (cur.amax[g + 8] >> (8 * (b1 & 3))) & 0xffu;
-      a0 = __fadd_rn(__fmul_rn(lut2[q0], cur.amax2[g]), offset);  // as bnb: 2 roundings
-      a1 = __fadd_rn(__fmul_rn(lut2[q1], cur.amax2[g + 8]), offset);
-    } else {
-      a0 = __uint_as_float(cur.amax[g]);
-      a1 = __uint_as_float(cur.amax[g + 8]);
-    }
-    float cc[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) cc[nt][q] = 0.f;
-#pragma unroll
-    for (int u = 0; u < kBytes / 2; ++u) {
-      // A registers: (row g, byte 2u), (row g+8, byte 2u), (row g, byte 2u+1), (row g+8, byte 2u+1)
-      uint32_t A[4];
-      const uint32_t x0 = w0[u >> 1], x1 = w1[u >> 1];
-      if ((u & 1) == 0) {
-        A[0] = table_lookup<0>(x0, lane_base);
-        A[1] = table_lookup<0>(x1, lane_base);
-        A[2] = table_lookup<1>(x0, lane_base);
-        A[3] = table_lookup<1>(x1, lane_base);
-      } else {
-        A[0] = table_lookup<2>(x0, lane_base);
-        A[1] = table_lookup<2>(x1, lane_base);
-        A[2] = table_lookup<3>(x0, lane_base);
-        A[3] = table_lookup<3>(x1, lane_base);
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) Dt<T>::mma(cc[nt], A[0], A[1], A[2], A[3], xl[nt][2 * u], xl[nt][2 * u + 1]);
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      acc[nt][0] = fmaf(a0, cc[nt][0], acc[nt][0]);
-      acc[nt][1] = fmaf(a0, cc[nt][1], acc[nt][1]);
-      acc[nt][2] = fmaf(a1, cc[nt][2], acc[nt][2]);
-      acc[nt][3] = fmaf(a1, cc[nt][3], acc[nt][3]);
-    }
-    __syncwarp();  // every lane has read slot i % DEPTH before the next iteration's copies refill it
-  }
-  cp_async_wait<0>();  // no copy outlives the block (the tail's groups are empty)
+  };
 
-  // C fragment: acc[nt][0..1] = (row g, tokens 8nt + 2t + 0..1), acc[nt][2..3] = (row g + 8, same tokens)
+  // Register ring: stage d holds segment s0 + d*WARPS. Before computing it, its slot is refilled with the
+  // segment DEPTH*WARPS further on, so DEPTH segments stay in flight (the unrolled d keeps indices static).
+  Stage st[DEPTH];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int m = 8 * nt + 2 * t;
-    part[warp][m][g] = acc[nt][0];
-    part[warp][m + 1][g] = acc[nt][1];
-    part[warp][m][g + 8] = acc[nt][2];
-    part[warp][m + 1][g + 8] = acc[nt][3];
+  for (int d = 0; d < DEPTH; ++d) load(warp + d * WARPS, st[d]);
+  for (int s0 = warp; s0 < nseg; s0 += DEPTH * WARPS) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int s = s0 + d * WARPS;
+      const Stage cur = st[d];
+      load(s + DEPTH * WARPS, st[d]);
+      if (s < nseg) compute(s, cur);
+    }
+  }
+
+  // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1), c[j][2..3] = (m = g + 8, same n)
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    partial[warp][g][8 * j + 2 * t] = c[j][0];
+    partial[warp][g][8 * j + 2 * t + 1] = c[j][1];
+    partial[warp][g + 8][8 * j + 2 * t] = c[j][2];
+    partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
   }
   const bool lora_smem = P != nullptr && R <= 32;
-  if (lora_smem && rank == 0) {  // S[m, j] = sum of the shrink's split-K partials
-    for (int i = threadIdx.x; i < M * R; i += W * 32) {
-      float s = 0.f;
-      for (int sp = 0; sp < splits; ++sp) s += P[static_cast<int64_t>(sp) * M * R + i];
-      s_lora[i] = s;
+  if (lora_smem) {  // S[m, j] = sum of the shrink's split-K partials
+    for (int i = threadIdx.x; i < M * R; i += blockDim.x) {
+      float acc = 0.f;
+      for (int sp = 0; sp < splits; ++sp) acc += P[static_cast<int64_t>(sp) * M * R + i];
+      s_lora[i] = acc;
     }
   }
   __syncthreads();
-  for (int o = threadIdx.x; o < M * kRows; o += W * 32) {
-    const int m = o / kRows, r = o % kRows;
-    float s = 0.f;
+  for (int o = threadIdx.x; o < kMaxM * kRows; o += blockDim.x) {
+    const int m = o / kRows, nl = o % kRows;
+    const int64_t n = n0 + nl;
+    if (m >= M || n >= N) continue;
+    float out = 0.f;
 #pragma unroll
-    for (int w = 0; w < W; ++w) s += part[w][m][r];
-    red[m][r] = s;
-  }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-  if (ranks > 1) cluster.sync(); else __syncthreads();
-#else
-  __syncthreads();  // ranks == 1 below sm_90 (the host never asks for a cluster there)
-#endif
-  if (rank == 0) {
-    for (int o = threadIdx.x; o < M * kRows; o += W * 32) {
-      const int m = o / kRows, r = o % kRows;
-      const int64_t n = n0 + r;
-      if (n >= N) continue;
-      float out = red[m][r];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      for (int q = 1; q < ranks; ++q) out += cluster.map_shared_rank(&red[0][0], q)[o];
-#endif
-      if (P != nullptr) {
-        float lora = 0.f;
-        for (int j = 0; j < R; ++j) {
-          float sj;
-          if (lora_smem) {
-            sj = s_lora[m * R + j];
-          } else {
-            sj = 0.f;
-            for (int sp = 0; sp < splits; ++sp) sj += P[(static_cast<int64_t>(sp) * M + m) * R + j];
-          }
-          lora = fmaf(sj, B[n * R + j], lora);
+    for (int w = 0; w < WARPS; ++w) out += partial[w][m][nl];
+    if (P != nullptr) {
+      float lora = 0.f;
+      for (int j = 0; j < R; ++j) {
+        float sj;
+        if (lora_smem) {
+          sj = s_lora[m * R + j];
+        } else {
+          sj = 0.f;
+          for (int sp = 0; sp < splits; ++sp) sj += P[(static_cast<int64_t>(sp) * M + m) * R + j];
         }
-        out = fmaf(scaling, lora, out);
+        lora = fmaf(sj, B[n * R + j], lora);
       }
-      if (bias != nullptr) out += Dt<T>::to_f(bias[n]);
-      y[m * static_cast<int64_t>(N) + n] = Dt<T>::from_f(out);
+      out = fmaf(scaling, lora, out);
     }
+    if (bias != nullptr) out += Dt<T>::to_f(bias[n]);
+    y[m * static_cast<int64_t>(N) + n] = Dt<T>::from_f(out);
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (ranks > 1) cluster.sync();  // no block exits while rank 0 still reads its red
-#endif
 }
 
 template <typename T>
@@ -396,118 +290,32 @@ int log2_exact(int64_t v, const char* what) {
   return l;
 }
 
-struct GemvArgs {
-  const void* x;
-  int64_t sxm;
-  const uint8_t* packed;
-  const void* absmax;
-  const float* code;
-  const float* code2;
-  const float* absmax2;
-  float offset;
-  bool nested;
-  int l2bs, l2bs2;
-  const void* bias;
-  const float* P;
-  int splits;
-  const float* B;
-  float scaling;
-  int R;
-  void* y;
-  int M, N, K;
-};
-
-// One launch of nf4_gemv_kernel: grid (ranks, tiles), a cluster of `ranks` blocks along x when ranks > 1. The
-// dynamic shared memory is the warps' copy rings (W x DEPTH slots).
-template <typename T, int W, int DEPTH, int CH, int NT>
-void launch_gemv(const GemvArgs& a, int ranks, cudaStream_t stream) {
-  const auto kernel = a.nested ? nf4_gemv_kernel<T, W, DEPTH, CH, NT, true>
-                               : nf4_gemv_kernel<T, W, DEPTH, CH, NT, false>;
-  constexpr int smem = W * DEPTH * static_cast<int>(sizeof(Slot<CH>));
-  // above 48 KB (static + dynamic) a kernel must opt in, per device: done once per instantiation and device
-  static bool opted[64] = {};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (!opted[dev & 63]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(nf4_gemv_kernel<T, W, DEPTH, CH, NT, true>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(nf4_gemv_kernel<T, W, DEPTH, CH, NT, false>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    opted[dev & 63] = true;
-  }
-  const unsigned tiles = static_cast<unsigned>((a.N + kRows - 1) / kRows);
-  const T* x = static_cast<const T*>(a.x);
-  const T* bias = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.y);
-  if (ranks == 1) {
-    kernel<<<dim3(1, tiles), W * 32, smem, stream>>>(x, a.sxm, a.packed, a.absmax, a.code, a.code2, a.absmax2,
-                                                    a.offset, a.l2bs, a.l2bs2, bias, a.P, a.splits, a.B, a.scaling,
-                                                    a.R, y, a.M, a.N, a.K, 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(ranks), tiles);
-  cfg.blockDim = dim3(W * 32);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = static_cast<unsigned>(ranks);
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, x, a.sxm, a.packed, a.absmax, a.code, a.code2, a.absmax2, a.offset,
-                                    a.l2bs, a.l2bs2, bias, a.P, a.splits, a.B, a.scaling, a.R, y, a.M, a.N, a.K,
-                                    ranks));
-}
-
-// Blocks per tile (cluster ranks): split K across up to 8 blocks while the tiles alone give fewer than
-// `per_sm` blocks per SM and every warp still gets >= 2 chunks. Thread-block clusters need sm_90.
-int cluster_ranks(int tiles, int nc, int warps, int per_sm, int max_ranks) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (prop->major < 9) return 1;
-  int ranks = 1;
-  while (ranks < max_ranks && static_cast<int64_t>(tiles) * ranks < static_cast<int64_t>(per_sm) * prop->multiProcessorCount &&
-         nc >= ranks * 2 * warps * 2)
-    ranks *= 2;
-  return ranks;
-}
-
-// variant: 0 = the shipped configuration; 1..3 other (warps, depth, x in the ring) choices and 10 + v the same
-// without clusters -- for benchmarks/scripts/bench_nf4.py only (measurements, not a user setting).
-template <typename T>
-void launch(const torch::Tensor& x, const GemvArgs& base, const std::optional<torch::Tensor>& A, torch::Tensor& S,
-            int bs, int variant, cudaStream_t stream) {
-  GemvArgs a = base;
-  const int M = a.M, K = a.K;
-  if (a.R > 0) {
-    lora_shrink_kernel<T><<<dim3(a.R, a.splits), kShrinkThreads, 0, stream>>>(
-        x.data_ptr<T>(), x.stride(0), A->data_ptr<float>(), S.data_ptr<float>(), M, K, a.R);
+template <typename scalar_t>
+void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& absmax,
+            const torch::Tensor& code, const torch::Tensor& code2, const torch::Tensor& absmax2, double offset,
+            bool nested, int64_t bs, int64_t bs2, int64_t N, const std::optional<torch::Tensor>& bias,
+            const std::optional<torch::Tensor>& A, const std::optional<torch::Tensor>& B, torch::Tensor& S, int R,
+            double scaling, torch::Tensor& y, cudaStream_t stream) {
+  const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
+  const int splits = (K + kShrinkChunk - 1) / kShrinkChunk;
+  if (R > 0) {
+    lora_shrink_kernel<scalar_t><<<dim3(R, splits), kShrinkThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), A->data_ptr<float>(), S.data_ptr<float>(), M, K, R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int tiles = (a.N + kRows - 1) / kRows;
-  const bool ch64 = bs >= 64 && K % 64 == 0;
-  const int nc = K / (ch64 ? 64 : 32);
-  const int max_ranks = variant >= 10 ? 1 : 8;
-  const int v = variant % 10;
-  if (M > 8) {  // two 8-token tiles on the same weight registers
-    const int ranks = cluster_ranks(tiles, nc, 4, 4, max_ranks);
-    if (ch64) launch_gemv<T, 4, 4, 64, 2>(a, ranks, stream);
-    else launch_gemv<T, 4, 4, 32, 2>(a, ranks, stream);
-    return;
-  }
-  if (!ch64) {
-    launch_gemv<T, 4, 6, 32, 1>(a, cluster_ranks(tiles, nc, 4, 4, max_ranks), stream);
-    return;
-  }
-  switch (v) {
-    case 1: launch_gemv<T, 8, 4, 64, 1>(a, cluster_ranks(tiles, nc, 8, 2, max_ranks), stream); break;
-    case 2: launch_gemv<T, 4, 4, 64, 1>(a, cluster_ranks(tiles, nc, 4, 4, max_ranks), stream); break;
-    case 3: launch_gemv<T, 8, 6, 64, 1>(a, cluster_ranks(tiles, nc, 8, 2, max_ranks), stream); break;
-    default: launch_gemv<T, 4, 6, 64, 1>(a, cluster_ranks(tiles, nc, 4, 4, max_ranks), stream); break;
-  }
+  const scalar_t* bptr = (bias.has_value() && bias->defined()) ? bias->data_ptr<scalar_t>() : nullptr;
+  const int blocks = static_cast<int>((N + kRows - 1) / kRows);
+  const int l2bs = log2_exact(bs, "blocksize"), l2bs2 = nested ? log2_exact(bs2, "nested blocksize") : 0;
+  const float* P = R > 0 ? S.data_ptr<float>() : nullptr;
+  const float* Bp = R > 0 ? B->data_ptr<float>() : nullptr;
+  // 8 warps splitting K, 2 segments in flight per warp: (4, 3), (4, 4) and (8, 3) measured no faster on an H100
+  // (benchmarks/results/h100/nf4_decode_graph_variants_2026-11-24.json), so only this shape is compiled.
+  constexpr int kWarps = 8, kDepth = 2;
+  nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth><<<blocks, kWarps * 32, 0, stream>>>(
+      x.data_ptr<scalar_t>(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
+      code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested, l2bs, l2bs2, bptr, P,
+      splits, Bp, static_cast<float>(scaling), R, y.data_ptr<scalar_t>(), M, static_cast<int>(N), K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -516,70 +324,50 @@ void launch(const torch::Tensor& x, const GemvArgs& base, const std::optional<to
 torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, torch::Tensor code,
                             torch::Tensor code2, torch::Tensor absmax2, double offset, bool nested, int64_t bs,
                             int64_t bs2, int64_t N, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> A,
-                            std::optional<torch::Tensor> B, double scaling, int64_t variant) {
+                            std::optional<torch::Tensor> B, double scaling) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "nf4_gemv: x must be a CUDA [M, K] tensor, rows contiguous");
   const int M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= kMaxM, "nf4_gemv: M must be in 1..16, got ", M);
   TORCH_CHECK(K % 32 == 0, "nf4_gemv: in_features must be a multiple of 32, got ", K);
-  TORCH_CHECK(N >= 1 && N <= int64_t{65535} * kRows, "nf4_gemv: out_features must be in 1..1048560, got ", N);
-  TORCH_CHECK(N * K < (int64_t{1} << 32), "nf4_gemv: out_features * in_features must be < 2^32 (32-bit weight indices)");
   TORCH_CHECK(x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "nf4_gemv: x rows must start on 16-byte boundaries (row stride % 8 == 0, aligned data)");
-  TORCH_CHECK(bs >= 32, "nf4_gemv: blocksize must be >= 32, got ", bs);
-  const int l2bs = log2_exact(bs, "blocksize");
+  TORCH_CHECK(bs % 32 == 0, "nf4_gemv: blocksize must be a multiple of 32, got ", bs);
   TORCH_CHECK(!nested || (code2.numel() == 256 && absmax.scalar_type() == at::ScalarType::Byte),
               "nf4_gemv: nested absmax needs uint8 codes and a 256-entry code2");
-  TORCH_CHECK(code.numel() >= 16 && code.scalar_type() == at::ScalarType::Float && code.is_cuda(),
-              "nf4_gemv: code must be a CUDA fp32 tensor of 16 values");
   TORCH_CHECK(packed.scalar_type() == at::ScalarType::Byte && packed.is_contiguous(), "nf4_gemv: packed must be contiguous uint8");
   TORCH_CHECK(packed.numel() >= N * K / 2, "nf4_gemv: packed too short");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0, "nf4_gemv: packed must be 16-byte aligned");
   TORCH_CHECK(absmax.scalar_type() == (nested ? at::ScalarType::Byte : at::ScalarType::Float),
               "nf4_gemv: absmax must be uint8 codes (nested) or fp32");
-  TORCH_CHECK(absmax.numel() >= (N * K + bs - 1) / bs, "nf4_gemv: absmax too short for N * K / blocksize blocks");
-  const int l2bs2 = nested ? log2_exact(bs2, "nested blocksize") : 0;
-  if (nested) {
-    TORCH_CHECK(absmax2.numel() >= (absmax.numel() + bs2 - 1) / bs2, "nf4_gemv: nested absmax2 too short");
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   auto y = torch::empty({M, N}, x.options());
   torch::Tensor S;
   int R = 0;
-  const int splits = (K + kShrinkChunk - 1) / kShrinkChunk;
   if (A.has_value() && A->defined()) {
     R = A->size(0);
     TORCH_CHECK(A->scalar_type() == at::ScalarType::Float && A->is_contiguous() && A->size(1) == K, "nf4_gemv: A must be fp32 [r, K]");
     TORCH_CHECK(B.has_value() && B->scalar_type() == at::ScalarType::Float && B->is_contiguous() && B->size(0) == N && B->size(1) == R,
                 "nf4_gemv: B must be fp32 [N, r]");
-    S = torch::empty({splits, M, R}, x.options().dtype(torch::kFloat32));  // partials
+    S = torch::empty({(K + kShrinkChunk - 1) / kShrinkChunk, M, R}, x.options().dtype(torch::kFloat32));  // partials
   }
   const at::ScalarType st = x.scalar_type();
   TORCH_CHECK(st == at::ScalarType::Half || st == at::ScalarType::BFloat16,
               "nf4_gemv: x must be float16 or bfloat16 (fp32 takes the Triton path), got ", st);
-  const void* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == st && bias->numel() == N && bias->is_contiguous(),
                 "nf4_gemv: bias must be a contiguous CUDA [N] tensor in x's dtype");
-    bptr = bias->data_ptr();
   }
-  GemvArgs a{x.data_ptr(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
-             nested ? code2.data_ptr<float>() : nullptr, nested ? absmax2.data_ptr<float>() : nullptr,
-             static_cast<float>(offset), nested, l2bs, l2bs2, bptr, R > 0 ? S.data_ptr<float>() : nullptr, splits,
-             R > 0 ? B->data_ptr<float>() : nullptr, static_cast<float>(scaling), R, y.data_ptr(), M,
-             static_cast<int>(N), K};
-  const int v = static_cast<int>(variant);
   if (st == at::ScalarType::Half) {
-    launch<at::Half>(x, a, A, S, static_cast<int>(bs), v, stream);
+    launch<at::Half>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R, scaling, y,
+                     stream);
   } else {
-    launch<at::BFloat16>(x, a, A, S, static_cast<int>(bs), v, stream);
+    launch<at::BFloat16>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R,
+                         scaling, y, stream);
   }
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("nf4_gemv_lora", &nf4_gemv_lora, "NF4/FP4 GEMV + LoRA shrink/expand (decode, M <= 16; tensor-core MMA)",
-        py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("code2"), py::arg("absmax2"),
-        py::arg("offset"), py::arg("nested"), py::arg("bs"), py::arg("bs2"), py::arg("N"), py::arg("bias"),
-        py::arg("A"), py::arg("B"), py::arg("scaling"), py::arg("variant") = 0);
+  m.def("nf4_gemv_lora", &nf4_gemv_lora, "NF4/FP4 GEMV + LoRA shrink/expand (decode, M <= 16; tensor-core MMA)");
 }

@@ -229,10 +229,10 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
 
 def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
     """Decode (no grad, M <= 16) GPU time per layer call against the weight-byte floor, CUDA-graph timed with
-    cold L2 (graph_ms). Impls: CUDA MMA GEMV (with / without LoRA; base only also in its other launch
-    configurations, ``variant``), the Triton fallback, dequant-buffer + cuBLAS, bnb base only, PEFT+bnb, and a
-    copy moving the same bytes (half read, half written): the floor one launch reaches at this size, where the
-    big-copy bandwidth floor (floor_us) ignores launch and ramp-up time."""
+    cold L2 (graph_ms). Impls: CUDA MMA GEMV (with / without LoRA), the Triton fallback, dequant-buffer + cuBLAS,
+    bnb base only, PEFT+bnb, and a copy moving the same bytes (half read, half written): what one launch moving
+    these bytes reaches at this size, where the big-copy bandwidth floor (floor_us) ignores launch and ramp-up
+    time."""
     from fastpeft.ops.kernels import nf4_gemv, nf4_lora
     from fastpeft.ops.nf4_format import kernel_state
 
@@ -275,10 +275,6 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
                     ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, kernel_state(qs, pk.device), dtype).t()),
             }
-            for variant in (1, 2, 3, 10):
-                impls[f"fastpeft cuda mma gemv, base only, variant {variant}"] = (
-                    lambda pk, qs, v=variant: nf4_gemv.nf4_lora_gemv_cuda(x, pk, kernel_state(qs, x.device), None, None,
-                                                                          None, 0.0, variant=v))
             if M == Ms[0]:
                 half = wbytes // 2
                 copy_of = {id(pk): (torch.empty(half, dtype=torch.uint8, device=device),

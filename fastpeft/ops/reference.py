@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .nf4_format import _check_state, _packed_bytes, _state_code, dequantize_absmax, nf4_dequantize_reference
+from .nf4_format import nf4_dequantize_reference
 
 __all__ = [
     "lora_delta_reference",
@@ -178,20 +178,6 @@ def nf4_weight_reference(packed: torch.Tensor, quant_state: Any, dtype: torch.dt
     then cast to the compute dtype."""
     w = nf4_dequantize_reference(packed, quant_state)
     return w if w.dtype == dtype else w.to(dtype)
-
-
-def nf4_decode_weight_reference(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
-    """W [N, K] in float64 as the CUDA decode GEMV (``csrc/nf4_gemv.cu``) weighs x: each weight's code rounded
-    once to ``dtype`` (x's dtype), times its block's fp32 absmax, unrounded (the kernel scales each block's fp32
-    partial sum by the absmax). ``x.double() @ W.t()`` is then that kernel's result before fp32 summation order
-    and the output's rounding."""
-    n, bs = _check_state(packed, quant_state)
-    b = _packed_bytes(packed)[: (n + 1) // 2]
-    q = torch.stack((b >> 4, b & 15), dim=-1).reshape(-1)[:n].long()
-    codes = _state_code(quant_state).to(packed.device).to(dtype).double()[q]
-    absmax = dequantize_absmax(quant_state).to(packed.device).reshape(-1).double()
-    scale = absmax.repeat_interleave(bs)[:n]
-    return (codes * scale).reshape(quant_state.shape)
 
 
 def nf4_lora_linear_reference(x, packed, quant_state, bias, lora_A, lora_B, scaling: float, dropout_mask=None):

@@ -217,23 +217,6 @@ def test_gemv_triton_fallback_matches_reference(M):
     assert rel(no_lora, x @ nf4_dequantize_reference(packed, qs).t() + bias) <= 1e-5
 
 
-@pytest.mark.parametrize("dq", [True, False])
-def test_decode_weight_reference(dq):
-    """The CUDA GEMV's weight (code rounded to x's dtype, times the block's fp32 absmax): in fp32 it is the
-    dequantized weight; in bf16 / fp16 each weight is within one rounding of the code of it, and the code
-    rounding is the only difference (the absmax factor is the dequantized fp32 absmax, exactly)."""
-    packed, qs = _weight(24, 192, 64, dq, seed=3, device="cpu")
-    w32 = nf4_dequantize_reference(packed, qs, torch.float32).double()
-    exact32 = reference.nf4_decode_weight_reference(packed, qs, torch.float32)
-    assert exact32.dtype == torch.float64 and exact32.shape == (24, 192)
-    assert (exact32 - w32).abs().max() <= 1e-7 * w32.abs().max()  # fp32 product rounding only
-    for dtype, ulp in ((torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)):
-        got = reference.nf4_decode_weight_reference(packed, qs, dtype)
-        ratio = (got / exact32)[exact32 != 0]
-        assert (ratio - 1).abs().max() <= ulp and (ratio - 1).abs().max() > 0  # rounded, at most half an ulp
-    assert torch.equal(reference.nf4_decode_weight_reference(packed, qs, torch.bfloat16) == 0, exact32 == 0)
-
-
 @pytest.mark.skipif(CUDA, reason="checks the error on machines without a CUDA toolchain / device")
 def test_csrc_missing_toolchain_error_is_clear():
     problem = nf4_gemv.toolchain_problem()
@@ -291,18 +274,13 @@ def test_gpu_decode_cuda_and_triton(M, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 3, 9, 16])
 @pytest.mark.parametrize("N,K,bs,dq", [(1000 + 3, 4096 + 128, 64, True), (77, 1152, 32, False), (256, 2048, 256, True),
-                                       (33, 4096, 4096, False), (100, 1056, 64, True), (1024, 4096, 64, True),
-                                       (4100, 14336, 64, True)])
+                                       (33, 4096, 4096, False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", [0, 11])
-def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype, variant):
-    """The tensor-core decode kernel against its own formula in float64 (each code rounded to x's dtype, times
-    its block's fp32 absmax: reference.nf4_decode_weight_reference; tight bar, only fp32 summation order and the
-    output's rounding differ) and against the weight the dense path computes with (code * absmax rounded to x's
-    dtype; the bar adds one 16-bit rounding per weight): N not a multiple of 16, 64- and 32-weight chunks (K %
-    64 == 32 takes the 32-weight chunks with blocks that straddle rows), every blocksize class, plain and nested
-    absmax, a strided x, bias and LoRA; K split across a thread-block cluster (1024 x 4096, 4100 x 14336 on
-    sm_90) and without clusters (variant 11)."""
+def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
+    """The tensor-core decode kernel against fp32 math on the weight rounded to x's dtype (what the kernel and
+    the dense path compute with): N not a multiple of 16, odd numbers of 128-weight segments, every blocksize
+    class, plain and nested absmax, a strided x, bias and LoRA. Tight bar: only fp32 summation order differs.
+    (K % 128 == 0 only: other K are not dispatched to this kernel, see nf4_gemv._cuda_ok.)"""
     problem = nf4_gemv.toolchain_problem()
     if problem is not None:
         pytest.skip(f"CUDA extension not buildable here: {problem}")
@@ -312,22 +290,15 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype, variant):
     x = xbig[:, 8:8 + K]  # row stride K + 24 (% 8 == 0), start 16-byte aligned
     A, B = (torch.randn(8, K, generator=g) * 0.05).cuda(), (torch.randn(N, 8, generator=g) * 0.05).cuda()
     bias = torch.randn(N, generator=g).to(dtype).cuda()
-    lora = 1.5 * ((x.double() @ A.double().t()) @ B.double().t())
-    exact_w = reference.nf4_decode_weight_reference(packed, qs, dtype)
-    exact = x.double() @ exact_w.t() + bias.double() + lora
-    w = reference.nf4_weight_reference(packed, qs, dtype).double()
-    want = x.double() @ w.t() + bias.double() + lora
-    got = nf4_gemv.nf4_lora_gemv_cuda(x, packed, _ks(qs), bias, A, B, 1.5, variant=variant)
+    w = reference.nf4_weight_reference(packed, qs, dtype).float()
+    want = x.float() @ w.t() + bias.float() + 1.5 * ((x.float() @ A.t()) @ B.t())
+    got = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda")
     assert got.dtype == dtype and got.shape == (M, N)
-    # the output's one rounding: rms 2^-8 / sqrt(3) relative in bf16 (1.5e-3), 2^-11 / sqrt(3) in fp16
-    assert rel(got, exact) <= (2.5e-3 if dtype == torch.bfloat16 else 5e-4)
-    err = (got.double() - exact).abs() / exact.abs().clamp_min(1.0)
-    assert err.max() <= (1e-2 if dtype == torch.bfloat16 else 1.5e-3)  # every element, not only on average
-    # against the dequantized weight: one more 16-bit rounding per weight on each side (rms ~1.6e-3 in bf16), so
-    # only the norm is bounded (an element's difference is absolute, of the size of its row's sum, not its own)
     assert rel(got, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
-    plain = nf4_gemv.nf4_lora_gemv_cuda(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0, variant=variant)
-    assert rel(plain, x.double() @ exact_w.t()) <= (2.5e-3 if dtype == torch.bfloat16 else 5e-4)
+    err = (got.float() - want).abs() / want.abs().clamp_min(1.0)
+    assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)  # every element, not only on average
+    plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0, backend="cuda")
+    assert rel(plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
 
 
 @pytest.mark.gpu

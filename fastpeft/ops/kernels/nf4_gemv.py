@@ -6,11 +6,8 @@ Two implementations, same contract:
   * CUDA C++ (``csrc/nf4_gemv.cu``), built on first use with ninja through ``torch.utils.cpp_extension.load``
     and cached under ``~/.cache/fastpeft/csrc/`` (``FASTPEFT_CSRC_CACHE`` overrides). Needs nvcc (CUDA
     toolkit; ``CUDA_HOME``) and ninja; ``load_extension()`` raises a RuntimeError that names what is missing.
-    Bound: the weight stream, N·K/2 bytes + absmax (target >= 70% of copy bandwidth at M = 1). The weights
-    are the tensor-core MMA's 16-row operand and the M <= 16 tokens its 8-column one (two MMAs for M > 8 on the
-    same weight registers), so M = 1 and M = 16 cost about the same. Each quantization block's absmax scales
-    its partial sum in fp32 (each weight is its code rounded to x's dtype, one table lookup per packed byte):
-    the header of ``csrc/nf4_gemv.cu`` gives the numerics. fp16 / bf16 x only.
+    Bound: the weight stream, N·K/2 bytes + absmax (target >= 70% of HBM bandwidth at M=1). The M <= 16 rows
+    fill one tensor-core tile (mma m16n8k16), so M = 1 and M = 16 cost about the same. fp16 / bf16 x only.
   * Triton fallback: ``kernels/lora.py``'s shrink / expand kernels + the in-kernel-dequant GEMM of
     ``kernels/nf4_matmul.py`` (used when the extension cannot be built, for shapes it does not take, or with
     ``FASTPEFT_CSRC=0``).
@@ -46,21 +43,20 @@ def load_extension(verbose: bool = False):
 
 
 def _cuda_ok(x2, ks: KernelState) -> bool:
-    """Shapes / dtypes the CUDA kernel takes (the rest go to Triton): 16-bit x [M <= 16, K % 32 == 0] with unit
-    column stride, power-of-two blocksize >= 32 (every bnb blocksize is one): the kernel's 32- or 64-weight
-    chunks then never straddle a quantization block."""
+    """Shapes / dtypes the CUDA kernel takes (the rest go to Triton): 16-bit x [M <= 16, K % 16 == 0] with unit
+    column stride, power-of-two blocksize >= 32 (every bnb blocksize is one), K % 128 == 0."""
     bs = ks.blocksize
-    return (x2.is_cuda and x2.shape[0] <= MAX_M and x2.shape[1] % 32 == 0 and bs >= 32 and bs & (bs - 1) == 0
+    # K % 128 == 0 (whole 128-weight segments; every Llama / Mistral / Qwen2 / Gemma / Phi-3 width): the kernel's
+    # partial-last-segment path (K % 128 in 32..96) is fixed but has not run on a GPU yet, so it is not dispatched
+    return (x2.is_cuda and x2.shape[0] <= MAX_M and x2.shape[1] % 128 == 0 and bs >= 32 and bs & (bs - 1) == 0
             and x2.stride(1) == 1 and x2.dtype in (torch.float16, torch.bfloat16))
 
 
-def nf4_lora_gemv_cuda(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float, variant: int = 0):
-    """The CUDA kernel (raises if the extension cannot be built or the shape is not supported). ``variant``
-    (benchmarks only): 0 the shipped launch configuration; 1-3 other (warps, pipeline depth) choices, 10 + v
-    the same without thread-block clusters (``benchmarks/scripts/bench_nf4.py --sections decode_graph``)."""
+def nf4_lora_gemv_cuda(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float):
+    """The CUDA kernel (raises if the extension cannot be built or the shape is not supported)."""
     ext = load_extension()
     if not _cuda_ok(x2, ks):
-        raise ValueError("nf4_lora_gemv_cuda takes CUDA float16 / bfloat16 x [M <= 16, K % 32 == 0] with unit "
+        raise ValueError("nf4_lora_gemv_cuda takes CUDA float16 / bfloat16 x [M <= 16, K % 128 == 0] with unit "
                          "column stride and a power-of-two blocksize")
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # the kernel reads x rows with 16-byte loads
         x2 = x2.clone(memory_format=torch.contiguous_format)
@@ -72,7 +68,7 @@ def nf4_lora_gemv_cuda(x2, packed, ks: KernelState, bias, lora_A, lora_B, scalin
     Bm = None if lora_B is None else lora_B.float().contiguous()
     bias = None if bias is None else bias.to(x2.dtype).contiguous()
     return ext.nf4_gemv_lora(x2, b, ks.absmax, ks.code, ks.code2, ks.absmax2, ks.offset,
-                             ks.nested, ks.blocksize, ks.blocksize2, N, bias, A, Bm, float(scaling), int(variant))
+                             ks.nested, ks.blocksize, ks.blocksize2, N, bias, A, Bm, float(scaling))
 
 
 def nf4_lora_gemv_triton(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float):
