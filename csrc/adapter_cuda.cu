@@ -916,10 +916,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
   }
 }
 
+// DoRA (mag != nullptr): Yout = dtype(g⊙(Y + Σ_j S·B) + bias) with g = mag / nrm per column (fp32, as DoRA's
+// output pass: one rounding), and g, 1/nrm written to g_out / inv_out for the caller; Y (= X·Wᵀ, no bias) is then
+// kept, Yout is another buffer. LoRA: Yout == Y, in place.
 template <typename T, int RMAX>
 __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
-    T* __restrict__ Y, int64_t sy0, int64_t M, int64_t N, const float* __restrict__ part, int splits, int R,
-    float scale, float* __restrict__ S_out, const float* __restrict__ B, int64_t sb0, int64_t sb1, bool b_vec) {
+    const T* Y, int64_t sy0, int64_t M, int64_t N, const float* __restrict__ part, int splits, int R,
+    float scale, float* __restrict__ S_out, const float* __restrict__ B, int64_t sb0, int64_t sb1, bool b_vec,
+    T* Yout, int64_t syo0, const float* __restrict__ mag, const float* __restrict__ nrm, const T* __restrict__ bias,
+    float* __restrict__ g_out, float* __restrict__ inv_out) {
   constexpr int kPre = 8;  // rows of Y read before the re-sum
   __shared__ __align__(16) float sS[kDecodeMaxM][RMAX];
   __shared__ float red[kDecodeExpandThreads];
@@ -973,6 +978,14 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
     __syncthreads();
   }
   if (!col_ok) return;
+  float gcol = 1.0f, bcol = 0.0f;
+  if (mag != nullptr) {
+    const float nv = nrm[n];
+    gcol = __fdiv_rn(mag[n], nv);
+    bcol = bias != nullptr ? to_f<T>(bias[n]) : 0.0f;
+    if (g_out != nullptr) g_out[n] = gcol;
+    if (inv_out != nullptr) inv_out[n] = __frcp_rn(nv);
+  }
   const auto add_row = [&](int64_t m, float y) {
     const float4* srow = reinterpret_cast<const float4*>(&sS[m][0]);
     float z = 0.0f;
@@ -984,7 +997,7 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
       z = fmaf(sv.z, b[4 * j4 + 2], z);
       z = fmaf(sv.w, b[4 * j4 + 3], z);
     }
-    Y[m * sy0 + n] = from_f<T>(y + z);
+    Yout[m * syo0 + n] = from_f<T>(mag != nullptr ? fmaf(gcol, y + z, bcol) : y + z);
   };
   for (int64_t m0 = 0; m0 < M; m0 += kPre) {
     if (m0 > 0) {  // the next 8 rows' loads issued together, not one round trip per row
@@ -1524,8 +1537,18 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_fused(const Tensor& dy2, const Tenso
 
 // Forward at decode sizes (decode_shrink / decode_expand above): the shrink, the base product (ATen's linear, the
 // kernel the base layer itself runs), the expand into its output in place. 3 launches, none of them a zero-fill.
-std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, const c10::optional<Tensor>& bias,
-                                           const Tensor& A32, const Tensor& B32, double scaling) {
+// DoRA with a given norm (dora: magnitude and norm fp32 [N], bias): the base product has no bias and is kept as
+// Z0; the expand writes Y = g⊙(Z0 + s·S·Bᵀ) + b into a new tensor, and g = m / n and 1/n (what DoRA's backward
+// needs). Returns (Y, S, Z0 or undefined, g or undefined, 1/n or undefined).
+struct DecodeDora {
+  Tensor magnitude, norm;  // fp32 [N], contiguous
+  Tensor bias;             // in x's dtype, or undefined
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& x2, const Tensor& w,
+                                                                  const c10::optional<Tensor>& bias, const Tensor& A32,
+                                                                  const Tensor& B32, double scaling,
+                                                                  const DecodeDora* dora) {
   const auto dt = x2.scalar_type();
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const int R = static_cast<int>(A32.size(0));
@@ -1560,21 +1583,38 @@ std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, co
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  Tensor y = at::linear(x2, w, b.defined() ? c10::optional<Tensor>(b) : c10::nullopt);
+  Tensor y = at::linear(x2, w, b.defined() && dora == nullptr ? c10::optional<Tensor>(b) : c10::nullopt);
   TORCH_INTERNAL_ASSERT(y.dim() == 2 && y.stride(1) == 1, "fastpeft lora decode: expected a row-major output");
+  Tensor out = y, g, inv_n;
+  if (dora != nullptr) {
+    out = at::empty({M, N}, x2.options());
+    g = at::empty({N}, f32);
+    inv_n = at::empty({N}, f32);
+  }
   dispatch_all(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_rank(R, [&](auto rmax) {
       constexpr int RMAX = decltype(rmax)::value;
       const unsigned blocks = static_cast<unsigned>((N + kDecodeExpandThreads - 1) / kDecodeExpandThreads);
+      const bool dora_bias = dora != nullptr && dora->bias.defined();
       decode_expand_kernel<T, RMAX><<<blocks, kDecodeExpandThreads, 0, stream>>>(
-          reinterpret_cast<T*>(y.data_ptr()), y.stride(0), M, N, part.data_ptr<float>(), static_cast<int>(splits), R,
-          static_cast<float>(scaling), S.data_ptr<float>(), B32.data_ptr<float>(), B32.stride(0), B32.stride(1),
-          b_vec);
+          reinterpret_cast<const T*>(y.data_ptr()), y.stride(0), M, N, part.data_ptr<float>(),
+          static_cast<int>(splits), R, static_cast<float>(scaling), S.data_ptr<float>(), B32.data_ptr<float>(),
+          B32.stride(0), B32.stride(1), b_vec, reinterpret_cast<T*>(out.data_ptr()), out.stride(0),
+          dora != nullptr ? dora->magnitude.data_ptr<float>() : nullptr,
+          dora != nullptr ? dora->norm.data_ptr<float>() : nullptr,
+          dora_bias ? reinterpret_cast<const T*>(dora->bias.data_ptr()) : nullptr,
+          dora != nullptr ? g.data_ptr<float>() : nullptr, dora != nullptr ? inv_n.data_ptr<float>() : nullptr);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, S};
+  return {out, S, dora != nullptr ? y : Tensor(), g, inv_n};
+}
+
+std::tuple<Tensor, Tensor> lora_fwd_decode(const Tensor& x2, const Tensor& w, const c10::optional<Tensor>& bias,
+                                           const Tensor& A32, const Tensor& B32, double scaling) {
+  auto r = decode_forward(x2, w, bias, A32, B32, scaling, nullptr);
+  return {std::get<0>(r), std::get<1>(r)};
 }
 
 // Which LoRA composition a CUDA call takes. The split-GEMM one runs the small products on tensor cores (cuBLAS):
@@ -1709,6 +1749,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
   const Tensor A32 = in_dtype(A, at::kFloat), B32 = in_dtype(B, at::kFloat).contiguous();
   const Tensor m32 = in_dtype(magnitude.reshape({-1}), at::kFloat).contiguous();
   const bool need_norm = !(weight_norm.has_value() && weight_norm->defined());
+  if (!need_norm && use_decode(x2.size(0), w.size(0), x2.size(1), A.size(0), 0.0)) {
+    // inference with the norm given, at decode sizes: LoRA's decode kernels with g and the bias in the expand
+    const Tensor n = in_dtype(weight_norm->reshape({-1}), at::kFloat).contiguous();
+    TORCH_CHECK(n.numel() == w.size(0), "fastpeft dora: weight_norm must have out_features elements");
+    const bool has_bias = bias.has_value() && bias->defined();
+    const DecodeDora dora{m32, n, has_bias ? in_dtype(*bias, dt).contiguous() : Tensor()};
+    return decode_forward(x2, w, c10::nullopt, A32, B32, scaling, &dora);
+  }
   const Tensor Z0 = at::mm(x2, w.t());
   Tensor S, WA;  // WA: W·Aᵀ [N, r], or its split GEMM's two halves [N, 2r] (summed by dora_norm_scale)
   if (dt == at::kFloat) {

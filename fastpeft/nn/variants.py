@@ -136,6 +136,9 @@ def _nf4_cpp_plan(layer: "LoraLinear", x: torch.Tensor):
 # benchmarks/results/h200/dora_infer_*.json: 1.03-1.05x LoRA at M=4096 through the kernels, 1.1-1.36x through
 # the rescale; the rescale path 0.10 vs 0.19-0.37 ms per call at M=16).
 _RESCALE_MAX_ROWS = 64
+# Decode-sized inference with a cached norm goes to dora_linear itself: its CUDA operator then runs LoRA's decode
+# kernels with g and the bias folded into the expand (csrc/adapter_cuda.cu: kDecodeAutoMaxM, the same 16 rows)
+_DORA_DECODE_MAX_ROWS = 16
 
 
 class DoraMagnitude(nn.Module):
@@ -256,8 +259,9 @@ class DoraVariant(LoraVariant):
 
     def forward_cpp(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
         """DoRA without dropout through the C++ operator (one dispatcher call, C++ autograd; csrc/adapter_ops.cpp):
-        in training with ‖W‖² kept per layer, out of training with the cached norm; decode-sized inference is LoRA's
-        operator rescaled by the cached g."""
+        in training with ‖W‖² kept per layer, out of training with the cached norm. Inference up to 16 rows passes
+        the cached norm to the operator, whose CUDA kernel is then LoRA's decode path with g and the bias in its
+        last kernel (as many launches as LoRA); 17-64 rows take LoRA's operator rescaled by the cached g."""
         base = layer.base_layer
         weight = base.weight.t() if layer.fan_in_fan_out else base.weight
         lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
@@ -266,7 +270,8 @@ class DoraVariant(LoraVariant):
         norm_of = custom_ops.dora_weight_norm if (HAS_TRITON and x.is_cuda) else dora_weight_norm_reference
         scale = self._cached_scale(layer, name, base.weight, lambda: norm_of(weight, lora_A, lora_B, scaling))
         if scale is not None:
-            if x.numel() <= _RESCALE_MAX_ROWS * x.shape[-1]:
+            rows = x.numel() // max(1, x.shape[-1])
+            if _DORA_DECODE_MAX_ROWS < rows <= _RESCALE_MAX_ROWS:
                 return self._rescaled(cpp_ops.lora_linear(x, weight, None, lora_A, lora_B, scaling), scale, bias)
             return cpp_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, None,
                                        layer._dora_norms[name][2])

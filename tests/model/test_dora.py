@@ -198,6 +198,13 @@ def test_dora_norm_cache_follows_weight_changes(backend, monkeypatch):
                                 layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight,
                                 layer.scaling["default"])
     assert rel_err(second, ref) <= FP32_TOL and rel_err(first, ref) > 1e-3
+    mid = torch.randn(20, 16)  # 17-64 rows: LoRA's operator rescaled by the cached g (3 rows above: the DoRA operator)
+    with torch.no_grad():
+        got_mid = layer(mid)
+    ref_mid = dora_linear_reference(mid, layer.base_layer.weight, layer.base_layer.bias,
+                                    layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                    layer.lora_magnitude_vector["default"].weight, layer.scaling["default"])
+    assert rel_err(got_mid, ref_mid) <= FP32_TOL
     layer.train()
     assert not layer._dora_norms
     layer.eval()

@@ -480,6 +480,35 @@ def test_gpu_dora_odd_shapes(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_dora_decode_with_a_given_norm(dtype):
+    """A given norm at <= 16 rows takes LoRA's decode kernels with g and the bias in the expand (dora_fwd_cuda):
+    output and every gradient (Z0, g and 1/n come back from that path for the backward) against the float64 oracle,
+    M = 1..16, odd N, strided x, bias or not, ranks 1..64; a rank above 64 and 17 rows keep the other path. The
+    no-grad call (inference) returns the same tensor bit for bit."""
+    for (B, T, K, N, r, layout, w_t, bias) in [
+        (1, 1, 4096, 1024, 16, "contig", False, True),
+        (1, 5, 4096, 14336, 16, "strided_k", False, False),
+        (2, 8, 1000, 777, 64, "transposed_bt", True, True),
+        (1, 1, 37, 4231, 3, "2d", False, True),
+        (1, 16, 515, 2049, 1, "contig", False, True),
+        (1, 17, 512, 256, 8, "contig", False, True),   # 17 rows: not decode
+        (1, 4, 1031, 96, 100, "contig", False, False),  # rank 100: not decode
+    ]:
+        torch.manual_seed(B * T + K + N + r)
+        _check_dora(dtype, B, T, K, N, r, layout, w_t, bias, False, True, device="cuda",
+                    tol=TOL[dtype] if dtype != torch.float32 else 1e-4)
+    x, w, bias, A, Bw = _layer_inputs(dtype, 1, 3, 256, 300, 8, "contig", False, True, "cuda")
+    norm = dora_weight_norm_reference(w, A.detach(), Bw.detach(), 1.5)
+    m = norm * 1.1
+    y = cpp_ops.dora_linear(x, w, bias, A, Bw, m, 1.5, None, norm)  # records autograd
+    assert y.requires_grad
+    with torch.no_grad():
+        y_infer = cpp_ops.dora_linear(x, w, bias, A, Bw, m, 1.5, None, norm)
+    assert torch.equal(y, y_infer)
+
+
+@pytest.mark.gpu
 def test_gpu_dora_pass_tiles_and_misaligned_gradients():
     """dora_pass's tiles (64 or 32 rows × 128 columns, 32 × 64 above rank 32; L on the tensor cores) with 16-byte
     copies only where rows are aligned (S's too: rank % 4 == 0): partial row and column tiles, every rank bucket,
