@@ -213,19 +213,27 @@ class DoraVariant(LoraVariant):
             return False
         return layer._triton_can_run(x)
 
-    def _cached_scale(self, layer: "LoraLinear", name: str, weight: torch.Tensor, norm_of) -> Optional[torch.Tensor]:
+    def _cached_scale(self, layer: "LoraLinear", name: str, weight: torch.Tensor, norm_of,
+                      parts: Optional[tuple] = None) -> Optional[torch.Tensor]:
         """g = m / n (fp32 [out]) from the cache when the layer is out of training (eval mode, no autograd, eager),
-        recomputed when the base weight, lora_A, lora_B or the magnitude changed; None in training."""
+        recomputed when the base weight, lora_A, lora_B or the magnitude changed; None in training. ``parts``:
+        (lora_A, lora_B, magnitude) when the caller has them (the hot path reads them from the dicts)."""
         if layer.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or graph_capturing():
             layer._dora_norms.pop(name, None)  # nothing kept from inside a CUDA graph capture (ops.graph_capturing)
             return None
-        tensors = (weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (layer.scaling[name],)
+        if parts is None:
+            parts = (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight)
+        lora_A, lora_B, magnitude = parts
+        # a flat tuple of cheap reads (the hot path pays it per call): storage, in-place version and dtype of each
+        # tensor, the device once (moving one of them alone changes its storage)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, lora_A.data_ptr(), lora_A._version,
+               lora_A.dtype, lora_B.data_ptr(), lora_B._version, lora_B.dtype, magnitude.data_ptr(),
+               magnitude._version, magnitude.dtype, layer.scaling[name])
         hit = layer._dora_norms.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
         norm = norm_of()
-        scale = tensors[3].to(torch.float32) / norm
+        scale = magnitude.to(torch.float32) / norm
         layer._dora_norms[name] = (key, scale, norm)
         return scale
 
@@ -262,13 +270,17 @@ class DoraVariant(LoraVariant):
         in training with ‖W‖² kept per layer, out of training with the cached norm. Inference up to 16 rows passes
         the cached norm to the operator, whose CUDA kernel is then LoRA's decode path with g and the bias in its
         last kernel (as many launches as LoRA); 17-64 rows take LoRA's operator rescaled by the cached g."""
-        base = layer.base_layer
-        weight = base.weight.t() if layer.fan_in_fan_out else base.weight
-        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        magnitude, scaling = layer.lora_magnitude_vector[name].weight, layer.scaling[name]
-        bias = getattr(base, "bias", None)
+        modules = layer._modules  # the dicts, not module attribute lookups: the hot path calls this per layer
+        params = modules["base_layer"]._parameters
+        base_weight = params["weight"]
+        weight = base_weight.t() if layer.fan_in_fan_out else base_weight
+        lora_A = modules["lora_A"]._modules[name]._parameters["weight"]
+        lora_B = modules["lora_B"]._modules[name]._parameters["weight"]
+        magnitude = modules["lora_magnitude_vector"]._modules[name]._parameters["weight"]
+        scaling, bias = layer.scaling[name], params.get("bias")
         norm_of = custom_ops.dora_weight_norm if (HAS_TRITON and x.is_cuda) else dora_weight_norm_reference
-        scale = self._cached_scale(layer, name, base.weight, lambda: norm_of(weight, lora_A, lora_B, scaling))
+        scale = self._cached_scale(layer, name, base_weight, lambda: norm_of(weight, lora_A, lora_B, scaling),
+                                   (lora_A, lora_B, magnitude))
         if scale is not None:
             rows = x.numel() // max(1, x.shape[-1])
             if _DORA_DECODE_MAX_ROWS < rows <= _RESCALE_MAX_ROWS:
@@ -276,7 +288,7 @@ class DoraVariant(LoraVariant):
             return cpp_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, None,
                                        layer._dora_norms[name][2])
         return cpp_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling,
-                                   self._weight_sq_norm(layer, base.weight, lambda: weight), None)
+                                   self._weight_sq_norm(layer, base_weight, lambda: weight), None)
 
     def forward_dense(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, cpp: bool) -> torch.Tensor:
         """Without dropout in effect and with the C++ operators (``cpp``): ``forward_cpp``. Else the Triton DoRA
