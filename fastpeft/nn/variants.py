@@ -271,13 +271,16 @@ class DoraVariant(LoraVariant):
         the cached norm to the operator, whose CUDA kernel is then LoRA's decode path with g and the bias in its
         last kernel (as many launches as LoRA); 17-64 rows take LoRA's operator rescaled by the cached g."""
         modules = layer._modules  # the dicts, not module attribute lookups: the hot path calls this per layer
-        params = modules["base_layer"]._parameters
-        base_weight = params["weight"]
+        base = modules["base_layer"]
+        if type(base) is nn.Linear:
+            base_weight, bias = base._parameters["weight"], base._parameters["bias"]
+        else:  # Conv1D, subclasses, parametrized weights: whatever the module's attributes give
+            base_weight, bias = base.weight, getattr(base, "bias", None)
         weight = base_weight.t() if layer.fan_in_fan_out else base_weight
         lora_A = modules["lora_A"]._modules[name]._parameters["weight"]
         lora_B = modules["lora_B"]._modules[name]._parameters["weight"]
         magnitude = modules["lora_magnitude_vector"]._modules[name]._parameters["weight"]
-        scaling, bias = layer.scaling[name], params.get("bias")
+        scaling = layer.scaling[name]
         norm_of = custom_ops.dora_weight_norm if (HAS_TRITON and x.is_cuda) else dora_weight_norm_reference
         scale = self._cached_scale(layer, name, base_weight, lambda: norm_of(weight, lora_A, lora_B, scaling),
                                    (lora_A, lora_B, magnitude))
