@@ -82,12 +82,27 @@ class AdapterLayer(nn.Module):
             if type(self) not in _OUTSIDE_GRAPH:
                 _OUTSIDE_GRAPH[type(self)] = torch.compiler.disable(type(self)._forward_nf4_eager)
             bases.warm_nf4_state(base_layer)  # kernel constants ready before any torch.compile trace
+        self._load_cpp_ops_if_cuda()
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() can (re)quantize or move a 4-bit base: refresh the constants the compiled path reads
         out = super()._apply(fn, *args, **kwargs)
         bases.warm_nf4_state(self.base_layer)
+        self._load_cpp_ops_if_cuda()
         return out
+
+    def _load_cpp_ops_if_cuda(self) -> None:
+        """Under ``auto``, load (the first time: build) the C++ operators as soon as the base weight is on a CUDA
+        device. A torch.compile trace never loads them (``cpp_ops.available()`` is False while dynamo traces), so a
+        model patched and compiled before any eager call used to trace the Triton custom ops instead: on an H200 a
+        host-bound compiled step (1B shape: 0.94x compiled PEFT against 1.20x with the operators,
+        benchmarks/results/h200/INDEX.md, session 18). CPU-only models never ask (no build attempt)."""
+        if getattr(self, "backend", None) != "auto" or cpp_ops.loaded() or torch.compiler.is_compiling() or \
+                self.wraps_embeddings or (bases.is_linear4bit(self.base_layer) and not self.has_nf4_cpp):
+            return  # (4-bit bases ask only for a method with a 4-bit operator, as _forward_adapter does)
+        weight = getattr(self.base_layer, "weight", None)
+        if weight is not None and weight.is_cuda:
+            cpp_ops.available()  # warns once (and the layers keep their Triton path) where it cannot build
 
     # -- what subclasses provide -------------------------------------------------------------------------
     @property

@@ -318,3 +318,53 @@ def test_compiled_nf4_oft_trains_like_eager_without_graph_breaks(monkeypatch):
     """OFT on a 4-bit base: the rotated input reaches the fastpeft::nf4_ia3_fwd custom op (unit scale), one per
     adapted layer, in one graph; two training steps give eager's losses and generators."""
     _check_compiled_trains_like_eager(_nf4_model("oft", monkeypatch), "fastpeft.nf4_ia3_fwd.default", 3, seed=4)
+
+
+def test_auto_layers_on_cpu_never_ask_for_the_cpp_operators(monkeypatch):
+    # Under auto a CPU model runs the reference path: building or moving it must not try to build the extension
+    # (a compiler run on a machine that may have none). On CUDA the layers load it when built or moved
+    # (test_compiled_cuda_model_traces_the_cpp_operator_before_any_eager_call).
+    from fastpeft.ops import cpp_ops
+
+    set_settings(monkeypatch, backend="auto")
+    monkeypatch.setattr(cpp_ops, "_OPS", {})
+
+    def refuse():
+        raise AssertionError("cpp_ops.available() called for a CPU model under auto")
+
+    monkeypatch.setattr(cpp_ops, "available", refuse)
+    model = fastpeft.patch(tiny_model("llama", seed=2), fastpeft.LoraConfig(r=4, target_modules="all-linear"))
+    model.to(torch.float64).to(torch.float32)
+    model(input_ids=random_ids(batch=1, seq=5, seed=1))
+    assert not cpp_ops.loaded()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("moved", [False, True], ids=["built-on-cuda", "moved-to-cuda"])
+def test_compiled_cuda_model_traces_the_cpp_operator_before_any_eager_call(moved, monkeypatch):
+    # Before session 18 a model patched and compiled before any eager call traced the Triton custom ops under auto
+    # (dynamo never loads the extension): a host-bound compiled step. The layers now load the operators when their
+    # base weight is on CUDA (built there, or moved there with .to / .cuda).
+    from fastpeft.ops import cpp_ops
+
+    set_settings(monkeypatch, backend="auto")
+    monkeypatch.setattr(cpp_ops, "_OPS", {})  # as in a fresh process: nothing loaded yet
+    base = tiny_model("llama", seed=2, dtype=torch.bfloat16)
+    if not moved:
+        base = base.cuda()
+    model = fastpeft.patch(base, fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                     init_lora_weights=False))
+    assert cpp_ops.loaded() != moved
+    if moved:
+        model = model.cuda()
+        assert cpp_ops.loaded()
+    model.config.num_hidden_layers = 1
+    model.model.layers = model.model.layers[:1]
+    backend = _Counting()
+    model.forward = torch.compile(model.forward, backend=backend)
+    ids = random_ids(batch=2, seq=7, seed=3).cuda()
+    model(input_ids=ids, labels=ids).loss.backward()
+    targets = backend.targets()
+    assert targets.count("fastpeft_ops.lora_linear.default") == 3, targets
+    assert not any(t.startswith("fastpeft.") for t in targets), targets  # no Triton custom op
