@@ -95,7 +95,7 @@ class AdapterLayer(nn.Module):
         """Under ``auto``, load (the first time: build) the C++ operators as soon as the base weight is on a CUDA
         device. A torch.compile trace never loads them (``cpp_ops.available()`` is False while dynamo traces), so a
         model patched and compiled before any eager call used to trace the Triton custom ops instead: on an H200 a
-        host-bound compiled step (1B shape: 0.94x compiled PEFT against 1.20x with the operators,
+        host-bound compiled step (1B shape, one device call: 1.02x compiled PEFT, against 1.17x with the operators;
         benchmarks/results/h200/INDEX.md, session 18). CPU-only models never ask (no build attempt)."""
         if getattr(self, "backend", None) != "auto" or cpp_ops.loaded() or torch.compiler.is_compiling() or \
                 self.wraps_embeddings or (bases.is_linear4bit(self.base_layer) and not self.has_nf4_cpp):
