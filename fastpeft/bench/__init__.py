@@ -2,14 +2,17 @@
 
     python -m fastpeft.bench                       # CUDA: Llama-3.2-1B and Llama-3.1-8B shapes, all methods
     python -m fastpeft.bench --model 1b --quick    # one model, fewer steps, no dropout variants
+    python -m fastpeft.bench --model qwen1.5b --batch 8x2048 --methods lora   # another family, another batch shape
     python -m fastpeft.bench --report a.json b.json --out-dir benchmarks/results/h100   # merge split runs
 
 Needs the ``bench`` extra for the PNG plots (``pip install -e ".[bench]"``: matplotlib, tqdm) or
 ``--no-plots``. On a machine without a GPU it runs a tiny 2-layer Llama on the CPU (said so on the first
 line), so the command always works; those numbers are a smoke test, not a measurement.
 
-One configuration = a Llama-shaped ``LlamaForCausalLM`` built from a config with random weights (nothing
-is downloaded), bf16, sdpa attention, batch 2 × 2048 tokens, HF gradient checkpointing (non-reentrant),
+One configuration = a Llama-shaped ``LlamaForCausalLM`` (``--model qwen1.5b``: a ``Qwen2ForCausalLM`` of
+Qwen2.5-1.5B's shape, bias on q / k / v, 2 KV heads, tied embeddings) built from a config with random weights
+(nothing is downloaded), bf16, sdpa attention, batch 2 × 2048 tokens (``--batch BxT`` for another shape; the
+files then end in ``_b<B>x<T>``), HF gradient checkpointing (non-reentrant),
 ``torch.optim.AdamW`` (fused on CUDA) over the trainable parameters, loss = ``model(ids, labels=ids).loss``.
 Methods (r=16, alpha=32, all linear layers but the output head; IA3 on k, v, down with down feed-forward):
 
@@ -77,6 +80,7 @@ from .harness import (
     build_base,
     liger_patched,
     llama_config,
+    model_config,
     new_row,
     prepare,
     quantize_nf4,
@@ -85,6 +89,7 @@ from .harness import (
 )
 from .plan import (
     ALPHA,
+    CPU_MODELS,
     DROPOUT,
     FASTPEFT_ONLY,
     IA3_FEEDFORWARD,
@@ -105,6 +110,8 @@ from .plan import (
     TABLE_ORDER,
     GiB,
     Spec,
+    arch_of,
+    batch_shape_of,
     full_ft_estimate_bytes,
     linear_params,
     lora_dropout_of,
@@ -134,11 +141,11 @@ __all__ = [
     "FASTPEFT_ONLY", "GiB", "RANK", "ALPHA", "DROPOUT", "IA3_TARGETS", "IA3_FEEDFORWARD", "SCHEMA", "MODELS", "SEQ", "METHODS",
     "TABLE_ORDER", "QUICK_METHODS", "METHOD_LABEL", "IMPL_LABEL", "SPEED_TARGET", "MEMORY_TARGET",
     "PRIOR_STEP_S", "PRIOR_BUILD_S", "PRIOR_PROFILE_S", "Spec", "lora_dropout_of", "make_plan", "predict_s",
-    "linear_params", "total_params", "step_flops", "full_ft_estimate_bytes",
+    "linear_params", "total_params", "step_flops", "full_ft_estimate_bytes", "CPU_MODELS", "arch_of", "batch_shape_of",
     # environment
     "have", "versions", "device_name", "device_slug", "gpu_memory_bytes", "gemm_tflops", "free_memory", "sync",
     # harness
-    "llama_config", "build_base", "quantize_nf4", "liger_patched", "unavailable", "Prepared", "prepare",
+    "llama_config", "model_config", "build_base", "quantize_nf4", "liger_patched", "unavailable", "Prepared", "prepare",
     "PeakMemory", "new_row", "run_config",
     # profiling
     "BUCKETS", "classify", "profile_step",

@@ -16,15 +16,19 @@ from .. import settings
 from .environment import have
 from .harness import COMPILE_MODES
 from .longest import LONGEST_ROWS, run_longest
-from .plan import METHODS, MODELS, QUICK_METHODS, SEQ
+from .plan import CPU_MODELS, METHODS, MODELS, QUICK_METHODS, SEQ
 from .reporting import report
 from .runner import run
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastpeft.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["1b", "8b", "tiny", "all"], default=None,
-                    help="model shape (default: all = 1b and 8b on CUDA; tiny on a CPU-only machine)")
+    ap.add_argument("--model", choices=list(MODELS) + ["all"], default=None,
+                    help="model shape (default: all = 1b and 8b on CUDA; tiny on a CPU-only machine). qwen1.5b: "
+                         "Qwen2.5-1.5B (bias on q/k/v, 2 KV heads, tied embeddings); tiny-qwen: its CPU smoke shape")
+    ap.add_argument("--batch", default=None, metavar="BxT",
+                    help="batch size x tokens per sequence for every row, e.g. 8x2048 (default: "
+                         + ", ".join(f"{m} {b}x{t}" for m, (b, t) in SEQ.items()) + ")")
     ap.add_argument("--methods", default=None,
                     help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: {','.join(QUICK_METHODS)})")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 5; CPU 3; quick 3)")
@@ -69,25 +73,31 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.report:
+        if a.batch is not None:
+            raise SystemExit("fastpeft.bench: --batch does not apply to --report (the runs' JSON record their shapes)")
         report(a.report, a.out_dir, plots=not a.no_plots, overwrite=a.overwrite)
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.longest:
         if a.compile is not None:
             raise SystemExit("fastpeft.bench: --compile does not apply to --longest")
+        if a.batch is not None:
+            raise SystemExit("fastpeft.bench: --batch does not apply to --longest (it searches the sequence length "
+                             "at batch 1)")
         return _longest(a, device)
     if a.model is None or a.model == "all":
         models = ["1b", "8b"] if device == "cuda" else ["tiny"]
     else:
         models = [a.model]
-    if device != "cuda" and models != ["tiny"]:
+    if device != "cuda" and not set(models) <= set(CPU_MODELS):
         raise SystemExit(f"fastpeft.bench: --model {a.model} needs a CUDA GPU; on this machine use --model tiny "
-                         "(the default without a GPU)")
+                         "(the default without a GPU) or tiny-qwen")
+    batch_shape = _batch_shape(a.batch)
     if device != "cuda":
-        s = MODELS["tiny"]
-        print(f"fastpeft.bench: no CUDA device -> tiny shapes on the CPU ({s['num_hidden_layers']}-layer Llama, "
-              f"hidden {s['hidden_size']}, batch {SEQ['tiny'][0]} x {SEQ['tiny'][1]} tokens): a smoke test, "
-              "not a measurement", flush=True)
+        s = MODELS[models[0]]
+        b, t = batch_shape or SEQ[models[0]]
+        print(f"fastpeft.bench: no CUDA device -> tiny shapes on the CPU ({s['name']}, hidden {s['hidden_size']}, "
+              f"batch {b} x {t} tokens): a smoke test, not a measurement", flush=True)
     if a.backend == "triton" and device != "cuda" and not settings.get().triton_interpret:
         raise SystemExit("fastpeft.bench: --backend triton without a GPU needs TRITON_INTERPRET=1 in the "
                          "environment (set before Python starts) and --dtype fp32")
@@ -122,12 +132,23 @@ def main(argv=None) -> int:
             warnings.filterwarnings("ignore", message=".*(gradient|activation)_checkpointing.*", category=FutureWarning)
             info = run(models, methods, device, steps, warmup, a.out_dir, profile_methods, dtype=dtype,
                        budget_s=a.budget_s, plots=not a.no_plots, backend=a.backend, progress=not a.no_progress,
-                       overwrite=a.overwrite, compile_mode=a.compile)
+                       overwrite=a.overwrite, compile_mode=a.compile, batch_shape=batch_shape)
     finally:
         torch.set_num_threads(threads)
     bad_rows = [r for r in info["rows"] if r["status"] == "error"]
     return 1 if bad_rows else 0
 
+
+
+def _batch_shape(text):
+    """``--batch BxT`` as (B, T), or None when not given; a clear error for anything else."""
+    if text is None:
+        return None
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"fastpeft.bench: --batch must be BATCHxTOKENS with two positive integers (e.g. 8x2048), "
+                         f"got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _longest(a, device: str) -> int:

@@ -38,6 +38,8 @@ from .plan import (
     RANK,
     SEQ,
     Spec,
+    arch_of,
+    batch_shape_of,
     full_ft_estimate_bytes,
     is_4bit,
     is_dora,
@@ -51,11 +53,20 @@ from .profiling import profile_step
 
 
 # -- models ----------------------------------------------------------------------------------------------
-def llama_config(model: str, seq: Optional[int] = None):
-    """The ``transformers.LlamaConfig`` of one of the MODELS shapes (positions for ``seq`` tokens at least)."""
-    shape = {k: v for k, v in MODELS[model].items() if k != "name"}
+def model_config(model: str, seq: Optional[int] = None):
+    """The transformers config of one of the MODELS shapes (``LlamaConfig``, or ``Qwen2Config`` for the qwen2
+    shapes), with positions for ``seq`` tokens at least."""
+    shape = {k: v for k, v in MODELS[model].items() if k not in ("name", "arch")}
     seq = seq or SEQ[model][1]
-    return transformers.LlamaConfig(max_position_embeddings=max(seq, 2048), use_cache=False, **shape)
+    kind = transformers.Qwen2Config if arch_of(model) == "qwen2" else transformers.LlamaConfig
+    return kind(max_position_embeddings=max(seq, 2048), use_cache=False, **shape)
+
+
+def llama_config(model: str, seq: Optional[int] = None):
+    """The ``transformers.LlamaConfig`` of one of the Llama shapes of MODELS (``model_config`` for any shape)."""
+    if arch_of(model) != "llama":
+        raise ValueError(f"{model} is a {arch_of(model)} shape, not a Llama one: use model_config")
+    return model_config(model, seq)
 
 
 def enable_kv_cache(model: nn.Module) -> nn.Module:
@@ -85,11 +96,12 @@ def assert_kv_cache(model: nn.Module, run: Callable[[], Any]) -> Any:
 
 
 def build_base(model: str, device: str, dtype: torch.dtype, seed: int = 0, seq: Optional[int] = None) -> nn.Module:
-    """A random-init LlamaForCausalLM, built directly on ``device`` in ``dtype`` (same seed => same weights)."""
+    """A random-init LlamaForCausalLM (Qwen2ForCausalLM for the qwen2 shapes), built directly on ``device`` in
+    ``dtype`` (same seed => same weights)."""
     torch.manual_seed(seed)
+    kind = transformers.Qwen2ForCausalLM if arch_of(model) == "qwen2" else transformers.LlamaForCausalLM
     with torch.device(device):
-        m = transformers.LlamaForCausalLM._from_config(llama_config(model, seq), dtype=dtype,
-                                                       attn_implementation="sdpa")
+        m = kind._from_config(model_config(model, seq), dtype=dtype, attn_implementation="sdpa")
     m.config.use_cache = False
     return m.train()
 
@@ -187,6 +199,8 @@ def unavailable(spec: Spec, device: str) -> Optional[str]:
             return "liger_kernel not installed (pip install liger-kernel)"
         if device != "cuda":
             return "Liger-Kernel's kernels need CUDA"
+        if arch_of(spec.model) != "llama":
+            return f"the Liger rows patch Llama modules only ({MODELS[spec.model]['name']} is {arch_of(spec.model)})"
     return None
 
 
@@ -243,7 +257,7 @@ def prepare(spec: Spec, device: str, dtype: torch.dtype = torch.bfloat16, seed: 
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be None or one of {COMPILE_MODES}, got {compile_mode!r}")
     stack = contextlib.ExitStack()
-    batch, seq = batch_shape or SEQ[spec.model]
+    batch, seq = batch_shape_of(spec.model, batch_shape)
     try:
         model = build_base(spec.model, device, dtype, seed, seq=seq)
         if is_4bit(spec.method):
@@ -338,9 +352,10 @@ def new_row(spec: Spec) -> Dict[str, Any]:
 
 def run_config(spec: Spec, device: str, dtype: torch.dtype, steps: int, warmup: int, gemm: Optional[float],
                profile: bool = False, backend: Optional[str] = None, log: Callable[[str], None] = print,
-               compile_mode: Optional[str] = None) -> Dict[str, Any]:
+               compile_mode: Optional[str] = None, batch_shape: Optional[tuple] = None) -> Dict[str, Any]:
     """Build, warm up, time ``steps`` steps, optionally profile one more; never raises (status says why).
-    With ``compile_mode`` the row also records ``first_step_s`` (the step that compiles)."""
+    With ``compile_mode`` the row also records ``first_step_s`` (the step that compiles); ``batch_shape``
+    (batch, tokens per sequence) replaces the model's default ``SEQ`` shape."""
     row = new_row(spec)
     row["compile"] = compile_mode
     why = unavailable(spec, device)
@@ -348,7 +363,7 @@ def run_config(spec: Spec, device: str, dtype: torch.dtype, steps: int, warmup: 
         row.update(status="skipped", reason=why)
         return row
     if spec.method == "full_ft" and device == "cuda":
-        est, cap = full_ft_estimate_bytes(spec.model), gpu_memory_bytes(device)
+        est, cap = full_ft_estimate_bytes(spec.model, batch_shape), gpu_memory_bytes(device)
         row["estimate_gib"] = est / GiB
         if est > cap:
             row.update(status="oom", reason=f"OOM (estimated {est / GiB:.1f} GiB > {cap / GiB:.1f} GiB): not tried")
@@ -358,7 +373,7 @@ def run_config(spec: Spec, device: str, dtype: torch.dtype, steps: int, warmup: 
     if device == "cuda":
         row["allocated_before_gib"] = torch.cuda.memory_allocated() / GiB
     try:
-        _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log, compile_mode)
+        _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log, compile_mode, batch_shape)
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="oom", reason=f"OOM: {str(e).splitlines()[0][:300]}")
     except Exception as e:  # recorded, the run goes on with the next configuration
@@ -369,17 +384,18 @@ def run_config(spec: Spec, device: str, dtype: torch.dtype, steps: int, warmup: 
     return row
 
 
-def _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log, compile_mode=None) -> None:
+def _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, log, compile_mode=None,
+             batch_shape=None) -> None:
     peak = PeakMemory(device)
     t_build = time.perf_counter()
-    prep = prepare(spec, device, dtype, backend=backend, compile_mode=compile_mode)
+    batch, seq = batch_shape_of(spec.model, batch_shape)
+    prep = prepare(spec, device, dtype, backend=backend, compile_mode=compile_mode, batch_shape=(batch, seq))
     try:
         sync(device)
         row["build_s"] = time.perf_counter() - t_build
         row["trainable_params"] = prep.trainable
         if uses_fused_loss(spec.method):  # enable_fused_loss(backend="auto") picks Liger's kernel when it can
             row["fused_loss_backend"] = "liger" if (HAS_LIGER and device == "cuda") else "fastpeft"
-        batch, seq = SEQ[spec.model]
         tokens = batch * seq
         peak.reset()
         losses, times = [], []
@@ -401,9 +417,9 @@ def _measure(spec, row, device, dtype, steps, warmup, gemm, profile, backend, lo
         med = statistics.median(times)
         if compile_mode is not None:
             row["first_step_s"] = first_step_s
-        flops = step_flops(spec.model, spec.method)
+        flops = step_flops(spec.model, spec.method, (batch, seq))
         row.update(
-            status="ok", tokens=tokens, step_s=med, step_s_all=times, tokens_per_s=tokens / med,
+            status="ok", batch=batch, seq=seq, tokens=tokens, step_s=med, step_s_all=times, tokens_per_s=tokens / med,
             peak_gib=None if pk is None else pk / GiB, peak_kind=peak.kind,
             loss_first=losses[0], loss_last=losses[-1], flops_per_step=flops,
             mfu=(flops / med / (gemm * 1e12)) if gemm else None,

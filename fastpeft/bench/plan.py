@@ -23,7 +23,8 @@ OFT_BLOCK_SIZE = 32  # PEFT's default oft_block_size (Cayley-Neumann, 5 terms: P
 ADALORA_INIT_R, ADALORA_TARGET_R, ADALORA_TOTAL_STEP = 12, 8, 10_000
 SCHEMA = "fastpeft.bench.step/1"
 
-# Llama shapes. rope settings do not change the step's cost and are left at their defaults.
+# Model shapes: Llama by default; "arch": "qwen2" builds a Qwen2 model (q / k / v with bias). rope settings do not
+# change the step's cost and are left at their defaults. The "tiny*" shapes are the CPU smoke tests.
 MODELS: Dict[str, Dict[str, Any]] = {
     "8b": dict(name="Llama-3.1-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
@@ -31,8 +32,27 @@ MODELS: Dict[str, Dict[str, Any]] = {
                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "tiny": dict(name="tiny Llama (2 layers)", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+    # another Llama-like family: bias on q / k / v, 2 KV heads, tied embeddings (issue 13's "not only two shapes")
+    "qwen1.5b": dict(name="Qwen2.5-1.5B", arch="qwen2", hidden_size=1536, intermediate_size=8960,
+                     num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                     tie_word_embeddings=True),
+    "tiny-qwen": dict(name="tiny Qwen2 (2 layers)", arch="qwen2", hidden_size=64, intermediate_size=176,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                      tie_word_embeddings=True),
 }
-SEQ = {"8b": (2, 2048), "1b": (2, 2048), "tiny": (2, 64)}  # (batch, tokens per sequence)
+ARCHS = ("llama", "qwen2")
+CPU_MODELS = ("tiny", "tiny-qwen")  # the shapes a machine without a GPU runs
+SEQ = {"8b": (2, 2048), "1b": (2, 2048), "tiny": (2, 64), "qwen1.5b": (2, 2048), "tiny-qwen": (2, 64)}  # (batch, tokens per sequence)
+
+
+def arch_of(model: str) -> str:
+    """The transformers architecture of a MODELS shape: "llama" or "qwen2"."""
+    return MODELS[model].get("arch", "llama")
+
+
+def batch_shape_of(model: str, batch_shape=None):
+    """(batch, tokens per sequence) of a run: ``batch_shape`` when given (``--batch``), else ``SEQ[model]``."""
+    return tuple(batch_shape) if batch_shape else SEQ[model]
 
 # Run order = priority (a --budget-s cut drops the tail): the targets first, then variants, Liger last.
 METHODS = ["full_ft", "lora", "qlora", "ia3", "dora", "qdora", "lora_dropout", "qlora_dropout", "dora_dropout", "vera",
@@ -74,8 +94,10 @@ PRIOR_STEP_S = {
            "qlora_fused": 0.54, "lora_offload": 0.19, "qlora_offload": 0.54},
     "tiny": {m: 0.05 for m in METHODS},
 }
-PRIOR_BUILD_S = {"8b": 6.0, "1b": 3.0, "tiny": 0.5}
-PRIOR_PROFILE_S = {"8b": 25.0, "1b": 12.0, "tiny": 1.0}  # one profiled step + parsing ~10^5 profiler events
+PRIOR_STEP_S["qwen1.5b"] = {m: 1.3 * v for m, v in PRIOR_STEP_S["1b"].items()}  # ~1.3x the 1B's FLOPs per token
+PRIOR_STEP_S["tiny-qwen"] = PRIOR_STEP_S["tiny"]
+PRIOR_BUILD_S = {"8b": 6.0, "1b": 3.0, "tiny": 0.5, "qwen1.5b": 4.0, "tiny-qwen": 0.5}
+PRIOR_PROFILE_S = {"8b": 25.0, "1b": 12.0, "tiny": 1.0, "qwen1.5b": 15.0, "tiny-qwen": 1.0}  # one profiled step + parsing ~10^5 profiler events
 
 
 # -- one configuration -----------------------------------------------------------------------------------
@@ -83,7 +105,7 @@ PRIOR_PROFILE_S = {"8b": 25.0, "1b": 12.0, "tiny": 1.0}  # one profiled step + p
 class Spec:
     """One row of the benchmark: a model shape, a method and the implementation that runs it."""
 
-    model: str  # 8b | 1b | tiny
+    model: str  # one of MODELS
     method: str  # one of METHODS
     impl: str  # torch (full_ft) | peft | fastpeft
 
@@ -137,9 +159,11 @@ def make_plan(models: List[str], methods: List[str]) -> List[Spec]:
     return plan
 
 
-def predict_s(spec: Spec, steps: int, warmup: int, profile: bool) -> float:
-    """Seconds one configuration should take by the H100 priors (for the running estimate and --budget-s)."""
-    step = PRIOR_STEP_S[spec.model][spec.method]
+def predict_s(spec: Spec, steps: int, warmup: int, profile: bool, batch_shape=None) -> float:
+    """Seconds one configuration should take by the H100 priors (for the running estimate and --budget-s); the
+    step prior scales with the tokens per step."""
+    b, t = batch_shape_of(spec.model, batch_shape)
+    step = PRIOR_STEP_S[spec.model][spec.method] * (b * t) / (SEQ[spec.model][0] * SEQ[spec.model][1])
     build = PRIOR_BUILD_S[spec.model] * (1.5 if is_4bit(spec.method) else 1.0)
     return build + (steps + warmup) * step + (PRIOR_PROFILE_S[spec.model] if profile else 0.0)
 
@@ -160,19 +184,21 @@ def total_params(model: str) -> int:
     h, L, V = s["hidden_size"], s["num_hidden_layers"], s["vocab_size"]
     lp = linear_params(model)
     emb = 0 if s["tie_word_embeddings"] else V * h
-    return lp["decoder"] + lp["head"] + emb + (2 * L + 1) * h
+    # Qwen2: q / k / v carry a bias (h + 2·kv values per layer)
+    bias = L * (h + 2 * s["num_key_value_heads"] * (h // s["num_attention_heads"])) if arch_of(model) == "qwen2" else 0
+    return lp["decoder"] + lp["head"] + emb + (2 * L + 1) * h + bias
 
 
-def step_flops(model: str, method: str) -> float:
+def step_flops(model: str, method: str, batch_shape=None) -> float:
     """FLOPs one step must do, with activation checkpointing (each decoder layer's forward runs twice; prefix
     tuning trains without it: no recompute).
 
     Decoder linears: forward 2·N·T, recompute 2·N·T, input gradient 2·N·T, weight gradient 2·N·T (full FT
     only). Output head (not recomputed): 2·N·T + 2·N·T, + 2·N·T for full FT. Causal attention counted at
     half the square: forward 2·B·S²·d per layer, ×4 in all (forward, recompute, backward = 2×). Adapter
-    FLOPs (2·T·r·(K+N) per LoRA layer, < 1%) are left out.
+    FLOPs (2·T·r·(K+N) per LoRA layer, < 1%) are left out. ``batch_shape``: as ``batch_shape_of``.
     """
-    batch, seq = SEQ[model]
+    batch, seq = batch_shape_of(model, batch_shape)
     T = batch * seq
     lp = linear_params(model)
     s = MODELS[model]
@@ -184,11 +210,11 @@ def step_flops(model: str, method: str) -> float:
     return float(dec + head + attn)
 
 
-def full_ft_estimate_bytes(model: str) -> int:
+def full_ft_estimate_bytes(model: str, batch_shape=None) -> int:
     """bf16 weights + grads + AdamW's two bf16 states (8 B/param), plus activations under checkpointing:
     one hidden state per layer, one layer's recomputed internals, and the logits (bf16, fp32 upcast, grad)."""
     s = MODELS[model]
-    batch, seq = SEQ[model]
+    batch, seq = batch_shape_of(model, batch_shape)
     T = batch * seq
     h, i, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
     states = total_params(model) * 8

@@ -26,10 +26,18 @@ from .profiling import BUCKETS
 OUTPUT_SUFFIXES = (".json", ".md", "_tokens.png", "_memory.png")  # what one run writes per stem
 
 
-def output_stem(models: List[str], date: str, compile_mode: Optional[str] = None) -> str:
+def output_stem(models: List[str], date: str, compile_mode: Optional[str] = None,
+                batch_shape: Optional[tuple] = None) -> str:
     tag = "" if set(models) >= {"1b", "8b"} or models == ["tiny"] else "_" + "-".join(models)
     kind = "" if compile_mode is None else f"compile-{compile_mode}_"
-    return f"step_{kind}{date}{tag}"
+    shape = "" if not batch_shape else f"_b{batch_shape[0]}x{batch_shape[1]}"
+    return f"step_{kind}{date}{tag}{shape}"
+
+
+def _batch_seq(info, model: str) -> tuple:
+    """(batch, tokens per sequence) the run used for ``model``: its recorded shape, else the default."""
+    shape = info.get("settings", {}).get("shapes", {}).get(model) or {}
+    return (shape["batch"], shape["seq"]) if "batch" in shape and "seq" in shape else SEQ[model]
 
 
 def free_stem(out_dir: str, name: str, overwrite: bool = False) -> str:
@@ -81,7 +89,7 @@ def _gib(r) -> str:
 
 
 def _models_in(rows) -> List[str]:
-    order = ["1b", "8b", "tiny"]
+    order = ["1b", "8b"] + [m for m in MODELS if m not in ("1b", "8b")]
     present = {r["model"] for r in rows}
     return [m for m in order if m in present]
 
@@ -219,8 +227,9 @@ def markdown(info) -> str:
         f"torch {v.get('torch')} (CUDA {v.get('cuda')}), triton {v.get('triton')}, transformers {v.get('transformers')}, "
         f"peft {v.get('peft')}, bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel') or 'not installed'}, "
         f"fastpeft {v.get('fastpeft')} ({v.get('fastpeft_git') or 'no git'}); backend {st.get('fastpeft_backend')}.",
-        f"Random-init Llama shapes built from configs, {st['dtype']}, sdpa attention, "
-        + ", ".join(f"{MODELS[m]['name']}: batch {SEQ[m][0]} × {SEQ[m][1]} tokens" for m in _models_in(info["rows"]))
+        f"Random-init model shapes built from configs, {st['dtype']}, sdpa attention, "
+        + ", ".join(f"{MODELS[m]['name']}: batch {_batch_seq(info, m)[0]} × {_batch_seq(info, m)[1]} tokens"
+                    for m in _models_in(info["rows"]))
         + f"; gradient checkpointing ({st['gradient_checkpointing']}), {st['optimizer']}; r={st['rank']}, "
         f"alpha={st['lora_alpha']} on all linear layers but the head; IA3 on k, v, down. Tokens/s = median of "
         f"{st['steps']} timed steps after {st['warmup']} warm-up steps; peak = "
@@ -316,7 +325,7 @@ def write_plots(info, stem: str) -> List[str]:
                 ax.axhline(full[key], color="#d62728", linestyle="--", linewidth=1, label="Full FT")
             ax.set_xticks(x)
             ax.set_xticklabels(labels, fontsize=8)
-            title = f"{MODELS[model]['name']}, batch {SEQ[model][0]}×{SEQ[model][1]}"
+            title = f"{MODELS[model]['name']}, batch {_batch_seq(info, model)[0]}×{_batch_seq(info, model)[1]}"
             if full is not None and full["status"] != "ok":
                 title += f" (Full FT: {_status(full)})"
             ax.set_title(title, fontsize=10)

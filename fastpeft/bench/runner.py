@@ -15,18 +15,20 @@ import torch
 from .. import settings
 from .environment import device_name, device_slug, gemm_tflops, gpu_memory_bytes, versions
 from .harness import new_row, run_config
-from .plan import ALPHA, DROPOUT, IA3_TARGETS, MODELS, RANK, SCHEMA, SEQ, GiB, make_plan, predict_s
+from .plan import ALPHA, DROPOUT, IA3_TARGETS, MODELS, RANK, SCHEMA, GiB, batch_shape_of, make_plan, predict_s
 from .reporting import free_stem, markdown, output_stem, require_plotting, write_json, write_plots
 
 def run(models: List[str], methods: List[str], device: str, steps: int, warmup: int, out_dir: Optional[str],
         profile_methods: List[str], dtype: torch.dtype = torch.bfloat16, budget_s: Optional[float] = None,
         plots: bool = True, backend: Optional[str] = None, progress: bool = True,
         log: Callable[[str], None] = print, overwrite: bool = False,
-        compile_mode: Optional[str] = None) -> Dict[str, Any]:
+        compile_mode: Optional[str] = None, batch_shape: Optional[tuple] = None) -> Dict[str, Any]:
     """Run the plan; write JSON after each configuration and markdown + plots at the end, under
     ``step_<date>[_<models>]`` or, if an earlier run wrote files under that name and ``overwrite`` is off,
     the first free ``..._run2``, ``..._run3`` (``reporting.free_stem``). ``compile_mode``: every row's step runs
-    ``torch.compile(model, mode=compile_mode)`` (the files are named ``step_compile-<mode>_<date>...``)."""
+    ``torch.compile(model, mode=compile_mode)`` (the files are named ``step_compile-<mode>_<date>...``).
+    ``batch_shape``: (batch, tokens per sequence) for every model instead of its default (``plan.SEQ``); the
+    files then end in ``_b<batch>x<seq>``."""
     t_start = time.perf_counter()
     date = datetime.date.today().isoformat()
     info: Dict[str, Any] = {
@@ -37,7 +39,8 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
                      "gradient_checkpointing": "non-reentrant", "optimizer": "torch AdamW" + (
                          " (fused)" if device == "cuda" else ""), "attention": "sdpa",
                      "fastpeft_backend": backend or settings.get().backend, "compile": compile_mode,
-                     "shapes": {m: {**MODELS[m], "batch": SEQ[m][0], "seq": SEQ[m][1]} for m in models}},
+                     "shapes": {m: {**MODELS[m], "batch": batch_shape_of(m, batch_shape)[0],
+                                    "seq": batch_shape_of(m, batch_shape)[1]} for m in models}},
         "gemm_tflops": None, "rows": [], "notes": [],
     }
     if device != "cuda":
@@ -47,14 +50,14 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
         require_plotting()
     out_dir = out_dir or os.path.join("benchmarks", "results", info["device_slug"])
     os.makedirs(out_dir, exist_ok=True)
-    stem = free_stem(out_dir, output_stem(models, date, compile_mode), overwrite)
+    stem = free_stem(out_dir, output_stem(models, date, compile_mode, batch_shape), overwrite)
     info["gemm_tflops"] = gemm_tflops(device)
     if info["gemm_tflops"]:
         log(f"bf16 GEMM 8192^3: {info['gemm_tflops']:.0f} TFLOP/s (the MFU denominator)")
     plan = make_plan(models, methods)
     profile_model = models[-1]  # the largest model of the run (models are ordered small to large)
     profiled = [s.method in profile_methods and s.model == profile_model for s in plan]
-    predicted = [predict_s(s, steps, warmup, prof) for s, prof in zip(plan, profiled)]
+    predicted = [predict_s(s, steps, warmup, prof, batch_shape) for s, prof in zip(plan, profiled)]
     log(f"plan: {len(plan)} configurations, about {sum(predicted):.0f} s by the H100 priors"
         + (f" (budget {budget_s:.0f} s)" if budget_s else ""))
     bar = _progress(len(plan), progress)
@@ -70,7 +73,7 @@ def run(models: List[str], methods: List[str], device: str, steps: int, warmup: 
                                                 f"predicted > --budget-s {budget_s:.0f}")
         else:
             row = run_config(spec, device, dtype, steps, warmup, info["gemm_tflops"], profile=profiled[k],
-                             backend=backend, log=bar.write, compile_mode=compile_mode)
+                             backend=backend, log=bar.write, compile_mode=compile_mode, batch_shape=batch_shape)
             if row.get("wall_s") and row["status"] != "skipped":
                 done_pred += predicted[k]
                 done_real += row["wall_s"]

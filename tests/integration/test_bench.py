@@ -157,11 +157,12 @@ def test_bad_arguments_say_what_is_allowed(tmp_path):
             bench.main(["--model", "8b", "--out-dir", str(tmp_path)])
 
 
-@pytest.mark.parametrize("model", ["1b", "8b", "tiny"])
+@pytest.mark.parametrize("model", ["1b", "8b", "tiny", "qwen1.5b", "tiny-qwen"])
 def test_parameter_accounting_matches_transformers(model):
     """The FLOP / memory model counts the same parameters as the real model (built on meta: no memory)."""
+    kind = transformers.Qwen2ForCausalLM if bench.arch_of(model) == "qwen2" else transformers.LlamaForCausalLM
     with torch.device("meta"):
-        m = transformers.LlamaForCausalLM(bench.llama_config(model))
+        m = kind(bench.model_config(model))
     assert bench.total_params(model) == sum(p.numel() for p in m.parameters())
     lin = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
     lp = bench.linear_params(model)
@@ -395,3 +396,55 @@ def test_compiled_run_reports_the_first_step_side_by_side():
     assert "| Llama-3.2-1B | Full FT | 30.0 |  |  |" in md
     assert "| Llama-3.2-1B | LoRA r=16 |  | 40.0 | 20.0 |" in md
     assert "## First (compiling) step" not in bench.markdown(_gpu_like_info())  # eager runs: no such table
+
+
+def test_qwen_shape_and_batch_option_run_and_are_recorded(tmp_path):
+    # issue 13 asks for other Llama-like families and batch shapes: a Qwen2 model (bias on q / k / v, 2 KV heads,
+    # tied embeddings) at a batch shape given on the command line, PEFT and fastpeft side by side
+    rc = bench.main(["--model", "tiny-qwen", "--methods", "lora", "--batch", "3x16", "--steps", "1", "--warmup", "1",
+                     "--no-plots", "--no-progress", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    (json_file,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    assert json_file.endswith("_tiny-qwen_b3x16.json"), json_file
+    with open(tmp_path / json_file) as f:
+        info = json.load(f)
+    assert info["settings"]["shapes"]["tiny-qwen"]["batch"] == 3 and info["settings"]["shapes"]["tiny-qwen"]["seq"] == 16
+    rows = {r["impl"]: r for r in info["rows"]}
+    assert set(rows) == {"peft", "fastpeft"}
+    for r in rows.values():
+        assert r["status"] == "ok" and (r["batch"], r["seq"], r["tokens"]) == (3, 16, 48), r
+    assert abs(rows["peft"]["loss_first"] - rows["fastpeft"]["loss_first"]) < 1e-4  # same model, same batch
+    with open(tmp_path / json_file.replace(".json", ".md")) as f:
+        assert "tiny Qwen2 (2 layers): batch 3 × 16 tokens" in f.read()
+    base = bench.build_base("tiny-qwen", "cpu", torch.float32)
+    assert isinstance(base, transformers.Qwen2ForCausalLM)
+    attn = base.model.layers[0].self_attn
+    assert attn.q_proj.bias is not None and attn.k_proj.bias is not None and attn.o_proj.bias is None
+    assert base.config.num_key_value_heads == 2 and base.config.tie_word_embeddings
+
+
+def test_batch_option_checks_its_argument(tmp_path):
+    for bad in ("8x", "0x16", "2x-1", "abc", "2x3x4"):
+        with pytest.raises(SystemExit, match="--batch must be BATCHxTOKENS"):
+            bench.main(["--model", "tiny", "--batch", bad, "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--batch does not apply to --longest"):
+        bench.main(["--longest", "--batch", "2x16", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--batch does not apply to --report"):
+        bench.main(["--report", "x.json", "--batch", "2x16", "--out-dir", str(tmp_path)])
+    assert bench.output_stem(["1b"], "2026-01-02", None, (8, 2048)) == "step_2026-01-02_1b_b8x2048"
+    assert bench.batch_shape_of("1b") == bench.SEQ["1b"] and bench.batch_shape_of("1b", (8, 2048)) == (8, 2048)
+    # FLOPs scale with the tokens (same sequence length: the attention term too)
+    assert bench.step_flops("1b", "lora", (8, 2048)) == pytest.approx(4 * bench.step_flops("1b", "lora"))
+    assert bench.full_ft_estimate_bytes("1b", (8, 2048)) > bench.full_ft_estimate_bytes("1b")
+    if not CUDA:
+        with pytest.raises(SystemExit, match="needs a CUDA GPU.*tiny-qwen"):
+            bench.main(["--model", "qwen1.5b", "--out-dir", str(tmp_path)])
+
+
+def test_liger_rows_are_skipped_with_a_reason_on_qwen(monkeypatch):
+    monkeypatch.setattr(bench.harness, "have", lambda name: True)
+    why = bench.unavailable(bench.Spec("qwen1.5b", "lora_liger", "fastpeft"), "cuda")
+    assert why and "Llama modules only" in why
+    assert bench.unavailable(bench.Spec("1b", "lora_liger", "fastpeft"), "cuda") is None
+    with pytest.raises(ValueError, match="not a Llama one"):
+        bench.llama_config("qwen1.5b")
