@@ -83,6 +83,36 @@ __global__ void pack_split_kernel(const float* __restrict__ src, int64_t rows, i
   write_parts(dst + r * pat.parts * cols, cols, c, row_scale != nullptr ? v * row_scale[r] : v, pat);
 }
 
+// Up to three pack_split_kernel jobs in one launch (pack_splits below): the split composition's packs are a few
+// hundred KB each, so their cost is the launch (~25 µs of host per launch and allocation on the lent H200 host,
+// issue 13), not the bytes. Job j covers global indices [end[j-1], end[j]) and writes dst + dst_off.
+struct PackJob {
+  const float* src;
+  int64_t rows, cols, s0, s1;
+  const float* row_scale;
+  int64_t dst_off;
+  Pattern pat;
+};
+struct PackJobs {
+  PackJob job[3];
+  int64_t end[3];
+  int n;
+};
+
+template <typename T>
+__global__ void pack_splits_kernel(const PackJobs jobs, T* __restrict__ dst) {
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int j = 0;
+  while (j < jobs.n && i >= jobs.end[j]) ++j;
+  if (j >= jobs.n) return;
+  if (j > 0) i -= jobs.end[j - 1];
+  const PackJob& p = jobs.job[j];
+  const int64_t r = i / p.cols, c = i - r * p.cols;
+  const float v = p.src[r * p.s0 + c * p.s1];
+  write_parts(dst + p.dst_off + r * p.pat.parts * p.cols, p.cols, c, p.row_scale != nullptr ? v * p.row_scale[r] : v,
+              p.pat);
+}
+
 // v = scale·(P[r, c] + P[r, C + c]) for P [R, 2C] (the two halves of a split GEMM's fp32 output); writes v to out32
 // [R, C] (if given) and its parts to out_a / out_b (if given). Bound: bytes (r-wide data).
 template <typename T>
@@ -99,14 +129,28 @@ __global__ void finalize_split_kernel(const float* __restrict__ P, int64_t R, in
 }
 
 // out[o·inner + j] = P[o·stride + j] + P[o·stride + half + j]: the two halves of a split GEMM's fp32 output, times
-// scale[o] after the sum when given (DoRA's g⊙(dYᵀ·S)).
-__global__ void combine_halves_kernel(const float* __restrict__ P, int64_t outer, int64_t inner, int64_t stride,
-                                      int64_t half, const float* __restrict__ scale, float* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= outer * inner) return;
+// scale[o] after the sum when given (DoRA's g⊙(dYᵀ·S)). Up to two such jobs per launch (the backward's dB and dA:
+// one launch instead of two); job 1 covers global indices [outer0·inner0, outer0·inner0 + outer1·inner1).
+struct CombineJob {
+  const float* P;
+  int64_t outer, inner, stride, half;
+  const float* scale;
+  float* out;
+};
+
+__global__ void combine_halves_kernel(const CombineJob a, const CombineJob b) {
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t na = a.outer * a.inner;
+  const bool second = i >= na;  // fields picked one by one: a reference to either job would go to local memory
+  const float* P = second ? b.P : a.P;
+  const float* scale = second ? b.scale : a.scale;
+  const int64_t inner = second ? b.inner : a.inner, stride = second ? b.stride : a.stride,
+                half = second ? b.half : a.half;
+  if (second) i -= na;
+  if (P == nullptr || i >= (second ? b.outer : a.outer) * inner) return;
   const int64_t o = i / inner, j = i - o * inner;
   const float v = P[o * stride + j] + P[o * stride + half + j];
-  out[i] = scale != nullptr ? v * scale[o] : v;
+  (second ? b.out : a.out)[i] = scale != nullptr ? v * scale[o] : v;
 }
 
 // Eight consecutive elements of row-major data as floats: one 16-byte load when `vec` (16-bit T, unit stride,
@@ -224,7 +268,7 @@ __device__ __forceinline__ unsigned elem_bits(__nv_bfloat16 v) { return __bfloat
 
 // DoRA's two passes over [M, N], with L = S·Bᵀ (S [M, R] and B [N, R] fp32, R <= RMAX) formed on the tensor cores:
 //   forward  (BWD = false): out = dtype(g·(Z0 + L) + bias)      Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
-//   backward (BWD = true):  red[c] (+)= Σ_m dY·(Z0 + L);  out = dtype(g·dY) (if out)
+//   backward (BWD = true):  red[c] (+)= red_scale[c]·Σ_m dY·(Z0 + L) (red_scale optional);  out = dtype(g·dY) (if out)
 // One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output.
 // Block: 8 warps over BM rows × BN columns at a time (BM = 64 forward, 32 backward, which reads dY too; BN = 128,
 // 64 at RMAX = 64), walking its rows_per_block rows tile by tile; B's tile (split into TF32 hi / lo parts), g and
@@ -394,8 +438,9 @@ template <typename T, int RMAX, bool BWD>
 __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_kernel(
     const T* __restrict__ z0, int64_t sz0, int64_t sz1, const T* __restrict__ dy, int64_t sd0, int64_t sd1,
     const float* __restrict__ S, int64_t ss0, int64_t ss1, const float* __restrict__ B, int64_t sb0, int64_t sb1,
-    const float* __restrict__ g, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ red, int64_t M,
-    int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z, bool vec_d, bool vec_o, bool vec_s) {
+    const float* __restrict__ g, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ red,
+    const float* __restrict__ red_scale, int64_t M, int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z,
+    bool vec_d, bool vec_o, bool vec_s) {
   using Tile = DoraTile<T, RMAX, BWD>;
   constexpr int BM = Tile::BM, BN = Tile::BN, WC = Tile::WC, LDB = Tile::LDB, ZLD = Tile::ZLD;
   constexpr int VEC = 16 / sizeof(T);  // elements in a 16-byte copy
@@ -591,6 +636,7 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
       if (n0 + col >= N) continue;
       float sum = 0.0f;
       for (int w = 0; w < Tile::WARPS_M; ++w) sum += sums[w * BN + col];  // fixed order
+      if (red_scale != nullptr) sum *= red_scale[n0 + col];  // dm = (Σ dY⊙Z)/n: 1/n per partial, no extra launch
       if (atomic) {
         atomicAdd(red + n0 + col, sum);
       } else {
@@ -1049,6 +1095,48 @@ Tensor pack_split(const Tensor& src32, Pattern pat, at::ScalarType dt, const Ten
   return dst;
 }
 
+// pack_split of up to three fp32 matrices in one launch, into one allocation: the results are views into it, each
+// starting on a 128-byte boundary (cuBLAS reads them as GEMM operands). Temporaries only: never hand one out as a
+// gradient (it would keep the whole buffer alive, and a view as .grad surprises code that expects its own storage).
+struct PackSpec {
+  Tensor src;  // fp32 [rows, cols], any strides
+  Pattern pat;
+  Tensor row_scale;  // fp32 [rows] contiguous, or undefined
+};
+
+std::vector<Tensor> pack_splits(const std::vector<PackSpec>& specs, at::ScalarType dt) {
+  TORCH_INTERNAL_ASSERT(!specs.empty() && specs.size() <= 3, "pack_splits: 1 to 3 jobs");
+  PackJobs jobs{};
+  jobs.n = static_cast<int>(specs.size());
+  constexpr int64_t kAlign = 64;  // elements of a 16-bit dtype: 128 bytes
+  int64_t total = 0, done = 0;
+  std::vector<int64_t> offsets;
+  for (const PackSpec& sp : specs) {
+    offsets.push_back(total);
+    total += (sp.src.size(0) * sp.pat.parts * sp.src.size(1) + kAlign - 1) / kAlign * kAlign;
+  }
+  Tensor buf = at::empty({std::max<int64_t>(total, 1)}, specs[0].src.options().dtype(dt));
+  std::vector<Tensor> out;
+  for (size_t j = 0; j < specs.size(); ++j) {
+    const PackSpec& sp = specs[j];
+    const int64_t rows = sp.src.size(0), cols = sp.src.size(1);
+    TORCH_INTERNAL_ASSERT(sp.src.scalar_type() == at::kFloat, "pack_splits: fp32 sources");
+    jobs.job[j] = PackJob{sp.src.data_ptr<float>(), rows, cols, sp.src.stride(0), sp.src.stride(1),
+                          sp.row_scale.defined() ? sp.row_scale.data_ptr<float>() : nullptr, offsets[j], sp.pat};
+    done += rows * cols;
+    jobs.end[j] = done;
+    out.push_back(buf.as_strided({rows, sp.pat.parts * cols}, {sp.pat.parts * cols, 1}, offsets[j]));
+  }
+  if (done == 0) return out;
+  dispatch_16(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    pack_splits_kernel<T><<<blocks_for(done), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        jobs, reinterpret_cast<T*>(buf.data_ptr()));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 // P [R, 2C] fp32 -> scale·(left + right) as fp32 [R, C] (if want32) and as parts pa / pb (if given)
 std::tuple<Tensor, Tensor, Tensor> finalize_split(const Tensor& P, float scale, bool want32, const Pattern* pa,
                                                   const Pattern* pb, at::ScalarType dt) {
@@ -1069,19 +1157,31 @@ std::tuple<Tensor, Tensor, Tensor> finalize_split(const Tensor& P, float scale, 
   return {out32, a, b};
 }
 
-Tensor combine_halves(const Tensor& P, bool row_halves, const Tensor& scale = Tensor()) {
+CombineJob combine_job(const Tensor& P, bool row_halves, const Tensor& scale, Tensor* out) {
   // row_halves: P [2R, C] -> [R, C]; else P [R, 2C] -> [R, C], times scale [R] per row when given
   TORCH_INTERNAL_ASSERT(!scale.defined() || (!row_halves && scale.numel() == P.size(0)), "combine_halves: row scale");
+  TORCH_INTERNAL_ASSERT(P.is_contiguous() && P.scalar_type() == at::kFloat, "combine_halves: contiguous fp32 P");
   const int64_t R = row_halves ? P.size(0) / 2 : P.size(0), C = row_halves ? P.size(1) : P.size(1) / 2;
-  Tensor out = at::empty({R, C}, P.options());
-  if (R * C == 0) return out;
+  *out = at::empty({R, C}, P.options());
   const int64_t outer = row_halves ? 1 : R, inner = row_halves ? R * C : C;
   const int64_t stride = row_halves ? 0 : 2 * C, half = row_halves ? R * C : C;
-  combine_halves_kernel<<<blocks_for(R * C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      P.data_ptr<float>(), outer, inner, stride, half, scale.defined() ? scale.data_ptr<float>() : nullptr,
-      out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return CombineJob{P.data_ptr<float>(), outer, inner, stride, half,
+                    scale.defined() ? scale.data_ptr<float>() : nullptr, out->data_ptr<float>()};
+}
+
+// The halves of one or two split GEMMs summed in one launch (P2 undefined: one job). Returns (out1, out2).
+std::tuple<Tensor, Tensor> combine_halves2(const Tensor& P1, bool row_halves1, const Tensor& scale1, const Tensor& P2,
+                                           bool row_halves2) {
+  Tensor out1, out2;
+  CombineJob a{}, b{};
+  if (P1.defined()) a = combine_job(P1, row_halves1, scale1, &out1);
+  if (P2.defined()) b = combine_job(P2, row_halves2, Tensor(), &out2);
+  const int64_t n = a.outer * a.inner + b.outer * b.inner;
+  if (n > 0) {
+    combine_halves_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a, b);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out1, out2};
 }
 
 // Whether 8 consecutive elements of every row of t (2-D) can move as one 16-byte access.
@@ -1138,8 +1238,9 @@ Tensor scale_cols(const Tensor& a, const Tensor& l32) {
 // The largest rank dora_pass_kernel holds in registers; larger ranks take ATen (an fp32 [M, N] temporary).
 constexpr int kDoraMaxRank = 64;
 
-// dora_pass_kernel over Z0 [M, N] (and dY): forward returns Y; backward returns red = Σ_rows dY·(Z0 + S·Bᵀ) and
-// writes dZ = g⊙dY into `dz` when it is defined (contiguous [M, N]).
+// dora_pass_kernel over Z0 [M, N] (and dY): forward returns Y; backward returns red = Σ_rows dY·(Z0 + S·Bᵀ), each
+// column times red_scale (fp32 [N] contiguous: DoRA's 1/n) when given, and writes dZ = g⊙dY into `dz` when it is
+// defined (contiguous [M, N]).
 // launches dora_pass_kernel with its tile's dynamic shared memory (64-113 KB, over the 48 KB default at every tile:
 // the opt-in is set once per instantiation and device)
 template <typename T, int RMAX, bool BWD, typename... Args>
@@ -1156,7 +1257,7 @@ void launch_dora_pass(dim3 grid, cudaStream_t stream, Args... args) {
 }
 
 Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, const Tensor& B32, const Tensor& g32,
-                 const Tensor& bias, const Tensor& dz) {
+                 const Tensor& bias, const Tensor& dz, const Tensor& red_scale = Tensor()) {
   const int64_t M = Z0.size(0), N = Z0.size(1);
   const int R = static_cast<int>(S.size(1));
   TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
@@ -1200,12 +1301,13 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
     const T* bp = (!bwd && bias.defined()) ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
     T* op = out.defined() ? reinterpret_cast<T*>(out.data_ptr()) : nullptr;
     float* rp = bwd ? red.data_ptr<float>() : nullptr;
+    const float* rsp = bwd && red_scale.defined() ? red_scale.data_ptr<float>() : nullptr;
     const int64_t sd0 = bwd ? dy.stride(0) : 0, sd1 = bwd ? dy.stride(1) : 0;
 #define FP_DORA_PASS(RM, BW)                                                                                       \
   launch_dora_pass<T, RM, BW>(grid, stream, z0p, Z0.stride(0), Z0.stride(1), dyp, sd0, sd1, S.data_ptr<float>(),  \
                               S.stride(0), S.stride(1), B32.data_ptr<float>(), B32.stride(0), B32.stride(1),        \
-                              g32.data_ptr<float>(), bp, op, rp, M, N, R, rows_per_block, splits > 1, vec_z, vec_d, \
-                              vec_o, vec_s)
+                              g32.data_ptr<float>(), bp, op, rp, rsp, M, N, R, rows_per_block, splits > 1, vec_z,  \
+                              vec_d, vec_o, vec_s)
     if (bwd) {
       if (rmax == 16) FP_DORA_PASS(16, true); else if (rmax == 32) FP_DORA_PASS(32, true); else FP_DORA_PASS(64, true);
     } else {
@@ -1291,11 +1393,11 @@ std::tuple<Tensor, Tensor> lora_fwd_split(const Tensor& x2, const Tensor& weight
     y.addmm_(S, B32.t());
     return {y, S};
   }
-  const Tensor A2 = pack_split(A32.t(), kHL, dt);           // [K, 2r] = [A_hiᵀ | A_loᵀ]
-  const Tensor P = at::mm(xs, A2, at::kFloat);              // [M, 2r] fp32
+  // A's and B's splits in one launch: A2 [K, 2r] = [A_hiᵀ | A_loᵀ], B3 [N, 3r] = [B_hi | B_lo | B_hi]
+  const auto packs = pack_splits({{A32.t(), kHL, Tensor()}, {B32, kHLH, Tensor()}}, dt);
+  const Tensor P = at::mm(xs, packs[0], at::kFloat);        // [M, 2r] fp32
   auto [S, S3, unused] = finalize_split(P, static_cast<float>(scaling), true, &kHHL, nullptr, dt);
-  const Tensor B3 = pack_split(B32, kHLH, dt);              // [N, 3r]
-  y.addmm_(S3, B3.t());                                     // + S·Bᵀ, read by cuBLAS as C (beta = 1)
+  y.addmm_(S3, packs[1].t());                               // + S·Bᵀ, read by cuBLAS as C (beta = 1)
   return {y, S};
 }
 
@@ -1332,21 +1434,26 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
     }
     return {dx, dA, dB};
   }
-  if (need_B) {
-    const Tensor S2 = pack_split(S, kHL, dt);                                  // [M, 2r]
-    dB = combine_halves(at::mm(dy2.t(), S2, at::kFloat), /*row_halves=*/false, g);  // [N, r]
-  }
+  // the three splits the backward reads, in one launch: S2 [M, 2r] (dB), B2 [N, 2r] (dS; g⊙B for DoRA),
+  // A3 [K, 3r] (dX); dB's and dA's halves summed in one launch at the end: 8 launches, not 11
+  std::vector<PackSpec> specs;
+  if (need_B) specs.push_back({S, kHL, Tensor()});
+  if (need_A || need_x) specs.push_back({B32, kHL, g});
+  if (need_x) specs.push_back({A32.t(), kHLH, Tensor()});
+  const auto packs = pack_splits(specs, dt);
+  Tensor PdB, PdA;
+  if (need_B) PdB = at::mm(dy2.t(), packs[0], at::kFloat);                   // [N, 2r]
   if (need_A || need_x) {
-    const Tensor B2 = pack_split(B32, kHL, dt, g);                             // [N, 2r]
+    const Tensor& B2 = packs[need_B ? 1 : 0];
     const Tensor P = at::mm(dy2, B2, at::kFloat);                              // [M, 2r]: s·dS = halves summed
     auto [unused, dS2, dS3] = finalize_split(P, static_cast<float>(scaling), false, need_A ? &kHL : nullptr,
                                              need_x ? &kHHL : nullptr, dt);
     if (need_A) {
       const Tensor xs = p > 0.0 ? dropout_apply(x2, p, seed_v, false) : x2;
-      dA = combine_halves(at::mm(dS2.t(), xs, at::kFloat), /*row_halves=*/true);  // [r, K]
+      PdA = at::mm(dS2.t(), xs, at::kFloat);                                   // [2r, K]
     }
     if (need_x) {
-      const Tensor A3 = pack_split(A32.t(), kHLH, dt);                        // [K, 3r]
+      const Tensor& A3 = packs.back();                                         // [K, 3r]
       const Tensor w = in_dtype(weight, dt);
       if (p > 0.0) {
         Tensor z2 = at::mm(dS3, A3.t());                                     // dS·A in x.dtype
@@ -1358,6 +1465,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
       }
     }
   }
+  auto [dB_sum, dA_sum] = combine_halves2(PdB, /*row_halves1=*/false, g, PdA, /*row_halves2=*/true);
+  if (need_B) dB = dB_sum;                                                     // [N, r]
+  if (need_A) dA = dA_sum;                                                     // [r, K]
   return {dx, dA, dB};
 }
 
@@ -1817,8 +1927,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
       if (need_x) dZ = (dyf * g32).to(dt);
     } else {
       if (need_x) dZ = at::empty({dy2.size(0), dy2.size(1)}, dy2.options());
-      Tensor red = dora_pass(true, Z0, dy2, S, B32, g32, Tensor(), dZ);
-      if (need_m) dm = red.mul_(inv_n);
+      const Tensor inv_n32 = in_dtype(inv_n, at::kFloat).contiguous();
+      Tensor red = dora_pass(true, Z0, dy2, S, B32, g32, Tensor(), dZ, inv_n32);  // red = dm: 1/n in the pass
+      if (need_m) dm = red;
     }
   }
   Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, f32), dB = at::empty({0}, f32);

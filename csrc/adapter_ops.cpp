@@ -579,10 +579,12 @@ struct AdapterGrads {
   Tensor dx, db, dA, dB, dm;
 };
 
-// dL/db = Σ_rows dY in fp32, cast to the bias's dtype
+// dL/db = Σ_rows dY accumulated in fp32, written in the bias's dtype: ATen's sum accumulates 16-bit inputs in fp32
+// and rounds once on output, so asking for the bias's dtype directly is the fp32 sum cast, in one launch not two
 Tensor bias_grad(AutogradContext* ctx, const Tensor& dy2) {
   const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-  return dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
+  if (bdt == dy2.scalar_type() || bdt == at::kFloat) return dy2.sum(0, /*keepdim=*/false, bdt);
+  return dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);  // another 16-bit dtype: never round dY to it first
 }
 
 template <typename WeightOf>
