@@ -19,6 +19,11 @@
 //   ia3_linear(x, weight, bias?, ia3_l, feedforward) -> y                                        (autograd)
 //   ia3_fwd(x2, weight, bias?, ia3_l, feedforward) -> (y2, saved)
 //   ia3_bwd(dy2, saved, weight, ia3_l, feedforward, need_x, need_b) -> (dx2, db, dl)
+//   lora_group_linear(x, weight[], bias[], lora_A[], lora_B[], scaling) -> y[]                     (autograd)
+//   lora_group_fwd(x2, weight[], bias[], lora_A[], lora_B[], scaling) -> (y2[], S)
+//   lora_group_bwd(dy2[], x2, S, weight[], lora_A[], lora_B[], scaling, need_x, need_A, need_B) -> (dx2, dA[], dB[])
+//            (sibling projections reading one x -- q/k/v, gate/up -- as one call: one rank, one scaling, no dropout,
+//             frozen bases; bias[] empty or one per member; S [M, Σ r] holds the members' S side by side)
 //   lora_mixed_delta_(y!, x, adapter_of_segment, tokens, adapters) -> ()                          (no autograd)
 //   lora_mixed_linear(x, weight, bias?, adapter_of_segment, tokens, adapters) -> y                   (no autograd)
 //   class MixedAdapters(lora_A[], lora_B[], scales[])
@@ -695,6 +700,136 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
   }
 };
 
+// ------------------------------------------------------------------------------------------------ grouped LoRA
+std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_meta(const Tensor& x2, at::TensorList weights, at::TensorList,
+                                                            at::TensorList As, at::TensorList, double) {
+  std::vector<Tensor> ys;
+  int64_t R = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    ys.push_back(at::empty({x2.size(0), weights[i].size(0)}, x2.options()));
+    R += As[i].size(0);
+  }
+  return {ys, at::empty({x2.size(0), R}, x2.options().dtype(at::kFloat))};
+}
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_meta(
+    at::TensorList, const Tensor& x2, const Tensor&, at::TensorList, at::TensorList As, at::TensorList Bs, double,
+    bool need_x, bool need_A, bool need_B) {
+  auto f32 = x2.options().dtype(at::kFloat);
+  std::vector<Tensor> dAs, dBs;
+  for (size_t i = 0; i < As.size(); ++i) {
+    dAs.push_back(need_A ? at::empty(As[i].sizes(), f32) : at::empty({0}, f32));
+    dBs.push_back(need_B ? at::empty(Bs[i].sizes(), f32) : at::empty({0}, f32));
+  }
+  return {need_x ? at::empty(x2.sizes(), x2.options()) : at::empty({0}, x2.options()), dAs, dBs};
+}
+
+std::tuple<std::vector<Tensor>, Tensor> call_lora_group_fwd(const Tensor& x2, at::TensorList weights,
+                                                            at::TensorList biases, at::TensorList As,
+                                                            at::TensorList Bs, double s) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::lora_group_fwd", "")
+                       .typed<std::tuple<std::vector<Tensor>, Tensor>(const Tensor&, at::TensorList, at::TensorList,
+                                                                      at::TensorList, at::TensorList, double)>();
+  return op.call(x2, weights, biases, As, Bs, s);
+}
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> call_lora_group_bwd(
+    at::TensorList dys, const Tensor& x2, const Tensor& S, at::TensorList weights, at::TensorList As,
+    at::TensorList Bs, double s, bool need_x, bool need_A, bool need_B) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::lora_group_bwd", "")
+                       .typed<std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
+                           at::TensorList, const Tensor&, const Tensor&, at::TensorList, at::TensorList,
+                           at::TensorList, double, bool, bool, bool)>();
+  return op.call(dys, x2, S, weights, As, Bs, s, need_x, need_A, need_B);
+}
+
+void check_group(const Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList As,
+                 at::TensorList Bs) {
+  const size_t G = weights.size();
+  TORCH_CHECK(G >= 1 && As.size() == G && Bs.size() == G && (biases.empty() || biases.size() == G),
+              "fastpeft lora_group_linear: weight, lora_A and lora_B need one entry per member, bias none or one per "
+              "member; got ", G, " weights, ", As.size(), " lora_A, ", Bs.size(), " lora_B, ", biases.size(),
+              " biases");
+  for (size_t i = 0; i < G; ++i) {
+    TORCH_CHECK(weights[i].dim() == 2 && weights[i].size(1) == x.size(-1),
+                "fastpeft lora_group_linear: member ", i, "'s weight ", weights[i].sizes(), " does not take x ",
+                x.sizes());
+    TORCH_CHECK(biases.empty() || biases[i].numel() == weights[i].size(0), "fastpeft lora_group_linear: member ",
+                i, "'s bias has ", biases[i].numel(), " elements for ", weights[i].size(0), " outputs");
+  }
+}
+
+// Chain rule, member i (s = scaling; S_i = s·X·A_iᵀ saved, side by side in S):
+//   dL/dX = Σ_i (dY_i·W_i + s·dY_i·B_i·A_i)   dL/dA_i = (s·dY_i·B_i)ᵀ·X   dL/dB_i = dY_iᵀ·S_i   dL/db_i = Σ_rows dY_i
+// The bases are frozen (the Python side groups only such layers; a base that needs a gradient is refused here).
+class LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList weights, at::TensorList biases,
+                               at::TensorList As, at::TensorList Bs, double scaling) {
+    const Tensor x2 = as_2d(x);
+    auto [ys, S] = call_lora_group_fwd(x2, weights, biases, As, Bs, scaling);
+    variable_list saved{x, S};
+    for (const auto& list : {weights, As, Bs})
+      for (const Tensor& t : list) saved.push_back(t);
+    ctx->save_for_backward(saved);
+    const int64_t G = static_cast<int64_t>(weights.size());
+    ctx->saved_data["G"] = G;
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["has_bias"] = !biases.empty();
+    std::vector<int64_t> bias_dtypes;
+    for (const Tensor& b : biases) bias_dtypes.push_back(static_cast<int64_t>(b.scalar_type()));
+    ctx->saved_data["bias_dtypes"] = bias_dtypes;
+    variable_list out;
+    for (int64_t i = 0; i < G; ++i) out.push_back(ys[i].view(with_last_dim(x, weights[i].size(0))));
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const int64_t G = ctx->saved_data["G"].toInt();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const Tensor &x = saved[0], &S = saved[1];
+    const std::vector<Tensor> weights(saved.begin() + 2, saved.begin() + 2 + G),
+        As(saved.begin() + 2 + G, saved.begin() + 2 + 2 * G), Bs(saved.begin() + 2 + 2 * G, saved.begin() + 2 + 3 * G);
+    // needs_input_grad counts the tensors given: x, the weights, the biases (if any), lora_A, lora_B
+    const int64_t nb = has_bias ? G : 0, a0 = 1 + G + nb, b0 = a0 + G;
+    bool need_A = false, need_B = false;
+    for (int64_t i = 0; i < G; ++i) {
+      TORCH_CHECK(!ctx->needs_input_grad(1 + i),
+                  "fastpeft lora_group_linear: the base weights must be frozen (requires_grad=False)");
+      need_A = need_A || ctx->needs_input_grad(a0 + i);
+      need_B = need_B || ctx->needs_input_grad(b0 + i);
+    }
+    const bool need_x = ctx->needs_input_grad(0);
+    const Tensor x2 = as_2d(x);
+    std::vector<Tensor> dys;
+    for (int64_t i = 0; i < G; ++i) {
+      // a member whose output went unused gets no gradient: it contributes nothing
+      dys.push_back(grads[i].defined() ? as_2d(grads[i]).to(x.scalar_type())
+                                       : at::zeros({x2.size(0), weights[i].size(0)}, x2.options()));
+    }
+    variable_list out(1 + G + nb + 2 * G + 1);  // one slot per argument (TensorLists flattened), scaling last
+    if (need_x || need_A || need_B) {
+      auto [dx, dAs, dBs] = call_lora_group_bwd(dys, x2, S, weights, As, Bs, ctx->saved_data["scaling"].toDouble(),
+                                                need_x, need_A, need_B);
+      if (need_x) out[0] = dx.view(x.sizes());
+      for (int64_t i = 0; i < G; ++i) {
+        if (ctx->needs_input_grad(a0 + i)) out[a0 + i] = dAs[i].to(As[i].scalar_type());
+        if (ctx->needs_input_grad(b0 + i)) out[b0 + i] = dBs[i].to(Bs[i].scalar_type());
+      }
+    }
+    const auto bias_dtypes = ctx->saved_data["bias_dtypes"].toIntVector();
+    for (int64_t i = 0; i < nb; ++i) {
+      if (!ctx->needs_input_grad(1 + G + i)) continue;
+      const auto bdt = static_cast<at::ScalarType>(bias_dtypes[i]);
+      out[1 + G + i] = (bdt == dys[i].scalar_type() || bdt == at::kFloat)
+                           ? dys[i].sum(0, /*keepdim=*/false, bdt)
+                           : dys[i].sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
+    }
+    return out;
+  }
+};
+
 // ------------------------------------------------------------------------------------------------ 4-bit bases
 // QLoRA / QDoRA: the base weight arrives as bnb's packed bytes and its QuantState's tensors and numbers (the
 // Python side's KernelState). Each GEMM that reads W gets it from nf4_dequantize (forward; the backward again, for
@@ -964,7 +1099,66 @@ Tensor nf4_dora_linear_autograd(const Tensor& x, const Tensor& packed, const Ten
   return Nf4DoraLinearFunction::apply(x, w, bias, A, B, magnitude, scaling, w_sq, weight_norm);
 }
 
+std::vector<Tensor> lora_group_linear_plain(const Tensor& x, at::TensorList weights, at::TensorList biases,
+                                            at::TensorList As, at::TensorList Bs, double scaling) {
+  check_group(x, weights, biases, As, Bs);
+  auto [ys, S] = call_lora_group_fwd(as_2d(x), weights, biases, As, Bs, scaling);
+  for (size_t i = 0; i < ys.size(); ++i) ys[i] = ys[i].view(with_last_dim(x, weights[i].size(0)));
+  return ys;
+}
+
+std::vector<Tensor> lora_group_linear_autograd(const Tensor& x, at::TensorList weights, at::TensorList biases,
+                                               at::TensorList As, at::TensorList Bs, double scaling) {
+  check_group(x, weights, biases, As, Bs);
+  bool grad = false;
+  if (at::GradMode::is_enabled()) {
+    grad = x.requires_grad();
+    for (const auto& list : {weights, biases, As, Bs})
+      for (const Tensor& t : list) grad = grad || t.requires_grad();
+  }
+  if (!grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as Function::apply runs its forward
+    return lora_group_linear_plain(x, weights, biases, As, Bs, scaling);
+  }
+  return LoraGroupFunction::apply(x, weights, biases, As, Bs, scaling);
+}
+
 }  // namespace
+
+// Grouped projections member by member: the CPU kernels, and the CUDA calls whose shapes the shared composition
+// (adapter_cuda.cu) does not take. S is the members' S side by side, as there.
+std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_composed(const Tensor& x2, at::TensorList weights,
+                                                                at::TensorList biases, at::TensorList As,
+                                                                at::TensorList Bs, double scaling) {
+  std::vector<Tensor> ys, Ss;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    auto [y, S] = call_lora_fwd(x2, weights[i], biases.empty() ? c10::nullopt : c10::optional<Tensor>(biases[i]),
+                                As[i], Bs[i], scaling, 0.0, c10::nullopt, 0);
+    ys.push_back(y);
+    Ss.push_back(S);
+  }
+  return {ys, at::cat(Ss, 1)};
+}
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_composed(
+    at::TensorList dys, const Tensor& x2, const Tensor& S, at::TensorList weights, at::TensorList As,
+    at::TensorList Bs, double scaling, bool need_x, bool need_A, bool need_B) {
+  auto f32 = x2.options().dtype(at::kFloat);
+  Tensor dx;
+  std::vector<Tensor> dAs, dBs;
+  int64_t col = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const int64_t r = As[i].size(0);
+    auto [dxi, dAi, dBi] = call_lora_bwd(dys[i], x2, S.narrow(1, col, r), weights[i], As[i], Bs[i], scaling, 0.0,
+                                         c10::nullopt, 0, need_x, need_A, need_B);
+    col += r;
+    if (need_x) dx = dx.defined() ? dx.add_(dxi) : dxi;
+    dAs.push_back(need_A ? dAi : at::empty({0}, f32));
+    dBs.push_back(need_B ? dBi : at::empty({0}, f32));
+  }
+  if (!dx.defined()) dx = at::empty({0}, x2.options());
+  return {dx, dAs, dBs};
+}
 
 // Which LoRA composition CUDA calls take (adapter_cuda.cu): -1 automatic, 0 the split-GEMM composition, 1 the fused
 // kernels, 2 the decode forward where it applies (no dropout, <= 32 rows where auto stops at 16, rank <= 64; else as
@@ -998,6 +1192,12 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("dora_bwd(Tensor dy2, Tensor x2, Tensor S, Tensor Z, Tensor g, Tensor inv_n, Tensor weight, Tensor lora_A, "
         "Tensor lora_B, float scaling, bool need_x, bool need_A, bool need_B, bool need_m) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lora_group_linear(Tensor x, Tensor[] weight, Tensor[] bias, Tensor[] lora_A, Tensor[] lora_B, "
+        "float scaling) -> Tensor[]");
+  m.def("lora_group_fwd(Tensor x2, Tensor[] weight, Tensor[] bias, Tensor[] lora_A, Tensor[] lora_B, "
+        "float scaling) -> (Tensor[], Tensor)");
+  m.def("lora_group_bwd(Tensor[] dy2, Tensor x2, Tensor S, Tensor[] weight, Tensor[] lora_A, Tensor[] lora_B, "
+        "float scaling, bool need_x, bool need_A, bool need_B) -> (Tensor, Tensor[], Tensor[])");
   m.def("ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> Tensor");
   m.def("ia3_fwd(Tensor x2, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> (Tensor, Tensor)");
   m.def("ia3_bwd(Tensor dy2, Tensor saved, Tensor weight, Tensor ia3_l, bool feedforward, bool need_x, "
@@ -1023,6 +1223,7 @@ TORCH_LIBRARY(fastpeft_ops, m) {
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {
   m.impl("lora_linear", &fastpeft::lora_linear_autograd);
+  m.impl("lora_group_linear", &fastpeft::lora_group_linear_autograd);
   m.impl("dora_linear", &fastpeft::dora_linear_autograd);
   m.impl("ia3_linear", &fastpeft::ia3_linear_autograd);
   m.impl("nf4_lora_linear", &fastpeft::nf4_lora_linear_autograd);
@@ -1031,6 +1232,7 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &fastpeft::lora_linear_plain);
+  m.impl("lora_group_linear", &fastpeft::lora_group_linear_plain);
   m.impl("dora_linear", &fastpeft::dora_linear_plain);
   m.impl("ia3_linear", &fastpeft::ia3_linear_plain);
   m.impl("nf4_lora_linear", &fastpeft::nf4_lora_linear_plain);
@@ -1044,6 +1246,8 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeImplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
   m.impl("lora_fwd", &fastpeft::lora_fwd_cpu);
   m.impl("lora_bwd", &fastpeft::lora_bwd_cpu);
+  m.impl("lora_group_fwd", &fastpeft::lora_group_fwd_composed);
+  m.impl("lora_group_bwd", &fastpeft::lora_group_bwd_composed);
   m.impl("dora_fwd", &fastpeft::dora_fwd_cpu);
   m.impl("dora_bwd", &fastpeft::dora_bwd_cpu);
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_cpu);
@@ -1060,6 +1264,8 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Meta, m) {
   m.impl("lora_fwd", &fastpeft::lora_fwd_meta);
+  m.impl("lora_group_fwd", &fastpeft::lora_group_fwd_meta);
+  m.impl("lora_group_bwd", &fastpeft::lora_group_bwd_meta);
   m.impl("lora_bwd", &fastpeft::lora_bwd_meta);
   m.impl("dora_fwd", &fastpeft::dora_fwd_meta);
   m.impl("dora_bwd", &fastpeft::dora_bwd_meta);

@@ -35,6 +35,7 @@ from .model_state import (
 )
 from .nn import (AdaLoraLinear, IA3Linear, LohaLinear, LokrLinear, LoraEmbedding, LoraLinear, ModulesToSave, OftLinear, VeraLinear,
                  VeraProjections)
+from .nn.projection_groups import link_projection_groups
 from .nn.vera import vera_projections
 from .nn import bases
 from .nn.variants import DORA, PLAIN_LORA
@@ -321,6 +322,7 @@ def patch_checked(model: nn.Module, config: Any = None, adapter_name: str = "def
             _remove_hooks(state)
             unroute_peft_methods(model)
         raise
+    link_projection_groups(model)  # sibling layers reading one input run as one operator (nn/projection_groups.py)
     return model
 
 
@@ -467,4 +469,5 @@ def _convert_peft_model(model: nn.Module) -> nn.Module:
     model.__dict__[STATE_ATTR] = state
     _install_adapter_names(model, state)
     route_peft_methods(model)  # PEFT's save_pretrained only sees PEFT's layers; generate's adapter_names
+    link_projection_groups(model)
     return model

@@ -5,6 +5,7 @@
 | ``FASTPEFT_BACKEND`` | ``auto`` · ``cpp`` · ``triton`` · ``reference`` | ``auto`` | ``auto``: on CUDA tensors the C++ operators (``csrc/``, built on first use) or, where they cannot be built, the Triton kernels; the pure-PyTorch reference on other devices. ``cpp``: the C++ operators on any device (their CPU build is what CI tests). ``triton``: the Triton kernels, also on CPU tensors when ``TRITON_INTERPRET=1`` (bf16 there falls back to the reference with a warning: the interpreter's bf16 arithmetic is wrong). ``reference``: never the kernels. 4-bit bases: LoRA (any dropout) and DoRA without dropout take the C++ 4-bit operators under ``cpp`` (any device, any size) and under ``auto`` on CUDA at training sizes; everything else on a 4-bit base runs the Triton QLoRA kernels (table below). Each adapter layer takes the value current when it is built. |
 | ``FASTPEFT_NF4_GEMM`` | ``auto`` · ``fused`` · ``buffer`` | ``auto`` | 4-bit bases: in-kernel-dequant GEMM (``fused``), dequantize into a shared buffer + cuBLAS (``buffer``), or by M and weight size (``auto``; ``docs/qlora.md``). ``buffer`` also turns off the decode GEMV. |
 | ``FASTPEFT_NF4_FUSED_MAX_M`` | an integer ≥ 0 | unset | overrides the largest M that ``auto`` sends to the fused GEMM (unset: the measured table in ``ops/kernels/nf4_lora.py``). |
+| ``FASTPEFT_GROUP_PROJECTIONS`` | ``1`` · ``0`` | ``1`` | ``1``: ``patch`` links sibling LoRA layers that read the same input (q/k/v, gate/up; ``nn/projection_groups.py``) so that, once a forward has shown them called with one tensor, the first call computes all of them in one C++ operator (eager, training sizes; same numbers up to the order of additions). ``0``: every layer on its own. Taken when ``patch`` runs. |
 | ``FASTPEFT_CSRC`` | ``1`` · ``0`` | ``1`` | ``0``: never build or use the C++ / CUDA extensions (``csrc/``); the Triton paths run instead (``FASTPEFT_BACKEND=cpp`` then raises). |
 | ``FASTPEFT_CSRC_CACHE`` | a directory | ``~/.cache/fastpeft/csrc`` | where the C++ / CUDA extensions are built and cached. |
 
@@ -43,6 +44,7 @@ class Settings:
     nf4_gemm: str = "auto"
     nf4_fused_max_m: Optional[int] = None
     csrc: bool = True
+    group_projections: bool = True
     csrc_cache: str = os.path.join(os.path.expanduser("~"), ".cache", "fastpeft", "csrc")
     triton_interpret: bool = False
 
@@ -52,6 +54,9 @@ class Settings:
         m = self.nf4_fused_max_m
         if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
             raise ValueError(f"FASTPEFT_NF4_FUSED_MAX_M / nf4_fused_max_m must be an integer >= 0 or unset, got {m!r}")
+        if not isinstance(self.group_projections, bool):
+            raise ValueError("FASTPEFT_GROUP_PROJECTIONS / group_projections must be 1 or 0 (True / False), got "
+                             f"{self.group_projections!r}")
         if not isinstance(self.csrc, bool):
             raise ValueError(f"FASTPEFT_CSRC / csrc must be 1 or 0 (True / False), got {self.csrc!r}")
         if not isinstance(self.csrc_cache, str) or not self.csrc_cache:
@@ -86,12 +91,15 @@ def from_environ(environ: Mapping[str, str]) -> Settings:
     else:
         max_m_value = None
     csrc = raw("FASTPEFT_CSRC")
+    group = raw("FASTPEFT_GROUP_PROJECTIONS")
     interp = raw("TRITON_INTERPRET")
     return Settings(
         backend=(raw("FASTPEFT_BACKEND") or defaults.backend).lower(),
         nf4_gemm=(raw("FASTPEFT_NF4_GEMM") or defaults.nf4_gemm).lower(),
         nf4_fused_max_m=max_m_value,
         csrc=defaults.csrc if csrc is None else _flag("FASTPEFT_CSRC", csrc),
+        group_projections=(defaults.group_projections if group is None
+                           else _flag("FASTPEFT_GROUP_PROJECTIONS", group)),
         csrc_cache=raw("FASTPEFT_CSRC_CACHE") or defaults.csrc_cache,
         triton_interpret=interp == "1",
     )

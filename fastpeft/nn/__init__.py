@@ -10,6 +10,7 @@
     vera.py             VeraLinear (VeRA: trained vectors over shared frozen projections, on LoRA's paths)
     adalora.py          AdaLoraLinear (AdaLoRA: an SVD-shaped update B·(A ⊙ E), on LoRA's paths)
     variants.py         LoraVariant (plain LoRA: how one adapter computes / merges) and DoraVariant (DoRA)
+    projection_groups.py ProjectionGroup: sibling LoRA layers reading one input (q/k/v, gate/up) run as one operator
     modules_to_save.py  ModulesToSave (PEFT's modules_to_save)
     prompt_encoders.py  PromptEmbedding / MultitaskPromptEmbedding / PrefixEncoder / PromptEncoder (prompt tuning,
                         multitask prompt tuning, prefix tuning, P-tuning)

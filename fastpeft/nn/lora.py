@@ -194,6 +194,11 @@ class LoraLinear(AdapterLayer):
             if params["weight"].requires_grad:  # DoRA's operator takes a frozen base; the general path decides
                 return None
             return DORA.forward_cpp(self, name, x)
+        group = self.__dict__.get("_projection_group")  # siblings reading the same x (nn/projection_groups.py)
+        if group is not None:
+            y = group.forward_member(self, x, name)
+            if y is not None:
+                return y
         return cpp_ops.lora_linear(x, params["weight"], params["bias"],
                                    self._modules["lora_A"]._modules[name]._parameters["weight"],
                                    self._modules["lora_B"]._modules[name]._parameters["weight"], self.scaling[name])

@@ -20,7 +20,7 @@ their Triton path. PyTorch only: no Triton here.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ from torch import Tensor
 from .csrc import Extension
 from .nf4_format import KernelState
 
-__all__ = ["available", "loaded", "lora_linear", "dora_linear", "ia3_linear", "nf4_dequantize", "nf4_lora_linear",
+__all__ = ["available", "loaded", "lora_linear", "lora_group_linear", "dora_linear", "ia3_linear", "nf4_dequantize", "nf4_lora_linear",
            "nf4_dora_linear", "mixed_adapters", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK", "EXTENSION"]
 
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
@@ -49,6 +49,7 @@ def available() -> bool:
     if not EXTENSION.available():
         return False
     _OPS["lora"] = torch.ops.fastpeft_ops.lora_linear.default
+    _OPS["lora_group"] = torch.ops.fastpeft_ops.lora_group_linear.default
     _OPS["dora"] = torch.ops.fastpeft_ops.dora_linear.default
     _OPS["ia3"] = torch.ops.fastpeft_ops.ia3_linear.default
     _OPS["nf4_dequantize"] = torch.ops.fastpeft_ops.nf4_dequantize.default
@@ -76,6 +77,16 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     0-dim int64 CPU tensor (``nn/_rng.py: dropout_draw``), required when dropout_p > 0; ``rank`` is folded in
     as fastpeft/nn/_rng.py folds it. Call ``available()`` first."""
     return _OPS["lora"](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, rank)
+
+
+def lora_group_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], lora_A: Sequence[Tensor],
+                      lora_B: Sequence[Tensor], scaling: float) -> List[Tensor]:
+    """Sibling LoRA projections of one input as one call (no dropout, frozen bases): member i's output is
+    ``lora_linear(x, weights[i], biases[i], lora_A[i], lora_B[i], scaling)`` (``biases`` empty: none). On CUDA at
+    16 bits, one rank and more than 64 rows the members share x's shrink, the dA GEMM and a dX accumulated by
+    cuBLAS (csrc/adapter_cuda.cu: grouped LoRA); otherwise they run one by one inside the call. Differentiable.
+    Call ``available()`` first."""
+    return _OPS["lora_group"](x, weights, biases, lora_A, lora_B, scaling)
 
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,

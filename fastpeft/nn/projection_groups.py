@@ -1,0 +1,173 @@
+"""Sibling LoRA layers that read the same input, run as one C++ operator (issue 13: host time per layer).
+
+A decoder layer calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` on one tensor, and ``gate_proj(h)``,
+``up_proj(h)`` on another. Run one by one, each pays its own module call, autograd node and launches, its shrink
+reads x again, and autograd adds the members' input gradients pairwise. ``fastpeft_ops::lora_group_linear``
+(csrc/adapter_ops.cpp, adapter_cuda.cu) does the members in one call: one shrink over x, one dA GEMM, their dX
+summed by cuBLAS, about half the launches.
+
+How a group runs, without changing the model's code: ``link_projection_groups`` (called by ``patch``) gives the
+sibling layers of one parent whose names form a known set (``GROUP_NAMES``) a shared ``ProjectionGroup``. The
+group watches the members' eager calls; once one forward has shown every member called, one after the other, with
+the very same tensor, it is *confirmed* from the next forward on. From then on the first member called with a tensor
+computes every member's output in one operator call and keeps the others' outputs for them; each of them, called next with that same tensor
+(same object, not modified in place since), takes its output. Anything else -- another tensor, a member called
+twice, a member that never comes -- drops what was kept, unconfirms the group, and every call runs on its own
+again (the same numbers: the members' results do not depend on how they are called, up to the order in which
+their input gradients are added).
+
+Why "from the next forward on": a checkpointed layer is run again inside the backward, and torch's checkpoint
+requires the recompute to save exactly what the forward saved. A group that became confirmed during a forward must
+not run grouped in that forward's recompute, so a confirmation takes effect only at a call made outside any
+backward pass; every other decision depends only on the calls themselves, which the recompute repeats.
+
+A group runs only where its members' own hot path would run the C++ LoRA operator with the same settings for all
+of them: plain LoRA, one active adapter of one rank and scaling, no dropout in effect, an ``nn.Linear`` base that is
+frozen, biases on all members or none, no forward-pre or backward hooks on any member (accelerate's offload hooks
+load weights in a pre-hook), more than ``MIN_ROWS`` rows (decode runs the single-layer kernels), not under
+torch.compile. ``FASTPEFT_GROUP_PROJECTIONS=0`` (``settings.group_projections``) turns grouping off at patch time.
+
+>>> import torch, torch.nn as nn, fastpeft
+>>> class Attn(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+...     def forward(self, x):
+...         return self.q_proj(x).sum() + self.k_proj(x).sum() + self.v_proj(x).sum()
+>>> attn = fastpeft.patch(Attn(), fastpeft.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
+>>> attn.q_proj._projection_group is attn.k_proj._projection_group
+True
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.modules import module as _module
+
+from .. import settings
+from ..ops import cpp_ops
+from .lora import LoraLinear
+from .variants import PLAIN_LORA
+
+__all__ = ["ProjectionGroup", "link_projection_groups", "GROUP_NAMES", "MIN_ROWS"]
+
+# Child-name sets whose members read one input in the families fastpeft supports: attention's q / k / v (Llama,
+# Mistral, Qwen2, Gemma, ...) and the gated MLP's gate / up. A subset of two or more of a set that is present and
+# adapted forms a group; whether the model really calls them on one tensor is watched at run time, not assumed.
+GROUP_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+# Rows (tokens) from which a group runs as one operator: at or below, the single-layer operator takes its fused
+# and decode kernels (csrc/adapter_cuda.cu: kFusedMaxM), which the grouped composition does not have.
+MIN_ROWS = 65
+
+_ATTR = "_projection_group"
+
+
+class ProjectionGroup:
+    """Sibling ``LoraLinear`` layers that may run as one ``lora_group_linear`` call (module docstring)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        self.members: List[nn.Module] = list(members)
+        self.confirmed = False
+        self._pending = False  # watched a full round; confirmed at the next call outside a backward pass
+        self._seen: List[nn.Module] = []  # members called with the tensor being watched, in call order
+        self._seen_x: Optional[weakref.ref] = None
+        self._kept: Dict[nn.Module, torch.Tensor] = {}  # outputs computed for members still to be called
+        self._kept_x: Optional[weakref.ref] = None
+        self._kept_version = -1
+
+    def reset(self) -> None:
+        """Forget what was watched or kept; unconfirmed."""
+        self.confirmed = self._pending = False
+        self._seen, self._seen_x = [], None
+        self._kept, self._kept_x = {}, None
+
+    def forward_member(self, layer: nn.Module, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+        """``layer``'s output for ``x`` from the group (kept from the call that computed the group, or computed
+        now for every member), or None: the caller runs ``layer`` on its own. Called from ``LoraLinear``'s hot path
+        (which checked backend, device, adapters on and unmerged, no mixed batch, not compiling)."""
+        if self._kept:
+            y = self._kept.pop(layer, None)
+            if y is not None and self._kept_x is not None and self._kept_x() is x and x._version == self._kept_version:
+                return y
+            self.reset()  # a member called out of turn, on another tensor, or x changed in place: watch again
+            return None
+        if not self.confirmed:
+            if not (self._pending and torch._C._current_graph_task_id() == -1):
+                self._watch(layer, x)
+                return None
+            self.confirmed, self._pending = True, False
+        if x.dim() < 2 or x.numel() < MIN_ROWS * x.shape[-1] or not self._ready(name):
+            self.reset()
+            return None
+        members = self.members
+        bases = [m._modules["base_layer"]._parameters for m in members]
+        weights = [p["weight"] for p in bases]
+        biases = [p["bias"] for p in bases]
+        if any(b is None for b in biases):
+            biases = []
+        lora_A = [m._modules["lora_A"]._modules[name]._parameters["weight"] for m in members]
+        lora_B = [m._modules["lora_B"]._modules[name]._parameters["weight"] for m in members]
+        ys = cpp_ops.lora_group_linear(x, weights, biases, lora_A, lora_B, layer.scaling[name])
+        self._kept = {m: y for m, y in zip(members, ys) if m is not layer}
+        self._kept_x, self._kept_version = weakref.ref(x), x._version
+        return ys[members.index(layer)]
+
+    def _watch(self, layer: nn.Module, x: torch.Tensor) -> None:
+        same = self._seen_x is not None and self._seen_x() is x and layer not in self._seen
+        if not same:
+            self._seen, self._seen_x = [], weakref.ref(x)
+        self._seen.append(layer)
+        if len(self._seen) == len(self.members):
+            self._pending = True
+            self._seen, self._seen_x = [], None
+
+    def _ready(self, name: str) -> bool:
+        """Every member would run the plain C++ LoRA operator for adapter ``name`` with the same rank / scaling."""
+        first = self.members[0]
+        if _module._global_forward_pre_hooks or _module._global_backward_hooks:
+            return False
+        rank, scaling, has_bias = first.r.get(name), first.scaling.get(name), None
+        for m in self.members:
+            state = m.__dict__
+            if (state.get(_ATTR) is not self or state["active_adapter"] != name or m.disable_adapters
+                    or m.merged_adapters or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                    or m.lora_variant.get(name) is not PLAIN_LORA or m.r.get(name) != rank
+                    or m.scaling.get(name) != scaling or state["backend"] != first.__dict__["backend"]):
+                return False
+            if m.training and type(m._modules["lora_dropout"]._modules[name]) is not nn.Identity:
+                return False
+            base = m._modules["base_layer"]
+            if type(base) is not nn.Linear or base._parameters["weight"].requires_grad:
+                return False
+            bias_here = base._parameters["bias"] is not None
+            if has_bias is None:
+                has_bias = bias_here
+            elif has_bias != bias_here:
+                return False
+        return True
+
+
+def link_projection_groups(model: nn.Module) -> int:
+    """Give each set of sibling ``LoraLinear`` layers named as in ``GROUP_NAMES`` (two or more adapted, same input
+    size) a shared ``ProjectionGroup``; with ``settings.group_projections`` off, remove every group. Returns the
+    number of groups. ``patch`` calls this after every change of the model's layers."""
+    for module in model.modules():
+        module.__dict__.pop(_ATTR, None)
+    if not settings.get().group_projections:
+        return 0
+    count = 0
+    for parent in model.modules():
+        children = parent._modules
+        for names in GROUP_NAMES:
+            members = [children[n] for n in names if type(children.get(n)) is LoraLinear]
+            if len(members) < 2 or len({m.in_features for m in members}) != 1:
+                continue
+            group = ProjectionGroup(members)
+            for m in members:
+                m.__dict__[_ATTR] = group
+            count += 1
+    return count

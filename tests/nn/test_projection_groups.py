@@ -1,0 +1,221 @@
+"""nn/projection_groups.py + the C++ lora_group_linear operator: sibling LoRA layers that read one input (q/k/v,
+gate/up) run as one call once a forward has shown them called on one tensor -- with the numbers of the layers run
+one by one, under gradient checkpointing too, and never where a member's state, a hook or the input says no.
+
+CPU: the operators' CPU build (backend cpp), which runs the members one by one inside the call; the CUDA shared
+composition is checked against the single-layer operator in the gpu-marked test."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpeft
+from fastpeft.nn import projection_groups
+from fastpeft.ops import cpp_ops
+from helpers import random_ids, rel_err, set_settings, tiny_model
+
+pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="the C++ extension cannot be built here")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture
+def count_group_calls(monkeypatch):
+    """How many times the grouped operator ran (wraps cpp_ops.lora_group_linear, which the groups call)."""
+    calls = []
+    real = cpp_ops.lora_group_linear
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpp_ops, "lora_group_linear", counting)
+    return calls
+
+
+def _patched(arch, monkeypatch, group: bool, dropout=0.0, seed=0):
+    set_settings(monkeypatch, backend="cpp", group_projections=group)
+    torch.manual_seed(seed)
+    model = fastpeft.patch(tiny_model(arch), fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                                 target_modules=TARGETS, init_lora_weights=False))
+    return model.train()
+
+
+def _step(model, ids, checkpoint=False):
+    if checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_grouped_steps_match_layers_run_one_by_one(arch, checkpoint, monkeypatch, count_group_calls):
+    """Three training steps (the first confirms the groups, the next run them; with checkpointing the recompute
+    must save what the forward saved): logits, loss and every adapter gradient equal to the ungrouped model's."""
+    ids = random_ids(batch=2, seq=40)  # 80 rows: above MIN_ROWS
+    plain = _patched(arch, monkeypatch, group=False)
+    grouped = _patched(arch, monkeypatch, group=True)
+    grouped.load_state_dict(plain.state_dict())
+    assert all(not hasattr(m, "_projection_group") for m in plain.modules())
+    n_groups = sum(1 for m in grouped.modules() if type(m).__name__ == "LoraLinear"
+                   and getattr(m, "_projection_group", None) is not None)
+    assert n_groups == 5 * 2  # q/k/v and gate/up in each of the 2 layers
+    for step in range(3):
+        want = _step(plain, ids, checkpoint)
+        calls_before = len(count_group_calls)
+        got = _step(grouped, ids, checkpoint)
+        ran = count_group_calls[calls_before:]
+        if step == 0:
+            assert ran == []  # watching: every layer on its own
+        else:  # q/k/v and gate/up of both layers, forward (+ recompute)
+            assert sorted(ran) == sorted([3, 2] * 2 * (2 if checkpoint else 1))
+        assert rel_err(got[0], want[0]) < 1e-6 and rel_err(got[1], want[1]) < 1e-6
+        assert got[2].keys() == want[2].keys()
+        for name in want[2]:
+            assert rel_err(got[2][name], want[2][name]) < 1e-5, name
+
+
+def test_members_on_different_inputs_never_group(monkeypatch, count_group_calls):
+    """Cross-attention style: k / v called on another tensor than q; the group is never confirmed."""
+    set_settings(monkeypatch, backend="cpp")
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+
+        def forward(self, x, memory):
+            return self.q_proj(x).sum() + self.k_proj(memory).sum() + self.v_proj(memory).sum()
+
+    attn = fastpeft.patch(Attn(), fastpeft.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
+    x, memory = torch.randn(80, 16), torch.randn(80, 16)
+    for _ in range(3):
+        attn(x, memory).backward()
+    assert count_group_calls == []
+    assert not attn.q_proj._projection_group.confirmed
+
+
+def _mlp(monkeypatch, **lora):
+    set_settings(monkeypatch, backend="cpp")
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(16, 24), nn.Linear(16, 24)
+
+        def forward(self, x):
+            return (self.gate_proj(x) * self.up_proj(x)).sum()
+
+    torch.manual_seed(0)
+    return fastpeft.patch(Mlp(), fastpeft.LoraConfig(target_modules=["gate_proj", "up_proj"], init_lora_weights=False,
+                                                     **lora)).train()
+
+
+@pytest.mark.parametrize("case", ["dropout", "pre_hook", "few_rows", "rank_pattern", "disabled", "trainable_base"])
+def test_groups_stand_aside(case, monkeypatch, count_group_calls):
+    """Where one member would not run the plain operator with its siblings' settings, or the call is
+    decode-sized, every member runs on its own (and the outputs stay those of the ungrouped layers)."""
+    lora = {"r": 4}
+    if case == "dropout":
+        lora["lora_dropout"] = 0.1
+    if case == "rank_pattern":
+        lora["rank_pattern"] = {"up_proj": 2}
+    mlp = _mlp(monkeypatch, **lora)
+    if case == "pre_hook":
+        mlp.up_proj.register_forward_pre_hook(lambda module, args: None)
+    if case == "trainable_base":
+        mlp.up_proj.base_layer.weight.requires_grad_(True)
+    x = torch.randn(8 if case == "few_rows" else 80, 16)
+    for _ in range(3):
+        if case == "disabled":
+            with fastpeft.disable_adapter(mlp):
+                mlp(x)  # the frozen bases alone: nothing to differentiate
+        else:
+            mlp(x).backward()
+    assert count_group_calls == []
+
+
+def test_setting_off_and_unconfirm_on_a_repeated_member(monkeypatch, count_group_calls):
+    set_settings(monkeypatch, group_projections=False)
+    mlp = _mlp(monkeypatch, r=4)
+    assert not hasattr(mlp.gate_proj, "_projection_group")
+    set_settings(monkeypatch, group_projections=True)
+    mlp = _mlp(monkeypatch, r=4)
+    x = torch.randn(80, 16)
+    mlp(x)
+    mlp(x)  # confirmed from here
+    assert count_group_calls == [2]
+    group = mlp.gate_proj._projection_group
+    y_gate = mlp.gate_proj(x)  # leader: computes both, keeps up's
+    y_gate_again = mlp.gate_proj(x)  # out of turn: drops what was kept, runs alone, unconfirms
+    assert torch.equal(y_gate, y_gate_again) and not group.confirmed and not group._kept
+    assert count_group_calls == [2, 2]
+
+
+def test_in_place_change_of_the_input_is_not_served_a_kept_output(monkeypatch, count_group_calls):
+    mlp = _mlp(monkeypatch, r=4)
+    x = torch.randn(80, 16)
+    mlp(x)
+    mlp(x)
+    with torch.no_grad():
+        mlp.gate_proj(x)
+        x.mul_(2)  # x changed in place between the members' calls
+        y_up = mlp.up_proj(x)  # not the output kept for the old x: computed on its own
+        assert not mlp.up_proj._projection_group.confirmed
+        assert torch.equal(y_up, mlp.up_proj(x))
+    assert count_group_calls == [2, 2]
+
+
+def test_lora_group_linear_op_validates_its_lists():
+    x = torch.randn(4, 8)
+    w = [torch.randn(6, 8), torch.randn(6, 8)]
+    a = [torch.randn(2, 8), torch.randn(2, 8)]
+    b = [torch.randn(6, 2), torch.randn(6, 2)]
+    with pytest.raises(RuntimeError, match="one entry per member"):
+        cpp_ops.lora_group_linear(x, w, [], a[:1], b, 1.0)
+    with pytest.raises(RuntimeError, match="does not take x"):
+        cpp_ops.lora_group_linear(x, [torch.randn(6, 7), w[1]], [], a, b, 1.0)
+    with pytest.raises(RuntimeError, match="bias has"):
+        cpp_ops.lora_group_linear(x, w, [torch.randn(6), torch.randn(5)], a, b, 1.0)
+    ys = cpp_ops.lora_group_linear(x, w, [], a, b, 1.5)
+    for y, wi, ai, bi in zip(ys, w, a, b):
+        assert torch.allclose(y, cpp_ops.lora_linear(x, wi, None, ai, bi, 1.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [((2, 300), 1000, [1000, 256, 256], 16, True),
+                                   ((3, 129), 515, [2049, 2049], 8, False),
+                                   ((1, 4096), 2048, [2048, 512, 512], 16, False)])
+def test_gpu_shared_composition_matches_the_single_layer_operator(dtype, shape):
+    """The CUDA shared composition (one shrink, stacked dS, dX by cuBLAS beta = 1) against the single-layer
+    operator on each member: outputs and every gradient within 16-bit rounding, every subset of gradients."""
+    (B, T), K, Ns, r, has_bias = shape
+    torch.manual_seed(K)
+    x = torch.randn(B, T, K, device="cuda", dtype=dtype)
+    ws = [torch.randn(n, K, device="cuda", dtype=dtype) / K**0.5 for n in Ns]
+    bs = [torch.randn(n, device="cuda", dtype=dtype) for n in Ns] if has_bias else []
+    As = [torch.randn(r, K, device="cuda") / K**0.5 for _ in Ns]
+    Bs = [torch.randn(n, r, device="cuda") / r**0.5 for n in Ns]
+    gs = [torch.randn(B, T, n, device="cuda", dtype=dtype) for n in Ns]
+    for wanted in ("xAB", "x", "A", "B"):
+        def leaves():
+            return (x.clone().requires_grad_("x" in wanted), [a.clone().requires_grad_("A" in wanted) for a in As],
+                    [b.clone().requires_grad_("B" in wanted) for b in Bs])
+        xg, Ag, Bg = leaves()
+        ys = cpp_ops.lora_group_linear(xg, ws, bs, Ag, Bg, 2.0)
+        torch.autograd.backward(ys, gs)
+        xr, Ar, Br = leaves()
+        refs = [cpp_ops.lora_linear(xr, w, bs[i] if bs else None, Ar[i], Br[i], 2.0) for i, w in enumerate(ws)]
+        torch.autograd.backward(refs, gs)
+        for y, ref in zip(ys, refs):
+            assert rel_err(y, ref) < 1e-2
+        pairs = [(xg.grad, xr.grad)] if "x" in wanted else []
+        pairs += list(zip([a.grad for a in Ag], [a.grad for a in Ar])) if "A" in wanted else []
+        pairs += list(zip([b.grad for b in Bg], [b.grad for b in Br])) if "B" in wanted else []
+        for got, ref in pairs:
+            assert got is not None and rel_err(got, ref) < 1e-2
+        assert ("x" in wanted) == (xg.grad is not None)
