@@ -1856,10 +1856,10 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_cuda(const Tensor& dy2, const Tensor
 //             P viewed [M·G, 2r] (rows member-major: each member's S and S3 are a column block), then per member
 //             its base GEMM and its beta = 1 expand: 3 + 2G launches instead of 5G.
 //   backward: one pack launch (S's, every B's and every A's splits), per member dB = dY_iᵀ·S2_i and
-//             P_i = dY_i·B2_i (written into its column block of one P), one finalize, one dA GEMM over the stacked
+//             P_i = dY_i·B2_i (side by side in one P), one finalize, one dA GEMM over the stacked
 //             dS (x read once), dX = Σ dY_i·W_i + [dS3_0 | ...]·[A3_0 | ...]ᵀ accumulated by cuBLAS (beta = 1: no
 //             separate sums of the members' dX, which autograd adds pairwise otherwise), one combine launch:
-//             5 + 3G launches instead of 8G (+ G - 1 adds).
+//             6 + 3G launches instead of 8G (+ G - 1 adds).
 // S (returned, saved for the backward) is [M, G·r] fp32, member blocks side by side: the composed path's layout too.
 constexpr int kMaxGroup = 4;
 
@@ -1968,11 +1968,9 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_cuda
   }
   Tensor dx = at::empty({0}, x2.options());
   if (need_A || need_x) {
-    Tensor P = at::empty({M, 2 * r * G}, f32);  // member i's s·dS_i halves at column 2r·i
-    for (int64_t i = 0; i < G; ++i) {
-      Tensor block = P.narrow(1, 2 * r * i, 2 * r);
-      at::mm_out(block, dy[i], packs[regB2[i]], at::kFloat);
-    }
+    std::vector<Tensor> parts;  // member i's s·dS_i halves [M, 2r], side by side at column 2r·i (one cat launch)
+    for (int64_t i = 0; i < G; ++i) parts.push_back(at::mm(dy[i], packs[regB2[i]], at::kFloat));
+    const Tensor P = at::cat(parts, 1);
     auto [unused, dS2, dS3] = finalize_split(P.view({M * G, 2 * r}), static_cast<float>(scaling), false,
                                              need_A ? &kHL : nullptr, need_x ? &kHHL : nullptr, dt);
     if (need_A) {
