@@ -25,7 +25,8 @@ A group runs only where its members' own hot path would run the C++ LoRA operato
 of them: plain LoRA, one active adapter of one rank and scaling, no dropout in effect, an ``nn.Linear`` base that is
 frozen, biases on all members or none, no forward-pre or backward hooks on any member (accelerate's offload hooks
 load weights in a pre-hook), more than ``MIN_ROWS`` rows (decode runs the single-layer kernels), not under
-torch.compile. ``FASTPEFT_GROUP_PROJECTIONS=0`` (``settings.group_projections``) turns grouping off at patch time.
+torch.compile, not on inference tensors (``torch.inference_mode``: they have no version counter to show an in-place
+change). ``FASTPEFT_GROUP_PROJECTIONS=0`` (``settings.group_projections``) turns grouping off at patch time.
 
 >>> import torch, torch.nn as nn, fastpeft
 >>> class Attn(nn.Module):
@@ -89,6 +90,8 @@ class ProjectionGroup:
         """``layer``'s output for ``x`` from the group (kept from the call that computed the group, or computed
         now for every member), or None: the caller runs ``layer`` on its own. Called from ``LoraLinear``'s hot path
         (which checked backend, device, adapters on and unmerged, no mixed batch, not compiling)."""
+        if x.is_inference():  # no version counter: an in-place change between the members' calls would go unseen
+            return None
         if self._kept:
             y = self._kept.pop(layer, None)
             if y is not None and self._kept_x is not None and self._kept_x() is x and x._version == self._kept_version:

@@ -169,6 +169,18 @@ def test_in_place_change_of_the_input_is_not_served_a_kept_output(monkeypatch, c
     assert count_group_calls == [2, 2]
 
 
+def test_inference_mode_runs_the_members_on_their_own(monkeypatch, count_group_calls):
+    mlp = _mlp(monkeypatch, r=4).eval()
+    x = torch.randn(80, 16)
+    with torch.inference_mode():  # inside a model the members' input is made in inference mode, as here
+        outs = [mlp(x * 1) for _ in range(3)]
+    assert count_group_calls == [] and all(torch.equal(o, outs[0]) for o in outs)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), outs[0]) and torch.equal(mlp(x), outs[0])
+        assert torch.equal(mlp(x), outs[0])
+    assert count_group_calls == [2, 2]  # no_grad: watched once, then grouped
+
+
 def test_lora_group_linear_op_validates_its_lists():
     x = torch.randn(4, 8)
     w = [torch.randn(6, 8), torch.randn(6, 8)]
