@@ -80,6 +80,14 @@ class ProjectionGroup:
         self._kept_x: Optional[weakref.ref] = None
         self._kept_version = -1
 
+    # Copies and pickles (copy.deepcopy(model), torch.save(model)) keep the members and start unconfirmed: what is
+    # watched or kept refers to this process's tensors (weak references cannot be pickled).
+    def __getstate__(self) -> dict:
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["members"])
+
     def reset(self) -> None:
         """Forget what was watched or kept; unconfirmed."""
         self.confirmed = self._pending = False

@@ -36,6 +36,13 @@ class LoraVariant:
     state lives on the layer (``layer.lora_A[name]`` etc.), so one instance serves every adapter."""
 
     kind = "lora"
+    _instance_name = "PLAIN_LORA"  # the module-level instance (below) that copies and pickles resolve to
+
+    def __reduce__(self):
+        # One stateless instance per variant, compared by identity (LoraLinear's hot path, projection groups): a
+        # deepcopy or pickle of a layer must give back that instance, not a new one -- a new one silently sent
+        # every copied layer down the general path. A string here means "the global of that name in this module".
+        return self._instance_name
 
     def init(self, layer: "LoraLinear", adapter_name: str) -> None:
         """Extra parameters / buffers the variant needs, made after lora_A / lora_B exist (plain LoRA: none)."""
@@ -164,6 +171,7 @@ class DoraVariant(LoraVariant):
     inference does not pay for the norm (docs/dora.md has what it costs against LoRA)."""
 
     kind = "dora"
+    _instance_name = "DORA"
 
     def init(self, layer: "LoraLinear", adapter_name: str) -> None:
         lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight

@@ -98,17 +98,19 @@ def test_members_on_different_inputs_never_group(monkeypatch, count_group_calls)
     assert not attn.q_proj._projection_group.confirmed
 
 
+class Mlp(nn.Module):
+    """A gated MLP's two siblings (module level: the pickling test needs the class importable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(16, 24), nn.Linear(16, 24)
+
+    def forward(self, x):
+        return (self.gate_proj(x) * self.up_proj(x)).sum()
+
+
 def _mlp(monkeypatch, **lora):
     set_settings(monkeypatch, backend="cpp")
-
-    class Mlp(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate_proj, self.up_proj = nn.Linear(16, 24), nn.Linear(16, 24)
-
-        def forward(self, x):
-            return (self.gate_proj(x) * self.up_proj(x)).sum()
-
     torch.manual_seed(0)
     return fastpeft.patch(Mlp(), fastpeft.LoraConfig(target_modules=["gate_proj", "up_proj"], init_lora_weights=False,
                                                      **lora)).train()
@@ -179,6 +181,43 @@ def test_inference_mode_runs_the_members_on_their_own(monkeypatch, count_group_c
         assert torch.equal(mlp(x), outs[0]) and torch.equal(mlp(x), outs[0])
         assert torch.equal(mlp(x), outs[0])
     assert count_group_calls == [2, 2]  # no_grad: watched once, then grouped
+
+
+def test_a_grouped_model_copies_and_pickles(monkeypatch, count_group_calls, tmp_path):
+    """After grouped calls (a weak reference to the last input is held), deepcopy and torch.save still work; the
+    copies start unconfirmed, group their own layers and give the same outputs."""
+    import copy
+    import pickle
+
+    mlp = _mlp(monkeypatch, r=4)
+    x = torch.randn(80, 16)
+    mlp(x)
+    want = mlp(x)
+    assert count_group_calls == [2]
+    for twin in (copy.deepcopy(mlp), pickle.loads(pickle.dumps(mlp))):
+        group = twin.gate_proj._projection_group
+        assert group is twin.up_proj._projection_group and group.members == [twin.gate_proj, twin.up_proj]
+        assert not group.confirmed
+        twin(x)
+        assert torch.equal(twin(x), want)
+    assert count_group_calls == [2, 2, 2]
+    torch.save(mlp, tmp_path / "mlp.pt")
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_copies_keep_the_variant_instances_the_hot_path_compares(use_dora, monkeypatch):
+    """LoraLinear's hot path and the groups compare a layer's variant with PLAIN_LORA / DORA by identity: a deepcopy
+    or pickle of a layer must keep those instances (it once made new ones, and every copied layer took the general
+    path)."""
+    import copy
+    import pickle
+
+    from fastpeft.nn.variants import DORA, PLAIN_LORA
+
+    mlp = _mlp(monkeypatch, r=4, use_dora=use_dora)
+    want = DORA if use_dora else PLAIN_LORA
+    for twin in (copy.deepcopy(mlp), pickle.loads(pickle.dumps(mlp))):
+        assert twin.gate_proj.lora_variant["default"] is want and twin.up_proj.lora_variant["default"] is want
 
 
 def test_lora_group_linear_op_validates_its_lists():
