@@ -100,6 +100,9 @@ class ProjectionGroup:
         (which checked backend, device, adapters on and unmerged, no mixed batch, not compiling)."""
         if x.is_inference():  # no version counter: an in-place change between the members' calls would go unseen
             return None
+        if not any(m is layer for m in self.members):
+            return None  # a shallow copy sharing the group (nn.DataParallel's replicas): never touch its state
+
         if self._kept:
             y = self._kept.pop(layer, None)
             if y is not None and self._kept_x is not None and self._kept_x() is x and x._version == self._kept_version:

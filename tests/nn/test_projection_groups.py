@@ -220,6 +220,25 @@ def test_copies_keep_the_variant_instances_the_hot_path_compares(use_dora, monke
         assert twin.gate_proj.lora_variant["default"] is want and twin.up_proj.lora_variant["default"] is want
 
 
+def test_a_shallow_copy_sharing_the_group_runs_alone(monkeypatch, count_group_calls):
+    """nn.DataParallel's replicas are shallow copies whose __dict__ (the group included) is shared: a replica must
+    neither use the group (its members are the originals, on another device) nor change its state."""
+    import copy
+
+    mlp = _mlp(monkeypatch, r=4)
+    x = torch.randn(80, 16)
+    mlp(x)
+    replica = copy.copy(mlp.gate_proj)
+    assert replica._projection_group is mlp.gate_proj._projection_group
+    group = replica._projection_group
+    before = (group.confirmed, group._pending, list(group._seen))
+    layer = mlp.gate_proj
+    alone = cpp_ops.lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
+                                layer.lora_B["default"].weight, layer.scaling["default"])
+    assert torch.equal(replica(x), alone)
+    assert (group.confirmed, group._pending, list(group._seen)) == before and count_group_calls == []
+
+
 def test_lora_group_linear_op_validates_its_lists():
     x = torch.randn(4, 8)
     w = [torch.randn(6, 8), torch.randn(6, 8)]
