@@ -20,7 +20,7 @@ LAYERS = [
      "fastpeft.ops.kernels.nf4_gemv", "fastpeft.ops.kernels.nf4_lora", "fastpeft.ops.kernels.dora", "fastpeft.ops.kernels.custom_ops",
      "fastpeft.ops.kernels.sgmv",
      "fastpeft.ops.nf4_quantize", "fastpeft.ops.lora_init"],
-    ["fastpeft.nn._rng", "fastpeft.nn.bases", "fastpeft.nn.mixed_batch", "fastpeft.nn.layer", "fastpeft.nn.variants", "fastpeft.nn.lora", "fastpeft.nn.lora_embedding", "fastpeft.nn.ia3", "fastpeft.nn.vera", "fastpeft.nn.lycoris", "fastpeft.nn.loha", "fastpeft.nn.lokr", "fastpeft.nn.oft", "fastpeft.nn.adalora",
+    ["fastpeft.nn._rng", "fastpeft.nn.bases", "fastpeft.nn.mixed_batch", "fastpeft.nn.layer", "fastpeft.nn.variants", "fastpeft.nn.lora", "fastpeft.nn.projection_groups", "fastpeft.nn.lora_embedding", "fastpeft.nn.ia3", "fastpeft.nn.vera", "fastpeft.nn.lycoris", "fastpeft.nn.loha", "fastpeft.nn.lokr", "fastpeft.nn.oft", "fastpeft.nn.adalora",
      "fastpeft.nn.modules_to_save", "fastpeft.nn.prompt_encoders", "fastpeft.nn.trainable_tokens", "fastpeft.nn"],
     ["fastpeft.model_state", "fastpeft.targets", "fastpeft.token_targets", "fastpeft.mixed_batches", "fastpeft.peft_interop",
      "fastpeft.prompt_learning", "fastpeft.adalora", "fastpeft.patch", "fastpeft.adapters",
