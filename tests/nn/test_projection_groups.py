@@ -78,6 +78,20 @@ def test_grouped_steps_match_layers_run_one_by_one(arch, checkpoint, monkeypatch
             assert rel_err(got[2][name], want[2][name]) < 1e-5, name
 
 
+def test_converted_peft_models_and_added_adapters_are_linked(monkeypatch):
+    """patch(peft_model) links the converted layers; a second adapter keeps the groups (they follow the active
+    adapter at run time)."""
+    import peft
+
+    set_settings(monkeypatch, backend="cpp")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=TARGETS))
+    fastpeft.patch(model)
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert attn.q_proj._projection_group is attn.v_proj._projection_group is not None
+    fastpeft.add_adapter(model, "second", fastpeft.LoraConfig(r=4, target_modules=TARGETS))
+    assert attn.q_proj._projection_group.members == [attn.q_proj, attn.k_proj, attn.v_proj]
+
+
 def test_members_on_different_inputs_never_group(monkeypatch, count_group_calls):
     """Cross-attention style: k / v called on another tensor than q; the group is never confirmed."""
     set_settings(monkeypatch, backend="cpp")
