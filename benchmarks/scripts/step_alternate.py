@@ -6,7 +6,13 @@ time until ``step()`` returns, before the final synchronisation. Where host ≈ 
 ``--gc freeze`` moves everything alive after the build into the permanent generation (``gc.freeze()``) so the
 collector does not rescan it during the timed steps; ``--gc off`` disables it while timing.
 
+``--setting NAME=V1,V2`` times fastpeft once per value of one of ``fastpeft.settings`` (e.g.
+``group_projections=0,1``), each row built and run under ``settings.override``: an A/B of a switch in one process,
+where separate processes on the lent hosts differ by more than the effect (session 19). The values take turns in
+the order given in even rounds and reversed in odd ones (A B B A), and PEFT's row stays as the control.
+
     python benchmarks/scripts/step_alternate.py --model 1b --method prompt_tuning --rounds 3 --steps 10
+    python benchmarks/scripts/step_alternate.py --model 1b --method lora --rounds 4 --setting group_projections=0,1
 """
 from __future__ import annotations
 
@@ -21,8 +27,34 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from fastpeft import settings  # noqa: E402
 from fastpeft.bench import harness  # noqa: E402
 from fastpeft.bench.plan import METHODS, SEQ, Spec  # noqa: E402
+
+
+def parse_setting(text: str):
+    """"name=v1,v2" -> (name, [values typed as the setting's default: bool 0/1, int, or str]); ValueError names
+    what is wrong and what is allowed."""
+    known = {f: getattr(settings.Settings(), f) for f in settings.Settings.__dataclass_fields__}
+    name, sep, raw = text.partition("=")
+    if not sep or name not in known or not raw:
+        raise ValueError(f"--setting takes NAME=V1,V2 with NAME one of {sorted(known)}, got {text!r}")
+    default, values = known[name], []
+    for v in raw.split(","):
+        if isinstance(default, bool):
+            if v not in ("0", "1"):
+                raise ValueError(f"--setting {name}: use 0 or 1, got {v!r}")
+            values.append(v == "1")
+        elif name == "nf4_fused_max_m":
+            values.append(None if v == "none" else int(v))
+        else:
+            values.append(v)
+    with settings.override(**{name: values[0]}):  # validated as the environment is
+        pass
+    for v in values[1:]:
+        with settings.override(**{name: v}):
+            pass
+    return name, values
 
 
 def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> dict:
@@ -71,22 +103,31 @@ def main(argv=None) -> int:
     ap.add_argument("--gc", default="on", choices=["on", "freeze", "off"])
     ap.add_argument("--first", default="peft", choices=["peft", "fastpeft"], help="which row opens each round")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--setting", help="NAME=V1,V2: one fastpeft row per value of this fastpeft.settings field")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--rounds and --steps must be >= 1, --warmup >= 0")
+    try:
+        setting = parse_setting(args.setting) if args.setting else None
+    except ValueError as e:
+        ap.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    order = ["peft", "fastpeft"] if args.first == "peft" else ["fastpeft", "peft"]
+    variants = [None] if setting is None else [(setting[0], v) for v in setting[1]]
     rows = []
     for r in range(args.rounds):
-        for impl in order:
-            row = time_row(Spec(args.model, args.method, impl), device, args.steps, args.warmup, args.gc)
-            row["round"] = r
+        fast = [("fastpeft", v) for v in (variants if r % 2 == 0 else variants[::-1])]
+        order = [("peft", None)] + fast if args.first == "peft" else fast + [("peft", None)]
+        for impl, variant in order:
+            label = impl if variant is None else f"{impl}[{variant[0]}={variant[1]}]"
+            with settings.override(**({} if variant is None else {variant[0]: variant[1]})):
+                row = time_row(Spec(args.model, args.method, impl), device, args.steps, args.warmup, args.gc)
+            row["round"], row["label"] = r, label
             rows.append(row)
-            print(f"round {r} {impl:9s} wall {row['wall_ms']:7.1f} ms  host {row['host_ms']:7.1f} ms  "
+            print(f"round {r} {label:12s} wall {row['wall_ms']:7.1f} ms  host {row['host_ms']:7.1f} ms  "
                   f"{row['tokens_per_s']:9,.0f} tok/s  gc collections {row['gc_collections']}", flush=True)
-    for impl in order:
-        walls = [x["wall_ms"] for x in rows if x["impl"] == impl]
-        print(f"{impl:9s} median over rounds: {statistics.median(walls):.1f} ms (spread {min(walls):.1f}-{max(walls):.1f})")
+    for label in dict.fromkeys(x["label"] for x in rows):
+        walls = [x["wall_ms"] for x in rows if x["label"] == label]
+        print(f"{label:12s} median over rounds: {statistics.median(walls):.1f} ms (spread {min(walls):.1f}-{max(walls):.1f})")
     if args.json:
         meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                 "args": vars(args)}

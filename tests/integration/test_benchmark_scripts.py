@@ -83,6 +83,41 @@ def test_step_alternate_times_both_libraries_in_turns_and_restores_the_collector
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
+def test_step_alternate_compares_a_setting_in_one_process(tmp_path, monkeypatch, capsys):
+    """--setting NAME=V1,V2: one fastpeft row per value, built and run under that value (A B B A over rounds),
+    PEFT's row as the control; a bad name or value is refused naming what is allowed."""
+    from fastpeft import settings
+
+    alternate = _load("step_alternate")
+    seen = []
+    real = alternate.time_row
+
+    def spy(spec, *args):
+        seen.append((spec.impl, settings.get().group_projections))
+        return real(spec, *args)
+
+    monkeypatch.setattr(alternate, "time_row", spy)
+    out = tmp_path / "alt.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert alternate.main(["--model", "tiny", "--method", "lora", "--rounds", "2", "--steps", "1", "--warmup", "0",
+                               "--first", "fastpeft", "--setting", "group_projections=0,1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["round"], r["label"]) for r in rows] == [
+        (0, "fastpeft[group_projections=False]"), (0, "fastpeft[group_projections=True]"), (0, "peft"),
+        (1, "fastpeft[group_projections=True]"), (1, "fastpeft[group_projections=False]"), (1, "peft")]
+    default = settings.get().group_projections
+    assert seen == [("fastpeft", False), ("fastpeft", True), ("peft", default), ("fastpeft", True),
+                    ("fastpeft", False), ("peft", default)]
+    for bad, match in (("nope=1", "one of"), ("group_projections=2", "use 0 or 1"), ("backend=fast", "not valid")):
+        with pytest.raises(SystemExit):
+            alternate.main(["--model", "tiny", "--setting", bad])
+        assert match in capsys.readouterr().err
+
+
 def test_decode_benchmarks_decode_with_a_kv_cache(tmp_path, monkeypatch):
     """bench_mixed.py and bench_decode_compiled.py time generate() with a KV cache. Until session 11 their models came
     from fastpeft.bench.harness.llama_config (use_cache=False, which generate() copies into generation_config), so
