@@ -49,10 +49,8 @@ def parse_setting(text: str):
             values.append(None if v == "none" else int(v))
         else:
             values.append(v)
-    with settings.override(**{name: values[0]}):  # validated as the environment is
-        pass
-    for v in values[1:]:
-        with settings.override(**{name: v}):
+    for v in values:
+        with settings.override(**{name: v}):  # validated as the environment is
             pass
     return name, values
 

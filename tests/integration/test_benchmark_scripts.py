@@ -6,6 +6,7 @@ benchmarks/scripts/bench_nf4.py) before the whole-step tier in the same process.
 fastpeft row ran the interpreted Triton kernels in bf16 on the CPU and three step rows came out NaN. Its
 switches now go through ``fastpeft.settings.override``, which restores them on exit.
 """
+import contextlib
 import gc
 import importlib.util
 import json
@@ -32,6 +33,17 @@ def _load(name: str):
     return mod
 
 
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread for the block (the tiny CPU runs here are steadier and quicker so), then as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 def test_nf4_benchmark_restores_settings_and_environment():
     environ = dict(os.environ)
     before = settings.get()
@@ -53,13 +65,9 @@ def test_step_row_after_the_nf4_benchmark_has_a_finite_loss():
     nf4b = _load("bench_nf4")
     K, N = nf4b.TINY["q/o"]
     nf4b._layer("fastpeft_qlora", K, N, torch.device("cpu"), torch.float32, 0.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         row = bench.run_config(bench.Spec("tiny", "ia3", "fastpeft"), "cpu", torch.bfloat16, 2, 0, None,
                                log=lambda s: None)
-    finally:
-        torch.set_num_threads(threads)
     assert row["status"] == "ok", row.get("reason")
     assert math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
 
@@ -69,13 +77,9 @@ def test_step_alternate_times_both_libraries_in_turns_and_restores_the_collector
     time, and the garbage collector is left as it was (enabled, nothing frozen)."""
     alternate = _load("step_alternate")
     out = tmp_path / "alt.json"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         assert alternate.main(["--model", "tiny", "--method", "ia3", "--rounds", "2", "--steps", "1", "--warmup", "0",
                                "--gc", "freeze", "--first", "fastpeft", "--json", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["round"], r["impl"]) for r in rows] == [(0, "fastpeft"), (0, "peft"), (1, "fastpeft"), (1, "peft")]
     for r in rows:
@@ -86,8 +90,6 @@ def test_step_alternate_times_both_libraries_in_turns_and_restores_the_collector
 def test_step_alternate_compares_a_setting_in_one_process(tmp_path, monkeypatch, capsys):
     """--setting NAME=V1,V2: one fastpeft row per value, built and run under that value (A B B A over rounds),
     PEFT's row as the control; a bad name or value is refused naming what is allowed."""
-    from fastpeft import settings
-
     alternate = _load("step_alternate")
     seen = []
     real = alternate.time_row
@@ -98,13 +100,9 @@ def test_step_alternate_compares_a_setting_in_one_process(tmp_path, monkeypatch,
 
     monkeypatch.setattr(alternate, "time_row", spy)
     out = tmp_path / "alt.json"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         assert alternate.main(["--model", "tiny", "--method", "lora", "--rounds", "2", "--steps", "1", "--warmup", "0",
                                "--first", "fastpeft", "--setting", "group_projections=0,1", "--json", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["round"], r["label"]) for r in rows] == [
         (0, "fastpeft[group_projections=False]"), (0, "fastpeft[group_projections=True]"), (0, "peft"),
