@@ -33,7 +33,6 @@ def _load(name: str):
     return mod
 
 
-
 @contextlib.contextmanager
 def _one_thread():
     """torch on one thread for the block (the tiny CPU runs here are steadier and quicker so), then as before."""
@@ -43,6 +42,7 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
 
 def test_nf4_benchmark_restores_settings_and_environment():
     environ = dict(os.environ)
