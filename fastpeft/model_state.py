@@ -31,6 +31,66 @@ STATE_ATTR = "_fastpeft_state"
 PROMPT_ENCODER_ATTR = "prompt_encoder"
 
 
+class ParamFlags:
+    """Every parameter's ``requires_grad`` as it was before ``patch`` (restored on unpatch), recorded per module and
+    parameter name, the module held by weak reference.
+
+    Holding the parameters themselves kept them alive after the model let them go: FSDP2's ``fully_shard`` replaces
+    every parameter by a sharded copy, ``delete_adapter`` drops adapter parameters; the originals then stayed in
+    memory as long as the model was patched (a 4-bit base under FSDP2: its packed weight a second time). A weak
+    reference to a tensor is no way out: ``torch.utils.swap_tensors`` (``.to()`` under
+    ``torch.__future__.set_swap_module_params_on_conversion``) refuses tensors that have one. So the record names
+    the slot (module, name) and restore sets the flag on whatever parameter fills it then; a module that is gone
+    needs no flag restored. Pickles and deep-copies with the model (the live modules travel as themselves and are
+    held weakly again on load).
+
+    >>> import pickle, torch
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> flags = ParamFlags()
+    >>> flags.record(layer)
+    >>> layer.weight.requires_grad_(False) is not None
+    True
+    >>> copy = pickle.loads(pickle.dumps({"layer": layer, "flags": flags}))
+    >>> copy["flags"].restore(); copy["layer"].weight.requires_grad
+    True
+    """
+
+    __slots__ = ("_flags",)
+
+    def __init__(self, entries=()) -> None:
+        # (id(module), name) -> (weak reference to the module, name, flag)
+        self._flags: Dict[Tuple[int, str], Tuple[weakref.ref, str, bool]] = {}
+        for module, name, value in entries:
+            self._flags[(id(module), name)] = (weakref.ref(module), name, value)
+
+    def record(self, module: nn.Module) -> None:
+        """Keep the current flag of each of ``module``'s own parameters that is not recorded yet (an entry of a dead
+        module under a reused id is replaced)."""
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            hit = self._flags.get((id(module), name))
+            if hit is None or hit[0]() is not module:
+                self._flags[(id(module), name)] = (weakref.ref(module), name, param.requires_grad)
+
+    def live(self) -> List[Tuple[nn.Module, str, bool]]:
+        """(module, parameter name, recorded flag) of the recorded modules still alive."""
+        entries = [(ref(), name, value) for ref, name, value in self._flags.values()]
+        return [(module, name, value) for module, name, value in entries if module is not None]
+
+    def restore(self) -> None:
+        for module, name, value in self.live():
+            param = module._parameters.get(name)
+            if param is not None:
+                param.requires_grad_(value)
+
+    def __len__(self) -> int:
+        return len(self.live())
+
+    def __reduce__(self):
+        return (ParamFlags, (self.live(),))
+
+
 @dataclass
 class PatchState:
     """Per-model bookkeeping, kept as a plain attribute (never in the state dict)."""
@@ -39,7 +99,7 @@ class PatchState:
     configs: Dict[str, AdapterConfig] = field(default_factory=dict)
     trainable: Dict[str, bool] = field(default_factory=dict)
     active: str = "default"
-    requires_grad: Dict[int, Tuple[torch.nn.Parameter, bool]] = field(default_factory=dict)
+    requires_grad: ParamFlags = field(default_factory=ParamFlags)
     originals: Dict[str, nn.Module] = field(default_factory=dict)  # path -> module to put back on unpatch
     # what patch() installed, each undone by its .remove() on unpatch: forward hooks, prompt learning's routing
     hooks: List[Any] = field(default_factory=list)
@@ -159,8 +219,8 @@ class Transaction:
 
 
 def record_requires_grad(state: PatchState, model: nn.Module) -> None:
-    for param in model.parameters():
-        state.requires_grad.setdefault(id(param), (param, param.requires_grad))
+    for module in model.modules():
+        state.requires_grad.record(module)
 
 
 def apply_trainable(model: nn.Module, state: PatchState, txn: Optional[Transaction] = None) -> None:

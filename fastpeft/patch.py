@@ -367,8 +367,7 @@ def warn_base_rewritten(state: PatchState, names) -> None:
 def finish(model: nn.Module, state: PatchState) -> None:
     """Drop fastpeft's state from a model whose modules are already back in place (unpatch, merge_and_unload)."""
     unroute_peft_methods(model)  # only what fastpeft routed (generate; a converted PeftModel's save_pretrained)
-    for param, value in state.requires_grad.values():
-        param.requires_grad_(value)
+    state.requires_grad.restore()
     _remove_hooks(state)
     model.__dict__.pop(STATE_ATTR, None)
 

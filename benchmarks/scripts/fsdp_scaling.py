@@ -53,7 +53,8 @@ How the model is built without ever holding the full bf16 model on one device:
 Reported per (method, impl), per rank: tokens/s (local tokens / median step time over --steps after
 --warmup), step times, peak memory (CUDA ``max_memory_allocated`` since the reset after building and
 sharding -> weights shards, grads, optimizer states, activations, FSDP buffers; on CPU the process's peak
-RSS, a rough number), and the build peak (CUDA: ``max_memory_allocated`` during the build; CPU: none).
+RSS, a rough number), the build peak (CUDA: ``max_memory_allocated`` during the build; CPU: none) and what stays resident
+before the first step (CUDA ``memory_allocated``: weight shards and adapters).
 Then the mean tokens/s per GPU, the total, the max peak, the global loss of step 0 and the last step, and
 ``scaling_efficiency`` = mean tokens/s per GPU / the same row's tokens/s per GPU in --baseline (1.0 for a
 1-process run; None when the baseline has no such row). A configuration that fails on every rank alike
@@ -252,6 +253,9 @@ def run_config(a, method: str, impl: str, device: torch.device, dtype, mesh, mp,
         _sync(device.type)
         out["build_s"] = time.perf_counter() - t0
         out["build_peak_gib"] = torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else None
+        # what stays allocated between steps before the first one (weight shards, adapters; no optimizer state
+        # yet): separates a difference in what the model holds from one in activations / step transients
+        out["resident_gib"] = torch.cuda.memory_allocated() / GiB if device.type == "cuda" else None
         out["trainable_params_local"] = sum((p.to_local() if is_sharded(p) else p).numel() for p in params)
         vocab = MODELS[a.model]["vocab_size"]
         # two batches per rank, alternated; seeded by rank, so rank 0 sees the same tokens at any world size
@@ -274,6 +278,8 @@ def run_config(a, method: str, impl: str, device: torch.device, dtype, mesh, mp,
             if i >= a.warmup:
                 times.append(dt)
         pk = peak.peak_bytes()
+        if a.profile and rank == 0:
+            _profile_step(model, opt, batches[0], device, f"{a.profile}_{method}_{impl}.txt")
         local = torch.stack(losses)
         out["local_loss_step0"] = float(local[0])
         dist.all_reduce(local)  # global mean loss per step (equal local batch sizes)
@@ -295,6 +301,24 @@ def run_config(a, method: str, impl: str, device: torch.device, dtype, mesh, mp,
     return out
 
 
+def _profile_step(model: nn.Module, opt, ids: torch.Tensor, device: torch.device, path: str) -> None:
+    """One more step under torch.profiler (after the timed ones): the ops by device time and by host time, to
+    ``path`` (--profile)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device.type)
+    events = prof.key_averages()
+    with open(path, "w") as f:
+        if device.type == "cuda":
+            f.write(events.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70) + "\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70) + "\n")
+
+
 def summarize(per_rank: List[Dict[str, Any]], baseline: Optional[Dict[str, Any]], world: int) -> Dict[str, Any]:
     bad = [r for r in per_rank if r["status"] != "ok"]
     row: Dict[str, Any] = {"per_rank": per_rank}
@@ -306,6 +330,7 @@ def summarize(per_rank: List[Dict[str, Any]], baseline: Optional[Dict[str, Any]]
     row.update(status="ok", tokens_per_s_per_gpu=statistics.mean(tps), tokens_per_s_min_rank=min(tps),
                tokens_per_s_total=sum(tps), peak_gib_max=max(peaks) if peaks else None,
                build_peak_gib_max=max((r["build_peak_gib"] or 0.0) for r in per_rank) or None,
+               resident_gib_max=max((r["resident_gib"] or 0.0) for r in per_rank) or None,
                loss_step0=per_rank[0]["loss_step0"], loss_last=per_rank[0]["loss_last"])
     if world == 1:
         row.update(baseline_tokens_per_s_per_gpu=row["tokens_per_s_per_gpu"], scaling_efficiency=1.0)
@@ -333,6 +358,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="fsdp_scaling.json")
     ap.add_argument("--baseline", default=None, help="JSON of an earlier --nproc-per-node 1 run of this script")
+    ap.add_argument("--profile", default=None, metavar="PREFIX",
+                    help="after the timed steps, profile one more step per configuration (rank 0) into "
+                         "PREFIX_<method>_<impl>.txt")
     ap.add_argument("--timeout-min", type=float, default=20.0, help="process-group timeout")
     a = ap.parse_args(argv)
     a.methods = [m for m in a.methods.split(",") if m]
@@ -414,7 +442,8 @@ def main(argv=None) -> int:
             if rank == 0:
                 eff = row.get("scaling_efficiency")
                 print(f"{a.model} {method} {impl} x{world}: {row['status']}"
-                      + (f", {row['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, peak {row['peak_gib_max']:.2f} GiB, "
+                      + (f", {row['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, peak {row['peak_gib_max']:.2f} GiB "
+                         f"(resident {row['resident_gib_max'] or 0.0:.2f}), "
                          f"loss0 {row['loss_step0']:.6f}, efficiency {eff if eff is None else round(eff, 3)}"
                          if row["status"] == "ok" else f" ({row.get('reason')})"), flush=True)
                 with open(a.out, "w") as f:  # after every configuration: a killed run keeps what it measured

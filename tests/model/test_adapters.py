@@ -1,7 +1,9 @@
 """Adapter management on tiny Llama (nn.Linear) and GPT-2 (Conv1D), LoRA and IA3: add / switch / delete /
 disable / merge / unmerge / merge_and_unload / unpatch, trainable flags and counts (PEFT as the oracle)."""
 import copy
+import gc
 import importlib
+import weakref
 
 import peft
 import pytest
@@ -228,6 +230,37 @@ def test_unpatch_restores_everything(arch, kind):
     assert fp_patch.get_state(model, required=False) is None
     assert not model.get_input_embeddings()._forward_hooks
     assert torch.equal(logits(model), logits(untouched))
+
+
+def test_patch_does_not_keep_replaced_or_deleted_parameters_alive():
+    # FSDP2's fully_shard replaces every parameter by a sharded copy, delete_adapter drops adapter parameters: the
+    # patch's record of the original requires_grad flags must not keep the old tensors (on an 8B NF4 base under
+    # FSDP2: its whole packed weight a second time). Fails with strong references in the record.
+    base = tiny_model("llama")
+    base.get_input_embeddings().weight.requires_grad_(False)
+    model = fastpeft.patch(base, cfg_for("llama", "lora"))
+    fastpeft.add_adapter(model, "b", cfg_for("llama", "lora", which=1))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    old_weight, old_b = weakref.ref(q_proj.base_layer.weight), weakref.ref(q_proj.lora_A["b"].weight)
+    q_proj.base_layer.weight = nn.Parameter(q_proj.base_layer.weight.detach().clone(), requires_grad=False)
+    fastpeft.delete_adapter(model, "b")
+    gc.collect()
+    assert old_weight() is None and old_b() is None
+    # unpatch restores each slot's flag, on the parameter that fills it now (also in a copy); under swap_tensors
+    # conversions (which refuse tensors that something holds a weak reference to) as well
+    copied = copy.deepcopy(model)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        copied.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    for m in (model, copied):
+        fastpeft.unpatch(m)
+        assert not m.get_input_embeddings().weight.requires_grad
+        assert m.model.layers[1].self_attn.q_proj.weight.requires_grad
+        assert m.model.layers[0].self_attn.q_proj.weight.requires_grad  # replaced (frozen) after patch
+    assert copied.model.layers[1].self_attn.q_proj.weight is not model.model.layers[1].self_attn.q_proj.weight
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
