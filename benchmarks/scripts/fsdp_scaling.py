@@ -106,7 +106,7 @@ MODELS: Dict[str, Dict[str, Any]] = dict(bench.MODELS)
 MODELS["tiny"] = dict(bench.MODELS["tiny"], intermediate_size=192)
 MODELS["70b"] = dict(name="Llama-3.1-70B", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-METHODS = ["lora", "qlora"]
+METHODS = ["lora", "qlora", "dora"]  # dora: LoRA with use_dora=True on the bf16 base (built as lora)
 IMPLS = ["fastpeft", "peft"]
 INIT_STD = 0.02
 
@@ -181,11 +181,11 @@ def _apply_method(model: nn.Module, method: str, impl: str) -> nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
         cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=bench.RANK, lora_alpha=bench.ALPHA, lora_dropout=0.0,
-                              target_modules="all-linear")
+                              target_modules="all-linear", use_dora=method == "dora")
         return peft.get_peft_model(model, cfg)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
     return fastpeft.patch(model, fastpeft.LoraConfig(r=bench.RANK, lora_alpha=bench.ALPHA, lora_dropout=0.0,
-                                                     target_modules="all-linear"))
+                                                     target_modules="all-linear", use_dora=method == "dora"))
 
 
 def _decoder_layers(model: nn.Module):
@@ -208,7 +208,7 @@ def build(model_name: str, method: str, impl: str, seq: int, dtype: torch.dtype,
           seed: int) -> nn.Module:
     """Random-init Llama of ``model_name``, adapted by ``impl`` and sharded by FSDP2 (see the module docstring)."""
     model, cfg = _meta_model(model_name, seq, dtype)
-    if method == "lora":
+    if method in ("lora", "dora"):
         model = _apply_method(model, method, impl).to("meta")  # fastpeft makes its adapters on CPU: meta too
         _shard(model, mesh, mp)
         model.to_empty(device=device)  # only this rank's shards are allocated
