@@ -38,6 +38,16 @@ float lora_keep_scale(double p, at::ScalarType dt);
 int64_t lora_cuda_path();
 void check_mixed_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
                       at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);
+// LoRA with 16-bit adapters of x's dtype, no dropout (adapter_ops.cpp: ATen GEMMs, the same on every device)
+bool lora_native16(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B, double p);
+std::tuple<at::Tensor, at::Tensor> lora_fwd_native16(const at::Tensor& x2, const at::Tensor& weight,
+                                                     const c10::optional<at::Tensor>& bias, const at::Tensor& A,
+                                                     const at::Tensor& B, double scaling);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd_native16(const at::Tensor& dy2, const at::Tensor& x2,
+                                                                 const at::Tensor& S, const at::Tensor& weight,
+                                                                 const at::Tensor& A, const at::Tensor& B,
+                                                                 double scaling, bool need_x, bool need_A,
+                                                                 bool need_B);
 // grouped projections, member by member through lora_fwd / lora_bwd (adapter_ops.cpp): the CPU kernels, and the
 // CUDA calls the shared composition below does not take
 std::tuple<std::vector<at::Tensor>, at::Tensor> lora_group_fwd_composed(const at::Tensor& x2, at::TensorList weights,
@@ -1818,6 +1828,10 @@ std::tuple<Tensor, Tensor> lora_fwd_cuda(const Tensor& x2, const Tensor& weight,
                                          const Tensor& A, const Tensor& B, double scaling, double p,
                                          const c10::optional<Tensor>& seed, int64_t rank) {
   refuse_dropout_in_capture(p);
+  if (lora_native16(x2, A, B, p)) {  // 16-bit adapters: their own dtype's GEMMs, any M (S in x's dtype)
+    c10::cuda::CUDAGuard guard(x2.device());
+    return lora_fwd_native16(x2, weight, bias, A, B, scaling);
+  }
   if (!use_fused(x2.size(0), weight.size(0), x2.size(1), A.size(0)) || x2.dim() != 2 || weight.dim() != 2 ||
       weight.size(1) != x2.size(1) || A.size(1) != x2.size(1) || B.size(0) != weight.size(0) || B.size(1) != A.size(0)) {
     return lora_fwd_split(x2, weight, bias, A, B, scaling, p, seed, rank);
@@ -1838,6 +1852,10 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_cuda(const Tensor& dy2, const Tensor
                                                  double scaling, double p, const c10::optional<Tensor>& seed,
                                                  int64_t rank, bool need_x, bool need_A, bool need_B) {
   refuse_dropout_in_capture(p);
+  if (lora_native16(x2, A, B, p)) {
+    c10::cuda::CUDAGuard guard(x2.device());
+    return lora_bwd_native16(dy2, x2, S, weight, A, B, scaling, need_x, need_A, need_B);
+  }
   if (!use_fused(x2.size(0), weight.size(0), x2.size(1), A.size(0))) {
     return lora_bwd_split(dy2, x2, S, weight, A, B, scaling, p, seed, rank, need_x, need_A, need_B);
   }
@@ -1863,13 +1881,16 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_cuda(const Tensor& dy2, const Tensor
 // S (returned, saved for the backward) is [M, G·r] fp32, member blocks side by side: the composed path's layout too.
 constexpr int kMaxGroup = 4;
 
-bool group_shares(const Tensor& x2, at::TensorList weights, at::TensorList As) {
+// fp32 adapters only: 16-bit ones run member by member (lora_native16's composition, S in their dtype)
+bool group_shares(const Tensor& x2, at::TensorList weights, at::TensorList As, at::TensorList Bs) {
   const int64_t G = static_cast<int64_t>(weights.size());
   const auto dt = x2.scalar_type();
   if (G < 2 || G > kMaxGroup || x2.dim() != 2 || (dt != at::kHalf && dt != at::kBFloat16)) return false;
   const int64_t r = As[0].size(0);
   for (int64_t i = 0; i < G; ++i) {
-    if (As[i].size(0) != r || use_fused(x2.size(0), weights[i].size(0), x2.size(1), r)) return false;
+    if (As[i].size(0) != r || As[i].scalar_type() != at::kFloat || Bs[i].scalar_type() != at::kFloat ||
+        use_fused(x2.size(0), weights[i].size(0), x2.size(1), r))
+      return false;
   }
   return true;
 }
@@ -1892,7 +1913,7 @@ std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cuda(const Tensor& x2, at
                                                             at::TensorList biases, at::TensorList As,
                                                             at::TensorList Bs, double scaling) {
   check_group_shapes(x2, weights, biases, As, Bs);
-  if (!group_shares(x2, weights, As)) return lora_group_fwd_composed(x2, weights, biases, As, Bs, scaling);
+  if (!group_shares(x2, weights, As, Bs)) return lora_group_fwd_composed(x2, weights, biases, As, Bs, scaling);
   c10::cuda::CUDAGuard guard(x2.device());
   const auto dt = x2.scalar_type();
   const int64_t G = static_cast<int64_t>(weights.size()), M = x2.size(0), K = x2.size(1), r = As[0].size(0);
@@ -1928,7 +1949,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_cuda
     at::TensorList Bs, double scaling, bool need_x, bool need_A, bool need_B) {
   check_group_shapes(x2, weights, at::TensorList(), As, Bs);
   TORCH_CHECK(dys.size() == weights.size(), "fastpeft lora_group: one output gradient per member");
-  if (!group_shares(x2, weights, As) || !(need_x || need_A || need_B)) {
+  if (!group_shares(x2, weights, As, Bs) || !(need_x || need_A || need_B)) {
     return lora_group_bwd_composed(dys, x2, S, weights, As, Bs, scaling, need_x, need_A, need_B);
   }
   c10::cuda::CUDAGuard guard(x2.device());

@@ -37,6 +37,8 @@
 // LoRA math (fastpeft/ops/reference.py is the oracle; D = the dropout mask of adapter_common.h, s = scaling):
 //   forward   S = s·(D⊙X)·Aᵀ (fp32 [M, r], saved);  Y = X·Wᵀ + b + S·Bᵀ
 //   backward  dS = s·dY·B;  dB = dYᵀ·S;  dA = dSᵀ·(D⊙X);  dX = dY·W + D⊙(dS·A)
+// S, dA and dB are fp32 (the adapters' usual dtype), except with 16-bit adapters of x's dtype and no dropout
+// (lora_native16 below: FSDP2's bf16 policy, DeepSpeed bf16), where they are in that dtype, as PEFT computes then.
 // DoRA math (p = 0 only: PEFT's dropout formula needs a second base product, kept on the Triton path; the base weight
 // is frozen), n = ‖W + s·B·A‖ per output row (detached, as PEFT), g = m / n:
 //   forward   S = s·X·Aᵀ;  Z0 = X·Wᵀ (x.dtype, saved);  Y = g⊙(Z0 + S·Bᵀ) + b (fp32 sum, rounded once)
@@ -70,6 +72,15 @@ namespace fastpeft {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// LoRA with 16-bit adapters (defined below; adapter_cuda.cu calls them too)
+bool lora_native16(const Tensor& x2, const Tensor& A, const Tensor& B, double p);
+std::tuple<Tensor, Tensor> lora_fwd_native16(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                             const Tensor& A, const Tensor& B, double scaling);
+std::tuple<Tensor, Tensor, Tensor> lora_bwd_native16(const Tensor& dy2, const Tensor& x2, const Tensor& S,
+                                                     const Tensor& weight, const Tensor& A, const Tensor& B,
+                                                     double scaling, bool need_x, bool need_A, bool need_B);
+at::ScalarType group_s_dtype(const Tensor& x2, at::TensorList As, at::TensorList Bs);
 
 // A layer's adapters for the mixed-batch operators, built by the caller (fastpeft/nn/lora.py: once, then again only
 // when a module, parameter or scaling changed) and passed as one argument. It holds handles to the given tensors,
@@ -247,6 +258,7 @@ std::tuple<Tensor, Tensor> lora_fwd_cpu(const Tensor& x2, const Tensor& weight, 
                                         const Tensor& A, const Tensor& B, double scaling, double p,
                                         const c10::optional<Tensor>& seed, int64_t rank) {
   check_lora_args(x2, weight, bias, A, B);
+  if (lora_native16(x2, A, B, p)) return lora_fwd_native16(x2, weight, bias, A, B, scaling);
   const auto dt = x2.scalar_type();
   Tensor xd = x2;
   if (p > 0.0) xd = (x2.to(at::kFloat) * dropout_mask_cpu(x2.size(0), x2.size(1), p, seed_value(seed, p, rank), dt)).to(dt);
@@ -261,6 +273,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_cpu(const Tensor& dy2, const Tensor&
                                                 const Tensor& weight, const Tensor& A, const Tensor& B, double scaling,
                                                 double p, const c10::optional<Tensor>& seed, int64_t rank, bool need_x,
                                                 bool need_A, bool need_B) {
+  if (lora_native16(x2, A, B, p)) return lora_bwd_native16(dy2, x2, S, weight, A, B, scaling, need_x, need_A, need_B);
   const auto dt = x2.scalar_type();
   Tensor dyf = dy2.to(at::kFloat);
   Tensor dS = at::mm(dyf, B.to(at::kFloat)).mul_(scaling);
@@ -429,21 +442,23 @@ Tensor nf4_dequantize_cpu(const Tensor& packed, const Tensor& absmax, const Tens
 }
 
 // ------------------------------------------------------------------------------------------------ Meta
+// S, dA and dB are fp32, except with 16-bit adapters of x's dtype and no dropout (lora_native16): x's dtype
 std::tuple<Tensor, Tensor> lora_fwd_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&,
-                                         const Tensor& A, const Tensor&, double, double, const c10::optional<Tensor>&,
-                                         int64_t) {
+                                         const Tensor& A, const Tensor& B, double, double p,
+                                         const c10::optional<Tensor>&, int64_t) {
+  const auto sdt = lora_native16(x2, A, B, p) ? x2.scalar_type() : at::kFloat;
   return {at::empty({x2.size(0), weight.size(0)}, x2.options()),
-          at::empty({x2.size(0), A.size(0)}, x2.options().dtype(at::kFloat))};
+          at::empty({x2.size(0), A.size(0)}, x2.options().dtype(sdt))};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lora_bwd_meta(const Tensor&, const Tensor& x2, const Tensor& S, const Tensor& weight,
-                                                 const Tensor& A, const Tensor&, double, double,
+                                                 const Tensor& A, const Tensor& B, double, double p,
                                                  const c10::optional<Tensor>&, int64_t, bool need_x, bool need_A,
                                                  bool need_B) {
-  auto f32 = S.options().dtype(at::kFloat);
+  auto gdt = S.options().dtype(lora_native16(x2, A, B, p) ? x2.scalar_type() : at::kFloat);
   return {need_x ? at::empty_like(x2, at::MemoryFormat::Contiguous) : at::empty({0}, x2.options()),
-          need_A ? at::empty({A.size(0), x2.size(1)}, f32) : at::empty({0}, f32),
-          need_B ? at::empty({weight.size(0), A.size(0)}, f32) : at::empty({0}, f32)};
+          need_A ? at::empty({A.size(0), x2.size(1)}, gdt) : at::empty({0}, gdt),
+          need_B ? at::empty({weight.size(0), A.size(0)}, gdt) : at::empty({0}, gdt)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_meta(
@@ -702,24 +717,24 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
 
 // ------------------------------------------------------------------------------------------------ grouped LoRA
 std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_meta(const Tensor& x2, at::TensorList weights, at::TensorList,
-                                                            at::TensorList As, at::TensorList, double) {
+                                                            at::TensorList As, at::TensorList Bs, double) {
   std::vector<Tensor> ys;
   int64_t R = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     ys.push_back(at::empty({x2.size(0), weights[i].size(0)}, x2.options()));
     R += As[i].size(0);
   }
-  return {ys, at::empty({x2.size(0), R}, x2.options().dtype(at::kFloat))};
+  return {ys, at::empty({x2.size(0), R}, x2.options().dtype(group_s_dtype(x2, As, Bs)))};
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_meta(
     at::TensorList, const Tensor& x2, const Tensor&, at::TensorList, at::TensorList As, at::TensorList Bs, double,
     bool need_x, bool need_A, bool need_B) {
-  auto f32 = x2.options().dtype(at::kFloat);
   std::vector<Tensor> dAs, dBs;
-  for (size_t i = 0; i < As.size(); ++i) {
-    dAs.push_back(need_A ? at::empty(As[i].sizes(), f32) : at::empty({0}, f32));
-    dBs.push_back(need_B ? at::empty(Bs[i].sizes(), f32) : at::empty({0}, f32));
+  for (size_t i = 0; i < As.size(); ++i) {  // each member's gradients as its own lora_bwd gives them
+    auto gdt = x2.options().dtype(lora_native16(x2, As[i], Bs[i], 0.0) ? x2.scalar_type() : at::kFloat);
+    dAs.push_back(need_A ? at::empty(As[i].sizes(), gdt) : at::empty({0}, gdt));
+    dBs.push_back(need_B ? at::empty(Bs[i].sizes(), gdt) : at::empty({0}, gdt));
   }
   return {need_x ? at::empty(x2.sizes(), x2.options()) : at::empty({0}, x2.options()), dAs, dBs};
 }
@@ -1125,17 +1140,73 @@ std::vector<Tensor> lora_group_linear_autograd(const Tensor& x, at::TensorList w
 
 }  // namespace
 
-// Grouped projections member by member: the CPU kernels, and the CUDA calls whose shapes the shared composition
-// (adapter_cuda.cu) does not take. S is the members' S side by side, as there.
+// LoRA with 16-bit adapters of x's dtype, no dropout ("native16"). FSDP2's MixedPrecisionPolicy(param_dtype=bf16)
+// all-gathers the fp32 adapters as bf16, DeepSpeed's bf16 mode and model.to(torch.bfloat16) keep them so; PEFT then
+// computes its adapter in that dtype, and so does this: no fp32 copies of A and B, no hi / lo splits (B's lo part
+// would be zero), S kept in x's dtype. With dt = x's dtype and every product accumulated in fp32 by the GEMM:
+//   forward   S = dt(s·X·Aᵀ) (saved);  Y = dt(X·Wᵀ + b + S·Bᵀ) (the expand adds into Y: beta = 1, one rounding)
+//   backward  dB = dt(dYᵀ·S);  dS = dt(s·dY·B);  dA = dt(dSᵀ·X);  dX = dt(dY·W + dS·A)
+// PEFT's bf16 composition rounds the same products once more each (lora_B's output, its product with s, the sum).
+// ATen GEMMs only, so the CPU build CI tests is the composition CUDA runs. Bound: the base GEMMs; the LoRA products
+// read X / dY once each (3 skinny GEMMs over M rows). Dropout and DoRA keep their fp32-S compositions.
+bool lora_native16(const Tensor& x2, const Tensor& A, const Tensor& B, double p) {
+  const auto dt = x2.scalar_type();
+  return p <= 0.0 && (dt == at::kHalf || dt == at::kBFloat16) && A.scalar_type() == dt && B.scalar_type() == dt;
+}
+
+// s·M1·M2 in M1's dtype with one rounding: cuBLAS's alpha; beta = 0 never reads `self` (a 0-dim placeholder)
+Tensor scaled_mm(const Tensor& m1, const Tensor& m2, double s) {
+  return at::addmm(at::empty({}, m1.options()), m1, m2, /*beta=*/0, /*alpha=*/s);
+}
+
+std::tuple<Tensor, Tensor> lora_fwd_native16(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                             const Tensor& A, const Tensor& B, double scaling) {
+  check_lora_args(x2, weight, bias, A, B);
+  const auto dt = x2.scalar_type();
+  const Tensor w = weight.to(dt);
+  Tensor y = bias.has_value() && bias->defined() ? at::addmm(bias->to(dt), x2, w.t()) : at::mm(x2, w.t());
+  Tensor S = scaled_mm(x2, A.t(), scaling);  // [M, r]
+  y.addmm_(S, B.t());
+  return {y, S};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_bwd_native16(const Tensor& dy2_in, const Tensor& x2, const Tensor& S_in,
+                                                     const Tensor& weight, const Tensor& A, const Tensor& B,
+                                                     double scaling, bool need_x, bool need_A, bool need_B) {
+  const auto dt = x2.scalar_type();
+  const Tensor dy2 = dy2_in.to(dt), S = S_in.to(dt);  // S: fp32 only inside a group with fp32 members (exact)
+  Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, x2.options()), dB = at::empty({0}, x2.options());
+  if (need_B) dB = at::mm(dy2.t(), S);                                         // [N, r]
+  if (need_A || need_x) {
+    const Tensor dS = scaled_mm(dy2, B, scaling);                              // [M, r]
+    if (need_A) dA = at::mm(dS.t(), x2);                                       // [r, K]
+    if (need_x) {
+      dx = at::mm(dy2, weight.to(dt));
+      dx.addmm_(dS, A);                                                        // + dS·A (beta = 1)
+    }
+  }
+  return {dx, dA, dB};
+}
+
+// The dtype of a group's S [M, Σ r]: x's when every member is native16, else fp32 (lora_group_fwd_composed casts)
+at::ScalarType group_s_dtype(const Tensor& x2, at::TensorList As, at::TensorList Bs) {
+  for (size_t i = 0; i < As.size(); ++i)
+    if (!lora_native16(x2, As[i], Bs[i], 0.0)) return at::kFloat;
+  return x2.scalar_type();
+}
+
+// Grouped projections member by member: the CPU kernels, and the CUDA calls whose shapes or adapters the shared
+// composition (adapter_cuda.cu) does not take. S is the members' S side by side, as there.
 std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_composed(const Tensor& x2, at::TensorList weights,
                                                                 at::TensorList biases, at::TensorList As,
                                                                 at::TensorList Bs, double scaling) {
+  const auto sdt = group_s_dtype(x2, As, Bs);
   std::vector<Tensor> ys, Ss;
   for (size_t i = 0; i < weights.size(); ++i) {
     auto [y, S] = call_lora_fwd(x2, weights[i], biases.empty() ? c10::nullopt : c10::optional<Tensor>(biases[i]),
                                 As[i], Bs[i], scaling, 0.0, c10::nullopt, 0);
     ys.push_back(y);
-    Ss.push_back(S);
+    Ss.push_back(S.to(sdt));
   }
   return {ys, at::cat(Ss, 1)};
 }
@@ -1143,7 +1214,6 @@ std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_composed(const Tensor& x2
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_composed(
     at::TensorList dys, const Tensor& x2, const Tensor& S, at::TensorList weights, at::TensorList As,
     at::TensorList Bs, double scaling, bool need_x, bool need_A, bool need_B) {
-  auto f32 = x2.options().dtype(at::kFloat);
   Tensor dx;
   std::vector<Tensor> dAs, dBs;
   int64_t col = 0;
@@ -1153,8 +1223,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_comp
                                          c10::nullopt, 0, need_x, need_A, need_B);
     col += r;
     if (need_x) dx = dx.defined() ? dx.add_(dxi) : dxi;
-    dAs.push_back(need_A ? dAi : at::empty({0}, f32));
-    dBs.push_back(need_B ? dBi : at::empty({0}, f32));
+    dAs.push_back(dAi);  // empty ({0}) when not needed, in the dtype the member's lora_bwd gives
+    dBs.push_back(dBi);
   }
   if (!dx.defined()) dx = at::empty({0}, x2.options());
   return {dx, dAs, dBs};
