@@ -61,23 +61,24 @@ def _grads(fn, tensors, probe):
     return [y.detach()] + [None if t.grad is None else t.grad.clone() for t in tensors]
 
 
-def _layer(N, K, r, dtype, device, bias=True, seed=1):
+def _layer(N, K, r, dtype, device, bias=True, seed=1, adapter_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, K, generator=gen).to(device, dtype).requires_grad_()
-    A = (torch.randn(r, K, generator=gen) / K**0.5).to(device).requires_grad_()
-    B = (torch.randn(N, r, generator=gen) / r**0.5).to(device).requires_grad_()
+    A = (torch.randn(r, K, generator=gen) / K**0.5).to(device, adapter_dtype).requires_grad_()
+    B = (torch.randn(N, r, generator=gen) / r**0.5).to(device, adapter_dtype).requires_grad_()
     b = (torch.randn(N, generator=gen) * 0.1).to(device, dtype).requires_grad_() if bias else None
     m = (torch.rand(N, generator=gen) + 0.5).to(device).requires_grad_()
     return x, A, B, b, m
 
 
-def _check_ops_equal_dense(N, K, r, dtype, device):
+def _check_ops_equal_dense(N, K, r, dtype, device, adapter_dtype=torch.float32):
     """The 4-bit operators = the dense operators on dequant(W) in x's dtype: same kernels, so bitwise; with a
-    bias and without, with dropout (LoRA), without gradients."""
+    bias and without, with dropout (LoRA), without gradients; adapters in fp32, or in x's dtype (FSDP2's bf16
+    policy: LoRA's 16-bit composition without dropout)."""
     packed, qs, ks = _quantized(N, K, device=device)
     W = nf4_dequantize_reference(packed, qs, dtype)
     for bias in (True, False):
-        x, A, B, b, m = _layer(N, K, r, dtype, device, bias)
+        x, A, B, b, m = _layer(N, K, r, dtype, device, bias, adapter_dtype=adapter_dtype)
         tensors = [t for t in (x, A, B, b, m) if t is not None]
         probe = torch.randn(2, 3, N, generator=torch.Generator().manual_seed(5)).to(device, dtype)
         cases = [
@@ -101,6 +102,8 @@ def _check_ops_equal_dense(N, K, r, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_and_dora_ops_equal_the_dense_ops(dtype):
     _check_ops_equal_dense(37, 130, 4, dtype, "cpu")
+    if dtype != torch.float32:
+        _check_ops_equal_dense(37, 130, 4, dtype, "cpu", adapter_dtype=dtype)
 
 
 def test_backward_without_input_grad_skips_dx():
@@ -183,3 +186,5 @@ def test_gpu_dequantize_misaligned_bytes_take_the_element_path():
 def test_gpu_lora_and_dora_ops_equal_the_dense_ops(dtype):
     _check_ops_equal_dense(37, 4231, 16, dtype, "cuda")
     _check_ops_equal_dense(1024, 512, 8, dtype, "cuda")
+    if dtype != torch.float32:
+        _check_ops_equal_dense(1024, 512, 8, dtype, "cuda", adapter_dtype=dtype)
