@@ -61,11 +61,10 @@ Then the mean tokens/s per GPU, the total, the max peak, the global loss of step
 (e.g. OOM while building) is recorded with its status and the run goes on; a failure on only some ranks
 can leave the others waiting in a collective until --timeout-min (NCCL's watchdog then ends the job).
 
-Not run on GPUs yet (no multi-GPU machine this session): the tiny model on CPU with gloo (1 and 2
-processes, fp32, no MixedPrecisionPolicy) is the only tested path. Untested: NCCL; the MixedPrecisionPolicy
-on CUDA; the meta-device build + ``to_empty`` + sharded init on CUDA; fastpeft's GPU kernels and bnb's CUDA
-kernels (PEFT's QLoRA side) under FSDP2; every 8B / 70B number above (estimates from shapes, not
-measurements); how long a 70B build and step take (keep one command inside the device's 10 minutes).
+Run on one GPU (H100 2026-11-24, H200 session 20: NCCL on a 1-rank mesh, the bf16 MixedPrecisionPolicy, the
+meta-device build, fastpeft's and bnb's CUDA kernels under FSDP2; docs/distributed.md) and on CPU with gloo (1 and
+2 processes, the tiny model, tests/integration/test_fsdp_scaling.py). Not run: 2+ GPUs (scaling efficiency), 70B
+(the build estimates above are from shapes, not measurements; keep one command inside the device's 10 minutes).
 """
 from __future__ import annotations
 
