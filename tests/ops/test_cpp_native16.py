@@ -174,3 +174,32 @@ def test_model_cast_to_bf16_trains_within_peft_error(monkeypatch):
 def test_gpu_16bit_adapters_within_peft_error(dtype, M, K, N):
     _check(dtype, M, K, N, 16, False, "contig", device="cuda")
     _check(dtype, M, K, N, 16, True, "strided_k", device="cuda")
+
+
+def test_compiles_with_16bit_adapters_and_matches_eager():
+    """torch.compile allocates the operators' outputs from the Meta kernels: with 16-bit adapters S and the adapter
+    gradients are 16-bit there too, and the compiled call gives eager's numbers."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(2)
+    dt = torch.bfloat16
+    x = torch.randn(3, 5, 24, dtype=dt)
+    w, b = torch.randn(20, 24, dtype=dt), torch.randn(20, dtype=dt)
+    A = (torch.randn(4, 24) / 5).to(dt).requires_grad_()
+    Bw = (torch.randn(20, 4) / 2).to(dt).requires_grad_()
+
+    def f(x):
+        return cpp_ops.lora_linear(x, w, b, A, Bw, 2.0)
+
+    dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out_c = compiled(x)
+    out_c.float().sum().backward()
+    grads_c = [A.grad.clone(), Bw.grad.clone()]
+    A.grad = Bw.grad = None
+    out_e = f(x)
+    out_e.float().sum().backward()
+    assert out_c.dtype == dt and torch.equal(out_c, out_e)
+    for gc, t in zip(grads_c, (A, Bw)):
+        assert gc.dtype == dt and torch.equal(gc, t.grad)
+    dynamo.reset()
