@@ -11,8 +11,12 @@ collector does not rescan it during the timed steps; ``--gc off`` disables it wh
 where separate processes on the lent hosts differ by more than the effect (session 19). The values take turns in
 the order given in even rounds and reversed in odd ones (A B B A), and PEFT's row stays as the control.
 
+``--method M1,M2`` compares methods the same way: one fastpeft row per method, in turns (A B B A), PEFT's row of the
+first method as the control (e.g. ``lora,lora_liger``: fastpeft with and without Liger-Kernel, session 20).
+
     python benchmarks/scripts/step_alternate.py --model 1b --method prompt_tuning --rounds 3 --steps 10
     python benchmarks/scripts/step_alternate.py --model 1b --method lora --rounds 4 --setting group_projections=0,1
+    python benchmarks/scripts/step_alternate.py --model 1b --method lora,lora_liger --rounds 4 --first fastpeft
 """
 from __future__ import annotations
 
@@ -94,7 +98,9 @@ def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1b", choices=sorted(SEQ))
-    ap.add_argument("--method", default="prompt_tuning", choices=[m for m in METHODS if m != "full_ft"])
+    ap.add_argument("--method", default="prompt_tuning",
+                    help="a method, or several comma-separated (one fastpeft row each, in turns); from "
+                         f"{','.join(m for m in METHODS if m != 'full_ft')}")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -105,20 +111,39 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--rounds and --steps must be >= 1, --warmup >= 0")
+    methods = [m for m in args.method.split(",") if m]
+    allowed = [m for m in METHODS if m != "full_ft"]
+    bad = [m for m in methods if m not in allowed]
+    if bad or not methods or len(set(methods)) != len(methods):
+        ap.error(f"--method: {bad or methods} not allowed; one or more distinct of {','.join(allowed)}")
+    if len(methods) > 1 and args.setting:
+        ap.error("--method with several methods and --setting compare two things at once; give one of them")
     try:
         setting = parse_setting(args.setting) if args.setting else None
     except ValueError as e:
         ap.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    variants = [None] if setting is None else [(setting[0], v) for v in setting[1]]
+    for m in methods:  # e.g. lora_liger without liger_kernel or CUDA: say so before anything is built
+        why = harness.unavailable(Spec(args.model, m, "fastpeft"), device)
+        if why:
+            ap.error(f"--method {m}: {why}")
+    # (method, setting variant or None) per fastpeft row of a round
+    if setting is not None:
+        variants = [(methods[0], (setting[0], v)) for v in setting[1]]
+    else:
+        variants = [(m, None) for m in methods]
     rows = []
     for r in range(args.rounds):
-        fast = [("fastpeft", v) for v in (variants if r % 2 == 0 else variants[::-1])]
-        order = [("peft", None)] + fast if args.first == "peft" else fast + [("peft", None)]
-        for impl, variant in order:
+        fast = [("fastpeft",) + v for v in (variants if r % 2 == 0 else variants[::-1])]
+        control = ("peft", methods[0], None)
+        order = [control] + fast if args.first == "peft" else fast + [control]
+        for impl, method, variant in order:
             label = impl if variant is None else f"{impl}[{variant[0]}={variant[1]}]"
+            if len(methods) > 1:
+                label = f"{method} {label}"
             with settings.override(**({} if variant is None else {variant[0]: variant[1]})):
-                row = time_row(Spec(args.model, args.method, impl), device, args.steps, args.warmup, args.gc)
+                row = time_row(Spec(args.model, method, impl), device, args.steps, args.warmup, args.gc)
+            row["method"] = method
             row["round"], row["label"] = r, label
             rows.append(row)
             print(f"round {r} {label:12s} wall {row['wall_ms']:7.1f} ms  host {row['host_ms']:7.1f} ms  "

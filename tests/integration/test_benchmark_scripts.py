@@ -116,6 +116,29 @@ def test_step_alternate_compares_a_setting_in_one_process(tmp_path, monkeypatch,
         assert match in capsys.readouterr().err
 
 
+def test_step_alternate_compares_methods_in_one_process(tmp_path, capsys):
+    """--method M1,M2: one fastpeft row per method in turns (A B B A), PEFT's row of the first method as the control;
+    a method combined with --setting, a repeated or unknown method, or one that cannot run here is refused."""
+    alternate = _load("step_alternate")
+    out = tmp_path / "alt.json"
+    with _one_thread():
+        assert alternate.main(["--model", "tiny", "--method", "lora,ia3", "--rounds", "2", "--steps", "1",
+                               "--warmup", "0", "--first", "fastpeft", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["round"], r["method"], r["impl"]) for r in rows] == [
+        (0, "lora", "fastpeft"), (0, "ia3", "fastpeft"), (0, "lora", "peft"),
+        (1, "ia3", "fastpeft"), (1, "lora", "fastpeft"), (1, "lora", "peft")]
+    assert [r["label"] for r in rows[:3]] == ["lora fastpeft", "ia3 fastpeft", "lora peft"]
+    bad_cases = [(["--method", "lora,ia3", "--setting", "group_projections=0,1"], "one of them"),
+                 (["--method", "lora,lora"], "distinct"), (["--method", "lora,nope"], "not allowed")]
+    if not torch.cuda.is_available():
+        bad_cases.append((["--method", "lora,lora_liger"], "lora_liger"))
+    for argv, match in bad_cases:
+        with pytest.raises(SystemExit):
+            alternate.main(["--model", "tiny"] + argv)
+        assert match in capsys.readouterr().err
+
+
 def test_decode_benchmarks_decode_with_a_kv_cache(tmp_path, monkeypatch):
     """bench_mixed.py and bench_decode_compiled.py time generate() with a KV cache. Until session 11 their models came
     from fastpeft.bench.harness.llama_config (use_cache=False, which generate() copies into generation_config), so
