@@ -1155,7 +1155,7 @@ bool lora_native16(const Tensor& x2, const Tensor& A, const Tensor& B, double p)
 }
 
 // s·M1·M2 in M1's dtype with one rounding: cuBLAS's alpha; beta = 0 never reads `self` (a 0-dim placeholder)
-Tensor scaled_mm(const Tensor& m1, const Tensor& m2, double s) {
+static Tensor scaled_mm(const Tensor& m1, const Tensor& m2, double s) {
   return at::addmm(at::empty({}, m1.options()), m1, m2, /*beta=*/0, /*alpha=*/s);
 }
 
