@@ -277,8 +277,8 @@ def run_config(a, method: str, impl: str, device: torch.device, dtype, mesh, mp,
             if i >= a.warmup:
                 times.append(dt)
         pk = peak.peak_bytes()
-        if a.profile and rank == 0:
-            _profile_step(model, opt, batches[0], device, f"{a.profile}_{method}_{impl}.txt")
+        if a.profile:  # every rank steps (FSDP2's collectives), rank 0 writes
+            _profile_step(model, opt, batches[0], device, f"{a.profile}_{method}_{impl}.txt" if rank == 0 else None)
         local = torch.stack(losses)
         out["local_loss_step0"] = float(local[0])
         dist.all_reduce(local)  # global mean loss per step (equal local batch sizes)
@@ -300,9 +300,9 @@ def run_config(a, method: str, impl: str, device: torch.device, dtype, mesh, mp,
     return out
 
 
-def _profile_step(model: nn.Module, opt, ids: torch.Tensor, device: torch.device, path: str) -> None:
+def _profile_step(model: nn.Module, opt, ids: torch.Tensor, device: torch.device, path: Optional[str]) -> None:
     """One more step under torch.profiler (after the timed ones): the ops by device time and by host time, to
-    ``path`` (--profile)."""
+    ``path`` (--profile; None: profile, write nothing -- the other ranks, which must step too)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -311,6 +311,8 @@ def _profile_step(model: nn.Module, opt, ids: torch.Tensor, device: torch.device
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device.type)
+    if path is None:
+        return
     events = prof.key_averages()
     with open(path, "w") as f:
         if device.type == "cuda":

@@ -1,10 +1,11 @@
-"""CPU smoke test of benchmarks/scripts/fsdp_scaling.py: torchrun, gloo, tiny Llama, LoRA and QLoRA, fastpeft and PEFT.
+"""CPU smoke test of benchmarks/scripts/fsdp_scaling.py: torchrun, gloo, tiny Llama, LoRA, QLoRA and DoRA, fastpeft and PEFT.
 
 A 1-process run (the baseline) and a 2-process run with --baseline; checks the JSON each writes: every row ran
 on every rank with tokens/s > 0 and memory fields, both impls are there, fastpeft and PEFT agree on the loss of
 step 0 (same seed, same weights, dropout 0; fp32, fastpeft's reference backend), rank 0 sees the same loss at
 world size 1 and 2 (the weights do not depend on the sharding), and the scaling efficiency is computed
-against the baseline.
+against the baseline; the 2-process run also profiles one step per configuration (--profile: every rank steps, rank 0
+writes).
 """
 import json
 import os
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 SCRIPT = os.path.join(ROOT, "benchmarks", "scripts", "fsdp_scaling.py")
-METHODS = ["lora", "qlora"]
+METHODS = ["lora", "qlora", "dora"]
 IMPLS = ["fastpeft", "peft"]
 
 
@@ -61,7 +62,11 @@ def _check(info, world):
                     reason="needs torch.distributed, peft and bitsandbytes")
 def test_fsdp_scaling_cpu_smoke(tmp_path):
     one = _check(_torchrun(1, tmp_path / "one.json", tmp_path), 1)
-    two = _check(_torchrun(2, tmp_path / "two.json", tmp_path, "--baseline", str(tmp_path / "one.json")), 2)
+    two = _check(_torchrun(2, tmp_path / "two.json", tmp_path, "--baseline", str(tmp_path / "one.json"),
+                           "--profile", str(tmp_path / "prof")), 2)
+    for m in METHODS:
+        for impl in IMPLS:
+            assert "Self CPU time total" in (tmp_path / f"prof_{m}_{impl}.txt").read_text()
     for key, row in two.items():
         assert row["baseline_tokens_per_s_per_gpu"] == pytest.approx(one[key]["tokens_per_s_per_gpu"])
         assert row["scaling_efficiency"] == pytest.approx(row["tokens_per_s_per_gpu"]
