@@ -84,9 +84,6 @@ class ParamFlags:
             if param is not None:
                 param.requires_grad_(value)
 
-    def __len__(self) -> int:
-        return len(self.live())
-
     def __reduce__(self):
         return (ParamFlags, (self.live(),))
 
