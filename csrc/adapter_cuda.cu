@@ -18,6 +18,7 @@
 // forward; dm and g⊙dY backward) and LoRA's backward with g folded into B (see dora_fwd_cuda).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
@@ -36,6 +37,7 @@ int64_t lora_seed_value(const c10::optional<at::Tensor>& seed, double p, int64_t
 uint32_t lora_dropout_threshold(double p);
 float lora_keep_scale(double p, at::ScalarType dt);
 int64_t lora_cuda_path();
+int64_t decode_fork_mode();
 void check_mixed_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
                       at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);
 // LoRA with 16-bit adapters of x's dtype, no dropout (adapter_ops.cpp: ATen GEMMs, the same on every device)
@@ -1746,19 +1748,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
   const bool b_vec = R % 4 == 0 && B32.stride(1) == 1 && B32.stride(0) % 4 == 0 && aligned(B32, 16);
   Tensor b = bias.has_value() && bias->defined() ? in_dtype(*bias, dt) : Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
+  // The shrink reads only x and A, so it can run beside the base GEMV; the expand needs both. While a CUDA graph is
+  // captured (compiled static-cache decode: mode="reduce-overhead"), the shrink goes to a high-priority side stream
+  // forked from this one and joined back before the expand: in a replay its latency hides behind the GEMV's. An
+  // eager call does not fork: two event records and two waits cost more host time than the GPU time they would
+  // hide, and eager decode is host-bound. decode_fork_mode(): -1 auto (fork while capturing), 0 never, 1 always.
+  const int64_t fork_mode = decode_fork_mode();
+  const bool fork = fork_mode == 1 ||
+                    (fork_mode < 0 && at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None);
+  at::cuda::CUDAEvent forked, joined;  // cudaEventDisableTiming
+  // Taken on every call (an atomic increment once the pool exists) so that the pool's streams are created by an
+  // eager call, such as a capture's warm-up, rather than inside the capture.
+  const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(/*isHighPriority=*/true, x2.device().index());
+  if (fork) {
+    forked.record(stream);
+    forked.block(side);  // the side stream sees x and A as this stream has them
+  }
+  const cudaStream_t shrink_stream = fork ? side.stream() : stream.stream();
   dispatch_all(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_rank(R, [&](auto rmax) {
       constexpr int JPW = decltype(rmax)::value / kDecodeWarps;
       const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(M));
-      decode_shrink_kernel<T, JPW><<<grid, kDecodeWarps * 32, 0, stream>>>(
+      decode_shrink_kernel<T, JPW><<<grid, kDecodeWarps * 32, 0, shrink_stream>>>(
           reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(),
           A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (fork) joined.record(side);
   Tensor y = at::linear(x2, w, b.defined() && dora == nullptr ? c10::optional<Tensor>(b) : c10::nullopt);
   TORCH_INTERNAL_ASSERT(y.dim() == 2 && y.stride(1) == 1, "fastpeft lora decode: expected a row-major output");
+  // Joined before anything else is queued here: every later use of part's, x's or A's memory on this stream
+  // (the expand, a reuse by the caching allocator once part is freed) is ordered after the shrink.
+  if (fork) joined.block(stream);
   Tensor out = y, g, inv_n;
   if (dora != nullptr) {
     out = at::empty({M, N}, x2.options());

@@ -1241,6 +1241,16 @@ int64_t set_lora_cuda_path(int64_t mode) {
   return g_lora_cuda_path.exchange(mode);
 }
 
+// Whether the decode forward runs its shrink on a side stream beside the base GEMV (adapter_cuda.cu, decode_forward):
+// -1 automatic (while a CUDA graph is captured), 0 never, 1 always. A testing / benchmarking hook like the one above.
+std::atomic<int64_t> g_decode_fork{-1};
+int64_t decode_fork_mode() { return g_decode_fork.load(std::memory_order_relaxed); }
+int64_t set_decode_fork(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1,
+              "set_decode_fork: mode must be -1 (auto: fork while a CUDA graph is captured), 0 (never) or 1 (always)");
+  return g_decode_fork.exchange(mode);
+}
+
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
 int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
 uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
@@ -1289,6 +1299,7 @@ TORCH_LIBRARY(fastpeft_ops, m) {
         "Tensor lora_A, Tensor lora_B, Tensor magnitude, float scaling, Tensor? weight_sq_norm, "
         "Tensor? weight_norm) -> Tensor");
   m.def("set_lora_cuda_path(int mode) -> int", &fastpeft::set_lora_cuda_path);
+  m.def("set_decode_fork(int mode) -> int", &fastpeft::set_decode_fork);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {

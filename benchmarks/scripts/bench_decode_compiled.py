@@ -6,6 +6,10 @@ eager base, side by side in one run, at each --batch.
     python benchmarks/scripts/bench_decode_compiled.py --batch 1 8 --out decode_compiled.json
     python benchmarks/scripts/bench_decode_compiled.py --layers 8 ...   (the 8B shape's layers, fewer of them: the
         compile of 32 layers outran a 600 s device call; per-layer costs are the same, the head's share grows)
+    ... --fork-ab                   (compiled LoRA twice: the decode shrink on a side stream in the capture, as
+        auto does, and on one stream: torch.ops.fastpeft_ops.set_decode_fork 0)
+    ... --profile DIR               (after each compiled row, one more generate under torch.profiler: the kernel
+        table and GPU time per generated token, written to DIR)
 
 Random-init weights (nothing is downloaded), bf16, sdpa. fastpeft: one LoRA adapter, r=16, alpha=32 on every
 linear layer but the head, random B (the adapter changes the output), not merged. Each row: greedy generate of
@@ -31,6 +35,7 @@ if ROOT not in sys.path:
 
 import fastpeft  # noqa: E402
 from fastpeft.bench.harness import assert_kv_cache, enable_kv_cache, llama_config  # noqa: E402
+from fastpeft.ops import cpp_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script (tiny model, no compile)
 
@@ -56,6 +61,10 @@ def main():
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers (default: the model's); fewer shorten the compile (8B: > 5 min at 32 layers)")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--fork-ab", action="store_true",
+                    help="compiled rows: LoRA with the decode shrink forked (auto) and on one stream (no fork)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="profile one more generate per compiled row; kernel tables go to DIR")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -112,16 +121,91 @@ def main():
                "graph_breaks_added": after["graph_breaks"] - before["graph_breaks"]}
         rows.append(row)
         tokens_of[(impl, row["mode"], batch)] = out.cpu()
+        if compiled and a.profile:
+            row["profile"] = profile_generate(model, impl, batch)
         print(f"{row['mode']:22s} batch={batch:3d} {impl:26s} {row['tokens_per_s']:10,.1f} tok/s "
               f"(first run {first:.1f} s; graphs +{row['graphs_added']}, breaks +{row['graph_breaks_added']}; runs "
               f"{', '.join(f'{t * 1e3:.0f}' for t in times)} ms)", flush=True)
+
+    def step_spans(prof):
+        """Where a decode step's GPU time goes: kernels (and copies) sorted by start, cut into bursts wherever the GPU
+        idles 40 us or more (the host between steps). Per burst of the median length: its span, the kernels' summed
+        time and count (span - sum = the gaps between dependent kernels inside the graph); and the idle time between
+        bursts (the host's share of a step)."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            prof.export_chrome_trace(tmp.name)
+            with open(tmp.name) as f:
+                trace = json.load(f)
+        ks = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace.get("traceEvents", [])
+                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+        bursts, idle = [], []
+        for start, end in ks:
+            if bursts and start - bursts[-1][1] < 40:
+                b = bursts[-1]
+                b[1] = max(b[1], end)
+                b[2] += end - start
+                b[3] += 1
+            else:
+                if bursts:
+                    idle.append(start - bursts[-1][1])
+                bursts.append([start, end, end - start, 1])
+        big = sorted((b for b in bursts if b[3] >= 20), key=lambda b: b[1] - b[0])
+        if not big:
+            return {}
+        mid = big[len(big) // 2]
+        return {"bursts": len(big), "median_span_us": round(mid[1] - mid[0], 1), "its_kernel_sum_us": round(mid[2], 1),
+                "its_kernels": mid[3], "median_idle_between_us": round(statistics.median(idle), 1) if idle else None}
+
+    def profile_generate(model, impl, batch):
+        """Kernel table of one more (compiled, warm) generate; GPU time per generated token = the kernels' total
+        CUDA time / new tokens (prefill included: 1 of new_tokens + 1 forwards)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            sync()
+            t = time.perf_counter()
+            generate(model, batch, True)
+            sync()
+            wall = time.perf_counter() - t
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_us = sum(e.device_time_total for e in events)
+        spans = step_spans(prof)
+        os.makedirs(a.profile, exist_ok=True)
+        tag = impl.replace("(", "").replace(")", "").replace(",", "").replace(" ", "-")
+        path = os.path.join(a.profile, f"decode_profile_b{batch}_{tag}.txt")
+        with open(path, "w") as f:
+            f.write(f"{impl}, batch {batch}, {a.new_tokens} new tokens, wall {wall * 1e3:.1f} ms, "
+                    f"kernels {gpu_us / 1e3:.1f} ms ({gpu_us / a.new_tokens:.1f} us per token)\n")
+            f.write(f"GPU bursts (kernels closer than 40 us): {json.dumps(spans)}\n")
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
+        print(f"    profile: {gpu_us / a.new_tokens:.1f} us of kernels per token, wall {wall * 1e3:.1f} ms -> {path}",
+              flush=True)
+        print(f"    bursts: {spans}", flush=True)
+        return {"kernel_us_per_token": gpu_us / a.new_tokens, "wall_s": wall, "bursts": spans,
+                "kernel_us_per_token_by_name": {e.key[:80]: round(e.device_time_total / a.new_tokens, 2)
+                                                for e in sorted(events, key=lambda e: -e.device_time_total)[:25]}}
+
+    ops = torch.ops.fastpeft_ops if DEVICE == "cuda" and cpp_ops.available() else None
+    if a.fork_ab and ops is None:
+        sys.exit("--fork-ab needs the fastpeft_ops extension on a GPU")
+
+    def measure_lora(batch, compiled):
+        measure(ours, "fastpeft LoRA (unmerged)", batch, compiled)
+        if a.fork_ab and compiled:  # the same model, the decode shrink kept on the capture's one stream
+            before = ops.set_decode_fork(0)
+            try:
+                measure(ours, "fastpeft LoRA (unmerged), no fork", batch, compiled)
+            finally:
+                ops.set_decode_fork(before)
 
     # compiled modes: False = eager, True = static cache + compile (CUDA only: the CPU run is a smoke test)
     modes = [False] if DEVICE != "cuda" else ([True] if a.skip_eager else [False, True])
     for compiled in modes:
         for batch in a.batch:
             measure(base, "base (no adapters)", batch, compiled)
-            measure(ours, "fastpeft LoRA (unmerged)", batch, compiled)
+            measure_lora(batch, compiled)
     summary = []
     for compiled in modes:
         mode = "compiled static cache" if compiled else "eager"
@@ -129,6 +213,8 @@ def main():
             get = {r["impl"]: r["tokens_per_s"] for r in rows if r["mode"] == mode and r["batch"] == batch}
             line = {"mode": mode, "batch": batch,
                     "lora_vs_base": get["fastpeft LoRA (unmerged)"] / get["base (no adapters)"]}
+            if "fastpeft LoRA (unmerged), no fork" in get:
+                line["lora_no_fork_vs_base"] = get["fastpeft LoRA (unmerged), no fork"] / get["base (no adapters)"]
             for impl, key in (("fastpeft LoRA (unmerged)", "compiled_tokens_equal_eager"),
                               ("base (no adapters)", "base_compiled_tokens_equal_eager")):
                 # the fraction of greedy tokens that agree: random-init logits are near ties, so Inductor's other

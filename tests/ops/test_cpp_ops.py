@@ -452,10 +452,24 @@ def test_gpu_auto_takes_the_decode_path_up_to_16_rows(M):
         assert mismatch < 0.01, mismatch  # only the fp32 sums' order differs: the odd last-bit tie
 
 
+def test_set_decode_fork_is_validated():
+    ops = torch.ops.fastpeft_ops
+    before = ops.set_decode_fork(-1)
+    try:
+        assert ops.set_decode_fork(0) == -1 and ops.set_decode_fork(1) == 0
+        for bad in (2, -2):
+            with pytest.raises(RuntimeError, match="mode must be"):
+                ops.set_decode_fork(bad)
+    finally:
+        ops.set_decode_fork(before)
+
+
 @pytest.mark.gpu
-def test_gpu_decode_path_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("fork", [-1, 0], ids=["fork-in-capture", "no-fork"])
+def test_gpu_decode_path_replays_in_a_cuda_graph(fork):
     """The decode forward captured in a CUDA graph (compiled static-cache decode) replays with new inputs and new
-    adapter values and matches eager calls: nothing of the first call is baked in."""
+    adapter values and matches eager calls: nothing of the first call is baked in. Under auto the capture forks the
+    shrink onto a side stream beside the base GEMV; the result is the same bits (eager calls do not fork)."""
     torch.manual_seed(11)
     x = torch.randn(4, 1000, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(3000, 1000, device="cuda", dtype=torch.bfloat16) / 32
@@ -463,6 +477,7 @@ def test_gpu_decode_path_replays_in_a_cuda_graph():
     Bw = torch.randn(3000, 16, device="cuda")
     ops = torch.ops.fastpeft_ops
     before = ops.set_lora_cuda_path(2)
+    before_fork = ops.set_decode_fork(fork)
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -481,6 +496,40 @@ def test_gpu_decode_path_replays_in_a_cuda_graph():
             assert torch.equal(y, cpp_ops.lora_linear(x, w, None, A, Bw, 2.0))
     finally:
         ops.set_lora_cuda_path(before)
+        ops.set_decode_fork(before_fork)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decode_fork_changes_no_bit(dtype):
+    """The shrink on a side stream (forced on in eager calls here: mode 1) gives the bits of the one-stream decode
+    forward, for LoRA and for DoRA with a given norm, with back-to-back calls that reuse the caching allocator's
+    blocks (a missing join would let the next call's shrink overwrite partials the expand still reads)."""
+    ops = torch.ops.fastpeft_ops
+    torch.manual_seed(5)
+    cases = [(1, 4096, 4096, 16), (8, 4096, 1024, 16), (16, 14336, 4096, 64), (3, 515, 2049, 7)]
+    layers = []
+    for M, K, N, r in cases:
+        layers.append((torch.randn(M, K, device="cuda", dtype=dtype),
+                       torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5,
+                       torch.randn(N, device="cuda", dtype=dtype),
+                       torch.randn(r, K, device="cuda") / K**0.5, torch.randn(N, r, device="cuda"),
+                       torch.rand(N, device="cuda") + 0.5))
+    outs = {}
+    before = ops.set_decode_fork(0)
+    try:
+        for mode in (0, 1):
+            ops.set_decode_fork(mode)
+            with torch.no_grad():
+                outs[mode] = [[cpp_ops.lora_linear(x, w, b, A, Bw, 2.0) for x, w, b, A, Bw, _ in layers * 3],
+                              [cpp_ops.dora_linear(x, w, b, A, Bw, m, 2.0, None, m * 0.9)
+                               for x, w, b, A, Bw, m in layers]]
+            torch.cuda.synchronize()
+    finally:
+        ops.set_decode_fork(before)
+    for kind in range(2):
+        for a, b in zip(outs[0][kind], outs[1][kind]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
