@@ -38,6 +38,7 @@ uint32_t lora_dropout_threshold(double p);
 float lora_keep_scale(double p, at::ScalarType dt);
 int64_t lora_cuda_path();
 int64_t decode_fork_mode();
+int64_t decode_pdl_mode();
 void check_mixed_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
                       at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);
 // LoRA with 16-bit adapters of x's dtype, no dropout (adapter_ops.cpp: ATen GEMMs, the same on every device)
@@ -986,6 +987,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
   }
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization
+// may start before the kernel ahead of it in the stream has finished; this waits until that kernel (every
+// prerequisite grid) has completed and its memory is visible. A no-op for a kernel launched without the attribute.
+__device__ __forceinline__ void wait_for_prerequisite_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // DoRA (mag != nullptr): Yout = dtype(g⊙(Y + Σ_j S·B) + bias) with g = mag / nrm per column (fp32, as DoRA's
 // output pass: one rounding), and g, 1/nrm written to g_out / inv_out for the caller; Y (= X·Wᵀ, no bias) is then
 // kept, Yout is another buffer. LoRA: Yout == Y, in place.
@@ -1017,11 +1027,16 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
 #pragma unroll
     for (int j = 0; j < RMAX; ++j) b[j] = col_ok && j < R ? __ldg(B + n * sb0 + j * sb1) : 0.0f;
   }
+  for (int e = tid; e < M * RMAX; e += kDecodeExpandThreads)
+    if (e % RMAX >= R) sS[e / RMAX][e % RMAX] = 0.0f;
+  // Launched as a programmatic dependent of the base GEMV (decode_forward): everything above reads only what was
+  // written before the GEMV started (the adapter), so it may run while the GEMV drains; Y and the shrink's
+  // partials are read only after this wait, which returns once the GEMV (and any other prerequisite grid) has
+  // completed and its writes are visible. Without the launch attribute the wait returns at once.
+  wait_for_prerequisite_grids();
   float yv[kPre];
 #pragma unroll
   for (int i = 0; i < kPre; ++i) yv[i] = col_ok && i < M ? to_f<T>(Y[i * sy0 + n]) : 0.0f;
-  for (int e = tid; e < M * RMAX; e += kDecodeExpandThreads)
-    if (e % RMAX >= R) sS[e / RMAX][e % RMAX] = 0.0f;
   // S = scale·Σ_split part, entries in chunks of C <= 256: G = 256 / C thread groups take every G-th split, then
   // the chunk's C threads add the G group sums in order (a fixed order: deterministic).
   const int MR = static_cast<int>(M) * R;
@@ -1782,6 +1797,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
   // Joined before anything else is queued here: every later use of part's, x's or A's memory on this stream
   // (the expand, a reuse by the caching allocator once part is freed) is ordered after the shrink.
   if (fork) joined.block(stream);
+  // decode_pdl_mode(): -1 auto (on where the GPU has it: sm_90+), 0 never
+  const int64_t pdl_mode = decode_pdl_mode();
+  const bool pdl = pdl_mode != 0 && at::cuda::getCurrentDeviceProperties()->major >= 9;
   Tensor out = y, g, inv_n;
   if (dora != nullptr) {
     out = at::empty({M, N}, x2.options());
@@ -1794,14 +1812,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
       constexpr int RMAX = decltype(rmax)::value;
       const unsigned blocks = static_cast<unsigned>((N + kDecodeExpandThreads - 1) / kDecodeExpandThreads);
       const bool dora_bias = dora != nullptr && dora->bias.defined();
-      decode_expand_kernel<T, RMAX><<<blocks, kDecodeExpandThreads, 0, stream>>>(
-          reinterpret_cast<const T*>(y.data_ptr()), y.stride(0), M, N, part.data_ptr<float>(),
-          static_cast<int>(splits), R, static_cast<float>(scaling), S.data_ptr<float>(), B32.data_ptr<float>(),
+      // The expand may start while the base GEMV drains (programmatic dependent launch, sm_90+: its adapter
+      // loads overlap the GEMV's tail and its launch latency is hidden; it waits in-kernel before reading Y).
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(blocks);
+      cfg.blockDim = dim3(kDecodeExpandThreads);
+      cfg.dynamicSmemBytes = 0;
+      cfg.stream = stream.stream();
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = pdl ? 1 : 0;
+      C10_CUDA_CHECK(cudaLaunchKernelEx(
+          &cfg, decode_expand_kernel<T, RMAX>, reinterpret_cast<const T*>(y.data_ptr()), y.stride(0), M, N,
+          static_cast<const float*>(part.data_ptr<float>()), static_cast<int>(splits), R,
+          static_cast<float>(scaling), S.data_ptr<float>(), static_cast<const float*>(B32.data_ptr<float>()),
           B32.stride(0), B32.stride(1), b_vec, reinterpret_cast<T*>(out.data_ptr()), out.stride(0),
-          dora != nullptr ? dora->magnitude.data_ptr<float>() : nullptr,
-          dora != nullptr ? dora->norm.data_ptr<float>() : nullptr,
-          dora_bias ? reinterpret_cast<const T*>(dora->bias.data_ptr()) : nullptr,
-          dora != nullptr ? g.data_ptr<float>() : nullptr, dora != nullptr ? inv_n.data_ptr<float>() : nullptr);
+          static_cast<const float*>(dora != nullptr ? dora->magnitude.data_ptr<float>() : nullptr),
+          static_cast<const float*>(dora != nullptr ? dora->norm.data_ptr<float>() : nullptr),
+          dora_bias ? reinterpret_cast<const T*>(dora->bias.data_ptr()) : static_cast<const T*>(nullptr),
+          dora != nullptr ? g.data_ptr<float>() : static_cast<float*>(nullptr),
+          dora != nullptr ? inv_n.data_ptr<float>() : static_cast<float*>(nullptr)));
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1251,6 +1251,15 @@ int64_t set_decode_fork(int64_t mode) {
   return g_decode_fork.exchange(mode);
 }
 
+// Whether the decode forward launches its expand as a programmatic dependent of the base GEMV (sm_90+; adapter_cuda.cu,
+// decode_forward): -1 automatic (on), 0 never. A testing / benchmarking hook like the ones above.
+std::atomic<int64_t> g_decode_pdl{-1};
+int64_t decode_pdl_mode() { return g_decode_pdl.load(std::memory_order_relaxed); }
+int64_t set_decode_pdl(int64_t mode) {
+  TORCH_CHECK(mode == -1 || mode == 0, "set_decode_pdl: mode must be -1 (auto: on where the GPU has it) or 0 (never)");
+  return g_decode_pdl.exchange(mode);
+}
+
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
 int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
 uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
@@ -1300,6 +1309,7 @@ TORCH_LIBRARY(fastpeft_ops, m) {
         "Tensor? weight_norm) -> Tensor");
   m.def("set_lora_cuda_path(int mode) -> int", &fastpeft::set_lora_cuda_path);
   m.def("set_decode_fork(int mode) -> int", &fastpeft::set_decode_fork);
+  m.def("set_decode_pdl(int mode) -> int", &fastpeft::set_decode_pdl);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {

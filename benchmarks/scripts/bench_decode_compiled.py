@@ -6,8 +6,9 @@ eager base, side by side in one run, at each --batch.
     python benchmarks/scripts/bench_decode_compiled.py --batch 1 8 --out decode_compiled.json
     python benchmarks/scripts/bench_decode_compiled.py --layers 8 ...   (the 8B shape's layers, fewer of them: the
         compile of 32 layers outran a 600 s device call; per-layer costs are the same, the head's share grows)
-    ... --fork-ab                   (compiled LoRA twice: the decode shrink on a side stream in the capture, as
-        auto does, and on one stream: torch.ops.fastpeft_ops.set_decode_fork 0)
+    ... --overlap-ab                (compiled LoRA three times: as auto runs it -- the decode shrink on a side stream
+        in the capture, the expand a programmatic dependent of the GEMV --, without the latter
+        (torch.ops.fastpeft_ops.set_decode_pdl 0), and without either (also set_decode_fork 0))
     ... --profile DIR               (after each compiled row, one more generate under torch.profiler: the kernel
         table and GPU time per generated token, written to DIR)
 
@@ -61,8 +62,9 @@ def main():
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers (default: the model's); fewer shorten the compile (8B: > 5 min at 32 layers)")
     ap.add_argument("--skip-eager", action="store_true")
-    ap.add_argument("--fork-ab", action="store_true",
-                    help="compiled rows: LoRA with the decode shrink forked (auto) and on one stream (no fork)")
+    ap.add_argument("--overlap-ab", action="store_true",
+                    help="compiled rows: LoRA as auto runs it, without the expand's programmatic dependent launch "
+                         "(no pdl), and without that and the shrink's side stream (no fork, no pdl)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile one more generate per compiled row; kernel tables go to DIR")
     ap.add_argument("--out", default=None)
@@ -188,17 +190,19 @@ def main():
                                                 for e in sorted(events, key=lambda e: -e.device_time_total)[:25]}}
 
     ops = torch.ops.fastpeft_ops if DEVICE == "cuda" and cpp_ops.available() else None
-    if a.fork_ab and ops is None:
-        sys.exit("--fork-ab needs the fastpeft_ops extension on a GPU")
+    if a.overlap_ab and ops is None:
+        sys.exit("--overlap-ab needs the fastpeft_ops extension on a GPU")
 
     def measure_lora(batch, compiled):
         measure(ours, "fastpeft LoRA (unmerged)", batch, compiled)
-        if a.fork_ab and compiled:  # the same model, the decode shrink kept on the capture's one stream
-            before = ops.set_decode_fork(0)
-            try:
-                measure(ours, "fastpeft LoRA (unmerged), no fork", batch, compiled)
-            finally:
-                ops.set_decode_fork(before)
+        if a.overlap_ab and compiled:  # the same model, the decode forward's overlaps turned off one by one
+            for suffix, fork in ((", no pdl", -1), (", no fork, no pdl", 0)):
+                before, before_pdl = ops.set_decode_fork(fork), ops.set_decode_pdl(0)
+                try:
+                    measure(ours, "fastpeft LoRA (unmerged)" + suffix, batch, compiled)
+                finally:
+                    ops.set_decode_fork(before)
+                    ops.set_decode_pdl(before_pdl)
 
     # compiled modes: False = eager, True = static cache + compile (CUDA only: the CPU run is a smoke test)
     modes = [False] if DEVICE != "cuda" else ([True] if a.skip_eager else [False, True])
@@ -213,8 +217,10 @@ def main():
             get = {r["impl"]: r["tokens_per_s"] for r in rows if r["mode"] == mode and r["batch"] == batch}
             line = {"mode": mode, "batch": batch,
                     "lora_vs_base": get["fastpeft LoRA (unmerged)"] / get["base (no adapters)"]}
-            if "fastpeft LoRA (unmerged), no fork" in get:
-                line["lora_no_fork_vs_base"] = get["fastpeft LoRA (unmerged), no fork"] / get["base (no adapters)"]
+            for suffix in (", no pdl", ", no fork, no pdl"):
+                if "fastpeft LoRA (unmerged)" + suffix in get:
+                    key = "lora" + suffix.replace(",", "").replace(" ", "_") + "_vs_base"
+                    line[key] = get["fastpeft LoRA (unmerged)" + suffix] / get["base (no adapters)"]
             for impl, key in (("fastpeft LoRA (unmerged)", "compiled_tokens_equal_eager"),
                               ("base (no adapters)", "base_compiled_tokens_equal_eager")):
                 # the fraction of greedy tokens that agree: random-init logits are near ties, so Inductor's other

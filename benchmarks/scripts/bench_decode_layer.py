@@ -9,7 +9,8 @@ decode step, not from L2) are called once each inside one captured graph; the gr
 times and timed with CUDA events; GPU µs per call = total / (replays * copies), the median of `--repeats`.
 Rows: base (F.linear), peft (F.linear + (x.float() @ Aᵀ) @ Bᵀ * s cast back: PEFT's Linear.forward in eager),
 fastpeft decode / fused / split-gemm (torch.ops.fastpeft_ops.set_lora_cuda_path 2 / 1 / 0; "auto" picks decode at
-small M without dropout); "decode, no fork" keeps the decode shrink on the capture's stream (set_decode_fork 0). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured in the same run.
+small M without dropout); "decode, no pdl" launches the expand plainly after the GEMV (set_decode_pdl 0), "decode,
+no fork, no pdl" also keeps the shrink on the capture's stream (set_decode_fork 0). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured in the same run.
 Host µs per call: wall time of 64 eager calls issued without a sync (no_grad), before the launch queue fills.
 """
 from __future__ import annotations
@@ -35,10 +36,12 @@ from fastpeft.ops import cpp_ops  # noqa: E402
 
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 RANK, SCALING = 16, 2.0
-PATHS = {"fastpeft decode": 2, "fastpeft decode, no fork": 2, "fastpeft fused": 1, "fastpeft split-gemm": 0}
-# The decode forward forks its shrink onto a side stream while a graph is captured (set_decode_fork -1, auto); the
-# "no fork" row keeps it on one stream (0), to measure what the fork buys under graph replay.
-FORK = {"fastpeft decode, no fork": 0}
+PATHS = {"fastpeft decode": 2, "fastpeft decode, no pdl": 2, "fastpeft decode, no fork, no pdl": 2,
+         "fastpeft fused": 1, "fastpeft split-gemm": 0}
+# The decode forward forks its shrink onto a side stream while a graph is captured (set_decode_fork -1, auto) and
+# launches its expand as a programmatic dependent of the GEMV (set_decode_pdl -1); these rows turn them off (0) to
+# measure what each buys under graph replay. Values: (fork, pdl).
+OVERLAP = {"fastpeft decode, no pdl": (-1, 0), "fastpeft decode, no fork, no pdl": (0, 0)}
 
 
 def copy_bandwidth() -> float:
@@ -126,7 +129,8 @@ def main(argv=None):
             with torch.no_grad():
                 for name, fn in impls.items():
                     before = ops.set_lora_cuda_path(PATHS.get(name, -1))
-                    before_fork = ops.set_decode_fork(FORK.get(name, -1))
+                    fork, pdl = OVERLAP.get(name, (-1, -1))
+                    before_fork, before_pdl = ops.set_decode_fork(fork), ops.set_decode_pdl(pdl)
                     try:
                         gpu = graph_us(fn, a.copies, a.replays, a.repeats)
                         host = host_us(fn, a.copies)
@@ -134,6 +138,7 @@ def main(argv=None):
                     finally:
                         ops.set_lora_cuda_path(before)
                         ops.set_decode_fork(before_fork)
+                        ops.set_decode_pdl(before_pdl)
                     floor = floor_bytes.get(name, lora_bytes) / bw * 1e6
                     rows.append({"proj": proj, "K": K, "N": N, "M": M, "impl": name, "gpu_us": round(gpu, 2),
                                  "floor_us": round(floor, 2), "host_us": round(host, 2)})

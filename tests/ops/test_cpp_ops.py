@@ -464,6 +464,18 @@ def test_set_decode_fork_is_validated():
         ops.set_decode_fork(before)
 
 
+def test_set_decode_pdl_is_validated():
+    ops = torch.ops.fastpeft_ops
+    before = ops.set_decode_pdl(-1)
+    try:
+        assert ops.set_decode_pdl(0) == -1 and ops.set_decode_pdl(-1) == 0
+        for bad in (1, -2):
+            with pytest.raises(RuntimeError, match="mode must be"):
+                ops.set_decode_pdl(bad)
+    finally:
+        ops.set_decode_pdl(before)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fork", [-1, 0], ids=["fork-in-capture", "no-fork"])
 def test_gpu_decode_path_replays_in_a_cuda_graph(fork):
@@ -501,10 +513,12 @@ def test_gpu_decode_path_replays_in_a_cuda_graph(fork):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_decode_fork_changes_no_bit(dtype):
-    """The shrink on a side stream (forced on in eager calls here: mode 1) gives the bits of the one-stream decode
+def test_gpu_decode_fork_and_pdl_change_no_bit(dtype):
+    """The shrink on a side stream (forced on in eager calls here: fork mode 1) and the expand launched as a
+    programmatic dependent of the GEMV (pdl -1, sm_90+) give the bits of the one-stream, plainly launched decode
     forward, for LoRA and for DoRA with a given norm, with back-to-back calls that reuse the caching allocator's
-    blocks (a missing join would let the next call's shrink overwrite partials the expand still reads)."""
+    blocks (a missing join would let the next call's shrink overwrite partials the expand still reads; an expand
+    reading Y before its wait would see the GEMV's output unfinished)."""
     ops = torch.ops.fastpeft_ops
     torch.manual_seed(5)
     cases = [(1, 4096, 4096, 16), (8, 4096, 1024, 16), (16, 14336, 4096, 64), (3, 515, 2049, 7)]
@@ -516,20 +530,23 @@ def test_gpu_decode_fork_changes_no_bit(dtype):
                        torch.randn(r, K, device="cuda") / K**0.5, torch.randn(N, r, device="cuda"),
                        torch.rand(N, device="cuda") + 0.5))
     outs = {}
-    before = ops.set_decode_fork(0)
+    before, before_pdl = ops.set_decode_fork(0), ops.set_decode_pdl(0)
     try:
-        for mode in (0, 1):
-            ops.set_decode_fork(mode)
+        for fork, pdl in ((0, 0), (1, 0), (0, -1), (1, -1)):
+            ops.set_decode_fork(fork)
+            ops.set_decode_pdl(pdl)
             with torch.no_grad():
-                outs[mode] = [[cpp_ops.lora_linear(x, w, b, A, Bw, 2.0) for x, w, b, A, Bw, _ in layers * 3],
-                              [cpp_ops.dora_linear(x, w, b, A, Bw, m, 2.0, None, m * 0.9)
-                               for x, w, b, A, Bw, m in layers]]
+                outs[fork, pdl] = [[cpp_ops.lora_linear(x, w, b, A, Bw, 2.0) for x, w, b, A, Bw, _ in layers * 3],
+                                   [cpp_ops.dora_linear(x, w, b, A, Bw, m, 2.0, None, m * 0.9)
+                                    for x, w, b, A, Bw, m in layers]]
             torch.cuda.synchronize()
     finally:
         ops.set_decode_fork(before)
-    for kind in range(2):
-        for a, b in zip(outs[0][kind], outs[1][kind]):
-            assert torch.equal(a, b)
+        ops.set_decode_pdl(before_pdl)
+    for key in ((1, 0), (0, -1), (1, -1)):
+        for kind in range(2):
+            for a, b in zip(outs[0, 0][kind], outs[key][kind]):
+                assert torch.equal(a, b), key
 
 
 @pytest.mark.gpu
