@@ -26,6 +26,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -72,6 +73,20 @@ template <> struct Dt<at::Half> {
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
 };
+
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and for kernels launched without the attribute).
+// allow_dependents: the next kernel in the stream, if launched as a programmatic dependent, may start now.
+// wait_for_prerequisite_grids: returns once the kernel ahead in the stream has completed and its writes are visible.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -207,6 +222,9 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     partial[warp][g + 8][8 * j + 2 * t] = c[j][2];
     partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
   }
+  // With LoRA this kernel is launched as a programmatic dependent of the shrink (launch() below), so everything above
+  // (x, written before the shrink started; the weights) ran beside it; its partials P are read only after this wait.
+  wait_for_prerequisite_grids();
   const bool lora_smem = P != nullptr && R <= 32;
   if (lora_smem) {  // S[m, j] = sum of the shrink's split-K partials
     for (int i = threadIdx.x; i < M * R; i += blockDim.x) {
@@ -249,6 +267,8 @@ lora_shrink_kernel(const T* __restrict__ x, int64_t sxm, const float* __restrict
   // block (j, sp): P[sp, m, j] = sum over this block's K chunk of x[m, k] * A[j, k]. One round of 16-byte
   // loads per thread (8 values of A and of each x row), so the shrink costs one memory latency, not K / 256
   // dependent rounds. Bytes: A (r*K fp32) + x from L2.
+  // The GEMV launched next reads P only after its wait: let it start now, beside this kernel (sm_90+).
+  allow_dependents();
   const int j = blockIdx.x, sp = blockIdx.y;
   const int k = sp * kShrinkChunk + threadIdx.x * 8;
   __shared__ float part[kMaxM][kShrinkThreads / 32];
@@ -295,7 +315,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
             const torch::Tensor& code, const torch::Tensor& code2, const torch::Tensor& absmax2, double offset,
             bool nested, int64_t bs, int64_t bs2, int64_t N, const std::optional<torch::Tensor>& bias,
             const std::optional<torch::Tensor>& A, const std::optional<torch::Tensor>& B, torch::Tensor& S, int R,
-            double scaling, torch::Tensor& y, cudaStream_t stream) {
+            double scaling, torch::Tensor& y, cudaStream_t stream, bool pdl) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
   const int splits = (K + kShrinkChunk - 1) / kShrinkChunk;
   if (R > 0) {
@@ -311,20 +331,36 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
   // 8 warps splitting K, 2 segments in flight per warp: (4, 3), (4, 4) and (8, 3) measured no faster on an H100
   // (benchmarks/results/h100/nf4_decode_graph_variants_2026-11-24.json), so only this shape is compiled.
   constexpr int kWarps = 8, kDepth = 2;
-  nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth><<<blocks, kWarps * 32, 0, stream>>>(
-      x.data_ptr<scalar_t>(), x.stride(0), packed.data_ptr<uint8_t>(), absmax.data_ptr(), code.data_ptr<float>(),
-      code2.data_ptr<float>(), absmax2.data_ptr<float>(), static_cast<float>(offset), nested, l2bs, l2bs2, bptr, P,
-      splits, Bp, static_cast<float>(scaling), R, y.data_ptr<scalar_t>(), M, static_cast<int>(N), K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // With LoRA the GEMV is a programmatic dependent of the shrink just launched (sm_90+): its weight streaming runs
+  // beside the shrink, and only its epilogue waits for the partials. Not without LoRA: the kernel ahead could then
+  // be whatever wrote x, which the GEMV reads before its wait.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kWarps * 32);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = (R > 0 && pdl) ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(
+      &cfg, nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth>, static_cast<const scalar_t*>(x.data_ptr<scalar_t>()),
+      static_cast<int64_t>(x.stride(0)), static_cast<const uint8_t*>(packed.data_ptr<uint8_t>()),
+      static_cast<const void*>(absmax.data_ptr()), static_cast<const float*>(code.data_ptr<float>()),
+      static_cast<const float*>(code2.data_ptr<float>()), static_cast<const float*>(absmax2.data_ptr<float>()),
+      static_cast<float>(offset), nested, l2bs, l2bs2, bptr, P, splits, Bp, static_cast<float>(scaling), R,
+      y.data_ptr<scalar_t>(), M, static_cast<int>(N), K));
 }
 
 }  // namespace
 
-// y = x·dequant(W)ᵀ + bias + scaling·(x·Aᵀ)·Bᵀ;  A, B fp32 contiguous (or undefined for no LoRA).
+// y = x·dequant(W)ᵀ + bias + scaling·(x·Aᵀ)·Bᵀ;  A, B fp32 contiguous (or undefined for no LoRA). pdl: launch the
+// GEMV as a programmatic dependent of the LoRA shrink where the GPU has it (sm_90+); False: one after the other.
 torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, torch::Tensor code,
                             torch::Tensor code2, torch::Tensor absmax2, double offset, bool nested, int64_t bs,
                             int64_t bs2, int64_t N, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> A,
-                            std::optional<torch::Tensor> B, double scaling) {
+                            std::optional<torch::Tensor> B, double scaling, bool pdl) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "nf4_gemv: x must be a CUDA [M, K] tensor, rows contiguous");
   const int M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= kMaxM, "nf4_gemv: M must be in 1..16, got ", M);
@@ -340,6 +376,7 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
   TORCH_CHECK(absmax.scalar_type() == (nested ? at::ScalarType::Byte : at::ScalarType::Float),
               "nf4_gemv: absmax must be uint8 codes (nested) or fp32");
   const c10::cuda::CUDAGuard guard(x.device());
+  pdl = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   auto y = torch::empty({M, N}, x.options());
   torch::Tensor S;
@@ -360,10 +397,10 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
   }
   if (st == at::ScalarType::Half) {
     launch<at::Half>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R, scaling, y,
-                     stream);
+                     stream, pdl);
   } else {
     launch<at::BFloat16>(x, packed, absmax, code, code2, absmax2, offset, nested, bs, bs2, N, bias, A, B, S, R,
-                         scaling, y, stream);
+                         scaling, y, stream, pdl);
   }
   return y;
 }

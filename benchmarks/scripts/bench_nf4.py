@@ -229,7 +229,8 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
 
 def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
     """Decode (no grad, M <= 16) GPU time per layer call against the weight-byte floor, CUDA-graph timed with
-    cold L2 (graph_ms). Impls: CUDA MMA GEMV (with / without LoRA), the Triton fallback, dequant-buffer + cuBLAS,
+    cold L2 (graph_ms). Impls: CUDA MMA GEMV (with LoRA -- its GEMV overlapping the shrink, and not: "no overlap" --,
+    without LoRA), the Triton fallback, dequant-buffer + cuBLAS,
     bnb base only, PEFT+bnb, and a copy moving the same bytes (half read, half written): what one launch moving
     these bytes reaches at this size, where the big-copy bandwidth floor (floor_us) ignores launch and ramp-up
     time."""
@@ -269,6 +270,8 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
             impls = {
                 "fastpeft cuda mma gemv": lambda pk, qs: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, A, B, 2.0,
                                                                                 backend="cuda"),
+                "fastpeft cuda mma gemv, no overlap": lambda pk, qs: nf4_gemv.nf4_lora_gemv_cuda(
+                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, overlap=False),
                 "fastpeft cuda mma gemv, base only": lambda pk, qs: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"),
                 "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, kernel_state(qs, x.device), None, A, B, 2.0),

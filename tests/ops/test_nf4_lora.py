@@ -294,11 +294,51 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
     want = x.float() @ w.t() + bias.float() + 1.5 * ((x.float() @ A.t()) @ B.t())
     got = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda")
     assert got.dtype == dtype and got.shape == (M, N)
+    # the GEMV launched after the shrink instead of beside it (programmatic dependent launch): the same bits
+    assert torch.equal(got, nf4_gemv.nf4_lora_gemv_cuda(x, packed, _ks(qs), bias, A, B, 1.5, overlap=False))
     assert rel(got, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
     err = (got.float() - want).abs() / want.abs().clamp_min(1.0)
     assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)  # every element, not only on average
     plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0, backend="cuda")
     assert rel(plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_gemv_overlapping_the_shrink_replays_in_a_cuda_graph():
+    """The GEMV launched as a programmatic dependent of the LoRA shrink, captured in a CUDA graph with other work
+    around it (a kernel writing x just before, as a decode step's norm does), replays with new x and adapter values
+    and gives the bits of eager calls launched one after the other: its epilogue never reads the shrink's partials
+    early, and its weight loads never read an x still being written."""
+    problem = nf4_gemv.toolchain_problem()
+    if problem is not None:
+        pytest.skip(f"CUDA extension not buildable here: {problem}")
+    torch.manual_seed(3)
+    N, K = 4096, 4096
+    packed, qs = _weight(N, K, 64, True, seed=7, dtype=torch.bfloat16)
+    packed, ks = packed.cuda(), _ks(qs)
+    src = torch.randn(4, K, device="cuda", dtype=torch.bfloat16)
+    x = torch.empty_like(src)
+    A, B = torch.randn(16, K, device="cuda") * 0.02, torch.randn(N, 16, device="cuda") * 0.02
+
+    def step():
+        torch.mul(src, 2.0, out=x)  # the kernel right before the shrink writes x
+        return nf4_gemv.nf4_lora_gemv_cuda(x, packed, ks, None, A, B, 2.0)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    for _ in range(3):
+        src.copy_(torch.randn_like(src))
+        A.add_(torch.randn_like(A) * 0.01)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = nf4_gemv.nf4_lora_gemv_cuda(src * 2.0, packed, ks, None, A, B, 2.0, overlap=False)
+        assert torch.equal(y, want)
 
 
 @pytest.mark.gpu

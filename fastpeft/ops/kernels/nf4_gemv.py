@@ -52,8 +52,11 @@ def _cuda_ok(x2, ks: KernelState) -> bool:
             and x2.stride(1) == 1 and x2.dtype in (torch.float16, torch.bfloat16))
 
 
-def nf4_lora_gemv_cuda(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float):
-    """The CUDA kernel (raises if the extension cannot be built or the shape is not supported)."""
+def nf4_lora_gemv_cuda(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float, overlap: bool = True):
+    """The CUDA kernel (raises if the extension cannot be built or the shape is not supported). ``overlap``: with
+    LoRA, the GEMV is launched as a programmatic dependent of the shrink (sm_90+), so that its weight stream runs
+    beside the shrink and only its epilogue waits for it; False launches them one after the other (a benchmark's
+    A/B; the result is the same bits)."""
     ext = load_extension()
     if not _cuda_ok(x2, ks):
         raise ValueError("nf4_lora_gemv_cuda takes CUDA float16 / bfloat16 x [M <= 16, K % 128 == 0] with unit "
@@ -68,7 +71,7 @@ def nf4_lora_gemv_cuda(x2, packed, ks: KernelState, bias, lora_A, lora_B, scalin
     Bm = None if lora_B is None else lora_B.float().contiguous()
     bias = None if bias is None else bias.to(x2.dtype).contiguous()
     return ext.nf4_gemv_lora(x2, b, ks.absmax, ks.code, ks.code2, ks.absmax2, ks.offset,
-                             ks.nested, ks.blocksize, ks.blocksize2, N, bias, A, Bm, float(scaling))
+                             ks.nested, ks.blocksize, ks.blocksize2, N, bias, A, Bm, float(scaling), bool(overlap))
 
 
 def nf4_lora_gemv_triton(x2, packed, ks: KernelState, bias, lora_A, lora_B, scaling: float):
