@@ -928,7 +928,10 @@ __global__ void __launch_bounds__(256) colexp_kernel(
 // base layer's own product, rounded to the dtype as PEFT's base layer rounds it), then Y = dtype(Y + s·(X·Aᵀ)·Bᵀ)
 // with the LoRA term in fp32 and one rounding (PEFT: `result + lora_B(lora_A(x)) * scaling` in fp32, cast back).
 // Two small kernels beside the GEMV, both spread over the GPU (at these sizes every kernel here is latency-bound:
-// the adapter's bytes, r·(K + N)·4, take 0.1-0.3 µs of HBM time):
+// the adapter's bytes, r·(K + N)·4, take 0.1-0.3 µs of HBM time), so their latency is hidden where it can be: while a
+// CUDA graph is captured the shrink runs on a side stream beside the GEMV, and the expand is launched as a
+// programmatic dependent of the GEMV (sm_90+), its adapter loads and launch overlapping the GEMV's tail (H200,
+// M = 1, CUDA-graph replay: the pair's extra time over the GEMV 6.1-8.1 -> 2.6-5.0 µs per projection):
 // decode_shrink: part[split, m, j] = Σ_{k in split} X[m, k]·A[j, k]. Block: a K-slice of k_per_split columns
 //   (a multiple of 128) of ONE row (blocks of 8 rows sharing X measured 2.2x slower on the down projection at 8
 //   rows, H200); warp w owns the rank rows j = w, w + 8, ...; a lane reads 4 consecutive k per 128-column step

@@ -21,7 +21,10 @@
 // segments' weight bytes in flight (3-stage register pipeline, 2 x 1 KB per warp, 16+ warps per SM), and the
 // nested-absmax lookup (code2[q], a dependent read) comes from shared memory, not L2.
 // LoRA: the shrink S = x·Aᵀ runs first as a split-K kernel writing fp32 partials [splits, M, r] (no atomics,
-// no memset); each block of the main kernel sums them into shared memory for its epilogue y += s·S·Bᵀ.
+// no memset); each block of the main kernel sums them into shared memory for its epilogue y += s·S·Bᵀ. On sm_90+
+// the main kernel is launched as a programmatic dependent of the shrink, which lets it start at once: the weight
+// stream runs beside the shrink and only the epilogue waits for the partials (H200, M = 1, CUDA-graph replay:
+// LoRA's extra over the GEMV alone 3.1-5.2 -> 1.4-4.3 µs per projection).
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
