@@ -221,6 +221,15 @@ def main():
                 if "fastpeft LoRA (unmerged)" + suffix in get:
                     key = "lora" + suffix.replace(",", "").replace(" ", "_") + "_vs_base"
                     line[key] = get["fastpeft LoRA (unmerged)" + suffix] / get["base (no adapters)"]
+            # with --profile: the GPU time a decode step's graph adds over the base's (median graph span), which
+            # the lent hosts' swings between runs do not move as they move tokens/s
+            spans = {r["impl"]: r["profile"]["bursts"].get("median_span_us") for r in rows
+                     if r["mode"] == mode and r["batch"] == batch and r.get("profile", {}).get("bursts")}
+            if spans.get("base (no adapters)"):
+                for impl, span in spans.items():
+                    if impl != "base (no adapters)" and span:
+                        line["extra_graph_us_" + impl.replace("fastpeft LoRA (unmerged)", "lora").replace(",", "")
+                             .replace(" ", "_")] = round(span - spans["base (no adapters)"], 1)
             for impl, key in (("fastpeft LoRA (unmerged)", "compiled_tokens_equal_eager"),
                               ("base (no adapters)", "base_compiled_tokens_equal_eager")):
                 # the fraction of greedy tokens that agree: random-init logits are near ties, so Inductor's other
