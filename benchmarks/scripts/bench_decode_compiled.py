@@ -52,6 +52,38 @@ def dynamo_counts():
     return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
+def gpu_bursts(events, gap_us: float = 40.0, min_kernels: int = 20) -> dict:
+    """Where a decode step's GPU time goes, from a chrome trace's events: the kernels (and copies) sorted by start,
+    cut into bursts wherever the GPU idles ``gap_us`` or more (the host between steps). Overlapping kernels (a side
+    stream's) extend one burst. Among bursts of at least ``min_kernels`` kernels (graph replays), the one of median
+    span gives: its span, its kernels' summed time and count (span - sum = the gaps between dependent kernels, or
+    a negative number where kernels overlapped); and the median idle time between all bursts (the host's share).
+
+    >>> k = lambda ts, dur: {"cat": "kernel", "ts": ts, "dur": dur}
+    >>> gpu_bursts([k(0, 10), k(11, 10), k(100, 5)], min_kernels=2)
+    {'bursts': 1, 'median_span_us': 21.0, 'its_kernel_sum_us': 20.0, 'its_kernels': 2, 'median_idle_between_us': 79.0}
+    """
+    ks = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    bursts, idle = [], []
+    for start, end in ks:
+        if bursts and start - bursts[-1][1] < gap_us:
+            b = bursts[-1]
+            b[1] = max(b[1], end)
+            b[2] += end - start
+            b[3] += 1
+        else:
+            if bursts:
+                idle.append(start - bursts[-1][1])
+            bursts.append([start, end, end - start, 1])
+    big = sorted((b for b in bursts if b[3] >= min_kernels), key=lambda b: b[1] - b[0])
+    if not big:
+        return {}
+    mid = big[len(big) // 2]
+    return {"bursts": len(big), "median_span_us": round(mid[1] - mid[0], 1), "its_kernel_sum_us": round(mid[2], 1),
+            "its_kernels": mid[3], "median_idle_between_us": round(statistics.median(idle), 1) if idle else None}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="8b")
@@ -130,35 +162,12 @@ def main():
               f"{', '.join(f'{t * 1e3:.0f}' for t in times)} ms)", flush=True)
 
     def step_spans(prof):
-        """Where a decode step's GPU time goes: kernels (and copies) sorted by start, cut into bursts wherever the GPU
-        idles 40 us or more (the host between steps). Per burst of the median length: its span, the kernels' summed
-        time and count (span - sum = the gaps between dependent kernels inside the graph); and the idle time between
-        bursts (the host's share of a step)."""
         import tempfile
 
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             prof.export_chrome_trace(tmp.name)
             with open(tmp.name) as f:
-                trace = json.load(f)
-        ks = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace.get("traceEvents", [])
-                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
-        bursts, idle = [], []
-        for start, end in ks:
-            if bursts and start - bursts[-1][1] < 40:
-                b = bursts[-1]
-                b[1] = max(b[1], end)
-                b[2] += end - start
-                b[3] += 1
-            else:
-                if bursts:
-                    idle.append(start - bursts[-1][1])
-                bursts.append([start, end, end - start, 1])
-        big = sorted((b for b in bursts if b[3] >= 20), key=lambda b: b[1] - b[0])
-        if not big:
-            return {}
-        mid = big[len(big) // 2]
-        return {"bursts": len(big), "median_span_us": round(mid[1] - mid[0], 1), "its_kernel_sum_us": round(mid[2], 1),
-                "its_kernels": mid[3], "median_idle_between_us": round(statistics.median(idle), 1) if idle else None}
+                return gpu_bursts(json.load(f).get("traceEvents", []))
 
     def profile_generate(model, impl, batch):
         """Kernel table of one more (compiled, warm) generate; GPU time per generated token = the kernels' total

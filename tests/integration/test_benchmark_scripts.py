@@ -177,3 +177,31 @@ def test_decode_layer_benchmark_refuses_a_cpu_machine_by_name():
     decode_layer = _load("bench_decode_layer")
     with pytest.raises(SystemExit, match="needs a GPU"):
         decode_layer.main(["--M", "1"])
+
+
+def test_decode_profile_bursts_measure_graph_spans_and_overlap():
+    """bench_decode_compiled.py --profile compares decode steps by their graph span (the host's swings move
+    tokens/s between runs, not this): steps are cut at idle gaps, a side stream's overlapping kernel extends the
+    step without adding to its span, CPU events and short bursts (the host's small launches between steps) are left
+    out, and the step of median span is reported."""
+    decode = _load("bench_decode_compiled")
+
+    def k(ts, dur, cat="kernel"):
+        return {"cat": cat, "ts": ts, "dur": dur}
+
+    steps = []
+    for i, n in enumerate((3, 5, 4)):  # three "replays" of n back-to-back kernels, 1 us apart, 500 us apart
+        t0 = 1000.0 * i
+        steps += [k(t0 + 11 * j, 10) for j in range(n)]
+    steps.append(k(1000.0 + 2, 8))  # a kernel on a side stream inside the second replay: overlaps, no new span
+    steps.append(k(1700.0, 3))  # a lone kernel between replays (logits processing): its own short burst
+    steps.append({"cat": "cpu_op", "ts": 1701.0, "dur": 500})  # not GPU work
+    out = decode.gpu_bursts(steps, min_kernels=3)
+    assert out["bursts"] == 3
+    assert out["median_span_us"] == 43.0  # the 4-kernel replay: 3 gaps of 1 us, 4 kernels of 10 us
+    assert out["its_kernel_sum_us"] == 40.0 and out["its_kernels"] == 4
+    by_span = decode.gpu_bursts([e for e in steps if e["ts"] < 1100], min_kernels=3)
+    assert by_span["bursts"] == 2
+    five = decode.gpu_bursts([e for e in steps if 1000 <= e["ts"] < 1100], min_kernels=3)
+    assert five["median_span_us"] == 54.0 and five["its_kernels"] == 6 and five["its_kernel_sum_us"] == 58.0
+    assert decode.gpu_bursts([k(0, 5)], min_kernels=3) == {}
