@@ -59,7 +59,7 @@ def gpu_bursts(events, gap_us: float = 40.0, min_kernels: int = 20) -> dict:
     span gives: its span, its kernels' summed time and count (span - sum = the gaps between dependent kernels, or
     a negative number where kernels overlapped); and the median idle time between all bursts (the host's share).
 
-    >>> k = lambda ts, dur: {"cat": "kernel", "ts": ts, "dur": dur}
+    >>> k = lambda ts, dur: {"cat": "kernel", "ts": float(ts), "dur": float(dur)}  # the trace's µs are floats
     >>> gpu_bursts([k(0, 10), k(11, 10), k(100, 5)], min_kernels=2)
     {'bursts': 1, 'median_span_us': 21.0, 'its_kernel_sum_us': 20.0, 'its_kernels': 2, 'median_idle_between_us': 79.0}
     """
