@@ -39,6 +39,7 @@ float lora_keep_scale(double p, at::ScalarType dt);
 int64_t lora_cuda_path();
 int64_t decode_fork_mode();
 int64_t decode_pdl_mode();
+int64_t decode_gemv_mode();
 void check_mixed_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
                       at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);
 // LoRA with 16-bit adapters of x's dtype, no dropout (adapter_ops.cpp: ATen GEMMs, the same on every device)
@@ -951,10 +952,31 @@ constexpr int kDecodeStep = 128;  // K columns one warp covers per step: 32 lane
 constexpr int kDecodeExpandThreads = 256;
 
 
+// Programmatic dependent launch (sm_90+): a kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization
+// may start before the kernel ahead of it in the stream has finished; this waits until that kernel (every
+// prerequisite grid) has completed and its memory is visible. A no-op for a kernel launched without the attribute.
+__device__ __forceinline__ void wait_for_prerequisite_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Programmatic dependent launch (sm_90+): lets the kernel launched next in the stream with the programmatic
+// serialization attribute start now. A no-op when the next kernel was launched without it.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 template <typename T, int JPW>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
     const T* __restrict__ X, int64_t sx0, int64_t sx1, int64_t M, int64_t K, const float* __restrict__ A,
-    int64_t sa0, int64_t sa1, int R, float* __restrict__ part, int64_t k_per_split, bool x_vec, bool a_vec) {
+    int64_t sa0, int64_t sa1, int R, float* __restrict__ part, int64_t k_per_split, bool x_vec, bool a_vec,
+    bool trigger) {
+  // trigger: decode_gemv follows as a programmatic dependent and waits for this kernel before its epilogue; only
+  // then (a cuBLAS GEMV next could start early and the expand's wait would not cover this kernel).
+  if (trigger) allow_dependents();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t m = blockIdx.y;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.x) * k_per_split;
@@ -990,14 +1012,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
   }
 }
 
-// Programmatic dependent launch (sm_90+): a kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization
-// may start before the kernel ahead of it in the stream has finished; this waits until that kernel (every
-// prerequisite grid) has completed and its memory is visible. A no-op for a kernel launched without the attribute.
-__device__ __forceinline__ void wait_for_prerequisite_grids() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // DoRA (mag != nullptr): Yout = dtype(g⊙(Y + Σ_j S·B) + bias) with g = mag / nrm per column (fp32, as DoRA's
 // output pass: one rounding), and g, 1/nrm written to g_out / inv_out for the caller; Y (= X·Wᵀ, no bias) is then
@@ -1095,6 +1109,206 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
 #pragma unroll
     for (int i = 0; i < kPre; ++i)
       if (m0 + i < M) add_row(m0 + i, yv[i]);
+  }
+}
+
+// decode_gemv: the base GEMV of the decode forward as our own kernel, with the LoRA expand (or DoRA's output
+// scaling) in its epilogue -- two launches per projection instead of three, and no dependent kernel after the GEMV:
+//   LoRA:  Y[m, n] = dtype(dtype(Σ_k X[m, k]·W[n, k] + bias[n]) + Σ_j S[m, j]·B[n, j])   (PEFT's two roundings)
+//   DoRA:  Z0[m, n] = dtype(Σ_k X·W);  Yout = dtype(g⊙(Z0 + Σ_j S·B) + bias), g = mag / nrm   (as decode_expand)
+// with S = s·Σ_split part, the decode shrink's partials re-summed by every block in a fixed order.
+// Bound: bytes -- W (2·N·K) streamed once; x (M·K·2) is re-read by every block from L1 / L2. At M <= 16 the
+// FLOPs go to the tensor cores at no cost: x rows are the m16 side of an mma.sync m16n8k16 and a block's 16
+// weight rows its two n8 tiles (the NF4 GEMV's layout, csrc/nf4_gemv.cu, without the dequantization).
+// Work split: a block owns 16 output columns; its 8 warps split K in 128-weight segments (warp w takes segments
+// w, w + 8, ...; partial sums meet in shared memory). In a segment lane (g = lane/4, t = lane%4) loads weights
+// k0+32t .. k0+32t+31 of rows g and g+8 (four 16-byte loads each; a row's 4 lanes read 256 contiguous bytes,
+// bypassing L1 so that L1 keeps x); the k order inside an mma is free as long as both operands agree: k-step u
+// (0..7) takes the lane's weights 4u .. 4u+3 (32-bit words 2u, 2u+1) and x's values 4u .. 4u+3.
+// Latency: each warp keeps the next DEPTH segments' weights in flight (4 KB each): DEPTH 1 at two blocks an SM
+// (128 registers) or DEPTH 2 at one (166 registers); the same bytes in flight an SM (set_decode_gemv picks).
+// Launched as a programmatic dependent of the shrink (sm_90+), which allows it at once: the weight stream runs
+// beside the shrink, and only the epilogue waits for the partials.
+constexpr int kGemvRows = 16;
+constexpr int kGemvSeg = 128;
+constexpr int kGemvWarps = 8;
+constexpr int kGemvMaxM = 16;  // x rows one m16 tile holds
+
+template <typename T> __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1,
+                                                                uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1,
+                                                                       uint32_t a2, uint32_t a3, uint32_t b0,
+                                                                       uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                              uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A 16-byte load that does not allocate in L1 (streamed weights: L1 is left to x, which every block re-reads).
+__device__ __forceinline__ uint4 load_stream16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+template <typename T, int DEPTH>
+__global__ void __launch_bounds__(kGemvWarps * 32, DEPTH == 1 ? 2 : 1) decode_gemv_kernel(
+    const T* __restrict__ X, int64_t sx0, int M, int K, const T* __restrict__ W, int64_t sw0, int64_t N,
+    const T* __restrict__ bias, const float* __restrict__ part, int splits, int R, float scale,
+    float* __restrict__ S_out, const float* __restrict__ B, int64_t sb0, int64_t sb1, bool b_vec,
+    T* __restrict__ Y, T* __restrict__ Yout, const float* __restrict__ mag, const float* __restrict__ nrm,
+    float* __restrict__ g_out, float* __restrict__ inv_out) {
+  __shared__ float partial[kGemvWarps][kGemvMaxM][kGemvRows];
+  __shared__ __align__(16) float sS[kGemvMaxM][64];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kGemvRows;
+  const int64_t row[2] = {n0 + g, n0 + 8 + g};
+  const bool row_ok[2] = {row[0] < N, row[1] < N};
+  const bool m_lo = g < M, m_hi = g + 8 < M;
+  const int nseg = (K + kGemvSeg - 1) / kGemvSeg;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+  // K % 8 == 0 (the launcher's condition): each 16-byte piece is wholly inside K or wholly outside.
+  auto load = [&](int s, uint4 (&w)[2][4]) {
+    const int k = s * kGemvSeg + 32 * t;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        w[j][i] = s < nseg && row_ok[j] && k + 8 * i < K ? load_stream16(W + row[j] * sw0 + k + 8 * i) : zero;
+  };
+  float c[2][4];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c[j][i] = 0.f;
+
+  // Every lane reaches the mma.sync (.aligned): lanes past K or past the rows compute on zeros.
+  auto compute = [&](int s, const uint4 (&w)[2][4]) {
+    const int k = s * kGemvSeg + 32 * t;
+    uint4 xl[4], xh[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bool k_ok = k + 8 * i < K;
+      xl[i] = m_lo && k_ok ? __ldg(reinterpret_cast<const uint4*>(X + g * sx0 + k + 8 * i)) : zero;
+      xh[i] = m_hi && k_ok ? __ldg(reinterpret_cast<const uint4*>(X + (g + 8) * sx0 + k + 8 * i)) : zero;
+    }
+    const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
+    const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t* ww = reinterpret_cast<const uint32_t*>(w[j]);
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        mma_16816<T>(c[j], xlw[2 * u], xhw[2 * u], xlw[2 * u + 1], xhw[2 * u + 1], ww[2 * u], ww[2 * u + 1]);
+    }
+  };
+
+  // Register ring: stage d holds segment s0 + d·warps; refilled with the segment DEPTH·warps further on before it
+  // is computed, so DEPTH segments stay in flight.
+  uint4 st[DEPTH][2][4];
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d) load(warp + d * kGemvWarps, st[d]);
+  for (int s0 = warp; s0 < nseg; s0 += DEPTH * kGemvWarps) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int s = s0 + d * kGemvWarps;
+      uint4 cur[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) cur[j][i] = st[d][j][i];
+      load(s + DEPTH * kGemvWarps, st[d]);
+      if (s < nseg) compute(s, cur);
+    }
+  }
+  // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1), c[j][2..3] = (m = g + 8, same n)
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    partial[warp][g][8 * j + 2 * t] = c[j][0];
+    partial[warp][g][8 * j + 2 * t + 1] = c[j][1];
+    partial[warp][g + 8][8 * j + 2 * t] = c[j][2];
+    partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
+  }
+  // Everything above read only x (written before the shrink started) and W; the shrink's partials only after this
+  // wait, which returns once the shrink has completed and its writes are visible.
+  wait_for_prerequisite_grids();
+  // S = scale·Σ_split part as decode_expand sums it (entries in chunks of C <= 256 threads; G = 256 / C thread
+  // groups take every G-th split, then the chunk's C threads add the G group sums in order: all threads share
+  // the loads, and the order is fixed).
+  __shared__ float red[kGemvWarps * 32];
+  const int tid = threadIdx.x, MR = M * R;
+  for (int e0 = 0; e0 < MR; e0 += kGemvWarps * 32) {
+    const int C = MR - e0 < kGemvWarps * 32 ? MR - e0 : kGemvWarps * 32;
+    const int G = kGemvWarps * 32 / C;
+    const int grp = tid / C;
+    if (grp < G) {
+      const float* p = part + e0 + tid % C;
+      float v = 0.0f;
+#pragma unroll 8
+      for (int sp = grp; sp < splits; sp += G) v += p[static_cast<int64_t>(sp) * MR];
+      red[tid] = v;
+    }
+    __syncthreads();
+    if (tid < C) {
+      float v = 0.0f;
+      for (int gg = 0; gg < G; ++gg) v += red[gg * C + tid];
+      v *= scale;
+      const int e = e0 + tid;
+      sS[e / R][e % R] = v;
+      if (S_out != nullptr && blockIdx.x == 0) S_out[e] = v;
+    }
+    __syncthreads();
+  }
+  for (int o = threadIdx.x; o < M * kGemvRows; o += blockDim.x) {
+    const int m = o / kGemvRows, nl = o % kGemvRows;
+    const int64_t n = n0 + nl;
+    if (n >= N) continue;
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) acc += partial[w][m][nl];
+    float z = 0.f;
+    if (b_vec) {
+      const float4* brow = reinterpret_cast<const float4*>(B + n * sb0);
+      for (int j4 = 0; j4 < R / 4; ++j4) {
+        const float4 bv = __ldg(brow + j4);
+        z = fmaf(sS[m][4 * j4 + 0], bv.x, z);
+        z = fmaf(sS[m][4 * j4 + 1], bv.y, z);
+        z = fmaf(sS[m][4 * j4 + 2], bv.z, z);
+        z = fmaf(sS[m][4 * j4 + 3], bv.w, z);
+      }
+    } else {
+      for (int j = 0; j < R; ++j) z = fmaf(sS[m][j], __ldg(B + n * sb0 + j * sb1), z);
+    }
+    const int64_t at_mn = static_cast<int64_t>(m) * N + n;
+    if (Yout == nullptr) {  // LoRA: the base output rounded as the base layer rounds it, then the term, rounded
+      const T base = from_f<T>(bias != nullptr ? acc + to_f<T>(bias[n]) : acc);
+      Y[at_mn] = from_f<T>(to_f<T>(base) + z);
+    } else {  // DoRA: Z0 kept for the backward; g = m / n, 1/n for the caller
+      const T z0 = from_f<T>(acc);
+      Y[at_mn] = z0;
+      const float nv = nrm[n];
+      const float gcol = __fdiv_rn(mag[n], nv);
+      const float bcol = bias != nullptr ? to_f<T>(bias[n]) : 0.0f;
+      Yout[at_mn] = from_f<T>(fmaf(gcol, to_f<T>(z0) + z, bcol));
+      if (m == 0) {
+        if (g_out != nullptr) g_out[n] = gcol;
+        if (inv_out != nullptr) inv_out[n] = __frcp_rn(nv);
+      }
+    }
   }
 }
 
@@ -1739,6 +1953,74 @@ struct DecodeDora {
   Tensor bias;             // in x's dtype, or undefined
 };
 
+// Whether decode_forward runs the base product in decode_gemv (its own GEMV with the expand in the epilogue) rather
+// than cuBLAS + decode_expand: 16-bit x of <= 16 rows, rows of x and W starting on 16-byte boundaries, a GPU with
+// bf16 mma.sync (sm_80+); decode_gemv_mode() (adapter_ops.cpp: set_decode_gemv) -1 auto, 0 never.
+bool use_decode_gemv(const Tensor& x2, const Tensor& w, int64_t M, int64_t K, int major) {
+  const auto dt = x2.scalar_type();
+  const auto rows16 = [](const Tensor& t) {
+    return t.stride(1) == 1 && t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  return decode_gemv_mode() != 0 && major >= 8 && (dt == at::kBFloat16 || dt == at::kHalf) && M <= kGemvMaxM &&
+         K % 8 == 0 && w.scalar_type() == dt && rows16(x2) && rows16(w);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward_gemv(
+    const Tensor& x2, const Tensor& w, const Tensor& b, const Tensor& A32, const Tensor& B32, double scaling,
+    const DecodeDora* dora, const Tensor& part, const Tensor& S, int64_t splits, int64_t k_per, bool x_vec,
+    bool a_vec, bool b_vec, cudaStream_t stream, bool pdl) {
+  const auto dt = x2.scalar_type();
+  const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
+  const int R = static_cast<int>(A32.size(0));
+  const auto f32 = x2.options().dtype(at::kFloat);
+  Tensor y = at::empty({M, N}, x2.options()), out, g, inv_n;
+  if (dora != nullptr) {
+    out = at::empty({M, N}, x2.options());
+    g = at::empty({N}, f32);
+    inv_n = at::empty({N}, f32);
+  }
+  // LoRA: the layer's bias in the first rounding; DoRA: its bias after g (dora->bias), none in Z0
+  const Tensor bias = dora != nullptr ? dora->bias : b;
+  const Tensor bias_c = bias.defined() ? bias.contiguous() : bias;
+  dispatch_16(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_rank(R, [&](auto rmax) {
+      constexpr int JPW = decltype(rmax)::value / kDecodeWarps;
+      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(M));
+      decode_shrink_kernel<T, JPW><<<grid, kDecodeWarps * 32, 0, stream>>>(
+          reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(),
+          A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec, /*trigger=*/pdl);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>((N + kGemvRows - 1) / kGemvRows));
+    cfg.blockDim = dim3(kGemvWarps * 32);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    // decode_gemv_mode(): -1 auto, 1 / 2 the pipeline depth (0 never reaches here)
+    const auto kernel = decode_gemv_mode() == 2 ? decode_gemv_kernel<T, 2> : decode_gemv_kernel<T, 1>;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(
+        &cfg, kernel, reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0),
+        static_cast<int>(M), static_cast<int>(K), reinterpret_cast<const T*>(w.data_ptr()), w.stride(0), N,
+        bias_c.defined() ? reinterpret_cast<const T*>(bias_c.data_ptr()) : static_cast<const T*>(nullptr),
+        static_cast<const float*>(part.data_ptr<float>()), static_cast<int>(splits), R,
+        static_cast<float>(scaling), S.data_ptr<float>(), static_cast<const float*>(B32.data_ptr<float>()),
+        B32.stride(0), B32.stride(1), b_vec, reinterpret_cast<T*>(y.data_ptr()),
+        dora != nullptr ? reinterpret_cast<T*>(out.data_ptr()) : static_cast<T*>(nullptr),
+        static_cast<const float*>(dora != nullptr ? dora->magnitude.data_ptr<float>() : nullptr),
+        static_cast<const float*>(dora != nullptr ? dora->norm.data_ptr<float>() : nullptr),
+        dora != nullptr ? g.data_ptr<float>() : static_cast<float*>(nullptr),
+        dora != nullptr ? inv_n.data_ptr<float>() : static_cast<float*>(nullptr)));
+  });
+  if (dora == nullptr) return {y, S, Tensor(), Tensor(), Tensor()};
+  return {out, S, y, g, inv_n};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& x2, const Tensor& w,
                                                                   const c10::optional<Tensor>& bias, const Tensor& A32,
                                                                   const Tensor& B32, double scaling,
@@ -1778,6 +2060,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
   // Taken on every call (an atomic increment once the pool exists) so that the pool's streams are created by an
   // eager call, such as a capture's warm-up, rather than inside the capture.
   const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(/*isHighPriority=*/true, x2.device().index());
+  // decode_pdl_mode(): -1 auto (on where the GPU has it: sm_90+), 0 never
+  const int64_t pdl_mode = decode_pdl_mode();
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const bool pdl = pdl_mode != 0 && props->major >= 9;
+  // Our own GEMV with the expand in its epilogue, a programmatic dependent of the shrink: no fork needed.
+  if (use_decode_gemv(x2, w, M, K, props->major)) {
+    return decode_forward_gemv(x2, w, b, A32, B32, scaling, dora, part, S, splits, k_per, x_vec, a_vec, b_vec,
+                               stream.stream(), pdl);
+  }
   if (fork) {
     forked.record(stream);
     forked.block(side);  // the side stream sees x and A as this stream has them
@@ -1790,7 +2081,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
       const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(M));
       decode_shrink_kernel<T, JPW><<<grid, kDecodeWarps * 32, 0, shrink_stream>>>(
           reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(),
-          A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec);
+          A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec, /*trigger=*/false);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1800,9 +2091,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
   // Joined before anything else is queued here: every later use of part's, x's or A's memory on this stream
   // (the expand, a reuse by the caching allocator once part is freed) is ordered after the shrink.
   if (fork) joined.block(stream);
-  // decode_pdl_mode(): -1 auto (on where the GPU has it: sm_90+), 0 never
-  const int64_t pdl_mode = decode_pdl_mode();
-  const bool pdl = pdl_mode != 0 && at::cuda::getCurrentDeviceProperties()->major >= 9;
   Tensor out = y, g, inv_n;
   if (dora != nullptr) {
     out = at::empty({M, N}, x2.options());

@@ -1260,6 +1260,18 @@ int64_t set_decode_pdl(int64_t mode) {
   return g_decode_pdl.exchange(mode);
 }
 
+// Whether the decode forward computes its base product in its own GEMV with the LoRA expand in the epilogue
+// (adapter_cuda.cu, decode_gemv: two launches instead of three) rather than cuBLAS + a separate expand: -1 automatic
+// (where it applies: 16-bit x of <= 16 rows, aligned rows, sm_80+), 0 never, 1 / 2 where it applies with that
+// pipeline depth (auto: 1). A testing / benchmarking hook.
+std::atomic<int64_t> g_decode_gemv{-1};
+int64_t decode_gemv_mode() { return g_decode_gemv.load(std::memory_order_relaxed); }
+int64_t set_decode_gemv(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 2,
+              "set_decode_gemv: mode must be -1 (auto: where it applies), 0 (never), 1 or 2 (its pipeline depth)");
+  return g_decode_gemv.exchange(mode);
+}
+
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
 int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
 uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
@@ -1310,6 +1322,7 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("set_lora_cuda_path(int mode) -> int", &fastpeft::set_lora_cuda_path);
   m.def("set_decode_fork(int mode) -> int", &fastpeft::set_decode_fork);
   m.def("set_decode_pdl(int mode) -> int", &fastpeft::set_decode_pdl);
+  m.def("set_decode_gemv(int mode) -> int", &fastpeft::set_decode_gemv);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {

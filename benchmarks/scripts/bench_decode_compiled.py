@@ -9,6 +9,8 @@ eager base, side by side in one run, at each --batch.
     ... --overlap-ab                (compiled LoRA three times: as auto runs it -- the decode shrink on a side stream
         in the capture, the expand a programmatic dependent of the GEMV --, without the latter
         (torch.ops.fastpeft_ops.set_decode_pdl 0), and without either (also set_decode_fork 0))
+    ... --gemv-ab                   (compiled LoRA also with the base product by cuBLAS and a separate expand kernel,
+        set_decode_gemv 0, instead of the decode forward's own GEMV with the expand in its epilogue)
     ... --profile DIR               (after each compiled row, one more generate under torch.profiler: the kernel
         table and GPU time per generated token, written to DIR)
 
@@ -97,6 +99,8 @@ def main():
     ap.add_argument("--overlap-ab", action="store_true",
                     help="compiled rows: LoRA as auto runs it, without the expand's programmatic dependent launch "
                          "(no pdl), and without that and the shrink's side stream (no fork, no pdl)")
+    ap.add_argument("--gemv-ab", action="store_true",
+                    help="compiled rows: LoRA also with cuBLAS's GEMV and a separate expand (set_decode_gemv 0)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile one more generate per compiled row; kernel tables go to DIR")
     ap.add_argument("--out", default=None)
@@ -199,19 +203,25 @@ def main():
                                                 for e in sorted(events, key=lambda e: -e.device_time_total)[:25]}}
 
     ops = torch.ops.fastpeft_ops if DEVICE == "cuda" and cpp_ops.available() else None
-    if a.overlap_ab and ops is None:
-        sys.exit("--overlap-ab needs the fastpeft_ops extension on a GPU")
+    if (a.overlap_ab or a.gemv_ab) and ops is None:
+        sys.exit("--overlap-ab / --gemv-ab need the fastpeft_ops extension on a GPU")
+    # the same model with the decode forward's testing hooks set (torch.ops.fastpeft_ops.set_decode_*): suffix, hooks
+    variants = []
+    if a.overlap_ab:
+        variants += [(", no pdl", {"pdl": 0}), (", no fork, no pdl", {"fork": 0, "pdl": 0})]
+    if a.gemv_ab:
+        variants += [(", cublas + expand", {"gemv": 0})]
 
     def measure_lora(batch, compiled):
         measure(ours, "fastpeft LoRA (unmerged)", batch, compiled)
-        if a.overlap_ab and compiled:  # the same model, the decode forward's overlaps turned off one by one
-            for suffix, fork in ((", no pdl", -1), (", no fork, no pdl", 0)):
-                before, before_pdl = ops.set_decode_fork(fork), ops.set_decode_pdl(0)
-                try:
-                    measure(ours, "fastpeft LoRA (unmerged)" + suffix, batch, compiled)
-                finally:
-                    ops.set_decode_fork(before)
-                    ops.set_decode_pdl(before_pdl)
+        for suffix, hooks in variants if compiled else ():
+            setters = {"fork": ops.set_decode_fork, "pdl": ops.set_decode_pdl, "gemv": ops.set_decode_gemv}
+            before = {k: setters[k](v) for k, v in hooks.items()}
+            try:
+                measure(ours, "fastpeft LoRA (unmerged)" + suffix, batch, compiled)
+            finally:
+                for k, v in before.items():
+                    setters[k](v)
 
     # compiled modes: False = eager, True = static cache + compile (CUDA only: the CPU run is a smoke test)
     modes = [False] if DEVICE != "cuda" else ([True] if a.skip_eager else [False, True])
@@ -226,7 +236,7 @@ def main():
             get = {r["impl"]: r["tokens_per_s"] for r in rows if r["mode"] == mode and r["batch"] == batch}
             line = {"mode": mode, "batch": batch,
                     "lora_vs_base": get["fastpeft LoRA (unmerged)"] / get["base (no adapters)"]}
-            for suffix in (", no pdl", ", no fork, no pdl"):
+            for suffix, _ in variants:
                 if "fastpeft LoRA (unmerged)" + suffix in get:
                     key = "lora" + suffix.replace(",", "").replace(" ", "_") + "_vs_base"
                     line[key] = get["fastpeft LoRA (unmerged)" + suffix] / get["base (no adapters)"]

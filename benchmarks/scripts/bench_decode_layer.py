@@ -9,8 +9,11 @@ decode step, not from L2) are called once each inside one captured graph; the gr
 times and timed with CUDA events; GPU µs per call = total / (replays * copies), the median of `--repeats`.
 Rows: base (F.linear), peft (F.linear + (x.float() @ Aᵀ) @ Bᵀ * s cast back: PEFT's Linear.forward in eager),
 fastpeft decode / fused / split-gemm (torch.ops.fastpeft_ops.set_lora_cuda_path 2 / 1 / 0; "auto" picks decode at
-small M without dropout); "decode, no pdl" launches the expand plainly after the GEMV (set_decode_pdl 0), "decode,
-no fork, no pdl" also keeps the shrink on the capture's stream (set_decode_fork 0). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured in the same run.
+small M without dropout). "decode" computes the base product in its own GEMV with the expand in the epilogue, the
+GEMV a programmatic dependent of the shrink ("gemv depth 2": the deeper register pipeline; "no pdl": launched
+plainly after the shrink); "cublas + expand" is session 21's composition (set_decode_gemv 0: cuBLAS's GEMV, then the
+expand as a programmatic dependent of it; "no pdl": launched plainly; "no fork": the shrink kept on the capture's
+stream, set_decode_fork 0). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured in the same run.
 Host µs per call: wall time of 64 eager calls issued without a sync (no_grad), before the launch queue fills.
 """
 from __future__ import annotations
@@ -36,12 +39,18 @@ from fastpeft.ops import cpp_ops  # noqa: E402
 
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 RANK, SCALING = 16, 2.0
-PATHS = {"fastpeft decode": 2, "fastpeft decode, no pdl": 2, "fastpeft decode, no fork, no pdl": 2,
-         "fastpeft fused": 1, "fastpeft split-gemm": 0}
+PATHS = {"fastpeft decode": 2, "fastpeft decode, gemv depth 2": 2, "fastpeft decode, cublas + expand": 2,
+         "fastpeft decode, cublas + expand, no pdl": 2, "fastpeft decode, cublas + expand, no fork, no pdl": 2,
+         "fastpeft decode, no pdl": 2, "fastpeft fused": 1, "fastpeft split-gemm": 0}
 # The decode forward forks its shrink onto a side stream while a graph is captured (set_decode_fork -1, auto) and
 # launches its expand as a programmatic dependent of the GEMV (set_decode_pdl -1); these rows turn them off (0) to
 # measure what each buys under graph replay. Values: (fork, pdl).
-OVERLAP = {"fastpeft decode, no pdl": (-1, 0), "fastpeft decode, no fork, no pdl": (0, 0)}
+OVERLAP = {"fastpeft decode, no pdl": (-1, 0), "fastpeft decode, cublas + expand, no pdl": (-1, 0),
+           "fastpeft decode, cublas + expand, no fork, no pdl": (0, 0)}
+# The decode forward's base product: its own GEMV with the expand in the epilogue (set_decode_gemv -1, auto: depth
+# 1; 2: the deeper pipeline) or cuBLAS followed by the expand kernel (0, session 21's composition).
+GEMV = {"fastpeft decode, gemv depth 2": 2, "fastpeft decode, cublas + expand": 0,
+        "fastpeft decode, cublas + expand, no pdl": 0, "fastpeft decode, cublas + expand, no fork, no pdl": 0}
 
 
 def copy_bandwidth() -> float:
@@ -131,6 +140,7 @@ def main(argv=None):
                     before = ops.set_lora_cuda_path(PATHS.get(name, -1))
                     fork, pdl = OVERLAP.get(name, (-1, -1))
                     before_fork, before_pdl = ops.set_decode_fork(fork), ops.set_decode_pdl(pdl)
+                    before_gemv = ops.set_decode_gemv(GEMV.get(name, -1))
                     try:
                         gpu = graph_us(fn, a.copies, a.replays, a.repeats)
                         host = host_us(fn, a.copies)
@@ -139,13 +149,14 @@ def main(argv=None):
                         ops.set_lora_cuda_path(before)
                         ops.set_decode_fork(before_fork)
                         ops.set_decode_pdl(before_pdl)
+                        ops.set_decode_gemv(before_gemv)
                     floor = floor_bytes.get(name, lora_bytes) / bw * 1e6
                     rows.append({"proj": proj, "K": K, "N": N, "M": M, "impl": name, "gpu_us": round(gpu, 2),
                                  "floor_us": round(floor, 2), "host_us": round(host, 2)})
                     if kernels is not None:
                         rows[-1]["kernels_us"] = kernels
                         print("    " + "; ".join(f"{k}: {v}" for k, v in kernels.items()), flush=True)
-                    print(f"{proj:8s} M={M:3d} {name:20s} gpu {gpu:7.2f} us  floor {floor:6.2f}  host {host:6.2f} us",
+                    print(f"{proj:8s} M={M:3d} {name:48s} gpu {gpu:7.2f} us  floor {floor:6.2f}  host {host:6.2f} us",
                           flush=True)
     base_of = {(r["proj"], r["M"]): r["gpu_us"] for r in rows if r["impl"] == "base"}
     for r in rows:

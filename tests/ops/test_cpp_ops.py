@@ -452,6 +452,65 @@ def test_gpu_auto_takes_the_decode_path_up_to_16_rows(M):
         assert mismatch < 0.01, mismatch  # only the fp32 sums' order differs: the odd last-bit tie
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_gpu_decode_gemv_matches_the_reference_and_cublas_composition(dtype, depth):
+    """The decode forward's own GEMV (decode_gemv: the base product on mma.sync with the expand in its epilogue)
+    over its edges: 1-16 rows (one m16 tile, rows past M padded), N not a multiple of the 16-column block, K a
+    multiple of 8 but not of the 128-weight segment nor of 32 (16-byte pieces past K), ranks 1..64 and ranks not
+    a multiple of 4 (scalar B loads), bias or not, row-strided x, both pipeline depths. Against the float64
+    oracle within the dtype's bar, and against the cuBLAS composition (set_decode_gemv(0)) where only the fp32
+    sums' order differs: a few last-bit flips of the rounded base output at most. DoRA with a given norm too."""
+    ops = torch.ops.fastpeft_ops
+    before, before_path = ops.set_decode_gemv(depth), ops.set_lora_cuda_path(-1)
+    try:
+        for M, K, N, r, bias, row_pad in [(1, 4096, 4096, 16, False, 0), (8, 4096, 1024, 16, True, 0),
+                                          (16, 14336, 4096, 64, True, 0), (3, 1000, 777, 3, True, 8),
+                                          (5, 520, 4231, 33, False, 24), (2, 8, 17, 1, True, 0),
+                                          (11, 136, 16, 7, False, 0)]:
+            torch.manual_seed(M * K + N + r)
+            xs = torch.randn(M, K + row_pad, device="cuda", dtype=dtype)
+            x = xs[:, :K]  # row stride K + row_pad (a multiple of 8: still the GEMV's)
+            w = torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5
+            b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
+            A = torch.randn(r, K, device="cuda") / K**0.5
+            Bw = torch.randn(N, r, device="cuda") / r**0.5
+            with torch.no_grad():
+                y = cpp_ops.lora_linear(x, w, b, A, Bw, 1.7)
+                truth = lora_linear_reference(x.double(), w.double(), None if b is None else b.double(),
+                                              A.double(), Bw.double(), 1.7)
+                assert rel_err(y, truth) < TOL[dtype], (M, K, N, r)
+                ops.set_decode_gemv(0)
+                y_cublas = cpp_ops.lora_linear(x, w, b, A, Bw, 1.7)
+                ops.set_decode_gemv(depth)
+                flips = (y != y_cublas).float().mean().item()
+                assert flips < 0.02, (M, K, N, r, flips)
+                assert rel_err(y, y_cublas) < TOL[dtype] / 4
+                assert torch.equal(y, cpp_ops.lora_linear(x, w, b, A, Bw, 1.7))  # deterministic
+                norm = dora_weight_norm_reference(w, A, Bw, 1.7)
+                mag = norm * (1.0 + 0.1 * torch.rand_like(norm))
+                yd = cpp_ops.dora_linear(x, w, b, A, Bw, mag, 1.7, None, norm)
+                truth_d = dora_linear_reference(x.double(), w.double(), None if b is None else b.double(),
+                                                A.double(), Bw.double(), mag.double(), 1.7)
+                assert rel_err(yd, truth_d) < TOL[dtype], (M, K, N, r)
+    finally:
+        ops.set_decode_gemv(before)
+        ops.set_lora_cuda_path(before_path)
+
+
+def test_set_decode_gemv_is_validated():
+    ops = torch.ops.fastpeft_ops
+    before = ops.set_decode_gemv(-1)
+    try:
+        assert ops.set_decode_gemv(0) == -1 and ops.set_decode_gemv(2) == 0 and ops.set_decode_gemv(-1) == 2
+        for bad in (3, -2):
+            with pytest.raises(RuntimeError, match="mode must be"):
+                ops.set_decode_gemv(bad)
+    finally:
+        ops.set_decode_gemv(before)
+
+
 def test_set_decode_fork_is_validated():
     ops = torch.ops.fastpeft_ops
     before = ops.set_decode_fork(-1)
