@@ -1121,10 +1121,12 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
 // FLOPs go to the tensor cores at no cost: x rows are the m16 side of an mma.sync m16n8k16 and a block's 16
 // weight rows its two n8 tiles (the NF4 GEMV's layout, csrc/nf4_gemv.cu, without the dequantization).
 // Work split: a block owns 16 output columns; its 8 warps split K in 128-weight segments (warp w takes segments
-// w, w + 8, ...; partial sums meet in shared memory). In a segment lane (g = lane/4, t = lane%4) loads weights
-// k0+32t .. k0+32t+31 of rows g and g+8 (four 16-byte loads each; a row's 4 lanes read 256 contiguous bytes,
-// bypassing L1 so that L1 keeps x); the k order inside an mma is free as long as both operands agree: k-step u
-// (0..7) takes the lane's weights 4u .. 4u+3 (32-bit words 2u, 2u+1) and x's values 4u .. 4u+3.
+// w, w + 8, ...; partial sums meet in shared memory). In a segment lane (g = lane/4, t = lane%4) loads the 8
+// weights k0 + 32i + 8t .. +7 of rows g and g+8 for i = 0..3 (16-byte loads: in each, a row's 4 lanes read 64
+// contiguous bytes, whole sectors; the loads bypass L1 so that L1 keeps x), and x's values at the same k. The k
+// order inside an mma is free as long as both operands agree: k-step u (0..7) takes the lane's 32-bit words 2u,
+// 2u+1 of both. (Lanes reading 64 contiguous bytes each, as the NF4 kernel's 16 packed bytes, measured 1.3-1.5x
+// slower on gate/up and down: each load used half of every sector it touched, refetched from L2.)
 // Latency: each warp keeps the next DEPTH segments' weights in flight (4 KB each): DEPTH 1 at two blocks an SM
 // (128 registers) or DEPTH 2 at one (166 registers); the same bytes in flight an SM (set_decode_gemv picks).
 // Launched as a programmatic dependent of the shrink (sm_90+), which allows it at once: the weight stream runs
@@ -1183,12 +1185,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32, DEPTH == 1 ? 2 : 1) decode_ge
 
   // K % 8 == 0 (the launcher's condition): each 16-byte piece is wholly inside K or wholly outside.
   auto load = [&](int s, uint4 (&w)[2][4]) {
-    const int k = s * kGemvSeg + 32 * t;
+    const int k = s * kGemvSeg + 8 * t;
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        w[j][i] = s < nseg && row_ok[j] && k + 8 * i < K ? load_stream16(W + row[j] * sw0 + k + 8 * i) : zero;
+        w[j][i] = s < nseg && row_ok[j] && k + 32 * i < K ? load_stream16(W + row[j] * sw0 + k + 32 * i) : zero;
   };
   float c[2][4];
 #pragma unroll
@@ -1198,13 +1200,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32, DEPTH == 1 ? 2 : 1) decode_ge
 
   // Every lane reaches the mma.sync (.aligned): lanes past K or past the rows compute on zeros.
   auto compute = [&](int s, const uint4 (&w)[2][4]) {
-    const int k = s * kGemvSeg + 32 * t;
+    const int k = s * kGemvSeg + 8 * t;
     uint4 xl[4], xh[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const bool k_ok = k + 8 * i < K;
-      xl[i] = m_lo && k_ok ? __ldg(reinterpret_cast<const uint4*>(X + g * sx0 + k + 8 * i)) : zero;
-      xh[i] = m_hi && k_ok ? __ldg(reinterpret_cast<const uint4*>(X + (g + 8) * sx0 + k + 8 * i)) : zero;
+      const bool k_ok = k + 32 * i < K;
+      xl[i] = m_lo && k_ok ? __ldg(reinterpret_cast<const uint4*>(X + g * sx0 + k + 32 * i)) : zero;
+      xh[i] = m_hi && k_ok ? __ldg(reinterpret_cast<const uint4*>(X + (g + 8) * sx0 + k + 32 * i)) : zero;
     }
     const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
     const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);

@@ -484,9 +484,12 @@ def test_gpu_decode_gemv_matches_the_reference_and_cublas_composition(dtype, dep
                 ops.set_decode_gemv(0)
                 y_cublas = cpp_ops.lora_linear(x, w, b, A, Bw, 1.7)
                 ops.set_decode_gemv(depth)
-                flips = (y != y_cublas).float().mean().item()
-                assert flips < 0.02, (M, K, N, r, flips)
-                assert rel_err(y, y_cublas) < TOL[dtype] / 4
+                # no less accurate than the cuBLAS composition (in fp16 cuBLAS may reduce split-K sums in fp16:
+                # torch's allow_fp16_reduced_precision_reduction; 17 % of outputs differed there by a last bit)
+                assert rel_err(y, truth) <= 1.1 * rel_err(y_cublas, truth) + 1e-6, (M, K, N, r)
+                if dtype == torch.bfloat16:  # bf16's ulp is 8x fp16's: only the sums' order flips the odd bit
+                    flips = (y != y_cublas).float().mean().item()
+                    assert flips < 0.02, (M, K, N, r, flips)
                 assert torch.equal(y, cpp_ops.lora_linear(x, w, b, A, Bw, 1.7))  # deterministic
                 norm = dora_weight_norm_reference(w, A, Bw, 1.7)
                 mag = norm * (1.0 + 0.1 * torch.rand_like(norm))
