@@ -1127,8 +1127,12 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
 // order inside an mma is free as long as both operands agree: k-step u (0..7) takes the lane's 32-bit words 2u,
 // 2u+1 of both. (Lanes reading 64 contiguous bytes each, as the NF4 kernel's 16 packed bytes, measured 1.3-1.5x
 // slower on gate/up and down: each load used half of every sector it touched, refetched from L2.)
-// Latency: each warp keeps the next DEPTH segments' weights in flight (4 KB each): DEPTH 1 at two blocks an SM
-// (128 registers) or DEPTH 2 at one (166 registers); the same bytes in flight an SM (set_decode_gemv picks).
+// Latency: each warp keeps its next segment's weights and x in flight while it computes one (two register
+// buffers); blocks are persistent (as many as fit, each walking several 16-column tiles where N is large), so the
+// next tile's first loads are in flight during a tile's epilogue, and B's rows and the column's bias / magnitude /
+// norm are fetched a tile ahead (cp.async / registers): the epilogue waits on nothing from global memory but the
+// shrink's partials, once a block. (One 16-column tile a block, its epilogue fetching B and x as it went:
+// 49-64 % of DRAM bandwidth on gate/up and down at M = 1, ncu, H200.)
 // Launched as a programmatic dependent of the shrink (sm_90+), which allows it at once: the weight stream runs
 // beside the shrink, and only the epilogue waits for the partials.
 constexpr int kGemvRows = 16;
@@ -1165,8 +1169,9 @@ __device__ __forceinline__ uint4 load_stream16(const void* p) {
   return v;
 }
 
-template <typename T, int DEPTH>
-__global__ void __launch_bounds__(kGemvWarps * 32, DEPTH == 1 ? 2 : 1) decode_gemv_kernel(
+// MT: m16 x-row halves in use (1: M <= 8, rows 8..15 of the tile are zeros and never loaded; 2: M <= 16).
+template <typename T, int MT>
+__global__ void __launch_bounds__(kGemvWarps * 32, MT == 1 ? 2 : 1) decode_gemv_kernel(
     const T* __restrict__ X, int64_t sx0, int M, int K, const T* __restrict__ W, int64_t sw0, int64_t N,
     const T* __restrict__ bias, const float* __restrict__ part, int splits, int R, float scale,
     float* __restrict__ S_out, const float* __restrict__ B, int64_t sb0, int64_t sb1, bool b_vec,
@@ -1174,141 +1179,185 @@ __global__ void __launch_bounds__(kGemvWarps * 32, DEPTH == 1 ? 2 : 1) decode_ge
     float* __restrict__ g_out, float* __restrict__ inv_out) {
   __shared__ float partial[kGemvWarps][kGemvMaxM][kGemvRows];
   __shared__ __align__(16) float sS[kGemvMaxM][64];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __shared__ __align__(16) float sB[2][kGemvRows][64];  // B's rows of this tile and the next (cp.async)
+  __shared__ float red[kGemvWarps * 32];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kGemvRows;
-  const int64_t row[2] = {n0 + g, n0 + 8 + g};
-  const bool row_ok[2] = {row[0] < N, row[1] < N};
-  const bool m_lo = g < M, m_hi = g + 8 < M;
   const int nseg = (K + kGemvSeg - 1) / kGemvSeg;
+  const int64_t ntiles = (N + kGemvRows - 1) / kGemvRows;
+  // Persistent blocks: block b takes tiles b, b + gridDim.x, ... Each warp's stream of (tile, segment) items runs
+  // across tile boundaries, so the next tile's first weights are in flight during a tile's epilogue.
+  const int my_tiles = static_cast<int>((ntiles - blockIdx.x + gridDim.x - 1) / gridDim.x);
+  const int segs = warp < nseg ? (nseg - warp + kGemvWarps - 1) / kGemvWarps : 0;  // this warp's, per tile
+  const int items = segs * my_tiles;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  const auto tile_n0 = [&](int ti) { return (blockIdx.x + static_cast<int64_t>(ti) * gridDim.x) * kGemvRows; };
 
-  // K % 8 == 0 (the launcher's condition): each 16-byte piece is wholly inside K or wholly outside.
-  auto load = [&](int s, uint4 (&w)[2][4]) {
-    const int k = s * kGemvSeg + 8 * t;
+  // One item's operands: W rows g and g+8 of the tile, and x rows g (and g+8 when MT = 2), 16-byte pieces at
+  // k + 32i (K % 8 == 0, the launcher's condition: a piece is wholly inside K or wholly outside). x is loaded here,
+  // an item ahead, too: each x value is used by one warp of a block, so it comes from L2, not L1.
+  struct Item {
+    uint4 w[2][4];
+    uint4 x[MT][4];
+  };
+  const auto load = [&](int q, Item& it) {
+    const bool ok = q < items;
+    const int ti = ok ? q / segs : 0;
+    const int k = (warp + kGemvWarps * (ok ? q - ti * segs : 0)) * kGemvSeg + 8 * t;
+    const int64_t n0 = tile_n0(ti);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t n = n0 + 8 * j + g;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        it.w[j][i] = ok && n < N && k + 32 * i < K ? load_stream16(W + n * sw0 + k + 32 * i) : zero;
+    }
+#pragma unroll
+    for (int h = 0; h < MT; ++h) {
+      const int m = 8 * h + g;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        it.x[h][i] = ok && m < M && k + 32 * i < K
+                         ? __ldg(reinterpret_cast<const uint4*>(X + m * sx0 + k + 32 * i)) : zero;
+    }
+  };
+  // Every lane reaches the mma.sync (.aligned): lanes past K or past the rows compute on zeros.
+  const auto compute = [&](const Item& it, float (&c)[2][4]) {
+    const uint32_t* xl = reinterpret_cast<const uint32_t*>(it.x[0]);
+    const uint32_t* xh = reinterpret_cast<const uint32_t*>(it.x[MT - 1]);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t* ww = reinterpret_cast<const uint32_t*>(it.w[j]);
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        mma_16816<T>(c[j], xl[2 * u], MT == 2 ? xh[2 * u] : 0u, xl[2 * u + 1], MT == 2 ? xh[2 * u + 1] : 0u,
+                     ww[2 * u], ww[2 * u + 1]);
+    }
+  };
+  // This tile's B rows into sB[buf] by cp.async (they do not depend on the shrink), waited for before the epilogue.
+  const auto stage_B = [&](int ti, int buf) {
+    const int64_t n0 = tile_n0(ti);
+    if (b_vec) {  // R % 4 == 0, rows 16-byte aligned
+      for (int e = tid; e < kGemvRows * (R / 4); e += kGemvWarps * 32) {
+        const int r = e / (R / 4), c4 = e % (R / 4);
+        const bool ok = n0 + r < N;
+        copy_async<16>(&sB[buf][r][4 * c4], B + (ok ? (n0 + r) * sb0 : 0) + 4 * c4, ok);
+      }
+    } else {
+      for (int e = tid; e < kGemvRows * R; e += kGemvWarps * 32) {
+        const int r = e / R, j = e % R;
+        const bool ok = n0 + r < N;
+        copy_async<4>(&sB[buf][r][j], B + (ok ? (n0 + r) * sb0 + j * sb1 : 0), ok);
+      }
+    }
+    copy_async_commit();
+  };
+
+  // The output this thread writes in each tile's epilogue (M·16 <= 256 = the block), and its column's values
+  // loaded a tile ahead: the epilogue then waits on nothing from global memory.
+  const int om = tid / kGemvRows, onl = tid % kGemvRows;
+  const bool writes = om < M;
+  float bias_v = 0.f, mag_v = 1.f, nrm_v = 1.f;
+  const auto load_col = [&](int ti) {
+    const int64_t n = tile_n0(ti) + onl;
+    if (writes && n < N) {
+      bias_v = bias != nullptr ? to_f<T>(bias[n]) : 0.f;
+      if (mag != nullptr) {
+        mag_v = mag[n];
+        nrm_v = nrm[n];
+      }
+    }
+  };
+
+  Item bufs[2];
+  load(0, bufs[0]);
+  if (my_tiles > 0) stage_B(0, 0);
+  int q = 0;
+  for (int ti = 0; ti < my_tiles; ++ti) {
+    load_col(ti);
+    float c[2][4];
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        w[j][i] = s < nseg && row_ok[j] && k + 32 * i < K ? load_stream16(W + row[j] * sw0 + k + 32 * i) : zero;
-  };
-  float c[2][4];
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) c[j][i] = 0.f;
-
-  // Every lane reaches the mma.sync (.aligned): lanes past K or past the rows compute on zeros.
-  auto compute = [&](int s, const uint4 (&w)[2][4]) {
-    const int k = s * kGemvSeg + 8 * t;
-    uint4 xl[4], xh[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const bool k_ok = k + 32 * i < K;
-      xl[i] = m_lo && k_ok ? __ldg(reinterpret_cast<const uint4*>(X + g * sx0 + k + 32 * i)) : zero;
-      xh[i] = m_hi && k_ok ? __ldg(reinterpret_cast<const uint4*>(X + (g + 8) * sx0 + k + 32 * i)) : zero;
+      for (int i = 0; i < 4; ++i) c[j][i] = 0.f;
+    // Two register buffers in turn (item q in bufs[q & 1], the branch warp-uniform): the next item's loads are
+    // issued before this one is computed, with no register copies, across tile boundaries too.
+    for (int i = 0; i < segs; ++i, ++q) {
+      if ((q & 1) == 0) {
+        load(q + 1, bufs[1]);
+        compute(bufs[0], c);
+      } else {
+        load(q + 1, bufs[0]);
+        compute(bufs[1], c);
+      }
     }
-    const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
-    const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);
+    __syncthreads();  // the previous tile's epilogue has read partial and sB[(ti + 1) & 1]
+    if (ti + 1 < my_tiles) stage_B(ti + 1, (ti + 1) & 1);
+    // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1), c[j][2..3] = (m = g + 8, same n)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const uint32_t* ww = reinterpret_cast<const uint32_t*>(w[j]);
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        mma_16816<T>(c[j], xlw[2 * u], xhw[2 * u], xlw[2 * u + 1], xhw[2 * u + 1], ww[2 * u], ww[2 * u + 1]);
+      partial[warp][g][8 * j + 2 * t] = c[j][0];
+      partial[warp][g][8 * j + 2 * t + 1] = c[j][1];
+      partial[warp][g + 8][8 * j + 2 * t] = c[j][2];
+      partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
     }
-  };
-
-  // Register ring: stage d holds segment s0 + d·warps; refilled with the segment DEPTH·warps further on before it
-  // is computed, so DEPTH segments stay in flight.
-  uint4 st[DEPTH][2][4];
-#pragma unroll
-  for (int d = 0; d < DEPTH; ++d) load(warp + d * kGemvWarps, st[d]);
-  for (int s0 = warp; s0 < nseg; s0 += DEPTH * kGemvWarps) {
-#pragma unroll
-    for (int d = 0; d < DEPTH; ++d) {
-      const int s = s0 + d * kGemvWarps;
-      uint4 cur[2][4];
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) cur[j][i] = st[d][j][i];
-      load(s + DEPTH * kGemvWarps, st[d]);
-      if (s < nseg) compute(s, cur);
-    }
-  }
-  // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1), c[j][2..3] = (m = g + 8, same n)
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    partial[warp][g][8 * j + 2 * t] = c[j][0];
-    partial[warp][g][8 * j + 2 * t + 1] = c[j][1];
-    partial[warp][g + 8][8 * j + 2 * t] = c[j][2];
-    partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
-  }
-  // Everything above read only x (written before the shrink started) and W; the shrink's partials only after this
-  // wait, which returns once the shrink has completed and its writes are visible.
-  wait_for_prerequisite_grids();
-  // S = scale·Σ_split part as decode_expand sums it (entries in chunks of C <= 256 threads; G = 256 / C thread
-  // groups take every G-th split, then the chunk's C threads add the G group sums in order: all threads share
-  // the loads, and the order is fixed).
-  __shared__ float red[kGemvWarps * 32];
-  const int tid = threadIdx.x, MR = M * R;
-  for (int e0 = 0; e0 < MR; e0 += kGemvWarps * 32) {
-    const int C = MR - e0 < kGemvWarps * 32 ? MR - e0 : kGemvWarps * 32;
-    const int G = kGemvWarps * 32 / C;
-    const int grp = tid / C;
-    if (grp < G) {
-      const float* p = part + e0 + tid % C;
-      float v = 0.0f;
+    if (ti == 0) {
+      // Everything so far read only x (written before the shrink started), W and B; the shrink's partials only
+      // after this wait, which returns once the shrink has completed and its writes are visible.
+      wait_for_prerequisite_grids();
+      // S = scale·Σ_split part as decode_expand sums it (entries in chunks of C <= 256 threads; G = 256 / C
+      // thread groups take every G-th split, then the chunk's C threads add the G group sums in order).
+      const int MR = M * R;
+      for (int e0 = 0; e0 < MR; e0 += kGemvWarps * 32) {
+        const int C = MR - e0 < kGemvWarps * 32 ? MR - e0 : kGemvWarps * 32;
+        const int G = kGemvWarps * 32 / C;
+        const int grp = tid / C;
+        if (grp < G) {
+          const float* p = part + e0 + tid % C;
+          float v = 0.0f;
 #pragma unroll 8
-      for (int sp = grp; sp < splits; sp += G) v += p[static_cast<int64_t>(sp) * MR];
-      red[tid] = v;
+          for (int sp = grp; sp < splits; sp += G) v += p[static_cast<int64_t>(sp) * MR];
+          red[tid] = v;
+        }
+        __syncthreads();
+        if (tid < C) {
+          float v = 0.0f;
+          for (int gg = 0; gg < G; ++gg) v += red[gg * C + tid];
+          v *= scale;
+          const int e = e0 + tid;
+          sS[e / R][e % R] = v;
+          if (S_out != nullptr && blockIdx.x == 0) S_out[e] = v;
+        }
+        __syncthreads();
+      }
+    }
+    // this tile's B rows have landed (the next tile's copies, committed after them, may still be in flight)
+    if (ti + 1 < my_tiles) {
+      copy_async_wait<1>();
+    } else {
+      copy_async_wait<0>();
     }
     __syncthreads();
-    if (tid < C) {
-      float v = 0.0f;
-      for (int gg = 0; gg < G; ++gg) v += red[gg * C + tid];
-      v *= scale;
-      const int e = e0 + tid;
-      sS[e / R][e % R] = v;
-      if (S_out != nullptr && blockIdx.x == 0) S_out[e] = v;
-    }
-    __syncthreads();
-  }
-  for (int o = threadIdx.x; o < M * kGemvRows; o += blockDim.x) {
-    const int m = o / kGemvRows, nl = o % kGemvRows;
-    const int64_t n = n0 + nl;
-    if (n >= N) continue;
+    const int64_t n = tile_n0(ti) + onl;
+    if (!writes || n >= N) continue;
     float acc = 0.f;
 #pragma unroll
-    for (int w = 0; w < kGemvWarps; ++w) acc += partial[w][m][nl];
+    for (int w = 0; w < kGemvWarps; ++w) acc += partial[w][om][onl];
+    const float* brow = &sB[ti & 1][onl][0];
     float z = 0.f;
-    if (b_vec) {
-      const float4* brow = reinterpret_cast<const float4*>(B + n * sb0);
-      for (int j4 = 0; j4 < R / 4; ++j4) {
-        const float4 bv = __ldg(brow + j4);
-        z = fmaf(sS[m][4 * j4 + 0], bv.x, z);
-        z = fmaf(sS[m][4 * j4 + 1], bv.y, z);
-        z = fmaf(sS[m][4 * j4 + 2], bv.z, z);
-        z = fmaf(sS[m][4 * j4 + 3], bv.w, z);
-      }
-    } else {
-      for (int j = 0; j < R; ++j) z = fmaf(sS[m][j], __ldg(B + n * sb0 + j * sb1), z);
-    }
-    const int64_t at_mn = static_cast<int64_t>(m) * N + n;
+    for (int j = 0; j < R; ++j) z = fmaf(sS[om][j], brow[j], z);
+    const int64_t at_mn = static_cast<int64_t>(om) * N + n;
     if (Yout == nullptr) {  // LoRA: the base output rounded as the base layer rounds it, then the term, rounded
-      const T base = from_f<T>(bias != nullptr ? acc + to_f<T>(bias[n]) : acc);
+      const T base = from_f<T>(bias != nullptr ? acc + bias_v : acc);
       Y[at_mn] = from_f<T>(to_f<T>(base) + z);
     } else {  // DoRA: Z0 kept for the backward; g = m / n, 1/n for the caller
       const T z0 = from_f<T>(acc);
       Y[at_mn] = z0;
-      const float nv = nrm[n];
-      const float gcol = __fdiv_rn(mag[n], nv);
-      const float bcol = bias != nullptr ? to_f<T>(bias[n]) : 0.0f;
-      Yout[at_mn] = from_f<T>(fmaf(gcol, to_f<T>(z0) + z, bcol));
-      if (m == 0) {
+      const float gcol = __fdiv_rn(mag_v, nrm_v);
+      Yout[at_mn] = from_f<T>(fmaf(gcol, to_f<T>(z0) + z, bias_v));
+      if (om == 0) {
         if (g_out != nullptr) g_out[n] = gcol;
-        if (inv_out != nullptr) inv_out[n] = __frcp_rn(nv);
+        if (inv_out != nullptr) inv_out[n] = __frcp_rn(nrm_v);
       }
     }
   }
@@ -1994,8 +2043,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward_gemv(
           A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec, /*trigger=*/pdl);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // MT = 1 (M <= 8): x's rows 8..15 never loaded, 2 blocks an SM; persistent blocks, as many as fit at once,
+    // the tiles spread evenly (ceil(tiles / blocks) each).
+    const auto kernel = M <= 8 ? decode_gemv_kernel<T, 1> : decode_gemv_kernel<T, 2>;
+    static int per_sm[2] = {0, 0};  // resident blocks an SM, per kernel (the kernels' resources fix it)
+    int& fit = per_sm[M <= 8 ? 0 : 1];
+    if (fit == 0) {
+      int blocks = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kGemvWarps * 32, 0));
+      fit = std::max(blocks, 1);
+    }
+    const int64_t tiles = (N + kGemvRows - 1) / kGemvRows;
+    const int64_t slots = static_cast<int64_t>(fit) * sm_count();
+    const int64_t per_block = (tiles + slots - 1) / slots;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>((N + kGemvRows - 1) / kGemvRows));
+    cfg.gridDim = dim3(static_cast<unsigned>((tiles + per_block - 1) / per_block));
     cfg.blockDim = dim3(kGemvWarps * 32);
     cfg.dynamicSmemBytes = 0;
     cfg.stream = stream;
@@ -2004,8 +2066,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward_gemv(
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = pdl ? 1 : 0;
-    // decode_gemv_mode(): -1 auto, 1 / 2 the pipeline depth (0 never reaches here)
-    const auto kernel = decode_gemv_mode() == 2 ? decode_gemv_kernel<T, 2> : decode_gemv_kernel<T, 1>;
     C10_CUDA_CHECK(cudaLaunchKernelEx(
         &cfg, kernel, reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0),
         static_cast<int>(M), static_cast<int>(K), reinterpret_cast<const T*>(w.data_ptr()), w.stride(0), N,

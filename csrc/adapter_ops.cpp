@@ -1262,13 +1262,11 @@ int64_t set_decode_pdl(int64_t mode) {
 
 // Whether the decode forward computes its base product in its own GEMV with the LoRA expand in the epilogue
 // (adapter_cuda.cu, decode_gemv: two launches instead of three) rather than cuBLAS + a separate expand: -1 automatic
-// (where it applies: 16-bit x of <= 16 rows, aligned rows, sm_80+), 0 never, 1 / 2 where it applies with that
-// pipeline depth (auto: 1). A testing / benchmarking hook.
+// (where it applies: 16-bit x of <= 16 rows, aligned rows, sm_80+), 0 never. A testing / benchmarking hook.
 std::atomic<int64_t> g_decode_gemv{-1};
 int64_t decode_gemv_mode() { return g_decode_gemv.load(std::memory_order_relaxed); }
 int64_t set_decode_gemv(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 2,
-              "set_decode_gemv: mode must be -1 (auto: where it applies), 0 (never), 1 or 2 (its pipeline depth)");
+  TORCH_CHECK(mode == -1 || mode == 0, "set_decode_gemv: mode must be -1 (auto: where it applies) or 0 (never)");
   return g_decode_gemv.exchange(mode);
 }
 

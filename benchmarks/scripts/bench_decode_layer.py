@@ -10,8 +10,7 @@ times and timed with CUDA events; GPU µs per call = total / (replays * copies),
 Rows: base (F.linear), peft (F.linear + (x.float() @ Aᵀ) @ Bᵀ * s cast back: PEFT's Linear.forward in eager),
 fastpeft decode / fused / split-gemm (torch.ops.fastpeft_ops.set_lora_cuda_path 2 / 1 / 0; "auto" picks decode at
 small M without dropout). "decode" computes the base product in its own GEMV with the expand in the epilogue, the
-GEMV a programmatic dependent of the shrink ("gemv depth 2": the deeper register pipeline; "no pdl": launched
-plainly after the shrink); "cublas + expand" is session 21's composition (set_decode_gemv 0: cuBLAS's GEMV, then the
+GEMV a programmatic dependent of the shrink ("no pdl": launched plainly after the shrink); "cublas + expand" is session 21's composition (set_decode_gemv 0: cuBLAS's GEMV, then the
 expand as a programmatic dependent of it; "no pdl": launched plainly; "no fork": the shrink kept on the capture's
 stream, set_decode_fork 0). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured in the same run.
 Host µs per call: wall time of 64 eager calls issued without a sync (no_grad), before the launch queue fills.
@@ -39,7 +38,7 @@ from fastpeft.ops import cpp_ops  # noqa: E402
 
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 RANK, SCALING = 16, 2.0
-PATHS = {"fastpeft decode": 2, "fastpeft decode, gemv depth 2": 2, "fastpeft decode, cublas + expand": 2,
+PATHS = {"fastpeft decode": 2, "fastpeft decode, cublas + expand": 2,
          "fastpeft decode, cublas + expand, no pdl": 2, "fastpeft decode, cublas + expand, no fork, no pdl": 2,
          "fastpeft decode, no pdl": 2, "fastpeft fused": 1, "fastpeft split-gemm": 0}
 # The decode forward forks its shrink onto a side stream while a graph is captured (set_decode_fork -1, auto) and
@@ -47,9 +46,9 @@ PATHS = {"fastpeft decode": 2, "fastpeft decode, gemv depth 2": 2, "fastpeft dec
 # measure what each buys under graph replay. Values: (fork, pdl).
 OVERLAP = {"fastpeft decode, no pdl": (-1, 0), "fastpeft decode, cublas + expand, no pdl": (-1, 0),
            "fastpeft decode, cublas + expand, no fork, no pdl": (0, 0)}
-# The decode forward's base product: its own GEMV with the expand in the epilogue (set_decode_gemv -1, auto: depth
-# 1; 2: the deeper pipeline) or cuBLAS followed by the expand kernel (0, session 21's composition).
-GEMV = {"fastpeft decode, gemv depth 2": 2, "fastpeft decode, cublas + expand": 0,
+# The decode forward's base product: its own GEMV with the expand in the epilogue (set_decode_gemv -1, auto) or
+# cuBLAS followed by the expand kernel (0, session 21's composition).
+GEMV = {"fastpeft decode, cublas + expand": 0,
         "fastpeft decode, cublas + expand, no pdl": 0, "fastpeft decode, cublas + expand, no fork, no pdl": 0}
 
 
