@@ -1138,7 +1138,7 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
 constexpr int kGemvRows = 16;
 constexpr int kGemvSeg = 128;
 constexpr int kGemvWarps = 8;
-constexpr int kGemvMaxM = 16;  // x rows one m16 tile holds
+constexpr int kGemvMaxM = 8;  // x rows: the first half of the mma's m16 tile
 
 template <typename T> __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1,
                                                                 uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1);
@@ -1169,9 +1169,11 @@ __device__ __forceinline__ uint4 load_stream16(const void* p) {
   return v;
 }
 
-// MT: m16 x-row halves in use (1: M <= 8, rows 8..15 of the tile are zeros and never loaded; 2: M <= 16).
-template <typename T, int MT>
-__global__ void __launch_bounds__(kGemvWarps * 32, MT == 1 ? 2 : 1) decode_gemv_kernel(
+// x's rows are rows 0..7 of the mma's m16 tile (M <= 8: rows 8..15 are zeros, never loaded); 128 registers, two
+// blocks an SM. (Rows 9..16 as the other half measured slower than cuBLAS + expand on gate/up and down under graph
+// replay, 195 registers and one block an SM: those calls keep the cuBLAS composition.)
+template <typename T>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2) decode_gemv_kernel(
     const T* __restrict__ X, int64_t sx0, int M, int K, const T* __restrict__ W, int64_t sw0, int64_t N,
     const T* __restrict__ bias, const float* __restrict__ part, int splits, int R, float scale,
     float* __restrict__ S_out, const float* __restrict__ B, int64_t sb0, int64_t sb1, bool b_vec,
@@ -1193,12 +1195,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32, MT == 1 ? 2 : 1) decode_gemv_
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   const auto tile_n0 = [&](int ti) { return (blockIdx.x + static_cast<int64_t>(ti) * gridDim.x) * kGemvRows; };
 
-  // One item's operands: W rows g and g+8 of the tile, and x rows g (and g+8 when MT = 2), 16-byte pieces at
+  // One item's operands: W rows g and g+8 of the tile, and x row g, 16-byte pieces at
   // k + 32i (K % 8 == 0, the launcher's condition: a piece is wholly inside K or wholly outside). x is loaded here,
   // an item ahead, too: each x value is used by one warp of a block, so it comes from L2, not L1.
   struct Item {
     uint4 w[2][4];
-    uint4 x[MT][4];
+    uint4 x[4];
   };
   const auto load = [&](int q, Item& it) {
     const bool ok = q < items;
@@ -1213,25 +1215,17 @@ __global__ void __launch_bounds__(kGemvWarps * 32, MT == 1 ? 2 : 1) decode_gemv_
         it.w[j][i] = ok && n < N && k + 32 * i < K ? load_stream16(W + n * sw0 + k + 32 * i) : zero;
     }
 #pragma unroll
-    for (int h = 0; h < MT; ++h) {
-      const int m = 8 * h + g;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        it.x[h][i] = ok && m < M && k + 32 * i < K
-                         ? __ldg(reinterpret_cast<const uint4*>(X + m * sx0 + k + 32 * i)) : zero;
-    }
+    for (int i = 0; i < 4; ++i)
+      it.x[i] = ok && g < M && k + 32 * i < K ? __ldg(reinterpret_cast<const uint4*>(X + g * sx0 + k + 32 * i)) : zero;
   };
   // Every lane reaches the mma.sync (.aligned): lanes past K or past the rows compute on zeros.
   const auto compute = [&](const Item& it, float (&c)[2][4]) {
-    const uint32_t* xl = reinterpret_cast<const uint32_t*>(it.x[0]);
-    const uint32_t* xh = reinterpret_cast<const uint32_t*>(it.x[MT - 1]);
+    const uint32_t* xl = reinterpret_cast<const uint32_t*>(it.x);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const uint32_t* ww = reinterpret_cast<const uint32_t*>(it.w[j]);
 #pragma unroll
-      for (int u = 0; u < 8; ++u)
-        mma_16816<T>(c[j], xl[2 * u], MT == 2 ? xh[2 * u] : 0u, xl[2 * u + 1], MT == 2 ? xh[2 * u + 1] : 0u,
-                     ww[2 * u], ww[2 * u + 1]);
+      for (int u = 0; u < 8; ++u) mma_16816<T>(c[j], xl[2 * u], 0u, xl[2 * u + 1], 0u, ww[2 * u], ww[2 * u + 1]);
     }
   };
   // This tile's B rows into sB[buf] by cp.async (they do not depend on the shrink), waited for before the epilogue.
@@ -1293,13 +1287,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32, MT == 1 ? 2 : 1) decode_gemv_
     }
     __syncthreads();  // the previous tile's epilogue has read partial and sB[(ti + 1) & 1]
     if (ti + 1 < my_tiles) stage_B(ti + 1, (ti + 1) & 1);
-    // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1), c[j][2..3] = (m = g + 8, same n)
+    // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1); c[j][2..3] are rows 8..15 (zero)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       partial[warp][g][8 * j + 2 * t] = c[j][0];
       partial[warp][g][8 * j + 2 * t + 1] = c[j][1];
-      partial[warp][g + 8][8 * j + 2 * t] = c[j][2];
-      partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
     }
     if (ti == 0) {
       // Everything so far read only x (written before the shrink started), W and B; the shrink's partials only
@@ -2004,16 +1996,37 @@ struct DecodeDora {
   Tensor bias;             // in x's dtype, or undefined
 };
 
+// decode_gemv's resident blocks on this GPU (the kernel's resources fix how many fit an SM; bf16 and fp16 alike)
+int64_t decode_gemv_slots() {
+  static int per_sm = 0;
+  if (per_sm == 0) {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_gemv_kernel<__nv_bfloat16>,
+                                                                 kGemvWarps * 32, 0));
+    per_sm = std::max(blocks, 1);
+  }
+  return static_cast<int64_t>(per_sm) * sm_count();
+}
+
 // Whether decode_forward runs the base product in decode_gemv (its own GEMV with the expand in the epilogue) rather
-// than cuBLAS + decode_expand: 16-bit x of <= 16 rows, rows of x and W starting on 16-byte boundaries, a GPU with
+// than cuBLAS + decode_expand: 16-bit x of <= 8 rows, rows of x and W starting on 16-byte boundaries, a GPU with
 // bf16 mma.sync (sm_80+); decode_gemv_mode() (adapter_ops.cpp: set_decode_gemv) -1 auto, 0 never.
+// Eager calls take it wherever it applies: eager decode is host-bound, and it halves the call's host time (one
+// launch and no ATen linear less: 17-19 against 31-38 µs, H200). While a CUDA graph is captured only host-free GPU
+// time counts, and there it takes only weights whose 16-column tiles fit the resident blocks at once (one tile a
+// block: q/o, k/v and down of Llama-8B, 0-1 µs faster than cuBLAS + expand); with more tiles than blocks
+// (gate/up: 896 tiles) it streamed at 61 % of DRAM bandwidth against cuBLAS's 74 % and lost 2.4-4 µs a call.
 bool use_decode_gemv(const Tensor& x2, const Tensor& w, int64_t M, int64_t K, int major) {
   const auto dt = x2.scalar_type();
   const auto rows16 = [](const Tensor& t) {
     return t.stride(1) == 1 && t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   };
-  return decode_gemv_mode() != 0 && major >= 8 && (dt == at::kBFloat16 || dt == at::kHalf) && M <= kGemvMaxM &&
-         K % 8 == 0 && w.scalar_type() == dt && rows16(x2) && rows16(w);
+  if (!(decode_gemv_mode() != 0 && major >= 8 && (dt == at::kBFloat16 || dt == at::kHalf) && M <= kGemvMaxM &&
+        K % 8 == 0 && w.scalar_type() == dt && rows16(x2) && rows16(w))) {
+    return false;
+  }
+  return at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None ||
+         (w.size(0) + kGemvRows - 1) / kGemvRows <= decode_gemv_slots();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward_gemv(
@@ -2043,18 +2056,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward_gemv(
           A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec, /*trigger=*/pdl);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // MT = 1 (M <= 8): x's rows 8..15 never loaded, 2 blocks an SM; persistent blocks, as many as fit at once,
-    // the tiles spread evenly (ceil(tiles / blocks) each).
-    const auto kernel = M <= 8 ? decode_gemv_kernel<T, 1> : decode_gemv_kernel<T, 2>;
-    static int per_sm[2] = {0, 0};  // resident blocks an SM, per kernel (the kernels' resources fix it)
-    int& fit = per_sm[M <= 8 ? 0 : 1];
-    if (fit == 0) {
-      int blocks = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kGemvWarps * 32, 0));
-      fit = std::max(blocks, 1);
-    }
+    // persistent blocks, as many as fit at once, the tiles spread evenly (ceil(tiles / blocks) each)
     const int64_t tiles = (N + kGemvRows - 1) / kGemvRows;
-    const int64_t slots = static_cast<int64_t>(fit) * sm_count();
+    const int64_t slots = decode_gemv_slots();
     const int64_t per_block = (tiles + slots - 1) / slots;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>((tiles + per_block - 1) / per_block));
@@ -2067,7 +2071,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward_gemv(
     cfg.attrs = attr;
     cfg.numAttrs = pdl ? 1 : 0;
     C10_CUDA_CHECK(cudaLaunchKernelEx(
-        &cfg, kernel, reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0),
+        &cfg, decode_gemv_kernel<T>, reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0),
         static_cast<int>(M), static_cast<int>(K), reinterpret_cast<const T*>(w.data_ptr()), w.stride(0), N,
         bias_c.defined() ? reinterpret_cast<const T*>(bias_c.data_ptr()) : static_cast<const T*>(nullptr),
         static_cast<const float*>(part.data_ptr<float>()), static_cast<int>(splits), R,

@@ -9,8 +9,10 @@ eager base, side by side in one run, at each --batch.
     ... --overlap-ab                (compiled LoRA three times: as auto runs it -- the decode shrink on a side stream
         in the capture, the expand a programmatic dependent of the GEMV --, without the latter
         (torch.ops.fastpeft_ops.set_decode_pdl 0), and without either (also set_decode_fork 0))
-    ... --gemv-ab                   (compiled LoRA also with the base product by cuBLAS and a separate expand kernel,
-        set_decode_gemv 0, instead of the decode forward's own GEMV with the expand in its epilogue)
+    ... --gemv-ab                   (LoRA also with the base product by cuBLAS and a separate expand kernel,
+        set_decode_gemv 0, instead of the decode forward's own GEMV with the expand in its epilogue; eager and
+        compiled rows)
+    ... --skip-compiled             (eager rows only: no compile, so the model's full depth fits a device call)
     ... --profile DIR               (after each compiled row, one more generate under torch.profiler: the kernel
         table and GPU time per generated token, written to DIR)
 
@@ -96,11 +98,12 @@ def main():
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers (default: the model's); fewer shorten the compile (8B: > 5 min at 32 layers)")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--skip-compiled", action="store_true", help="eager rows only")
     ap.add_argument("--overlap-ab", action="store_true",
                     help="compiled rows: LoRA as auto runs it, without the expand's programmatic dependent launch "
                          "(no pdl), and without that and the shrink's side stream (no fork, no pdl)")
     ap.add_argument("--gemv-ab", action="store_true",
-                    help="compiled rows: LoRA also with cuBLAS's GEMV and a separate expand (set_decode_gemv 0)")
+                    help="LoRA also with cuBLAS's GEMV and a separate expand (set_decode_gemv 0), eager and compiled")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile one more generate per compiled row; kernel tables go to DIR")
     ap.add_argument("--out", default=None)
@@ -205,16 +208,20 @@ def main():
     ops = torch.ops.fastpeft_ops if DEVICE == "cuda" and cpp_ops.available() else None
     if (a.overlap_ab or a.gemv_ab) and ops is None:
         sys.exit("--overlap-ab / --gemv-ab need the fastpeft_ops extension on a GPU")
-    # the same model with the decode forward's testing hooks set (torch.ops.fastpeft_ops.set_decode_*): suffix, hooks
+    # the same model with the decode forward's testing hooks set (torch.ops.fastpeft_ops.set_decode_*): suffix,
+    # hooks, and whether eager rows get it too (the overlaps only matter inside a CUDA graph; the GEMV's choice
+    # moves eager host time as well)
     variants = []
     if a.overlap_ab:
-        variants += [(", no pdl", {"pdl": 0}), (", no fork, no pdl", {"fork": 0, "pdl": 0})]
+        variants += [(", no pdl", {"pdl": 0}, False), (", no fork, no pdl", {"fork": 0, "pdl": 0}, False)]
     if a.gemv_ab:
-        variants += [(", cublas + expand", {"gemv": 0})]
+        variants += [(", cublas + expand", {"gemv": 0}, True)]
 
     def measure_lora(batch, compiled):
         measure(ours, "fastpeft LoRA (unmerged)", batch, compiled)
-        for suffix, hooks in variants if compiled else ():
+        for suffix, hooks, eager_too in variants:
+            if not (compiled or eager_too):
+                continue
             setters = {"fork": ops.set_decode_fork, "pdl": ops.set_decode_pdl, "gemv": ops.set_decode_gemv}
             before = {k: setters[k](v) for k, v in hooks.items()}
             try:
@@ -224,7 +231,7 @@ def main():
                     setters[k](v)
 
     # compiled modes: False = eager, True = static cache + compile (CUDA only: the CPU run is a smoke test)
-    modes = [False] if DEVICE != "cuda" else ([True] if a.skip_eager else [False, True])
+    modes = [False] if DEVICE != "cuda" or a.skip_compiled else ([True] if a.skip_eager else [False, True])
     for compiled in modes:
         for batch in a.batch:
             measure(base, "base (no adapters)", batch, compiled)
@@ -236,7 +243,7 @@ def main():
             get = {r["impl"]: r["tokens_per_s"] for r in rows if r["mode"] == mode and r["batch"] == batch}
             line = {"mode": mode, "batch": batch,
                     "lora_vs_base": get["fastpeft LoRA (unmerged)"] / get["base (no adapters)"]}
-            for suffix, _ in variants:
+            for suffix, _, _ in variants:
                 if "fastpeft LoRA (unmerged)" + suffix in get:
                     key = "lora" + suffix.replace(",", "").replace(" ", "_") + "_vs_base"
                     line[key] = get["fastpeft LoRA (unmerged)" + suffix] / get["base (no adapters)"]
