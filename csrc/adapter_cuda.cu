@@ -932,7 +932,9 @@ __global__ void __launch_bounds__(256) colexp_kernel(
 // the adapter's bytes, r·(K + N)·4, take 0.1-0.3 µs of HBM time), so their latency is hidden where it can be: while a
 // CUDA graph is captured the shrink runs on a side stream beside the GEMV, and the expand is launched as a
 // programmatic dependent of the GEMV (sm_90+), its adapter loads and launch overlapping the GEMV's tail (H200,
-// M = 1, CUDA-graph replay: the pair's extra time over the GEMV 6.1-8.1 -> 2.6-5.0 µs per projection):
+// M = 1, CUDA-graph replay: the pair's extra time over the GEMV 6.1-8.1 -> 2.6-5.0 µs per projection).
+// Where it applies (16-bit x of <= 8 rows, aligned rows; see use_decode_gemv) the base product and the expand are
+// instead one kernel of ours, decode_gemv below, launched as a programmatic dependent of the shrink: two launches.
 // decode_shrink: part[split, m, j] = Σ_{k in split} X[m, k]·A[j, k]. Block: a K-slice of k_per_split columns
 //   (a multiple of 128) of ONE row (blocks of 8 rows sharing X measured 2.2x slower on the down projection at 8
 //   rows, H200); warp w owns the rank rows j = w, w + 8, ...; a lane reads 4 consecutive k per 128-column step
@@ -1117,16 +1119,16 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
 //   LoRA:  Y[m, n] = dtype(dtype(Σ_k X[m, k]·W[n, k] + bias[n]) + Σ_j S[m, j]·B[n, j])   (PEFT's two roundings)
 //   DoRA:  Z0[m, n] = dtype(Σ_k X·W);  Yout = dtype(g⊙(Z0 + Σ_j S·B) + bias), g = mag / nrm   (as decode_expand)
 // with S = s·Σ_split part, the decode shrink's partials re-summed by every block in a fixed order.
-// Bound: bytes -- W (2·N·K) streamed once; x (M·K·2) is re-read by every block from L1 / L2. At M <= 16 the
-// FLOPs go to the tensor cores at no cost: x rows are the m16 side of an mma.sync m16n8k16 and a block's 16
+// Bound: bytes -- W (2·N·K) streamed once; x (M·K·2) is re-read by every block, from L2. At M <= 8 the FLOPs go
+// to the tensor cores at no cost: x rows are rows 0..7 of the m16 side of an mma.sync m16n8k16 and a block's 16
 // weight rows its two n8 tiles (the NF4 GEMV's layout, csrc/nf4_gemv.cu, without the dequantization).
-// Work split: a block owns 16 output columns; its 8 warps split K in 128-weight segments (warp w takes segments
-// w, w + 8, ...; partial sums meet in shared memory). In a segment lane (g = lane/4, t = lane%4) loads the 8
-// weights k0 + 32i + 8t .. +7 of rows g and g+8 for i = 0..3 (16-byte loads: in each, a row's 4 lanes read 64
-// contiguous bytes, whole sectors; the loads bypass L1 so that L1 keeps x), and x's values at the same k. The k
-// order inside an mma is free as long as both operands agree: k-step u (0..7) takes the lane's 32-bit words 2u,
-// 2u+1 of both. (Lanes reading 64 contiguous bytes each, as the NF4 kernel's 16 packed bytes, measured 1.3-1.5x
-// slower on gate/up and down: each load used half of every sector it touched, refetched from L2.)
+// Work split: a block owns 16 output columns at a time; its 8 warps split K in 128-weight segments (warp w takes
+// segments w, w + 8, ...; partial sums meet in shared memory). In a segment lane (g = lane/4, t = lane%4) loads the
+// 8 weights k0 + 32i + 8t .. +7 of rows g and g+8 for i = 0..3 (16-byte loads: in each, a row's 4 lanes read 64
+// contiguous bytes, whole sectors; the loads bypass L1), and x's values at the same k. The k order inside an mma
+// is free as long as both operands agree: k-step u (0..7) takes the lane's 32-bit words 2u, 2u+1 of both. (Lanes
+// reading 64 contiguous bytes each instead, as the NF4 kernel's lanes read their 16 packed bytes, left each load
+// using half of every sector it touched: gate/up at M = 1 took 46.8 µs, 43.0 without, cuBLAS + expand 35.3.)
 // Latency: each warp keeps its next segment's weights and x in flight while it computes one (two register
 // buffers); blocks are persistent (as many as fit, each walking several 16-column tiles where N is large), so the
 // next tile's first loads are in flight during a tile's epilogue, and B's rows and the column's bias / magnitude /
@@ -1170,8 +1172,9 @@ __device__ __forceinline__ uint4 load_stream16(const void* p) {
 }
 
 // x's rows are rows 0..7 of the mma's m16 tile (M <= 8: rows 8..15 are zeros, never loaded); 128 registers, two
-// blocks an SM. (Rows 9..16 as the other half measured slower than cuBLAS + expand on gate/up and down under graph
-// replay, 195 registers and one block an SM: those calls keep the cuBLAS composition.)
+// blocks an SM. (Rows 9..16 as the tile's other half took 195 registers and one block an SM, and measured slower
+// than cuBLAS + expand on gate/up and down under graph replay at 16 rows, 55.8 / 54.7 against 40.2 / 45.1 µs:
+// those calls keep the cuBLAS composition.)
 template <typename T>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2) decode_gemv_kernel(
     const T* __restrict__ X, int64_t sx0, int M, int K, const T* __restrict__ W, int64_t sw0, int64_t N,
@@ -1988,6 +1991,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_fused(const Tensor& dy2, const Tenso
 
 // Forward at decode sizes (decode_shrink / decode_expand above): the shrink, the base product (ATen's linear, the
 // kernel the base layer itself runs), the expand into its output in place. 3 launches, none of them a zero-fill.
+// Where use_decode_gemv says so: the shrink, then decode_gemv (the base product and the expand), 2 launches.
 // DoRA with a given norm (dora: magnitude and norm fp32 [N], bias): the base product has no bias and is kept as
 // Z0; the expand writes Y = g⊙(Z0 + s·S·Bᵀ) + b into a new tensor, and g = m / n and 1/n (what DoRA's backward
 // needs). Returns (Y, S, Z0 or undefined, g or undefined, 1/n or undefined).
@@ -2012,10 +2016,11 @@ int64_t decode_gemv_slots() {
 // than cuBLAS + decode_expand: 16-bit x of <= 8 rows, rows of x and W starting on 16-byte boundaries, a GPU with
 // bf16 mma.sync (sm_80+); decode_gemv_mode() (adapter_ops.cpp: set_decode_gemv) -1 auto, 0 never.
 // Eager calls take it wherever it applies: eager decode is host-bound, and it halves the call's host time (one
-// launch and no ATen linear less: 17-19 against 31-38 µs, H200). While a CUDA graph is captured only host-free GPU
-// time counts, and there it takes only weights whose 16-column tiles fit the resident blocks at once (one tile a
-// block: q/o, k/v and down of Llama-8B, 0-1 µs faster than cuBLAS + expand); with more tiles than blocks
-// (gate/up: 896 tiles) it streamed at 61 % of DRAM bandwidth against cuBLAS's 74 % and lost 2.4-4 µs a call.
+// launch and the ATen linear fewer: 17-26 against 28-49 µs a call, H200, bench_decode_layer.py). While a CUDA graph
+// is captured only GPU time counts, and there it takes only weights whose 16-column tiles fit the resident blocks
+// at once (one tile a block: q/o, k/v and down of Llama-8B, 0.1-2.2 µs a call faster than cuBLAS + expand at 1 and
+// 8 rows); with more tiles than blocks (gate/up: 896 tiles) it streamed at 61 % of DRAM bandwidth against
+// cuBLAS's 74 % (ncu) and lost 2.4-4.1 µs a call.
 bool use_decode_gemv(const Tensor& x2, const Tensor& w, int64_t M, int64_t K, int major) {
   const auto dt = x2.scalar_type();
   const auto rows16 = [](const Tensor& t) {
