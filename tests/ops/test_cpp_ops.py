@@ -504,6 +504,41 @@ def test_gpu_decode_gemv_matches_the_reference_and_cublas_composition(dtype):
         ops.set_lora_cuda_path(before_path)
 
 
+@pytest.mark.gpu
+def test_gpu_decode_capture_keeps_cublas_for_weights_wider_than_the_resident_blocks():
+    """Inside a CUDA-graph capture decode_gemv takes only weights whose 16-column tiles fit its resident blocks; a
+    wider one (N = 40000: 2,500 tiles) keeps cuBLAS + expand there while eager calls take decode_gemv. The replay
+    then equals the eager call of set_decode_gemv(0) bit for bit, and the default eager call within the last-bit
+    flips of the base product's fp32 sum order; a narrow weight (N = 4096) is the same kernel both ways."""
+    ops = torch.ops.fastpeft_ops
+    torch.manual_seed(3)
+    for N, same_kernel in ((40000, False), (4096, True)):
+        x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, 4096, device="cuda", dtype=torch.bfloat16) / 64
+        A = torch.randn(16, 4096, device="cuda") / 64
+        Bw = torch.randn(N, 16, device="cuda")
+        with torch.no_grad():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                cpp_ops.lora_linear(x, w, None, A, Bw, 2.0)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = cpp_ops.lora_linear(x, w, None, A, Bw, 2.0)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = cpp_ops.lora_linear(x, w, None, A, Bw, 2.0)
+            before = ops.set_decode_gemv(0)
+            try:
+                eager_cublas = cpp_ops.lora_linear(x, w, None, A, Bw, 2.0)
+            finally:
+                ops.set_decode_gemv(before)
+        assert torch.equal(y, eager if same_kernel else eager_cublas), N
+        assert (y != eager).float().mean().item() < 0.02
+        assert rel_err(y, eager) < TOL[torch.bfloat16] / 4
+
+
 def test_set_decode_gemv_is_validated():
     ops = torch.ops.fastpeft_ops
     before = ops.set_decode_gemv(-1)
