@@ -2016,7 +2016,7 @@ int64_t decode_gemv_slots() {
 // than cuBLAS + decode_expand: 16-bit x of <= 8 rows, rows of x and W starting on 16-byte boundaries, a GPU with
 // bf16 mma.sync (sm_80+); decode_gemv_mode() (adapter_ops.cpp: set_decode_gemv) -1 auto, 0 never.
 // Eager calls take it wherever it applies: eager decode is host-bound, and it halves the call's host time (one
-// launch and the ATen linear fewer: 17-26 against 28-49 µs a call, H200, bench_decode_layer.py). While a CUDA graph
+// launch and the ATen linear fewer: 16-26 against 28-49 µs a call, H200, bench_decode_layer.py). While a CUDA graph
 // is captured only GPU time counts, and there it takes only weights whose 16-column tiles fit the resident blocks
 // at once (one tile a block: q/o, k/v and down of Llama-8B, 0.1-2.2 µs a call faster than cuBLAS + expand at 1 and
 // 8 rows); with more tiles than blocks (gate/up: 896 tiles) it streamed at 61 % of DRAM bandwidth against

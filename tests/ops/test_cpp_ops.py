@@ -576,11 +576,14 @@ def test_set_decode_pdl_is_validated():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemv", [-1, 0], ids=["decode-gemv", "cublas-expand"])
 @pytest.mark.parametrize("fork", [-1, 0], ids=["fork-in-capture", "no-fork"])
-def test_gpu_decode_path_replays_in_a_cuda_graph(fork):
+def test_gpu_decode_path_replays_in_a_cuda_graph(fork, gemv):
     """The decode forward captured in a CUDA graph (compiled static-cache decode) replays with new inputs and new
-    adapter values and matches eager calls: nothing of the first call is baked in. Under auto the capture forks the
-    shrink onto a side stream beside the base GEMV; the result is the same bits (eager calls do not fork)."""
+    adapter values and matches eager calls: nothing of the first call is baked in. Both compositions: decode_gemv
+    (the shrink, then the GEMV with the expand, set_decode_gemv -1) and cuBLAS + expand (0), whose capture under
+    auto forks the shrink onto a side stream beside the base GEMV; the result is the same bits (eager calls do not
+    fork)."""
     torch.manual_seed(11)
     x = torch.randn(4, 1000, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(3000, 1000, device="cuda", dtype=torch.bfloat16) / 32
@@ -588,7 +591,7 @@ def test_gpu_decode_path_replays_in_a_cuda_graph(fork):
     Bw = torch.randn(3000, 16, device="cuda")
     ops = torch.ops.fastpeft_ops
     before = ops.set_lora_cuda_path(2)
-    before_fork = ops.set_decode_fork(fork)
+    before_fork, before_gemv = ops.set_decode_fork(fork), ops.set_decode_gemv(gemv)
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -608,6 +611,7 @@ def test_gpu_decode_path_replays_in_a_cuda_graph(fork):
     finally:
         ops.set_lora_cuda_path(before)
         ops.set_decode_fork(before_fork)
+        ops.set_decode_gemv(before_gemv)
 
 
 @pytest.mark.gpu
@@ -617,7 +621,9 @@ def test_gpu_decode_fork_and_pdl_change_no_bit(dtype):
     programmatic dependent of the GEMV (pdl -1, sm_90+) give the bits of the one-stream, plainly launched decode
     forward, for LoRA and for DoRA with a given norm, with back-to-back calls that reuse the caching allocator's
     blocks (a missing join would let the next call's shrink overwrite partials the expand still reads; an expand
-    reading Y before its wait would see the GEMV's output unfinished)."""
+    reading Y before its wait would see the GEMV's output unfinished). The first two cases (<= 8 rows, aligned)
+    take decode_gemv, where pdl makes the GEMV a programmatic dependent of the shrink (a GEMV epilogue reading the
+    partials before its wait would see them unfinished); the other two cuBLAS + expand."""
     ops = torch.ops.fastpeft_ops
     torch.manual_seed(5)
     cases = [(1, 4096, 4096, 16), (8, 4096, 1024, 16), (16, 14336, 4096, 64), (3, 515, 2049, 7)]
