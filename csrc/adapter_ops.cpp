@@ -1230,44 +1230,52 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_comp
   return {dx, dAs, dBs};
 }
 
+// Process-wide testing / benchmarking hooks of the CUDA compositions, not user settings: each an atomic mode, set
+// by fastpeft_ops::set_<name>(mode) (checked against its allowed values; the previous mode returned) and read by
+// adapter_cuda.cu on every call.
+int64_t exchange_hook_mode(std::atomic<int64_t>& slot, int64_t mode, bool allowed, const char* message) {
+  TORCH_CHECK(allowed, message);
+  return slot.exchange(mode);
+}
+
 // Which LoRA composition CUDA calls take (adapter_cuda.cu): -1 automatic, 0 the split-GEMM composition, 1 the fused
 // kernels, 2 the decode forward where it applies (no dropout, <= 32 rows where auto stops at 16, rank <= 64; else as
-// automatic). A process-wide testing / benchmarking hook (fastpeft_ops::set_lora_cuda_path), not a user setting.
+// automatic).
 std::atomic<int64_t> g_lora_cuda_path{-1};
 int64_t lora_cuda_path() { return g_lora_cuda_path.load(std::memory_order_relaxed); }
 int64_t set_lora_cuda_path(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 2,
-              "set_lora_cuda_path: mode must be -1 (auto), 0 (split GEMM), 1 (fused) or 2 (decode)");
-  return g_lora_cuda_path.exchange(mode);
+  return exchange_hook_mode(g_lora_cuda_path, mode, mode >= -1 && mode <= 2,
+                            "set_lora_cuda_path: mode must be -1 (auto), 0 (split GEMM), 1 (fused) or 2 (decode)");
 }
 
 // Whether the decode forward runs its shrink on a side stream beside the base GEMV (adapter_cuda.cu, decode_forward):
-// -1 automatic (while a CUDA graph is captured), 0 never, 1 always. A testing / benchmarking hook like the one above.
+// -1 automatic (while a CUDA graph is captured), 0 never, 1 always.
 std::atomic<int64_t> g_decode_fork{-1};
 int64_t decode_fork_mode() { return g_decode_fork.load(std::memory_order_relaxed); }
 int64_t set_decode_fork(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1,
-              "set_decode_fork: mode must be -1 (auto: fork while a CUDA graph is captured), 0 (never) or 1 (always)");
-  return g_decode_fork.exchange(mode);
+  return exchange_hook_mode(
+      g_decode_fork, mode, mode >= -1 && mode <= 1,
+      "set_decode_fork: mode must be -1 (auto: fork while a CUDA graph is captured), 0 (never) or 1 (always)");
 }
 
-// Whether the decode forward launches its expand as a programmatic dependent of the base GEMV (sm_90+; adapter_cuda.cu,
-// decode_forward): -1 automatic (on), 0 never. A testing / benchmarking hook like the ones above.
+// Whether the decode forward launches its expand as a programmatic dependent of the base GEMV, and its own GEMV as
+// one of the shrink (sm_90+; adapter_cuda.cu, decode_forward): -1 automatic (on), 0 never.
 std::atomic<int64_t> g_decode_pdl{-1};
 int64_t decode_pdl_mode() { return g_decode_pdl.load(std::memory_order_relaxed); }
 int64_t set_decode_pdl(int64_t mode) {
-  TORCH_CHECK(mode == -1 || mode == 0, "set_decode_pdl: mode must be -1 (auto: on where the GPU has it) or 0 (never)");
-  return g_decode_pdl.exchange(mode);
+  return exchange_hook_mode(g_decode_pdl, mode, mode == -1 || mode == 0,
+                            "set_decode_pdl: mode must be -1 (auto: on where the GPU has it) or 0 (never)");
 }
 
 // Whether the decode forward computes its base product in its own GEMV with the LoRA expand in the epilogue
 // (adapter_cuda.cu, decode_gemv: two launches instead of three) rather than cuBLAS + a separate expand: -1 automatic
-// (where it applies: 16-bit x of <= 16 rows, aligned rows, sm_80+), 0 never. A testing / benchmarking hook.
+// (where it applies: 16-bit x of <= 8 rows, aligned rows, sm_80+; inside a capture only for weights whose tiles fit
+// its resident blocks), 0 never.
 std::atomic<int64_t> g_decode_gemv{-1};
 int64_t decode_gemv_mode() { return g_decode_gemv.load(std::memory_order_relaxed); }
 int64_t set_decode_gemv(int64_t mode) {
-  TORCH_CHECK(mode == -1 || mode == 0, "set_decode_gemv: mode must be -1 (auto: where it applies) or 0 (never)");
-  return g_decode_gemv.exchange(mode);
+  return exchange_hook_mode(g_decode_gemv, mode, mode == -1 || mode == 0,
+                            "set_decode_gemv: mode must be -1 (auto: where it applies) or 0 (never)");
 }
 
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
