@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "adapter_common.h"
+#include "device_ptx.cuh"
 
 namespace fastpeft {
 
@@ -64,6 +65,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_gr
 namespace {
 
 using at::Tensor;
+using device::allow_dependents;
+using device::load_stream16;
+using device::mma_16816;
+using device::wait_for_prerequisite_grids;
 
 constexpr int kThreads = 256;
 
@@ -954,23 +959,6 @@ constexpr int kDecodeStep = 128;  // K columns one warp covers per step: 32 lane
 constexpr int kDecodeExpandThreads = 256;
 
 
-// Programmatic dependent launch (sm_90+): a kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization
-// may start before the kernel ahead of it in the stream has finished; this waits until that kernel (every
-// prerequisite grid) has completed and its memory is visible. A no-op for a kernel launched without the attribute.
-__device__ __forceinline__ void wait_for_prerequisite_grids() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Programmatic dependent launch (sm_90+): lets the kernel launched next in the stream with the programmatic
-// serialization attribute start now. A no-op when the next kernel was launched without it.
-__device__ __forceinline__ void allow_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 template <typename T, int JPW>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
     const T* __restrict__ X, int64_t sx0, int64_t sx1, int64_t M, int64_t K, const float* __restrict__ A,
@@ -1015,6 +1003,39 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
 }
 
 
+// S[e] = scale·Σ_split part[split, e] for the MR = M·R entries of the decode shrink's partials, into sS [.][LD]
+// (row e / R, column e % R) and, from block 0, S_out when given. Entries in chunks of C <= THREADS: G = THREADS / C
+// thread groups take every G-th split, then the chunk's C threads add the G group sums in order -- every thread
+// shares the loads, and the order is fixed (deterministic: no atomics). red: THREADS floats of shared memory.
+// Called by the whole block; returns with it synchronised.
+template <int THREADS, int LD>
+__device__ __forceinline__ void sum_split_partials(const float* __restrict__ part, int splits, int MR, int R,
+                                                   float scale, float (*sS)[LD], float* red, float* __restrict__ S_out) {
+  const int tid = threadIdx.x;
+  for (int e0 = 0; e0 < MR; e0 += THREADS) {
+    const int C = MR - e0 < THREADS ? MR - e0 : THREADS;
+    const int G = THREADS / C;
+    const int g = tid / C;
+    if (g < G) {
+      const float* p = part + e0 + tid % C;
+      float v = 0.0f;
+#pragma unroll 8
+      for (int sp = g; sp < splits; sp += G) v += p[static_cast<int64_t>(sp) * MR];
+      red[tid] = v;
+    }
+    __syncthreads();
+    if (tid < C) {
+      float v = 0.0f;
+      for (int gg = 0; gg < G; ++gg) v += red[gg * C + tid];
+      v *= scale;
+      const int e = e0 + tid;
+      sS[e / R][e % R] = v;
+      if (S_out != nullptr && blockIdx.x == 0) S_out[e] = v;
+    }
+    __syncthreads();
+  }
+}
+
 // DoRA (mag != nullptr): Yout = dtype(g⊙(Y + Σ_j S·B) + bias) with g = mag / nrm per column (fp32, as DoRA's
 // output pass: one rounding), and g, 1/nrm written to g_out / inv_out for the caller; Y (= X·Wᵀ, no bias) is then
 // kept, Yout is another buffer. LoRA: Yout == Y, in place.
@@ -1056,31 +1077,7 @@ __global__ void __launch_bounds__(kDecodeExpandThreads) decode_expand_kernel(
   float yv[kPre];
 #pragma unroll
   for (int i = 0; i < kPre; ++i) yv[i] = col_ok && i < M ? to_f<T>(Y[i * sy0 + n]) : 0.0f;
-  // S = scale·Σ_split part, entries in chunks of C <= 256: G = 256 / C thread groups take every G-th split, then
-  // the chunk's C threads add the G group sums in order (a fixed order: deterministic).
-  const int MR = static_cast<int>(M) * R;
-  for (int e0 = 0; e0 < MR; e0 += kDecodeExpandThreads) {
-    const int C = MR - e0 < kDecodeExpandThreads ? MR - e0 : kDecodeExpandThreads;
-    const int G = kDecodeExpandThreads / C;
-    const int g = tid / C;
-    if (g < G) {
-      const float* p = part + e0 + tid % C;
-      float v = 0.0f;
-#pragma unroll 8
-      for (int sp = g; sp < splits; sp += G) v += p[static_cast<int64_t>(sp) * MR];
-      red[tid] = v;
-    }
-    __syncthreads();
-    if (tid < C) {
-      float v = 0.0f;
-      for (int gg = 0; gg < G; ++gg) v += red[gg * C + tid];
-      v *= scale;
-      const int e = e0 + tid;
-      sS[e / R][e % R] = v;
-      if (S_out != nullptr && blockIdx.x == 0) S_out[e] = v;
-    }
-    __syncthreads();
-  }
+  sum_split_partials<kDecodeExpandThreads, RMAX>(part, splits, static_cast<int>(M) * R, R, scale, sS, red, S_out);
   if (!col_ok) return;
   float gcol = 1.0f, bcol = 0.0f;
   if (mag != nullptr) {
@@ -1141,35 +1138,6 @@ constexpr int kGemvRows = 16;
 constexpr int kGemvSeg = 128;
 constexpr int kGemvWarps = 8;
 constexpr int kGemvMaxM = 8;  // x rows: the first half of the mma's m16 tile
-
-template <typename T> __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1,
-                                                                uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1);
-template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1,
-                                                                       uint32_t a2, uint32_t a3, uint32_t b0,
-                                                                       uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                              uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// A 16-byte load that does not allocate in L1 (streamed weights: L1 is left to x, which every block re-reads).
-__device__ __forceinline__ uint4 load_stream16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 
 // x's rows are rows 0..7 of the mma's m16 tile (M <= 8: rows 8..15 are zeros, never loaded); 128 registers, two
 // blocks an SM. (Rows 9..16 as the tile's other half took 195 registers and one block an SM, and measured slower
@@ -1300,31 +1268,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) decode_gemv_kernel(
       // Everything so far read only x (written before the shrink started), W and B; the shrink's partials only
       // after this wait, which returns once the shrink has completed and its writes are visible.
       wait_for_prerequisite_grids();
-      // S = scale·Σ_split part as decode_expand sums it (entries in chunks of C <= 256 threads; G = 256 / C
-      // thread groups take every G-th split, then the chunk's C threads add the G group sums in order).
-      const int MR = M * R;
-      for (int e0 = 0; e0 < MR; e0 += kGemvWarps * 32) {
-        const int C = MR - e0 < kGemvWarps * 32 ? MR - e0 : kGemvWarps * 32;
-        const int G = kGemvWarps * 32 / C;
-        const int grp = tid / C;
-        if (grp < G) {
-          const float* p = part + e0 + tid % C;
-          float v = 0.0f;
-#pragma unroll 8
-          for (int sp = grp; sp < splits; sp += G) v += p[static_cast<int64_t>(sp) * MR];
-          red[tid] = v;
-        }
-        __syncthreads();
-        if (tid < C) {
-          float v = 0.0f;
-          for (int gg = 0; gg < G; ++gg) v += red[gg * C + tid];
-          v *= scale;
-          const int e = e0 + tid;
-          sS[e / R][e % R] = v;
-          if (S_out != nullptr && blockIdx.x == 0) S_out[e] = v;
-        }
-        __syncthreads();
-      }
+      sum_split_partials<kGemvWarps * 32, 64>(part, splits, M * R, R, scale, sS, red, S_out);
     }
     // this tile's B rows have landed (the next tile's copies, committed after them, may still be in flight)
     if (ti + 1 < my_tiles) {

@@ -33,7 +33,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "device_ptx.cuh"
+
 namespace {
+
+using fastpeft::device::allow_dependents;
+using fastpeft::device::wait_for_prerequisite_grids;
 
 constexpr int kMaxM = 16;
 constexpr int kRows = 16;   // output rows per block: two m16n8k16 n-tiles
@@ -52,11 +57,7 @@ template <> struct Dt<at::BFloat16> {
   }
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    fastpeft::device::mma_16816<raw>(c, a0, a1, a2, a3, b0, b1);
   }
 };
 template <> struct Dt<at::Half> {
@@ -69,27 +70,9 @@ template <> struct Dt<at::Half> {
   }
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    fastpeft::device::mma_16816<raw>(c, a0, a1, a2, a3, b0, b1);
   }
 };
-
-// Programmatic dependent launch (sm_90+; no-ops elsewhere and for kernels launched without the attribute).
-// allow_dependents: the next kernel in the stream, if launched as a programmatic dependent, may start now.
-// wait_for_prerequisite_grids: returns once the kernel ahead in the stream has completed and its writes are visible.
-__device__ __forceinline__ void allow_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_prerequisite_grids() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

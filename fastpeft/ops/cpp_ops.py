@@ -34,7 +34,8 @@ __all__ = ["available", "loaded", "lora_linear", "lora_group_linear", "dora_line
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
 
 EXTENSION = Extension("fastpeft_ops", "LoRA / IA3 operators", cpu_sources=["adapter_ops.cpp"],
-                      cuda_sources=["adapter_cuda.cu", "nf4_dequant.cu"], headers=["adapter_common.h"])
+                      cuda_sources=["adapter_cuda.cu", "nf4_dequant.cu"],
+                      headers=["adapter_common.h", "device_ptx.cuh"])
 
 
 _OPS: dict = {}  # the OpOverloads, resolved once (a torch.ops attribute chain per call costs host time)

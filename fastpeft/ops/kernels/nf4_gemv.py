@@ -27,8 +27,8 @@ from .lora import lora_expand, lora_s_partials
 from .nf4_matmul import nf4_matmul
 
 MAX_M = 16
-EXTENSION = Extension("fastpeft_nf4_gemv", "NF4 decode GEMV", cuda_sources=["nf4_gemv.cu"], python_module=True,
-                      cuda_required=True)
+EXTENSION = Extension("fastpeft_nf4_gemv", "NF4 decode GEMV", cuda_sources=["nf4_gemv.cu"], headers=["device_ptx.cuh"],
+                      python_module=True, cuda_required=True)
 
 
 def toolchain_problem():
