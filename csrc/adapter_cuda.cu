@@ -1944,6 +1944,25 @@ struct DecodeDora {
   Tensor bias;             // in x's dtype, or undefined
 };
 
+// decode_shrink over x2 [M, K] into part [splits, M, R] (k_per columns a split) on `stream`; trigger: the kernel
+// launched next is decode_gemv, a programmatic dependent of this one (decode_shrink_kernel's comment).
+void launch_decode_shrink(const Tensor& x2, const Tensor& A32, const Tensor& part, int64_t splits, int64_t k_per,
+                          bool x_vec, bool a_vec, cudaStream_t stream, bool trigger) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  const int R = static_cast<int>(A32.size(0));
+  dispatch_all(x2.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_rank(R, [&](auto rmax) {
+      constexpr int JPW = decltype(rmax)::value / kDecodeWarps;
+      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(M));
+      decode_shrink_kernel<T, JPW><<<grid, kDecodeWarps * 32, 0, stream>>>(
+          reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(),
+          A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec, trigger);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // decode_gemv's resident blocks on this GPU (the kernel's resources fix how many fit an SM; bf16 and fp16 alike)
 int64_t decode_gemv_slots() {
   static int per_sm = 0;
@@ -1995,32 +2014,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward_gemv(
   // LoRA: the layer's bias in the first rounding; DoRA: its bias after g (dora->bias), none in Z0
   const Tensor bias = dora != nullptr ? dora->bias : b;
   const Tensor bias_c = bias.defined() ? bias.contiguous() : bias;
+  launch_decode_shrink(x2, A32, part, splits, k_per, x_vec, a_vec, stream, /*trigger=*/pdl);
   dispatch_16(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_rank(R, [&](auto rmax) {
-      constexpr int JPW = decltype(rmax)::value / kDecodeWarps;
-      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(M));
-      decode_shrink_kernel<T, JPW><<<grid, kDecodeWarps * 32, 0, stream>>>(
-          reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(),
-          A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec, /*trigger=*/pdl);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     // persistent blocks, as many as fit at once, the tiles spread evenly (ceil(tiles / blocks) each)
     const int64_t tiles = (N + kGemvRows - 1) / kGemvRows;
     const int64_t slots = decode_gemv_slots();
     const int64_t per_block = (tiles + slots - 1) / slots;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>((tiles + per_block - 1) / per_block));
-    cfg.blockDim = dim3(kGemvWarps * 32);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
+    const device::PdlLaunchConfig config(dim3(static_cast<unsigned>((tiles + per_block - 1) / per_block)),
+                                         dim3(kGemvWarps * 32), stream, pdl);
     C10_CUDA_CHECK(cudaLaunchKernelEx(
-        &cfg, decode_gemv_kernel<T>, reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0),
+        &config.cfg, decode_gemv_kernel<T>, reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0),
         static_cast<int>(M), static_cast<int>(K), reinterpret_cast<const T*>(w.data_ptr()), w.stride(0), N,
         bias_c.defined() ? reinterpret_cast<const T*>(bias_c.data_ptr()) : static_cast<const T*>(nullptr),
         static_cast<const float*>(part.data_ptr<float>()), static_cast<int>(splits), R,
@@ -2088,18 +2092,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
     forked.record(stream);
     forked.block(side);  // the side stream sees x and A as this stream has them
   }
-  const cudaStream_t shrink_stream = fork ? side.stream() : stream.stream();
-  dispatch_all(dt, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_rank(R, [&](auto rmax) {
-      constexpr int JPW = decltype(rmax)::value / kDecodeWarps;
-      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(M));
-      decode_shrink_kernel<T, JPW><<<grid, kDecodeWarps * 32, 0, shrink_stream>>>(
-          reinterpret_cast<const T*>(x2.data_ptr()), x2.stride(0), x2.stride(1), M, K, A32.data_ptr<float>(),
-          A32.stride(0), A32.stride(1), R, part.data_ptr<float>(), k_per, x_vec, a_vec, /*trigger=*/false);
-    });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_decode_shrink(x2, A32, part, splits, k_per, x_vec, a_vec, fork ? side.stream() : stream.stream(),
+                       /*trigger=*/false);
   if (fork) joined.record(side);
   Tensor y = at::linear(x2, w, b.defined() && dora == nullptr ? c10::optional<Tensor>(b) : c10::nullopt);
   TORCH_INTERNAL_ASSERT(y.dim() == 2 && y.stride(1) == 1, "fastpeft lora decode: expected a row-major output");
@@ -2120,18 +2114,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
       const bool dora_bias = dora != nullptr && dora->bias.defined();
       // The expand may start while the base GEMV drains (programmatic dependent launch, sm_90+: its adapter
       // loads overlap the GEMV's tail and its launch latency is hidden; it waits in-kernel before reading Y).
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(blocks);
-      cfg.blockDim = dim3(kDecodeExpandThreads);
-      cfg.dynamicSmemBytes = 0;
-      cfg.stream = stream.stream();
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = pdl ? 1 : 0;
+      const device::PdlLaunchConfig config(dim3(blocks), dim3(kDecodeExpandThreads), stream.stream(), pdl);
       C10_CUDA_CHECK(cudaLaunchKernelEx(
-          &cfg, decode_expand_kernel<T, RMAX>, reinterpret_cast<const T*>(y.data_ptr()), y.stride(0), M, N,
+          &config.cfg, decode_expand_kernel<T, RMAX>, reinterpret_cast<const T*>(y.data_ptr()), y.stride(0), M, N,
           static_cast<const float*>(part.data_ptr<float>()), static_cast<int>(splits), R,
           static_cast<float>(scaling), S.data_ptr<float>(), static_cast<const float*>(B32.data_ptr<float>()),
           B32.stride(0), B32.stride(1), b_vec, reinterpret_cast<T*>(out.data_ptr()), out.stride(0),

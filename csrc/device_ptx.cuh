@@ -1,10 +1,11 @@
 // Device helpers in inline PTX shared by csrc/'s CUDA kernels (adapter_cuda.cu, nf4_gemv.cu): programmatic
-// dependent launch, the 16-bit tensor-core MMA both decode GEMVs use, and a streaming load. Header-only,
-// __forceinline__: each kernel compiles them in place.
+// dependent launch (its device side, and the host's launch configuration), the 16-bit tensor-core MMA both decode
+// GEMVs use, and a streaming load. Header-only, __forceinline__: each kernel compiles them in place.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -61,6 +62,26 @@ __device__ __forceinline__ uint4 load_stream16(const void* p) {
                : "l"(p));
   return v;
 }
+
+// The host side of programmatic dependent launch: a cudaLaunchKernelEx configuration whose kernel may start before
+// the kernel ahead of it in the stream has finished (when `pdl`; plain stream order otherwise). The kernel must then
+// call wait_for_prerequisite_grids() before it reads what that kernel writes. Not copyable: cfg points at attr.
+struct PdlLaunchConfig {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  PdlLaunchConfig(dim3 grid, dim3 block, cudaStream_t stream, bool pdl) {
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+  }
+  PdlLaunchConfig(const PdlLaunchConfig&) = delete;
+  PdlLaunchConfig& operator=(const PdlLaunchConfig&) = delete;
+};
 
 }  // namespace device
 }  // namespace fastpeft

@@ -320,18 +320,9 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
   // With LoRA the GEMV is a programmatic dependent of the shrink just launched (sm_90+): its weight streaming runs
   // beside the shrink, and only its epilogue waits for the partials. Not without LoRA: the kernel ahead could then
   // be whatever wrote x, which the GEMV reads before its wait.
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kWarps * 32);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = (R > 0 && pdl) ? 1 : 0;
+  const fastpeft::device::PdlLaunchConfig config(dim3(blocks), dim3(kWarps * 32), stream, R > 0 && pdl);
   C10_CUDA_CHECK(cudaLaunchKernelEx(
-      &cfg, nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth>, static_cast<const scalar_t*>(x.data_ptr<scalar_t>()),
+      &config.cfg, nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth>, static_cast<const scalar_t*>(x.data_ptr<scalar_t>()),
       static_cast<int64_t>(x.stride(0)), static_cast<const uint8_t*>(packed.data_ptr<uint8_t>()),
       static_cast<const void*>(absmax.data_ptr()), static_cast<const float*>(code.data_ptr<float>()),
       static_cast<const float*>(code2.data_ptr<float>()), static_cast<const float*>(absmax2.data_ptr<float>()),
