@@ -281,15 +281,28 @@ def test_compiles_without_graph_breaks_and_matches_eager():
     dynamo.reset()
 
 
-def test_set_lora_cuda_path_is_validated():
-    ops = torch.ops.fastpeft_ops
-    before = ops.set_lora_cuda_path(-1)
+@pytest.mark.parametrize("hook,modes,bad", [
+    ("set_lora_cuda_path", (-1, 0, 1, 2), (3, -2)),
+    ("set_decode_fork", (-1, 0, 1), (2, -2)),
+    ("set_decode_pdl", (-1, 0), (1, -2)),
+    ("set_decode_gemv", (-1, 0), (1, -2)),
+])
+def test_testing_hooks_take_their_modes_and_refuse_others(hook, modes, bad):
+    """The CUDA compositions' testing hooks (fastpeft_ops::set_*): each allowed mode is stored and the previous one
+    returned; anything else raises and leaves the mode as it was."""
+    set_mode = getattr(torch.ops.fastpeft_ops, hook)
+    before = set_mode(-1)
     try:
-        for bad in (3, -2):
+        previous = -1
+        for mode in modes:
+            assert set_mode(mode) == previous
+            previous = mode
+        for value in bad:
             with pytest.raises(RuntimeError, match="mode must be"):
-                ops.set_lora_cuda_path(bad)
+                set_mode(value)
+        assert set_mode(-1) == previous
     finally:
-        ops.set_lora_cuda_path(before)
+        set_mode(before)
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -537,42 +550,6 @@ def test_gpu_decode_capture_keeps_cublas_for_weights_wider_than_the_resident_blo
         assert torch.equal(y, eager if same_kernel else eager_cublas), N
         assert (y != eager).float().mean().item() < 0.02
         assert rel_err(y, eager) < TOL[torch.bfloat16] / 4
-
-
-def test_set_decode_gemv_is_validated():
-    ops = torch.ops.fastpeft_ops
-    before = ops.set_decode_gemv(-1)
-    try:
-        assert ops.set_decode_gemv(0) == -1 and ops.set_decode_gemv(-1) == 0
-        for bad in (1, -2):
-            with pytest.raises(RuntimeError, match="mode must be"):
-                ops.set_decode_gemv(bad)
-    finally:
-        ops.set_decode_gemv(before)
-
-
-def test_set_decode_fork_is_validated():
-    ops = torch.ops.fastpeft_ops
-    before = ops.set_decode_fork(-1)
-    try:
-        assert ops.set_decode_fork(0) == -1 and ops.set_decode_fork(1) == 0
-        for bad in (2, -2):
-            with pytest.raises(RuntimeError, match="mode must be"):
-                ops.set_decode_fork(bad)
-    finally:
-        ops.set_decode_fork(before)
-
-
-def test_set_decode_pdl_is_validated():
-    ops = torch.ops.fastpeft_ops
-    before = ops.set_decode_pdl(-1)
-    try:
-        assert ops.set_decode_pdl(0) == -1 and ops.set_decode_pdl(-1) == 0
-        for bad in (1, -2):
-            with pytest.raises(RuntimeError, match="mode must be"):
-                ops.set_decode_pdl(bad)
-    finally:
-        ops.set_decode_pdl(before)
 
 
 @pytest.mark.gpu
