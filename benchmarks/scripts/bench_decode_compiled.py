@@ -217,12 +217,13 @@ def main():
     if a.gemv_ab:
         variants += [(", cublas + expand", {"gemv": 0}, True)]
 
+    setters = {"fork": ops.set_decode_fork, "pdl": ops.set_decode_pdl, "gemv": ops.set_decode_gemv} if variants else {}
+
     def measure_lora(batch, compiled):
         measure(ours, "fastpeft LoRA (unmerged)", batch, compiled)
         for suffix, hooks, eager_too in variants:
             if not (compiled or eager_too):
                 continue
-            setters = {"fork": ops.set_decode_fork, "pdl": ops.set_decode_pdl, "gemv": ops.set_decode_gemv}
             before = {k: setters[k](v) for k, v in hooks.items()}
             try:
                 measure(ours, "fastpeft LoRA (unmerged)" + suffix, batch, compiled)

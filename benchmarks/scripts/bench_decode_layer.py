@@ -10,9 +10,12 @@ times and timed with CUDA events; GPU µs per call = total / (replays * copies),
 Rows: base (F.linear), peft (F.linear + (x.float() @ Aᵀ) @ Bᵀ * s cast back: PEFT's Linear.forward in eager),
 fastpeft decode / fused / split-gemm (torch.ops.fastpeft_ops.set_lora_cuda_path 2 / 1 / 0; "auto" picks decode at
 small M without dropout). "decode" computes the base product in its own GEMV with the expand in the epilogue, the
-GEMV a programmatic dependent of the shrink ("no pdl": launched plainly after the shrink); "cublas + expand" is session 21's composition (set_decode_gemv 0: cuBLAS's GEMV, then the
-expand as a programmatic dependent of it; "no pdl": launched plainly; "no fork": the shrink kept on the capture's
-stream, set_decode_fork 0). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured in the same run.
+GEMV a programmatic dependent of the shrink ("no pdl": launched plainly after the shrink); inside a CUDA graph it
+does so only for weights whose 16-column tiles fit its resident blocks, so the graph column of gate/up is cuBLAS +
+expand while its host column (eager) is the GEMV. "cublas + expand" is session 21's composition (set_decode_gemv 0:
+cuBLAS's GEMV, then the expand as a programmatic dependent of it; "no pdl": launched plainly; "no fork": the shrink
+kept on the capture's stream, set_decode_fork 0). Floor: bytes (W, adapters, x, y) over the copy bandwidth measured
+in the same run.
 Host µs per call: wall time of 64 eager calls issued without a sync (no_grad), before the launch queue fills.
 """
 from __future__ import annotations
@@ -41,9 +44,9 @@ RANK, SCALING = 16, 2.0
 PATHS = {"fastpeft decode": 2, "fastpeft decode, cublas + expand": 2,
          "fastpeft decode, cublas + expand, no pdl": 2, "fastpeft decode, cublas + expand, no fork, no pdl": 2,
          "fastpeft decode, no pdl": 2, "fastpeft fused": 1, "fastpeft split-gemm": 0}
-# The decode forward forks its shrink onto a side stream while a graph is captured (set_decode_fork -1, auto) and
-# launches its expand as a programmatic dependent of the GEMV (set_decode_pdl -1); these rows turn them off (0) to
-# measure what each buys under graph replay. Values: (fork, pdl).
+# The cuBLAS composition forks its shrink onto a side stream while a graph is captured (set_decode_fork -1, auto);
+# programmatic dependent launch (set_decode_pdl -1) makes its expand a dependent of cuBLAS's GEMV, and our GEMV one
+# of the shrink. These rows turn them off (0) to measure what each buys under graph replay. Values: (fork, pdl).
 OVERLAP = {"fastpeft decode, no pdl": (-1, 0), "fastpeft decode, cublas + expand, no pdl": (-1, 0),
            "fastpeft decode, cublas + expand, no fork, no pdl": (0, 0)}
 # The decode forward's base product: its own GEMV with the expand in the epilogue (set_decode_gemv -1, auto) or
