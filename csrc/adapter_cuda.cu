@@ -1984,7 +1984,7 @@ int64_t decode_gemv_slots() {
 // at once (one tile a block: q/o, k/v and down of Llama-8B, 0.1-2.2 µs a call faster than cuBLAS + expand at 1 and
 // 8 rows); with more tiles than blocks (gate/up: 896 tiles) it streamed at 61 % of DRAM bandwidth against
 // cuBLAS's 74 % (ncu) and lost 2.4-4.1 µs a call.
-bool use_decode_gemv(const Tensor& x2, const Tensor& w, int64_t M, int64_t K, int major) {
+bool use_decode_gemv(const Tensor& x2, const Tensor& w, int64_t M, int64_t K, int major, bool capturing) {
   const auto dt = x2.scalar_type();
   const auto rows16 = [](const Tensor& t) {
     return t.stride(1) == 1 && t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -1993,8 +1993,7 @@ bool use_decode_gemv(const Tensor& x2, const Tensor& w, int64_t M, int64_t K, in
         K % 8 == 0 && w.scalar_type() == dt && rows16(x2) && rows16(w))) {
     return false;
   }
-  return at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None ||
-         (w.size(0) + kGemvRows - 1) / kGemvRows <= decode_gemv_slots();
+  return !capturing || (w.size(0) + kGemvRows - 1) / kGemvRows <= decode_gemv_slots();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward_gemv(
@@ -2072,9 +2071,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
   // forked from this one and joined back before the expand: in a replay its latency hides behind the GEMV's. An
   // eager call does not fork: two event records and two waits cost more host time than the GPU time they would
   // hide, and eager decode is host-bound. decode_fork_mode(): -1 auto (fork while capturing), 0 never, 1 always.
+  const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
   const int64_t fork_mode = decode_fork_mode();
-  const bool fork = fork_mode == 1 ||
-                    (fork_mode < 0 && at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None);
+  const bool fork = fork_mode == 1 || (fork_mode < 0 && capturing);
   at::cuda::CUDAEvent forked, joined;  // cudaEventDisableTiming
   // Taken on every call (an atomic increment once the pool exists) so that the pool's streams are created by an
   // eager call, such as a capture's warm-up, rather than inside the capture.
@@ -2084,7 +2083,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> decode_forward(const Tensor& 
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const bool pdl = pdl_mode != 0 && props->major >= 9;
   // Our own GEMV with the expand in its epilogue, a programmatic dependent of the shrink: no fork needed.
-  if (use_decode_gemv(x2, w, M, K, props->major)) {
+  if (use_decode_gemv(x2, w, M, K, props->major, capturing)) {
     return decode_forward_gemv(x2, w, b, A32, B32, scaling, dora, part, S, splits, k_per, x_vec, a_vec, b_vec,
                                stream.stream(), pdl);
   }
