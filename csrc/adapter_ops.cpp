@@ -10,6 +10,8 @@
 //            -> (y2, S, Z, g, inv_n)
 //   dora_bwd(dy2, x2, S, Z, g, inv_n, weight, lora_A, lora_B, scaling, need_x, need_A, need_B, need_m)
 //            -> (dx2, dA, dB, dm)
+//   dora_infer(x2, weight, bias?, lora_A, lora_B, magnitude, scaling, weight_norm) -> y2
+//            (inference with a given norm: dora_linear's path when no autograd is recorded; nothing kept)
 //   nf4_dequantize(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, N, state_dtype, K,
 //                  dtype) -> W [N, K]                 (bnb 4-bit bytes + the QuantState's parts; CUDA: nf4_dequant.cu)
 //   nf4_lora_linear(x, <the 11 weight arguments above, up to state_dtype>, bias?, lora_A, lora_B, scaling,
@@ -397,6 +399,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cpu(
   return {yf.to(dt), S, Z0, g, n.reciprocal()};
 }
 
+Tensor dora_infer_cpu(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
+                      const Tensor& B, const Tensor& magnitude, double scaling, const Tensor& weight_norm) {
+  return std::get<0>(dora_fwd_cpu(x2, weight, bias, A, B, magnitude, scaling, c10::nullopt, weight_norm));
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cpu(const Tensor& dy2, const Tensor& x2, const Tensor& S,
                                                        const Tensor& Z0, const Tensor& g, const Tensor& inv_n,
                                                        const Tensor& weight, const Tensor& A, const Tensor& B,
@@ -468,6 +475,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_meta(
   const int64_t M = x2.size(0), N = weight.size(0);
   return {at::empty({M, N}, x2.options()), at::empty({M, A.size(0)}, f32), at::empty({M, N}, x2.options()),
           at::empty({N}, f32), at::empty({N}, f32)};
+}
+
+Tensor dora_infer_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&, const Tensor&,
+                       const Tensor&, const Tensor&, double, const Tensor&) {
+  return at::empty({x2.size(0), weight.size(0)}, x2.options());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_meta(const Tensor&, const Tensor& x2, const Tensor& S,
@@ -576,6 +588,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> call_dora_fwd(
                            const Tensor&, const Tensor&, const c10::optional<Tensor>&, const Tensor&, const Tensor&,
                            const Tensor&, double, const c10::optional<Tensor>&, const c10::optional<Tensor>&)>();
   return op.call(x2, weight, bias, A, B, magnitude, s, w_sq, weight_norm);
+}
+
+Tensor call_dora_infer(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
+                       const Tensor& B, const Tensor& magnitude, double s, const Tensor& weight_norm) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpeft_ops::dora_infer", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&, const Tensor&,
+                                     const Tensor&, const Tensor&, double, const Tensor&)>();
+  return op.call(x2, weight, bias, A, B, magnitude, s, weight_norm);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> call_dora_bwd(const Tensor& dy2, const Tensor& x2, const Tensor& S,
@@ -1031,6 +1051,10 @@ Tensor lora_linear_autograd(const Tensor& x, const Tensor& weight, const c10::op
 Tensor dora_linear_plain(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
                          const Tensor& B, const Tensor& magnitude, double scaling, const c10::optional<Tensor>& w_sq,
                          const c10::optional<Tensor>& weight_norm) {
+  if (weight_norm.has_value() && weight_norm->defined()) {  // inference with the layer's cached norm: keep nothing
+    return call_dora_infer(as_2d(x), weight, bias, A, B, magnitude, scaling, *weight_norm)
+        .view(with_last_dim(x, weight.size(0)));
+  }
   auto r = call_dora_fwd(as_2d(x), weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
   return std::get<0>(r).view(with_last_dim(x, weight.size(0)));
 }
@@ -1278,6 +1302,16 @@ int64_t set_decode_gemv(int64_t mode) {
                             "set_decode_gemv: mode must be -1 (auto: where it applies) or 0 (never)");
 }
 
+// Whether DoRA inference above 16 rows (adapter_cuda.cu, dora_infer_cuda) applies g and the bias in the base GEMM's
+// epilogue (cuBLASLt's alpha vector) and adds LoRA's expand with g folded into B, rather than dora_fwd's output pass
+// over Z0: -1 automatic (16-bit x, where cuBLASLt offers the mode), 0 never.
+std::atomic<int64_t> g_dora_scaled_gemm{-1};
+int64_t dora_scaled_gemm_mode() { return g_dora_scaled_gemm.load(std::memory_order_relaxed); }
+int64_t set_dora_scaled_gemm(int64_t mode) {
+  return exchange_hook_mode(g_dora_scaled_gemm, mode, mode == -1 || mode == 0,
+                            "set_dora_scaled_gemm: mode must be -1 (auto: where cuBLASLt offers it) or 0 (never)");
+}
+
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
 int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
 uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
@@ -1299,6 +1333,8 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("dora_bwd(Tensor dy2, Tensor x2, Tensor S, Tensor Z, Tensor g, Tensor inv_n, Tensor weight, Tensor lora_A, "
         "Tensor lora_B, float scaling, bool need_x, bool need_A, bool need_B, bool need_m) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dora_infer(Tensor x2, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor magnitude, "
+        "float scaling, Tensor weight_norm) -> Tensor");
   m.def("lora_group_linear(Tensor x, Tensor[] weight, Tensor[] bias, Tensor[] lora_A, Tensor[] lora_B, "
         "float scaling) -> Tensor[]");
   m.def("lora_group_fwd(Tensor x2, Tensor[] weight, Tensor[] bias, Tensor[] lora_A, Tensor[] lora_B, "
@@ -1329,6 +1365,7 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("set_decode_fork(int mode) -> int", &fastpeft::set_decode_fork);
   m.def("set_decode_pdl(int mode) -> int", &fastpeft::set_decode_pdl);
   m.def("set_decode_gemv(int mode) -> int", &fastpeft::set_decode_gemv);
+  m.def("set_dora_scaled_gemm(int mode) -> int", &fastpeft::set_dora_scaled_gemm);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {
@@ -1360,6 +1397,7 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
   m.impl("lora_group_bwd", &fastpeft::lora_group_bwd_composed);
   m.impl("dora_fwd", &fastpeft::dora_fwd_cpu);
   m.impl("dora_bwd", &fastpeft::dora_bwd_cpu);
+  m.impl("dora_infer", &fastpeft::dora_infer_cpu);
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_cpu);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_cpu);
   m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_cpu);
@@ -1379,6 +1417,7 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, Meta, m) {
   m.impl("lora_bwd", &fastpeft::lora_bwd_meta);
   m.impl("dora_fwd", &fastpeft::dora_fwd_meta);
   m.impl("dora_bwd", &fastpeft::dora_bwd_meta);
+  m.impl("dora_infer", &fastpeft::dora_infer_meta);
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_meta);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_meta);
   m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_meta);
