@@ -27,12 +27,6 @@
 #include <mma.h>
 #include <torch/library.h>
 
-#include <dlfcn.h>
-
-#include <map>
-#include <mutex>
-#include <string>
-#include <tuple>
 #include <type_traits>
 
 #include "adapter_common.h"
@@ -47,7 +41,6 @@ int64_t lora_cuda_path();
 int64_t decode_fork_mode();
 int64_t decode_pdl_mode();
 int64_t decode_gemv_mode();
-int64_t dora_scaled_gemm_mode();
 void check_mixed_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
                       at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);
 // LoRA with 16-bit adapters of x's dtype, no dropout (adapter_ops.cpp: ATen GEMMs, the same on every device)
@@ -1538,8 +1531,8 @@ constexpr int kDoraMaxRank = 64;
 // defined (contiguous [M, N]).
 // launches dora_pass_kernel with its tile's dynamic shared memory (64-113 KB, over the 48 KB default at every tile:
 // the opt-in is set once per instantiation and device)
-template <typename T, int RMAX, bool BWD, typename... Args>
-void launch_dora_pass(dim3 grid, cudaStream_t stream, Args... args) {
+template <typename T, int RMAX, bool BWD>
+void dora_pass_opt_in() {
   constexpr int bytes = DoraTile<T, RMAX, BWD>::SMEM_BYTES;
   static bool opted_in[64] = {};
   const int dev = at::cuda::current_device();
@@ -1548,7 +1541,51 @@ void launch_dora_pass(dim3 grid, cudaStream_t stream, Args... args) {
                                         bytes));
     opted_in[dev % 64] = true;
   }
-  dora_pass_kernel<T, RMAX, BWD><<<grid, kDoraThreads, bytes, stream>>>(args...);
+}
+
+template <typename T, int RMAX, bool BWD, typename... Args>
+void launch_dora_pass(dim3 grid, cudaStream_t stream, Args... args) {
+  dora_pass_opt_in<T, RMAX, BWD>();
+  dora_pass_kernel<T, RMAX, BWD><<<grid, kDoraThreads, DoraTile<T, RMAX, BWD>::SMEM_BYTES, stream>>>(args...);
+}
+
+// Blocks of dora_pass_kernel<T, RMAX, BWD> resident on one SM at once (its registers and shared memory decide: 3 for
+// the rank-16 forward tile on an H200), per device
+template <typename T, int RMAX, bool BWD>
+int64_t dora_pass_per_sm() {
+  static int per_sm[64] = {};
+  const int dev = at::cuda::current_device();
+  if (per_sm[dev % 64] == 0) {
+    dora_pass_opt_in<T, RMAX, BWD>();
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dora_pass_kernel<T, RMAX, BWD>,
+                                                                 kDoraThreads, DoraTile<T, RMAX, BWD>::SMEM_BYTES));
+    per_sm[dev % 64] = std::max(blocks, 1);
+  }
+  return per_sm[dev % 64];
+}
+
+// How many blocks share a column block's row tiles: the fewest waves × (tiles per block + 1), a wave being as many
+// blocks as are resident at once, each block walking its tiles one after another behind a prologue worth about one
+// tile (B's tile, g and the bias loaded, the first tile's copy not hidden), so that no last wave keeps a fraction of
+// the GPU busy for a whole block's time; among equals the fewest blocks. Llama-8B q/o at 4096 rows, rank 16 (396
+// slots): 11 splits of 6 tiles (352 blocks, one wave) where "about 4 blocks an SM" gave 16 of 4 (512 blocks: 1.3
+// waves; ncu: 41.6 µs, DRAM 22 %, session 23); gate/up 7 of 10 (784 blocks, 2 waves) for 8 of 8 (896, 2.3).
+int64_t dora_pass_splits(int64_t tiles, int64_t col_blocks, int64_t per_sm) {
+  if (tiles <= 1) return 1;
+  const int64_t slots = std::max<int64_t>(1, per_sm * sm_count());
+  int64_t best = tiles, best_cost = -1;
+  for (int64_t per_block = 1; per_block <= tiles;) {  // each distinct split count once: O(√tiles) steps
+    const int64_t splits = (tiles + per_block - 1) / per_block;
+    const int64_t cost = (col_blocks * splits + slots - 1) / slots * (per_block + 1);
+    if (best_cost < 0 || cost < best_cost || (cost == best_cost && splits < best)) {
+      best = splits;
+      best_cost = cost;
+    }
+    if (splits == 1) break;
+    per_block = (tiles + splits - 2) / (splits - 1);  // the smallest per_block giving fewer splits
+  }
+  return best;
 }
 
 Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, const Tensor& B32, const Tensor& g32,
@@ -1563,12 +1600,19 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
   const auto f32 = Z0.options().dtype(at::kFloat);
   const int64_t col_blocks = (N + bn - 1) / bn;
   const int64_t tiles = (M + bm - 1) / bm;
-  // At least ~4 blocks per SM in all (2 or 3 are resident at a time): more than one wave, so the GPU stays full;
-  // within that, up to 8 row tiles per block, so each warp's next-tile copies have a tile to hide behind, and B's
-  // tile and the column sums' atomics are paid once per 8 tiles
-  const int64_t fill = (4 * sm_count() + col_blocks - 1) / col_blocks;
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, std::max<int64_t>(fill, (tiles + 7) / 8)));
-  const int64_t rows_per_block = ((tiles + splits - 1) / splits) * bm;
+  int64_t per_sm = 1;
+  dispatch_all(Z0.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if (bwd) {
+      per_sm = rmax == 16 ? dora_pass_per_sm<T, 16, true>()
+                          : (rmax == 32 ? dora_pass_per_sm<T, 32, true>() : dora_pass_per_sm<T, 64, true>());
+    } else {
+      per_sm = rmax == 16 ? dora_pass_per_sm<T, 16, false>()
+                          : (rmax == 32 ? dora_pass_per_sm<T, 32, false>() : dora_pass_per_sm<T, 64, false>());
+    }
+  });
+  int64_t splits = dora_pass_splits(tiles, col_blocks, per_sm);
+  const int64_t rows_per_block = std::max<int64_t>(1, (tiles + splits - 1) / splits) * bm;
   splits = M == 0 ? 1 : (M + rows_per_block - 1) / rows_per_block;
   Tensor out = bwd ? dz : at::empty({M, N}, Z0.options());
   Tensor red = bwd ? (splits > 1 ? at::zeros({N}, f32) : at::empty({N}, f32)) : Tensor();
@@ -2410,177 +2454,6 @@ std::tuple<Tensor, Tensor, Tensor> ia3_bwd_cuda(const Tensor& dy2_in, const Tens
   return {dx, db, dl};
 }
 
-// ------------------------------------------------------------------------------------------------ cuBLASLt
-// scaled_gemm: Y = g⊙(X·Wᵀ) + b in ONE cuBLAS GEMM, g a per-output-feature fp32 vector applied in the epilogue
-// (cuBLASLt's alpha-vector pointer mode: D's rows, the output features of our row-major Y, each get their own
-// alpha) with the bias epilogue. DoRA's inference output pass g⊙(Z0 + s·S·Bᵀ) + b then costs what LoRA's does:
-// this GEMM, and LoRA's expand added by cuBLAS (beta = 1) with g folded into B's split -- no pass over Z0.
-// cuBLASLt is reached through the copy torch loaded (dlsym on it, with ATen's Lt handle): the extension does not
-// link cuBLASLt itself, so it can never bring a second copy whose handles differ from ATen's. Not every cuBLASLt
-// offers the mode for every layout: scaled_gemm returns false and the caller takes its other path.
-namespace lt {
-
-struct Api {
-  decltype(&cublasLtMatmulDescCreate) desc_create = nullptr;
-  decltype(&cublasLtMatmulDescDestroy) desc_destroy = nullptr;
-  decltype(&cublasLtMatmulDescSetAttribute) desc_set = nullptr;
-  decltype(&cublasLtMatrixLayoutCreate) layout_create = nullptr;
-  decltype(&cublasLtMatrixLayoutDestroy) layout_destroy = nullptr;
-  decltype(&cublasLtMatmulPreferenceCreate) pref_create = nullptr;
-  decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy = nullptr;
-  decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set = nullptr;
-  decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic = nullptr;
-  decltype(&cublasLtMatmul) matmul = nullptr;
-  bool ok = false;
-};
-
-// The functions of the cuBLASLt that is already loaded (torch's; RTLD_NOLOAD: never load one), of the major version
-// this file was compiled against.
-const Api& api() {
-  static const Api loaded = [] {
-    Api a;
-    void* lib = nullptr;
-    for (const std::string& name : {"libcublasLt.so." + std::to_string(CUBLAS_VER_MAJOR), std::string("libcublasLt.so")}) {
-      lib = dlopen(name.c_str(), RTLD_LAZY | RTLD_NOLOAD);
-      if (lib != nullptr) break;
-    }
-    if (lib == nullptr) return a;
-    const auto get = [&](auto& fn, const char* symbol) {
-      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, symbol));
-      return fn != nullptr;
-    };
-    auto version = reinterpret_cast<decltype(&cublasLtGetVersion)>(dlsym(lib, "cublasLtGetVersion"));
-    a.ok = version != nullptr && static_cast<int>(version() / 10000) == CUBLAS_VER_MAJOR &&
-           get(a.desc_create, "cublasLtMatmulDescCreate") && get(a.desc_destroy, "cublasLtMatmulDescDestroy") &&
-           get(a.desc_set, "cublasLtMatmulDescSetAttribute") && get(a.layout_create, "cublasLtMatrixLayoutCreate") &&
-           get(a.layout_destroy, "cublasLtMatrixLayoutDestroy") &&
-           get(a.pref_create, "cublasLtMatmulPreferenceCreate") &&
-           get(a.pref_destroy, "cublasLtMatmulPreferenceDestroy") &&
-           get(a.pref_set, "cublasLtMatmulPreferenceSetAttribute") &&
-           get(a.heuristic, "cublasLtMatmulAlgoGetHeuristic") && get(a.matmul, "cublasLtMatmul");
-    return a;
-  }();
-  return loaded;
-}
-
-// The descriptors of one call, destroyed with it (a few µs of host time; the heuristic's choice is cached)
-struct Descs {
-  const Api& a;
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t w = nullptr, x = nullptr, y = nullptr;
-  explicit Descs(const Api& api_) : a(api_) {}
-  ~Descs() {
-    if (y != nullptr) a.layout_destroy(y);
-    if (x != nullptr) a.layout_destroy(x);
-    if (w != nullptr) a.layout_destroy(w);
-    if (op != nullptr) a.desc_destroy(op);
-  }
-};
-
-struct Plan {
-  bool ok = false;
-  cublasLtMatmulAlgo_t algo{};
-  size_t workspace = 0;
-};
-
-constexpr size_t kMaxWorkspace = 8u << 20;  // what the heuristic may ask for (allocated per call from torch's cache)
-
-int alignment(const void* p, int64_t ld, size_t elem) {  // the pointer's and every row's byte alignment, up to 16
-  int bytes = 16;
-  while (bytes > 1 && (reinterpret_cast<uintptr_t>(p) % bytes != 0 || (ld * elem) % bytes != 0)) bytes /= 2;
-  return bytes;
-}
-
-}  // namespace lt
-
-// Y [M, N] (row-major, written) = g⊙(X·Wᵀ) + bias: X [M, K] and W [N, K] with unit column strides, 16-bit, of one
-// dtype; g fp32 [N] contiguous; bias [N] contiguous in X's dtype or undefined. fp32 accumulation, one rounding.
-// False (Y untouched) where cuBLASLt is not reachable or offers no algorithm for this layout.
-bool scaled_gemm(const Tensor& x2, const Tensor& w, const Tensor& g32, const Tensor& bias, const Tensor& y) {
-  const lt::Api& a = lt::api();
-  const auto dt = x2.scalar_type();
-  if (!a.ok || (dt != at::kBFloat16 && dt != at::kHalf) || w.scalar_type() != dt || x2.stride(1) != 1 ||
-      w.stride(1) != 1 || y.stride(1) != 1 || x2.size(0) == 0 || x2.size(1) == 0 || w.size(0) == 0) {
-    return false;
-  }
-  const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
-  const int64_t ldx = std::max<int64_t>(x2.stride(0), K), ldw = std::max<int64_t>(w.stride(0), K);
-  const int64_t ldy = std::max<int64_t>(y.stride(0), N);
-  const cudaDataType_t cdt = dt == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
-  const int al_x = lt::alignment(x2.data_ptr(), ldx, 2), al_w = lt::alignment(w.data_ptr(), ldw, 2);
-  const int al_y = lt::alignment(y.data_ptr(), ldy, 2);
-  const bool has_bias = bias.defined();
-  lt::Descs d(a);
-  // column-major view: Yᶜ [N, M] = (Wᶜ [K, N])ᵀ · Xᶜ [K, M]; D's rows are the output features
-  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-  const cublasLtPointerMode_t mode = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST;
-  const cublasLtEpilogue_t epi = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-  const void* bias_ptr = has_bias ? bias.data_ptr() : nullptr;
-  bool ok = a.desc_create(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
-            a.desc_set(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)) == CUBLAS_STATUS_SUCCESS &&
-            a.desc_set(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)) == CUBLAS_STATUS_SUCCESS &&
-            a.desc_set(d.op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)) == CUBLAS_STATUS_SUCCESS &&
-            a.desc_set(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)) == CUBLAS_STATUS_SUCCESS &&
-            (!has_bias || (a.desc_set(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)) ==
-                               CUBLAS_STATUS_SUCCESS &&
-                           a.desc_set(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &cdt, sizeof(cdt)) ==
-                               CUBLAS_STATUS_SUCCESS)) &&
-            a.layout_create(&d.w, cdt, K, N, ldw) == CUBLAS_STATUS_SUCCESS &&
-            a.layout_create(&d.x, cdt, K, M, ldx) == CUBLAS_STATUS_SUCCESS &&
-            a.layout_create(&d.y, cdt, N, M, ldy) == CUBLAS_STATUS_SUCCESS;
-  if (!ok) return false;
-  // the heuristic's choice per layout (it costs far more host time than the GEMM's launch)
-  using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, int, int, int>;
-  static std::mutex mu;
-  static std::map<Key, lt::Plan> plans;
-  const Key key{x2.device().index(), M, N, K, ldx, ldw, ldy, static_cast<int>(cdt), has_bias, al_x, al_w, al_y};
-  lt::Plan plan;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = plans.find(key);
-    if (it != plans.end()) {
-      plan = it->second;
-    } else {
-      cublasLtMatmulPreference_t pref = nullptr;
-      cublasLtMatmulHeuristicResult_t result{};
-      int found = 0;
-      const uint64_t ws = lt::kMaxWorkspace;
-      const uint32_t ax = al_x, aw = al_w, ay = al_y;
-      if (a.pref_create(&pref) == CUBLAS_STATUS_SUCCESS) {
-        const bool set =
-            a.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) == CUBLAS_STATUS_SUCCESS &&
-            a.pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aw, sizeof(aw)) == CUBLAS_STATUS_SUCCESS &&
-            a.pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ax, sizeof(ax)) == CUBLAS_STATUS_SUCCESS &&
-            a.pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ay, sizeof(ay)) == CUBLAS_STATUS_SUCCESS &&
-            a.pref_set(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ay, sizeof(ay)) == CUBLAS_STATUS_SUCCESS;
-        if (set && a.heuristic(at::cuda::getCurrentCUDABlasLtHandle(), d.op, d.w, d.x, d.y, d.y, pref, 1, &result,
-                               &found) == CUBLAS_STATUS_SUCCESS && found > 0) {
-          plan.ok = true;
-          plan.algo = result.algo;
-          plan.workspace = result.workspaceSize;
-        }
-        a.pref_destroy(pref);
-      }
-      plans.emplace(key, plan);
-    }
-  }
-  if (!plan.ok) return false;
-  const Tensor workspace =
-      plan.workspace > 0 ? at::empty({static_cast<int64_t>(plan.workspace)}, x2.options().dtype(at::kByte)) : Tensor();
-  const float beta = 0.0f;
-  const cublasStatus_t status =
-      a.matmul(at::cuda::getCurrentCUDABlasLtHandle(), d.op, g32.data_ptr<float>(), w.data_ptr(), d.w,
-               x2.data_ptr(), d.x, &beta, y.data_ptr(), d.y, y.data_ptr(), d.y, &plan.algo,
-               workspace.defined() ? workspace.data_ptr() : nullptr, plan.workspace, at::cuda::getCurrentCUDAStream());
-  if (status == CUBLAS_STATUS_NOT_SUPPORTED) {  // refused at launch (nothing ran): the other path from now on
-    std::lock_guard<std::mutex> lock(mu);
-    plans[key].ok = false;
-    return false;
-  }
-  TORCH_CUDABLAS_CHECK(status);
-  return true;
-}
-
 // ------------------------------------------------------------------------------------------------ DoRA (p = 0)
 // Y = g⊙(Z0 + S'·Bᵀ) + b, Z0 = X·Wᵀ (cuBLAS, saved), S' = s·X·Aᵀ (the split GEMM of LoRA's path), g = m/n,
 // n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·A·Aᵀ) (w_sq = ‖W‖² kept by the layer; the W·Aᵀ GEMM reuses the packed A).
@@ -2687,15 +2560,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
 
 
 // DoRA inference with a given norm (the layer's cached one; no autograd recorded, so nothing is kept for a
-// backward): Y = g⊙(X·Wᵀ + s·S·Bᵀ) + b, g = m / n.
-//   <= 16 rows (use_decode): LoRA's decode kernels with g and the bias in the last one, Y written in place, no
-//     Z0, g or 1/n kept;
-//   16-bit x above that: scaled_gemm (g and the bias in the GEMM's epilogue), then LoRA's split expand with g folded
-//     into B's split (pack_splits' row scale), added by cuBLAS with beta = 1: LoRA's launches and bytes, no pass
-//     over Z0 (dora_pass: one read of Z0 and one write of Y, 17-40 µs on Llama-8B projections at 4096 rows);
-//   else (fp32 x, cuBLASLt without the mode, dora_scaled_gemm_mode() 0): dora_fwd_cuda's output.
-// Two roundings above 16 rows (g⊙Z0 + b, then + the adapter's term) where the training path has one; PEFT has more.
-// Bound: as LoRA's forward (the X·Wᵀ GEMM's FLOPs; the expand's beta = 1 read and write of Y).
+// backward): Y = g⊙(X·Wᵀ + s·S·Bᵀ) + b, g = m / n. Up to 16 rows (use_decode): LoRA's decode kernels with g and the
+// bias in the last one, Y written in place where cuBLAS computed it, no g or 1/n (two or three allocations a
+// call fewer than dora_fwd's decode branch); above: dora_fwd_cuda's output. (A GEMM with g in its epilogue would remove the output
+// pass over Z0 there; cuBLASLt's alpha-vector pointer modes, the one epilogue that scales each output feature,
+// answer CUBLAS_STATUS_NOT_SUPPORTED for bf16 on the H200 with cuBLAS 13.1: benchmarks/results/h200/INDEX.md,
+// session 23.)
 Tensor dora_infer_cuda(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A,
                        const Tensor& B, const Tensor& magnitude, double scaling, const Tensor& weight_norm) {
   TORCH_CHECK(x2.dim() == 2 && weight.dim() == 2 && weight.size(1) == x2.size(1) && A.dim() == 2 && B.dim() == 2 &&
@@ -2707,31 +2577,16 @@ Tensor dora_infer_cuda(const Tensor& x2, const Tensor& weight, const c10::option
   const auto dt = x2.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "fastpeft dora: x must be float32, float16 or bfloat16, got ", dt);
-  const Tensor w = in_dtype(weight, dt);
-  const Tensor A32 = in_dtype(A, at::kFloat), B32 = in_dtype(B, at::kFloat).contiguous();
-  const Tensor m32 = in_dtype(magnitude.reshape({-1}), at::kFloat).contiguous();
-  const Tensor n = in_dtype(weight_norm.reshape({-1}), at::kFloat).contiguous();
+  if (!use_decode(x2.size(0), weight.size(0), x2.size(1), A.size(0), 0.0)) {
+    return std::get<0>(dora_fwd_cuda(x2, weight, bias, A, B, magnitude, scaling, c10::nullopt, weight_norm));
+  }
   const bool has_bias = bias.has_value() && bias->defined();
-  if (use_decode(x2.size(0), w.size(0), x2.size(1), A.size(0), 0.0)) {
-    DecodeDora dora{m32, n, has_bias ? in_dtype(*bias, dt).contiguous() : Tensor()};
-    dora.keep = false;
-    return std::get<0>(decode_forward(x2, w, c10::nullopt, A32, B32, scaling, &dora));
-  }
-  if (dt != at::kFloat && dora_scaled_gemm_mode() != 0) {
-    const Tensor g = m32 / n;
-    Tensor b = has_bias ? in_dtype(*bias, dt).contiguous() : Tensor();
-    if (b.defined() && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 != 0) b = b.clone();  // the epilogue's loads
-    Tensor y = at::empty({x2.size(0), w.size(0)}, x2.options());
-    if (scaled_gemm(x2, w, g, b, y)) {
-      // A's split and B's with g folded in (B' = g⊙B), one launch; S·B'ᵀ added by cuBLAS (beta = 1)
-      const auto packs = pack_splits({{A32.t(), kHL, Tensor()}, {B32, kHLH, g}}, dt);
-      const Tensor P = at::mm(x2, packs[0], at::kFloat);  // [M, 2r] fp32
-      auto [unused32, S3, unused] = finalize_split(P, static_cast<float>(scaling), false, &kHHL, nullptr, dt);
-      y.addmm_(S3, packs[1].t());
-      return y;
-    }
-  }
-  return std::get<0>(dora_fwd_cuda(x2, weight, bias, A, B, magnitude, scaling, c10::nullopt, weight_norm));
+  DecodeDora dora{in_dtype(magnitude.reshape({-1}), at::kFloat).contiguous(),
+                  in_dtype(weight_norm.reshape({-1}), at::kFloat).contiguous(),
+                  has_bias ? in_dtype(*bias, dt).contiguous() : Tensor()};
+  dora.keep = false;
+  return std::get<0>(decode_forward(x2, in_dtype(weight, dt), c10::nullopt, in_dtype(A, at::kFloat),
+                                    in_dtype(B, at::kFloat).contiguous(), scaling, &dora));
 }
 
 // ------------------------------------------------------------------------------------------------ mixed batches

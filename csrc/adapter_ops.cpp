@@ -1302,16 +1302,6 @@ int64_t set_decode_gemv(int64_t mode) {
                             "set_decode_gemv: mode must be -1 (auto: where it applies) or 0 (never)");
 }
 
-// Whether DoRA inference above 16 rows (adapter_cuda.cu, dora_infer_cuda) applies g and the bias in the base GEMM's
-// epilogue (cuBLASLt's alpha vector) and adds LoRA's expand with g folded into B, rather than dora_fwd's output pass
-// over Z0: -1 automatic (16-bit x, where cuBLASLt offers the mode), 0 never.
-std::atomic<int64_t> g_dora_scaled_gemm{-1};
-int64_t dora_scaled_gemm_mode() { return g_dora_scaled_gemm.load(std::memory_order_relaxed); }
-int64_t set_dora_scaled_gemm(int64_t mode) {
-  return exchange_hook_mode(g_dora_scaled_gemm, mode, mode == -1 || mode == 0,
-                            "set_dora_scaled_gemm: mode must be -1 (auto: where cuBLASLt offers it) or 0 (never)");
-}
-
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
 int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
 uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
@@ -1365,7 +1355,6 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("set_decode_fork(int mode) -> int", &fastpeft::set_decode_fork);
   m.def("set_decode_pdl(int mode) -> int", &fastpeft::set_decode_pdl);
   m.def("set_decode_gemv(int mode) -> int", &fastpeft::set_decode_gemv);
-  m.def("set_dora_scaled_gemm(int mode) -> int", &fastpeft::set_dora_scaled_gemm);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {
