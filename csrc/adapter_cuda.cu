@@ -469,8 +469,8 @@ template <typename T, int RMAX, bool BWD>
 __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_kernel(
     const T* __restrict__ z0, int64_t sz0, int64_t sz1, const T* __restrict__ dy, int64_t sd0, int64_t sd1,
     const float* __restrict__ S, int64_t ss0, int64_t ss1, const float* __restrict__ B, int64_t sb0, int64_t sb1,
-    const float* __restrict__ g, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ red,
-    const float* __restrict__ red_scale, int64_t M, int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z,
+    const float* __restrict__ g, const float* __restrict__ g_div, const T* __restrict__ bias, T* __restrict__ out,
+    float* __restrict__ red, const float* __restrict__ red_scale, int64_t M, int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z,
     bool vec_d, bool vec_o, bool vec_s) {
   using Tile = DoraTile<T, RMAX, BWD>;
   constexpr int BM = Tile::BM, BN = Tile::BN, WC = Tile::WC, LDB = Tile::LDB, ZLD = Tile::ZLD;
@@ -549,7 +549,8 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
     }
     for (int col = threadIdx.x; col < BN; col += kDoraThreads) {
       const bool in = n0 + col < N;
-      gs[col] = in ? g[n0 + col] : 0.0f;
+      // g_div: g = m / n here (inference: an IEEE division, as ATen's m / n, so the same bits as the autograd call)
+      gs[col] = in ? (g_div != nullptr ? g[n0 + col] / g_div[n0 + col] : g[n0 + col]) : 0.0f;
       bs[col] = (!BWD && in && bias != nullptr) ? to_f<T>(bias[n0 + col]) : 0.0f;
     }
   }
@@ -679,27 +680,37 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
 
 // DoRA's per-row scale from the norm's small pieces: n² = w_sq + Σ_j B[i, j]·(2s·WA[i, j] + s²·(B·AA)[i, j]) with
 // WA = W·Aᵀ, AA = A·Aᵀ (= ‖W + s·B·A‖², never forming B·A); g = m / n and 1 / n, fp32 [N]. WA is read from the
-// split GEMM's two halves (P [N, 2R], summed here) or whole (P [N, R], fp32 inputs). One thread per output row (P, B
-// contiguous, AA [R, R] contiguous); one launch for what was a combine, an addmm and this scale.
-// Bound: tiny (N·R² FMAs, P and B read once).
-__global__ void dora_norm_scale_kernel(const float* __restrict__ P, bool halves, const float* __restrict__ B,
-                                       const float* __restrict__ AA, int64_t N, int R, float s,
-                                       const float* __restrict__ w_sq, const float* __restrict__ m,
-                                       float* __restrict__ g, float* __restrict__ inv_n) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= N) return;
+// split GEMM's two halves (P [N, 2R], summed here) or whole (P [N, R], fp32 inputs). One warp per output row: lane j
+// takes columns j, j + 32, ... of (B·AA)[i, :], reading B[i, l] (one address for the warp: a broadcast) and AA[l, j]
+// (consecutive across lanes) from L1; then a warp sum. (One thread per row, the first design, walked R² dependent
+// loads in a chain: 32 µs at every Llama-8B shape, session 23's profile; this is latency of ~R loads a warp.)
+// P, B contiguous, AA [R, R] contiguous; one launch for what was a combine, an addmm and this scale.
+// Bound: tiny (N·R² FMAs, P and B read once, AA from L1): launch latency.
+constexpr int kNormWarps = 8;  // rows per block
+__global__ void __launch_bounds__(kNormWarps * 32) dora_norm_scale_kernel(
+    const float* __restrict__ P, bool halves, const float* __restrict__ B, const float* __restrict__ AA, int64_t N,
+    int R, float s, const float* __restrict__ w_sq, const float* __restrict__ m, float* __restrict__ g,
+    float* __restrict__ inv_n) {
+  const int lane = threadIdx.x % 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kNormWarps + threadIdx.x / 32;
+  if (i >= N) return;  // whole warps leave together: the shuffles below see all 32 lanes
   const float* b = B + i * R;
   const float* p = P + i * (halves ? 2 * R : R);
-  float acc = w_sq[i];
-  for (int j = 0; j < R; ++j) {
+  float acc = 0.0f;
+  for (int j = lane; j < R; j += 32) {
     float bab = 0.0f;  // (B·AA)[i, j]
-    for (int l = 0; l < R; ++l) bab = fmaf(b[l], AA[l * R + j], bab);
+#pragma unroll 8
+    for (int l = 0; l < R; ++l) bab = fmaf(__ldg(b + l), __ldg(AA + static_cast<int64_t>(l) * R + j), bab);
     const float wa = halves ? p[j] + p[R + j] : p[j];
     acc = fmaf(b[j], fmaf(s * s, bab, 2.0f * s * wa), acc);
   }
-  const float n = sqrtf(fmaxf(acc, 0.0f));
-  g[i] = m[i] / n;
-  inv_n[i] = 1.0f / n;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) {
+    const float n = sqrtf(fmaxf(w_sq[i] + acc, 0.0f));
+    g[i] = m[i] / n;
+    inv_n[i] = 1.0f / n;
+  }
 }
 
 // Column reductions over a row range: red[n] += Σ a⊙b, sum[n] += Σ a (fp32; atomics when the rows are split over
@@ -1528,7 +1539,7 @@ constexpr int kDoraMaxRank = 64;
 
 // dora_pass_kernel over Z0 [M, N] (and dY): forward returns Y; backward returns red = Σ_rows dY·(Z0 + S·Bᵀ), each
 // column times red_scale (fp32 [N] contiguous: DoRA's 1/n) when given, and writes dZ = g⊙dY into `dz` when it is
-// defined (contiguous [M, N]).
+// defined (contiguous [M, N]). g_div (fp32 [N] contiguous, forward): g32 holds m and the kernel takes g = m / g_div.
 // launches dora_pass_kernel with its tile's dynamic shared memory (64-113 KB, over the 48 KB default at every tile:
 // the opt-in is set once per instantiation and device)
 template <typename T, int RMAX, bool BWD>
@@ -1589,7 +1600,8 @@ int64_t dora_pass_splits(int64_t tiles, int64_t col_blocks, int64_t per_sm) {
 }
 
 Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, const Tensor& B32, const Tensor& g32,
-                 const Tensor& bias, const Tensor& dz, const Tensor& red_scale = Tensor()) {
+                 const Tensor& bias, const Tensor& dz, const Tensor& red_scale = Tensor(),
+                 const Tensor& g_div = Tensor()) {
   const int64_t M = Z0.size(0), N = Z0.size(1);
   const int R = static_cast<int>(S.size(1));
   TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
@@ -1641,12 +1653,13 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
     T* op = out.defined() ? reinterpret_cast<T*>(out.data_ptr()) : nullptr;
     float* rp = bwd ? red.data_ptr<float>() : nullptr;
     const float* rsp = bwd && red_scale.defined() ? red_scale.data_ptr<float>() : nullptr;
+    const float* gdp = g_div.defined() ? g_div.data_ptr<float>() : nullptr;
     const int64_t sd0 = bwd ? dy.stride(0) : 0, sd1 = bwd ? dy.stride(1) : 0;
 #define FP_DORA_PASS(RM, BW)                                                                                       \
   launch_dora_pass<T, RM, BW>(grid, stream, z0p, Z0.stride(0), Z0.stride(1), dyp, sd0, sd1, S.data_ptr<float>(),  \
                               S.stride(0), S.stride(1), B32.data_ptr<float>(), B32.stride(0), B32.stride(1),        \
-                              g32.data_ptr<float>(), bp, op, rp, rsp, M, N, R, rows_per_block, splits > 1, vec_z,  \
-                              vec_d, vec_o, vec_s)
+                              g32.data_ptr<float>(), gdp, bp, op, rp, rsp, M, N, R, rows_per_block, splits > 1,    \
+                              vec_z, vec_d, vec_o, vec_s)
     if (bwd) {
       if (rmax == 16) FP_DORA_PASS(16, true); else if (rmax == 32) FP_DORA_PASS(32, true); else FP_DORA_PASS(64, true);
     } else {
@@ -1670,7 +1683,7 @@ std::tuple<Tensor, Tensor> dora_norm_scale(const Tensor& P, const Tensor& B32, c
                         "dora_norm_scale: shapes");
   Tensor g = at::empty({N}, B32.options()), inv_n = at::empty({N}, B32.options());
   if (N == 0) return {g, inv_n};
-  dora_norm_scale_kernel<<<blocks_for(N), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  dora_norm_scale_kernel<<<(N + kNormWarps - 1) / kNormWarps, kNormWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
       P.data_ptr<float>(), halves, B32.data_ptr<float>(), AA.data_ptr<float>(), N, static_cast<int>(R),
       static_cast<float>(scaling), w_sq.data_ptr<float>(), m32.data_ptr<float>(), g.data_ptr<float>(),
       inv_n.data_ptr<float>());
@@ -2455,6 +2468,23 @@ std::tuple<Tensor, Tensor, Tensor> ia3_bwd_cuda(const Tensor& dy2_in, const Tens
 }
 
 // ------------------------------------------------------------------------------------------------ DoRA (p = 0)
+// S' = s·X·Aᵀ (fp32 [M, r]: LoRA's split GEMM on 16-bit x, one fp32 GEMM on fp32 x) and, with `need_wa`, W·Aᵀ from
+// the same packed A (fp32 [N, r], or the split GEMM's two halves [N, 2r]); w in x2's dtype, A32 fp32
+std::tuple<Tensor, Tensor> dora_shrink(const Tensor& x2, const Tensor& w, const Tensor& A32, double scaling,
+                                       bool need_wa) {
+  Tensor S, WA;
+  if (x2.scalar_type() == at::kFloat) {
+    S = at::mm(x2, A32.t()).mul_(scaling);
+    if (need_wa) WA = at::mm(w, A32.t());
+  } else {
+    const Tensor A2 = pack_split(A32.t(), kHL, x2.scalar_type());  // [K, 2r] = [A_hiᵀ | A_loᵀ]
+    S = std::get<0>(finalize_split(at::mm(x2, A2, at::kFloat), static_cast<float>(scaling), true, nullptr, nullptr,
+                                   x2.scalar_type()));
+    if (need_wa) WA = at::mm(w, A2, at::kFloat);
+  }
+  return {S, WA};
+}
+
 // Y = g⊙(Z0 + S'·Bᵀ) + b, Z0 = X·Wᵀ (cuBLAS, saved), S' = s·X·Aᵀ (the split GEMM of LoRA's path), g = m/n,
 // n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·A·Aᵀ) (w_sq = ‖W‖² kept by the layer; the W·Aᵀ GEMM reuses the packed A).
 // Launches: X·Wᵀ, pack A, X·A2 + finalize, W·A2, A·Aᵀ, the norm-and-scale kernel, the output pass.
@@ -2487,15 +2517,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
   }
   const Tensor Z0 = at::mm(x2, w.t());
   Tensor S, WA;  // WA: W·Aᵀ [N, r], or its split GEMM's two halves [N, 2r] (summed by dora_norm_scale)
-  if (dt == at::kFloat) {
-    S = at::mm(x2, A32.t()).mul_(scaling);
-    if (need_norm) WA = at::mm(w, A32.t());
-  } else {
-    const Tensor A2 = pack_split(A32.t(), kHL, dt);  // [K, 2r] = [A_hiᵀ | A_loᵀ]
-    S = std::get<0>(finalize_split(at::mm(x2, A2, at::kFloat), static_cast<float>(scaling), true, nullptr, nullptr,
-                                   dt));
-    if (need_norm) WA = at::mm(w, A2, at::kFloat);
-  }
+  std::tie(S, WA) = dora_shrink(x2, w, A32, scaling, need_norm);
   Tensor g, inv_n;
   if (need_norm) {
     const Tensor wsq = (w_sq.has_value() && w_sq->defined())
@@ -2562,7 +2584,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
 // DoRA inference with a given norm (the layer's cached one; no autograd recorded, so nothing is kept for a
 // backward): Y = g⊙(X·Wᵀ + s·S·Bᵀ) + b, g = m / n. Up to 16 rows (use_decode): LoRA's decode kernels with g and the
 // bias in the last one, Y written in place where cuBLAS computed it, no g or 1/n (two or three allocations a
-// call fewer than dora_fwd's decode branch); above: dora_fwd_cuda's output. (A GEMM with g in its epilogue would remove the output
+// call fewer than dora_fwd's decode branch); above: dora_fwd_cuda's GEMMs and output pass, g = m / n inside the
+// pass (two launches and three tensors fewer than dora_fwd). (A GEMM with g in its epilogue would remove the output
 // pass over Z0 there; cuBLASLt's alpha-vector pointer modes, the one epilogue that scales each output feature,
 // answer CUBLAS_STATUS_NOT_SUPPORTED for bf16 on the H200 with cuBLAS 13.1: benchmarks/results/h200/INDEX.md,
 // session 23.)
@@ -2577,10 +2600,20 @@ Tensor dora_infer_cuda(const Tensor& x2, const Tensor& weight, const c10::option
   const auto dt = x2.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "fastpeft dora: x must be float32, float16 or bfloat16, got ", dt);
-  if (!use_decode(x2.size(0), weight.size(0), x2.size(1), A.size(0), 0.0)) {
-    return std::get<0>(dora_fwd_cuda(x2, weight, bias, A, B, magnitude, scaling, c10::nullopt, weight_norm));
-  }
   const bool has_bias = bias.has_value() && bias->defined();
+  if (!use_decode(x2.size(0), weight.size(0), x2.size(1), A.size(0), 0.0)) {
+    // dora_fwd's GEMMs and output pass with g = m / n taken inside the pass (no g, 1/n launches or tensors)
+    const Tensor w = in_dtype(weight, dt), A32 = in_dtype(A, at::kFloat), B32 = in_dtype(B, at::kFloat).contiguous();
+    const Tensor m32 = in_dtype(magnitude.reshape({-1}), at::kFloat).contiguous();
+    const Tensor n32 = in_dtype(weight_norm.reshape({-1}), at::kFloat).contiguous();
+    const Tensor b = has_bias ? in_dtype(*bias, dt).contiguous() : Tensor();
+    const Tensor Z0 = at::mm(x2, w.t());
+    const Tensor S = std::get<0>(dora_shrink(x2, w, A32, scaling, false));
+    if (S.size(1) <= kDoraMaxRank) return dora_pass(false, Z0, Tensor(), S, B32, m32, b, Tensor(), Tensor(), n32);
+    Tensor yf = at::addmm(Z0.to(at::kFloat), S, B32.t()).mul_(m32 / n32);  // dora_fwd's large-rank branch
+    if (has_bias) yf.add_(b.to(at::kFloat));
+    return yf.to(dt);
+  }
   DecodeDora dora{in_dtype(magnitude.reshape({-1}), at::kFloat).contiguous(),
                   in_dtype(weight_norm.reshape({-1}), at::kFloat).contiguous(),
                   has_bias ? in_dtype(*bias, dt).contiguous() : Tensor()};
