@@ -137,11 +137,11 @@ def _nf4_cpp_plan(layer: "LoraLinear", x: torch.Tensor):
     return packed, ks, cd
 
 
-# Out of training, inputs of at most this many rows take LoRA's C++ operator and a g⊙· rescale (host-bound sizes:
-# one dispatcher call instead of the Triton path's launches); larger ones the Triton DoRA path with the cached
-# norm, whose fused epilogue costs what LoRA's does, where the separate mixed-dtype rescale pass did not (H200,
-# benchmarks/results/h200/dora_infer_*.json: 1.03-1.05x LoRA at M=4096 through the kernels, 1.1-1.36x through
-# the rescale; the rescale path 0.10 vs 0.19-0.37 ms per call at M=16).
+# Out of training on the C++ operators, inputs of 17 to this many rows take LoRA's operator and a g⊙· rescale
+# (host-bound sizes: one dispatcher call and one in-place multiply); the others go to dora_linear with the cached
+# norm, whose dora_infer runs LoRA's decode kernels with g and the bias in the last one (up to
+# _DORA_DECODE_MAX_ROWS rows) or the base GEMM, the shrink and one output pass taking g = m / n itself (H200,
+# benchmarks/results/h200/INDEX.md, session 26: 1.02-1.08x LoRA's GPU time at M = 4096, 1.01-1.03x at M = 16).
 _RESCALE_MAX_ROWS = 64
 # Decode-sized inference with a cached norm goes to dora_linear itself: its CUDA operator then runs LoRA's decode
 # kernels with g and the bias folded into the expand (csrc/adapter_cuda.cu: kDecodeAutoMaxM, the same 16 rows)
