@@ -301,11 +301,10 @@ __device__ __forceinline__ unsigned elem_bits(__nv_bfloat16 v) { return __bfloat
 //   forward  (BWD = false): out = dtype(g·(Z0 + L) + bias)      Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
 //   backward (BWD = true):  red[c] (+)= red_scale[c]·Σ_m dY·(Z0 + L) (red_scale optional);  out = dtype(g·dY) (if out)
 // One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output.
-// Block: 8 warps over BM rows × BN columns at a time (DoraTile: BM = 128 for the 16-bit forward up to rank 16, 64
-// for the other forwards, 32 backward, which reads dY too; BN = 128, 64 at RMAX = 64), walking its rows_per_block
-// rows tile by tile; B's tile (split into TF32 hi / lo parts), g and the bias are staged once. Each warp owns a
-// WR-row (32 or 16) × WC-column part of a tile and does all of it alone, so a tile needs no block barrier, only
-// __syncwarp, and warps drift apart: one's loads overlap another's arithmetic.
+// Block: 8 warps over BM rows × BN columns at a time (BM = 64 forward, 32 backward, which reads dY too; BN = 128,
+// 64 at RMAX = 64), walking its rows_per_block rows tile by tile; B's tile (split into TF32 hi / lo parts), g and
+// the bias are staged once. Each warp owns a 16-row × WC-column part of a tile and does all of it alone, so a tile
+// needs no block barrier, only __syncwarp, and warps drift apart: one's loads overlap another's arithmetic.
 //   - Z0 / dY (double-buffered) and S reach the warp's shared memory by cp.async: the next tile's Z0 / dY are issued
 //     before this tile's product, its S right after it, so every tile's loads have a tile's work to hide behind.
 //   - L comes out of mma.sync m16n8k8 TF32 in three products (hi·hi + hi·lo + lo·hi of TF32 splits, ~fp32: 3xTF32),
@@ -325,16 +324,9 @@ constexpr int kDoraWarps = 8;
 constexpr int kDoraThreads = kDoraWarps * 32;
 
 template <typename T, int RMAX, bool BWD> struct DoraTile {
-  // WR: rows a warp owns per tile, as MT m16 slices that share each B fragment it reads. 32 for the 16-bit forward
-  // up to rank 16 (B's shared-memory reads per byte of Z0 halved, 4 KB of Z0 a warp in flight; 2 blocks an SM by
-  // shared memory), 16 elsewhere (the backward's Z0 + dY buffers, fp32 and larger ranks would not fit two blocks).
-  static constexpr bool kWide = !BWD && RMAX <= 16 && sizeof(T) == 2;
-  static constexpr int WR = kWide ? 32 : 16;
-  static constexpr int MT = WR / 16;
-  static constexpr int BM = kWide ? 128 : ((BWD || RMAX > 32) ? 32 : 64);
+  static constexpr int BM = (BWD || RMAX > 32) ? 32 : 64;
   static constexpr int BN = RMAX <= 32 ? 128 : 64;
-  static constexpr int MIN_BLOCKS = (kWide || RMAX > 32) ? 2 : 3;  // blocks an SM (__launch_bounds__)
-  static constexpr int WARPS_M = BM / WR, WARPS_N = kDoraWarps / WARPS_M;
+  static constexpr int WARPS_M = BM / 16, WARPS_N = kDoraWarps / WARPS_M;
   static constexpr int WC = BN / WARPS_N;  // columns a warp owns
   static constexpr int NT = WC / 8;        // its 8-column slices (one mma accumulator each)
   static constexpr int KS = RMAX / 8;      // the mma's k-steps
@@ -348,8 +340,8 @@ template <typename T, int RMAX, bool BWD> struct DoraTile {
   }
   static constexpr int ZLD = WC * static_cast<int>(sizeof(T)) + 16;  // bytes a row of a warp's Z0 / dY buffer
   static constexpr int B_FLOATS = 4 * BN * BQ + 2 * BN;             // B's tile, g, bias
-  static constexpr int S_FLOATS = WR * LDB;
-  static constexpr int Z_FLOATS = WR * ZLD / 4;  // one buffer
+  static constexpr int S_FLOATS = 16 * LDB;
+  static constexpr int Z_FLOATS = 16 * ZLD / 4;  // one buffer
   static constexpr int WARP_FLOATS = S_FLOATS + (BWD ? 4 : 2) * Z_FLOATS;
   static constexpr int SMEM_BYTES = (B_FLOATS + kDoraWarps * WARP_FLOATS) * 4;
   static_assert(WARPS_M * WARPS_N == kDoraWarps && NT >= 1 && WC % 16 == 0, "warps tile the block");
@@ -474,28 +466,27 @@ __device__ __forceinline__ void store_pair(char* p, float a, float b) {
 }
 
 template <typename T, int RMAX, bool BWD>
-__global__ void __launch_bounds__(kDoraThreads, DoraTile<T, RMAX, BWD>::MIN_BLOCKS) dora_pass_kernel(
+__global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_kernel(
     const T* __restrict__ z0, int64_t sz0, int64_t sz1, const T* __restrict__ dy, int64_t sd0, int64_t sd1,
     const float* __restrict__ S, int64_t ss0, int64_t ss1, const float* __restrict__ B, int64_t sb0, int64_t sb1,
     const float* __restrict__ g, const float* __restrict__ g_div, const T* __restrict__ bias, T* __restrict__ out,
     float* __restrict__ red, const float* __restrict__ red_scale, int64_t M, int64_t N, int R, int64_t rows_per_block, bool atomic, bool vec_z,
     bool vec_d, bool vec_o, bool vec_s) {
   using Tile = DoraTile<T, RMAX, BWD>;
-  constexpr int BM = Tile::BM, BN = Tile::BN, WC = Tile::WC, LDB = Tile::LDB, ZLD = Tile::ZLD, WR = Tile::WR;
-  constexpr int MT = Tile::MT;
+  constexpr int BM = Tile::BM, BN = Tile::BN, WC = Tile::WC, LDB = Tile::LDB, ZLD = Tile::ZLD;
   constexpr int VEC = 16 / sizeof(T);  // elements in a 16-byte copy
   constexpr int GW = WC / VEC;          // 16-byte groups across a warp's row
   static_assert(GW >= 1 && 32 % GW == 0, "a warp's lanes cover whole rows of its part");
   constexpr int RPP = 32 / GW;          // rows a warp copies per pass
-  constexpr int PASSES = WR / RPP;
+  constexpr int PASSES = 16 / RPP;
   extern __shared__ __align__(128) float dora_smem[];
   float4* const Bq = reinterpret_cast<float4*>(dora_smem);  // [BN][BQ] (DoraTile: layout)
   float* const gs = dora_smem + 4 * BN * Tile::BQ;          // [BN]: g
   float* const bs = gs + BN;                 // [BN]: the bias (0 without)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
-  float* const Ss = dora_smem + Tile::B_FLOATS + warp * Tile::WARP_FLOATS;  // [WR][LDB]: the warp's rows of S
-  char* const Zs = reinterpret_cast<char*>(Ss + Tile::S_FLOATS);            // [2][WR][ZLD bytes]; then dY's two
+  float* const Ss = dora_smem + Tile::B_FLOATS + warp * Tile::WARP_FLOATS;  // [16][LDB]: the warp's rows of S
+  char* const Zs = reinterpret_cast<char*>(Ss + Tile::S_FLOATS);            // [2][16][ZLD bytes]; then dY's two
   constexpr int ZBUF = Tile::Z_FLOATS * 4, DOFF = 2 * ZBUF;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
@@ -507,29 +498,29 @@ __global__ void __launch_bounds__(kDoraThreads, DoraTile<T, RMAX, BWD>::MIN_BLOC
   auto stage_rows = [&](int64_t m0, int buf) {
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) {
-      const int64_t m = m0 + wm * WR + rl + p * RPP;
+      const int64_t m = m0 + wm * 16 + rl + p * RPP;
       const int ok = m < m_end ? valid : 0;
       char* slot = Zs + buf * ZBUF + (rl + p * RPP) * ZLD + gl * 16;
       stage16<T>(slot, z0 + m * sz0 + c * sz1, sz1, ok, vec_z);
       if constexpr (BWD) stage16<T>(slot + DOFF, dy + m * sd0 + c * sd1, sd1, ok, vec_d);
     }
   };
-  // the warp's WR rows of S (zeros past m_end and R): 16-byte copies when S's rows allow (vec_s: R % 4 == 0, unit
+  // the warp's 16 rows of S (zeros past m_end and R): 16-byte copies when S's rows allow (vec_s: R % 4 == 0, unit
   // column stride, 16-byte aligned rows), else 4-byte ones
   auto stage_s = [&](int64_t m0) {
     if (vec_s) {
 #pragma unroll
-      for (int u = 0; u < WR * RMAX / 4 / 32; ++u) {
+      for (int u = 0; u < 16 * RMAX / 4 / 32; ++u) {
         const int idx = lane + u * 32, rr = idx / (RMAX / 4), j = (idx - rr * (RMAX / 4)) * 4;
-        const int64_t m = m0 + wm * WR + rr;
+        const int64_t m = m0 + wm * 16 + rr;
         const bool ok = m < m_end && j < R;
         copy_async<16>(Ss + rr * LDB + j, ok ? S + m * ss0 + j : S, ok);
       }
     } else {
 #pragma unroll
-      for (int u = 0; u < WR * RMAX / 32; ++u) {
+      for (int u = 0; u < 16 * RMAX / 32; ++u) {
         const int idx = lane + u * 32, rr = idx / RMAX, j = idx - rr * RMAX;
-        const int64_t m = m0 + wm * WR + rr;
+        const int64_t m = m0 + wm * 16 + rr;
         const bool ok = m < m_end && j < R;
         copy_async<4>(Ss + rr * LDB + j, ok ? S + m * ss0 + j * ss1 : S, ok);
       }
@@ -574,14 +565,12 @@ __global__ void __launch_bounds__(kDoraThreads, DoraTile<T, RMAX, BWD>::MIN_BLOC
     copy_async_commit();
     copy_async_wait<1>();  // all but that group: this tile's Z0 / dY and S have landed
     __syncwarp();          // ... for every lane of the warp
-    // S's fragments, split once per tile (ranks up to 32: MT·2·KS·4 registers); above, per slice and k-step
+    // S's fragments, split once per tile (ranks up to 32: 2·KS·4 registers); above, per slice and k-step
     constexpr bool kResident = RMAX <= 32;
-    static_assert(kResident || MT == 1, "a warp of 32 rows keeps its S fragments resident");
-    float a_hi[MT][kResident ? Tile::KS : 1][4], a_lo[MT][kResident ? Tile::KS : 1][4];
-    auto load_a = [&](int mt, int k, float (&hi)[4], float (&lo)[4]) {
-      const float* const sr = Ss + mt * 16 * LDB;  // the m16 slice's rows
-      const float v[4] = {sr[qr * LDB + k + qc], sr[(qr + 8) * LDB + k + qc], sr[qr * LDB + k + qc + 4],
-                          sr[(qr + 8) * LDB + k + qc + 4]};
+    float a_hi[kResident ? Tile::KS : 1][4], a_lo[kResident ? Tile::KS : 1][4];
+    auto load_a = [&](int k, float (&hi)[4], float (&lo)[4]) {
+      const float v[4] = {Ss[qr * LDB + k + qc], Ss[(qr + 8) * LDB + k + qc], Ss[qr * LDB + k + qc + 4],
+                          Ss[(qr + 8) * LDB + k + qc + 4]};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         hi[i] = tf32_round(v[i]);
@@ -591,54 +580,46 @@ __global__ void __launch_bounds__(kDoraThreads, DoraTile<T, RMAX, BWD>::MIN_BLOC
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     if constexpr (kResident) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int ks = 0; ks < Tile::KS; ++ks) load_a(mt, ks * 8, a_hi[mt][ks], a_lo[mt][ks]);
+      for (int ks = 0; ks < Tile::KS; ++ks) load_a(ks * 8, a_hi[ks], a_lo[ks]);
     }
 #endif
     char* const zb = Zs + buf * ZBUF;
 #pragma unroll
     for (int t = 0; t < Tile::NT; ++t) {
       const int n = wn * WC + t * 8;  // the slice's first column in the block's tile
-      float acc[MT][4] = {};
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #pragma unroll
       for (int ks = 0; ks < Tile::KS; ++ks) {
         const int k = ks * 8;
-        const float4 b = Bq[Tile::bq_slot(n + qr, ks, qc)];  // hi at k + qc, k + qc + 4; then lo; for all MT slices
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          if constexpr (kResident) {
-            mma_tf32(acc[mt], a_lo[mt][ks], b.x, b.y);  // the small terms first
-            mma_tf32(acc[mt], a_hi[mt][ks], b.z, b.w);
-            mma_tf32(acc[mt], a_hi[mt][ks], b.x, b.y);
-          } else {
-            load_a(mt, k, a_hi[0][0], a_lo[0][0]);
-            mma_tf32(acc[mt], a_lo[0][0], b.x, b.y);
-            mma_tf32(acc[mt], a_hi[0][0], b.z, b.w);
-            mma_tf32(acc[mt], a_hi[0][0], b.x, b.y);
-          }
+        const float4 b = Bq[Tile::bq_slot(n + qr, ks, qc)];  // hi at k + qc, k + qc + 4; then lo
+        if constexpr (kResident) {
+          mma_tf32(acc, a_lo[ks], b.x, b.y);  // the small terms first
+          mma_tf32(acc, a_hi[ks], b.z, b.w);
+          mma_tf32(acc, a_hi[ks], b.x, b.y);
+        } else {
+          load_a(k, a_hi[0], a_lo[0]);
+          mma_tf32(acc, a_lo[0], b.x, b.y);
+          mma_tf32(acc, a_hi[0], b.z, b.w);
+          mma_tf32(acc, a_hi[0], b.x, b.y);
         }
       }
 #else  // no TF32 tensor cores before sm_80: the same fp32 products on the FMA units, at the same positions
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int rr = mt * 16 + qr + (i / 2) * 8, cc = n + 2 * qc + (i % 2);
-          for (int j = 0; j < RMAX; ++j)
-            acc[mt][i] = fmaf(Ss[rr * LDB + j],
-                              reinterpret_cast<const float*>(Bq + Tile::bq_slot(cc, j / 8, j % 4))[(j % 8) / 4],
-                              acc[mt][i]);
-        }
+      for (int i = 0; i < 4; ++i) {
+        const int rr = qr + (i / 2) * 8, cc = n + 2 * qc + (i % 2);
+        for (int j = 0; j < RMAX; ++j)
+          acc[i] = fmaf(Ss[rr * LDB + j],
+                        reinterpret_cast<const float*>(Bq + Tile::bq_slot(cc, j / 8, j % 4))[(j % 8) / 4],
+                        acc[i]);
+      }
 #endif
       const float2 gp = *reinterpret_cast<const float2*>(gs + n + 2 * qc);
 #pragma unroll
-      for (int e = 0; e < 2 * MT; ++e) {  // rows qr and qr + 8 of each m16 slice
-        const int mt = e / 2, h = e % 2;
-        char* zp = zb + (mt * 16 + qr + 8 * h) * ZLD + (t * 8 + 2 * qc) * static_cast<int>(sizeof(T));
+      for (int h = 0; h < 2; ++h) {  // rows qr and qr + 8
+        char* zp = zb + (qr + 8 * h) * ZLD + (t * 8 + 2 * qc) * static_cast<int>(sizeof(T));
         const float2 z = load_pair<T>(zp);
-        const float z_a = z.x + acc[mt][2 * h], z_b = z.y + acc[mt][2 * h + 1];
+        const float z_a = z.x + acc[2 * h], z_b = z.y + acc[2 * h + 1];
         if constexpr (BWD) {
           const float2 d = load_pair<T>(zp + DOFF);
           colsum[t][0] = fmaf(d.x, z_a, colsum[t][0]);
@@ -656,7 +637,7 @@ __global__ void __launch_bounds__(kDoraThreads, DoraTile<T, RMAX, BWD>::MIN_BLOC
     if (!BWD || out != nullptr) {
 #pragma unroll
       for (int p = 0; p < PASSES; ++p) {
-        const int64_t m = m0 + wm * WR + rl + p * RPP;
+        const int64_t m = m0 + wm * 16 + rl + p * RPP;
         if (m >= m_end || valid == 0) continue;
         unstage16<T>(out + m * N + c, zb + (BWD ? DOFF : 0) + (rl + p * RPP) * ZLD + gl * 16, valid, vec_o);
       }
@@ -1595,14 +1576,6 @@ int64_t dora_pass_per_sm() {
   return per_sm[dev % 64];
 }
 
-// dora_pass_kernel<T, RMAX, BWD>'s tile (rows bm, columns bn) and its resident blocks an SM
-template <typename T, int RMAX, bool BWD>
-void dora_pass_shape(int64_t& bm, int64_t& bn, int64_t& per_sm) {
-  bm = DoraTile<T, RMAX, BWD>::BM;
-  bn = DoraTile<T, RMAX, BWD>::BN;
-  per_sm = dora_pass_per_sm<T, RMAX, BWD>();
-}
-
 // How many blocks share a column block's row tiles: the fewest waves × (tiles per block + 1), a wave being as many
 // blocks as are resident at once, each block walking its tiles one after another behind a prologue worth about one
 // tile (B's tile, g and the bias loaded, the first tile's copy not hidden), so that no last wave keeps a fraction of
@@ -1633,22 +1606,23 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
   const int R = static_cast<int>(S.size(1));
   TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
   const int rmax = R <= 16 ? 16 : (R <= 32 ? 32 : 64);
+  const int64_t bn = rmax <= 32 ? DoraTile<float, 16, false>::BN : DoraTile<float, 64, false>::BN;
+  const int64_t bm = rmax > 32 ? DoraTile<float, 64, false>::BM
+                               : (bwd ? DoraTile<float, 16, true>::BM : DoraTile<float, 16, false>::BM);
   const auto f32 = Z0.options().dtype(at::kFloat);
-  int64_t bm = 1, bn = 1, per_sm = 1;  // the instantiation's tile and its resident blocks an SM
+  const int64_t col_blocks = (N + bn - 1) / bn;
+  const int64_t tiles = (M + bm - 1) / bm;
+  int64_t per_sm = 1;
   dispatch_all(Z0.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     if (bwd) {
-      if (rmax == 16) dora_pass_shape<T, 16, true>(bm, bn, per_sm);
-      else if (rmax == 32) dora_pass_shape<T, 32, true>(bm, bn, per_sm);
-      else dora_pass_shape<T, 64, true>(bm, bn, per_sm);
+      per_sm = rmax == 16 ? dora_pass_per_sm<T, 16, true>()
+                          : (rmax == 32 ? dora_pass_per_sm<T, 32, true>() : dora_pass_per_sm<T, 64, true>());
     } else {
-      if (rmax == 16) dora_pass_shape<T, 16, false>(bm, bn, per_sm);
-      else if (rmax == 32) dora_pass_shape<T, 32, false>(bm, bn, per_sm);
-      else dora_pass_shape<T, 64, false>(bm, bn, per_sm);
+      per_sm = rmax == 16 ? dora_pass_per_sm<T, 16, false>()
+                          : (rmax == 32 ? dora_pass_per_sm<T, 32, false>() : dora_pass_per_sm<T, 64, false>());
     }
   });
-  const int64_t col_blocks = (N + bn - 1) / bn;
-  const int64_t tiles = (M + bm - 1) / bm;
   int64_t splits = dora_pass_splits(tiles, col_blocks, per_sm);
   const int64_t rows_per_block = std::max<int64_t>(1, (tiles + splits - 1) / splits) * bm;
   splits = M == 0 ? 1 : (M + rows_per_block - 1) / rows_per_block;

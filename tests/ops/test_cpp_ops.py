@@ -760,11 +760,10 @@ def test_gpu_dora_inference_with_a_given_norm(dtype):
 
 @pytest.mark.gpu
 def test_gpu_dora_pass_tiles_and_misaligned_gradients():
-    """dora_pass's tiles (rows × columns: 128 × 128 with warps of 32 rows for the 16-bit forward up to rank 16, 64
-    or 32 × 128 elsewhere, 32 × 64 above rank 32; L on the tensor cores) with 16-byte copies only where rows are
-    aligned (S's too: rank % 4 == 0): partial row and column tiles (97 rows: one warp of the wide tile holds a single
-    row), every rank bucket, odd N, output gradients that are strided or start off alignment, and blocks walking
-    several row tiles (the next tile's copies in flight) whose last tile is partial."""
+    """dora_pass's tiles (64 or 32 rows × 128 columns, 32 × 64 above rank 32; L on the tensor cores) with 16-byte
+    copies only where rows are aligned (S's too: rank % 4 == 0): partial row and column tiles, every rank bucket,
+    odd N, output gradients that are strided or start off alignment, and blocks walking several row tiles (the
+    next tile's copies in flight) whose last tile is partial."""
     for dtype, (B, T, K, N, r), grad_layout in [
         (torch.bfloat16, (2, 70, 256, 130, 32), "strided"),  # rank 17-32; N % 8 != 0: element-wise accesses
         (torch.float16, (1, 97, 512, 4098, 16), "contig"),  # rows not 16-byte aligned
