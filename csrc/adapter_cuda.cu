@@ -2487,6 +2487,17 @@ std::tuple<Tensor, Tensor> dora_shrink(const Tensor& x2, const Tensor& w, const 
   return {S, WA};
 }
 
+// DoRA's output step, shared by training and inference: Y = g⊙(Z0 + S'·Bᵀ) + b in x's dtype, rounded once. g32 is
+// g itself, or with n_div given the magnitude m, divided by n inside the pass (an IEEE division: the bits of ATen's
+// m / n). dora_pass up to kDoraMaxRank; larger ranks fp32 [M, N] ATen temporaries.
+Tensor dora_output(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Tensor& g32, const Tensor& b,
+                   const Tensor& n_div = Tensor()) {
+  if (S.size(1) <= kDoraMaxRank) return dora_pass(false, Z0, Tensor(), S, B32, g32, b, Tensor(), Tensor(), n_div);
+  Tensor yf = at::addmm(Z0.to(at::kFloat), S, B32.t()).mul_(n_div.defined() ? g32 / n_div : g32);
+  if (b.defined()) yf.add_(b.to(at::kFloat));
+  return yf.to(Z0.scalar_type());
+}
+
 // Y = g⊙(Z0 + S'·Bᵀ) + b, Z0 = X·Wᵀ (cuBLAS, saved), S' = s·X·Aᵀ (the split GEMM of LoRA's path), g = m/n,
 // n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·A·Aᵀ) (w_sq = ‖W‖² kept by the layer; the W·Aᵀ GEMM reuses the packed A).
 // Launches: X·Wᵀ, pack A, X·A2 + finalize, W·A2, A·Aᵀ, the norm-and-scale kernel, the output pass.
@@ -2534,15 +2545,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
     inv_n = n.reciprocal();
   }
   const bool has_bias = bias.has_value() && bias->defined();
-  const Tensor b = has_bias ? in_dtype(*bias, dt).contiguous() : Tensor();
-  Tensor y;
-  if (S.size(1) <= kDoraMaxRank) {
-    y = dora_pass(false, Z0, Tensor(), S, B32, g, b, Tensor());
-  } else {  // ranks the kernel does not hold: fp32 [M, N] temporaries
-    Tensor yf = at::addmm(Z0.to(at::kFloat), S, B32.t()).mul_(g);
-    if (has_bias) yf.add_(b.to(at::kFloat));
-    y = yf.to(dt);
-  }
+  const Tensor y = dora_output(Z0, S, B32, g, has_bias ? in_dtype(*bias, dt).contiguous() : Tensor());
   return {y, S, Z0, g, inv_n};
 }
 
@@ -2610,11 +2613,7 @@ Tensor dora_infer_cuda(const Tensor& x2, const Tensor& weight, const c10::option
     const Tensor n32 = in_dtype(weight_norm.reshape({-1}), at::kFloat).contiguous();
     const Tensor b = has_bias ? in_dtype(*bias, dt).contiguous() : Tensor();
     const Tensor Z0 = at::mm(x2, w.t());
-    const Tensor S = std::get<0>(dora_shrink(x2, w, A32, scaling, false));
-    if (S.size(1) <= kDoraMaxRank) return dora_pass(false, Z0, Tensor(), S, B32, m32, b, Tensor(), Tensor(), n32);
-    Tensor yf = at::addmm(Z0.to(at::kFloat), S, B32.t()).mul_(m32 / n32);  // dora_fwd's large-rank branch
-    if (has_bias) yf.add_(b.to(at::kFloat));
-    return yf.to(dt);
+    return dora_output(Z0, std::get<0>(dora_shrink(x2, w, A32, scaling, false)), B32, m32, b, n32);
   }
   DecodeDora dora{in_dtype(magnitude.reshape({-1}), at::kFloat).contiguous(),
                   in_dtype(weight_norm.reshape({-1}), at::kFloat).contiguous(),
