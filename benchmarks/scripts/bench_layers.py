@@ -84,15 +84,20 @@ def build(method: str, K: int, N: int, dtype, device, feedforward: bool):
             return dora_linear(x, w, None, A, B, mag, ALPHA / RANK, p, _seed() if p > 0 else None, cached)
 
         return f, [A, B, mag]
-    if method in ("fastpeft_lora_layer", "fastpeft_dora_layer"):
+    if method in ("fastpeft_lora_layer", "fastpeft_dora_layer", "fastpeft_qlora_layer", "fastpeft_qdora_layer"):
         # the drop-in module (what patch() installs): its path decision, and for DoRA out of training the cached
-        # norm with LoRA's path rescaled (nn/variants.py)
+        # norm with LoRA's path rescaled (nn/variants.py). q*: the same on an NF4 + double-quant base
+        # (fastpeft.quantize's NF4Linear: bnb's bytes without bitsandbytes)
         from fastpeft.nn import LoraLinear
+        from fastpeft.quantize import NF4Linear
 
-        m = LoraLinear(base, "default", r=RANK, lora_alpha=ALPHA, use_dora=method == "fastpeft_dora_layer")
+        if method.startswith("fastpeft_q"):
+            base = NF4Linear.from_linear(base, compute_dtype=dtype).to(device)
+        dora = method in ("fastpeft_dora_layer", "fastpeft_qdora_layer")
+        m = LoraLinear(base, "default", r=RANK, lora_alpha=ALPHA, use_dora=dora)
         torch.nn.init.normal_(m.lora_B["default"].weight, std=0.02)
         params = list(m.adapter_parameters("default"))
-        if method == "fastpeft_dora_layer":
+        if dora:
             with torch.no_grad():
                 params[-1].mul_(1 + 0.1 * torch.rand_like(params[-1]))
         m.train()
@@ -151,11 +156,22 @@ METHODS = ["dense", "peft_lora", "peft_lora_p05", "fastpeft_lora", "fastpeft_lor
            "fastpeft_dora_layer"]
 
 
-def make_step(fn, x, g, bwd: bool):
+def make_step(fn, x, g, bwd: bool, params=None):
+    """One call of ``fn`` on ``x``: forward only under no_grad, or forward + backward with ``g`` as dY. With
+    ``params`` (the trainable tensors) the backward returns the gradients of x and params instead of accumulating
+    them into ``.grad``: a model's layer hands dX to the op below it, and the first micro-batch's parameter
+    gradients are assigned, not added, so a step with ``.backward`` times one [M, in] add per call that a real
+    layer does not pay (the same for every method: it pulls the ratios towards 1)."""
     if not bwd:
         def step():
             with torch.no_grad():
                 fn(x)
+        return step
+    if params is not None:
+        inputs = [x] + [p for p in params if p.requires_grad]
+
+        def step():
+            torch.autograd.grad(fn(x), inputs, g)
         return step
 
     def step():

@@ -9,10 +9,20 @@ Per (projection, M, method), four numbers, all in ms per fwd+bwd (per forward wi
   host    : host time to enqueue one step (perf_counter around step(), GPU kept busy so nothing waits)
   kernels : sum of kernel times from torch.profiler, with the top kernels listed
 CUDA only.
+
+Clocks. A cold H200 runs its first seconds of full-power GEMMs faster than it does once warm (up to ~20 % at the
+q/o shape in sessions 15-26's files: whichever method was measured first at q/o had the fast base GEMMs), so
+before the first row ``--heat`` seconds of 8192³ GEMMs bring it to its working temperature, every row records the
+SM clock, temperature and power (nvidia-smi), and ``--rounds R`` times each (M, projection)'s methods R times in
+alternating order (ABC, CBA, ...), reporting the median graph time (``graph_ms_rounds`` keeps them all).
+Backward: ``torch.autograd.grad`` of x and the adapter parameters (``--accumulate``: ``.backward()`` as before
+session 27, which adds one [M, in] gradient accumulation per call to every method).
 """
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 
@@ -72,6 +82,27 @@ def kernels(step, n=10):
     return sum(rows.values()), sorted(rows.items(), key=lambda kv: -kv[1])[:8]
 
 
+def heat(seconds: float) -> None:
+    """Full-power bf16 GEMMs for ``seconds``: the device at its working temperature before anything is timed."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(16):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def gpu_state() -> dict:
+    """SM clock (MHz), temperature (C) and power (W) now, from nvidia-smi; {} where it cannot be asked."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,temperature.gpu,power.draw",
+                              "--format=csv,noheader,nounits", "-i", str(torch.cuda.current_device())],
+                             capture_output=True, text=True, timeout=10).stdout.strip().split(",")
+        return {"sm_mhz": float(out[0]), "temp_c": float(out[1]), "power_w": float(out[2])}
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return {}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, nargs="*", default=[4096, 16])
@@ -81,45 +112,69 @@ def main():
                              "peft_ia3", "fastpeft_ia3", "fastpeft_ia3_triton"])
     ap.add_argument("--no-grad", action="store_true", help="forward only under torch.no_grad (inference)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--heat", type=float, default=30.0,
+                    help="seconds of 8192³ GEMMs before the first row (0: none), see the module docstring")
+    ap.add_argument("--rounds", type=int, default=3, help="graph timings per row, methods in alternating order")
+    ap.add_argument("--accumulate", action="store_true",
+                    help="backward by .backward() into .grad (the harness before session 27)")
     a = ap.parse_args()
+    if a.rounds < 1 or a.heat < 0:
+        ap.error("--rounds must be >= 1 and --heat >= 0")
     # a fixed dropout seed: the per-call CPU draw + .item() in layers._seed would forbid graph capture
     layers._seed = lambda: 1234
+    if a.heat:
+        before = gpu_state()
+        heat(a.heat)
+        print(f"heat {a.heat:.0f} s: {before} -> {gpu_state()}", flush=True)
     out = []
     for M in a.M:
         for proj in a.proj:
             K, N = layers.LLAMA8B[proj]
             ff = proj == "down"
+            steps, rows = {}, {}
             for method in a.methods:
                 torch.manual_seed(0)
-                fn, _ = layers.build(method, K, N, torch.bfloat16, "cuda", ff)
+                fn, params = layers.build(method, K, N, torch.bfloat16, "cuda", ff)
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
                 if a.no_grad and hasattr(fn, "eval"):
                     fn.eval()  # PEFT layers: inference mode (dropout off)
-                step = layers.make_step(fn, x, g, not a.no_grad)
+                steps[method] = layers.make_step(fn, x, g, not a.no_grad, None if a.accumulate else params)
                 for _ in range(5):
-                    step()
-                row = {"M": M, "proj": proj, "method": method, "grad": not a.no_grad}
-                try:
-                    row["graph_ms"] = graph_ms(step)
-                except Exception as e:  # capture can fail for code that syncs; say so
-                    row["graph_ms"] = None
-                    row["graph_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    steps[method]()
+                rows[method] = {"M": M, "proj": proj, "method": method, "grad": not a.no_grad,
+                                "graph_ms_rounds": [], "gpu_state": []}
+            for r in range(a.rounds):  # alternating order: a drift in clocks lands on every method alike
+                for method in (a.methods if r % 2 == 0 else a.methods[::-1]):
+                    row = rows[method]
+                    row["gpu_state"].append(gpu_state())
+                    try:
+                        row["graph_ms_rounds"].append(graph_ms(steps[method]))
+                    except Exception as e:  # capture can fail for code that syncs; say so
+                        row["graph_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+            for method in a.methods:
+                row, step = rows[method], steps[method]
+                row["graph_ms"] = statistics.median(row["graph_ms_rounds"]) if row["graph_ms_rounds"] else None
                 row["b2b_ms"] = b2b_ms(step)
                 row["host_ms"] = host_ms(step)
                 row["kernel_ms"], top = kernels(step)
                 row["top"] = top
                 out.append(row)
                 gm = f"{row['graph_ms']:.4f}" if row["graph_ms"] is not None else "  fail"
-                print(f"M={M:5d} {proj:7s} {method:20s} graph {gm}  b2b {row['b2b_ms']:.4f}  host {row['host_ms']:.4f}"
-                      f"  kernels {row['kernel_ms']:.4f}", flush=True)
+                spread = (f" [{min(row['graph_ms_rounds']):.4f}-{max(row['graph_ms_rounds']):.4f}]"
+                          if row["graph_ms_rounds"] else "")
+                clock = row["gpu_state"][0].get("sm_mhz") if row["gpu_state"] else None
+                print(f"M={M:5d} {proj:7s} {method:20s} graph {gm}{spread}  b2b {row['b2b_ms']:.4f}  "
+                      f"host {row['host_ms']:.4f}  kernels {row['kernel_ms']:.4f}  sm {clock} MHz", flush=True)
                 for k, v in top:
                     print(f"        {v:.4f}  {k}")
-                del fn, step
+            del steps
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": __import__("triton").__version__, "rows": out}, f, indent=1)
+                       "triton": __import__("triton").__version__, "heat_s": a.heat, "rounds": a.rounds,
+                       "backward": ".backward() into .grad" if a.accumulate else "torch.autograd.grad",
+                       "rows": out}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ where separate processes on the lent hosts differ by more than the effect (sessi
 the order given in even rounds and reversed in odd ones (A B B A), and PEFT's row stays as the control.
 
 ``--method M1,M2`` compares methods the same way: one fastpeft row per method, in turns (A B B A), PEFT's row of the
-first method as the control (e.g. ``lora,lora_liger``: fastpeft with and without Liger-Kernel, session 20).
+first method as the control (e.g. ``lora,lora_liger``: fastpeft with and without Liger-Kernel, session 20);
+``--no-control`` leaves PEFT's row out (fastpeft DoRA against fastpeft LoRA, session 27).
 
     python benchmarks/scripts/step_alternate.py --model 1b --method prompt_tuning --rounds 3 --steps 10
     python benchmarks/scripts/step_alternate.py --model 1b --method lora --rounds 4 --setting group_projections=0,1
     python benchmarks/scripts/step_alternate.py --model 1b --method lora,lora_liger --rounds 4 --first fastpeft
+    python benchmarks/scripts/step_alternate.py --model 8b --method lora,dora,qlora,qdora --rounds 3 --no-control
 """
 from __future__ import annotations
 
@@ -106,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--gc", default="on", choices=["on", "freeze", "off"])
     ap.add_argument("--first", default="peft", choices=["peft", "fastpeft"], help="which row opens each round")
+    ap.add_argument("--no-control", action="store_true",
+                    help="no PEFT row: fastpeft's rows only (e.g. --method lora,dora,qlora,qdora at 8B, where PEFT's "
+                         "4-bit row alone takes longer than all of them)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--setting", help="NAME=V1,V2: one fastpeft row per value of this fastpeft.settings field")
     args = ap.parse_args(argv)
@@ -135,8 +140,8 @@ def main(argv=None) -> int:
     rows = []
     for r in range(args.rounds):
         fast = [("fastpeft",) + v for v in (variants if r % 2 == 0 else variants[::-1])]
-        control = ("peft", methods[0], None)
-        order = [control] + fast if args.first == "peft" else fast + [control]
+        control = [] if args.no_control else [("peft", methods[0], None)]
+        order = control + fast if args.first == "peft" else fast + control
         for impl, method, variant in order:
             label = impl if variant is None else f"{impl}[{variant[0]}={variant[1]}]"
             if len(methods) > 1:

@@ -139,6 +139,39 @@ def test_step_alternate_compares_methods_in_one_process(tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
+def test_step_alternate_without_the_peft_control(tmp_path):
+    """--no-control: fastpeft's rows only, still in turns (A B, B A)."""
+    alternate = _load("step_alternate")
+    out = tmp_path / "alt.json"
+    with _one_thread():
+        assert alternate.main(["--model", "tiny", "--method", "lora,dora", "--rounds", "2", "--steps", "1",
+                               "--warmup", "0", "--no-control", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["round"], r["method"], r["impl"]) for r in rows] == [
+        (0, "lora", "fastpeft"), (0, "dora", "fastpeft"), (1, "dora", "fastpeft"), (1, "lora", "fastpeft")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("method", ["fastpeft_qlora_layer", "fastpeft_qdora_layer", "fastpeft_dora_layer"])
+def test_layer_step_returns_gradients_without_accumulating(method):
+    """bench_layers.make_step with the trainable params (profile_layer.py's default since session 27) takes the
+    gradients by torch.autograd.grad: the same values .backward() accumulates, and nothing left in any .grad. The
+    q* methods wrap an NF4 base (fastpeft.quantize, no bitsandbytes)."""
+    layers = _load("bench_layers")
+    torch.manual_seed(0)
+    fn, params = layers.build(method, 64, 48, torch.float32, "cpu", False)
+    if method.startswith("fastpeft_q"):
+        assert type(fn.base_layer).__name__ == "NF4Linear"
+    x = torch.randn(8, 64, requires_grad=True)
+    g = torch.randn(8, 48)
+    layers.make_step(fn, x, g, True, params)()
+    assert x.grad is None and all(p.grad is None for p in params)
+    layers.make_step(fn, x, g, True)()
+    want = [x.grad] + [p.grad for p in params]
+    got = torch.autograd.grad(fn(x), [x] + params, g)
+    assert all(w is not None and torch.equal(a, w) for a, w in zip(got, want))
+
+
 def test_decode_benchmarks_decode_with_a_kv_cache(tmp_path, monkeypatch):
     """bench_mixed.py and bench_decode_compiled.py time generate() with a KV cache. Until session 11 their models came
     from fastpeft.bench.harness.llama_config (use_cache=False, which generate() copies into generation_config), so
