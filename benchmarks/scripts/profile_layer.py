@@ -10,11 +10,13 @@ Per (projection, M, method), four numbers, all in ms per fwd+bwd (per forward wi
   kernels : sum of kernel times from torch.profiler, with the top kernels listed
 CUDA only.
 
-Clocks. A cold H200 runs its first seconds of full-power GEMMs faster than it does once warm (up to ~20 % at the
-q/o shape in sessions 15-26's files: whichever method was measured first at q/o had the fast base GEMMs), so
-before the first row ``--heat`` seconds of 8192³ GEMMs bring it to its working temperature, every row records the
-SM clock, temperature and power (nvidia-smi), and ``--rounds R`` times each (M, projection)'s methods R times in
-alternating order (ABC, CBA, ...), reporting the median graph time (``graph_ms_rounds`` keeps them all).
+Clocks. The H200 runs full-power GEMMs at its 700 W cap (~1550 MHz, ~670 TFLOP/s at 4096³ with randn data;
+gpu_clock_probe.py, session 27) and reaches that state within ~2.5 s of a cold start, so before the first row
+``--heat`` seconds of 8192³ GEMMs bring it there, every row records the SM clock, temperature and power
+(nvidia-smi, read between timings), and ``--rounds R`` times each (M, projection)'s methods R times in alternating
+order (ABC, CBA, ...), reporting the median graph time (``graph_ms_rounds`` keeps them all). Read GEMM times from
+the graph column: in the profiler's per-kernel list an adapted layer's base GEMMs come out ~12 % slower than the
+dense layer's (q/o 0.207 vs 0.184 ms, session 27) while the graph totals leave no room for that.
 Backward: ``torch.autograd.grad`` of x and the adapter parameters (``--accumulate``: ``.backward()`` as before
 session 27, which adds one [M, in] gradient accumulation per call to every method).
 """
@@ -112,7 +114,7 @@ def main():
                              "peft_ia3", "fastpeft_ia3", "fastpeft_ia3_triton"])
     ap.add_argument("--no-grad", action="store_true", help="forward only under torch.no_grad (inference)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--heat", type=float, default=30.0,
+    ap.add_argument("--heat", type=float, default=10.0,
                     help="seconds of 8192³ GEMMs before the first row (0: none), see the module docstring")
     ap.add_argument("--rounds", type=int, default=3, help="graph timings per row, methods in alternating order")
     ap.add_argument("--accumulate", action="store_true",

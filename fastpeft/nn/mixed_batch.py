@@ -35,10 +35,10 @@ _COMPILED_VIEW: list = []
 
 
 class TransientCache(dict):
-    """A layer's per-call caches for mixed batches (device tensors, the C++ adapter set): a plain dict to read (the
-    hot path's ``.get`` runs at C speed), but copies and pickles of the layer start empty, since what it holds
-    points at the original layer's tensors (and the C++ set cannot be pickled); a copy rebuilds its own on first
-    use.
+    """A layer's per-call caches (mixed batches: device tensors, the C++ adapter set; the 4-bit C++ operators' plan,
+    nn/variants.py): a plain dict to read (the hot path's ``.get`` runs at C speed), but copies and pickles of the
+    layer start empty, since what it holds points at the original layer's tensors (and the C++ set cannot be
+    pickled); a copy rebuilds its own on first use.
 
     >>> import copy, pickle
     >>> cache = TransientCache(segments=(1, 2))

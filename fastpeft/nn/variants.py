@@ -21,6 +21,7 @@ from ..ops.reference import (dora_initial_magnitude_reference, dora_update_refer
 from . import bases
 from ._rng import current_rank, dropout_draw, dropout_seed
 from .layer import warn_once
+from .mixed_batch import TransientCache
 
 if HAS_TRITON:
     from ..ops.kernels import custom_ops
@@ -87,15 +88,17 @@ class LoraVariant:
         if plan is None:
             return None
         packed, ks, cd = plan
-        base = layer.base_layer
-        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        modules = layer._modules  # the dicts, not module attribute lookups: the hot path calls this per layer
+        bias = bases.base_bias(modules["base_layer"])
+        lora_A = modules["lora_A"]._modules[name]._parameters["weight"]
+        lora_B = modules["lora_B"]._modules[name]._parameters["weight"]
+        xc = x if x.dtype == cd else x.to(cd)  # (Tensor.to costs ~2 µs even when it returns x itself)
         if p > 0:
-            y = cpp_ops.nf4_lora_linear(x.to(cd), packed, ks, bases.base_bias(base), lora_A, lora_B,
-                                        layer.scaling[name], p, dropout_draw(), current_rank())
+            y = cpp_ops.nf4_lora_linear(xc, packed, ks, bias, lora_A, lora_B, layer.scaling[name], p, dropout_draw(),
+                                        current_rank())
         else:
-            y = cpp_ops.nf4_lora_linear(x.to(cd), packed, ks, bases.base_bias(base), lora_A, lora_B,
-                                        layer.scaling[name])
-        return y.to(x.dtype)
+            y = cpp_ops.nf4_lora_linear(xc, packed, ks, bias, lora_A, lora_B, layer.scaling[name])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def delta_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
         """scaling·B·A as [out, in] in fp32."""
@@ -124,17 +127,37 @@ def _nf4_cpp_plan(layer: "LoraLinear", x: torch.Tensor):
     """(packed bytes, KernelState, compute dtype) when a 4-bit layer's call takes the C++ operators, else None: bnb's
     CPU-packed layout (the reference reads it), a base weight that requires grad (the operators take it frozen), and
     under backend auto the sizes the Triton path serves from the 4-bit bytes directly (``nf4_path`` "fused":
-    training's small M; no-grad decode takes the NF4 GEMV on that path)."""
-    base = layer.base_layer
-    parts = bases.nf4_parts(base)
-    if parts is None or getattr(base.weight, "requires_grad", False):
+    training's small M; no-grad decode takes the NF4 GEMV on that path).
+
+    The triple is kept on the layer (``_nf4_plans``, a TransientCache: copies and pickles start empty) under a key of
+    cheap reads -- the base weight's identity and storage, the QuantState's and its absmax's identities, bnb's CPU
+    packing flag, the layer's compute dtype, x's device and dtype -- so any replaced weight, state or absmax, or
+    another device / dtype, rebuilds it. The hot path pays the key per call (~2 µs) instead of the lookups it
+    replaces (~11 µs on the CI host: nf4_parts, kernel_state's device normalisation, compute_dtype)."""
+    base = layer._modules["base_layer"]
+    weight = base.weight
+    if getattr(weight, "requires_grad", False):
         return None
-    packed, quant_state = parts
-    cd = bases.compute_dtype(base, x)
-    ks = kernel_state(quant_state, x.device)
-    if layer.backend == "auto" and HAS_TRITON and nf4_path(x.numel() // max(1, x.shape[-1]), ks, cd) == "fused":
+    state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
+    key = (id(weight), weight.data_ptr(), id(state), id(getattr(state, "absmax", None)),
+           getattr(state, "packing_format_for_cpu", False), getattr(base, "compute_dtype", None), x.device, x.dtype)
+    cache = layer.__dict__.get("_nf4_plans")
+    hit = None if cache is None else cache.get("plan")
+    if hit is not None and hit[0] == key:
+        plan = hit[1]
+    else:
+        parts = bases.nf4_parts(base)
+        if parts is None:
+            return None
+        packed, quant_state = parts
+        plan = (packed, kernel_state(quant_state, x.device), bases.compute_dtype(base, x))
+        if cache is None:  # layers built (or unpickled) before the cache existed
+            cache = layer.__dict__["_nf4_plans"] = TransientCache()
+        cache["plan"] = (key, plan)
+    if layer.backend == "auto" and HAS_TRITON and nf4_path(x.numel() // max(1, x.shape[-1]), plan[1],
+                                                           plan[2]) == "fused":
         return None
-    return packed, ks, cd
+    return plan
 
 
 # Out of training on the C++ operators, inputs of 17 to this many rows take LoRA's operator and a g⊙· rescale
@@ -329,12 +352,15 @@ class DoraVariant(LoraVariant):
         if plan is None:
             return None
         packed, ks, cd = plan
-        base = layer.base_layer
+        modules = layer._modules  # (see PLAIN_LORA.forward_nf4_cpp)
+        base = modules["base_layer"]
         w_sq = self._weight_sq_norm(layer, base.weight, lambda: cpp_ops.nf4_dequantize(packed, ks, cd), (cd, id(ks)))
-        y = cpp_ops.nf4_dora_linear(x.to(cd), packed, ks, bases.base_bias(base), layer.lora_A[name].weight,
-                                    layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight,
+        y = cpp_ops.nf4_dora_linear(x if x.dtype == cd else x.to(cd), packed, ks, bases.base_bias(base),
+                                    modules["lora_A"]._modules[name]._parameters["weight"],
+                                    modules["lora_B"]._modules[name]._parameters["weight"],
+                                    modules["lora_magnitude_vector"]._modules[name]._parameters["weight"],
                                     layer.scaling[name], w_sq)
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def forward_nf4(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float, compiled: bool) -> torch.Tensor:
         """QDoRA: W dequantized per GEMM into the shared buffer (forward and backward), in the compute dtype; out of

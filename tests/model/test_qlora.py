@@ -139,6 +139,30 @@ def test_qlora_cpp_hot_path_matches_peft_bnb(cfg, monkeypatch):
         _assert_parity(theirs, ours, random_ids(batch=6, seq=12, seed=12))
 
 
+@pytest.mark.parametrize("cfg", [LORA, DORA], ids=["qlora", "qdora"])
+def test_qlora_cpp_plan_follows_a_replaced_base_weight(cfg, monkeypatch):
+    """The hot path keeps (packed bytes, KernelState, compute dtype) per layer (nn/variants.py: _nf4_cpp_plan). A
+    base weight swapped for another quantization (its own bytes and QuantState) is picked up on the next call, and
+    a deep copy of the layer starts with an empty plan and computes the same."""
+    set_settings(monkeypatch, backend="cpp")
+    ours = fastpeft.patch(nf4_tiny_model("llama"), cfg())
+    other = fastpeft.patch(nf4_tiny_model("llama", seed=7), cfg())
+    layer = ours.get_submodule("model.layers.0.self_attn.q_proj")
+    twin = other.get_submodule("model.layers.0.self_attn.q_proj")
+    twin.load_state_dict({k: v for k, v in layer.state_dict().items() if "lora" in k}, strict=False)
+    x = torch.randn(80, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = layer(x)
+        assert layer._nf4_plans["plan"][1][0].data_ptr() == layer.base_layer.weight.data_ptr()
+        layer.base_layer.weight = twin.base_layer.weight  # another Params4bit, its QuantState with it
+        after = layer(x)
+        assert torch.equal(after, twin(x)) and not torch.allclose(after, before)
+        assert layer._nf4_plans["plan"][1][0].data_ptr() == twin.base_layer.weight.data_ptr()
+        clone = copy.deepcopy(layer)
+        assert not clone._nf4_plans
+        assert torch.equal(clone(x), after)
+
+
 def test_qdora_merge_and_unload_matches_unmerged(monkeypatch):
     base = nf4_tiny_model("llama", double_quant=True)
     set_settings(monkeypatch, backend="reference")
