@@ -664,6 +664,23 @@ AdapterGrads dora_grads(AutogradContext* ctx, const Tensor& dy2, const Tensor& x
   return out;
 }
 
+// A frozen base weight rides in saved_data, not save_for_backward: the layer holds it anyway, and under non-reentrant
+// gradient checkpointing each save_for_backward tensor passes through Python pack / unpack hooks per layer call (see
+// save_nf4). A weight that requires grad stays a saved variable (autograd's in-place check guards what dW reads).
+void save_with_weight(AutogradContext* ctx, std::vector<Tensor> saved, const Tensor& weight) {
+  if (weight.requires_grad()) {
+    saved.push_back(weight);
+  } else {
+    ctx->saved_data["frozen_weight"] = weight;
+  }
+  ctx->save_for_backward(saved);
+}
+
+Tensor load_weight(AutogradContext* ctx, const variable_list& saved) {
+  auto it = ctx->saved_data.find("frozen_weight");
+  return it != ctx->saved_data.end() ? it->second.toTensor() : saved.back();
+}
+
 // Chain rule (s = scaling, D = dropout mask, S = s·(D⊙X)·Aᵀ saved by the forward):
 //   dL/dX = dY·W + D⊙(s·dY·B·A)    dL/dA = (s·dY·B)ᵀ·(D⊙X)    dL/dB = dYᵀ·S    dL/db = Σ_rows dY    dL/dW = dYᵀ·X
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
@@ -675,7 +692,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                         int64_t rank) {
     Tensor x2 = as_2d(x);
     auto [y2, S] = call_lora_fwd(x2, weight, bias, A, B, scaling, p, seed, rank);
-    ctx->save_for_backward({x, S, weight, A, B, seed.value_or(Tensor())});
+    save_with_weight(ctx, {x, S, A, B, seed.value_or(Tensor())}, weight);
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["p"] = p;
     ctx->saved_data["rank"] = rank;
@@ -685,7 +702,8 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &S = saved[1], &weight = saved[2], &A = saved[3], &B = saved[4], &seed = saved[5];
+    const Tensor &x = saved[0], &S = saved[1], &A = saved[2], &B = saved[3], &seed = saved[4];
+    const Tensor weight = load_weight(ctx, saved);
     // needs_input_grad counts the tensor inputs actually given: without a bias, lora_A is input 2
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t a_idx = has_bias ? 3 : 2;
@@ -710,7 +728,11 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
                         const c10::optional<Tensor>& w_sq, const c10::optional<Tensor>& weight_norm) {
     Tensor x2 = as_2d(x);
     auto [y2, S, Z0, g, inv_n] = call_dora_fwd(x2, weight, bias, A, B, magnitude, scaling, w_sq, weight_norm);
-    ctx->save_for_backward({x, S, Z0, g, inv_n, weight, A, B});
+    // g and 1/n ([out] fp32, derived from the frozen W and the adapter) in saved_data, with the frozen W: two
+    // vectors kept through a checkpointed forward instead of two more passes through its hooks (see save_nf4)
+    save_with_weight(ctx, {x, S, Z0, A, B}, weight);
+    ctx->saved_data["g"] = g;
+    ctx->saved_data["inv_n"] = inv_n;
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["m_dtype"] = static_cast<int64_t>(magnitude.scalar_type());
     ctx->saved_data["m_sizes"] = magnitude.sizes().vec();
@@ -720,8 +742,9 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &S = saved[1], &Z0 = saved[2], &g = saved[3], &inv_n = saved[4], &weight = saved[5],
-                 &A = saved[6], &B = saved[7];
+    const Tensor &x = saved[0], &S = saved[1], &Z0 = saved[2], &A = saved[3], &B = saved[4];
+    const Tensor weight = load_weight(ctx, saved), g = ctx->saved_data["g"].toTensor(),
+                 inv_n = ctx->saved_data["inv_n"].toTensor();
     // needs_input_grad counts the tensor inputs actually given (see LoraLinearFunction::backward)
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t a_idx = has_bias ? 3 : 2;
@@ -804,9 +827,10 @@ class LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     const Tensor x2 = as_2d(x);
     auto [ys, S] = call_lora_group_fwd(x2, weights, biases, As, Bs, scaling);
     variable_list saved{x, S};
-    for (const auto& list : {weights, As, Bs})
+    for (const auto& list : {As, Bs})
       for (const Tensor& t : list) saved.push_back(t);
     ctx->save_for_backward(saved);
+    ctx->saved_data["weights"] = weights.vec();  // frozen: in saved_data (see save_with_weight)
     const int64_t G = static_cast<int64_t>(weights.size());
     ctx->saved_data["G"] = G;
     ctx->saved_data["scaling"] = scaling;
@@ -824,8 +848,9 @@ class LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
     const int64_t G = ctx->saved_data["G"].toInt();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const Tensor &x = saved[0], &S = saved[1];
-    const std::vector<Tensor> weights(saved.begin() + 2, saved.begin() + 2 + G),
-        As(saved.begin() + 2 + G, saved.begin() + 2 + 2 * G), Bs(saved.begin() + 2 + 2 * G, saved.begin() + 2 + 3 * G);
+    const std::vector<Tensor> weights = ctx->saved_data["weights"].toTensorVector();
+    const std::vector<Tensor> As(saved.begin() + 2, saved.begin() + 2 + G),
+        Bs(saved.begin() + 2 + G, saved.begin() + 2 + 2 * G);
     // needs_input_grad counts the tensors given: x, the weights, the biases (if any), lora_A, lora_B
     const int64_t nb = has_bias ? G : 0, a0 = 1 + G + nb, b0 = a0 + G;
     bool need_A = false, need_B = false;
@@ -889,10 +914,19 @@ Tensor call_nf4_dequantize(const Nf4Weight& w, int64_t K, at::ScalarType dt) {
                  w.state_dtype, K, dt);
 }
 
-// The saved weight's tensors go last in save_for_backward, its numbers into saved_data.
-void save_nf4(AutogradContext* ctx, std::vector<Tensor> saved, const Nf4Weight& w) {
-  for (const Tensor* t : {&w.packed, &w.absmax, &w.code, &w.code2, &w.absmax2}) saved.push_back(*t);
+// The saved weight goes into saved_data whole, tensors and numbers: they are the frozen layer's own bytes and
+// quantization state, alive with the layer anyway, so the saved-tensor machinery has nothing to do for them. Under
+// non-reentrant gradient checkpointing every save_for_backward tensor passes through Python pack / unpack hooks
+// (about 5-9 GC-tracked objects and some µs of host each, per layer call: QLoRA's 4-bit operator saved 10 tensors
+// to LoRA's 6, QDoRA's 12; session 27), and these five would be "recomputed" as the same tensors. What autograd no
+// longer checks for them: an in-place change of the quantized weight between a forward and its backward.
+void save_nf4(AutogradContext* ctx, const std::vector<Tensor>& saved, const Nf4Weight& w) {
   ctx->save_for_backward(saved);
+  ctx->saved_data["nf4_packed"] = w.packed;
+  ctx->saved_data["nf4_absmax"] = w.absmax;
+  ctx->saved_data["nf4_code"] = w.code;
+  ctx->saved_data["nf4_code2"] = w.code2;
+  ctx->saved_data["nf4_absmax2"] = w.absmax2;
   ctx->saved_data["nf4_offset"] = w.offset;
   ctx->saved_data["nf4_blocksize"] = w.blocksize;
   ctx->saved_data["nf4_blocksize2"] = w.blocksize2;
@@ -901,10 +935,10 @@ void save_nf4(AutogradContext* ctx, std::vector<Tensor> saved, const Nf4Weight& 
   ctx->saved_data["nf4_state_dtype"] = static_cast<int64_t>(w.state_dtype);
 }
 
-Nf4Weight load_nf4(AutogradContext* ctx, const variable_list& saved) {
-  const size_t f = saved.size() - 5;
-  return {saved[f], saved[f + 1], saved[f + 2], saved[f + 3], saved[f + 4],
-          ctx->saved_data["nf4_offset"].toDouble(), ctx->saved_data["nf4_blocksize"].toInt(),
+Nf4Weight load_nf4(AutogradContext* ctx) {
+  auto& d = ctx->saved_data;
+  return {d["nf4_packed"].toTensor(), d["nf4_absmax"].toTensor(), d["nf4_code"].toTensor(), d["nf4_code2"].toTensor(),
+          d["nf4_absmax2"].toTensor(), ctx->saved_data["nf4_offset"].toDouble(), ctx->saved_data["nf4_blocksize"].toInt(),
           ctx->saved_data["nf4_blocksize2"].toInt(), ctx->saved_data["nf4_nested"].toBool(),
           ctx->saved_data["nf4_N"].toInt(), static_cast<at::ScalarType>(ctx->saved_data["nf4_state_dtype"].toInt())};
 }
@@ -936,7 +970,7 @@ class Nf4LoraLinearFunction : public torch::autograd::Function<Nf4LoraLinearFunc
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &S = saved[1], &A = saved[2], &B = saved[3], &seed = saved[4];
-    const Nf4Weight w = load_nf4(ctx, saved);
+    const Nf4Weight w = load_nf4(ctx);
     // needs_input_grad counts the tensor inputs given: x, then bias when present, then lora_A, lora_B (the 4-bit
     // weight travels in a struct: not an autograd input)
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
@@ -959,7 +993,9 @@ class Nf4DoraLinearFunction : public torch::autograd::Function<Nf4DoraLinearFunc
     Tensor x2 = as_2d(x);
     auto [y2, S, Z0, g, inv_n] = call_dora_fwd(x2, call_nf4_dequantize(w, x.size(-1), x.scalar_type()), bias, A, B,
                                                magnitude, scaling, w_sq, weight_norm);
-    save_nf4(ctx, {x, S, Z0, g, inv_n, A, B}, w);
+    save_nf4(ctx, {x, S, Z0, A, B}, w);
+    ctx->saved_data["g"] = g;  // (see DoraLinearFunction::forward)
+    ctx->saved_data["inv_n"] = inv_n;
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["m_dtype"] = static_cast<int64_t>(magnitude.scalar_type());
     ctx->saved_data["m_sizes"] = magnitude.sizes().vec();
@@ -969,9 +1005,9 @@ class Nf4DoraLinearFunction : public torch::autograd::Function<Nf4DoraLinearFunc
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &S = saved[1], &Z0 = saved[2], &g = saved[3], &inv_n = saved[4], &A = saved[5],
-                 &B = saved[6];
-    const Nf4Weight w = load_nf4(ctx, saved);
+    const Tensor &x = saved[0], &S = saved[1], &Z0 = saved[2], &A = saved[3], &B = saved[4];
+    const Tensor g = ctx->saved_data["g"].toTensor(), inv_n = ctx->saved_data["inv_n"].toTensor();
+    const Nf4Weight w = load_nf4(ctx);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();  // (see Nf4LoraLinearFunction::backward)
     const size_t a_idx = has_bias ? 2 : 1;
     const bool need_x = ctx->needs_input_grad(0), need_b = has_bias && ctx->needs_input_grad(1),
@@ -992,7 +1028,7 @@ class IA3LinearFunction : public torch::autograd::Function<IA3LinearFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
                         const Tensor& l, bool feedforward) {
     auto [y2, saved] = call_ia3_fwd(as_2d(x), weight, bias, l, feedforward);
-    ctx->save_for_backward({feedforward ? x : saved, weight, l});  // feedforward: the caller's x itself
+    save_with_weight(ctx, {feedforward ? x : saved, l}, weight);  // feedforward: the caller's x itself
     ctx->saved_data["feedforward"] = feedforward;
     save_bias_info(ctx, bias);
     return y2.view(with_last_dim(x, weight.size(0)));
@@ -1001,7 +1037,8 @@ class IA3LinearFunction : public torch::autograd::Function<IA3LinearFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const bool feedforward = ctx->saved_data["feedforward"].toBool();
-    const Tensor &kept = saved[0], &weight = saved[1], &l = saved[2];
+    const Tensor &kept = saved[0], &l = saved[1];
+    const Tensor weight = load_weight(ctx, saved);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();  // (see LoraLinearFunction::backward)
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_b = has_bias && ctx->needs_input_grad(2), need_l = ctx->needs_input_grad(has_bias ? 3 : 2);

@@ -115,6 +115,47 @@ def test_saved_tensors_share_x():
     assert x.grad is not None
 
 
+def test_frozen_weights_and_derived_vectors_skip_the_saved_tensor_hooks():
+    """A frozen base weight (and DoRA's g, 1/n; a 4-bit base's bytes and state) rides in the node's saved_data, not
+    through save_for_backward: under non-reentrant checkpointing each saved tensor costs a Python pack / unpack hook
+    per layer call. What must still be saved is: x, S (and DoRA's Z0) and the adapters; a base weight that requires
+    grad stays saved, and its gradient is dYᵀ·X."""
+    from fastpeft.ops.nf4_format import kernel_state  # noqa: PLC0415
+    from fastpeft.ops.nf4_quantize import quantize_nf4  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, requires_grad=True)
+    w, A, Bw = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    m = torch.rand(8, requires_grad=True) + 1.0
+    packed, qs = quantize_nf4(torch.randn(8, 16), blocksize=64, compress_statistics=True)
+    ks = kernel_state(qs, "cpu")
+    calls = {
+        "lora": lambda: cpp_ops.lora_linear(x, w, None, A, Bw, 2.0),
+        "dora": lambda: cpp_ops.dora_linear(x, w, None, A, Bw, m, 2.0),
+        "ia3": lambda: cpp_ops.ia3_linear(x, w, None, torch.rand(1, 16, requires_grad=True), True),
+        "nf4_lora": lambda: cpp_ops.nf4_lora_linear(x, packed, ks, None, A, Bw, 2.0),
+        "nf4_dora": lambda: cpp_ops.nf4_dora_linear(x, packed, ks, None, A, Bw, m, 2.0),
+    }
+    want = {"lora": 4, "dora": 5, "ia3": 2, "nf4_lora": 4, "nf4_dora": 5}  # x, S, (Z0), A, B; ia3: x, l
+    for name, call in calls.items():
+        packed_tensors = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed_tensors.append(t) or t, lambda t: t):
+            y = call()
+        assert len(packed_tensors) == want[name], (name, [tuple(t.shape) for t in packed_tensors])
+        assert not any(t is w or t is packed or t is ks.absmax for t in packed_tensors), name
+        x.grad = A.grad = Bw.grad = None
+        y.backward(torch.ones_like(y))
+        assert x.grad is not None and torch.isfinite(x.grad).all(), name
+    trainable = w.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = cpp_ops.lora_linear(x, trainable, None, A, Bw, 2.0)
+    assert any(t is trainable for t in saved)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(trainable.grad, g.t() @ x.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_calls_without_gradients_record_no_autograd_node_and_give_the_same_numbers():
     """lora_linear / ia3_linear / dora_linear skip their autograd node when nothing needs a gradient (no_grad, or
     no input requiring one): the same output, no grad_fn, and a result that later in-place ops on grad-requiring
