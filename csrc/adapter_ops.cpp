@@ -917,9 +917,9 @@ Tensor call_nf4_dequantize(const Nf4Weight& w, int64_t K, at::ScalarType dt) {
 // The saved weight goes into saved_data whole, tensors and numbers: they are the frozen layer's own bytes and
 // quantization state, alive with the layer anyway, so the saved-tensor machinery has nothing to do for them. Under
 // non-reentrant gradient checkpointing every save_for_backward tensor passes through Python pack / unpack hooks
-// (about 5-9 GC-tracked objects and some µs of host each, per layer call: QLoRA's 4-bit operator saved 10 tensors
-// to LoRA's 6, QDoRA's 12; session 27), and these five would be "recomputed" as the same tensors. What autograd no
-// longer checks for them: an in-place change of the quantized weight between a forward and its backward.
+// (about 5-9 GC-tracked objects and some µs of host each, per layer call: QLoRA's operator passed 9 tensors through
+// them, QDoRA's 12, LoRA's 5; session 27), and these five would be "recomputed" as the same tensors. What autograd
+// no longer checks for them: an in-place change of the quantized weight between a forward and its backward.
 void save_nf4(AutogradContext* ctx, const std::vector<Tensor>& saved, const Nf4Weight& w) {
   ctx->save_for_backward(saved);
   ctx->saved_data["nf4_packed"] = w.packed;
@@ -937,10 +937,10 @@ void save_nf4(AutogradContext* ctx, const std::vector<Tensor>& saved, const Nf4W
 
 Nf4Weight load_nf4(AutogradContext* ctx) {
   auto& d = ctx->saved_data;
-  return {d["nf4_packed"].toTensor(), d["nf4_absmax"].toTensor(), d["nf4_code"].toTensor(), d["nf4_code2"].toTensor(),
-          d["nf4_absmax2"].toTensor(), ctx->saved_data["nf4_offset"].toDouble(), ctx->saved_data["nf4_blocksize"].toInt(),
-          ctx->saved_data["nf4_blocksize2"].toInt(), ctx->saved_data["nf4_nested"].toBool(),
-          ctx->saved_data["nf4_N"].toInt(), static_cast<at::ScalarType>(ctx->saved_data["nf4_state_dtype"].toInt())};
+  return {d["nf4_packed"].toTensor(), d["nf4_absmax"].toTensor(), d["nf4_code"].toTensor(),
+          d["nf4_code2"].toTensor(), d["nf4_absmax2"].toTensor(), d["nf4_offset"].toDouble(),
+          d["nf4_blocksize"].toInt(), d["nf4_blocksize2"].toInt(), d["nf4_nested"].toBool(), d["nf4_N"].toInt(),
+          static_cast<at::ScalarType>(d["nf4_state_dtype"].toInt())};
 }
 
 // W for the backward: dequantized when dX is wanted; otherwise a stand-in of W's shape that no kernel reads (the
