@@ -2,7 +2,10 @@
 process, to tell a real gap from order or drift (``python -m fastpeft.bench`` always runs PEFT first).
 
 Per row it records the step's wall time (synchronised before and after, as the bench) and its host time: the
-time until ``step()`` returns, before the final synchronisation. Where host ≈ wall the step is host-bound.
+time until ``step()`` returns, before the final synchronisation. Where host ≈ wall the step is host-bound. It also
+records the garbage collections and the time Python's collector spent in each timed step (``gc_ms_all``; full,
+generation-2 collections counted apart): on a host-bound 8B step one full collection is a stall of a fraction of a
+second.
 ``--gc freeze`` moves everything alive after the build into the permanent generation (``gc.freeze()``) so the
 collector does not rescan it during the timed steps; ``--gc off`` disables it while timing.
 
@@ -61,9 +64,27 @@ def parse_setting(text: str):
     return name, values
 
 
+class _CollectorClock:
+    """Time Python's cyclic collector spends per timed step, by generation (gc.callbacks): on a host-bound step a
+    full (generation 2) collection over a large model's objects is a visible stall (~0.3 s on the CI host at 8B)."""
+
+    def __init__(self):
+        self.ms, self.full, self._t0 = 0.0, 0, None
+        self.step_ms: list = []
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.ms += 1e3 * (time.perf_counter() - self._t0)
+            self.full += info["generation"] == 2
+            self._t0 = None
+
+
 def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> dict:
     prep = harness.prepare(spec, device)
     was_enabled, frozen_before = gc.isenabled(), gc.get_freeze_count()
+    clock = _CollectorClock()
     try:
         walls, hosts = [], []
         if gc_mode == "freeze":
@@ -74,6 +95,9 @@ def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> 
         collections_before = sum(s["collections"] for s in gc.get_stats())
         for i in range(warmup + steps):
             harness.sync(device)
+            if i == warmup:
+                gc.callbacks.append(clock)
+            before = clock.ms
             t = time.perf_counter()
             prep.step()
             host = time.perf_counter() - t
@@ -82,8 +106,11 @@ def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> 
             if i >= warmup:
                 walls.append(wall)
                 hosts.append(host)
+                clock.step_ms.append(clock.ms - before)
         collections = sum(s["collections"] for s in gc.get_stats()) - collections_before
     finally:
+        if clock in gc.callbacks:
+            gc.callbacks.remove(clock)
         if was_enabled:
             gc.enable()
         if gc_mode == "freeze" and frozen_before == 0:  # a process that froze objects itself keeps them frozen
@@ -94,7 +121,7 @@ def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> 
     batch, seq = SEQ[spec.model]
     return {"impl": spec.impl, "wall_ms": 1e3 * statistics.median(walls), "host_ms": 1e3 * statistics.median(hosts),
             "tokens_per_s": batch * seq / statistics.median(walls), "wall_ms_all": [1e3 * w for w in walls],
-            "gc_collections": collections}
+            "gc_collections": collections, "gc_full_collections": clock.full, "gc_ms_all": clock.step_ms}
 
 
 def main(argv=None) -> int:
@@ -152,7 +179,8 @@ def main(argv=None) -> int:
             row["round"], row["label"] = r, label
             rows.append(row)
             print(f"round {r} {label:12s} wall {row['wall_ms']:7.1f} ms  host {row['host_ms']:7.1f} ms  "
-                  f"{row['tokens_per_s']:9,.0f} tok/s  gc collections {row['gc_collections']}", flush=True)
+                  f"{row['tokens_per_s']:9,.0f} tok/s  gc collections {row['gc_collections']} "
+                  f"({row['gc_full_collections']} full, {sum(row['gc_ms_all']):.0f} ms in the timed steps)", flush=True)
     for label in dict.fromkeys(x["label"] for x in rows):
         walls = [x["wall_ms"] for x in rows if x["label"] == label]
         print(f"{label:12s} median over rounds: {statistics.median(walls):.1f} ms (spread {min(walls):.1f}-{max(walls):.1f})")

@@ -149,7 +149,25 @@ def test_step_alternate_without_the_peft_control(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["round"], r["method"], r["impl"]) for r in rows] == [
         (0, "lora", "fastpeft"), (0, "dora", "fastpeft"), (1, "dora", "fastpeft"), (1, "lora", "fastpeft")]
-    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] > 0 and len(r["gc_ms_all"]) == 1 for r in rows)
+
+
+def test_step_alternate_clocks_the_collector():
+    """The collector clock counts a full collection and its time, and step_alternate leaves gc.callbacks as it
+    found them."""
+    alternate = _load("step_alternate")
+    clock = alternate._CollectorClock()
+    gc.callbacks.append(clock)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(clock)
+    assert clock.full == 1 and clock.ms > 0
+    callbacks = list(gc.callbacks)
+    with _one_thread():
+        alternate.main(["--model", "tiny", "--method", "lora", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                        "--no-control"])
+    assert gc.callbacks == callbacks
 
 
 @pytest.mark.parametrize("method", ["fastpeft_qlora_layer", "fastpeft_qdora_layer", "fastpeft_dora_layer"])
