@@ -3,8 +3,9 @@ achieved TFLOP/s, the SM clock, temperature and power reported every ``--every``
 
     python benchmarks/scripts/gpu_clock_probe.py [--shape 4096 4096 4096] [--seconds 60] [--every 2] [--out f.json]
 
-Why: a benchmark that times method A and then method B on a device that is still warming up gives A faster GEMMs
-than B; this measures how long that lasts (profile_layer.py's ``--heat`` default comes from it). CUDA only.
+Why: a benchmark that times method A and then method B right after the device was idle would favour A if a cold GPU
+ran faster at first. On the H200 it does not (session 27: the first 2.5 s ran at 648 TFLOP/s, then 667-676 at the
+700 W power cap); profile_layer.py's ``--heat`` covers those first seconds. CUDA only.
 """
 import argparse
 import json
