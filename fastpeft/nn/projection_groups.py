@@ -23,7 +23,9 @@ backward pass; every other decision depends only on the calls themselves, which 
 
 A group runs only where its members' own hot path would run the C++ LoRA operator with the same settings for all
 of them: plain LoRA, one active adapter of one rank and scaling, no dropout in effect, an ``nn.Linear`` base that is
-frozen, biases on all members or none, no forward-pre or backward hooks on any member (accelerate's offload hooks
+frozen on every member or a 4-bit base on every member (QLoRA: ``fastpeft_ops::nf4_lora_group_linear``, each W
+dequantized inside the call, the members' dense weights alive together for its GEMMs, and only where every member's
+own call would take the C++ 4-bit operator in one compute dtype), biases on all members or none, no forward-pre or backward hooks on any member (accelerate's offload hooks
 load weights in a pre-hook), more than ``MIN_ROWS`` rows (decode runs the single-layer kernels), not under
 torch.compile, not on inference tensors (``torch.inference_mode``: they have no version counter to show an in-place
 change). ``FASTPEFT_GROUP_PROJECTIONS=0`` (``settings.group_projections``) turns grouping off at patch time.
@@ -50,8 +52,9 @@ from torch.nn.modules import module as _module
 
 from .. import settings
 from ..ops import cpp_ops
+from . import bases
 from .lora import LoraLinear
-from .variants import PLAIN_LORA
+from .variants import PLAIN_LORA, nf4_cpp_plan
 
 __all__ = ["ProjectionGroup", "link_projection_groups", "GROUP_NAMES", "MIN_ROWS"]
 
@@ -65,6 +68,8 @@ GROUP_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", 
 MIN_ROWS = 65
 
 _ATTR = "_projection_group"
+
+_DENSE = "dense"  # ProjectionGroup._ready's answer for frozen nn.Linear bases (4-bit ones: the members' plans)
 
 
 class ProjectionGroup:
@@ -114,18 +119,28 @@ class ProjectionGroup:
                 self._watch(layer, x)
                 return None
             self.confirmed, self._pending = True, False
-        if x.dim() < 2 or x.numel() < MIN_ROWS * x.shape[-1] or not self._ready(name):
+        if x.dim() < 2 or x.numel() < MIN_ROWS * x.shape[-1]:
+            self.reset()
+            return None
+        plan = self._ready(name, x)
+        if plan is None:
             self.reset()
             return None
         members = self.members
-        bases = [m._modules["base_layer"]._parameters for m in members]
-        weights = [p["weight"] for p in bases]
-        biases = [p["bias"] for p in bases]
+        biases = [bases.base_bias(m._modules["base_layer"]) for m in members]
         if any(b is None for b in biases):
             biases = []
         lora_A = [m._modules["lora_A"]._modules[name]._parameters["weight"] for m in members]
         lora_B = [m._modules["lora_B"]._modules[name]._parameters["weight"] for m in members]
-        ys = cpp_ops.lora_group_linear(x, weights, biases, lora_A, lora_B, layer.scaling[name])
+        if plan is _DENSE:
+            weights = [m._modules["base_layer"]._parameters["weight"] for m in members]
+            ys = cpp_ops.lora_group_linear(x, weights, biases, lora_A, lora_B, layer.scaling[name])
+        else:  # 4-bit bases: each member's (packed, KernelState, compute dtype) from its layer's plan cache
+            cd = plan[0][2]
+            ys = cpp_ops.nf4_lora_group_linear(x if x.dtype == cd else x.to(cd), [(p[0], p[1]) for p in plan],
+                                               biases, lora_A, lora_B, layer.scaling[name])
+            if cd != x.dtype:
+                ys = [y.to(x.dtype) for y in ys]
         self._kept = {m: y for m, y in zip(members, ys) if m is not layer}
         self._kept_x, self._kept_version = weakref.ref(x), x._version
         return ys[members.index(layer)]
@@ -139,30 +154,42 @@ class ProjectionGroup:
             self._pending = True
             self._seen, self._seen_x = [], None
 
-    def _ready(self, name: str) -> bool:
-        """Every member would run the plain C++ LoRA operator for adapter ``name`` with the same rank / scaling."""
+    def _ready(self, name: str, x: torch.Tensor):
+        """How the group runs adapter ``name`` on ``x``, or None: every member would run the plain C++ LoRA operator
+        with the same rank / scaling on the same kind of frozen base -- ``_DENSE`` for ``nn.Linear`` bases, or for
+        4-bit ones the members' C++ plans (``variants.nf4_cpp_plan``: none may be refused, one compute dtype, one
+        quantization-state dtype)."""
         first = self.members[0]
         if _module._global_forward_pre_hooks or _module._global_backward_hooks:
-            return False
+            return None
         rank, scaling, has_bias = first.r.get(name), first.scaling.get(name), None
+        quantized = bases.is_linear4bit(first._modules["base_layer"])
         for m in self.members:
             state = m.__dict__
             if (state.get(_ATTR) is not self or state["active_adapter"] != name or m.disable_adapters
                     or m.merged_adapters or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                     or m.lora_variant.get(name) is not PLAIN_LORA or m.r.get(name) != rank
                     or m.scaling.get(name) != scaling or state["backend"] != first.__dict__["backend"]):
-                return False
+                return None
             if m.training and type(m._modules["lora_dropout"]._modules[name]) is not nn.Identity:
-                return False
+                return None
             base = m._modules["base_layer"]
-            if type(base) is not nn.Linear or base._parameters["weight"].requires_grad:
-                return False
-            bias_here = base._parameters["bias"] is not None
+            if quantized:
+                if not bases.is_linear4bit(base):
+                    return None
+            elif type(base) is not nn.Linear or base._parameters["weight"].requires_grad:
+                return None
+            bias_here = bases.base_bias(base) is not None
             if has_bias is None:
                 has_bias = bias_here
             elif has_bias != bias_here:
-                return False
-        return True
+                return None
+        if not quantized:
+            return _DENSE
+        plans = [nf4_cpp_plan(m, x) for m in self.members]
+        if any(p is None for p in plans) or len({(p[2], p[1].state_dtype) for p in plans}) != 1:
+            return None
+        return plans
 
 
 def link_projection_groups(model: nn.Module) -> int:

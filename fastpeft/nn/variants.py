@@ -28,7 +28,7 @@ if HAS_TRITON:
     from ..ops.kernels.nf4_lora import nf4_path
 
 # "LoraLinear" in the annotations below is fastpeft.nn.lora.LoraLinear (not imported: lora.py imports this module)
-__all__ = ["LoraVariant", "PLAIN_LORA", "DoraVariant", "DORA", "DoraMagnitude"]
+__all__ = ["LoraVariant", "PLAIN_LORA", "DoraVariant", "DORA", "DoraMagnitude", "nf4_cpp_plan"]
 
 
 class LoraVariant:
@@ -84,7 +84,7 @@ class LoraVariant:
         the layer's compute dtype, or None where the Triton path serves the call better: under backend auto the
         sizes at which ``nf4_path`` picks the in-kernel-dequant GEMM or the decode GEMV (they read W as 4 bits;
         the operator writes and reads it dense)."""
-        plan = _nf4_cpp_plan(layer, x)
+        plan = nf4_cpp_plan(layer, x)
         if plan is None:
             return None
         packed, ks, cd = plan
@@ -123,7 +123,7 @@ class LoraVariant:
 PLAIN_LORA = LoraVariant()
 
 
-def _nf4_cpp_plan(layer: "LoraLinear", x: torch.Tensor):
+def nf4_cpp_plan(layer: "LoraLinear", x: torch.Tensor):
     """(packed bytes, KernelState, compute dtype) when a 4-bit layer's call takes the C++ operators, else None: bnb's
     CPU-packed layout (the reference reads it), a base weight that requires grad (the operators take it frozen), and
     under backend auto the sizes the Triton path serves from the 4-bit bytes directly (``nf4_path`` "fused":
@@ -345,10 +345,10 @@ class DoraVariant(LoraVariant):
     def forward_nf4_cpp(self, layer: "LoraLinear", name: str, x: torch.Tensor, p: float) -> Optional[torch.Tensor]:
         """QDoRA without dropout in training through the C++ operator (W dequantized per GEMM, never kept; ‖W‖² kept
         per layer), or None: with dropout in effect (PEFT's second base product: the Triton path), out of training
-        (the Triton path's cached norm and GEMV) and where ``_nf4_cpp_plan`` says so."""
+        (the Triton path's cached norm and GEMV) and where ``nf4_cpp_plan`` says so."""
         if p > 0 or not (layer.training or torch.is_grad_enabled()):
             return None
-        plan = _nf4_cpp_plan(layer, x)
+        plan = nf4_cpp_plan(layer, x)
         if plan is None:
             return None
         packed, ks, cd = plan

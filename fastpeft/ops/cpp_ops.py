@@ -20,7 +20,7 @@ their Triton path. PyTorch only: no Triton here.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from .csrc import Extension
 from .nf4_format import KernelState
 
 __all__ = ["available", "loaded", "lora_linear", "lora_group_linear", "dora_linear", "ia3_linear", "nf4_dequantize", "nf4_lora_linear",
-           "nf4_dora_linear", "mixed_adapters", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK", "EXTENSION"]
+           "nf4_dora_linear", "nf4_lora_group_linear", "mixed_adapters", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK", "EXTENSION"]
 
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
 
@@ -56,6 +56,7 @@ def available() -> bool:
     _OPS["nf4_dequantize"] = torch.ops.fastpeft_ops.nf4_dequantize.default
     _OPS["nf4_lora"] = torch.ops.fastpeft_ops.nf4_lora_linear.default
     _OPS["nf4_dora"] = torch.ops.fastpeft_ops.nf4_dora_linear.default
+    _OPS["nf4_lora_group"] = torch.ops.fastpeft_ops.nf4_lora_group_linear.default
     _OPS["mixed"] = torch.ops.fastpeft_ops.lora_mixed_delta_.default
     _OPS["mixed_linear"] = torch.ops.fastpeft_ops.lora_mixed_linear.default
     # The two take a custom-class argument, which makes them TorchBindOpOverloads: every call first walks its
@@ -143,6 +144,37 @@ def nf4_dora_linear(x: Tensor, packed: Tensor, ks: KernelState, bias: Optional[T
     ``available()`` first."""
     return _OPS["nf4_dora"](x, *_nf4_args(packed, ks), bias, lora_A, lora_B, magnitude, scaling, weight_sq_norm,
                             weight_norm)
+
+
+def nf4_lora_group_linear(x: Tensor, weights: Sequence[Tuple[Tensor, KernelState]], biases: Sequence[Tensor],
+                          lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scaling: float) -> List[Tensor]:
+    """Sibling QLoRA projections of one input as one call: ``lora_group_linear`` with W_i = dequant(packed_i) in x's
+    dtype (``weights``: one (packed bytes, KernelState) pair per member; the states must share one ``state_dtype``),
+    dequantized per call that reads them (the forward, and the backward's dX) and never kept. Member i's output is
+    ``nf4_lora_linear(x, *weights[i], biases[i], lora_A[i], lora_B[i], scaling)``, up to the order in which the
+    members' dX are added. No dropout. Differentiable in x, the biases, lora_A and lora_B. Call ``available()``
+    first.
+
+    >>> from fastpeft.ops.nf4_format import kernel_state
+    >>> from fastpeft.ops.nf4_quantize import quantize_nf4
+    >>> if available():
+    ...     x = torch.randn(5, 64)
+    ...     weights = [(p, kernel_state(qs, "cpu")) for p, qs in (quantize_nf4(torch.randn(n, 64)) for n in (8, 4))]
+    ...     A = [torch.randn(2, 64), torch.randn(2, 64)]; B = [torch.randn(8, 2), torch.randn(4, 2)]
+    ...     ys = nf4_lora_group_linear(x, weights, [], A, B, 0.5)
+    ...     alone = [nf4_lora_linear(x, p, ks, None, a, b, 0.5) for (p, ks), a, b in zip(weights, A, B)]
+    ...     assert all(torch.allclose(y, y1, atol=1e-5) for y, y1 in zip(ys, alone))
+    """
+    states = [ks for _, ks in weights]
+    state_dtype = states[0].state_dtype if states else torch.float32
+    if any(ks.state_dtype != state_dtype for ks in states):
+        raise ValueError("nf4_lora_group_linear: the members' quantization states must share one dtype, got "
+                         f"{sorted({str(ks.state_dtype) for ks in states})}")
+    return _OPS["nf4_lora_group"](
+        x, [p for p, _ in weights], [ks.absmax for ks in states], [ks.code for ks in states],
+        [ks.code2 for ks in states], [ks.absmax2 for ks in states], [ks.offset for ks in states],
+        [ks.blocksize for ks in states], [ks.blocksize2 for ks in states], [ks.nested for ks in states],
+        [ks.shape[0] for ks in states], state_dtype, biases, lora_A, lora_B, scaling)
 
 
 def mixed_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scales: Sequence[float]):

@@ -141,7 +141,7 @@ def test_qlora_cpp_hot_path_matches_peft_bnb(cfg, monkeypatch):
 
 @pytest.mark.parametrize("cfg", [LORA, DORA], ids=["qlora", "qdora"])
 def test_qlora_cpp_plan_follows_a_replaced_base_weight(cfg, monkeypatch):
-    """The hot path keeps (packed bytes, KernelState, compute dtype) per layer (nn/variants.py: _nf4_cpp_plan). A
+    """The hot path keeps (packed bytes, KernelState, compute dtype) per layer (nn/variants.py: nf4_cpp_plan). A
     base weight swapped for another quantization (its own bytes and QuantState) is picked up on the next call, and
     a deep copy of the layer starts with an empty plan and computes the same."""
     set_settings(monkeypatch, backend="cpp")

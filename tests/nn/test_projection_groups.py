@@ -11,7 +11,9 @@ import torch.nn as nn
 import fastpeft
 from fastpeft.nn import projection_groups
 from fastpeft.ops import cpp_ops
-from helpers import random_ids, rel_err, set_settings, tiny_model
+from fastpeft.ops.nf4_format import kernel_state
+from fastpeft.ops.nf4_quantize import quantize_nf4
+from helpers import nf4_tiny_model, random_ids, rel_err, set_settings, tiny_model, tiny_model_for_nf4
 
 pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="the C++ extension cannot be built here")
 
@@ -269,6 +271,171 @@ def test_lora_group_linear_op_validates_its_lists():
         assert torch.allclose(y, cpp_ops.lora_linear(x, wi, None, ai, bi, 1.5))
 
 
+# -- 4-bit bases (QLoRA): fastpeft_ops::nf4_lora_group_linear ---------------------------------------------------
+
+@pytest.fixture
+def count_nf4_group_calls(monkeypatch):
+    """How many members each run of the grouped 4-bit operator had (wraps cpp_ops.nf4_lora_group_linear)."""
+    calls = []
+    real = cpp_ops.nf4_lora_group_linear
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpp_ops, "nf4_lora_group_linear", counting)
+    return calls
+
+
+def _patched_nf4(arch, monkeypatch, group: bool, seed=0, module_type="fastpeft"):
+    """A tiny model whose linear layers (not the head) are 4-bit -- fastpeft's NF4Linear (no bitsandbytes) or
+    bitsandbytes' Linear4bit -- with LoRA on all of them."""
+    set_settings(monkeypatch, backend="cpp", group_projections=group)
+    if module_type == "bnb":
+        pytest.importorskip("bitsandbytes")
+        base = nf4_tiny_model(arch, seed=3)
+    else:
+        base = fastpeft.quantize_nf4(tiny_model_for_nf4(arch, seed=3), module_type="fastpeft",
+                                     compute_dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = fastpeft.patch(base, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                     init_lora_weights=False))
+    return model.train()
+
+
+def _copy_trainable(src, dst):
+    """The adapters of ``src`` into ``dst`` (the 4-bit bases are built the same way; bnb's Linear4bit state dicts
+    do not load into a model quantized already)."""
+    theirs = dict(src.named_parameters())
+    with torch.no_grad():
+        for name, p in dst.named_parameters():
+            if p.requires_grad:
+                p.copy_(theirs[name])
+
+
+@pytest.mark.parametrize("arch,checkpoint,module_type", [("llama", False, "fastpeft"), ("llama", True, "fastpeft"),
+                                                         ("qwen2", False, "fastpeft"), ("qwen2", True, "fastpeft"),
+                                                         ("llama", True, "bnb")])
+def test_qlora_grouped_steps_match_layers_run_one_by_one(arch, checkpoint, module_type, monkeypatch,
+                                                          count_nf4_group_calls):
+    """QLoRA: the 4-bit members run as one operator from the second step on (q/k/v with Qwen2's biases, gate/up),
+    and logits, loss and every adapter gradient equal the ungrouped model's, with checkpointing too; on fastpeft's
+    NF4Linear and on bitsandbytes' Linear4bit (double-quantized state)."""
+    ids = random_ids(batch=2, seq=40)  # 80 rows: above the 4-bit hot path's and the groups' minimum
+    plain = _patched_nf4(arch, monkeypatch, group=False, module_type=module_type)
+    grouped = _patched_nf4(arch, monkeypatch, group=True, module_type=module_type)
+    _copy_trainable(plain, grouped)
+    for step in range(3):
+        want = _step(plain, ids, checkpoint)
+        calls_before = len(count_nf4_group_calls)
+        got = _step(grouped, ids, checkpoint)
+        ran = count_nf4_group_calls[calls_before:]
+        if step == 0:
+            assert ran == []
+        else:
+            assert sorted(ran) == sorted([3, 2] * 2 * (2 if checkpoint else 1))
+        assert rel_err(got[0], want[0]) < 1e-6 and rel_err(got[1], want[1]) < 1e-6
+        assert got[2].keys() == want[2].keys() and len(want[2]) == 2 * 7 * 2  # A and B of 7 layers x 2 blocks
+        for name in want[2]:
+            assert rel_err(got[2][name], want[2][name]) < 1e-5, name
+
+
+def test_qlora_groups_stand_aside_for_a_dense_member(monkeypatch, count_nf4_group_calls, count_group_calls):
+    """A group whose members' bases differ in kind (one dense, the others 4-bit) never runs grouped, by either
+    operator, and still computes what the layers compute one by one."""
+    ids = random_ids(batch=2, seq=40)
+    plain = _patched_nf4("llama", monkeypatch, group=False)
+    grouped = _patched_nf4("llama", monkeypatch, group=True)
+    _copy_trainable(plain, grouped)
+    for model in (plain, grouped):
+        for layer in model.model.layers:
+            q = layer.self_attn.q_proj
+            dense = nn.Linear(q.in_features, q.out_features, bias=False)
+            with torch.no_grad():
+                dense.weight.copy_(q.base_layer.dequantize() if hasattr(q.base_layer, "dequantize") else
+                                   fastpeft.nn.bases.dequantize_linear4bit(q.base_layer))
+            dense.weight.requires_grad_(False)
+            q.base_layer = dense
+    for _ in range(3):
+        want = _step(plain, ids)
+        got = _step(grouped, ids)
+        assert rel_err(got[1], want[1]) < 1e-6
+    assert count_group_calls == [] and sorted(set(count_nf4_group_calls)) == [2]  # gate/up only
+
+
+def _nf4_members(Ns, K, dtype=torch.float32, device="cpu", nested=True):
+    weights = []
+    for i, n in enumerate(Ns):
+        packed, qs = quantize_nf4(torch.randn(n, K, generator=torch.Generator().manual_seed(i)), blocksize=64,
+                                  compress_statistics=nested)
+        weights.append((packed.to(device), kernel_state(qs, device)))
+    return weights
+
+
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_nf4_lora_group_linear_op_matches_the_single_layer_operator(has_bias):
+    """Outputs and the gradients of x, biases, lora_A and lora_B (every subset) equal the single-layer operator's
+    on each member, with one member's output unused (no gradient from it)."""
+    torch.manual_seed(0)
+    K, Ns, r = 128, [96, 32, 32], 3
+    weights = _nf4_members(Ns, K)
+    x = torch.randn(2, 37, K)
+    bs = [torch.randn(n) for n in Ns] if has_bias else []
+    As = [torch.randn(r, K) / K**0.5 for _ in Ns]
+    Bs = [torch.randn(n, r) for n in Ns]
+    gs = [torch.randn(2, 37, n) for n in Ns[:2]]  # the last member's output goes unused
+    for wanted in ("xbAB", "x", "A", "B", "b"):
+        def leaves():
+            return (x.clone().requires_grad_("x" in wanted), [b.clone().requires_grad_("b" in wanted) for b in bs],
+                    [a.clone().requires_grad_("A" in wanted) for a in As],
+                    [b.clone().requires_grad_("B" in wanted) for b in Bs])
+        if wanted == "b" and not has_bias:
+            continue
+        xg, bg, Ag, Bg = leaves()
+        ys = cpp_ops.nf4_lora_group_linear(xg, weights, bg, Ag, Bg, 1.5)
+        torch.autograd.backward(ys[:2], gs)
+        xr, br, Ar, Br = leaves()
+        refs = [cpp_ops.nf4_lora_linear(xr, p, ks, br[i] if br else None, Ar[i], Br[i], 1.5)
+                for i, (p, ks) in enumerate(weights)]
+        torch.autograd.backward(refs[:2], gs)
+        for y, ref in zip(ys, refs):
+            assert y.shape == ref.shape and rel_err(y, ref) < 1e-6
+        pairs = [(xg.grad, xr.grad)] if "x" in wanted else []
+        for key, got_list, ref_list in (("b", bg, br), ("A", Ag, Ar), ("B", Bg, Br)):
+            if key in wanted:
+                pairs += [(g.grad, t.grad) for g, t in zip(got_list, ref_list)]
+        assert pairs
+        for got, ref in pairs:
+            if ref is None:  # the unused member's A / B / bias: zeros from the group (one node for all members)
+                assert got is None or not got.any()
+            else:
+                assert got is not None and rel_err(got, ref) < 1e-5
+        assert ("x" in wanted) == (xg.grad is not None)
+
+
+def test_nf4_lora_group_linear_op_validates_its_lists():
+    K = 64
+    weights = _nf4_members([16, 8], K)
+    x = torch.randn(4, K)
+    a = [torch.randn(2, K), torch.randn(2, K)]
+    b = [torch.randn(16, 2), torch.randn(8, 2)]
+    with pytest.raises(RuntimeError, match="one entry per member"):
+        cpp_ops.nf4_lora_group_linear(x, weights, [], a[:1], b, 1.0)
+    with pytest.raises(RuntimeError, match="one entry per member"):
+        cpp_ops.nf4_lora_group_linear(x, weights, [torch.randn(16)], a, b, 1.0)
+    with pytest.raises(RuntimeError, match="in_features"):
+        cpp_ops.nf4_lora_group_linear(torch.randn(4, 32), weights, [], a, b, 1.0)
+    p1, ks1 = weights[1]
+    odd = kernel_state(quantize_nf4(torch.randn(8, K).half())[1], "cpu")
+    if odd.state_dtype != ks1.state_dtype:
+        with pytest.raises(ValueError, match="share one dtype"):
+            cpp_ops.nf4_lora_group_linear(x, [weights[0], (p1, odd)], [], a, b, 1.0)
+    with torch.no_grad():  # no autograd recorded: the plain composition, same numbers
+        ys = cpp_ops.nf4_lora_group_linear(x, weights, [], a, b, 0.5)
+    for y, (p, ks), ai, bi in zip(ys, weights, a, b):
+        assert rel_err(y, cpp_ops.nf4_lora_linear(x, p, ks, None, ai, bi, 0.5)) < 1e-6
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [((2, 300), 1000, [1000, 256, 256], 16, True),
@@ -303,3 +470,36 @@ def test_gpu_shared_composition_matches_the_single_layer_operator(dtype, shape):
         for got, ref in pairs:
             assert got is not None and rel_err(got, ref) < 1e-2
         assert ("x" in wanted) == (xg.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [((2, 300), 1024, [1024, 256, 256], 16, True),
+                                   ((3, 129), 512, [2048, 2048], 8, False)])
+def test_gpu_nf4_group_matches_the_single_layer_operator(dtype, shape):
+    """The grouped 4-bit operator on CUDA (dequantize every member, then the shared composition) against
+    nf4_lora_linear on each member: outputs and every gradient within 16-bit rounding."""
+    (B, T), K, Ns, r, has_bias = shape
+    torch.manual_seed(K)
+    weights = _nf4_members(Ns, K, device="cuda")
+    x = torch.randn(B, T, K, device="cuda", dtype=dtype)
+    bs = [torch.randn(n, device="cuda", dtype=dtype) for n in Ns] if has_bias else []
+    As = [torch.randn(r, K, device="cuda") / K**0.5 for _ in Ns]
+    Bs = [torch.randn(n, r, device="cuda") / r**0.5 for n in Ns]
+    gs = [torch.randn(B, T, n, device="cuda", dtype=dtype) for n in Ns]
+
+    def leaves():
+        return (x.clone().requires_grad_(), [b.clone().requires_grad_() for b in bs],
+                [a.clone().requires_grad_() for a in As], [b.clone().requires_grad_() for b in Bs])
+    xg, bg, Ag, Bg = leaves()
+    ys = cpp_ops.nf4_lora_group_linear(xg, weights, bg, Ag, Bg, 2.0)
+    torch.autograd.backward(ys, gs)
+    xr, br, Ar, Br = leaves()
+    refs = [cpp_ops.nf4_lora_linear(xr, p, ks, br[i] if br else None, Ar[i], Br[i], 2.0)
+            for i, (p, ks) in enumerate(weights)]
+    torch.autograd.backward(refs, gs)
+    for y, ref in zip(ys, refs):
+        assert y.dtype == dtype and rel_err(y, ref) < 1e-2
+    pairs = [(xg.grad, xr.grad)] + [(g.grad, t.grad) for g, t in zip(bg + Ag + Bg, br + Ar + Br)]
+    for got, ref in pairs:
+        assert got is not None and torch.isfinite(got).all() and rel_err(got, ref) < 1e-2
