@@ -20,6 +20,10 @@
 //                                                                                              (autograd)
 //   nf4_lora_group_linear(x, <the 10 weight arguments above as per-member lists>, state_dtype, bias[], lora_A[],
 //                         lora_B[], scaling) -> y[]       (autograd; lora_group_linear on the dequantized weights)
+//   dora_group_linear(x, weight[], bias[], lora_A[], lora_B[], magnitude[], scaling, weight_sq_norm[]) -> y[]
+//   nf4_dora_group_linear(x, <the 4-bit lists>, state_dtype, bias[], lora_A[], lora_B[], magnitude[], scaling,
+//                         weight_sq_norm[]) -> y[]
+//            (autograd; sibling DoRA projections in training: each member's dora_fwd / dora_bwd in one node)
 //   ia3_linear(x, weight, bias?, ia3_l, feedforward) -> y                                        (autograd)
 //   ia3_fwd(x2, weight, bias?, ia3_l, feedforward) -> (y2, saved)
 //   ia3_bwd(dy2, saved, weight, ia3_l, feedforward, need_x, need_b) -> (dx2, db, dl)
@@ -1172,6 +1176,147 @@ class Nf4LoraGroupFunction : public torch::autograd::Function<Nf4LoraGroupFuncti
   }
 };
 
+// ------------------------------------------------------------------------------------------------ grouped DoRA
+// Sibling DoRA projections (q/k/v, gate/up) in training, on dense or 4-bit frozen bases, as one call: each member's
+// dora_fwd / dora_bwd as it would run alone (no shared kernels: DoRA's passes are per member), inside one autograd
+// node. What it saves is host time: one Python call, one node and one pass of x through the saved-tensor hooks for
+// the group instead of one each, and the members' dX summed in place. A 4-bit member's W is dequantized when its turn
+// comes (forward, and the backward's dX), so the memory is that of the members one by one.
+struct GroupBases {
+  std::vector<Tensor> dense;     // frozen dense weights [N_i, K], or empty
+  std::vector<Nf4Weight> nf4;    // 4-bit weights (when `dense` is empty)
+  std::vector<Tensor> sq_norms;  // ‖W_i‖² per row (fp32 [N_i]) kept by the caller, or empty: dora_fwd computes it
+
+  size_t size() const { return dense.empty() ? nf4.size() : dense.size(); }
+  int64_t out_features(size_t i) const { return dense.empty() ? nf4[i].N : dense[i].size(0); }
+  Tensor weight(size_t i, const Tensor& x) const {
+    return dense.empty() ? call_nf4_dequantize(nf4[i], x.size(-1), x.scalar_type()) : dense[i];
+  }
+  // W for the backward: a 4-bit one dequantized for dX only (backward_weight); a dense one as it is
+  Tensor weight_for_backward(size_t i, const Tensor& x, bool need_x) const {
+    return dense.empty() ? backward_weight(nf4[i], x, need_x) : dense[i];
+  }
+  c10::optional<Tensor> sq_norm(size_t i) const { return sq_norms.empty() ? c10::nullopt : opt(sq_norms[i]); }
+
+  // frozen: saved_data, not save_for_backward (see save_with_weight, save_nf4)
+  void save(AutogradContext* ctx) const {
+    if (dense.empty()) {
+      save_nf4_group(ctx, nf4);
+    } else {
+      ctx->saved_data["weights"] = dense;
+    }
+  }
+  static GroupBases load(AutogradContext* ctx) {
+    GroupBases b;
+    auto it = ctx->saved_data.find("weights");
+    if (it != ctx->saved_data.end()) {
+      b.dense = it->second.toTensorVector();
+    } else {
+      b.nf4 = load_nf4_group(ctx);
+    }
+    return b;
+  }
+};
+
+void check_dora_group(const GroupBases& bases, at::TensorList biases, at::TensorList As, at::TensorList Bs,
+                      at::TensorList ms, const char* op) {
+  const size_t G = bases.size();
+  TORCH_CHECK(G >= 1 && As.size() == G && Bs.size() == G && ms.size() == G && (biases.empty() || biases.size() == G)
+                  && (bases.sq_norms.empty() || bases.sq_norms.size() == G),
+              "fastpeft ", op, ": lora_A, lora_B and magnitude need one entry per member, bias and weight_sq_norm "
+              "none or one per member; got ", G, " weights, ", As.size(), " lora_A, ", Bs.size(), " lora_B, ",
+              ms.size(), " magnitudes, ", biases.size(), " biases, ", bases.sq_norms.size(), " weight_sq_norms");
+  for (const Tensor& w : bases.dense)
+    TORCH_CHECK(!w.requires_grad(), "fastpeft ", op, ": the base weights must be frozen (requires_grad=False)");
+  for (size_t i = 0; i < G; ++i)
+    TORCH_CHECK(ms[i].dim() == 1 && ms[i].size(0) == bases.out_features(i), "fastpeft ", op, ": member ", i,
+                "'s magnitude must be a vector of its ", bases.out_features(i), " output features, got ", ms[i].sizes());
+}
+
+// DoraLinearFunction's chain rule per member i (its own S_i, Z0_i, g_i, 1/n_i); dL/dX = Σ_i dX_i. Autograd's inputs:
+// x, the biases (if any), lora_A[], lora_B[], magnitude[] (the bases travel in a struct: one non-tensor argument).
+class DoraGroupFunction : public torch::autograd::Function<DoraGroupFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const GroupBases& bases, at::TensorList biases,
+                               at::TensorList As, at::TensorList Bs, at::TensorList ms, double scaling) {
+    ctx->set_materialize_grads(false);  // an unused member's output: no gradient for it (not one from zeros)
+    const Tensor x2 = as_2d(x);
+    const int64_t G = static_cast<int64_t>(bases.size());
+    variable_list out, Ss, Zs;
+    std::vector<Tensor> gs, inv_ns;
+    for (int64_t i = 0; i < G; ++i) {
+      auto [y2, S, Z0, g, inv_n] =
+          call_dora_fwd(x2, bases.weight(i, x), biases.empty() ? c10::nullopt : opt(biases[i]), As[i], Bs[i], ms[i],
+                        scaling, bases.sq_norm(i), c10::nullopt);
+      out.push_back(y2.view(with_last_dim(x, bases.out_features(i))));
+      Ss.push_back(S);
+      Zs.push_back(Z0);
+      gs.push_back(g);
+      inv_ns.push_back(inv_n);
+    }
+    variable_list saved{x};
+    for (const auto& list : {at::TensorList(Ss), at::TensorList(Zs), As, Bs})
+      for (const Tensor& t : list) saved.push_back(t);
+    ctx->save_for_backward(saved);
+    bases.save(ctx);
+    ctx->saved_data["g"] = gs;  // derived from the frozen W and the adapter (see DoraLinearFunction::forward)
+    ctx->saved_data["inv_n"] = inv_ns;
+    ctx->saved_data["G"] = G;
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["has_bias"] = !biases.empty();
+    std::vector<int64_t> bias_dtypes, m_dtypes;
+    for (const Tensor& b : biases) bias_dtypes.push_back(static_cast<int64_t>(b.scalar_type()));
+    for (const Tensor& m : ms) m_dtypes.push_back(static_cast<int64_t>(m.scalar_type()));
+    ctx->saved_data["bias_dtypes"] = bias_dtypes;
+    ctx->saved_data["m_dtypes"] = m_dtypes;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const int64_t G = ctx->saved_data["G"].toInt();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const double scaling = ctx->saved_data["scaling"].toDouble();
+    const Tensor& x = saved[0];
+    const Tensor x2 = as_2d(x);
+    const GroupBases bases = GroupBases::load(ctx);
+    const auto gs = ctx->saved_data["g"].toTensorVector(), inv_ns = ctx->saved_data["inv_n"].toTensorVector();
+    const auto bias_dtypes = ctx->saved_data["bias_dtypes"].toIntVector(),
+               m_dtypes = ctx->saved_data["m_dtypes"].toIntVector();
+    // needs_input_grad counts tensors only: x, biases, lora_A[], lora_B[], magnitude[]
+    const int64_t nb = has_bias ? G : 0, a0 = 1 + nb, b0 = a0 + G, m0 = b0 + G;
+    // one slot per forward argument: x, the bases (one), the biases, lora_A[], lora_B[], magnitude[], scaling
+    variable_list out(1 + 1 + nb + 3 * G + 1);
+    const bool need_x = ctx->needs_input_grad(0);
+    Tensor dx;
+    for (int64_t i = 0; i < G; ++i) {
+      if (!grads[i].defined()) continue;  // an output that went unused: no gradient from this member
+      const Tensor dy2 = as_2d(grads[i]).to(x.scalar_type());
+      const Tensor &S = saved[1 + i], &Z0 = saved[1 + G + i], &A = saved[1 + 2 * G + i], &B = saved[1 + 3 * G + i];
+      const bool need_A = ctx->needs_input_grad(a0 + i), need_B = ctx->needs_input_grad(b0 + i),
+                 need_m = ctx->needs_input_grad(m0 + i);
+      if (need_x || need_A || need_B || need_m) {
+        auto [dxi, dA, dB, dm] = call_dora_bwd(dy2, x2, S, Z0, gs[i], inv_ns[i],
+                                               bases.weight_for_backward(i, x, need_x), A, B, scaling, need_x, need_A,
+                                               need_B, need_m);
+        if (need_x) dx = dx.defined() ? dx.add_(dxi) : dxi;
+        if (need_A) out[2 + nb + i] = dA.to(A.scalar_type());
+        if (need_B) out[2 + nb + G + i] = dB.to(B.scalar_type());
+        if (need_m) out[2 + nb + 2 * G + i] = dm.reshape({bases.out_features(i)}).to(
+            static_cast<at::ScalarType>(m_dtypes[i]));
+      }
+      if (has_bias && ctx->needs_input_grad(1 + i)) {
+        const auto bdt = static_cast<at::ScalarType>(bias_dtypes[i]);
+        out[2 + i] = (bdt == dy2.scalar_type() || bdt == at::kFloat)
+                         ? dy2.sum(0, /*keepdim=*/false, bdt)
+                         : dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
+      }
+    }
+    if (need_x && dx.defined()) out[0] = dx.view(x.sizes());
+    return out;
+  }
+};
+
 // Chain rule (l the IA3 vector; output scaling saves Yb = X·Wᵀ + b, feedforward saves X):
 //   output       Y = Yb⊙l:        dL/dl = Σ_rows Yb⊙dY   dL/dX = (dY⊙l)·W   dL/db = l⊙Σ_rows dY
 //   feedforward  Y = (X⊙l)·Wᵀ+b:  dL/dl = Σ_rows X⊙(dY·W)   dL/dX = (dY·W)⊙l   dL/db = Σ_rows dY
@@ -1389,6 +1534,59 @@ std::vector<Tensor> nf4_lora_group_linear_autograd(const Tensor& x, at::TensorLi
   return Nf4LoraGroupFunction::apply(x, ws, biases, As, Bs, scaling);
 }
 
+// The grouped DoRA operators' entry points (training; inference keeps the members' cached-norm paths): the Autograd
+// kernels record the node where some input asks for a gradient (`record`), the CompositeExplicitAutograd ones never.
+std::vector<Tensor> dora_group_run(const Tensor& x, const GroupBases& bases, at::TensorList biases, at::TensorList As,
+                                   at::TensorList Bs, at::TensorList ms, double scaling, const char* op, bool record) {
+  check_dora_group(bases, biases, As, Bs, ms, op);
+  if (record && at::GradMode::is_enabled()) {
+    bool grad = x.requires_grad();
+    for (const auto& list : {biases, As, Bs, ms})
+      for (const Tensor& t : list) grad = grad || t.requires_grad();
+    if (grad) return DoraGroupFunction::apply(x, bases, biases, As, Bs, ms, scaling);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing to record: the members' forwards, nothing kept
+  std::vector<Tensor> ys;
+  for (size_t i = 0; i < bases.size(); ++i) {
+    auto r = call_dora_fwd(as_2d(x), bases.weight(i, x), biases.empty() ? c10::nullopt : opt(biases[i]), As[i], Bs[i],
+                           ms[i], scaling, bases.sq_norm(i), c10::nullopt);
+    ys.push_back(std::get<0>(r).view(with_last_dim(x, bases.out_features(i))));
+  }
+  return ys;
+}
+
+GroupBases dense_group_bases(const Tensor& x, at::TensorList weights, at::TensorList w_sqs) {
+  GroupBases bases;
+  bases.dense = weights.vec();
+  bases.sq_norms = w_sqs.vec();
+  for (size_t i = 0; i < weights.size(); ++i)
+    TORCH_CHECK(weights[i].dim() == 2 && weights[i].size(1) == x.size(-1), "fastpeft dora_group_linear: member ", i,
+                "'s weight ", weights[i].sizes(), " does not take x ", x.sizes());
+  return bases;
+}
+
+template <bool Record>
+std::vector<Tensor> dora_group_linear(const Tensor& x, at::TensorList weights, at::TensorList biases,
+                                      at::TensorList As, at::TensorList Bs, at::TensorList ms, double scaling,
+                                      at::TensorList w_sqs) {
+  return dora_group_run(x, dense_group_bases(x, weights, w_sqs), biases, As, Bs, ms, scaling, "dora_group_linear",
+                        Record);
+}
+
+template <bool Record>
+std::vector<Tensor> nf4_dora_group_linear(const Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                          at::TensorList code, at::TensorList code2, at::TensorList absmax2,
+                                          at::ArrayRef<double> offset, at::IntArrayRef blocksize,
+                                          at::IntArrayRef blocksize2, const c10::List<bool>& nested,
+                                          at::IntArrayRef N, at::ScalarType state_dtype, at::TensorList biases,
+                                          at::TensorList As, at::TensorList Bs, at::TensorList ms, double scaling,
+                                          at::TensorList w_sqs) {
+  GroupBases bases;
+  bases.nf4 = nf4_weights(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, nested, N, state_dtype);
+  bases.sq_norms = w_sqs.vec();
+  return dora_group_run(x, bases, biases, As, Bs, ms, scaling, "nf4_dora_group_linear", Record);
+}
+
 }  // namespace
 
 // LoRA with 16-bit adapters of x's dtype, no dropout ("native16"). FSDP2's MixedPrecisionPolicy(param_dtype=bf16)
@@ -1581,6 +1779,12 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("nf4_lora_group_linear(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, Tensor[] code2, "
         "Tensor[] absmax2, float[] offset, int[] blocksize, int[] blocksize2, bool[] nested, int[] N, "
         "ScalarType state_dtype, Tensor[] bias, Tensor[] lora_A, Tensor[] lora_B, float scaling) -> Tensor[]");
+  m.def("dora_group_linear(Tensor x, Tensor[] weight, Tensor[] bias, Tensor[] lora_A, Tensor[] lora_B, "
+        "Tensor[] magnitude, float scaling, Tensor[] weight_sq_norm) -> Tensor[]");
+  m.def("nf4_dora_group_linear(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, Tensor[] code2, "
+        "Tensor[] absmax2, float[] offset, int[] blocksize, int[] blocksize2, bool[] nested, int[] N, "
+        "ScalarType state_dtype, Tensor[] bias, Tensor[] lora_A, Tensor[] lora_B, Tensor[] magnitude, float scaling, "
+        "Tensor[] weight_sq_norm) -> Tensor[]");
   m.def("set_lora_cuda_path(int mode) -> int", &fastpeft::set_lora_cuda_path);
   m.def("set_decode_fork(int mode) -> int", &fastpeft::set_decode_fork);
   m.def("set_decode_pdl(int mode) -> int", &fastpeft::set_decode_pdl);
@@ -1595,6 +1799,8 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {
   m.impl("nf4_lora_linear", &fastpeft::nf4_lora_linear_autograd);
   m.impl("nf4_dora_linear", &fastpeft::nf4_dora_linear_autograd);
   m.impl("nf4_lora_group_linear", &fastpeft::nf4_lora_group_linear_autograd);
+  m.impl("dora_group_linear", &fastpeft::dora_group_linear<true>);
+  m.impl("nf4_dora_group_linear", &fastpeft::nf4_dora_group_linear<true>);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeExplicitAutograd, m) {
@@ -1605,6 +1811,8 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeExplicitAutograd, m) {
   m.impl("nf4_lora_linear", &fastpeft::nf4_lora_linear_plain);
   m.impl("nf4_dora_linear", &fastpeft::nf4_dora_linear_plain);
   m.impl("nf4_lora_group_linear", &fastpeft::nf4_lora_group_linear_plain);
+  m.impl("dora_group_linear", &fastpeft::dora_group_linear<false>);
+  m.impl("nf4_dora_group_linear", &fastpeft::nf4_dora_group_linear<false>);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeImplicitAutograd, m) {

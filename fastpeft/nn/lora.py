@@ -186,12 +186,12 @@ class LoraLinear(AdapterLayer):
         if self.training and type(self._modules["lora_dropout"]._modules[name]) is not nn.Identity:
             return None
         group = self.__dict__.get("_projection_group")  # siblings reading the same x (nn/projection_groups.py)
+        if group is not None:
+            y = group.forward_member(self, x, name)
+            if y is not None:
+                return y
         if type(base) is not nn.Linear:
             if x.numel() > _NF4_HOT_MIN_ROWS * x.shape[-1] and bases.is_linear4bit(base):
-                if group is not None and variant is PLAIN_LORA:
-                    y = group.forward_member(self, x, name)
-                    if y is not None:
-                        return y
                 return variant.forward_nf4_cpp(self, name, x, 0.0)
             return None
         params = base._parameters
@@ -199,10 +199,6 @@ class LoraLinear(AdapterLayer):
             if params["weight"].requires_grad:  # DoRA's operator takes a frozen base; the general path decides
                 return None
             return DORA.forward_cpp(self, name, x)
-        if group is not None:
-            y = group.forward_member(self, x, name)
-            if y is not None:
-                return y
         return cpp_ops.lora_linear(x, params["weight"], params["bias"],
                                    self._modules["lora_A"]._modules[name]._parameters["weight"],
                                    self._modules["lora_B"]._modules[name]._parameters["weight"], self.scaling[name])

@@ -21,14 +21,20 @@ requires the recompute to save exactly what the forward saved. A group that beca
 not run grouped in that forward's recompute, so a confirmation takes effect only at a call made outside any
 backward pass; every other decision depends only on the calls themselves, which the recompute repeats.
 
-A group runs only where its members' own hot path would run the C++ LoRA operator with the same settings for all
-of them: plain LoRA, one active adapter of one rank and scaling, no dropout in effect, an ``nn.Linear`` base that is
-frozen on every member or a 4-bit base on every member (QLoRA: ``fastpeft_ops::nf4_lora_group_linear``, each W
-dequantized inside the call, the members' dense weights alive together for its GEMMs, and only where every member's
-own call would take the C++ 4-bit operator in one compute dtype), biases on all members or none, no forward-pre or backward hooks on any member (accelerate's offload hooks
+A group runs only where its members' own hot path would run a C++ operator with the same settings for all of
+them: one active adapter of one rank and scaling, no dropout in effect, an ``nn.Linear`` base that is frozen on
+every member or a 4-bit base on every member (where every member's own call would take the C++ 4-bit operator, in
+one compute dtype), biases on all members or none, no forward-pre or backward hooks on any member (accelerate's offload hooks
 load weights in a pre-hook), more than ``MIN_ROWS`` rows (decode runs the single-layer kernels), not under
 torch.compile, not on inference tensors (``torch.inference_mode``: they have no version counter to show an in-place
 change). ``FASTPEFT_GROUP_PROJECTIONS=0`` (``settings.group_projections``) turns grouping off at patch time.
+The operators, by method and base:
+
+    plain LoRA, dense   lora_group_linear: one shrink over x, one dA GEMM, dX accumulated by cuBLAS (CUDA, 16 bits)
+    QLoRA (4-bit)       nf4_lora_group_linear: every W dequantized in the call, then lora_group_linear's composition
+                        (the members' dense weights alive together for its GEMMs: gate + up at 8B, 2 x 117 MB)
+    DoRA / QDoRA        dora_group_linear / nf4_dora_group_linear, in training only (out of training the members
+                        keep their cached-norm paths): each member's own kernels, in one call and one autograd node
 
 >>> import torch, torch.nn as nn, fastpeft
 >>> class Attn(nn.Module):
@@ -51,10 +57,10 @@ import torch.nn as nn
 from torch.nn.modules import module as _module
 
 from .. import settings
-from ..ops import cpp_ops
+from ..ops import cpp_ops, graph_capturing
 from . import bases
 from .lora import LoraLinear
-from .variants import PLAIN_LORA, nf4_cpp_plan
+from .variants import DORA, PLAIN_LORA, nf4_cpp_plan
 
 __all__ = ["ProjectionGroup", "link_projection_groups", "GROUP_NAMES", "MIN_ROWS"]
 
@@ -69,7 +75,6 @@ MIN_ROWS = 65
 
 _ATTR = "_projection_group"
 
-_DENSE = "dense"  # ProjectionGroup._ready's answer for frozen nn.Linear bases (4-bit ones: the members' plans)
 
 
 class ProjectionGroup:
@@ -122,28 +127,51 @@ class ProjectionGroup:
         if x.dim() < 2 or x.numel() < MIN_ROWS * x.shape[-1]:
             self.reset()
             return None
-        plan = self._ready(name, x)
-        if plan is None:
+        ready = self._ready(name, x)
+        if ready is None:
             self.reset()
             return None
+        ys = self._run(ready, x, name, layer.scaling[name])
         members = self.members
-        biases = [bases.base_bias(m._modules["base_layer"]) for m in members]
-        if any(b is None for b in biases):
-            biases = []
-        lora_A = [m._modules["lora_A"]._modules[name]._parameters["weight"] for m in members]
-        lora_B = [m._modules["lora_B"]._modules[name]._parameters["weight"] for m in members]
-        if plan is _DENSE:
-            weights = [m._modules["base_layer"]._parameters["weight"] for m in members]
-            ys = cpp_ops.lora_group_linear(x, weights, biases, lora_A, lora_B, layer.scaling[name])
-        else:  # 4-bit bases: each member's (packed, KernelState, compute dtype) from its layer's plan cache
-            cd = plan[0][2]
-            ys = cpp_ops.nf4_lora_group_linear(x if x.dtype == cd else x.to(cd), [(p[0], p[1]) for p in plan],
-                                               biases, lora_A, lora_B, layer.scaling[name])
-            if cd != x.dtype:
-                ys = [y.to(x.dtype) for y in ys]
         self._kept = {m: y for m, y in zip(members, ys) if m is not layer}
         self._kept_x, self._kept_version = weakref.ref(x), x._version
         return ys[members.index(layer)]
+
+    def _run(self, ready, x: torch.Tensor, name: str, scaling: float) -> List[torch.Tensor]:
+        """Every member's output for ``x`` from one grouped operator (``ready``: ``_ready``'s answer)."""
+        variant, plans = ready
+        members = self.members
+        modules = [m._modules for m in members]
+        biases = [bases.base_bias(d["base_layer"]) for d in modules]
+        if any(b is None for b in biases):
+            biases = []
+        lora_A = [d["lora_A"]._modules[name]._parameters["weight"] for d in modules]
+        lora_B = [d["lora_B"]._modules[name]._parameters["weight"] for d in modules]
+        magnitudes = None
+        if variant is DORA:
+            magnitudes = [d["lora_magnitude_vector"]._modules[name]._parameters["weight"] for d in modules]
+            for m in members:  # as the members' own training calls do (DoraVariant._cached_scale): no cached norm
+                m._dora_norms.pop(name, None)
+        if plans is None:  # frozen nn.Linear bases
+            weights = [d["base_layer"]._parameters["weight"] for d in modules]
+            if magnitudes is None:
+                return cpp_ops.lora_group_linear(x, weights, biases, lora_A, lora_B, scaling)
+            w_sqs = [DORA._weight_sq_norm(m, w, lambda w=w: w) for m, w in zip(members, weights)]
+            return cpp_ops.dora_group_linear(x, weights, biases, lora_A, lora_B, magnitudes, scaling,
+                                             _all_or_none(w_sqs))
+        # 4-bit bases: each member's (packed, KernelState, compute dtype) from its layer's plan cache, x in that dtype
+        cd = plans[0][2]
+        xc = x if x.dtype == cd else x.to(cd)
+        weights = [(p[0], p[1]) for p in plans]
+        if magnitudes is None:
+            ys = cpp_ops.nf4_lora_group_linear(xc, weights, biases, lora_A, lora_B, scaling)
+        else:
+            w_sqs = [DORA._weight_sq_norm(m, d["base_layer"].weight,
+                                          lambda p=p: cpp_ops.nf4_dequantize(p[0], p[1], cd), (cd, id(p[1])))
+                     for m, d, p in zip(members, modules, plans)]
+            ys = cpp_ops.nf4_dora_group_linear(xc, weights, biases, lora_A, lora_B, magnitudes, scaling,
+                                               _all_or_none(w_sqs))
+        return ys if cd == x.dtype else [y.to(x.dtype) for y in ys]
 
     def _watch(self, layer: nn.Module, x: torch.Tensor) -> None:
         same = self._seen_x is not None and self._seen_x() is x and layer not in self._seen
@@ -155,12 +183,19 @@ class ProjectionGroup:
             self._seen, self._seen_x = [], None
 
     def _ready(self, name: str, x: torch.Tensor):
-        """How the group runs adapter ``name`` on ``x``, or None: every member would run the plain C++ LoRA operator
-        with the same rank / scaling on the same kind of frozen base -- ``_DENSE`` for ``nn.Linear`` bases, or for
-        4-bit ones the members' C++ plans (``variants.nf4_cpp_plan``: none may be refused, one compute dtype, one
-        quantization-state dtype)."""
+        """How the group runs adapter ``name`` on ``x``: (variant, plans), or None where some member would not run
+        the C++ operator of the group's kind with the same settings as the others. The variant is plain LoRA, or
+        DoRA in training (out of training its members keep their cached-norm paths); the bases are frozen
+        ``nn.Linear`` on every member (plans None) or 4-bit on every member, with the members' C++ plans
+        (``variants.nf4_cpp_plan``: none refused, one compute dtype, one quantization-state dtype)."""
         first = self.members[0]
         if _module._global_forward_pre_hooks or _module._global_backward_hooks:
+            return None
+        variant = first.lora_variant.get(name)
+        if variant is DORA:
+            if not (first.training or torch.is_grad_enabled()) or graph_capturing():
+                return None
+        elif variant is not PLAIN_LORA:
             return None
         rank, scaling, has_bias = first.r.get(name), first.scaling.get(name), None
         quantized = bases.is_linear4bit(first._modules["base_layer"])
@@ -168,8 +203,9 @@ class ProjectionGroup:
             state = m.__dict__
             if (state.get(_ATTR) is not self or state["active_adapter"] != name or m.disable_adapters
                     or m.merged_adapters or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                    or m.lora_variant.get(name) is not PLAIN_LORA or m.r.get(name) != rank
-                    or m.scaling.get(name) != scaling or state["backend"] != first.__dict__["backend"]):
+                    or m.lora_variant.get(name) is not variant or m.r.get(name) != rank
+                    or m.scaling.get(name) != scaling or state["backend"] != first.__dict__["backend"]
+                    or m.training != first.training or m.fan_in_fan_out):
                 return None
             if m.training and type(m._modules["lora_dropout"]._modules[name]) is not nn.Identity:
                 return None
@@ -185,11 +221,17 @@ class ProjectionGroup:
             elif has_bias != bias_here:
                 return None
         if not quantized:
-            return _DENSE
+            return variant, None
         plans = [nf4_cpp_plan(m, x) for m in self.members]
         if any(p is None for p in plans) or len({(p[2], p[1].state_dtype) for p in plans}) != 1:
             return None
-        return plans
+        return variant, plans
+
+
+def _all_or_none(values: list) -> list:
+    """The members' kept ‖W‖² for the grouped DoRA operators: all of them, or none (each then computed in the
+    call), never some (the schema takes one per member or an empty list)."""
+    return [] if any(v is None for v in values) else values
 
 
 def link_projection_groups(model: nn.Module) -> int:

@@ -29,7 +29,7 @@ from .csrc import Extension
 from .nf4_format import KernelState
 
 __all__ = ["available", "loaded", "lora_linear", "lora_group_linear", "dora_linear", "ia3_linear", "nf4_dequantize", "nf4_lora_linear",
-           "nf4_dora_linear", "nf4_lora_group_linear", "mixed_adapters", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK", "EXTENSION"]
+           "nf4_dora_linear", "nf4_lora_group_linear", "dora_group_linear", "nf4_dora_group_linear", "mixed_adapters", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK", "EXTENSION"]
 
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
 
@@ -57,6 +57,8 @@ def available() -> bool:
     _OPS["nf4_lora"] = torch.ops.fastpeft_ops.nf4_lora_linear.default
     _OPS["nf4_dora"] = torch.ops.fastpeft_ops.nf4_dora_linear.default
     _OPS["nf4_lora_group"] = torch.ops.fastpeft_ops.nf4_lora_group_linear.default
+    _OPS["dora_group"] = torch.ops.fastpeft_ops.dora_group_linear.default
+    _OPS["nf4_dora_group"] = torch.ops.fastpeft_ops.nf4_dora_group_linear.default
     _OPS["mixed"] = torch.ops.fastpeft_ops.lora_mixed_delta_.default
     _OPS["mixed_linear"] = torch.ops.fastpeft_ops.lora_mixed_linear.default
     # The two take a custom-class argument, which makes them TorchBindOpOverloads: every call first walks its
@@ -165,16 +167,51 @@ def nf4_lora_group_linear(x: Tensor, weights: Sequence[Tuple[Tensor, KernelState
     ...     alone = [nf4_lora_linear(x, p, ks, None, a, b, 0.5) for (p, ks), a, b in zip(weights, A, B)]
     ...     assert all(torch.allclose(y, y1, atol=1e-5) for y, y1 in zip(ys, alone))
     """
+    return _OPS["nf4_lora_group"](x, *_nf4_group_args(weights, "nf4_lora_group_linear"), biases, lora_A, lora_B,
+                                  scaling)
+
+
+def _nf4_group_args(weights: Sequence[Tuple[Tensor, KernelState]], op: str) -> tuple:
+    """The grouped schemas' 4-bit arguments: per-member lists of ``_nf4_args``' entries, one shared state dtype."""
     states = [ks for _, ks in weights]
     state_dtype = states[0].state_dtype if states else torch.float32
     if any(ks.state_dtype != state_dtype for ks in states):
-        raise ValueError("nf4_lora_group_linear: the members' quantization states must share one dtype, got "
+        raise ValueError(f"{op}: the members' quantization states must share one dtype, got "
                          f"{sorted({str(ks.state_dtype) for ks in states})}")
-    return _OPS["nf4_lora_group"](
-        x, [p for p, _ in weights], [ks.absmax for ks in states], [ks.code for ks in states],
-        [ks.code2 for ks in states], [ks.absmax2 for ks in states], [ks.offset for ks in states],
-        [ks.blocksize for ks in states], [ks.blocksize2 for ks in states], [ks.nested for ks in states],
-        [ks.shape[0] for ks in states], state_dtype, biases, lora_A, lora_B, scaling)
+    return ([p for p, _ in weights], [ks.absmax for ks in states], [ks.code for ks in states],
+            [ks.code2 for ks in states], [ks.absmax2 for ks in states], [ks.offset for ks in states],
+            [ks.blocksize for ks in states], [ks.blocksize2 for ks in states], [ks.nested for ks in states],
+            [ks.shape[0] for ks in states], state_dtype)
+
+
+def dora_group_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], lora_A: Sequence[Tensor],
+                      lora_B: Sequence[Tensor], magnitudes: Sequence[Tensor], scaling: float,
+                      weight_sq_norms: Sequence[Tensor] = ()) -> List[Tensor]:
+    """Sibling DoRA projections of one input (no dropout, frozen bases) as one call: member i's output is
+    ``dora_linear(x, weights[i], biases[i], lora_A[i], lora_B[i], magnitudes[i], scaling, weight_sq_norms[i])``
+    (``biases`` / ``weight_sq_norms`` empty: none / computed), each member's kernels as it runs alone, in one autograd
+    node; the members' dX are summed in the call. Differentiable in x, the biases, lora_A, lora_B and the magnitudes.
+    Call ``available()`` first.
+
+    >>> if available():
+    ...     x, ws = torch.randn(5, 16), [torch.randn(8, 16), torch.randn(4, 16)]
+    ...     A, B = [torch.randn(2, 16)] * 2, [torch.randn(8, 2), torch.randn(4, 2)]
+    ...     m = [torch.rand(8) + 1, torch.rand(4) + 1]
+    ...     ys = dora_group_linear(x, ws, [], A, B, m, 0.5)
+    ...     assert all(torch.allclose(y, dora_linear(x, w, None, a, b, mi, 0.5), atol=1e-5)
+    ...                for y, w, a, b, mi in zip(ys, ws, A, B, m))
+    """
+    return _OPS["dora_group"](x, weights, biases, lora_A, lora_B, magnitudes, scaling, weight_sq_norms)
+
+
+def nf4_dora_group_linear(x: Tensor, weights: Sequence[Tuple[Tensor, KernelState]], biases: Sequence[Tensor],
+                          lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], magnitudes: Sequence[Tensor],
+                          scaling: float, weight_sq_norms: Sequence[Tensor] = ()) -> List[Tensor]:
+    """QDoRA siblings as one call: ``dora_group_linear`` with W_i = dequant(packed_i) in x's dtype (``weights``: one
+    (packed bytes, KernelState) pair per member, one state dtype), each dequantized when its member runs (forward,
+    and the backward's dX) and never kept. Call ``available()`` first."""
+    return _OPS["nf4_dora_group"](x, *_nf4_group_args(weights, "nf4_dora_group_linear"), biases, lora_A, lora_B,
+                                  magnitudes, scaling, weight_sq_norms)
 
 
 def mixed_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scales: Sequence[float]):

@@ -436,6 +436,166 @@ def test_nf4_lora_group_linear_op_validates_its_lists():
         assert rel_err(y, cpp_ops.nf4_lora_linear(x, p, ks, None, ai, bi, 0.5)) < 1e-6
 
 
+# -- DoRA / QDoRA: fastpeft_ops::dora_group_linear, nf4_dora_group_linear -------------------------------------
+
+@pytest.fixture
+def count_dora_group_calls(monkeypatch):
+    """Members per run of the grouped DoRA operators: {"dense": [...], "nf4": [...]}."""
+    calls = {"dense": [], "nf4": []}
+    for key, attr in (("dense", "dora_group_linear"), ("nf4", "nf4_dora_group_linear")):
+        real = getattr(cpp_ops, attr)
+
+        def counting(*args, _real=real, _key=key, **kwargs):
+            calls[_key].append(len(args[1]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cpp_ops, attr, counting)
+    return calls
+
+
+def _patched_dora(arch, monkeypatch, group: bool, quantized: bool, seed=0):
+    set_settings(monkeypatch, backend="cpp", group_projections=group)
+    if quantized:
+        base = fastpeft.quantize_nf4(tiny_model_for_nf4(arch, seed=3), module_type="fastpeft",
+                                     compute_dtype=torch.float32)
+    else:
+        base = tiny_model(arch)
+    torch.manual_seed(seed)
+    model = fastpeft.patch(base, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
+                                                     init_lora_weights=False))
+    with torch.no_grad():  # magnitudes away from the initial ‖W + s·B·A‖, so g != 1 and dm carries signal
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    return model.train()
+
+
+@pytest.mark.parametrize("arch,checkpoint,quantized", [("llama", False, False), ("llama", True, False),
+                                                       ("qwen2", True, False), ("llama", False, True),
+                                                       ("qwen2", True, True)])
+def test_dora_grouped_steps_match_layers_run_one_by_one(arch, checkpoint, quantized, monkeypatch,
+                                                         count_dora_group_calls):
+    """DoRA on dense and 4-bit bases: q/k/v and gate/up run as one grouped operator from the second step on, and
+    logits, loss and every adapter gradient (lora_A, lora_B, magnitudes) equal the ungrouped model's."""
+    ids = random_ids(batch=2, seq=40)
+    plain = _patched_dora(arch, monkeypatch, group=False, quantized=quantized)
+    grouped = _patched_dora(arch, monkeypatch, group=True, quantized=quantized)
+    _copy_trainable(plain, grouped)
+    kind = "nf4" if quantized else "dense"
+    for step in range(3):
+        want = _step(plain, ids, checkpoint)
+        before = {k: len(v) for k, v in count_dora_group_calls.items()}
+        got = _step(grouped, ids, checkpoint)
+        ran = count_dora_group_calls[kind][before[kind]:]
+        other = "dense" if quantized else "nf4"
+        assert len(count_dora_group_calls[other]) == before[other]
+        if step == 0:
+            assert ran == []
+        else:
+            assert sorted(ran) == sorted([3, 2] * 2 * (2 if checkpoint else 1))
+        assert rel_err(got[0], want[0]) < 1e-6 and rel_err(got[1], want[1]) < 1e-6
+        assert got[2].keys() == want[2].keys() and len(want[2]) == 3 * 7 * 2  # A, B, m of 7 layers x 2 blocks
+        for name in want[2]:
+            assert rel_err(got[2][name], want[2][name]) < 1e-5, name
+
+
+def test_dora_groups_stand_aside_out_of_training(monkeypatch, count_dora_group_calls):
+    """Out of training (eval, no autograd) DoRA members keep their cached-norm paths: no grouped call, the same
+    logits as the ungrouped model's."""
+    ids = random_ids(batch=2, seq=40)
+    plain = _patched_dora("llama", monkeypatch, group=False, quantized=False)
+    grouped = _patched_dora("llama", monkeypatch, group=True, quantized=False)
+    _copy_trainable(plain, grouped)
+    _step(grouped, ids)
+    _step(grouped, ids)
+    assert count_dora_group_calls["dense"]  # confirmed and running in training
+    runs = len(count_dora_group_calls["dense"])
+    for model in (plain, grouped):
+        model.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            want, got = plain(input_ids=ids).logits, grouped(input_ids=ids).logits
+            assert rel_err(got, want) < 1e-6
+    assert len(count_dora_group_calls["dense"]) == runs
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_dora_group_ops_match_the_single_layer_operators(quantized, has_bias):
+    """dora_group_linear / nf4_dora_group_linear against dora_linear / nf4_dora_linear on each member: outputs and
+    the gradients of x, biases, lora_A, lora_B and magnitudes (every subset), with and without a given ‖W‖²; a
+    member whose output goes unused gets no gradient."""
+    torch.manual_seed(1)
+    K, Ns, r = 128, [96, 32, 32], 3
+    if quantized:
+        weights = _nf4_members(Ns, K)
+        dense = [cpp_ops.nf4_dequantize(p, ks, torch.float32) for p, ks in weights]
+    else:
+        dense = weights = [torch.randn(n, K) / K**0.5 for n in Ns]
+    x = torch.randn(2, 37, K)
+    bs = [torch.randn(n) for n in Ns] if has_bias else []
+    As = [torch.randn(r, K) / K**0.5 for _ in Ns]
+    Bs = [torch.randn(n, r) for n in Ns]
+    ms = [torch.rand(n) + 0.5 for n in Ns]
+    sq = [torch.linalg.vector_norm(w, dim=1).square() for w in dense]
+    gs = [torch.randn(2, 37, n) for n in Ns[:2]]  # the last member's output goes unused
+    for wanted, given_sq in (("xbABm", True), ("xbABm", False), ("x", True), ("A", True), ("B", True),
+                             ("m", True), ("b", True)):
+        if "b" in wanted and not has_bias and wanted == "b":
+            continue
+
+        def leaves():
+            return tuple([t.clone().requires_grad_(k in wanted) for t in ts]
+                         for k, ts in (("x", [x]), ("b", bs), ("A", As), ("B", Bs), ("m", ms)))
+        (xg,), bg, Ag, Bg, mg = leaves()
+        group = cpp_ops.nf4_dora_group_linear if quantized else cpp_ops.dora_group_linear
+        ys = group(xg, weights, bg, Ag, Bg, mg, 0.7, sq if given_sq else [])
+        torch.autograd.backward(ys[:2], gs)
+        (xr,), br, Ar, Br, mr = leaves()
+        if quantized:
+            refs = [cpp_ops.nf4_dora_linear(xr, p, ks, br[i] if br else None, Ar[i], Br[i], mr[i], 0.7)
+                    for i, (p, ks) in enumerate(weights)]
+        else:
+            refs = [cpp_ops.dora_linear(xr, w, br[i] if br else None, Ar[i], Br[i], mr[i], 0.7)
+                    for i, w in enumerate(weights)]
+        torch.autograd.backward(refs[:2], gs)
+        for y, ref in zip(ys, refs):
+            assert y.shape == ref.shape and rel_err(y, ref) < 1e-6
+        pairs = [(xg.grad, xr.grad)] if "x" in wanted else []
+        for key, got_list, ref_list in (("b", bg, br), ("A", Ag, Ar), ("B", Bg, Br), ("m", mg, mr)):
+            if key in wanted:
+                pairs += [(g.grad, t.grad) for g, t in zip(got_list, ref_list)]
+        assert pairs
+        for got, ref in pairs:
+            if ref is None:
+                assert got is None
+            else:
+                assert got is not None and got.shape == ref.shape and rel_err(got, ref) < 1e-5
+        assert ("x" in wanted) == (xg.grad is not None)
+
+
+def test_dora_group_ops_validate_their_lists():
+    K = 64
+    x = torch.randn(4, K)
+    ws = [torch.randn(16, K), torch.randn(8, K)]
+    a = [torch.randn(2, K), torch.randn(2, K)]
+    b = [torch.randn(16, 2), torch.randn(8, 2)]
+    m = [torch.rand(16), torch.rand(8)]
+    with pytest.raises(RuntimeError, match="one entry per member"):
+        cpp_ops.dora_group_linear(x, ws, [], a, b, m[:1], 1.0)
+    with pytest.raises(RuntimeError, match="one entry per member"):
+        cpp_ops.dora_group_linear(x, ws, [], a, b, m, 1.0, [torch.rand(16)])
+    with pytest.raises(RuntimeError, match="magnitude must be a vector of its 8"):
+        cpp_ops.dora_group_linear(x, ws, [], a, b, [m[0], torch.rand(8, 1)], 1.0)
+    with pytest.raises(RuntimeError, match="does not take x"):
+        cpp_ops.dora_group_linear(torch.randn(4, 32), ws, [], a, b, m, 1.0)
+    with pytest.raises(RuntimeError, match="frozen"):
+        cpp_ops.dora_group_linear(x, [ws[0].requires_grad_(), ws[1]], [], a, b, m, 1.0)
+    weights = _nf4_members([16, 8], K)
+    with pytest.raises(RuntimeError, match="one entry per member"):
+        cpp_ops.nf4_dora_group_linear(x, weights, [], a, b[:1], m, 1.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [((2, 300), 1000, [1000, 256, 256], 16, True),
@@ -503,3 +663,40 @@ def test_gpu_nf4_group_matches_the_single_layer_operator(dtype, shape):
     pairs = [(xg.grad, xr.grad)] + [(g.grad, t.grad) for g, t in zip(bg + Ag + Bg, br + Ar + Br)]
     for got, ref in pairs:
         assert got is not None and torch.isfinite(got).all() and rel_err(got, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gpu_dora_groups_match_the_single_layer_operators(quantized):
+    """The grouped DoRA operators on CUDA in bf16 (each member's own DoRA kernels, one node) against
+    dora_linear / nf4_dora_linear per member: outputs and every gradient, bit for bit but for dX's summation order."""
+    torch.manual_seed(3)
+    K, Ns, r, dtype = 1024, [1024, 256, 256], 16, torch.bfloat16
+    if quantized:
+        weights = _nf4_members(Ns, K, device="cuda")
+    else:
+        weights = [(torch.randn(n, K, device="cuda") / K**0.5).to(dtype) for n in Ns]
+    x = torch.randn(3, 257, K, device="cuda", dtype=dtype)
+    bs = [torch.randn(n, device="cuda", dtype=dtype) for n in Ns]
+    As = [torch.randn(r, K, device="cuda") / K**0.5 for _ in Ns]
+    Bs = [torch.randn(n, r, device="cuda") / r**0.5 for n in Ns]
+    ms = [torch.rand(n, device="cuda") + 0.5 for n in Ns]
+    gs = [torch.randn(3, 257, n, device="cuda", dtype=dtype) for n in Ns]
+
+    def leaves():
+        return tuple([t.clone().requires_grad_() for t in ts] for ts in ([x], bs, As, Bs, ms))
+    (xg,), bg, Ag, Bg, mg = leaves()
+    group = cpp_ops.nf4_dora_group_linear if quantized else cpp_ops.dora_group_linear
+    ys = group(xg, weights, bg, Ag, Bg, mg, 2.0)
+    torch.autograd.backward(ys, gs)
+    (xr,), br, Ar, Br, mr = leaves()
+    if quantized:
+        refs = [cpp_ops.nf4_dora_linear(xr, p, ks, br[i], Ar[i], Br[i], mr[i], 2.0) for i, (p, ks) in enumerate(weights)]
+    else:
+        refs = [cpp_ops.dora_linear(xr, w, br[i], Ar[i], Br[i], mr[i], 2.0) for i, w in enumerate(weights)]
+    torch.autograd.backward(refs, gs)
+    for y, ref in zip(ys, refs):
+        assert torch.equal(y, ref)
+    for got, ref in zip(bg + Ag + Bg + mg, br + Ar + Br + mr):
+        assert torch.equal(got.grad, ref.grad)
+    assert torch.isfinite(xg.grad).all() and rel_err(xg.grad, xr.grad) < 1e-2
