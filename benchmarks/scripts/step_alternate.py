@@ -3,9 +3,9 @@ process, to tell a real gap from order or drift (``python -m fastpeft.bench`` al
 
 Per row it records the step's wall time (synchronised before and after, as the bench) and its host time: the
 time until ``step()`` returns, before the final synchronisation. Where host ≈ wall the step is host-bound. It also
-records the garbage collections and the time Python's collector spent in each timed step (``gc_ms_all``; full,
-generation-2 collections counted apart): on a host-bound 8B step one full collection is a stall of a fraction of a
-second.
+records the timed steps' peak CUDA memory (``peak_gib``), the garbage collections and the time Python's collector
+spent in each timed step (``gc_ms_all``; full, generation-2 collections counted apart): on a host-bound 8B step one
+full collection is a stall of a fraction of a second.
 ``--gc freeze`` moves everything alive after the build into the permanent generation (``gc.freeze()``) so the
 collector does not rescan it during the timed steps; ``--gc off`` disables it while timing.
 
@@ -97,6 +97,8 @@ def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> 
             harness.sync(device)
             if i == warmup:
                 gc.callbacks.append(clock)
+                if device == "cuda":  # the timed steps' peak (the build's and warm-up's transients excluded)
+                    torch.cuda.reset_peak_memory_stats()
             before = clock.ms
             t = time.perf_counter()
             prep.step()
@@ -108,6 +110,7 @@ def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> 
                 hosts.append(host)
                 clock.step_ms.append(clock.ms - before)
         collections = sum(s["collections"] for s in gc.get_stats()) - collections_before
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     finally:
         if clock in gc.callbacks:
             gc.callbacks.remove(clock)
@@ -121,7 +124,8 @@ def time_row(spec: Spec, device: str, steps: int, warmup: int, gc_mode: str) -> 
     batch, seq = SEQ[spec.model]
     return {"impl": spec.impl, "wall_ms": 1e3 * statistics.median(walls), "host_ms": 1e3 * statistics.median(hosts),
             "tokens_per_s": batch * seq / statistics.median(walls), "wall_ms_all": [1e3 * w for w in walls],
-            "gc_collections": collections, "gc_full_collections": clock.full, "gc_ms_all": clock.step_ms}
+            "gc_collections": collections, "gc_full_collections": clock.full, "gc_ms_all": clock.step_ms,
+            "peak_gib": peak_gib}
 
 
 def main(argv=None) -> int:
@@ -180,7 +184,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"round {r} {label:12s} wall {row['wall_ms']:7.1f} ms  host {row['host_ms']:7.1f} ms  "
                   f"{row['tokens_per_s']:9,.0f} tok/s  gc collections {row['gc_collections']} "
-                  f"({row['gc_full_collections']} full, {sum(row['gc_ms_all']):.0f} ms in the timed steps)", flush=True)
+                  f"({row['gc_full_collections']} full, {sum(row['gc_ms_all']):.0f} ms in the timed steps)"
+                  + ("" if row["peak_gib"] is None else f"  peak {row['peak_gib']:.2f} GiB"), flush=True)
     for label in dict.fromkeys(x["label"] for x in rows):
         walls = [x["wall_ms"] for x in rows if x["label"] == label]
         print(f"{label:12s} median over rounds: {statistics.median(walls):.1f} ms (spread {min(walls):.1f}-{max(walls):.1f})")
