@@ -151,6 +151,8 @@ def main():
             rows["fastpeft default DoRA on NF4 fwd+bwd, 128 rows"] = host_us(lambda: qdora(x128).backward(g128))
     except Exception as e:  # noqa: BLE001
         rows["nf4"] = f"skipped: {e!r}"[:200]
+    if cpp_ops.available():
+        rows.update(_group_rows(dev, dt, K, r))
 
     if a.profile:
         profiled = {"F.linear fwd+bwd": lambda: torch.nn.functional.linear(x, lin.weight).backward(g)}
@@ -166,6 +168,11 @@ def main():
                 nf4_128 = fastpeft.LoraLinear(q, "default", r=r, lora_alpha=32).train()
             profiled["LoraLinear (default) fwd+bwd, 128 rows"] = lambda: lora128(x128).backward(g128)
             profiled["LoraLinear on NF4 (default) fwd+bwd, 128 rows"] = lambda: nf4_128(x128).backward(g128)
+            with settings.override(backend="auto"):
+                dora128 = fastpeft.LoraLinear(lin, "default", r=r, lora_alpha=32, use_dora=True).train()
+                qdora128 = fastpeft.LoraLinear(q, "default", r=r, lora_alpha=32, use_dora=True).train()
+            profiled["DoRA (default) fwd+bwd, 128 rows"] = lambda: dora128(x128).backward(g128)
+            profiled["DoRA on NF4 (default) fwd+bwd, 128 rows"] = lambda: qdora128(x128).backward(g128)
         for name, fn in profiled.items():
             print(f"\n== profile: {name} (50 calls; CPU self time per op)")
             print(_profile(fn))
@@ -175,7 +182,8 @@ def main():
     base128 = rows.get("F.linear fwd+bwd, 128 rows")
     ratios = {k: round(v / (base_ng if "no grad" in k else base128 if "128 rows" in k else base), 2)
               for k, v in rows.items()
-              if isinstance(v, float) and any(w in k for w in ("LoRA", "IA3", "DoRA", "lora", "ia3"))}
+              if isinstance(v, float) and any(w in k for w in ("LoRA", "IA3", "DoRA", "lora", "ia3"))
+              and not k.startswith("q/k/v")}  # three layers a row: compared with each other, not with one F.linear
     for k, v in rows.items():
         print(f"{k:48s} {v if isinstance(v, (str, bool)) else f'{v:8.1f} us'}"
               + (f"   {ratios[k]:.2f}x F.linear" if k in ratios else ""))
@@ -183,6 +191,44 @@ def main():
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "rows_us": rows, "ratio_vs_F.linear": ratios}, f, indent=1)
+
+
+class _Attention(torch.nn.Module):
+    """q / k / v on one input, as a decoder layer calls them (what nn/projection_groups.py groups)."""
+
+    def __init__(self, K, dev, dt):
+        super().__init__()
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(self, name, torch.nn.Linear(K, K, bias=False, device=dev, dtype=dt).requires_grad_(False))
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def _group_rows(dev, dt, K, r) -> dict:
+    """Host time of q / k / v fwd+bwd at 128 rows, one by one against one grouped operator, for LoRA, DoRA and their
+    4-bit forms (the settings' group_projections off / on; the group confirmed by the warm-up calls)."""
+    import fastpeft
+    from fastpeft import settings
+
+    x = torch.randn(128, K, device=dev, dtype=dt, requires_grad=True)
+    grads = [torch.randn(128, K, device=dev, dtype=dt) for _ in range(3)]
+    rows = {}
+    for method, dora, quantized in (("LoRA", False, False), ("QLoRA", False, True), ("DoRA", True, False),
+                                    ("QDoRA", True, True)):
+        for group in (False, True):
+            torch.manual_seed(0)
+            module = _Attention(K, dev, dt)
+            if quantized:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    setattr(module, name, fastpeft.NF4Linear.from_linear(getattr(module, name)))
+            with settings.override(backend="auto", group_projections=group):
+                fastpeft.patch(module, fastpeft.LoraConfig(r=r, lora_alpha=32, use_dora=dora,
+                                                           target_modules=["q_proj", "k_proj", "v_proj"]))
+            module.train()
+            label = f"q/k/v {method} fwd+bwd, 128 rows, {'grouped' if group else 'one by one'}"
+            rows[label] = host_us(lambda: torch.autograd.backward(module(x), grads))
+    return rows
 
 
 def _profile(fn, n=50):

@@ -669,7 +669,9 @@ def test_gpu_nf4_group_matches_the_single_layer_operator(dtype, shape):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gpu_dora_groups_match_the_single_layer_operators(quantized):
     """The grouped DoRA operators on CUDA in bf16 (each member's own DoRA kernels, one node) against
-    dora_linear / nf4_dora_linear per member: outputs and every gradient, bit for bit but for dX's summation order."""
+    dora_linear / nf4_dora_linear per member: outputs and every gradient no further from the single-layer operators
+    than those are from themselves run again (the DoRA kernels' reductions need not repeat bit for bit), dX within
+    bf16 rounding (the group sums the members' dX in another order than autograd)."""
     torch.manual_seed(3)
     K, Ns, r, dtype = 1024, [1024, 256, 256], 16, torch.bfloat16
     if quantized:
@@ -683,20 +685,22 @@ def test_gpu_dora_groups_match_the_single_layer_operators(quantized):
     ms = [torch.rand(n, device="cuda") + 0.5 for n in Ns]
     gs = [torch.randn(3, 257, n, device="cuda", dtype=dtype) for n in Ns]
 
-    def leaves():
-        return tuple([t.clone().requires_grad_() for t in ts] for ts in ([x], bs, As, Bs, ms))
-    (xg,), bg, Ag, Bg, mg = leaves()
-    group = cpp_ops.nf4_dora_group_linear if quantized else cpp_ops.dora_group_linear
-    ys = group(xg, weights, bg, Ag, Bg, mg, 2.0)
-    torch.autograd.backward(ys, gs)
-    (xr,), br, Ar, Br, mr = leaves()
-    if quantized:
-        refs = [cpp_ops.nf4_dora_linear(xr, p, ks, br[i], Ar[i], Br[i], mr[i], 2.0) for i, (p, ks) in enumerate(weights)]
-    else:
-        refs = [cpp_ops.dora_linear(xr, w, br[i], Ar[i], Br[i], mr[i], 2.0) for i, w in enumerate(weights)]
-    torch.autograd.backward(refs, gs)
-    for y, ref in zip(ys, refs):
-        assert torch.equal(y, ref)
-    for got, ref in zip(bg + Ag + Bg + mg, br + Ar + Br + mr):
-        assert torch.equal(got.grad, ref.grad)
-    assert torch.isfinite(xg.grad).all() and rel_err(xg.grad, xr.grad) < 1e-2
+    def run(grouped):
+        (xl,), bl, Al, Bl, ml = tuple([t.clone().requires_grad_() for t in ts] for ts in ([x], bs, As, Bs, ms))
+        if grouped:
+            group = cpp_ops.nf4_dora_group_linear if quantized else cpp_ops.dora_group_linear
+            ys = group(xl, weights, bl, Al, Bl, ml, 2.0)
+        elif quantized:
+            ys = [cpp_ops.nf4_dora_linear(xl, p, ks, bl[i], Al[i], Bl[i], ml[i], 2.0)
+                  for i, (p, ks) in enumerate(weights)]
+        else:
+            ys = [cpp_ops.dora_linear(xl, w, bl[i], Al[i], Bl[i], ml[i], 2.0) for i, w in enumerate(weights)]
+        torch.autograd.backward(ys, gs)
+        return [y.detach() for y in ys] + [t.grad for t in bl + Al + Bl + ml], xl.grad
+    got, got_dx = run(True)
+    ref, ref_dx = run(False)
+    again, _ = run(False)
+    for g, r1, r2 in zip(got, ref, again):
+        assert g is not None and torch.isfinite(g).all()
+        assert rel_err(g, r1) <= max(4 * rel_err(r2, r1), 1e-6), (g.shape, rel_err(g, r1), rel_err(r2, r1))
+    assert torch.isfinite(got_dx).all() and rel_err(got_dx, ref_dx) < 1e-2
