@@ -1230,7 +1230,8 @@ void check_dora_group(const GroupBases& bases, at::TensorList biases, at::Tensor
     TORCH_CHECK(!w.requires_grad(), "fastpeft ", op, ": the base weights must be frozen (requires_grad=False)");
   for (size_t i = 0; i < G; ++i)
     TORCH_CHECK(ms[i].dim() == 1 && ms[i].size(0) == bases.out_features(i), "fastpeft ", op, ": member ", i,
-                "'s magnitude must be a vector of its ", bases.out_features(i), " output features, got ", ms[i].sizes());
+                "'s magnitude must be a vector of its ", bases.out_features(i), " output features, got ",
+                ms[i].sizes());
 }
 
 // DoraLinearFunction's chain rule per member i (its own S_i, Z0_i, g_i, 1/n_i); dL/dX = Σ_i dX_i. Autograd's inputs:

@@ -24,10 +24,10 @@ backward pass; every other decision depends only on the calls themselves, which 
 A group runs only where its members' own hot path would run a C++ operator with the same settings for all of
 them: one active adapter of one rank and scaling, no dropout in effect, an ``nn.Linear`` base that is frozen on
 every member or a 4-bit base on every member (where every member's own call would take the C++ 4-bit operator, in
-one compute dtype), biases on all members or none, no forward-pre or backward hooks on any member (accelerate's offload hooks
-load weights in a pre-hook), more than ``MIN_ROWS`` rows (decode runs the single-layer kernels), not under
-torch.compile, not on inference tensors (``torch.inference_mode``: they have no version counter to show an in-place
-change). ``FASTPEFT_GROUP_PROJECTIONS=0`` (``settings.group_projections``) turns grouping off at patch time.
+one compute dtype), biases on all members or none, no forward-pre or backward hooks on any member (accelerate's
+offload hooks load weights in a pre-hook), more than ``MIN_ROWS`` rows (decode runs the single-layer kernels), not
+under torch.compile, not on inference tensors (``torch.inference_mode``: they have no version counter to show an
+in-place change). ``FASTPEFT_GROUP_PROJECTIONS=0`` (``settings.group_projections``) turns grouping off at patch time.
 The operators, by method and base:
 
     plain LoRA, dense   lora_group_linear: one shrink over x, one dA GEMM, dX accumulated by cuBLAS (CUDA, 16 bits)
@@ -76,9 +76,8 @@ MIN_ROWS = 65
 _ATTR = "_projection_group"
 
 
-
 class ProjectionGroup:
-    """Sibling ``LoraLinear`` layers that may run as one ``lora_group_linear`` call (module docstring)."""
+    """Sibling ``LoraLinear`` layers that may run as one grouped operator call (module docstring)."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
         self.members: List[nn.Module] = list(members)

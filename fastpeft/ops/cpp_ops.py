@@ -28,8 +28,10 @@ from torch import Tensor
 from .csrc import Extension
 from .nf4_format import KernelState
 
-__all__ = ["available", "loaded", "lora_linear", "lora_group_linear", "dora_linear", "ia3_linear", "nf4_dequantize", "nf4_lora_linear",
-           "nf4_dora_linear", "nf4_lora_group_linear", "dora_group_linear", "nf4_dora_group_linear", "mixed_adapters", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK", "EXTENSION"]
+__all__ = ["available", "loaded", "lora_linear", "lora_group_linear", "dora_linear", "ia3_linear", "nf4_dequantize",
+           "nf4_lora_linear", "nf4_dora_linear", "nf4_lora_group_linear", "dora_group_linear",
+           "nf4_dora_group_linear", "mixed_adapters", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK",
+           "EXTENSION"]
 
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
 
