@@ -43,8 +43,11 @@ def _patched(arch, monkeypatch, group: bool, dropout=0.0, seed=0):
 
 
 def _step(model, ids, checkpoint=False):
+    """One training step; ``checkpoint``: False, True (non-reentrant, transformers' default) or "reentrant" (the
+    forward under no_grad, the recompute inside the backward)."""
     if checkpoint:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpoint == "reentrant"})
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
@@ -315,7 +318,7 @@ def _copy_trainable(src, dst):
 
 @pytest.mark.parametrize("arch,checkpoint,module_type", [("llama", False, "fastpeft"), ("llama", True, "fastpeft"),
                                                          ("qwen2", False, "fastpeft"), ("qwen2", True, "fastpeft"),
-                                                         ("llama", True, "bnb")])
+                                                         ("llama", "reentrant", "fastpeft"), ("llama", True, "bnb")])
 def test_qlora_grouped_steps_match_layers_run_one_by_one(arch, checkpoint, module_type, monkeypatch,
                                                           count_nf4_group_calls):
     """QLoRA: the 4-bit members run as one operator from the second step on (q/k/v with Qwen2's biases, gate/up),
@@ -471,8 +474,9 @@ def _patched_dora(arch, monkeypatch, group: bool, quantized: bool, seed=0):
 
 
 @pytest.mark.parametrize("arch,checkpoint,quantized", [("llama", False, False), ("llama", True, False),
-                                                       ("qwen2", True, False), ("llama", False, True),
-                                                       ("qwen2", True, True)])
+                                                       ("qwen2", True, False), ("llama", "reentrant", False),
+                                                       ("llama", False, True), ("qwen2", True, True),
+                                                       ("llama", "reentrant", True)])
 def test_dora_grouped_steps_match_layers_run_one_by_one(arch, checkpoint, quantized, monkeypatch,
                                                          count_dora_group_calls):
     """DoRA on dense and 4-bit bases: q/k/v and gate/up run as one grouped operator from the second step on, and
