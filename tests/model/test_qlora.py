@@ -105,10 +105,16 @@ def test_qlora_cpp_backend_runs_the_4bit_operators(use_dora, monkeypatch):
     from fastpeft.ops import cpp_ops  # noqa: PLC0415
 
     set_settings(monkeypatch, backend="cpp")
-    calls = []
+    calls, grouped = [], []
     for op in ("nf4_lora_linear", "nf4_dora_linear"):
         real = getattr(cpp_ops, op)
         monkeypatch.setattr(cpp_ops, op, lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
+    # q/k/v and gate/up run as one grouped 4-bit operator once confirmed (nn/projection_groups.py): one entry per
+    # member, under the single-layer operator's name, so every layer is counted once either way
+    for op, single in (("nf4_lora_group_linear", "nf4_lora_linear"), ("nf4_dora_group_linear", "nf4_dora_linear")):
+        real = getattr(cpp_ops, op)
+        monkeypatch.setattr(cpp_ops, op, lambda *a, _real=real, _single=single, **k: (
+            calls.extend([_single] * len(a[1])), grouped.append(len(a[1])))[-1] or _real(*a, **k))
     model = fastpeft.patch(nf4_tiny_model("llama"), DORA() if use_dora else LORA())
     _fwd_bwd(model, random_ids(seed=5))
     assert calls == ["nf4_dora_linear" if use_dora else "nf4_lora_linear"] * (2 * 7)
@@ -121,6 +127,7 @@ def test_qlora_cpp_backend_runs_the_4bit_operators(use_dora, monkeypatch):
     monkeypatch.setattr(AdapterLayer, "_forward_adapter", lambda self, *a: general.append(1) or real_adapter(self, *a))
     _fwd_bwd(model, random_ids(batch=6, seq=12, seed=5))
     assert calls == ["nf4_dora_linear" if use_dora else "nf4_lora_linear"] * (2 * 7) and not general
+    assert sorted(grouped) == [2, 2, 3, 3]  # the groups confirmed by the first forward ran in the second
     calls.clear()
     dropped = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                               use_dora=use_dora, lora_dropout=0.1)
