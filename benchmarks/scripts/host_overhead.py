@@ -1,12 +1,15 @@
 """Host cost per call of an adapted layer and of the pieces it is made of (CUDA only): where eager host time goes.
 
-    python benchmarks/scripts/host_overhead.py [--out host.json]
+    python benchmarks/scripts/host_overhead.py [--out host.json] [--profile] [--group-rounds 3] [--group-shape 64,128]
 
 Each row: median host time (µs) of one call, measured with perf_counter while the GPU is kept busy by queued
 matmuls (so no call waits on the device). Tiny tensors: the numbers are pure launch / dispatch / Python cost.
 Layer rows call the module (nn.Module call included) with an input that requires grad, as inside a model; the
 "ratio" section divides each by F.linear's row of the same kind in the same run (issue 13's targets: LoRA
 <= 1.5x, IA3 <= 1.3x, LoRA on NF4 <= 2x F.linear fwd+bwd; forward without grad <= 1.5x F.linear's).
+The "q/k/v" rows time three sibling projections one by one against their projection group (nn/projection_groups.py)
+for LoRA, QLoRA, DoRA and QDoRA, in ``--group-rounds`` rounds of alternating order (median; every round in the JSON's
+``group_rounds_us``): single host timings have swung by up to 2x between processes on the lent hosts.
 """
 import argparse
 import json
@@ -56,7 +59,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="also print the CPU-side op times of a few rows")
+    ap.add_argument("--group-rounds", type=int, default=3,
+                    help="q/k/v group rows: timings per row, one by one and grouped in alternating order (median)")
+    ap.add_argument("--group-shape", default="64,128",
+                    help="q/k/v group rows: in_features,rows (e.g. 4096,4096 for the 8B step's q/k/v)")
     a = ap.parse_args()
+    try:
+        group_K, group_M = (int(v) for v in a.group_shape.split(","))
+    except ValueError:
+        ap.error(f"--group-shape takes in_features,rows as two integers, got {a.group_shape!r}")
+    if a.group_rounds < 1 or group_K < 1 or group_M < 1:
+        ap.error("--group-rounds and --group-shape's numbers must be >= 1")
     import fastpeft
     from fastpeft import settings
     from fastpeft.ops import cpp_ops
@@ -152,7 +165,8 @@ def main():
     except Exception as e:  # noqa: BLE001
         rows["nf4"] = f"skipped: {e!r}"[:200]
     if cpp_ops.available():
-        rows.update(_group_rows(dev, dt, K, r))
+        group_rows, group_rounds = _group_rows(dev, dt, group_K, group_M, r, a.group_rounds)
+        rows.update(group_rows)
 
     if a.profile:
         profiled = {"F.linear fwd+bwd": lambda: torch.nn.functional.linear(x, lin.weight).backward(g)}
@@ -190,6 +204,8 @@ def main():
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "group_rounds_us": group_rounds if cpp_ops.available() else {},
+                       "group_shape": [group_K, group_M],
                        "triton": triton.__version__, "rows_us": rows, "ratio_vs_F.linear": ratios}, f, indent=1)
 
 
@@ -205,15 +221,19 @@ class _Attention(torch.nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
-def _group_rows(dev, dt, K, r) -> dict:
-    """Host time of q / k / v fwd+bwd at 128 rows, one by one against one grouped operator, for LoRA, DoRA and their
-    4-bit forms (the settings' group_projections off / on; the group confirmed by the warm-up calls)."""
+def _group_rows(dev, dt, K, M, r, rounds):
+    """Host time of q / k / v fwd+bwd (K -> K each, M rows), one by one against one grouped operator, for LoRA, DoRA
+    and their 4-bit forms (the settings' group_projections off / on; the group confirmed by the warm-up calls). Every
+    row is timed ``rounds`` times, the rows in alternating order (forward, then reversed), so drift of the host shows
+    as spread instead of as a difference between rows: (medians by row, every round's value by row)."""
+    import statistics
+
     import fastpeft
     from fastpeft import settings
 
-    x = torch.randn(128, K, device=dev, dtype=dt, requires_grad=True)
-    grads = [torch.randn(128, K, device=dev, dtype=dt) for _ in range(3)]
-    rows = {}
+    x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
+    grads = [torch.randn(M, K, device=dev, dtype=dt) for _ in range(3)]
+    calls = {}
     for method, dora, quantized in (("LoRA", False, False), ("QLoRA", False, True), ("DoRA", True, False),
                                     ("QDoRA", True, True)):
         for group in (False, True):
@@ -226,9 +246,13 @@ def _group_rows(dev, dt, K, r) -> dict:
                 fastpeft.patch(module, fastpeft.LoraConfig(r=r, lora_alpha=32, use_dora=dora,
                                                            target_modules=["q_proj", "k_proj", "v_proj"]))
             module.train()
-            label = f"q/k/v {method} fwd+bwd, 128 rows, {'grouped' if group else 'one by one'}"
-            rows[label] = host_us(lambda: torch.autograd.backward(module(x), grads))
-    return rows
+            label = f"q/k/v {method} fwd+bwd, {M} rows, K={K}, {'grouped' if group else 'one by one'}"
+            calls[label] = lambda module=module: torch.autograd.backward(module(x), grads)
+    timings = {label: [] for label in calls}
+    for i in range(rounds):
+        for label in (list(calls) if i % 2 == 0 else list(calls)[::-1]):
+            timings[label].append(host_us(calls[label]))
+    return {label: statistics.median(v) for label, v in timings.items()}, timings
 
 
 def _profile(fn, n=50):

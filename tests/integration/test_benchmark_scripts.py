@@ -256,3 +256,25 @@ def test_decode_profile_bursts_measure_graph_spans_and_overlap():
     five = decode.gpu_bursts([e for e in steps if 1000 <= e["ts"] < 1100], min_kernels=3)
     assert five["median_span_us"] == 54.0 and five["its_kernels"] == 6 and five["its_kernel_sum_us"] == 58.0
     assert decode.gpu_bursts([k(0, 5)], min_kernels=3) == {}
+
+
+def test_host_overhead_group_rows_alternate_their_order_and_keep_the_median(monkeypatch):
+    """benchmarks/scripts/host_overhead.py: the q/k/v group rows (one by one and grouped, four methods) are timed
+    in rounds whose order alternates, each row's median kept and every round's value returned. Timed on the CPU
+    with a stand-in clock (the script's own clock needs CUDA): the i-th timing reads i."""
+    host = _load("host_overhead")
+    ticks = []
+
+    def fake_host_us(fn):
+        fn()
+        ticks.append(None)
+        return float(len(ticks))
+
+    monkeypatch.setattr(host, "host_us", fake_host_us)
+    medians, rounds = host._group_rows("cpu", torch.float32, 64, 80, 4, 3)
+    assert len(medians) == 8 and medians.keys() == rounds.keys()
+    labels = list(rounds)
+    assert [rounds[k][0] for k in labels] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # round 0 in order
+    assert [rounds[k][1] for k in labels] == [16.0, 15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0]  # round 1 reversed
+    assert all(medians[k] == sorted(rounds[k])[1] for k in labels)
+    assert sum("grouped" in k for k in labels) == 4 and all("80 rows, K=64" in k for k in labels)
