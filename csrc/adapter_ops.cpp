@@ -627,10 +627,13 @@ struct AdapterGrads {
 
 // dL/db = Σ_rows dY accumulated in fp32, written in the bias's dtype: ATen's sum accumulates 16-bit inputs in fp32
 // and rounds once on output, so asking for the bias's dtype directly is the fp32 sum cast, in one launch not two
-Tensor bias_grad(AutogradContext* ctx, const Tensor& dy2) {
-  const auto bdt = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+Tensor bias_grad_as(const Tensor& dy2, at::ScalarType bdt) {
   if (bdt == dy2.scalar_type() || bdt == at::kFloat) return dy2.sum(0, /*keepdim=*/false, bdt);
   return dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);  // another 16-bit dtype: never round dY to it first
+}
+
+Tensor bias_grad(AutogradContext* ctx, const Tensor& dy2) {
+  return bias_grad_as(dy2, static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
 }
 
 template <typename WeightOf>
@@ -823,6 +826,50 @@ void check_group(const Tensor& x, at::TensorList weights, at::TensorList biases,
   }
 }
 
+// The grouped LoRA backward of dense and 4-bit bases (LoraGroupFunction, Nf4LoraGroupFunction). Autograd's tensor
+// inputs are x, the dense weights (dense bases only), the biases, lora_A[], lora_B[]: `first_bias` is the first bias's
+// index among them, and each gradient goes to output slot index + `shift` (a 4-bit group's weights are one
+// non-tensor argument: a slot, no index). `weights_of(x, need_x)` gives the bases for the backward op (x: the saved
+// input, which must be unpacked once only), called only when some gradient besides the biases' is wanted; `Ns` the
+// members' output sizes.
+template <typename WeightsOf>
+variable_list lora_group_backward(AutogradContext* ctx, const variable_list& grads, const std::vector<int64_t>& Ns,
+                                  int64_t first_bias, int64_t shift, WeightsOf weights_of) {
+  auto saved = ctx->get_saved_variables();
+  const int64_t G = ctx->saved_data["G"].toInt();
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  const Tensor &x = saved[0], &S = saved[1];
+  const std::vector<Tensor> As(saved.begin() + 2, saved.begin() + 2 + G),
+      Bs(saved.begin() + 2 + G, saved.begin() + 2 + 2 * G);
+  const int64_t nb = has_bias ? G : 0, a0 = first_bias + nb, b0 = a0 + G;
+  bool need_A = false, need_B = false;
+  for (int64_t i = 0; i < G; ++i) {
+    need_A = need_A || ctx->needs_input_grad(a0 + i);
+    need_B = need_B || ctx->needs_input_grad(b0 + i);
+  }
+  const bool need_x = ctx->needs_input_grad(0);
+  const Tensor x2 = as_2d(x);
+  std::vector<Tensor> dys;
+  for (int64_t i = 0; i < G; ++i)  // a member whose output went unused contributes nothing
+    dys.push_back(grads[i].defined() ? as_2d(grads[i]).to(x.scalar_type())
+                                     : at::zeros({x2.size(0), Ns[i]}, x2.options()));
+  variable_list out(b0 + G + shift + 1);  // one slot per forward argument, scaling last
+  if (need_x || need_A || need_B) {
+    auto [dx, dAs, dBs] = call_lora_group_bwd(dys, x2, S, weights_of(x, need_x), As, Bs,
+                                              ctx->saved_data["scaling"].toDouble(), need_x, need_A, need_B);
+    if (need_x) out[0] = dx.view(x.sizes());
+    for (int64_t i = 0; i < G; ++i) {
+      if (ctx->needs_input_grad(a0 + i)) out[a0 + shift + i] = dAs[i].to(As[i].scalar_type());
+      if (ctx->needs_input_grad(b0 + i)) out[b0 + shift + i] = dBs[i].to(Bs[i].scalar_type());
+    }
+  }
+  const auto bias_dtypes = ctx->saved_data["bias_dtypes"].toIntVector();
+  for (int64_t i = 0; i < nb; ++i)
+    if (ctx->needs_input_grad(first_bias + i))
+      out[first_bias + shift + i] = bias_grad_as(dys[i], static_cast<at::ScalarType>(bias_dtypes[i]));
+  return out;
+}
+
 // Chain rule, member i (s = scaling; S_i = s·X·A_iᵀ saved, side by side in S):
 //   dL/dX = Σ_i (dY_i·W_i + s·dY_i·B_i·A_i)   dL/dA_i = (s·dY_i·B_i)ᵀ·X   dL/dB_i = dY_iᵀ·S_i   dL/db_i = Σ_rows dY_i
 // The bases are frozen (the Python side groups only such layers; a base that needs a gradient is refused here).
@@ -850,49 +897,15 @@ class LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const int64_t G = ctx->saved_data["G"].toInt();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const Tensor &x = saved[0], &S = saved[1];
     const std::vector<Tensor> weights = ctx->saved_data["weights"].toTensorVector();
-    const std::vector<Tensor> As(saved.begin() + 2, saved.begin() + 2 + G),
-        Bs(saved.begin() + 2 + G, saved.begin() + 2 + 2 * G);
-    // needs_input_grad counts the tensors given: x, the weights, the biases (if any), lora_A, lora_B
-    const int64_t nb = has_bias ? G : 0, a0 = 1 + G + nb, b0 = a0 + G;
-    bool need_A = false, need_B = false;
+    const int64_t G = static_cast<int64_t>(weights.size());
+    std::vector<int64_t> Ns;
     for (int64_t i = 0; i < G; ++i) {
       TORCH_CHECK(!ctx->needs_input_grad(1 + i),
                   "fastpeft lora_group_linear: the base weights must be frozen (requires_grad=False)");
-      need_A = need_A || ctx->needs_input_grad(a0 + i);
-      need_B = need_B || ctx->needs_input_grad(b0 + i);
+      Ns.push_back(weights[i].size(0));
     }
-    const bool need_x = ctx->needs_input_grad(0);
-    const Tensor x2 = as_2d(x);
-    std::vector<Tensor> dys;
-    for (int64_t i = 0; i < G; ++i) {
-      // a member whose output went unused gets no gradient: it contributes nothing
-      dys.push_back(grads[i].defined() ? as_2d(grads[i]).to(x.scalar_type())
-                                       : at::zeros({x2.size(0), weights[i].size(0)}, x2.options()));
-    }
-    variable_list out(1 + G + nb + 2 * G + 1);  // one slot per argument (TensorLists flattened), scaling last
-    if (need_x || need_A || need_B) {
-      auto [dx, dAs, dBs] = call_lora_group_bwd(dys, x2, S, weights, As, Bs, ctx->saved_data["scaling"].toDouble(),
-                                                need_x, need_A, need_B);
-      if (need_x) out[0] = dx.view(x.sizes());
-      for (int64_t i = 0; i < G; ++i) {
-        if (ctx->needs_input_grad(a0 + i)) out[a0 + i] = dAs[i].to(As[i].scalar_type());
-        if (ctx->needs_input_grad(b0 + i)) out[b0 + i] = dBs[i].to(Bs[i].scalar_type());
-      }
-    }
-    const auto bias_dtypes = ctx->saved_data["bias_dtypes"].toIntVector();
-    for (int64_t i = 0; i < nb; ++i) {
-      if (!ctx->needs_input_grad(1 + G + i)) continue;
-      const auto bdt = static_cast<at::ScalarType>(bias_dtypes[i]);
-      out[1 + G + i] = (bdt == dys[i].scalar_type() || bdt == at::kFloat)
-                           ? dys[i].sum(0, /*keepdim=*/false, bdt)
-                           : dys[i].sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
-    }
-    return out;
+    return lora_group_backward(ctx, grads, Ns, /*first_bias=*/1 + G, /*shift=*/0, [&](const Tensor&, bool) { return weights; });
   }
 };
 
@@ -1131,48 +1144,14 @@ class Nf4LoraGroupFunction : public torch::autograd::Function<Nf4LoraGroupFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const int64_t G = ctx->saved_data["G"].toInt();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const Tensor &x = saved[0], &S = saved[1];
     const std::vector<Nf4Weight> ws = load_nf4_group(ctx);
-    const std::vector<Tensor> As(saved.begin() + 2, saved.begin() + 2 + G),
-        Bs(saved.begin() + 2 + G, saved.begin() + 2 + 2 * G);
-    const int64_t nb = has_bias ? G : 0, a0 = 1 + nb, b0 = a0 + G;  // needs_input_grad: tensors only
-    bool need_A = false, need_B = false;
-    for (int64_t i = 0; i < G; ++i) {
-      need_A = need_A || ctx->needs_input_grad(a0 + i);
-      need_B = need_B || ctx->needs_input_grad(b0 + i);
-    }
-    const bool need_x = ctx->needs_input_grad(0);
-    const Tensor x2 = as_2d(x);
-    std::vector<Tensor> dys;
-    for (int64_t i = 0; i < G; ++i)  // a member whose output went unused contributes nothing
-      dys.push_back(grads[i].defined() ? as_2d(grads[i]).to(x.scalar_type())
-                                       : at::zeros({x2.size(0), ws[i].N}, x2.options()));
-    // one slot per forward argument: x, the weights (one), the biases, lora_A[], lora_B[], scaling
-    variable_list out(1 + 1 + nb + 2 * G + 1);
-    const int64_t out_a0 = 2 + nb, out_b0 = out_a0 + G;
-    if (need_x || need_A || need_B) {
-      std::vector<Tensor> weights;
+    std::vector<int64_t> Ns;
+    for (const Nf4Weight& w : ws) Ns.push_back(w.N);
+    return lora_group_backward(ctx, grads, Ns, /*first_bias=*/1, /*shift=*/1, [&](const Tensor& x, bool need_x) {
+      std::vector<Tensor> weights;  // dequantized for dX only (backward_weight)
       for (const Nf4Weight& w : ws) weights.push_back(backward_weight(w, x, need_x));
-      auto [dx, dAs, dBs] = call_lora_group_bwd(dys, x2, S, weights, As, Bs, ctx->saved_data["scaling"].toDouble(),
-                                                need_x, need_A, need_B);
-      if (need_x) out[0] = dx.view(x.sizes());
-      for (int64_t i = 0; i < G; ++i) {
-        if (ctx->needs_input_grad(a0 + i)) out[out_a0 + i] = dAs[i].to(As[i].scalar_type());
-        if (ctx->needs_input_grad(b0 + i)) out[out_b0 + i] = dBs[i].to(Bs[i].scalar_type());
-      }
-    }
-    const auto bias_dtypes = ctx->saved_data["bias_dtypes"].toIntVector();
-    for (int64_t i = 0; i < nb; ++i) {
-      if (!ctx->needs_input_grad(1 + i)) continue;
-      const auto bdt = static_cast<at::ScalarType>(bias_dtypes[i]);
-      out[2 + i] = (bdt == dys[i].scalar_type() || bdt == at::kFloat)
-                       ? dys[i].sum(0, /*keepdim=*/false, bdt)
-                       : dys[i].sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
-    }
-    return out;
+      return weights;
+    });
   }
 };
 
@@ -1306,12 +1285,8 @@ class DoraGroupFunction : public torch::autograd::Function<DoraGroupFunction> {
         if (need_m) out[2 + nb + 2 * G + i] = dm.reshape({bases.out_features(i)}).to(
             static_cast<at::ScalarType>(m_dtypes[i]));
       }
-      if (has_bias && ctx->needs_input_grad(1 + i)) {
-        const auto bdt = static_cast<at::ScalarType>(bias_dtypes[i]);
-        out[2 + i] = (bdt == dy2.scalar_type() || bdt == at::kFloat)
-                         ? dy2.sum(0, /*keepdim=*/false, bdt)
-                         : dy2.sum(0, /*keepdim=*/false, at::kFloat).to(bdt);
-      }
+      if (has_bias && ctx->needs_input_grad(1 + i))
+        out[2 + i] = bias_grad_as(dy2, static_cast<at::ScalarType>(bias_dtypes[i]));
     }
     if (need_x && dx.defined()) out[0] = dx.view(x.sizes());
     return out;

@@ -20,18 +20,23 @@ pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="the C++ extensi
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture
-def count_group_calls(monkeypatch):
-    """How many times the grouped operator ran (wraps cpp_ops.lora_group_linear, which the groups call)."""
+def _count_members(monkeypatch, op: str) -> list:
+    """Wrap ``cpp_ops.<op>`` (a grouped operator, which the groups call) to record each run's member count."""
     calls = []
-    real = cpp_ops.lora_group_linear
+    real = getattr(cpp_ops, op)
 
     def counting(*args, **kwargs):
         calls.append(len(args[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cpp_ops, "lora_group_linear", counting)
+    monkeypatch.setattr(cpp_ops, op, counting)
     return calls
+
+
+@pytest.fixture
+def count_group_calls(monkeypatch):
+    """Members per run of the grouped LoRA operator (cpp_ops.lora_group_linear)."""
+    return _count_members(monkeypatch, "lora_group_linear")
 
 
 def _patched(arch, monkeypatch, group: bool, dropout=0.0, seed=0):
@@ -278,16 +283,8 @@ def test_lora_group_linear_op_validates_its_lists():
 
 @pytest.fixture
 def count_nf4_group_calls(monkeypatch):
-    """How many members each run of the grouped 4-bit operator had (wraps cpp_ops.nf4_lora_group_linear)."""
-    calls = []
-    real = cpp_ops.nf4_lora_group_linear
-
-    def counting(*args, **kwargs):
-        calls.append(len(args[1]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cpp_ops, "nf4_lora_group_linear", counting)
-    return calls
+    """Members per run of the grouped 4-bit operator (cpp_ops.nf4_lora_group_linear)."""
+    return _count_members(monkeypatch, "nf4_lora_group_linear")
 
 
 def _patched_nf4(arch, monkeypatch, group: bool, seed=0, module_type="fastpeft"):
@@ -444,16 +441,8 @@ def test_nf4_lora_group_linear_op_validates_its_lists():
 @pytest.fixture
 def count_dora_group_calls(monkeypatch):
     """Members per run of the grouped DoRA operators: {"dense": [...], "nf4": [...]}."""
-    calls = {"dense": [], "nf4": []}
-    for key, attr in (("dense", "dora_group_linear"), ("nf4", "nf4_dora_group_linear")):
-        real = getattr(cpp_ops, attr)
-
-        def counting(*args, _real=real, _key=key, **kwargs):
-            calls[_key].append(len(args[1]))
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(cpp_ops, attr, counting)
-    return calls
+    return {"dense": _count_members(monkeypatch, "dora_group_linear"),
+            "nf4": _count_members(monkeypatch, "nf4_dora_group_linear")}
 
 
 def _patched_dora(arch, monkeypatch, group: bool, quantized: bool, seed=0):
