@@ -826,6 +826,22 @@ void check_group(const Tensor& x, at::TensorList weights, at::TensorList biases,
   }
 }
 
+// What the grouped LoRA forwards of dense and 4-bit bases save alike (their bases are saved by each): x, S and the
+// adapters through save_for_backward, the member count, scaling and the biases' dtypes (read by lora_group_backward).
+void save_lora_group(AutogradContext* ctx, const Tensor& x, const Tensor& S, at::TensorList biases, at::TensorList As,
+                     at::TensorList Bs, double scaling) {
+  variable_list saved{x, S};
+  for (const auto& list : {As, Bs})
+    for (const Tensor& t : list) saved.push_back(t);
+  ctx->save_for_backward(saved);
+  ctx->saved_data["G"] = static_cast<int64_t>(As.size());
+  ctx->saved_data["scaling"] = scaling;
+  ctx->saved_data["has_bias"] = !biases.empty();
+  std::vector<int64_t> bias_dtypes;
+  for (const Tensor& b : biases) bias_dtypes.push_back(static_cast<int64_t>(b.scalar_type()));
+  ctx->saved_data["bias_dtypes"] = bias_dtypes;
+}
+
 // The grouped LoRA backward of dense and 4-bit bases (LoraGroupFunction, Nf4LoraGroupFunction). Autograd's tensor
 // inputs are x, the dense weights (dense bases only), the biases, lora_A[], lora_B[]: `first_bias` is the first bias's
 // index among them, and each gradient goes to output slot index + `shift` (a 4-bit group's weights are one
@@ -879,18 +895,9 @@ class LoraGroupFunction : public torch::autograd::Function<LoraGroupFunction> {
                                at::TensorList As, at::TensorList Bs, double scaling) {
     const Tensor x2 = as_2d(x);
     auto [ys, S] = call_lora_group_fwd(x2, weights, biases, As, Bs, scaling);
-    variable_list saved{x, S};
-    for (const auto& list : {As, Bs})
-      for (const Tensor& t : list) saved.push_back(t);
-    ctx->save_for_backward(saved);
+    save_lora_group(ctx, x, S, biases, As, Bs, scaling);
     ctx->saved_data["weights"] = weights.vec();  // frozen: in saved_data (see save_with_weight)
     const int64_t G = static_cast<int64_t>(weights.size());
-    ctx->saved_data["G"] = G;
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["has_bias"] = !biases.empty();
-    std::vector<int64_t> bias_dtypes;
-    for (const Tensor& b : biases) bias_dtypes.push_back(static_cast<int64_t>(b.scalar_type()));
-    ctx->saved_data["bias_dtypes"] = bias_dtypes;
     variable_list out;
     for (int64_t i = 0; i < G; ++i) out.push_back(ys[i].view(with_last_dim(x, weights[i].size(0))));
     return out;
@@ -1126,18 +1133,9 @@ class Nf4LoraGroupFunction : public torch::autograd::Function<Nf4LoraGroupFuncti
                                at::TensorList biases, at::TensorList As, at::TensorList Bs, double scaling) {
     const Tensor x2 = as_2d(x);
     auto [ys, S] = call_lora_group_fwd(x2, dequantize_all(ws, x), biases, As, Bs, scaling);
-    variable_list saved{x, S};
-    for (const auto& list : {As, Bs})
-      for (const Tensor& t : list) saved.push_back(t);
-    ctx->save_for_backward(saved);
+    save_lora_group(ctx, x, S, biases, As, Bs, scaling);
     save_nf4_group(ctx, ws);
     const int64_t G = static_cast<int64_t>(ws.size());
-    ctx->saved_data["G"] = G;
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["has_bias"] = !biases.empty();
-    std::vector<int64_t> bias_dtypes;
-    for (const Tensor& b : biases) bias_dtypes.push_back(static_cast<int64_t>(b.scalar_type()));
-    ctx->saved_data["bias_dtypes"] = bias_dtypes;
     variable_list out;
     for (int64_t i = 0; i < G; ++i) out.push_back(ys[i].view(with_last_dim(x, ws[i].N)));
     return out;

@@ -73,17 +73,24 @@ def test_grouped_steps_match_layers_run_one_by_one(arch, checkpoint, monkeypatch
     n_groups = sum(1 for m in grouped.modules() if type(m).__name__ == "LoraLinear"
                    and getattr(m, "_projection_group", None) is not None)
     assert n_groups == 5 * 2  # q/k/v and gate/up in each of the 2 layers
+    _assert_grouped_steps_match(plain, grouped, ids, checkpoint, count_group_calls)
+
+
+def _assert_grouped_steps_match(plain, grouped, ids, checkpoint, calls, n_grads=None):
+    """Three training steps of each model: the first only watches (no grouped call), the next two run q/k/v and
+    gate/up of both layers grouped (forward, plus the recompute under checkpointing), and logits, loss and every
+    gradient equal the ungrouped model's. ``calls``: a fixture's list of member counts per grouped run."""
     for step in range(3):
         want = _step(plain, ids, checkpoint)
-        calls_before = len(count_group_calls)
+        calls_before = len(calls)
         got = _step(grouped, ids, checkpoint)
-        ran = count_group_calls[calls_before:]
+        ran = calls[calls_before:]
         if step == 0:
             assert ran == []  # watching: every layer on its own
-        else:  # q/k/v and gate/up of both layers, forward (+ recompute)
+        else:
             assert sorted(ran) == sorted([3, 2] * 2 * (2 if checkpoint else 1))
         assert rel_err(got[0], want[0]) < 1e-6 and rel_err(got[1], want[1]) < 1e-6
-        assert got[2].keys() == want[2].keys()
+        assert got[2].keys() == want[2].keys() and (n_grads is None or len(want[2]) == n_grads)
         for name in want[2]:
             assert rel_err(got[2][name], want[2][name]) < 1e-5, name
 
@@ -325,19 +332,8 @@ def test_qlora_grouped_steps_match_layers_run_one_by_one(arch, checkpoint, modul
     plain = _patched_nf4(arch, monkeypatch, group=False, module_type=module_type)
     grouped = _patched_nf4(arch, monkeypatch, group=True, module_type=module_type)
     _copy_trainable(plain, grouped)
-    for step in range(3):
-        want = _step(plain, ids, checkpoint)
-        calls_before = len(count_nf4_group_calls)
-        got = _step(grouped, ids, checkpoint)
-        ran = count_nf4_group_calls[calls_before:]
-        if step == 0:
-            assert ran == []
-        else:
-            assert sorted(ran) == sorted([3, 2] * 2 * (2 if checkpoint else 1))
-        assert rel_err(got[0], want[0]) < 1e-6 and rel_err(got[1], want[1]) < 1e-6
-        assert got[2].keys() == want[2].keys() and len(want[2]) == 2 * 7 * 2  # A and B of 7 layers x 2 blocks
-        for name in want[2]:
-            assert rel_err(got[2][name], want[2][name]) < 1e-5, name
+    _assert_grouped_steps_match(plain, grouped, ids, checkpoint, count_nf4_group_calls,
+                                n_grads=2 * 7 * 2)  # A and B of 7 layers x 2 blocks
 
 
 def test_qlora_groups_stand_aside_for_a_dense_member(monkeypatch, count_nf4_group_calls, count_group_calls):
@@ -474,22 +470,10 @@ def test_dora_grouped_steps_match_layers_run_one_by_one(arch, checkpoint, quanti
     plain = _patched_dora(arch, monkeypatch, group=False, quantized=quantized)
     grouped = _patched_dora(arch, monkeypatch, group=True, quantized=quantized)
     _copy_trainable(plain, grouped)
-    kind = "nf4" if quantized else "dense"
-    for step in range(3):
-        want = _step(plain, ids, checkpoint)
-        before = {k: len(v) for k, v in count_dora_group_calls.items()}
-        got = _step(grouped, ids, checkpoint)
-        ran = count_dora_group_calls[kind][before[kind]:]
-        other = "dense" if quantized else "nf4"
-        assert len(count_dora_group_calls[other]) == before[other]
-        if step == 0:
-            assert ran == []
-        else:
-            assert sorted(ran) == sorted([3, 2] * 2 * (2 if checkpoint else 1))
-        assert rel_err(got[0], want[0]) < 1e-6 and rel_err(got[1], want[1]) < 1e-6
-        assert got[2].keys() == want[2].keys() and len(want[2]) == 3 * 7 * 2  # A, B, m of 7 layers x 2 blocks
-        for name in want[2]:
-            assert rel_err(got[2][name], want[2][name]) < 1e-5, name
+    kind, other = ("nf4", "dense") if quantized else ("dense", "nf4")
+    _assert_grouped_steps_match(plain, grouped, ids, checkpoint, count_dora_group_calls[kind],
+                                n_grads=3 * 7 * 2)  # A, B, m of 7 layers x 2 blocks
+    assert count_dora_group_calls[other] == []  # the other kind's operator never ran
 
 
 def test_dora_groups_stand_aside_out_of_training(monkeypatch, count_dora_group_calls):
