@@ -112,6 +112,10 @@ using MixedAdaptersPtr = c10::intrusive_ptr<MixedAdapters>;
 #ifdef WITH_CUDA
 void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
                            at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);  // .cu
+// lora_mixed_linear at decode sizes in two launches, or an undefined tensor where it does not apply (.cu)
+Tensor lora_mixed_decode_cuda(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                              const Tensor& adapter_of_segment, int64_t tokens, at::TensorList lora_A,
+                              at::TensorList lora_B, c10::ArrayRef<double> scales);
 #endif
 
 // Argument checks of lora_mixed_delta_ (shared with adapter_cuda.cu).
@@ -521,8 +525,9 @@ void lora_mixed_delta_cuda_entry(const Tensor& y, const Tensor& x, const Tensor&
 // A mixed batch's whole layer in one dispatcher entry: y = x·Wᵀ + b (at::linear), then lora_mixed_delta_ on it.
 // Decode calls it per layer and token and is host-bound: one call from Python instead of two (F.linear, then the
 // delta), with the views made here. Inference only (lora_mixed_delta_ has no autograd formula; the layers call it
-// under no_grad). Registered CompositeImplicitAutograd: every backend runs this composition, and tracing
-// (fake tensors, functionalization) sees its two ops, whose Meta kernels and schema it already knows.
+// under no_grad). Registered CompositeExplicitAutograd: every backend without its own kernel (CPU, Meta, fake
+// tensors under tracing) runs this composition of two ops whose Meta kernels and schema tracing knows. CUDA has
+// its own kernel, lora_mixed_linear_cuda below.
 Tensor lora_mixed_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
                          const Tensor& adapter_of_segment, int64_t tokens, const MixedAdaptersPtr& adapters) {
   TORCH_CHECK(x.dim() >= 2, "fastpeft lora_mixed_linear: x must be [batch, ..., in_features], got ", x.sizes());
@@ -533,6 +538,19 @@ Tensor lora_mixed_linear(const Tensor& x, const Tensor& weight, const c10::optio
   delta.call(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}), adapter_of_segment, tokens, adapters);
   return y;
 }
+
+#ifdef WITH_CUDA
+// On CUDA a decode-sized call (<= 8 rows of 16-bit x, fp32 adapters of rank <= 32; adapter_cuda.cu,
+// lora_mixed_decode_cuda) runs as the one-adapter decode forward does: the shrink, then a GEMV of the base weight
+// with every row's expand in its epilogue -- two launches, no ATen linear. Anything else: the composition above.
+Tensor lora_mixed_linear_cuda(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                              const Tensor& adapter_of_segment, int64_t tokens, const MixedAdaptersPtr& adapters) {
+  TORCH_CHECK(x.dim() >= 2, "fastpeft lora_mixed_linear: x must be [batch, ..., in_features], got ", x.sizes());
+  Tensor y = lora_mixed_decode_cuda(x, weight, bias, adapter_of_segment, tokens, adapters->lora_A, adapters->lora_B,
+                                    adapters->scales);
+  return y.defined() ? y : lora_mixed_linear(x, weight, bias, adapter_of_segment, tokens, adapters);
+}
+#endif
 
 std::tuple<Tensor, Tensor> ia3_fwd_meta(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>&,
                                         const Tensor&, bool feedforward) {
@@ -1787,11 +1805,9 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeExplicitAutograd, m) {
   m.impl("nf4_lora_group_linear", &fastpeft::nf4_lora_group_linear_plain);
   m.impl("dora_group_linear", &fastpeft::dora_group_linear<false>);
   m.impl("nf4_dora_group_linear", &fastpeft::nf4_dora_group_linear<false>);
-}
-
-TORCH_LIBRARY_IMPL(fastpeft_ops, CompositeImplicitAutograd, m) {
   m.impl("lora_mixed_linear", &fastpeft::lora_mixed_linear);
 }
+
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
   m.impl("lora_fwd", &fastpeft::lora_fwd_cpu);
@@ -1810,6 +1826,7 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, CPU, m) {
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(fastpeft_ops, CUDA, m) {
   m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_cuda_entry);
+  m.impl("lora_mixed_linear", &fastpeft::lora_mixed_linear_cuda);
 }
 #endif
 

@@ -3,6 +3,7 @@ LoRA adapters (``adapter_names=[...]``) against the same batch on one adapter, a
 adapter_names path, side by side in one run (issue 15's targets: mixed >= 0.85x one adapter, >= 3x PEFT).
 
     python benchmarks/scripts/bench_mixed.py --adapters 8 32 --out mixed.json
+    python benchmarks/scripts/bench_mixed.py --kinds decode --skip-peft --gemv-ab --out mixed_decode.json
 
 Random-init weights (nothing is downloaded), bf16, sdpa, eager, no autograd. r=16, alpha=32 on every linear
 layer but the head; the adapters' B are random (so every adapter changes the output). Rows:
@@ -69,6 +70,10 @@ def main():
     ap.add_argument("--two-call-row", action="store_true",
                     help="also time the mixed batch with each dense layer as two operator calls (F.linear, then "
                          "lora_mixed_delta_) instead of lora_mixed_linear's one: an A/B of the fused call")
+    ap.add_argument("--gemv-ab", action="store_true",
+                    help="also time the mixed batch with fastpeft_ops.set_decode_gemv(0): decode-sized layers then "
+                         "run cuBLAS + the mixed kernels instead of the decode GEMV with every row's expand in its "
+                         "epilogue (an A/B in one process)")
     ap.add_argument("--kinds", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"],
                     help="which rows to time (default both)")
     ap.add_argument("--profile", default=None, metavar="DIR",
@@ -172,6 +177,12 @@ def main():
             for m in layers:
                 m.backend = "auto"
                 m._mixed_cache.pop("stacks", None)
+        if a.gemv_ab and cpp_ops.available():
+            previous = torch.ops.fastpeft_ops.set_decode_gemv(0)
+            try:
+                measure(ours, "fastpeft mixed (no decode gemv)", n, names[:n])
+            finally:
+                torch.ops.fastpeft_ops.set_decode_gemv(previous)
         if a.two_call_row:
             fused, cpp_ops.lora_mixed_linear = cpp_ops.lora_mixed_linear, two_call_mixed_linear
             try:
@@ -204,6 +215,8 @@ def main():
                 line["mixed_vs_peft"] = get["fastpeft mixed"] / get["PEFT mixed"]
             if "fastpeft mixed (two calls)" in get:
                 line["fused_vs_two_calls"] = get["fastpeft mixed"] / get["fastpeft mixed (two calls)"]
+            if "fastpeft mixed (no decode gemv)" in get:
+                line["gemv_vs_no_gemv"] = get["fastpeft mixed"] / get["fastpeft mixed (no decode gemv)"]
             if "fastpeft mixed (triton)" in get:
                 line["cpp_vs_triton"] = get["fastpeft mixed"] / get["fastpeft mixed (triton)"]
             summary.append(line)
