@@ -278,3 +278,11 @@ def test_host_overhead_group_rows_alternate_their_order_and_keep_the_median(monk
     assert [rounds[k][1] for k in labels] == [16.0, 15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0]  # round 1 reversed
     assert all(medians[k] == sorted(rounds[k])[1] for k in labels)
     assert sum("grouped" in k for k in labels) == 4 and all("80 rows, K=64" in k for k in labels)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; on a GPU the script runs its benchmark")
+def test_mixed_layer_benchmark_refuses_a_cpu_machine_by_name():
+    """bench_mixed_layer.py times CUDA host paths: without a GPU it says so."""
+    mixed_layer = _load("bench_mixed_layer")
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        mixed_layer.main(["--rows", "1"])
