@@ -34,13 +34,14 @@
 //             frozen bases; bias[] empty or one per member; S [M, Σ r] holds the members' S side by side)
 //   lora_mixed_delta_(y!, x, adapter_of_segment, tokens, adapters) -> ()                          (no autograd)
 //   lora_mixed_linear(x, weight, bias?, adapter_of_segment, tokens, adapters) -> y                   (no autograd)
-//   class MixedAdapters(lora_A[], lora_B[], scales[])
+//   mixed_adapters_new(lora_A[], lora_B[], scales[]) -> adapters;  mixed_adapters_free(adapters)
+//            (adapters: an int handle of a registered adapter set, see MixedAdapters below)
 //
 // Mixed-adapter batches (inference): y [M, N] += scales[a]·(x·A_aᵀ)·B_aᵀ row by row, a = adapter_of_segment[b] for
 // the b-th segment of `tokens` rows (int32 on y's device; a < 0: no adapter, y unchanged), in fp32, y rounded once.
-// The adapters come as one MixedAdapters object (A_a [r_a, K], B_a [N, r_a]; ranks may differ): handles to the
-// caller's tensors, no stacked copy, so an extra adapter costs its own weights only. One argument, because decode
-// calls these per layer and token and is host-bound: 2n tensors and n floats cost ~0.2 µs each to pass.
+// The adapters come as one registered MixedAdapters set (A_a [r_a, K], B_a [N, r_a]; ranks may differ), passed as
+// its int handle: handles to the caller's tensors, no stacked copy, so an extra adapter costs its own weights only.
+// One cheap argument, because decode calls these per layer and token and is host-bound (MixedAdapters says more).
 //
 // LoRA math (fastpeft/ops/reference.py is the oracle; D = the dropout mask of adapter_common.h, s = scaling):
 //   forward   S = s·(D⊙X)·Aᵀ (fp32 [M, r], saved);  Y = X·Wᵀ + b + S·Bᵀ
@@ -65,12 +66,14 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
-#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
 #include <initializer_list>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "adapter_common.h"
@@ -91,23 +94,61 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_native16(const Tensor& dy2, const Te
 at::ScalarType group_s_dtype(const Tensor& x2, at::TensorList As, at::TensorList Bs);
 
 // A layer's adapters for the mixed-batch operators, built by the caller (fastpeft/nn/lora.py: once, then again only
-// when a module, parameter or scaling changed) and passed as one argument. It holds handles to the given tensors,
-// not copies: in-place updates (and `.data =`, which keeps the TensorImpl) are seen by the next call; shapes, dtypes
-// and devices are checked at every call (check_mixed_args), so a tensor resized in place gives a clear error.
-struct MixedAdapters : torch::CustomClassHolder {
+// when a module, parameter or scaling changed) and registered under an integer handle (mixed_adapters_new), which
+// the operators take as one argument. It holds handles to the given tensors, not copies: in-place updates (and
+// `.data =`, which keeps the TensorImpl) are seen by the next call; shapes, dtypes and devices are checked at every
+// call (check_mixed_args), so a tensor resized in place gives a clear error. Why a handle: decode calls these
+// operators per layer and token and is host-bound; 2n tensors and n floats through the dispatcher cost ~15 µs a
+// call, and a torch.classes object as the argument ~10 µs more than an int (Python probes every argument for
+// __torch_function__, and on a ScriptObject that probe raises and catches an AttributeError: 13 µs on a 2-core host).
+struct MixedAdapters {
   std::vector<Tensor> lora_A, lora_B;
   std::vector<double> scales;
   MixedAdapters(std::vector<Tensor> A, std::vector<Tensor> B, std::vector<double> s)
       : lora_A(std::move(A)), lora_B(std::move(B)), scales(std::move(s)) {
-    TORCH_CHECK(lora_A.size() == lora_B.size() && lora_A.size() == scales.size(), "fastpeft MixedAdapters: ",
+    TORCH_CHECK(lora_A.size() == lora_B.size() && lora_A.size() == scales.size(), "fastpeft mixed_adapters: ",
                 lora_A.size(), " lora_A, ", lora_B.size(), " lora_B and ", scales.size(),
                 " scales: one of each per adapter");
     for (size_t i = 0; i < lora_A.size(); ++i)
-      TORCH_CHECK(lora_A[i].defined() && lora_B[i].defined(), "fastpeft MixedAdapters: adapter ", i,
+      TORCH_CHECK(lora_A[i].defined() && lora_B[i].defined(), "fastpeft mixed_adapters: adapter ", i,
                   " has an undefined lora_A or lora_B");
   }
 };
-using MixedAdaptersPtr = c10::intrusive_ptr<MixedAdapters>;
+using MixedAdaptersPtr = std::shared_ptr<const MixedAdapters>;
+
+// The registry of adapter sets: handle -> set, under one mutex (sets are made and freed by Python objects on any
+// thread; a lookup per operator call).
+std::mutex& mixed_registry_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+std::unordered_map<int64_t, MixedAdaptersPtr>& mixed_registry() {
+  static std::unordered_map<int64_t, MixedAdaptersPtr> registry;
+  return registry;
+}
+
+int64_t mixed_adapters_new(at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales) {
+  auto set = std::make_shared<const MixedAdapters>(lora_A.vec(), lora_B.vec(), scales.vec());
+  static int64_t next = 0;
+  std::lock_guard<std::mutex> lock(mixed_registry_mutex());
+  const int64_t handle = ++next;
+  mixed_registry().emplace(handle, std::move(set));
+  return handle;
+}
+
+// Forgets the set (its tensors are released with it); a handle not (or no longer) registered is left alone.
+void mixed_adapters_free(int64_t handle) {
+  std::lock_guard<std::mutex> lock(mixed_registry_mutex());
+  mixed_registry().erase(handle);
+}
+
+MixedAdaptersPtr mixed_adapters_get(int64_t handle) {
+  std::lock_guard<std::mutex> lock(mixed_registry_mutex());
+  const auto it = mixed_registry().find(handle);
+  TORCH_CHECK(it != mixed_registry().end(), "fastpeft mixed-batch operators: no adapter set has handle ", handle,
+              " (it was freed, or did not come from fastpeft.ops.cpp_ops.mixed_adapters)");
+  return it->second;
+}
 
 #ifdef WITH_CUDA
 void lora_mixed_delta_cuda(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
@@ -308,7 +349,8 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_cpu(const Tensor& dy2, const Tensor&
 
 // Mixed-adapter LoRA (lora_mixed_delta_): the CPU kernel, one fp32 pass per adapter present in the batch.
 void lora_mixed_delta_cpu(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
-                          const MixedAdaptersPtr& adapters) {
+                          int64_t handle) {
+  const MixedAdaptersPtr adapters = mixed_adapters_get(handle);
   const std::vector<Tensor>&lora_A = adapters->lora_A, &lora_B = adapters->lora_B;
   const std::vector<double>& scales = adapters->scales;
   check_mixed_args(y, x, adapter_of_segment, tokens, lora_A, lora_B, scales);
@@ -509,15 +551,15 @@ Tensor nf4_dequantize_meta(const Tensor& packed, const Tensor&, const Tensor&, c
 }
 
 // In place and without an output: the Meta kernel checks what symbolic shapes allow (ranks and list lengths).
-void lora_mixed_delta_meta(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t,
-                           const MixedAdaptersPtr&) {
+void lora_mixed_delta_meta(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t, int64_t) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && adapter_of_segment.dim() == 1,
               "fastpeft lora_mixed_delta_: x and y must be 2-D and adapter_of_segment 1-D");
 }
 
 #ifdef WITH_CUDA
 void lora_mixed_delta_cuda_entry(const Tensor& y, const Tensor& x, const Tensor& adapter_of_segment, int64_t tokens,
-                                 const MixedAdaptersPtr& adapters) {
+                                 int64_t handle) {
+  const MixedAdaptersPtr adapters = mixed_adapters_get(handle);
   lora_mixed_delta_cuda(y, x, adapter_of_segment, tokens, adapters->lora_A, adapters->lora_B, adapters->scales);
 }
 #endif
@@ -529,14 +571,23 @@ void lora_mixed_delta_cuda_entry(const Tensor& y, const Tensor& x, const Tensor&
 // tensors under tracing) runs this composition of two ops whose Meta kernels and schema tracing knows. CUDA has
 // its own kernel, lora_mixed_linear_cuda below.
 Tensor lora_mixed_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
-                         const Tensor& adapter_of_segment, int64_t tokens, const MixedAdaptersPtr& adapters) {
+                         const Tensor& adapter_of_segment, int64_t tokens, int64_t adapters) {
   TORCH_CHECK(x.dim() >= 2, "fastpeft lora_mixed_linear: x must be [batch, ..., in_features], got ", x.sizes());
   Tensor y = at::linear(x, weight, bias);
   static auto delta = c10::Dispatcher::singleton()
                           .findSchemaOrThrow("fastpeft_ops::lora_mixed_delta_", "")
-                          .typed<void(const Tensor&, const Tensor&, const Tensor&, int64_t, const MixedAdaptersPtr&)>();
+                          .typed<void(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t)>();
   delta.call(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}), adapter_of_segment, tokens, adapters);
   return y;
+}
+
+// Meta (fake tensors, torch.compile): y's shape, x [..., K] -> [..., N], and the argument checks shapes allow.
+Tensor lora_mixed_linear_meta(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>&, const Tensor&,
+                              int64_t, int64_t) {
+  TORCH_CHECK(x.dim() >= 2, "fastpeft lora_mixed_linear: x must be [batch, ..., in_features], got ", x.sizes());
+  auto shape = x.sizes().vec();
+  shape.back() = weight.size(0);
+  return at::empty(shape, x.options());
 }
 
 #ifdef WITH_CUDA
@@ -544,11 +595,12 @@ Tensor lora_mixed_linear(const Tensor& x, const Tensor& weight, const c10::optio
 // lora_mixed_decode_cuda) runs as the one-adapter decode forward does: the shrink, then a GEMV of the base weight
 // with every row's expand in its epilogue -- two launches, no ATen linear. Anything else: the composition above.
 Tensor lora_mixed_linear_cuda(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
-                              const Tensor& adapter_of_segment, int64_t tokens, const MixedAdaptersPtr& adapters) {
+                              const Tensor& adapter_of_segment, int64_t tokens, int64_t handle) {
   TORCH_CHECK(x.dim() >= 2, "fastpeft lora_mixed_linear: x must be [batch, ..., in_features], got ", x.sizes());
+  const MixedAdaptersPtr adapters = mixed_adapters_get(handle);
   Tensor y = lora_mixed_decode_cuda(x, weight, bias, adapter_of_segment, tokens, adapters->lora_A, adapters->lora_B,
                                     adapters->scales);
-  return y.defined() ? y : lora_mixed_linear(x, weight, bias, adapter_of_segment, tokens, adapters);
+  return y.defined() ? y : lora_mixed_linear(x, weight, bias, adapter_of_segment, tokens, handle);
 }
 #endif
 
@@ -1752,13 +1804,11 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("ia3_fwd(Tensor x2, Tensor weight, Tensor? bias, Tensor ia3_l, bool feedforward) -> (Tensor, Tensor)");
   m.def("ia3_bwd(Tensor dy2, Tensor saved, Tensor weight, Tensor ia3_l, bool feedforward, bool need_x, "
         "bool need_b) -> (Tensor, Tensor, Tensor)");
-  m.class_<fastpeft::MixedAdapters>("MixedAdapters")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<double>>())
-      .def("count", [](const fastpeft::MixedAdaptersPtr& self) { return static_cast<int64_t>(self->lora_A.size()); });
-  m.def("lora_mixed_delta_(Tensor(a!) y, Tensor x, Tensor adapter_of_segment, int tokens, "
-        "__torch__.torch.classes.fastpeft_ops.MixedAdapters adapters) -> ()");
+  m.def("mixed_adapters_new(Tensor[] lora_A, Tensor[] lora_B, float[] scales) -> int", &fastpeft::mixed_adapters_new);
+  m.def("mixed_adapters_free(int handle) -> ()", &fastpeft::mixed_adapters_free);
+  m.def("lora_mixed_delta_(Tensor(a!) y, Tensor x, Tensor adapter_of_segment, int tokens, int adapters) -> ()");
   m.def("lora_mixed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor adapter_of_segment, int tokens, "
-        "__torch__.torch.classes.fastpeft_ops.MixedAdapters adapters) -> Tensor");
+        "int adapters) -> Tensor");
   m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor code, Tensor code2, Tensor absmax2, float offset, "
         "int blocksize, int blocksize2, bool nested, int N, ScalarType state_dtype, int K, ScalarType dtype) -> Tensor");
   m.def("nf4_lora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor code2, Tensor absmax2, "
@@ -1841,5 +1891,6 @@ TORCH_LIBRARY_IMPL(fastpeft_ops, Meta, m) {
   m.impl("ia3_fwd", &fastpeft::ia3_fwd_meta);
   m.impl("ia3_bwd", &fastpeft::ia3_bwd_meta);
   m.impl("lora_mixed_delta_", &fastpeft::lora_mixed_delta_meta);
+  m.impl("lora_mixed_linear", &fastpeft::lora_mixed_linear_meta);
   m.impl("nf4_dequantize", &fastpeft::nf4_dequantize_meta);
 }

@@ -30,7 +30,7 @@ from .nf4_format import KernelState
 
 __all__ = ["available", "loaded", "lora_linear", "lora_group_linear", "dora_linear", "ia3_linear", "nf4_dequantize",
            "nf4_lora_linear", "nf4_dora_linear", "nf4_lora_group_linear", "dora_group_linear",
-           "nf4_dora_group_linear", "mixed_adapters", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK",
+           "nf4_dora_group_linear", "mixed_adapters", "MixedAdapterSet", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK",
            "EXTENSION"]
 
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
@@ -61,13 +61,12 @@ def available() -> bool:
     _OPS["nf4_lora_group"] = torch.ops.fastpeft_ops.nf4_lora_group_linear.default
     _OPS["dora_group"] = torch.ops.fastpeft_ops.dora_group_linear.default
     _OPS["nf4_dora_group"] = torch.ops.fastpeft_ops.nf4_dora_group_linear.default
-    _OPS["mixed"] = torch.ops.fastpeft_ops.lora_mixed_delta_.default
-    _OPS["mixed_linear"] = torch.ops.fastpeft_ops.lora_mixed_linear.default
-    # The two take a custom-class argument, which makes them TorchBindOpOverloads: every call first walks its
-    # arguments in Python looking for a FakeScriptObject (~1.5 µs a call; decode calls these per layer and token).
-    # A real adapter set cannot be one, so such calls go to the C++ entry point directly.
-    for key in ("mixed", "mixed_linear"):
-        _OPS[key + "_cpp"] = getattr(_OPS[key], "_op", _OPS[key])
+    # decode calls the two mixed-batch operators per layer and token: their C++ entry points directly (OpOverload's
+    # Python __call__ adds ~0.5 µs a call)
+    _OPS["mixed"] = torch.ops.fastpeft_ops.lora_mixed_delta_.default._op
+    _OPS["mixed_linear"] = torch.ops.fastpeft_ops.lora_mixed_linear.default._op
+    _OPS["mixed_new"] = torch.ops.fastpeft_ops.mixed_adapters_new.default
+    _OPS["mixed_free"] = torch.ops.fastpeft_ops.mixed_adapters_free.default
     return True
 
 
@@ -216,19 +215,52 @@ def nf4_dora_group_linear(x: Tensor, weights: Sequence[Tuple[Tensor, KernelState
                                   magnitudes, scaling, weight_sq_norms)
 
 
-def mixed_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scales: Sequence[float]):
-    """The adapter set the mixed-batch operators take (a ``torch.classes.fastpeft_ops.MixedAdapters``): every
-    adapter's A [r_a, K], B [N, r_a] and scaling, index a = its place in these lists. It holds handles to the given
-    tensors, not copies (in-place updates are seen by the next call; shapes are checked at every call). Build it
-    once and pass it to every call: decode calls the operators per layer and token, and one argument costs far less
-    host time than 2n tensors and n floats. Call ``available()`` first.
+class MixedAdapterSet:
+    """A layer's adapters registered with the mixed-batch operators (``mixed_adapters``): ``handle`` is what the
+    operators take, ``len()`` the number of adapters. The registered set holds handles to the given tensors, not
+    copies; it is freed when this object is (or by ``free()``), after which the operators refuse the handle."""
+
+    __slots__ = ("handle", "_count", "_free")
+
+    def __init__(self, lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scales: Sequence[float]):
+        self.handle = int(_OPS["mixed_new"](list(lora_A), list(lora_B), [float(s) for s in scales]))
+        self._count = len(lora_A)
+        self._free = _OPS["mixed_free"]  # kept here: at interpreter exit the module's globals may be gone first
+
+    def __len__(self) -> int:
+        return self._count
+
+    def free(self) -> None:
+        """Forget the set now (idempotent)."""
+        if self._free is not None:
+            self._free(self.handle)
+            self._free = None
+
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001 -- interpreter shutdown: the operators may be unloaded already
+            pass
+
+    def __reduce__(self):
+        raise TypeError("a MixedAdapterSet holds a handle into this process's operator registry: it cannot be "
+                        "pickled or copied; build one from the adapters with cpp_ops.mixed_adapters")
+
+
+def mixed_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor], scales: Sequence[float]) -> MixedAdapterSet:
+    """The adapter set the mixed-batch operators take: every adapter's A [r_a, K], B [N, r_a] and scaling, index
+    a = its place in these lists, registered under an int handle (a ``MixedAdapterSet``). It holds handles to the
+    given tensors, not copies (in-place updates are seen by the next call; shapes are checked at every call). Build
+    it once and pass it to every call: decode calls the operators per layer and token, and one int costs far less
+    host time than 2n tensors and n floats (or a ``torch.classes`` object, which Python probes with a raised and
+    caught AttributeError at every call). Call ``available()`` first.
 
     >>> import torch
     >>> if available():
     ...     adapters = mixed_adapters([torch.randn(2, 16)], [torch.randn(8, 2)], [0.5])
-    ...     assert adapters.count() == 1
+    ...     assert len(adapters) == 1 and isinstance(adapters.handle, int)
     """
-    return torch.classes.fastpeft_ops.MixedAdapters(list(lora_A), list(lora_B), [float(s) for s in scales])
+    return MixedAdapterSet(lora_A, lora_B, scales)
 
 
 def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, tokens: int, adapters) -> Tensor:
@@ -237,8 +269,8 @@ def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, toke
     once; returns ``y2d``. ``adapters``: a ``mixed_adapters(...)`` set (ranks may differ, up to ``MIXED_MAX_RANK``).
     Indices must lie in [-1, len(adapters)): the CPU kernel raises on a larger one; the CUDA kernels leave its rows
     unchanged (checking would cost a device sync per call; fastpeft's layers build the indices themselves). Eager
-    only: torch.compile cannot trace the adapter set (fastpeft's layers run their per-adapter path under compile).
-    Call ``available()`` first.
+    only (fastpeft's layers run their per-adapter path under torch.compile; a compiled graph would hold the set's
+    handle as a constant). Call ``available()`` first.
 
     >>> import torch
     >>> if available():
@@ -248,8 +280,7 @@ def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, toke
     ...     _ = lora_mixed_delta_(y, x, seg, 2, mixed_adapters(a, b, [1.0, 0.5]))
     ...     assert torch.allclose(y[:2], 0.5 * (x[:2] @ a[1].t()) @ b[1].t(), atol=1e-5) and not y[2:].any()
     """
-    _OPS["mixed_cpp" if type(adapters) is torch.ScriptObject else "mixed"](y2d, x2d, adapter_of_segment, tokens,
-                                                                            adapters)
+    _OPS["mixed"](y2d, x2d, adapter_of_segment, tokens, adapters.handle)
     return y2d
 
 
@@ -257,8 +288,10 @@ def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter
                       adapters) -> Tensor:
     """A mixed batch's dense layer in one call (inference, no autograd): ``F.linear(x, weight, bias)`` [..., N],
     then ``lora_mixed_delta_`` on it (x [batch, ..., K], segments of ``tokens`` rows of its flattened rows). The
-    same numbers as the two calls; one dispatcher entry instead of two (decode is host-bound). Eager only, as
-    ``lora_mixed_delta_``. Call ``available()`` first.
+    same numbers as the two calls; one dispatcher entry instead of two (decode is host-bound). On CUDA, at decode
+    sizes (<= 8 rows of 16-bit x, fp32 adapters of rank <= 32) the base product is fastpeft's decode GEMV with every
+    row's LoRA term in its epilogue: two launches (the base product's sums then run in another order than cuBLAS's,
+    as the one-adapter decode path's do). Eager only, as ``lora_mixed_delta_``. Call ``available()`` first.
 
     >>> import torch
     >>> if available():
@@ -270,5 +303,4 @@ def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter
     ...     want[0] += 0.5 * (x[0] @ a[0].t()) @ b[0].t()
     ...     assert torch.allclose(y, want, atol=1e-4)
     """
-    op = _OPS["mixed_linear_cpp" if type(adapters) is torch.ScriptObject else "mixed_linear"]
-    return op(x, weight, bias, adapter_of_segment, tokens, adapters)
+    return _OPS["mixed_linear"](x, weight, bias, adapter_of_segment, tokens, adapters.handle)

@@ -120,19 +120,14 @@ def test_bad_arguments_are_clear_errors():
         op(y, x, torch.tensor([0, 1], dtype=torch.int32), 2, a, b, [1.0])
 
 
-# opcheck's schema test (and the AOT test's mutation check of an in-place op) cannot take a torch.classes argument:
-# torch's checker calls len() / == on every argument, which a custom class answers with RuntimeError instead of
-# TypeError. They run on the tensors-only parts; what test_schema would check (only y is written) is asserted here.
-OPCHECK_WITH_ADAPTER_SET = ("test_autograd_registration", "test_faketensor")
-
-
 def test_op_passes_opcheck_and_writes_only_y():
     gen = torch.Generator().manual_seed(1)
     a, b, scales = _adapters([3, 5], 10, 7, gen, "cpu")
     seg = torch.tensor([1, -1, 0], dtype=torch.int32)
     y, x = torch.randn(6, 7), torch.randn(6, 10)
-    torch.library.opcheck(torch.ops.fastpeft_ops.lora_mixed_delta_.default,
-                          (y, x, seg, 2, cpp_ops.mixed_adapters(a, b, scales)), test_utils=OPCHECK_WITH_ADAPTER_SET)
+    adapters = cpp_ops.mixed_adapters(a, b, scales)
+    # the adapter set is an int handle: every opcheck test runs (schema: only y is written; fake tensors; AOT)
+    torch.library.opcheck(torch.ops.fastpeft_ops.lora_mixed_delta_.default, (y, x, seg, 2, adapters.handle))
     inputs = [t.clone() for t in [x, seg] + a + b]
     y_before, y_ptr = y.clone(), y.data_ptr()
     out = _delta(y, x, seg, 2, a, b, scales)
@@ -255,9 +250,9 @@ def test_mixed_linear_bad_input_and_opcheck():
         _mixed_linear(x[0, 0], weight, bias, seg, 2, a, b, scales)
     with pytest.raises(RuntimeError, match="one of each per adapter"):
         _mixed_linear(x, weight, bias, seg, 2, a, b, scales[:1])
+    adapters = cpp_ops.mixed_adapters(a, b, scales)
     torch.library.opcheck(torch.ops.fastpeft_ops.lora_mixed_linear.default,
-                          (x.contiguous(), weight, bias, seg, 2, cpp_ops.mixed_adapters(a, b, scales)),
-                          test_utils=OPCHECK_WITH_ADAPTER_SET)
+                          (x.contiguous(), weight, bias, seg, 2, adapters.handle))
     inputs = [t.clone() for t in [x, weight, bias, seg] + a + b]
     _mixed_linear(x, weight, bias, seg, 2, a, b, scales)
     assert all(torch.equal(t, u) for t, u in zip([x, weight, bias, seg] + a + b, inputs))  # no input is written
@@ -275,13 +270,16 @@ def test_gpu_mixed_linear_is_the_base_product_then_the_deltas():
 
 
 def _gpu_kernel_names(fn):
-    """The CUDA kernels fn launches (torch.profiler), to show which composition a call took."""
+    """The CUDA kernels fn launches (torch.profiler), to show which composition a call took; None where the
+    profiler records no kernel at all (CUPTI unavailable: under compute-sanitizer it cannot subscribe), and the
+    callers then check the numbers only."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return " ".join(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return " ".join(names) if names else None
 
 
 @pytest.mark.gpu
@@ -306,7 +304,8 @@ def test_gpu_mixed_decode_gemv_rows_equal_their_own_adapter(dtype, rows, tokens)
         with torch.no_grad():
             got = _mixed_linear(x, weight, bias, seg, tokens, a, b, scales)
             names = _gpu_kernel_names(lambda: _mixed_linear(x, weight, bias, seg, tokens, a, b, scales))
-            assert "decode_gemv_kernel" in names and "mixed_decode_shrink_kernel" in names and "gemm" not in names
+            assert names is None or ("decode_gemv_kernel" in names and "mixed_decode_shrink_kernel" in names
+                                     and "gemm" not in names)
             assert got.shape == (rows // tokens, tokens, N) and got.dtype == dtype
             for s, adapter in enumerate(seg_list):
                 if adapter >= 0:
@@ -341,11 +340,39 @@ def test_gpu_mixed_decode_gemv_ranks_layouts_and_what_it_leaves_to_the_compositi
         want = torch.nn.functional.linear(x, weight, bias)
         _delta(want, x, seg, 1, a, b, scales)
         assert rel_err(got, want) <= TOL[dtype]
-        return "decode_gemv_kernel" in names
+        return None if names is None else "decode_gemv_kernel" in names
 
-    assert case([7, 32, 16, 1], 8)
-    assert not case([7, 33, 16], 8)
-    assert not case([4 + i % 8 for i in range(65)], 8)
-    assert not case([16, 8], 8, dtype=torch.float32)
-    assert not case([16, 8], 9)
-    assert not case([16, 8], 4, offset=1)  # rows not on 16-byte boundaries
+    assert case([7, 32, 16, 1], 8) in (True, None)
+    assert case([7, 33, 16], 8) in (False, None)
+    assert case([4 + i % 8 for i in range(65)], 8) in (False, None)
+    assert case([16, 8], 8, dtype=torch.float32) in (False, None)
+    assert case([16, 8], 9) in (False, None)
+    assert case([16, 8], 4, offset=1) in (False, None)  # rows not on 16-byte boundaries
+
+
+def test_adapter_set_is_a_handle_freed_with_its_object():
+    """mixed_adapters registers the set under an int handle (one cheap argument per call); the set is freed with its
+    MixedAdapterSet (or by free()), after which the operators refuse the handle by name, and it cannot be pickled
+    (a handle means nothing in another process)."""
+    import gc
+    import pickle
+
+    gen = torch.Generator().manual_seed(6)
+    a, b, scales = _adapters([2, 3], 8, 5, gen, "cpu")
+    x, y = torch.randn(4, 8), torch.zeros(4, 5)
+    seg = torch.tensor([1, 0], dtype=torch.int32)
+    adapters = cpp_ops.mixed_adapters(a, b, scales)
+    handle = adapters.handle
+    assert isinstance(handle, int) and len(adapters) == 2
+    assert cpp_ops.mixed_adapters(a, b, scales).handle != handle  # every set its own
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(adapters)
+    del adapters
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"no adapter set has handle {handle}"):
+        torch.ops.fastpeft_ops.lora_mixed_delta_(y, x, seg, 2, handle)
+    again = cpp_ops.mixed_adapters(a, b, scales)
+    again.free()
+    again.free()  # idempotent
+    with pytest.raises(RuntimeError, match="no adapter set has handle"):
+        cpp_ops.lora_mixed_linear(x.view(2, 2, 8), torch.randn(5, 8), None, seg, 2, again)
