@@ -30,8 +30,8 @@ from .nf4_format import KernelState
 
 __all__ = ["available", "loaded", "lora_linear", "lora_group_linear", "dora_linear", "ia3_linear", "nf4_dequantize",
            "nf4_lora_linear", "nf4_dora_linear", "nf4_lora_group_linear", "dora_group_linear",
-           "nf4_dora_group_linear", "mixed_adapters", "MixedAdapterSet", "lora_mixed_delta_", "lora_mixed_linear", "MIXED_MAX_RANK",
-           "EXTENSION"]
+           "nf4_dora_group_linear", "mixed_adapters", "MixedAdapterSet", "lora_mixed_delta_", "lora_mixed_linear",
+           "MIXED_MAX_RANK", "EXTENSION"]
 
 MIXED_MAX_RANK = 64  # the largest adapter rank lora_mixed_delta_ takes (csrc/adapter_cuda.cu: kMixedMaxRank)
 
@@ -287,8 +287,8 @@ def lora_mixed_delta_(y2d: Tensor, x2d: Tensor, adapter_of_segment: Tensor, toke
 def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter_of_segment: Tensor, tokens: int,
                       adapters) -> Tensor:
     """A mixed batch's dense layer in one call (inference, no autograd): ``F.linear(x, weight, bias)`` [..., N],
-    then ``lora_mixed_delta_`` on it (x [batch, ..., K], segments of ``tokens`` rows of its flattened rows). The
-    same numbers as the two calls; one dispatcher entry instead of two (decode is host-bound). On CUDA, at decode
+    then ``lora_mixed_delta_`` on it (x [batch, ..., K], segments of ``tokens`` rows of its flattened rows), in one
+    dispatcher entry instead of two (decode is host-bound): the two calls' numbers, except that on CUDA, at decode
     sizes (<= 8 rows of 16-bit x, fp32 adapters of rank <= 32) the base product is fastpeft's decode GEMV with every
     row's LoRA term in its epilogue: two launches (the base product's sums then run in another order than cuBLAS's,
     as the one-adapter decode path's do). Eager only, as ``lora_mixed_delta_``. Call ``available()`` first.
