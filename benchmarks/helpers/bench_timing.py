@@ -1,5 +1,6 @@
-"""Timing shared by the benchmark scripts (benchmarks/scripts/): eager median time per call (``timeit``) and
-GPU time per call from a CUDA-graph replay (``graph_ms``), which leaves host time (Python, launches) out."""
+"""Timing shared by the benchmark scripts (benchmarks/scripts/): eager median time per call (``timeit``), GPU time
+per call from a CUDA-graph replay (``graph_ms``), which leaves host time (Python, launches) out, and host time per
+call with the GPU kept busy (``host_us``), which leaves GPU time out."""
 from __future__ import annotations
 
 import time
@@ -48,3 +49,23 @@ def graph_ms(calls, reps: int = 20, warmup: int = 2) -> float:
     e1.record()
     torch.cuda.synchronize()
     return e0.elapsed_time(e1) / (reps * len(calls))
+
+
+def host_us(fn, n: int = 200) -> float:
+    """Median host µs of one ``fn()`` call (CUDA), measured with perf_counter while queued matmuls keep the GPU busy,
+    so that no call waits on the device: launch, dispatch and Python cost only."""
+    big = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(10):
+        fn()
+    ts = []
+    for i in range(n):
+        if i % 20 == 0:
+            torch.cuda.synchronize()
+            for _ in range(8):
+                big @ big  # ~1.5 ms of queued work per 20 calls
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    ts.sort()
+    return ts[len(ts) // 2]

@@ -22,31 +22,15 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (os.path.join(ROOT, "benchmarks", "helpers"), ROOT):  # the timing helpers, the repo's fastpeft
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-
-def host_us(fn, n=300):
-    """Median host µs of one fn() call while queued matmuls keep the GPU busy."""
-    big = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    for _ in range(20):
-        fn()
-    times = []
-    for i in range(n):
-        if i % 25 == 0:
-            torch.cuda.synchronize()
-            for _ in range(10):
-                big @ big
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(times)
+from bench_timing import host_us  # noqa: E402
 
 
 def main(argv=None):
@@ -116,7 +100,7 @@ def main(argv=None):
         for rnd in range(a.rounds):
             keys = list(cases) if rnd % 2 == 0 else list(reversed(cases))
             for k in keys:
-                rounds[k].append(host_us(cases[k]))
+                rounds[k].append(host_us(cases[k], n=300))
         rows = {k: statistics.median(v) for k, v in rounds.items()}
         for k, v in rows.items():
             print(f"{k:48s} {v:8.1f} us   rounds {', '.join(f'{t:.1f}' for t in rounds[k])}")

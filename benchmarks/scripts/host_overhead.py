@@ -15,15 +15,17 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 import triton
 import triton.language as tl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's fastpeft
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (os.path.join(ROOT, "benchmarks", "helpers"), ROOT):  # the timing helpers, the repo's fastpeft
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from bench_timing import host_us  # noqa: E402
 
 
 @triton.jit
@@ -35,24 +37,6 @@ def _noop4(X, Y, n, m):
 def _noop30(A, B, C, D, E, F, G, H, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, b0, b1, b2, b3, b4, b5, b6, b7, b8,
             b9, C1: tl.constexpr, C2: tl.constexpr):
     pass
-
-
-def host_us(fn, n=200):
-    big = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    for _ in range(10):
-        fn()
-    ts = []
-    for i in range(n):
-        if i % 20 == 0:
-            torch.cuda.synchronize()
-            for _ in range(8):
-                big @ big  # ~1.5 ms of queued work per 20 calls
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def main():
