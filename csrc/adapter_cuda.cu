@@ -1069,8 +1069,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) mixed_decode_shrink_kernel(
 
 // S[e] = scale·Σ_split part[split, e] for the MR = M·R entries of the decode shrink's partials, into sS [.][LD]
 // (row e / R, column e % R) and, from block 0, S_out when given; with row_scale (a mixed batch: each row's own
-// adapter scaling, in shared memory) row_scale[e / R] in place of scale. Entries in chunks of C <= THREADS: G = THREADS / C
-// thread groups take every G-th split, then the chunk's C threads add the G group sums in order -- every thread
+// adapter scaling, in shared memory) row_scale[e / R] in place of scale. Entries in chunks of C <= THREADS:
+// G = THREADS / C thread groups take every G-th split, then the chunk's C threads add the G group sums in order -- every thread
 // shares the loads, and the order is fixed (deterministic: no atomics). red: THREADS floats of shared memory.
 // Called by the whole block; returns with it synchronised.
 template <int THREADS, int LD>
@@ -1319,7 +1319,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) decode_gemv_kernel(
     if constexpr (kMixed) {  // each row's own adapter (rows sharing one copy it twice: M <= 8)
       for (int m = 0; m < M; ++m) {
         const int a = row_adapter[m];
-        if (a >= 0) stage_rows(n0, buf, m, static_cast<const float*>(mix.c.b[a]), mix.c.b_row[a], 1, row_rank[m], b_vec);
+        if (a >= 0)
+          stage_rows(n0, buf, m, static_cast<const float*>(mix.c.b[a]), mix.c.b_row[a], 1, row_rank[m], b_vec);
       }
     } else {
       stage_rows(n0, buf, 0, B, sb0, sb1, R, b_vec);
@@ -3224,7 +3225,7 @@ void launch_mixed_decode_shrink(const Tensor& x2, const Tensor& seg, int64_t tok
 }  // namespace
 
 // lora_mixed_linear at decode sizes (registered for CUDA in adapter_ops.cpp): y = x·Wᵀ + b with every row's own
-// adapter's s·(x·Aᵀ)·Bᵀ, as the one-adapter decode forward does it -- the mixed decode shrink, then decode_gemv's
+// adapter's s·(x·Aᵀ)·Bᵀ, as the one-adapter decode forward does -- the mixed decode shrink, then decode_gemv's
 // mixed variant (the base GEMV with each row's expand in its epilogue) as a programmatic dependent of it: two
 // launches and one dispatcher entry instead of the composition's ATen linear + shrink + expand. Numbers: the same
 // two roundings as the composition (dtype(dtype(x·Wᵀ + b) + s·S·Bᵀ)); the base product's sums are decode_gemv's,
