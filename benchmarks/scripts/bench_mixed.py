@@ -15,6 +15,8 @@ adapters. --kinds picks the rows (prefill, decode; default both). --two-call-row
 layer as two operator calls (F.linear, then lora_mixed_delta_): an A/B of lora_mixed_linear's single call. Each row
 records all its timed runs (runs_s) besides their median. --triton-row adds the mixed batch through the Triton kernels (stacked copies of the adapters) for a side
 by side of the two one-pass paths; --peft-repeats shortens PEFT's rows (its 32-adapter decode runs ~30 s each).
+--rounds R times the base and fastpeft rows R times in alternating order and takes every ratio within a round
+(median over rounds in the summary, each round's in `*_rounds`): the lent hosts' speed drifts within a call.
 """
 import argparse
 import copy
@@ -74,12 +76,18 @@ def main():
                     help="also time the mixed batch with fastpeft_ops.set_decode_gemv(0): decode-sized layers then "
                          "run cuBLAS + the mixed kernels instead of the decode GEMV with every row's expand in its "
                          "epilogue (an A/B in one process)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the base and every fastpeft row this many times in alternating order (reversed on odd "
+                         "rounds); ratios are taken within a round and their median reported (the lent hosts drift "
+                         "by +-30 %% within a call)")
     ap.add_argument("--kinds", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"],
                     help="which rows to time (default both)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also write profiler tables (GPU kernels, host ops, Python) of one run per row to DIR")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds must be >= 1")
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
     with torch.device(DEVICE):
@@ -93,10 +101,12 @@ def main():
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(1)
 
+    current_round = [0]
+
     def record(impl, kind, n, batch, timing, tokens):
         seconds, runs = timing
         row = {"impl": impl, "kind": kind, "adapters": n, "batch": batch, "s": seconds, "runs_s": runs,
-               "tokens_per_s": tokens / seconds}
+               "tokens_per_s": tokens / seconds, "round": current_round[0]}
         rows.append(row)
         print(f"{kind:8s} adapters={n:3d} batch={batch:3d} {impl:22s} {row['tokens_per_s']:12,.0f} tok/s "
               f"({seconds * 1e3:.1f} ms; runs {', '.join(f'{t * 1e3:.0f}' for t in runs)})", flush=True)
@@ -143,7 +153,7 @@ def main():
             if "prefill" in a.kinds:
                 s = timed(lambda: model(input_ids=prompt, use_cache=False, **kw), repeats)
                 record(impl, "prefill", n, batch, s, batch * a.prefill)
-                if a.profile:
+                if a.profile and current_round[0] == 0:
                     profile_row(lambda: model(input_ids=prompt, use_cache=False, **kw), f"prefill_{impl}_{n}")
             if "decode" not in a.kinds:
                 return
@@ -156,39 +166,55 @@ def main():
 
             assert_kv_cache(model, decode)
             s = timed(decode, repeats)
-            if a.profile:
+            if a.profile and current_round[0] == 0:
                 profile_row(decode, f"decode_{impl}_{n}")
             record(impl, "decode", n, batch, s, batch * a.new_tokens)
 
-    for n in a.adapters:
-        measure(base, "base (no adapters)", n, None)
     ours = fastpeft.patch(copy.deepcopy(base), cfg, adapter_name=names[0])
     for name in names[1:]:
         fastpeft.add_adapter(ours, name, cfg)
     ours.eval()
-    for n in a.adapters:
-        measure(ours, "fastpeft mixed", n, names[:n])
-        measure(ours, "fastpeft one adapter", n, None)
-        if a.triton_row:
-            layers = [m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear)]
-            for m in layers:
-                m.backend = "triton"  # the mixed batch through ops/kernels/sgmv.py (the base path is the same)
+
+    def triton_mixed(n):
+        layers = [m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear)]
+        for m in layers:
+            m.backend = "triton"  # the mixed batch through ops/kernels/sgmv.py (the base path is the same)
+        try:
             measure(ours, "fastpeft mixed (triton)", n, names[:n])
+        finally:
             for m in layers:
                 m.backend = "auto"
                 m._mixed_cache.pop("stacks", None)
-        if a.gemv_ab and cpp_ops.available():
-            previous = torch.ops.fastpeft_ops.set_decode_gemv(0)
-            try:
-                measure(ours, "fastpeft mixed (no decode gemv)", n, names[:n])
-            finally:
-                torch.ops.fastpeft_ops.set_decode_gemv(previous)
-        if a.two_call_row:
-            fused, cpp_ops.lora_mixed_linear = cpp_ops.lora_mixed_linear, two_call_mixed_linear
-            try:
-                measure(ours, "fastpeft mixed (two calls)", n, names[:n])
-            finally:
-                cpp_ops.lora_mixed_linear = fused
+
+    def no_gemv_mixed(n):
+        previous = torch.ops.fastpeft_ops.set_decode_gemv(0)
+        try:
+            measure(ours, "fastpeft mixed (no decode gemv)", n, names[:n])
+        finally:
+            torch.ops.fastpeft_ops.set_decode_gemv(previous)
+
+    def two_call_mixed(n):
+        fused, cpp_ops.lora_mixed_linear = cpp_ops.lora_mixed_linear, two_call_mixed_linear
+        try:
+            measure(ours, "fastpeft mixed (two calls)", n, names[:n])
+        finally:
+            cpp_ops.lora_mixed_linear = fused
+
+    entries = [lambda n: measure(base, "base (no adapters)", n, None),
+               lambda n: measure(ours, "fastpeft mixed", n, names[:n]),
+               lambda n: measure(ours, "fastpeft one adapter", n, None)]
+    if a.triton_row:
+        entries.append(triton_mixed)
+    if a.gemv_ab and cpp_ops.available():
+        entries.append(no_gemv_mixed)
+    if a.two_call_row:
+        entries.append(two_call_mixed)
+    for n in a.adapters:
+        for rnd in range(a.rounds):
+            current_round[0] = rnd
+            for entry in (entries if rnd % 2 == 0 else entries[::-1]):
+                entry(n)
+    current_round[0] = 0
     state = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
     del ours
     if DEVICE == "cuda":
@@ -205,25 +231,40 @@ def main():
         theirs.eval()
         for n in a.adapters:
             measure(theirs, "PEFT mixed", n, names[:n], a.peft_repeats)
+    def per_round(n, kind, impl):
+        """{round: tokens/s} of one row."""
+        return {r["round"]: r["tokens_per_s"] for r in rows
+                if r["adapters"] == n and r["kind"] == kind and r["impl"] == impl}
+
+    def ratio(n, kind, num, den):
+        """(median over rounds, every round's) num / den, each round's rows divided by each other."""
+        top, bottom = per_round(n, kind, num), per_round(n, kind, den)
+        ratios = [top[r] / bottom[r] for r in sorted(top) if r in bottom]
+        return (statistics.median(ratios), ratios) if ratios else (None, [])
+
     summary = []
     for n in a.adapters:
         for kind in a.kinds:
-            get = {r["impl"]: r["tokens_per_s"] for r in rows if r["adapters"] == n and r["kind"] == kind}
-            line = {"adapters": n, "kind": kind, "mixed_vs_one_adapter": get["fastpeft mixed"] / get["fastpeft one adapter"],
-                    "mixed_vs_base": get["fastpeft mixed"] / get["base (no adapters)"]}
-            if "PEFT mixed" in get:
-                line["mixed_vs_peft"] = get["fastpeft mixed"] / get["PEFT mixed"]
-            if "fastpeft mixed (two calls)" in get:
-                line["fused_vs_two_calls"] = get["fastpeft mixed"] / get["fastpeft mixed (two calls)"]
-            if "fastpeft mixed (no decode gemv)" in get:
-                line["gemv_vs_no_gemv"] = get["fastpeft mixed"] / get["fastpeft mixed (no decode gemv)"]
-            if "fastpeft mixed (triton)" in get:
-                line["cpp_vs_triton"] = get["fastpeft mixed"] / get["fastpeft mixed (triton)"]
+            line = {"adapters": n, "kind": kind}
+            for key, num, den in (("mixed_vs_one_adapter", "fastpeft mixed", "fastpeft one adapter"),
+                                  ("mixed_vs_base", "fastpeft mixed", "base (no adapters)"),
+                                  ("one_adapter_vs_base", "fastpeft one adapter", "base (no adapters)"),
+                                  ("fused_vs_two_calls", "fastpeft mixed", "fastpeft mixed (two calls)"),
+                                  ("gemv_vs_no_gemv", "fastpeft mixed", "fastpeft mixed (no decode gemv)"),
+                                  ("cpp_vs_triton", "fastpeft mixed", "fastpeft mixed (triton)")):
+                median, ratios = ratio(n, kind, num, den)
+                if median is not None:
+                    line[key] = median
+                    if a.rounds > 1:
+                        line[key + "_rounds"] = ratios
+            peft_row = per_round(n, kind, "PEFT mixed")
+            if peft_row:  # PEFT is timed once: against the median of our rounds
+                line["mixed_vs_peft"] = statistics.median(per_round(n, kind, "fastpeft mixed").values()) / peft_row[0]
             summary.append(line)
             print(line)
     info = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
             "model": a.model, "kinds": a.kinds, "prefill": a.prefill, "new_tokens": a.new_tokens, "repeats": a.repeats,
-            "peft_repeats": a.peft_repeats or a.repeats, "rows": rows, "summary": summary}
+            "peft_repeats": a.peft_repeats or a.repeats, "rounds": a.rounds, "rows": rows, "summary": summary}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(info, f, indent=1)
