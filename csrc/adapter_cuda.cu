@@ -3239,8 +3239,8 @@ Tensor lora_mixed_decode_cuda(const Tensor& x, const Tensor& weight, const c10::
   const int64_t n = static_cast<int64_t>(lora_A.size());
   if (x.dim() < 2 || weight.dim() != 2 || n == 0 || n > kMixedChunk || lora_B.size() != lora_A.size() ||
       x.numel() == 0 || weight.size(1) != x.size(-1) || weight.scalar_type() != x.scalar_type() ||
-      !weight.is_cuda() || x.device() != weight.device()) {
-    return Tensor();
+      !weight.is_cuda() || x.device() != weight.device() || x.numel() / x.size(-1) > kGemvMaxM) {
+    return Tensor();  // (rows counted before any reshape: batch-32 decode comes here per layer and leaves at once)
   }
   for (int64_t i = 0; i < n; ++i) {
     if (lora_A[i].scalar_type() != at::kFloat || lora_B[i].scalar_type() != at::kFloat || lora_A[i].dim() != 2 ||
