@@ -63,7 +63,9 @@ def main(argv=None):
     row_names = tuple(names[i % a.adapters] for i in range(a.rows))
     w = base.weight
     A, B = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
-    adapters, order = layer._mixed_adapters()
+    with torch.no_grad():
+        kernel, adapters, order = layer._mixed_plan(x)  # the layer's own cached plan, as its mixed calls use it
+    assert kernel == "cpp", kernel
     seg = layer._segment_adapters(row_names, a.rows, x.device, order)
 
     def mixed_module():

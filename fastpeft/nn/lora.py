@@ -8,10 +8,9 @@ and a variant such as DoRA subclasses it and overrides what it changes (PEFT's L
 """
 from __future__ import annotations
 
-import itertools
 import math
 import operator
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -215,16 +214,13 @@ class LoraLinear(AdapterLayer):
     # -- mixed-adapter batches ----------------------------------------------------------------------------
     def _forward_mixed(self, x: torch.Tensor, names) -> torch.Tensor:
         """One adapter per row: one base pass for the whole batch, then every row's LoRA delta in one pass where
-        that applies (``_mixed_kernel``): the C++ operator (``cpp_ops.lora_mixed_delta_``: handles to the live
+        that applies (``_mixed_plan``): the C++ operator (``cpp_ops.lora_mixed_delta_``: handles to the live
         adapter weights, no copy) or the Triton kernels (``ops/kernels/sgmv.py``: stacked copies); else one pass per
         adapter."""
-        kernel = self._mixed_kernel(x)
-        if kernel is None:
+        plan = self._mixed_plan(x)
+        if plan is None:
             return super()._forward_mixed(x, names)
-        if kernel == "cpp":
-            adapters, order = self._mixed_adapters()
-        else:
-            order = list(self._modules["lora_A"]._modules)
+        kernel, adapters, order = plan
         segment_index = self._segment_adapters(names, x.shape[0], x.device, order)
         base = self._modules["base_layer"]
         tokens = max(1, x.numel() // (x.shape[0] * x.shape[-1])) if x.shape[0] * x.shape[-1] else 1  # rows per batch row
@@ -243,59 +239,64 @@ class LoraLinear(AdapterLayer):
             sgmv.lora_mixed_delta_(y2d, x2d, segment_index, tokens, a_stack, b_stack, scales)
         return y
 
-    def _mixed_kernel(self, x: torch.Tensor) -> Optional[str]:
-        """Which one-pass kernel serves a mixed batch: "cpp", "triton" or None (one pass per adapter). Both need
-        inference without autograd (they write the base output in place), eager mode (under torch.compile the
-        per-adapter loop traces), no CUDA-graph capture (cached segment indices), plain LoRA adapters only, no
-        active dropout, a batch dimension and x in fp32 / fp16 / bf16 (float64: the per-adapter path). "cpp": the
-        C++ operators (backend cpp, or auto on CUDA) and ranks up to ``cpp_ops.MIXED_MAX_RANK``. "triton": the
+    def _mixed_plan(self, x: torch.Tensor) -> Optional[Tuple[str, Optional["cpp_ops.MixedAdapterSet"], List[str]]]:
+        """How a mixed batch runs in one pass: (kernel, adapter set, adapter names in the kernels' order), or None
+        (one pass per adapter). kernel "cpp": the C++ operators with ``adapter set`` (``cpp_ops.mixed_adapters``);
+        "triton": the Triton kernels (adapter set None).
+
+        Both need inference without autograd (they write the base output in place), eager mode (under torch.compile
+        the per-adapter loop traces), no CUDA-graph capture (cached segment indices), no active dropout, a batch
+        dimension and x in fp32 / fp16 / bf16 (float64: the per-adapter path): checked on every call. The rest
+        depends on the layer alone and is decided when the plan is built: plain LoRA adapters only; "cpp" with the
+        C++ operators (backend cpp, or auto on CUDA) and ranks up to ``cpp_ops.MIXED_MAX_RANK``; "triton" where the
         Triton kernels can run on x's device (CUDA; on CPU only the triton backend in Triton's interpreter, not
-        bf16)."""
-        # decode calls this per layer and token: attributes read from the instance dicts, loops at C speed
-        state, backend = self.__dict__, self.__dict__["backend"]
+        bf16). The plan is kept and rebuilt when the backend, x's device kind or dtype, an adapter, module,
+        Parameter object, variant or scaling changed (a few C-level passes a call: decode calls this per layer and
+        token and is host-bound). The C++ set holds handles to the live parameter tensors, so in-place updates and
+        ``.data =`` (the same TensorImpl) are seen at once. (``torch.utils.swap_tensors`` refuses a tensor the set
+        holds, and ``_apply`` -- ``.to()``, ``.half()``, which may swap -- drops the plan first.)"""
+        state = self.__dict__
         if torch.is_grad_enabled() or state["merged_adapters"] or torch.compiler.is_compiling() or \
-                (x.is_cuda and graph_capturing()):
-            return None
-        if x.dim() < 2 or backend == "reference" or not self._modules["lora_A"]._modules or \
-                x.dtype not in KERNEL_DTYPES:
-            return None
-        if not all(map(operator.is_, state["lora_variant"].values(), itertools.repeat(PLAIN_LORA))):
+                (x.is_cuda and graph_capturing()) or x.dim() < 2 or x.dtype not in KERNEL_DTYPES:
             return None
         if state["training"] and any(isinstance(d, nn.Dropout) and d.p > 0 for d in self.lora_dropout.values()):
             return None
+        a_mods, b_mods = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        hit = self._mixed_cache.get("plan")
+        if hit is not None:
+            backend, is_cuda, dtype, a_key, b_key, variants, param_dicts, weights, names, scales, plan = hit
+            if backend == state["backend"] and is_cuda == x.is_cuda and dtype is x.dtype and \
+                    tuple(a_mods.values()) == a_key and tuple(b_mods.values()) == b_key and \
+                    tuple(state["lora_variant"].values()) == variants and \
+                    all(map(operator.is_, map(_WEIGHT, param_dicts), weights)) and \
+                    list(map(self.scaling.__getitem__, names)) == scales:
+                return plan
+        names = list(a_mods)
+        param_dicts = [a_mods[n]._parameters for n in names] + [b_mods[n]._parameters for n in names]
+        weights = list(map(_WEIGHT, param_dicts))
+        scales = [self.scaling[n] for n in names]
+        kernel = self._mixed_kernel(x) if names else None
+        adapters = cpp_ops.mixed_adapters(weights[:len(names)], weights[len(names):], scales) if kernel == "cpp" \
+            else None
+        plan = None if kernel is None else (kernel, adapters, names)
+        self._mixed_cache["plan"] = (state["backend"], x.is_cuda, x.dtype, tuple(a_mods.values()),
+                                     tuple(b_mods.values()), tuple(state["lora_variant"].values()), param_dicts,
+                                     weights, names, scales, plan)
+        return plan
+
+    def _mixed_kernel(self, x: torch.Tensor) -> Optional[str]:
+        """The layer's half of ``_mixed_plan``'s decision (its docstring): "cpp", "triton" or None."""
+        backend = self.backend
+        if backend == "reference" or not all(v is PLAIN_LORA for v in self.lora_variant.values()):
+            return None
         if (backend == "cpp" or (backend == "auto" and x.is_cuda)) and cpp_ops.available() and \
-                max(state["r"].values()) <= cpp_ops.MIXED_MAX_RANK:
+                max(self.r.values()) <= cpp_ops.MIXED_MAX_RANK:
             return "cpp"
         if not HAS_TRITON or backend == "cpp":
             return None
         if x.is_cuda or (backend == "triton" and settings.get().triton_interpret and x.dtype != torch.bfloat16):
             return "triton"
         return None
-
-    def _mixed_adapters(self):
-        """(the C++ operators' adapter set, the adapter names in its order): every adapter's lora_A / lora_B weight
-        and scaling in ``lora_A``'s order, as ``cpp_ops.mixed_adapters``. The set holds handles to the live
-        parameter tensors, so in-place updates and ``.data =`` (the same TensorImpl) are seen at once; it is rebuilt
-        when an adapter, module, Parameter object or scaling changed. (``torch.utils.swap_tensors`` refuses a tensor
-        the set holds, and ``_apply`` -- ``.to()``, ``.half()``, which may swap -- drops the set first.) The check
-        is a few C-level passes over the adapters per call (decode calls this per layer and token and is
-        host-bound), and the set goes to the operator as one argument instead of 2n tensors and n floats."""
-        a_mods, b_mods = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
-        hit = self._mixed_cache.get("adapters")
-        if hit is not None:
-            a_key, b_key, param_dicts, weights, names, scales, adapters = hit
-            if tuple(a_mods.values()) == a_key and tuple(b_mods.values()) == b_key and \
-                    all(map(operator.is_, map(_WEIGHT, param_dicts), weights)) and \
-                    list(map(self.scaling.__getitem__, names)) == scales:
-                return adapters, names
-        names = list(a_mods)
-        param_dicts = [a_mods[n]._parameters for n in names] + [b_mods[n]._parameters for n in names]
-        weights = list(map(_WEIGHT, param_dicts))
-        scales = [self.scaling[n] for n in names]
-        adapters = cpp_ops.mixed_adapters(weights[:len(names)], weights[len(names):], scales)
-        self._mixed_cache["adapters"] = (tuple(a_mods.values()), tuple(b_mods.values()), param_dicts, weights, names,
-                                         scales, adapters)
-        return adapters, names
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() may replace the parameters by torch.utils.swap_tensors, which refuses tensors

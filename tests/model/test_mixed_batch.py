@@ -120,6 +120,30 @@ def test_cpp_operator_runs_the_mixed_batch_from_the_live_adapter_weights(monkeyp
 
 
 @NEEDS_CPP
+def test_mixed_plan_is_rebuilt_when_the_layer_changes(monkeypatch):
+    """The layer's cached plan for mixed batches (kernel, C++ adapter set, adapter order) follows its backend, x's
+    dtype, an added adapter and a variant change, and refuses what it must on every call (autograd)."""
+    _, ours = _two_adapters(tiny_model("llama", seed=3), *_lora_cfgs(), "cpp", monkeypatch)
+    layer = next(m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear) and len(m.lora_A) == 2)
+    x = torch.randn(3, 2, layer.in_features)
+    with torch.no_grad():
+        kernel, adapters, order = layer._mixed_plan(x)
+        assert kernel == "cpp" and len(adapters) == 2 and order == ["a", "b"]
+        assert layer._mixed_plan(x)[1] is adapters  # kept while nothing changed
+        layer.backend = "reference"
+        assert layer._mixed_plan(x) is None  # the per-adapter path
+        layer.backend = "cpp"
+        assert layer._mixed_plan(x.double()) is None  # float64: the per-adapter path
+        assert layer._mixed_plan(x)[1] is not adapters  # rebuilt: the plan kept last was the reference backend's
+        layer.update_layer("c", r=4, lora_alpha=8, init_lora_weights=False)
+        kernel, adapters, order = layer._mixed_plan(x)
+        assert order == ["a", "b", "c"] and len(adapters) == 3
+        layer.lora_variant["c"] = fastpeft.nn.variants.DORA  # not plain LoRA: no one-pass kernel
+        assert layer._mixed_plan(x) is None
+    assert layer._mixed_plan(x) is None  # autograd on: never the in-place kernels
+
+
+@NEEDS_CPP
 def test_cpp_adapter_set_survives_copies_and_conversions(monkeypatch):
     """The layers' cached C++ adapter set (handles to their weights) never leaks into a copy (a deepcopy or a pickle
     rebuilds its own from its own weights) and never blocks a conversion that swaps parameters
@@ -131,7 +155,7 @@ def test_cpp_adapter_set_survives_copies_and_conversions(monkeypatch):
     with torch.no_grad():
         got = ours(input_ids=ids, adapter_names=NAMES).logits
         layers = [m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear)]
-        assert all("adapters" in m._mixed_cache for m in layers)
+        assert all(m._mixed_cache["plan"][-1][0] == "cpp" for m in layers)
         twin = copy.deepcopy(ours)
         assert not any(m._mixed_cache for m in twin.modules() if isinstance(m, fastpeft.LoraLinear))
         for name, p in twin.named_parameters():
