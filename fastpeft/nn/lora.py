@@ -9,7 +9,6 @@ and a variant such as DoRA subclasses it and overrides what it changes (PEFT's L
 from __future__ import annotations
 
 import math
-import operator
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -26,7 +25,6 @@ from .variants import DORA, PLAIN_LORA, DoraVariant, LoraVariant
 if HAS_TRITON:
     from ..ops.kernels import sgmv
 
-_WEIGHT = operator.itemgetter("weight")  # a module's weight from its _parameters dict, at C speed
 
 
 # Rows above which a 4-bit layer's eager call tries its C++ operator from the hot path (AdapterLayer.forward): the
@@ -250,11 +248,13 @@ class LoraLinear(AdapterLayer):
         depends on the layer alone and is decided when the plan is built: plain LoRA adapters only; "cpp" with the
         C++ operators (backend cpp, or auto on CUDA) and ranks up to ``cpp_ops.MIXED_MAX_RANK``; "triton" where the
         Triton kernels can run on x's device (CUDA; on CPU only the triton backend in Triton's interpreter, not
-        bf16). The plan is kept and rebuilt when the backend, x's device kind or dtype, an adapter, module,
-        Parameter object, variant or scaling changed (a few C-level passes a call: decode calls this per layer and
-        token and is host-bound). The C++ set holds handles to the live parameter tensors, so in-place updates and
-        ``.data =`` (the same TensorImpl) are seen at once. (``torch.utils.swap_tensors`` refuses a tensor the set
-        holds, and ``_apply`` -- ``.to()``, ``.half()``, which may swap -- drops the plan first.)"""
+        bf16). The plan is kept while the backend, x's device kind and dtype, the variants, the scalings and the
+        adapters' modules and Parameter objects stay (the last checked as a count of module / Parameter registrations
+        anywhere, ``mixed_batch.registrations``, and the number of adapters: a check that does not grow with the
+        adapters; decode calls this per layer and token and is host-bound). The C++ set holds handles to the live
+        parameter tensors, so in-place updates and ``.data =`` (the same TensorImpl) are seen at once.
+        (``torch.utils.swap_tensors`` refuses a tensor the set holds, and ``_apply`` -- ``.to()``, ``.half()``,
+        which may swap -- drops the plan first.)"""
         state = self.__dict__
         if torch.is_grad_enabled() or state["merged_adapters"] or torch.compiler.is_compiling() or \
                 (x.is_cuda and graph_capturing()) or x.dim() < 2 or x.dtype not in KERNEL_DTYPES:
@@ -264,24 +264,24 @@ class LoraLinear(AdapterLayer):
         a_mods, b_mods = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
         hit = self._mixed_cache.get("plan")
         if hit is not None:
-            backend, is_cuda, dtype, a_key, b_key, variants, param_dicts, weights, names, scales, plan = hit
-            if backend == state["backend"] and is_cuda == x.is_cuda and dtype is x.dtype and \
-                    tuple(a_mods.values()) == a_key and tuple(b_mods.values()) == b_key and \
-                    tuple(state["lora_variant"].values()) == variants and \
-                    all(map(operator.is_, map(_WEIGHT, param_dicts), weights)) and \
-                    list(map(self.scaling.__getitem__, names)) == scales:
+            registered, backend, is_cuda, dtype, n_a, n_b, variants, scales, plan = hit
+            if registered == mixed_batch.registrations() and backend == state["backend"] and is_cuda == x.is_cuda \
+                    and dtype is x.dtype and len(a_mods) == n_a and len(b_mods) == n_b and \
+                    tuple(state["lora_variant"].values()) == variants and list(self.scaling.values()) == scales:
                 return plan
+        # watched before the count is read: every later registration on them moves it
+        mixed_batch.watch_registrations([self, self._modules["lora_A"], self._modules["lora_B"], *a_mods.values(),
+                                         *b_mods.values()])
+        registered = mixed_batch.registrations()
         names = list(a_mods)
-        param_dicts = [a_mods[n]._parameters for n in names] + [b_mods[n]._parameters for n in names]
-        weights = list(map(_WEIGHT, param_dicts))
-        scales = [self.scaling[n] for n in names]
+        weights_a = [a_mods[n]._parameters["weight"] for n in names]
+        weights_b = [b_mods[n]._parameters["weight"] for n in names]
         kernel = self._mixed_kernel(x) if names else None
-        adapters = cpp_ops.mixed_adapters(weights[:len(names)], weights[len(names):], scales) if kernel == "cpp" \
-            else None
+        adapters = cpp_ops.mixed_adapters(weights_a, weights_b, [self.scaling[n] for n in names]) \
+            if kernel == "cpp" else None
         plan = None if kernel is None else (kernel, adapters, names)
-        self._mixed_cache["plan"] = (state["backend"], x.is_cuda, x.dtype, tuple(a_mods.values()),
-                                     tuple(b_mods.values()), tuple(state["lora_variant"].values()), param_dicts,
-                                     weights, names, scales, plan)
+        self._mixed_cache["plan"] = (registered, state["backend"], x.is_cuda, x.dtype, len(a_mods), len(b_mods),
+                                     tuple(state["lora_variant"].values()), list(self.scaling.values()), plan)
         return plan
 
     def _mixed_kernel(self, x: torch.Tensor) -> Optional[str]:

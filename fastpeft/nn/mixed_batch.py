@@ -17,12 +17,13 @@ product); otherwise (and for DoRA layers) one pass per distinct adapter, through
 from __future__ import annotations
 
 import contextvars
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import weakref
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["BASE", "current", "eager_current", "set_names", "reset", "row_groups", "adapter_of_rows", "forward_mixed",
-           "TransientCache"]
+           "TransientCache", "registrations", "watch_registrations"]
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
@@ -51,6 +52,47 @@ class TransientCache(dict):
 
     def __deepcopy__(self, memo):
         return type(self)()
+
+
+# How many modules and Parameters have been registered on the watched modules (a layer, its lora_A / lora_B dicts
+# and their adapter modules: a module put in a ModuleDict, a Parameter assigned as a module attribute). The layers'
+# mixed-batch plans hold handles to their adapters' weights and rebuild when this moved, instead of checking every
+# adapter's module and Parameter objects on each call, a check that grows with the number of adapters (decode runs
+# it per layer and token). Only watched modules count: transformers slices its ModuleList of decoder layers in every
+# forward, a registration each.
+_REGISTRATIONS = [0]
+_WATCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_HOOKS: list = []
+
+
+def _count_registration(module, _name, _value) -> None:
+    if module in _WATCHED:
+        _REGISTRATIONS[0] += 1
+
+
+def watch_registrations(modules: Iterable[torch.nn.Module]) -> None:
+    """Count module and Parameter registrations on ``modules`` from now on (torch's global registration hooks,
+    installed once; the modules are held weakly)."""
+    if not _HOOKS:
+        _HOOKS.append(torch.nn.modules.module.register_module_module_registration_hook(_count_registration))
+        _HOOKS.append(torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration))
+    _WATCHED.update(modules)
+
+
+def registrations() -> int:
+    """The registration count (see ``watch_registrations``): equal values mean no module or Parameter was put on a
+    watched module in between.
+
+    >>> import torch.nn as nn
+    >>> layer = nn.Linear(2, 2)
+    >>> watch_registrations([layer]); before = registrations()
+    >>> layer.weight = nn.Parameter(layer.weight.detach().clone())  # a Parameter replaced
+    >>> registrations() > before
+    True
+    >>> _ = nn.ModuleList([nn.Linear(2, 2)]); registrations() == before + 1  # unwatched modules do not count
+    True
+    """
+    return _REGISTRATIONS[0]
 
 
 def current() -> Optional[Tuple[str, ...]]:

@@ -124,7 +124,14 @@ def test_mixed_plan_is_rebuilt_when_the_layer_changes(monkeypatch):
     """The layer's cached plan for mixed batches (kernel, C++ adapter set, adapter order) follows its backend, x's
     dtype, an added adapter and a variant change, and refuses what it must on every call (autograd)."""
     _, ours = _two_adapters(tiny_model("llama", seed=3), *_lora_cfgs(), "cpp", monkeypatch)
-    layer = next(m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear) and len(m.lora_A) == 2)
+    layers = [m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear)]
+    ids = random_ids(batch=4, seq=6, seed=4)
+    with torch.no_grad():  # model forwards register modules elsewhere (transformers slices its ModuleList of layers)
+        ours(input_ids=ids, adapter_names=NAMES)
+        plans = [m._mixed_cache["plan"] for m in layers]
+        ours(input_ids=ids, adapter_names=NAMES)
+        assert all(m._mixed_cache["plan"] is plan for m, plan in zip(layers, plans))  # kept: nothing was rebuilt
+    layer = next(m for m in layers if len(m.lora_A) == 2)
     x = torch.randn(3, 2, layer.in_features)
     with torch.no_grad():
         kernel, adapters, order = layer._mixed_plan(x)
@@ -135,9 +142,14 @@ def test_mixed_plan_is_rebuilt_when_the_layer_changes(monkeypatch):
         layer.backend = "cpp"
         assert layer._mixed_plan(x.double()) is None  # float64: the per-adapter path
         assert layer._mixed_plan(x)[1] is not adapters  # rebuilt: the plan kept last was the reference backend's
+        layer.lora_B["b"].weight = torch.nn.Parameter(layer.lora_B["b"].weight.detach().clone())  # replaced
+        assert layer._mixed_plan(x)[1] is not adapters
+        adapters = layer._mixed_plan(x)[1]
+        del layer.lora_A["b"], layer.lora_B["b"]  # not a registration: the number of adapters changed
+        assert layer._mixed_plan(x)[2] == ["a"]
         layer.update_layer("c", r=4, lora_alpha=8, init_lora_weights=False)
         kernel, adapters, order = layer._mixed_plan(x)
-        assert order == ["a", "b", "c"] and len(adapters) == 3
+        assert order == ["a", "c"] and len(adapters) == 2
         layer.lora_variant["c"] = fastpeft.nn.variants.DORA  # not plain LoRA: no one-pass kernel
         assert layer._mixed_plan(x) is None
     assert layer._mixed_plan(x) is None  # autograd on: never the in-place kernels
