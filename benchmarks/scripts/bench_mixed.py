@@ -20,6 +20,7 @@ by side of the two one-pass paths; --peft-repeats shortens PEFT's rows (its 32-a
 """
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -47,16 +48,19 @@ def sync():
 
 
 def timed(fn, repeats):
-    """(median, all) of ``repeats`` timed runs of fn after one untimed one, in seconds."""
+    """(median, all, garbage collections per generation during the timed runs) of ``repeats`` timed runs of fn after
+    one untimed one, in seconds (the collections: a slow run beside a full collection is the collector's, not the
+    kernels')."""
     fn()
     sync()
     times = []
+    before = [g["collections"] for g in gc.get_stats()]
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), times
+    return statistics.median(times), times, [g["collections"] - b for g, b in zip(gc.get_stats(), before)]
 
 
 def main():
@@ -104,9 +108,9 @@ def main():
     current_round = [0]
 
     def record(impl, kind, n, batch, timing, tokens):
-        seconds, runs = timing
+        seconds, runs, collections = timing
         row = {"impl": impl, "kind": kind, "adapters": n, "batch": batch, "s": seconds, "runs_s": runs,
-               "tokens_per_s": tokens / seconds, "round": current_round[0]}
+               "tokens_per_s": tokens / seconds, "round": current_round[0], "gc_collections": collections}
         rows.append(row)
         print(f"{kind:8s} adapters={n:3d} batch={batch:3d} {impl:22s} {row['tokens_per_s']:12,.0f} tok/s "
               f"({seconds * 1e3:.1f} ms; runs {', '.join(f'{t * 1e3:.0f}' for t in runs)})", flush=True)
