@@ -227,10 +227,22 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
                     rows.append(dict(section="decode", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
 
 
+def _lean(call):
+    """call() with the CUDA GEMV's lean form (nf4_gemv.set_kernel_variant(1); captured into the graph as launched)."""
+    from fastpeft.ops.kernels import nf4_gemv
+
+    previous = nf4_gemv.set_kernel_variant(1)
+    try:
+        return call()
+    finally:
+        nf4_gemv.set_kernel_variant(previous)
+
+
 def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
     """Decode (no grad, M <= 16) GPU time per layer call against the weight-byte floor, CUDA-graph timed with
     cold L2 (graph_ms). Impls: CUDA MMA GEMV (with LoRA -- its GEMV overlapping the shrink, and not: "no overlap" --,
-    without LoRA), the Triton fallback, dequant-buffer + cuBLAS,
+    without LoRA; and its lean form, ``set_kernel_variant(1)``, with and without LoRA), the Triton fallback,
+    dequant-buffer + cuBLAS,
     bnb base only, PEFT+bnb, and a copy moving the same bytes (half read, half written): what one launch moving
     these bytes reaches at this size, where the big-copy bandwidth floor (floor_us) ignores launch and ramp-up
     time."""
@@ -274,6 +286,10 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                     x, pk, kernel_state(qs, x.device), None, A, B, 2.0, overlap=False),
                 "fastpeft cuda mma gemv, base only": lambda pk, qs: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"),
+                "fastpeft cuda mma gemv, lean": lambda pk, qs: _lean(lambda: nf4_gemv.nf4_lora_gemv(
+                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda")),
+                "fastpeft cuda mma gemv, lean, base only": lambda pk, qs: _lean(lambda: nf4_gemv.nf4_lora_gemv(
+                    x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda")),
                 "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, kernel_state(qs, x.device), None, A, B, 2.0),
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
                     ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, kernel_state(qs, pk.device), dtype).t()),

@@ -224,6 +224,8 @@ def test_csrc_missing_toolchain_error_is_clear():
     with pytest.raises(RuntimeError, match="cannot be built") as info:
         nf4_gemv.load_extension()
     assert problem in str(info.value) and "Triton" in str(info.value)
+    with pytest.raises(RuntimeError, match="cannot be built"):  # the kernel-form hook needs the extension too
+        nf4_gemv.set_kernel_variant(1)
     with pytest.raises(ValueError, match="backend"):
         nf4_gemv.nf4_lora_gemv(torch.randn(1, 32), *_weight(8, 32, device="cpu"), None, None, None, 1.0, backend="x")
 
@@ -301,6 +303,14 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
     assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)  # every element, not only on average
     plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0, backend="cuda")
     assert rel(plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+    previous = nf4_gemv.set_kernel_variant(1)  # the lean code-table addressing: the same bits, with and without LoRA
+    try:
+        assert torch.equal(nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda"), got)
+        lean_plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0,
+                                            backend="cuda")
+        assert torch.equal(lean_plain, plain)
+    finally:
+        nf4_gemv.set_kernel_variant(previous)
 
 
 @pytest.mark.gpu

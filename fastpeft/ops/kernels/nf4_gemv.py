@@ -42,6 +42,14 @@ def load_extension(verbose: bool = False):
     return EXTENSION.load(verbose)
 
 
+def set_kernel_variant(variant: int) -> int:
+    """Which form of the CUDA GEMV kernel later calls launch: 0 the shipped one (default), 1 the same kernel with
+    leaner code-table addressing (the same bits by construction, a fifth fewer instructions per weight in its main
+    loop; ``csrc/nf4_gemv.cu``, LEAN). Returns the previous value. A benchmark's and a test's A/B: 1 becomes the
+    default once it has been measured on a GPU. Builds the extension if needed."""
+    return int(load_extension().set_kernel_variant(int(variant)))
+
+
 def _cuda_ok(x2, ks: KernelState) -> bool:
     """Shapes / dtypes the CUDA kernel takes (the rest go to Triton): 16-bit x [M <= 16, K % 16 == 0] with unit
     column stride, power-of-two blocksize >= 32 (every bnb blocksize is one), K % 128 == 0."""
