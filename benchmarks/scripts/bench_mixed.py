@@ -246,6 +246,16 @@ def main():
         ratios = [top[r] / bottom[r] for r in sorted(top) if r in bottom]
         return (statistics.median(ratios), ratios) if ratios else (None, [])
 
+    def fastest_ratio(n, kind, num, den):
+        """num / den from each row's fastest run over all rounds (tokens over the shortest run): on a host that
+        drifts within a call, the runs least slowed by it; None without both rows."""
+        def best(impl):
+            runs = [(r["batch"] * (a.prefill if kind == "prefill" else a.new_tokens), t) for r in rows
+                    if r["adapters"] == n and r["kind"] == kind and r["impl"] == impl for t in r["runs_s"]]
+            return max(tokens / t for tokens, t in runs) if runs else None
+        top, bottom = best(num), best(den)
+        return None if top is None or bottom is None else top / bottom
+
     summary = []
     for n in a.adapters:
         for kind in a.kinds:
@@ -261,6 +271,7 @@ def main():
                     line[key] = median
                     if a.rounds > 1:
                         line[key + "_rounds"] = ratios
+                    line[key + "_fastest_runs"] = fastest_ratio(n, kind, num, den)
             peft_row = per_round(n, kind, "PEFT mixed")
             if peft_row:  # PEFT is timed once: against the median of our rounds
                 line["mixed_vs_peft"] = statistics.median(per_round(n, kind, "fastpeft mixed").values()) / peft_row[0]

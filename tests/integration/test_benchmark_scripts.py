@@ -309,3 +309,8 @@ def test_mixed_benchmark_rounds_alternate_and_take_ratios_within_a_round(tmp_pat
     line = info["summary"][0]
     assert line["mixed_vs_one_adapter_rounds"] == pytest.approx(want)
     assert line["mixed_vs_one_adapter"] == pytest.approx(statistics.median(want))
+    fastest = {impl: max(r["batch"] * 2 / t for r in info["rows"] if r["impl"] == impl for t in r["runs_s"])
+               for impl in impls}  # 2 new tokens a row
+    assert line["mixed_vs_one_adapter_fastest_runs"] == pytest.approx(
+        fastest["fastpeft mixed"] / fastest["fastpeft one adapter"])
+    assert all(isinstance(r["gc_collections"], list) and len(r["gc_collections"]) == 3 for r in info["rows"])
