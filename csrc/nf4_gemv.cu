@@ -91,15 +91,6 @@ struct Stage {
   float amax2[2];
 };
 
-// LEAN (set_kernel_variant(1); not yet run on a GPU, so off by default): the same numbers with about a third fewer
-// instructions per weight. ncu on the shipped form (gate/up, M = 1, H200; session 30) found the kernel bound by
-// instruction issue, not by loads in flight: 9.8 thread instructions per weight, 61 % of issue slots busy, 10 % of
-// stalls on global loads. Each code-table read cost a shift, a mask and an add of the table's base (SHF, LOP3,
-// IADD) before its LDS. LEAN places the table on a 256-byte boundary, forms 4 x nibble for a whole 32-bit word
-// of packed bytes in one shift-and-mask per nibble half (0x3c3c3c3c), and builds each read's shared address with
-// one PRMT that puts the nibble's byte under the table base's upper bytes: 1.5 instructions per nibble instead of 3,
-// then the LDS, the FMUL by absmax and half a pack as before. Same reads, same products, same rounding, same
-// mma k-slots: bit for bit the shipped kernel.
 // LEAN's table read: the fp32 code whose byte offset (4 x nibble) is byte `i` of `offsets4`, from the table at
 // shared address `base` (low byte 0): PRMT puts that byte under base's upper three bytes, and the load takes the
 // result as its address. volatile keeps the read after the __syncthreads that publishes the table.
@@ -110,7 +101,26 @@ __device__ __forceinline__ float code_at(uint32_t offsets4, uint32_t base, int i
   return v;
 }
 
-template <typename T, int WARPS, int DEPTH, bool LEAN>
+// LEAN (set_kernel_variant(1); not yet run on a GPU, so off by default): the same numbers with a fifth fewer
+// instructions per weight (main loop, SASS of nvcc 13.0 for sm_90: 7.6 -> 6.1; SWAP below: 4.9). ncu on the
+// shipped form (gate/up, M = 1, H200; session 30) found the kernel bound by instruction issue, not by loads in
+// flight: 9.8 thread instructions per weight, 61 % of issue slots busy, 10 % of stalls on global loads. Each
+// code-table read cost a shift, a mask and an add of the table's base (SHF, LOP3, IADD) before its LDS. LEAN places
+// the table on a 256-byte boundary, forms 4 x nibble for a whole 32-bit word of packed bytes in one shift-and-mask
+// per nibble half (0x3c3c3c3c), and builds each read's shared address with one PRMT that puts the nibble's byte
+// under the table base's upper bytes: 1.5 instructions per nibble instead of 3, then the LDS, the FMUL by absmax
+// and half a pack as before. Same reads, same products, same rounding, same mma k-slots: bit for bit the shipped
+// kernel.
+//
+// SWAP (FORM 2 and 3, set_kernel_variant(2); not yet run on a GPU either): LEAN with the mma operands exchanged,
+// the weights as its 16-row side (a lane's rows g and g+8 are the rows it loads) and x as its 8-token side. The x
+// fragment is then two consecutive words of the lane's own 16-byte x loads, so the ~4 register moves per mma that
+// assemble x rows g and g+8 into one fragment go, and at M <= 8 (FORM 2) one mma per 16 k covers the tile's 16
+// rows where two did; M 9..16 (FORM 3) adds a second mma on tokens 8..15 with the same weight fragment. Every
+// weight and product is the same; only the tensor core's arrangement of each 16-product sum may differ (the GPU
+// test holds it to the shipped form's bounds against fp32 math).
+// FORM: 0 shipped, 1 LEAN, 2 SWAP for M <= 8, 3 SWAP for M <= 16.
+template <typename T, int WARPS, int DEPTH, int FORM>
 __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restrict__ packed,
                     const void* __restrict__ absmax, const float* __restrict__ code, const float* __restrict__ code2,
@@ -118,6 +128,7 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
                     const T* __restrict__ bias, const float* __restrict__ P, int splits,
                     const float* __restrict__ B, float scaling, int R, T* __restrict__ y, int M, int N, int K) {
   // WARPS warps split K; each keeps DEPTH segments' weight bytes in flight (DEPTH + 1 register stages).
+  constexpr bool LEAN = FORM >= 1, SWAP = FORM >= 2, HI = FORM != 2;  // HI: x rows 8..15 are loaded
   __shared__ __align__(256) float lut[64];  // 16 entries used; aligned so its address's low byte is 0 (LEAN)
   __shared__ float lut2[256];
   __shared__ float partial[WARPS][kMaxM][kRows];
@@ -181,13 +192,44 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
 #pragma unroll
       for (int i = 0; i < 4; ++i) xl[i] = __ldg(p + i);
     }
-    if (m_hi && k_ok) {
+    if (HI && m_hi && k_ok) {
       const uint4* p = reinterpret_cast<const uint4*>(x + (g + 8) * sxm + k);
 #pragma unroll
       for (int i = 0; i < 4; ++i) xh[i] = __ldg(p + i);
     }
     const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
     const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);
+    if constexpr (SWAP) {
+      // A fragment (weights): a0 / a2 = row g's bytes 2u / 2u+1 (k-slots 2t, 2t+1 | 2t+8, 2t+9, as above), a1 / a3
+      // = row g+8's; B fragment (x): token g's words 2u, 2u+1. c[0]: tokens 0..7, c[1]: tokens 8..15 (FORM 3).
+      float a[2];
+      uint32_t hi4[2][4], lo4[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        a[j] = nested ? __fadd_rn(__fmul_rn(lut2[cur.amax[j]], cur.amax2[j]), offset) : __uint_as_float(cur.amax[j]);
+        const uint32_t words[4] = {cur.w[j].x, cur.w[j].y, cur.w[j].z, cur.w[j].w};
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi) {
+          hi4[j][wi] = (words[wi] >> 2) & 0x3c3c3c3cu;
+          lo4[j][wi] = (words[wi] << 2) & 0x3c3c3c3cu;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int wi = u >> 1, be = 2 * (u & 1), bo = be + 1;  // the even / odd byte of k-step u in word wi
+        uint32_t ev[2], od[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          ev[j] = Dt<T>::pack(__fmul_rn(code_at(hi4[j][wi], lut_base, be), a[j]),
+                              __fmul_rn(code_at(lo4[j][wi], lut_base, be), a[j]));
+          od[j] = Dt<T>::pack(__fmul_rn(code_at(hi4[j][wi], lut_base, bo), a[j]),
+                              __fmul_rn(code_at(lo4[j][wi], lut_base, bo), a[j]));
+        }
+        Dt<T>::mma(c[0], ev[0], ev[1], od[0], od[1], xlw[2 * u], xlw[2 * u + 1]);
+        if constexpr (HI) Dt<T>::mma(c[1], ev[0], ev[1], od[0], od[1], xhw[2 * u], xhw[2 * u + 1]);
+      }
+      return;
+    }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const float a = nested ? __fadd_rn(__fmul_rn(lut2[cur.amax[j]], cur.amax2[j]), offset)  // as bnb: 2 roundings
@@ -237,13 +279,24 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     }
   }
 
-  // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1), c[j][2..3] = (m = g + 8, same n)
+  if constexpr (SWAP) {
+    // C fragment: c[h][0..1] = (weight row g, tokens 8h + 2t + 0..1), c[h][2..3] = (row g + 8, same tokens)
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    partial[warp][g][8 * j + 2 * t] = c[j][0];
-    partial[warp][g][8 * j + 2 * t + 1] = c[j][1];
-    partial[warp][g + 8][8 * j + 2 * t] = c[j][2];
-    partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
+    for (int h = 0; h < (HI ? 2 : 1); ++h) {
+      partial[warp][8 * h + 2 * t][g] = c[h][0];
+      partial[warp][8 * h + 2 * t + 1][g] = c[h][1];
+      partial[warp][8 * h + 2 * t][g + 8] = c[h][2];
+      partial[warp][8 * h + 2 * t + 1][g + 8] = c[h][3];
+    }
+  } else {
+    // C fragment: c[j][0..1] = (m = g, n = 8j + 2t + 0..1), c[j][2..3] = (m = g + 8, same n)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      partial[warp][g][8 * j + 2 * t] = c[j][0];
+      partial[warp][g][8 * j + 2 * t + 1] = c[j][1];
+      partial[warp][g + 8][8 * j + 2 * t] = c[j][2];
+      partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
+    }
   }
   // With LoRA this kernel is launched as a programmatic dependent of the shrink (launch() below), so everything above
   // (x, written before the shrink started; the weights) ran beside it; its partials P are read only after this wait.
@@ -326,7 +379,8 @@ lora_shrink_kernel(const T* __restrict__ x, int64_t sxm, const float* __restrict
   }
 }
 
-// Which form of nf4_mma_gemv_kernel the launches take: 0 the shipped one, 1 LEAN (same bits; set_kernel_variant).
+// Which form of nf4_mma_gemv_kernel the launches take: 0 the shipped one, 1 LEAN (same bits), 2 SWAP (FORM 2 or 3
+// by M); set_kernel_variant.
 int g_kernel_variant = 0;
 
 int log2_exact(int64_t v, const char* what) {
@@ -361,8 +415,10 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
   // beside the shrink, and only its epilogue waits for the partials. Not without LoRA: the kernel ahead could then
   // be whatever wrote x, which the GEMV reads before its wait.
   const fastpeft::device::PdlLaunchConfig config(dim3(blocks), dim3(kWarps * 32), stream, R > 0 && pdl);
-  const auto kernel = g_kernel_variant == 1 ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, true>
-                                            : nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, false>;
+  const auto kernel = g_kernel_variant == 0   ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 0>
+                      : g_kernel_variant == 1 ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 1>
+                      : M <= 8                ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 2>
+                                              : nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 3>;
   C10_CUDA_CHECK(cudaLaunchKernelEx(
       &config.cfg, kernel, static_cast<const scalar_t*>(x.data_ptr<scalar_t>()),
       static_cast<int64_t>(x.stride(0)), static_cast<const uint8_t*>(packed.data_ptr<uint8_t>()),
@@ -424,9 +480,11 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
   return y;
 }
 
-// The A/B hook of the kernel's two forms (0 shipped, 1 LEAN: the same bits, fewer instructions); returns the previous.
+// The A/B hook of the kernel's forms (0 shipped; 1 LEAN: the same bits, fewer instructions; 2 SWAP: LEAN with the
+// mma operands exchanged); returns the previous.
 int64_t set_kernel_variant(int64_t variant) {
-  TORCH_CHECK(variant == 0 || variant == 1, "nf4_gemv: set_kernel_variant takes 0 (shipped) or 1 (lean), got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 2, "nf4_gemv: set_kernel_variant takes 0 (shipped), 1 (lean) or 2 (lean, "
+              "operands swapped), got ", variant);
   const int64_t previous = g_kernel_variant;
   g_kernel_variant = static_cast<int>(variant);
   return previous;
@@ -435,5 +493,6 @@ int64_t set_kernel_variant(int64_t variant) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_gemv_lora", &nf4_gemv_lora, "NF4/FP4 GEMV + LoRA shrink/expand (decode, M <= 16; tensor-core MMA)");
   m.def("set_kernel_variant", &set_kernel_variant,
-        "0: the shipped GEMV kernel, 1: its lean index math (same bits; not yet the default); returns the previous");
+        "0: the shipped GEMV kernel, 1: its lean index math (same bits), 2: lean with the mma operands swapped "
+        "(not yet the default); returns the previous");
 }

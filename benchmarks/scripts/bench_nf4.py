@@ -227,11 +227,12 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
                     rows.append(dict(section="decode", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
 
 
-def _lean(call):
-    """call() with the CUDA GEMV's lean form (nf4_gemv.set_kernel_variant(1); captured into the graph as launched)."""
+def _lean(call, variant=1):
+    """call() with another form of the CUDA GEMV kernel (nf4_gemv.set_kernel_variant: 1 lean, 2 lean with the mma
+    operands swapped; captured into the graph as launched)."""
     from fastpeft.ops.kernels import nf4_gemv
 
-    previous = nf4_gemv.set_kernel_variant(1)
+    previous = nf4_gemv.set_kernel_variant(variant)
     try:
         return call()
     finally:
@@ -241,7 +242,7 @@ def _lean(call):
 def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
     """Decode (no grad, M <= 16) GPU time per layer call against the weight-byte floor, CUDA-graph timed with
     cold L2 (graph_ms). Impls: CUDA MMA GEMV (with LoRA -- its GEMV overlapping the shrink, and not: "no overlap" --,
-    without LoRA; and its lean form, ``set_kernel_variant(1)``, with and without LoRA), the Triton fallback,
+    without LoRA; and its lean forms, ``set_kernel_variant(1 / 2)``, with and without LoRA), the Triton fallback,
     dequant-buffer + cuBLAS,
     bnb base only, PEFT+bnb, and a copy moving the same bytes (half read, half written): what one launch moving
     these bytes reaches at this size, where the big-copy bandwidth floor (floor_us) ignores launch and ramp-up
@@ -290,6 +291,10 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                     x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda")),
                 "fastpeft cuda mma gemv, lean, base only": lambda pk, qs: _lean(lambda: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda")),
+                "fastpeft cuda mma gemv, swapped": lambda pk, qs: _lean(lambda: nf4_gemv.nf4_lora_gemv(
+                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), variant=2),
+                "fastpeft cuda mma gemv, swapped, base only": lambda pk, qs: _lean(lambda: nf4_gemv.nf4_lora_gemv(
+                    x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), variant=2),
                 "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, kernel_state(qs, x.device), None, A, B, 2.0),
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
                     ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, kernel_state(qs, pk.device), dtype).t()),

@@ -309,6 +309,17 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
         lean_plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0,
                                             backend="cuda")
         assert torch.equal(lean_plain, plain)
+        # the mma operands swapped (weights the 16-row side): the same products, each 16-product sum arranged by the
+        # tensor core for the other layout, so held to the shipped form's bounds against fp32 math
+        nf4_gemv.set_kernel_variant(2)
+        swapped = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda")
+        assert swapped.dtype == dtype and swapped.shape == (M, N)
+        assert rel(swapped, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+        err = (swapped.float() - want).abs() / want.abs().clamp_min(1.0)
+        assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)
+        swapped_plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0,
+                                               backend="cuda")
+        assert rel(swapped_plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
     finally:
         nf4_gemv.set_kernel_variant(previous)
 
