@@ -226,6 +226,8 @@ def test_csrc_missing_toolchain_error_is_clear():
     assert problem in str(info.value) and "Triton" in str(info.value)
     with pytest.raises(RuntimeError, match="cannot be built"):  # the kernel-form hook needs the extension too
         nf4_gemv.set_kernel_variant(1)
+    with pytest.raises(ValueError, match="0 .shipped., 1 .lean. or 2"):  # before any build
+        nf4_gemv.set_kernel_variant(3)
     with pytest.raises(ValueError, match="backend"):
         nf4_gemv.nf4_lora_gemv(torch.randn(1, 32), *_weight(8, 32, device="cpu"), None, None, None, 1.0, backend="x")
 
