@@ -26,7 +26,6 @@ if HAS_TRITON:
     from ..ops.kernels import sgmv
 
 
-
 # Rows above which a 4-bit layer's eager call tries its C++ operator from the hot path (AdapterLayer.forward): the
 # largest FUSED_MAX_M entry (ops/kernels/nf4_lora.py), so the small-M calls the Triton path serves (in-kernel-dequant
 # GEMM, decode GEMV) never pay the operator's checks twice.
@@ -249,9 +248,10 @@ class LoraLinear(AdapterLayer):
         C++ operators (backend cpp, or auto on CUDA) and ranks up to ``cpp_ops.MIXED_MAX_RANK``; "triton" where the
         Triton kernels can run on x's device (CUDA; on CPU only the triton backend in Triton's interpreter, not
         bf16). The plan is kept while the backend, x's device kind and dtype, the variants, the scalings and the
-        adapters' modules and Parameter objects stay (the last checked as a count of module / Parameter registrations
-        anywhere, ``mixed_batch.registrations``, and the number of adapters: a check that does not grow with the
-        adapters; decode calls this per layer and token and is host-bound). The C++ set holds handles to the live
+        adapters' modules and Parameter objects stay (the last checked as the count of module / Parameter
+        registrations on this layer, its lora_A / lora_B dicts and their modules, ``mixed_batch.registrations``, and
+        the number of adapters: a check that does not grow with the adapters; decode calls this per layer and token
+        and is host-bound). The C++ set holds handles to the live
         parameter tensors, so in-place updates and ``.data =`` (the same TensorImpl) are seen at once.
         (``torch.utils.swap_tensors`` refuses a tensor the set holds, and ``_apply`` -- ``.to()``, ``.half()``,
         which may swap -- drops the plan first.)"""

@@ -49,8 +49,10 @@ def set_kernel_variant(variant: int) -> int:
     77 registers at M <= 8; the same products, summed by the tensor core in the other layout). ``csrc/nf4_gemv.cu``,
     LEAN and SWAP. Returns the previous value. A benchmark's and a test's A/B until the forms have been measured on
     a GPU. Builds the extension if needed."""
-    if variant not in (0, 1, 2) or isinstance(variant, bool):  # checked here: the lent H200's builds crash formatting ints
-        raise ValueError(f"set_kernel_variant takes 0 (shipped), 1 (lean) or 2 (lean, operands swapped), got {variant!r}")
+    # checked here, not only in C++: the lent H200's builds crash formatting an int into an error message
+    if variant not in (0, 1, 2) or isinstance(variant, bool):
+        raise ValueError("set_kernel_variant takes 0 (shipped), 1 (lean) or 2 (lean, operands swapped), got "
+                         f"{variant!r}")
     return int(load_extension().set_kernel_variant(int(variant)))
 
 
