@@ -314,3 +314,30 @@ def test_mixed_benchmark_rounds_alternate_and_take_ratios_within_a_round(tmp_pat
     assert line["mixed_vs_one_adapter_fastest_runs"] == pytest.approx(
         fastest["fastpeft mixed"] / fastest["fastpeft one adapter"])
     assert all(isinstance(r["gc_collections"], list) and len(r["gc_collections"]) == 3 for r in info["rows"])
+
+
+def test_sass_mix_counts_the_main_loop_span_by_opcode(tmp_path, capsys):
+    """sass_mix.py (static instruction mix from an nvdisasm listing): the span runs from the first to the last anchor
+    instruction, predicates are dropped, register moves are counted, and only the named kernels are read."""
+    sass = _load("sass_mix")
+    listing = """
+//--------------------- .text._Z6kernelILi0EEvv --------------------------
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/                   IMAD.MOV.U32 R8, RZ, RZ, R20 ;
+        /*0030*/               @P0 LDS R9, [R10] ;
+        /*0040*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0050*/                   EXIT ;
+//--------------------- .text._Z5otherv --------------------------
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+"""
+    body = sass.kernels(listing)["_Z6kernelILi0EEvv"]
+    mix = sass.loop_mix(body, "HMMA")
+    assert (mix["static"], mix["anchors"], mix["span"], mix["moves"]) == (6, 2, 4, 1)
+    assert mix["by_opcode"] == {"HMMA": 2, "IMAD": 1, "LDS": 1}
+    path = tmp_path / "k.sass"
+    path.write_text(listing)
+    assert sass.main([str(path), "--kernel", "kernelILi0", "--work", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "span 4 (2.00 per unit of work), register moves 1" in out and "_Z5otherv" not in out
+    assert sass.main([str(path), "--kernel", "missing"]) == 1
