@@ -485,3 +485,43 @@ def test_cuda_ia3_mixed_batch_rows_equal_the_operator_bit_for_bit(feedforward, m
             else:
                 want = cpp_ops.ia3_linear(x, weight, bias, layer.ia3_l[name], feedforward)
             assert torch.equal(got[row], want[row]), (row, name)
+
+
+@NEEDS_CPP
+def test_mixed_batch_follows_a_hotswap_of_one_of_its_adapters(tmp_path, monkeypatch):
+    """hotswap_adapter writes the new values in place (a smaller rank zero-padded, its scaling folded into B): the
+    layers' kept mixed-batch plans read them at the next call, so a mixed batch's rows of the swapped adapter give
+    PEFT's numbers for the new adapter, the other rows stay, and no plan is rebuilt."""
+    base = tiny_model("llama", seed=3)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    cfgs = {"a": peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False),
+            "b": peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False),
+            "new": peft.LoraConfig(r=4, lora_alpha=5, use_rslora=True, target_modules=targets, init_lora_weights=False)}
+    folders, peft_models = {}, {}
+    for seed, (name, cfg) in enumerate(cfgs.items()):
+        torch.manual_seed(seed + 10)
+        peft_models[name] = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg)).eval()
+        folders[name] = str(tmp_path / name)
+        peft_models[name].save_pretrained(folders[name])
+    set_settings(monkeypatch, backend="cpp")
+    ours = fastpeft.load_adapter(copy.deepcopy(base), folders["a"], adapter_name="a")
+    fastpeft.load_adapter(ours, folders["b"], adapter_name="b")
+    ours.eval()
+    names = ["a", "b", "__base__", "b"]
+    ids = random_ids(batch=4, seq=5, seed=6)
+    layers = [m for m in ours.modules() if isinstance(m, fastpeft.LoraLinear)]
+    with torch.no_grad():
+        before = ours(input_ids=ids, adapter_names=names).logits
+        plans = [m._mixed_cache["plan"] for m in layers]
+        assert all(plan[-1][0] == "cpp" for plan in plans)
+        fastpeft.hotswap_adapter(ours, folders["new"], adapter_name="b")
+        after = ours(input_ids=ids, adapter_names=names).logits
+        assert all(m._mixed_cache["plan"] is plan for m, plan in zip(layers, plans))  # kept: values read in place
+        want_new = peft_models["new"](input_ids=ids).logits
+        want_a = peft_models["a"](input_ids=ids).logits
+        with peft_models["a"].disable_adapter():
+            want_base = peft_models["a"](input_ids=ids).logits
+    assert rel_err(after[[1, 3]], want_new[[1, 3]]) <= FP32_TOL
+    assert rel_err(after[0], want_a[0]) <= FP32_TOL and rel_err(after[0], before[0]) <= 1e-6
+    assert rel_err(after[2], want_base[2]) <= FP32_TOL
+    assert rel_err(after[1], before[1]) > 1e-3  # the swap did change b's rows
