@@ -101,6 +101,13 @@ __device__ __forceinline__ float code_at(uint32_t offsets4, uint32_t base, int i
   return v;
 }
 
+// LEAN's two weights of packed byte `b` of a word (hi4 / lo4: 4 x its high / low nibbles, per byte), each its code
+// times the block scale `a` in fp32, packed to x's dtype (high nibble first: bnb's element order)
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t hi4, uint32_t lo4, uint32_t base, int b, float a) {
+  return Dt<T>::pack(__fmul_rn(code_at(hi4, base, b), a), __fmul_rn(code_at(lo4, base, b), a));
+}
+
 // LEAN (set_kernel_variant(1); not yet run on a GPU, so off by default): the same numbers with a fifth fewer
 // instructions per weight (main loop, SASS of nvcc 13.0 for sm_90: 7.6 -> 6.1; SWAP below: 4.9). ncu on the
 // shipped form (gate/up, M = 1, H200; session 30) found the kernel bound by instruction issue, not by loads in
@@ -148,6 +155,11 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
   const uint8_t* absmax_u8 = reinterpret_cast<const uint8_t*>(absmax);
   const uint32_t* absmax_u32 = reinterpret_cast<const uint32_t*>(absmax);
   const int nseg = (K + kSeg - 1) / kSeg;
+  // a stage's block scale for row j: the fp32 absmax, or with nested absmax code2[q] * absmax2 + offset (as bnb: two
+  // roundings)
+  auto scale_of = [&](const Stage& st, int j) {
+    return nested ? __fadd_rn(__fmul_rn(lut2[st.amax[j]], st.amax2[j]), offset) : __uint_as_float(st.amax[j]);
+  };
 
   auto load = [&](int s, Stage& st) {
     const int k = s * kSeg + 32 * t;  // K % 32 == 0: the lane's 32 weights are all in or all out
@@ -206,7 +218,7 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
       uint32_t hi4[2][4], lo4[2][4];
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        a[j] = nested ? __fadd_rn(__fmul_rn(lut2[cur.amax[j]], cur.amax2[j]), offset) : __uint_as_float(cur.amax[j]);
+        a[j] = scale_of(cur, j);
         const uint32_t words[4] = {cur.w[j].x, cur.w[j].y, cur.w[j].z, cur.w[j].w};
 #pragma unroll
         for (int wi = 0; wi < 4; ++wi) {
@@ -220,10 +232,8 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
         uint32_t ev[2], od[2];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          ev[j] = Dt<T>::pack(__fmul_rn(code_at(hi4[j][wi], lut_base, be), a[j]),
-                              __fmul_rn(code_at(lo4[j][wi], lut_base, be), a[j]));
-          od[j] = Dt<T>::pack(__fmul_rn(code_at(hi4[j][wi], lut_base, bo), a[j]),
-                              __fmul_rn(code_at(lo4[j][wi], lut_base, bo), a[j]));
+          ev[j] = dequant_pair<T>(hi4[j][wi], lo4[j][wi], lut_base, be, a[j]);
+          od[j] = dequant_pair<T>(hi4[j][wi], lo4[j][wi], lut_base, bo, a[j]);
         }
         Dt<T>::mma(c[0], ev[0], ev[1], od[0], od[1], xlw[2 * u], xlw[2 * u + 1]);
         if constexpr (HI) Dt<T>::mma(c[1], ev[0], ev[1], od[0], od[1], xhw[2 * u], xhw[2 * u + 1]);
@@ -232,8 +242,7 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const float a = nested ? __fadd_rn(__fmul_rn(lut2[cur.amax[j]], cur.amax2[j]), offset)  // as bnb: 2 roundings
-                             : __uint_as_float(cur.amax[j]);
+      const float a = scale_of(cur, j);
       const uint32_t words[4] = {cur.w[j].x, cur.w[j].y, cur.w[j].z, cur.w[j].w};
       if constexpr (LEAN) {
 #pragma unroll
@@ -243,10 +252,8 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int u = 2 * wi + h;
-            const float e_hi = code_at(hi4, lut_base, 2 * h), e_lo = code_at(lo4, lut_base, 2 * h);
-            const float o_hi = code_at(hi4, lut_base, 2 * h + 1), o_lo = code_at(lo4, lut_base, 2 * h + 1);
-            const uint32_t b0 = Dt<T>::pack(__fmul_rn(e_hi, a), __fmul_rn(e_lo, a));
-            const uint32_t b1 = Dt<T>::pack(__fmul_rn(o_hi, a), __fmul_rn(o_lo, a));
+            const uint32_t b0 = dequant_pair<T>(hi4, lo4, lut_base, 2 * h, a);
+            const uint32_t b1 = dequant_pair<T>(hi4, lo4, lut_base, 2 * h + 1, a);
             Dt<T>::mma(c[j], xlw[2 * u], xhw[2 * u], xlw[2 * u + 1], xhw[2 * u + 1], b0, b1);
           }
         }

@@ -227,7 +227,7 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
                     rows.append(dict(section="decode", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
 
 
-def _lean(call, variant=1):
+def _kernel_form(call, variant=1):
     """call() with another form of the CUDA GEMV kernel (nf4_gemv.set_kernel_variant: 1 lean, 2 lean with the mma
     operands swapped; captured into the graph as launched)."""
     from fastpeft.ops.kernels import nf4_gemv
@@ -287,13 +287,13 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                     x, pk, kernel_state(qs, x.device), None, A, B, 2.0, overlap=False),
                 "fastpeft cuda mma gemv, base only": lambda pk, qs: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"),
-                "fastpeft cuda mma gemv, lean": lambda pk, qs: _lean(lambda: nf4_gemv.nf4_lora_gemv(
+                "fastpeft cuda mma gemv, lean": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda")),
-                "fastpeft cuda mma gemv, lean, base only": lambda pk, qs: _lean(lambda: nf4_gemv.nf4_lora_gemv(
+                "fastpeft cuda mma gemv, lean, base only": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda")),
-                "fastpeft cuda mma gemv, swapped": lambda pk, qs: _lean(lambda: nf4_gemv.nf4_lora_gemv(
+                "fastpeft cuda mma gemv, swapped": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), variant=2),
-                "fastpeft cuda mma gemv, swapped, base only": lambda pk, qs: _lean(lambda: nf4_gemv.nf4_lora_gemv(
+                "fastpeft cuda mma gemv, swapped, base only": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), variant=2),
                 "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, kernel_state(qs, x.device), None, A, B, 2.0),
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
