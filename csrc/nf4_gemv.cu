@@ -108,25 +108,25 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t hi4, uint32_t lo4, uin
   return Dt<T>::pack(__fmul_rn(code_at(hi4, base, b), a), __fmul_rn(code_at(lo4, base, b), a));
 }
 
-// LEAN (set_kernel_variant(1); not yet run on a GPU, so off by default): the same numbers with a fifth fewer
+// LEAN (set_kernel_variant(1); the original form's bits, checked on an H200): the same numbers with a fifth fewer
 // instructions per weight (main loop, SASS of nvcc 13.0 for sm_90: 7.6 -> 6.1; SWAP below: 4.9). ncu on the
-// shipped form (gate/up, M = 1, H200; session 30) found the kernel bound by instruction issue, not by loads in
+// original form (gate/up, M = 1, H200; session 30) found the kernel bound by instruction issue, not by loads in
 // flight: 9.8 thread instructions per weight, 61 % of issue slots busy, 10 % of stalls on global loads. Each
 // code-table read cost a shift, a mask and an add of the table's base (SHF, LOP3, IADD) before its LDS. LEAN places
 // the table on a 256-byte boundary, forms 4 x nibble for a whole 32-bit word of packed bytes in one shift-and-mask
 // per nibble half (0x3c3c3c3c), and builds each read's shared address with one PRMT that puts the nibble's byte
 // under the table base's upper bytes: 1.5 instructions per nibble instead of 3, then the LDS, the FMUL by absmax
-// and half a pack as before. Same reads, same products, same rounding, same mma k-slots: bit for bit the shipped
+// and half a pack as before. Same reads, same products, same rounding, same mma k-slots: bit for bit the original
 // kernel.
 //
-// SWAP (FORM 2 and 3, set_kernel_variant(2); not yet run on a GPU either): LEAN with the mma operands exchanged,
+// SWAP (FORM 2 and 3; the default since session 32, set_kernel_variant(2)): LEAN with the mma operands exchanged,
 // the weights as its 16-row side (a lane's rows g and g+8 are the rows it loads) and x as its 8-token side. The x
 // fragment is then two consecutive words of the lane's own 16-byte x loads, so the ~4 register moves per mma that
 // assemble x rows g and g+8 into one fragment go, and at M <= 8 (FORM 2) one mma per 16 k covers the tile's 16
 // rows where two did; M 9..16 (FORM 3) adds a second mma on tokens 8..15 with the same weight fragment. Every
 // weight and product is the same; only the tensor core's arrangement of each 16-product sum may differ (the GPU
-// test holds it to the shipped form's bounds against fp32 math).
-// FORM: 0 shipped, 1 LEAN, 2 SWAP for M <= 8, 3 SWAP for M <= 16.
+// test holds it to the original form's bounds against fp32 math).
+// FORM: 0 the original form (sessions 21-31's default), 1 LEAN, 2 SWAP for M <= 8, 3 SWAP for M <= 16.
 template <typename T, int WARPS, int DEPTH, int FORM>
 __global__ void __launch_bounds__(WARPS * 32)
 nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restrict__ packed,
@@ -386,9 +386,10 @@ lora_shrink_kernel(const T* __restrict__ x, int64_t sxm, const float* __restrict
   }
 }
 
-// Which form of nf4_mma_gemv_kernel the launches take: 0 the shipped one, 1 LEAN (same bits), 2 SWAP (FORM 2 or 3
-// by M); set_kernel_variant.
-int g_kernel_variant = 0;
+// Which form of nf4_mma_gemv_kernel the launches take: 0 the original one, 1 LEAN (same bits), 2 SWAP (FORM 2 or 3
+// by M; the default: on an H200 faster than the original form at every M measured, within its error bounds:
+// benchmarks/results/h200/INDEX.md, session 32); set_kernel_variant.
+int g_kernel_variant = 2;
 
 int log2_exact(int64_t v, const char* what) {
   TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, "nf4_gemv: ", what, " must be a power of two, got ", v);
@@ -487,11 +488,11 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
   return y;
 }
 
-// The A/B hook of the kernel's forms (0 shipped; 1 LEAN: the same bits, fewer instructions; 2 SWAP: LEAN with the
+// The A/B hook of the kernel's forms (0 the original; 1 LEAN: the same bits, fewer instructions; 2 SWAP: LEAN with the
 // mma operands exchanged); returns the previous.
 int64_t set_kernel_variant(int64_t variant) {
-  TORCH_CHECK(variant >= 0 && variant <= 2, "nf4_gemv: set_kernel_variant takes 0 (shipped), 1 (lean) or 2 (lean, "
-              "operands swapped), got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 2, "nf4_gemv: set_kernel_variant takes 0 (original), 1 (lean) or 2 (lean, "
+              "operands swapped; the default), got ", variant);
   const int64_t previous = g_kernel_variant;
   g_kernel_variant = static_cast<int>(variant);
   return previous;
@@ -500,6 +501,6 @@ int64_t set_kernel_variant(int64_t variant) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_gemv_lora", &nf4_gemv_lora, "NF4/FP4 GEMV + LoRA shrink/expand (decode, M <= 16; tensor-core MMA)");
   m.def("set_kernel_variant", &set_kernel_variant,
-        "0: the shipped GEMV kernel, 1: its lean index math (same bits), 2: lean with the mma operands swapped "
-        "(not yet the default); returns the previous");
+        "0: the original GEMV kernel, 1: its lean index math (same bits), 2: lean with the mma operands swapped "
+        "(the default); returns the previous");
 }

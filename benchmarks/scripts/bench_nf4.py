@@ -227,9 +227,10 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
                     rows.append(dict(section="decode", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
 
 
-def _kernel_form(call, variant=1):
-    """call() with another form of the CUDA GEMV kernel (nf4_gemv.set_kernel_variant: 1 lean, 2 lean with the mma
-    operands swapped; captured into the graph as launched)."""
+def _kernel_form(call, variant):
+    """call() with another form of the CUDA GEMV kernel than the default (nf4_gemv.set_kernel_variant: 0 the
+    original, 1 its lean addressing; the default 2 is the lean one with the mma operands swapped); captured into the
+    graph as launched."""
     from fastpeft.ops.kernels import nf4_gemv
 
     previous = nf4_gemv.set_kernel_variant(variant)
@@ -242,7 +243,8 @@ def _kernel_form(call, variant=1):
 def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
     """Decode (no grad, M <= 16) GPU time per layer call against the weight-byte floor, CUDA-graph timed with
     cold L2 (graph_ms). Impls: CUDA MMA GEMV (with LoRA -- its GEMV overlapping the shrink, and not: "no overlap" --,
-    without LoRA; and its lean forms, ``set_kernel_variant(1 / 2)``, with and without LoRA), the Triton fallback,
+    without LoRA; and its other forms, ``set_kernel_variant(0 / 1)``: "original form", "lean", with and without
+    LoRA), the Triton fallback,
     dequant-buffer + cuBLAS,
     bnb base only, PEFT+bnb, and a copy moving the same bytes (half read, half written): what one launch moving
     these bytes reaches at this size, where the big-copy bandwidth floor (floor_us) ignores launch and ramp-up
@@ -253,11 +255,15 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
     dtype = torch.bfloat16
     problem = nf4_gemv.toolchain_problem()
     t = time.perf_counter()
+    default_form = None
     try:
         nf4_gemv.load_extension()
+        default_form = nf4_gemv.set_kernel_variant(2)  # read the default (the unlabelled rows' form), then restore it
+        nf4_gemv.set_kernel_variant(default_form)
     except Exception as exc:  # noqa: BLE001
         problem = repr(exc)[:600]
-    rows.append(dict(section="decode_graph_build", toolchain_problem=problem, build_or_load_s=time.perf_counter() - t))
+    rows.append(dict(section="decode_graph_build", toolchain_problem=problem, build_or_load_s=time.perf_counter() - t,
+                     default_kernel_variant=default_form))
     for name, (K, N) in shapes.items():
         wbytes = N * K // 2 + N * K // 64 + 4 * (N * K // (64 * 256))  # packed + uint8 absmax + nested fp32
         lora_bytes = 4 * RANK * (K + N)
@@ -287,14 +293,15 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                     x, pk, kernel_state(qs, x.device), None, A, B, 2.0, overlap=False),
                 "fastpeft cuda mma gemv, base only": lambda pk, qs: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"),
+                "fastpeft cuda mma gemv, original form": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
+                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), 0),
+                "fastpeft cuda mma gemv, original form, base only": lambda pk, qs: _kernel_form(
+                    lambda: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, None, None, 0.0,
+                                                   backend="cuda"), 0),
                 "fastpeft cuda mma gemv, lean": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda")),
+                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), 1),
                 "fastpeft cuda mma gemv, lean, base only": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                    x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda")),
-                "fastpeft cuda mma gemv, swapped": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), variant=2),
-                "fastpeft cuda mma gemv, swapped, base only": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                    x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), variant=2),
+                    x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), 1),
                 "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, kernel_state(qs, x.device), None, A, B, 2.0),
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
                     ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, kernel_state(qs, pk.device), dtype).t()),

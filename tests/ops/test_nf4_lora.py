@@ -226,7 +226,7 @@ def test_csrc_missing_toolchain_error_is_clear():
     assert problem in str(info.value) and "Triton" in str(info.value)
     with pytest.raises(RuntimeError, match="cannot be built"):  # the kernel-form hook needs the extension too
         nf4_gemv.set_kernel_variant(1)
-    with pytest.raises(ValueError, match="0 .shipped., 1 .lean. or 2"):  # before any build
+    with pytest.raises(ValueError, match="0 .original., 1 .lean. or 2"):  # before any build
         nf4_gemv.set_kernel_variant(3)
     with pytest.raises(ValueError, match="backend"):
         nf4_gemv.nf4_lora_gemv(torch.randn(1, 32), *_weight(8, 32, device="cpu"), None, None, None, 1.0, backend="x")
@@ -305,23 +305,25 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
     assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)  # every element, not only on average
     plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0, backend="cuda")
     assert rel(plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
-    previous = nf4_gemv.set_kernel_variant(1)  # the lean code-table addressing: the same bits, with and without LoRA
+    # the other forms (the default is 2: the mma operands swapped, the weights as its 16-row side): the original
+    # form computes the same products, the tensor core summing each 16 of them in the other arrangement, so it is
+    # held to the same bounds; its lean addressing (1) gives the original's bits, with and without LoRA
+    previous = nf4_gemv.set_kernel_variant(0)
     try:
-        assert torch.equal(nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda"), got)
+        assert previous == 2  # the default form is the one checked above
+        original = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda")
+        assert original.dtype == dtype and original.shape == (M, N)
+        assert rel(original, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+        err = (original.float() - want).abs() / want.abs().clamp_min(1.0)
+        assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)
+        original_plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0,
+                                                backend="cuda")
+        assert rel(original_plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+        nf4_gemv.set_kernel_variant(1)
+        assert torch.equal(nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda"), original)
         lean_plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0,
                                             backend="cuda")
-        assert torch.equal(lean_plain, plain)
-        # the mma operands swapped (weights the 16-row side): the same products, each 16-product sum arranged by the
-        # tensor core for the other layout, so held to the shipped form's bounds against fp32 math
-        nf4_gemv.set_kernel_variant(2)
-        swapped = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda")
-        assert swapped.dtype == dtype and swapped.shape == (M, N)
-        assert rel(swapped, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
-        err = (swapped.float() - want).abs() / want.abs().clamp_min(1.0)
-        assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)
-        swapped_plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0,
-                                               backend="cuda")
-        assert rel(swapped_plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+        assert torch.equal(lean_plain, original_plain)
     finally:
         nf4_gemv.set_kernel_variant(previous)
 
