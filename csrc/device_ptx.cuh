@@ -68,7 +68,7 @@ __device__ __forceinline__ uint4 load_stream16(const void* p) {
 // call wait_for_prerequisite_grids() before it reads what that kernel writes. Not copyable: cfg points at attr.
 struct PdlLaunchConfig {
   cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   PdlLaunchConfig(dim3 grid, dim3 block, cudaStream_t stream, bool pdl) {
     cfg.gridDim = grid;
     cfg.blockDim = block;
@@ -78,6 +78,14 @@ struct PdlLaunchConfig {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = pdl ? 1 : 0;
+  }
+  // Launch the grid as thread-block clusters of `dims` blocks (sm_90+; each grid dimension a multiple of dims')
+  void set_cluster(dim3 dims) {
+    cudaLaunchAttribute& a = attr[cfg.numAttrs++];
+    a.id = cudaLaunchAttributeClusterDimension;
+    a.val.clusterDim.x = dims.x;
+    a.val.clusterDim.y = dims.y;
+    a.val.clusterDim.z = dims.z;
   }
   PdlLaunchConfig(const PdlLaunchConfig&) = delete;
   PdlLaunchConfig& operator=(const PdlLaunchConfig&) = delete;

@@ -17,6 +17,13 @@
 // byte 2u | 2u+1 of the lane's 16 bytes (element 2i = the high nibble of byte i, as bnb packs), and the A
 // fragment takes x[m, k0+32t+4u .. +3] (two 32-bit words of the lane's 32 contiguous x values, read from
 // L1/L2 when the segment is computed: x is tiny and shared by every block).
+// K split (sm_90+): a tile's K may be shared by a cluster of gridDim.y blocks (k_split_of below), block y taking
+// the y-th of gridDim.y contiguous ranges of segments (its warps split the range as above); each block sums its
+// warps' partials, and
+// block 0 of the cluster adds the others' sums from their shared memory (in block order: deterministic) before the
+// epilogue. It exists for the tail: without it the grid is N/16 blocks of a fixed K-long duration, so a wide
+// weight leaves a part-filled last wave (gate/up at M = 1: 896 blocks on 396 slots of an H200, 2.26 waves) and a
+// narrow one leaves slots empty for the whole kernel (q/o, down: 256 blocks).
 // Latency: HBM needs ~3 TB/s x ~1.5 us ~ 4.5 MB in flight, ~34 KB per SM. Each warp keeps the next TWO
 // segments' weight bytes in flight (3-stage register pipeline, 2 x 1 KB per warp, 16+ warps per SM), and the
 // nested-absmax lookup (code2[q], a dependent read) comes from shared memory, not L2.
@@ -30,8 +37,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <mutex>
+#include <unordered_map>
 
 #include "device_ptx.cuh"
 
@@ -128,7 +139,7 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t hi4, uint32_t lo4, uin
 // test holds it to the original form's bounds against fp32 math).
 // FORM: 0 the original form (sessions 21-31's default), 1 LEAN, 2 SWAP for M <= 8, 3 SWAP for M <= 16.
 template <typename T, int WARPS, int DEPTH, int FORM>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, FORM == 2 ? 3 : 2)  // FORM 2: 3 blocks an SM (<= 80 registers)
 nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restrict__ packed,
                     const void* __restrict__ absmax, const float* __restrict__ code, const float* __restrict__ code2,
                     const float* __restrict__ absmax2, float offset, bool nested, int log2_bs, int log2_bs2,
@@ -140,6 +151,7 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
   __shared__ float lut2[256];
   __shared__ float partial[WARPS][kMaxM][kRows];
   __shared__ float s_lora[kMaxM * 32];  // S [M, R] (R <= 32 here; larger ranks read P directly)
+  __shared__ float block_sum[kMaxM * kRows];  // its warps' sum [m][n]; in a K split's block 0 then the tile's
   if (threadIdx.x < 16) lut[threadIdx.x] = code[threadIdx.x];
   if (nested)
     for (int i = threadIdx.x; i < 256; i += blockDim.x) lut2[i] = code2[i];
@@ -155,6 +167,9 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
   const uint8_t* absmax_u8 = reinterpret_cast<const uint8_t*>(absmax);
   const uint32_t* absmax_u32 = reinterpret_cast<const uint32_t*>(absmax);
   const int nseg = (K + kSeg - 1) / kSeg;
+  // K split: this block's share of the segments, [seg_begin, seg_end) (all of them when gridDim.y == 1)
+  const int seg_begin = static_cast<int>(static_cast<int64_t>(nseg) * blockIdx.y / gridDim.y);
+  const int seg_end = static_cast<int>(static_cast<int64_t>(nseg) * (blockIdx.y + 1) / gridDim.y);
   // a stage's block scale for row j: the fp32 absmax, or with nested absmax code2[q] * absmax2 + offset (as bnb: two
   // roundings)
   auto scale_of = [&](const Stage& st, int j) {
@@ -165,7 +180,7 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     const int k = s * kSeg + 32 * t;  // K % 32 == 0: the lane's 32 weights are all in or all out
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      if (s < nseg && k < K && row_ok[j]) {
+      if (s < seg_end && k < K && row_ok[j]) {
         st.w[j] = __ldg(reinterpret_cast<const uint4*>(packed + row[j] * row_bytes + (k >> 1)));
         const int64_t blk = (row[j] * K + k) >> log2_bs;
         if (nested) {
@@ -275,14 +290,14 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
   // segment DEPTH*WARPS further on, so DEPTH segments stay in flight (the unrolled d keeps indices static).
   Stage st[DEPTH];
 #pragma unroll
-  for (int d = 0; d < DEPTH; ++d) load(warp + d * WARPS, st[d]);
-  for (int s0 = warp; s0 < nseg; s0 += DEPTH * WARPS) {
+  for (int d = 0; d < DEPTH; ++d) load(seg_begin + warp + d * WARPS, st[d]);
+  for (int s0 = seg_begin + warp; s0 < seg_end; s0 += DEPTH * WARPS) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int s = s0 + d * WARPS;
       const Stage cur = st[d];
       load(s + DEPTH * WARPS, st[d]);
-      if (s < nseg) compute(s, cur);
+      if (s < seg_end) compute(s, cur);
     }
   }
 
@@ -305,6 +320,29 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
       partial[warp][g + 8][8 * j + 2 * t + 1] = c[j][3];
     }
   }
+  __syncthreads();
+  for (int o = threadIdx.x; o < M * kRows; o += blockDim.x) {  // rows >= M hold nothing (FORM 2: never written)
+    const int m = o / kRows, nl = o % kRows;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += partial[w][m][nl];
+    block_sum[o] = sum;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (gridDim.y > 1) {  // K split: block 0 of the cluster (blockIdx.y == its rank) adds the others' sums
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster.sync();  // every block's block_sum written and visible to the cluster
+    if (blockIdx.y == 0) {
+      for (int o = threadIdx.x; o < M * kRows; o += blockDim.x) {
+        float sum = block_sum[o];
+        for (unsigned r = 1; r < gridDim.y; ++r) sum += cluster.map_shared_rank(block_sum, r)[o];
+        block_sum[o] = sum;
+      }
+    }
+    cluster.sync();  // the other blocks' shared memory stays until block 0 has read it
+    if (blockIdx.y != 0) return;
+  }
+#endif
   // With LoRA this kernel is launched as a programmatic dependent of the shrink (launch() below), so everything above
   // (x, written before the shrink started; the weights) ran beside it; its partials P are read only after this wait.
   wait_for_prerequisite_grids();
@@ -321,9 +359,7 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     const int m = o / kRows, nl = o % kRows;
     const int64_t n = n0 + nl;
     if (m >= M || n >= N) continue;
-    float out = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) out += partial[w][m][nl];
+    float out = block_sum[o];
     if (P != nullptr) {
       float lora = 0.f;
       for (int j = 0; j < R; ++j) {
@@ -391,6 +427,71 @@ lora_shrink_kernel(const T* __restrict__ x, int64_t sxm, const float* __restrict
 // benchmarks/results/h200/INDEX.md, session 32); set_kernel_variant.
 int g_kernel_variant = 2;
 
+// 8 warps splitting K, 2 segments in flight per warp: (4, 3), (4, 4) and (8, 3) measured no faster on an H100
+// (benchmarks/results/h100/nf4_decode_graph_variants_2026-11-24.json), so only this shape is compiled.
+constexpr int kWarps = 8, kDepth = 2;
+constexpr int kMaxKSplit = 8;  // the portable cluster size
+// The K split's cost model (k_split_auto): a block's fixed work (table fill, syncs, epilogue) in warp segments
+constexpr int kBlockOverheadSegs = 1;
+
+// How many blocks a tile's K is split over: 0 chosen per call (k_split_auto), 1..8 that many on every launch
+// (clamped to the segments; sm_90+ only, 1 elsewhere); set_k_split.
+int g_k_split = 0;
+
+// Resident blocks an SM of the current device holds of `kernel` (kWarps warps a block), cached per device and kernel
+int blocks_per_sm(const void* kernel) {
+  static std::mutex mu;
+  static std::unordered_map<const void*, int> cache[64];
+  const int dev = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto& per_dev = cache[dev & 63];
+  auto it = per_dev.find(kernel);
+  if (it != per_dev.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0));
+  per_dev.emplace(kernel, std::max(n, 1));
+  return std::max(n, 1);
+}
+
+// The split with the least modelled time: blocks run in waves of `slots` (SMs x resident blocks), and a block's time
+// is its warps' segment count plus a fixed overhead -- a latency-bound block takes about as long whether or not
+// others share its SM, so a part-filled last wave costs a whole block time, and so do slots left empty.
+int k_split_auto(int64_t tiles, int nseg, int64_t slots) {
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int ks = 1; ks <= kMaxKSplit; ++ks) {
+    if (ks > 1 && ks * kWarps > nseg) break;  // every warp keeps at least one segment
+    const int64_t waves = (tiles * ks + slots - 1) / slots;
+    const int64_t per_warp = (nseg + ks * kWarps - 1) / (ks * kWarps);
+    const int64_t cost = waves * (per_warp + kBlockOverheadSegs);
+    if (best_cost < 0 || cost < best_cost) {
+      best = ks;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+// The kernel a call with M rows of x launches (g_kernel_variant's form)
+template <typename scalar_t>
+auto gemv_kernel_for(int M) {
+  return g_kernel_variant == 0   ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 0>
+         : g_kernel_variant == 1 ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 1>
+         : M <= 8                ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 2>
+                                 : nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 3>;
+}
+
+// The K split a launch of `kernel` over N rows and K columns takes on the current device
+int k_split_of(const void* kernel, int64_t N, int K) {
+  if (at::cuda::getCurrentDeviceProperties()->major < 9) return 1;  // thread-block clusters: sm_90+
+  const int nseg = (K + kSeg - 1) / kSeg;
+  if (g_k_split > 0) return std::max(1, std::min(g_k_split, nseg));
+  const int64_t tiles = (N + kRows - 1) / kRows;
+  const int64_t slots = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
+                        blocks_per_sm(kernel);
+  return k_split_auto(tiles, nseg, slots);
+}
+
 int log2_exact(int64_t v, const char* what) {
   TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, "nf4_gemv: ", what, " must be a power of two, got ", v);
   int l = 0;
@@ -416,17 +517,13 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
   const int l2bs = log2_exact(bs, "blocksize"), l2bs2 = nested ? log2_exact(bs2, "nested blocksize") : 0;
   const float* P = R > 0 ? S.data_ptr<float>() : nullptr;
   const float* Bp = R > 0 ? B->data_ptr<float>() : nullptr;
-  // 8 warps splitting K, 2 segments in flight per warp: (4, 3), (4, 4) and (8, 3) measured no faster on an H100
-  // (benchmarks/results/h100/nf4_decode_graph_variants_2026-11-24.json), so only this shape is compiled.
-  constexpr int kWarps = 8, kDepth = 2;
   // With LoRA the GEMV is a programmatic dependent of the shrink just launched (sm_90+): its weight streaming runs
   // beside the shrink, and only its epilogue waits for the partials. Not without LoRA: the kernel ahead could then
   // be whatever wrote x, which the GEMV reads before its wait.
-  const fastpeft::device::PdlLaunchConfig config(dim3(blocks), dim3(kWarps * 32), stream, R > 0 && pdl);
-  const auto kernel = g_kernel_variant == 0   ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 0>
-                      : g_kernel_variant == 1 ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 1>
-                      : M <= 8                ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 2>
-                                              : nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 3>;
+  const auto kernel = gemv_kernel_for<scalar_t>(M);
+  const int k_split = k_split_of(reinterpret_cast<const void*>(kernel), N, K);
+  fastpeft::device::PdlLaunchConfig config(dim3(blocks, k_split), dim3(kWarps * 32), stream, R > 0 && pdl);
+  if (k_split > 1) config.set_cluster(dim3(1, k_split, 1));  // the blocks sharing a tile, one cluster
   C10_CUDA_CHECK(cudaLaunchKernelEx(
       &config.cfg, kernel, static_cast<const scalar_t*>(x.data_ptr<scalar_t>()),
       static_cast<int64_t>(x.stride(0)), static_cast<const uint8_t*>(packed.data_ptr<uint8_t>()),
@@ -498,9 +595,29 @@ int64_t set_kernel_variant(int64_t variant) {
   return previous;
 }
 
+// The K split's hook: 0 chosen per call (the default), 1..8 that many blocks a tile; returns the previous
+int64_t set_k_split(int64_t k_split) {
+  TORCH_CHECK(k_split >= 0 && k_split <= kMaxKSplit, "nf4_gemv: set_k_split takes 0 (auto) to 8");
+  const int64_t previous = g_k_split;
+  g_k_split = static_cast<int>(k_split);
+  return previous;
+}
+
+// The K split a 16-bit call with M rows of x, N output features and K input features would take now on the
+// current device (the kernel form, the hook and the device decide it)
+int64_t k_split_for(int64_t M, int64_t N, int64_t K, bool half) {
+  TORCH_CHECK(M >= 1 && M <= kMaxM && N >= 1 && K >= 32, "nf4_gemv: k_split_for takes 1 <= M <= 16, N >= 1, K >= 32");
+  const void* kernel = half ? reinterpret_cast<const void*>(gemv_kernel_for<at::Half>(static_cast<int>(M)))
+                            : reinterpret_cast<const void*>(gemv_kernel_for<at::BFloat16>(static_cast<int>(M)));
+  return k_split_of(kernel, N, static_cast<int>(K));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_gemv_lora", &nf4_gemv_lora, "NF4/FP4 GEMV + LoRA shrink/expand (decode, M <= 16; tensor-core MMA)");
   m.def("set_kernel_variant", &set_kernel_variant,
         "0: the original GEMV kernel, 1: its lean index math (same bits), 2: lean with the mma operands swapped "
         "(the default); returns the previous");
+  m.def("set_k_split", &set_k_split, "0: K split chosen per call (default), 1..8: that many blocks a tile; returns "
+        "the previous");
+  m.def("k_split_for", &k_split_for, "the K split a call (M, N, K, fp16?) takes now on the current device");
 }

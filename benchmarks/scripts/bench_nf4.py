@@ -36,6 +36,7 @@ from fastpeft import settings  # noqa: E402  (the FASTPEFT_* switches: settings.
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 TINY = {"q/o": (64, 64), "k/v": (64, 32), "gate/up": (64, 128), "down": (128, 64)}
 RANK, ALPHA = 16, 32
+K_SPLITS = (1, 2, 3, 4, 6, 8)  # decode_graph's sweep of the CUDA GEMV's K split
 
 
 def bench(fn, cuda: bool) -> float:
@@ -227,17 +228,22 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
                     rows.append(dict(section="decode", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
 
 
-def _kernel_form(call, variant):
+def _kernel_form(call, variant=None, k_split=None):
     """call() with another form of the CUDA GEMV kernel than the default (nf4_gemv.set_kernel_variant: 0 the
-    original, 1 its lean addressing; the default 2 is the lean one with the mma operands swapped); captured into the
-    graph as launched."""
+    original, 1 its lean addressing; the default 2 is the lean one with the mma operands swapped) and / or a fixed K
+    split (nf4_gemv.set_k_split: 1..8 blocks a tile; the default 0 chooses per call); captured into the graph as
+    launched."""
     from fastpeft.ops.kernels import nf4_gemv
 
-    previous = nf4_gemv.set_kernel_variant(variant)
+    previous = (nf4_gemv.set_kernel_variant(variant) if variant is not None else None,
+                nf4_gemv.set_k_split(k_split) if k_split is not None else None)
     try:
         return call()
     finally:
-        nf4_gemv.set_kernel_variant(previous)
+        if previous[0] is not None:
+            nf4_gemv.set_kernel_variant(previous[0])
+        if previous[1] is not None:
+            nf4_gemv.set_k_split(previous[1])
 
 
 def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
@@ -286,6 +292,10 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
             rows.append(dict(section="decode_graph", shape=name, impl="bnb", skipped=repr(exc)[:300]))
         for M in Ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
+            try:  # what the default rows' calls take
+                default_k_split = nf4_gemv.k_split_for(M, N, K, dtype)
+            except Exception:  # noqa: BLE001
+                default_k_split = None
             impls = {
                 "fastpeft cuda mma gemv": lambda pk, qs: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, A, B, 2.0,
                                                                                 backend="cuda"),
@@ -294,18 +304,24 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                 "fastpeft cuda mma gemv, base only": lambda pk, qs: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"),
                 "fastpeft cuda mma gemv, original form": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), 0),
+                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), variant=0),
                 "fastpeft cuda mma gemv, original form, base only": lambda pk, qs: _kernel_form(
                     lambda: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, None, None, 0.0,
-                                                   backend="cuda"), 0),
+                                                   backend="cuda"), variant=0),
                 "fastpeft cuda mma gemv, lean": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), 1),
+                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), variant=1),
                 "fastpeft cuda mma gemv, lean, base only": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                    x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), 1),
+                    x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), variant=1),
                 "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, kernel_state(qs, x.device), None, A, B, 2.0),
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
                     ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, kernel_state(qs, pk.device), dtype).t()),
             }
+            impls["fastpeft cuda mma gemv, k split 1"] = lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
+                x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), k_split=1)
+            for k_split in K_SPLITS:  # the K split's sweep, base only (the default chooses one per call)
+                impls[f"fastpeft cuda mma gemv, base only, k split {k_split}"] = (
+                    lambda pk, qs, k_split=k_split: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
+                        x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), k_split=k_split))
             if M == Ms[0]:
                 half = wbytes // 2
                 copy_of = {id(pk): (torch.empty(half, dtype=torch.uint8, device=device),
@@ -317,7 +333,7 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                         us = graph_ms([(lambda pk=pk, qs=qs: fn(pk, qs)) for pk, qs in weights]) * 1e3
                     rows.append(dict(section="decode_graph", shape=name, K=K, N=N, M=M, impl=impl, us=us,
                                      floor_us=floor_us, frac_of_copy_bw=floor_us / us, copies=n_copies,
-                                     lora_bytes=lora_bytes))
+                                     lora_bytes=lora_bytes, default_k_split=default_k_split))
                 except Exception as exc:  # noqa: BLE001
                     rows.append(dict(section="decode_graph", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
                 print(json.dumps(rows[-1]), flush=True)

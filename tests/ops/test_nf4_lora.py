@@ -19,6 +19,7 @@ from helpers import set_settings
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CUDA = torch.cuda.is_available()
+CAPABILITY = torch.cuda.get_device_capability() if CUDA else (0, 0)
 needs_triton = pytest.mark.skipif(not (INTERP or CUDA), reason="Triton needs CUDA or TRITON_INTERPRET=1")
 DEV = "cuda" if CUDA else "cpu"
 
@@ -228,6 +229,15 @@ def test_csrc_missing_toolchain_error_is_clear():
         nf4_gemv.set_kernel_variant(1)
     with pytest.raises(ValueError, match="0 .original., 1 .lean. or 2"):  # before any build
         nf4_gemv.set_kernel_variant(3)
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        nf4_gemv.set_k_split(2)
+    for bad in (9, -1, True, 2.0):  # before any build
+        with pytest.raises(ValueError, match="0 .chosen per call. or 1..8"):
+            nf4_gemv.set_k_split(bad)
+    with pytest.raises(ValueError, match="1 <= M <= 16"):
+        nf4_gemv.k_split_for(17, 4096, 4096)
+    with pytest.raises(ValueError, match="dtype"):
+        nf4_gemv.k_split_for(1, 4096, 4096, torch.float32)
     with pytest.raises(ValueError, match="backend"):
         nf4_gemv.nf4_lora_gemv(torch.randn(1, 32), *_weight(8, 32, device="cpu"), None, None, None, 1.0, backend="x")
 
@@ -326,6 +336,24 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
         assert torch.equal(lean_plain, original_plain)
     finally:
         nf4_gemv.set_kernel_variant(previous)
+    # K split over a cluster of blocks (sm_90+; 1 elsewhere): every split within the same bounds, deterministic
+    previous = nf4_gemv.set_k_split(1)
+    try:
+        assert previous == 0  # the default chooses per call
+        for k_split in (1, 2, 3, 8):
+            nf4_gemv.set_k_split(k_split)
+            assert nf4_gemv.k_split_for(M, N, K, dtype) == (min(k_split, K // 128) if CAPABILITY >= (9, 0) else 1)
+            split = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda")
+            assert rel(split, want) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+            err = (split.float() - want).abs() / want.abs().clamp_min(1.0)
+            assert err.max() <= (2e-2 if dtype == torch.bfloat16 else 3e-3)
+            assert torch.equal(nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda"), split)
+            assert torch.equal(nf4_gemv.nf4_lora_gemv_cuda(x, packed, _ks(qs), bias, A, B, 1.5, overlap=False), split)
+            split_plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0,
+                                                 backend="cuda")
+            assert rel(split_plain, x.float() @ w.t()) <= (4e-3 if dtype == torch.bfloat16 else 1e-3)
+    finally:
+        nf4_gemv.set_k_split(previous)
 
 
 @pytest.mark.gpu

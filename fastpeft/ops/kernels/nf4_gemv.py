@@ -57,6 +57,30 @@ def set_kernel_variant(variant: int) -> int:
     return int(load_extension().set_kernel_variant(int(variant)))
 
 
+MAX_K_SPLIT = 8
+
+
+def set_k_split(k_split: int) -> int:
+    """Over how many blocks the CUDA GEMV splits each 16-row tile's K (a thread-block cluster; sm_90+, always 1 on
+    older GPUs): 0 (the default) chooses per call from the grid's waves (``csrc/nf4_gemv.cu``, ``k_split_auto``), 1..8
+    fixes it. A split changes the fp32 summation order of the base product, so its last bits, not its bounds; every
+    split is deterministic. Returns the previous value: the A/B switch of benchmarks and tests. Builds the
+    extension if needed."""
+    if not isinstance(k_split, int) or isinstance(k_split, bool) or not 0 <= k_split <= MAX_K_SPLIT:
+        raise ValueError(f"set_k_split takes 0 (chosen per call) or 1..{MAX_K_SPLIT}, got {k_split!r}")
+    return int(load_extension().set_k_split(int(k_split)))
+
+
+def k_split_for(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The K split a CUDA GEMV call on x [M, K] (``dtype``) with N output features would take now on the current
+    CUDA device (the kernel form, ``set_k_split`` and the device decide it)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"k_split_for: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    if not (1 <= M <= MAX_M and N >= 1 and K >= 32):
+        raise ValueError(f"k_split_for takes 1 <= M <= {MAX_M}, N >= 1, K >= 32; got M={M}, N={N}, K={K}")
+    return int(load_extension().k_split_for(int(M), int(N), int(K), dtype == torch.float16))
+
+
 def _cuda_ok(x2, ks: KernelState) -> bool:
     """Shapes / dtypes the CUDA kernel takes (the rest go to Triton): 16-bit x [M <= 16, K % 16 == 0] with unit
     column stride, power-of-two blocksize >= 32 (every bnb blocksize is one), K % 128 == 0."""
