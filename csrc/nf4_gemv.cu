@@ -19,11 +19,10 @@
 // L1/L2 when the segment is computed: x is tiny and shared by every block).
 // K split (sm_90+): a tile's K may be shared by a cluster of gridDim.y blocks (k_split_of below), block y taking
 // the y-th of gridDim.y contiguous ranges of segments (its warps split the range as above); each block sums its
-// warps' partials, and
-// block 0 of the cluster adds the others' sums from their shared memory (in block order: deterministic) before the
-// epilogue. It exists for the tail: without it the grid is N/16 blocks of a fixed K-long duration, so a wide
-// weight leaves a part-filled last wave (gate/up at M = 1: 896 blocks on 396 slots of an H200, 2.26 waves) and a
-// narrow one leaves slots empty for the whole kernel (q/o, down: 256 blocks).
+// warps' partials, and block 0 of the cluster adds the others' sums from their shared memory (in block order:
+// deterministic) before the epilogue. It exists for the tail: without it the grid is N/16 blocks of a fixed
+// K-long duration, so a wide weight leaves a part-filled last wave (gate/up at M = 1: 896 blocks on 396 slots of
+// an H200, 2.26 waves) and a narrow one leaves slots empty for the whole kernel (q/o, down: 256 blocks).
 // Latency: HBM needs ~3 TB/s x ~1.5 us ~ 4.5 MB in flight, ~34 KB per SM. Each warp keeps the next TWO
 // segments' weight bytes in flight (3-stage register pipeline, 2 x 1 KB per warp, 16+ warps per SM), and the
 // nested-absmax lookup (code2[q], a dependent read) comes from shared memory, not L2.
