@@ -434,8 +434,8 @@ constexpr int kMaxKSplit = 8;  // the portable cluster size
 constexpr int kBlockOverheadSegs = 1;
 
 // How many blocks a tile's K is split over: 0 chosen per call (k_split_auto), 1..8 that many on every launch
-// (clamped to the segments; sm_90+ only, 1 elsewhere); set_k_split.
-int g_k_split = 0;
+// (clamped to the segments; sm_90+ only, 1 elsewhere); set_k_split. 1 (no split) until the split has run on a GPU.
+int g_k_split = 1;
 
 // Resident blocks an SM of the current device holds of `kernel` (kWarps warps a block), cached per device and kernel
 int blocks_per_sm(const void* kernel) {
@@ -594,7 +594,7 @@ int64_t set_kernel_variant(int64_t variant) {
   return previous;
 }
 
-// The K split's hook: 0 chosen per call (the default), 1..8 that many blocks a tile; returns the previous
+// The K split's hook: 0 chosen per call, 1..8 that many blocks a tile (1, no split: the default); returns the previous
 int64_t set_k_split(int64_t k_split) {
   TORCH_CHECK(k_split >= 0 && k_split <= kMaxKSplit, "nf4_gemv: set_k_split takes 0 (auto) to 8");
   const int64_t previous = g_k_split;
@@ -616,7 +616,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_kernel_variant", &set_kernel_variant,
         "0: the original GEMV kernel, 1: its lean index math (same bits), 2: lean with the mma operands swapped "
         "(the default); returns the previous");
-  m.def("set_k_split", &set_k_split, "0: K split chosen per call (default), 1..8: that many blocks a tile; returns "
+  m.def("set_k_split", &set_k_split, "0: K split chosen per call, 1..8: that many blocks a tile (default 1); returns "
         "the previous");
   m.def("k_split_for", &k_split_for, "the K split a call (M, N, K, fp16?) takes now on the current device");
 }

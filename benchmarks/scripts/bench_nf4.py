@@ -292,10 +292,11 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
             rows.append(dict(section="decode_graph", shape=name, impl="bnb", skipped=repr(exc)[:300]))
         for M in Ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
-            try:  # what the default rows' calls take
+            try:  # what the default rows' calls take, and what the per-call choice (set_k_split(0)) would
                 default_k_split = nf4_gemv.k_split_for(M, N, K, dtype)
+                auto_k_split = _kernel_form(lambda: nf4_gemv.k_split_for(M, N, K, dtype), k_split=0)
             except Exception:  # noqa: BLE001
-                default_k_split = None
+                default_k_split = auto_k_split = None
             impls = {
                 "fastpeft cuda mma gemv": lambda pk, qs: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, A, B, 2.0,
                                                                                 backend="cuda"),
@@ -316,8 +317,12 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                 "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
                     ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, kernel_state(qs, pk.device), dtype).t()),
             }
-            impls["fastpeft cuda mma gemv, k split 1"] = lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), k_split=1)
+            impls["fastpeft cuda mma gemv, k split auto"] = lambda pk, qs: _kernel_form(
+                lambda: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"),
+                k_split=0)
+            impls["fastpeft cuda mma gemv, base only, k split auto"] = lambda pk, qs: _kernel_form(
+                lambda: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, None, None, 0.0,
+                                               backend="cuda"), k_split=0)
             for k_split in K_SPLITS:  # the K split's sweep, base only (the default chooses one per call)
                 impls[f"fastpeft cuda mma gemv, base only, k split {k_split}"] = (
                     lambda pk, qs, k_split=k_split: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
@@ -333,7 +338,8 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                         us = graph_ms([(lambda pk=pk, qs=qs: fn(pk, qs)) for pk, qs in weights]) * 1e3
                     rows.append(dict(section="decode_graph", shape=name, K=K, N=N, M=M, impl=impl, us=us,
                                      floor_us=floor_us, frac_of_copy_bw=floor_us / us, copies=n_copies,
-                                     lora_bytes=lora_bytes, default_k_split=default_k_split))
+                                     lora_bytes=lora_bytes, default_k_split=default_k_split,
+                                     auto_k_split=auto_k_split))
                 except Exception as exc:  # noqa: BLE001
                     rows.append(dict(section="decode_graph", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
                 print(json.dumps(rows[-1]), flush=True)

@@ -339,7 +339,9 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
     # K split over a cluster of blocks (sm_90+; 1 elsewhere): every split within the same bounds, deterministic
     previous = nf4_gemv.set_k_split(1)
     try:
-        assert previous == 0  # the default chooses per call
+        assert previous == 1  # the default: no split (until measured)
+        nf4_gemv.set_k_split(0)  # chosen per call: a split the call can take
+        assert 1 <= nf4_gemv.k_split_for(M, N, K, dtype) <= (min(8, K // 128) if CAPABILITY >= (9, 0) else 1)
         for k_split in (1, 2, 3, 8):
             nf4_gemv.set_k_split(k_split)
             assert nf4_gemv.k_split_for(M, N, K, dtype) == (min(k_split, K // 128) if CAPABILITY >= (9, 0) else 1)

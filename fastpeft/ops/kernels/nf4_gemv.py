@@ -62,8 +62,8 @@ MAX_K_SPLIT = 8
 
 def set_k_split(k_split: int) -> int:
     """Over how many blocks the CUDA GEMV splits each 16-row tile's K (a thread-block cluster; sm_90+, always 1 on
-    older GPUs): 0 (the default) chooses per call from the grid's waves (``csrc/nf4_gemv.cu``, ``k_split_auto``), 1..8
-    fixes it. A split changes the fp32 summation order of the base product, so its last bits, not its bounds; every
+    older GPUs): 0 chooses per call from the grid's waves (``csrc/nf4_gemv.cu``, ``k_split_auto``), 1..8 fixes it;
+    the default is 1 (no split) until the split has been measured on a GPU. A split changes the fp32 summation order of the base product, so its last bits, not its bounds; every
     split is deterministic. Returns the previous value: the A/B switch of benchmarks and tests. Builds the
     extension if needed."""
     if not isinstance(k_split, int) or isinstance(k_split, bool) or not 0 <= k_split <= MAX_K_SPLIT:
