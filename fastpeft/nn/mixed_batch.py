@@ -66,6 +66,12 @@ _HOOKS: list = []
 
 
 def _count_registration(module, _name, _value) -> None:
+    # Not while torch.compile traces (transformers' ModuleList slice inside a compiled forward): nothing is
+    # registered at run time there, and a traced WeakSet lookup makes Dynamo guard on the set's size, which the
+    # garbage collector can change mid-compile (Dynamo then fails with "Guard failed on the same frame it was
+    # created": seen once in CI's test_mixed_batch_under_torch_compile).
+    if torch.compiler.is_compiling():
+        return
     if module in _WATCHED:
         _REGISTRATIONS[0] += 1
 

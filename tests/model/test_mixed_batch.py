@@ -385,6 +385,31 @@ def test_mixed_batch_under_torch_compile(monkeypatch):
             dynamo.reset()
 
 
+def test_registration_count_stays_out_of_torch_compile_traces(monkeypatch):
+    """The registration hook does nothing while torch.compile traces: a traced lookup in the WeakSet of watched
+    modules made Dynamo guard on the set's size, which a garbage collection during the compile changed (CI:
+    "Guard failed on the same frame it was created"). Outside a trace it counts watched modules only."""
+    import torch.nn as nn
+
+    layer = nn.Linear(2, 2)
+    mixed_batch.watch_registrations([layer])
+
+    class Untouchable:
+        def __contains__(self, item):
+            raise AssertionError("the watched set was read while compiling")
+
+    watched = mixed_batch._WATCHED
+    before = mixed_batch.registrations()
+    monkeypatch.setattr(mixed_batch, "_WATCHED", Untouchable())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    layer.weight = nn.Parameter(layer.weight.detach().clone())  # the hook runs, as inside a trace
+    assert mixed_batch.registrations() == before
+    monkeypatch.setattr(mixed_batch, "_WATCHED", watched)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    layer.weight = nn.Parameter(layer.weight.detach().clone())
+    assert mixed_batch.registrations() == before + 1
+
+
 @pytest.mark.skipif(not fastpeft.settings.get().triton_interpret and not torch.cuda.is_available(),
                     reason="the one-pass kernels need CUDA or Triton's interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
