@@ -20,9 +20,9 @@
 // K split (sm_90+): a tile's K may be shared by a cluster of gridDim.y blocks (k_split_of below), block y taking
 // the y-th of gridDim.y contiguous ranges of segments (its warps split the range as above); each block sums its
 // warps' partials, and block 0 of the cluster adds the others' sums from their shared memory (in block order:
-// deterministic) before the epilogue. It exists for the tail: without it the grid is N/16 blocks of a fixed
-// K-long duration, so a wide weight leaves a part-filled last wave (gate/up at M = 1: 896 blocks on 396 slots of
-// an H200, 2.26 waves) and a narrow one leaves slots empty for the whole kernel (q/o, down: 256 blocks).
+// deterministic) before the epilogue. It was built for the grid's tail (gate/up at M = 1: 896 blocks on 396 slots
+// of an H200, a part-filled third wave; q/o and down: 256 blocks), but measured slower there; it helps only grids
+// that leave most SMs idle (k_split_auto).
 // Latency: HBM needs ~3 TB/s x ~1.5 us ~ 4.5 MB in flight, ~34 KB per SM. Each warp keeps the next TWO
 // segments' weight bytes in flight (3-stage register pipeline, 2 x 1 KB per warp, 16+ warps per SM), and the
 // nested-absmax lookup (code2[q], a dependent read) comes from shared memory, not L2.
@@ -39,9 +39,6 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <mutex>
-#include <unordered_map>
 
 #include "device_ptx.cuh"
 
@@ -430,46 +427,19 @@ int g_kernel_variant = 2;
 // (benchmarks/results/h100/nf4_decode_graph_variants_2026-11-24.json), so only this shape is compiled.
 constexpr int kWarps = 8, kDepth = 2;
 constexpr int kMaxKSplit = 8;  // the portable cluster size
-// The K split's cost model (k_split_auto): a block's fixed work (table fill, syncs, epilogue) in warp segments
-constexpr int kBlockOverheadSegs = 1;
 
 // How many blocks a tile's K is split over: 0 chosen per call (k_split_auto), 1..8 that many on every launch
-// (clamped to the segments; sm_90+ only, 1 elsewhere); set_k_split. 1 (no split) until the split has run on a GPU.
+// (clamped to the segments; sm_90+ only, 1 elsewhere); set_k_split. 1 (no split) until k_split_auto's rule has
+// itself been timed on a GPU.
 int g_k_split = 1;
 
-// Resident blocks an SM of the current device holds of `kernel` (kWarps warps a block), cached per device and kernel
-int blocks_per_sm(const void* kernel) {
-  static std::mutex mu;
-  static std::unordered_map<const void*, int> cache[64];
-  const int dev = c10::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  auto& per_dev = cache[dev & 63];
-  auto it = per_dev.find(kernel);
-  if (it != per_dev.end()) return it->second;
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0));
-  per_dev.emplace(kernel, std::max(n, 1));
-  return std::max(n, 1);
-}
-
-// The split with the least modelled time: blocks run in waves of `slots` (SMs x resident blocks), and a block's time
-// is its warps' segment count plus a fixed overhead -- a latency-bound block takes about as long whether or not
-// others share its SM, so a part-filled last wave costs a whole block time, and so do slots left empty.
-int k_split_auto(int64_t tiles, int nseg, int64_t slots) {
-  int best = 1;
-  int64_t best_cost = -1;
-  for (int ks = 1; ks <= kMaxKSplit; ++ks) {
-    if (ks > 1 && ks * kWarps > nseg) break;  // every warp keeps at least one segment
-    const int64_t waves = (tiles * ks + slots - 1) / slots;
-    const int64_t per_warp = (nseg + ks * kWarps - 1) / (ks * kWarps);
-    const int64_t cost = waves * (per_warp + kBlockOverheadSegs);
-    if (best_cost < 0 || cost < best_cost) {
-      best = ks;
-      best_cost = cost;
-    }
-  }
-  return best;
-}
+// The per-call choice, from session 32's sweep of fixed splits on an H200 (benchmarks/results/h200/INDEX.md):
+// splitting was slower wherever the grid has at least a block per SM (q/o, gate/up, down at every M: 1.1-3.6x the
+// unsplit time for splits 2..8 -- each extra block repeats the code-table fill and adds a cluster barrier, and the
+// unsplit kernel is not bound by its blocks' latency alone), and faster only where the grid leaves more than half
+// the SMs idle (k/v, 64 tiles: 7.0 -> 5.9 us at M = 1 and 8.8 -> 7.3 at M = 16 with 2 blocks a tile; 3 or more
+// were slower again). A wave model that predicted gains for down and gate/up was wrong.
+int k_split_auto(int64_t tiles, int sms) { return 2 * tiles <= sms ? 2 : 1; }
 
 // The kernel a call with M rows of x launches (g_kernel_variant's form)
 template <typename scalar_t>
@@ -480,15 +450,13 @@ auto gemv_kernel_for(int M) {
                                  : nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 3>;
 }
 
-// The K split a launch of `kernel` over N rows and K columns takes on the current device
-int k_split_of(const void* kernel, int64_t N, int K) {
-  if (at::cuda::getCurrentDeviceProperties()->major < 9) return 1;  // thread-block clusters: sm_90+
+// The K split a launch over N rows and K columns takes on the current device
+int k_split_of(int64_t N, int K) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  if (props->major < 9) return 1;  // thread-block clusters: sm_90+
   const int nseg = (K + kSeg - 1) / kSeg;
-  if (g_k_split > 0) return std::max(1, std::min(g_k_split, nseg));
-  const int64_t tiles = (N + kRows - 1) / kRows;
-  const int64_t slots = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
-                        blocks_per_sm(kernel);
-  return k_split_auto(tiles, nseg, slots);
+  const int k_split = g_k_split > 0 ? g_k_split : k_split_auto((N + kRows - 1) / kRows, props->multiProcessorCount);
+  return std::max(1, std::min(k_split, nseg));
 }
 
 int log2_exact(int64_t v, const char* what) {
@@ -520,7 +488,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
   // beside the shrink, and only its epilogue waits for the partials. Not without LoRA: the kernel ahead could then
   // be whatever wrote x, which the GEMV reads before its wait.
   const auto kernel = gemv_kernel_for<scalar_t>(M);
-  const int k_split = k_split_of(reinterpret_cast<const void*>(kernel), N, K);
+  const int k_split = k_split_of(N, K);
   fastpeft::device::PdlLaunchConfig config(dim3(blocks, k_split), dim3(kWarps * 32), stream, R > 0 && pdl);
   if (k_split > 1) config.set_cluster(dim3(1, k_split, 1));  // the blocks sharing a tile, one cluster
   C10_CUDA_CHECK(cudaLaunchKernelEx(
@@ -602,13 +570,11 @@ int64_t set_k_split(int64_t k_split) {
   return previous;
 }
 
-// The K split a 16-bit call with M rows of x, N output features and K input features would take now on the
-// current device (the kernel form, the hook and the device decide it)
-int64_t k_split_for(int64_t M, int64_t N, int64_t K, bool half) {
-  TORCH_CHECK(M >= 1 && M <= kMaxM && N >= 1 && K >= 32, "nf4_gemv: k_split_for takes 1 <= M <= 16, N >= 1, K >= 32");
-  const void* kernel = half ? reinterpret_cast<const void*>(gemv_kernel_for<at::Half>(static_cast<int>(M)))
-                            : reinterpret_cast<const void*>(gemv_kernel_for<at::BFloat16>(static_cast<int>(M)));
-  return k_split_of(kernel, N, static_cast<int>(K));
+// The K split a call with N output features and K input features would take now on the current device (the
+// hook and the device decide it)
+int64_t k_split_for(int64_t N, int64_t K) {
+  TORCH_CHECK(N >= 1 && K >= 32, "nf4_gemv: k_split_for takes N >= 1 and K >= 32");
+  return k_split_of(N, static_cast<int>(K));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -618,5 +584,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(the default); returns the previous");
   m.def("set_k_split", &set_k_split, "0: K split chosen per call, 1..8: that many blocks a tile (default 1); returns "
         "the previous");
-  m.def("k_split_for", &k_split_for, "the K split a call (M, N, K, fp16?) takes now on the current device");
+  m.def("k_split_for", &k_split_for, "the K split a call (N, K) takes now on the current device");
 }

@@ -293,8 +293,8 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
         for M in Ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
             try:  # what the default rows' calls take, and what the per-call choice (set_k_split(0)) would
-                default_k_split = nf4_gemv.k_split_for(M, N, K, dtype)
-                auto_k_split = _kernel_form(lambda: nf4_gemv.k_split_for(M, N, K, dtype), k_split=0)
+                default_k_split = nf4_gemv.k_split_for(N, K)
+                auto_k_split = _kernel_form(lambda: nf4_gemv.k_split_for(N, K), k_split=0)
             except Exception:  # noqa: BLE001
                 default_k_split = auto_k_split = None
             impls = {

@@ -62,23 +62,23 @@ MAX_K_SPLIT = 8
 
 def set_k_split(k_split: int) -> int:
     """Over how many blocks the CUDA GEMV splits each 16-row tile's K (a thread-block cluster; sm_90+, always 1 on
-    older GPUs): 0 chooses per call from the grid's waves (``csrc/nf4_gemv.cu``, ``k_split_auto``), 1..8 fixes it;
-    the default is 1 (no split) until the split has been measured on a GPU. A split changes the fp32 summation order of the base product, so its last bits, not its bounds; every
-    split is deterministic. Returns the previous value: the A/B switch of benchmarks and tests. Builds the
-    extension if needed."""
+    older GPUs): 1 (the default) no split; 0 chooses per call (2 where the grid of N/16 tiles leaves more than half
+    the SMs idle, as a K/V projection of 1,024 features does on an H200, else 1: ``csrc/nf4_gemv.cu``,
+    ``k_split_auto``); 2..8 fixes it. On an H200 a split was slower for every Llama-8B projection but K/V (7.0 ->
+    5.9 µs at M = 1 with 2); the per-call rule stays off until it has been timed itself. A split changes the fp32
+    summation order of the base product, so its last bits, not its bounds; every split is deterministic. Returns
+    the previous value. Builds the extension if needed."""
     if not isinstance(k_split, int) or isinstance(k_split, bool) or not 0 <= k_split <= MAX_K_SPLIT:
         raise ValueError(f"set_k_split takes 0 (chosen per call) or 1..{MAX_K_SPLIT}, got {k_split!r}")
     return int(load_extension().set_k_split(int(k_split)))
 
 
-def k_split_for(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """The K split a CUDA GEMV call on x [M, K] (``dtype``) with N output features would take now on the current
-    CUDA device (the kernel form, ``set_k_split`` and the device decide it)."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"k_split_for: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
-    if not (1 <= M <= MAX_M and N >= 1 and K >= 32):
-        raise ValueError(f"k_split_for takes 1 <= M <= {MAX_M}, N >= 1, K >= 32; got M={M}, N={N}, K={K}")
-    return int(load_extension().k_split_for(int(M), int(N), int(K), dtype == torch.float16))
+def k_split_for(N: int, K: int) -> int:
+    """The K split a CUDA GEMV call with N output features and K input features would take now on the current CUDA
+    device (``set_k_split`` and the device decide it)."""
+    if not (N >= 1 and K >= 32):
+        raise ValueError(f"k_split_for takes N >= 1 and K >= 32; got N={N}, K={K}")
+    return int(load_extension().k_split_for(int(N), int(K)))
 
 
 def _cuda_ok(x2, ks: KernelState) -> bool:
