@@ -40,6 +40,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <mutex>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
 #include "device_ptx.cuh"
 
 namespace {
@@ -133,28 +138,85 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t hi4, uint32_t lo4, uin
 // rows where two did; M 9..16 (FORM 3) adds a second mma on tokens 8..15 with the same weight fragment. Every
 // weight and product is the same; only the tensor core's arrangement of each 16-product sum may differ (the GPU
 // test holds it to the original form's bounds against fp32 math).
-// FORM: 0 the original form (sessions 21-31's default), 1 LEAN, 2 SWAP for M <= 8, 3 SWAP for M <= 16.
+//
+// PAIR (FORM 4 and 5; set_kernel_variant(3)): SWAP with one shared-memory read per packed byte instead of one per
+// nibble. SWAP's main loop still spent 3.5 of its 4.8 SASS instructions per weight on the code table: per nibble a
+// shift-and-mask share, a PRMT for the address, an LDS, and an FMUL by absmax, plus half an F2FP pack. PAIR's table
+// has a row per byte value v holding the fp32 pair (code[v >> 4], code[v & 15]) -- bnb's element order, the high
+// nibble first --, 256-byte rows, and each row repeats that pair 32 times, lane l's copy at byte 8l. One PRMT then
+// makes a byte's whole address (the byte as bits 8..15, the lane's 8l as bits 0..7; the table's base folds into
+// the LDS's immediate) straight from the packed word, one LDS.64 reads the pair, and the lanes of a warp always
+// hit distinct banks (8l: lanes 0..15 and 16..31 cover the 32 banks in the two wavefronts any 64-bit warp load
+// takes). Predicted from the static count: ~3.4 instructions per weight against 4.8. Same codes, the same FMUL by
+// the same absmax and the same rounding: SWAP's bits. Cost: a 64 KB table per block in dynamic shared memory (a
+// 256-row fill of 16 STS.128 a thread; the warps' partial sums reuse it after the main loop), so 3 blocks an SM
+// still fit (3 x ~69 KB of 228 KB).
+// FORM: 0 the original form (sessions 21-31's default), 1 LEAN, 2 SWAP for M <= 8, 3 SWAP for M <= 16, 4 PAIR for
+// M <= 8, 5 PAIR for M <= 16.
+constexpr int kPairRowBytes = 256;                        // a row per byte value: 32 lanes x one 8-byte pair
+constexpr int kPairTableBytes = 256 * kPairRowBytes;      // 64 KB
+constexpr int kPairDynamicBytes = kPairTableBytes + 256 * 4;  // the table, then lut2: all of a PAIR block's smem
+constexpr int kPairPartialBytes = 8 * kMaxM * kRows * 4;  // after the main loop: partial [8 warps][m][n], then
+                                                          // block_sum and s_lora, in the table's space
+constexpr uint32_t kPairImm = 1024;  // the shared address of a block's first byte where the driver reserves 1 KB
+
 template <typename T, int WARPS, int DEPTH, int FORM>
-__global__ void __launch_bounds__(WARPS * 32, FORM == 2 ? 3 : 2)  // FORM 2: 3 blocks an SM (<= 80 registers)
+__global__ void __launch_bounds__(WARPS * 32, (FORM == 2 || FORM == 4) ? 3 : 2)  // 3 blocks an SM (<= 80 registers)
 nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restrict__ packed,
                     const void* __restrict__ absmax, const float* __restrict__ code, const float* __restrict__ code2,
                     const float* __restrict__ absmax2, float offset, bool nested, int log2_bs, int log2_bs2,
                     const T* __restrict__ bias, const float* __restrict__ P, int splits,
                     const float* __restrict__ B, float scaling, int R, T* __restrict__ y, int M, int N, int K) {
   // WARPS warps split K; each keeps DEPTH segments' weight bytes in flight (DEPTH + 1 register stages).
-  constexpr bool LEAN = FORM >= 1, SWAP = FORM >= 2, HI = FORM != 2;  // HI: x rows 8..15 are loaded
-  __shared__ __align__(256) float lut[64];  // 16 entries used; aligned so its address's low byte is 0 (LEAN)
-  __shared__ float lut2[256];
-  __shared__ float partial[WARPS][kMaxM][kRows];
-  __shared__ float s_lora[kMaxM * 32];  // S [M, R] (R <= 32 here; larger ranks read P directly)
-  __shared__ float block_sum[kMaxM * kRows];  // its warps' sum [m][n]; in a K split's block 0 then the tile's
-  if (threadIdx.x < 16) lut[threadIdx.x] = code[threadIdx.x];
+  constexpr bool LEAN = FORM >= 1, SWAP = FORM >= 2, PAIR = FORM >= 4;
+  constexpr bool HI = FORM != 2 && FORM != 4;  // HI: x rows 8..15 are loaded
+  static_assert(!PAIR || WARPS * 32 == 256, "PAIR's table fill takes a thread per row");
+  // Shared memory. PAIR forms hold it all in dynamic shared memory, so their table is its first byte and its shared
+  // address is known (see pair_imm): [0, 64 KB) the table, then lut2; after the main loop the warps' partial sums,
+  // block_sum and s_lora reuse the table's space. The other forms use static arrays.
+  extern __shared__ __align__(16) unsigned char pair_table[];  // PAIR: kPairDynamicBytes, launched as dynamic smem
+  float* lut2;       // nested absmax: the 256 second-level codes
+  float* s_lora;     // S [M, R] (R <= 32 here; larger ranks read P directly)
+  float* block_sum;  // its warps' sum [m][n]; in a K split's block 0 then the tile's
+  const float* lut = nullptr;  // the 16 codes (forms 0..3)
+  uint32_t lut_base = 0;       // LEAN: lut's shared address, low byte 0
+  if constexpr (PAIR) {
+    lut2 = reinterpret_cast<float*>(pair_table + kPairTableBytes);
+    block_sum = reinterpret_cast<float*>(pair_table + kPairPartialBytes);
+    s_lora = block_sum + kMaxM * kRows;
+    // row v = this thread's byte value; its 16-byte chunks written in a rotated order so the 8 lanes of each
+    // STS.128 wavefront hit 8 different chunk columns (no bank conflict)
+    const int v = threadIdx.x;
+    const float hi = __ldg(code + (v >> 4)), lo = __ldg(code + (v & 15));
+    const float4 pair2 = make_float4(hi, lo, hi, lo);
+    float4* row = reinterpret_cast<float4*>(pair_table + v * kPairRowBytes);
+#pragma unroll
+    for (int i = 0; i < kPairRowBytes / 16; ++i) row[(i + v) & (kPairRowBytes / 16 - 1)] = pair2;
+  } else {
+    __shared__ __align__(256) float lut_own[64];  // 16 entries used; aligned so its address's low byte is 0 (LEAN)
+    __shared__ float lut2_own[256], s_lora_own[kMaxM * 32], block_sum_own[kMaxM * kRows];
+    lut2 = lut2_own;
+    s_lora = s_lora_own;
+    block_sum = block_sum_own;
+    if (threadIdx.x < 16) lut_own[threadIdx.x] = code[threadIdx.x];
+    lut = lut_own;
+    lut_base = static_cast<uint32_t>(__cvta_generic_to_shared(lut_own));
+  }
   if (nested)
     for (int i = threadIdx.x; i < 256; i += blockDim.x) lut2[i] = code2[i];
   __syncthreads();
-  const uint32_t lut_base = static_cast<uint32_t>(__cvta_generic_to_shared(lut));  // low byte 0 (__align__(256))
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
+  // PAIR: a byte's address. The table's shared address is pair_base; when pair_base - kPairImm has its low 16
+  // bits zero (the block's shared memory starts right after the 1 KB the driver reserves, as on sm_80 / sm_90), one
+  // PRMT makes the whole address but kPairImm from the packed word and pair_hi (the byte as bits 8..15, the lane's
+  // copy as bits 0..7, the window's upper bytes: the cluster rank on sm_90), and kPairImm is the LDS's immediate:
+  // two instructions a byte's address needs otherwise (PRMT, IADD of the base) become one. Else (another reserved
+  // size) the IADD form: the same reads.
+  const uint32_t pair_base = static_cast<uint32_t>(__cvta_generic_to_shared(pair_table));
+  const uint32_t pair_lane = 8u * static_cast<uint32_t>(lane);  // this lane's copy in every table row
+  const bool pair_imm = ((pair_base - kPairImm) & 0xffffu) == 0u;
+  const uint32_t pair_hi = ((pair_base - kPairImm) & 0xffff0000u) | pair_lane;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t row[2] = {n0 + g, n0 + 8 + g};
   const bool row_ok[2] = {row[0] < N, row[1] < N};
@@ -222,6 +284,51 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     }
     const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
     const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);
+    if constexpr (PAIR) {
+      // SWAP's fragments (below); each packed byte's two weights from one table read. The PRMT's selector: result
+      // byte 0 = pair_lane's byte 0 (4), byte 1 = the word's byte i, bytes 2, 3 = pair_lane's byte 1, which is 0 (5)
+      // IMM (pair_imm): result bytes 0, 2, 3 from pair_hi (4, 6, 7), byte 1 the word's byte i; else result byte 0 =
+      // pair_lane's byte 0 (4), byte 1 = the word's byte i, bytes 2, 3 = pair_lane's byte 1, which is 0 (5), and the
+      // base added
+      auto pair_at = [&](auto imm, uint32_t word, int i, float a) {
+        float hi, lo;
+        if constexpr (decltype(imm)::value) {
+          const uint32_t addr = __byte_perm(word, pair_hi, 0x7604u | (static_cast<uint32_t>(i) << 4));
+          asm volatile("ld.shared.v2.f32 {%0, %1}, [%2+1024];" : "=f"(hi), "=f"(lo) : "r"(addr));
+          static_assert(kPairImm == 1024, "the immediate above is kPairImm");
+        } else {
+          const uint32_t offset = __byte_perm(word, pair_lane, 0x5504u | (static_cast<uint32_t>(i) << 4));
+          asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(hi), "=f"(lo) : "r"(pair_base + offset));
+        }
+        return Dt<T>::pack(__fmul_rn(hi, a), __fmul_rn(lo, a));
+      };
+      float a[2];
+      uint32_t words[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        a[j] = scale_of(cur, j);
+        words[j][0] = cur.w[j].x; words[j][1] = cur.w[j].y; words[j][2] = cur.w[j].z; words[j][3] = cur.w[j].w;
+      }
+      auto steps = [&](auto imm) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int wi = u >> 1, be = 2 * (u & 1), bo = be + 1;
+          uint32_t ev[2], od[2];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            ev[j] = pair_at(imm, words[j][wi], be, a[j]);
+            od[j] = pair_at(imm, words[j][wi], bo, a[j]);
+          }
+          Dt<T>::mma(c[0], ev[0], ev[1], od[0], od[1], xlw[2 * u], xlw[2 * u + 1]);
+          if constexpr (HI) Dt<T>::mma(c[1], ev[0], ev[1], od[0], od[1], xhw[2 * u], xhw[2 * u + 1]);
+        }
+      };
+      if (pair_imm)  // uniform across the grid
+        steps(std::true_type{});
+      else
+        steps(std::false_type{});
+      return;
+    }
     if constexpr (SWAP) {
       // A fragment (weights): a0 / a2 = row g's bytes 2u / 2u+1 (k-slots 2t, 2t+1 | 2t+8, 2t+9, as above), a1 / a3
       // = row g+8's; B fragment (x): token g's words 2u, 2u+1. c[0]: tokens 0..7, c[1]: tokens 8..15 (FORM 3).
@@ -297,6 +404,18 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     }
   }
 
+  // the warps' partial sums [warp][m][n]: PAIR's table is done with once every warp has left the main loop
+  float(*partial)[kMaxM][kRows];
+  if constexpr (PAIR) {
+    static_assert(WARPS * kMaxM * kRows * sizeof(float) == kPairPartialBytes, "partial's space (kPairPartialBytes)");
+    static_assert(kPairPartialBytes + (kMaxM * kRows + kMaxM * 32) * sizeof(float) <= kPairTableBytes,
+                  "partial, block_sum and s_lora fit the table's space");
+    __syncthreads();
+    partial = reinterpret_cast<float(*)[kMaxM][kRows]>(pair_table);
+  } else {
+    __shared__ float partial_own[WARPS][kMaxM][kRows];
+    partial = partial_own;
+  }
   if constexpr (SWAP) {
     // C fragment: c[h][0..1] = (weight row g, tokens 8h + 2t + 0..1), c[h][2..3] = (row g + 8, same tokens)
 #pragma unroll
@@ -446,8 +565,31 @@ template <typename scalar_t>
 auto gemv_kernel_for(int M) {
   return g_kernel_variant == 0   ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 0>
          : g_kernel_variant == 1 ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 1>
+         : g_kernel_variant == 3 ? (M <= 8 ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 4>
+                                           : nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 5>)
          : M <= 8                ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 2>
                                  : nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 3>;
+}
+
+// The dynamic shared memory a launch of g_kernel_variant's form needs: PAIR's table, 0 for the other forms
+int dynamic_smem_bytes() { return g_kernel_variant == 3 ? kPairDynamicBytes : 0; }
+
+// Above 48 KB of dynamic shared memory a kernel must be allowed it, once per kernel and device (not a stream
+// operation: legal while a CUDA graph captures); the shared-memory carveout is asked at its maximum so 3 blocks of
+// PAIR's ~69 KB fit an SM beside a small L1 (x and the absmax are the only L1 traffic)
+void allow_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::vector<std::pair<const void*, int>> allowed;  // (kernel, device)
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& entry : allowed)
+    if (entry.first == kernel && entry.second == device) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+  allowed.emplace_back(kernel, device);
 }
 
 // The K split a launch over N rows and K columns takes on the current device
@@ -488,8 +630,11 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
   // beside the shrink, and only its epilogue waits for the partials. Not without LoRA: the kernel ahead could then
   // be whatever wrote x, which the GEMV reads before its wait.
   const auto kernel = gemv_kernel_for<scalar_t>(M);
+  const int smem = dynamic_smem_bytes();
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   const int k_split = k_split_of(N, K);
   fastpeft::device::PdlLaunchConfig config(dim3(blocks, k_split), dim3(kWarps * 32), stream, R > 0 && pdl);
+  config.cfg.dynamicSmemBytes = smem;
   if (k_split > 1) config.set_cluster(dim3(1, k_split, 1));  // the blocks sharing a tile, one cluster
   C10_CUDA_CHECK(cudaLaunchKernelEx(
       &config.cfg, kernel, static_cast<const scalar_t*>(x.data_ptr<scalar_t>()),
@@ -553,10 +698,10 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
 }
 
 // The A/B hook of the kernel's forms (0 the original; 1 LEAN: the same bits, fewer instructions; 2 SWAP: LEAN with the
-// mma operands exchanged); returns the previous.
+// mma operands exchanged; 3 PAIR: SWAP reading a byte's two codes at once, SWAP's bits); returns the previous.
 int64_t set_kernel_variant(int64_t variant) {
-  TORCH_CHECK(variant >= 0 && variant <= 2, "nf4_gemv: set_kernel_variant takes 0 (original), 1 (lean) or 2 (lean, "
-              "operands swapped; the default), got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 3, "nf4_gemv: set_kernel_variant takes 0 (original), 1 (lean), 2 (lean, "
+              "operands swapped; the default) or 3 (2 with a code-pair table)");
   const int64_t previous = g_kernel_variant;
   g_kernel_variant = static_cast<int>(variant);
   return previous;
@@ -581,7 +726,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_gemv_lora", &nf4_gemv_lora, "NF4/FP4 GEMV + LoRA shrink/expand (decode, M <= 16; tensor-core MMA)");
   m.def("set_kernel_variant", &set_kernel_variant,
         "0: the original GEMV kernel, 1: its lean index math (same bits), 2: lean with the mma operands swapped "
-        "(the default); returns the previous");
+        "(the default), 3: 2 with a table of code pairs (2's bits); returns the previous");
   m.def("set_k_split", &set_k_split, "0: K split chosen per call, 1..8: that many blocks a tile (default 1); returns "
         "the previous");
   m.def("k_split_for", &k_split_for, "the K split a call (N, K) takes now on the current device");

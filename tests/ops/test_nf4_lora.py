@@ -227,8 +227,9 @@ def test_csrc_missing_toolchain_error_is_clear():
     assert problem in str(info.value) and "Triton" in str(info.value)
     with pytest.raises(RuntimeError, match="cannot be built"):  # the kernel-form hook needs the extension too
         nf4_gemv.set_kernel_variant(1)
-    with pytest.raises(ValueError, match="0 .original., 1 .lean. or 2"):  # before any build
-        nf4_gemv.set_kernel_variant(3)
+    for bad in (4, -1, True):  # before any build
+        with pytest.raises(ValueError, match="0 .original., 1 .lean., 2 .* or 3"):
+            nf4_gemv.set_kernel_variant(bad)
     with pytest.raises(RuntimeError, match="cannot be built"):
         nf4_gemv.set_k_split(2)
     for bad in (9, -1, True, 2.0):  # before any build
@@ -332,6 +333,20 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
         lean_plain = nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0,
                                             backend="cuda")
         assert torch.equal(lean_plain, original_plain)
+        # the code-pair table (3): the default form's reads, products and mma arrangement, so its bits, with and
+        # without LoRA, unsplit and over a cluster of 2 (its table's space reused for the partial sums)
+        nf4_gemv.set_kernel_variant(3)
+        assert torch.equal(nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda"), got)
+        assert torch.equal(nf4_gemv.nf4_lora_gemv_cuda(x, packed, _ks(qs), bias, A, B, 1.5, overlap=False), got)
+        assert torch.equal(nf4_gemv.nf4_lora_gemv(x[:, :K].contiguous(), packed, _ks(qs), None, None, None, 0.0,
+                                                  backend="cuda"), plain)
+        split_previous = nf4_gemv.set_k_split(2)
+        try:
+            pair_split = nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda")
+            nf4_gemv.set_kernel_variant(2)
+            assert torch.equal(nf4_gemv.nf4_lora_gemv(x, packed, _ks(qs), bias, A, B, 1.5, backend="cuda"), pair_split)
+        finally:
+            nf4_gemv.set_k_split(split_previous)
     finally:
         nf4_gemv.set_kernel_variant(previous)
     # K split over a cluster of blocks (sm_90+; 1 elsewhere): every split within the same bounds, deterministic
