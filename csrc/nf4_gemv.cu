@@ -178,33 +178,21 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
   float* lut2;       // nested absmax: the 256 second-level codes
   float* s_lora;     // S [M, R] (R <= 32 here; larger ranks read P directly)
   float* block_sum;  // its warps' sum [m][n]; in a K split's block 0 then the tile's
-  const float* lut = nullptr;  // the 16 codes (forms 0..3)
-  uint32_t lut_base = 0;       // LEAN: lut's shared address, low byte 0
+  float* lut = nullptr;    // the 16 codes (forms 0..3)
+  uint32_t lut_base = 0;  // LEAN: lut's shared address, low byte 0
   if constexpr (PAIR) {
     lut2 = reinterpret_cast<float*>(pair_table + kPairTableBytes);
     block_sum = reinterpret_cast<float*>(pair_table + kPairPartialBytes);
     s_lora = block_sum + kMaxM * kRows;
-    // row v = this thread's byte value; its 16-byte chunks written in a rotated order so the 8 lanes of each
-    // STS.128 wavefront hit 8 different chunk columns (no bank conflict)
-    const int v = threadIdx.x;
-    const float hi = __ldg(code + (v >> 4)), lo = __ldg(code + (v & 15));
-    const float4 pair2 = make_float4(hi, lo, hi, lo);
-    float4* row = reinterpret_cast<float4*>(pair_table + v * kPairRowBytes);
-#pragma unroll
-    for (int i = 0; i < kPairRowBytes / 16; ++i) row[(i + v) & (kPairRowBytes / 16 - 1)] = pair2;
   } else {
     __shared__ __align__(256) float lut_own[64];  // 16 entries used; aligned so its address's low byte is 0 (LEAN)
     __shared__ float lut2_own[256], s_lora_own[kMaxM * 32], block_sum_own[kMaxM * kRows];
+    lut = lut_own;
     lut2 = lut2_own;
     s_lora = s_lora_own;
     block_sum = block_sum_own;
-    if (threadIdx.x < 16) lut_own[threadIdx.x] = code[threadIdx.x];
-    lut = lut_own;
     lut_base = static_cast<uint32_t>(__cvta_generic_to_shared(lut_own));
   }
-  if (nested)
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut2[i] = code2[i];
-  __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   // PAIR: a byte's address. The table's shared address is pair_base; when pair_base - kPairImm has its low 16
@@ -394,6 +382,23 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
   Stage st[DEPTH];
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d) load(seg_begin + warp + d * WARPS, st[d]);
+  // The code tables are filled while those first weight bytes are on their way (nothing above reads them): a block's
+  // start costs one memory latency, not the fill and its barrier then the latency.
+  if constexpr (PAIR) {
+    // row v = this thread's byte value; its 16-byte chunks written in a rotated order so the 8 lanes of each
+    // STS.128 wavefront hit 8 different chunk columns
+    const int v = threadIdx.x;
+    const float hi = __ldg(code + (v >> 4)), lo = __ldg(code + (v & 15));
+    const float4 pair2 = make_float4(hi, lo, hi, lo);
+    float4* table_row = reinterpret_cast<float4*>(pair_table + v * kPairRowBytes);
+#pragma unroll
+    for (int i = 0; i < kPairRowBytes / 16; ++i) table_row[(i + v) & (kPairRowBytes / 16 - 1)] = pair2;
+  } else if (threadIdx.x < 16) {
+    lut[threadIdx.x] = code[threadIdx.x];
+  }
+  if (nested)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut2[i] = code2[i];
+  __syncthreads();
   for (int s0 = seg_begin + warp; s0 < seg_end; s0 += DEPTH * WARPS) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
@@ -494,7 +499,10 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
   }
 }
 
-template <typename T>
+// MAX_SHARED: nothing but a second function, which the PAIR form's launches take and configure with PAIR's
+// shared-memory carveout (max_shared_carveout): an SM runs blocks of two kernels side by side only under one carveout,
+// so a shrink at the default one would keep its dependent GEMV's blocks off its SMs until it drained.
+template <typename T, bool MAX_SHARED = false>
 __global__ void __launch_bounds__(kShrinkThreads)
 lora_shrink_kernel(const T* __restrict__ x, int64_t sxm, const float* __restrict__ A, float* __restrict__ P,
                    int M, int K, int R) {
@@ -574,22 +582,23 @@ auto gemv_kernel_for(int M) {
 // The dynamic shared memory a launch of g_kernel_variant's form needs: PAIR's table, 0 for the other forms
 int dynamic_smem_bytes() { return g_kernel_variant == 3 ? kPairDynamicBytes : 0; }
 
-// Above 48 KB of dynamic shared memory a kernel must be allowed it, once per kernel and device (not a stream
-// operation: legal while a CUDA graph captures); the shared-memory carveout is asked at its maximum so 3 blocks of
-// PAIR's ~69 KB fit an SM beside a small L1 (x and the absmax are the only L1 traffic)
-void allow_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes <= 48 * 1024) return;
+// PAIR's launches (the GEMV and the shrink it depends on) ask for the shared-memory carveout at its maximum, once per
+// kernel and device, so that 3 GEMV blocks of ~67 KB fit an SM beside a small L1 (x and the absmax are its only
+// traffic); above 48 KB of dynamic shared memory a kernel must also be allowed it. Neither is a stream operation:
+// legal while a CUDA graph captures.
+void max_shared_carveout(const void* kernel, int dynamic_bytes) {
   static std::mutex mutex;
-  static std::vector<std::pair<const void*, int>> allowed;  // (kernel, device)
+  static std::vector<std::pair<const void*, int>> done;  // (kernel, device)
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& entry : allowed)
+  for (const auto& entry : done)
     if (entry.first == kernel && entry.second == device) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (dynamic_bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_bytes));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                       cudaSharedmemCarveoutMaxShared));
-  allowed.emplace_back(kernel, device);
+  done.emplace_back(kernel, device);
 }
 
 // The K split a launch over N rows and K columns takes on the current device
@@ -616,9 +625,12 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
             double scaling, torch::Tensor& y, cudaStream_t stream, bool pdl) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
   const int splits = (K + kShrinkChunk - 1) / kShrinkChunk;
+  const int smem = dynamic_smem_bytes();
   if (R > 0) {
-    lora_shrink_kernel<scalar_t><<<dim3(R, splits), kShrinkThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), x.stride(0), A->data_ptr<float>(), S.data_ptr<float>(), M, K, R);
+    const auto shrink = smem > 0 ? lora_shrink_kernel<scalar_t, true> : lora_shrink_kernel<scalar_t, false>;
+    if (smem > 0) max_shared_carveout(reinterpret_cast<const void*>(shrink), 0);
+    shrink<<<dim3(R, splits), kShrinkThreads, 0, stream>>>(x.data_ptr<scalar_t>(), x.stride(0), A->data_ptr<float>(),
+                                                           S.data_ptr<float>(), M, K, R);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const scalar_t* bptr = (bias.has_value() && bias->defined()) ? bias->data_ptr<scalar_t>() : nullptr;
@@ -630,8 +642,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& packed, const torch::Te
   // beside the shrink, and only its epilogue waits for the partials. Not without LoRA: the kernel ahead could then
   // be whatever wrote x, which the GEMV reads before its wait.
   const auto kernel = gemv_kernel_for<scalar_t>(M);
-  const int smem = dynamic_smem_bytes();
-  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  if (smem > 0) max_shared_carveout(reinterpret_cast<const void*>(kernel), smem);
   const int k_split = k_split_of(N, K);
   fastpeft::device::PdlLaunchConfig config(dim3(blocks, k_split), dim3(kWarps * 32), stream, R > 0 && pdl);
   config.cfg.dynamicSmemBytes = smem;
