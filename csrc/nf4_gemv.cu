@@ -556,9 +556,10 @@ constexpr int kWarps = 8, kDepth = 2;
 constexpr int kMaxKSplit = 8;  // the portable cluster size
 
 // How many blocks a tile's K is split over: 0 chosen per call (k_split_auto), 1..8 that many on every launch
-// (clamped to the segments; sm_90+ only, 1 elsewhere); set_k_split. 1 (no split) until k_split_auto's rule has
-// itself been timed on a GPU.
-int g_k_split = 1;
+// (clamped to the segments; sm_90+ only, 1 elsewhere); set_k_split. Per call by default since session 33 timed
+// k_split_auto's rule on an H200 in two calls: k/v (the one Llama-8B projection it splits) 6.9 -> 5.8-5.9 µs base
+// only and 9.2 -> 8.1-8.2 with LoRA at M = 1, 8.8 -> 7.2 / 11.7 -> 10.2 at M = 16; every other shape unsplit as before.
+int g_k_split = 0;
 
 // The per-call choice, from session 32's sweep of fixed splits on an H200 (benchmarks/results/h200/INDEX.md):
 // splitting was slower wherever the grid has at least a block per SM (q/o, gate/up, down at every M: 1.1-3.6x the
@@ -718,7 +719,7 @@ int64_t set_kernel_variant(int64_t variant) {
   return previous;
 }
 
-// The K split's hook: 0 chosen per call, 1..8 that many blocks a tile (1, no split: the default); returns the previous
+// The K split's hook: 0 chosen per call (the default), 1..8 that many blocks a tile (1: no split); returns the previous
 int64_t set_k_split(int64_t k_split) {
   TORCH_CHECK(k_split >= 0 && k_split <= kMaxKSplit, "nf4_gemv: set_k_split takes 0 (auto) to 8");
   const int64_t previous = g_k_split;
@@ -738,7 +739,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_kernel_variant", &set_kernel_variant,
         "0: the original GEMV kernel, 1: its lean index math (same bits), 2: lean with the mma operands swapped "
         "(the default), 3: 2 with a table of code pairs (2's bits); returns the previous");
-  m.def("set_k_split", &set_k_split, "0: K split chosen per call, 1..8: that many blocks a tile (default 1); returns "
+  m.def("set_k_split", &set_k_split, "0: K split chosen per call (the default), 1..8: that many blocks a tile; returns "
         "the previous");
   m.def("k_split_for", &k_split_for, "the K split a call (N, K) takes now on the current device");
 }

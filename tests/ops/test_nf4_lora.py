@@ -352,7 +352,7 @@ def test_gpu_cuda_mma_gemv_exact_layout(M, N, K, bs, dq, dtype):
     # K split over a cluster of blocks (sm_90+; 1 elsewhere): every split within the same bounds, deterministic
     previous = nf4_gemv.set_k_split(1)
     try:
-        assert previous == 1  # the default: no split (until measured)
+        assert previous == 0  # the default: chosen per call
         nf4_gemv.set_k_split(0)  # chosen per call: 2 where N / 16 tiles leave more than half the SMs idle
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         auto = 2 if 2 * ((N + 15) // 16) <= sms and CAPABILITY >= (9, 0) else 1

@@ -64,12 +64,12 @@ MAX_K_SPLIT = 8
 
 def set_k_split(k_split: int) -> int:
     """Over how many blocks the CUDA GEMV splits each 16-row tile's K (a thread-block cluster; sm_90+, always 1 on
-    older GPUs): 1 (the default) no split; 0 chooses per call (2 where the grid of N/16 tiles leaves more than half
-    the SMs idle, as a K/V projection of 1,024 features does on an H200, else 1: ``csrc/nf4_gemv.cu``,
-    ``k_split_auto``); 2..8 fixes it. On an H200 a split was slower for every Llama-8B projection but K/V (7.0 ->
-    5.9 µs at M = 1 with 2); the per-call rule stays off until it has been timed itself. A split changes the fp32
-    summation order of the base product, so its last bits, not its bounds; every split is deterministic. Returns
-    the previous value. Builds the extension if needed."""
+    older GPUs): 0 (the default) chooses per call: 2 where the grid of N/16 tiles leaves more than half the SMs
+    idle, as a K/V projection of 1,024 features does on an H200, else 1 (``csrc/nf4_gemv.cu``, ``k_split_auto``);
+    1 never splits; 2..8 fixes it. On an H200 a split was slower for every Llama-8B projection but K/V, where the
+    per-call rule's 2 took 6.9 -> 5.8 µs at M = 1 (9.2 -> 8.1 with LoRA). A split changes the fp32 summation order
+    of the base product, so its last bits, not its bounds; every split is deterministic. Returns the previous
+    value. Builds the extension if needed."""
     if not isinstance(k_split, int) or isinstance(k_split, bool) or not 0 <= k_split <= MAX_K_SPLIT:
         raise ValueError(f"set_k_split takes 0 (chosen per call) or 1..{MAX_K_SPLIT}, got {k_split!r}")
     return int(load_extension().set_k_split(int(k_split)))
