@@ -147,10 +147,12 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t hi4, uint32_t lo4, uin
 // makes a byte's whole address (the byte as bits 8..15, the lane's 8l as bits 0..7; the table's base folds into
 // the LDS's immediate) straight from the packed word, one LDS.64 reads the pair, and the lanes of a warp always
 // hit distinct banks (8l: lanes 0..15 and 16..31 cover the 32 banks in the two wavefronts any 64-bit warp load
-// takes). Predicted from the static count: ~3.4 instructions per weight against 4.8. Same codes, the same FMUL by
-// the same absmax and the same rounding: SWAP's bits. Cost: a 64 KB table per block in dynamic shared memory (a
-// 256-row fill of 16 STS.128 a thread; the warps' partial sums reuse it after the main loop), so 3 blocks an SM
-// still fit (3 x ~69 KB of 228 KB).
+// takes). Static count: ~3.3 instructions per weight against 4.8. Same codes, the same FMUL by the same absmax and
+// the same rounding: SWAP's bits. Cost: a 64 KB table per block in dynamic shared memory (a 256-row fill of 16
+// STS.128 a thread; the warps' partial sums reuse it after the main loop), so 3 blocks an SM still fit (3 x ~67 KB
+// of 228 KB). Measured (H200, session 33): 14 % fewer instructions executed, issue slots 61 -> 48 % busy, and no
+// faster -- gate/up at M = 1 24.8 -> 26.7 µs (4 segments a warp per table fill), down 23.7 -> 21.9 (14): the kernel
+// waits on memory latency at its occupancy more than on issue. Not the default.
 // FORM: 0 the original form (sessions 21-31's default), 1 LEAN, 2 SWAP for M <= 8, 3 SWAP for M <= 16, 4 PAIR for
 // M <= 8, 5 PAIR for M <= 16.
 constexpr int kPairRowBytes = 256;                        // a row per byte value: 32 lanes x one 8-byte pair
@@ -273,9 +275,8 @@ nf4_mma_gemv_kernel(const T* __restrict__ x, int64_t sxm, const uint8_t* __restr
     const uint32_t* xlw = reinterpret_cast<const uint32_t*>(xl);
     const uint32_t* xhw = reinterpret_cast<const uint32_t*>(xh);
     if constexpr (PAIR) {
-      // SWAP's fragments (below); each packed byte's two weights from one table read. The PRMT's selector: result
-      // byte 0 = pair_lane's byte 0 (4), byte 1 = the word's byte i, bytes 2, 3 = pair_lane's byte 1, which is 0 (5)
-      // IMM (pair_imm): result bytes 0, 2, 3 from pair_hi (4, 6, 7), byte 1 the word's byte i; else result byte 0 =
+      // SWAP's fragments (below); each packed byte's two weights from one table read. The PRMT's selector, IMM
+      // (pair_imm): result bytes 0, 2, 3 from pair_hi (4, 6, 7), byte 1 the word's byte i; else result byte 0 =
       // pair_lane's byte 0 (4), byte 1 = the word's byte i, bytes 2, 3 = pair_lane's byte 1, which is 0 (5), and the
       // base added
       auto pair_at = [&](auto imm, uint32_t word, int i, float a) {
