@@ -554,9 +554,6 @@ int g_kernel_variant = 2;
 // 8 warps splitting K, 2 segments in flight per warp: (4, 3), (4, 4) and (8, 3) measured no faster on an H100
 // (benchmarks/results/h100/nf4_decode_graph_variants_2026-11-24.json), so only this shape is compiled.
 constexpr int kWarps = 8, kDepth = 2;
-// set_kernel_variant(4): SWAP with 3 segments in flight a warp (50 % more weight bytes in flight an SM; still 80
-// registers, no spills, 3 blocks an SM at M <= 8; nvcc 13.0). Each warp still sums its segments in order: SWAP's bits.
-constexpr int kDeepDepth = 3;
 constexpr int kMaxKSplit = 8;  // the portable cluster size
 
 // How many blocks a tile's K is split over: 0 chosen per call (k_split_auto), 1..8 that many on every launch
@@ -580,8 +577,6 @@ auto gemv_kernel_for(int M) {
          : g_kernel_variant == 1 ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 1>
          : g_kernel_variant == 3 ? (M <= 8 ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 4>
                                            : nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 5>)
-         : g_kernel_variant == 4 ? (M <= 8 ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDeepDepth, 2>
-                                           : nf4_mma_gemv_kernel<scalar_t, kWarps, kDeepDepth, 3>)
          : M <= 8                ? nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 2>
                                  : nf4_mma_gemv_kernel<scalar_t, kWarps, kDepth, 3>;
 }
@@ -716,11 +711,10 @@ torch::Tensor nf4_gemv_lora(torch::Tensor x, torch::Tensor packed, torch::Tensor
 }
 
 // The A/B hook of the kernel's forms (0 the original; 1 LEAN: the same bits, fewer instructions; 2 SWAP: LEAN with the
-// mma operands exchanged; 3 PAIR: SWAP reading a byte's two codes at once, SWAP's bits; 4: SWAP with a deeper
-// register pipeline, SWAP's bits); returns the previous.
+// mma operands exchanged; 3 PAIR: SWAP reading a byte's two codes at once, SWAP's bits); returns the previous.
 int64_t set_kernel_variant(int64_t variant) {
-  TORCH_CHECK(variant >= 0 && variant <= 4, "nf4_gemv: set_kernel_variant takes 0 (original), 1 (lean), 2 (lean, "
-              "operands swapped; the default), 3 (2 with a code-pair table) or 4 (2 with 3 segments in flight)");
+  TORCH_CHECK(variant >= 0 && variant <= 3, "nf4_gemv: set_kernel_variant takes 0 (original), 1 (lean), 2 (lean, "
+              "operands swapped; the default) or 3 (2 with a code-pair table)");
   const int64_t previous = g_kernel_variant;
   g_kernel_variant = static_cast<int>(variant);
   return previous;
@@ -745,8 +739,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_gemv_lora", &nf4_gemv_lora, "NF4/FP4 GEMV + LoRA shrink/expand (decode, M <= 16; tensor-core MMA)");
   m.def("set_kernel_variant", &set_kernel_variant,
         "0: the original GEMV kernel, 1: its lean index math (same bits), 2: lean with the mma operands swapped "
-        "(the default), 3: 2 with a table of code pairs (2's bits), 4: 2 with 3 segments in flight a warp (2's bits); "
-        "returns the previous");
+        "(the default), 3: 2 with a table of code pairs (2's bits); returns the previous");
   m.def("set_k_split", &set_k_split, "0: K split chosen per call (the default), 1..8: that many blocks a tile; returns "
         "the previous");
   m.def("k_split_for", &k_split_for, "the K split a call (N, K) takes now on the current device");

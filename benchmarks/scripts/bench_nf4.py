@@ -230,8 +230,8 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
 
 def _kernel_form(call, variant=None, k_split=None):
     """call() with another form of the CUDA GEMV kernel than the default (nf4_gemv.set_kernel_variant: 0 the
-    original, 1 its lean addressing, 3 the code-pair table, 4 three segments in flight; the default 2 is the lean one
-    with the mma operands swapped) and / or another K split (nf4_gemv.set_k_split: 0 chosen per call, 1..8 blocks a tile; the default 1,
+    original, 1 its lean addressing, 3 the code-pair table; the default 2 is the lean one with the mma operands
+    swapped) and / or another K split (nf4_gemv.set_k_split: 0 chosen per call, 1..8 blocks a tile; the default 1,
     no split); captured into the graph as launched."""
     from fastpeft.ops.kernels import nf4_gemv
 
@@ -249,8 +249,8 @@ def _kernel_form(call, variant=None, k_split=None):
 def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
     """Decode (no grad, M <= 16) GPU time per layer call against the weight-byte floor, CUDA-graph timed with
     cold L2 (graph_ms). Impls: CUDA MMA GEMV (with LoRA -- its GEMV overlapping the shrink, and not: "no overlap" --,
-    without LoRA; and its other forms, ``set_kernel_variant(0 / 1 / 3 / 4)``: "original form", "lean", "pair",
-    "deep", with and without LoRA), the Triton fallback,
+    without LoRA; and its other forms, ``set_kernel_variant(0 / 1 / 3)``: "original form", "lean", "pair", with and
+    without LoRA), the Triton fallback,
     dequant-buffer + cuBLAS,
     bnb base only, PEFT+bnb, and a copy moving the same bytes (half read, half written): what one launch moving
     these bytes reaches at this size, where the big-copy bandwidth floor (floor_us) ignores launch and ramp-up
@@ -317,10 +317,6 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                     x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), variant=3),
                 "fastpeft cuda mma gemv, pair, base only": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), variant=3),
-                "fastpeft cuda mma gemv, deep": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                    x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), variant=4),
-                "fastpeft cuda mma gemv, deep, base only": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
-                    x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), variant=4),
                 "fastpeft cuda mma gemv, pair, k split auto": lambda pk, qs: _kernel_form(
                     lambda: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, A, B, 2.0,
                                                    backend="cuda"), variant=3, k_split=0),

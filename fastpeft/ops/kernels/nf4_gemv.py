@@ -48,15 +48,14 @@ def set_kernel_variant(variant: int) -> int:
     80 registers at M <= 8); 3 the same with a table of code pairs, one shared-memory read per packed byte and
     its address in one instruction (~3.3 per weight; 2's bits by construction; a 64 KB table per block); 0 the
     original form (x as the 16-row side; 7.6 instructions per weight); 1 the original with the lean addressing
-    (6.1; the original's bits by construction); 4 form 2 with three 128-weight segments in flight a warp instead
-    of two (2's bits). Forms 0 and 2 compute the same products; the tensor core sums each
+    (6.1; the original's bits by construction). Forms 0 and 2 compute the same products; the tensor core sums each
     16 of them in another arrangement, so their last bits may differ (both are held to the same bounds against fp32
     math). ``csrc/nf4_gemv.cu``, LEAN, SWAP and PAIR. Returns the previous value: the A/B switch of benchmarks and
     tests. Builds the extension if needed."""
     # checked here, not only in C++: the lent H200's builds crash formatting an int into an error message
-    if variant not in (0, 1, 2, 3, 4) or isinstance(variant, bool):
-        raise ValueError("set_kernel_variant takes 0 (original), 1 (lean), 2 (lean, operands swapped; the default), "
-                         f"3 (2 with a code-pair table) or 4 (2 with 3 segments in flight), got {variant!r}")
+    if variant not in (0, 1, 2, 3) or isinstance(variant, bool):
+        raise ValueError("set_kernel_variant takes 0 (original), 1 (lean), 2 (lean, operands swapped; the default) "
+                         f"or 3 (2 with a code-pair table), got {variant!r}")
     return int(load_extension().set_kernel_variant(int(variant)))
 
 
