@@ -36,7 +36,8 @@ from fastpeft import settings  # noqa: E402  (the FASTPEFT_* switches: settings.
 LLAMA8B = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 TINY = {"q/o": (64, 64), "k/v": (64, 32), "gate/up": (64, 128), "down": (128, 64)}
 RANK, ALPHA = 16, 32
-K_SPLITS = (2,)  # decode_graph's fixed K splits of the CUDA GEMV (session 32 swept 1, 2, 3, 4, 6, 8: 2 won on k/v only)
+K_SPLITS = (1,)  # decode_graph's fixed K splits of the CUDA GEMV beside the per-call default (1: never split; session 32
+# swept 1, 2, 3, 4, 6, 8: 2 won on k/v only)
 
 
 def bench(fn, cuda: bool) -> float:
@@ -231,8 +232,8 @@ def decode_section(shapes, device, cuda, bw, rows, Ms=(1, 4, 16)):
 def _kernel_form(call, variant=None, k_split=None):
     """call() with another form of the CUDA GEMV kernel than the default (nf4_gemv.set_kernel_variant: 0 the
     original, 1 its lean addressing, 3 the code-pair table; the default 2 is the lean one with the mma operands
-    swapped) and / or another K split (nf4_gemv.set_k_split: 0 chosen per call, 1..8 blocks a tile; the default 1,
-    no split); captured into the graph as launched."""
+    swapped) and / or another K split (nf4_gemv.set_k_split: 1..8 blocks a tile; the default 0 chooses per call);
+    captured into the graph as launched."""
     from fastpeft.ops.kernels import nf4_gemv
 
     previous = (nf4_gemv.set_kernel_variant(variant) if variant is not None else None,
@@ -317,23 +318,8 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                     x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), variant=3),
                 "fastpeft cuda mma gemv, pair, base only": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), variant=3),
-                "fastpeft cuda mma gemv, pair, k split auto": lambda pk, qs: _kernel_form(
-                    lambda: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, A, B, 2.0,
-                                                   backend="cuda"), variant=3, k_split=0),
-                "fastpeft cuda mma gemv, pair, base only, k split auto": lambda pk, qs: _kernel_form(
-                    lambda: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, None, None, 0.0,
-                                                   backend="cuda"), variant=3, k_split=0),
-                "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, kernel_state(qs, x.device), None, A, B, 2.0),
-                "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
-                    ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, kernel_state(qs, pk.device), dtype).t()),
             }
-            impls["fastpeft cuda mma gemv, k split auto"] = lambda pk, qs: _kernel_form(
-                lambda: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"),
-                k_split=0)
-            impls["fastpeft cuda mma gemv, base only, k split auto"] = lambda pk, qs: _kernel_form(
-                lambda: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, None, None, 0.0,
-                                               backend="cuda"), k_split=0)
-            for k_split in K_SPLITS:  # the K split's sweep, base only (the default chooses one per call)
+            for k_split in K_SPLITS:  # fixed K splits, base only (the default chooses one per call)
                 impls[f"fastpeft cuda mma gemv, base only, k split {k_split}"] = (
                     lambda pk, qs, k_split=k_split: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
                         x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), k_split=k_split))
