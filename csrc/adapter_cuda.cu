@@ -14,8 +14,9 @@
 // GEMMs (M·K + M·N reads) and the beta = 1 read-modify-write of Y and dX. The elementwise kernels below are
 // memory-bound and touch r-wide or X-sized data once.
 // IA3: cuBLAS for the GEMM, scale_cols (x⊙l or Yb⊙l) and colreduce (dl = Σ_rows a⊙b, Σ_rows a, a⊙l in one pass).
-// DoRA (p = 0): cuBLAS for X·Wᵀ, LoRA's split GEMM for S', the norm from small products, dora_pass (g⊙(Z0 + S'·Bᵀ) + b
-// forward; dm and g⊙dY backward) and LoRA's backward with g folded into B (see dora_fwd_cuda).
+// DoRA (p = 0): cuBLAS for X·Wᵀ, LoRA's split GEMM for S', the norm from small products, dora_pass (g⊙(Z0 + S'·Bᵀ) + b)
+// forward; backward a stream over dY and Z0 (Σ dY⊙Z0, g⊙dY) and LoRA's backward with g folded into B, dm's adapter
+// part from its dB GEMM (see dora_fwd_cuda, dora_bwd_cuda).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
@@ -159,12 +160,17 @@ __global__ void finalize_split_kernel(const float* __restrict__ P, int64_t R, in
 // out[o·inner + j] = P[o·stride + j] + P[o·stride + half + j]: the two halves of a split GEMM's fp32 output, times
 // scale[o] after the sum when given (DoRA's g⊙(dYᵀ·S)). Several such jobs per launch (a backward's dB and dA, or
 // every member's of a projection group: one launch); job j covers global indices [end[j-1], end[j]).
+// dot_out (DoRA's dm): dot_out[o] += dot_scale[o]·Σ_k dot_b[o·inner + k]·(the sum before scale), by atomics (dm's
+// adapter part Σ_j B[n, j]·(dYᵀ·S')[n, j] / n, over what the pass already put there).
 constexpr int kMaxCombineJobs = 8;
 struct CombineJob {
   const float* P;
   int64_t outer, inner, stride, half;
   const float* scale;
   float* out;
+  const float* dot_b;
+  const float* dot_scale;
+  float* dot_out;
 };
 struct CombineJobs {
   CombineJob job[kMaxCombineJobs];
@@ -182,6 +188,7 @@ __global__ void combine_halves_kernel(const CombineJobs jobs) {
   const int64_t o = i / c.inner, k = i - o * c.inner;
   const float v = c.P[o * c.stride + k] + c.P[o * c.stride + c.half + k];
   c.out[i] = c.scale != nullptr ? v * c.scale[o] : v;
+  if (c.dot_out != nullptr) atomicAdd(c.dot_out + o, v * c.dot_b[i] * c.dot_scale[o]);
 }
 
 // Eight consecutive elements of row-major data as floats: one 16-byte load when `vec` (16-bit T, unit stride,
@@ -297,25 +304,22 @@ __device__ __forceinline__ unsigned elem_bits(float v) { return __float_as_uint(
 __device__ __forceinline__ unsigned elem_bits(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ unsigned elem_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 
-// DoRA's two passes over [M, N], with L = S·Bᵀ (S [M, R] and B [N, R] fp32, R <= RMAX) formed on the tensor cores:
-//   forward  (BWD = false): out = dtype(g·(Z0 + L) + bias)      Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
-//   backward (BWD = true):  red[c] (+)= red_scale[c]·Σ_m dY·(Z0 + L) (red_scale optional);  out = dtype(g·dY) (if out)
-// One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output.
-// Block: 8 warps over BM rows × BN columns at a time (BM = 64 forward, 32 backward, which reads dY too; BN = 128,
-// 64 at RMAX = 64), walking its rows_per_block rows tile by tile; B's tile (split into TF32 hi / lo parts), g and
+// DoRA's forward pass over [M, N], with L = S·Bᵀ (S [M, R] and B [N, R] fp32, R <= RMAX) formed on the tensor cores:
+//   out = dtype(g·(Z0 + L) + bias)      Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
+// One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output. (The backward's pass over dY and
+// Z0 needs no L: dora_bwd_stream_kernel.)
+// Block: 8 warps over BM rows × BN columns at a time (BM = 64, 32 at RMAX = 64; BN = 128, 64 at RMAX = 64), walking
+// its rows_per_block rows tile by tile; B's tile (split into TF32 hi / lo parts), g and
 // the bias are staged once. Each warp owns a 16-row × WC-column part of a tile and does all of it alone, so a tile
 // needs no block barrier, only __syncwarp, and warps drift apart: one's loads overlap another's arithmetic.
-//   - Z0 / dY (double-buffered) and S reach the warp's shared memory by cp.async: the next tile's Z0 / dY are issued
+//   - Z0 (double-buffered) and S reach the warp's shared memory by cp.async: the next tile's Z0 is issued
 //     before this tile's product, its S right after it, so every tile's loads have a tile's work to hide behind.
 //   - L comes out of mma.sync m16n8k8 TF32 in three products (hi·hi + hi·lo + lo·hi of TF32 splits, ~fp32: 3xTF32),
-//     one 8-column slice at a time, and is finished in the accumulator registers: each lane reads the Z0 (dY) of its
+//     one 8-column slice at a time, and is finished in the accumulator registers: each lane reads the Z0 of its
 //     own accumulator positions from shared memory, and writes the result over them in place; the warp then copies
 //     its part out in 16-byte rows (coalesced). L never goes through shared memory.
-//   - The backward's column sums stay in registers over the block's rows, are combined by shuffles and through
-//     shared memory, and reach red with one atomic per column per block (a store when one block covers all rows).
-// Floor: bytes (Z0 and Y, or dY, Z0 and dZ, once each: 4 or 6 bytes an element in 16 bits; gate/up at M = 4096:
-// 49 / 73 µs at 4.8 TB/s); L's FLOPs are tiny on the tensor cores. Measured (H200, that shape, ncu): forward 110 µs,
-// backward 161 µs, 41-44 % of DRAM bandwidth, 78-80 registers and 3 blocks per SM up to rank 32; shared memory /
+// Floor: bytes (Z0 and Y once each: 4 bytes an element in 16 bits; gate/up at M = 4096: 49 µs at 4.8 TB/s); L's
+// FLOPs are tiny on the tensor cores. Measured (H200, that shape, ncu): 110 µs, 41-44 % of DRAM bandwidth, 78-80 registers and 3 blocks per SM up to rank 32; shared memory /
 // L1 is now the busiest unit (71-74 %: B's fragments are re-read from shared memory per 16 rows). History: S·Bᵀ on
 // the FMA units, one column a thread, 0.69 ms for the two passes; wmma with block barriers and loads issued a tile
 // at a time, 213 / 298 µs (latency-bound); warps on their own with cp.async, L through shared memory, 159 / 205 µs
@@ -323,8 +327,8 @@ __device__ __forceinline__ unsigned elem_bits(__nv_bfloat16 v) { return __bfloat
 constexpr int kDoraWarps = 8;
 constexpr int kDoraThreads = kDoraWarps * 32;
 
-template <typename T, int RMAX, bool BWD> struct DoraTile {
-  static constexpr int BM = (BWD || RMAX > 32) ? 32 : 64;
+template <typename T, int RMAX> struct DoraTile {
+  static constexpr int BM = RMAX > 32 ? 32 : 64;
   static constexpr int BN = RMAX <= 32 ? 128 : 64;
   static constexpr int WARPS_M = BM / 16, WARPS_N = kDoraWarps / WARPS_M;
   static constexpr int WC = BN / WARPS_N;  // columns a warp owns
@@ -338,11 +342,11 @@ template <typename T, int RMAX, bool BWD> struct DoraTile {
   static __device__ __forceinline__ int bq_slot(int n, int ks, int q) {
     return n * BQ + ((ks * 4 + q) ^ ((n & 1) << 2));
   }
-  static constexpr int ZLD = WC * static_cast<int>(sizeof(T)) + 16;  // bytes a row of a warp's Z0 / dY buffer
+  static constexpr int ZLD = WC * static_cast<int>(sizeof(T)) + 16;  // bytes a row of a warp's Z0 buffer
   static constexpr int B_FLOATS = 4 * BN * BQ + 2 * BN;             // B's tile, g, bias
   static constexpr int S_FLOATS = 16 * LDB;
   static constexpr int Z_FLOATS = 16 * ZLD / 4;  // one buffer
-  static constexpr int WARP_FLOATS = S_FLOATS + (BWD ? 4 : 2) * Z_FLOATS;
+  static constexpr int WARP_FLOATS = S_FLOATS + 2 * Z_FLOATS;
   static constexpr int SMEM_BYTES = (B_FLOATS + kDoraWarps * WARP_FLOATS) * 4;
   static_assert(WARPS_M * WARPS_N == kDoraWarps && NT >= 1 && WC % 16 == 0, "warps tile the block");
   static_assert(B_FLOATS % 4 == 0 && S_FLOATS % 4 == 0 && Z_FLOATS % 4 == 0, "16-byte copies want aligned parts");
@@ -465,14 +469,13 @@ __device__ __forceinline__ void store_pair(char* p, float a, float b) {
   }
 }
 
-template <typename T, int RMAX, bool BWD>
+template <typename T, int RMAX>
 __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_kernel(
-    const T* __restrict__ z0, int64_t sz0, int64_t sz1, const T* __restrict__ dy, int64_t sd0, int64_t sd1,
-    const float* __restrict__ S, int64_t ss0, int64_t ss1, const float* __restrict__ B, int64_t sb0, int64_t sb1,
-    const float* __restrict__ g, const float* __restrict__ g_div, const T* __restrict__ bias, T* __restrict__ out,
-    float* __restrict__ red, const float* __restrict__ red_scale, int64_t M, int64_t N, int R, int64_t rows_per_block,
-    bool atomic, bool vec_z, bool vec_d, bool vec_o, bool vec_s) {
-  using Tile = DoraTile<T, RMAX, BWD>;
+    const T* __restrict__ z0, int64_t sz0, int64_t sz1, const float* __restrict__ S, int64_t ss0, int64_t ss1,
+    const float* __restrict__ B, int64_t sb0, int64_t sb1, const float* __restrict__ g,
+    const float* __restrict__ g_div, const T* __restrict__ bias, T* __restrict__ out, int64_t M, int64_t N, int R,
+    int64_t rows_per_block, bool vec_z, bool vec_o, bool vec_s) {
+  using Tile = DoraTile<T, RMAX>;
   constexpr int BM = Tile::BM, BN = Tile::BN, WC = Tile::WC, LDB = Tile::LDB, ZLD = Tile::ZLD;
   constexpr int VEC = 16 / sizeof(T);  // elements in a 16-byte copy
   constexpr int GW = WC / VEC;          // 16-byte groups across a warp's row
@@ -486,8 +489,8 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / Tile::WARPS_N, wn = warp % Tile::WARPS_N;
   float* const Ss = dora_smem + Tile::B_FLOATS + warp * Tile::WARP_FLOATS;  // [16][LDB]: the warp's rows of S
-  char* const Zs = reinterpret_cast<char*>(Ss + Tile::S_FLOATS);            // [2][16][ZLD bytes]; then dY's two
-  constexpr int ZBUF = Tile::Z_FLOATS * 4, DOFF = 2 * ZBUF;
+  char* const Zs = reinterpret_cast<char*>(Ss + Tile::S_FLOATS);            // [2][16][ZLD bytes]
+  constexpr int ZBUF = Tile::Z_FLOATS * 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t m_end = m_begin + rows_per_block < M ? m_begin + rows_per_block : M;
@@ -502,7 +505,6 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
       const int ok = m < m_end ? valid : 0;
       char* slot = Zs + buf * ZBUF + (rl + p * RPP) * ZLD + gl * 16;
       stage16<T>(slot, z0 + m * sz0 + c * sz1, sz1, ok, vec_z);
-      if constexpr (BWD) stage16<T>(slot + DOFF, dy + m * sd0 + c * sd1, sd1, ok, vec_d);
     }
   };
   // the warp's 16 rows of S (zeros past m_end and R): 16-byte copies when S's rows allow (vec_s: R % 4 == 0, unit
@@ -551,19 +553,18 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
       const bool in = n0 + col < N;
       // g_div: g = m / n here (inference: an IEEE division, as ATen's m / n, so the same bits as the autograd call)
       gs[col] = in ? (g_div != nullptr ? g[n0 + col] / g_div[n0 + col] : g[n0 + col]) : 0.0f;
-      bs[col] = (!BWD && in && bias != nullptr) ? to_f<T>(bias[n0 + col]) : 0.0f;
+      bs[col] = (in && bias != nullptr) ? to_f<T>(bias[n0 + col]) : 0.0f;
     }
   }
   // mma fragments: lane = 4·qr + qc; A (S) rows qr, qr + 8, k-columns qc, qc + 4; B (n, k) at n = qr, k = qc, qc + 4;
   // accumulator rows qr, qr + 8, columns 2·qc, 2·qc + 1 of each 8-column slice
   const int qr = lane / 4, qc = lane % 4;
-  float colsum[BWD ? Tile::NT : 1][2] = {};
   __syncthreads();  // B's tile, g and the bias are written
   int buf = 0;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += BM, buf ^= 1) {
-    stage_rows(m0 + BM, buf ^ 1);  // the next tile's Z0 / dY (nothing past m_end)
+    stage_rows(m0 + BM, buf ^ 1);  // the next tile's Z0 (nothing past m_end)
     copy_async_commit();
-    copy_async_wait<1>();  // all but that group: this tile's Z0 / dY and S have landed
+    copy_async_wait<1>();  // all but that group: this tile's Z0 and S have landed
     __syncwarp();          // ... for every lane of the warp
     // S's fragments, split once per tile (ranks up to 32: 2·KS·4 registers); above, per slice and k-step
     constexpr bool kResident = RMAX <= 32;
@@ -620,62 +621,22 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
         char* zp = zb + (qr + 8 * h) * ZLD + (t * 8 + 2 * qc) * static_cast<int>(sizeof(T));
         const float2 z = load_pair<T>(zp);
         const float z_a = z.x + acc[2 * h], z_b = z.y + acc[2 * h + 1];
-        if constexpr (BWD) {
-          const float2 d = load_pair<T>(zp + DOFF);
-          colsum[t][0] = fmaf(d.x, z_a, colsum[t][0]);
-          colsum[t][1] = fmaf(d.y, z_b, colsum[t][1]);
-          store_pair<T>(zp + DOFF, gp.x * d.x, gp.y * d.y);  // dZ over dY, in place
-        } else {
-          const float2 bp = *reinterpret_cast<const float2*>(bs + n + 2 * qc);
-          store_pair<T>(zp, fmaf(gp.x, z_a, bp.x), fmaf(gp.y, z_b, bp.y));  // Y over Z0, in place
-        }
+        const float2 bp = *reinterpret_cast<const float2*>(bs + n + 2 * qc);
+        store_pair<T>(zp, fmaf(gp.x, z_a, bp.x), fmaf(gp.y, z_b, bp.y));  // Y over Z0, in place
       }
     }
     __syncwarp();  // the warp's results are in its buffer and S is read
     stage_s(m0 + BM);  // the next tile's S, behind this tile's copy-out
     copy_async_commit();
-    if (!BWD || out != nullptr) {
 #pragma unroll
-      for (int p = 0; p < PASSES; ++p) {
-        const int64_t m = m0 + wm * 16 + rl + p * RPP;
-        if (m >= m_end || valid == 0) continue;
-        unstage16<T>(out + m * N + c, zb + (BWD ? DOFF : 0) + (rl + p * RPP) * ZLD + gl * 16, valid, vec_o);
-      }
+    for (int p = 0; p < PASSES; ++p) {
+      const int64_t m = m0 + wm * 16 + rl + p * RPP;
+      if (m >= m_end || valid == 0) continue;
+      unstage16<T>(out + m * N + c, zb + (rl + p * RPP) * ZLD + gl * 16, valid, vec_o);
     }
     __syncwarp();  // this buffer is read before the next tiles' copies write it
   }
   copy_async_wait<0>();  // nothing in flight into shared memory past the loop (the last, empty, groups)
-  if constexpr (BWD) {  // the block's column sums: over the 8 lanes of a column pair, then over WARPS_M warps
-#pragma unroll
-    for (int t = 0; t < Tile::NT; ++t)
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
-        colsum[t][0] += __shfl_xor_sync(0xffffffffu, colsum[t][0], off);
-        colsum[t][1] += __shfl_xor_sync(0xffffffffu, colsum[t][1], off);
-      }
-    float* const sums = dora_smem + Tile::B_FLOATS;  // [WARPS_M][BN], over the warps' own space
-    static_assert(Tile::WARPS_M * BN <= kDoraWarps * Tile::WARP_FLOATS, "the column sums' scratch fits");
-    __syncthreads();  // every warp is done with its own space
-    if (qr == 0) {
-#pragma unroll
-      for (int t = 0; t < Tile::NT; ++t) {
-        sums[wm * BN + wn * WC + t * 8 + 2 * qc] = colsum[t][0];
-        sums[wm * BN + wn * WC + t * 8 + 2 * qc + 1] = colsum[t][1];
-      }
-    }
-    __syncthreads();
-    for (int col = threadIdx.x; col < BN; col += kDoraThreads) {
-      if (n0 + col >= N) continue;
-      float sum = 0.0f;
-      for (int w = 0; w < Tile::WARPS_M; ++w) sum += sums[w * BN + col];  // fixed order
-      if (red_scale != nullptr) sum *= red_scale[n0 + col];  // dm = (Σ dY⊙Z)/n: 1/n per partial, no extra launch
-      if (atomic) {
-        atomicAdd(red + n0 + col, sum);
-      } else {
-        red[n0 + col] = sum;
-      }
-    }
-  }
 }
 
 // DoRA's per-row scale from the norm's small pieces: n² = w_sq + Σ_j B[i, j]·(2s·WA[i, j] + s²·(B·AA)[i, j]) with
@@ -750,6 +711,112 @@ __global__ void colreduce_kernel(const T* a, int64_t sa0, int64_t sa1, const T* 
   } else {
     red[c] = acc;
     if (sum != nullptr) sum[c] = tot;
+  }
+}
+
+// DoRA's backward pass over dY and Z0 (p = 0, no S, no B): red[n] = (Σ_m dY[m, n]·Z0[m, n])·red_scale[n] (fp32;
+// atomics when the rows are split over blocks) and dZ = g⊙dY (fp32 g, one rounding) when dz is given. dm's adapter
+// part, Σ_m dY⊙(S'·Bᵀ) = Σ_j B[n, j]·(dYᵀ·S')[n, j], is added from dB's GEMM by combine_halves (its dot job), so
+// this pass is a pure stream (dora_pass_kernel's backward, which recomputed S'·Bᵀ on the tensor cores per element,
+// ran at ~2 TB/s: latency-bound at 30 % occupancy on its S and B fragments; sessions 23-27).
+// Block: kStreamGroups groups of 8 columns (16 bytes of 16-bit T) × kStreamLanes row lanes; a thread walks every
+// kStreamLanes-th row of the block's range with kStreamUnroll rows' loads (dY and Z0, kept as raw 16-byte words:
+// 32 registers; 3 blocks an SM, 96 KB in flight) issued before any is used; the row lanes' sums meet in shared memory in a fixed order. Blocks are
+// short (a few steps) and many (several waves): the block scheduler balances the SMs, and the column sums cost one
+// atomic per block and column. Z0 is read with an evict-first hint (nothing reads it again); dY stays cacheable
+// (dB's and dS's GEMMs read it next).
+// Bound: bytes: dY and Z0 read once, dZ written once (3·M·N·elem: 101 MB at q/o, 4096 rows; ~23 µs at 4.3 TB/s).
+constexpr int kStreamGroups = 32;
+constexpr int kStreamLanes = 8;
+constexpr int kStreamUnroll = 4;
+constexpr int kStreamThreads = kStreamGroups * kStreamLanes;
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float v[8]) {
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = to_f<T>(h[e]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kStreamThreads, 3) dora_bwd_stream_kernel(
+    const T* __restrict__ dy, int64_t sd0, int64_t sd1, const T* __restrict__ z0, int64_t sz0, int64_t sz1,
+    const float* __restrict__ g, T* __restrict__ dz, float* __restrict__ red, const float* __restrict__ red_scale,
+    int64_t M, int64_t N, int64_t rows_per_block, bool atomic, bool vec_d, bool vec_z, bool vec_o) {
+  __shared__ __align__(16) float sums[kStreamLanes][kStreamGroups * 8];
+  const int grp = threadIdx.x % kStreamGroups, lane_row = threadIdx.x / kStreamGroups;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kStreamGroups + grp) * 8;
+  const int valid = c < N ? static_cast<int>(N - c < 8 ? N - c : 8) : 0;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t m_end = m_begin + rows_per_block < M ? m_begin + rows_per_block : M;
+  const bool want_red = red != nullptr, want_dz = dz != nullptr;
+  // 16-byte words straight from global memory: 16-bit T, both rows' layouts aligned, all 8 columns in range
+  const bool raw_path = sizeof(T) == 2 && vec_d && (vec_z || !want_red) && valid == 8;
+  float gv[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) gv[e] = e < valid && want_dz ? g[c + e] : 0.0f;
+  float acc[8] = {};
+  // one row's 8 columns: dm's partial sums and dZ (zeros past m_end and N add nothing)
+  auto take = [&](int64_t m, const float (&d)[8], const float (&z)[8]) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = fmaf(d[e], z[e], acc[e]);
+    if (want_dz && m < m_end) {
+      float o[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = gv[e] * d[e];
+      store8<T>(dz + m * N + c, valid, vec_o, o);
+    }
+  };
+  for (int64_t m0 = m_begin + lane_row; m0 < m_end; m0 += kStreamUnroll * kStreamLanes) {
+    bool done = false;
+    if constexpr (sizeof(T) == 2) {
+      if (raw_path) {
+        uint4 dr[kStreamUnroll], zr[kStreamUnroll];
+#pragma unroll
+        for (int u = 0; u < kStreamUnroll; ++u) {  // every load of the step issued before any is used
+          const int64_t m = m0 + u * kStreamLanes;
+          const bool ok = m < m_end;
+          dr[u] = ok ? *reinterpret_cast<const uint4*>(dy + m * sd0 + c) : make_uint4(0u, 0u, 0u, 0u);
+          zr[u] = ok && want_red ? __ldcs(reinterpret_cast<const uint4*>(z0 + m * sz0 + c))
+                                  : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < kStreamUnroll; ++u) {
+          float d[8], z[8];
+          unpack8<T>(dr[u], d);
+          unpack8<T>(zr[u], z);
+          take(m0 + u * kStreamLanes, d, z);
+        }
+        done = true;
+      }
+    }
+    if (!done) {  // strided, misaligned, fp32 or a partial column group: element loads, one row at a time
+      for (int u = 0; u < kStreamUnroll; ++u) {
+        const int64_t m = m0 + u * kStreamLanes;
+        const int ok = m < m_end ? valid : 0;
+        float d[8], z[8];
+        load8<T>(dy + m * sd0 + c * sd1, sd1, ok, vec_d, d);
+        load8<T>(z0 + m * sz0 + c * sz1, sz1, want_red ? ok : 0, vec_z, z);
+        take(m, d, z);
+      }
+    }
+  }
+  if (!want_red) return;  // the whole block alike: no thread waits at the barrier below
+  float4* const mine = reinterpret_cast<float4*>(&sums[lane_row][grp * 8]);
+  mine[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  mine[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  __syncthreads();
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kStreamGroups * 8 + threadIdx.x;
+  if (col < N) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int l = 0; l < kStreamLanes; ++l) sum += sums[l][threadIdx.x];  // fixed order
+    if (red_scale != nullptr) sum *= red_scale[col];
+    if (atomic) {
+      atomicAdd(red + col, sum);
+    } else {
+      red[col] = sum;
+    }
   }
 }
 
@@ -1539,12 +1606,19 @@ std::tuple<Tensor, Tensor, Tensor> finalize_split(const Tensor& P, float scale, 
   return {out32, a, b};
 }
 
+// DoRA's backward: dm (fp32 [N], holding the pass's (Σ_rows dY⊙Z0)/n) gets Σ_j B[n, j]·(dYᵀ·S')[n, j] / n added
+// where dB's GEMM is combined (B32 [N, r] and inv_n [N] fp32 contiguous)
+struct DoraDmTerm {
+  Tensor B32, inv_n, dm;
+};
+
 // The halves of several split GEMMs summed in one launch. Each spec: P (contiguous fp32) [2R, C] summed over row
 // halves (row_halves) or [R, 2C] over column halves, times scale [R] per row when given (column halves only).
 struct CombineSpec {
   Tensor P;
   bool row_halves;
   Tensor scale;
+  Tensor dot_b, dot_scale, dot_out;  // DoRA's dm term (column halves only; all three or none)
 };
 
 std::vector<Tensor> combine_halves_many(const std::vector<CombineSpec>& specs) {
@@ -1561,8 +1635,15 @@ std::vector<Tensor> combine_halves_many(const std::vector<CombineSpec>& specs) {
     outs.push_back(at::empty({R, C}, P.options()));
     const int64_t outer = sp.row_halves ? 1 : R, inner = sp.row_halves ? R * C : C;
     const int64_t stride = sp.row_halves ? 0 : 2 * C, half = sp.row_halves ? R * C : C;
+    const bool dot = sp.dot_out.defined();
+    TORCH_INTERNAL_ASSERT(!dot || (!sp.row_halves && sp.dot_b.is_contiguous() && sp.dot_b.numel() == R * C &&
+                                   sp.dot_scale.numel() == R && sp.dot_out.numel() == R),
+                          "combine_halves: dot term");
     jobs.job[jobs.n] = CombineJob{P.data_ptr<float>(), outer, inner, stride, half,
-                                  sp.scale.defined() ? sp.scale.data_ptr<float>() : nullptr, outs.back().data_ptr<float>()};
+                                  sp.scale.defined() ? sp.scale.data_ptr<float>() : nullptr, outs.back().data_ptr<float>(),
+                                  dot ? sp.dot_b.data_ptr<float>() : nullptr,
+                                  dot ? sp.dot_scale.data_ptr<float>() : nullptr,
+                                  dot ? sp.dot_out.data_ptr<float>() : nullptr};
     done += R * C;
     jobs.end[jobs.n++] = done;
   }
@@ -1573,10 +1654,19 @@ std::vector<Tensor> combine_halves_many(const std::vector<CombineSpec>& specs) {
   return outs;
 }
 
-// dB's and dA's halves (either undefined: not wanted) in one launch. Returns (dB, dA).
-std::tuple<Tensor, Tensor> combine_halves2(const Tensor& PdB, const Tensor& g, const Tensor& PdA) {
+// dB's and dA's halves (either undefined: not wanted) in one launch, with DoRA's dm term on dB's when dm is given.
+// Returns (dB, dA).
+std::tuple<Tensor, Tensor> combine_halves2(const Tensor& PdB, const Tensor& g, const Tensor& PdA,
+                                           const DoraDmTerm* dm = nullptr) {
   std::vector<CombineSpec> specs;
-  if (PdB.defined()) specs.push_back({PdB, false, g});
+  if (PdB.defined()) {
+    specs.push_back({PdB, false, g});
+    if (dm != nullptr) {
+      specs.back().dot_b = dm->B32;
+      specs.back().dot_scale = dm->inv_n;
+      specs.back().dot_out = dm->dm;
+    }
+  }
   if (PdA.defined()) specs.push_back({PdA, true, Tensor()});
   auto outs = combine_halves_many(specs);
   Tensor dB = PdB.defined() ? outs[0] : Tensor();
@@ -1638,40 +1728,38 @@ Tensor scale_cols(const Tensor& a, const Tensor& l32) {
 // The largest rank dora_pass_kernel holds in registers; larger ranks take ATen (an fp32 [M, N] temporary).
 constexpr int kDoraMaxRank = 64;
 
-// dora_pass_kernel over Z0 [M, N] (and dY): forward returns Y; backward returns red = Σ_rows dY·(Z0 + S·Bᵀ), each
-// column times red_scale (fp32 [N] contiguous: DoRA's 1/n) when given, and writes dZ = g⊙dY into `dz` when it is
-// defined (contiguous [M, N]). g_div (fp32 [N] contiguous, forward): g32 holds m and the kernel takes g = m / g_div.
-// launches dora_pass_kernel with its tile's dynamic shared memory (64-113 KB, over the 48 KB default at every tile:
-// the opt-in is set once per instantiation and device)
-template <typename T, int RMAX, bool BWD>
+// dora_pass_kernel over Z0 [M, N]: returns Y. g_div (fp32 [N] contiguous): g32 holds m and the kernel takes
+// g = m / g_div. Launches dora_pass_kernel with its tile's dynamic shared memory (64-113 KB, over the 48 KB default
+// at every tile: the opt-in is set once per instantiation and device)
+template <typename T, int RMAX>
 void dora_pass_opt_in() {
-  constexpr int bytes = DoraTile<T, RMAX, BWD>::SMEM_BYTES;
+  constexpr int bytes = DoraTile<T, RMAX>::SMEM_BYTES;
   static bool opted_in[64] = {};
   const int dev = at::cuda::current_device();
   if (bytes > 48 * 1024 && !opted_in[dev % 64]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(dora_pass_kernel<T, RMAX, BWD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(dora_pass_kernel<T, RMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         bytes));
     opted_in[dev % 64] = true;
   }
 }
 
-template <typename T, int RMAX, bool BWD, typename... Args>
+template <typename T, int RMAX, typename... Args>
 void launch_dora_pass(dim3 grid, cudaStream_t stream, Args... args) {
-  dora_pass_opt_in<T, RMAX, BWD>();
-  dora_pass_kernel<T, RMAX, BWD><<<grid, kDoraThreads, DoraTile<T, RMAX, BWD>::SMEM_BYTES, stream>>>(args...);
+  dora_pass_opt_in<T, RMAX>();
+  dora_pass_kernel<T, RMAX><<<grid, kDoraThreads, DoraTile<T, RMAX>::SMEM_BYTES, stream>>>(args...);
 }
 
-// Blocks of dora_pass_kernel<T, RMAX, BWD> resident on one SM at once (its registers and shared memory decide: 3 for
-// the rank-16 forward tile on an H200), per device
-template <typename T, int RMAX, bool BWD>
+// Blocks of dora_pass_kernel<T, RMAX> resident on one SM at once (its registers and shared memory decide: 3 for
+// the rank-16 tile on an H200), per device
+template <typename T, int RMAX>
 int64_t dora_pass_per_sm() {
   static int per_sm[64] = {};
   const int dev = at::cuda::current_device();
   if (per_sm[dev % 64] == 0) {
-    dora_pass_opt_in<T, RMAX, BWD>();
+    dora_pass_opt_in<T, RMAX>();
     int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dora_pass_kernel<T, RMAX, BWD>,
-                                                                 kDoraThreads, DoraTile<T, RMAX, BWD>::SMEM_BYTES));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dora_pass_kernel<T, RMAX>, kDoraThreads,
+                                                                 DoraTile<T, RMAX>::SMEM_BYTES));
     per_sm[dev % 64] = std::max(blocks, 1);
   }
   return per_sm[dev % 64];
@@ -1700,47 +1788,30 @@ int64_t dora_pass_splits(int64_t tiles, int64_t col_blocks, int64_t per_sm) {
   return best;
 }
 
-Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, const Tensor& B32, const Tensor& g32,
-                 const Tensor& bias, const Tensor& dz, const Tensor& red_scale = Tensor(),
+Tensor dora_pass(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Tensor& g32, const Tensor& bias,
                  const Tensor& g_div = Tensor()) {
   const int64_t M = Z0.size(0), N = Z0.size(1);
   const int R = static_cast<int>(S.size(1));
   TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
   const int rmax = R <= 16 ? 16 : (R <= 32 ? 32 : 64);
-  const int64_t bn = rmax <= 32 ? DoraTile<float, 16, false>::BN : DoraTile<float, 64, false>::BN;
-  const int64_t bm = rmax > 32 ? DoraTile<float, 64, false>::BM
-                               : (bwd ? DoraTile<float, 16, true>::BM : DoraTile<float, 16, false>::BM);
-  const auto f32 = Z0.options().dtype(at::kFloat);
+  const int64_t bn = rmax <= 32 ? DoraTile<float, 16>::BN : DoraTile<float, 64>::BN;
+  const int64_t bm = rmax > 32 ? DoraTile<float, 64>::BM : DoraTile<float, 16>::BM;
   const int64_t col_blocks = (N + bn - 1) / bn;
   const int64_t tiles = (M + bm - 1) / bm;
   int64_t per_sm = 1;
   dispatch_all(Z0.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    if (bwd) {
-      per_sm = rmax == 16 ? dora_pass_per_sm<T, 16, true>()
-                          : (rmax == 32 ? dora_pass_per_sm<T, 32, true>() : dora_pass_per_sm<T, 64, true>());
-    } else {
-      per_sm = rmax == 16 ? dora_pass_per_sm<T, 16, false>()
-                          : (rmax == 32 ? dora_pass_per_sm<T, 32, false>() : dora_pass_per_sm<T, 64, false>());
-    }
+    per_sm = rmax == 16 ? dora_pass_per_sm<T, 16>() : (rmax == 32 ? dora_pass_per_sm<T, 32>() : dora_pass_per_sm<T, 64>());
   });
   int64_t splits = dora_pass_splits(tiles, col_blocks, per_sm);
   const int64_t rows_per_block = std::max<int64_t>(1, (tiles + splits - 1) / splits) * bm;
   splits = M == 0 ? 1 : (M + rows_per_block - 1) / rows_per_block;
-  Tensor out = bwd ? dz : at::empty({M, N}, Z0.options());
-  Tensor red = bwd ? (splits > 1 ? at::zeros({N}, f32) : at::empty({N}, f32)) : Tensor();
-  if (M == 0 || N == 0) {
-    if (bwd) red.zero_();
-    return bwd ? red : out;
-  }
+  Tensor out = at::empty({M, N}, Z0.options());
+  if (M == 0 || N == 0) return out;
   // 16-byte accesses need unit column strides and rows aligned to 16 bytes
   const int64_t vec = 16 / Z0.element_size();
-  auto rows_aligned = [&](const Tensor& t) {
-    return t.defined() && t.stride(1) == 1 && t.stride(0) % vec == 0 &&
-           reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  };
-  const bool vec_z = rows_aligned(Z0), vec_d = bwd && rows_aligned(dy);
-  const bool vec_o = out.defined() && N % vec == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  const bool vec_z = Z0.stride(1) == 1 && Z0.stride(0) % vec == 0 && reinterpret_cast<uintptr_t>(Z0.data_ptr()) % 16 == 0;
+  const bool vec_o = N % vec == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
   // S's rows by 16-byte copies: unit column stride, rows of a multiple of 4 floats, 16-byte aligned
   const bool vec_s = S.stride(1) == 1 && R % 4 == 0 && S.stride(0) % 4 == 0 &&
                      reinterpret_cast<uintptr_t>(S.data_ptr()) % 16 == 0;
@@ -1749,27 +1820,18 @@ Tensor dora_pass(bool bwd, const Tensor& Z0, const Tensor& dy, const Tensor& S, 
   dispatch_all(Z0.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* z0p = reinterpret_cast<const T*>(Z0.data_ptr());
-    const T* dyp = bwd ? reinterpret_cast<const T*>(dy.data_ptr()) : nullptr;
-    const T* bp = (!bwd && bias.defined()) ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
-    T* op = out.defined() ? reinterpret_cast<T*>(out.data_ptr()) : nullptr;
-    float* rp = bwd ? red.data_ptr<float>() : nullptr;
-    const float* rsp = bwd && red_scale.defined() ? red_scale.data_ptr<float>() : nullptr;
+    const T* bp = bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
+    T* op = reinterpret_cast<T*>(out.data_ptr());
     const float* gdp = g_div.defined() ? g_div.data_ptr<float>() : nullptr;
-    const int64_t sd0 = bwd ? dy.stride(0) : 0, sd1 = bwd ? dy.stride(1) : 0;
-#define FP_DORA_PASS(RM, BW)                                                                                       \
-  launch_dora_pass<T, RM, BW>(grid, stream, z0p, Z0.stride(0), Z0.stride(1), dyp, sd0, sd1, S.data_ptr<float>(),  \
-                              S.stride(0), S.stride(1), B32.data_ptr<float>(), B32.stride(0), B32.stride(1),        \
-                              g32.data_ptr<float>(), gdp, bp, op, rp, rsp, M, N, R, rows_per_block, splits > 1,    \
-                              vec_z, vec_d, vec_o, vec_s)
-    if (bwd) {
-      if (rmax == 16) FP_DORA_PASS(16, true); else if (rmax == 32) FP_DORA_PASS(32, true); else FP_DORA_PASS(64, true);
-    } else {
-      if (rmax == 16) FP_DORA_PASS(16, false); else if (rmax == 32) FP_DORA_PASS(32, false); else FP_DORA_PASS(64, false);
-    }
+#define FP_DORA_PASS(RM)                                                                                          \
+  launch_dora_pass<T, RM>(grid, stream, z0p, Z0.stride(0), Z0.stride(1), S.data_ptr<float>(), S.stride(0),        \
+                          S.stride(1), B32.data_ptr<float>(), B32.stride(0), B32.stride(1), g32.data_ptr<float>(), \
+                          gdp, bp, op, M, N, R, rows_per_block, vec_z, vec_o, vec_s)
+    if (rmax == 16) FP_DORA_PASS(16); else if (rmax == 32) FP_DORA_PASS(32); else FP_DORA_PASS(64);
 #undef FP_DORA_PASS
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return bwd ? red : out;
+  return out;
 }
 
 // (g, 1/n) from T = 2s·W·Aᵀ + s²·B·(A·Aᵀ) [N, R], B [N, R], w_sq = ‖W‖² per row and m (all fp32)
@@ -1822,6 +1884,55 @@ std::tuple<Tensor, Tensor> colreduce(const Tensor& a, const Tensor& b, const Ten
   return {red, sum};
 }
 
+// dora_bwd_stream_kernel over dY and Z0 ([M, N], any strides): returns red = (Σ_rows dY⊙Z0)·red_scale (fp32 [N])
+// when need_red (else undefined) and writes dZ = g⊙dY into dz when it is defined (contiguous [M, N]). The grid: about
+// four waves of blocks (resident blocks from the occupancy query, once per device). One wave of long-lived blocks
+// ran at ~2 TB/s (session 34: q/o 48.7 µs; gate/up's 56 column blocks left SMs with one block).
+Tensor dora_bwd_stream(const Tensor& dy, const Tensor& Z0, const Tensor& g32, const Tensor& dz,
+                       const Tensor& red_scale, bool need_red) {
+  const int64_t M = dy.size(0), N = dy.size(1);
+  const int64_t col_blocks = (N + kStreamGroups * 8 - 1) / (kStreamGroups * 8);
+  static int per_sm[64] = {};
+  const int dev = at::cuda::current_device();
+  if (per_sm[dev % 64] == 0) {
+    int blocks = 0;
+    dispatch_all(dy.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dora_bwd_stream_kernel<T>,
+                                                                   kStreamThreads, 0));
+    });
+    per_sm[dev % 64] = std::max(blocks, 1);
+  }
+  const int64_t slots = static_cast<int64_t>(per_sm[dev % 64]) * sm_count();
+  // rows a block: a whole number of unrolled steps of its row lanes (at least one), for about kStreamWaves waves of
+  // blocks (short blocks: the scheduler balances the SMs; the atomics per column grow with the splits)
+  constexpr int64_t kStep = kStreamUnroll * kStreamLanes, kStreamWaves = 4;
+  const int64_t want = std::max<int64_t>(1, kStreamWaves * slots / std::max<int64_t>(col_blocks, 1));
+  const int64_t rows_per_block = std::max<int64_t>(kStep, ((M + want - 1) / want + kStep - 1) / kStep * kStep);
+  const int64_t splits = M == 0 ? 1 : (M + rows_per_block - 1) / rows_per_block;
+  const auto f32 = dy.options().dtype(at::kFloat);
+  Tensor red = need_red ? (splits > 1 ? at::zeros({N}, f32) : at::empty({N}, f32)) : Tensor();
+  if (N == 0) return red;
+  if (M == 0) {
+    if (need_red) red.zero_();
+    return red;
+  }
+  const bool vec_o = dz.defined() && vec16(dz);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_all(dy.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dora_bwd_stream_kernel<T><<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits)),
+                                kStreamThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(dy.data_ptr()), dy.stride(0), dy.stride(1),
+        reinterpret_cast<const T*>(Z0.data_ptr()), Z0.stride(0), Z0.stride(1), g32.data_ptr<float>(),
+        dz.defined() ? reinterpret_cast<T*>(dz.data_ptr()) : nullptr, need_red ? red.data_ptr<float>() : nullptr,
+        red_scale.defined() ? red_scale.data_ptr<float>() : nullptr, M, N, rows_per_block, splits > 1, vec16(dy),
+        vec16(Z0), vec_o);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return red;
+}
+
 Tensor in_dtype(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
 // ------------------------------------------------------------------------------------------------ LoRA
@@ -1862,7 +1973,8 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
                                                  const Tensor& weight, const Tensor& A, const Tensor& B,
                                                  double scaling, double p, const c10::optional<Tensor>& seed,
                                                  int64_t rank, bool need_x, bool need_A, bool need_B,
-                                                 const Tensor& dy_base = Tensor(), const Tensor& g = Tensor()) {
+                                                 const Tensor& dy_base = Tensor(), const Tensor& g = Tensor(),
+                                                 const DoraDmTerm* dm = nullptr) {
   c10::cuda::CUDAGuard guard(x2.device());
   const auto dt = x2.scalar_type();
   const Tensor dy2 = in_dtype(dy2_in, dt);
@@ -1871,12 +1983,15 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
   const int64_t seed_v = p > 0.0 ? lora_seed_value(seed, p, rank) : 0;
   auto f32 = S.options().dtype(at::kFloat);
   Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, f32), dB = at::empty({0}, f32);
-  if (!(need_x || need_A || need_B)) return {dx, dA, dB};
+  // dYᵀ·S' is also DoRA's dm term: computed when dm is given, even if dB is not wanted
+  const bool want_dyS = need_B || dm != nullptr;
+  if (!(need_x || need_A || want_dyS)) return {dx, dA, dB};
   if (dt == at::kFloat) {
     const Tensor g_col = g.defined() ? g.view({-1, 1}) : Tensor();
-    if (need_B) {
-      dB = at::mm(dy2.t(), S);
-      if (g.defined()) dB.mul_(g_col);
+    if (want_dyS) {
+      Tensor dyS = at::mm(dy2.t(), S);
+      if (dm != nullptr) dm->dm.add_(at::mul(dyS, dm->B32).sum(1).mul_(dm->inv_n));
+      if (need_B) dB = g.defined() ? dyS.mul_(g_col) : dyS;
     }
     Tensor dS = at::mm(dy2, g.defined() ? B32 * g_col : B32).mul_(scaling);
     if (need_A) dA = at::mm(dS.t(), p > 0.0 ? dropout_apply(x2, p, seed_v, false) : x2);
@@ -1890,14 +2005,14 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
   // the three splits the backward reads, in one launch: S2 [M, 2r] (dB), B2 [N, 2r] (dS; g⊙B for DoRA),
   // A3 [K, 3r] (dX); dB's and dA's halves summed in one launch at the end: 8 launches, not 11
   std::vector<PackSpec> specs;
-  if (need_B) specs.push_back({S, kHL, Tensor()});
+  if (want_dyS) specs.push_back({S, kHL, Tensor()});
   if (need_A || need_x) specs.push_back({B32, kHL, g});
   if (need_x) specs.push_back({A32.t(), kHLH, Tensor()});
   const auto packs = pack_splits(specs, dt);
   Tensor PdB, PdA;
-  if (need_B) PdB = at::mm(dy2.t(), packs[0], at::kFloat);                   // [N, 2r]
+  if (want_dyS) PdB = at::mm(dy2.t(), packs[0], at::kFloat);                 // [N, 2r]
   if (need_A || need_x) {
-    const Tensor& B2 = packs[need_B ? 1 : 0];
+    const Tensor& B2 = packs[want_dyS ? 1 : 0];
     const Tensor P = at::mm(dy2, B2, at::kFloat);                              // [M, 2r]: s·dS = halves summed
     auto [unused, dS2, dS3] = finalize_split(P, static_cast<float>(scaling), false, need_A ? &kHL : nullptr,
                                              need_x ? &kHHL : nullptr, dt);
@@ -1918,7 +2033,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
       }
     }
   }
-  auto [dB_sum, dA_sum] = combine_halves2(PdB, g, PdA);
+  auto [dB_sum, dA_sum] = combine_halves2(PdB, g, PdA, dm);
   if (need_B) dB = dB_sum;                                                     // [N, r]
   if (need_A) dA = dA_sum;                                                     // [r, K]
   return {dx, dA, dB};
@@ -2598,7 +2713,7 @@ std::tuple<Tensor, Tensor> dora_shrink(const Tensor& x2, const Tensor& w, const 
 // m / n). dora_pass up to kDoraMaxRank; larger ranks fp32 [M, N] ATen temporaries.
 Tensor dora_output(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Tensor& g32, const Tensor& b,
                    const Tensor& n_div = Tensor()) {
-  if (S.size(1) <= kDoraMaxRank) return dora_pass(false, Z0, Tensor(), S, B32, g32, b, Tensor(), Tensor(), n_div);
+  if (S.size(1) <= kDoraMaxRank) return dora_pass(Z0, S, B32, g32, b, n_div);
   Tensor yf = at::addmm(Z0.to(at::kFloat), S, B32.t()).mul_(n_div.defined() ? g32 / n_div : g32);
   if (b.defined()) yf.add_(b.to(at::kFloat));
   return yf.to(Z0.scalar_type());
@@ -2655,10 +2770,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
   return {y, S, Z0, g, inv_n};
 }
 
-// dm = (Σ_rows dY⊙(Z0 + S'·Bᵀ))/n and dZ = g⊙dY (fp32 g, one rounding) in one pass over dY and Z0; then LoRA's
-// split-GEMM backward on dY with g folded into B's split and dB's combine (dS = s·dY·(g⊙B), dB = g⊙(dYᵀ·S')): the
-// adapter gradients never see g⊙dY rounded to 16 bits; dX = dS·A + dZ·W. Deterministic mode (or a rank above kDoraMaxRank): dm and dZ from
-// ATen, no atomics.
+// dm = (Σ_rows dY⊙(Z0 + S'·Bᵀ))/n = ((Σ_rows dY⊙Z0) + Σ_j B⊙(dYᵀ·S'))/n: the first sum and dZ = g⊙dY (fp32 g, one
+// rounding) in one stream over dY and Z0 (dora_bwd_stream: bytes only, no S'·Bᵀ per element), the second from dB's
+// GEMM where its halves are combined (dYᵀ·S' is computed even when dB is not wanted); then LoRA's split-GEMM backward
+// on dY with g folded into B's split and dB's combine (dS = s·dY·(g⊙B), dB = g⊙(dYᵀ·S')): the adapter gradients
+// never see g⊙dY rounded to 16 bits; dX = dS·A + dZ·W. Any rank. Deterministic mode: dm and dZ from ATen, no atomics
+// (the stream's column sums and dm's adapter part arrive by atomics).
 std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, const Tensor& x2, const Tensor& S,
                                                         const Tensor& Z0, const Tensor& g, const Tensor& inv_n,
                                                         const Tensor& weight, const Tensor& A, const Tensor& B,
@@ -2671,22 +2788,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
   const Tensor g32 = in_dtype(g, at::kFloat).contiguous();
   const Tensor B32 = in_dtype(B, at::kFloat).contiguous();
   Tensor dm = at::empty({0}, f32), dZ;
+  // dm's adapter part from dB's GEMM (the stream form): set when the pass left only (Σ dY⊙Z0)/n in dm
+  DoraDmTerm dm_term;
+  bool dm_from_dB = false;
   if (need_m || need_x) {
-    if (at::globalContext().deterministicAlgorithms() || S.size(1) > kDoraMaxRank) {
+    if (at::globalContext().deterministicAlgorithms()) {
       const Tensor dyf = dy2.to(at::kFloat);
       if (need_m) dm = (dyf * at::addmm(Z0.to(at::kFloat), S, B32.t())).sum(0).mul_(inv_n);
       if (need_x) dZ = (dyf * g32).to(dt);
     } else {
       if (need_x) dZ = at::empty({dy2.size(0), dy2.size(1)}, dy2.options());
       const Tensor inv_n32 = in_dtype(inv_n, at::kFloat).contiguous();
-      Tensor red = dora_pass(true, Z0, dy2, S, B32, g32, Tensor(), dZ, inv_n32);  // red = dm: 1/n in the pass
-      if (need_m) dm = red;
+      Tensor red = dora_bwd_stream(dy2, Z0, g32, dZ, inv_n32, need_m);  // (Σ dY⊙Z0)/n; dm's rest from dB's GEMM
+      if (need_m) {
+        dm = red;
+        dm_term = DoraDmTerm{B32, inv_n32, dm};
+        dm_from_dB = true;
+      }
     }
   }
   Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, f32), dB = at::empty({0}, f32);
-  if (need_x || need_A || need_B) {
-    std::tie(dx, dA, dB) =
-        lora_bwd_split(dy2, x2, S, weight, A, B32, scaling, 0.0, c10::nullopt, 0, need_x, need_A, need_B, dZ, g32);
+  if (need_x || need_A || need_B || dm_from_dB) {
+    std::tie(dx, dA, dB) = lora_bwd_split(dy2, x2, S, weight, A, B32, scaling, 0.0, c10::nullopt, 0, need_x, need_A,
+                                          need_B, dZ, g32, dm_from_dB ? &dm_term : nullptr);
   }
   return {dx, dA, dB, dm};
 }

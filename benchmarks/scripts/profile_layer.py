@@ -17,6 +17,8 @@ gpu_clock_probe.py, session 27) and reaches that state within ~2.5 s of a cold s
 order (ABC, CBA, ...), reporting the median graph time (``graph_ms_rounds`` keeps them all). Read GEMM times from
 the graph column: in the profiler's per-kernel list an adapted layer's base GEMMs come out ~12 % slower than the
 dense layer's (q/o 0.207 vs 0.184 ms, session 27) while the graph totals leave no room for that.
+A method named ``name:hook=value`` runs ``name`` with ``torch.ops.fastpeft_ops.set_<hook>(value)`` in effect around
+each step: an operator's switch (``fastpeft_lora_layer:lora_cuda_path=1``) timed beside its default in one process.
 Backward: ``torch.autograd.grad`` of x and the adapter parameters (``--accumulate``: ``.backward()`` as before
 session 27, which adds one [M, in] gradient accumulation per call to every method).
 """
@@ -105,6 +107,34 @@ def gpu_state() -> dict:
         return {}
 
 
+def split_hook(method):
+    """'name:hook=value' -> (name, (hook, value)): the row runs with torch.ops.fastpeft_ops.set_<hook>(value) in effect
+    (a side-by-side timing of an operator's switch in one process); plain 'name' -> (name, None)."""
+    if ":" not in method:
+        return method, None
+    name, _, setting = method.partition(":")
+    hook, _, value = setting.partition("=")
+    if not hook or not value.lstrip("-").isdigit():
+        raise SystemExit(f"--methods: {method!r} is not NAME or NAME:HOOK=INT")
+    return name, (hook, int(value))
+
+
+def with_hook(step, hook):
+    """step with the operator switch `hook` (hook, value) set around each call (a graph capture records the kernels
+    the switch chose), or step itself"""
+    if hook is None:
+        return step
+    setter = getattr(torch.ops.fastpeft_ops, "set_" + hook[0])
+
+    def run():
+        before = setter(hook[1])
+        try:
+            step()
+        finally:
+            setter(before)
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, nargs="*", default=[4096, 16])
@@ -136,12 +166,14 @@ def main():
             steps, rows = {}, {}
             for method in a.methods:
                 torch.manual_seed(0)
-                fn, params = layers.build(method, K, N, torch.bfloat16, "cuda", ff)
+                base_method, hook = split_hook(method)
+                fn, params = layers.build(base_method, K, N, torch.bfloat16, "cuda", ff)
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
                 if a.no_grad and hasattr(fn, "eval"):
                     fn.eval()  # PEFT layers: inference mode (dropout off)
-                steps[method] = layers.make_step(fn, x, g, not a.no_grad, None if a.accumulate else params)
+                steps[method] = with_hook(layers.make_step(fn, x, g, not a.no_grad, None if a.accumulate else params),
+                                          hook)
                 for _ in range(5):
                     steps[method]()
                 rows[method] = {"M": M, "proj": proj, "method": method, "grad": not a.no_grad,

@@ -803,8 +803,8 @@ def test_gpu_dora_inference_with_a_given_norm(dtype):
 def test_gpu_dora_pass_tiles_and_misaligned_gradients():
     """dora_pass's tiles (64 or 32 rows × 128 columns, 32 × 64 above rank 32; L on the tensor cores) with 16-byte
     copies only where rows are aligned (S's too: rank % 4 == 0): partial row and column tiles, every rank bucket,
-    odd N, output gradients that are strided or start off alignment, and blocks walking several row tiles (the
-    next tile's copies in flight) whose last tile is partial."""
+    odd N, blocks walking several row tiles (the next tile's copies in flight) whose last tile is partial; and the
+    backward's stream over output gradients that are strided or start off alignment (its element-wise path)."""
     for dtype, (B, T, K, N, r), grad_layout in [
         (torch.bfloat16, (2, 70, 256, 130, 32), "strided"),  # rank 17-32; N % 8 != 0: element-wise accesses
         (torch.float16, (1, 97, 512, 4098, 16), "contig"),  # rows not 16-byte aligned
@@ -842,3 +842,50 @@ def test_gpu_dora_deterministic_mode_is_bitwise_reproducible():
         torch.use_deterministic_algorithms(before)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_dora_stream_backward():
+    """The backward's stream pass (Σ dY⊙Z0 and g⊙dY over [M, N]; dm's adapter part Σ_j B⊙(dYᵀ·S') added where dB's
+    GEMM halves are combined) against the float64 truth from the saved Z0 and S: dm within 1e-4 (a wrong or missing
+    adapter part is off by far more: B·A is as large as W here), every gradient subset (dm with B frozen still needs
+    dYᵀ·S'), ranks 5-100 (no rank limit on this path), N off the 256-column blocks, row counts that split the rows
+    over blocks or not, strided dY, bf16 and fp16; the profiler, where it records (not under compute-sanitizer),
+    shows the stream kernel ran."""
+    ops = torch.ops.fastpeft_ops
+    cases = [(torch.bfloat16, 300, 4104, 130, 16, "contig"), (torch.float16, 64, 1000, 777, 5, "strided"),
+             (torch.bfloat16, 129, 512, 4099, 64, "contig"), (torch.bfloat16, 17, 1408, 300, 40, "offset"),
+             (torch.float16, 4000, 512, 1024, 12, "contig"), (torch.bfloat16, 33, 264, 96, 100, "contig")]
+    for dtype, M, K, N, r, dy_layout in cases:
+        torch.manual_seed(M + K + N + r)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        w = (torch.randn(N, K, device="cuda") / K**0.5).to(dtype)
+        A = torch.randn(r, K, device="cuda") / K**0.5
+        Bw = torch.randn(N, r, device="cuda") / r**0.5
+        m = torch.rand(N, device="cuda") + 0.5
+        s = 2.0
+        if dy_layout == "strided":
+            dy = torch.randn(M, 2 * N, device="cuda", dtype=dtype)[:, ::2]
+        elif dy_layout == "offset":
+            dy = torch.randn(M, N + 1, device="cuda", dtype=dtype)[:, 1:]
+        else:
+            dy = torch.randn(M, N, device="cuda", dtype=dtype)
+        y, S, Z0, g, inv_n = ops.dora_fwd(x, w, None, A, Bw, m, s, None, None)
+        n64 = (w.double() + s * Bw.double() @ A.double()).norm(dim=1)
+        dm64 = (dy.double() * (Z0.double() + S.double() @ Bw.double().t())).sum(0) * inv_n.double()
+        dz64 = dy.double() * g.double()[None]
+        assert rel_err(inv_n, 1 / n64) < 2e-6, (dtype, M, K, N, r)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            dx, dA, dB, dm = ops.dora_bwd(dy, x, S, Z0, g, inv_n, w, A, Bw, s, True, True, True, True)
+            torch.cuda.synchronize()
+        names = " ".join(e.name for e in prof.events())
+        assert not names or "dora_bwd_stream_kernel" in names, (dtype, M, K, N, r)
+        assert rel_err(dm, dm64) < 1e-4, (dtype, M, K, N, r)
+        dx64 = dz64 @ w.double() + (s * dy.double() @ (Bw.double() * g.double()[:, None])) @ A.double()
+        assert rel_err(dx, dx64) < TOL[dtype] / 3, (dtype, M, K, N, r)
+        for need in ((False, False, False, True), (True, False, False, True), (False, True, True, False)):
+            sub = ops.dora_bwd(dy, x, S, Z0, g, inv_n, w, A, Bw, s, *need)
+            for got, full, wanted in zip(sub, (dx, dA, dB, dm), need):
+                if wanted:
+                    assert rel_err(got, full) < 1e-6, (need, dtype, M, K, N, r)
+
