@@ -1,0 +1,59 @@
+"""ncu target for DoRA's two passes over [M, N] (csrc/adapter_cuda.cu): the forward's output pass
+(``dora_pass_kernel``: Y = g⊙(Z0 + S'·Bᵀ) + b, S'·Bᵀ on mma.sync TF32) and the backward's stream
+(``dora_bwd_stream_kernel``: Σ dY⊙Z0 and g⊙dY), one Llama-3.1-8B projection, bf16, through the operators
+``fastpeft_ops.dora_fwd`` / ``dora_bwd`` called ``--launches`` times; profile a later launch (the first ones warm up
+the build, the shared-memory opt-in and the caches):
+
+    ncu -k regex:dora_pass_kernel --launch-skip 2 --launch-count 1 --set full \\
+        python benchmarks/scripts/ncu_dora_pass.py --shape q/o --M 4096
+    ncu -k regex:dora_bwd_stream --launch-skip 2 --launch-count 1 --set full \\
+        python benchmarks/scripts/ncu_dora_pass.py --shape q/o --M 4096
+
+Session 34 measured the forward pass at ~35 µs (q/o, 4096 rows, r = 16; ~1.8 TB/s over 67 MB) and the stream at
+28.6 µs (3.5 TB/s over 101 MB) from the profiler's kernel list (``benchmarks/results/h200/INDEX.md``); the forward
+pass is the largest of DoRA's costs over LoRA left. Needs a CUDA GPU and the extension's toolchain.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's fastpeft
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+
+from fastpeft.ops import cpp_ops  # noqa: E402
+
+# (in_features K, out_features N) of Llama-3.1-8B's projections
+SHAPES = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="q/o")
+    parser.add_argument("--M", type=int, default=4096, help="rows of x")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--launches", type=int, default=4)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("ncu_dora_pass.py needs a CUDA GPU")
+    cpp_ops.EXTENSION.load()
+    ops = torch.ops.fastpeft_ops
+    K, N = SHAPES[args.shape]
+    x = torch.randn(args.M, K, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    lora_A = torch.randn(args.rank, K, device="cuda") / K**0.5
+    lora_B = torch.randn(N, args.rank, device="cuda") / args.rank**0.5
+    magnitude = torch.rand(N, device="cuda") + 0.5
+    dy = torch.randn(args.M, N, device="cuda", dtype=torch.bfloat16)
+    for _ in range(args.launches):
+        _, S, Z0, g, inv_n = ops.dora_fwd(x, weight, None, lora_A, lora_B, magnitude, 2.0, None, None)
+        ops.dora_bwd(dy, x, S, Z0, g, inv_n, weight, lora_A, lora_B, 2.0, True, True, True, True)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
