@@ -293,11 +293,10 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
             rows.append(dict(section="decode_graph", shape=name, impl="bnb", skipped=repr(exc)[:300]))
         for M in Ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
-            try:  # what the default rows' calls take, and what the per-call choice (set_k_split(0)) would
+            try:  # the K split the default rows' calls take (chosen per call)
                 default_k_split = nf4_gemv.k_split_for(N, K)
-                auto_k_split = _kernel_form(lambda: nf4_gemv.k_split_for(N, K), k_split=0)
             except Exception:  # noqa: BLE001
-                default_k_split = auto_k_split = None
+                default_k_split = None
             impls = {
                 "fastpeft cuda mma gemv": lambda pk, qs: nf4_gemv.nf4_lora_gemv(x, pk, kernel_state(qs, x.device), None, A, B, 2.0,
                                                                                 backend="cuda"),
@@ -318,6 +317,9 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                     x, pk, kernel_state(qs, x.device), None, A, B, 2.0, backend="cuda"), variant=3),
                 "fastpeft cuda mma gemv, pair, base only": lambda pk, qs: _kernel_form(lambda: nf4_gemv.nf4_lora_gemv(
                     x, pk, kernel_state(qs, x.device), None, None, None, 0.0, backend="cuda"), variant=3),
+                "fastpeft triton mm": lambda pk, qs: nf4_gemv.nf4_lora_gemv_triton(x, pk, kernel_state(qs, x.device), None, A, B, 2.0),
+                "fastpeft dequant-buffer + cuBLAS": lambda pk, qs: torch.addmm(
+                    ((x @ A.to(dtype).t()) @ B.to(dtype).t()) * 2.0, x, nf4_lora.dequantize_to(pk, kernel_state(qs, pk.device), dtype).t()),
             }
             for k_split in K_SPLITS:  # fixed K splits, base only (the default chooses one per call)
                 impls[f"fastpeft cuda mma gemv, base only, k split {k_split}"] = (
@@ -334,8 +336,7 @@ def decode_graph_section(shapes, device, bw, rows, Ms=(1, 4, 8, 16)):
                         us = graph_ms([(lambda pk=pk, qs=qs: fn(pk, qs)) for pk, qs in weights]) * 1e3
                     rows.append(dict(section="decode_graph", shape=name, K=K, N=N, M=M, impl=impl, us=us,
                                      floor_us=floor_us, frac_of_copy_bw=floor_us / us, copies=n_copies,
-                                     lora_bytes=lora_bytes, default_k_split=default_k_split,
-                                     auto_k_split=auto_k_split))
+                                     lora_bytes=lora_bytes, default_k_split=default_k_split))
                 except Exception as exc:  # noqa: BLE001
                     rows.append(dict(section="decode_graph", shape=name, M=M, impl=impl, skipped=repr(exc)[:400]))
                 print(json.dumps(rows[-1]), flush=True)
