@@ -1749,20 +1749,32 @@ void launch_dora_pass(dim3 grid, cudaStream_t stream, Args... args) {
   dora_pass_kernel<T, RMAX><<<grid, kDoraThreads, DoraTile<T, RMAX>::SMEM_BYTES, stream>>>(args...);
 }
 
-// Blocks of dora_pass_kernel<T, RMAX> resident on one SM at once (its registers and shared memory decide: 3 for
-// the rank-16 tile on an H200), per device
-template <typename T, int RMAX>
-int64_t dora_pass_per_sm() {
-  static int per_sm[64] = {};
+// Blocks of `kernel` resident on one SM at once (its registers and shared memory decide), at least 1, queried once
+// per device into the caller's cache (each kernel instantiation keeps its own)
+template <typename Kernel>
+int64_t resident_blocks(int (&per_sm)[64], Kernel kernel, int threads, int smem) {
   const int dev = at::cuda::current_device();
   if (per_sm[dev % 64] == 0) {
-    dora_pass_opt_in<T, RMAX>();
     int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dora_pass_kernel<T, RMAX>, kDoraThreads,
-                                                                 DoraTile<T, RMAX>::SMEM_BYTES));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
     per_sm[dev % 64] = std::max(blocks, 1);
   }
   return per_sm[dev % 64];
+}
+
+// dora_pass_kernel<T, RMAX>'s resident blocks (3 for the rank-16 tile on an H200)
+template <typename T, int RMAX>
+int64_t dora_pass_per_sm() {
+  static int per_sm[64] = {};
+  dora_pass_opt_in<T, RMAX>();  // its shared memory is allowed before the query
+  return resident_blocks(per_sm, dora_pass_kernel<T, RMAX>, kDoraThreads, DoraTile<T, RMAX>::SMEM_BYTES);
+}
+
+// dora_bwd_stream_kernel<T>'s resident blocks (3 on an H200: its launch bounds)
+template <typename T>
+int64_t dora_bwd_stream_per_sm() {
+  static int per_sm[64] = {};
+  return resident_blocks(per_sm, dora_bwd_stream_kernel<T>, kStreamThreads, 0);
 }
 
 // How many blocks share a column block's row tiles: the fewest waves × (tiles per block + 1), a wave being as many
@@ -1892,18 +1904,11 @@ Tensor dora_bwd_stream(const Tensor& dy, const Tensor& Z0, const Tensor& g32, co
                        const Tensor& red_scale, bool need_red) {
   const int64_t M = dy.size(0), N = dy.size(1);
   const int64_t col_blocks = (N + kStreamGroups * 8 - 1) / (kStreamGroups * 8);
-  static int per_sm[64] = {};
-  const int dev = at::cuda::current_device();
-  if (per_sm[dev % 64] == 0) {
-    int blocks = 0;
-    dispatch_all(dy.scalar_type(), [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, dora_bwd_stream_kernel<T>,
-                                                                   kStreamThreads, 0));
-    });
-    per_sm[dev % 64] = std::max(blocks, 1);
-  }
-  const int64_t slots = static_cast<int64_t>(per_sm[dev % 64]) * sm_count();
+  int64_t per_sm = 1;
+  dispatch_all(dy.scalar_type(), [&](auto* tag) {
+    per_sm = dora_bwd_stream_per_sm<std::remove_pointer_t<decltype(tag)>>();
+  });
+  const int64_t slots = per_sm * sm_count();
   // rows a block: a whole number of unrolled steps of its row lanes (at least one), for about kStreamWaves waves of
   // blocks (short blocks: the scheduler balances the SMs; the atomics per column grow with the splits)
   constexpr int64_t kStep = kStreamUnroll * kStreamLanes, kStreamWaves = 4;
@@ -2788,9 +2793,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
   const Tensor g32 = in_dtype(g, at::kFloat).contiguous();
   const Tensor B32 = in_dtype(B, at::kFloat).contiguous();
   Tensor dm = at::empty({0}, f32), dZ;
-  // dm's adapter part from dB's GEMM (the stream form): set when the pass left only (Σ dY⊙Z0)/n in dm
+  // dm's adapter part from dB's GEMM: dm_term.dm is defined when the stream left only (Σ dY⊙Z0)/n in dm
   DoraDmTerm dm_term;
-  bool dm_from_dB = false;
   if (need_m || need_x) {
     if (at::globalContext().deterministicAlgorithms()) {
       const Tensor dyf = dy2.to(at::kFloat);
@@ -2803,11 +2807,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_bwd_cuda(const Tensor& dy2_in, c
       if (need_m) {
         dm = red;
         dm_term = DoraDmTerm{B32, inv_n32, dm};
-        dm_from_dB = true;
       }
     }
   }
   Tensor dx = at::empty({0}, x2.options()), dA = at::empty({0}, f32), dB = at::empty({0}, f32);
+  const bool dm_from_dB = dm_term.dm.defined();
   if (need_x || need_A || need_B || dm_from_dB) {
     std::tie(dx, dA, dB) = lora_bwd_split(dy2, x2, S, weight, A, B32, scaling, 0.0, c10::nullopt, 0, need_x, need_A,
                                           need_B, dZ, g32, dm_from_dB ? &dm_term : nullptr);
