@@ -42,6 +42,7 @@ int64_t lora_cuda_path();
 int64_t decode_fork_mode();
 int64_t decode_pdl_mode();
 int64_t decode_gemv_mode();
+int64_t dora_pass_form();
 void check_mixed_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
                       at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);
 // LoRA with 16-bit adapters of x's dtype, no dropout (adapter_ops.cpp: ATen GEMMs, the same on every device)
@@ -206,14 +207,21 @@ __device__ __forceinline__ void load8(const T* p, int64_t stride, int valid, boo
   }
 }
 
+// the bits of one element, widened to 32 bits
+__device__ __forceinline__ unsigned elem_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned elem_bits(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ unsigned elem_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+// (The 16-byte store is spelled out as st.global.v4: a uint4 assembled from 16-bit elements through a T pointer was
+// compiled to four 4-byte stores in some callers, dora_bwd_stream_kernel's among them.)
 template <typename T>
 __device__ __forceinline__ void store8(T* p, int valid, bool vec, const float v[8]) {
   if (sizeof(T) == 2 && vec && valid >= 8) {
-    uint4 raw;
-    T* h = reinterpret_cast<T*>(&raw);
+    unsigned u[4];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) h[e] = from_f<T>(v[e]);
-    *reinterpret_cast<uint4*>(p) = raw;
+    for (int k = 0; k < 4; ++k) u[k] = elem_bits(from_f<T>(v[2 * k])) | (elem_bits(from_f<T>(v[2 * k + 1])) << 16);
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u[0]), "r"(u[1]), "r"(u[2]), "r"(u[3])
+                 : "memory");
   } else {
 #pragma unroll
     for (int e = 0; e < 8; ++e)
@@ -299,11 +307,6 @@ __device__ __forceinline__ void load_cols(const T* p, int64_t stride, int valid,
   }
 }
 
-// the bits of one element, widened to 32 bits
-__device__ __forceinline__ unsigned elem_bits(float v) { return __float_as_uint(v); }
-__device__ __forceinline__ unsigned elem_bits(__half v) { return __half_as_ushort(v); }
-__device__ __forceinline__ unsigned elem_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-
 // DoRA's forward pass over [M, N], with L = S·Bᵀ (S [M, R] and B [N, R] fp32, R <= RMAX) formed on the tensor cores:
 //   out = dtype(g·(Z0 + L) + bias)      Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
 // One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output. (The backward's pass over dY and
@@ -377,13 +380,15 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], flo
 }
 
 // Asynchronous global -> shared copies (cp.async, sm_80+; a plain copy before): `Bytes` of 4 or 16 from src, or
-// zeros when !ok (src is then not read). 16-byte copies bypass L1 (.cg: streamed data, read once); commit / wait
-// group them as PTX does.
-template <int Bytes>
+// zeros when !ok (src is then not read). 16-byte copies bypass L1 (.cg: streamed data, read once) unless `CacheL1`
+// (data that other warps of the block read next); commit / wait group them as PTX does.
+template <int Bytes, bool CacheL1 = false>
 __device__ __forceinline__ void copy_async(void* dst, const void* src, bool ok) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  if constexpr (Bytes == 16) {
+  if constexpr (Bytes == 16 && CacheL1) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
+  } else if constexpr (Bytes == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0) : "memory");
   } else {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(Bytes), "r"(ok ? Bytes : 0)
@@ -635,6 +640,202 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
       unstage16<T>(out + m * N + c, zb + (rl + p * RPP) * ZLD + gl * 16, valid, vec_o);
     }
     __syncwarp();  // this buffer is read before the next tiles' copies write it
+  }
+  copy_async_wait<0>();  // nothing in flight into shared memory past the loop (the last, empty, groups)
+}
+
+// DoRA's forward output pass for ranks up to 16 with B's fragments in registers (dora_pass_kernel's register form;
+// the same arithmetic, so the same bits: out = dtype(g·(Z0 + L) + bias), L = S·Bᵀ in 3xTF32 in the same order).
+// Why a second form: dora_pass_kernel ran at ~1.8 TB/s (35 µs at q/o, 4096 rows; ncu: latency-bound at 30 %
+// occupancy with L1 / shared memory its busiest unit, B's fragments re-read from shared memory every 16 rows and Z0 /
+// Y going through shared memory in 4-byte pieces), where LoRA's cuBLAS add over the same bytes takes 19 µs.
+// Layout: a warp owns a 32-column strip and walks the block's rows 16 at a time. The mma's 8 n-positions of slice t
+// (t < 4) are mapped to columns so that a lane's accumulators are 8 consecutive columns: lane (qr, qc) = (lane / 4,
+// lane % 4) holds, for slice t, columns qc·8 + 2t, qc·8 + 2t + 1 of the strip, and the B fragment it provides is
+// column (qr / 2)·8 + 2t + qr % 2. So B's fragments (hi / lo TF32 parts: 32 registers), g and the bias of the lane's 8
+// columns stay in registers for the whole walk, and a lane's Z0 and Y are one 16-byte word per row (two for fp32).
+//   - Z0 and S reach shared memory by cp.async STAGES - 1 tiles ahead (no registers held by data in flight: ~80 KB a
+//     SM of Z0 in flight at 2 blocks); a lane's Z0 words sit at [row half][lane] (conflict-free 16-byte accesses) and
+//     only that lane reads them, so only S, read by the whole warp, needs a __syncwarp. S is copied with .ca: the 8
+//     warps of a block walk the same rows, so 7 of them find it in L1.
+//   - Y goes straight from registers to global memory (16-byte stores, 64 contiguous bytes a quad).
+// No block barriers: warps drift apart and one's copies overlap another's arithmetic. sm_80+ (mma.sync TF32); the
+// host takes dora_pass_kernel before that.
+// Floor: bytes, Z0 read and Y written once (4 bytes an element in 16 bits: 67 MB at q/o, 4096 rows: ~16 µs at
+// 4.3 TB/s); L's 3xTF32 mma (6·M·N·16 FLOPs, 1.6 GFLOP at q/o) and the ~120 instructions a lane per 16 × 32 tile
+// are a few µs spread over the SMs.
+constexpr int kOutWarps = 8;
+constexpr int kOutThreads = kOutWarps * 32;
+constexpr int kOutRank = 16;          // ranks the register form takes (B's fragments: 2 k-steps × 4 slices × 4 floats)
+constexpr int kOutCols = 32;          // columns a warp owns: 4 mma slices of 8
+constexpr int kOutLds = kOutRank + 4;  // floats a row of S's stage (rows 4 banks apart: conflict-free fragment loads)
+
+template <typename T> struct DoraOutTile {
+  static constexpr int STAGES = sizeof(T) == 2 ? 6 : 4;        // tiles in a warp's ring (STAGES - 1 in flight)
+  static constexpr int CPR = static_cast<int>(sizeof(T)) / 2;  // 16-byte words a lane's 8 columns take in a row
+  static constexpr int Z_BYTES = 2 * CPR * 32 * 16;            // a warp's 16 × 32 tile of Z0: [2 halves][CPR][32 lanes]
+  static constexpr int S_BYTES = 16 * kOutLds * 4;             // its 16 rows of S
+  static constexpr int STAGE_BYTES = Z_BYTES + S_BYTES;
+  static constexpr int WARP_BYTES = STAGES * STAGE_BYTES;
+  static constexpr int SMEM_BYTES = kOutWarps * WARP_BYTES;    // 108 KB (16-bit T), 104 KB (fp32): 2 blocks a SM
+  static_assert(SMEM_BYTES <= 113 * 1024, "two blocks a SM");
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kOutThreads, 2) dora_out_kernel(
+    const T* __restrict__ z0, int64_t sz0, int64_t sz1, const float* __restrict__ S, int64_t ss0, int64_t ss1,
+    const float* __restrict__ B, int64_t sb0, int64_t sb1, const float* __restrict__ g,
+    const float* __restrict__ g_div, const T* __restrict__ bias, T* __restrict__ out, int64_t M, int64_t N, int R,
+    int64_t rows_per_block, bool vec_z, bool vec_o, bool vec_s) {
+  using Tile = DoraOutTile<T>;
+  constexpr int STAGES = Tile::STAGES, CPR = Tile::CPR, VEC = 16 / static_cast<int>(sizeof(T));
+  extern __shared__ __align__(128) unsigned char dora_out_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, qr = lane / 4, qc = lane % 4;
+  const int64_t strip = (static_cast<int64_t>(blockIdx.x) * kOutWarps + warp) * kOutCols;
+  if (strip >= N) return;  // no block barrier below: a warp past N leaves alone
+  unsigned char* const ring = dora_out_smem + warp * Tile::WARP_BYTES;
+  const int64_t c = strip + qc * 8;  // the lane's first column
+  const int valid = c < N ? static_cast<int>(N - c < 8 ? N - c : 8) : 0;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t m_end = m_begin + rows_per_block < M ? m_begin + rows_per_block : M;
+  if (m_begin >= m_end) return;
+  // B's fragments: slice t, k-step ks, k-columns qc and qc + 4 of column (qr / 2)·8 + 2t + qr % 2; TF32 hi and lo
+  float b_hi[4][2][2], b_lo[4][2][2];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const int64_t n = strip + (qr / 2) * 8 + 2 * t + (qr % 2);
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = ks * 8 + qc + 4 * h;
+        const float v = (n < N && j < R) ? B[n * sb0 + j * sb1] : 0.0f;
+        b_hi[t][ks][h] = tf32_round(v);
+        b_lo[t][ks][h] = tf32_round(v - b_hi[t][ks][h]);
+      }
+    }
+  }
+  float gv[8], bv[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const bool in = e < valid;
+    // g_div: g = m / n here (inference: an IEEE division, as ATen's m / n, so the same bits as the autograd call)
+    gv[e] = in ? (g_div != nullptr ? g[c + e] / g_div[c + e] : g[c + e]) : 0.0f;
+    bv[e] = (in && bias != nullptr) ? to_f<T>(bias[c + e]) : 0.0f;
+  }
+  // a tile's copies into stage st: the lane's Z0 words (rows qr, qr + 8; zeros past m_end and N) and a share of S's
+  // 16 rows (zeros past m_end and R)
+  auto stage = [&](int64_t m0, int st) {
+    unsigned char* const zs = ring + st * Tile::STAGE_BYTES;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = m0 + qr + 8 * h;
+      const int ok = m < m_end ? valid : 0;
+#pragma unroll
+      for (int w = 0; w < CPR; ++w)
+        stage16<T>(zs + ((h * CPR + w) * 32 + lane) * 16, z0 + m * sz0 + (c + w * VEC) * sz1, sz1, ok - w * VEC,
+                   vec_z);
+    }
+    float* const ss = reinterpret_cast<float*>(zs + Tile::Z_BYTES);
+    if (vec_s) {  // 64 words of 4 floats
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int idx = lane + u * 32, rr = idx / 4, j = (idx % 4) * 4;
+        const int64_t m = m0 + rr;
+        const bool ok = m < m_end && j < R;
+        copy_async<16, true>(ss + rr * kOutLds + j, ok ? S + m * ss0 + j : S, ok);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int idx = lane + u * 32, rr = idx / 16, j = idx % 16;
+        const int64_t m = m0 + rr;
+        const bool ok = m < m_end && j < R;
+        copy_async<4>(ss + rr * kOutLds + j, ok ? S + m * ss0 + j * ss1 : S, ok);
+      }
+    }
+  };
+  const int64_t tiles = (m_end - m_begin + 15) / 16;
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < tiles) stage(m_begin + 16 * st, st);
+    copy_async_commit();  // one group per stage, empty or not: the wait below counts groups
+  }
+  for (int64_t i = 0; i < tiles; ++i) {
+    __syncwarp();  // every lane has read S from the stage refilled next (the previous tile's)
+    if (i + STAGES - 1 < tiles) stage(m_begin + 16 * (i + STAGES - 1), static_cast<int>((i + STAGES - 1) % STAGES));
+    copy_async_commit();
+    copy_async_wait<STAGES - 1>();  // this tile's group has landed (the lane's own copies) ...
+    __syncwarp();                   // ... and every lane's: S is whole
+    const unsigned char* const zs = ring + static_cast<int>(i % STAGES) * Tile::STAGE_BYTES;
+    const float* const ss = reinterpret_cast<const float*>(zs + Tile::Z_BYTES);
+    float a_hi[2][4], a_lo[2][4];
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int k = ks * 8;
+      const float v[4] = {ss[qr * kOutLds + k + qc], ss[(qr + 8) * kOutLds + k + qc], ss[qr * kOutLds + k + qc + 4],
+                          ss[(qr + 8) * kOutLds + k + qc + 4]};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        a_hi[ks][e] = tf32_round(v[e]);
+        a_lo[ks][e] = tf32_round(v[e] - a_hi[ks][e]);
+      }
+    }
+    float acc[4][4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[t][e] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {  // dora_pass_kernel's order: the small terms first
+        mma_tf32(acc[t], a_lo[ks], b_hi[t][ks][0], b_hi[t][ks][1]);
+        mma_tf32(acc[t], a_hi[ks], b_lo[t][ks][0], b_lo[t][ks][1]);
+        mma_tf32(acc[t], a_hi[ks], b_hi[t][ks][0], b_hi[t][ks][1]);
+      }
+    }
+    const int64_t m0 = m_begin + 16 * i;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // rows qr and qr + 8: accumulators 2h, 2h + 1 of each slice
+      const int64_t m = m0 + qr + 8 * h;
+      if (m >= m_end || valid == 0) continue;
+      float z[8];
+#pragma unroll
+      for (int w = 0; w < CPR; ++w) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(zs + ((h * CPR + w) * 32 + lane) * 16);
+        const T* el = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) z[w * VEC + e] = to_f<T>(el[e]);
+      }
+      float o[8];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        o[2 * t] = fmaf(gv[2 * t], z[2 * t] + acc[t][2 * h], bv[2 * t]);
+        o[2 * t + 1] = fmaf(gv[2 * t + 1], z[2 * t + 1] + acc[t][2 * h + 1], bv[2 * t + 1]);
+      }
+      T* const op = out + m * N + c;
+      if (vec_o && valid == 8) {  // st.global.v4 spelled out: a uint4 assembled from 16-bit elements was stored as
+                                  // four 4-byte words (SASS of the first version)
+#pragma unroll
+        for (int w = 0; w < CPR; ++w) {
+          unsigned u[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            if constexpr (sizeof(T) == 4) {
+              u[k] = __float_as_uint(o[w * 4 + k]);
+            } else {
+              u[k] = elem_bits(from_f<T>(o[2 * k])) | (elem_bits(from_f<T>(o[2 * k + 1])) << 16);
+            }
+          }
+          asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(op + w * VEC), "r"(u[0]), "r"(u[1]),
+                       "r"(u[2]), "r"(u[3])
+                       : "memory");
+        }
+      } else {  // a partial column group, or rows not 16-byte aligned
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          if (e < valid) op[e] = from_f<T>(o[e]);
+      }
+    }
   }
   copy_async_wait<0>();  // nothing in flight into shared memory past the loop (the last, empty, groups)
 }
@@ -1783,13 +1984,15 @@ int64_t dora_bwd_stream_per_sm() {
 // the GPU busy for a whole block's time; among equals the fewest blocks. Llama-8B q/o at 4096 rows, rank 16 (396
 // slots): 11 splits of 6 tiles (352 blocks, one wave) where "about 4 blocks an SM" gave 16 of 4 (512 blocks: 1.3
 // waves; ncu: 41.6 µs, DRAM 22 %, session 23); gate/up 7 of 10 (784 blocks, 2 waves) for 8 of 8 (896, 2.3).
-int64_t dora_pass_splits(int64_t tiles, int64_t col_blocks, int64_t per_sm) {
+// dora_out_kernel (the register form) passes prologue = 4: its blocks hold B's fragments and fill STAGES - 1 tiles
+// of 16 rows before the first is used.
+int64_t dora_pass_splits(int64_t tiles, int64_t col_blocks, int64_t per_sm, int64_t prologue = 1) {
   if (tiles <= 1) return 1;
   const int64_t slots = std::max<int64_t>(1, per_sm * sm_count());
   int64_t best = tiles, best_cost = -1;
   for (int64_t per_block = 1; per_block <= tiles;) {  // each distinct split count once: O(√tiles) steps
     const int64_t splits = (tiles + per_block - 1) / per_block;
-    const int64_t cost = (col_blocks * splits + slots - 1) / slots * (per_block + 1);
+    const int64_t cost = (col_blocks * splits + slots - 1) / slots * (per_block + prologue);
     if (best_cost < 0 || cost < best_cost || (cost == best_cost && splits < best)) {
       best = splits;
       best_cost = cost;
@@ -1800,11 +2003,72 @@ int64_t dora_pass_splits(int64_t tiles, int64_t col_blocks, int64_t per_sm) {
   return best;
 }
 
+// dora_out_kernel<T>'s shared-memory opt-in (over the 48 KB default), once per device, and its resident blocks
+template <typename T>
+int64_t dora_out_per_sm() {
+  static bool opted_in[64] = {};
+  static int per_sm[64] = {};
+  const int dev = at::cuda::current_device();
+  if (!opted_in[dev % 64]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(dora_out_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        DoraOutTile<T>::SMEM_BYTES));
+    opted_in[dev % 64] = true;
+  }
+  return resident_blocks(per_sm, dora_out_kernel<T>, kOutThreads, DoraOutTile<T>::SMEM_BYTES);
+}
+
+// dora_pass's register form (dora_out_kernel, ranks <= kOutRank, sm_80+) into out. tiles_per_block > 0 fixes a
+// block's 16-row tiles (the set_dora_pass_form hook); 0 takes the wave model.
+void dora_out(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Tensor& g32, const Tensor& bias,
+              const Tensor& g_div, Tensor& out, int64_t tiles_per_block) {
+  const int64_t M = Z0.size(0), N = Z0.size(1);
+  const int R = static_cast<int>(S.size(1));
+  const int64_t col_blocks = (N + kOutWarps * kOutCols - 1) / (kOutWarps * kOutCols);
+  const int64_t tiles = (M + 15) / 16;
+  int64_t per_sm = 1;
+  dispatch_all(Z0.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    per_sm = dora_out_per_sm<T>();
+  });
+  int64_t per_block = tiles_per_block;
+  if (per_block <= 0) {
+    const int64_t splits = dora_pass_splits(tiles, col_blocks, per_sm, 4);
+    per_block = std::max<int64_t>(1, (tiles + splits - 1) / splits);
+  }
+  const int64_t rows_per_block = per_block * 16;
+  const int64_t splits = (M + rows_per_block - 1) / rows_per_block;
+  const int64_t vec = 16 / Z0.element_size();
+  const bool vec_z = Z0.stride(1) == 1 && Z0.stride(0) % vec == 0 && reinterpret_cast<uintptr_t>(Z0.data_ptr()) % 16 == 0;
+  const bool vec_o = N % vec == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  const bool vec_s = S.stride(1) == 1 && R % 4 == 0 && S.stride(0) % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(S.data_ptr()) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_all(Z0.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dora_out_kernel<T><<<grid, kOutThreads, DoraOutTile<T>::SMEM_BYTES, stream>>>(
+        reinterpret_cast<const T*>(Z0.data_ptr()), Z0.stride(0), Z0.stride(1), S.data_ptr<float>(), S.stride(0),
+        S.stride(1), B32.data_ptr<float>(), B32.stride(0), B32.stride(1), g32.data_ptr<float>(),
+        g_div.defined() ? g_div.data_ptr<float>() : nullptr,
+        bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr, reinterpret_cast<T*>(out.data_ptr()),
+        M, N, R, rows_per_block, vec_z, vec_o, vec_s);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 Tensor dora_pass(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Tensor& g32, const Tensor& bias,
                  const Tensor& g_div = Tensor()) {
   const int64_t M = Z0.size(0), N = Z0.size(1);
   const int R = static_cast<int>(S.size(1));
   TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
+  // dora_pass_form(): -1 automatic (the register form at ranks <= 16 on sm_80+), 0 the tiled kernel, n > 0 the
+  // register form with n row tiles a block (adapter_ops.cpp: set_dora_pass_form)
+  const int64_t form = dora_pass_form();
+  if (form != 0 && R <= kOutRank && at::cuda::getCurrentDeviceProperties()->major >= 8) {
+    Tensor out = at::empty({M, N}, Z0.options());
+    if (M > 0 && N > 0) dora_out(Z0, S, B32, g32, bias, g_div, out, form > 0 ? form : 0);
+    return out;
+  }
   const int rmax = R <= 16 ? 16 : (R <= 32 ? 32 : 64);
   const int64_t bn = rmax <= 32 ? DoraTile<float, 16>::BN : DoraTile<float, 64>::BN;
   const int64_t bm = rmax > 32 ? DoraTile<float, 64>::BM : DoraTile<float, 16>::BM;

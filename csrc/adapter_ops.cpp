@@ -1771,6 +1771,17 @@ int64_t set_decode_gemv(int64_t mode) {
                             "set_decode_gemv: mode must be -1 (auto: where it applies) or 0 (never)");
 }
 
+// Which kernel DoRA's forward output pass takes (adapter_cuda.cu, dora_pass): -1 automatic (the register form,
+// dora_out_kernel, at ranks <= 16 on sm_80+; else the tiled dora_pass_kernel), 0 the tiled kernel, n in 1..4096 the
+// register form with n row tiles of 16 rows a block (its grid otherwise from the wave model).
+std::atomic<int64_t> g_dora_pass_form{-1};
+int64_t dora_pass_form() { return g_dora_pass_form.load(std::memory_order_relaxed); }
+int64_t set_dora_pass_form(int64_t mode) {
+  return exchange_hook_mode(g_dora_pass_form, mode, mode >= -1 && mode <= 4096,
+                            "set_dora_pass_form: mode must be -1 (auto), 0 (the tiled kernel) or 1..4096 (the "
+                            "register form with that many 16-row tiles a block)");
+}
+
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
 int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
 uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
@@ -1831,6 +1842,7 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("set_decode_fork(int mode) -> int", &fastpeft::set_decode_fork);
   m.def("set_decode_pdl(int mode) -> int", &fastpeft::set_decode_pdl);
   m.def("set_decode_gemv(int mode) -> int", &fastpeft::set_decode_gemv);
+  m.def("set_dora_pass_form(int mode) -> int", &fastpeft::set_dora_pass_form);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {

@@ -1,11 +1,11 @@
 """ncu target for DoRA's two passes over [M, N] (csrc/adapter_cuda.cu): the forward's output pass
-(``dora_pass_kernel``: Y = g⊙(Z0 + S'·Bᵀ) + b, S'·Bᵀ on mma.sync TF32) and the backward's stream
-(``dora_bwd_stream_kernel``: Σ dY⊙Z0 and g⊙dY), one Llama-3.1-8B projection, bf16, through the operators
+(``dora_out_kernel`` up to rank 16, else ``dora_pass_kernel``: Y = g⊙(Z0 + S'·Bᵀ) + b, S'·Bᵀ on mma.sync TF32)
+and the backward's stream (``dora_bwd_stream_kernel``: Σ dY⊙Z0 and g⊙dY), one Llama-3.1-8B projection, bf16, through the operators
 ``fastpeft_ops.dora_fwd`` / ``dora_bwd`` called ``--launches`` times; profile a later launch (the first ones warm up
 the build, the shared-memory opt-in and the caches):
 
-    ncu -k regex:dora_pass_kernel --launch-skip 2 --launch-count 1 --set full \\
-        python benchmarks/scripts/ncu_dora_pass.py --shape q/o --M 4096
+    ncu -k regex:"dora_pass_kernel|dora_out_kernel" --launch-skip 2 --launch-count 1 --set full \\
+        python benchmarks/scripts/ncu_dora_pass.py --shape q/o --M 4096 [--form 0]
     ncu -k regex:dora_bwd_stream --launch-skip 2 --launch-count 1 --set full \\
         python benchmarks/scripts/ncu_dora_pass.py --shape q/o --M 4096
 
@@ -37,11 +37,16 @@ def main() -> None:
     parser.add_argument("--M", type=int, default=4096, help="rows of x")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--launches", type=int, default=4)
+    parser.add_argument("--form", type=int, default=-1,
+                        help="the forward pass's kernel (fastpeft_ops.set_dora_pass_form): -1 automatic (the register "
+                        "form, dora_out_kernel, up to rank 16), 0 the tiled dora_pass_kernel, n > 0 the register form "
+                        "with n 16-row tiles a block")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("ncu_dora_pass.py needs a CUDA GPU")
     cpp_ops.EXTENSION.load()
     ops = torch.ops.fastpeft_ops
+    ops.set_dora_pass_form(args.form)
     K, N = SHAPES[args.shape]
     x = torch.randn(args.M, K, device="cuda", dtype=torch.bfloat16)
     weight = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)

@@ -351,6 +351,7 @@ def test_compiles_without_graph_breaks_and_matches_eager():
     ("set_decode_fork", (-1, 0, 1), (2, -2)),
     ("set_decode_pdl", (-1, 0), (1, -2)),
     ("set_decode_gemv", (-1, 0), (1, -2)),
+    ("set_dora_pass_form", (-1, 0, 1, 16, 4096), (4097, -2)),
 ])
 def test_testing_hooks_take_their_modes_and_refuse_others(hook, modes, bad):
     """The CUDA compositions' testing hooks (fastpeft_ops::set_*): each allowed mode is stored and the previous one
@@ -818,6 +819,68 @@ def test_gpu_dora_pass_tiles_and_misaligned_gradients():
         torch.manual_seed(N + r)
         _check_dora(dtype, B, T, K, N, r, "contig", False, True, True, False, device="cuda",
                     tol=TOL[dtype] if dtype != torch.float32 else 1e-4, grad_layout=grad_layout)
+
+
+@pytest.mark.gpu
+def test_gpu_dora_pass_register_form_equals_the_tiled_kernel():
+    """The forward pass's register form (dora_out_kernel: ranks <= 16, B's fragments in registers, a warp per 32-column
+    strip walking 16-row tiles through a cp.async ring) computes the tiled kernel's arithmetic in the same order, so
+    its output equals dora_pass_kernel's bit for bit (set_dora_pass_form 0): bf16, fp16, fp32; ranks 1-16 (S by
+    16-byte copies only at rank % 4 == 0); N off the 32-column strips and off 16-byte rows; partial row tiles; blocks
+    of 1, 3 and the wave model's tiles (the ring longer or shorter than a block's walk); bias on, off and one element
+    off alignment; the training call (g) and inference with a given norm (g = m / n in the pass). The profiler, where
+    it records (not under compute-sanitizer), shows which kernel ran: the register form by default up to rank 16,
+    the tiled kernel at 17."""
+    ops = torch.ops.fastpeft_ops
+    cases = [(torch.bfloat16, 300, 256, 1024, 16, "plain"), (torch.float16, 97, 512, 4098, 16, "misaligned"),
+             (torch.bfloat16, 41, 384, 4104, 12, "none"), (torch.bfloat16, 1000, 256, 16392, 16, "plain"),
+             (torch.float32, 200, 128, 1024, 16, "plain"), (torch.bfloat16, 37, 128, 4231, 3, "misaligned"),
+             (torch.float16, 513, 64, 300, 1, "plain"), (torch.float32, 77, 96, 70, 7, "none"),
+             (torch.bfloat16, 4096, 64, 4096, 16, "none")]
+    before = ops.set_dora_pass_form(-1)
+    try:
+        for dtype, M, K, N, r, bias_kind in cases:
+            torch.manual_seed(M + N + r)
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            w = (torch.randn(N, K, device="cuda") / K**0.5).to(dtype)
+            A = torch.randn(r, K, device="cuda") / K**0.5
+            Bw = torch.randn(N, r, device="cuda") / r**0.5
+            bias = None
+            if bias_kind == "plain":
+                bias = torch.randn(N, device="cuda", dtype=dtype) * 0.5
+            elif bias_kind == "misaligned":
+                bias = (torch.randn(N + 1, device="cuda", dtype=dtype) * 0.5)[1:]
+            norm = dora_weight_norm_reference(w, A, Bw, 1.5)
+            m = norm * (1 + 0.2 * torch.randn_like(norm))
+            outs = {}
+            for form in (0, -1, 1, 3):
+                ops.set_dora_pass_form(form)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    y = ops.dora_fwd(x, w, bias, A, Bw, m, 1.5, None, None)[0]
+                    with torch.no_grad():
+                        y_infer = cpp_ops.dora_linear(x, w, bias, A, Bw, m, 1.5, None, norm)
+                    torch.cuda.synchronize()
+                names = " ".join(e.name for e in prof.events())
+                ran, other = ("dora_pass_kernel", "dora_out_kernel")[::1 if form == 0 else -1]
+                assert not names or (ran in names and other not in names), (form, dtype, M, N, r)
+                outs[form] = (y, y_infer)
+            want = dora_linear_reference(x.double(), w.double(), None if bias is None else bias.double(),
+                                         A.double(), Bw.double(), m.double(), 1.5)
+            tol = TOL[dtype] if dtype != torch.float32 else 1e-4
+            for form, (y, y_infer) in outs.items():
+                assert torch.equal(y, outs[0][0]) and torch.equal(y_infer, outs[0][1]), (form, dtype, M, N, r)
+                assert rel_err(y, want) < tol and rel_err(y_infer, want) < tol, (form, dtype, M, N, r)
+        ops.set_dora_pass_form(-1)  # rank 17: the tiled kernel by default
+        x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ops.dora_fwd(x, w, None, torch.randn(17, 128, device="cuda"), torch.randn(256, 17, device="cuda"),
+                         torch.rand(256, device="cuda") + 0.5, 1.0, None, None)
+            torch.cuda.synchronize()
+        names = " ".join(e.name for e in prof.events())
+        assert not names or ("dora_pass_kernel" in names and "dora_out_kernel" not in names)
+    finally:
+        ops.set_dora_pass_form(before)
 
 
 @pytest.mark.gpu
