@@ -367,6 +367,14 @@ __device__ __forceinline__ float tf32_round(float v) {
 #endif
 }
 
+// tf32_round's value for finite v in two integer instructions (add half a TF32 unit to the magnitude's bits, clear
+// the 13 bits TF32 drops: round to nearest, ties away, carries into the exponent as they should), where cvt.rna
+// compiles to five with its inf / NaN select (SASS). Infinities stay; a NaN may become an infinity, and its lo part
+// v - hi is then NaN, so a product that sees it is NaN either way. For the per-tile splits of dora_out_kernel.
+__device__ __forceinline__ float tf32_round_finite(float v) {
+  return __uint_as_float((__float_as_uint(v) + 0x1000u) & 0xFFFFE000u);
+}
+
 // d += a·b for one m16n8k8 TF32 tile (a: 4 registers of the 16×8 row-major A fragment, b: 2 of the 8×8 col-major B).
 // sm_80+ only: the callers take their FMA path before (the body is empty there).
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], float b0, float b1) {
@@ -724,50 +732,62 @@ __global__ void __launch_bounds__(kOutThreads, 2) dora_out_kernel(
     bv[e] = (in && bias != nullptr) ? to_f<T>(bias[c + e]) : 0.0f;
   }
   // a tile's copies into stage st: the lane's Z0 words (rows qr, qr + 8; zeros past m_end and N) and a share of S's
-  // 16 rows (zeros past m_end and R)
-  auto stage = [&](int64_t m0, int st) {
+  // 16 rows (zeros past m_end and R). Rows are counted from the block's first (int: a block's rows fit) and the
+  // sources kept as running pointers: the per-tile address arithmetic is a few instructions, not 64-bit products.
+  const int rows = static_cast<int>(m_end - m_begin);
+  const T* const z_lane = z0 + (m_begin + qr) * sz0 + c * sz1;  // row qr of the block, the lane's first column
+  const int s_row = vec_s ? lane / 4 : lane / 16;                 // the lane's first row of S's tile and column
+  const int s_col = vec_s ? (lane % 4) * 4 : lane % 16;
+  const float* const s_lane = S + (m_begin + s_row) * ss0 + s_col * ss1;
+  auto stage = [&](int r0, int st) {  // r0: the tile's first row, from m_begin
     unsigned char* const zs = ring + st * Tile::STAGE_BYTES;
+    const T* const zp = z_lane + static_cast<int64_t>(r0) * sz0;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t m = m0 + qr + 8 * h;
-      const int ok = m < m_end ? valid : 0;
+      const int ok = r0 + qr + 8 * h < rows ? valid : 0;
 #pragma unroll
-      for (int w = 0; w < CPR; ++w)
-        stage16<T>(zs + ((h * CPR + w) * 32 + lane) * 16, z0 + m * sz0 + (c + w * VEC) * sz1, sz1, ok - w * VEC,
-                   vec_z);
+      for (int w = 0; w < CPR; ++w) {
+        const T* src = zp + static_cast<int64_t>(8 * h) * sz0 + w * VEC * sz1;
+        void* dst = zs + ((h * CPR + w) * 32 + lane) * 16;
+        if (vec_z && ok - w * VEC >= VEC) {
+          copy_async<16>(dst, src, true);
+        } else {
+          stage16<T>(dst, src, sz1, ok - w * VEC, vec_z);
+        }
+      }
     }
-    float* const ss = reinterpret_cast<float*>(zs + Tile::Z_BYTES);
-    if (vec_s) {  // 64 words of 4 floats
+    float* const ss = reinterpret_cast<float*>(zs + Tile::Z_BYTES) + s_row * kOutLds + s_col;
+    const float* const sp = s_lane + static_cast<int64_t>(r0) * ss0;
+    if (vec_s) {  // 64 words of 4 floats: rows s_row and s_row + 8
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
-        const int idx = lane + u * 32, rr = idx / 4, j = (idx % 4) * 4;
-        const int64_t m = m0 + rr;
-        const bool ok = m < m_end && j < R;
-        copy_async<16, true>(ss + rr * kOutLds + j, ok ? S + m * ss0 + j : S, ok);
+        const bool ok = r0 + s_row + 8 * u < rows && s_col < R;
+        copy_async<16, true>(ss + 8 * u * kOutLds, ok ? sp + static_cast<int64_t>(8 * u) * ss0 : S, ok);
       }
-    } else {
+    } else {  // 256 floats: rows s_row + 2u
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
-        const int idx = lane + u * 32, rr = idx / 16, j = idx % 16;
-        const int64_t m = m0 + rr;
-        const bool ok = m < m_end && j < R;
-        copy_async<4>(ss + rr * kOutLds + j, ok ? S + m * ss0 + j * ss1 : S, ok);
+        const bool ok = r0 + s_row + 2 * u < rows && s_col < R;
+        copy_async<4>(ss + 2 * u * kOutLds, ok ? sp + static_cast<int64_t>(2 * u) * ss0 : S, ok);
       }
     }
   };
-  const int64_t tiles = (m_end - m_begin + 15) / 16;
+  const int tiles = (rows + 15) / 16;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < tiles) stage(m_begin + 16 * st, st);
+    if (st < tiles) stage(16 * st, st);
     copy_async_commit();  // one group per stage, empty or not: the wait below counts groups
   }
-  for (int64_t i = 0; i < tiles; ++i) {
+  int st_read = 0, st_fill = STAGES - 1;  // this tile's stage; the stage the tile STAGES - 1 ahead goes to
+  for (int i = 0; i < tiles; ++i) {
     __syncwarp();  // every lane has read S from the stage refilled next (the previous tile's)
-    if (i + STAGES - 1 < tiles) stage(m_begin + 16 * (i + STAGES - 1), static_cast<int>((i + STAGES - 1) % STAGES));
+    if (i + STAGES - 1 < tiles) stage(16 * (i + STAGES - 1), st_fill);
     copy_async_commit();
     copy_async_wait<STAGES - 1>();  // this tile's group has landed (the lane's own copies) ...
     __syncwarp();                   // ... and every lane's: S is whole
-    const unsigned char* const zs = ring + static_cast<int>(i % STAGES) * Tile::STAGE_BYTES;
+    const unsigned char* const zs = ring + st_read * Tile::STAGE_BYTES;
+    st_read = st_read + 1 == STAGES ? 0 : st_read + 1;
+    st_fill = st_fill + 1 == STAGES ? 0 : st_fill + 1;
     const float* const ss = reinterpret_cast<const float*>(zs + Tile::Z_BYTES);
     float a_hi[2][4], a_lo[2][4];
 #pragma unroll
@@ -777,8 +797,8 @@ __global__ void __launch_bounds__(kOutThreads, 2) dora_out_kernel(
                           ss[(qr + 8) * kOutLds + k + qc + 4]};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        a_hi[ks][e] = tf32_round(v[e]);
-        a_lo[ks][e] = tf32_round(v[e] - a_hi[ks][e]);
+        a_hi[ks][e] = tf32_round_finite(v[e]);
+        a_lo[ks][e] = tf32_round_finite(v[e] - a_hi[ks][e]);
       }
     }
     float acc[4][4];
@@ -793,11 +813,10 @@ __global__ void __launch_bounds__(kOutThreads, 2) dora_out_kernel(
         mma_tf32(acc[t], a_hi[ks], b_hi[t][ks][0], b_hi[t][ks][1]);
       }
     }
-    const int64_t m0 = m_begin + 16 * i;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // rows qr and qr + 8: accumulators 2h, 2h + 1 of each slice
-      const int64_t m = m0 + qr + 8 * h;
-      if (m >= m_end || valid == 0) continue;
+      const int r = 16 * i + qr + 8 * h;  // from m_begin
+      if (r >= rows || valid == 0) continue;
       float z[8];
 #pragma unroll
       for (int w = 0; w < CPR; ++w) {
@@ -812,7 +831,7 @@ __global__ void __launch_bounds__(kOutThreads, 2) dora_out_kernel(
         o[2 * t] = fmaf(gv[2 * t], z[2 * t] + acc[t][2 * h], bv[2 * t]);
         o[2 * t + 1] = fmaf(gv[2 * t + 1], z[2 * t + 1] + acc[t][2 * h + 1], bv[2 * t + 1]);
       }
-      T* const op = out + m * N + c;
+      T* const op = out + (m_begin + r) * N + c;
       if (vec_o && valid == 8) {  // st.global.v4 spelled out: a uint4 assembled from 16-bit elements was stored as
                                   // four 4-byte words (SASS of the first version)
 #pragma unroll
@@ -2035,6 +2054,7 @@ void dora_out(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Tensor
     const int64_t splits = dora_pass_splits(tiles, col_blocks, per_sm, 4);
     per_block = std::max<int64_t>(1, (tiles + splits - 1) / splits);
   }
+  per_block = std::min<int64_t>(per_block, int64_t{1} << 26);  // a block's rows fit the kernel's int row counts
   const int64_t rows_per_block = per_block * 16;
   const int64_t splits = (M + rows_per_block - 1) / rows_per_block;
   const int64_t vec = 16 / Z0.element_size();
