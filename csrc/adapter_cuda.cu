@@ -310,7 +310,8 @@ __device__ __forceinline__ void load_cols(const T* p, int64_t stride, int valid,
 // DoRA's forward pass over [M, N], with L = S·Bᵀ (S [M, R] and B [N, R] fp32, R <= RMAX) formed on the tensor cores:
 //   out = dtype(g·(Z0 + L) + bias)      Z0 = X·Wᵀ as cuBLAS rounded it, L never rounded
 // One rounding of the fp32 sum, as PEFT's fp32 DoRA term added to its base output. (The backward's pass over dY and
-// Z0 needs no L: dora_bwd_stream_kernel.)
+// Z0 needs no L: dora_bwd_stream_kernel.) Ranks up to 16 on sm_80+ take its register form, dora_out_kernel (below:
+// the same arithmetic in the same order, so the same bits); this kernel serves ranks 17-64 and GPUs before sm_80.
 // Block: 8 warps over BM rows × BN columns at a time (BM = 64, 32 at RMAX = 64; BN = 128, 64 at RMAX = 64), walking
 // its rows_per_block rows tile by tile; B's tile (split into TF32 hi / lo parts), g and
 // the bias are staged once. Each warp owns a 16-row × WC-column part of a tile and does all of it alone, so a tile
