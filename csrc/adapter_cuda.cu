@@ -671,8 +671,13 @@ __global__ void __launch_bounds__(kDoraThreads, RMAX <= 32 ? 3 : 2) dora_pass_ke
 // No block barriers: warps drift apart and one's copies overlap another's arithmetic. sm_80+ (mma.sync TF32); the
 // host takes dora_pass_kernel before that.
 // Floor: bytes, Z0 read and Y written once (4 bytes an element in 16 bits: 67 MB at q/o, 4096 rows: ~16 µs at
-// 4.3 TB/s); L's 3xTF32 mma (6·M·N·16 FLOPs, 1.6 GFLOP at q/o) and the ~120 instructions a lane per 16 × 32 tile
-// are a few µs spread over the SMs.
+// 4.3 TB/s); L's 3xTF32 mma (6·M·N·16 FLOPs, 1.6 GFLOP at q/o) is a few µs spread over the SMs.
+// Measured (H200, session 35): 26.9 µs at q/o (2.5 TB/s; the tiled kernel 35.1), 86.9 at gate/up (2.7 TB/s; tiled
+// 101.4). Bound: instruction issue, not bytes: ncu puts a warp's issues 6 cycles apart at ~15 warps an SM (every
+// scheduler issuing about two cycles in three) and DRAM at 33-48 %. ~330 instructions a warp per 16 × 32 tile (10.8 M
+// at q/o): S's TF32 split per warp (8 values, 5 instructions each), the 24 mma, the unpack / FMA / pack of 2 × 8
+// elements, the copies' addresses. Fewer instructions per byte is the lever left (S split once per block, taller
+// tiles per warp).
 constexpr int kOutWarps = 8;
 constexpr int kOutThreads = kOutWarps * 32;
 constexpr int kOutRank = 16;          // ranks the register form takes (B's fragments: 2 k-steps × 4 slices × 4 floats)

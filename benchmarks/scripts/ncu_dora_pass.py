@@ -9,9 +9,10 @@ the build, the shared-memory opt-in and the caches):
     ncu -k regex:dora_bwd_stream --launch-skip 2 --launch-count 1 --set full \\
         python benchmarks/scripts/ncu_dora_pass.py --shape q/o --M 4096
 
-Session 34 measured the forward pass at ~35 µs (q/o, 4096 rows, r = 16; ~1.8 TB/s over 67 MB) and the stream at
-28.6 µs (3.5 TB/s over 101 MB) from the profiler's kernel list (``benchmarks/results/h200/INDEX.md``); the forward
-pass is the largest of DoRA's costs over LoRA left. Needs a CUDA GPU and the extension's toolchain.
+Session 35 measured the forward pass at 26.9 µs (q/o, 4096 rows, r = 16, the register form; the tiled kernel 35.1:
+~2.5 / 1.9 TB/s over 67 MB) and the stream at 28 µs (3.6 TB/s over 101 MB) from the profiler's kernel list
+(``benchmarks/results/h200/INDEX.md``); ncu finds the register form bound by instruction issue, not bytes. Needs a
+CUDA GPU and the extension's toolchain.
 """
 from __future__ import annotations
 
