@@ -2061,6 +2061,7 @@ void dora_out(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Tensor
     per_block = std::max<int64_t>(1, (tiles + splits - 1) / splits);
   }
   per_block = std::min<int64_t>(per_block, int64_t{1} << 26);  // a block's rows fit the kernel's int row counts
+  per_block = std::max<int64_t>(per_block, (tiles + 65534) / 65535);  // the grid's y extent stays within 65535
   const int64_t rows_per_block = per_block * 16;
   const int64_t splits = (M + rows_per_block - 1) / rows_per_block;
   const int64_t vec = 16 / Z0.element_size();
