@@ -838,27 +838,20 @@ __global__ void __launch_bounds__(kOutThreads, 2) dora_out_kernel(
         o[2 * t + 1] = fmaf(gv[2 * t + 1], z[2 * t + 1] + acc[t][2 * h + 1], bv[2 * t + 1]);
       }
       T* const op = out + (m_begin + r) * N + c;
-      if (vec_o && valid == 8) {  // st.global.v4 spelled out: a uint4 assembled from 16-bit elements was stored as
-                                  // four 4-byte words (SASS of the first version)
+      if constexpr (sizeof(T) == 4) {  // fp32: two 16-byte words (store8 writes fp32 element by element)
+        if (vec_o && valid == 8) {
 #pragma unroll
-        for (int w = 0; w < CPR; ++w) {
-          unsigned u[4];
+          for (int w = 0; w < 2; ++w)
+            asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(op + 4 * w), "f"(o[4 * w]),
+                         "f"(o[4 * w + 1]), "f"(o[4 * w + 2]), "f"(o[4 * w + 3])
+                         : "memory");
+        } else {
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            if constexpr (sizeof(T) == 4) {
-              u[k] = __float_as_uint(o[w * 4 + k]);
-            } else {
-              u[k] = elem_bits(from_f<T>(o[2 * k])) | (elem_bits(from_f<T>(o[2 * k + 1])) << 16);
-            }
-          }
-          asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(op + w * VEC), "r"(u[0]), "r"(u[1]),
-                       "r"(u[2]), "r"(u[3])
-                       : "memory");
+          for (int e = 0; e < 8; ++e)
+            if (e < valid) op[e] = o[e];
         }
-      } else {  // a partial column group, or rows not 16-byte aligned
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-          if (e < valid) op[e] = from_f<T>(o[e]);
+      } else {
+        store8<T>(op, valid, vec_o, o);
       }
     }
   }
@@ -1954,19 +1947,24 @@ Tensor scale_cols(const Tensor& a, const Tensor& l32) {
 // The largest rank dora_pass_kernel holds in registers; larger ranks take ATen (an fp32 [M, N] temporary).
 constexpr int kDoraMaxRank = 64;
 
+// Lets `kernel` take `bytes` of dynamic shared memory where that is over the 48 KB default: once per device, recorded
+// in the caller's flags (each kernel instantiation keeps its own)
+template <typename Kernel>
+void smem_opt_in(bool (&done)[64], Kernel kernel, int bytes) {
+  const int dev = at::cuda::current_device();
+  if (bytes > 48 * 1024 && !done[dev % 64]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    done[dev % 64] = true;
+  }
+}
+
 // dora_pass_kernel over Z0 [M, N]: returns Y. g_div (fp32 [N] contiguous): g32 holds m and the kernel takes
 // g = m / g_div. Launches dora_pass_kernel with its tile's dynamic shared memory (64-113 KB, over the 48 KB default
 // at every tile: the opt-in is set once per instantiation and device)
 template <typename T, int RMAX>
 void dora_pass_opt_in() {
-  constexpr int bytes = DoraTile<T, RMAX>::SMEM_BYTES;
   static bool opted_in[64] = {};
-  const int dev = at::cuda::current_device();
-  if (bytes > 48 * 1024 && !opted_in[dev % 64]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(dora_pass_kernel<T, RMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        bytes));
-    opted_in[dev % 64] = true;
-  }
+  smem_opt_in(opted_in, dora_pass_kernel<T, RMAX>, DoraTile<T, RMAX>::SMEM_BYTES);
 }
 
 template <typename T, int RMAX, typename... Args>
@@ -2033,19 +2031,15 @@ template <typename T>
 int64_t dora_out_per_sm() {
   static bool opted_in[64] = {};
   static int per_sm[64] = {};
-  const int dev = at::cuda::current_device();
-  if (!opted_in[dev % 64]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(dora_out_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        DoraOutTile<T>::SMEM_BYTES));
-    opted_in[dev % 64] = true;
-  }
+  smem_opt_in(opted_in, dora_out_kernel<T>, DoraOutTile<T>::SMEM_BYTES);
   return resident_blocks(per_sm, dora_out_kernel<T>, kOutThreads, DoraOutTile<T>::SMEM_BYTES);
 }
 
-// dora_pass's register form (dora_out_kernel, ranks <= kOutRank, sm_80+) into out. tiles_per_block > 0 fixes a
-// block's 16-row tiles (the set_dora_pass_form hook); 0 takes the wave model.
+// dora_pass's register form (dora_out_kernel, ranks <= kOutRank, sm_80+) into out (M, N > 0; the 16-byte access
+// flags as dora_pass found them). tiles_per_block > 0 fixes a block's 16-row tiles (the set_dora_pass_form hook);
+// 0 takes the wave model.
 void dora_out(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Tensor& g32, const Tensor& bias,
-              const Tensor& g_div, Tensor& out, int64_t tiles_per_block) {
+              const Tensor& g_div, Tensor& out, int64_t tiles_per_block, bool vec_z, bool vec_o, bool vec_s) {
   const int64_t M = Z0.size(0), N = Z0.size(1);
   const int R = static_cast<int>(S.size(1));
   const int64_t col_blocks = (N + kOutWarps * kOutCols - 1) / (kOutWarps * kOutCols);
@@ -2064,11 +2058,6 @@ void dora_out(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Tensor
   per_block = std::max<int64_t>(per_block, (tiles + 65534) / 65535);  // the grid's y extent stays within 65535
   const int64_t rows_per_block = per_block * 16;
   const int64_t splits = (M + rows_per_block - 1) / rows_per_block;
-  const int64_t vec = 16 / Z0.element_size();
-  const bool vec_z = Z0.stride(1) == 1 && Z0.stride(0) % vec == 0 && reinterpret_cast<uintptr_t>(Z0.data_ptr()) % 16 == 0;
-  const bool vec_o = N % vec == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
-  const bool vec_s = S.stride(1) == 1 && R % 4 == 0 && S.stride(0) % 4 == 0 &&
-                     reinterpret_cast<uintptr_t>(S.data_ptr()) % 16 == 0;
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_all(Z0.scalar_type(), [&](auto* tag) {
@@ -2088,12 +2077,20 @@ Tensor dora_pass(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Ten
   const int64_t M = Z0.size(0), N = Z0.size(1);
   const int R = static_cast<int>(S.size(1));
   TORCH_CHECK(R <= kDoraMaxRank, "fastpeft dora: dora_pass takes ranks up to ", kDoraMaxRank);
+  Tensor out = at::empty({M, N}, Z0.options());
+  if (M == 0 || N == 0) return out;
+  // 16-byte accesses need unit column strides and rows aligned to 16 bytes
+  const int64_t vec = 16 / Z0.element_size();
+  const bool vec_z = Z0.stride(1) == 1 && Z0.stride(0) % vec == 0 && reinterpret_cast<uintptr_t>(Z0.data_ptr()) % 16 == 0;
+  const bool vec_o = N % vec == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  // S's rows by 16-byte copies: unit column stride, rows of a multiple of 4 floats, 16-byte aligned
+  const bool vec_s = S.stride(1) == 1 && R % 4 == 0 && S.stride(0) % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(S.data_ptr()) % 16 == 0;
   // dora_pass_form(): -1 automatic (the register form at ranks <= 16 on sm_80+), 0 the tiled kernel, n > 0 the
   // register form with n row tiles a block (adapter_ops.cpp: set_dora_pass_form)
   const int64_t form = dora_pass_form();
   if (form != 0 && R <= kOutRank && at::cuda::getCurrentDeviceProperties()->major >= 8) {
-    Tensor out = at::empty({M, N}, Z0.options());
-    if (M > 0 && N > 0) dora_out(Z0, S, B32, g32, bias, g_div, out, form > 0 ? form : 0);
+    dora_out(Z0, S, B32, g32, bias, g_div, out, form > 0 ? form : 0, vec_z, vec_o, vec_s);
     return out;
   }
   const int rmax = R <= 16 ? 16 : (R <= 32 ? 32 : 64);
@@ -2108,16 +2105,7 @@ Tensor dora_pass(const Tensor& Z0, const Tensor& S, const Tensor& B32, const Ten
   });
   int64_t splits = dora_pass_splits(tiles, col_blocks, per_sm);
   const int64_t rows_per_block = std::max<int64_t>(1, (tiles + splits - 1) / splits) * bm;
-  splits = M == 0 ? 1 : (M + rows_per_block - 1) / rows_per_block;
-  Tensor out = at::empty({M, N}, Z0.options());
-  if (M == 0 || N == 0) return out;
-  // 16-byte accesses need unit column strides and rows aligned to 16 bytes
-  const int64_t vec = 16 / Z0.element_size();
-  const bool vec_z = Z0.stride(1) == 1 && Z0.stride(0) % vec == 0 && reinterpret_cast<uintptr_t>(Z0.data_ptr()) % 16 == 0;
-  const bool vec_o = N % vec == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
-  // S's rows by 16-byte copies: unit column stride, rows of a multiple of 4 floats, 16-byte aligned
-  const bool vec_s = S.stride(1) == 1 && R % 4 == 0 && S.stride(0) % 4 == 0 &&
-                     reinterpret_cast<uintptr_t>(S.data_ptr()) % 16 == 0;
+  splits = (M + rows_per_block - 1) / rows_per_block;
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(splits));
   dispatch_all(Z0.scalar_type(), [&](auto* tag) {
