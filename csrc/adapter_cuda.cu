@@ -43,6 +43,7 @@ int64_t decode_fork_mode();
 int64_t decode_pdl_mode();
 int64_t decode_gemv_mode();
 int64_t dora_pass_form();
+int64_t dora_norm_form();
 void check_mixed_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
                       at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);
 // LoRA with 16-bit adapters of x's dtype, no dropout (adapter_ops.cpp: ATen GEMMs, the same on every device)
@@ -890,6 +891,256 @@ __global__ void __launch_bounds__(kNormWarps * 32) dora_norm_scale_kernel(
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) {
     const float n = sqrtf(fmaxf(w_sq[i] + acc, 0.0f));
+    g[i] = m[i] / n;
+    inv_n[i] = 1.0f / n;
+  }
+}
+
+// DoRA's norm in two launches where W is 16-bit with 16-byte rows and the rank <= 16 on sm_80+ (dora_norm_fused
+// below), in place of the split GEMM W·[A_hi | A_lo]ᵀ (cuBLAS split-K and its reduce), A·Aᵀ and the kernel above:
+//   dora_norm_parts_kernel reads W once and sums, over each block's range of K, W·Aᵀ (and ‖W‖² where the layer keeps
+//   none) on the tensor cores; its first block sums A·Aᵀ over all of K the same way;
+//   dora_norm_finish_kernel adds the ranges in order and forms n, g = m / n and 1 / n.
+// Deterministic: no atomics, fixed orders.
+// W·Aᵀ on mma.sync m16n8k16 with fp32 accumulators, A (fp32) as hi + lo 16-bit parts: the split GEMM's A2, so the
+// same ~16-bit-mantissa product. A sum does not care about K's order, so a lane's mma positions are mapped to 8
+// consecutive k: lane (g, t) = (lane / 4, lane % 4) takes one 16-byte word of W row g and one of row g + 8 at k =
+// 8t..8t+7 of a 32-wide chunk, and those words are the A fragments of two k16 steps as they stand (virtual k 2t, 2t+1
+// are elements 0, 1; 2t+8, 2t+9 elements 2, 3; the second step elements 4..7). The B fragment of n-slice q (q = 0, 1:
+// the hi parts of A's rows 0-7, 8-15; q = 2, 3: their lo parts) is then the split of A[(q & 1)·8 + g, 8t..8t+7]: one
+// 16-byte word too. A block: 8 warps, each a 16-row tile of W over the block's range (KB columns, a multiple of 32);
+// W arrives through a per-warp cp.async ring (a lane reads back only its own words: no barrier); A's fragments for the
+// range are split once into shared memory (KB·64 bytes) and read by all 8 warps (512 contiguous bytes a warp and
+// slice: conflict-free). A·Aᵀ: rows [A_hi; A_lo] times (A_hi + A_lo)ᵀ, each warp of block 0 a share of K's chunks
+// with its fragments split in registers, the warps' sums added in shared memory.
+// Bound: W's bytes, read once (32 MB at q/o: ~8 µs at 4 TB/s); the ranges' partial sums add 64 bytes a row each
+// (KB is picked so that the grid fills the GPU with ranges of at least 128 columns: 1/4 of W's bytes at most, 1/16 at
+// the Llama-8B shapes but k/v). The mma work is 4 n-slices × 2 steps a 1 KB chunk of W: far from the tensor cores'.
+constexpr int kNormPartWarps = 8;
+constexpr int kNormPartRows = kNormPartWarps * 16;  // W's rows a block
+constexpr int kNormPartStages = 8;                  // chunks in a warp's ring (7 in flight: 7 KB a warp)
+constexpr int kNormPartRank = 16;                   // ranks the fused norm takes (two n-slices of 8 per part)
+constexpr int kNormPartMaxRange = 2048;             // K's columns a block at most (its fragments' shared memory)
+constexpr int kNormPartSmem = kNormPartWarps * kNormPartStages * 1024;  // the rings; + KB·64 for the fragments
+
+// the split of 8 fp32 values into 16-bit hi and lo parts, two to a word (element 2i in the low half)
+template <typename T>
+__device__ __forceinline__ void split8(const float4& v0, const float4& v1, uint4& hi, uint4& lo) {
+  const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+  unsigned h[4], l[4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const T h0 = from_f<T>(v[2 * p]), h1 = from_f<T>(v[2 * p + 1]);
+    const T l0 = from_f<T>(v[2 * p] - to_f<T>(h0)), l1 = from_f<T>(v[2 * p + 1] - to_f<T>(h1));
+    h[p] = elem_bits(h0) | (elem_bits(h1) << 16);
+    l[p] = elem_bits(l0) | (elem_bits(l1) << 16);
+  }
+  hi = make_uint4(h[0], h[1], h[2], h[3]);
+  lo = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
+// A[j, k..k+7] as two float4 (zeros when !ok); A's rows 16-byte aligned
+__device__ __forceinline__ void load_a8(const float* A, int64_t lda, int j, int k, bool ok, float4& v0, float4& v1) {
+  v0 = v1 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (ok) {
+    v0 = *reinterpret_cast<const float4*>(A + j * lda + k);
+    v1 = *reinterpret_cast<const float4*>(A + j * lda + k + 4);
+  }
+}
+
+// Σ v² over the 8 16-bit elements of a word, in fp32
+template <typename T>
+__device__ __forceinline__ float sum_sq8(const uint4& raw) {
+  const T* h = reinterpret_cast<const T*>(&raw);
+  float s = 0.0f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) s = fmaf(to_f<T>(h[e]), to_f<T>(h[e]), s);
+  return s;
+}
+
+// acc[q] += (16 rows × 32 k of the A side: words a (row g), b (row g + 8)) · (slice q's fragment f[q]), two k16 steps
+template <typename T>
+__device__ __forceinline__ void norm_chunk_mma(float (&acc)[4][4], const uint4& a, const uint4& b, const uint4 (&f)[4]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    mma_16816<T>(acc[q], a.x, b.x, a.y, b.y, f[q].x, f[q].y);
+    mma_16816<T>(acc[q], a.z, b.z, a.w, b.w, f[q].z, f[q].w);
+  }
+}
+
+// a 16-row tile's sums (acc: slices 0, 1 the hi parts, 2, 3 the lo parts) as rows of 16 fp32 at out (row g, and g + 8
+// at out + 8·16 when row8_ok): column j = (q & 1)·8 + 2t + e
+__device__ __forceinline__ void norm_store_tile(float* out, const float (&acc)[4][4], int g, int t, bool row_ok,
+                                                bool row8_ok) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (!(h == 0 ? row_ok : row8_ok)) continue;
+    float* const row = out + (g + 8 * h) * 16;
+    *reinterpret_cast<float2*>(row + 2 * t) =
+        make_float2(acc[0][2 * h] + acc[2][2 * h], acc[0][2 * h + 1] + acc[2][2 * h + 1]);
+    *reinterpret_cast<float2*>(row + 8 + 2 * t) =
+        make_float2(acc[1][2 * h] + acc[3][2 * h], acc[1][2 * h + 1] + acc[3][2 * h + 1]);
+  }
+}
+
+// Block 0 of dora_norm_parts_kernel: A·Aᵀ ([16, 16] fp32, zero past R) into aa. Warp w takes chunks w, w + 8, ... of
+// K: lane (g, t) splits A's rows g and g + 8 at k = 32c + 8t..+7 in registers (the four fragments), and those are also
+// the A side of two 16-row tiles, A_hi's rows and A_lo's; their sum over the tiles and the warps (shared memory, in
+// warp order) is (A_hi + A_lo)·(A_hi + A_lo)ᵀ.
+template <typename T>
+__device__ void norm_gram(const float* __restrict__ A, int64_t lda, int K, int R, float* __restrict__ aa,
+                          float* smem) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  float acc_hi[4][4] = {}, acc_lo[4][4] = {};
+  for (int c = warp; c * 32 < K; c += kNormPartWarps) {
+    const int k = 32 * c + 8 * t;
+    float4 r0, r1, s0, s1;
+    load_a8(A, lda, g, k, g < R && k < K, r0, r1);
+    load_a8(A, lda, g + 8, k, g + 8 < R && k < K, s0, s1);
+    uint4 f[4];
+    split8<T>(r0, r1, f[0], f[2]);
+    split8<T>(s0, s1, f[1], f[3]);
+    norm_chunk_mma<T>(acc_hi, f[0], f[1], f);
+    norm_chunk_mma<T>(acc_lo, f[2], f[3], f);
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_hi[q][e] += acc_lo[q][e];
+  norm_store_tile(smem + warp * 256, acc_hi, g, t, true, true);
+  __syncthreads();
+  float v = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kNormPartWarps; ++w) v += smem[w * 256 + threadIdx.x];
+  aa[threadIdx.x] = v;
+}
+
+// Grid (ranges, row blocks + 1). Block (x, y > 0) sums W·Aᵀ over columns [x·KB, min(K, (x+1)·KB)) for W's rows
+// [(y-1)·128, (y-1)·128 + 128) into part_wa[x] ([N, 16] fp32, columns past R zero) and, when part_sq, ‖W‖²'s share
+// into part_sq[x] ([N]); block (0, 0) computes A·Aᵀ into aa ([16, 16]); blocks (x > 0, 0) have nothing to do (block 0
+// is the first scheduled: its walk over all of K overlaps the rest). W [N, K] with unit column stride, 16-byte
+// aligned rows (ldw % 8 == 0) and K % 8 == 0 (a lane's 8 columns are all in range or all out); A fp32 [R, K] likewise
+// (lda % 4 == 0), R <= 16. Dynamic shared memory: KB·64 bytes of fragments + the warps' rings (kNormPartSmem).
+template <typename T>
+__global__ void __launch_bounds__(kNormPartWarps * 32) dora_norm_parts_kernel(
+    const T* __restrict__ w, int64_t ldw, int N, int K, const float* __restrict__ A, int64_t lda, int R, int KB,
+    float* __restrict__ part_wa, float* __restrict__ part_sq, float* __restrict__ aa) {
+  extern __shared__ __align__(16) unsigned char norm_parts_smem[];
+  if (blockIdx.y == 0) {
+    if (blockIdx.x == 0) norm_gram<T>(A, lda, K, R, aa, reinterpret_cast<float*>(norm_parts_smem));
+    return;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int k0 = static_cast<int>(blockIdx.x) * KB;
+  const int k_end = K - k0 < KB ? K : k0 + KB;
+  const int chunks = (k_end - k0 + 31) / 32;
+  uint4* const frag = reinterpret_cast<uint4*>(norm_parts_smem);  // [chunk][slice q][lane]
+  uint4* const ring = frag + (KB / 32) * 128 + warp * (kNormPartStages * 64);  // [stage][row half][lane]
+  const int row0 = static_cast<int>(blockIdx.y - 1) * kNormPartRows + warp * 16;
+  const bool w_warp = row0 < N;
+  const bool row_ok = row0 + g < N, row8_ok = row0 + g + 8 < N;
+  const T* const w_lane = w + static_cast<int64_t>(row_ok ? row0 + g : 0) * ldw + k0 + 8 * t;
+  const int64_t w_half = row8_ok ? 8 * ldw : 0;  // row g + 8 from row g (row g itself when past N: not read)
+  auto copy_chunk = [&](int c, int st) {  // chunk c of the lane's two rows into stage st (zeros past N or K)
+    const bool k_ok = k0 + 32 * c + 8 * t < k_end;
+    const T* src = w_lane + 32 * c;
+    copy_async<16>(ring + (st * 2) * 32 + lane, k_ok && row_ok ? src : w, k_ok && row_ok);
+    copy_async<16>(ring + (st * 2 + 1) * 32 + lane, k_ok && row8_ok ? src + w_half : w, k_ok && row8_ok);
+  };
+  if (w_warp) {  // the ring's first chunks go out before A is split, so the two overlap
+#pragma unroll
+    for (int s = 0; s < kNormPartStages - 1; ++s) {
+      if (s < chunks) copy_chunk(s, s);
+      copy_async_commit();
+    }
+  }
+  // A's fragments for the range: item i -> chunk i / 64, row half (i / 32) % 2, lane position i % 32; a thread's
+  // items four at a time with their loads issued together
+  const int items = chunks * 64;
+  for (int base = threadIdx.x; base < items; base += 4 * kNormPartWarps * 32) {
+    float4 v[4][2];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = base + u * kNormPartWarps * 32, ln = i % 32;
+      const int j = ((i / 32) % 2) * 8 + ln / 4, k = k0 + 32 * (i / 64) + 8 * (ln % 4);
+      load_a8(A, lda, j, k, i < items && j < R && k < k_end, v[u][0], v[u][1]);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = base + u * kNormPartWarps * 32;
+      if (i >= items) break;
+      const int c = i / 64, h = (i / 32) % 2, ln = i % 32;
+      split8<T>(v[u][0], v[u][1], frag[(c * 4 + h) * 32 + ln], frag[(c * 4 + 2 + h) * 32 + ln]);
+    }
+  }
+  __syncthreads();
+  if (!w_warp) return;
+  float acc[4][4] = {};
+  float sq = 0.0f, sq8 = 0.0f;
+  for (int c = 0; c < chunks; ++c) {
+    const int next = c + kNormPartStages - 1;
+    if (next < chunks) copy_chunk(next, next % kNormPartStages);
+    copy_async_commit();  // (empty past the last chunk: the wait below counts groups)
+    copy_async_wait<kNormPartStages - 1>();
+    const uint4* st = ring + (c % kNormPartStages) * 64 + lane;
+    const uint4 a = st[0], b = st[32];
+    if (part_sq != nullptr) {
+      sq += sum_sq8<T>(a);
+      sq8 += sum_sq8<T>(b);
+    }
+    const uint4* fc = frag + c * 128 + lane;
+    const uint4 f[4] = {fc[0], fc[32], fc[64], fc[96]};
+    norm_chunk_mma<T>(acc, a, b, f);
+  }
+  copy_async_wait<0>();
+  norm_store_tile(part_wa + (static_cast<int64_t>(blockIdx.x) * N + row0) * 16, acc, g, t, row_ok, row8_ok);
+  if (part_sq != nullptr) {
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      sq += __shfl_xor_sync(0xffffffffu, sq, off);
+      sq8 += __shfl_xor_sync(0xffffffffu, sq8, off);
+    }
+    float* const ps = part_sq + static_cast<int64_t>(blockIdx.x) * N + row0 + g;
+    if (t == 0 && row_ok) ps[0] = sq;
+    if (t == 0 && row8_ok) ps[8] = sq8;
+  }
+}
+
+// n² = ‖W‖² + Σ_j B[i, j]·(2s·WA[i, j] + s²·(B·AA)[i, j]) from dora_norm_parts_kernel's ranges (summed in order) and
+// A·Aᵀ; ‖W‖² from w_sq (the layer's) or from part_sq. g = m / n, inv_n = 1 / n. A block: 16 rows × 16 lanes (lane j
+// the column j of row i). Bound: latency, the ranges' loads (16 in flight a thread) and one shuffle reduction.
+constexpr int kNormFinishRows = 16;
+constexpr int kNormFinishBatch = 16;  // a thread's loads in flight
+__global__ void __launch_bounds__(kNormFinishRows * 16) dora_norm_finish_kernel(
+    const float* __restrict__ part_wa, const float* __restrict__ part_sq, const float* __restrict__ aa_in,
+    int ranges, const float* __restrict__ B, int N, int R, float s, const float* __restrict__ w_sq,
+    const float* __restrict__ m, float* __restrict__ g, float* __restrict__ inv_n) {
+  __shared__ float aa[16][17];
+  const int l = threadIdx.x / 16, j = threadIdx.x % 16;
+  aa[l][j] = aa_in[threadIdx.x];
+  __syncthreads();
+  const int i = static_cast<int>(blockIdx.x) * kNormFinishRows + l;
+  const bool ok = i < N;  // no early exit: the 16-lane shuffles below want whole warps
+  const float bj = ok && j < R ? B[static_cast<int64_t>(i) * R + j] : 0.0f;
+  float bab = 0.0f;  // (B·AA)[i, j]
+#pragma unroll
+  for (int q = 0; q < 16; ++q) bab = fmaf(__shfl_sync(0xffffffffu, bj, q, 16), aa[q][j], bab);
+  float wa = 0.0f, sq = 0.0f;
+  for (int r0 = 0; ok && r0 < ranges; r0 += kNormFinishBatch) {
+    float v[kNormFinishBatch];
+#pragma unroll
+    for (int u = 0; u < kNormFinishBatch; ++u)
+      v[u] = r0 + u < ranges ? part_wa[(static_cast<int64_t>(r0 + u) * N + i) * 16 + j] : 0.0f;
+#pragma unroll
+    for (int u = 0; u < kNormFinishBatch; ++u) wa += v[u];
+  }
+  if (part_sq != nullptr && ok)
+    for (int r = j; r < ranges; r += 16) sq += part_sq[static_cast<int64_t>(r) * N + i];
+  float acc = fmaf(bj, fmaf(s * s, bab, 2.0f * s * wa), sq);
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off, 16);
+  if (ok && j == 0) {
+    const float n = sqrtf(fmaxf((w_sq != nullptr ? w_sq[i] : 0.0f) + acc, 0.0f));
     g[i] = m[i] / n;
     inv_n[i] = 1.0f / n;
   }
@@ -2145,6 +2396,60 @@ std::tuple<Tensor, Tensor> dora_norm_scale(const Tensor& P, const Tensor& B32, c
   return {g, inv_n};
 }
 
+// Whether dora_norm_fused takes this norm (set_dora_norm_form not 0): 16-bit w [N, K] with unit column stride and
+// 16-byte aligned rows, K % 8 == 0, rank 1-16, sm_80+ (mma.sync), sizes within int. Otherwise the split GEMM,
+// A·Aᵀ and dora_norm_scale.
+bool dora_norm_fused_applies(const Tensor& w, const Tensor& A32) {
+  const int64_t N = w.size(0), K = w.size(1), R = A32.size(0);
+  return dora_norm_form() != 0 && (w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16) &&
+         at::cuda::getCurrentDeviceProperties()->major >= 8 && R >= 1 && R <= kNormPartRank && N > 0 && K > 0 &&
+         N < (int64_t{1} << 31) - kNormPartRows && K < (int64_t{1} << 31) - 2048 && K % 8 == 0 && w.stride(1) == 1 &&
+         w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
+}
+
+// (g, 1/n) for W [N, K] (16-bit; dora_norm_fused_applies), A32 fp32 [R, K], B32 fp32 [N, R] contiguous, m32 fp32 [N]:
+// dora_norm_parts_kernel over ranges of K, then dora_norm_finish_kernel. w_sq: the layer's ‖W‖² (fp32 [N],
+// contiguous) or undefined (summed from W in the same pass). A range is the hook's columns (set_dora_norm_form > 0)
+// or the widest of 512, 256, 128 whose grid has 1.5 blocks an SM (q/o and gate/up 512, k/v 128 at Llama-8B sizes).
+std::tuple<Tensor, Tensor> dora_norm_fused(const Tensor& w, const Tensor& A32_in, const Tensor& B32, double scaling,
+                                           const Tensor& w_sq, const Tensor& m32) {
+  const int64_t N = w.size(0), K = w.size(1), R = A32_in.size(0);
+  Tensor A32 = A32_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(A32.data_ptr()) % 16 != 0) A32 = A32.clone();  // float4 loads of A's rows
+  const int64_t row_blocks = (N + kNormPartRows - 1) / kNormPartRows;
+  int64_t range = dora_norm_form();
+  if (range <= 0) {
+    range = 512;
+    while (range > 128 && (K + range - 1) / range * row_blocks < 3 * sm_count() / 2) range /= 2;
+  }
+  range = std::min<int64_t>(range, (K + 31) / 32 * 32);  // no wider than K: the fragments' shared memory
+  const int64_t ranges = (K + range - 1) / range;
+  const bool want_sq = !w_sq.defined();
+  const int smem = static_cast<int>(range * 64 + kNormPartSmem);
+  Tensor parts = at::empty({ranges * N * (want_sq ? 17 : 16) + 256}, B32.options());
+  float* const aa = parts.data_ptr<float>();
+  float* const part_wa = aa + 256;
+  float* const part_sq = want_sq ? part_wa + ranges * N * 16 : nullptr;
+  Tensor gn = at::empty({2, N}, B32.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_16(w.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    static bool opted_in[64] = {};
+    smem_opt_in(opted_in, dora_norm_parts_kernel<T>, kNormPartMaxRange * 64 + kNormPartSmem);
+    dora_norm_parts_kernel<T><<<dim3(static_cast<unsigned>(ranges), static_cast<unsigned>(row_blocks + 1)),
+                                kNormPartWarps * 32, smem, stream>>>(
+        reinterpret_cast<const T*>(w.data_ptr()), w.stride(0), static_cast<int>(N), static_cast<int>(K),
+        A32.data_ptr<float>(), A32.stride(0), static_cast<int>(R), static_cast<int>(range), part_wa, part_sq, aa);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dora_norm_finish_kernel<<<(N + kNormFinishRows - 1) / kNormFinishRows, kNormFinishRows * 16, 0, stream>>>(
+      part_wa, part_sq, aa, static_cast<int>(ranges), B32.data_ptr<float>(), static_cast<int>(N),
+      static_cast<int>(R), static_cast<float>(scaling), want_sq ? nullptr : w_sq.data_ptr<float>(),
+      m32.data_ptr<float>(), gn.data_ptr<float>(), gn.data_ptr<float>() + N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gn.select(0, 0), gn.select(0, 1)};
+}
+
 // (red, sum): red = Σ_rows a⊙b, sum = Σ_rows a (fp32 [N]); writes out = a ⊙ l (out contiguous, may be a)
 std::tuple<Tensor, Tensor> colreduce(const Tensor& a, const Tensor& b, const Tensor& l32, const Tensor& out,
                                      bool need_sum) {
@@ -3005,9 +3310,10 @@ Tensor dora_output(const Tensor& Z0, const Tensor& S, const Tensor& B32, const T
 
 // Y = g⊙(Z0 + S'·Bᵀ) + b, Z0 = X·Wᵀ (cuBLAS, saved), S' = s·X·Aᵀ (the split GEMM of LoRA's path), g = m/n,
 // n² = ‖W‖² + Σ_j B⊙(2s·W·Aᵀ + s²·B·A·Aᵀ) (w_sq = ‖W‖² kept by the layer; the W·Aᵀ GEMM reuses the packed A).
-// Launches: X·Wᵀ, pack A, X·A2 + finalize, W·A2, A·Aᵀ, the norm-and-scale kernel, the output pass.
-// Bound: the GEMMs over W (X·Wᵀ: FLOPs; W·Aᵀ: W's bytes once) and the output pass (Z0 read, Y written once, as
-// LoRA's beta = 1 epilogue).
+// Launches: X·Wᵀ, pack A, X·A2 + finalize, the norm's two kernels (dora_norm_fused: W·Aᵀ, A·Aᵀ and ‖W‖² in one pass
+// over W, then n, g and 1/n; elsewhere W·A2, A·Aᵀ and the norm-and-scale kernel), the output pass.
+// Bound: the GEMMs over W (X·Wᵀ: FLOPs; the norm's pass: W's bytes once) and the output pass (Z0 read, Y written
+// once, as LoRA's beta = 1 epilogue).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
     const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
     const Tensor& magnitude, double scaling, const c10::optional<Tensor>& w_sq,
@@ -3034,15 +3340,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_fwd_cuda(
     return decode_forward(x2, w, c10::nullopt, A32, B32, scaling, &dora);
   }
   const Tensor Z0 = at::mm(x2, w.t());
+  const bool fused_norm = need_norm && dora_norm_fused_applies(w, A32);
   Tensor S, WA;  // WA: W·Aᵀ [N, r], or its split GEMM's two halves [N, 2r] (summed by dora_norm_scale)
-  std::tie(S, WA) = dora_shrink(x2, w, A32, scaling, need_norm);
+  std::tie(S, WA) = dora_shrink(x2, w, A32, scaling, need_norm && !fused_norm);
   Tensor g, inv_n;
   if (need_norm) {
-    const Tensor wsq = (w_sq.has_value() && w_sq->defined())
-                           ? in_dtype(w_sq->reshape({-1}), at::kFloat).contiguous()
-                           : at::linalg_vector_norm(w, 2, at::IntArrayRef{1}, false, at::kFloat).square_();
-    TORCH_CHECK(wsq.numel() == w.size(0), "fastpeft dora: weight_sq_norm must have out_features elements");
-    std::tie(g, inv_n) = dora_norm_scale(WA.contiguous(), B32, at::mm(A32, A32.t()), scaling, wsq, m32);
+    const bool given = w_sq.has_value() && w_sq->defined();
+    const Tensor wsq = given ? in_dtype(w_sq->reshape({-1}), at::kFloat).contiguous()
+                       : fused_norm ? Tensor()  // summed from W by the fused norm's own pass
+                                    : at::linalg_vector_norm(w, 2, at::IntArrayRef{1}, false, at::kFloat).square_();
+    TORCH_CHECK(!wsq.defined() || wsq.numel() == w.size(0),
+                "fastpeft dora: weight_sq_norm must have out_features elements");
+    std::tie(g, inv_n) = fused_norm ? dora_norm_fused(w, A32, B32, scaling, wsq, m32)
+                                    : dora_norm_scale(WA.contiguous(), B32, at::mm(A32, A32.t()), scaling, wsq, m32);
   } else {
     const Tensor n = in_dtype(weight_norm->reshape({-1}), at::kFloat);
     TORCH_CHECK(n.numel() == w.size(0), "fastpeft dora: weight_norm must have out_features elements");

@@ -1782,6 +1782,19 @@ int64_t set_dora_pass_form(int64_t mode) {
                             "register form with that many 16-row tiles a block)");
 }
 
+// Which kernels compute DoRA's norm in training (adapter_cuda.cu, dora_fwd_cuda): -1 automatic (dora_norm_fused: one
+// pass over W on the tensor cores and a finishing kernel, where W is 16-bit with 16-byte rows and the rank <= 16 on
+// sm_80+), 0 the split GEMM W·[A_hi | A_lo]ᵀ, A·Aᵀ and the norm-and-scale kernel, n in 32..2048 (a multiple of 32) the
+// fused pass with ranges of n columns of K a block.
+std::atomic<int64_t> g_dora_norm_form{-1};
+int64_t dora_norm_form() { return g_dora_norm_form.load(std::memory_order_relaxed); }
+int64_t set_dora_norm_form(int64_t mode) {
+  const bool range = mode >= 32 && mode <= 2048 && mode % 32 == 0;
+  return exchange_hook_mode(g_dora_norm_form, mode, mode == -1 || mode == 0 || range,
+                            "set_dora_norm_form: mode must be -1 (auto), 0 (the split GEMM) or a multiple of 32 "
+                            "in 32..2048 (the fused pass with that many columns of K a block)");
+}
+
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
 int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
 uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
@@ -1843,6 +1856,7 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("set_decode_pdl(int mode) -> int", &fastpeft::set_decode_pdl);
   m.def("set_decode_gemv(int mode) -> int", &fastpeft::set_decode_gemv);
   m.def("set_dora_pass_form(int mode) -> int", &fastpeft::set_dora_pass_form);
+  m.def("set_dora_norm_form(int mode) -> int", &fastpeft::set_dora_norm_form);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {

@@ -73,7 +73,7 @@ def host_ms(step, n=30):
     return ts[len(ts) // 2]
 
 
-def kernels(step, n=10):
+def kernels(step, n=10, top=8):
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
@@ -83,7 +83,7 @@ def kernels(step, n=10):
     for e in prof.key_averages():
         if e.device_time_total > 0 and e.device_type.name == "CUDA":
             rows[e.key[:70]] = rows.get(e.key[:70], 0.0) + e.device_time_total / n / 1e3
-    return sum(rows.values()), sorted(rows.items(), key=lambda kv: -kv[1])[:8]
+    return sum(rows.values()), sorted(rows.items(), key=lambda kv: -kv[1])[:top]
 
 
 def heat(seconds: float) -> None:
@@ -147,6 +147,7 @@ def main():
     ap.add_argument("--heat", type=float, default=10.0,
                     help="seconds of 8192³ GEMMs before the first row (0: none), see the module docstring")
     ap.add_argument("--rounds", type=int, default=3, help="graph timings per row, methods in alternating order")
+    ap.add_argument("--top", type=int, default=8, help="kernels listed per row (by GPU time)")
     ap.add_argument("--accumulate", action="store_true",
                     help="backward by .backward() into .grad (the harness before session 27)")
     a = ap.parse_args()
@@ -191,7 +192,7 @@ def main():
                 row["graph_ms"] = statistics.median(row["graph_ms_rounds"]) if row["graph_ms_rounds"] else None
                 row["b2b_ms"] = b2b_ms(step)
                 row["host_ms"] = host_ms(step)
-                row["kernel_ms"], top = kernels(step)
+                row["kernel_ms"], top = kernels(step, top=a.top)
                 row["top"] = top
                 out.append(row)
                 gm = f"{row['graph_ms']:.4f}" if row["graph_ms"] is not None else "  fail"

@@ -352,6 +352,7 @@ def test_compiles_without_graph_breaks_and_matches_eager():
     ("set_decode_pdl", (-1, 0), (1, -2)),
     ("set_decode_gemv", (-1, 0), (1, -2)),
     ("set_dora_pass_form", (-1, 0, 1, 16, 4096), (4097, -2)),
+    ("set_dora_norm_form", (-1, 0, 32, 512, 2048), (16, 33, 2080, -2)),
 ])
 def test_testing_hooks_take_their_modes_and_refuse_others(hook, modes, bad):
     """The CUDA compositions' testing hooks (fastpeft_ops::set_*): each allowed mode is stored and the previous one
@@ -881,6 +882,83 @@ def test_gpu_dora_pass_register_form_equals_the_tiled_kernel():
         assert not names or ("dora_pass_kernel" in names and "dora_out_kernel" not in names)
     finally:
         ops.set_dora_pass_form(before)
+
+
+@pytest.mark.gpu
+def test_gpu_dora_norm_fused_pass_matches_the_split_gemm_and_float64():
+    """The training norm's fused form (dora_norm_parts_kernel: W·Aᵀ, A·Aᵀ and ‖W‖² in one pass over W on the tensor
+    cores, A as hi + lo 16-bit parts; dora_norm_finish_kernel: the K ranges summed in order into n, g and 1/n) against
+    the split GEMM (set_dora_norm_form 0) and a float64 norm: bf16 and fp16; ranks 1-16; N off the 16-row tiles and
+    the 128-row blocks; K off the 32-column chunks (K % 8 == 0); ranges forced to 32, 64 and 2048 columns and the
+    automatic ones; ‖W‖² given by the caller or summed in the pass; a weight that is a row slice of a wider one (its
+    rows 16-byte aligned). Where it does not apply (fp32, rank 17, K % 8 != 0, rows off 16 bytes) the split GEMM runs:
+    the profiler, where it records (not under compute-sanitizer), shows which. Run twice: the same bits (no atomics)."""
+    ops = torch.ops.fastpeft_ops
+    s = 1.5
+    cases = [  # dtype, N, K, r, ‖W‖² given, forms, fused
+        (torch.bfloat16, 4096, 4096, 16, False, (-1, 64), True),
+        (torch.bfloat16, 1000, 1000, 5, False, (-1, 32, 2048), True),
+        (torch.float16, 4231, 200, 16, True, (-1, 96), True),
+        (torch.bfloat16, 37, 4232, 1, True, (-1, 128), True),
+        (torch.float16, 300, 96, 12, False, (-1, 32, 64), True),
+        (torch.bfloat16, 1024, 14336, 16, True, (-1,), True),
+        (torch.float32, 256, 128, 16, False, (-1,), False),
+        (torch.bfloat16, 256, 128, 17, False, (-1,), False),
+        (torch.bfloat16, 256, 1028, 8, False, (-1,), False),
+    ]
+    before = ops.set_dora_norm_form(-1)
+    try:
+        for dtype, N, K, r, given, forms, fused in cases:
+            torch.manual_seed(N + K + r)
+            w = (torch.randn(N, K, device="cuda") / K**0.5).to(dtype)
+            A = torch.randn(r, K, device="cuda") / K**0.5
+            Bw = torch.randn(N, r, device="cuda") / r**0.5
+            m = torch.rand(N, device="cuda") + 0.5
+            x = torch.randn(3, K, device="cuda", dtype=dtype)
+            w_sq = w.float().square().sum(1) if given else None
+            want = torch.linalg.norm(w.double() + s * (Bw.double() @ A.double()), dim=1)
+            split = None
+            for form in (0,) + tuple(forms):
+                ops.set_dora_norm_form(form)
+                runs = []
+                for _ in range(2):
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        out = ops.dora_fwd(x, w, None, A, Bw, m, s, w_sq, None)
+                        torch.cuda.synchronize()
+                    runs.append((out[3].clone(), out[4].clone()))
+                names = " ".join(e.name for e in prof.events())
+                ran = "dora_norm_parts_kernel" in names
+                assert not names or ran == (fused and form != 0), (form, dtype, N, K, r)
+                assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), (form, N, K)
+                g, inv_n = runs[0]
+                assert rel_err(inv_n.double(), 1 / want) < 1e-5, (form, dtype, N, K, r)
+                assert rel_err(g.double(), m.double() / want) < 1e-5, (form, dtype, N, K, r)
+                if form == 0:
+                    split = inv_n
+                else:
+                    assert rel_err(inv_n, split) < 1e-5, (form, dtype, N, K, r)
+        # a row slice of a wider weight: rows 16-byte aligned, the fused pass reads them with their stride
+        ops.set_dora_norm_form(-1)
+        wide = (torch.randn(512, 1024, device="cuda") / 32).to(torch.bfloat16)
+        w = wide[:, 256:768]
+        A = torch.randn(16, 512, device="cuda") / 512**0.5
+        Bw = torch.randn(512, 16, device="cuda") / 4
+        out = ops.dora_fwd(torch.randn(5, 512, device="cuda", dtype=torch.bfloat16), w, None, A, Bw,
+                           torch.ones(512, device="cuda"), s, None, None)
+        want = torch.linalg.norm(w.double() + s * (Bw.double() @ A.double()), dim=1)
+        assert rel_err(out[4].double(), 1 / want) < 1e-5
+        # rows off 16 bytes (a slice one column in): the split GEMM
+        w = wide[:, 1:513]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = ops.dora_fwd(torch.randn(5, 512, device="cuda", dtype=torch.bfloat16), w, None, A, Bw,
+                               torch.ones(512, device="cuda"), s, None, None)
+            torch.cuda.synchronize()
+        names = " ".join(e.name for e in prof.events())
+        assert not names or "dora_norm_parts_kernel" not in names
+        want = torch.linalg.norm(w.double() + s * (Bw.double() @ A.double()), dim=1)
+        assert rel_err(out[4].double(), 1 / want) < 1e-5
+    finally:
+        ops.set_dora_norm_form(before)
 
 
 @pytest.mark.gpu
