@@ -899,7 +899,7 @@ __global__ void __launch_bounds__(kNormWarps * 32) dora_norm_scale_kernel(
 // DoRA's norm in two launches where W is 16-bit with 16-byte rows and the rank <= 16 on sm_80+ (dora_norm_fused
 // below), in place of the split GEMM W·[A_hi | A_lo]ᵀ (cuBLAS split-K and its reduce), A·Aᵀ and the kernel above:
 //   dora_norm_parts_kernel reads W once and sums, over each block's range of K, W·Aᵀ (and ‖W‖² where the layer keeps
-//   none) on the tensor cores; its first block sums A·Aᵀ over all of K the same way;
+//   none) on the tensor cores, and A·Aᵀ over the same ranges from the fragments it splits;
 //   dora_norm_finish_kernel adds the ranges in order and forms n, g = m / n and 1 / n.
 // Deterministic: no atomics, fixed orders.
 // W·Aᵀ on mma.sync m16n8k16 with fp32 accumulators, A (fp32) as hi + lo 16-bit parts: the split GEMM's A2, so the
@@ -911,14 +911,14 @@ __global__ void __launch_bounds__(kNormWarps * 32) dora_norm_scale_kernel(
 // 16-byte word too. A block: 8 warps, each a 16-row tile of W over the block's range (KB columns, a multiple of 32);
 // W arrives through a per-warp cp.async ring (a lane reads back only its own words: no barrier); A's fragments for the
 // range are split once into shared memory (KB·64 bytes) and read by all 8 warps (512 contiguous bytes a warp and
-// slice: conflict-free). A·Aᵀ: rows [A_hi; A_lo] times (A_hi + A_lo)ᵀ, each warp of block 0 a share of K's chunks
-// with its fragments split in registers, the warps' sums added in shared memory.
+// slice: conflict-free). A·Aᵀ: rows [A_hi; A_lo] times (A_hi + A_lo)ᵀ in one more block per range (row block 0,
+// scheduled first), whose warps 0 and 1 take their A side from the same shared words.
 // Bound: W's bytes, read once (32 MB at q/o: ~8 µs at 4 TB/s); the ranges' partial sums add 64 bytes a row each
 // (KB is picked so that the grid fills the GPU with ranges of at least 128 columns: 1/4 of W's bytes at most, 1/16 at
 // the Llama-8B shapes but k/v). The mma work is 4 n-slices × 2 steps a 1 KB chunk of W: far from the tensor cores'.
 constexpr int kNormPartWarps = 8;
 constexpr int kNormPartRows = kNormPartWarps * 16;  // W's rows a block
-constexpr int kNormPartStages = 8;                  // chunks in a warp's ring (7 in flight: 7 KB a warp)
+constexpr int kNormPartStages = 6;                  // chunks in a warp's ring (5 in flight: 5 KB a warp)
 constexpr int kNormPartRank = 16;                   // ranks the fused norm takes (two n-slices of 8 per part)
 constexpr int kNormPartMaxRange = 2048;             // K's columns a block at most (its fragments' shared memory)
 constexpr int kNormPartSmem = kNormPartWarps * kNormPartStages * 1024;  // the rings; + KB·64 for the fragments
@@ -983,61 +983,25 @@ __device__ __forceinline__ void norm_store_tile(float* out, const float (&acc)[4
   }
 }
 
-// Block 0 of dora_norm_parts_kernel: A·Aᵀ ([16, 16] fp32, zero past R) into aa. Warp w takes chunks w, w + 8, ... of
-// K: lane (g, t) splits A's rows g and g + 8 at k = 32c + 8t..+7 in registers (the four fragments), and those are also
-// the A side of two 16-row tiles, A_hi's rows and A_lo's; their sum over the tiles and the warps (shared memory, in
-// warp order) is (A_hi + A_lo)·(A_hi + A_lo)ᵀ.
-template <typename T>
-__device__ void norm_gram(const float* __restrict__ A, int64_t lda, int K, int R, float* __restrict__ aa,
-                          float* smem) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  float acc_hi[4][4] = {}, acc_lo[4][4] = {};
-  for (int c = warp; c * 32 < K; c += kNormPartWarps) {
-    const int k = 32 * c + 8 * t;
-    float4 r0, r1, s0, s1;
-    load_a8(A, lda, g, k, g < R && k < K, r0, r1);
-    load_a8(A, lda, g + 8, k, g + 8 < R && k < K, s0, s1);
-    uint4 f[4];
-    split8<T>(r0, r1, f[0], f[2]);
-    split8<T>(s0, s1, f[1], f[3]);
-    norm_chunk_mma<T>(acc_hi, f[0], f[1], f);
-    norm_chunk_mma<T>(acc_lo, f[2], f[3], f);
-  }
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_hi[q][e] += acc_lo[q][e];
-  norm_store_tile(smem + warp * 256, acc_hi, g, t, true, true);
-  __syncthreads();
-  float v = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kNormPartWarps; ++w) v += smem[w * 256 + threadIdx.x];
-  aa[threadIdx.x] = v;
-}
-
 // Grid (ranges, row blocks + 1). Block (x, y > 0) sums W·Aᵀ over columns [x·KB, min(K, (x+1)·KB)) for W's rows
 // [(y-1)·128, (y-1)·128 + 128) into part_wa[x] ([N, 16] fp32, columns past R zero) and, when part_sq, ‖W‖²'s share
-// into part_sq[x] ([N]); block (0, 0) computes A·Aᵀ into aa ([16, 16]); blocks (x > 0, 0) have nothing to do (block 0
-// is the first scheduled: its walk over all of K overlaps the rest). W [N, K] with unit column stride, 16-byte
+// into part_sq[x] ([N]); block (x, 0) sums A·Aᵀ over the range into part_aa[x] ([16, 16]). W [N, K] with unit column stride, 16-byte
 // aligned rows (ldw % 8 == 0) and K % 8 == 0 (a lane's 8 columns are all in range or all out); A fp32 [R, K] likewise
 // (lda % 4 == 0), R <= 16. Dynamic shared memory: KB·64 bytes of fragments + the warps' rings (kNormPartSmem).
 template <typename T>
 __global__ void __launch_bounds__(kNormPartWarps * 32) dora_norm_parts_kernel(
     const T* __restrict__ w, int64_t ldw, int N, int K, const float* __restrict__ A, int64_t lda, int R, int KB,
-    float* __restrict__ part_wa, float* __restrict__ part_sq, float* __restrict__ aa) {
+    float* __restrict__ part_wa, float* __restrict__ part_sq, float* __restrict__ part_aa) {
   extern __shared__ __align__(16) unsigned char norm_parts_smem[];
-  if (blockIdx.y == 0) {
-    if (blockIdx.x == 0) norm_gram<T>(A, lda, K, R, aa, reinterpret_cast<float*>(norm_parts_smem));
-    return;
-  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int k0 = static_cast<int>(blockIdx.x) * KB;
   const int k_end = K - k0 < KB ? K : k0 + KB;
   const int chunks = (k_end - k0 + 31) / 32;
   uint4* const frag = reinterpret_cast<uint4*>(norm_parts_smem);  // [chunk][slice q][lane]
   uint4* const ring = frag + (KB / 32) * 128 + warp * (kNormPartStages * 64);  // [stage][row half][lane]
-  const int row0 = static_cast<int>(blockIdx.y - 1) * kNormPartRows + warp * 16;
-  const bool w_warp = row0 < N;
+  const bool aa_block = blockIdx.y == 0;
+  const int row0 = (static_cast<int>(blockIdx.y) - 1) * kNormPartRows + warp * 16;
+  const bool w_warp = !aa_block && row0 < N;
   const bool row_ok = row0 + g < N, row8_ok = row0 + g + 8 < N;
   const T* const w_lane = w + static_cast<int64_t>(row_ok ? row0 + g : 0) * ldw + k0 + 8 * t;
   const int64_t w_half = row8_ok ? 8 * ldw : 0;  // row g + 8 from row g (row g itself when past N: not read)
@@ -1074,8 +1038,22 @@ __global__ void __launch_bounds__(kNormPartWarps * 32) dora_norm_parts_kernel(
     }
   }
   __syncthreads();
-  if (!w_warp) return;
   float acc[4][4] = {};
+  if (aa_block) {  // A·Aᵀ's share: warp 0 the rows of A_hi, warp 1 those of A_lo as the A side, summed in the ring's space
+    float* const tiles = reinterpret_cast<float*>(ring - warp * (kNormPartStages * 64));  // the block's rings
+    if (warp < 2) {
+      for (int c = 0; c < chunks; ++c) {
+        const uint4* fc = frag + c * 128 + lane;
+        const uint4 f[4] = {fc[0], fc[32], fc[64], fc[96]};
+        norm_chunk_mma<T>(acc, fc[(2 * warp) * 32], fc[(2 * warp + 1) * 32], f);  // (f[2 * warp]: local memory)
+      }
+      norm_store_tile(tiles + warp * 256, acc, g, t, true, true);
+    }
+    __syncthreads();
+    part_aa[static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x] = tiles[threadIdx.x] + tiles[256 + threadIdx.x];
+    return;
+  }
+  if (!w_warp) return;
   float sq = 0.0f, sq8 = 0.0f;
   for (int c = 0; c < chunks; ++c) {
     const int next = c + kNormPartStages - 1;
@@ -1106,37 +1084,49 @@ __global__ void __launch_bounds__(kNormPartWarps * 32) dora_norm_parts_kernel(
   }
 }
 
-// n² = ‖W‖² + Σ_j B[i, j]·(2s·WA[i, j] + s²·(B·AA)[i, j]) from dora_norm_parts_kernel's ranges (summed in order) and
-// A·Aᵀ; ‖W‖² from w_sq (the layer's) or from part_sq. g = m / n, inv_n = 1 / n. A block: 16 rows × 16 lanes (lane j
-// the column j of row i). Bound: latency, the ranges' loads (16 in flight a thread) and one shuffle reduction.
+// n² = ‖W‖² + Σ_j B[i, j]·(2s·WA[i, j] + s²·(B·AA)[i, j]) from dora_norm_parts_kernel's ranges, each sum in range
+// order; ‖W‖² from w_sq (the layer's) or from part_sq. g = m / n, inv_n = 1 / n. A block: 16 rows × 16 lanes (lane
+// j the column j of row i; thread (l, j) also sums AA[l, j]). Bound: latency. A thread's loads of the ranges go out
+// 16 + 16 at a time, unconditionally (clamped indices, masked after): a load guarded by a condition was compiled as
+// load-then-add, one latency each (SASS, session 36: 10 µs at k/v's 32 ranges).
 constexpr int kNormFinishRows = 16;
-constexpr int kNormFinishBatch = 16;  // a thread's loads in flight
+constexpr int kNormFinishBatch = 16;  // ranges a batch
 __global__ void __launch_bounds__(kNormFinishRows * 16) dora_norm_finish_kernel(
-    const float* __restrict__ part_wa, const float* __restrict__ part_sq, const float* __restrict__ aa_in,
+    const float* __restrict__ part_wa, const float* __restrict__ part_sq, const float* __restrict__ part_aa,
     int ranges, const float* __restrict__ B, int N, int R, float s, const float* __restrict__ w_sq,
     const float* __restrict__ m, float* __restrict__ g, float* __restrict__ inv_n) {
   __shared__ float aa[16][17];
   const int l = threadIdx.x / 16, j = threadIdx.x % 16;
-  aa[l][j] = aa_in[threadIdx.x];
-  __syncthreads();
   const int i = static_cast<int>(blockIdx.x) * kNormFinishRows + l;
-  const bool ok = i < N;  // no early exit: the 16-lane shuffles below want whole warps
+  const bool ok = i < N;  // no early exit: the barrier and the 16-lane shuffles below want every thread
+  const int64_t i_read = ok ? i : N - 1;
+  float aa_sum = 0.0f, wa = 0.0f;
+  for (int r0 = 0; r0 < ranges; r0 += kNormFinishBatch) {
+    float va[kNormFinishBatch], vw[kNormFinishBatch];
+#pragma unroll
+    for (int u = 0; u < kNormFinishBatch; ++u) {
+      const int64_t r = r0 + u < ranges ? r0 + u : ranges - 1;
+      va[u] = part_aa[r * 256 + threadIdx.x];
+      vw[u] = part_wa[(r * N + i_read) * 16 + j];
+    }
+#pragma unroll
+    for (int u = 0; u < kNormFinishBatch; ++u) {
+      if (r0 + u < ranges) {
+        aa_sum += va[u];
+        wa += vw[u];
+      }
+    }
+  }
+  aa[l][j] = aa_sum;
+  __syncthreads();
   const float bj = ok && j < R ? B[static_cast<int64_t>(i) * R + j] : 0.0f;
   float bab = 0.0f;  // (B·AA)[i, j]
 #pragma unroll
   for (int q = 0; q < 16; ++q) bab = fmaf(__shfl_sync(0xffffffffu, bj, q, 16), aa[q][j], bab);
-  float wa = 0.0f, sq = 0.0f;
-  for (int r0 = 0; ok && r0 < ranges; r0 += kNormFinishBatch) {
-    float v[kNormFinishBatch];
-#pragma unroll
-    for (int u = 0; u < kNormFinishBatch; ++u)
-      v[u] = r0 + u < ranges ? part_wa[(static_cast<int64_t>(r0 + u) * N + i) * 16 + j] : 0.0f;
-#pragma unroll
-    for (int u = 0; u < kNormFinishBatch; ++u) wa += v[u];
-  }
+  float sq = 0.0f;
   if (part_sq != nullptr && ok)
     for (int r = j; r < ranges; r += 16) sq += part_sq[static_cast<int64_t>(r) * N + i];
-  float acc = fmaf(bj, fmaf(s * s, bab, 2.0f * s * wa), sq);
+  float acc = fmaf(bj, fmaf(s * s, bab, 2.0f * s * (ok ? wa : 0.0f)), sq);
 #pragma unroll
   for (int off = 8; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off, 16);
   if (ok && j == 0) {
@@ -2426,9 +2416,9 @@ std::tuple<Tensor, Tensor> dora_norm_fused(const Tensor& w, const Tensor& A32_in
   const int64_t ranges = (K + range - 1) / range;
   const bool want_sq = !w_sq.defined();
   const int smem = static_cast<int>(range * 64 + kNormPartSmem);
-  Tensor parts = at::empty({ranges * N * (want_sq ? 17 : 16) + 256}, B32.options());
-  float* const aa = parts.data_ptr<float>();
-  float* const part_wa = aa + 256;
+  Tensor parts = at::empty({ranges * (N * (want_sq ? 17 : 16) + 256)}, B32.options());
+  float* const part_aa = parts.data_ptr<float>();
+  float* const part_wa = part_aa + ranges * 256;
   float* const part_sq = want_sq ? part_wa + ranges * N * 16 : nullptr;
   Tensor gn = at::empty({2, N}, B32.options());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -2439,11 +2429,12 @@ std::tuple<Tensor, Tensor> dora_norm_fused(const Tensor& w, const Tensor& A32_in
     dora_norm_parts_kernel<T><<<dim3(static_cast<unsigned>(ranges), static_cast<unsigned>(row_blocks + 1)),
                                 kNormPartWarps * 32, smem, stream>>>(
         reinterpret_cast<const T*>(w.data_ptr()), w.stride(0), static_cast<int>(N), static_cast<int>(K),
-        A32.data_ptr<float>(), A32.stride(0), static_cast<int>(R), static_cast<int>(range), part_wa, part_sq, aa);
+        A32.data_ptr<float>(), A32.stride(0), static_cast<int>(R), static_cast<int>(range), part_wa, part_sq,
+        part_aa);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dora_norm_finish_kernel<<<(N + kNormFinishRows - 1) / kNormFinishRows, kNormFinishRows * 16, 0, stream>>>(
-      part_wa, part_sq, aa, static_cast<int>(ranges), B32.data_ptr<float>(), static_cast<int>(N),
+      part_wa, part_sq, part_aa, static_cast<int>(ranges), B32.data_ptr<float>(), static_cast<int>(N),
       static_cast<int>(R), static_cast<float>(scaling), want_sq ? nullptr : w_sq.data_ptr<float>(),
       m32.data_ptr<float>(), gn.data_ptr<float>(), gn.data_ptr<float>() + N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
