@@ -13,8 +13,9 @@ the build, the shared-memory opt-in and the caches):
 
 Session 35 measured the forward pass at 26.9 µs (q/o, 4096 rows, r = 16, the register form; the tiled kernel 35.1:
 ~2.5 / 1.9 TB/s over 67 MB) and the stream at 28 µs (3.6 TB/s over 101 MB) from the profiler's kernel list
-(``benchmarks/results/h200/INDEX.md``); ncu finds the register form bound by instruction issue, not bytes. Needs a
-CUDA GPU and the extension's toolchain.
+(``benchmarks/results/h200/INDEX.md``); ncu finds the register form bound by instruction issue, not bytes. Session 36
+measured the training norm's two kernels at 15.9 + 4.3 µs (q/o) and 8.1 + 5.4 µs (k/v). Needs a CUDA GPU and the
+extension's toolchain.
 """
 from __future__ import annotations
 
