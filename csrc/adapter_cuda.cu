@@ -989,9 +989,10 @@ __device__ __forceinline__ void norm_store_tile(float* out, const float (&acc)[4
 
 // Grid (ranges, row blocks + 1). Block (x, y > 0) sums W·Aᵀ over columns [x·KB, min(K, (x+1)·KB)) for W's rows
 // [(y-1)·128, (y-1)·128 + 128) into part_wa[x] ([N, 16] fp32, columns past R zero) and, when part_sq, ‖W‖²'s share
-// into part_sq[x] ([N]); block (x, 0) sums A·Aᵀ over the range into part_aa[x] ([16, 16]). W [N, K] with unit column stride, 16-byte
-// aligned rows (ldw % 8 == 0) and K % 8 == 0 (a lane's 8 columns are all in range or all out); A fp32 [R, K] likewise
-// (lda % 4 == 0), R <= 16. Dynamic shared memory: KB·64 bytes of fragments + the warps' rings (kNormPartSmem).
+// into part_sq[x] ([N]); block (x, 0) sums A·Aᵀ over the range into part_aa[x] ([16, 16]). W [N, K] with unit column
+// stride, 16-byte aligned rows (ldw % 8 == 0) and K % 8 == 0 (a lane's 8 columns are all in range or all out); A fp32
+// [R, K] likewise (lda % 4 == 0), R <= 16. Dynamic shared memory: KB·64 bytes of fragments + the warps' rings
+// (kNormPartSmem).
 template <typename T>
 __global__ void __launch_bounds__(kNormPartWarps * 32) dora_norm_parts_kernel(
     const T* __restrict__ w, int64_t ldw, int N, int K, const float* __restrict__ A, int64_t lda, int R, int KB,
@@ -1043,13 +1044,14 @@ __global__ void __launch_bounds__(kNormPartWarps * 32) dora_norm_parts_kernel(
   }
   __syncthreads();
   float acc[4][4] = {};
-  if (aa_block) {  // A·Aᵀ's share: warp 0 the rows of A_hi, warp 1 those of A_lo as the A side, summed in the ring's space
+  if (aa_block) {  // A·Aᵀ's share: warp 0 takes A_hi's rows as the A side, warp 1 A_lo's; summed in the rings' space
     float* const tiles = reinterpret_cast<float*>(ring - warp * (kNormPartStages * 64));  // the block's rings
     if (warp < 2) {
       for (int c = 0; c < chunks; ++c) {
         const uint4* fc = frag + c * 128 + lane;
         const uint4 f[4] = {fc[0], fc[32], fc[64], fc[96]};
-        norm_chunk_mma<T>(acc, fc[(2 * warp) * 32], fc[(2 * warp + 1) * 32], f);  // (f[2 * warp]: local memory)
+        // (the A side read again from shared memory: f[2 * warp], indexed by the warp, went to local memory)
+        norm_chunk_mma<T>(acc, fc[(2 * warp) * 32], fc[(2 * warp + 1) * 32], f);
       }
       norm_store_tile(tiles + warp * 256, acc, g, t, true, true);
     }
