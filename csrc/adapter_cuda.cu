@@ -2393,13 +2393,13 @@ std::tuple<Tensor, Tensor> dora_norm_scale(const Tensor& P, const Tensor& B32, c
 }
 
 // Whether dora_norm_fused takes this norm (set_dora_norm_form not 0): 16-bit w [N, K] with unit column stride and
-// 16-byte aligned rows, K % 8 == 0, rank 1-16, sm_80+ (mma.sync), sizes within int. Otherwise the split GEMM,
-// A·Aᵀ and dora_norm_scale.
+// 16-byte aligned rows, K % 8 == 0, rank 1-16, sm_80+ (mma.sync), K within int and N within the parts kernel's grid
+// (row blocks + 1 <= 65535: ~8.4 M rows). Otherwise the split GEMM, A·Aᵀ and dora_norm_scale.
 bool dora_norm_fused_applies(const Tensor& w, const Tensor& A32) {
   const int64_t N = w.size(0), K = w.size(1), R = A32.size(0);
   return dora_norm_form() != 0 && (w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16) &&
          at::cuda::getCurrentDeviceProperties()->major >= 8 && R >= 1 && R <= kNormPartRank && N > 0 && K > 0 &&
-         N < (int64_t{1} << 31) - kNormPartRows && K < (int64_t{1} << 31) - 2048 && K % 8 == 0 && w.stride(1) == 1 &&
+         N <= int64_t{65534} * kNormPartRows && K < (int64_t{1} << 31) - 2048 && K % 8 == 0 && w.stride(1) == 1 &&
          w.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
 }
 
