@@ -94,10 +94,18 @@ constexpr Pattern kHL{2, 0b010u};   // [hi, lo]
 constexpr Pattern kHLH{3, 0b010u};  // [hi, lo, hi]
 constexpr Pattern kHHL{3, 0b100u};  // [hi, hi, lo]
 
+// v's 16-bit hi and lo parts: hi = T(v), lo = T(v - hi) (~16 mantissa bits together; every split of an fp32 operand
+// into 16-bit parts here, so the products agree whichever kernel formed them)
+template <typename T>
+__device__ __forceinline__ void split_hi_lo(float v, T& hi, T& lo) {
+  hi = from_f<T>(v);
+  lo = from_f<T>(v - to_f<T>(hi));
+}
+
 template <typename T>
 __device__ __forceinline__ void write_parts(T* row, int64_t cols, int64_t c, float v, Pattern pat) {
-  const T hi = from_f<T>(v);
-  const T lo = from_f<T>(v - to_f<T>(hi));
+  T hi, lo;
+  split_hi_lo(v, hi, lo);
   for (int b = 0; b < pat.parts; ++b) row[b * cols + c] = ((pat.lo_mask >> b) & 1u) ? lo : hi;
 }
 
@@ -927,15 +935,16 @@ constexpr int kNormPartRank = 16;                   // ranks the fused norm take
 constexpr int kNormPartMaxRange = 2048;             // K's columns a block at most (its fragments' shared memory)
 constexpr int kNormPartSmem = kNormPartWarps * kNormPartStages * 1024;  // the rings; + KB·64 for the fragments
 
-// the split of 8 fp32 values into 16-bit hi and lo parts, two to a word (element 2i in the low half)
+// split_hi_lo of 8 fp32 values, the parts two to a word (element 2i in the low half)
 template <typename T>
 __device__ __forceinline__ void split8(const float4& v0, const float4& v1, uint4& hi, uint4& lo) {
   const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
   unsigned h[4], l[4];
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
-    const T h0 = from_f<T>(v[2 * p]), h1 = from_f<T>(v[2 * p + 1]);
-    const T l0 = from_f<T>(v[2 * p] - to_f<T>(h0)), l1 = from_f<T>(v[2 * p + 1] - to_f<T>(h1));
+    T h0, h1, l0, l1;
+    split_hi_lo(v[2 * p], h0, l0);
+    split_hi_lo(v[2 * p + 1], h1, l1);
     h[p] = elem_bits(h0) | (elem_bits(h1) << 16);
     l[p] = elem_bits(l0) | (elem_bits(l1) << 16);
   }

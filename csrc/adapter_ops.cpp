@@ -1785,7 +1785,8 @@ int64_t set_dora_pass_form(int64_t mode) {
 // Which kernels compute DoRA's norm in training (adapter_cuda.cu, dora_fwd_cuda): -1 automatic (dora_norm_fused: one
 // pass over W on the tensor cores and a finishing kernel, where W is 16-bit with 16-byte rows and the rank <= 16 on
 // sm_80+), 0 the split GEMM W·[A_hi | A_lo]ᵀ, A·Aᵀ and the norm-and-scale kernel, n in 32..2048 (a multiple of 32) the
-// fused pass with ranges of n columns of K a block.
+// fused pass with ranges of n columns of K a block (2048: kNormPartMaxRange in adapter_cuda.cu, the fragments' shared
+// memory the kernel is allowed).
 std::atomic<int64_t> g_dora_norm_form{-1};
 int64_t dora_norm_form() { return g_dora_norm_form.load(std::memory_order_relaxed); }
 int64_t set_dora_norm_form(int64_t mode) {

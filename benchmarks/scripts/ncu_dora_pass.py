@@ -1,6 +1,7 @@
-"""ncu target for DoRA's two passes over [M, N] and its training norm (csrc/adapter_cuda.cu): the forward's output pass
-(``dora_out_kernel`` up to rank 16, else ``dora_pass_kernel``: Y = g⊙(Z0 + S'·Bᵀ) + b, S'·Bᵀ on mma.sync TF32)
-and the backward's stream (``dora_bwd_stream_kernel``: Σ dY⊙Z0 and g⊙dY), one Llama-3.1-8B projection, bf16, through the operators
+"""ncu target for DoRA's two passes over [M, N] and its training norm (csrc/adapter_cuda.cu): the forward's output
+pass (``dora_out_kernel`` up to rank 16, else ``dora_pass_kernel``: Y = g⊙(Z0 + S'·Bᵀ) + b, S'·Bᵀ on mma.sync TF32),
+the backward's stream (``dora_bwd_stream_kernel``: Σ dY⊙Z0 and g⊙dY) and the norm's two kernels
+(``dora_norm_parts_kernel``, ``dora_norm_finish_kernel``), one Llama-3.1-8B projection, bf16, through the operators
 ``fastpeft_ops.dora_fwd`` / ``dora_bwd`` called ``--launches`` times; profile a later launch (the first ones warm up
 the build, the shared-memory opt-in and the caches):
 
