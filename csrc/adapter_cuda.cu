@@ -44,6 +44,7 @@ int64_t decode_pdl_mode();
 int64_t decode_gemv_mode();
 int64_t dora_pass_form();
 int64_t dora_norm_form();
+int64_t lora_sum_order();
 void check_mixed_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& adapter_of_segment, int64_t tokens,
                       at::TensorList lora_A, at::TensorList lora_B, c10::ArrayRef<double> scales);
 // LoRA with 16-bit adapters of x's dtype, no dropout (adapter_ops.cpp: ATen GEMMs, the same on every device)
@@ -2530,6 +2531,20 @@ Tensor dora_bwd_stream(const Tensor& dy, const Tensor& Z0, const Tensor& g32, co
 
 Tensor in_dtype(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
+// Whether a 16-bit split-GEMM sum Y = base + adapter term ([rows, cols]; the base product's inner dimension `inner`)
+// writes the adapter's skinny product first and lets the base GEMM add itself with beta = 1, instead of the base
+// product first and the skinny GEMM reading and writing Y again (lora_sum_order: -1 automatic, 0 base first, 1
+// adapter first). Bytes: base first moves Y three times (written, read, written), adapter first twice plus the read
+// of C inside the base GEMM's epilogue, which a compute-bound GEMM may hide.
+bool sum_adapter_first(int64_t rows, int64_t cols, int64_t inner) {
+  const int64_t mode = lora_sum_order();
+  if (mode >= 0) return mode == 1;
+  (void)rows;
+  (void)cols;
+  (void)inner;
+  return false;
+}
+
 // ------------------------------------------------------------------------------------------------ LoRA
 std::tuple<Tensor, Tensor> lora_fwd_split(const Tensor& x2, const Tensor& weight, const c10::optional<Tensor>& bias,
                                           const Tensor& A, const Tensor& B, double scaling, double p,
@@ -2546,8 +2561,8 @@ std::tuple<Tensor, Tensor> lora_fwd_split(const Tensor& x2, const Tensor& weight
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor xs = p > 0.0 ? dropout_apply(x2, p, lora_seed_value(seed, p, rank), false) : x2;
   const Tensor A32 = in_dtype(A, at::kFloat), B32 = in_dtype(B, at::kFloat);
-  Tensor y = has_bias ? at::addmm(in_dtype(*bias, dt), x2, w.t()) : at::mm(x2, w.t());
   if (dt == at::kFloat) {
+    Tensor y = has_bias ? at::addmm(in_dtype(*bias, dt), x2, w.t()) : at::mm(x2, w.t());
     Tensor S = at::mm(xs, A32.t()).mul_(scaling);
     y.addmm_(S, B32.t());
     return {y, S};
@@ -2556,6 +2571,12 @@ std::tuple<Tensor, Tensor> lora_fwd_split(const Tensor& x2, const Tensor& weight
   const auto packs = pack_splits({{A32.t(), kHL, Tensor()}, {B32, kHLH, Tensor()}}, dt);
   const Tensor P = at::mm(xs, packs[0], at::kFloat);        // [M, 2r] fp32
   auto [S, S3, unused] = finalize_split(P, static_cast<float>(scaling), true, &kHHL, nullptr, dt);
+  if (sum_adapter_first(x2.size(0), w.size(0), x2.size(1))) {
+    Tensor y = has_bias ? at::addmm(in_dtype(*bias, dt), S3, packs[1].t()) : at::mm(S3, packs[1].t());
+    y.addmm_(x2, w.t());                                    // + X·Wᵀ, read by cuBLAS as C (beta = 1)
+    return {y, S};
+  }
+  Tensor y = has_bias ? at::addmm(in_dtype(*bias, dt), x2, w.t()) : at::mm(x2, w.t());
   y.addmm_(S3, packs[1].t());                               // + S·Bᵀ, read by cuBLAS as C (beta = 1)
   return {y, S};
 }
@@ -2622,6 +2643,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
         Tensor z2 = at::mm(dS3, A3.t());                                     // dS·A in x.dtype
         dropout_apply(z2, p, seed_v, true);
         dx = z2.addmm_(dyb, w);                                              // + dY·W (beta = 1)
+      } else if (sum_adapter_first(x2.size(0), x2.size(1), w.size(0))) {
+        dx = at::mm(dS3, A3.t());                                            // dS·A
+        dx.addmm_(dyb, w);                                                   // + dY·W (beta = 1)
       } else {
         dx = at::mm(dyb, w);
         dx.addmm_(dS3, A3.t());
@@ -3167,8 +3191,15 @@ std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cuda(const Tensor& x2, at
   std::vector<Tensor> ys;
   for (int64_t i = 0; i < G; ++i) {
     const Tensor w = in_dtype(weights[i], dt);
+    const Tensor S3i = S3m.narrow(1, 3 * r * i, 3 * r), B3i = packs[regB[i]].t();
+    if (sum_adapter_first(M, w.size(0), K)) {
+      Tensor y = biases.empty() ? at::mm(S3i, B3i) : at::addmm(in_dtype(biases[i], dt), S3i, B3i);
+      y.addmm_(x2, w.t());  // + X·W_iᵀ (beta = 1)
+      ys.push_back(y);
+      continue;
+    }
     Tensor y = biases.empty() ? at::mm(x2, w.t()) : at::addmm(in_dtype(biases[i], dt), x2, w.t());
-    y.addmm_(S3m.narrow(1, 3 * r * i, 3 * r), packs[regB[i]].t());  // + S_i·B_iᵀ (beta = 1)
+    y.addmm_(S3i, B3i);  // + S_i·B_iᵀ (beta = 1)
     ys.push_back(y);
   }
   return {ys, S.view({M, G * r})};
@@ -3229,9 +3260,16 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_cuda
       for (int64_t i = 0; i < G; ++i) combine.push_back({PdA.narrow(0, 2 * r * i, 2 * r), true, Tensor()});
     }
     if (need_x) {
-      dx = at::mm(dy[0], in_dtype(weights[0], dt));
-      for (int64_t i = 1; i < G; ++i) dx.addmm_(dy[i], in_dtype(weights[i], dt));  // beta = 1
-      dx.addmm_(dS3.view({M, 3 * r * G}), packs[regA3].t());                         // + Σ dS_i·A_i
+      int64_t inner = 0;
+      for (int64_t i = 0; i < G; ++i) inner += dy[i].size(1);
+      if (sum_adapter_first(M, K, inner)) {
+        dx = at::mm(dS3.view({M, 3 * r * G}), packs[regA3].t());                      // Σ dS_i·A_i
+        for (int64_t i = 0; i < G; ++i) dx.addmm_(dy[i], in_dtype(weights[i], dt));  // + dY_i·W_i (beta = 1)
+      } else {
+        dx = at::mm(dy[0], in_dtype(weights[0], dt));
+        for (int64_t i = 1; i < G; ++i) dx.addmm_(dy[i], in_dtype(weights[i], dt));  // beta = 1
+        dx.addmm_(dS3.view({M, 3 * r * G}), packs[regA3].t());                         // + Σ dS_i·A_i
+      }
     }
   }
   const auto sums = combine_halves_many(combine);

@@ -1796,6 +1796,18 @@ int64_t set_dora_norm_form(int64_t mode) {
                             "in 32..2048 (the fused pass with that many columns of K a block)");
 }
 
+// Which product of a 16-bit split-GEMM LoRA sum cuBLAS writes first (adapter_cuda.cu: lora_fwd_split, lora_bwd_split,
+// the grouped projections; DoRA's dX through lora_bwd_split): -1 automatic (sum_adapter_first), 0 the base product
+// first and the adapter's term added with beta = 1 (a read + write of Y / dX by a skinny GEMM), 1 the adapter's term
+// first and the base product added with beta = 1 (its GEMM reads Y / dX as C in its epilogue).
+std::atomic<int64_t> g_lora_sum_order{-1};
+int64_t lora_sum_order() { return g_lora_sum_order.load(std::memory_order_relaxed); }
+int64_t set_lora_sum_order(int64_t mode) {
+  return exchange_hook_mode(g_lora_sum_order, mode, mode >= -1 && mode <= 1,
+                            "set_lora_sum_order: mode must be -1 (auto), 0 (the base product first) or 1 (the "
+                            "adapter's term first)");
+}
+
 // Exposed for adapter_cuda.cu (its kernels take the same seed / threshold / keep-scale values).
 int64_t lora_seed_value(const c10::optional<Tensor>& seed, double p, int64_t rank) { return seed_value(seed, p, rank); }
 uint32_t lora_dropout_threshold(double p) { return dropout_threshold(p); }
@@ -1858,6 +1870,7 @@ TORCH_LIBRARY(fastpeft_ops, m) {
   m.def("set_decode_gemv(int mode) -> int", &fastpeft::set_decode_gemv);
   m.def("set_dora_pass_form(int mode) -> int", &fastpeft::set_dora_pass_form);
   m.def("set_dora_norm_form(int mode) -> int", &fastpeft::set_dora_norm_form);
+  m.def("set_lora_sum_order(int mode) -> int", &fastpeft::set_lora_sum_order);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_ops, Autograd, m) {

@@ -57,6 +57,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(params=[0, 1], ids=["base-first", "adapter-first"])
+def lora_sum_order(request):
+    """Both orders of a 16-bit split-GEMM LoRA sum (fastpeft_ops::set_lora_sum_order; csrc/adapter_cuda.cu,
+    sum_adapter_first): the base product written first and the adapter's term added by cuBLAS with beta = 1, or the
+    other way round. GPU tests that take it run both, whichever the automatic choice picks at their shapes."""
+    ops = torch.ops.fastpeft_ops
+    before = ops.set_lora_sum_order(request.param)
+    yield request.param
+    ops.set_lora_sum_order(before)
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param

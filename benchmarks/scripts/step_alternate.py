@@ -14,12 +14,16 @@ collector does not rescan it during the timed steps; ``--gc off`` disables it wh
 where separate processes on the lent hosts differ by more than the effect (session 19). The values take turns in
 the order given in even rounds and reversed in odd ones (A B B A), and PEFT's row stays as the control.
 
+``--op-hook NAME=V1,V2`` does the same for one of the C++ operators' testing switches,
+``torch.ops.fastpeft_ops.set_NAME`` (e.g. ``lora_sum_order=0,1``), set around each row's build and timed steps.
+
 ``--method M1,M2`` compares methods the same way: one fastpeft row per method, in turns (A B B A), PEFT's row of the
 first method as the control (e.g. ``lora,lora_liger``: fastpeft with and without Liger-Kernel, session 20);
 ``--no-control`` leaves PEFT's row out (fastpeft DoRA against fastpeft LoRA, session 27).
 
     python benchmarks/scripts/step_alternate.py --model 1b --method prompt_tuning --rounds 3 --steps 10
     python benchmarks/scripts/step_alternate.py --model 1b --method lora --rounds 4 --setting group_projections=0,1
+    python benchmarks/scripts/step_alternate.py --model 8b --method lora --rounds 2 --no-control --op-hook lora_sum_order=0,1
     python benchmarks/scripts/step_alternate.py --model 1b --method lora,lora_liger --rounds 4 --first fastpeft
     python benchmarks/scripts/step_alternate.py --model 8b --method lora,dora,qlora,qdora --rounds 3 --no-control
 """
@@ -31,6 +35,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -38,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fastpeft import settings  # noqa: E402
 from fastpeft.bench import harness  # noqa: E402
+from fastpeft.ops import cpp_ops  # noqa: E402
 from fastpeft.bench.plan import METHODS, SEQ, Spec  # noqa: E402
 
 
@@ -62,6 +68,36 @@ def parse_setting(text: str):
         with settings.override(**{name: v}):  # validated as the environment is
             pass
     return name, values
+
+
+def parse_op_hook(text: str):
+    """"name=v1,v2" -> (name, [int values]) for torch.ops.fastpeft_ops.set_<name>; ValueError names what is wrong.
+    The values are checked by the hook itself (each set and restored here)."""
+    name, sep, raw = text.partition("=")
+    setter = getattr(torch.ops.fastpeft_ops, "set_" + name, None) if sep and name and cpp_ops.available() else None
+    if setter is None or not raw:
+        raise ValueError(f"--op-hook takes NAME=V1,V2 with torch.ops.fastpeft_ops.set_NAME an operator switch "
+                         f"(the C++ operators must be built), got {text!r}")
+    try:
+        values = [int(v) for v in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"--op-hook {name}: the values must be integers, got {raw!r}") from None
+    for v in values:
+        try:
+            setter(setter(v))  # set v, then restore what was there
+        except RuntimeError as e:
+            raise ValueError(f"--op-hook {name}={v}: {e}") from None
+    return name, values
+
+
+@contextmanager
+def _op_hook(name: str, value: int):
+    setter = getattr(torch.ops.fastpeft_ops, "set_" + name)
+    before = setter(value)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 class _CollectorClock:
@@ -144,6 +180,7 @@ def main(argv=None) -> int:
                          "4-bit row alone takes longer than all of them)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--setting", help="NAME=V1,V2: one fastpeft row per value of this fastpeft.settings field")
+    ap.add_argument("--op-hook", help="NAME=V1,V2: one fastpeft row per value of torch.ops.fastpeft_ops.set_NAME")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--rounds and --steps must be >= 1, --warmup >= 0")
@@ -152,10 +189,11 @@ def main(argv=None) -> int:
     bad = [m for m in methods if m not in allowed]
     if bad or not methods or len(set(methods)) != len(methods):
         ap.error(f"--method: {bad or methods} not allowed; one or more distinct of {','.join(allowed)}")
-    if len(methods) > 1 and args.setting:
-        ap.error("--method with several methods and --setting compare two things at once; give one of them")
+    if sum(map(bool, (len(methods) > 1, args.setting, args.op_hook))) > 1:
+        ap.error("--method with several methods, --setting and --op-hook each compare one thing; give one of them")
     try:
         setting = parse_setting(args.setting) if args.setting else None
+        op_hook = parse_op_hook(args.op_hook) if args.op_hook else None
     except ValueError as e:
         ap.error(str(e))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,6 +204,8 @@ def main(argv=None) -> int:
     # (method, setting variant or None) per fastpeft row of a round
     if setting is not None:
         variants = [(methods[0], (setting[0], v)) for v in setting[1]]
+    elif op_hook is not None:
+        variants = [(methods[0], (op_hook[0], v)) for v in op_hook[1]]
     else:
         variants = [(m, None) for m in methods]
     rows = []
@@ -177,7 +217,13 @@ def main(argv=None) -> int:
             label = impl if variant is None else f"{impl}[{variant[0]}={variant[1]}]"
             if len(methods) > 1:
                 label = f"{method} {label}"
-            with settings.override(**({} if variant is None else {variant[0]: variant[1]})):
+            if variant is None:
+                switch = nullcontext()
+            elif op_hook is not None:
+                switch = _op_hook(*variant)
+            else:
+                switch = settings.override(**{variant[0]: variant[1]})
+            with switch:
                 row = time_row(Spec(args.model, method, impl), device, args.steps, args.warmup, args.gc)
             row["method"] = method
             row["round"], row["label"] = r, label

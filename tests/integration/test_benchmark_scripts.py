@@ -116,6 +116,48 @@ def test_step_alternate_compares_a_setting_in_one_process(tmp_path, monkeypatch,
         assert match in capsys.readouterr().err
 
 
+def test_step_alternate_compares_an_operator_hook_in_one_process(tmp_path, monkeypatch, capsys):
+    """--op-hook NAME=V1,V2: one fastpeft row per value of torch.ops.fastpeft_ops.set_NAME, set around the row and
+    restored after it; PEFT's row runs under the mode that was there; bad names and values are refused."""
+    from fastpeft.ops import cpp_ops
+
+    if not cpp_ops.available():
+        pytest.skip("the C++ operators are not built here")
+    alternate = _load("step_alternate")
+    ops = torch.ops.fastpeft_ops
+    seen = []
+    real = alternate.time_row
+
+    def spy(spec, *args):
+        mode = ops.set_lora_sum_order(-1)
+        ops.set_lora_sum_order(mode)
+        seen.append((spec.impl, mode))
+        return real(spec, *args)
+
+    monkeypatch.setattr(alternate, "time_row", spy)
+    out = tmp_path / "alt.json"
+    before = ops.set_lora_sum_order(-1)
+    try:
+        with _one_thread():
+            assert alternate.main(["--model", "tiny", "--method", "lora", "--rounds", "2", "--steps", "1",
+                                   "--warmup", "0", "--op-hook", "lora_sum_order=0,1", "--json", str(out)]) == 0
+        assert ops.set_lora_sum_order(-1) == -1  # restored after every row
+    finally:
+        ops.set_lora_sum_order(before)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["peft", "fastpeft[lora_sum_order=0]", "fastpeft[lora_sum_order=1]",
+                                          "peft", "fastpeft[lora_sum_order=1]", "fastpeft[lora_sum_order=0]"]
+    assert seen == [("peft", -1), ("fastpeft", 0), ("fastpeft", 1), ("peft", -1), ("fastpeft", 1), ("fastpeft", 0)]
+    for bad, match in (("nope=1", "operator switch"), ("lora_sum_order=x", "integers"),
+                       ("lora_sum_order=5", "mode must be")):
+        with pytest.raises(SystemExit):
+            alternate.main(["--model", "tiny", "--op-hook", bad])
+        assert match in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        alternate.main(["--model", "tiny", "--op-hook", "lora_sum_order=0,1", "--setting", "group_projections=0,1"])
+    assert "give one of them" in capsys.readouterr().err
+
+
 def test_step_alternate_compares_methods_in_one_process(tmp_path, capsys):
     """--method M1,M2: one fastpeft row per method in turns (A B B A), PEFT's row of the first method as the control;
     a method combined with --setting, a repeated or unknown method, or one that cannot run here is refused."""

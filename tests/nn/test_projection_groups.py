@@ -578,7 +578,7 @@ def test_dora_group_ops_validate_their_lists():
 @pytest.mark.parametrize("shape", [((2, 300), 1000, [1000, 256, 256], 16, True),
                                    ((3, 129), 515, [2049, 2049], 8, False),
                                    ((1, 4096), 2048, [2048, 512, 512], 16, False)])
-def test_gpu_shared_composition_matches_the_single_layer_operator(dtype, shape):
+def test_gpu_shared_composition_matches_the_single_layer_operator(dtype, shape, lora_sum_order):
     """The CUDA shared composition (one shrink, stacked dS, dX by cuBLAS beta = 1) against the single-layer
     operator on each member: outputs and every gradient within 16-bit rounding, every subset of gradients."""
     (B, T), K, Ns, r, has_bias = shape
@@ -613,7 +613,7 @@ def test_gpu_shared_composition_matches_the_single_layer_operator(dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [((2, 300), 1024, [1024, 256, 256], 16, True),
                                    ((3, 129), 512, [2048, 2048], 8, False)])
-def test_gpu_nf4_group_matches_the_single_layer_operator(dtype, shape):
+def test_gpu_nf4_group_matches_the_single_layer_operator(dtype, shape, lora_sum_order):
     """The grouped 4-bit operator on CUDA (dequantize every member, then the shared composition) against
     nf4_lora_linear on each member: outputs and every gradient within 16-bit rounding."""
     (B, T), K, Ns, r, has_bias = shape
@@ -644,7 +644,7 @@ def test_gpu_nf4_group_matches_the_single_layer_operator(dtype, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantized", [False, True])
-def test_gpu_dora_groups_match_the_single_layer_operators(quantized):
+def test_gpu_dora_groups_match_the_single_layer_operators(quantized, lora_sum_order):
     """The grouped DoRA operators on CUDA in bf16 (each member's own DoRA kernels, one node) against
     dora_linear / nf4_dora_linear per member: outputs and every gradient no further from the single-layer operators
     than those are from themselves run again (the DoRA kernels' reductions need not repeat bit for bit), dX within

@@ -353,6 +353,7 @@ def test_compiles_without_graph_breaks_and_matches_eager():
     ("set_decode_gemv", (-1, 0), (1, -2)),
     ("set_dora_pass_form", (-1, 0, 1, 16, 4096), (4097, -2)),
     ("set_dora_norm_form", (-1, 0, 32, 512, 2048), (16, 33, 2080, -2)),
+    ("set_lora_sum_order", (-1, 0, 1), (2, -2)),
 ])
 def test_testing_hooks_take_their_modes_and_refuse_others(hook, modes, bad):
     """The CUDA compositions' testing hooks (fastpeft_ops::set_*): each allowed mode is stored and the previous one
@@ -387,7 +388,7 @@ def cuda_path(request):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,KN", [(torch.bfloat16, kn) for kn in LLAMA8B] + [(torch.float16, (4096, 4096))])
 @pytest.mark.parametrize("p", [0.0, 0.05])
-def test_gpu_llama_shapes(dtype, KN, p, cuda_path):
+def test_gpu_llama_shapes(dtype, KN, p, cuda_path, lora_sum_order):
     K, N = KN
     torch.manual_seed(K + N)
     _check_lora(dtype, 2, 2048, K, N, 16, "contig", False, False, p, 1234567, scaling=2.0, device="cuda")
@@ -395,7 +396,7 @@ def test_gpu_llama_shapes(dtype, KN, p, cuda_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_odd_shapes(dtype, cuda_path):
+def test_gpu_odd_shapes(dtype, cuda_path, lora_sum_order):
     for (B, T, K, N, r, layout, w_t, bias, p) in [
         (1, 16, 4096, 1024, 16, "contig", False, True, 0.05),
         (3, 333, 1000, 777, 8, "transposed_bt", True, True, 0.1),
@@ -411,7 +412,7 @@ def test_gpu_odd_shapes(dtype, cuda_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["lora", "lora_dropout", "dora"])
 @pytest.mark.parametrize("wanted", ["x", "A", "B", "xA", "xB", "AB", "xAB", "bias"])
-def test_gpu_split_backward_gives_each_subset_of_gradients(method, wanted):
+def test_gpu_split_backward_gives_each_subset_of_gradients(method, wanted, lora_sum_order):
     """The split-GEMM backward packs only the splits the wanted gradients read, in one launch, and sums dB's and
     dA's halves in one more (csrc/adapter_cuda.cu: lora_bwd_split): every subset of x / lora_A / lora_B (a frozen
     A, an input without grad) gets exactly its gradients, each equal to the oracle's. bf16, training size."""
