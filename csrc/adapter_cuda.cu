@@ -8,13 +8,13 @@
 //     (aten::mm.dtype): X·[A_hi | A_lo]ᵀ -> [M, 2r], whose halves sum to X·Aᵀ. Products of two fp32-side
 //     operands (S·Bᵀ, dS·A) take three parts: [S_hi, S_hi, S_lo]·[B_hi, B_lo, B_hi]ᵀ (lo·lo, ~2^-32, dropped).
 //     PEFT computes these terms in fp32; this keeps ~16 bits where TF32 would keep 10.
-//   * S·Bᵀ and X·Wᵀ are summed into Y, D⊙(dS·A) and dY·W into dX, by cuBLAS itself: the adapter's term is written
-//     first and the base GEMM adds itself with beta = 1, reading it in its epilogue (sum_adapter_first).
+//   * S·Bᵀ and X·Wᵀ are summed into Y, D⊙(dS·A) and dY·W into dX, by cuBLAS itself (beta = 1): where Y / dX is
+//     large the adapter's term is written first and the base GEMM adds itself, reading it in its epilogue; else the
+//     base product first and the adapter's skinny GEMM adds (sum_adapter_first).
 //   fp32 activations skip the splits (plain fp32 GEMMs: the tests' 1e-5 bar).
 // Bound: the base GEMMs (2·M·N·K FLOPs each) dominate; the extra bytes are the passes over X / dY of the skinny
-// GEMMs (M·K + M·N reads), the adapter term's write of Y and dX and the base GEMM's read of it as C (hidden behind
-// its arithmetic where the inner dimension is long; not at k/v's dX, inner 1024). The elementwise kernels below are
-// memory-bound and touch r-wide or X-sized data once.
+// GEMMs (M·K + M·N reads) and the sums' extra passes over Y and dX (sum_adapter_first). The elementwise kernels
+// below are memory-bound and touch r-wide or X-sized data once.
 // IA3: cuBLAS for the GEMM, scale_cols (x⊙l or Yb⊙l) and colreduce (dl = Σ_rows a⊙b, Σ_rows a, a⊙l in one pass).
 // DoRA (p = 0): cuBLAS for X·Wᵀ, LoRA's split GEMM for S', the norm from small products, dora_pass (g⊙(Z0 + S'·Bᵀ) + b)
 // forward; backward a stream over dY and Z0 (Σ dY⊙Z0, g⊙dY) and LoRA's backward with g folded into B, dm's adapter
@@ -2533,16 +2533,19 @@ Tensor dora_bwd_stream(const Tensor& dy, const Tensor& Z0, const Tensor& g32, co
 
 Tensor in_dtype(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
-// Whether a 16-bit split-GEMM sum Y = base + adapter term writes the adapter's skinny product first and lets the
-// base GEMM add itself with beta = 1, instead of the base product first and the skinny GEMM reading and writing Y
-// again (lora_sum_order: -1 automatic, 0 base first, 1 adapter first). Bytes: base first moves Y three times
-// (written, read, written), adapter first twice plus the read of C in the base GEMM's epilogue, which the GEMM's
-// arithmetic hides where its inner dimension is long. Measured (H200, session 37, profile_layer.py at M = 4096,
-// fwd+bwd, adapter first vs base first): LoRA q/o -2.6 %, k/v -0.3 %, gate/up -3.8 %, down -3.9 %; QLoRA -0.9 to
-// -3.1 %; DoRA (its dX only) -0.2 to -3.1 %; never slower, so automatic takes it everywhere.
-bool sum_adapter_first() {
+// Whether a 16-bit split-GEMM sum Y = base + adapter term ([rows, cols]) writes the adapter's skinny product first and
+// lets the base GEMM add itself with beta = 1, instead of the base product first and the skinny GEMM reading and
+// writing Y again (lora_sum_order: -1 automatic, 0 base first, 1 adapter first). Bytes: base first moves Y three
+// times (written, read, written), adapter first twice plus the read of C in the base GEMM's epilogue, which costs
+// the GEMM little where Y is large and something where it is small. Measured (H200, session 37, profile_layer.py,
+// fwd+bwd per layer, adapter first against base first): at M = 4096 LoRA q/o -2.6 %, k/v -0.3 %, gate/up -3.8 %,
+// down -3.9 % (QLoRA and DoRA -0.2 to -3.1 %); at M = 1024 q/o and k/v +1.1 % (Y and dX of 4 M elements at most),
+// gate/up and down -1.2 / -1.3 % (15 M); at M = 256 +0.7 to +1.5 % (4 M at most). Automatic: adapter first from 8 M
+// elements (16 MB of Y or dX), between the sizes that lost and won.
+bool sum_adapter_first(int64_t rows, int64_t cols) {
   const int64_t mode = lora_sum_order();
-  return mode != 0;
+  if (mode >= 0) return mode == 1;
+  return rows * cols >= (int64_t{1} << 23);
 }
 
 // ------------------------------------------------------------------------------------------------ LoRA
@@ -2571,7 +2574,7 @@ std::tuple<Tensor, Tensor> lora_fwd_split(const Tensor& x2, const Tensor& weight
   const auto packs = pack_splits({{A32.t(), kHL, Tensor()}, {B32, kHLH, Tensor()}}, dt);
   const Tensor P = at::mm(xs, packs[0], at::kFloat);        // [M, 2r] fp32
   auto [S, S3, unused] = finalize_split(P, static_cast<float>(scaling), true, &kHHL, nullptr, dt);
-  if (sum_adapter_first()) {
+  if (sum_adapter_first(x2.size(0), w.size(0))) {
     Tensor y = has_bias ? at::addmm(in_dtype(*bias, dt), S3, packs[1].t()) : at::mm(S3, packs[1].t());
     y.addmm_(x2, w.t());                                    // + X·Wᵀ, read by cuBLAS as C (beta = 1)
     return {y, S};
@@ -2643,7 +2646,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_bwd_split(const Tensor& dy2_in, const Te
         Tensor z2 = at::mm(dS3, A3.t());                                     // dS·A in x.dtype
         dropout_apply(z2, p, seed_v, true);
         dx = z2.addmm_(dyb, w);                                              // + dY·W (beta = 1)
-      } else if (sum_adapter_first()) {
+      } else if (sum_adapter_first(x2.size(0), x2.size(1))) {
         dx = at::mm(dS3, A3.t());                                            // dS·A
         dx.addmm_(dyb, w);                                                   // + dY·W (beta = 1)
       } else {
@@ -3192,7 +3195,7 @@ std::tuple<std::vector<Tensor>, Tensor> lora_group_fwd_cuda(const Tensor& x2, at
   for (int64_t i = 0; i < G; ++i) {
     const Tensor w = in_dtype(weights[i], dt);
     const Tensor S3i = S3m.narrow(1, 3 * r * i, 3 * r), B3i = packs[regB[i]].t();
-    if (sum_adapter_first()) {
+    if (sum_adapter_first(M, w.size(0))) {
       Tensor y = biases.empty() ? at::mm(S3i, B3i) : at::addmm(in_dtype(biases[i], dt), S3i, B3i);
       y.addmm_(x2, w.t());  // + X·W_iᵀ (beta = 1)
       ys.push_back(y);
@@ -3260,7 +3263,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_group_bwd_cuda
       for (int64_t i = 0; i < G; ++i) combine.push_back({PdA.narrow(0, 2 * r * i, 2 * r), true, Tensor()});
     }
     if (need_x) {
-      if (sum_adapter_first()) {
+      if (sum_adapter_first(M, K)) {
         dx = at::mm(dS3.view({M, 3 * r * G}), packs[regA3].t());                      // Σ dS_i·A_i
         for (int64_t i = 0; i < G; ++i) dx.addmm_(dy[i], in_dtype(weights[i], dt));  // + dY_i·W_i (beta = 1)
       } else {

@@ -1797,8 +1797,8 @@ int64_t set_dora_norm_form(int64_t mode) {
 }
 
 // Which product of a 16-bit split-GEMM LoRA sum cuBLAS writes first (adapter_cuda.cu: lora_fwd_split, lora_bwd_split,
-// the grouped projections; DoRA's dX through lora_bwd_split): -1 automatic (adapter first; sum_adapter_first has the
-// measurements), 0 the base product first and the adapter's term added with beta = 1 (a read + write of Y / dX by a
+// the grouped projections; DoRA's dX through lora_bwd_split): -1 automatic (adapter first where Y / dX has 8 M elements or
+// more; sum_adapter_first has the measurements), 0 the base product first and the adapter's term added with beta = 1 (a read + write of Y / dX by a
 // skinny GEMM), 1 the adapter's term first and the base product added with beta = 1 (its GEMM reads Y / dX as C in
 // its epilogue).
 std::atomic<int64_t> g_lora_sum_order{-1};
